@@ -1,0 +1,1 @@
+"""What runs on a GPU machine: one long-lived agent per GPU (``python -m agent``)."""

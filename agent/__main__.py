@@ -1,0 +1,75 @@
+"""``python -m agent --base BASE --gpu N``: run one agent in the foreground."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+EPILOG = """examples:
+  python -m agent --base /shared/base --gpu 0       # serve GPU 0 of this host
+  python -m agent --base /shared/base --gpu auto    # a free GPU with enough memory
+  python -m agent --base ./spool --cpu --gpu 1      # CPU rank 1 (no GPU used)
+Most people start agents with ./start_agents.sh N BASE instead."""
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m agent", description="Run one pool agent in the foreground.",
+                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base", required=True, help="spool folder shared with the master")
+    p.add_argument("--gpu", default="auto", help="GPU number (index into the visible GPUs), or 'auto'; "
+                   "with no GPU or --cpu, a local rank (default: auto)")
+    p.add_argument("--cpu", action="store_true", help="run jobs on the CPU even if GPUs are present")
+    p.add_argument("--min-free-gb", type=float, default=1.0, help="with --gpu auto: free memory a GPU needs")
+    p.add_argument("--host-id", help="host part of the agent id (default: $GPUPOOL_HOST_ID or the hostname)")
+    p.add_argument("--watch", choices=("auto", "inotify", "poll"), default="auto",
+                   help="how to notice new jobs (default: poll on network filesystems, inotify elsewhere)")
+    p.add_argument("--poll-interval", type=float, default=0.5, help="fastest poll, seconds (default 0.5)")
+    p.add_argument("--max-poll-interval", type=float, default=5.0, help="idle poll back-off limit, seconds")
+    p.add_argument("--rescan", type=float, default=2.0, help="reread the mailbox at least every S seconds")
+    p.add_argument("--heartbeat", type=float, default=2.0, help="heartbeat interval, seconds (default 2)")
+    p.add_argument("--burst", action="store_true", help="exit when the mailbox is empty")
+    p.add_argument("--log-level", default=os.environ.get("GPUPOOL_LOG_LEVEL", "INFO"))
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    # Before anything can initialise CUDA: make CUDA count GPUs the way NVML does.
+    os.environ["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+    from loguru import logger
+
+    from agent.agent import Agent, AgentConfig
+    from agent.gpu import make_probe
+    from agent.identity import host_id
+    from agent.slot import claim
+    from jobs.errors import SpoolError
+    from jobs.paths import Spool
+
+    logger.remove()
+    logger.add(sys.stderr, level=args.log_level, format="{time:HH:mm:ss.SSS} {level: <7} {message}")
+    for name in ("poll_interval", "max_poll_interval", "rescan", "heartbeat"):
+        if getattr(args, name) <= 0:
+            print(f"agent: --{name.replace('_', '-')} must be a positive number of seconds", file=sys.stderr)
+            return 2
+    try:
+        spool = Spool(args.base).ensure()
+        host = host_id(args.host_id)
+        probe = make_probe()
+        slot = claim(spool, probe, host, args.gpu, args.cpu, args.min_free_gb)
+    except SpoolError as e:
+        print(f"agent: {e}", file=sys.stderr)
+        return 3 if type(e).__name__ == "LockHeld" else 2
+    if slot.gpu is None and not args.cpu:
+        logger.info("no GPU in use ({}); rank {} runs jobs on the CPU", getattr(probe, "why", "no GPUs"), slot.number)
+    logger.add(spool.agent_log(slot.agent_id), level=args.log_level, enqueue=False,
+               format="{time:YYYY-MM-DD HH:mm:ss.SSS} | {level: <7} | " + slot.agent_id + " | {message}")
+    cfg = AgentConfig(watch=args.watch, poll_interval=args.poll_interval, max_poll_interval=args.max_poll_interval,
+                      rescan=args.rescan, heartbeat=args.heartbeat, burst=args.burst)
+    agent = Agent(spool, slot, probe, host, cfg)
+    agent.install_signals()
+    agent.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,233 @@
+"""The agent: holds one GPU (or CPU rank) and runs the jobs of its mailbox, one after another.
+
+``step()`` runs at most one job; ``run()`` owns the loop, the stop flags and the waiting.
+A job leaves the mailbox only after its result is committed (or found committed).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from loguru import logger
+
+from agent.gpu import NoGpu
+from agent.script import run_script
+from agent.slot import Slot
+from agent.watcher import MailboxWatcher
+from agent.workerproc import Worker, WorkerLost
+from jobs.descriptor import Job, JobKind, JobState
+from jobs.errors import BadFile
+from jobs.heartbeat import AgentState, write_status
+from jobs.mailbox import Mailbox, Snapshot
+from jobs.paths import Spool
+from jobs.results import commit, record
+
+
+@dataclass
+class AgentConfig:
+    watch: str = "auto"
+    poll_interval: float = 0.5
+    max_poll_interval: float = 5.0
+    rescan: float = 2.0  # reread the mailbox at least this often, whatever the watcher says
+    heartbeat: float = 2.0
+    burst: bool = False  # exit once the mailbox is empty (tests, batch use)
+
+
+class Agent:
+    def __init__(self, spool: Spool, slot: Slot, probe: NoGpu, host: str, cfg: AgentConfig) -> None:
+        self.spool, self.slot, self.probe, self.host, self.cfg = spool, slot, probe, host, cfg
+        self.id = slot.agent_id
+        self.mailbox = Mailbox(spool, self.id)
+        self.watcher = MailboxWatcher(self.mailbox.path, cfg.watch, cfg.poll_interval, cfg.max_poll_interval)
+        # The job code sees only this agent's GPU; CUDA counts in PCI bus order like NVML.
+        base_env = {**os.environ, "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+        self.script_env = base_env  # scripts get the agent's own view, as OctoRun gives them
+        worker_env = {**base_env, "CUDA_VISIBLE_DEVICES": slot.gpu.token if slot.gpu else "",
+                      "GPUPOOL_AGENT": self.id}
+        self.worker = Worker(worker_env, spool.logs_dir / f"{self.id}.worker.log")
+        self.stop = False  # finish the current job, then exit
+        self.stop_now = False  # stop at once
+        self.state = AgentState.STARTING
+        self.current: tuple[Job, float] | None = None
+        self.done = self.failed = 0
+        self._seq = 0
+        self._hb_lock = threading.Lock()
+        self._hb_stop = threading.Event()
+        self.started_at = time.time()
+
+    # lifecycle -----------------------------------------------------------------------------
+    def start(self) -> None:
+        self.mailbox.ensure()
+        self.watcher.start()
+        self.worker.start()
+        self.state = AgentState.IDLE
+        self.write_heartbeat()  # the launcher waits for this to call the agent ready
+        threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True).start()
+        logger.info("agent {} ready: base={} device={} gpu={} watch={} pid={}", self.id, self.spool.base,
+                    self.slot.device, self.slot.gpu.index if self.slot.gpu else None, self.watcher.mode, os.getpid())
+
+    def shutdown(self) -> None:
+        self._set_state(AgentState.STOPPING)
+        self.watcher.stop()
+        self.worker.stop()
+        self._hb_stop.set()
+        self._set_state(AgentState.STOPPED)
+        self.slot.release()
+        logger.info("agent {} stopped after {} ok / {} failed jobs", self.id, self.done, self.failed)
+
+    def install_signals(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        # Only flags and a kick here: logging from a signal handler can deadlock.
+        if self.stop:
+            self.stop_now = True
+        self.stop = True
+        self.watcher.kick()
+
+    def run(self) -> None:
+        self.start()
+        try:
+            while not self.stop:
+                try:
+                    worked = self.step()
+                except Exception:  # the loop edge: log, back off, carry on
+                    logger.exception("agent {}: unexpected error in the job loop", self.id)
+                    worked = False
+                    time.sleep(min(self.cfg.rescan, 1.0))
+                if worked:
+                    self.watcher.busy()
+                elif self.cfg.burst:
+                    break
+                elif not self.stop:
+                    self.watcher.wait(self.cfg.rescan)
+        finally:
+            self.shutdown()
+
+    # one iteration -------------------------------------------------------------------------
+    def step(self) -> bool:
+        """Run the first job of the mailbox that has no committed result. True if it did work."""
+        snap = self._read()
+        for job in snap.jobs:
+            if self.spool.result_json(job.run, job.chunk_id).exists():
+                logger.info("{} chunk {} already has a committed result; dropping attempt {}",
+                            job.run, job.chunk_id, job.attempt)
+                self._remove(job)
+                return True
+            if self._execute(job):
+                self._remove(job)
+            return True
+        return False
+
+    def _read(self) -> Snapshot:
+        try:
+            snap = self.mailbox.read()
+        except BadFile:
+            self.mailbox.update(lambda jobs: None)  # moves it to rejected/, starts an empty one
+            return Snapshot()
+        if snap.bad:
+            self.mailbox.update(lambda jobs: None)
+        return snap
+
+    def _remove(self, job: Job) -> None:
+        self.mailbox.update(lambda jobs: [j for j in jobs if j.key != job.key])
+
+    def _execute(self, job: Job) -> bool:
+        """Run ``job`` and record its outcome. False if it was interrupted (it stays queued)."""
+        started = time.time()
+        self.current = (job, started)
+        self._set_state(AgentState.BUSY)
+        logger.info("{} chunk {} attempt {}/{}: started", job.run, job.chunk_id, job.attempt, job.max_attempts)
+        outcome = self._run_job(job)
+        self.current = None
+        self._set_state(AgentState.IDLE)
+        if outcome is None:
+            logger.warning("{} chunk {}: interrupted by a stop; left in the mailbox", job.run, job.chunk_id)
+            return False
+        fields, arrays_tmp = outcome
+        status = JobState.FAILED if "error" in fields else JobState.OK
+        finished = fields.pop("finished_at", time.time())
+        rec = record(job, status, agent=self.id, host=self.host, pid=os.getpid(),
+                     gpu_id=self.slot.number, device=self.slot.device,
+                     started_at=fields.pop("started_at", started), finished_at=finished,
+                     duration_s=round(finished - started, 6), **fields)
+        try:
+            committed = commit(self.spool, job, rec, Path(arrays_tmp) if arrays_tmp else None)
+        except OSError as e:  # e.g. disk full: the job stays queued and will be retried
+            logger.error("{} chunk {}: could not write the result ({}); kept in the mailbox", job.run, job.chunk_id, e)
+            return False
+        if status is JobState.OK:
+            self.done += 1
+            logger.info("{} chunk {}: ok in {:.3f} s{}", job.run, job.chunk_id, rec["duration_s"],
+                        "" if committed else " (another attempt had already committed)")
+        else:
+            self.failed += 1
+            err = rec["error"]
+            logger.warning("{} chunk {} attempt {}: failed: {}: {}", job.run, job.chunk_id, job.attempt,
+                           err.get("type"), err.get("message"))
+        return True
+
+    def _run_job(self, job: Job) -> tuple[dict[str, Any], str | None] | None:
+        """(result fields, temp arrays path) or None if interrupted by an immediate stop."""
+        abort = lambda: self.stop_now  # noqa: E731
+        if job.kind is JobKind.SCRIPT:
+            log = self.spool.chunk_log(job.run, job.chunk_id)
+            err = run_script(job, self.slot.number, self.script_env, log, abort)
+            if err is not None and err["type"] == "Stopped":
+                return None
+            return ({"log": str(log)} if err is None else {"log": str(log), "error": err}), None
+        self.spool.result_dir(job.run).mkdir(parents=True, exist_ok=True)
+        req = {"job": job.to_dict(), "gpu_id": self.slot.number, "device": self.slot.device,
+               "arrays_path": str(self.spool.result_npz(job.run, job.chunk_id))}
+        try:
+            reply = self.worker.call(req, job.timeout, abort)
+        except TimeoutError as e:
+            return {"error": {"type": "Timeout", "message": str(e), "traceback": ""}}, None
+        except WorkerLost as e:
+            if self.stop_now:
+                return None
+            return {"error": {"type": "WorkerDied", "message": e.reason, "traceback": e.output}}, None
+        times = {"started_at": reply.get("started_at"), "finished_at": reply.get("finished_at")}
+        if not reply.get("ok"):
+            return {**times, "error": reply.get("error")}, None
+        return {**times, "value": reply.get("value"),
+                "arrays": self.spool.result_npz(job.run, job.chunk_id).name if reply.get("arrays_tmp") else None,
+                }, reply.get("arrays_tmp")
+
+    # heartbeat -----------------------------------------------------------------------------
+    def _set_state(self, state: AgentState) -> None:
+        self.state = state
+        if state is not AgentState.BUSY and state is not AgentState.IDLE:
+            self.write_heartbeat()
+
+    def _heartbeat_loop(self) -> None:
+        while not self._hb_stop.wait(self.cfg.heartbeat):
+            try:
+                self.write_heartbeat()
+            except Exception:
+                logger.exception("agent {}: heartbeat write failed", self.id)
+
+    def write_heartbeat(self) -> None:
+        with self._hb_lock:
+            self._seq += 1
+            cur = self.current
+            status = {
+                "schema": 1, "agent": self.id, "host": self.host, "hostname": socket.gethostname(),
+                "pid": os.getpid(), "base": str(self.spool.base), "state": self.state.value, "seq": self._seq,
+                "device": self.slot.device, "gpu_id": self.slot.number,
+                "gpu_index": self.slot.gpu.index if self.slot.gpu else None,
+                "current": None if cur is None else {"run": cur[0].run, "chunk_id": cur[0].chunk_id,
+                                                     "attempt": cur[0].attempt, "since": cur[1]},
+                "jobs_done": self.done, "jobs_failed": self.failed, "started_at": self.started_at,
+                "updated_at": time.time(), "heartbeat_s": self.cfg.heartbeat, "watch": self.watcher.mode,
+                "worker_pid": self.worker.pid, "log": str(self.spool.agent_log(self.id)),
+                "gpu": self.probe.metrics(self.slot.gpu.index) if self.slot.gpu else None,
+            }
+            write_status(self.spool, self.id, status)

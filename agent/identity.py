@@ -1,0 +1,18 @@
+"""Host and agent identity: ids readable at a glance and unique across hosts sharing BASE."""
+from __future__ import annotations
+
+import os
+import socket
+
+from jobs.names import check_name, slug
+
+
+def host_id(override: str | None = None) -> str:
+    """``--host-id``, else $GPUPOOL_HOST_ID, else this host's short name."""
+    name = override or os.environ.get("GPUPOOL_HOST_ID") or socket.gethostname().split(".")[0]
+    return check_name(slug(name, 60), "host id")
+
+
+def agent_id(host: str, number: int, cpu: bool) -> str:
+    """``<host>-gpu<N>`` (N = the NVML index of the GPU) or ``<host>-cpu<N>`` (a local rank)."""
+    return check_name(f"{host}-{'cpu' if cpu else 'gpu'}{number}", "agent id")

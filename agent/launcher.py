@@ -1,0 +1,186 @@
+"""Start and stop this host's agents in the background (what ``start_agents.sh`` runs).
+
+``start N BASE``: one agent per GPU 0..N-1 (or N CPU agents), detached from the terminal,
+skipping those already running; waits until each has written its first heartbeat.
+``stop BASE``: SIGTERM to this host's agents (each finishes its current job), then waits.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.gpu import make_probe, visible_gpus
+from agent.identity import agent_id, host_id
+from jobs.errors import BadFile, SpoolError
+from jobs.heartbeat import AgentState, read_status
+from jobs.locks import FileLock
+from jobs.paths import Spool
+
+REPO_ROOT = str(Path(__file__).resolve().parents[1])
+
+USAGE = """usage: ./start_agents.sh N BASE [--cpu] [--host-id ID] [--timeout S] [-- AGENT OPTIONS...]
+       ./start_agents.sh stop BASE [--now] [--host-id ID]
+examples:
+  ./start_agents.sh 8 /shared/base          # one agent per GPU 0..7 of this host
+  ./start_agents.sh 2 /tmp/b --cpu          # two CPU agents
+  ./start_agents.sh 4 /shared/base -- --watch poll --poll-interval 0.2
+  ./start_agents.sh stop /shared/base       # graceful: each finishes its current job"""
+
+
+@dataclass
+class Started:
+    agent_id: str
+    pid: int
+    log: Path
+    new: bool
+
+
+def is_running(spool: Spool, ident: str) -> bool:
+    """True if a live process holds this agent id's lock (a dead one's lock is free)."""
+    path = spool.agent_lock(ident)
+    if not path.exists():
+        return False
+    lock = FileLock(path)
+    try:
+        return not lock.acquire(blocking=False)
+    finally:
+        lock.close()
+
+
+def agent_pid(spool: Spool, ident: str) -> int | None:
+    try:
+        return int(read_status(spool.heartbeat(ident))["pid"])
+    except (OSError, BadFile, KeyError, ValueError, TypeError):
+        return None
+
+
+def pid_alive(pid: int) -> bool:
+    """Alive and not a zombie (a SIGKILLed child nobody reaped still answers kill(pid, 0))."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def start(base: str, n: int, cpu: bool = False, host: str | None = None, agent_args: list[str] | None = None,
+          timeout: float = 120.0) -> list[Started]:
+    spool = Spool(base).ensure()
+    host = host_id(host)
+    gpus = [] if cpu else visible_gpus(make_probe())
+    if gpus and n > len(gpus):
+        raise SpoolError(f"asked for {n} agents but this host has {len(gpus)} visible GPU(s); "
+                         f"use N <= {len(gpus)}, or --cpu for CPU agents")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [REPO_ROOT, os.environ.get("PYTHONPATH")]))}
+    procs: list[tuple[str, subprocess.Popen | None, Path]] = []
+    for i in range(n):
+        ident = agent_id(host, gpus[i].index if gpus else i, cpu=not gpus)
+        out = spool.logs_dir / f"{ident}.out"
+        if is_running(spool, ident):
+            procs.append((ident, None, out))
+            continue
+        cmd = [sys.executable, "-m", "agent", "--base", str(spool.base), "--gpu", str(i), "--host-id", host]
+        cmd += (["--cpu"] if not gpus else []) + list(agent_args or [])
+        with open(out, "ab") as f:
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT,
+                                    env=env, start_new_session=True)  # survives the shell closing
+        procs.append((ident, proc, out))
+    return [_wait_ready(spool, ident, proc, out, timeout) for ident, proc, out in procs]
+
+
+def _wait_ready(spool: Spool, ident: str, proc: subprocess.Popen | None, out: Path, timeout: float) -> Started:
+    if proc is None:
+        return Started(ident, agent_pid(spool, ident) or -1, spool.agent_log(ident), False)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        code = proc.poll()
+        if code is not None:
+            tail = out.read_text(errors="replace").strip().splitlines()[-5:]
+            raise SpoolError(f"agent {ident} exited with code {code} at start:\n  " + "\n  ".join(tail), out)
+        try:
+            st = read_status(spool.heartbeat(ident))
+            if st.get("pid") == proc.pid and st["state"] in (AgentState.IDLE.value, AgentState.BUSY.value):
+                return Started(ident, proc.pid, spool.agent_log(ident), True)
+        except (OSError, BadFile):
+            pass
+        time.sleep(0.05)
+    raise SpoolError(f"agent {ident} (pid {proc.pid}) did not report ready within {timeout:g} s; see its log", out)
+
+
+def stop(base: str, host: str | None = None, now: bool = False, timeout: float = 600.0,
+         only: list[str] | None = None) -> list[str]:
+    """Stop this host's running agents (or those in ``only``); returns the ids stopped."""
+    spool = Spool(base)
+    prefix = host_id(host) + "-"
+    targets = []
+    for ident in only if only is not None else spool.agent_ids():
+        if (only is not None or ident.startswith(prefix)) and is_running(spool, ident):
+            pid = agent_pid(spool, ident)
+            if pid and pid_alive(pid) and _is_agent_process(pid, spool):
+                targets.append((ident, pid))
+    for _ in range(2 if now else 1):
+        for _, pid in targets:
+            os.kill(pid, signal.SIGTERM)
+        time.sleep(0.05)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(pid_alive(p) for _, p in targets):
+        time.sleep(0.05)
+    return [i for i, _ in targets]
+
+
+def _is_agent_process(pid: int, spool: Spool) -> bool:
+    """Pids are reused: only signal a process whose command line is an agent of this spool."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return b"agent" in argv and os.fsencode(str(spool.base)) in argv
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    agent_args: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, agent_args = argv[:cut], argv[cut + 1:]
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    p = argparse.ArgumentParser(prog="start_agents.sh", usage=USAGE)
+    p.add_argument("what")
+    p.add_argument("base")
+    p.add_argument("--cpu", action="store_true")
+    p.add_argument("--now", action="store_true")
+    p.add_argument("--host-id")
+    p.add_argument("--timeout", type=float, default=120.0)
+    args = p.parse_args(argv)
+    try:
+        if args.what == "stop":
+            stopped = stop(args.base, args.host_id, args.now, args.timeout)
+            print(f"stopped {len(stopped)} agent(s): {' '.join(stopped) or '-'}")
+            return 0
+        try:
+            n = int(args.what)
+        except ValueError:
+            print(f"start_agents.sh: N must be a number of agents or 'stop', not {args.what!r}\n{USAGE}", file=sys.stderr)
+            return 2
+        if n < 1:
+            print(f"start_agents.sh: N must be at least 1, not {n}", file=sys.stderr)
+            return 2
+        started = start(args.base, n, args.cpu, args.host_id, agent_args, args.timeout)
+    except SpoolError as e:
+        print(f"start_agents.sh: {e}", file=sys.stderr)
+        return 1
+    for s in started:
+        print(f"{s.agent_id:<24} pid {s.pid:<8} {'started' if s.new else 'already running':<16} log {s.log}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""Script jobs: an OctoRun-style script run unmodified, one process per chunk.
+
+``python SCRIPT --gpu_id G --chunk_id C --total_chunks N --key value ...`` with the
+agent's own interpreter and environment (not narrowed: ``--gpu_id`` is the GPU number
+as CUDA counts it there, exactly as OctoRun passes it). Output goes to a per-chunk log.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+from agent.workerproc import exit_reason, tail
+from jobs.descriptor import Job
+
+# Kill the script if the agent dies, even by SIGKILL (util-linux setpriv, where present).
+_SETPRIV = shutil.which("setpriv")
+
+
+def command(job: Job, gpu_id: int) -> list[str]:
+    cmd = [sys.executable, job.target, "--gpu_id", str(gpu_id), "--chunk_id", str(job.chunk_id),
+           "--total_chunks", str(job.total_chunks)]
+    for key, value in job.kwargs.items():
+        cmd += [f"--{key}", str(value)]
+    return cmd
+
+
+def run_script(job: Job, gpu_id: int, env: dict[str, str], log_path: Path,
+               abort: Callable[[], bool]) -> dict | None:
+    """Run the script; None on exit code 0, else an error dict (type, message, traceback)."""
+    cmd = command(job, gpu_id)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        log.write(f"# attempt {job.attempt} at {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(cmd)}\n".encode())
+        log.flush()
+        wrapped = [_SETPRIV, "--pdeathsig", "KILL", "--"] + cmd if _SETPRIV else cmd
+        proc = subprocess.Popen(wrapped, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                env=env, cwd=job.workdir or None, start_new_session=True)
+    deadline = None if job.timeout is None else time.monotonic() + job.timeout
+    waiter = _ExitWaiter(proc)
+    try:
+        while (code := waiter.wait(0.25 if deadline is None else min(0.25, deadline - time.monotonic()))) is None:
+            if abort():
+                return _error("Stopped", "the agent was told to stop at once", log_path)
+            if deadline is not None and time.monotonic() >= deadline:
+                return _error("Timeout", f"the script ran past its timeout of {job.timeout:g} s and was killed", log_path)
+    finally:
+        waiter.close()
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return None if code == 0 else _error("ScriptFailed", f"the script {exit_reason(code)}", log_path)
+
+
+class _ExitWaiter:
+    """Wakes the moment the process exits (pidfd), where Popen.wait(timeout) sleeps up to 50 ms."""
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self.proc = proc
+        try:
+            self.fd: int | None = os.pidfd_open(proc.pid)
+        except (AttributeError, OSError):
+            self.fd = None
+
+    def wait(self, seconds: float) -> int | None:
+        if self.fd is not None:
+            select.select([self.fd], [], [], max(0.0, seconds))
+            return self.proc.poll()
+        try:
+            return self.proc.wait(timeout=max(0.0, seconds))
+        except subprocess.TimeoutExpired:
+            return None
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def _error(kind: str, message: str, log_path: Path) -> dict:
+    return {"type": kind, "message": message, "traceback": tail(log_path, 3000), "log": str(log_path)}

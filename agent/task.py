@@ -1,0 +1,107 @@
+"""Loading a task callable once and keeping it hot; building its keyword arguments.
+
+Runs inside the worker process (after CUDA_VISIBLE_DEVICES is set).
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from jobs.descriptor import BUILTIN_KWARGS, Job
+from jobs.npzio import load_npz
+
+
+class TaskError(Exception):
+    """The task spec cannot be turned into a callable."""
+
+
+def split_target(target: str) -> tuple[str, str]:
+    """``"pkg.mod:fn"`` or ``"path/file.py:fn"`` -> (module or file, function name)."""
+    mod, sep, fn = target.rpartition(":")
+    if not sep or not mod or not fn.isidentifier():
+        raise TaskError(f"task {target!r} must look like 'package.module:function' or 'path/file.py:function'")
+    return mod, fn
+
+
+def is_file_target(mod: str) -> bool:
+    return mod.endswith(".py") or os.sep in mod
+
+
+class TaskCache:
+    """Callables by target, re-imported when their source file changes."""
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple[str, str | None], tuple[Callable[..., Any], str | None, int]] = {}
+
+    def get(self, target: str, workdir: str | None) -> Callable[..., Any]:
+        key = (target, workdir)
+        hit = self._cache.get(key)
+        if hit is not None and _mtime(hit[1]) == hit[2]:
+            return hit[0]
+        fn, source = self._load(target, workdir, reload=hit is not None)
+        self._cache[key] = (fn, source, _mtime(source))
+        return fn
+
+    def _load(self, target: str, workdir: str | None, reload: bool) -> tuple[Callable[..., Any], str | None]:
+        mod_name, fn_name = split_target(target)
+        if workdir and workdir not in sys.path:
+            sys.path.insert(0, workdir)
+        if is_file_target(mod_name):
+            path = Path(workdir or ".", mod_name) if not os.path.isabs(mod_name) else Path(mod_name)
+            if not path.is_file():
+                raise TaskError(f"task file {path} does not exist")
+            name = f"_gpupool_task_{abs(hash(str(path.resolve())))}"
+            spec = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(mod_name)
+            if reload:
+                module = importlib.reload(module)
+        fn = getattr(module, fn_name, None)
+        if not callable(fn):
+            raise TaskError(f"task {target!r}: module has no callable {fn_name!r}")
+        return fn, getattr(module, "__file__", None)
+
+
+def _mtime(path: str | None) -> int:
+    try:
+        return os.stat(path).st_mtime_ns if path else 0
+    except OSError:
+        return -1
+
+
+class SharedCache:
+    """The shared ``.npz`` of a run, loaded once per worker and reused while the file is unchanged."""
+
+    def __init__(self) -> None:
+        self._cache: dict[str, tuple[tuple[int, int, int], dict[str, Any]]] = {}
+
+    def get(self, path: str) -> dict[str, Any]:
+        st = os.stat(path)
+        sig = (st.st_ino, st.st_mtime_ns, st.st_size)
+        hit = self._cache.get(path)
+        if hit is None or hit[0] != sig:
+            self._cache[path] = (sig, load_npz(path))
+        return self._cache[path][1]
+
+
+def build_kwargs(fn: Callable[..., Any], job: Job, builtins: dict[str, Callable[[], Any]]) -> dict[str, Any]:
+    """Built-ins the signature accepts (all with ``**kwargs``), then every user kwarg.
+
+    ``builtins`` maps each name to a thunk, so shared or chunk data is only loaded when
+    the task asks for it."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        params = {}
+    takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    out = {k: make() for k, make in builtins.items() if k in BUILTIN_KWARGS and (takes_all or k in params)}
+    out.update(job.kwargs)  # always passed: a misspelt name fails the chunk, naming it
+    return out

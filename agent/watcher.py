@@ -1,0 +1,104 @@
+"""Waiting for a mailbox to change: inotify (watchdog) on local disks, a cheap stat poll elsewhere.
+
+inotify sees nothing written by another client of a network filesystem and drops
+events on queue overflow (watchdog issue 654), so the inotify waiter also times out
+after ``rescan`` seconds and the caller rereads the mailbox anyway. The poll waiter
+stats only the mailbox file (no directory listing) and backs off while idle.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+
+from jobs.fsinfo import is_network_fs
+
+_NEW_CONTENT = {"created", "moved", "modified", "deleted"}
+
+
+class _Handler(FileSystemEventHandler):
+    def __init__(self, target: str, wake: threading.Event) -> None:
+        self.target, self.wake = target, wake
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        # watchdog 7 also reports opened/closed: our own reads must not wake us.
+        if event.event_type not in _NEW_CONTENT:
+            return
+        if os.fsdecode(event.src_path) == self.target or os.fsdecode(getattr(event, "dest_path", "")) == self.target:
+            self.wake.set()
+
+
+class MailboxWatcher:
+    """``wait(timeout)`` returns when the mailbox may have changed, or on ``kick()``, or at timeout."""
+
+    def __init__(self, path: Path, mode: str = "auto", poll_interval: float = 0.5,
+                 max_poll_interval: float = 5.0) -> None:
+        self.path = Path(path)
+        if mode == "auto":
+            mode = "poll" if is_network_fs(self.path.parent) else "inotify"
+        if mode not in ("inotify", "poll"):
+            raise ValueError(f"--watch must be auto, inotify or poll, not {mode!r}")
+        self.mode = mode
+        self.poll_interval = poll_interval
+        self.max_poll_interval = max(max_poll_interval, poll_interval)
+        self._interval = poll_interval
+        self._wake = threading.Event()
+        self._observer = None
+        self._last = self._signature()
+
+    def start(self) -> None:
+        if self.mode == "inotify":
+            self._observer = Observer()
+            self._observer.schedule(_Handler(str(self.path), self._wake), str(self.path.parent), recursive=False)
+            self._observer.daemon = True
+            self._observer.start()
+
+    def stop(self) -> None:
+        if self._observer is not None:
+            self._observer.stop()
+            self._observer.join(timeout=5)
+            self._observer = None
+
+    def kick(self) -> None:
+        """Wake a waiter now (used to stop, and safe to call from a signal handler)."""
+        self._wake.set()
+
+    def busy(self) -> None:
+        """Work is flowing: poll at the fastest rate again."""
+        self._interval = self.poll_interval
+
+    def wait(self, timeout: float) -> bool:
+        """Block until a change (True) or ``timeout`` seconds pass (False)."""
+        if self.mode == "inotify":
+            woke = self._wake.wait(timeout)
+            self._wake.clear()
+            return woke
+        return self._poll(timeout)
+
+    def _poll(self, timeout: float) -> bool:
+        import time
+
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            if self._wake.wait(min(self._interval, left)):
+                self._wake.clear()
+                return True
+            sig = self._signature()
+            if sig != self._last:
+                self._last = sig
+                self._interval = self.poll_interval
+                return True
+            self._interval = min(self._interval * 1.5, self.max_poll_interval)
+
+    def _signature(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self.path)
+            return (st.st_ino, st.st_mtime_ns, st.st_size)
+        except OSError:
+            return None

@@ -1,0 +1,101 @@
+"""The worker: a long-lived child of the agent that imports task code and runs callable jobs.
+
+It is started with CUDA_VISIBLE_DEVICES already narrowed to the agent's GPU, so CUDA
+state created by a task lives here for the agent's whole life. Protocol, one JSON line
+each way on two inherited pipes:
+  request ``{"job": {...}, "gpu_id": N, "device": "cuda:0", "arrays_path": "<final .npz>"}``
+  reply   ``{"ok": true, "value": ..., "arrays_tmp": "<temp .npz>"|null}`` or
+          ``{"ok": false, "error": {"type", "message", "traceback"}}``
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+
+def _die_with_parent(parent: int) -> None:
+    """PR_SET_PDEATHSIG: the kernel kills us if the agent dies, whatever kills it."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # the agent died before prctl took effect
+        os._exit(1)
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` with numpy scalars made plain; raises TypeError if it is not JSON."""
+    import numpy as np
+
+    def default(o: Any) -> Any:
+        if isinstance(o, np.generic):
+            return o.item()
+        raise TypeError(f"{type(o).__name__} is not JSON serialisable")
+
+    return json.loads(json.dumps(value, default=default))
+
+
+def run_one(req: dict[str, Any], tasks: Any, shared: Any) -> dict[str, Any]:
+    from agent.task import build_kwargs
+    from jobs.atomic import writing
+    from jobs.descriptor import Job
+    from jobs.npzio import check_arrays, load_npz, save_npz
+
+    job = Job.from_dict(req["job"])
+    fn = tasks.get(job.target, job.workdir)
+    builtins = {
+        "chunk_id": lambda: job.chunk_id,
+        "total_chunks": lambda: job.total_chunks,
+        "gpu_id": lambda: req["gpu_id"],
+        "device": lambda: req["device"],
+        "shared": lambda: shared.get(job.shared) if job.shared else None,
+        "data": lambda: load_npz(job.data) if job.data else None,
+    }
+    value = fn(**build_kwargs(fn, job, builtins))
+    arrays = check_arrays(value)
+    if arrays is not None:
+        with writing(Path(req["arrays_path"])) as (f, tmp):
+            save_npz(f, arrays)
+        return {"ok": True, "value": None, "arrays_tmp": str(tmp)}
+    try:
+        return {"ok": True, "value": jsonable(value), "arrays_tmp": None}
+    except (TypeError, ValueError) as e:
+        raise TypeError(
+            f"the task returned a {type(value).__name__}, which is neither a dict of numpy arrays "
+            f"nor JSON-serialisable ({e})"
+        ) from None
+
+
+def error_of(exc: BaseException) -> dict[str, str]:
+    return {"type": type(exc).__name__, "message": str(exc), "traceback": traceback.format_exc()}
+
+
+def main() -> None:
+    rfd, wfd, parent = (int(x) for x in sys.argv[1:4])
+    _die_with_parent(parent)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the agent decides when we stop
+    from agent.task import SharedCache, TaskCache
+
+    tasks, shared = TaskCache(), SharedCache()
+    rd, wr = os.fdopen(rfd, "rb"), os.fdopen(wfd, "wb", buffering=0)
+    for line in rd:
+        started = time.time()
+        try:
+            reply = run_one(json.loads(line), tasks, shared)
+        except BaseException as e:  # a job never kills the worker (except os._exit / signals)
+            reply = {"ok": False, "error": error_of(e)}
+        reply.update(started_at=started, finished_at=time.time())
+        sys.stdout.flush()
+        sys.stderr.flush()
+        wr.write(json.dumps(reply).encode() + b"\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+"""The agent's side of its worker process: start it, send a job, wait for the reply or kill it."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+REPO_ROOT = str(Path(__file__).resolve().parents[1])
+
+
+class WorkerLost(Exception):
+    """The worker died or was killed while running a job; ``reason`` says how."""
+
+    def __init__(self, reason: str, output: str = "") -> None:
+        self.reason, self.output = reason, output
+        super().__init__(reason)
+
+
+def tail(path: Path, nbytes: int = 4000) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - nbytes))
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def exit_reason(code: int | None) -> str:
+    if code is None:
+        return "still running"
+    if code < 0:
+        try:
+            return f"killed by signal {-code} ({signal.Signals(-code).name})"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+class Worker:
+    def __init__(self, env: dict[str, str], log_path: Path, cwd: str | None = None) -> None:
+        self.env = {**env, "PYTHONPATH": os.pathsep.join(filter(None, [REPO_ROOT, env.get("PYTHONPATH")]))}
+        self.log_path = log_path
+        self.cwd = cwd
+        self.proc: subprocess.Popen | None = None
+        self._w: int | None = None
+        self._r: int | None = None
+        self._buf = b""
+
+    def start(self) -> None:
+        r_req, w_req = os.pipe()
+        r_rep, w_rep = os.pipe()
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "agent.worker", str(r_req), str(w_rep), str(os.getpid())],
+                pass_fds=(r_req, w_rep), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                env=self.env, cwd=self.cwd, start_new_session=True,
+            )
+        os.close(r_req)
+        os.close(w_rep)
+        self._w, self._r, self._buf = w_req, r_rep, b""
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def call(self, request: dict[str, Any], timeout: float | None, abort: Callable[[], bool]) -> dict[str, Any]:
+        """Run one job; raises TimeoutError past ``timeout`` or WorkerLost if the worker dies.
+
+        ``abort()`` is checked a few times a second so that a second Ctrl-C stops at once.
+        """
+        if self.proc is None or self.proc.poll() is not None:
+            self.start()
+        try:
+            os.write(self._w, json.dumps(request).encode() + b"\n")
+        except BrokenPipeError:
+            raise self._lost() from None
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while b"\n" not in self._buf:
+            if abort():
+                self.kill()
+                raise WorkerLost("stopped: the agent was told to stop at once")
+            wait = 0.25 if deadline is None else min(0.25, deadline - time.monotonic())
+            if wait <= 0:
+                self.kill()
+                raise TimeoutError(f"the job ran past its timeout of {timeout:g} s and was killed")
+            ready, _, _ = select.select([self._r], [], [], wait)
+            if ready:
+                chunk = os.read(self._r, 65536)
+                if not chunk:
+                    raise self._lost()
+                self._buf += chunk
+        line, _, self._buf = self._buf.partition(b"\n")
+        return json.loads(line)
+
+    def _lost(self) -> WorkerLost:
+        code = self.proc.wait() if self.proc else None
+        self._close()
+        return WorkerLost(f"the worker process {exit_reason(code)}", tail(self.log_path))
+
+    def kill(self) -> None:
+        """Kill the worker and everything it started (its process group)."""
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self._close()
+
+    def stop(self) -> None:
+        """Close its pipe (it exits at end of input), then make sure it is gone."""
+        if self.proc is None:
+            return
+        if self._w is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._w)
+            self._w = None
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+        self.kill()
+
+    def _close(self) -> None:
+        for fd in (self._w, self._r):
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._w = self._r = None
+        self.proc = None if self.proc is None or self.proc.poll() is not None else self.proc

@@ -1,0 +1,115 @@
+"""Atomic publishing and bounded, no-follow reading of spool files.
+
+Writers create ``.<name>.tmp-<pid>-<random>`` in the target's own folder, write,
+flush, optionally fsync, close, then ``rename`` (replace) or ``link`` (create only if
+absent, the NFS-safe form of O_EXCL) it to the final name. Readers skip every name
+that starts with ``.``, so nobody ever sees a half-written file.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import secrets
+import time
+from pathlib import Path
+from typing import IO, Iterator
+
+from jobs.errors import BadFile
+
+TMP_MARK = ".tmp-"
+DEFAULT_READ_LIMIT = 4 * 1024 * 1024
+
+
+def is_temp_name(name: str) -> bool:
+    """True for names readers must skip (hidden or temp files)."""
+    return name.startswith(".")
+
+
+def temp_name(final: Path) -> Path:
+    return final.with_name(f".{final.name}{TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
+
+
+@contextlib.contextmanager
+def writing(final: Path, fsync: bool = True) -> Iterator[tuple[IO[bytes], Path]]:
+    """Open a temp file beside ``final``; yields ``(file, temp_path)``.
+
+    The caller publishes the temp path (``publish``/``commit``) after the block; on an
+    exception the temp file is removed and the error propagates.
+    """
+    tmp = temp_name(final)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f, tmp
+            f.flush()
+            if fsync:
+                os.fsync(f.fileno())
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def write_replace(final: Path, data: bytes, fsync: bool = True) -> None:
+    """Publish ``data`` at ``final``, replacing what was there, atomically."""
+    with writing(final, fsync) as (f, tmp):
+        f.write(data)
+    try:
+        os.replace(tmp, final)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def commit_link(tmp: Path, final: Path) -> bool:
+    """Move ``tmp`` to ``final`` only if ``final`` does not exist yet.
+
+    Returns False (and removes ``tmp``) when another writer committed first. ``link``
+    fails with EEXIST atomically, on local disks and on NFS alike.
+    """
+    try:
+        os.link(tmp, final)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+
+
+def write_exclusive(final: Path, data: bytes, fsync: bool = True) -> bool:
+    """Publish ``data`` at ``final`` unless it exists; True if we created it."""
+    with writing(final, fsync) as (f, tmp):
+        f.write(data)
+    return commit_link(tmp, final)
+
+
+def read_bounded(path: Path, limit: int = DEFAULT_READ_LIMIT, retries: int = 3) -> bytes:
+    """Read a whole spool file without following a symlink, refusing more than ``limit`` bytes.
+
+    Retries ESTALE, which a shared filesystem gives when another client has just
+    renamed a new version over the file.
+    """
+    for attempt in range(retries):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise BadFile("is a symlink; spool files are never followed out of BASE", path) from e
+            if e.errno == errno.ESTALE and attempt + 1 < retries:
+                time.sleep(0.01)
+                continue
+            raise
+        try:
+            with os.fdopen(fd, "rb") as f:
+                data = f.read(limit + 1)
+        except OSError as e:
+            if e.errno == errno.ESTALE and attempt + 1 < retries:
+                continue
+            raise
+        if len(data) > limit:
+            raise BadFile(f"is larger than the {limit} byte limit for this kind of file", path)
+        return data
+    raise AssertionError("unreachable")

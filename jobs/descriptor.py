@@ -1,0 +1,119 @@
+"""The chunk job descriptor: a frozen dataclass with a schema version, encoded as JSON."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from jobs.errors import BadFile, NewerSchema
+from jobs.names import check_chunk, check_name
+
+SCHEMA = 1
+
+
+class JobKind(str, Enum):
+    CALLABLE = "callable"
+    SCRIPT = "script"
+
+
+class JobState(str, Enum):
+    """Where a chunk is. Derived from the spool, never stored apart from it."""
+
+    PENDING = "pending"  # known to the run, not in any mailbox
+    QUEUED = "queued"  # in an agent's mailbox, not started
+    RUNNING = "running"  # the agent's current job
+    OK = "ok"  # committed result with status ok
+    FAILED = "failed"  # committed result with status failed (retries used up)
+
+
+# Keyword names the agent fills in itself; a user kwarg may not reuse them.
+BUILTIN_KWARGS = ("chunk_id", "total_chunks", "gpu_id", "device", "shared", "data")
+
+
+@dataclass(frozen=True)
+class Job:
+    """One attempt at one chunk, as written into a mailbox by the master."""
+
+    run: str
+    chunk_id: int
+    total_chunks: int
+    kind: JobKind
+    target: str  # "pkg.mod:fn", "/abs/file.py:fn" or "/abs/script.py"
+    attempt: int = 1
+    max_attempts: int = 1
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    shared: str | None = None  # absolute path of the run's shared .npz
+    data: str | None = None  # absolute path of this chunk's .npz
+    timeout: float | None = None
+    workdir: str | None = None  # put on sys.path for callables, cwd for scripts
+    submitted_at: float = 0.0
+    schema: int = SCHEMA
+
+    @property
+    def key(self) -> tuple[str, int, int]:
+        """(run, chunk, attempt): the fencing token of this dispatch."""
+        return (self.run, self.chunk_id, self.attempt)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["kind"] = self.kind.value
+        return d
+
+    def encode(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: object, where: object = None) -> "Job":
+        """Validate an untrusted mapping; raise BadFile naming ``where`` on any problem."""
+        if not isinstance(d, dict):
+            raise BadFile(f"job descriptor is a {type(d).__name__}, not an object", where)
+        schema = d.get("schema")
+        if not isinstance(schema, int) or isinstance(schema, bool):
+            raise BadFile("job descriptor has no integer 'schema'", where)
+        if schema > SCHEMA:
+            raise NewerSchema(f"job schema {schema} is newer than this tool's {SCHEMA}; upgrade", where)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise BadFile(f"job descriptor has unknown fields {unknown}", where)
+        try:
+            job = cls(**{**d, "kind": JobKind(d.get("kind"))})
+        except (TypeError, ValueError) as e:
+            raise BadFile(f"job descriptor is malformed: {e}", where) from e
+        job._check(where)
+        return job
+
+    def _check(self, where: object) -> None:
+        try:
+            check_name(self.run, "run name")
+            for name, lo in (("total_chunks", 1), ("attempt", 1), ("max_attempts", 1)):
+                v = getattr(self, name)
+                if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                    raise BadFile(f"'{name}' must be an integer >= {lo}, got {v!r}")
+            check_chunk(self.chunk_id, self.total_chunks)
+        except BadFile:
+            raise
+        except Exception as e:  # BadName
+            raise BadFile(str(e), where) from e
+        _expect(self.target, str, "target", where)
+        _expect(self.kwargs, dict, "kwargs", where)
+        for k in self.kwargs:
+            if k in BUILTIN_KWARGS:
+                raise BadFile(f"kwarg {k!r} reuses a built-in argument name", where)
+        for name in ("shared", "data", "workdir"):
+            v = getattr(self, name)
+            if v is not None:
+                _expect(v, str, name, where)
+                if "\0" in v:
+                    raise BadFile(f"'{name}' contains a NUL byte", where)
+        if self.timeout is not None and (
+            isinstance(self.timeout, bool) or not isinstance(self.timeout, (int, float)) or self.timeout <= 0
+        ):
+            raise BadFile(f"'timeout' must be a positive number, got {self.timeout!r}", where)
+
+
+def _expect(value: object, typ: type, name: str, where: object) -> None:
+    if not isinstance(value, typ):
+        raise BadFile(f"'{name}' must be a {typ.__name__}, got {type(value).__name__}", where)

@@ -1,0 +1,92 @@
+"""Exclusive locks on permanent lock files (portalocker / flock).
+
+A lock file is created once and never renamed or unlinked, so every waiter locks the
+same inode (portalocker issue 115). Long-held locks (an agent's GPU, a run's master)
+record their holder inside the lock file so that a refused process can name it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import portalocker
+
+from jobs.errors import LockHeld
+
+
+class FileLock:
+    """An exclusive lock on ``path``; usable as a context manager (blocking)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._f = None
+
+    def _open(self):
+        if self._f is None:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+            self._f = os.fdopen(fd, "r+b", buffering=0)
+        return self._f
+
+    def acquire(self, blocking: bool = True, timeout: float | None = None, poll: float = 0.05) -> bool:
+        """Take the lock; with ``blocking=False`` return False at once if it is held."""
+        f = self._open()
+        if blocking and timeout is None:
+            portalocker.lock(f, portalocker.LockFlags.EXCLUSIVE)
+            return True
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            try:
+                portalocker.lock(f, portalocker.LockFlags.EXCLUSIVE | portalocker.LockFlags.NON_BLOCKING)
+                return True
+            except portalocker.exceptions.LockException:
+                if not blocking or (deadline is not None and time.monotonic() >= deadline):
+                    return False
+                time.sleep(poll)
+
+    def release(self) -> None:
+        if self._f is not None:
+            portalocker.unlock(self._f)
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()  # closing drops the lock too
+            self._f = None
+
+    def __enter__(self) -> "FileLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class HolderLock(FileLock):
+    """A lock held for a process's life that says who holds it."""
+
+    def take(self, what: str, **info: Any) -> None:
+        """Acquire without waiting or raise LockHeld naming the current holder."""
+        if not self.acquire(blocking=False):
+            holder = self.holder()
+            who = ", ".join(f"{k}={v}" for k, v in holder.items()) if holder else "unknown holder"
+            self.close()
+            raise LockHeld(f"{what} is already held by another process ({who})", self.path)
+        note = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time(), **info}
+        data = json.dumps(note).encode()
+        f = self._f
+        f.seek(0)
+        f.truncate()
+        f.write(data)
+        os.fsync(f.fileno())
+
+    def holder(self) -> dict[str, Any]:
+        """The holder note, or {} when unreadable (it is only used for messages)."""
+        try:
+            with open(self.path, "rb") as f:
+                note = json.loads(f.read(4096) or b"{}")
+            return note if isinstance(note, dict) else {}
+        except (OSError, ValueError):
+            return {}

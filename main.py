@@ -1,0 +1,8 @@
+#!/usr/bin/env python3
+"""Feed chunk jobs to a GPU agent pool.  `python main.py` alone runs the self-contained demo."""
+import sys
+
+from master.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

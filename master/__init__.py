@@ -1,0 +1,1 @@
+"""What feeds and collects: the run spec, the feeder loop, status, and the Python API."""

@@ -1,0 +1,124 @@
+"""The Python API: submit a run to a pool, wait for it with progress, iterate its results.
+
+    from master.api import Pool
+    pool = Pool("/shared/base")
+    run = pool.submit(task="examples.matmul:multiply", chunks=100, shared="shared.npz", data="chunks/")
+    summary = run.wait()            # feeds live agents until every chunk has a final result
+    for res in run.results():       # in chunk order
+        print(res.chunk_id, res.status, res.value, res.arrays.keys())
+"""
+from __future__ import annotations
+
+import shutil
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from jobs.errors import BadFile, LockHeld
+from jobs.locks import HolderLock
+from jobs.npzio import load_npz
+from jobs.paths import Spool
+from jobs.results import read_result
+from master.feeder import FeedConfig, Feeder, Summary
+from master.progress import Progress
+from master.runspec import RunSpec, build, save_or_check
+
+
+
+
+@dataclass
+class Result:
+    chunk_id: int
+    record: dict[str, Any]
+    npz: Path | None
+
+    @property
+    def status(self) -> str:
+        return self.record["status"]
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    @property
+    def value(self) -> Any:
+        return self.record.get("value")
+
+    @property
+    def arrays(self) -> dict[str, Any]:
+        return load_npz(self.npz) if self.npz else {}
+
+
+class Pool:
+    def __init__(self, base: str | Path) -> None:
+        self.spool = Spool(base).ensure()
+
+    def submit(self, *, task: str | None = None, script: str | None = None, chunks: int,
+               kwargs: dict[str, Any] | None = None, shared: str | None = None, data: str | None = None,
+               run: str | None = None, retries: int = 2, timeout: float | None = None,
+               fresh: bool = False, workdir: str | None = None) -> "Run":
+        """Validate and record a run (nothing is queued until ``wait``)."""
+        spec = build(task=task, script=script, chunks=chunks, kwargs=kwargs, shared=shared, data=data, run=run,
+                     retries=retries, timeout=timeout, workdir=workdir)
+        return Run(self.spool, spec, fresh)
+
+    def run(self, name: str) -> "Run":
+        """An existing run by name (to read its results)."""
+        return Run(self.spool, RunSpec.load(self.spool.run_spec(name)), fresh=False)
+
+
+class Run:
+    def __init__(self, spool: Spool, spec: RunSpec, fresh: bool) -> None:
+        self.spool, self.spec, self.fresh = spool, spec, fresh
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def wait(self, progress: bool = True, cfg: FeedConfig | None = None, wait_for_lock: bool = False,
+             stop: threading.Event | None = None) -> Summary:
+        """Be this run's master until every chunk has a final result; returns the summary."""
+        self.spool.run_dir(self.name).mkdir(parents=True, exist_ok=True)
+        lock = HolderLock(self.spool.master_lock(self.name))
+        if wait_for_lock:
+            while not lock.acquire(blocking=True, timeout=1.0):
+                if stop is not None and stop.is_set():
+                    raise LockHeld(f"run {self.name} still has another master", lock.path)
+            lock.release()
+        lock.take(f"run {self.name!r}", run=self.name)
+        try:
+            if self.fresh:
+                self._clear()
+            save_or_check(self.spool, self.spec, self.fresh)
+            bar = Progress(self.spec, enabled=progress, base=self.spool.base)
+            feeder = Feeder(self.spool, self.spec, cfg, on_event=bar.event)
+            feeder.recover()
+            bar.start(len(feeder.final))
+            try:
+                return feeder.run(stop)
+            finally:
+                bar.close()
+        finally:
+            lock.close()
+
+    def _clear(self) -> None:
+        """--fresh: drop this run's results, logs and queued jobs."""
+        from jobs.mailbox import Mailbox
+
+        for ident in self.spool.agent_ids():
+            Mailbox(self.spool, ident).update(
+                lambda jobs: [j for j in jobs if j.run != self.name] if any(j.run == self.name for j in jobs) else None)
+        for d in (self.spool.result_dir(self.name), self.spool.logs_dir / self.name):
+            shutil.rmtree(d, ignore_errors=True)
+
+    def results(self) -> Iterator[Result]:
+        """Committed results in chunk order (chunks without one are skipped)."""
+        for c in range(self.spec.chunks):
+            path = self.spool.result_json(self.name, c)
+            try:
+                rec = read_result(path)
+            except (FileNotFoundError, BadFile):
+                continue
+            npz = self.spool.result_npz(self.name, c)
+            yield Result(c, rec, npz if rec.get("arrays") and npz.exists() else None)

@@ -1,0 +1,90 @@
+"""``python main.py ...``: feed a run to the agents of a spool (or, with no arguments, the demo)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+EPILOG = """examples:
+  python main.py                                   # self-contained demo (starts its own agents)
+  ./start_agents.sh 2 /tmp/b
+  python main.py --base /tmp/b --task examples.matmul:multiply --chunks 100
+  python main.py --base /tmp/b --task my_job.py:process --chunks 64 --kwargs '{"scale": 2}' \\
+                 --shared shared.npz --data chunks/
+  python main.py --base /tmp/b --script examples/octorun_script.py --chunks 8 --kwargs '{"out_dir": "/tmp/out"}'
+Re-running the same command resumes the run: chunks with an ok result are not run again."""
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python main.py", description="Feed chunk jobs to the pool's agents and "
+                                "collect their results.", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base", help="spool folder the agents serve (required unless running the demo)")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--task", help="callable run in the agents: package.module:function or path/file.py:function")
+    what.add_argument("--script", help="OctoRun-style script run per chunk with --gpu_id --chunk_id --total_chunks")
+    p.add_argument("--chunks", type=int, help="number of chunks (chunk ids 0..N-1)")
+    p.add_argument("--kwargs", help="JSON object of keyword arguments (flags for --script)")
+    p.add_argument("--shared", help=".npz loaded once per agent and passed as `shared`")
+    p.add_argument("--data", help="folder with one <chunk_id>.npz per chunk, passed as `data`")
+    p.add_argument("--run", help="run name (default: derived from the task, chunk count and kwargs)")
+    p.add_argument("--retries", type=int, default=2, help="retries per failed chunk (default 2)")
+    p.add_argument("--timeout", type=float, help="seconds a chunk may run before it is killed")
+    p.add_argument("--fresh", action="store_true", help="start the run over: drop its earlier results")
+    p.add_argument("--wait", action="store_true", help="if another master feeds this run, wait for it")
+    p.add_argument("--depth", type=int, default=4, help="jobs kept queued per agent (default 4)")
+    p.add_argument("--dead-after", type=float, default=20.0, help="seconds without heartbeat before an agent "
+                   "is declared dead and its jobs handed back (default 20)")
+    p.add_argument("--retry-delay", type=float, default=1.0, help="first retry back-off, seconds (doubles)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--demo-dir", default="spool-demo", help="where the demo keeps its spool (default ./spool-demo)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse(argv)
+    from loguru import logger
+
+    logger.remove()
+    logger.add(sys.stderr, level="WARNING", format="{time:HH:mm:ss} {level}: {message}")
+    if not (args.task or args.script or args.chunks or args.base):
+        from master.demo import run_demo
+
+        return run_demo(args.demo_dir, progress=not args.no_progress)
+    return feed(args)
+
+
+def feed(args: argparse.Namespace) -> int:
+    from jobs.errors import LockHeld, SpoolError
+    from master.api import Pool
+    from master.feeder import FeedConfig
+    from master.progress import format_summary
+    from master.runspec import parse_kwargs
+
+    missing = [f for f, v in (("--base", args.base), ("--task or --script", args.task or args.script),
+                              ("--chunks", args.chunks)) if v is None]
+    if missing:
+        print(f"main.py: missing {', '.join(missing)} (see python main.py --help; no arguments runs the demo)",
+              file=sys.stderr)
+        return 2
+    if args.depth < 1 or args.dead_after <= 0 or args.retry_delay < 0:
+        print("main.py: --depth must be >= 1, --dead-after > 0 and --retry-delay >= 0", file=sys.stderr)
+        return 2
+    try:
+        pool = Pool(args.base)
+        run = pool.submit(task=args.task, script=args.script, chunks=args.chunks, kwargs=parse_kwargs(args.kwargs),
+                          shared=args.shared, data=args.data, run=args.run, retries=args.retries,
+                          timeout=args.timeout, fresh=args.fresh)
+        cfg = FeedConfig(depth=args.depth, dead_after=args.dead_after, retry_delay=args.retry_delay)
+        summary = run.wait(progress=not args.no_progress, cfg=cfg, wait_for_lock=args.wait)
+    except LockHeld as e:
+        print(f"main.py: {e}; wait for it to finish, or pass --wait", file=sys.stderr)
+        return 3
+    except SpoolError as e:
+        print(f"main.py: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nmain.py: interrupted. Jobs already queued keep running on the agents; "
+              "run the same command again to resume.", file=sys.stderr)
+        return 130
+    print(format_summary(summary, pool.spool.base))
+    return 0 if not summary.failed and summary.ok == summary.chunks else 1

@@ -1,0 +1,73 @@
+"""The demo behind a bare ``python main.py``: a spool, local agents, the matmul workload, a summary."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from agent import launcher
+from agent.gpu import make_probe, visible_gpus
+from examples.matmul import SIZE, chunk_input, shared_matrix
+from jobs.errors import SpoolError
+from jobs.npzio import load_npz
+from jobs.paths import Spool
+from master.api import Pool
+from master.progress import format_summary
+
+REPO_ROOT = str(Path(__file__).resolve().parents[1])
+CHUNKS = 32
+
+
+def _inputs(base: Path) -> tuple[Path, Path]:
+    """The shared matrix and one input .npz per chunk, as a user would prepare them."""
+    shared, data = base / "demo-input" / "shared.npz", base / "demo-input" / "chunks"
+    data.mkdir(parents=True, exist_ok=True)
+    np.savez(shared, W=shared_matrix(SIZE))
+    for c in range(CHUNKS):
+        np.savez(data / f"{c}.npz", X=chunk_input(c, size=SIZE))
+    return shared, data
+
+
+def run_demo(demo_dir: str, progress: bool = True) -> int:
+    base = Path(demo_dir).resolve()
+    try:
+        spool = Spool(base).ensure()
+    except SpoolError as e:
+        print(f"main.py: {e}", file=sys.stderr)
+        return 2
+    gpus = visible_gpus(make_probe())
+    n = len(gpus) or 2
+    print(f"demo: spool {base}; starting {n} {'GPU' if gpus else 'CPU'} agent(s)"
+          f"{'' if gpus else ' (no GPU found)'}")
+    shared, data = _inputs(base)
+    started = launcher.start(str(base), n, cpu=not gpus, agent_args=["--heartbeat", "0.5"])
+    for s in started:
+        print(f"  agent {s.agent_id} pid {s.pid}{'' if s.new else ' (already running)'}, log {s.log}")
+    try:
+        run = Pool(base).submit(task="examples.matmul:multiply", chunks=CHUNKS, shared=str(shared), data=str(data),
+                                run="demo", fresh=True, workdir=REPO_ROOT)
+        summary = run.wait(progress=progress)
+        print(format_summary(summary, spool.base))
+        bad = _check(run)
+    finally:
+        ours = [s.agent_id for s in started if s.new]
+        launcher.stop(str(base), only=ours)
+        print(f"demo: stopped the {len(ours)} agent(s) it started")
+    if bad or summary.failed:
+        print(f"demo: FAILED ({len(summary.failed)} failed chunks, {bad} wrong results)", file=sys.stderr)
+        return 1
+    print(f"demo: all {CHUNKS} results checked against numpy. Next: ./start_agents.sh 2 /tmp/b && "
+          f"python main.py --base /tmp/b --task examples.matmul:multiply --chunks 100")
+    return 0
+
+
+def _check(run) -> int:
+    w = shared_matrix(SIZE)
+    bad = 0
+    for res in run.results():
+        y = load_npz(res.npz)["Y"] if res.npz else None
+        if y is None or not np.allclose(y, chunk_input(res.chunk_id, size=SIZE) @ w, rtol=1e-3, atol=1e-3):
+            bad += 1
+    return bad

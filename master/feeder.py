@@ -1,0 +1,352 @@
+"""The master's loop: queue chunks into live agents' mailboxes, collect results, retry, hand back.
+
+All state is rebuilt from the spool by ``recover()``: results and history files say
+what is done and how many attempts each chunk had, mailboxes say what is in flight.
+``step()`` does one pass; ``run()`` owns the loop and the waiting.
+"""
+from __future__ import annotations
+
+import heapq
+import os
+import threading
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from loguru import logger
+from watchdog.events import FileSystemEventHandler
+from watchdog.observers import Observer
+
+from jobs.atomic import read_bounded
+from jobs.descriptor import Job, JobState
+from jobs.errors import BadFile
+from jobs.fsinfo import is_network_fs
+from jobs.mailbox import Mailbox
+from jobs.paths import HISTORY_RE, RESULT_RE, Spool
+from jobs.results import read_result, reopen_failed
+from master.liveness import AgentView, Liveness
+from master.runspec import RunSpec
+
+Event = Callable[[str, dict[str, Any]], None]
+
+
+@dataclass
+class FeedConfig:
+    depth: int = 4  # jobs kept queued per agent, so it never waits for the master
+    dead_after: float = 20.0  # heartbeat unchanged this long (master clock) = dead agent
+    poll: float = 0.2  # longest wait between passes
+    retry_delay: float = 1.0  # first retry back-off; doubles per attempt
+    retry_cap: float = 60.0
+
+
+@dataclass
+class Outcome:
+    status: str
+    attempt: int
+    agent: str | None
+    error: str | None = None
+    duration_s: float | None = None
+
+
+@dataclass
+class Summary:
+    run: str
+    chunks: int
+    outcomes: dict[int, Outcome]
+    wall_s: float
+    results_dir: Path
+
+    @property
+    def ok(self) -> int:
+        return sum(o.status == JobState.OK.value for o in self.outcomes.values())
+
+    @property
+    def failed(self) -> list[int]:
+        return sorted(c for c, o in self.outcomes.items() if o.status != JobState.OK.value)
+
+    @property
+    def per_agent(self) -> Counter:
+        return Counter(o.agent for o in self.outcomes.values() if o.agent)
+
+
+def _summary(rec: dict[str, Any]) -> Outcome:
+    err = rec.get("error") or None
+    line = f"{err.get('type')}: {err.get('message')}".splitlines()[0][:300] if isinstance(err, dict) else None
+    return Outcome(rec["status"], rec["attempt"], rec.get("agent"), line, rec.get("duration_s"))
+
+
+class Feeder:
+    def __init__(self, spool: Spool, spec: RunSpec, cfg: FeedConfig | None = None,
+                 on_event: Event | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.spool, self.spec, self.cfg = spool, spec, cfg or FeedConfig()
+        self.clock = clock
+        self.on_event = on_event or (lambda kind, info: None)
+        self.liveness = Liveness(spool, self.cfg.dead_after, clock)
+        self.attempt: dict[int, int] = {}  # last attempt number handed out per chunk
+        self.max_attempts: dict[int, int] = {}
+        self.pending: deque[int] = deque()
+        self.delayed: list[tuple[float, int]] = []  # (not before, chunk) heap of retries
+        self.inflight: dict[int, tuple[str, int]] = {}  # chunk -> (agent, attempt)
+        self.by_agent: dict[str, set[int]] = {}
+        self.final: dict[int, Outcome] = {}
+        self.mailboxes: dict[str, Mailbox] = {}
+        self._next_liveness = 0.0
+        self._warned_no_agents = False
+
+    # recovery ------------------------------------------------------------------------------
+    def recover(self) -> None:
+        """Rebuild everything from the spool (first start, resume, or after a master crash)."""
+        spec, rdir = self.spec, self.spool.result_dir(self.spec.name)
+        rdir.mkdir(parents=True, exist_ok=True)
+        finals, hist = set(), {}
+        for name in os.listdir(rdir):
+            if m := RESULT_RE.match(name):
+                finals.add(int(m.group(1)))
+            elif m := HISTORY_RE.match(name):
+                c, a = int(m.group(1)), int(m.group(2))
+                hist[c] = max(hist.get(c, 0), a)
+        for c in sorted(finals):
+            if c < spec.chunks:
+                self._recover_final(c, hist)
+        self._recover_mailboxes()
+        for c in range(spec.chunks):
+            if c in self.final or c in self.inflight or c in self.attempt:
+                continue
+            last = hist.get(c, 0)
+            self.attempt[c] = last
+            self.max_attempts[c] = max(self._history_max(c, last), last + 1) if last else 1 + spec.retries
+            self.pending.append(c)
+
+    def _recover_final(self, c: int, hist: dict[int, int]) -> None:
+        path = self.spool.result_json(self.spec.name, c)
+        try:
+            rec = read_result(path)
+        except BadFile as e:
+            logger.warning("{}: {}; the chunk will run again", path, e)
+            self.spool.reject(_read_or_empty(path), path, str(e))
+            os.unlink(path)
+            return
+        if rec["status"] == JobState.OK.value:
+            self.final[c] = _summary(rec)
+        elif reopen_failed(self.spool, self.spec.name, c):  # a re-run tries failed chunks again
+            last = max(rec["attempt"], hist.get(c, 0))
+            self.attempt[c], self.max_attempts[c] = last, last + 1 + self.spec.retries
+            self.pending.append(c)
+
+    def _history_max(self, c: int, attempt: int) -> int:
+        try:
+            return int(read_result(self.spool.history_json(self.spec.name, c, attempt)).get("max_attempts", 1))
+        except (OSError, BadFile, ValueError, TypeError):
+            return 1
+
+    def _recover_mailboxes(self) -> None:
+        for ident in self.spool.agent_ids():
+            try:
+                jobs = self._mailbox(ident).read().jobs
+            except (OSError, BadFile):
+                continue
+            for job in jobs:
+                if job.run != self.spec.name or job.chunk_id in self.final or job.chunk_id >= self.spec.chunks:
+                    continue
+                if job.attempt > self.attempt.get(job.chunk_id, 0):
+                    self._untrack(job.chunk_id)
+                    self.attempt[job.chunk_id] = job.attempt
+                    self.max_attempts[job.chunk_id] = job.max_attempts
+                    self._track(job.chunk_id, ident, job.attempt)
+
+    # bookkeeping -----------------------------------------------------------------------------
+    def _mailbox(self, ident: str) -> Mailbox:
+        if ident not in self.mailboxes:
+            self.mailboxes[ident] = Mailbox(self.spool, ident)
+        return self.mailboxes[ident]
+
+    def _track(self, c: int, agent: str, attempt: int) -> None:
+        self.inflight[c] = (agent, attempt)
+        self.by_agent.setdefault(agent, set()).add(c)
+
+    def _untrack(self, c: int) -> None:
+        if c in self.inflight:
+            agent, _ = self.inflight.pop(c)
+            self.by_agent[agent].discard(c)
+
+    def _requeue(self, c: int, delay: float = 0.0, free: bool = False) -> None:
+        """Back to pending for the next attempt; ``free`` = a lost attempt that costs no retry."""
+        self._untrack(c)
+        if free:
+            self.max_attempts[c] += 1
+        if delay > 0:
+            heapq.heappush(self.delayed, (self.clock() + delay, c))
+        else:
+            self.pending.append(c)
+
+    @property
+    def done(self) -> bool:
+        return len(self.final) >= self.spec.chunks
+
+    # one pass ----------------------------------------------------------------------------------
+    def step(self) -> None:
+        now = self.clock()
+        if now >= self._next_liveness:
+            self.liveness.refresh()
+            self._hand_back_dead()
+            self._find_lost()
+            self._next_liveness = now + min(1.0, self.cfg.dead_after / 4)
+        self._collect()
+        while self.delayed and self.delayed[0][0] <= now:
+            self.pending.append(heapq.heappop(self.delayed)[1])
+        self._dispatch()
+
+    def _collect(self) -> None:
+        run = self.spec.name
+        for c, (agent, attempt) in list(self.inflight.items()):
+            final = self.spool.result_json(run, c)
+            if final.exists():
+                try:
+                    rec = read_result(final)
+                except BadFile as e:
+                    logger.warning("{}: {}; the chunk will run again", final, e)
+                    self.spool.reject(_read_or_empty(final), final, str(e))
+                    reopen_failed(self.spool, run, c)
+                    self._requeue(c)
+                    continue
+                except FileNotFoundError:
+                    continue
+                self._untrack(c)
+                self.final[c] = out = _summary(rec)
+                self.on_event("failed" if out.status != JobState.OK.value else "ok", {"chunk": c, "outcome": out})
+                continue
+            hist = self.spool.history_json(run, c, attempt)
+            if hist.exists():
+                try:
+                    rec = read_result(hist)
+                except (BadFile, FileNotFoundError):
+                    rec = {"status": "failed", "attempt": attempt, "agent": agent, "error": None}
+                out = _summary(rec)
+                delay = min(self.cfg.retry_cap, self.cfg.retry_delay * 2 ** (attempt - 1))
+                self.on_event("retry", {"chunk": c, "outcome": out, "delay": delay})
+                self._requeue(c, delay)
+
+    def _has_outcome(self, c: int, attempt: int) -> bool:
+        run = self.spec.name
+        return self.spool.result_json(run, c).exists() or self.spool.history_json(run, c, attempt).exists()
+
+    def _hand_back_dead(self) -> None:
+        for ident, view in self.liveness.views.items():
+            if view.alive or not self.by_agent.get(ident):
+                continue
+            ours = set(self.by_agent[ident])
+
+            def drop(jobs: list[Job]) -> list[Job] | None:
+                keep = [j for j in jobs if not (j.run == self.spec.name and j.chunk_id in ours)]
+                return keep if len(keep) != len(jobs) else None
+
+            self._mailbox(ident).update(drop)
+            back = [c for c in ours if not self._has_outcome(c, self.inflight[c][1])]
+            for c in back:
+                self._requeue(c, free=True)
+            why = "stopped" if view.state == "stopped" else f"no heartbeat for {view.age:.0f} s"
+            logger.warning("agent {} is gone ({}); handed back {} chunk(s)", ident, why, len(back))
+            self.on_event("handback", {"agent": ident, "chunks": sorted(back), "why": why})
+
+    def _find_lost(self) -> None:
+        """Jobs that left a live agent's mailbox without any result (mailbox replaced, ...)."""
+        for ident, chunks in self.by_agent.items():
+            view = self.liveness.views.get(ident)
+            if not chunks or view is None or not view.alive:
+                continue
+            try:
+                keys = {j.key for j in self._mailbox(ident).read().jobs}  # read before results: see agent
+            except (OSError, BadFile):
+                continue
+            for c in list(chunks):
+                attempt = self.inflight[c][1]
+                if (self.spec.name, c, attempt) not in keys and not self._has_outcome(c, attempt):
+                    logger.warning("chunk {} attempt {} vanished from {}'s mailbox; queued again", c, attempt, ident)
+                    self._requeue(c, free=True)
+
+    def _dispatch(self) -> None:
+        if not self.pending:
+            return
+        live = [v for v in self.liveness.views.values() if v.accepting]
+        if not live:
+            if not self._warned_no_agents:
+                self._warned_no_agents = True
+                self.on_event("no_agents", {})
+            return
+        self._warned_no_agents = False
+        low = max(0, self.cfg.depth // 2)
+        for view in sorted(live, key=lambda v: len(self.by_agent.get(v.id, ()))):
+            if not self.pending:
+                break
+            if len(self.by_agent.get(view.id, ())) <= low:
+                self._fill(view)
+
+    def _fill(self, view: AgentView) -> None:
+        taken: list[Job] = []
+
+        def add(jobs: list[Job]) -> list[Job] | None:
+            room = self.cfg.depth - len(jobs)
+            while room > 0 and self.pending:
+                taken.append(self._job(self.pending.popleft()))
+                room -= 1
+            return jobs + taken if taken else None
+
+        try:
+            self._mailbox(view.id).update(add)
+        except OSError as e:
+            logger.warning("could not queue jobs for {}: {}", view.id, e)
+            self.pending.extendleft(reversed([j.chunk_id for j in taken]))
+            return
+        for job in taken:
+            self.attempt[job.chunk_id] = job.attempt
+            self._track(job.chunk_id, view.id, job.attempt)
+
+    def _job(self, c: int) -> Job:
+        s = self.spec
+        return Job(run=s.name, chunk_id=c, total_chunks=s.chunks, kind=s.kind, target=s.target,
+                   attempt=self.attempt.get(c, 0) + 1, max_attempts=self.max_attempts[c], kwargs=s.kwargs,
+                   shared=s.shared, data=s.data_file(c), timeout=s.timeout, workdir=s.workdir,
+                   submitted_at=time.time())
+
+    # the loop ----------------------------------------------------------------------------------
+    def run(self, stop: threading.Event | None = None) -> Summary:
+        """Feed until every chunk has a final result (or ``stop`` is set)."""
+        started = time.monotonic()
+        rdir = self.spool.result_dir(self.spec.name)
+        wake = threading.Event()
+        observer = None
+        if not is_network_fs(rdir):
+            observer = Observer()
+            observer.schedule(_Wake(wake), str(rdir), recursive=False)
+            observer.daemon = True
+            observer.start()
+        try:
+            while not self.done and not (stop and stop.is_set()):
+                self.step()
+                if self.done:
+                    break
+                wake.wait(self.cfg.poll)
+                wake.clear()
+        finally:
+            if observer is not None:
+                observer.stop()
+                observer.join(timeout=5)
+        return Summary(self.spec.name, self.spec.chunks, dict(self.final), time.monotonic() - started, rdir)
+
+
+class _Wake(FileSystemEventHandler):
+    def __init__(self, wake: threading.Event) -> None:
+        self.wake = wake
+
+    def on_any_event(self, event: Any) -> None:
+        if event.event_type in ("created", "moved"):
+            self.wake.set()
+
+
+def _read_or_empty(path: Path) -> bytes:
+    try:
+        return read_bounded(path)
+    except (OSError, BadFile):
+        return b""

@@ -1,0 +1,75 @@
+"""Which agents are alive, judged without comparing two machines' clocks.
+
+An agent is alive while its heartbeat ``seq`` keeps changing: the master notes, by its
+own monotonic clock, when it last saw a change. For an agent first seen now, the age of
+its heartbeat file is measured against the mtime of a file the master has just written
+in the same folder (both stamped by the same file server).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from jobs.atomic import write_replace
+from jobs.errors import BadFile
+from jobs.heartbeat import AgentState, read_status
+from jobs.paths import Spool
+
+
+@dataclass
+class AgentView:
+    id: str
+    seq: int
+    changed_at: float  # master clock when seq last changed
+    status: dict[str, Any] = field(default_factory=dict)
+    age: float = 0.0  # seconds since the heartbeat last changed (master clock)
+    alive: bool = False  # heartbeat fresh and not stopped
+    accepting: bool = False  # alive and taking new jobs
+
+    @property
+    def state(self) -> str:
+        return self.status.get("state", "?")
+
+
+class Liveness:
+    def __init__(self, spool: Spool, dead_after: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.spool, self.dead_after, self.clock = spool, dead_after, clock
+        self.views: dict[str, AgentView] = {}
+
+    def refresh(self) -> dict[str, AgentView]:
+        now = self.clock()
+        server_now = None
+        for ident in self.spool.agent_ids():
+            try:
+                path = self.spool.heartbeat(ident)
+                st = read_status(path)
+                mtime = os.stat(path).st_mtime
+            except (OSError, BadFile, ValueError):
+                continue  # vanished, being replaced, or not ours: judged on the next refresh
+            view = self.views.get(ident)
+            if view is None:
+                if server_now is None:
+                    server_now = self._server_time()
+                age = max(0.0, server_now - mtime) if server_now is not None else 0.0
+                view = self.views[ident] = AgentView(ident, st["seq"], now - age)
+            elif st["seq"] != view.seq:
+                view.seq, view.changed_at = st["seq"], now
+            view.status = st
+            view.age = now - view.changed_at
+            view.alive = view.age < self.dead_after and st["state"] != AgentState.STOPPED.value
+            view.accepting = view.alive and st["state"] in (AgentState.IDLE.value, AgentState.BUSY.value)
+        return self.views
+
+    def _server_time(self) -> float | None:
+        probe = self.spool.agents_dir / f".clock-{os.getpid()}"
+        try:
+            write_replace(probe, b"", fsync=False)
+            return os.stat(probe).st_mtime
+        except OSError:
+            return None
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(probe)

@@ -1,0 +1,216 @@
+"""A run: what to execute on how many chunks. Validated here, once, before anything is queued."""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import hashlib
+import importlib.util
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from jobs.atomic import read_bounded, write_replace
+from jobs.descriptor import BUILTIN_KWARGS, JobKind
+from jobs.errors import BadFile, BadNpz, SpoolError
+from jobs.names import check_name, slug
+from jobs.npzio import load_npz
+from jobs.paths import Spool
+
+SPEC_SCHEMA = 1
+
+
+class UsageError(SpoolError):
+    """A bad argument: the message names it and says what is wrong."""
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    name: str
+    kind: JobKind
+    target: str
+    chunks: int
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    shared: str | None = None
+    data_dir: str | None = None
+    retries: int = 2
+    timeout: float | None = None
+    workdir: str | None = None
+    schema: int = SPEC_SCHEMA
+
+    def identity(self) -> dict[str, Any]:
+        """What makes two runs the same run (retries and timeout may change on resume)."""
+        return {"kind": self.kind.value, "target": self.target, "chunks": self.chunks, "kwargs": self.kwargs,
+                "shared": self.shared, "data_dir": self.data_dir}
+
+    def to_json(self) -> bytes:
+        d = dataclasses.asdict(self)
+        d["kind"] = self.kind.value
+        return json.dumps({**d, "created_at": time.time()}, indent=1, sort_keys=True).encode()
+
+    @classmethod
+    def load(cls, path: Path) -> "RunSpec":
+        try:
+            d = json.loads(read_bounded(path, 1024 * 1024))
+            d.pop("created_at", None)
+            return cls(**{**d, "kind": JobKind(d["kind"])})
+        except (ValueError, TypeError, KeyError) as e:
+            raise BadFile(f"run spec is not valid: {e}", path) from e
+
+    def data_file(self, chunk: int) -> str | None:
+        if self.data_dir is None:
+            return None
+        return str(_chunk_data(Path(self.data_dir), chunk))
+
+
+def default_name(kind: JobKind, target: str, chunks: int, kwargs: dict[str, Any],
+                 shared: str | None, data_dir: str | None) -> str:
+    """Stable name from what is run, so that re-running the same command resumes it."""
+    ident = json.dumps([kind.value, target, chunks, kwargs, shared, data_dir], sort_keys=True)
+    base = target.rpartition(":")[2] if kind is JobKind.CALLABLE else Path(target).stem
+    return f"{slug(base, 40)}-{chunks}-{hashlib.sha1(ident.encode()).hexdigest()[:8]}"
+
+
+def parse_kwargs(text: str | None) -> dict[str, Any]:
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise UsageError(f"--kwargs is not valid JSON ({e}); example: --kwargs '{{\"scale\": 2}}'") from None
+    if not isinstance(value, dict):
+        raise UsageError(f"--kwargs must be a JSON object like '{{\"scale\": 2}}', not a {type(value).__name__}")
+    return value
+
+
+def build(*, task: str | None = None, script: str | None = None, chunks: int, kwargs: dict[str, Any] | None = None,
+          shared: str | None = None, data: str | None = None, run: str | None = None, retries: int = 2,
+          timeout: float | None = None, workdir: str | None = None) -> RunSpec:
+    """Check every argument and return the RunSpec; raises UsageError naming the bad one."""
+    workdir = str(Path(workdir or os.getcwd()).resolve())
+    if (task is None) == (script is None):
+        raise UsageError("give exactly one of --task MODULE:FUNCTION or --script PATH.py")
+    if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
+        raise UsageError(f"--chunks must be a whole number of at least 1, not {chunks!r}")
+    kwargs = dict(kwargs or {})
+    clash = sorted(set(kwargs) & set(BUILTIN_KWARGS))
+    if clash:
+        raise UsageError(f"--kwargs key(s) {clash} reuse built-in argument names {list(BUILTIN_KWARGS)}; rename them")
+    bad_keys = [k for k in kwargs if not isinstance(k, str) or not k.isidentifier()]
+    if bad_keys:
+        raise UsageError(f"--kwargs key(s) {bad_keys} are not valid Python identifiers")
+    if retries < 0:
+        raise UsageError(f"--retries must be 0 or more, not {retries}")
+    if timeout is not None and timeout <= 0:
+        raise UsageError(f"--timeout must be a positive number of seconds, not {timeout}")
+    if task is not None:
+        kind, target = JobKind.CALLABLE, check_task(task, workdir)
+    else:
+        kind, target = JobKind.SCRIPT, check_script(script, workdir)
+    shared_path = check_npz(shared, "--shared", workdir) if shared else None
+    data_dir = check_data_dir(data, chunks, workdir) if data else None
+    name = check_run_name(run) if run else default_name(kind, target, chunks, kwargs, shared_path, data_dir)
+    return RunSpec(name, kind, target, chunks, kwargs, shared_path, data_dir, retries, timeout, workdir)
+
+
+def check_run_name(run: str) -> str:
+    try:
+        return check_name(run, "--run name")
+    except SpoolError as e:
+        raise UsageError(str(e)) from None
+
+
+def check_task(task: str, workdir: str) -> str:
+    """Find the task's module or file and check it defines the function, without importing it."""
+    mod, sep, fn = task.rpartition(":")
+    if not sep or not mod or not fn.isidentifier():
+        raise UsageError(f"--task {task!r} must look like 'package.module:function' or 'path/file.py:function'")
+    if mod.endswith(".py") or os.sep in mod:
+        path = Path(workdir, mod).resolve()
+        if not path.is_file():
+            raise UsageError(f"--task {task!r}: the file {path} does not exist")
+        target, source = f"{path}:{fn}", path
+    else:
+        if workdir not in sys.path:
+            sys.path.insert(0, workdir)
+        try:
+            spec = importlib.util.find_spec(mod)
+        except (ImportError, ValueError) as e:
+            raise UsageError(f"--task {task!r}: cannot import {mod!r} ({e})") from None
+        if spec is None:
+            raise UsageError(f"--task {task!r}: no module named {mod!r} (searched from {workdir} and sys.path)")
+        target, source = task, Path(spec.origin) if spec.origin and spec.origin.endswith(".py") else None
+    if source is not None and not _defines(source, fn):
+        raise UsageError(f"--task {task!r}: {source} defines no top-level function or name {fn!r}")
+    return target
+
+
+def _defines(source: Path, name: str) -> bool:
+    try:
+        tree = ast.parse(source.read_bytes(), str(source))
+    except (SyntaxError, ValueError) as e:
+        raise UsageError(f"--task: {source} does not parse: {e}") from None
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.name == name:
+            return True
+        if isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            if any(isinstance(t, ast.Name) and t.id == name for t in targets):
+                return True
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            if any((a.asname or a.name.split(".")[0]) == name for a in node.names):
+                return True
+    return any(isinstance(n, ast.ImportFrom) and any(a.name == "*" for a in n.names) for n in tree.body)
+
+
+def check_script(script: str, workdir: str) -> str:
+    path = Path(workdir, script).resolve()
+    if not path.is_file():
+        raise UsageError(f"--script {script!r}: the file {path} does not exist")
+    return str(path)
+
+
+def check_npz(path: str, what: str, workdir: str) -> str:
+    p = Path(workdir, path).resolve()
+    try:
+        load_npz(p)
+    except BadNpz as e:
+        raise UsageError(f"{what}: {e}") from None
+    return str(p)
+
+
+def _chunk_data(d: Path, chunk: int) -> Path:
+    plain = d / f"{chunk}.npz"
+    return plain if plain.exists() else d / f"{chunk:06d}.npz"
+
+
+def check_data_dir(data: str, chunks: int, workdir: str) -> str:
+    d = Path(workdir, data).resolve()
+    if not d.is_dir():
+        raise UsageError(f"--data {data!r}: {d} is not a folder (it must hold one <chunk_id>.npz per chunk)")
+    missing = [c for c in range(chunks) if not _chunk_data(d, c).is_file()]
+    if missing:
+        shown = ", ".join(f"{c}.npz" for c in missing[:5]) + (" ..." if len(missing) > 5 else "")
+        raise UsageError(f"--data {d}: {len(missing)} of {chunks} chunk files are missing ({shown})")
+    for c in sorted({0, chunks - 1}):
+        try:
+            load_npz(_chunk_data(d, c))
+        except BadNpz as e:
+            raise UsageError(f"--data: {e}") from None
+    return str(d)
+
+
+def save_or_check(spool: Spool, spec: RunSpec, fresh: bool) -> None:
+    """Write the run spec, or check that an existing run of this name is the same run."""
+    path = spool.run_spec(spec.name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() and not fresh:
+        old = RunSpec.load(path)
+        if old.identity() != spec.identity():
+            diff = [k for k, v in spec.identity().items() if old.identity()[k] != v]
+            raise UsageError(f"run {spec.name!r} already exists in {spool.base} with a different {', '.join(diff)}; "
+                             "pass --fresh to start it over, or --run NAME for a new run")
+    write_replace(path, spec.to_json())
