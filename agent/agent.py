@@ -40,7 +40,8 @@ class AgentConfig:
 
 
 class Agent:
-    def __init__(self, spool: Spool, slot: Slot, probe: NoGpu, host: str, cfg: AgentConfig) -> None:
+    def __init__(self, spool: Spool, slot: Slot, probe: NoGpu, host: str, cfg: AgentConfig,
+                 worker: Worker | None = None) -> None:
         self.spool, self.slot, self.probe, self.host, self.cfg = spool, slot, probe, host, cfg
         self.id = slot.agent_id
         self.mailbox = Mailbox(spool, self.id)
@@ -50,7 +51,7 @@ class Agent:
         self.script_env = base_env  # scripts get the agent's own view, as OctoRun gives them
         worker_env = {**base_env, "CUDA_VISIBLE_DEVICES": slot.gpu.token if slot.gpu else "",
                       "GPUPOOL_AGENT": self.id}
-        self.worker = Worker(worker_env, spool.logs_dir / f"{self.id}.worker.log")
+        self.worker = worker or Worker(worker_env, spool.logs_dir / f"{self.id}.worker.log")
         self.stop = False  # finish the current job, then exit
         self.stop_now = False  # stop at once
         self.state = AgentState.STARTING
@@ -153,10 +154,10 @@ class Agent:
             return False
         fields, arrays_tmp = outcome
         status = JobState.FAILED if "error" in fields else JobState.OK
-        finished = fields.pop("finished_at", time.time())
+        finished = fields.pop("finished_at", None) or time.time()
         rec = record(job, status, agent=self.id, host=self.host, pid=os.getpid(),
                      gpu_id=self.slot.number, device=self.slot.device,
-                     started_at=fields.pop("started_at", started), finished_at=finished,
+                     started_at=fields.pop("started_at", None) or started, finished_at=finished,
                      duration_s=round(finished - started, 6), **fields)
         try:
             committed = commit(self.spool, job, rec, Path(arrays_tmp) if arrays_tmp else None)

@@ -77,6 +77,17 @@ def error_of(exc: BaseException) -> dict[str, str]:
     return {"type": type(exc).__name__, "message": str(exc), "traceback": traceback.format_exc()}
 
 
+def handle(request: dict[str, Any], tasks: Any, shared: Any) -> dict[str, Any]:
+    """One request to one reply; a job's exception becomes a failed reply, never our death."""
+    started = time.time()
+    try:
+        reply = run_one(request, tasks, shared)
+    except BaseException as e:  # SystemExit and KeyboardInterrupt from task code too
+        reply = {"ok": False, "error": error_of(e)}
+    reply.update(started_at=started, finished_at=time.time())
+    return reply
+
+
 def main() -> None:
     rfd, wfd, parent = (int(x) for x in sys.argv[1:4])
     _die_with_parent(parent)
@@ -86,12 +97,7 @@ def main() -> None:
     tasks, shared = TaskCache(), SharedCache()
     rd, wr = os.fdopen(rfd, "rb"), os.fdopen(wfd, "wb", buffering=0)
     for line in rd:
-        started = time.time()
-        try:
-            reply = run_one(json.loads(line), tasks, shared)
-        except BaseException as e:  # a job never kills the worker (except os._exit / signals)
-            reply = {"ok": False, "error": error_of(e)}
-        reply.update(started_at=started, finished_at=time.time())
+        reply = handle(json.loads(line), tasks, shared)
         sys.stdout.flush()
         sys.stderr.flush()
         wr.write(json.dumps(reply).encode() + b"\n")

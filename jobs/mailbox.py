@@ -97,7 +97,7 @@ class Mailbox:
         if not self.path.exists():
             return snap, True
         for raw, why in snap.bad:
-            logger.warning("rejected a job descriptor in {}: {}", self.path, why)
+            logger.warning("rejected a job descriptor: {}", why)
             self.spool.reject(json.dumps(raw, default=repr).encode(), self.path, why)
         return snap, bool(snap.bad)
 
@@ -106,7 +106,7 @@ class Mailbox:
             data = read_bounded(self.path, MAILBOX_LIMIT)
         except (OSError, BadFile):
             data = b""
-        logger.warning("rejected mailbox {}: {}", self.path, why)
+        logger.warning("rejected a broken mailbox: {}", why)
         self.spool.reject(data, self.path, why)
 
     def _write(self, jobs: list[Job]) -> None:

@@ -179,7 +179,7 @@ class Feeder:
         if delay > 0:
             heapq.heappush(self.delayed, (self.clock() + delay, c))
         else:
-            self.pending.append(c)
+            self.pending.appendleft(c)  # before fresh chunks: keeps the run's tail short
 
     @property
     def done(self) -> bool:
@@ -195,7 +195,7 @@ class Feeder:
             self._next_liveness = now + min(1.0, self.cfg.dead_after / 4)
         self._collect()
         while self.delayed and self.delayed[0][0] <= now:
-            self.pending.append(heapq.heappop(self.delayed)[1])
+            self.pending.appendleft(heapq.heappop(self.delayed)[1])
         self._dispatch()
 
     def _collect(self) -> None:

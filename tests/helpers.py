@@ -1,0 +1,93 @@
+"""Shared test helpers: real agent processes on a tmp spool, deadlines instead of sleeps."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+REPO = Path(__file__).resolve().parents[1]
+HOST = "testhost"
+FAST = ["--heartbeat", "0.2", "--rescan", "0.5", "--poll-interval", "0.05", "--max-poll-interval", "0.2"]
+
+
+def wait_for(cond: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def base_env(tmp: Path, **extra: str) -> dict[str, str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "GPUPOOL_HOST_ID": HOST,
+           "GPUPOOL_LOCK_DIR": str(tmp / "gpulocks"), "GPUPOOL_LOG_LEVEL": "DEBUG"}
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    env.update(extra)
+    return env
+
+
+class AgentProc:
+    """One real ``python -m agent`` process."""
+
+    def __init__(self, base: Path, number: int, env: dict[str, str], args: list[str] | None = None,
+                 cpu: bool = True) -> None:
+        self.base, self.number = base, number
+        self.id = f"{env.get('GPUPOOL_HOST_ID', HOST)}-{'cpu' if cpu else 'gpu'}{number}"
+        cmd = [sys.executable, "-m", "agent", "--base", str(base), "--gpu", str(number)] + (["--cpu"] if cpu else [])
+        self.out = open(base.parent / f"agent-{self.id}-{time.monotonic_ns()}.out", "wb")
+        self.proc = subprocess.Popen(cmd + FAST + list(args or []), cwd=REPO, env=env, stdout=self.out,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+
+    def heartbeat(self) -> dict[str, Any] | None:
+        try:
+            return json.loads((self.base / "agents" / f"{self.id}.json").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def wait_ready(self, timeout: float = 30.0) -> "AgentProc":
+        def ready() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"agent {self.id} exited with {self.proc.returncode}: {self.output()}")
+            hb = self.heartbeat()
+            return bool(hb and hb.get("pid") == self.proc.pid and hb["state"] in ("idle", "busy"))
+        wait_for(ready, timeout, f"agent {self.id} ready")
+        return self
+
+    def output(self) -> str:
+        self.out.flush()
+        return Path(self.out.name).read_text(errors="replace")
+
+    def signal(self, sig: int) -> None:
+        os.kill(self.proc.pid, sig)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait(timeout=10)
+
+
+def run_main(args: list[str], env: dict[str, str], timeout: float = 120, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "main.py" if cwd == REPO else str(REPO / "main.py"), *args],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def results(base: Path, run: str) -> dict[int, dict[str, Any]]:
+    out = {}
+    for p in (base / "results" / run).glob("*.json"):
+        if p.stem.isdigit():
+            out[int(p.stem)] = json.loads(p.read_text())
+    return out
+
+
+def run_names(base: Path) -> list[str]:
+    return sorted(p.name for p in (base / "runs").iterdir())

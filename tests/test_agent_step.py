@@ -1,0 +1,178 @@
+"""One step of the agent loop, in this process (the worker runs jobs in-process here)."""
+from __future__ import annotations
+
+import json
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from agent.agent import Agent, AgentConfig
+from agent.gpu import NoGpu
+from agent.slot import Slot
+from agent.task import SharedCache, TaskCache
+from agent.worker import handle
+from jobs.descriptor import Job, JobKind
+from jobs.mailbox import Mailbox
+from jobs.npzio import load_npz
+from jobs.paths import Spool
+from jobs.results import read_result
+from tests.helpers import REPO
+
+
+class InProcessWorker:
+    """The worker protocol without a process: same run_one, same replies."""
+
+    pid = None
+
+    def __init__(self) -> None:
+        self.tasks, self.shared = TaskCache(), SharedCache()
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+    def call(self, request: dict[str, Any], timeout: float | None, abort: Any) -> dict[str, Any]:
+        return handle(json.loads(json.dumps(request)), self.tasks, self.shared)
+
+
+@pytest.fixture
+def make_agent(spool: Spool):
+    def make() -> Agent:
+        slot = Slot("t-cpu0", 0, None, [])
+        a = Agent(spool, slot, NoGpu(), "t", AgentConfig(watch="poll"), worker=InProcessWorker())
+        a.mailbox.ensure()
+        return a
+    return make
+
+
+def put(spool: Spool, *jobs: Job, agent: str = "t-cpu0") -> None:
+    for j in jobs:
+        spool.result_dir(j.run).mkdir(parents=True, exist_ok=True)
+    Mailbox(spool, agent).update(lambda js: js + list(jobs))
+
+
+def cjob(chunk: int, target: str = "examples.noop:square", **kw: Any) -> Job:
+    return Job(run="r", chunk_id=chunk, total_chunks=5, kind=JobKind.CALLABLE, target=target,
+               workdir=str(REPO), max_attempts=kw.pop("max_attempts", 1), **kw)
+
+
+def test_step_runs_first_job_commits_then_removes(spool: Spool, make_agent) -> None:
+    agent = make_agent()
+    put(spool, cjob(0), cjob(1))
+    assert agent.step()
+    rec = read_result(spool.result_json("r", 0))
+    assert rec["status"] == "ok" and rec["value"]["square"] == 0 and rec["agent"] == "t-cpu0"
+    assert [j.chunk_id for j in agent.mailbox.read().jobs] == [1]
+    assert agent.step() and not agent.step()  # mailbox now empty
+    assert agent.mailbox.read().jobs == []
+
+
+def test_builtins_only_where_signature_accepts(spool: Spool, make_agent, tmp_path: Path) -> None:
+    task = tmp_path / "t.py"
+    task.write_text("def f(chunk_id, device):\n    return [chunk_id, device]\n")
+    put(spool, cjob(2, target=f"{task}:f"), cjob(3))
+    agent = make_agent()
+    agent.step()
+    agent.step()
+    assert read_result(spool.result_json("r", 2))["value"] == [2, "cpu"]
+    # **kwargs takes every built-in
+    assert read_result(spool.result_json("r", 3))["value"]["builtins"] == [
+        "data", "device", "gpu_id", "shared", "total_chunks"]
+
+
+def test_misspelt_kwarg_fails_the_chunk_naming_it(spool: Spool, make_agent) -> None:
+    put(spool, cjob(0, target="examples.noop:sleepy", kwargs={"secnds": 0}))
+    agent = make_agent()
+    agent.step()
+    rec = read_result(spool.result_json("r", 0))
+    assert rec["status"] == "failed" and "secnds" in rec["error"]["message"]
+    assert rec["error"]["type"] == "TypeError" and "Traceback" in rec["error"]["traceback"]
+
+
+def test_exception_keeps_agent_and_records_traceback(spool: Spool, make_agent) -> None:
+    put(spool, cjob(1, target="examples.noop:fail_on", kwargs={"bad": [1]}), cjob(2))
+    agent = make_agent()
+    agent.step()
+    agent.step()
+    failed = read_result(spool.result_json("r", 1))
+    assert failed["error"]["type"] == "ValueError" and "bad list" in failed["error"]["traceback"]
+    assert read_result(spool.result_json("r", 2))["status"] == "ok"
+    assert agent.failed == 1 and agent.done == 1
+
+
+def test_shared_and_data_arrays_and_npz_result(spool: Spool, make_agent, tmp_path: Path) -> None:
+    np.savez(tmp_path / "s.npz", W=np.eye(4, dtype=np.float32) * 2)
+    np.savez(tmp_path / "0.npz", X=np.ones((3, 4), dtype=np.float32))
+    put(spool, cjob(0, target="examples.matmul:multiply", shared=str(tmp_path / "s.npz"),
+                    data=str(tmp_path / "0.npz")))
+    make_agent().step()
+    rec = read_result(spool.result_json("r", 0))
+    assert rec["arrays"] == "000000.npz"
+    assert load_npz(spool.result_npz("r", 0))["Y"].tolist() == [[2.0] * 4] * 3
+
+
+def test_unserialisable_return_fails_clearly(spool: Spool, make_agent, tmp_path: Path) -> None:
+    (tmp_path / "t.py").write_text("def f():\n    return object()\n")
+    put(spool, cjob(0, target=f"{tmp_path / 't.py'}:f"))
+    make_agent().step()
+    assert "neither a dict of numpy arrays nor JSON" in read_result(spool.result_json("r", 0))["error"]["message"]
+
+
+def test_job_already_committed_is_dropped_without_running(spool: Spool, make_agent) -> None:
+    put(spool, cjob(0))
+    agent = make_agent()
+    agent.step()
+    put(spool, cjob(0, attempt=2, max_attempts=2))  # e.g. handed back, but the first attempt won
+    assert agent.step()
+    assert agent.done == 1 and agent.mailbox.read().jobs == []
+    assert read_result(spool.result_json("r", 0))["attempt"] == 1
+
+
+def test_task_reimported_when_source_changes(spool: Spool, make_agent, tmp_path: Path) -> None:
+    task = tmp_path / "hot.py"
+    task.write_text("def f():\n    return 1\n")
+    agent = make_agent()
+    put(spool, cjob(0, target=f"{task}:f"))
+    agent.step()
+    task.write_text("def f():\n    return 2  # edited\n")
+    put(spool, cjob(1, target=f"{task}:f"))
+    agent.step()
+    assert [read_result(spool.result_json("r", c))["value"] for c in (0, 1)] == [1, 2]
+
+
+def test_garbage_mailbox_is_rejected_and_agent_carries_on(spool: Spool, make_agent) -> None:
+    agent = make_agent()
+    agent.mailbox.path.write_bytes(b"\x00garbage")
+    assert not agent.step()
+    assert agent.mailbox.read().jobs == [] and list(spool.rejected_dir.glob("*.why"))
+    put(spool, cjob(0))
+    assert agent.step()
+
+
+def test_script_job_gets_octorun_flags_and_log(spool: Spool, make_agent, tmp_path: Path) -> None:
+    script = tmp_path / "s.py"
+    script.write_text(textwrap.dedent("""
+        import argparse, sys
+        p = argparse.ArgumentParser()
+        for a in ("--gpu_id", "--chunk_id", "--total_chunks", "--tag"):
+            p.add_argument(a)
+        a = p.parse_args()
+        print("ARGS", a.gpu_id, a.chunk_id, a.total_chunks, a.tag)
+        sys.exit(0 if a.chunk_id == "1" else 4)
+    """))
+    mk = lambda c: Job(run="r", chunk_id=c, total_chunks=5, kind=JobKind.SCRIPT, target=str(script),
+                       kwargs={"tag": "x"})
+    put(spool, mk(1), mk(2))
+    agent = make_agent()
+    agent.step()
+    agent.step()
+    ok, bad = (read_result(spool.result_json("r", c)) for c in (1, 2))
+    assert ok["status"] == "ok" and "ARGS 0 1 5 x" in Path(ok["log"]).read_text()
+    assert bad["status"] == "failed" and "exited with code 4" in bad["error"]["message"]
+    assert "ARGS 0 2 5 x" in bad["error"]["traceback"]

@@ -1,0 +1,146 @@
+"""One pass of the master's loop against a tmp spool, with hand-written heartbeats and a fake clock."""
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from jobs.descriptor import Job, JobKind, JobState
+from jobs.heartbeat import write_status
+from jobs.mailbox import Mailbox
+from jobs.paths import Spool
+from jobs.results import commit, record
+from master.feeder import FeedConfig, Feeder
+from master.runspec import RunSpec
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def beat(spool: Spool, ident: str, seq: int, state: str = "idle") -> None:
+    write_status(spool, ident, {"agent": ident, "seq": seq, "state": state, "pid": 1, "host": "h"})
+
+
+def make(spool: Spool, chunks: int = 6, retries: int = 1, **cfg: Any) -> tuple[Feeder, Clock, list]:
+    spec = RunSpec("run1", JobKind.CALLABLE, "examples.noop:noop", chunks, retries=retries)
+    clock, events = Clock(), []
+    f = Feeder(spool, spec, FeedConfig(depth=2, dead_after=5.0, retry_delay=1.0, **cfg),
+               on_event=lambda k, i: events.append((k, i)), clock=clock)
+    f.recover()
+    return f, clock, events
+
+
+def queued(spool: Spool, ident: str) -> list[tuple[int, int]]:
+    return [(j.chunk_id, j.attempt) for j in Mailbox(spool, ident).read().jobs]
+
+
+def finish(spool: Spool, job_key: tuple[int, int], ok: bool = True, max_attempts: int = 2) -> None:
+    c, a = job_key
+    j = Job(run="run1", chunk_id=c, total_chunks=6, kind=JobKind.CALLABLE, target="x:y", attempt=a,
+            max_attempts=max_attempts)
+    commit(spool, j, record(j, JobState.OK if ok else JobState.FAILED, agent="h-cpu0",
+                            **({} if ok else {"error": {"type": "E", "message": "boom"}})))
+
+
+def test_dispatches_up_to_depth_to_live_agents_only(spool: Spool) -> None:
+    beat(spool, "h-cpu0", 1)
+    beat(spool, "h-cpu1", 1, state="stopped")
+    f, clock, _ = make(spool)
+    f.step()
+    assert queued(spool, "h-cpu0") == [(0, 1), (1, 1)]
+    assert queued(spool, "h-cpu1") == []
+
+
+def test_no_agents_is_reported_and_nothing_lost(spool: Spool) -> None:
+    f, clock, events = make(spool)
+    f.step()
+    assert events == [("no_agents", {})] and len(f.pending) == 6
+
+
+def test_results_are_collected_and_refilled(spool: Spool) -> None:
+    beat(spool, "h-cpu0", 1)
+    f, clock, events = make(spool)
+    f.step()
+    for key in queued(spool, "h-cpu0"):
+        finish(spool, key)
+    Mailbox(spool, "h-cpu0").update(lambda jobs: [])
+    f.step()
+    assert [k for k, _ in events] == ["ok", "ok"] and set(f.final) == {0, 1}
+    assert queued(spool, "h-cpu0") == [(2, 1), (3, 1)]
+
+
+def test_failed_attempt_is_retried_after_backoff_with_next_attempt(spool: Spool) -> None:
+    beat(spool, "h-cpu0", 1)
+    f, clock, events = make(spool, chunks=1)
+    f.step()
+    finish(spool, (0, 1), ok=False)
+    Mailbox(spool, "h-cpu0").update(lambda jobs: [])
+    f.step()
+    assert events[-1][0] == "retry" and queued(spool, "h-cpu0") == []  # backing off
+    clock.t += 1.1
+    beat(spool, "h-cpu0", 2)
+    f.step()
+    assert queued(spool, "h-cpu0") == [(0, 2)]
+    finish(spool, (0, 2), ok=False)  # the last attempt: committed as failed for good
+    f.step()
+    assert f.done and f.final[0].status == "failed" and events[-1][0] == "failed"
+
+
+def test_dead_agent_jobs_are_handed_back_to_a_live_one(spool: Spool) -> None:
+    beat(spool, "h-cpu0", 1)
+    f, clock, events = make(spool)
+    f.step()
+    assert queued(spool, "h-cpu0") == [(0, 1), (1, 1)]
+    beat(spool, "h-cpu1", 1)
+    for t in range(6):  # h-cpu1 keeps beating, h-cpu0 is silent for 6 s of master clock
+        clock.t += 1.0
+        beat(spool, "h-cpu1", 2 + t)
+        f.step()
+    assert queued(spool, "h-cpu0") == []
+    assert ("handback" in [k for k, _ in events])
+    assert queued(spool, "h-cpu1") == [(2, 1), (3, 1)]  # it took fresh work while h-cpu0 was silent
+    assert sorted(list(f.pending)[:2]) == [0, 1]  # handed-back chunks go first
+    for key in queued(spool, "h-cpu1"):
+        finish(spool, key)
+    Mailbox(spool, "h-cpu1").update(lambda jobs: [])
+    f.step()
+    assert sorted(queued(spool, "h-cpu1")) == [(0, 2), (1, 2)]
+    assert f.max_attempts[0] == 3  # a lost attempt costs no retry
+
+
+def test_recover_rebuilds_state_from_disk(spool: Spool) -> None:
+    spool.result_dir("run1").mkdir(parents=True)
+    finish(spool, (0, 1))
+    finish(spool, (1, 1), ok=False)  # attempt 1 of 2 failed: history only
+    beat(spool, "h-cpu0", 1)
+    Mailbox(spool, "h-cpu0").update(lambda jobs: [Job(run="run1", chunk_id=2, total_chunks=6,
+                                                      kind=JobKind.CALLABLE, target="x:y", attempt=1, max_attempts=2)])
+    f, clock, _ = make(spool)
+    assert set(f.final) == {0}
+    assert f.inflight == {2: ("h-cpu0", 1)}
+    assert list(f.pending) == [1, 3, 4, 5] and f.attempt[1] == 1
+
+
+def test_vanished_job_is_queued_again(spool: Spool) -> None:
+    beat(spool, "h-cpu0", 1)
+    f, clock, events = make(spool)
+    f.step()
+    Mailbox(spool, "h-cpu0").update(lambda jobs: [])  # gone, no result
+    clock.t += 2
+    beat(spool, "h-cpu0", 2)
+    f.step()
+    assert sorted(queued(spool, "h-cpu0")) == [(0, 2), (1, 2)]
+
+
+@pytest.mark.parametrize("content", [b"{}", b"garbage", b'{"status": "maybe"}'])
+def test_invalid_result_file_is_rejected_and_chunk_reruns(spool: Spool, content: bytes) -> None:
+    spool.result_dir("run1").mkdir(parents=True)
+    spool.result_json("run1", 3).write_bytes(content)
+    f, _, _ = make(spool)
+    assert 3 in f.pending and not spool.result_json("run1", 3).exists()
+    assert list(spool.rejected_dir.glob("*.why"))

@@ -1,0 +1,228 @@
+"""The spool contract without processes: atomic files, descriptors, mailboxes, results, npz."""
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jobs.atomic import commit_link, read_bounded, write_exclusive, write_replace
+from jobs.descriptor import SCHEMA, Job, JobKind, JobState
+from jobs.errors import BadFile, BadName, BadNpz, LockHeld, NewerSchema
+from jobs.fsinfo import mount_of
+from jobs.locks import HolderLock
+from jobs.mailbox import Mailbox
+from jobs.names import check_name
+from jobs.npzio import load_npz
+from jobs.paths import Spool
+from jobs.results import commit, read_result, record, reopen_failed
+
+
+def job(chunk: int = 0, attempt: int = 1, max_attempts: int = 2, run: str = "r1", **kw) -> Job:
+    return Job(run=run, chunk_id=chunk, total_chunks=10, kind=JobKind.CALLABLE, target="m:f",
+               attempt=attempt, max_attempts=max_attempts, **kw)
+
+
+def test_write_replace_leaves_no_temp_and_replaces(tmp_path: Path) -> None:
+    p = tmp_path / "f.json"
+    write_replace(p, b"one")
+    write_replace(p, b"two")
+    assert p.read_bytes() == b"two"
+    assert os.listdir(tmp_path) == ["f.json"]
+
+
+def test_commit_link_only_first_wins(tmp_path: Path) -> None:
+    final = tmp_path / "x.json"
+    assert write_exclusive(final, b"first")
+    assert not write_exclusive(final, b"second")
+    assert final.read_bytes() == b"first"
+    assert os.listdir(tmp_path) == ["x.json"]  # the loser's temp file is gone
+
+
+def test_commit_link_race_between_threads(tmp_path: Path) -> None:
+    final, wins = tmp_path / "race.json", []
+    def go(i: int) -> None:
+        if write_exclusive(final, str(i).encode()):
+            wins.append(i)
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(wins) == 1 and final.read_bytes() == str(wins[0]).encode()
+
+
+def test_read_bounded_refuses_symlink_and_huge(tmp_path: Path) -> None:
+    target = tmp_path / "secret"
+    target.write_text("x")
+    (tmp_path / "link").symlink_to(target)
+    with pytest.raises(BadFile, match="symlink"):
+        read_bounded(tmp_path / "link")
+    (tmp_path / "big").write_bytes(b"a" * 101)
+    with pytest.raises(BadFile, match="larger"):
+        read_bounded(tmp_path / "big", limit=100)
+
+
+@pytest.mark.parametrize("name", ["../x", "a/b", "", ".hidden", "a\0b", "x" * 200, "..", "a..b", 5])
+def test_bad_names_are_refused(name: object) -> None:
+    with pytest.raises(BadName):
+        check_name(name, "run name")
+
+
+def test_descriptor_round_trip() -> None:
+    j = job(3, kwargs={"a": 1}, shared="/x/s.npz", timeout=2.5)
+    assert Job.from_dict(json.loads(j.encode())) == j
+    assert j.key == ("r1", 3, 1)
+    with pytest.raises(Exception):
+        j.chunk_id = 4  # frozen
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"schema": SCHEMA + 1}, "newer"),
+    ({"chunk_id": 10}, "outside"),
+    ({"chunk_id": -1}, "outside"),
+    ({"chunk_id": True}, "not an integer"),
+    ({"run": "../../etc"}, "not allowed"),
+    ({"kind": "pickle"}, "malformed"),
+    ({"kwargs": []}, "kwargs"),
+    ({"kwargs": {"device": 1}}, "built-in"),
+    ({"timeout": -1}, "timeout"),
+    ({"extra": 1}, "unknown fields"),
+    ({"shared": "a\0b"}, "NUL"),
+])
+def test_descriptor_validation(change: dict, message: str) -> None:
+    d = {**job().to_dict(), **change}
+    with pytest.raises(BadFile, match=message):
+        Job.from_dict(d, "mailbox")
+
+
+def test_newer_schema_is_its_own_error() -> None:
+    with pytest.raises(NewerSchema):
+        Job.from_dict({**job().to_dict(), "schema": 99})
+
+
+def test_mailbox_update_and_read(spool: Spool) -> None:
+    mb = Mailbox(spool, "h-cpu0")
+    mb.ensure()
+    assert mb.read().jobs == []
+    mb.update(lambda jobs: jobs + [job(1), job(2)])
+    assert [j.chunk_id for j in mb.read().jobs] == [1, 2]
+    mb.update(lambda jobs: [j for j in jobs if j.chunk_id != 1])
+    assert [j.chunk_id for j in mb.read().jobs] == [2]
+    assert sorted(os.listdir(spool.pool_dir)) == ["h-cpu0.POOL", "h-cpu0.lock"]
+
+
+def test_mailbox_keeps_lock_file_inode(spool: Spool) -> None:
+    mb = Mailbox(spool, "h-cpu0")
+    mb.ensure()
+    ino = os.stat(mb.lock.path).st_ino
+    for i in range(3):
+        mb.update(lambda jobs: jobs + [job(i)])
+    assert os.stat(mb.lock.path).st_ino == ino  # never replaced: waiters lock the same inode
+
+
+def test_mailbox_concurrent_appends_lose_nothing(spool: Spool) -> None:
+    def add(start: int) -> None:
+        mb = Mailbox(spool, "h-cpu0")
+        for i in range(start, start + 25):
+            mb.update(lambda jobs, i=i: jobs + [job(i % 10, attempt=i + 1, max_attempts=200)])
+    threads = [threading.Thread(target=add, args=(k * 25,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(Mailbox(spool, "h-cpu0").read().jobs) == 100
+
+
+@pytest.mark.parametrize("content", [b"", b"\x00\xff garbage", b"[1, 2]", b'{"jobs": 3}', b'{"schema": 1, "jobs": [',
+                                     b'{"schema": 9, "jobs": []}'])
+def test_broken_mailbox_is_rejected_and_replaced(spool: Spool, content: bytes) -> None:
+    mb = Mailbox(spool, "h-cpu0")
+    mb.path.write_bytes(content)
+    with pytest.raises(BadFile):
+        mb.read()
+    mb.update(lambda jobs: jobs + [job(1)])
+    assert [j.chunk_id for j in mb.read().jobs] == [1]
+    whys = list(spool.rejected_dir.glob("*.why"))
+    assert len(whys) == 1 and "h-cpu0.POOL" in json.loads(whys[0].read_text())["origin"]
+
+
+def test_bad_descriptor_in_good_mailbox_is_dropped_alone(spool: Spool) -> None:
+    mb = Mailbox(spool, "h-cpu0")
+    doc = {"schema": 1, "agent": "h-cpu0", "jobs": [job(1).to_dict(), {"run": "../x"}, job(2).to_dict()]}
+    mb.path.write_text(json.dumps(doc))
+    snap = mb.read()
+    assert [j.chunk_id for j in snap.jobs] == [1, 2] and len(snap.bad) == 1
+    mb.update(lambda jobs: None)
+    assert len(mb.read().bad) == 0 and len(list(spool.rejected_dir.glob("*.why"))) == 1
+
+
+def test_commit_ok_exactly_once_and_arrays_first(spool: Spool) -> None:
+    j1, j2 = job(4, attempt=1), job(4, attempt=2)
+    spool.result_dir("r1").mkdir(parents=True)
+    tmp = spool.result_dir("r1") / ".tmp-a"
+    with open(tmp, "wb") as f:
+        np.savez(f, y=np.arange(3))
+    assert commit(spool, j2, record(j2, JobState.OK, value=2), tmp)
+    assert not commit(spool, j1, record(j1, JobState.OK, value=1))  # older attempt, later: loses
+    rec = read_result(spool.result_json("r1", 4))
+    assert rec["value"] == 2 and rec["attempt"] == 2
+    assert load_npz(spool.result_npz("r1", 4))["y"].tolist() == [0, 1, 2]
+
+
+def test_failed_attempt_with_retries_left_is_history_only(spool: Spool) -> None:
+    spool.result_dir("r1").mkdir(parents=True)
+    j = job(1, attempt=1, max_attempts=2)
+    assert not commit(spool, j, record(j, JobState.FAILED, error={"type": "E", "message": "m"}))
+    assert not spool.result_json("r1", 1).exists()
+    assert spool.history_json("r1", 1, 1).exists()
+    last = job(1, attempt=2, max_attempts=2)
+    assert commit(spool, last, record(last, JobState.FAILED, error={"type": "E", "message": "m"}))
+    assert read_result(spool.result_json("r1", 1))["status"] == "failed"
+    assert reopen_failed(spool, "r1", 1) and not spool.result_json("r1", 1).exists()
+
+
+def test_reopen_never_drops_an_ok_result(spool: Spool) -> None:
+    spool.result_dir("r1").mkdir(parents=True)
+    j = job(2)
+    commit(spool, j, record(j, JobState.OK))
+    assert not reopen_failed(spool, "r1", 2)
+    assert spool.result_json("r1", 2).exists()
+
+
+def test_npz_safety(tmp_path: Path) -> None:
+    good = tmp_path / "g.npz"
+    np.savez(good, a=np.arange(4.0), b=np.ones((2, 3), order="F"))
+    arrays = load_npz(good)
+    assert arrays["a"].tolist() == [0, 1, 2, 3] and isinstance(arrays["a"], np.memmap)
+    np.savez(tmp_path / "o.npz", x=np.array([object()], dtype=object))
+    with pytest.raises(BadNpz, match="object arrays"):
+        load_npz(tmp_path / "o.npz")
+    (tmp_path / "t.npz").write_bytes(good.read_bytes()[:200])
+    with pytest.raises(BadNpz):
+        load_npz(tmp_path / "t.npz")
+    (tmp_path / "z.npz").write_bytes(b"not a zip")
+    with pytest.raises(BadNpz, match="not an .npz"):
+        load_npz(tmp_path / "z.npz")
+    with pytest.raises(BadNpz, match="does not exist"):
+        load_npz(tmp_path / "missing.npz")
+
+
+def test_holder_lock_names_the_holder(tmp_path: Path) -> None:
+    a = HolderLock(tmp_path / "gpu.lock")
+    a.take("GPU 0", agent="h-gpu0")
+    with pytest.raises(LockHeld, match="h-gpu0"):
+        HolderLock(tmp_path / "gpu.lock").take("GPU 0")
+    a.close()
+    HolderLock(tmp_path / "gpu.lock").take("GPU 0")  # free again once the holder is gone
+
+
+def test_mount_of_reads_mountinfo(tmp_path: Path) -> None:
+    info = tmp_path / "mountinfo"
+    info.write_text("22 1 0:21 / / rw - ext4 /dev/vda rw\n"
+                    "40 22 0:40 / /shared\\040base rw - fuse.glusterfs host:/vol rw,user_id=0\n")
+    assert mount_of("/shared base/x", str(info))[1] == "fuse.glusterfs"
+    assert mount_of("/home", str(info))[1] == "ext4"
