@@ -1,0 +1,78 @@
+"""Every bad input gets one clear message naming the argument or file, and nothing is queued."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.helpers import run_main
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> dict[str, str]:
+    np.savez(tmp_path / "good.npz", W=np.eye(2))
+    np.savez(tmp_path / "pickled.npz", W=np.array([{"a": 1}], dtype=object))
+    (tmp_path / "notzip.npz").write_text("hello")
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "data").mkdir()
+    np.savez(tmp_path / "data" / "0.npz", X=np.ones(2))
+    return {k: str(tmp_path / v) for k, v in {
+        "good": "good.npz", "pickled": "pickled.npz", "notzip": "notzip.npz", "afile": "afile", "data": "data"}.items()}
+
+
+CASES = [
+    (["--task", "no_such_module_xyz:f"], "no module named 'no_such_module_xyz'"),
+    (["--task", "examples.noop:missing_fn"], "defines no top-level function or name 'missing_fn'"),
+    (["--task", "examples.noop"], "must look like 'package.module:function'"),
+    (["--task", "nofile.py:f"], "does not exist"),
+    (["--script", "no_such_script.py"], "--script 'no_such_script.py'"),
+    (["--task", "examples.noop:noop", "--kwargs", "{bad json"], "--kwargs is not valid JSON"),
+    (["--task", "examples.noop:noop", "--kwargs", "[1, 2]"], "--kwargs must be a JSON object"),
+    (["--task", "examples.noop:noop", "--kwargs", '{"device": "cuda"}'], "reuse built-in argument names"),
+    (["--task", "examples.noop:noop", "--shared", "{tmp}/missing.npz"], "--shared: "),
+    (["--task", "examples.noop:noop", "--shared", "{notzip}"], "is not an .npz (zip) file"),
+    (["--task", "examples.noop:noop", "--shared", "{pickled}"], "holds object arrays"),
+    (["--task", "examples.noop:noop", "--data", "{tmp}/nodir"], "is not a folder"),
+    (["--task", "examples.noop:noop", "--data", "{data}", "--chunks", "3"], "2 of 3 chunk files are missing (1.npz, 2.npz)"),
+    (["--task", "examples.noop:noop", "--run", "../escape"], "--run name '../escape' is not allowed"),
+    (["--task", "examples.noop:noop", "--chunks", "0"], "--chunks must be a whole number of at least 1"),
+    (["--task", "examples.noop:noop", "--chunks", "-3"], "--chunks must be a whole number of at least 1"),
+    (["--task", "examples.noop:noop", "--timeout", "0"], "--timeout must be a positive number"),
+    (["--task", "examples.noop:noop", "--base", "{afile}/sub"], "cannot create the spool folder"),
+]
+
+
+@pytest.mark.parametrize("args, message", CASES)
+def test_bad_input_is_named(args: list[str], message: str, files: dict[str, str], tmp_path: Path, env) -> None:
+    base = str(tmp_path / "base")
+    subst = {"{tmp}": str(tmp_path), **{"{" + k + "}": v for k, v in files.items()}}
+
+    def fill(text: str) -> str:
+        for key, value in subst.items():
+            text = text.replace(key, value)
+        return text
+
+    args = [fill(a) for a in args]
+    full = ["--base", base, "--chunks", "2", *args, "--no-progress"]  # later --base/--chunks win
+    r = run_main(full, env, timeout=60)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert fill(message) in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1  # one clear line, no traceback
+    runs = Path(base) / "runs"
+    assert not runs.exists() or os.listdir(runs) == []  # nothing was queued
+
+
+def test_missing_arguments_say_what_is_missing(tmp_path: Path, env) -> None:
+    r = run_main(["--base", str(tmp_path / "b"), "--chunks", "3"], env, timeout=60)
+    assert r.returncode == 2 and "missing --task or --script" in r.stderr
+
+
+def test_same_run_name_with_other_task_is_refused(tmp_path: Path, env) -> None:
+    from jobs.paths import Spool
+    from master.runspec import build, save_or_check
+    spool = Spool(tmp_path / "b").ensure()
+    save_or_check(spool, build(task="examples.noop:noop", chunks=2, run="r1"), fresh=False)
+    r = run_main(["--base", str(spool.base), "--task", "examples.noop:square", "--chunks", "2", "--run", "r1"], env)
+    assert r.returncode == 2 and "already exists" in r.stderr and "target" in r.stderr and "--fresh" in r.stderr

@@ -1,0 +1,238 @@
+"""Real agents on a real spool, fed by the real main.py, as a user runs them."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from jobs.paths import Spool
+from tests.helpers import REPO, AgentProc, results, run_main, run_names, wait_for
+
+
+def test_100_chunks_spread_over_two_agents_then_status(spool: Spool, agents, env) -> None:
+    agents(2)
+    r = run_main(["--base", str(spool.base), "--task", "examples.matmul:multiply", "--chunks", "100",
+                  "--no-progress"], env)
+    assert r.returncode == 0, r.stderr
+    assert "100 ok, 0 failed" in r.stdout
+    [run] = run_names(spool.base)
+    res = results(spool.base, run)
+    assert sorted(res) == list(range(100)) and all(v["status"] == "ok" for v in res.values())
+    per_agent = {a: sum(v["agent"] == a for v in res.values()) for a in ("testhost-cpu0", "testhost-cpu1")}
+    assert min(per_agent.values()) > 0, per_agent
+    y = np.load(spool.result_npz(run, 42))["Y"]
+    from examples.matmul import chunk_input, shared_matrix
+    assert np.allclose(y, chunk_input(42) @ shared_matrix(), atol=1e-4)
+    st = subprocess.run([sys.executable, "-m", "master", "status", "--base", str(spool.base), "--json"],
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    data = json.loads(st.stdout)
+    assert {a["id"] for a in data["agents"]} == {"testhost-cpu0", "testhost-cpu1"}
+    assert all(a["alive"] for a in data["agents"])
+    assert data["runs"] == [{"run": run, "kind": "callable", "target": "examples.matmul:multiply", "chunks": 100,
+                             "ok": 100, "failed": 0, "running": 0, "queued": 0, "pending": 0}]
+    table = subprocess.run([sys.executable, "-m", "master", "status", "--base", str(spool.base)], cwd=REPO,
+                           env=env, capture_output=True, text=True, timeout=60).stdout
+    assert "testhost-cpu0" in table and run in table
+
+
+def test_script_mode_gives_identical_outputs_to_running_by_hand(spool: Spool, agents, env, tmp_path: Path) -> None:
+    agents(2)
+    pool_out, hand_out = tmp_path / "pool", tmp_path / "hand"
+    r = run_main(["--base", str(spool.base), "--script", "examples/octorun_script.py", "--chunks", "6",
+                  "--kwargs", json.dumps({"out_dir": str(pool_out), "size": 50}), "--no-progress"], env)
+    assert r.returncode == 0, r.stderr
+    for c in range(6):
+        subprocess.run([sys.executable, "examples/octorun_script.py", "--gpu_id", "0", "--chunk_id", str(c),
+                        "--total_chunks", "6", "--out_dir", str(hand_out), "--size", "50"], cwd=REPO, check=True,
+                       capture_output=True)
+    for c in range(6):
+        assert (pool_out / f"chunk_{c}.npy").read_bytes() == (hand_out / f"chunk_{c}.npy").read_bytes()
+    [run] = run_names(spool.base)
+    log = (spool.logs_dir / run / "000003.log").read_text()
+    assert "--chunk_id 3 --total_chunks 6 --out_dir" in log and "chunk 3/6 did" in log
+
+
+def test_failures_are_retried_then_reported_with_nonzero_exit(spool: Spool, agents, env) -> None:
+    agents(1)
+    r = run_main(["--base", str(spool.base), "--task", "examples.noop:fail_on", "--chunks", "4",
+                  "--kwargs", '{"bad": [2]}', "--retries", "1", "--retry-delay", "0.05", "--no-progress"], env)
+    assert r.returncode == 1
+    assert "3 ok, 1 failed" in r.stdout and "FAILED chunk 2" in r.stdout and "ValueError" in r.stdout
+    assert "000002.json" in r.stdout
+    [run] = run_names(spool.base)
+    rdir = spool.result_dir(run)
+    assert json.loads((rdir / "000002.json").read_text())["attempt"] == 2
+    assert (rdir / "000002.a1.json").exists() and (rdir / "000002.a2.json").exists()  # history of both attempts
+
+
+COUNTING_TASK = """
+import os, uuid
+MARKS, FIXED = {marks!r}, {fixed!r}
+
+def f(chunk_id, bad=()):
+    open(os.path.join(MARKS, f"{{chunk_id}}-{{uuid.uuid4().hex}}"), "w").close()  # one file per execution
+    if chunk_id in bad and not os.path.exists(FIXED):
+        raise RuntimeError("not yet")
+    return chunk_id
+"""
+
+
+def test_rerun_resumes_and_runs_no_completed_chunk_again(spool: Spool, agents, env, tmp_path: Path) -> None:
+    agents(2)
+    task = tmp_path / "count.py"
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    task.write_text(COUNTING_TASK.format(marks=str(marks), fixed=str(tmp_path / "fixed")))
+    args = ["--base", str(spool.base), "--task", f"{task}:f", "--chunks", "10", "--kwargs", '{"bad": [7]}',
+            "--retries", "0", "--no-progress"]
+    first = run_main(args, env)
+    assert first.returncode == 1 and "9 ok, 1 failed" in first.stdout
+    (tmp_path / "fixed").touch()
+    second = run_main(args, env)
+    assert second.returncode == 0, second.stderr
+    assert "9 of 10 chunks already done" in second.stderr
+    runs = [m.split("-")[0] for m in os.listdir(marks)]
+    assert sorted(map(int, runs)) == sorted([*range(10), 7])  # only the failed chunk ran again
+    fresh = run_main(args + ["--fresh"], env)
+    assert fresh.returncode == 0 and len(os.listdir(marks)) == 21
+
+
+def test_builtin_kwargs_and_gpu_env_in_cpu_mode(spool: Spool, agents, env) -> None:
+    agents(1)
+    r = run_main(["--base", str(spool.base), "--task", "examples.noop:env_probe", "--chunks", "2", "--no-progress",
+                  "--run", "probe"], env)
+    assert r.returncode == 0, r.stderr
+    v = results(spool.base, "probe")[1]["value"]
+    assert v["device"] == "cpu" and v["gpu_id"] == 0 and v["CUDA_VISIBLE_DEVICES"] == ""
+    assert v["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+
+
+def test_fake_gpus_one_agent_per_gpu_sees_only_its_gpu(spool: Spool, agents, tmp_path: Path) -> None:
+    from tests.helpers import base_env
+    gpus = [{"name": "Fake A100", "mem_total_gb": 40, "mem_used_gb": 1, "util": 55, "temp": 61}] * 3
+    genv = base_env(tmp_path, GPUPOOL_FAKE_GPUS=json.dumps(gpus))
+    a = agents(1, first=2, env_=genv, cpu=False)[0]
+    assert a.id == "testhost-gpu2"
+    hb = a.heartbeat()
+    assert hb["device"] == "cuda:0" and hb["gpu"]["name"] == "Fake A100" and hb["gpu"]["util"] == 55
+    r = run_main(["--base", str(spool.base), "--task", "examples.noop:env_probe", "--chunks", "1", "--no-progress",
+                  "--run", "gpuprobe"], genv)
+    assert r.returncode == 0, r.stderr
+    v = results(spool.base, "gpuprobe")[0]["value"]
+    assert v == {**v, "device": "cuda:0", "gpu_id": 2, "CUDA_VISIBLE_DEVICES": "2", "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+    # a second agent for the same GPU refuses, naming the holder
+    dup = subprocess.run([sys.executable, "-m", "agent", "--base", str(spool.base), "--gpu", "2"], cwd=REPO,
+                         env=genv, capture_output=True, text=True, timeout=60)
+    assert dup.returncode == 3 and "GPU 2" in dup.stderr and "already held" in dup.stderr and "testhost-gpu2" in dup.stderr
+    # --gpu auto skips held GPUs and those without enough free memory
+    low_mem = base_env(tmp_path, GPUPOOL_FAKE_GPUS=json.dumps([{"mem_total_gb": 40, "mem_used_gb": 39.5}] + gpus[1:]))
+    auto = AgentProc(spool.base, 1, low_mem, args=["--gpu", "auto", "--min-free-gb", "2"], cpu=False)
+    try:
+        auto.wait_ready()  # GPU 0 lacks memory, GPU 2 is held: auto takes GPU 1
+    finally:
+        auto.kill()
+    # the scheduler's CUDA_VISIBLE_DEVICES is respected: --gpu 0 is the first listed GPU
+    slurm = base_env(tmp_path, GPUPOOL_FAKE_GPUS=json.dumps(gpus), CUDA_VISIBLE_DEVICES="0")
+    p = AgentProc(spool.base, 0, slurm, cpu=False)
+    try:
+        p.wait_ready()
+    finally:
+        p.kill()
+
+
+def test_agent_for_missing_gpu_is_refused(spool: Spool, tmp_path: Path) -> None:
+    from tests.helpers import base_env
+    genv = base_env(tmp_path, GPUPOOL_FAKE_GPUS=json.dumps([{}, {}]))
+    r = subprocess.run([sys.executable, "-m", "agent", "--base", str(spool.base), "--gpu", "5"], cwd=REPO, env=genv,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "no GPU 5" in r.stderr and "2 visible GPU(s)" in r.stderr
+
+
+def test_sigterm_finishes_the_current_job_then_exits(spool: Spool, agents, env) -> None:
+    a = agents(1)[0]
+    feeder = subprocess.Popen([sys.executable, "main.py", "--base", str(spool.base), "--task", "examples.noop:sleepy",
+                               "--chunks", "3", "--kwargs", '{"seconds": 1.0}', "--run", "slow", "--no-progress"],
+                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: (a.heartbeat() or {}).get("state") == "busy", what="agent busy")
+        a.signal(signal.SIGTERM)
+        assert a.proc.wait(timeout=30) == 0
+        done = results(spool.base, "slow")
+        assert len(done) == 1 and done[0 if 0 in done else min(done)]["status"] == "ok"
+        assert (a.heartbeat() or {}).get("state") == "stopped"
+        assert len(Spool(spool.base).mailbox(a.id).read_text()) > 0
+        # a restarted agent carries on with its old mailbox and the run completes
+        b = AgentProc(spool.base, 0, env)
+        try:
+            b.wait_ready()
+            out, err = feeder.communicate(timeout=60)
+            assert feeder.returncode == 0, err
+            assert len(results(spool.base, "slow")) == 3
+        finally:
+            b.kill()
+    finally:
+        feeder.kill()
+
+
+def test_second_master_for_the_same_run_refuses(spool: Spool, agents, env) -> None:
+    agents(1)
+    args = ["--base", str(spool.base), "--task", "examples.noop:sleepy", "--chunks", "4", "--kwargs",
+            '{"seconds": 0.5}', "--run", "busy", "--no-progress"]
+    first = subprocess.Popen([sys.executable, "main.py", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: (spool.run_dir("busy") / "run.json").exists(), what="first master")
+        second = run_main(args, env)
+        assert second.returncode == 3 and "already held" in second.stderr and "pid=" in second.stderr
+        assert first.wait(timeout=60) == 0
+    finally:
+        first.kill()
+
+
+def test_master_waits_plainly_when_no_agent_is_alive(spool: Spool, env) -> None:
+    p = subprocess.Popen([sys.executable, "main.py", "--base", str(spool.base), "--task", "examples.noop:noop",
+                          "--chunks", "2", "--no-progress", "--run", "lonely"], cwd=REPO, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        def said() -> bool:
+            return p.poll() is None
+        wait_for(lambda: spool.run_dir("lonely").exists())
+        a = AgentProc(spool.base, 0, env).wait_ready()
+        try:
+            out, err = p.communicate(timeout=60)
+        finally:
+            a.kill()
+        assert p.returncode == 0 and "no live agents" in err and "./start_agents.sh" in err
+    finally:
+        p.kill()
+
+
+def test_start_agents_sh_starts_skips_and_stops(tmp_path: Path, env) -> None:
+    base = tmp_path / "b"
+    sh = str(REPO / "start_agents.sh")
+    r = subprocess.run([sh, "2", str(base), "--cpu"], env=env, capture_output=True, text=True, timeout=120)
+    try:
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.count("started") == 2 and "testhost-cpu0" in r.stdout and "log" in r.stdout
+        again = subprocess.run([sh, "2", str(base), "--cpu"], env=env, capture_output=True, text=True, timeout=120)
+        assert again.stdout.count("already running") == 2
+        main = run_main(["--base", str(base), "--task", "examples.noop:square", "--chunks", "20", "--no-progress"], env)
+        assert main.returncode == 0, main.stderr
+    finally:
+        stop = subprocess.run([sh, "stop", str(base)], env=env, capture_output=True, text=True, timeout=120)
+    assert "stopped 2 agent(s)" in stop.stdout
+    for ident in ("testhost-cpu0", "testhost-cpu1"):
+        assert json.loads((base / "agents" / f"{ident}.json").read_text())["state"] == "stopped"
+
+
+def test_demo_runs_to_a_successful_summary(tmp_path: Path, env) -> None:
+    r = subprocess.run([sys.executable, str(REPO / "main.py"), "--no-progress"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "32 ok, 0 failed" in r.stdout and "all 32 results checked" in r.stdout
+    assert "stopped the 2 agent(s)" in r.stdout
