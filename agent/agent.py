@@ -115,6 +115,8 @@ class Agent:
     # one iteration -------------------------------------------------------------------------
     def step(self) -> bool:
         """Run the first job of the mailbox that has no committed result. True if it did work."""
+        if self._draining():
+            return False
         snap = self._read()
         for job in snap.jobs:
             if self.spool.result_json(job.run, job.chunk_id).exists():
@@ -126,6 +128,16 @@ class Agent:
                 self._remove(job)
             return True
         return False
+
+    def _draining(self) -> bool:
+        """A drain flag stops new jobs; the heartbeat says so at once (the master then takes
+        back what is queued here)."""
+        drain = self.spool.drain_flag(self.id).exists()
+        if drain != (self.state is AgentState.DRAINING):
+            self.state = AgentState.DRAINING if drain else AgentState.IDLE
+            logger.info("agent {}: {}", self.id, "draining: no new jobs" if drain else "drain lifted")
+            self.write_heartbeat()
+        return drain
 
     def _read(self) -> Snapshot:
         try:
@@ -144,11 +156,11 @@ class Agent:
         """Run ``job`` and record its outcome. False if it was interrupted (it stays queued)."""
         started = time.time()
         self.current = (job, started)
-        self._set_state(AgentState.BUSY)
+        self.state = AgentState.BUSY
         logger.info("{} chunk {} attempt {}/{}: started", job.run, job.chunk_id, job.attempt, job.max_attempts)
         outcome = self._run_job(job)
         self.current = None
-        self._set_state(AgentState.IDLE)
+        self.state = AgentState.IDLE
         if outcome is None:
             logger.warning("{} chunk {}: interrupted by a stop; left in the mailbox", job.run, job.chunk_id)
             return False
@@ -205,8 +217,7 @@ class Agent:
     # heartbeat -----------------------------------------------------------------------------
     def _set_state(self, state: AgentState) -> None:
         self.state = state
-        if state is not AgentState.BUSY and state is not AgentState.IDLE:
-            self.write_heartbeat()
+        self.write_heartbeat()
 
     def _heartbeat_loop(self) -> None:
         while not self._hb_stop.wait(self.cfg.heartbeat):

@@ -21,6 +21,7 @@ class AgentState(str, Enum):
     STARTING = "starting"
     IDLE = "idle"
     BUSY = "busy"
+    DRAINING = "draining"  # takes no new job (BASE/agents/<id>.drain exists)
     STOPPING = "stopping"
     STOPPED = "stopped"
 

@@ -50,6 +50,9 @@ class Spool:
     def agent_lock(self, agent_id: str) -> Path:
         return self.agents_dir / f"{check_name(agent_id, 'agent id')}.lock"
 
+    def drain_flag(self, agent_id: str) -> Path:
+        return self.agents_dir / f"{check_name(agent_id, 'agent id')}.drain"
+
     def agent_log(self, agent_id: str) -> Path:
         return self.logs_dir / f"{check_name(agent_id, 'agent id')}.log"
 

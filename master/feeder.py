@@ -23,6 +23,7 @@ from jobs.atomic import read_bounded
 from jobs.descriptor import Job, JobState
 from jobs.errors import BadFile
 from jobs.fsinfo import is_network_fs
+from jobs.heartbeat import AgentState
 from jobs.mailbox import Mailbox
 from jobs.paths import HISTORY_RE, RESULT_RE, Spool
 from jobs.results import read_result, reopen_failed
@@ -233,10 +234,17 @@ class Feeder:
         return self.spool.result_json(run, c).exists() or self.spool.history_json(run, c, attempt).exists()
 
     def _hand_back_dead(self) -> None:
+        """Take back this run's jobs from dead agents, and the queued (not running) ones from
+        draining agents."""
         for ident, view in self.liveness.views.items():
-            if view.alive or not self.by_agent.get(ident):
+            draining = view.alive and view.state == AgentState.DRAINING.value
+            if (view.alive and not draining) or not self.by_agent.get(ident):
                 continue
-            ours = set(self.by_agent[ident])
+            cur = view.status.get("current") or {}
+            running = (cur.get("run"), cur.get("chunk_id")) if draining else None
+            ours = {c for c in self.by_agent[ident] if (self.spec.name, c) != running}
+            if not ours:
+                continue
 
             def drop(jobs: list[Job]) -> list[Job] | None:
                 keep = [j for j in jobs if not (j.run == self.spec.name and j.chunk_id in ours)]
@@ -246,8 +254,8 @@ class Feeder:
             back = [c for c in ours if not self._has_outcome(c, self.inflight[c][1])]
             for c in back:
                 self._requeue(c, free=True)
-            why = "stopped" if view.state == "stopped" else f"no heartbeat for {view.age:.0f} s"
-            logger.warning("agent {} is gone ({}); handed back {} chunk(s)", ident, why, len(back))
+            why = "draining" if draining else "stopped" if view.state == "stopped" else f"no heartbeat for {view.age:.0f} s"
+            logger.warning("agent {} is {}; handed back {} chunk(s)", ident, why, len(back))
             self.on_event("handback", {"agent": ident, "chunks": sorted(back), "why": why})
 
     def _find_lost(self) -> None:

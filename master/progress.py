@@ -33,7 +33,7 @@ class Progress:
             self._say(f"chunk {info['chunk']} attempt {out.attempt} failed on {out.agent}: {out.error}; "
                       f"retrying in {info['delay']:g} s")
         elif kind == "handback":
-            self._say(f"agent {info['agent']} is gone ({info['why']}); re-queued chunks {info['chunks']}")
+            self._say(f"agent {info['agent']}: {info['why']}; re-queued chunks {info['chunks']}")
         elif kind == "no_agents":
             base = self.base or "BASE"
             self._say(f"no live agents in {base}; waiting for some. Start them with:  ./start_agents.sh N {base}")

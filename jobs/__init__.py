@@ -1,0 +1,55 @@
+"""The spool: the on-disk protocol between the master and the agents, under one folder BASE.
+
+Layout (every name below is built by ``jobs.paths.Spool``, nowhere else)::
+
+    BASE/agent_pool/<agent>.POOL     mailbox: {"schema", "agent", "jobs": [job descriptor, ...]}
+    BASE/agent_pool/<agent>.lock     permanent lock guarding every read-modify-write of the mailbox
+    BASE/agents/<agent>.json         heartbeat/status, replaced every few seconds by the agent
+    BASE/agents/<agent>.lock         held by the agent for its whole life (one process per agent id)
+    BASE/agents/<agent>.drain        present = the agent takes no new job (``master drain``)
+    BASE/runs/<run>/run.json         the run spec, written by the master
+    BASE/runs/<run>/master.lock      held by the one master feeding the run (holder in the file)
+    BASE/results/<run>/<chunk:06d>.json      the chunk's committed result (the commit point)
+    BASE/results/<run>/<chunk:06d>.npz       its arrays, in place before the .json appears
+    BASE/results/<run>/<chunk:06d>.a<N>.json history: every failed attempt N
+    BASE/results/<run>/commit.lock   serialises commits of one run
+    BASE/logs/<agent>.log            agent log (loguru); <agent>.worker.log: the worker's output
+    BASE/logs/<run>/<chunk:06d>.log  output of script jobs
+    BASE/rejected/<name> + <name>.why  spool files refused as broken or hostile, with the reason
+    /tmp/gpupool-locks/gpu-<uuid>.lock host-local: one agent per GPU on this host ($GPUPOOL_LOCK_DIR)
+
+Agent ids are ``<host>-gpu<N>`` (N: the NVML index) or ``<host>-cpu<N>`` (a local rank), so two
+hosts sharing BASE never collide.
+
+Publishing: every file another process reads is written to ``.<name>.tmp-<pid>-<rand>`` in the
+same folder, flushed and renamed over the final name (``jobs.atomic``). Readers skip names that
+start with ``.``; nobody ever sees a half-written file. Results and run specs are also fsynced
+before the rename. Mailboxes and heartbeats are not: a rename alone makes them atomic for every
+other process, and after an OS crash both are rebuilt (the master recomputes what is in flight
+from results, an agent rewrites its heartbeat), so an fsync there would buy nothing.
+
+Who writes what, in which order:
+
+1. master: ``runs/<run>/master.lock`` (non-blocking; a second master is refused), ``run.json``.
+2. master: under ``<agent>.lock``, read the mailbox, append job descriptors (run, chunk,
+   attempt, ...) of chunks that have no result and are in no mailbox, write it back. It only
+   appends to agents whose heartbeat is fresh, and keeps at most ``depth`` jobs in each.
+3. agent: read its mailbox (no lock needed: it is only ever replaced by rename); take the
+   first job whose chunk has no committed result; run it.
+4. agent: commit (``jobs.results.commit``): under ``results/<run>/commit.lock``, if the final
+   ``.json`` is absent, move the arrays to ``<chunk>.npz``, then ``link`` the ``.json`` into
+   place (fails if it exists: exactly one committed result per chunk, whichever attempt
+   finishes first). A failed attempt with attempts left only writes history ``.a<N>.json``;
+   the last failed attempt commits the final ``.json`` first, then its history.
+5. agent: under ``<agent>.lock``, remove the job from its mailbox. A job stays in the mailbox
+   until its result is committed, so a dead agent's work is still listed there.
+6. master: sees the final ``.json`` (done) or the history of the attempt it dispatched (retry
+   after a capped exponential back-off with attempt + 1). An agent whose heartbeat ``seq`` has
+   not changed for ``dead_after`` seconds of the master's own clock is dead: under its mailbox
+   lock the master removes this run's jobs and queues them again with attempt + 1. A job that
+   left a live agent's mailbox with no result at all is queued again the same way.
+
+Everything read from the spool is untrusted: sizes are bounded, symlinks are not followed
+(O_NOFOLLOW), names are validated (``jobs.names``), ``.npz`` files are read with
+``allow_pickle=False``, and a broken file is moved to ``rejected/`` with a ``.why`` note.
+"""
