@@ -5,6 +5,7 @@ A job leaves the mailbox only after its result is committed (or found committed)
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -22,6 +23,7 @@ from agent.slot import Slot
 from agent.watcher import MailboxWatcher
 from agent.workerproc import Worker, WorkerLost
 from jobs.descriptor import Job, JobKind, JobState
+from jobs.atomic import read_bounded
 from jobs.errors import BadFile
 from jobs.heartbeat import AgentState, write_status
 from jobs.mailbox import Mailbox, Snapshot
@@ -119,6 +121,10 @@ class Agent:
             return False
         snap = self._read()
         for job in snap.jobs:
+            if self._cancelled(job.run) is not None:
+                logger.info("{} chunk {}: the run is cancelled; dropped", job.run, job.chunk_id)
+                self._remove(job)
+                return True
             if self.spool.result_json(job.run, job.chunk_id).exists():
                 logger.info("{} chunk {} already has a committed result; dropping attempt {}",
                             job.run, job.chunk_id, job.attempt)
@@ -138,6 +144,17 @@ class Agent:
             logger.info("agent {}: {}", self.id, "draining: no new jobs" if drain else "drain lifted")
             self.write_heartbeat()
         return drain
+
+    def _cancelled(self, run: str) -> dict | None:
+        """The cancel note of ``run`` ({"stop_running": bool}), or None if it is not cancelled."""
+        path = self.spool.cancel_flag(run)
+        if not path.exists():
+            return None
+        try:
+            note = json.loads(read_bounded(path, 4096) or b"{}")
+            return note if isinstance(note, dict) else {}
+        except (OSError, ValueError, BadFile):
+            return {}
 
     def _read(self) -> Snapshot:
         try:
@@ -162,6 +179,9 @@ class Agent:
         self.current = None
         self.state = AgentState.IDLE
         if outcome is None:
+            if self._cancelled(job.run) is not None:
+                logger.warning("{} chunk {}: killed, the run was cancelled", job.run, job.chunk_id)
+                return True
             logger.warning("{} chunk {}: interrupted by a stop; left in the mailbox", job.run, job.chunk_id)
             return False
         fields, arrays_tmp = outcome
@@ -189,7 +209,9 @@ class Agent:
 
     def _run_job(self, job: Job) -> tuple[dict[str, Any], str | None] | None:
         """(result fields, temp arrays path) or None if interrupted by an immediate stop."""
-        abort = lambda: self.stop_now  # noqa: E731
+        def abort() -> bool:  # polled a few times a second while the job runs
+            return self.stop_now or bool((self._cancelled(job.run) or {}).get("stop_running"))
+
         if job.kind is JobKind.SCRIPT:
             log = self.spool.chunk_log(job.run, job.chunk_id)
             err = run_script(job, self.slot.number, self.script_env, log, abort)
@@ -204,7 +226,7 @@ class Agent:
         except TimeoutError as e:
             return {"error": {"type": "Timeout", "message": str(e), "traceback": ""}}, None
         except WorkerLost as e:
-            if self.stop_now:
+            if abort():
                 return None
             return {"error": {"type": "WorkerDied", "message": e.reason, "traceback": e.output}}, None
         times = {"started_at": reply.get("started_at"), "finished_at": reply.get("finished_at")}

@@ -114,3 +114,16 @@ class Mailbox:
         # No fsync: the mailbox is rebuilt from results on any restart, and rename alone
         # already makes the new content atomic for every other process (see jobs/__init__).
         write_replace(self.path, json.dumps(doc).encode(), fsync=False)
+
+
+def drop_run(spool: Spool, run: str) -> int:
+    """Remove every queued job of ``run`` from every mailbox (cancel, --fresh); returns how many."""
+    dropped = 0
+    for ident in spool.agent_ids():
+        def drop(jobs: list[Job]) -> list[Job] | None:
+            nonlocal dropped
+            keep = [j for j in jobs if j.run != run]
+            dropped += len(jobs) - len(keep)
+            return keep if len(keep) != len(jobs) else None
+        Mailbox(spool, ident).update(drop)
+    return dropped

@@ -71,6 +71,10 @@ class Spool:
     def run_spec(self, run: str) -> Path:
         return self.run_dir(run) / "run.json"
 
+    def cancel_flag(self, run: str) -> Path:
+        """Present = the run is cancelled; its JSON says {"stop_running": bool}."""
+        return self.run_dir(run) / "cancel"
+
     def master_lock(self, run: str) -> Path:
         return self.run_dir(run) / "master.lock"
 

@@ -17,6 +17,7 @@ from typing import Any, Iterator
 
 from jobs.errors import BadFile, LockHeld
 from jobs.locks import HolderLock
+from jobs.mailbox import drop_run
 from jobs.npzio import load_npz
 from jobs.paths import Spool
 from jobs.results import read_result
@@ -104,11 +105,7 @@ class Run:
 
     def _clear(self) -> None:
         """--fresh: drop this run's results, logs and queued jobs."""
-        from jobs.mailbox import Mailbox
-
-        for ident in self.spool.agent_ids():
-            Mailbox(self.spool, ident).update(
-                lambda jobs: [j for j in jobs if j.run != self.name] if any(j.run == self.name for j in jobs) else None)
+        drop_run(self.spool, self.name)
         for d in (self.spool.result_dir(self.name), self.spool.logs_dir / self.name):
             shutil.rmtree(d, ignore_errors=True)
 

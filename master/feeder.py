@@ -24,7 +24,7 @@ from jobs.descriptor import Job, JobState
 from jobs.errors import BadFile
 from jobs.fsinfo import is_network_fs
 from jobs.heartbeat import AgentState
-from jobs.mailbox import Mailbox
+from jobs.mailbox import Mailbox, drop_run
 from jobs.paths import HISTORY_RE, RESULT_RE, Spool
 from jobs.results import read_result, reopen_failed
 from master.liveness import AgentView, Liveness
@@ -58,6 +58,7 @@ class Summary:
     outcomes: dict[int, Outcome]
     wall_s: float
     results_dir: Path
+    cancelled: bool = False
 
     @property
     def ok(self) -> int:
@@ -95,6 +96,7 @@ class Feeder:
         self.mailboxes: dict[str, Mailbox] = {}
         self._next_liveness = 0.0
         self._warned_no_agents = False
+        self.cancelled = False
 
     # recovery ------------------------------------------------------------------------------
     def recover(self) -> None:
@@ -184,12 +186,15 @@ class Feeder:
 
     @property
     def done(self) -> bool:
-        return len(self.final) >= self.spec.chunks
+        return self.cancelled or len(self.final) >= self.spec.chunks
 
     # one pass ----------------------------------------------------------------------------------
     def step(self) -> None:
         now = self.clock()
         if now >= self._next_liveness:
+            if self.spool.cancel_flag(self.spec.name).exists():
+                self._cancel()
+                return
             self.liveness.refresh()
             self._hand_back_dead()
             self._find_lost()
@@ -198,6 +203,12 @@ class Feeder:
         while self.delayed and self.delayed[0][0] <= now:
             self.pending.appendleft(heapq.heappop(self.delayed)[1])
         self._dispatch()
+
+    def _cancel(self) -> None:
+        """The run was cancelled (``python -m master cancel``): take its queued jobs back, stop."""
+        drop_run(self.spool, self.spec.name)
+        self.cancelled = True
+        self.on_event("cancelled", {"pending": len(self.pending) + len(self.inflight) + len(self.delayed)})
 
     def _collect(self) -> None:
         run = self.spec.name
@@ -341,7 +352,8 @@ class Feeder:
             if observer is not None:
                 observer.stop()
                 observer.join(timeout=5)
-        return Summary(self.spec.name, self.spec.chunks, dict(self.final), time.monotonic() - started, rdir)
+        return Summary(self.spec.name, self.spec.chunks, dict(self.final), time.monotonic() - started, rdir,
+                       self.cancelled)
 
 
 class _Wake(FileSystemEventHandler):
