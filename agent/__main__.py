@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     try:
         spool = Spool(args.base).ensure()
+        spool.check_private()
         host = host_id(args.host_id)
         probe = make_probe()
         slot = claim(spool, probe, host, args.gpu, args.cpu, args.min_free_gb)

@@ -23,7 +23,7 @@ from agent.slot import Slot
 from agent.watcher import MailboxWatcher
 from agent.workerproc import Worker, WorkerLost
 from jobs.descriptor import Job, JobKind, JobState
-from jobs.atomic import read_bounded
+from jobs.atomic import purge_temp, read_bounded
 from jobs.errors import BadFile
 from jobs.heartbeat import AgentState, write_status
 from jobs.mailbox import Mailbox, Snapshot
@@ -63,9 +63,13 @@ class Agent:
         self._hb_lock = threading.Lock()
         self._hb_stop = threading.Event()
         self.started_at = time.time()
+        self.pause_until = 0.0  # after an I/O error (disk full): no job before this (monotonic)
+        self._io_backoff = 0.0
+        self.last_error: str | None = None
 
     # lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
+        purge_temp([self.spool.pool_dir, self.spool.agents_dir])  # what killed writers left behind
         self.mailbox.ensure()
         self.watcher.start()
         self.worker.start()
@@ -117,23 +121,30 @@ class Agent:
     # one iteration -------------------------------------------------------------------------
     def step(self) -> bool:
         """Run the first job of the mailbox that has no committed result. True if it did work."""
-        if self._draining():
+        if self._draining() or time.monotonic() < self.pause_until:
             return False
-        snap = self._read()
-        for job in snap.jobs:
-            if self._cancelled(job.run) is not None:
-                logger.info("{} chunk {}: the run is cancelled; dropped", job.run, job.chunk_id)
+        for job in self._read().jobs:
+            skip = self._skip_reason(job)
+            if skip is not None:
+                logger.info("{} chunk {} attempt {}: dropped: {}", job.run, job.chunk_id, job.attempt, skip)
                 self._remove(job)
-                return True
-            if self.spool.result_json(job.run, job.chunk_id).exists():
-                logger.info("{} chunk {} already has a committed result; dropping attempt {}",
-                            job.run, job.chunk_id, job.attempt)
-                self._remove(job)
-                return True
-            if self._execute(job):
+            elif self._execute(job):
                 self._remove(job)
             return True
         return False
+
+    def _skip_reason(self, job: Job) -> str | None:
+        """Why ``job`` must not run (it is then dropped from the mailbox), or None."""
+        if self._cancelled(job.run) is not None:
+            return "the run is cancelled"
+        if self.spool.result_json(job.run, job.chunk_id).exists():
+            return "the chunk already has a committed result"
+        try:
+            self.spool.run_dirs(job.run)
+        except BadFile as e:
+            self.spool.reject(job.encode().encode(), self.mailbox.path, str(e))
+            return f"rejected: {e}"
+        return None
 
     def _draining(self) -> bool:
         """A drain flag stops new jobs; the heartbeat says so at once (the master then takes
@@ -193,9 +204,13 @@ class Agent:
                      duration_s=round(finished - started, 6), **fields)
         try:
             committed = commit(self.spool, job, rec, Path(arrays_tmp) if arrays_tmp else None)
-        except OSError as e:  # e.g. disk full: the job stays queued and will be retried
-            logger.error("{} chunk {}: could not write the result ({}); kept in the mailbox", job.run, job.chunk_id, e)
+        except OSError as e:  # e.g. disk full: nothing partial is left; retried after a pause
+            self._io_backoff = min(30.0, max(0.5, self._io_backoff * 2))
+            self.pause_until = time.monotonic() + self._io_backoff
+            self.last_error = f"{time.strftime('%H:%M:%S')} cannot write the result of {job.run} chunk {job.chunk_id}: {e}"
+            logger.error("{}; the job stays queued, next try in {:.1f} s", self.last_error, self._io_backoff)
             return False
+        self._io_backoff = 0.0
         if status is JobState.OK:
             self.done += 1
             logger.info("{} chunk {}: ok in {:.3f} s{}", job.run, job.chunk_id, rec["duration_s"],
@@ -218,16 +233,19 @@ class Agent:
             if err is not None and err["type"] == "Stopped":
                 return None
             return ({"log": str(log)} if err is None else {"log": str(log), "error": err}), None
-        self.spool.result_dir(job.run).mkdir(parents=True, exist_ok=True)
         req = {"job": job.to_dict(), "gpu_id": self.slot.number, "device": self.slot.device,
                "arrays_path": str(self.spool.result_npz(job.run, job.chunk_id))}
         try:
             reply = self.worker.call(req, job.timeout, abort)
         except TimeoutError as e:
+            self.worker.start()  # a fresh worker at once, so the next job finds it warm
             return {"error": {"type": "Timeout", "message": str(e), "traceback": ""}}, None
         except WorkerLost as e:
             if abort():
                 return None
+            logger.warning("agent {}: {} while running {} chunk {}; starting a fresh worker",
+                           self.id, e.reason, job.run, job.chunk_id)
+            self.worker.start()
             return {"error": {"type": "WorkerDied", "message": e.reason, "traceback": e.output}}, None
         times = {"started_at": reply.get("started_at"), "finished_at": reply.get("finished_at")}
         if not reply.get("ok"):
@@ -262,6 +280,7 @@ class Agent:
                 "jobs_done": self.done, "jobs_failed": self.failed, "started_at": self.started_at,
                 "updated_at": time.time(), "heartbeat_s": self.cfg.heartbeat, "watch": self.watcher.mode,
                 "worker_pid": self.worker.pid, "log": str(self.spool.agent_log(self.id)),
+                "last_error": self.last_error,
                 "gpu": self.probe.metrics(self.slot.gpu.index) if self.slot.gpu else None,
             }
             write_status(self.spool, self.id, status)

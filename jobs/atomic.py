@@ -113,3 +113,42 @@ def read_bounded(path: Path, limit: int = DEFAULT_READ_LIMIT, retries: int = 3) 
             raise BadFile(f"is larger than the {limit} byte limit for this kind of file", path)
         return data
     raise AssertionError("unreachable")
+
+
+def server_now(folder: Path) -> float | None:
+    """The time as the filesystem holding ``folder`` stamps it (the mtime of a file we just
+    wrote), so that file ages are judged without trusting this host's clock; None if unwritable."""
+    probe = Path(folder) / f".clock-{os.getpid()}-{secrets.token_hex(3)}"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        os.close(fd)
+        return os.stat(probe).st_mtime
+    except OSError:
+        return None
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(probe)
+
+
+def purge_temp(folders: list[Path], older_than: float = 3600.0) -> int:
+    """Remove temp files (``.<name>.tmp-*``, ``.clock-*``) older than ``older_than`` seconds, as
+    dirq does: what a killed writer left behind. A live writer's temp file is seconds old."""
+    removed = 0
+    for folder in folders:
+        now = server_now(folder)
+        if now is None:
+            continue
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue
+        for e in entries:
+            if not (e.name.startswith(".") and (TMP_MARK in e.name or e.name.startswith(".clock-"))):
+                continue
+            try:
+                if e.stat(follow_symlinks=False).st_mtime < now - older_than:
+                    os.unlink(e.path)
+                    removed += 1
+            except OSError:
+                pass
+    return removed

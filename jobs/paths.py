@@ -4,11 +4,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 import time
 from pathlib import Path
 
 from jobs.atomic import is_temp_name, write_replace
-from jobs.errors import SpoolError
+from jobs.errors import BadFile, SpoolError
 from jobs.names import check_chunk, check_name
 
 RESULT_RE = re.compile(r"^(\d{6,})\.json$")
@@ -36,6 +37,26 @@ class Spool:
         except OSError as e:
             raise SpoolError(f"cannot create the spool folder: {e.strerror}", e.filename or self.base) from e
         return self
+
+    def check_private(self) -> None:
+        """Refuse a spool that every user may write: whoever can write it runs code as us."""
+        for d in (self.base, self.pool_dir, self.agents_dir, self.runs_dir, self.results_dir):
+            st = os.stat(d) if d == self.base else os.lstat(d)
+            if d != self.base and stat.S_ISLNK(st.st_mode):
+                raise SpoolError("is a symlink; the spool's own folders must be real folders", d)
+            if st.st_mode & stat.S_IWOTH:
+                raise SpoolError(f"is writable by every user (mode {stat.S_IMODE(st.st_mode):o}): anyone who can "
+                                 f"write the spool can run code as this user. Fix it with: chmod o-w {d}", d)
+
+    def run_dirs(self, run: str) -> Path:
+        """Create ``results/<run>`` and ``logs/<run>`` if needed; refuse them if they are symlinks
+        (a hostile link would make us write outside BASE). Returns the results folder."""
+        out = self.result_dir(run)
+        for d in (out, self.logs_dir / check_name(run, "run name")):
+            d.mkdir(mode=0o755, parents=True, exist_ok=True)
+            if os.path.islink(d):
+                raise BadFile("is a symlink; results and logs are never written through a link", d)
+        return out
 
     # agents
     def mailbox(self, agent_id: str) -> Path:

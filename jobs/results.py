@@ -52,12 +52,18 @@ def _commit_final(spool: Spool, job: Job, data: bytes, arrays_tmp: Path | None) 
     with FileLock(spool.commit_lock(run)):
         if spool.result_json(run, chunk).exists():
             return False
+        npz = spool.result_npz(run, chunk)
         if arrays_tmp is not None:
-            os.replace(arrays_tmp, spool.result_npz(run, chunk))
+            os.replace(arrays_tmp, npz)
         else:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(spool.result_npz(run, chunk))
-        return write_exclusive(spool.result_json(run, chunk), data)
+                os.unlink(npz)
+        try:
+            return write_exclusive(spool.result_json(run, chunk), data)
+        except BaseException:  # e.g. disk full: leave no arrays without their commit
+            with contextlib.suppress(OSError):
+                os.unlink(npz)
+            raise
 
 
 def reopen_failed(spool: Spool, run: str, chunk: int) -> bool:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from jobs.atomic import purge_temp
 from jobs.errors import BadFile, LockHeld
 from jobs.locks import HolderLock
 from jobs.mailbox import drop_run
@@ -54,6 +55,7 @@ class Result:
 class Pool:
     def __init__(self, base: str | Path) -> None:
         self.spool = Spool(base).ensure()
+        self.spool.check_private()
 
     def submit(self, *, task: str | None = None, script: str | None = None, chunks: int,
                kwargs: dict[str, Any] | None = None, shared: str | None = None, data: str | None = None,
@@ -92,6 +94,8 @@ class Run:
             if self.fresh:
                 self._clear()
             save_or_check(self.spool, self.spec, self.fresh)
+            self.spool.run_dirs(self.name)
+            purge_temp([self.spool.result_dir(self.name), self.spool.run_dir(self.name), self.spool.pool_dir])
             bar = Progress(self.spec, enabled=progress, base=self.spool.base)
             feeder = Feeder(self.spool, self.spec, cfg, on_event=bar.event)
             feeder.recover()

@@ -7,13 +7,12 @@ in the same folder (both stamped by the same file server).
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from jobs.atomic import write_replace
+from jobs.atomic import server_now as server_time
 from jobs.errors import BadFile
 from jobs.heartbeat import AgentState, read_status
 from jobs.paths import Spool
@@ -52,7 +51,7 @@ class Liveness:
             view = self.views.get(ident)
             if view is None:
                 if server_now is None:
-                    server_now = self._server_time()
+                    server_now = server_time(self.spool.agents_dir)
                 age = max(0.0, server_now - mtime) if server_now is not None else 0.0
                 view = self.views[ident] = AgentView(ident, st["seq"], now - age)
             elif st["seq"] != view.seq:
@@ -62,14 +61,3 @@ class Liveness:
             view.alive = view.age < self.dead_after and st["state"] != AgentState.STOPPED.value
             view.accepting = view.alive and st["state"] in (AgentState.IDLE.value, AgentState.BUSY.value)
         return self.views
-
-    def _server_time(self) -> float | None:
-        probe = self.spool.agents_dir / f".clock-{os.getpid()}"
-        try:
-            write_replace(probe, b"", fsync=False)
-            return os.stat(probe).st_mtime
-        except OSError:
-            return None
-        finally:
-            with contextlib.suppress(OSError):
-                os.unlink(probe)
