@@ -1,0 +1,72 @@
+"""Tasks that misbehave on purpose, for the fault tests (imported by real agent workers)."""
+from __future__ import annotations
+
+import ctypes
+import os
+import resource
+import signal
+import time
+from collections import Counter
+
+
+def mark(marks: str, event: str, chunk_id: int) -> None:
+    """One line per event, appended atomically: the side-effect counter of the tests."""
+    line = f"{event} {chunk_id} {os.environ.get('GPUPOOL_AGENT', '?')} {os.getpid()}\n".encode()
+    fd = os.open(marks, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line)
+    finally:
+        os.close(fd)
+
+
+def counted(chunk_id: int, marks: str, seconds: float = 0.0) -> int:
+    mark(marks, "start", chunk_id)
+    if seconds:
+        time.sleep(seconds)
+    mark(marks, "end", chunk_id)
+    return chunk_id
+
+
+def tally(marks: str) -> tuple[Counter, Counter]:
+    starts, ends = Counter(), Counter()
+    try:
+        lines = open(marks).read().splitlines()
+    except FileNotFoundError:
+        lines = []
+    for line in lines:
+        event, chunk = line.split()[:2]
+        (starts if event == "start" else ends)[int(chunk)] += 1
+    return starts, ends
+
+
+def misbehave(chunk_id: int, modes: list[str], flaky_dir: str | None = None) -> str:
+    mode = modes[chunk_id]
+    if mode == "raise":
+        raise ValueError("chunk refuses")
+    if mode == "exit":
+        print("about to exit with 3", flush=True)
+        os._exit(3)
+    if mode == "segv":
+        ctypes.string_at(0)
+    if mode == "hang":
+        time.sleep(3600)
+    if mode == "memory":
+        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+        resource.setrlimit(resource.RLIMIT_AS, (1024**3, hard))
+        try:
+            bytearray(2 * 1024**3)
+        finally:
+            resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+    if mode == "oomkill":  # what the kernel's OOM killer does
+        os.kill(os.getpid(), signal.SIGKILL)
+    if mode == "flaky":  # fails on its first attempt only
+        flag = os.path.join(flaky_dir, f"{chunk_id}.tried")
+        if not os.path.exists(flag):
+            open(flag, "w").close()
+            raise RuntimeError("transient failure")
+    return mode
+
+
+def big_array(chunk_id: int, mb: float = 1.0) -> dict:
+    import numpy as np
+    return {"x": np.full(int(mb * 1024 * 1024 / 8), float(chunk_id))}

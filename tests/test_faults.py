@@ -1,0 +1,158 @@
+"""Nothing lost: jobs that crash or hang, agents and masters killed mid-run, zombie agents."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from jobs.paths import Spool
+from tests.faulty import tally
+from tests.helpers import REPO, AgentProc, results, run_main, wait_for
+
+MODES = ["raise", "exit", "segv", "hang", "memory", "oomkill", "ok", "ok"]
+
+
+@pytest.mark.timeout(120)
+def test_each_way_a_job_can_die_is_a_failed_result_and_the_agent_keeps_serving(spool: Spool, agents, env) -> None:
+    a = agents(1)[0]
+    r = run_main(["--base", str(spool.base), "--task", "tests.faulty:misbehave", "--chunks", str(len(MODES)),
+                  "--kwargs", json.dumps({"modes": MODES}), "--retries", "0", "--timeout", "3", "--run", "bad",
+                  "--no-progress"], env)
+    assert r.returncode == 1
+    res = results(spool.base, "bad")
+    err = {c: res[c].get("error") or {} for c in res}
+    assert err[0]["type"] == "ValueError"
+    assert err[1]["type"] == "WorkerDied" and "exited with code 3" in err[1]["message"]
+    assert "about to exit with 3" in err[1]["traceback"]  # the last lines of the worker's output
+    assert err[2]["type"] == "WorkerDied" and "SIGSEGV" in err[2]["message"]
+    assert err[3]["type"] == "Timeout" and "timeout of 3 s" in err[3]["message"]
+    assert err[4]["type"] == "MemoryError"
+    assert err[5]["type"] == "WorkerDied" and "SIGKILL" in err[5]["message"]
+    assert res[6]["status"] == res[7]["status"] == "ok"
+    assert a.proc.poll() is None  # the agent itself never died
+    assert "FAILED chunk 3" in r.stdout and "Timeout" in r.stdout
+
+
+@pytest.mark.timeout(60)
+def test_transient_failure_is_retried_then_ok(spool: Spool, agents, env, tmp_path: Path) -> None:
+    agents(1)
+    r = run_main(["--base", str(spool.base), "--task", "tests.faulty:misbehave", "--chunks", "2", "--kwargs",
+                  json.dumps({"modes": ["flaky", "ok"], "flaky_dir": str(tmp_path)}), "--retries", "2",
+                  "--retry-delay", "0.1", "--run", "flaky", "--no-progress"], env)
+    assert r.returncode == 0, r.stderr
+    assert results(spool.base, "flaky")[0]["attempt"] == 2
+    assert "attempt 1 failed" in r.stderr and "transient failure" in r.stderr
+    assert (spool.result_dir("flaky") / "000000.a1.json").exists()
+
+
+def _feed(spool: Spool, env: dict, marks: Path, chunks: int, seconds: float, run: str, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "main.py", "--base", str(spool.base), "--task", "tests.faulty:counted", "--chunks", str(chunks),
+         "--kwargs", json.dumps({"marks": str(marks), "seconds": seconds}), "--run", run, "--dead-after", "1.5",
+         "--retry-delay", "0.05", "--no-progress", *extra], cwd=REPO, env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+
+
+def _assert_exactly_once(spool: Spool, run: str, chunks: int, marks: Path, kills: int) -> None:
+    res = results(spool.base, run)
+    assert sorted(res) == list(range(chunks)) and all(r["status"] == "ok" for r in res.values())
+    starts, ends = tally(str(marks))
+    assert set(ends) == set(range(chunks))
+    assert sum(starts.values()) - chunks <= kills  # each kill interrupts at most one execution
+    assert sum(ends.values()) - chunks <= kills
+
+
+@pytest.mark.timeout(180)
+def test_kill_9_busy_agents_repeatedly_loses_nothing(spool: Spool, agents, env, tmp_path: Path) -> None:
+    procs = agents(2)
+    marks, chunks, kills = tmp_path / "marks", 300, 0
+    feeder = _feed(spool, env, marks, chunks, 0.01, "killme")
+    try:
+        interrupted = set()
+        for round_ in range(4):
+            victim = procs[round_ % 2]
+            wait_for(lambda: (victim.heartbeat() or {}).get("state") == "busy" and victim.heartbeat().get("current"),
+                     what="busy victim")
+            victim.kill()  # SIGKILL, the worker dies with it (PR_SET_PDEATHSIG)
+            kills += 1
+            starts, ends = tally(str(marks))
+            interrupted |= {c for c in starts if starts[c] > ends[c]}
+            procs[round_ % 2] = AgentProc(spool.base, victim.number, env).wait_ready()
+            procs.append(victim)
+        out, err = feeder.communicate(timeout=120)
+        assert feeder.returncode == 0, err
+        _assert_exactly_once(spool, "killme", chunks, marks, kills)
+        starts, ends = tally(str(marks))
+        assert interrupted and all(ends[c] >= 1 for c in interrupted)  # the killed chunks were re-run
+    finally:
+        feeder.kill()
+        for p in procs:
+            p.kill()
+
+
+@pytest.mark.timeout(180)
+def test_kill_9_master_and_restart_finishes_without_rerunning(spool: Spool, agents, env, tmp_path: Path) -> None:
+    agents(2)
+    marks, chunks = tmp_path / "marks", 200
+    for round_ in range(2):
+        feeder = _feed(spool, env, marks, chunks, 0.005, "mkill")
+        target = 50 * (round_ + 1)
+        wait_for(lambda: len(results(spool.base, "mkill")) >= target if spool.result_dir("mkill").exists() else False,
+                 timeout=60, what=f"{target} results")
+        feeder.kill()
+        feeder.wait()
+    again = _feed(spool, env, marks, chunks, 0.005, "mkill")
+    out, err = again.communicate(timeout=120)
+    assert again.returncode == 0, err
+    _assert_exactly_once(spool, "mkill", chunks, marks, kills=0)  # no agent died: nothing ran twice
+
+
+@pytest.mark.timeout(90)
+def test_zombie_agent_cannot_replace_a_committed_result(spool: Spool, agents, env, tmp_path: Path) -> None:
+    slow, spare = agents(2)
+    marks = tmp_path / "marks"
+    feeder = _feed(spool, env, marks, 1, 3.0, "zombie", "--depth", "1")
+    try:
+        wait_for(lambda: (slow.heartbeat() or {}).get("current") or (spare.heartbeat() or {}).get("current"),
+                 what="a busy agent")
+        first = slow if (slow.heartbeat() or {}).get("current") else spare
+        other = spare if first is slow else slow
+        first.signal(signal.SIGSTOP)  # heartbeat stops: declared dead, but its worker runs on
+        out, err = feeder.communicate(timeout=60)
+        assert feeder.returncode == 0, err
+        assert "re-queued chunks [0]" in err
+        first.signal(signal.SIGCONT)
+        wait_for(lambda: "another attempt had already committed" in Path(spool.agent_log(first.id)).read_text()
+                 or "already has a committed result" in Path(spool.agent_log(first.id)).read_text(),
+                 what="the zombie gives up")
+        [rec] = results(spool.base, "zombie").values()
+        assert rec["agent"] == other.id and rec["attempt"] == 2
+        assert sorted(p.name for p in spool.result_dir("zombie").iterdir() if not p.name.startswith(".")) == [
+            "000000.json", "commit.lock"]
+    finally:
+        feeder.kill()
+        for p in (slow, spare):
+            try:
+                p.signal(signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+
+
+@pytest.mark.timeout(90)
+def test_second_master_with_wait_takes_over_after_the_first(spool: Spool, agents, env, tmp_path: Path) -> None:
+    agents(1)
+    marks = tmp_path / "marks"
+    first = _feed(spool, env, marks, 6, 0.2, "waited")
+    try:
+        wait_for(lambda: spool.run_spec("waited").exists(), what="first master")
+        second = _feed(spool, env, marks, 6, 0.2, "waited", "--wait")
+        assert first.wait(timeout=60) == 0
+        out, err = second.communicate(timeout=60)
+        assert second.returncode == 0 and "6 of 6 chunks already done" in err
+    finally:
+        first.kill()
