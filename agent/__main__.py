@@ -28,6 +28,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rescan", type=float, default=2.0, help="reread the mailbox at least every S seconds")
     p.add_argument("--heartbeat", type=float, default=2.0, help="heartbeat interval, seconds (default 2)")
     p.add_argument("--burst", action="store_true", help="exit when the mailbox is empty")
+    p.add_argument("--allow-local-locks", action="store_true",
+                   help="use BASE even on a filesystem whose locks are client-local (sshfs, NFS nolock/local_lock); "
+                   "safe only if every agent and master of BASE runs on this machine (or $GPUPOOL_ALLOW_LOCAL_LOCKS=1)")
     p.add_argument("--log-level", default=os.environ.get("GPUPOOL_LOG_LEVEL", "INFO"))
     return p.parse_args(argv)
 
@@ -43,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     from agent.identity import host_id
     from agent.slot import claim
     from jobs.errors import SpoolError
+    from jobs.fsinfo import check_locks
     from jobs.paths import Spool
 
     logger.remove()
@@ -52,6 +56,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"agent: --{name.replace('_', '-')} must be a positive number of seconds", file=sys.stderr)
             return 2
     try:
+        # Locks must reach the file server, or hosts sharing BASE do not exclude each other (issue 4).
+        unsafe_locks = check_locks(args.base, args.allow_local_locks)
+        if unsafe_locks:
+            logger.warning(unsafe_locks)
         spool = Spool(args.base).ensure()
         spool.check_private()
         host = host_id(args.host_id)

@@ -34,6 +34,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--dead-after", type=float, default=20.0, help="seconds without heartbeat before an agent "
                    "is declared dead and its jobs handed back (default 20)")
     p.add_argument("--retry-delay", type=float, default=1.0, help="first retry back-off, seconds (doubles)")
+    p.add_argument("--allow-local-locks", action="store_true",
+                   help="use BASE even on a filesystem whose locks are client-local (sshfs, NFS nolock/local_lock); "
+                   "safe only if every agent and master of BASE runs on this machine (or $GPUPOOL_ALLOW_LOCAL_LOCKS=1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--demo-dir", default="spool-demo", help="where the demo keeps its spool (default ./spool-demo)")
     return p.parse_args(argv)
@@ -55,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def feed(args: argparse.Namespace) -> int:
     from jobs.errors import LockHeld, SpoolError
+    from jobs.fsinfo import check_locks
     from master.api import Pool
     from master.feeder import FeedConfig
     from master.progress import format_summary
@@ -70,6 +74,10 @@ def feed(args: argparse.Namespace) -> int:
         print("main.py: --depth must be >= 1, --dead-after > 0 and --retry-delay >= 0", file=sys.stderr)
         return 2
     try:
+        # Locks must reach the file server, or masters and agents on other hosts do not exclude us (issue 4).
+        unsafe_locks = check_locks(args.base, args.allow_local_locks)
+        if unsafe_locks:
+            print(f"main.py: warning: {unsafe_locks}", file=sys.stderr)
         pool = Pool(args.base)
         run = pool.submit(task=args.task, script=args.script, chunks=args.chunks, kwargs=parse_kwargs(args.kwargs),
                           shared=args.shared, data=args.data, run=args.run, retries=args.retries,
