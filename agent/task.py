@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from jobs.descriptor import BUILTIN_KWARGS, Job
+from jobs.errors import BadNpz
 from jobs.npzio import load_npz
 
 
@@ -84,9 +85,15 @@ class SharedCache:
         self._cache: dict[str, tuple[tuple[int, int, int], dict[str, Any]]] = {}
 
     def get(self, path: str) -> dict[str, Any]:
-        st = os.stat(path)
-        sig = (st.st_ino, st.st_mtime_ns, st.st_size)
         hit = self._cache.get(path)
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            if hit is not None:  # vanished mid-run: the mapped copy stays valid, keep using it
+                print(f"warning: shared file {path} vanished; using the copy loaded earlier", file=sys.stderr)
+                return hit[1]
+            raise BadNpz("file does not exist (the run's shared .npz vanished)", path) from None
+        sig = (st.st_ino, st.st_mtime_ns, st.st_size)
         if hit is None or hit[0] != sig:
             self._cache[path] = (sig, load_npz(path))
         return self._cache[path][1]
