@@ -70,3 +70,10 @@ def misbehave(chunk_id: int, modes: list[str], flaky_dir: str | None = None) -> 
 def big_array(chunk_id: int, mb: float = 1.0) -> dict:
     import numpy as np
     return {"x": np.full(int(mb * 1024 * 1024 / 8), float(chunk_id))}
+
+
+def gated_array(chunk_id: int, gate: str, mb: float = 1.0) -> dict:
+    """Waits until the file ``gate`` exists, then returns an array of ``mb`` megabytes."""
+    while not os.path.exists(gate):
+        time.sleep(0.02)
+    return big_array(chunk_id, mb)

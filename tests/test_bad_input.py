@@ -76,3 +76,15 @@ def test_same_run_name_with_other_task_is_refused(tmp_path: Path, env) -> None:
     save_or_check(spool, build(task="examples.noop:noop", chunks=2, run="r1"), fresh=False)
     r = run_main(["--base", str(spool.base), "--task", "examples.noop:square", "--chunks", "2", "--run", "r1"], env)
     assert r.returncode == 2 and "already exists" in r.stderr and "target" in r.stderr and "--fresh" in r.stderr
+
+
+def test_agent_refuses_a_world_writable_spool(tmp_path: Path, env) -> None:
+    import subprocess
+    import sys
+    from tests.helpers import REPO
+    base = tmp_path / "open"
+    base.mkdir()
+    os.chmod(base, 0o777)
+    r = subprocess.run([sys.executable, "-m", "agent", "--base", str(base), "--cpu", "--gpu", "0"], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "writable by every user" in r.stderr and "chmod o-w" in r.stderr

@@ -156,3 +156,31 @@ def test_second_master_with_wait_takes_over_after_the_first(spool: Spool, agents
         assert second.returncode == 0 and "6 of 6 chunks already done" in err
     finally:
         first.kill()
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("kind", ["callable", "script"])
+def test_killing_the_agent_leaves_no_orphaned_job_process(spool: Spool, agents, env, tmp_path: Path, kind: str) -> None:
+    import os
+    [agent] = agents(1)
+    script = tmp_path / "sleeper.py"
+    script.write_text("import argparse, os, time\np = argparse.ArgumentParser()\n"
+                      "for a in ('--gpu_id', '--chunk_id', '--total_chunks', '--pidfile'): p.add_argument(a)\n"
+                      "a = p.parse_args()\nopen(a.pidfile, 'w').write(str(os.getpid()))\ntime.sleep(600)\n")
+    pidfile = tmp_path / "job.pid"
+    what = ["--task", "tests.faulty:counted", "--kwargs", json.dumps({"marks": str(tmp_path / "m"), "seconds": 600})] \
+        if kind == "callable" else ["--script", str(script), "--kwargs", json.dumps({"pidfile": str(pidfile)})]
+    feeder = subprocess.Popen([sys.executable, "main.py", "--base", str(spool.base), "--chunks", "1", "--run", "orphan",
+                               "--no-progress", *what], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: (agent.heartbeat() or {}).get("state") == "busy", what="busy agent")
+        if kind == "callable":
+            job_pid = agent.heartbeat()["worker_pid"]
+        else:
+            job_pid = int(wait_for(lambda: pidfile.exists() and pidfile.read_text(), what="script pid"))
+        os.kill(agent.proc.pid, signal.SIGKILL)  # the supervisor only, not its process group
+        agent.proc.wait(timeout=10)
+        from agent.launcher import pid_alive
+        wait_for(lambda: not pid_alive(job_pid), timeout=10, what=f"job process {job_pid} gone")
+    finally:
+        feeder.kill()

@@ -226,3 +226,25 @@ def test_mount_of_reads_mountinfo(tmp_path: Path) -> None:
                     "40 22 0:40 / /shared\\040base rw - fuse.glusterfs host:/vol rw,user_id=0\n")
     assert mount_of("/shared base/x", str(info))[1] == "fuse.glusterfs"
     assert mount_of("/home", str(info))[1] == "ext4"
+
+
+def test_purge_removes_only_old_temp_files(tmp_path: Path) -> None:
+    from jobs.atomic import purge_temp
+    old_tmp, new_tmp = tmp_path / ".a.json.tmp-1-ab", tmp_path / ".b.json.tmp-2-cd"
+    keep = tmp_path / "000001.json"
+    for p in (old_tmp, new_tmp, keep):
+        p.write_text("x")
+    os.utime(old_tmp, (1, 1))
+    os.utime(keep, (1, 1))
+    assert purge_temp([tmp_path], older_than=3600) == 1
+    assert sorted(os.listdir(tmp_path)) == [".b.json.tmp-2-cd", "000001.json"]
+
+
+def test_world_writable_spool_is_refused(tmp_path: Path) -> None:
+    from jobs.errors import SpoolError
+    spool = Spool(tmp_path / "b").ensure()
+    spool.check_private()
+    assert not os.stat(spool.base).st_mode & 0o002  # created not writable by others
+    os.chmod(spool.pool_dir, 0o777)
+    with pytest.raises(SpoolError, match="writable by every user"):
+        spool.check_private()
