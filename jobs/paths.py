@@ -77,6 +77,10 @@ class Spool:
     def agent_log(self, agent_id: str) -> Path:
         return self.logs_dir / f"{check_name(agent_id, 'agent id')}.log"
 
+    def worker_log(self, agent_id: str) -> Path:
+        """The output of the agent's worker process (the job code's prints and warnings)."""
+        return self.logs_dir / f"{check_name(agent_id, 'agent id')}.worker.log"
+
     def agent_ids(self) -> list[str]:
         """Agents that ever wrote a heartbeat in this spool, sorted."""
         out = []

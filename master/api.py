@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import os
 import shutil
 import threading
 from dataclasses import dataclass
@@ -91,6 +92,7 @@ class Run:
             lock.release()
         lock.take(f"run {self.name!r}", run=self.name)
         try:
+            self.uncancel()  # submitting or retrying a cancelled run resumes it
             if self.fresh:
                 self._clear()
             save_or_check(self.spool, self.spec, self.fresh)
@@ -106,6 +108,14 @@ class Run:
                 bar.close()
         finally:
             lock.close()
+
+    def uncancel(self) -> bool:
+        """Remove the run's cancel flag (``python -m master cancel``); True if there was one."""
+        try:
+            os.unlink(self.spool.cancel_flag(self.name))
+            return True
+        except FileNotFoundError:
+            return False
 
     def _clear(self) -> None:
         """--fresh: drop this run's results, logs and queued jobs."""

@@ -11,6 +11,7 @@ EPILOG = """examples:
   python main.py --base /tmp/b --task my_job.py:process --chunks 64 --kwargs '{"scale": 2}' \\
                  --shared shared.npz --data chunks/
   python main.py --base /tmp/b --script examples/octorun_script.py --chunks 8 --kwargs '{"out_dir": "/tmp/out"}'
+  python main.py --octorun-config config.json      # an OctoRun config, unchanged (agents started for its gpus)
 Re-running the same command resumes the run: chunks with an ok result are not run again."""
 
 
@@ -38,6 +39,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
                    help="use BASE even on a filesystem whose locks are client-local (sshfs, NFS nolock/local_lock); "
                    "safe only if every agent and master of BASE runs on this machine (or $GPUPOOL_ALLOW_LOCAL_LOCKS=1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--octorun-config", metavar="CONFIG.json", help="run an OctoRun config.json on the pool "
+                   "(script_path, total_chunks, kwargs, gpus, max_retries, log_dir); see master/octorun.py")
     p.add_argument("--demo-dir", default="spool-demo", help="where the demo keeps its spool (default ./spool-demo)")
     return p.parse_args(argv)
 
@@ -49,6 +52,10 @@ def main(argv: list[str] | None = None) -> int:
 
     logger.remove()
     logger.add(sys.stderr, level="WARNING", format="{time:HH:mm:ss} {level}: {message}")
+    if args.octorun_config:  # the drop-in for OctoRun users
+        from master.octorun import main as run_octorun
+
+        return run_octorun(args)
     if not (args.task or args.script or args.chunks or args.base):
         from master.demo import run_demo
 

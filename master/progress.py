@@ -34,6 +34,10 @@ class Progress:
                       f"retrying in {info['delay']:g} s")
         elif kind == "handback":
             self._say(f"agent {info['agent']}: {info['why']}; re-queued chunks {info['chunks']}")
+        elif kind == "cancelled":
+            self._say(f"run {self.spec.name} was cancelled (python -m master cancel); stopped feeding it with "
+                      f"{info.get('pending', 0)} chunk(s) not done. Resume it with: "
+                      f"python -m master retry --base {self.base or 'BASE'} --run {self.spec.name}")
         elif kind == "no_agents":
             base = self.base or "BASE"
             self._say(f"no live agents in {base}; waiting for some. Start them with:  ./start_agents.sh N {base}")
@@ -51,17 +55,42 @@ class Progress:
 
 
 def format_summary(s: Summary, base: Path) -> str:
+    """The end-of-run report: totals, a table per agent, the failed chunks and what to do next."""
     rate = s.chunks / s.wall_s if s.wall_s > 0 else 0.0
-    lines = [f"run {s.run}: {s.chunks} chunks, {s.ok} ok, {len(s.failed)} failed in {s.wall_s:.2f} s "
+    head = "CANCELLED " if s.cancelled else ""
+    lines = [f"{head}run {s.run}: {s.chunks} chunks, {s.ok} ok, {len(s.failed)} failed in {s.wall_s:.2f} s "
              f"({rate:.1f} chunks/s this session)"]
-    if s.per_agent:
-        lines.append("  chunks per agent: " + ", ".join(f"{a} {n}" for a, n in sorted(s.per_agent.items())))
+    lines += agent_table(s)
     lines.append(f"  results: {s.results_dir}/<chunk>.json (+ .npz arrays)")
-    for c in s.failed[:20]:
+    failed = [c for c in s.failed if c in s.outcomes]
+    for c in failed[:20]:
         o = s.outcomes[c]
         lines.append(f"  FAILED chunk {c} (attempt {o.attempt}, {o.agent}): {o.error}  -> {s.results_dir / f'{c:06d}.json'}")
-    if len(s.failed) > 20:
-        lines.append(f"  ... and {len(s.failed) - 20} more failed chunks: {s.failed[20:40]} ...")
-    if s.failed:
-        lines.append(f"  re-run the same command to retry the failed chunks (see also: python -m master status --base {base})")
+    if len(failed) > 20:
+        lines.append(f"  ... and {len(failed) - 20} more failed chunks: {failed[20:40]} ...")
+    if failed:
+        lines.append(f"  read one:  python -m master logs --base {base} --run {s.run} --chunk {failed[0]}")
+        lines.append(f"  retry:     python -m master retry --base {base} --run {s.run}   (or re-run the same command)")
+    not_done = s.chunks - len(s.outcomes)
+    if s.cancelled and not_done > 0:
+        lines.append(f"  {not_done} chunk(s) not run; resume: python -m master retry --base {base} --run {s.run}")
     return "\n".join(lines)
+
+
+def agent_table(s: Summary) -> list[str]:
+    """Per agent: chunks ok and failed, mean and longest chunk time."""
+    per: dict[str, list] = {}
+    for o in s.outcomes.values():
+        if o.agent:
+            per.setdefault(o.agent, []).append(o)
+    if not per:
+        return []
+    width = max(12, *(len(a) for a in per))
+    lines = [f"  {'AGENT':<{width}} {'OK':>6} {'FAILED':>6} {'MEAN S':>8} {'MAX S':>8}"]
+    for agent, outs in sorted(per.items()):
+        times = [o.duration_s for o in outs if isinstance(o.duration_s, (int, float))]
+        ok = sum(o.status == "ok" for o in outs)
+        mean = f"{sum(times) / len(times):.3f}" if times else "-"
+        longest = f"{max(times):.3f}" if times else "-"
+        lines.append(f"  {agent:<{width}} {ok:>6} {len(outs) - ok:>6} {mean:>8} {longest:>8}")
+    return lines

@@ -1,106 +1,207 @@
-"""``python -m master status``: agents and runs of a spool, as a table or JSON."""
+"""``python -m master status``: agents and runs of a spool, as a table or JSON.
+
+``gather()`` builds plain data (what ``--json`` prints and the dashboard serves at
+``/api/status``); ``render()`` turns it into the terminal table. A ``StatusReader`` keeps
+what it has already read between refreshes (``--watch``, the dashboard): committed results
+never change, so each result file is read once.
+"""
 from __future__ import annotations
 
 import os
+import threading
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 from jobs.errors import BadFile
 from jobs.mailbox import Mailbox
-from jobs.paths import HISTORY_RE, RESULT_RE, Spool
+from jobs.paths import RESULT_RE, Spool
 from jobs.results import read_result
 from master.liveness import Liveness
 from master.runspec import RunSpec
 
+RATE_WINDOW_S = 120.0  # chunks/s is measured over the results finished in this last stretch
+
+
+@dataclass
+class _RunCache:
+    """What is known of one run's committed results: chunk -> (status, finished_at)."""
+
+    finals: dict[int, tuple[str, float | None]] = field(default_factory=dict)
+
+
+class StatusReader:
+    """Gathers the status of a spool again and again, reading each result file once."""
+
+    def __init__(self, spool: Spool, dead_after: float = 20.0) -> None:
+        self.spool, self.dead_after = spool, dead_after
+        self.liveness = Liveness(spool, dead_after)
+        self._runs: dict[str, _RunCache] = {}
+        self._lock = threading.Lock()  # the dashboard serves several requests at once
+
+    def gather(self) -> dict[str, Any]:
+        """Everything ``status`` shows, as plain data (what ``--json`` prints)."""
+        with self._lock:
+            agents, queued, running = self._agents()
+            runs, progress = [], {}
+            for name in self.spool.run_names():
+                got = self._run(name, queued.get(name, 0), running.get(name, 0))
+                if got is not None:
+                    runs.append(got[0])
+                    progress[name] = got[1]
+            # Rates and ETAs sit beside the run rows, whose keys scripts already rely on.
+            return {"base": str(self.spool.base), "time": time.time(), "agents": agents, "runs": runs,
+                    "run_progress": progress}
+
+    def _agents(self) -> tuple[list[dict[str, Any]], dict[str, int], dict[str, int]]:
+        agents, queued, running = [], {}, {}
+        for ident, v in sorted(self.liveness.refresh().items()):
+            try:
+                jobs = Mailbox(self.spool, ident).read().jobs
+            except (OSError, BadFile):
+                jobs = []
+            cur = v.status.get("current") if v.alive else None
+            for j in jobs:
+                bucket = running if cur and (cur.get("run"), cur.get("chunk_id")) == (j.run, j.chunk_id) else queued
+                bucket[j.run] = bucket.get(j.run, 0) + 1
+            agents.append(_agent_row(ident, v, cur, len(jobs), self.spool.drain_flag(ident).exists()))
+        return agents, queued, running
+
+    def _run(self, name: str, queued: int, running: int) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        """(the run's row, its progress: chunks/s from results' finished_at, ETA, cancelled)."""
+        try:
+            spec = RunSpec.load(self.spool.run_spec(name))
+        except (OSError, BadFile):
+            return None
+        finals = self._finals(name)
+        ok = sum(1 for c, (s, _) in finals.items() if s == "ok" and c < spec.chunks)
+        failed = sum(1 for c, (s, _) in finals.items() if s != "ok" and c < spec.chunks)
+        pending = max(0, spec.chunks - ok - failed - queued - running)
+        rate = chunk_rate([t for _, t in finals.values() if t is not None])
+        left = spec.chunks - ok - failed
+        active = running + queued > 0
+        row = {"run": name, "kind": spec.kind.value, "target": spec.target, "chunks": spec.chunks, "ok": ok,
+               "failed": failed, "running": running, "queued": queued, "pending": pending}
+        return row, {"cancelled": self.spool.cancel_flag(name).exists(), "done": left == 0,
+                     "chunks_per_s": None if rate is None else round(rate, 3),
+                     "eta_s": round(left / rate, 1) if rate and left and active else None}
+
+    def _finals(self, name: str) -> dict[int, tuple[str, float | None]]:
+        """chunk -> (status, finished_at) of every committed result, reading only new files."""
+        cache = self._runs.setdefault(name, _RunCache())
+        rdir = self.spool.result_dir(name)
+        present = {int(m.group(1)) for e in (os.listdir(rdir) if rdir.is_dir() else ()) if (m := RESULT_RE.match(e))}
+        for c, (status, _) in list(cache.finals.items()):
+            if c not in present or status != "ok":  # a failed result may be reopened and redone: reread
+                del cache.finals[c]
+        for c in present - set(cache.finals):
+            try:
+                rec = read_result(self.spool.result_json(name, c))
+            except (OSError, BadFile):
+                continue
+            t = rec.get("finished_at")
+            cache.finals[c] = (rec["status"], float(t) if isinstance(t, (int, float)) else None)
+        return cache.finals
+
+
+def _agent_row(ident: str, v: Any, cur: dict | None, queued: int, drain_flag: bool) -> dict[str, Any]:
+    st = v.status
+    gpu = st.get("gpu") or {}
+    state = st.get("state") if v.alive else ("stopped" if st.get("state") == "stopped" else "dead")
+    since = cur.get("since") if cur else None
+    return {
+        "id": ident, "host": st.get("host"), "pid": st.get("pid"), "device": st.get("device"),
+        "gpu_index": st.get("gpu_index"), "gpu_name": gpu.get("name"), "state": state,
+        "alive": v.alive, "drain_flag": drain_flag, "queued": queued, "current": cur,
+        "current_for_s": round(max(0.0, time.time() - since), 1) if isinstance(since, (int, float)) else None,
+        "jobs_done": st.get("jobs_done"), "jobs_failed": st.get("jobs_failed"),
+        "heartbeat_age_s": round(v.age, 1), "gpu_util": gpu.get("util"), "gpu_mem_used": gpu.get("mem_used"),
+        "gpu_mem_total": gpu.get("mem_total"), "gpu_temp": gpu.get("temp"), "log": st.get("log"),
+    }
+
+
+def chunk_rate(finished: list[float], window: float = RATE_WINDOW_S) -> float | None:
+    """Chunks per second over the last ``window`` seconds of finish times (None: too few)."""
+    if len(finished) < 2:
+        return None
+    finished = sorted(finished)
+    last = finished[-1]
+    recent = [t for t in finished if t >= last - window]
+    if len(recent) < 2 or recent[-1] <= recent[0]:
+        recent = finished[-2:]
+    span = recent[-1] - recent[0]
+    return (len(recent) - 1) / span if span > 0 else None
+
 
 def gather(spool: Spool, dead_after: float = 20.0, liveness: Liveness | None = None) -> dict[str, Any]:
-    """Everything ``status`` shows, as plain data (what ``--json`` prints)."""
-    live = liveness or Liveness(spool, dead_after)
-    views = live.refresh()
-    agents, queued, running = [], {}, {}
-    for ident, v in sorted(views.items()):
-        st = v.status
-        try:
-            jobs = Mailbox(spool, ident).read().jobs
-        except (OSError, BadFile):
-            jobs = []
-        cur = st.get("current") if v.alive else None
-        for j in jobs:
-            is_running = cur is not None and (cur.get("run"), cur.get("chunk_id")) == (j.run, j.chunk_id)
-            bucket = running if is_running else queued
-            bucket[j.run] = bucket.get(j.run, 0) + 1
-        gpu = st.get("gpu") or {}
-        agents.append({
-            "id": ident, "host": st.get("host"), "pid": st.get("pid"), "device": st.get("device"),
-            "gpu_index": st.get("gpu_index"), "gpu_name": gpu.get("name"),
-            "state": st.get("state") if v.alive else ("stopped" if st.get("state") == "stopped" else "dead"),
-            "alive": v.alive, "queued": len(jobs),
-            "current": cur, "current_for_s": round(time.time() - cur["since"], 1) if cur and cur.get("since") else None,
-            "jobs_done": st.get("jobs_done"), "jobs_failed": st.get("jobs_failed"),
-            "heartbeat_age_s": round(v.age, 1),
-            "gpu_util": gpu.get("util"), "gpu_mem_used": gpu.get("mem_used"), "gpu_mem_total": gpu.get("mem_total"),
-            "gpu_temp": gpu.get("temp"),
-        })
-    runs = [run_counts(spool, name, queued.get(name, 0), running.get(name, 0)) for name in spool.run_names()]
-    return {"base": str(spool.base), "time": time.time(), "agents": agents, "runs": [r for r in runs if r]}
+    """One-off status of ``spool`` (see ``StatusReader.gather``)."""
+    reader = StatusReader(spool, dead_after)
+    if liveness is not None:
+        reader.liveness = liveness
+    return reader.gather()
 
 
-def run_counts(spool: Spool, name: str, queued: int, running: int) -> dict[str, Any] | None:
-    try:
-        spec = RunSpec.load(spool.run_spec(name))
-    except (OSError, BadFile):
-        return None
-    ok = failed = 0
-    rdir = spool.result_dir(name)
-    finals, with_history = [], set()
-    for entry in os.listdir(rdir) if rdir.is_dir() else ():
-        if m := RESULT_RE.match(entry):
-            finals.append(int(m.group(1)))
-        elif m := HISTORY_RE.match(entry):
-            with_history.add(int(m.group(1)))
-    for c in finals:
-        if c not in with_history:  # never failed once: its final result can only be ok
-            ok += 1
-            continue
-        try:
-            ok += read_result(spool.result_json(name, c))["status"] == "ok"
-            failed += read_result(spool.result_json(name, c))["status"] != "ok"
-        except (OSError, BadFile):
-            pass
-    pending = max(0, spec.chunks - ok - failed - queued - running)
-    return {"run": name, "kind": spec.kind.value, "target": spec.target, "chunks": spec.chunks, "ok": ok,
-            "failed": failed, "running": running, "queued": queued, "pending": pending}
+# rendering ------------------------------------------------------------------------------------
+COLORS = {"idle": "32", "busy": "36", "dead": "31;1", "stopped": "33", "stopping": "33", "draining": "35"}
 
 
 def _gb(n: Any) -> str:
     return "-" if n is None else f"{n / 1024**3:.1f}"
 
 
-def render(data: dict[str, Any], color: bool = False) -> str:
-    def paint(text: str, code: str) -> str:
-        return f"\033[{code}m{text}\033[0m" if color else text
+def duration(s: float | None) -> str:
+    """``95`` -> ``1m35s``; None -> ``-``."""
+    if s is None:
+        return "-"
+    s = int(round(s))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
-    colors = {"idle": "32", "busy": "36", "dead": "31;1", "stopped": "33", "stopping": "33"}
+
+def _paint(text: str, code: str, color: bool) -> str:
+    return f"\033[{code}m{text}\033[0m" if color and code else text
+
+
+def _agent_line(a: dict[str, Any], color: bool) -> str:
+    cur = a["current"]
+    cur_s = f"{cur['run'][:18]}#{cur['chunk_id']} {duration(a['current_for_s'])}" if cur else "-"
+    mem = f"{_gb(a['gpu_mem_used'])}/{_gb(a['gpu_mem_total'])}" if a["gpu_mem_total"] else "-"
+    gpu = (a["gpu_name"] or "-")[:18] if a["device"] != "cpu" else "cpu"
+    label = "DEAD" if a["state"] == "dead" else a["state"]
+    state = _paint(f"{label:<9}", COLORS.get(a["state"], ""), color)
+    util = "-" if a["gpu_util"] is None else f"{a['gpu_util']}%"
+    temp = "-" if a["gpu_temp"] is None else f"{a['gpu_temp']}C"
+    hb = _paint(f"{a['heartbeat_age_s']:>5.1f}s", "31" if not a["alive"] else "", color)
+    return (f"{a['id']:<22} {(a['host'] or '-')[:12]:<12} {state} {cur_s:<30} {a['jobs_done'] or 0:>5} "
+            f"{a['jobs_failed'] or 0:>4} {a['queued']:>3} {hb}  {gpu:<18} {util:>5} {mem:>11} {temp:>5}")
+
+
+def _run_line(r: dict[str, Any], p: dict[str, Any], color: bool) -> str:
+    failed = _paint(f"{r['failed']:>6}", "31", color and r["failed"] > 0)
+    rate = "-" if p.get("chunks_per_s") is None else f"{p['chunks_per_s']:.2f}"
+    eta = "done" if p.get("done") else "cancelled" if p.get("cancelled") else duration(p.get("eta_s"))
+    return (f"{r['run'][:32]:<32} {r['chunks']:>6} {r['ok']:>6} {failed} {r['running']:>7} {r['queued']:>6} "
+            f"{r['pending']:>7} {rate:>8} {eta:>9}")
+
+
+def render(data: dict[str, Any], color: bool = False) -> str:
+    """The status table as text (ANSI colours only when ``color``)."""
     lines = [f"spool {data['base']}   {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(data['time']))}", ""]
-    head = f"{'AGENT':<22} {'STATE':<9} {'CURRENT':<28} {'DONE':>6} {'FAIL':>5} {'Q':>3} {'HB':>6}  {'GPU':<18} {'UTIL':>5} {'MEM GB':>11} {'TEMP':>5}"
-    lines.append(head)
-    for a in data["agents"]:
-        cur = a["current"]
-        cur_s = f"{cur['run'][:16]}#{cur['chunk_id']} {a['current_for_s'] or 0:.0f}s" if cur else "-"
-        mem = f"{_gb(a['gpu_mem_used'])}/{_gb(a['gpu_mem_total'])}" if a["gpu_mem_total"] else "-"
-        gpu = (a["gpu_name"] or "-")[:18] if a["device"] != "cpu" else "cpu"
-        state = f"{a['state']:<9}"
-        lines.append(f"{a['id']:<22} {paint(state, colors.get(a['state'], '0'))} {cur_s:<28} {a['jobs_done'] or 0:>6} "
-                     f"{a['jobs_failed'] or 0:>5} {a['queued']:>3} {a['heartbeat_age_s']:>5.1f}s  {gpu:<18} "
-                     f"{'-' if a['gpu_util'] is None else str(a['gpu_util']) + '%':>5} {mem:>11} "
-                     f"{'-' if a['gpu_temp'] is None else str(a['gpu_temp']) + 'C':>5}")
+    lines.append(f"{'AGENT':<22} {'HOST':<12} {'STATE':<9} {'CURRENT':<30} {'DONE':>5} {'FAIL':>4} {'Q':>3} "
+                 f"{'HB AGE':>6}  {'GPU':<18} {'UTIL':>5} {'MEM GB':>11} {'TEMP':>5}")
+    lines += [_agent_line(a, color) for a in data["agents"]]
     if not data["agents"]:
         lines.append("(no agents yet: start some with ./start_agents.sh N BASE)")
-    lines += ["", f"{'RUN':<32} {'CHUNKS':>7} {'OK':>7} {'FAILED':>7} {'RUNNING':>8} {'QUEUED':>7} {'PENDING':>8}"]
-    for r in data["runs"]:
-        failed = f"{r['failed']:>7}"
-        lines.append(f"{r['run'][:32]:<32} {r['chunks']:>7} {r['ok']:>7} {paint(failed, '31') if r['failed'] else failed} "
-                     f"{r['running']:>8} {r['queued']:>7} {r['pending']:>8}")
+    dead = [a["id"] for a in data["agents"] if a["state"] == "dead"]
+    if dead:
+        lines.append(_paint(f"DEAD (no heartbeat): {', '.join(dead)}; their queued jobs go to other agents", "31",
+                            color))
+    lines += ["", f"{'RUN':<32} {'CHUNKS':>6} {'OK':>6} {'FAILED':>6} {'RUNNING':>7} {'QUEUED':>6} {'PENDING':>7} "
+                  f"{'CHUNK/S':>8} {'ETA':>9}"]
+    lines += [_run_line(r, data.get("run_progress", {}).get(r["run"], {}), color) for r in data["runs"]]
     if not data["runs"]:
         lines.append("(no runs yet)")
     return "\n".join(lines)

@@ -1,0 +1,183 @@
+"""``python -m master collect``: a run's results gathered into one file.
+
+* ``.npz``: each array key stacked over the chunks in chunk order (shape ``(chunks, ...)``), or
+  concatenated along the first axis with ``concat``; plus ``chunk_id`` (the chunks included)
+  and ``run_json`` (the run's metadata and each chunk's agent and times, as JSON text).
+* ``.csv`` / ``.jsonl``: one row per chunk: run, chunk_id, status, attempt, agent, host,
+  device, started_at, finished_at, duration_s, and the value (a dict's keys become
+  columns; other values a ``value`` column, JSON-encoded in CSV when not a plain scalar).
+
+The output is written to a temporary name beside it and renamed into place.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jobs.atomic import write_replace
+from jobs.errors import BadFile, SpoolError
+from jobs.npzio import load_npz
+from jobs.paths import Spool
+from jobs.results import read_result
+from master.runspec import RunSpec
+
+META = ("run", "chunk_id", "status", "attempt", "agent", "host", "device", "started_at", "finished_at",
+        "duration_s")
+FORMATS = (".npz", ".csv", ".jsonl")
+
+
+class CollectError(SpoolError):
+    """The run's results cannot be gathered as asked; the message says what to do."""
+
+
+@dataclass
+class Collected:
+    out: Path
+    rows: int
+    skipped: list[int]
+    keys: list[str]
+
+
+def load_spec(spool: Spool, run: str) -> RunSpec:
+    """The run's spec, or a CollectError listing the runs that do exist."""
+    try:
+        return RunSpec.load(spool.run_spec(run))
+    except FileNotFoundError:
+        known = ", ".join(spool.run_names()) or "none yet"
+        raise CollectError(f"no run {run!r} in {spool.base} (runs there: {known})") from None
+
+
+def committed(spool: Spool, spec: RunSpec, partial: bool) -> tuple[list[dict[str, Any]], list[int]]:
+    """The ok result records in chunk order, and the chunks left out (missing or failed)."""
+    recs, missing, failed = [], [], []
+    for c in range(spec.chunks):
+        try:
+            rec = read_result(spool.result_json(spec.name, c))
+        except (FileNotFoundError, BadFile):
+            missing.append(c)
+            continue
+        if rec["status"] == "ok":
+            recs.append(rec)
+        else:
+            failed.append(c)
+    skipped = sorted(missing + failed)
+    if skipped and not partial:
+        why = [f"{len(failed)} chunk(s) failed {_few(failed)}"] if failed else []
+        why += [f"{len(missing)} chunk(s) have no result yet {_few(missing)}"] if missing else []
+        raise CollectError(
+            f"run {spec.name}: {' and '.join(why)}. Retry them (python -m master retry --base {spool.base} "
+            f"--run {spec.name}), or pass --partial to collect the ok chunks only")
+    if not recs:
+        raise CollectError(f"run {spec.name}: no chunk has an ok result yet; nothing to collect")
+    return recs, skipped
+
+
+def _few(chunks: list[int]) -> str:
+    return f"({', '.join(map(str, chunks[:10]))}{' ...' if len(chunks) > 10 else ''})"
+
+
+def collect(spool: Spool, run: str, out: str | os.PathLike, concat: bool = False, partial: bool = False) -> Collected:
+    """Gather ``run``'s results into ``out`` (format by extension); see the module docstring."""
+    out = Path(out)
+    if out.suffix.lower() not in FORMATS:
+        raise CollectError(f"--out {out}: the name must end in .npz (arrays), .csv or .jsonl (values)")
+    spec = load_spec(spool, run)
+    out.resolve().parent.mkdir(parents=True, exist_ok=True)
+    recs, skipped = committed(spool, spec, partial)
+    has_arrays = any(r.get("arrays") for r in recs)
+    if out.suffix.lower() == ".npz":
+        if not has_arrays:
+            raise CollectError(f"run {run} returned JSON values, not arrays; use --out FILE.csv or FILE.jsonl")
+        keys = _write_npz(spool, spec, recs, out, concat)
+    else:
+        if has_arrays:
+            raise CollectError(f"run {run} returned arrays; use --out FILE.npz (add --concat to join them "
+                               "along the first axis)")
+        keys = _write_table(recs, out)
+    return Collected(out, len(recs), skipped, keys)
+
+
+def _write_npz(spool: Spool, spec: RunSpec, recs: list[dict[str, Any]], out: Path, concat: bool) -> list[str]:
+    per_key: dict[str, list[np.ndarray]] = {}
+    for rec in recs:
+        arrays = load_npz(spool.result_npz(spec.name, rec["chunk_id"])) if rec.get("arrays") else {}
+        if per_key and set(arrays) != set(per_key):
+            raise CollectError(f"chunk {rec['chunk_id']} returned arrays {sorted(arrays)} but earlier chunks "
+                               f"returned {sorted(per_key)}; every chunk must return the same keys")
+        for k, a in arrays.items():
+            per_key.setdefault(k, []).append(np.asarray(a))
+    joined = {k: _join(k, v, [r["chunk_id"] for r in recs], concat) for k, v in per_key.items()}
+    for reserved in ("chunk_id", "run_json"):
+        if reserved in joined:
+            raise CollectError(f"the chunks return an array named {reserved!r}, which collect uses itself")
+    meta = {"spec": {**asdict(spec), "kind": spec.kind.value},
+            "chunks": [{k: r.get(k) for k in META} for r in recs]}
+    joined["chunk_id"] = np.array([r["chunk_id"] for r in recs], dtype=np.int64)
+    joined["run_json"] = np.array(json.dumps(meta, default=str))
+    buf = io.BytesIO()
+    np.savez(buf, **joined)
+    write_replace(out.resolve(), buf.getvalue())
+    return sorted(per_key)
+
+
+def _join(key: str, arrays: list[np.ndarray], chunks: list[int], concat: bool) -> np.ndarray:
+    if concat:
+        tails = {a.shape[1:] for a in arrays}
+        if any(a.ndim == 0 for a in arrays) or len(tails) > 1:
+            raise CollectError(f"array {key!r}: cannot concatenate shapes {_shapes(arrays, chunks)} along the "
+                               "first axis (all but the first dimension must match)")
+        return np.concatenate(arrays, axis=0)
+    if len({a.shape for a in arrays}) > 1:
+        raise CollectError(f"array {key!r} has different shapes across chunks {_shapes(arrays, chunks)}; "
+                           "pass --concat to join them along the first axis")
+    return np.stack(arrays)
+
+
+def _shapes(arrays: list[np.ndarray], chunks: list[int]) -> str:
+    seen: dict[tuple, int] = {}
+    for a, c in zip(arrays, chunks):
+        seen.setdefault(a.shape, c)
+    return ", ".join(f"{s} (chunk {c})" for s, c in list(seen.items())[:4])
+
+
+def rows(recs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One flat row per chunk: the metadata columns, then the value's."""
+    out = []
+    for rec in recs:
+        row = {k: rec.get(k) for k in META}
+        value = rec.get("value")
+        if isinstance(value, dict) and value:
+            row.update({(k if k not in META else f"value.{k}"): v for k, v in value.items()})
+        else:
+            row["value"] = value
+        out.append(row)
+    return out
+
+
+def _write_table(recs: list[dict[str, Any]], out: Path) -> list[str]:
+    table = rows(recs)
+    columns = list(dict.fromkeys(k for r in table for k in r))
+    if out.suffix.lower() == ".jsonl":
+        data = "".join(json.dumps(r, default=str) + "\n" for r in table)
+    else:
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+        w.writeheader()
+        for r in table:
+            w.writerow({k: _cell(v) for k, v in r.items()})
+        data = buf.getvalue()
+    write_replace(out.resolve(), data.encode())
+    return [c for c in columns if c not in META]
+
+
+def _cell(v: Any) -> Any:
+    if v is None or isinstance(v, (str, int, float, bool)):
+        return "" if v is None else v
+    return json.dumps(v)

@@ -1,0 +1,321 @@
+"""``python -m master COMMAND``: the day-to-day commands, each a parser and a small function.
+
+Exit codes: 0 done, 1 the thing asked about failed (failed chunks, an agent that did not
+answer), 2 a usage or spool error (the message says what to do), 3 a lock held elsewhere.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+from jobs.paths import Spool
+
+PROG = "python -m master"
+EXAMPLES = {
+    "status": """examples:
+  python -m master status --base /shared/base
+  python -m master status --base /shared/base --watch      # refresh every 2 s, like watch nvidia-smi
+  python -m master status --base /shared/base --json | jq '.runs'""",
+    "logs": """examples:
+  python -m master logs --base /shared/base                       # every agent's log, merged in time order
+  python -m master logs --base /shared/base --agent myhost-gpu0 -f
+  python -m master logs --base /shared/base --run multiply-100-1a2b3c4d --chunk 7   # one chunk's error""",
+    "collect": """examples:
+  python -m master collect --base /shared/base --run multiply-100-1a2b3c4d --out results.npz
+  python -m master collect --base /shared/base --run R --out all.npz --concat     # join along axis 0
+  python -m master collect --base /shared/base --run R --out table.csv            # JSON values, one row per chunk""",
+    "retry": """examples:
+  python -m master retry --base /shared/base --run multiply-100-1a2b3c4d
+  python -m master retry --base /shared/base --run R --retries 0 --no-progress""",
+    "cancel": """examples:
+  python -m master cancel --base /shared/base --run multiply-100-1a2b3c4d                  # queued work only
+  python -m master cancel --base /shared/base --run R --stop-running                        # kill running chunks too
+Undo: python -m master retry --base /shared/base --run R (or re-run the same main.py command).""",
+    "drain": """examples:
+  python -m master drain --base /shared/base myhost-gpu3              # finish the current chunk, take no more
+  python -m master drain --base /shared/base myhost-gpu3 --wait-idle  # ... and wait until it is done
+  python -m master undrain --base /shared/base myhost-gpu3""",
+    "undrain": """examples:
+  python -m master undrain --base /shared/base myhost-gpu3""",
+    "dashboard": """examples:
+  python -m master dashboard --base /shared/base                 # http://127.0.0.1:8265/
+  python -m master dashboard --base /shared/base --port 9000 --refresh 5
+  ssh -L 8265:127.0.0.1:8265 gpuhost   # to look from your laptop; --host 0.0.0.0 exposes it to the network""",
+}
+TOP_EPILOG = """examples (one per command; python -m master COMMAND --help shows more):
+  python -m master status    --base /tmp/b --watch
+  python -m master logs      --base /tmp/b --run RUN --chunk 7
+  python -m master collect   --base /tmp/b --run RUN --out results.npz
+  python -m master retry     --base /tmp/b --run RUN
+  python -m master cancel    --base /tmp/b --run RUN --stop-running
+  python -m master drain     --base /tmp/b myhost-gpu3     (undrain to undo)
+  python -m master dashboard --base /tmp/b --port 8265"""
+
+
+def _die(cmd: str, message: str, code: int = 2) -> int:
+    print(f"{PROG} {cmd}: {message}", file=sys.stderr)
+    return code
+
+
+def _spool(args: argparse.Namespace) -> Spool:
+    spool = Spool(args.base)
+    if not spool.base.is_dir():
+        raise FileNotFoundError(f"{spool.base} does not exist (no spool there yet: start agents with "
+                                f"./start_agents.sh N {args.base})")
+    return spool
+
+
+# status ---------------------------------------------------------------------------------------
+def cmd_status(args: argparse.Namespace) -> int:
+    import os
+
+    from master.status import StatusReader, render
+
+    reader = StatusReader(_spool(args), args.dead_after)
+    tty = sys.stdout.isatty()
+    color = tty and not os.environ.get("NO_COLOR")
+    while True:
+        data = reader.gather()
+        text = json.dumps(data, indent=1) if args.json else render(data, color)
+        if args.watch and tty:  # redraw in place: home, each line cleared, the rest erased
+            text = "\033[H" + text.replace("\n", "\033[K\n") + "\033[K\033[J"
+        elif args.watch:
+            text += "\n"
+        print(text, flush=True)
+        if not args.watch:
+            return 0
+        time.sleep(args.watch)
+
+
+# logs -----------------------------------------------------------------------------------------
+def cmd_logs(args: argparse.Namespace) -> int:
+    from master import logs
+
+    spool = _spool(args)
+    if args.chunk is not None:
+        if args.run is None:
+            return _die("logs", "--chunk needs --run RUN (see python -m master status for run names)")
+        return _chunk_logs(spool, args)
+    if args.agent is not None and args.agent not in spool.agent_ids():
+        return _die("logs", f"no agent {args.agent!r} in {spool.base} (agents: {', '.join(spool.agent_ids()) or '-'})")
+    match = logs.run_filter(args.run)
+    if args.worker:
+        if args.agent is None:
+            return _die("logs", "--worker needs --agent ID (each agent has its own worker log)")
+        paths_of: Callable[[], list[Path]] = lambda: [spool.worker_log(args.agent)]
+        text = _tail_text(spool.worker_log(args.agent), args.lines)
+        print(text, end="" if text.endswith("\n") or not text else "\n", flush=True)
+        return _follow(args, paths_of, lambda t: True)
+    paths_of = lambda: logs.agent_logs(spool, args.agent)
+    found = logs.merged(paths_of(), match)
+    for e in found[-args.lines:] if args.lines else found:
+        print(e.text)
+    sys.stdout.flush()
+    if not found and not args.follow:
+        print(f"(no agent log lines{' about run ' + args.run if args.run else ''} in {spool.logs_dir})",
+              file=sys.stderr)
+    return _follow(args, paths_of, match)
+
+
+def _tail_text(path: Path, lines: int) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except FileNotFoundError:
+        return ""
+    return "".join(text.splitlines(keepends=True)[-lines:]) if lines else text
+
+
+def _follow(args: argparse.Namespace, paths_of: Callable[[], list[Path]], match: Callable[[str], bool]) -> int:
+    from master.logs import follow
+
+    if args.follow:
+        follow(paths_of, sys.stdout, match)
+    return 0
+
+
+def _chunk_logs(spool: Spool, args: argparse.Namespace) -> int:
+    from master.logs import chunk_report, follow, format_chunk
+
+    if not spool.run_spec(args.run).exists():
+        return _die("logs", f"no run {args.run!r} in {spool.base} (runs: {', '.join(spool.run_names()) or '-'})")
+    rep = chunk_report(spool, args.run, args.chunk)
+    print(json.dumps(rep, indent=1) if args.json else format_chunk(rep), flush=True)
+    if args.follow and rep["result"] is None:  # follow the script's output until the chunk has a result
+        follow(lambda: [spool.chunk_log(args.run, args.chunk)], sys.stdout, lambda t: True,
+               stop=lambda: spool.result_json(args.run, args.chunk).exists())
+    return 0
+
+
+# collect --------------------------------------------------------------------------------------
+def cmd_collect(args: argparse.Namespace) -> int:
+    from master.collect import collect
+
+    got = collect(_spool(args), args.run, args.out, concat=args.concat, partial=args.partial)
+    what = f"arrays {', '.join(got.keys)}" if got.out.suffix == ".npz" else f"{len(got.keys)} value column(s)"
+    print(f"wrote {got.out}: {got.rows} chunk(s), {what}"
+          + (f"; left out {len(got.skipped)} chunk(s) without an ok result: {got.skipped[:20]}" if got.skipped else ""))
+    return 0
+
+
+# retry / cancel / drain -----------------------------------------------------------------------
+def cmd_retry(args: argparse.Namespace) -> int:
+    from master.control import retry_run
+    from master.feeder import FeedConfig
+    from master.progress import format_summary
+
+    spool = _spool(args)
+    run, failed, missing = retry_run(spool, args.run, args.retries)
+    if not failed and not missing:
+        print(f"run {args.run}: all {run.spec.chunks} chunks are ok; nothing to retry")
+        return 0
+    print(f"run {args.run}: re-queuing {len(failed)} failed chunk(s) {failed[:20]}"
+          + (f" and {missing} chunk(s) without a result" if missing else ""), flush=True)
+    cfg = FeedConfig(dead_after=args.dead_after)
+    summary = run.wait(progress=not args.no_progress, cfg=cfg, wait_for_lock=args.wait)
+    print(format_summary(summary, spool.base))
+    return 0 if not summary.failed and summary.ok == summary.chunks else 1
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from master.control import cancel_run
+
+    spool = _spool(args)
+    got = cancel_run(spool, args.run, args.stop_running, args.timeout)
+    print(f"cancelled run {args.run}: took {got.dropped} queued job(s) out of the mailboxes")
+    print("  its master has stopped" if got.master_stopped else
+          f"  a master still holds the run after {args.timeout:g} s; it stops at its next look at the run")
+    for agent, chunk in got.running:
+        print(f"  still running: chunk {chunk} on {agent}"
+              + ("" if args.stop_running else " (it finishes; --stop-running kills it)"))
+    print(f"  undo / resume: python -m master retry --base {args.base} --run {args.run}")
+    return 0
+
+
+def _agent_line(rep) -> str:
+    cur = rep.current
+    running = (f"still running {cur.get('run')} chunk {cur.get('chunk_id')} (attempt {cur.get('attempt')}, "
+               f"for {time.time() - cur['since']:.0f} s)" if cur and cur.get("since") else "running nothing")
+    queued = f"; {rep.queued} queued job(s) go back to other agents" if rep.queued else ""
+    return f"agent {rep.agent} is {rep.state}: {running}{queued}"
+
+
+def cmd_drain(args: argparse.Namespace) -> int:
+    from master.control import drain, wait_idle
+
+    spool = _spool(args)
+    rep = drain(spool, args.agent, args.timeout, args.dead_after)
+    if rep.state in ("dead", "stopped"):
+        print(f"agent {args.agent} is {rep.state}; the drain flag stays, so it starts drained "
+              f"(python -m master undrain --base {args.base} {args.agent} lifts it)")
+        return 0
+    if not rep.reached:
+        return _die("drain", f"agent {args.agent} did not report 'draining' within {args.timeout:g} s "
+                    f"(state {rep.state}); the flag is set, check its log: python -m master logs --base "
+                    f"{args.base} --agent {args.agent}", 1)
+    print(_agent_line(rep), flush=True)
+    if args.wait_idle and rep.current:
+        rep = wait_idle(spool, args.agent, args.timeout, args.dead_after)
+        print(_agent_line(rep))
+        return 0 if rep.current is None else 1
+    return 0
+
+
+def cmd_undrain(args: argparse.Namespace) -> int:
+    from master.control import undrain
+
+    rep = undrain(_spool(args), args.agent, args.timeout, args.dead_after)
+    if rep.state in ("dead", "stopped"):
+        print(f"drain flag of {args.agent} removed; the agent is {rep.state}")
+        return 0
+    print(f"agent {args.agent} is {rep.state}: taking jobs again" if rep.reached else
+          f"drain flag removed, but agent {args.agent} still reports {rep.state}")
+    return 0 if rep.reached else 1
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from master.dashboard import serve
+
+    serve(_spool(args), args.host, args.port, args.refresh, args.dead_after)
+    return 0
+
+
+# parsers --------------------------------------------------------------------------------------
+def _sub(sub: argparse._SubParsersAction, name: str, help_: str, fn: Callable) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help_, description=help_, epilog=EXAMPLES[name],
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base", required=True, help="the spool folder the agents serve")
+    p.set_defaults(fn=fn)
+    return p
+
+
+def _dead_after(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dead-after", type=float, default=20.0, help="heartbeat silence (s) that marks an agent dead")
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog=PROG, description="Look at and steer a GPU agent pool.",
+                                  epilog=TOP_EPILOG,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = top.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    s = _sub(sub, "status", "agents (GPU, current chunk, load) and runs (progress, chunks/s, ETA)", cmd_status)
+    s.add_argument("--json", action="store_true", help="print JSON for scripts")
+    s.add_argument("--watch", nargs="?", const=2.0, type=float, metavar="S", help="refresh every S seconds (default 2)")
+    _dead_after(s)
+    lg = _sub(sub, "logs", "agents' logs merged in time order, or one chunk's output and traceback", cmd_logs)
+    lg.add_argument("--agent", help="only this agent's log")
+    lg.add_argument("--run", help="only lines about this run (with --chunk: that chunk's full report)")
+    lg.add_argument("--chunk", type=int, help="one chunk: result, every failed attempt's traceback, script output")
+    lg.add_argument("-f", "--follow", action="store_true", help="keep printing new lines (Ctrl-C to stop)")
+    lg.add_argument("-n", "--lines", type=int, default=0, help="only the last N entries (default: all)")
+    lg.add_argument("--worker", action="store_true", help="with --agent: the job code's own output (worker log)")
+    lg.add_argument("--json", action="store_true", help="with --chunk: print the report as JSON")
+    c = _sub(sub, "collect", "gather a run's results into one .npz, .csv or .jsonl file", cmd_collect)
+    c.add_argument("--run", required=True, help="run name (see python -m master status)")
+    c.add_argument("--out", required=True, help="FILE.npz (arrays), FILE.csv or FILE.jsonl (JSON values)")
+    c.add_argument("--concat", action="store_true", help="join arrays along the first axis instead of stacking")
+    c.add_argument("--partial", action="store_true", help="collect the ok chunks even if some failed or are missing")
+    r = _sub(sub, "retry", "re-queue a run's failed chunks (and resume a cancelled run) and feed them", cmd_retry)
+    r.add_argument("--run", required=True, help="run name (see python -m master status)")
+    r.add_argument("--retries", type=int, help="retries per chunk this time (default: the run's own)")
+    r.add_argument("--wait", action="store_true", help="if another master feeds this run, wait for it")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _dead_after(r)
+    k = _sub(sub, "cancel", "drop a run's queued work; optionally kill its running chunks", cmd_cancel)
+    k.add_argument("--run", required=True, help="run name (see python -m master status)")
+    k.add_argument("--stop-running", action="store_true", help="also kill the run's chunks that are running")
+    k.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the master/agents to stop")
+    for name, help_, fn in (("drain", "an agent finishes its current chunk and takes no more (maintenance)", cmd_drain),
+                            ("undrain", "a drained agent takes jobs again", cmd_undrain)):
+        d = _sub(sub, name, help_, fn)
+        d.add_argument("agent", metavar="AGENT", help="agent id, e.g. myhost-gpu3 (see python -m master status)")
+        d.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the agent to answer")
+        if name == "drain":
+            d.add_argument("--wait-idle", action="store_true", help="then wait until its current chunk is done")
+        _dead_after(d)
+    db = _sub(sub, "dashboard", "serve a self-refreshing status page (and /api/status JSON)", cmd_dashboard)
+    db.add_argument("--port", type=int, default=8265, help="TCP port (default 8265; 0 picks a free one)")
+    db.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    db.add_argument("--refresh", type=float, default=2.0, help="page refresh interval, seconds (default 2)")
+    _dead_after(db)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv`` and run the command; errors become one actionable line on stderr."""
+    from jobs.errors import LockHeld, SpoolError
+
+    args = parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except LockHeld as e:
+        return _die(args.cmd, f"{e}; wait for it to finish, or pass --wait", 3)
+    except (SpoolError, FileNotFoundError) as e:
+        return _die(args.cmd, str(e).strip("'\""))
+    except KeyboardInterrupt:
+        return 130 if args.cmd == "retry" else 0
+    except BrokenPipeError:  # | head
+        return 0

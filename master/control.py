@@ -1,0 +1,208 @@
+"""Steering a pool: ``retry`` a run's failed chunks, ``cancel`` a run, ``drain``/``undrain`` an agent.
+
+cancel: write ``runs/<run>/cancel`` ({"stop_running": bool}); take the run's queued jobs out
+of every mailbox (``jobs.mailbox.drop_run``). Agents skip (or, with stop_running, kill) the
+run's jobs; a master feeding it stops. Submitting the run again (``retry``, or the same
+``main.py`` command) removes the flag and resumes it.
+
+drain: create ``agents/<agent>.drain``. The agent finishes its current chunk, takes no new
+one and says "draining" in its heartbeat; masters hand its queued jobs to other agents.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from jobs.atomic import write_replace
+from jobs.errors import BadFile, SpoolError
+from jobs.heartbeat import AgentState
+from jobs.locks import FileLock
+from jobs.mailbox import Mailbox, drop_run
+from jobs.paths import Spool
+from jobs.results import read_result
+from master.api import Run
+from master.liveness import Liveness
+from master.runspec import RunSpec
+
+
+class ControlError(SpoolError):
+    """A steering command cannot do what was asked; the message says why and what to do."""
+
+
+def load_run(spool: Spool, run: str) -> RunSpec:
+    """The spec of an existing run, or a ControlError listing the runs there are."""
+    try:
+        return RunSpec.load(spool.run_spec(run))
+    except FileNotFoundError:
+        known = ", ".join(spool.run_names()) or "none yet"
+        raise ControlError(f"no run {run!r} in {spool.base} (runs there: {known})") from None
+
+
+def _note(**extra: Any) -> bytes:
+    return json.dumps({"by": f"{socket.gethostname()}:{os.getpid()}", "at": time.time(), **extra}).encode()
+
+
+def wait_until(cond: Callable[[], Any], timeout: float, poll: float = 0.1) -> Any:
+    """``cond()``'s first true value within ``timeout`` seconds, else its last (false) value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value or time.monotonic() >= deadline:
+            return value
+        time.sleep(poll)
+
+
+# retry ----------------------------------------------------------------------------------------
+def failed_chunks(spool: Spool, spec: RunSpec) -> list[int]:
+    """Chunks whose committed result is a failure."""
+    out = []
+    for c in range(spec.chunks):
+        try:
+            if read_result(spool.result_json(spec.name, c))["status"] != "ok":
+                out.append(c)
+        except (FileNotFoundError, BadFile):
+            continue
+    return out
+
+
+def ok_count(spool: Spool, spec: RunSpec) -> int:
+    n = 0
+    for c in range(spec.chunks):
+        try:
+            n += read_result(spool.result_json(spec.name, c))["status"] == "ok"
+        except (FileNotFoundError, BadFile):
+            continue
+    return n
+
+
+def retry_run(spool: Spool, run: str, retries: int | None = None) -> tuple[Run, list[int], int]:
+    """The Run to feed again (failed chunks are re-opened by the feeder's recovery, under the
+    run's master lock, with ``jobs.results.reopen_failed``), its failed chunks and how many
+    chunks have no result at all (a cancelled or interrupted run)."""
+    spec = load_run(spool, run)
+    from master.executor import is_executor_run
+
+    if is_executor_run(spec):
+        raise ControlError(f"run {run} was made by a master.executor.Executor, whose chunks each call their own "
+                           "function; submit them again from Python")
+    if retries is not None:
+        if retries < 0:
+            raise ControlError(f"--retries must be 0 or more, not {retries}")
+        spec = dataclasses.replace(spec, retries=retries)
+    failed = failed_chunks(spool, spec)
+    missing = spec.chunks - ok_count(spool, spec) - len(failed)
+    return Run(spool, spec, fresh=False), failed, missing
+
+
+# cancel ---------------------------------------------------------------------------------------
+@dataclass
+class Cancelled:
+    dropped: int  # queued jobs taken out of mailboxes
+    running: list[tuple[str, int]]  # (agent, chunk) still running when we stopped waiting
+    master_stopped: bool  # no master feeds the run any more
+
+
+def cancel_run(spool: Spool, run: str, stop_running: bool, timeout: float = 10.0) -> Cancelled:
+    """Cancel ``run`` (see the module docstring); waits up to ``timeout`` for its master to stop
+    and, with ``stop_running``, for its running chunks to be killed."""
+    load_run(spool, run)
+    write_replace(spool.cancel_flag(run), _note(stop_running=stop_running), fsync=False)
+    dropped = drop_run(spool, run)
+    stopped = wait_until(lambda: _master_gone(spool, run), timeout)
+    dropped += drop_run(spool, run)  # what a master queued before it saw the flag
+    if stop_running:
+        wait_until(lambda: not _running(spool, run), timeout)
+    return Cancelled(dropped, _running(spool, run), bool(stopped))
+
+
+def _master_gone(spool: Spool, run: str) -> bool:
+    lock = FileLock(spool.master_lock(run))
+    try:
+        return lock.acquire(blocking=False)
+    except OSError:
+        return True
+    finally:
+        lock.close()
+
+
+def _running(spool: Spool, run: str) -> list[tuple[str, int]]:
+    out = []
+    for ident, view in Liveness(spool, 20.0).refresh().items():
+        cur = view.status.get("current") or {}
+        if view.alive and cur.get("run") == run:
+            out.append((ident, cur.get("chunk_id")))
+    return out
+
+
+# drain ----------------------------------------------------------------------------------------
+@dataclass
+class AgentReport:
+    agent: str
+    state: str  # heartbeat state, or "dead"
+    current: dict[str, Any] | None
+    queued: int
+    reached: bool  # the agent reported the state we waited for
+
+
+def check_agent(spool: Spool, agent: str) -> None:
+    if agent not in spool.agent_ids():
+        known = ", ".join(spool.agent_ids()) or "none yet"
+        raise ControlError(f"no agent {agent!r} in {spool.base} (agents there: {known}; "
+                           "see python -m master status)")
+
+
+def agent_report(spool: Spool, agent: str, live: Liveness, want: Callable[[str], bool]) -> AgentReport:
+    view = live.refresh().get(agent)
+    state = "dead" if view is None or not view.alive else view.state
+    try:
+        queued = len(Mailbox(spool, agent).read().jobs)
+    except (OSError, BadFile):
+        queued = 0
+    cur = view.status.get("current") if view is not None and view.alive else None
+    return AgentReport(agent, state, cur, queued, want(state))
+
+
+def drain(spool: Spool, agent: str, timeout: float = 30.0, dead_after: float = 20.0) -> AgentReport:
+    """Tell ``agent`` to take no new job; wait until it says "draining" (or is not alive)."""
+    check_agent(spool, agent)
+    write_replace(spool.drain_flag(agent), _note(), fsync=False)
+    live = Liveness(spool, dead_after)
+
+    def reached() -> AgentReport | None:
+        rep = agent_report(spool, agent, live, lambda s: s == AgentState.DRAINING.value)
+        return rep if rep.reached or rep.state in ("dead", "stopped") else None
+
+    return wait_until(reached, timeout) or agent_report(spool, agent, live, lambda s: False)
+
+
+def undrain(spool: Spool, agent: str, timeout: float = 30.0, dead_after: float = 20.0) -> AgentReport:
+    """Remove ``agent``'s drain flag; wait until it takes jobs again (or is not alive)."""
+    check_agent(spool, agent)
+    try:
+        os.unlink(spool.drain_flag(agent))
+    except FileNotFoundError:
+        pass
+    live = Liveness(spool, dead_after)
+    accepting = (AgentState.IDLE.value, AgentState.BUSY.value)
+
+    def reached() -> AgentReport | None:
+        rep = agent_report(spool, agent, live, lambda s: s in accepting)
+        return rep if rep.reached or rep.state in ("dead", "stopped") else None
+
+    return wait_until(reached, timeout) or agent_report(spool, agent, live, lambda s: False)
+
+
+def wait_idle(spool: Spool, agent: str, timeout: float, dead_after: float = 20.0) -> AgentReport:
+    """After a drain: wait until the agent has finished its current chunk."""
+    live = Liveness(spool, dead_after)
+
+    def idle() -> AgentReport | None:
+        rep = agent_report(spool, agent, live, lambda s: True)
+        return rep if rep.current is None else None
+
+    return wait_until(idle, timeout) or agent_report(spool, agent, live, lambda s: False)

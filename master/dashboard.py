@@ -1,0 +1,161 @@
+"""``python -m master dashboard``: a small status page that refreshes itself.
+
+``/`` is one self-contained HTML page (no build step, no external CDN): the tables are
+rendered on the server, so the page shows the status even without JavaScript, and a few
+lines of script re-fetch ``/api/status`` (the same JSON as ``status --json``) every
+``refresh`` seconds and redraw them. Bound to 127.0.0.1 unless told otherwise.
+"""
+from __future__ import annotations
+
+import html
+import json
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from jobs.paths import Spool
+from master.status import StatusReader, duration
+
+STYLE = """body{font:14px system-ui,sans-serif;margin:1.5em;color:#222;background:#fafafa}
+h1{font-size:20px;margin:0 0 .2em}h2{font-size:16px;margin:1.4em 0 .4em}.sub{color:#666}
+table{border-collapse:collapse;background:#fff;box-shadow:0 1px 2px #0002}
+th,td{padding:4px 10px;border-bottom:1px solid #eee;text-align:right;white-space:nowrap}
+th{background:#f0f0f0}td.l,th.l{text-align:left}
+.idle{color:#287d2a}.busy{color:#1565c0}.dead{color:#c62828;font-weight:bold}.draining{color:#8e24aa}
+.stopped,.stopping{color:#b26a00}.bad{color:#c62828;font-weight:bold}
+.bar{display:inline-block;width:120px;height:10px;background:#e0e0e0;vertical-align:middle}
+.bar i{display:block;height:10px;background:#43a047}"""
+
+SCRIPT = """const REFRESH = %(refresh)d;
+function esc(s){return String(s==null?'-':s).replace(/[&<>"]/g,c=>({'&':'&amp;','<':'&lt;','>':'&gt;','"':'&quot;'}[c]))}
+async function tick(){
+  try{
+    const r = await fetch('api/status', {cache:'no-store'});
+    const d = await r.json();
+    const h = await (await fetch('api/tables', {cache:'no-store'})).text();
+    document.getElementById('tables').innerHTML = h;
+    document.getElementById('when').textContent = new Date(d.time*1000).toLocaleString();
+    document.body.dataset.live = '1';
+    document.body.dataset.agents = d.agents.length;
+    document.getElementById('err').textContent = '';
+  }catch(e){document.getElementById('err').textContent = 'cannot reach the dashboard server: '+e;}
+}
+setInterval(tick, REFRESH*1000); tick();"""
+
+
+def _gb(n: Any) -> str:
+    return "-" if n is None else f"{n / 1024**3:.1f}"
+
+
+def _td(value: Any, cls: str = "") -> str:
+    return f'<td class="{cls}">{html.escape("-" if value is None else str(value))}</td>'
+
+
+def _agent_row(a: dict[str, Any]) -> str:
+    cur = a["current"]
+    cur_s = f"{cur['run']} #{cur['chunk_id']} for {duration(a['current_for_s'])}" if cur else "-"
+    mem = f"{_gb(a['gpu_mem_used'])} / {_gb(a['gpu_mem_total'])} GB" if a["gpu_mem_total"] else "-"
+    gpu = "cpu" if a["device"] == "cpu" else a["gpu_name"]
+    state = "DEAD" if a["state"] == "dead" else a["state"]
+    cells = [_td(a["id"], "l agent"), _td(a["host"], "l"), _td(state, f"l {a['state']}"), _td(cur_s, "l"),
+             _td(a["jobs_done"]), _td(a["jobs_failed"]), _td(a["queued"]), _td(f"{a['heartbeat_age_s']:.1f} s"),
+             _td(gpu, "l"), _td(None if a["gpu_util"] is None else f"{a['gpu_util']}%"), _td(mem),
+             _td(None if a["gpu_temp"] is None else f"{a['gpu_temp']} C")]
+    return "<tr>" + "".join(cells) + "</tr>"
+
+
+def _run_row(r: dict[str, Any], p: dict[str, Any]) -> str:
+    pct = 100.0 * (r["ok"] + r["failed"]) / r["chunks"] if r["chunks"] else 0.0
+    bar = f'<td class="l"><span class="bar"><i style="width:{pct:.0f}%"></i></span> {pct:.0f}%</td>'
+    eta = "done" if p.get("done") else "cancelled" if p.get("cancelled") else duration(p.get("eta_s"))
+    cells = [_td(r["run"], "l run"), _td(r["kind"], "l"), bar, _td(r["chunks"]), _td(r["ok"]),
+             _td(r["failed"], "bad" if r["failed"] else ""), _td(r["running"]), _td(r["queued"]), _td(r["pending"]),
+             _td(p.get("chunks_per_s")), _td(eta)]
+    return "<tr>" + "".join(cells) + "</tr>"
+
+
+def tables(data: dict[str, Any]) -> str:
+    """The agents and runs tables as an HTML fragment."""
+    ah = ["agent", "host", "state", "current chunk", "done", "failed", "queued", "heartbeat", "GPU", "util",
+          "memory", "temp"]
+    rh = ["run", "kind", "progress", "chunks", "ok", "failed", "running", "queued", "pending", "chunks/s", "ETA"]
+
+    def head(names: list[str], left: int) -> str:
+        return "<tr>" + "".join(f'<th class="{"l" if i < left else ""}">{n}</th>' for i, n in enumerate(names)) + "</tr>"
+
+    agents = "".join(_agent_row(a) for a in data["agents"]) or \
+        f'<tr><td class="l" colspan="{len(ah)}">no agents yet: start some with ./start_agents.sh N BASE</td></tr>'
+    prog = data.get("run_progress", {})
+    runs = "".join(_run_row(r, prog.get(r["run"], {})) for r in data["runs"]) or \
+        f'<tr><td class="l" colspan="{len(rh)}">no runs yet</td></tr>'
+    return (f'<h2>Agents ({len(data["agents"])})</h2><table id="agents">{head(ah, 4)}{agents}</table>'
+            f'<h2>Runs ({len(data["runs"])})</h2><table id="runs">{head(rh, 3)}{runs}</table>')
+
+
+def page(data: dict[str, Any], refresh: float) -> str:
+    """The whole page, with the current tables already in it."""
+    base = html.escape(data["base"])
+    return (f'<!doctype html><html><head><meta charset="utf-8"><title>gpupool: {base}</title>'
+            f'<style>{STYLE}</style></head><body><h1>gpupool</h1>'
+            f'<div class="sub">spool {base} &middot; updated <span id="when">now</span> &middot; '
+            f'every {refresh:g} s &middot; <a href="api/status">JSON</a> <span id="err" class="bad"></span></div>'
+            f'<div id="tables">{tables(data)}</div>'
+            f'<script>{SCRIPT % {"refresh": max(1, round(refresh))}}</script></body></html>')
+
+
+class _Handler(BaseHTTPRequestHandler):
+    reader: StatusReader
+    refresh: float
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        path = self.path.split("?", 1)[0]
+        if path == "/api/status":
+            self._send(200, "application/json", json.dumps(self.reader.gather()))
+        elif path == "/api/tables":
+            self._send(200, "text/html; charset=utf-8", tables(self.reader.gather()))
+        elif path in ("/", "/index.html"):
+            self._send(200, "text/html; charset=utf-8", page(self.reader.gather(), self.refresh))
+        else:
+            self._send(404, "text/plain", "not found: try / or /api/status\n")
+
+    def _send(self, code: int, ctype: str, body: str) -> None:
+        data = body.encode()
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, fmt: str, *args: Any) -> None:
+        pass  # one line per request every few seconds would drown the terminal
+
+
+def make_server(spool: Spool, host: str = "127.0.0.1", port: int = 8265, refresh: float = 2.0,
+                dead_after: float = 20.0) -> ThreadingHTTPServer:
+    """A dashboard server for ``spool`` (not yet serving: call ``serve_forever``)."""
+    handler = type("Handler", (_Handler,), {"reader": StatusReader(spool, dead_after), "refresh": refresh})
+    server = ThreadingHTTPServer((host, port), handler)
+    server.daemon_threads = True
+    return server
+
+
+def serve(spool: Spool, host: str, port: int, refresh: float = 2.0, dead_after: float = 20.0) -> None:
+    """Serve until Ctrl-C, printing the address first."""
+    server = make_server(spool, host, port, refresh, dead_after)
+    h, p = server.server_address[:2]
+    print(f"dashboard of {spool.base} at http://{h}:{p}/  (JSON at /api/status; Ctrl-C stops)", flush=True)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        print("warning: bound to a network address; anyone who can reach it sees your runs", file=sys.stderr)
+    try:
+        server.serve_forever(poll_interval=0.5)
+    finally:
+        server.server_close()
+
+
+def serve_in_thread(server: ThreadingHTTPServer) -> threading.Thread:
+    """Run ``server`` in a daemon thread (for a master that also feeds a run)."""
+    t = threading.Thread(target=server.serve_forever, name="dashboard", daemon=True)
+    t.start()
+    return t

@@ -1,0 +1,183 @@
+"""``python -m master logs``: agents' logs merged in time order, or everything about one chunk.
+
+Agent logs are ``BASE/logs/<agent>.log`` in the agents' format
+``YYYY-MM-DD HH:mm:ss.SSS | LEVEL | agent | message``; lines without a time stamp (a
+traceback's) belong to the entry above them. Entries sort by their time stamp text, which
+is each agent host's local clock: across hosts the order is as good as their clocks.
+"""
+from __future__ import annotations
+
+import heapq
+import json
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, TextIO
+
+from jobs.errors import BadFile
+from jobs.paths import Spool
+from jobs.results import read_result
+
+STAMP = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} \| ")
+HISTORY_NAME = re.compile(r"^(\d{6,})\.a(\d+)\.json$")
+
+
+@dataclass(order=True)
+class Entry:
+    stamp: str  # "YYYY-MM-DD HH:mm:ss.SSS": sorts as time
+    order: int  # tie-break: the file's position in the list, then the line's
+    text: str  # the entry, continuation lines included
+
+
+def entries(lines: Iterable[str], order: int = 0) -> Iterator[Entry]:
+    """Group log lines into entries (a stamped line plus the unstamped lines after it)."""
+    cur: Entry | None = None
+    for line in lines:
+        line = line.rstrip("\n")
+        if STAMP.match(line):
+            if cur is not None:
+                yield cur
+            cur = Entry(line[:23], order, line)
+        elif cur is not None:
+            cur.text += "\n" + line
+        elif line:
+            cur = Entry("", order, line)  # a file that starts mid-entry
+    if cur is not None:
+        yield cur
+
+
+def agent_logs(spool: Spool, agent: str | None = None) -> list[Path]:
+    """The agent log files to read: one agent's, or every agent's that has one."""
+    if agent is not None:
+        return [spool.agent_log(agent)]
+    names = sorted(n for n in os.listdir(spool.logs_dir) if n.endswith(".log") and not n.endswith(".worker.log")
+                   and not n.startswith(".")) if spool.logs_dir.is_dir() else []
+    return [spool.logs_dir / n for n in names if (spool.logs_dir / n).is_file()]
+
+
+def merged(paths: list[Path], match: Callable[[str], bool] = lambda t: True) -> list[Entry]:
+    """Every entry of ``paths`` in time order, keeping those ``match`` accepts."""
+    streams = []
+    for i, p in enumerate(paths):
+        try:
+            with open(p, errors="replace") as f:
+                streams.append([e for e in entries(f, i) if match(e.text)])
+        except FileNotFoundError:
+            continue
+    return list(heapq.merge(*streams))
+
+
+def run_filter(run: str | None, chunk: int | None = None) -> Callable[[str], bool]:
+    """Keep entries about ``run`` (and ``chunk``): the agent logs every job as '<run> chunk <c>'."""
+    if run is None:
+        return lambda text: True
+    num = str(chunk) if chunk is not None else r"\d+"
+    pat = re.compile(r"\| " + re.escape(run) + r" chunk " + num + r"\b")
+    return lambda text: bool(pat.search(text))
+
+
+def follow(paths_of: Callable[[], list[Path]], out: TextIO, match: Callable[[str], bool],
+           start_at_end: bool = True, poll: float = 0.5, stop: Callable[[], bool] = lambda: False) -> None:
+    """Print entries as they are appended to the files (new files too), until ``stop`` or Ctrl-C."""
+    pos: dict[Path, int] = {}
+    partial: dict[Path, str] = {}
+    first = True
+    while not stop():
+        batch: list[Entry] = []
+        for i, p in enumerate(paths_of()):
+            try:
+                size = p.stat().st_size
+            except OSError:
+                continue
+            if p not in pos:
+                pos[p] = size if (start_at_end and first) else 0
+            if size < pos[p]:  # truncated or replaced: start over
+                pos[p] = 0
+            if size == pos[p]:
+                continue
+            with open(p, "rb") as f:
+                f.seek(pos[p])
+                data = partial.pop(p, "") + f.read(size - pos[p]).decode(errors="replace")
+            pos[p] = size
+            complete, _, rest = data.rpartition("\n")
+            if rest:
+                partial[p] = rest
+            batch += [e for e in entries(complete.splitlines(), i) if match(e.text)] if complete else []
+        for e in sorted(batch):
+            print(e.text, file=out, flush=True)
+        first = False
+        time.sleep(poll)
+
+
+# one chunk ------------------------------------------------------------------------------------
+def chunk_report(spool: Spool, run: str, chunk: int) -> dict[str, Any]:
+    """Everything recorded about one chunk: result, failed attempts, script output, agent lines."""
+    rdir = spool.result_dir(run)
+    result = _read(spool.result_json(run, chunk))
+    attempts = []
+    for name in sorted(os.listdir(rdir)) if rdir.is_dir() else ():
+        m = HISTORY_NAME.match(name)
+        if m and int(m.group(1)) == chunk:
+            attempts.append(_read(rdir / name) or {"attempt": int(m.group(2)), "status": "unreadable"})
+    attempts.sort(key=lambda r: r.get("attempt", 0))
+    log = spool.chunk_log(run, chunk)
+    lines = [e.text for e in merged(agent_logs(spool), run_filter(run, chunk))]
+    return {"run": run, "chunk_id": chunk, "status": result["status"] if result else None, "result": result,
+            "attempts": attempts, "script_log": str(log) if log.exists() else None,
+            "script_output": _text(log), "agent_lines": lines}
+
+
+def _read(path: Path) -> dict[str, Any] | None:
+    try:
+        return read_result(path)
+    except (OSError, BadFile):
+        return None
+
+
+def _text(path: Path, limit: int = 2_000_000) -> str | None:
+    try:
+        with open(path, "rb") as f:
+            return f.read(limit).decode(errors="replace")
+    except OSError:
+        return None
+
+
+def format_chunk(rep: dict[str, Any]) -> str:
+    """The chunk report as text: the newest failure's traceback first where it matters."""
+    res = rep["result"]
+    head = f"run {rep['run']} chunk {rep['chunk_id']}: "
+    if res is None:
+        head += "no committed result yet" + (f" ({len(rep['attempts'])} failed attempt(s) so far)"
+                                              if rep["attempts"] else "")
+    else:
+        head += (f"{res['status'].upper()} on attempt {res.get('attempt')}/{res.get('max_attempts', '?')}, "
+                 f"agent {res.get('agent')} ({res.get('host')}, {res.get('device')}), "
+                 f"{res.get('duration_s', 0) or 0:.3f} s, finished {_when(res.get('finished_at'))}")
+    out = [head]
+    if res is not None and res["status"] == "ok":
+        value = json.dumps(res.get("value"))
+        out.append(f"value: {value[:500]}{' ...' if len(value) > 500 else ''}"
+                   + (f"   arrays: {res['arrays']}" if res.get("arrays") else ""))
+    for a in rep["attempts"]:
+        out += _attempt_lines(a)
+    if rep["script_output"] is not None:
+        out += ["", f"--- script output ({rep['script_log']}) ---", rep["script_output"].rstrip()]
+    if rep["agent_lines"]:
+        out += ["", "--- agent log lines ---", *rep["agent_lines"]]
+    return "\n".join(out)
+
+
+def _attempt_lines(a: dict[str, Any]) -> list[str]:
+    err = a.get("error") or {}
+    lines = ["", f"--- attempt {a.get('attempt')} failed on {a.get('agent')} at {_when(a.get('finished_at'))}: "
+                 f"{err.get('type')}: {err.get('message')}"]
+    tb = (err.get("traceback") or "").rstrip()
+    if tb:
+        lines.append(tb)
+    return lines
+
+
+def _when(t: Any) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if isinstance(t, (int, float)) else "?"

@@ -1,0 +1,224 @@
+"""``python main.py --octorun-config config.json``: an OctoRun config run on the pool, unchanged.
+
+OctoRun's fields (``octorun save_config`` writes them) and what becomes of them here:
+
+* ``script_path`` (relative to the current folder, as OctoRun runs it), ``total_chunks``
+  (default 128) and ``kwargs`` (flags; ``--kwargs`` on the command line overrides keys, as
+  ``octorun run --kwargs`` does): a ``--script`` run, one process per chunk with
+  ``--gpu_id --chunk_id --total_chunks --key value``, exactly as OctoRun starts it.
+* ``max_retries`` with ``restart_failed`` (retries only when it is true or absent): ``--retries``.
+* ``gpus`` (``"auto"`` or a list of GPU ids): without ``--base``, one agent is started per
+  listed GPU (a list on a host without GPUs means that many CPU slots, as with OctoRun) in a
+  spool ``<log_dir>/gpupool`` and stopped at the end. With ``--base``, the run goes to the
+  agents already serving that spool and ``gpus`` is not used.
+* ``log_dir``: holds that spool; chunk output is in ``<spool>/logs/<run>/<chunk>.log``.
+* ``success_codes``: only exit code 0 counts as success on the pool; other codes are refused.
+* ``chunk_lock_dir``, ``monitor_interval``, ``memory_threshold``: not needed (no lock files,
+  no polling interval; one agent per GPU holds it); ignored with a note.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from jobs.errors import BadFile, SpoolError
+from jobs.heartbeat import AgentState, read_status
+from jobs.paths import Spool
+from master.runspec import UsageError
+
+REPO_ROOT = str(Path(__file__).resolve().parents[1])
+KNOWN = {"script_path", "total_chunks", "kwargs", "gpus", "max_retries", "restart_failed", "log_dir",
+         "chunk_lock_dir", "lock_dir", "monitor_interval", "memory_threshold", "success_codes"}
+UNUSED = {"chunk_lock_dir": "no lock files: a chunk is claimed through the agents' mailboxes",
+          "lock_dir": "no lock files: a chunk is claimed through the agents' mailboxes",
+          "monitor_interval": "no polling interval: results are picked up as they are written",
+          "memory_threshold": "one agent holds each GPU; use --min-free-gb with --gpu auto for agents"}
+
+
+@dataclass
+class OctoConfig:
+    script_path: str
+    total_chunks: int = 128
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    gpus: str | list[int] = "auto"
+    retries: int = 0
+    log_dir: str = "./logs"
+    notes: list[str] = field(default_factory=list)
+
+
+def load_config(path: str, cli_kwargs: dict[str, Any] | None = None) -> OctoConfig:
+    """Read and check an OctoRun config.json; UsageError names the bad field."""
+    try:
+        raw = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise UsageError(f"--octorun-config {path}: cannot read it ({e.strerror}); "
+                         "write one with `octorun save_config --script my_script.py`") from None
+    except ValueError as e:
+        raise UsageError(f"--octorun-config {path}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict) or "script_path" not in raw:
+        raise UsageError(f"--octorun-config {path}: an OctoRun config is a JSON object with at least "
+                         "\"script_path\" (and usually \"total_chunks\", \"kwargs\", \"gpus\")")
+    cfg = OctoConfig(script_path=_str(raw, "script_path", path), total_chunks=raw.get("total_chunks", 128),
+                     kwargs={**_dict(raw, "kwargs", path), **(cli_kwargs or {})}, gpus=_gpus(raw, path),
+                     retries=_retries(raw, path), log_dir=_str({"log_dir": "./logs", **raw}, "log_dir", path))
+    if isinstance(cfg.total_chunks, bool) or not isinstance(cfg.total_chunks, int) or cfg.total_chunks < 1:
+        raise UsageError(f"--octorun-config {path}: 'total_chunks' must be a whole number >= 1, "
+                         f"not {cfg.total_chunks!r}")
+    codes = raw.get("success_codes", [0])
+    if codes != [0]:
+        raise UsageError(f"--octorun-config {path}: success_codes {codes}: on the pool only exit code 0 counts as "
+                         "success; make the script exit 0 on success and remove the field")
+    cfg.notes = [f"{k}: ignored ({UNUSED[k]})" for k in raw if k in UNUSED]
+    cfg.notes += [f"{k}: unknown OctoRun field, ignored" for k in raw if k not in KNOWN]
+    return cfg
+
+
+def _str(raw: dict, key: str, path: str) -> str:
+    if not isinstance(raw.get(key), str) or not raw[key]:
+        raise UsageError(f"--octorun-config {path}: {key!r} must be a path string, not {raw.get(key)!r}")
+    return raw[key]
+
+
+def _dict(raw: dict, key: str, path: str) -> dict:
+    value = raw.get(key) or {}
+    if not isinstance(value, dict):
+        raise UsageError(f"--octorun-config {path}: {key!r} must be a JSON object of flags, not {value!r}")
+    return value
+
+
+def _gpus(raw: dict, path: str) -> str | list[int]:
+    gpus = raw.get("gpus", "auto")
+    ok_list = isinstance(gpus, list) and gpus and all(isinstance(g, int) and g >= 0 for g in gpus)
+    if gpus != "auto" and not ok_list:
+        raise UsageError(f"--octorun-config {path}: 'gpus' must be \"auto\" or a non-empty list of GPU ids like "
+                         f"[0, 1], not {gpus!r}")
+    return gpus if gpus == "auto" else sorted(set(gpus))
+
+
+def _retries(raw: dict, path: str) -> int:
+    n = raw.get("max_retries", 0)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise UsageError(f"--octorun-config {path}: 'max_retries' must be a whole number >= 0, not {n!r}")
+    return n if raw.get("restart_failed", True) else 0  # OctoRun retries only with restart_failed
+
+
+# local agents for the configured GPUs ---------------------------------------------------------
+@dataclass
+class LocalAgents:
+    spool: Spool
+    ids: list[str]
+    started: list[str]
+
+    def stop(self) -> None:
+        from agent import launcher
+
+        launcher.stop(str(self.spool.base), only=self.started)
+
+
+def start_agents(spool: Spool, gpus: str | list[int], timeout: float = 120.0) -> LocalAgents:
+    """One agent per configured GPU of this host (CPU slots when it has none)."""
+    from agent import launcher
+    from agent.gpu import make_probe, visible_gpus
+    from agent.identity import agent_id, host_id
+
+    visible = visible_gpus(make_probe())
+    if gpus == "auto" and not visible:
+        raise UsageError("config 'gpus' is \"auto\" but this host has no visible GPU (OctoRun refuses this too); "
+                         "set \"gpus\": [0, 1] to run two CPU slots, or pass --base BASE to use running agents")
+    numbers = list(range(len(visible))) if gpus == "auto" else list(gpus)
+    bad = [g for g in numbers if visible and g >= len(visible)]
+    if bad:
+        raise UsageError(f"config 'gpus' lists {bad}, but this host has {len(visible)} visible GPU(s)")
+    host, cpu = host_id(), not visible
+    ids, procs = [], []
+    for g in numbers:
+        ident = agent_id(host, visible[g].index if visible else g, cpu)
+        ids.append(ident)
+        if not launcher.is_running(spool, ident):
+            procs.append((ident, _spawn(spool, g, cpu, host)))
+    for ident, proc in procs:
+        _wait_ready(spool, ident, proc, timeout)
+    return LocalAgents(spool, ids, [i for i, _ in procs])
+
+
+def _spawn(spool: Spool, gpu: int, cpu: bool, host: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [REPO_ROOT, os.environ.get("PYTHONPATH")]))}
+    cmd = [sys.executable, "-m", "agent", "--base", str(spool.base), "--gpu", str(gpu), "--host-id", host,
+           "--heartbeat", "0.5"] + (["--cpu"] if cpu else [])
+    out = open(spool.logs_dir / f"{host}-{'cpu' if cpu else 'gpu'}{gpu}.out", "ab")
+    with out:
+        return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+
+
+def _wait_ready(spool: Spool, ident: str, proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SpoolError(f"agent {ident} exited with code {proc.returncode} at start; see its log",
+                             spool.agent_log(ident))
+        try:
+            st = read_status(spool.heartbeat(ident))
+            if st.get("pid") == proc.pid and st["state"] in (AgentState.IDLE.value, AgentState.BUSY.value):
+                return
+        except (OSError, BadFile):
+            pass
+        time.sleep(0.05)
+    raise SpoolError(f"agent {ident} did not report ready within {timeout:g} s; see its log", spool.agent_log(ident))
+
+
+# the run ----------------------------------------------------------------------------------------
+def main(args: Any) -> int:
+    """``main.py --octorun-config``: ``args`` are main.py's parsed options."""
+    from jobs.errors import LockHeld
+    from master.runspec import parse_kwargs
+
+    try:
+        if args.task or args.script or args.chunks:
+            raise UsageError("--octorun-config replaces --task/--script/--chunks (the config's script_path and "
+                             "total_chunks say them); drop those options")
+        cfg = load_config(args.octorun_config, parse_kwargs(args.kwargs))
+        for note in cfg.notes:
+            print(f"main.py: octorun config: {note}", file=sys.stderr)
+        return _feed(args, cfg)
+    except LockHeld as e:
+        print(f"main.py: {e}; wait for it to finish, or pass --wait", file=sys.stderr)
+        return 3
+    except SpoolError as e:
+        print(f"main.py: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nmain.py: interrupted; run the same command again to resume.", file=sys.stderr)
+        return 130
+
+
+def _feed(args: Any, cfg: OctoConfig) -> int:
+    from master.api import Pool
+    from master.feeder import FeedConfig
+    from master.progress import format_summary
+
+    pool = Pool(args.base or Path(cfg.log_dir) / "gpupool")
+    local = None
+    if args.base:
+        print(f"main.py: octorun config: running on the agents of {pool.spool.base}; its 'gpus' is not used",
+              file=sys.stderr)
+    else:
+        local = start_agents(pool.spool, cfg.gpus)
+        print(f"octorun config: spool {pool.spool.base}, agents {' '.join(local.ids)}", flush=True)
+    try:
+        run = pool.submit(script=cfg.script_path, chunks=cfg.total_chunks, kwargs=cfg.kwargs, run=args.run,
+                          retries=cfg.retries, timeout=args.timeout, fresh=args.fresh)
+        feed = FeedConfig(depth=args.depth, dead_after=args.dead_after, retry_delay=args.retry_delay)
+        summary = run.wait(progress=not args.no_progress, cfg=feed, wait_for_lock=args.wait)
+    finally:
+        if local is not None:
+            local.stop()
+    print(format_summary(summary, pool.spool.base))
+    print(f"chunk output: {pool.spool.logs_dir / run.name}/<chunk:06d>.log")
+    return 0 if not summary.failed and summary.ok == summary.chunks else 1
