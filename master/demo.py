@@ -1,7 +1,6 @@
 """The demo behind a bare ``python main.py``: a spool, local agents, the matmul workload, a summary."""
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jobs.atomic import commit_link, read_bounded, write_exclusive, write_replace
+from jobs.atomic import read_bounded, write_exclusive, write_replace
 from jobs.descriptor import SCHEMA, Job, JobKind, JobState
 from jobs.errors import BadFile, BadName, BadNpz, LockHeld, NewerSchema
 from jobs.fsinfo import mount_of
