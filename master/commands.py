@@ -200,7 +200,8 @@ def _agent_line(rep) -> str:
     running = (f"still running {cur.get('run')} chunk {cur.get('chunk_id')} (attempt {cur.get('attempt')}, "
                f"for {time.time() - cur['since']:.0f} s)" if cur and cur.get("since") else "running nothing")
     queued = f"; {rep.queued} queued job(s) go back to other agents" if rep.queued else ""
-    return f"agent {rep.agent} is {rep.state}: {running}{queued}"
+    after = "; it takes no new job after this one" if rep.state == "busy" else ""
+    return f"agent {rep.agent} is {rep.state}: {running}{after}{queued}"
 
 
 def cmd_drain(args: argparse.Namespace) -> int:
@@ -217,10 +218,12 @@ def cmd_drain(args: argparse.Namespace) -> int:
                     f"(state {rep.state}); the flag is set, check its log: python -m master logs --base "
                     f"{args.base} --agent {args.agent}", 1)
     print(_agent_line(rep), flush=True)
-    if args.wait_idle and rep.current:
+    if args.wait_idle and rep.state != "draining":
         rep = wait_idle(spool, args.agent, args.timeout, args.dead_after)
         print(_agent_line(rep))
-        return 0 if rep.current is None else 1
+        if rep.current is not None:
+            return _die("drain", f"agent {args.agent} is still running after {args.timeout:g} s; "
+                        "wait longer with --timeout S", 1)
     return 0
 
 

@@ -168,13 +168,16 @@ def agent_report(spool: Spool, agent: str, live: Liveness, want: Callable[[str],
 
 
 def drain(spool: Spool, agent: str, timeout: float = 30.0, dead_after: float = 20.0) -> AgentReport:
-    """Tell ``agent`` to take no new job; wait until it says "draining" (or is not alive)."""
+    """Tell ``agent`` to take no new job; wait until it says "draining" (or is not alive).
+
+    A busy agent reads the flag when its current chunk ends, so "busy" is answer enough."""
     check_agent(spool, agent)
     write_replace(spool.drain_flag(agent), _note(), fsync=False)
     live = Liveness(spool, dead_after)
 
     def reached() -> AgentReport | None:
-        rep = agent_report(spool, agent, live, lambda s: s == AgentState.DRAINING.value)
+        # A busy agent looks at the flag when its chunk ends; until then it says "busy".
+        rep = agent_report(spool, agent, live, lambda s: s == AgentState.DRAINING.value or s == AgentState.BUSY.value)
         return rep if rep.reached or rep.state in ("dead", "stopped") else None
 
     return wait_until(reached, timeout) or agent_report(spool, agent, live, lambda s: False)
@@ -202,7 +205,7 @@ def wait_idle(spool: Spool, agent: str, timeout: float, dead_after: float = 20.0
     live = Liveness(spool, dead_after)
 
     def idle() -> AgentReport | None:
-        rep = agent_report(spool, agent, live, lambda s: True)
-        return rep if rep.current is None else None
+        rep = agent_report(spool, agent, live, lambda s: s == AgentState.DRAINING.value)
+        return rep if (rep.reached and rep.current is None) or rep.state in ("dead", "stopped") else None
 
     return wait_until(idle, timeout) or agent_report(spool, agent, live, lambda s: False)

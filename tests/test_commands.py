@@ -1,0 +1,349 @@
+"""``python -m master`` status, logs, collect, retry, cancel, drain: real agents, real spool, real CLI."""
+from __future__ import annotations
+
+import json
+import os
+import pty
+import re
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jobs.paths import Spool
+from master.commands import EXAMPLES, parser
+from tests.helpers import REPO, base_env, results, run_main, wait_for
+
+
+def master(args: list[str], env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "master", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def master_bg(args: list[str], env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "master", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def main_bg(args: list[str], env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "main.py", *args, "--no-progress"], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def status_json(spool: Spool, env: dict[str, str], *extra: str) -> dict:
+    r = master(["status", "--base", str(spool.base), "--json", *extra], env)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def read_until(stream, pattern: str, timeout: float = 20) -> str:
+    """Read lines from a pipe until one matches ``pattern`` (deadline, never a fixed sleep)."""
+    seen, deadline = "", time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([stream], [], [], 0.2)
+        if ready:
+            chunk = os.read(stream.fileno(), 65536)  # raw: a text wrapper's buffer would hide lines from select
+            seen += chunk.decode(errors="replace")
+            if re.search(pattern, seen):
+                return seen
+            if not chunk:
+                break
+    raise AssertionError(f"no {pattern!r} within {timeout} s in:\n{seen}")
+
+
+def stop(p: subprocess.Popen) -> None:
+    if p.poll() is None:
+        p.send_signal(signal.SIGINT)
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
+# status ---------------------------------------------------------------------------------------
+@pytest.mark.timeout(120)
+def test_status_shows_gpus_current_chunk_rate_eta_and_dead_agents(spool: Spool, agents, tmp_path: Path) -> None:
+    gpus = [{"name": "Fake H100", "mem_total_gb": 80, "mem_used_gb": 3, "util": 71, "temp": 55}] * 2
+    genv = base_env(tmp_path, GPUPOOL_FAKE_GPUS=json.dumps(gpus))
+    a0, a1 = agents(2, env_=genv, cpu=False)
+    feeder = main_bg(["--base", str(spool.base), "--task", "examples.noop:sleepy", "--chunks", "16", "--kwargs",
+                      '{"seconds": 0.3}', "--run", "slow"], genv)
+    try:
+        wait_for(lambda: len(results(spool.base, "slow")) >= 4, what="a few results")
+        data = status_json(spool, genv)
+        a = {x["id"]: x for x in data["agents"]}["testhost-gpu0"]
+        assert a["gpu_name"] == "Fake H100" and a["gpu_util"] == 71 and a["gpu_temp"] == 55
+        assert a["gpu_mem_total"] == 80 * 1024**3 and a["alive"] and a["heartbeat_age_s"] < 5
+        busy = [x for x in data["agents"] if x["current"]]
+        assert busy and busy[0]["current"]["run"] == "slow" and busy[0]["current_for_s"] is not None
+        [run] = data["runs"]
+        assert run["run"] == "slow" and run["running"] + run["queued"] > 0 and run["ok"] >= 4
+        prog = data["run_progress"]["slow"]
+        assert prog["chunks_per_s"] > 0 and prog["eta_s"] is not None and not prog["done"]
+        table = master(["status", "--base", str(spool.base)], genv).stdout
+        assert "Fake H100" in table and "71%" in table and "55C" in table and "CHUNK/S" in table
+        assert re.search(r"slow#\d+", table) and "\033[" not in table  # no colours off a TTY
+        assert feeder.wait(timeout=60) == 0
+    finally:
+        feeder.kill()
+    assert status_json(spool, genv)["run_progress"]["slow"]["done"] is True
+    a1.kill()
+    data = wait_for(lambda: (d := status_json(spool, genv, "--dead-after", "1")) and
+                    {x["id"]: x["state"] for x in d["agents"]}["testhost-gpu1"] == "dead" and d, what="dead agent")
+    assert not {x["id"]: x for x in data["agents"]}["testhost-gpu1"]["alive"]
+    table = master(["status", "--base", str(spool.base), "--dead-after", "1"], genv).stdout
+    assert "DEAD" in table and "testhost-gpu1" in table.split("DEAD (no heartbeat):")[1]
+
+
+@pytest.mark.timeout(60)
+def test_status_watch_refreshes_in_place_with_colours_on_a_tty(spool: Spool, agents, env) -> None:
+    agents(1)
+    mfd, sfd = pty.openpty()
+    p = subprocess.Popen([sys.executable, "-m", "master", "status", "--base", str(spool.base), "--watch", "0.2"],
+                         cwd=REPO, env=env, stdout=sfd, stderr=sfd, close_fds=True)
+    os.close(sfd)
+    out = b""
+    try:
+        deadline = time.monotonic() + 30
+        while out.count(b"\033[H") < 2 and time.monotonic() < deadline:
+            if select.select([mfd], [], [], 0.2)[0]:
+                out += os.read(mfd, 65536)
+    finally:
+        p.send_signal(signal.SIGINT)
+        p.wait(timeout=10)
+        os.close(mfd)
+    assert out.count(b"\033[H") >= 2, out[-500:]  # redrawn from the top, twice
+    assert b"\033[32m" in out and b"testhost-cpu0" in out  # idle agent in green
+    plain = subprocess.Popen([sys.executable, "-m", "master", "status", "--base", str(spool.base), "--watch", "0.2"],
+                             cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        text = read_until(plain.stdout, r"(?s)testhost-cpu0.*testhost-cpu0")
+    finally:
+        stop(plain)
+    assert "\033[" not in text
+
+
+# logs -----------------------------------------------------------------------------------------
+@pytest.mark.timeout(120)
+def test_logs_merge_agents_show_one_chunk_and_follow(spool: Spool, agents, env) -> None:
+    agents(2)
+    r = run_main(["--base", str(spool.base), "--task", "examples.noop:fail_on", "--chunks", "8", "--kwargs",
+                  '{"bad": [3]}', "--retries", "1", "--retry-delay", "0.05", "--run", "fl", "--no-progress"], env)
+    assert r.returncode == 1
+    merged = master(["logs", "--base", str(spool.base)], env)
+    assert merged.returncode == 0, merged.stderr
+    lines = [ln for ln in merged.stdout.splitlines() if re.match(r"\d{4}-", ln)]
+    assert {ln.split(" | ")[2] for ln in lines} == {"testhost-cpu0", "testhost-cpu1"}
+    assert [ln[:23] for ln in lines] == sorted(ln[:23] for ln in lines)  # merged in time order
+    one = master(["logs", "--base", str(spool.base), "--agent", "testhost-cpu1", "-n", "3"], env).stdout
+    assert len(one.strip().splitlines()) == 3 and "testhost-cpu0" not in one
+    chunk = master(["logs", "--base", str(spool.base), "--run", "fl", "--chunk", "3"], env)
+    assert chunk.returncode == 0, chunk.stderr
+    out = chunk.stdout
+    assert "run fl chunk 3: FAILED on attempt 2/2" in out and out.count("Traceback (most recent call last)") == 2
+    assert "ValueError: chunk 3 is on the bad list" in out and "fl chunk 3 attempt 1/2: started" in out
+    rep = json.loads(master(["logs", "--base", str(spool.base), "--run", "fl", "--chunk", "3", "--json"], env).stdout)
+    assert rep["status"] == "failed" and [a["attempt"] for a in rep["attempts"]] == [1, 2]
+    assert rep["result"]["error"]["type"] == "ValueError"
+    ok = master(["logs", "--base", str(spool.base), "--run", "fl", "--chunk", "0"], env).stdout
+    assert "OK on attempt 1" in ok and "value: 0" in ok
+    bad = master(["logs", "--base", str(spool.base), "--run", "nope", "--chunk", "0"], env)
+    assert bad.returncode == 2 and "no run 'nope'" in bad.stderr and "fl" in bad.stderr
+    follower = master_bg(["logs", "--base", str(spool.base), "-f", "--run", "later"], env)
+    try:
+        time.sleep(0.3)  # give the follower its first look at the files before new lines come
+        assert run_main(["--base", str(spool.base), "--task", "examples.noop:noop", "--chunks", "2", "--run", "later",
+                         "--no-progress"], env).returncode == 0
+        text = read_until(follower.stdout, r"later chunk \d: ok")
+    finally:
+        stop(follower)
+    assert "fl chunk" not in text  # only the run asked for
+
+
+@pytest.mark.timeout(60)
+def test_logs_of_a_failed_script_chunk_show_its_output(spool: Spool, agents, env) -> None:
+    agents(1)
+    r = run_main(["--base", str(spool.base), "--script", "examples/octorun_script.py", "--chunks", "1",
+                  "--retries", "0", "--run", "noarg", "--no-progress"], env)  # --out_dir missing: exit 2
+    assert r.returncode == 1
+    out = master(["logs", "--base", str(spool.base), "--run", "noarg", "--chunk", "0"], env).stdout
+    assert "ScriptFailed" in out and "--- script output" in out
+    assert "the following arguments are required: --out_dir" in out
+
+
+# collect --------------------------------------------------------------------------------------
+@pytest.mark.timeout(120)
+def test_collect_arrays_values_and_refusals(spool: Spool, agents, env, tmp_path: Path) -> None:
+    agents(2)
+    for args in (["--task", "examples.matmul:multiply", "--chunks", "6", "--run", "mm"],
+                 ["--task", "examples.noop:square", "--chunks", "5", "--run", "sq"],
+                 ["--task", "examples.noop:fail_on", "--chunks", "4", "--kwargs", '{"bad": [1]}', "--retries", "0",
+                  "--run", "fl"]):
+        run_main(["--base", str(spool.base), *args, "--no-progress"], env)
+    b = str(spool.base)
+    r = master(["collect", "--base", b, "--run", "mm", "--out", str(tmp_path / "mm.npz")], env)
+    assert r.returncode == 0 and "6 chunk(s)" in r.stdout, r.stderr
+    stacked = np.load(tmp_path / "mm.npz")
+    assert stacked["Y"].shape == (6, 64, 128) and list(stacked["chunk_id"]) == list(range(6))
+    for c in range(6):
+        assert np.array_equal(stacked["Y"][c], np.load(spool.result_npz("mm", c))["Y"])
+    meta = json.loads(str(stacked["run_json"]))
+    assert meta["spec"]["name"] == "mm" and [m["chunk_id"] for m in meta["chunks"]] == list(range(6))
+    assert master(["collect", "--base", b, "--run", "mm", "--out", str(tmp_path / "c.npz"), "--concat"],
+                  env).returncode == 0
+    cat = np.load(tmp_path / "c.npz")
+    assert cat["Y"].shape == (6 * 64, 128) and np.array_equal(cat["Y"][64:128], stacked["Y"][1])
+    assert master(["collect", "--base", b, "--run", "sq", "--out", str(tmp_path / "sq.csv")], env).returncode == 0
+    rows = (tmp_path / "sq.csv").read_text().splitlines()
+    assert rows[0].startswith("run,chunk_id,status,attempt,agent,host,device,") and rows[0].endswith("square,builtins")
+    assert len(rows) == 6 and rows[3].startswith("sq,2,ok,1,testhost-cpu") and ",4," in rows[3]
+    assert master(["collect", "--base", b, "--run", "sq", "--out", str(tmp_path / "sq.jsonl")], env).returncode == 0
+    recs = [json.loads(x) for x in (tmp_path / "sq.jsonl").read_text().splitlines()]
+    assert [x["square"] for x in recs] == [c * c for c in range(5)] and recs[0]["run"] == "sq"
+    refused = master(["collect", "--base", b, "--run", "fl", "--out", str(tmp_path / "fl.csv")], env)
+    assert refused.returncode == 2 and "1 chunk(s) failed (1)" in refused.stderr and "--partial" in refused.stderr
+    assert "python -m master retry" in refused.stderr and not (tmp_path / "fl.csv").exists()
+    part = master(["collect", "--base", b, "--run", "fl", "--out", str(tmp_path / "fl.csv"), "--partial"], env)
+    assert part.returncode == 0 and "left out 1 chunk(s)" in part.stdout
+    wrong = master(["collect", "--base", b, "--run", "mm", "--out", str(tmp_path / "mm.csv")], env)
+    assert wrong.returncode == 2 and "use --out FILE.npz" in wrong.stderr
+    ext = master(["collect", "--base", b, "--run", "mm", "--out", str(tmp_path / "mm.txt")], env)
+    assert ext.returncode == 2 and ".npz (arrays), .csv or .jsonl" in ext.stderr
+
+
+# retry / cancel / drain -----------------------------------------------------------------------
+FLAKY = """
+import os
+def f(chunk_id, marker):
+    if chunk_id in (2, 5) and not os.path.exists(marker):
+        raise RuntimeError("not yet")
+    return chunk_id
+"""
+
+
+@pytest.mark.timeout(120)
+def test_retry_requeues_only_the_failed_chunks(spool: Spool, agents, env, tmp_path: Path) -> None:
+    agents(2)
+    task = tmp_path / "flaky.py"
+    task.write_text(FLAKY)
+    marker = tmp_path / "fixed"
+    r = run_main(["--base", str(spool.base), "--task", f"{task}:f", "--chunks", "8", "--kwargs",
+                  json.dumps({"marker": str(marker)}), "--retries", "0", "--run", "fk", "--no-progress"], env)
+    assert r.returncode == 1 and "python -m master retry --base" in r.stdout
+    before = {c: rec["finished_at"] for c, rec in results(spool.base, "fk").items()}
+    marker.touch()
+    again = master(["retry", "--base", str(spool.base), "--run", "fk", "--no-progress"], env)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "re-queuing 2 failed chunk(s) [2, 5]" in again.stdout and "8 ok, 0 failed" in again.stdout
+    after = results(spool.base, "fk")
+    assert all(after[c]["finished_at"] == before[c] for c in before if c not in (2, 5))  # ok chunks not rerun
+    assert after[2]["status"] == "ok" and after[2]["attempt"] == 2
+    nothing = master(["retry", "--base", str(spool.base), "--run", "fk"], env)
+    assert nothing.returncode == 0 and "nothing to retry" in nothing.stdout
+    missing = master(["retry", "--base", str(spool.base), "--run", "nope"], env)
+    assert missing.returncode == 2 and "no run 'nope'" in missing.stderr and "fk" in missing.stderr
+
+
+@pytest.mark.timeout(120)
+def test_cancel_stops_the_master_drops_queued_jobs_and_retry_resumes(spool: Spool, agents, env) -> None:
+    agents(2)
+    args = ["--base", str(spool.base), "--task", "examples.noop:sleepy", "--chunks", "30", "--kwargs",
+            '{"seconds": 0.3}', "--run", "long"]
+    feeder = main_bg(args, env)
+    try:
+        wait_for(lambda: len(results(spool.base, "long")) >= 2, what="first results")
+        c = master(["cancel", "--base", str(spool.base), "--run", "long"], env)
+        assert c.returncode == 0, c.stderr
+        assert "cancelled run long" in c.stdout and "its master has stopped" in c.stdout
+        assert "python -m master retry" in c.stdout
+        out, err = feeder.communicate(timeout=30)
+    finally:
+        feeder.kill()
+    assert feeder.returncode == 1 and "was cancelled" in err and "CANCELLED run long" in out
+    for ident in spool.agent_ids():
+        assert '"long"' not in spool.mailbox(ident).read_text()
+    wait_for(lambda: not any(a["current"] for a in status_json(spool, env)["agents"]), what="agents idle")
+    data = status_json(spool, env)
+    assert data["run_progress"]["long"]["cancelled"] and data["runs"][0]["ok"] < 30
+    assert "cancelled" in master(["status", "--base", str(spool.base)], env).stdout
+    resumed = master(["retry", "--base", str(spool.base), "--run", "long", "--no-progress"], env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "without a result" in resumed.stdout and "30 ok, 0 failed" in resumed.stdout
+    assert not spool.cancel_flag("long").exists()
+
+
+@pytest.mark.timeout(90)
+def test_cancel_stop_running_kills_the_running_chunk(spool: Spool, agents, env) -> None:
+    a = agents(1)[0]
+    feeder = main_bg(["--base", str(spool.base), "--task", "examples.noop:sleepy", "--chunks", "2", "--kwargs",
+                      '{"seconds": 60}', "--run", "stuck"], env)
+    try:
+        wait_for(lambda: ((a.heartbeat() or {}).get("current") or {}).get("run") == "stuck", what="busy")
+        t0 = time.monotonic()
+        c = master(["cancel", "--base", str(spool.base), "--run", "stuck", "--stop-running"], env)
+        assert c.returncode == 0 and "still running" not in c.stdout, c.stdout
+        assert time.monotonic() - t0 < 30
+        feeder.wait(timeout=30)
+    finally:
+        feeder.kill()
+    assert results(spool.base, "stuck") == {}
+    wait_for(lambda: (a.heartbeat() or {}).get("current") is None, what="agent free")
+    # re-running the same main.py command removes the flag and runs the chunks
+    r = run_main(["--base", str(spool.base), "--task", "examples.noop:sleepy", "--chunks", "2", "--kwargs",
+                  '{"seconds": 60}', "--run", "stuck", "--no-progress", "--timeout", "0.5", "--retries", "0"], env)
+    assert not spool.cancel_flag("stuck").exists() and "Timeout" in r.stdout
+
+
+@pytest.mark.timeout(120)
+def test_drain_takes_no_new_jobs_and_undrain_gives_them_back(spool: Spool, agents, env) -> None:
+    a0, a1 = agents(2)
+    d = master(["drain", "--base", str(spool.base), a0.id], env)
+    assert d.returncode == 0, d.stderr
+    assert f"agent {a0.id} is draining: running nothing" in d.stdout
+    assert a0.heartbeat()["state"] == "draining" and spool.drain_flag(a0.id).exists()
+    assert a0.id in master(["status", "--base", str(spool.base)], env).stdout
+    r = run_main(["--base", str(spool.base), "--task", "examples.noop:noop", "--chunks", "6", "--run", "d",
+                  "--no-progress"], env)
+    assert r.returncode == 0 and {v["agent"] for v in results(spool.base, "d").values()} == {a1.id}
+    u = master(["undrain", "--base", str(spool.base), a0.id], env)
+    assert u.returncode == 0 and "taking jobs again" in u.stdout and not spool.drain_flag(a0.id).exists()
+    assert a0.heartbeat()["state"] in ("idle", "busy")
+    # drain while running: it reports the chunk it still runs, then --wait-idle waits for it
+    feeder = main_bg(["--base", str(spool.base), "--task", "examples.noop:sleepy", "--chunks", "1", "--kwargs",
+                      '{"seconds": 1.5}', "--run", "one"], env)
+    try:
+        busy = wait_for(lambda: next((a for a in (a0, a1) if ((a.heartbeat() or {}).get("current") or {})
+                                      .get("run") == "one"), None), what="busy agent")
+        w = master(["drain", "--base", str(spool.base), busy.id, "--wait-idle"], env)
+        assert w.returncode == 0 and "still running one chunk 0" in w.stdout and "running nothing" in w.stdout
+        assert feeder.wait(timeout=30) == 0
+    finally:
+        feeder.kill()
+    bad = master(["drain", "--base", str(spool.base), "nosuch-gpu9"], env)
+    assert bad.returncode == 2 and "no agent 'nosuch-gpu9'" in bad.stderr and a0.id in bad.stderr
+
+
+# help and errors ------------------------------------------------------------------------------
+@pytest.mark.timeout(30)
+def test_every_command_help_shows_an_example(capsys) -> None:
+    for cmd in EXAMPLES:
+        with pytest.raises(SystemExit) as e:
+            parser().parse_args([cmd, "--help"])
+        assert e.value.code == 0
+        out = capsys.readouterr().out
+        assert "examples:" in out and f"python -m master {cmd} --base" in out, cmd
+    with pytest.raises(SystemExit):
+        parser().parse_args(["--help"])
+    top = capsys.readouterr().out
+    assert all(f"python -m master {c}" in top for c in EXAMPLES if c != "undrain")
+
+
+@pytest.mark.timeout(30)
+def test_a_missing_spool_says_how_to_make_one(tmp_path: Path, env) -> None:
+    r = master(["status", "--base", str(tmp_path / "nothing")], env)
+    assert r.returncode == 2 and "does not exist" in r.stderr and "./start_agents.sh" in r.stderr
