@@ -58,6 +58,7 @@ class Agent:
         self.stop_now = False  # stop at once
         self.state = AgentState.STARTING
         self.current: tuple[Job, float] | None = None
+        self._finished: set[tuple[str, int, int]] = set()  # keys whose outcome is on disk
         self.done = self.failed = 0
         self._seq = 0
         self._hb_lock = threading.Lock()
@@ -120,18 +121,34 @@ class Agent:
 
     # one iteration -------------------------------------------------------------------------
     def step(self) -> bool:
-        """Run the first job of the mailbox that has no committed result. True if it did work."""
+        """Run the first job of the mailbox that is not finished here. True if it did work.
+
+        Finished jobs are not removed one by one (a file rewrite per job): the master prunes
+        them when it refills the mailbox, and the agent prunes them itself when it runs dry.
+        """
         if self._draining() or time.monotonic() < self.pause_until:
             return False
-        for job in self._read().jobs:
+        jobs = self._read().jobs
+        for job in jobs:
+            if job.key in self._finished:
+                continue
             skip = self._skip_reason(job)
             if skip is not None:
                 logger.info("{} chunk {} attempt {}: dropped: {}", job.run, job.chunk_id, job.attempt, skip)
-                self._remove(job)
+                self._finished.add(job.key)
             elif self._execute(job):
-                self._remove(job)
+                self._finished.add(job.key)
             return True
+        if jobs:
+            self._prune()
         return False
+
+    def _prune(self) -> None:
+        """Remove this agent's finished jobs from its mailbox (each has its outcome on disk)."""
+        done = self._finished
+        self.mailbox.update(lambda jobs: [j for j in jobs if j.key not in done] if any(j.key in done for j in jobs)
+                            else None)
+        self._finished = set()
 
     def _skip_reason(self, job: Job) -> str | None:
         """Why ``job`` must not run (it is then dropped from the mailbox), or None."""
@@ -177,15 +194,12 @@ class Agent:
             self.mailbox.update(lambda jobs: None)
         return snap
 
-    def _remove(self, job: Job) -> None:
-        self.mailbox.update(lambda jobs: [j for j in jobs if j.key != job.key])
-
     def _execute(self, job: Job) -> bool:
         """Run ``job`` and record its outcome. False if it was interrupted (it stays queued)."""
         started = time.time()
         self.current = (job, started)
         self.state = AgentState.BUSY
-        logger.info("{} chunk {} attempt {}/{}: started", job.run, job.chunk_id, job.attempt, job.max_attempts)
+        logger.debug("{} chunk {} attempt {}/{}: started", job.run, job.chunk_id, job.attempt, job.max_attempts)
         outcome = self._run_job(job)
         self.current = None
         self.state = AgentState.IDLE

@@ -4,6 +4,7 @@ Runs inside the worker process (after CUDA_VISIBLE_DEVICES is set).
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import inspect
@@ -99,16 +100,24 @@ class SharedCache:
         return self._cache[path][1]
 
 
+@functools.lru_cache(maxsize=64)
+def _wanted_builtins(fn: Callable[..., Any]) -> frozenset[str]:
+    """The built-in names ``fn`` accepts (all of them if it takes ``**kwargs``)."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return frozenset()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return frozenset(BUILTIN_KWARGS)
+    return frozenset(BUILTIN_KWARGS) & set(params)
+
+
 def build_kwargs(fn: Callable[..., Any], job: Job, builtins: dict[str, Callable[[], Any]]) -> dict[str, Any]:
     """Built-ins the signature accepts (all with ``**kwargs``), then every user kwarg.
 
     ``builtins`` maps each name to a thunk, so shared or chunk data is only loaded when
     the task asks for it."""
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        params = {}
-    takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    out = {k: make() for k, make in builtins.items() if k in BUILTIN_KWARGS and (takes_all or k in params)}
+    wanted = _wanted_builtins(fn)
+    out = {k: make() for k, make in builtins.items() if k in wanted}
     out.update(job.kwargs)  # always passed: a misspelt name fails the chunk, naming it
     return out

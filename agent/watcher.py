@@ -11,12 +11,16 @@ import os
 import threading
 from pathlib import Path
 
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.events import (FileCreatedEvent, FileDeletedEvent, FileMovedEvent, FileSystemEvent,
+                             FileSystemEventHandler)
 from watchdog.observers import Observer
 
 from jobs.fsinfo import is_network_fs
 
-_NEW_CONTENT = {"created", "moved", "modified", "deleted"}
+_NEW_CONTENT = {"created", "moved", "deleted"}
+# Mailboxes are only ever replaced by rename: asking inotify for nothing else keeps the
+# watchdog thread quiet (no open/close/modify events from every read, lock and temp write).
+EVENT_FILTER = [FileCreatedEvent, FileMovedEvent, FileDeletedEvent]
 
 
 class _Handler(FileSystemEventHandler):
@@ -52,7 +56,8 @@ class MailboxWatcher:
     def start(self) -> None:
         if self.mode == "inotify":
             self._observer = Observer()
-            self._observer.schedule(_Handler(str(self.path), self._wake), str(self.path.parent), recursive=False)
+            self._observer.schedule(_Handler(str(self.path), self._wake), str(self.path.parent), recursive=False,
+                                    event_filter=EVENT_FILTER)
             self._observer.daemon = True
             self._observer.start()
 

@@ -41,8 +41,10 @@ Who writes what, in which order:
    place (fails if it exists: exactly one committed result per chunk, whichever attempt
    finishes first). A failed attempt with attempts left only writes history ``.a<N>.json``;
    the last failed attempt commits the final ``.json`` first, then its history.
-5. agent: under ``<agent>.lock``, remove the job from its mailbox. A job stays in the mailbox
-   until its result is committed, so a dead agent's work is still listed there.
+5. A job stays in the mailbox until its outcome is on disk, so a dead agent's work is still
+   listed there. Finished jobs are pruned lazily, under ``<agent>.lock``: by the master when
+   it refills that mailbox, and by the agent when it runs out of work (a mailbox rewrite per
+   job would cost a file creation per job). The agent remembers what it finished meanwhile.
 6. master: sees the final ``.json`` (done) or the history of the attempt it dispatched (retry
    after a capped exponential back-off with attempt + 1). An agent whose heartbeat ``seq`` has
    not changed for ``dead_after`` seconds of the master's own clock is dead: under its mailbox

@@ -28,9 +28,12 @@ class Snapshot:
     bad: list[tuple[Any, str]] = field(default_factory=list)  # (raw entry, why)
 
 
-def parse_mailbox(data: bytes, where: Path) -> Snapshot:
+def parse_mailbox(data: bytes, where: Path, known: dict[Any, tuple[dict, Job]] | None = None) -> Snapshot:
     """Parse untrusted mailbox bytes. Raises BadFile for a broken file as a whole;
-    single bad descriptors are returned in ``Snapshot.bad``."""
+    single bad descriptors are returned in ``Snapshot.bad``.
+
+    ``known`` maps (run, chunk, attempt) to an entry validated before and its Job: an
+    identical entry is not validated again (a deep mailbox is reread after every job)."""
     if not data.strip():
         raise BadFile("mailbox is empty (a valid mailbox always holds a JSON object)", where)
     try:
@@ -42,12 +45,25 @@ def parse_mailbox(data: bytes, where: Path) -> Snapshot:
     schema = doc.get("schema")
     if isinstance(schema, int) and schema > SCHEMA:
         raise NewerSchema(f"mailbox schema {schema} is newer than this tool's {SCHEMA}; upgrade", where)
-    snap = Snapshot()
+    snap, seen = Snapshot(), {}
     for raw in doc["jobs"]:
+        key = (raw.get("run"), raw.get("chunk_id"), raw.get("attempt")) if isinstance(raw, dict) else None
+        hit = known.get(key) if known is not None and key is not None else None
+        if hit is not None and hit[0] == raw:
+            snap.jobs.append(hit[1])
+            seen[key] = hit
+            continue
         try:
-            snap.jobs.append(Job.from_dict(raw, where))
+            job = Job.from_dict(raw, where)
         except BadFile as e:
             snap.bad.append((raw, str(e)))
+            continue
+        snap.jobs.append(job)
+        if key is not None:
+            seen[key] = (raw, job)
+    if known is not None:
+        known.clear()
+        known.update(seen)
     return snap
 
 
@@ -57,6 +73,7 @@ class Mailbox:
         self.agent_id = agent_id
         self.path = spool.mailbox(agent_id)
         self.lock = FileLock(spool.mailbox_lock(agent_id))
+        self._known: dict[Any, tuple[dict, Job]] = {}
 
     def read(self) -> Snapshot:
         """The current content; a missing mailbox is empty. Raises BadFile if broken."""
@@ -64,7 +81,7 @@ class Mailbox:
             data = read_bounded(self.path, MAILBOX_LIMIT)
         except FileNotFoundError:
             return Snapshot()
-        return parse_mailbox(data, self.path)
+        return parse_mailbox(data, self.path, self._known)
 
     def update(self, change: Callable[[list[Job]], list[Job] | None]) -> list[Job]:
         """Under the lock: read, let ``change`` return the new job list (None = unchanged), write.

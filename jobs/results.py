@@ -47,9 +47,22 @@ def commit(spool: Spool, job: Job, rec: dict[str, Any], arrays_tmp: Path | None 
     return committed
 
 
+_LOCKS: dict[Path, FileLock] = {}
+
+
+def _commit_lock(spool: Spool, run: str) -> FileLock:
+    """The run's commit lock, kept open across commits (an open and a close saved per job)."""
+    path = spool.commit_lock(run)
+    if path not in _LOCKS:
+        if len(_LOCKS) >= 16:
+            _LOCKS.pop(next(iter(_LOCKS))).close()
+        _LOCKS[path] = FileLock(path)
+    return _LOCKS[path]
+
+
 def _commit_final(spool: Spool, job: Job, data: bytes, arrays_tmp: Path | None) -> bool:
     run, chunk = job.run, job.chunk_id
-    with FileLock(spool.commit_lock(run)):
+    with _commit_lock(spool, run):
         if spool.result_json(run, chunk).exists():
             return False
         npz = spool.result_npz(run, chunk)
@@ -72,7 +85,7 @@ def reopen_failed(spool: Spool, run: str, chunk: int) -> bool:
     The failed record already exists as history, so it is simply removed. Returns True if
     the chunk is now without a committed result.
     """
-    with FileLock(spool.commit_lock(run)):
+    with _commit_lock(spool, run):
         path = spool.result_json(run, chunk)
         try:
             rec = read_result(path)

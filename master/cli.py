@@ -31,7 +31,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, help="seconds a chunk may run before it is killed")
     p.add_argument("--fresh", action="store_true", help="start the run over: drop its earlier results")
     p.add_argument("--wait", action="store_true", help="if another master feeds this run, wait for it")
-    p.add_argument("--depth", type=int, default=4, help="jobs kept queued per agent (default 4)")
+    p.add_argument("--depth", type=int, default=4, help="jobs kept queued per agent, at least (default 4; grows "
+                   "automatically for short chunks up to --max-depth)")
+    p.add_argument("--max-depth", type=int, default=64, help="most jobs queued per agent (default 64)")
     p.add_argument("--dead-after", type=float, default=20.0, help="seconds without heartbeat before an agent "
                    "is declared dead and its jobs handed back (default 20)")
     p.add_argument("--retry-delay", type=float, default=1.0, help="first retry back-off, seconds (doubles)")
@@ -89,7 +91,7 @@ def feed(args: argparse.Namespace) -> int:
         run = pool.submit(task=args.task, script=args.script, chunks=args.chunks, kwargs=parse_kwargs(args.kwargs),
                           shared=args.shared, data=args.data, run=args.run, retries=args.retries,
                           timeout=args.timeout, fresh=args.fresh)
-        cfg = FeedConfig(depth=args.depth, dead_after=args.dead_after, retry_delay=args.retry_delay)
+        cfg = FeedConfig(depth=args.depth, max_depth=max(args.depth, args.max_depth), dead_after=args.dead_after, retry_delay=args.retry_delay)
         summary = run.wait(progress=not args.no_progress, cfg=cfg, wait_for_lock=args.wait)
     except LockHeld as e:
         print(f"main.py: {e}; wait for it to finish, or pass --wait", file=sys.stderr)

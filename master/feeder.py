@@ -27,6 +27,7 @@ from jobs.heartbeat import AgentState
 from jobs.mailbox import Mailbox, drop_run
 from jobs.paths import HISTORY_RE, RESULT_RE, Spool
 from jobs.results import read_result, reopen_failed
+from agent.watcher import EVENT_FILTER
 from master.liveness import AgentView, Liveness
 from master.runspec import RunSpec
 
@@ -35,7 +36,9 @@ Event = Callable[[str, dict[str, Any]], None]
 
 @dataclass
 class FeedConfig:
-    depth: int = 4  # jobs kept queued per agent, so it never waits for the master
+    depth: int = 4  # jobs kept queued per agent (at least), so it never waits for the master
+    max_depth: int = 64  # short chunks: the queue grows to cover ``queue_s`` of work, up to this
+    queue_s: float = 0.5
     dead_after: float = 20.0  # heartbeat unchanged this long (master clock) = dead agent
     poll: float = 0.2  # longest wait between passes
     retry_delay: float = 1.0  # first retry back-off; doubles per attempt
@@ -97,6 +100,7 @@ class Feeder:
         self._next_liveness = 0.0
         self._warned_no_agents = False
         self.cancelled = False
+        self._mean_s: float | None = None  # moving mean of chunk durations
 
     # recovery ------------------------------------------------------------------------------
     def recover(self) -> None:
@@ -185,6 +189,20 @@ class Feeder:
             self.pending.appendleft(c)  # before fresh chunks: keeps the run's tail short
 
     @property
+    def depth(self) -> int:
+        """Jobs to keep queued per agent: enough to cover ``queue_s`` of work at the mean chunk
+        duration seen so far (fewer mailbox rewrites for tiny chunks), within [depth, max_depth]."""
+        if self._mean_s is None:
+            return self.cfg.depth
+        want = int(self.cfg.queue_s / max(self._mean_s, 1e-4)) + 1
+        return max(self.cfg.depth, min(self.cfg.max_depth, want))
+
+    def _observe(self, out: Outcome) -> None:
+        if out.duration_s is not None:
+            d = float(out.duration_s)
+            self._mean_s = d if self._mean_s is None else 0.9 * self._mean_s + 0.1 * d
+
+    @property
     def done(self) -> bool:
         return self.cancelled or len(self.final) >= self.spec.chunks
 
@@ -227,6 +245,7 @@ class Feeder:
                     continue
                 self._untrack(c)
                 self.final[c] = out = _summary(rec)
+                self._observe(out)
                 self.on_event("failed" if out.status != JobState.OK.value else "ok", {"chunk": c, "outcome": out})
                 continue
             hist = self.spool.history_json(run, c, attempt)
@@ -295,7 +314,7 @@ class Feeder:
                 self.on_event("no_agents", {})
             return
         self._warned_no_agents = False
-        low = max(0, self.cfg.depth // 2)
+        low = self.depth // 2
         for view in sorted(live, key=lambda v: len(self.by_agent.get(v.id, ()))):
             if not self.pending:
                 break
@@ -306,11 +325,14 @@ class Feeder:
         taken: list[Job] = []
 
         def add(jobs: list[Job]) -> list[Job] | None:
-            room = self.cfg.depth - len(jobs)
+            # Drop this run's jobs that are no longer in flight (their outcome is on disk):
+            # agents leave finished jobs for us to prune, saving a mailbox rewrite per job.
+            keep = [j for j in jobs if j.run != self.spec.name or self.inflight.get(j.chunk_id) == (view.id, j.attempt)]
+            room = self.depth - len(keep)
             while room > 0 and self.pending:
                 taken.append(self._job(self.pending.popleft()))
                 room -= 1
-            return jobs + taken if taken else None
+            return keep + taken if taken or len(keep) != len(jobs) else None
 
         try:
             self._mailbox(view.id).update(add)
@@ -338,7 +360,7 @@ class Feeder:
         observer = None
         if not is_network_fs(rdir):
             observer = Observer()
-            observer.schedule(_Wake(wake), str(rdir), recursive=False)
+            observer.schedule(_Wake(wake), str(rdir), recursive=False, event_filter=EVENT_FILTER)
             observer.daemon = True
             observer.start()
         try:
@@ -361,7 +383,8 @@ class _Wake(FileSystemEventHandler):
         self.wake = wake
 
     def on_any_event(self, event: Any) -> None:
-        if event.event_type in ("created", "moved"):
+        path = event.dest_path if event.event_type == "moved" else event.src_path
+        if not os.path.basename(os.fsdecode(path)).startswith("."):  # temp files: not yet
             self.wake.set()
 
 

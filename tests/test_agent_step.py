@@ -61,14 +61,15 @@ def cjob(chunk: int, target: str = "examples.noop:square", **kw: Any) -> Job:
                workdir=str(REPO), max_attempts=kw.pop("max_attempts", 1), **kw)
 
 
-def test_step_runs_first_job_commits_then_removes(spool: Spool, make_agent) -> None:
+def test_step_runs_first_job_commits_and_prunes_when_dry(spool: Spool, make_agent) -> None:
     agent = make_agent()
     put(spool, cjob(0), cjob(1))
     assert agent.step()
     rec = read_result(spool.result_json("r", 0))
     assert rec["status"] == "ok" and rec["value"]["square"] == 0 and rec["agent"] == "t-cpu0"
-    assert [j.chunk_id for j in agent.mailbox.read().jobs] == [1]
-    assert agent.step() and not agent.step()  # mailbox now empty
+    assert [j.chunk_id for j in agent.mailbox.read().jobs] == [0, 1]  # finished, left for a lazy prune
+    assert agent.step() and read_result(spool.result_json("r", 1))["status"] == "ok"
+    assert not agent.step()  # nothing left to run: the finished jobs are pruned
     assert agent.mailbox.read().jobs == []
 
 
@@ -128,7 +129,7 @@ def test_job_already_committed_is_dropped_without_running(spool: Spool, make_age
     agent = make_agent()
     agent.step()
     put(spool, cjob(0, attempt=2, max_attempts=2))  # e.g. handed back, but the first attempt won
-    assert agent.step()
+    assert agent.step() and not agent.step()
     assert agent.done == 1 and agent.mailbox.read().jobs == []
     assert read_result(spool.result_json("r", 0))["attempt"] == 1
 
