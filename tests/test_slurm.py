@@ -268,3 +268,41 @@ def test_sbatch_recipe_runs_agents_fed_from_outside_and_scancel_stops_them_clean
                          "SIGTERM (agent/worker.py must ignore it, as it ignores SIGINT)")
     finally:
         slurm.cli("scancel", job, check=False)
+
+
+STAND_IN_SSH = """#!/usr/bin/env bash
+# Stands in for ssh: runs the remote command here, as host $1 (its agents get that host id).
+host=$1; shift
+GPUPOOL_HOST_ID=$host exec bash -c "$*"
+"""
+
+
+@pytest.mark.timeout(180)
+def test_ssh_loop_starts_and_stops_agents_on_each_host(tmp_path: Path) -> None:
+    """examples/ssh_agents.sh with a stand-in for the ssh transport (no sshd here)."""
+    ssh = tmp_path / "ssh"
+    ssh.write_text(STAND_IN_SSH)
+    ssh.chmod(0o755)
+    base = tmp_path / "base"
+    env = {**os.environ, "SSH": str(ssh), "PYTHON": sys.executable, "PYTHONPATH": str(REPO),
+           "GPUPOOL_LOCK_DIR": str(tmp_path / "gpulocks")}
+    for var in ("GPUPOOL_HOST_ID", "GPUPOOL_FAKE_GPUS", "CUDA_VISIBLE_DEVICES"):
+        env.pop(var, None)
+    script = str(REPO / "examples" / "ssh_agents.sh")
+    start = subprocess.run([script, "1", str(base), "node1", "node2", "--", "--cpu", "--", *FAST], env=env,
+                           capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    try:
+        assert start.returncode == 0, start.stdout + start.stderr
+        assert "node1: node1-cpu0" in start.stdout and "node2: node2-cpu0" in start.stdout, start.stdout
+        r = run_main(["--base", str(base), "--task", "examples.noop:square", "--chunks", "20", "--run", "ssh",
+                      "--no-progress"], env)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert {v["agent"] for v in results(base, "ssh").values()} <= {"node1-cpu0", "node2-cpu0"}
+    finally:
+        stop = subprocess.run([script, "stop", str(base), "node1", "node2"], env=env, capture_output=True,
+                              text=True, timeout=120)
+    assert stop.returncode == 0 and "node1: stopped 1 agent(s): node1-cpu0" in stop.stdout, stop.stdout + stop.stderr
+    for ident in ("node1-cpu0", "node2-cpu0"):
+        assert json.loads((base / "agents" / f"{ident}.json").read_text())["state"] == "stopped"
+    bad = subprocess.run([script, "x", str(base), "node1"], env=env, capture_output=True, text=True, timeout=30)
+    assert bad.returncode == 2 and "N must be a number" in bad.stderr
