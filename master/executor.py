@@ -161,6 +161,7 @@ class Executor(futures.Executor):
         self._mutex = threading.Lock()
         self._wake = threading.Event()
         self._closing = False
+        self._cancel_unsent = False
         self._feeder = _Feeder(self, Liveness(self.spool, dead_after))
         self._thread = threading.Thread(target=self._feeder.loop, name=f"executor-{self.run}", daemon=True)
         self._thread.start()
@@ -184,10 +185,7 @@ class Executor(futures.Executor):
         with ``wait`` return when every call has finished."""
         with self._mutex:
             self._closing = True
-            if cancel_futures:
-                for call in self._calls.values():
-                    if call.attempt == 0:
-                        call.future.cancel()
+            self._cancel_unsent = self._cancel_unsent or cancel_futures  # done by the feeder thread
         self._wake.set()
         if wait:
             self._thread.join()
@@ -226,6 +224,11 @@ class _Feeder:
             while self.ex._new:
                 self.pending.append(self.ex._new.popleft())
             total = len(self.ex._calls)
+            cancel_unsent = self.ex._cancel_unsent
+        if cancel_unsent:  # shutdown(cancel_futures=True): calls never sent are cancelled
+            for c in [c for c in self.pending if self.ex._calls[c].attempt == 0]:
+                _end(self.ex._calls[c].future, futures.CancelledError())
+            self.pending = deque(c for c in self.pending if self.ex._calls[c].attempt > 0)
         if total != self.spec_chunks:
             self._write_spec(total)
         now = time.monotonic()
@@ -282,8 +285,7 @@ class _Feeder:
             self.ex._closing = True
             calls = list(self.ex._calls.values())
         for call in calls:
-            if not call.future.done() and not call.future.cancel():
-                call.future.set_exception(RunCancelled(f"run {self.run} was cancelled"))
+            _end(call.future, RunCancelled(f"run {self.run} was cancelled"))
         self.pending.clear()
         self.inflight.clear()
 
@@ -292,8 +294,7 @@ class _Feeder:
             self.ex._closing = True
             calls = list(self.ex._calls.values())
         for call in calls:
-            if not call.future.done() and not call.future.cancel():
-                call.future.set_exception(exc)
+            _end(call.future, exc)
 
     # agents ----------------------------------------------------------------------------------
     def _hand_back(self) -> None:
@@ -362,3 +363,14 @@ class _Feeder:
         return Job(run=self.run, chunk_id=call.chunk, total_chunks=max(self.spec_chunks, call.chunk + 1),
                    kind=JobKind.CALLABLE, target=call.target, attempt=call.attempt, max_attempts=call.max_attempts,
                    kwargs=call.kwargs, timeout=self.ex.timeout, workdir=call.workdir, submitted_at=time.time())
+
+
+def _end(future: futures.Future, exc: BaseException) -> None:
+    """Cancel a call not yet sent, fail one that was: either way its waiters wake."""
+    if future.cancel():
+        try:
+            future.set_running_or_notify_cancel()
+        except RuntimeError:  # already notified
+            pass
+    elif not future.done():
+        future.set_exception(exc)
