@@ -1,0 +1,91 @@
+"""``python main.py --octorun-config config.json``: an OctoRun config runs on the pool unchanged."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from jobs.paths import Spool
+from master.octorun import load_config
+from master.runspec import UsageError
+from tests.helpers import REPO, base_env, results, run_main
+
+SCRIPT = str(REPO / "examples" / "octorun_script.py")
+
+
+def octorun_config(tmp: Path, **fields) -> Path:
+    """What ``octorun save_config`` writes (its default_config.json), with ``fields`` changed."""
+    cfg = {"gpus": "auto", "total_chunks": 128, "kwargs": {"batch_size": 32, "learning_rate": 0.001},
+           "script_path": "./tests/dummy_script.py", "log_dir": "./logs", "chunk_lock_dir": "./logs/locks",
+           "monitor_interval": 60, "restart_failed": False, "max_retries": 3, "memory_threshold": 90,
+           "success_codes": [0], **fields}
+    path = tmp / "config.json"
+    path.write_text(json.dumps(cfg, indent=4))
+    return path
+
+
+def test_config_fields_mean_what_they_mean_in_octorun(tmp_path: Path) -> None:
+    cfg = load_config(str(octorun_config(tmp_path)), {"batch_size": 64})
+    assert cfg.total_chunks == 128 and cfg.gpus == "auto" and cfg.log_dir == "./logs"
+    assert cfg.kwargs == {"batch_size": 64, "learning_rate": 0.001}  # --kwargs overrides, as octorun run does
+    assert cfg.retries == 0  # restart_failed false: OctoRun does not retry
+    assert any(n.startswith("chunk_lock_dir: ignored") for n in cfg.notes)
+    assert load_config(str(octorun_config(tmp_path, restart_failed=True, max_retries=2))).retries == 2
+    minimal = tmp_path / "min.json"
+    minimal.write_text(json.dumps({"script_path": "s.py"}))
+    m = load_config(str(minimal))
+    assert (m.total_chunks, m.gpus, m.retries, m.kwargs) == (128, "auto", 0, {})
+    for bad, msg in (({"gpus": "0,1"}, "'gpus' must be"), ({"success_codes": [0, 3]}, "only exit code 0"),
+                     ({"total_chunks": 0}, "'total_chunks' must be"), ({"kwargs": [1]}, "'kwargs' must be"),
+                     ({"max_retries": -1}, "'max_retries' must be")):
+        with pytest.raises(UsageError, match=msg):
+            load_config(str(octorun_config(tmp_path, **bad)))
+    with pytest.raises(UsageError, match="octorun save_config"):
+        load_config(str(tmp_path / "missing.json"))
+
+
+@pytest.mark.timeout(150)
+def test_one_command_starts_agents_for_the_configured_gpus_and_matches_running_by_hand(tmp_path: Path) -> None:
+    out, hand = tmp_path / "out", tmp_path / "hand"
+    gpus = [{"name": "Fake A100", "mem_total_gb": 40}] * 3
+    env = base_env(tmp_path, GPUPOOL_FAKE_GPUS=json.dumps(gpus))
+    cfg = octorun_config(tmp_path, gpus=[0, 2], total_chunks=6, script_path=SCRIPT, log_dir=str(tmp_path / "logs"),
+                         kwargs={"out_dir": str(out), "size": 40})
+    r = run_main(["--octorun-config", str(cfg), "--no-progress"], env, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "6 ok, 0 failed" in r.stdout and "agents testhost-gpu0 testhost-gpu2" in r.stdout
+    assert "chunk_lock_dir: ignored" in r.stderr
+    spool = Spool(tmp_path / "logs" / "gpupool")
+    for ident in ("testhost-gpu0", "testhost-gpu2"):  # started for the run, stopped after it
+        assert json.loads(spool.heartbeat(ident).read_text())["state"] == "stopped"
+    [run] = spool.run_names()
+    used = {json.loads(p.read_text())["gpu_id"] for p in spool.result_dir(run).glob("0*.json")}
+    assert used <= {0, 2} and used
+    for c in range(6):
+        subprocess.run([sys.executable, SCRIPT, "--gpu_id", "0", "--chunk_id", str(c), "--total_chunks", "6",
+                        "--out_dir", str(hand), "--size", "40"], check=True, capture_output=True)
+        assert (out / f"chunk_{c}.npy").read_bytes() == (hand / f"chunk_{c}.npy").read_bytes()
+    log = (spool.logs_dir / run / "000001.log").read_text()
+    assert "--gpu_id" in log and "--chunk_id 1 --total_chunks 6 --out_dir" in log
+    again = run_main(["--octorun-config", str(cfg), "--no-progress"], env, cwd=tmp_path)  # resumes, like OctoRun
+    assert again.returncode == 0 and "6 of 6 chunks already done" in again.stderr
+
+
+@pytest.mark.timeout(120)
+def test_with_base_it_uses_the_running_agents_and_octorun_retries(spool: Spool, agents, env, tmp_path: Path) -> None:
+    agents(2)
+    cfg = octorun_config(tmp_path, total_chunks=3, script_path=SCRIPT, restart_failed=True, max_retries=1,
+                         kwargs={"size": 30})  # no out_dir: the script exits 2, as it would under OctoRun
+    r = run_main(["--octorun-config", str(cfg), "--base", str(spool.base), "--no-progress", "--retry-delay", "0.05"],
+                 env, cwd=tmp_path)
+    assert r.returncode == 1 and "0 ok, 3 failed" in r.stdout and "'gpus' is not used" in r.stderr
+    [run] = spool.run_names()
+    assert all(rec["attempt"] == 2 and rec["error"]["type"] == "ScriptFailed" for rec in results(spool.base, run).values())
+    fixed = run_main(["--octorun-config", str(cfg), "--base", str(spool.base), "--no-progress", "--kwargs",
+                      json.dumps({"out_dir": str(tmp_path / "o")})], env, cwd=tmp_path)
+    assert fixed.returncode == 0 and "3 ok, 0 failed" in fixed.stdout
+    clash = run_main(["--octorun-config", str(cfg), "--base", str(spool.base), "--chunks", "3"], env, cwd=tmp_path)
+    assert clash.returncode == 2 and "replaces --task/--script/--chunks" in clash.stderr
