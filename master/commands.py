@@ -259,16 +259,16 @@ def _dead_after(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dead-after", type=float, default=20.0, help="heartbeat silence (s) that marks an agent dead")
 
 
-def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog=PROG, description="Look at and steer a GPU agent pool.",
-                                  epilog=TOP_EPILOG,
-                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = top.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
-    s = _sub(sub, "status", "agents (GPU, current chunk, load) and runs (progress, chunks/s, ETA)", cmd_status)
+RUN_HELP = "run name (see python -m master status)"
+
+
+def _status_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--json", action="store_true", help="print JSON for scripts")
     s.add_argument("--watch", nargs="?", const=2.0, type=float, metavar="S", help="refresh every S seconds (default 2)")
     _dead_after(s)
-    lg = _sub(sub, "logs", "agents' logs merged in time order, or one chunk's output and traceback", cmd_logs)
+
+
+def _logs_args(lg: argparse.ArgumentParser) -> None:
     lg.add_argument("--agent", help="only this agent's log")
     lg.add_argument("--run", help="only lines about this run (with --chunk: that chunk's full report)")
     lg.add_argument("--chunk", type=int, help="one chunk: result, every failed attempt's traceback, script output")
@@ -276,34 +276,66 @@ def parser() -> argparse.ArgumentParser:
     lg.add_argument("-n", "--lines", type=int, default=0, help="only the last N entries (default: all)")
     lg.add_argument("--worker", action="store_true", help="with --agent: the job code's own output (worker log)")
     lg.add_argument("--json", action="store_true", help="with --chunk: print the report as JSON")
-    c = _sub(sub, "collect", "gather a run's results into one .npz, .csv or .jsonl file", cmd_collect)
-    c.add_argument("--run", required=True, help="run name (see python -m master status)")
+
+
+def _collect_args(c: argparse.ArgumentParser) -> None:
+    c.add_argument("--run", required=True, help=RUN_HELP)
     c.add_argument("--out", required=True, help="FILE.npz (arrays), FILE.csv or FILE.jsonl (JSON values)")
     c.add_argument("--concat", action="store_true", help="join arrays along the first axis instead of stacking")
     c.add_argument("--partial", action="store_true", help="collect the ok chunks even if some failed or are missing")
-    r = _sub(sub, "retry", "re-queue a run's failed chunks (and resume a cancelled run) and feed them", cmd_retry)
-    r.add_argument("--run", required=True, help="run name (see python -m master status)")
+
+
+def _retry_args(r: argparse.ArgumentParser) -> None:
+    r.add_argument("--run", required=True, help=RUN_HELP)
     r.add_argument("--retries", type=int, help="retries per chunk this time (default: the run's own)")
     r.add_argument("--wait", action="store_true", help="if another master feeds this run, wait for it")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     _dead_after(r)
-    k = _sub(sub, "cancel", "drop a run's queued work; optionally kill its running chunks", cmd_cancel)
-    k.add_argument("--run", required=True, help="run name (see python -m master status)")
+
+
+def _cancel_args(k: argparse.ArgumentParser) -> None:
+    k.add_argument("--run", required=True, help=RUN_HELP)
     k.add_argument("--stop-running", action="store_true", help="also kill the run's chunks that are running")
     k.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the master/agents to stop")
-    for name, help_, fn in (("drain", "an agent finishes its current chunk and takes no more (maintenance)", cmd_drain),
-                            ("undrain", "a drained agent takes jobs again", cmd_undrain)):
-        d = _sub(sub, name, help_, fn)
-        d.add_argument("agent", metavar="AGENT", help="agent id, e.g. myhost-gpu3 (see python -m master status)")
-        d.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the agent to answer")
-        if name == "drain":
-            d.add_argument("--wait-idle", action="store_true", help="then wait until its current chunk is done")
-        _dead_after(d)
-    db = _sub(sub, "dashboard", "serve a self-refreshing status page (and /api/status JSON)", cmd_dashboard)
+
+
+def _agent_args(d: argparse.ArgumentParser) -> None:
+    d.add_argument("agent", metavar="AGENT", help="agent id, e.g. myhost-gpu3 (see python -m master status)")
+    d.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the agent to answer")
+    _dead_after(d)
+
+
+def _drain_args(d: argparse.ArgumentParser) -> None:
+    _agent_args(d)
+    d.add_argument("--wait-idle", action="store_true", help="then wait until its current chunk is done")
+
+
+def _dashboard_args(db: argparse.ArgumentParser) -> None:
     db.add_argument("--port", type=int, default=8265, help="TCP port (default 8265; 0 picks a free one)")
     db.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     db.add_argument("--refresh", type=float, default=2.0, help="page refresh interval, seconds (default 2)")
     _dead_after(db)
+
+
+COMMANDS: list[tuple[str, str, Callable, Callable]] = [  # name, help, implementation, its options
+    ("status", "agents (GPU, current chunk, load) and runs (progress, chunks/s, ETA)", cmd_status, _status_args),
+    ("logs", "agents' logs merged in time order, or one chunk's output and traceback", cmd_logs, _logs_args),
+    ("collect", "gather a run's results into one .npz, .csv or .jsonl file", cmd_collect, _collect_args),
+    ("retry", "re-queue a run's failed chunks (and resume a cancelled run) and feed them", cmd_retry, _retry_args),
+    ("cancel", "drop a run's queued work; optionally kill its running chunks", cmd_cancel, _cancel_args),
+    ("drain", "an agent finishes its current chunk and takes no more (maintenance)", cmd_drain, _drain_args),
+    ("undrain", "a drained agent takes jobs again", cmd_undrain, _agent_args),
+    ("dashboard", "serve a self-refreshing status page (and /api/status JSON)", cmd_dashboard, _dashboard_args),
+]
+
+
+def parser() -> argparse.ArgumentParser:
+    """The ``python -m master`` parser with every command."""
+    top = argparse.ArgumentParser(prog=PROG, description="Look at and steer a GPU agent pool.", epilog=TOP_EPILOG,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = top.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    for name, help_, fn, add_args in COMMANDS:
+        add_args(_sub(sub, name, help_, fn))
     return top
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import html
 import json
 import sys
-import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -153,9 +152,3 @@ def serve(spool: Spool, host: str, port: int, refresh: float = 2.0, dead_after: 
     finally:
         server.server_close()
 
-
-def serve_in_thread(server: ThreadingHTTPServer) -> threading.Thread:
-    """Run ``server`` in a daemon thread (for a master that also feeds a run)."""
-    t = threading.Thread(target=server.serve_forever, name="dashboard", daemon=True)
-    t.start()
-    return t
