@@ -1,0 +1,249 @@
+"""Shared pieces of the benchmark: statistics, /proc readers, real agents on a tmp spool,
+feeding a run through the real API, and the exactly-once check of every run's results."""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH_HOST = "bench"  # agent ids bench-cpu0, bench-gpu0 ...
+
+
+# statistics ----------------------------------------------------------------------------------
+def percentile(values: list[float], q: float) -> float | None:
+    """Linear-interpolated percentile (q in 0..100); None for no values."""
+    if not values:
+        return None
+    xs = sorted(values)
+    pos = (len(xs) - 1) * q / 100.0
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def spread(values: list[float]) -> dict[str, Any]:
+    """min/median/max over repeats (and the raw values)."""
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return {"min": None, "median": None, "max": None, "n": 0, "values": []}
+    return {"min": min(vals), "median": percentile(vals, 50), "max": max(vals), "n": len(vals),
+            "values": [round(v, 6) for v in vals]}
+
+
+def ratios(num: list[float], den: list[float]) -> dict[str, Any]:
+    """Per-repeat ratios num[i] / den[i] (repeats are interleaved, so pairs share the noise)."""
+    return spread([a / b for a, b in zip(num, den) if a is not None and b not in (None, 0)])
+
+
+# /proc ---------------------------------------------------------------------------------------
+def proc_io(pid: int) -> dict[str, int]:
+    out = {}
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+            k, _, v = line.partition(":")
+            out[k.strip()] = int(v)
+    return out
+
+
+def proc_cpu_s(pid: int) -> float:
+    """utime + stime of the process (all its threads), seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine() -> dict[str, Any]:
+    cpu = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.partition(":")[2].strip()
+                break
+    mem_gb = None
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        mem_gb = round(int(Path("/proc/meminfo").read_text().split()[1]) / 1024**2, 1)
+    from jobs.fsinfo import mount_of
+
+    versions = {}
+    for mod in ("numpy", "ray", "octorun", "matplotlib", "watchdog", "torch"):
+        with contextlib.suppress(Exception):
+            from importlib.metadata import version
+
+            versions[mod] = version(mod)
+    rev = ""
+    with contextlib.suppress(Exception):
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                             text=True, timeout=10).stdout.strip()
+    return {"host": socket.gethostname(), "cpu": cpu, "cores": os.cpu_count(), "mem_gb": mem_gb,
+            "kernel": platform.release(), "python": platform.python_version(), "versions": versions,
+            "tmp_fs": mount_of(os.environ.get("TMPDIR", "/tmp"))[1], "commit": rev}
+
+
+# our pool: real agent processes and the real master API --------------------------------------
+@dataclass
+class Agents:
+    """Agents started with ``agent.launcher.start`` (real ``python -m agent`` processes)."""
+
+    base: Path
+    ids: list[str]
+    pids: list[int]
+
+    def worker_pids(self) -> list[int]:
+        out = []
+        for ident in self.ids:
+            with contextlib.suppress(OSError, ValueError):
+                hb = json.loads((self.base / "agents" / f"{ident}.json").read_text())
+                if hb.get("worker_pid"):
+                    out.append(int(hb["worker_pid"]))
+        return out
+
+
+@contextlib.contextmanager
+def agents(base: Path, n: int, args: list[str] | None = None, gpu: bool = False) -> Iterator[Agents]:
+    from agent import launcher
+
+    started = launcher.start(str(base), n, cpu=not gpu, host=BENCH_HOST, agent_args=list(args or []), timeout=120)
+    try:
+        yield Agents(base, [s.agent_id for s in started], [s.pid for s in started])
+    finally:
+        launcher.stop(str(base), host=BENCH_HOST, timeout=60)
+
+
+def wait_workers(ag: Agents, timeout: float = 60.0) -> list[int]:
+    """The worker processes are started in the background; wait until each one is up."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pids = ag.worker_pids()
+        if len(pids) == len(ag.ids):
+            return pids
+        time.sleep(0.05)
+    raise RuntimeError(f"workers of {ag.ids} did not appear within {timeout} s")
+
+
+@dataclass
+class PoolRun:
+    run: str
+    chunks: int
+    wall_s: float
+    ok: int
+    per_agent: dict[str, int]
+    submitted: dict[int, float] = field(default_factory=dict)  # chunk -> job.submitted_at (master)
+    collected: dict[int, float] = field(default_factory=dict)  # chunk -> time the master saw the result
+
+
+class Probe:
+    """Timestamps taken inside the master without changing it: the descriptor's
+    ``submitted_at`` as each job is made, and the moment each result is collected.
+
+    The result record has no ``submitted_at`` and ``Run.wait`` takes no event callback, so the
+    bench wraps ``Feeder._job`` and ``Progress.event`` for the duration of one run."""
+
+    def __init__(self) -> None:
+        self.submitted: dict[int, float] = {}
+        self.collected: dict[int, float] = {}
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator["Probe"]:
+        from master import feeder, progress
+
+        orig_job, orig_event = feeder.Feeder._job, progress.Progress.event
+        probe = self
+
+        def _job(self: Any, c: int) -> Any:
+            job = orig_job(self, c)
+            probe.submitted[c] = job.submitted_at
+            return job
+
+        def event(self: Any, kind: str, info: dict[str, Any]) -> None:
+            if kind in ("ok", "failed"):
+                probe.collected[info["chunk"]] = time.time()
+            orig_event(self, kind, info)
+
+        feeder.Feeder._job, progress.Progress.event = _job, event
+        try:
+            yield self
+        finally:
+            feeder.Feeder._job, progress.Progress.event = orig_job, orig_event
+
+
+def feed(base: Path, run: str, chunks: int, task: str | None = None, script: str | None = None,
+         kwargs: dict[str, Any] | None = None, shared: str | None = None, depth: int | None = None,
+         probe: bool = False) -> PoolRun:
+    """Submit a run with ``master.api.Pool`` and be its master until it is done (wall time)."""
+    from master.api import Pool
+    from master.feeder import FeedConfig
+
+    cfg = FeedConfig(depth=depth) if depth else None
+    pr = Probe()
+    with pr.installed() if probe else contextlib.nullcontext():
+        t0 = time.perf_counter()
+        r = Pool(base).submit(task=task, script=script, chunks=chunks, kwargs=kwargs, shared=shared, run=run,
+                              fresh=True, workdir=str(REPO))
+        s = r.wait(progress=False, cfg=cfg)
+        wall = time.perf_counter() - t0
+    return PoolRun(run, chunks, wall, s.ok, dict(s.per_agent), pr.submitted, pr.collected)
+
+
+def results(base: Path, run: str) -> list[dict[str, Any]]:
+    out = []
+    for p in sorted((base / "results" / run).glob("*.json")):
+        if p.stem.isdigit():
+            out.append(json.loads(p.read_text()))
+    return out
+
+
+def check_exactly_once(base: Path, run: str, chunks: int) -> dict[str, Any]:
+    """Every chunk 0..N-1 has exactly one committed ok result (and nothing else is there).
+
+    The commit is a ``link()`` to the one final name, so two commits cannot both exist; what can
+    go wrong is a missing, foreign, unreadable or failed result, or a temp file left behind."""
+    rdir = base / "results" / run
+    finals: dict[int, int] = {}
+    bad, temps, history = [], [], []
+    for name in os.listdir(rdir):
+        if name.startswith("."):
+            temps.append(name)
+            continue
+        stem, _, ext = name.partition(".")
+        if ext == "json" and stem.isdigit():
+            c = int(stem)
+            finals[c] = finals.get(c, 0) + 1
+            try:
+                rec = json.loads((rdir / name).read_text())
+                if rec.get("chunk_id") != c or rec.get("run") != run or rec.get("status") != "ok":
+                    bad.append(c)
+            except (OSError, ValueError):
+                bad.append(c)
+        elif ".a" in name:
+            history.append(name)
+    missing = [c for c in range(chunks) if c not in finals]
+    extra = [c for c in finals if c >= chunks]
+    dup = [c for c, k in finals.items() if k != 1]
+    ok = not (missing or extra or dup or bad or temps)
+    return {"run": run, "chunks": chunks, "committed": len(finals), "missing": missing[:10], "extra": extra[:10],
+            "duplicates": dup[:10], "bad": bad[:10], "temp_files": temps[:10], "failed_attempts": len(history),
+            "ok": ok}
+
+
+def idle_gaps(recs: list[dict[str, Any]]) -> list[float]:
+    """Per agent, in start order: next ``started_at`` minus previous ``finished_at``."""
+    by_agent: dict[str, list[dict[str, Any]]] = {}
+    for r in recs:
+        by_agent.setdefault(r["agent"], []).append(r)
+    gaps = []
+    for rs in by_agent.values():
+        rs.sort(key=lambda r: r["started_at"])
+        gaps += [b["started_at"] - a["finished_at"] for a, b in zip(rs, rs[1:])]
+    return gaps
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)

@@ -1,0 +1,260 @@
+"""Turn raw measurements into comparisons (ratios to the peers, min/median/max over repeats),
+PASS/FAIL per target of issue 5, and the JSON, markdown and PNG files."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from bench.common import ratios, spread
+
+
+def _med(xs: list[float] | None) -> float | None:
+    return spread(xs or [])["median"]
+
+
+def _fmt(x: float | None, unit: str = "", digits: int = 3) -> str:
+    if x is None:
+        return "-"
+    if abs(x) >= 1000:
+        return f"{x:,.0f}{unit}"
+    return f"{x:.{digits}g}{unit}"
+
+
+def _sp(sp: dict[str, Any], unit: str = "", scale: float = 1.0) -> str:
+    if not sp or sp.get("median") is None:
+        return "-"
+    m, lo, hi = (sp[k] * scale for k in ("median", "min", "max"))
+    return _fmt(m, unit) if sp["n"] == 1 else f"{_fmt(m, unit)} [{_fmt(lo)}–{_fmt(hi)}]"
+
+
+def comparisons(r: dict[str, Any]) -> list[dict[str, Any]]:
+    """Rows: what, ours (spread), peer, peer (spread), ratio (spread) and how to read the ratio."""
+    rows: list[dict[str, Any]] = []
+
+    def row(scen: str, what: str, ours: list[float], unit: str, peer: str, theirs: list[float] | None,
+            ratio: dict[str, Any] | None, reading: str, scale: float = 1.0) -> None:
+        rows.append({"scenario": scen, "measure": what, "ours": spread(ours), "unit": unit, "scale": scale,
+                     "peer": peer, "peer_value": spread(theirs or []), "ratio": ratio or spread([]),
+                     "reading": reading})
+
+    t = r.get("1_tiny")
+    if t:
+        for k, ours in t["ours"].items():
+            for peer, key in (("Ray tasks", "ray_tasks"), ("Ray actors", "ray_actors"), ("OctoRun", "octorun")):
+                theirs = (t.get(key) or {}).get(k)
+                if theirs:
+                    row("1 tiny", f"no-op chunks/s, {k} agent(s)", ours, "/s", peer, theirs,
+                        ratios(ours, theirs), "ours ÷ peer (higher is better)")
+            if k == 2 or len(t["ours"]) == 1:
+                row("1 tiny", f"no-op chunks/s, {k} agent(s)", ours, "/s", "floor (plain loop)", t["floor"],
+                    ratios(ours, t["floor"]), "ours ÷ floor")
+    s = r.get("2_small")
+    if s:
+        c = s["ours_callable"]
+        for peer, key, reading in (("OctoRun (script)", "octorun", "peer ÷ ours = speed-up"),
+                                   ("Ray tasks", "ray_tasks", "peer ÷ ours = speed-up"),
+                                   ("Ray actors", "ray_actors", "peer ÷ ours = speed-up"),
+                                   ("floor (plain loop)", "floor", "peer ÷ ours")):
+            if s.get(key):
+                row("2 small", "callable, ms/chunk", c, " ms", peer, s[key], ratios(s[key], c), reading, 1000)
+        sc = s["ours_script"]
+        for peer, key in (("OctoRun (script)", "octorun"), ("by hand, back to back", "by_hand")):
+            if s.get(key):
+                row("2 small", "script, ms/chunk", sc, " ms", peer, s[key], ratios(sc, s[key]),
+                    "ours ÷ peer (lower is better)", 1000)
+    lat = r.get("3_latency")
+    if lat:
+        ray_p50 = ((lat.get("ray_tasks") or {}).get("submit_to_start") or {}).get("p50_ms")
+        for mode in ("inotify", "poll"):
+            m = lat[mode]
+            for what in ("submit_to_start", "finish_to_collected"):
+                for q in ("p50", "p99"):
+                    v = m[what][f"{q}_ms"]
+                    peer = ray_p50 if (what == "submit_to_start" and q == "p50") else None
+                    row("3 latency", f"{what.replace('_', '-')} {q}, {mode}", [v], " ms",
+                        "Ray task" if peer else "-", [peer] if peer else None,
+                        ratios([v], [peer]) if peer else None, "ours ÷ peer (lower is better)" if peer else "")
+    g = (r.get("1_tiny") or {}).get("gaps")
+    if g:
+        for k, v in g.items():
+            for q in ("p50", "p99"):
+                row("4 idle gap", f"{q}, {k} agent(s), backlog", [v[f"{q}_ms"]], " ms", "-", None, None, "")
+    sh = r.get("5_shared")
+    if sh:
+        size, a = sh["file_bytes"], sh["agents"]
+        per = lambda ms, key: [sum(m[key]) / (a * size) for m in ms]  # noqa: E731
+        row("5 shared", "storage bytes read ÷ (agents × file)", per(sh["shared"], "read_bytes"), "",
+            "reload per chunk (our worker)", per(sh["reload"], "read_bytes"), None, "")
+        row("5 shared", "read() copies per chunk ÷ file", [sum(m["rchar"]) / (sh["chunks"] * size) for m in sh["shared"]],
+            "", "reload per chunk (our worker)", [sum(m["rchar"]) / (sh["chunks"] * size) for m in sh["reload"]], None, "")
+        w = [m["wall_s"] for m in sh["shared"]]
+        row("5 shared", "wall s", w, " s", "reload per chunk (our worker)", [m["wall_s"] for m in sh["reload"]],
+            ratios([m["wall_s"] for m in sh["reload"]], w), "peer ÷ ours = speed-up")
+        if sh.get("octorun"):
+            row("5 shared", "wall s", w, " s", "OctoRun (load per process)", [m["wall_s"] for m in sh["octorun"]],
+                ratios([m["wall_s"] for m in sh["octorun"]], w), "peer ÷ ours = speed-up")
+    sc6 = r.get("6_scale")
+    if sc6:
+        for n, p in sc6["ours"].items():
+            rt = (sc6.get("ray_tasks") or {}).get(n) or (sc6.get("ray_tasks") or {}).get(str(n))
+            row("6 scale", f"{n} chunks: submit → first job s", [p["setup_s"]], " s", "Ray (submit N tasks)" if rt else "-",
+                [rt["submit_s"]] if rt else None, ratios([rt["submit_s"]], [p["setup_s"]]) if rt else None,
+                "peer ÷ ours" if rt else "")
+            row("6 scale", f"{n} chunks: chunks/s", [p["chunks_per_s"]], "/s", "Ray tasks" if rt else "-",
+                [int(n) / rt["wall_s"]] if rt else None,
+                ratios([p["chunks_per_s"]], [int(n) / rt["wall_s"]]) if rt else None, "ours ÷ peer" if rt else "")
+            for key, label in (("maxrss_mb", "master peak MB"), ("status_s", "status s"), ("resume_s", "resume s")):
+                row("6 scale", f"{n} chunks: {label}", [p[key]], "", "-", None, None, "")
+    idle = r.get("7_idle")
+    if idle:
+        ray_cpu = (idle.get("ray_idle") or {}).get("cpu_core_pct")
+        for mode in ("inotify", "poll"):
+            m = idle[mode]
+            row("7 idle", f"fs ops/s, {mode}", [m.get("fs_ops_per_s")], "/s", "-", None, None, "")
+            row("7 idle", f"% of a core, {mode}", [m["cpu_core_pct"]], " %", "Ray idle daemons" if ray_cpu else "-",
+                [ray_cpu] if ray_cpu else None, ratios([m["cpu_core_pct"]], [ray_cpu]) if ray_cpu else None,
+                "ours ÷ peer" if ray_cpu else "")
+    gpu = r.get("8_gpu")
+    if gpu and not gpu.get("skipped"):
+        for peer, key in (("OctoRun", "octorun"), ("Ray GPU tasks", "ray_tasks")):
+            if gpu.get(key):
+                row("8 GPU", "small torch matmul, ms/chunk", gpu["ours"], " ms", peer, gpu[key],
+                    ratios(gpu[key], gpu["ours"]), "peer ÷ ours = speed-up", 1000)
+    return rows
+
+
+def targets(r: dict[str, Any], mode: str) -> list[dict[str, Any]]:
+    """PASS/FAIL per target of issue 5 (judged on medians over repeats); None = not measured."""
+    out: list[dict[str, Any]] = []
+
+    def tgt(name: str, measured: str, ok: bool | None, note: str = "") -> None:
+        out.append({"target": name, "measured": measured, "pass": ok, "note": note})
+
+    t = r.get("1_tiny") or {}
+    ours2, rt2, ra2 = (t.get("ours") or {}).get(2), (t.get("ray_tasks") or {}).get(2), (t.get("ray_actors") or {}).get(2)
+    if ours2 and rt2:
+        rr = ratios(ours2, rt2)["median"]
+        ra = ratios(ours2, ra2)["median"] if ra2 else None
+        tgt("1. tiny chunks, 2 agents: ≥ Ray task throughput (aim: Ray actors)",
+            f"{_med(ours2):.0f}/s vs Ray tasks {_med(rt2):.0f}/s = {rr:.2f}x"
+            + (f"; vs actors {_med(ra2):.0f}/s = {ra:.2f}x" if ra else ""), rr >= 1.0)
+    else:
+        tgt("1. tiny chunks, 2 agents: ≥ Ray task throughput", "Ray not measured", None)
+    s = r.get("2_small") or {}
+    if s.get("octorun"):
+        sp = ratios(s["octorun"], s["ours_callable"])["median"]
+        tgt("2. small chunks, callable: ≥ 30x faster than OctoRun", f"{sp:.1f}x per chunk", sp >= 30,
+            "" if s["script_chunks"] == s["chunks"] else f"OctoRun on {s['script_chunks']} chunks, compared per chunk")
+        so = ratios(s["ours_script"], s["octorun"])["median"]
+        tgt("2. small chunks, script: no slower than OctoRun", f"ours ÷ OctoRun = {so:.3f}", so <= 1.0)
+    else:
+        tgt("2. small chunks, callable: ≥ 30x faster than OctoRun", "OctoRun not measured", None)
+    if s.get("by_hand"):
+        sh = ratios(s["ours_script"], s["by_hand"])["median"]
+        tgt("2. small chunks, script: within 10% of the same processes by hand", f"ours ÷ by hand = {sh:.3f}", sh <= 1.10)
+    lat = r.get("3_latency")
+    if lat:
+        p = lat["inotify"]["submit_to_start"]["p50_ms"]
+        tgt("3. submit-to-start, idle pool, inotify: p50 < 5 ms", f"p50 {p:.2f} ms", p < 5)
+        lim = lat["poll_interval_s"] * 1100
+        p = lat["poll"]["submit_to_start"]["p50_ms"]
+        tgt(f"3. submit-to-start, idle pool, polling: p50 < poll interval + 10% ({lim:.0f} ms)", f"p50 {p:.1f} ms", p < lim)
+    g = (t.get("gaps") or {}).get(2)
+    if g:
+        tgt("4. idle gap with a backlog: p50 < 1 ms", f"p50 {g['p50_ms']:.3f} ms (2 agents, {g['n']} gaps)", g["p50_ms"] < 1)
+        tgt("4. idle gap with a backlog: p99 < 5 ms", f"p99 {g['p99_ms']:.3f} ms", g["p99_ms"] < 5)
+    sh = r.get("5_shared")
+    if sh:
+        worst = max(sum(m["read_bytes"]) for m in sh["shared"]) / (sh["agents"] * sh["file_bytes"])
+        tgt("5. shared data: bytes read ≤ 1.05 x agents x file size", f"{worst:.3f} x (worst repeat)", worst <= 1.05,
+            f"file {sh['file_bytes'] / 2**20:.0f} MiB")
+        copy = max(sum(m["rchar"]) for m in sh["shared"]) / (sh["chunks"] * sh["file_bytes"])
+        tgt("5. shared data: no full copy per chunk (memory-mapped)", f"read() copies {copy:.4f} x file per chunk",
+            copy < 0.05)
+    sc = r.get("6_scale")
+    if sc:
+        pts = {int(n): v for n, v in sc["ours"].items()}
+        big = max(pts)
+        note = "" if big >= 100000 else f"measured up to {big}; 100k extrapolated on the line through the two largest sizes"
+        at = lambda key: extrapolate(pts, key, 100000)  # noqa: E731
+        tgt("6. 100k chunks: submit < 20 s", f"{at('setup_s'):.2f} s", at("setup_s") < 20, note)
+        tgt("6. 100k chunks: master peak memory < 300 MB", f"{at('maxrss_mb'):.0f} MB", at("maxrss_mb") < 300, note)
+        tgt("6. 100k chunks: resume/status scan < 5 s", f"status {at('status_s'):.2f} s, resume {at('resume_s'):.2f} s",
+            max(at("status_s"), at("resume_s")) < 5, note)
+        gr = sc.get("growth") or {}
+        worst_slope = max((v for v in gr.values() if v is not None), default=None)
+        tgt("6. cost grows no faster than linearly", f"largest log-log slope {worst_slope}",
+            None if worst_slope is None else worst_slope <= 1.1, json.dumps(gr))
+    idle = r.get("7_idle")
+    if idle:
+        m = idle["poll"]
+        ops = m.get("fs_ops_per_s")
+        tgt("7. idle agent, polling: ≤ 20 fs ops/s", "-" if ops is None else f"{ops:.1f}/s", None if ops is None else ops <= 20)
+        tgt("7. idle agent, polling: < 1% of a core", f"{m['cpu_core_pct']:.2f}%", m["cpu_core_pct"] < 1)
+    gpu = r.get("8_gpu") or {}
+    if gpu.get("skipped") or not gpu:
+        tgt("8. GPU: ≥ 50x faster than OctoRun per small chunk; ≥ 95% utilisation", "skipped", None,
+            gpu.get("skipped", "not run"))
+    else:
+        if gpu.get("octorun"):
+            sp = ratios(gpu["octorun"], gpu["ours"])["median"]
+            tgt("8. GPU: ≥ 50x faster than OctoRun per small chunk", f"{sp:.1f}x", sp >= 50)
+        u = (gpu.get("util_pct") or {}).get("mean")
+        tgt("8. GPU: utilisation ≥ 95% on a stream of medium chunks", "-" if u is None else f"{u:.1f}%",
+            None if u is None else u >= 95)
+    return out
+
+
+def extrapolate(points: dict[int, dict[str, float]], key: str, n: int) -> float:
+    """``key`` at ``n`` chunks: measured if it was, else on the line through the two largest
+    sizes (fixed costs such as an interpreter start stay fixed; never below the last point)."""
+    if n in points:
+        return points[n][key]
+    ns = sorted(points)
+    if len(ns) == 1:
+        return points[ns[0]][key] * n / ns[0]
+    a, b = ns[-2], ns[-1]
+    slope = (points[b][key] - points[a][key]) / (b - a)
+    return points[b][key] + max(0.0, slope) * (n - b)
+
+
+def markdown(meta: dict[str, Any], rows: list[dict[str, Any]], tg: list[dict[str, Any]], chart: str | None) -> str:
+    m = meta["machine"]
+    lines = [f"# Benchmark {meta['date']} ({meta['mode']})", "",
+             f"Machine: {m['cpu']}, {m['cores']} cores, {m['mem_gb']} GB RAM, Linux {m['kernel']}, Python "
+             f"{m['python']}, spool on local {m['tmp_fs']}; peers: "
+             + ", ".join(f"{k} {v}" for k, v in m["versions"].items() if k in ("ray", "octorun")) + "; "
+             f"repeats {meta['repeats']}; wall {meta['wall_s']:.0f} s; commit {m['commit']}.", "",
+             "Ratios are per repeat (the runs of one repeat are interleaved), shown as median [min–max].", "",
+             "| target | measured | result |", "| --- | --- | --- |"]
+    for t in tg:
+        res = {True: "PASS", False: "**FAIL**", None: "n/a"}[t["pass"]]
+        lines.append(f"| {t['target']} | {t['measured']}{' (' + t['note'] + ')' if t['note'] else ''} | {res} |")
+    lines += ["", "| scenario | measure | ours | peer | peer value | ratio | reading |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(f"| {r['scenario']} | {r['measure']} | {_sp(r['ours'], r['unit'], r['scale'])} | {r['peer']} | "
+                     f"{_sp(r['peer_value'], r['unit'], r['scale'])} | {_sp(r['ratio'], 'x') if r['ratio']['n'] else '-'} | "
+                     f"{r['reading']} |")
+    if meta.get("notes"):
+        lines += [""] + [f"- {n}" for n in meta["notes"]]
+    if chart:
+        lines += ["", f"![benchmark chart]({chart})"]
+    return "\n".join(lines) + "\n"
+
+
+def write(out_dir: Path, stem: str, meta: dict[str, Any], raw: dict[str, Any], chart: bool = True) -> dict[str, Path]:
+    rows, tg = comparisons(raw), targets(raw, meta["mode"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / f"{stem}.json", "md": out_dir / f"{stem}.md"}
+    png = None
+    if chart:
+        from bench.chart import draw
+
+        png = draw(raw, out_dir / f"{stem}.png", meta)
+        if png is not None:
+            paths["png"] = png
+    paths["json"].write_text(json.dumps({"meta": meta, "targets": tg, "comparisons": rows, "raw": raw},
+                                        indent=1, default=str))
+    paths["md"].write_text(markdown(meta, rows, tg, png.name if png else None))
+    return paths
