@@ -2,9 +2,12 @@
 
 Two FUSE mounts of one volume behave like two client machines: a write through one mount
 raises no inotify event on the other, attributes are cached per mount, and POSIX locks
-taken through one mount exclude the other. The fixtures start a private ``glusterd``
-(state, sockets and logs under a tmp folder; it reuses one already listening on this host),
-make single-brick volumes under the same tmp folder, mount them and undo all of it at the end.
+taken through one mount exclude the other. The fixtures start a private ``glusterd`` (state,
+sockets and logs under a tmp folder) in a private network namespace, so that its fixed port
+24007 clashes with no other glusterd or test session on this host, make single-brick volumes
+under the same tmp folder, mount them (the FUSE clients run in that namespace, the mounts are
+visible to everyone) and undo all of it at the end. Without network namespaces it runs on the
+host's network and skips if port 24007 is taken.
 
 - ``gluster_fast``: client caches off and FUSE timeouts 0: a change made through one mount is
   visible through the other within milliseconds (fast tests).
@@ -79,6 +82,8 @@ class Gluster:
         self.root = root
         self.host = socket.gethostname()
         self.proc: subprocess.Popen | None = None
+        self.netns: subprocess.Popen | None = None  # holds the private network namespace
+        self.enter: list[str] = []  # command prefix that runs a program in that namespace
         self.sock: Path | None = None  # None: the host's own glusterd (its default socket)
         self.volumes: list[str] = []
         self.mounts: list[Path] = []
@@ -98,9 +103,34 @@ class Gluster:
         except OSError:
             unavailable(f"this host's name {self.host!r} does not resolve; glusterd names bricks by host name")
 
+    def _private_network(self) -> None:
+        """A network namespace with loopback up and this host's address on it (best effort)."""
+        if shutil.which("unshare") is None or shutil.which("nsenter") is None or shutil.which("ip") is None:
+            return
+        addr = socket.gethostbyname(self.host)
+        extra = "" if addr.startswith("127.") else f" && ip addr add {addr}/32 dev lo"
+        ready = self.root / "netns.ready"
+        self.netns = subprocess.Popen(["unshare", "-n", "sh", "-c", f"ip link set lo up{extra} && touch {ready} "
+                                       "&& exec sleep 100000"], stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + 10
+        while not ready.exists() and self.netns.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if ready.exists():
+            self.enter = ["nsenter", f"--net=/proc/{self.netns.pid}/ns/net"]
+        else:
+            self._end_netns()  # not permitted here: use the host's network
+
+    def _end_netns(self) -> None:
+        if self.netns is not None and self.netns.poll() is None:
+            self.netns.kill()
+            self.netns.wait(timeout=10)
+
     def start(self) -> None:
         self.check_prerequisites()
-        if _port_open(GLUSTERD_PORT):
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._private_network()
+        if not self.enter and _port_open(GLUSTERD_PORT):
             # a glusterd already runs here (e.g. started by the package on a systemd host): use it
             if self.cli("volume", "list", check=False).returncode != 0:
                 unavailable(f"port {GLUSTERD_PORT} is taken by something that is not a usable glusterd")
@@ -116,7 +146,7 @@ class Gluster:
             f"    option glusterd-sockfile {self.sock}\n    option transport-type socket\n"
             f"    option transport.socket.listen-port {GLUSTERD_PORT}\n    option ping-timeout 0\n"
             "    option event-threads 1\n    option max-port 60999\nend-volume\n")
-        self.proc = subprocess.Popen(["glusterd", "-N", "-f", str(vol), "-p", str(run / "glusterd.pid"),
+        self.proc = subprocess.Popen([*self.enter, "glusterd", "-N", "-f", str(vol), "-p", str(run / "glusterd.pid"),
                                       "-l", str(logs / "glusterd.log")], stdout=subprocess.DEVNULL,
                                      stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 30
@@ -157,7 +187,7 @@ class Gluster:
         opts = f"log-file={log}" + (f",{FAST_MOUNT_OPTIONS}" if fast else "")
         deadline = time.monotonic() + 30
         while True:  # the brick may need a moment after "volume start" before a client can attach
-            r = _run(["mount", "-t", "glusterfs", "-o", opts, f"{self.host}:/{name}", str(point)])
+            r = _run([*self.enter, "mount", "-t", "glusterfs", "-o", opts, f"{self.host}:/{name}", str(point)])
             if r.returncode == 0 and os.path.ismount(point):
                 break
             if time.monotonic() > deadline:
@@ -182,6 +212,7 @@ class Gluster:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout=15)
+        self._end_netns()
 
     def _kill_bricks(self) -> None:
         """Brick daemons whose pid files live in our run folder (normally gone after 'volume stop')."""

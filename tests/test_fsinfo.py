@@ -94,6 +94,17 @@ def test_network_filesystems_are_polled() -> None:
     assert not is_network_fs("/proc")
 
 
+@pytest.fixture
+def in_process_cli():
+    """The CLIs configure loguru for themselves; give the next tests loguru's default back."""
+    yield
+    import sys
+
+    from loguru import logger
+    logger.remove()
+    logger.add(sys.stderr)
+
+
 def _table_with_base_on_sshfs(tmp_path: Path) -> tuple[Path, str]:
     base = tmp_path / "base"
     table = tmp_path / "mountinfo"
@@ -102,7 +113,8 @@ def _table_with_base_on_sshfs(tmp_path: Path) -> tuple[Path, str]:
 
 
 @pytest.mark.timeout(30)
-def test_agent_and_master_refuse_such_a_base(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+def test_agent_and_master_refuse_such_a_base(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys,
+                                            in_process_cli) -> None:
     from agent.__main__ import main as agent_main
     from master.cli import main as master_main
 
@@ -122,7 +134,7 @@ def test_agent_and_master_refuse_such_a_base(tmp_path: Path, monkeypatch: pytest
 
 @pytest.mark.timeout(30)
 def test_the_override_lets_them_through_with_a_warning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                       capsys) -> None:
+                                                       capsys, in_process_cli) -> None:
     from agent.__main__ import main as agent_main
     from master.cli import main as master_main
 

@@ -205,9 +205,17 @@ def test_default_gluster_options_cross_mount_delay_and_exactly_once(gluster_defa
     runs = executions(marks)
     assert sorted(runs) == list(range(n)) and set(runs.values()) == {1}, \
         f"ran more than once: {sorted(c for c, k in runs.items() if k > 1)}"
+    warnings = Counter(re.sub(r"[0-9]+", "N", line) for line in err.splitlines() if "WARNING" in line)
     print(f"\ncross-mount delay with default gluster options: {[round(d, 3) for d in delays]} s; "
           f"{n} chunks in {wall:.1f} s; attempts {dict(Counter(r['attempt'] for r in res.values()))}; "
-          f"master warnings: {Counter(re.sub(r'[0-9]+', 'N', l) for l in err.splitlines() if 'WARNING' in l)}")
+          f"master warnings: {dict(warnings)}")
+    vanished = err.count("vanished from")
+    if vanished:
+        # Everything above holds (each chunk ran once), but jobs got lost from mailboxes on the way:
+        # a read-modify-write under the mailbox lock read a version cached by the mount (FUSE entry
+        # and attribute timeouts, ~1 s) and wrote it back without the other side's latest jobs.
+        pytest.xfail(f"{vanished} of {n} jobs vanished from a mailbox and were queued again: the mailbox "
+                     "read under its lock is not coherent across mounts with default caching (jobs/mailbox.py)")
 
 
 def _read_or_none(path: Path) -> bytes | None:
