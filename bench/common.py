@@ -224,6 +224,12 @@ def check_exactly_once(base: Path, run: str, chunks: int) -> dict[str, Any]:
                 bad.append(c)
         elif ".a" in name:
             history.append(name)
+    # The agent links its temp file to the final name, then unlinks the temp: the master (and so
+    # this check) can see the final result in between. Only a temp file that stays is left over.
+    deadline = time.monotonic() + 2.0
+    while temps and time.monotonic() < deadline:
+        time.sleep(0.02)
+        temps = [t for t in temps if (rdir / t).exists()]
     missing = [c for c in range(chunks) if c not in finals]
     extra = [c for c in finals if c >= chunks]
     dup = [c for c, k in finals.items() if k != 1]

@@ -203,6 +203,8 @@ def targets(r: dict[str, Any], mode: str) -> list[dict[str, Any]]:
         u = (gpu.get("util_pct") or {}).get("mean")
         tgt("8. GPU: utilisation ≥ 95% on a stream of medium chunks", "-" if u is None else f"{u:.1f}%",
             None if u is None else u >= 95)
+    if mode == "smoke":  # sizes far too small to judge a target: the smoke run only proves the code works
+        out = [{**t, "pass": None, "note": "smoke: not judged"} for t in out]
     return out
 
 
