@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
@@ -49,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     from jobs.fsinfo import check_locks
     from jobs.paths import Spool
 
+    logging.getLogger("watchdog").setLevel(logging.CRITICAL)  # a benign error when an observer stops mid-event
     logger.remove()
     logger.add(sys.stderr, level=args.log_level, format="{time:HH:mm:ss.SSS} {level: <7} {message}")
     for name in ("poll_interval", "max_poll_interval", "rescan", "heartbeat"):

@@ -273,6 +273,13 @@ class Agent:
         self.state = state
         self.write_heartbeat()
 
+    def _reported_state(self) -> AgentState:
+        """A busy agent with a drain flag says 'draining' at once, so that masters take its
+        queued jobs back without waiting for the running chunk to end."""
+        if self.state is AgentState.BUSY and self.spool.drain_flag(self.id).exists():
+            return AgentState.DRAINING
+        return self.state
+
     def _heartbeat_loop(self) -> None:
         while not self._hb_stop.wait(self.cfg.heartbeat):
             try:
@@ -286,7 +293,8 @@ class Agent:
             cur = self.current
             status = {
                 "schema": 1, "agent": self.id, "host": self.host, "hostname": socket.gethostname(),
-                "pid": os.getpid(), "base": str(self.spool.base), "state": self.state.value, "seq": self._seq,
+                "pid": os.getpid(), "base": str(self.spool.base), "state": self._reported_state().value,
+                "seq": self._seq,
                 "device": self.slot.device, "gpu_id": self.slot.number,
                 "gpu_index": self.slot.gpu.index if self.slot.gpu else None,
                 "current": None if cur is None else {"run": cur[0].run, "chunk_id": cur[0].chunk_id,

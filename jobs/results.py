@@ -99,6 +99,14 @@ def reopen_failed(spool: Spool, run: str, chunk: int) -> bool:
         return True
 
 
+def has_outcome(spool: Spool, job_key: tuple[str, int, int]) -> bool:
+    """True once attempt ``job_key`` = (run, chunk, attempt) is over: the chunk has a committed
+    result, or this attempt's failure is on record. Agents leave such jobs in their mailboxes
+    until a lazy prune, so whoever counts queued work checks this."""
+    run, chunk, attempt = job_key
+    return spool.result_json(run, chunk).exists() or spool.history_json(run, chunk, attempt).exists()
+
+
 def read_result(path: Path) -> dict[str, Any]:
     """Read and check a result record; raises BadFile if it is not a valid one."""
     data = read_bounded(path, RESULT_LIMIT)

@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import logging
 import sys
 
 
@@ -12,6 +13,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from master.commands import main as run_command
 
+    logging.getLogger("watchdog").setLevel(logging.CRITICAL)  # a benign error when an observer stops mid-event
     logger.remove()  # the feeder (retry) and the executor warn; nothing chattier reaches the terminal
     logger.add(sys.stderr, level="WARNING", format="{time:HH:mm:ss} {level}: {message}")
     return run_command(argv)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 EPILOG = """examples:
@@ -52,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     from loguru import logger
 
+    logging.getLogger("watchdog").setLevel(logging.CRITICAL)  # a benign error when an observer stops mid-event
     logger.remove()
     logger.add(sys.stderr, level="WARNING", format="{time:HH:mm:ss} {level}: {message}")
     if args.octorun_config:  # the drop-in for OctoRun users

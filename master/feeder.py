@@ -26,7 +26,7 @@ from jobs.fsinfo import is_network_fs
 from jobs.heartbeat import AgentState
 from jobs.mailbox import Mailbox, drop_run
 from jobs.paths import HISTORY_RE, RESULT_RE, Spool
-from jobs.results import read_result, reopen_failed
+from jobs.results import has_outcome, read_result, reopen_failed
 from agent.watcher import EVENT_FILTER
 from master.liveness import AgentView, Liveness
 from master.runspec import RunSpec
@@ -62,6 +62,7 @@ class Summary:
     wall_s: float
     results_dir: Path
     cancelled: bool = False
+    done_this_session: int = 0
 
     @property
     def ok(self) -> int:
@@ -101,6 +102,7 @@ class Feeder:
         self._warned_no_agents = False
         self.cancelled = False
         self._mean_s: float | None = None  # moving mean of chunk durations
+        self.recovered_done = 0  # chunks already done when this master started
 
     # recovery ------------------------------------------------------------------------------
     def recover(self) -> None:
@@ -118,6 +120,7 @@ class Feeder:
             if c < spec.chunks:
                 self._recover_final(c, hist)
         self._recover_mailboxes()
+        self.recovered_done = len(self.final)
         for c in range(spec.chunks):
             if c in self.final or c in self.inflight or c in self.attempt:
                 continue
@@ -260,8 +263,7 @@ class Feeder:
                 self._requeue(c, delay)
 
     def _has_outcome(self, c: int, attempt: int) -> bool:
-        run = self.spec.name
-        return self.spool.result_json(run, c).exists() or self.spool.history_json(run, c, attempt).exists()
+        return has_outcome(self.spool, (self.spec.name, c, attempt))
 
     def _hand_back_dead(self) -> None:
         """Take back this run's jobs from dead agents, and the queued (not running) ones from
@@ -375,7 +377,7 @@ class Feeder:
                 observer.stop()
                 observer.join(timeout=5)
         return Summary(self.spec.name, self.spec.chunks, dict(self.final), time.monotonic() - started, rdir,
-                       self.cancelled)
+                       self.cancelled, len(self.final) - self.recovered_done)
 
 
 class _Wake(FileSystemEventHandler):

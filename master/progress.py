@@ -56,10 +56,10 @@ class Progress:
 
 def format_summary(s: Summary, base: Path) -> str:
     """The end-of-run report: totals, a table per agent, the failed chunks and what to do next."""
-    rate = s.chunks / s.wall_s if s.wall_s > 0 else 0.0
+    rate = s.done_this_session / s.wall_s if s.wall_s > 0 else 0.0
     head = "CANCELLED " if s.cancelled else ""
     lines = [f"{head}run {s.run}: {s.chunks} chunks, {s.ok} ok, {len(s.failed)} failed in {s.wall_s:.2f} s "
-             f"({rate:.1f} chunks/s this session)"]
+             f"({s.done_this_session} this session, {rate:.1f} chunks/s)"]
     lines += agent_table(s)
     lines.append(f"  results: {s.results_dir}/<chunk>.json (+ .npz arrays)")
     failed = [c for c in s.failed if c in s.outcomes]

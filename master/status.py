@@ -16,7 +16,7 @@ from typing import Any
 from jobs.errors import BadFile
 from jobs.mailbox import Mailbox
 from jobs.paths import RESULT_RE, Spool
-from jobs.results import read_result
+from jobs.results import has_outcome, read_result
 from master.liveness import Liveness
 from master.runspec import RunSpec
 
@@ -57,7 +57,7 @@ class StatusReader:
         agents, queued, running = [], {}, {}
         for ident, v in sorted(self.liveness.refresh().items()):
             try:
-                jobs = Mailbox(self.spool, ident).read().jobs
+                jobs = [j for j in Mailbox(self.spool, ident).read().jobs if not has_outcome(self.spool, j.key)]
             except (OSError, BadFile):
                 jobs = []
             cur = v.status.get("current") if v.alive else None

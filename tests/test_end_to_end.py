@@ -33,8 +33,9 @@ def test_100_chunks_spread_over_two_agents_then_status(spool: Spool, agents, env
     data = json.loads(st.stdout)
     assert {a["id"] for a in data["agents"]} == {"testhost-cpu0", "testhost-cpu1"}
     assert all(a["alive"] for a in data["agents"])
-    assert data["runs"] == [{"run": run, "kind": "callable", "target": "examples.matmul:multiply", "chunks": 100,
-                             "ok": 100, "failed": 0, "running": 0, "queued": 0, "pending": 0}]
+    [row] = data["runs"]
+    assert row == {**row, "run": run, "kind": "callable", "target": "examples.matmul:multiply", "chunks": 100,
+                   "ok": 100, "failed": 0, "running": 0, "queued": 0, "pending": 0}
     table = subprocess.run([sys.executable, "-m", "master", "status", "--base", str(spool.base)], cwd=REPO,
                            env=env, capture_output=True, text=True, timeout=60).stdout
     assert "testhost-cpu0" in table and run in table
