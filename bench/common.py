@@ -78,10 +78,10 @@ def machine() -> dict[str, Any]:
             from importlib.metadata import version
 
             versions[mod] = version(mod)
-    rev = ""
+    rev = os.environ.get("GPUPOOL_BENCH_COMMIT", "")  # when run from an exported tree
     with contextlib.suppress(Exception):
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                             text=True, timeout=10).stdout.strip()
+                             text=True, timeout=10).stdout.strip() or rev
     return {"host": socket.gethostname(), "cpu": cpu, "cores": os.cpu_count(), "mem_gb": mem_gb,
             "kernel": platform.release(), "python": platform.python_version(), "versions": versions,
             "tmp_fs": mount_of(os.environ.get("TMPDIR", "/tmp"))[1], "commit": rev}
