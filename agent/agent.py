@@ -244,8 +244,8 @@ class Agent:
         if job.kind is JobKind.SCRIPT:
             log = self.spool.chunk_log(job.run, job.chunk_id)
             err = run_script(job, self.slot.number, self.script_env, log, abort)
-            if err is not None and err["type"] == "Stopped":
-                return None
+            if err is not None and (err["type"] == "Stopped" or (self.stop and "SIGTERM" in err["message"])):
+                return None  # stopped with the agent (e.g. Slurm's SIGTERM to the whole step): stays queued
             return ({"log": str(log)} if err is None else {"log": str(log), "error": err}), None
         req = {"job": job.to_dict(), "gpu_id": self.slot.number, "device": self.slot.device,
                "arrays_path": str(self.spool.result_npz(job.run, job.chunk_id))}

@@ -91,7 +91,10 @@ def handle(request: dict[str, Any], tasks: Any, shared: Any) -> dict[str, Any]:
 def main() -> None:
     rfd, wfd, parent = (int(x) for x in sys.argv[1:4])
     _die_with_parent(parent)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the agent decides when we stop
+    # The agent decides when we stop: Ctrl-C goes to the whole foreground group, and Slurm
+    # sends SIGTERM to every process of a job step before its time limit.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     from agent.task import SharedCache, TaskCache
 
     tasks, shared = TaskCache(), SharedCache()

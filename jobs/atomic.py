@@ -86,33 +86,35 @@ def write_exclusive(final: Path, data: bytes, fsync: bool = True) -> bool:
     return commit_link(tmp, final)
 
 
-def read_bounded(path: Path, limit: int = DEFAULT_READ_LIMIT, retries: int = 3) -> bytes:
+def read_bounded(path: Path, limit: int = DEFAULT_READ_LIMIT, stale_for: float = 2.0) -> bytes:
     """Read a whole spool file without following a symlink, refusing more than ``limit`` bytes.
 
-    Retries ESTALE, which a shared filesystem gives when another client has just
-    renamed a new version over the file.
+    Retries ESTALE for up to ``stale_for`` seconds: a shared filesystem gives it when another
+    client has just renamed a new version over the file and our cached handle is gone.
     """
-    for attempt in range(retries):
+    deadline, pause = time.monotonic() + stale_for, 0.01
+    while True:
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            return _read_once(path, limit)
         except OSError as e:
-            if e.errno == errno.ELOOP:
-                raise BadFile("is a symlink; spool files are never followed out of BASE", path) from e
-            if e.errno == errno.ESTALE and attempt + 1 < retries:
-                time.sleep(0.01)
-                continue
-            raise
-        try:
-            with os.fdopen(fd, "rb") as f:
-                data = f.read(limit + 1)
-        except OSError as e:
-            if e.errno == errno.ESTALE and attempt + 1 < retries:
-                continue
-            raise
-        if len(data) > limit:
-            raise BadFile(f"is larger than the {limit} byte limit for this kind of file", path)
-        return data
-    raise AssertionError("unreachable")
+            if e.errno != errno.ESTALE or time.monotonic() >= deadline:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, 0.25)
+
+
+def _read_once(path: Path, limit: int) -> bytes:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise BadFile("is a symlink; spool files are never followed out of BASE", path) from e
+        raise
+    with os.fdopen(fd, "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise BadFile(f"is larger than the {limit} byte limit for this kind of file", path)
+    return data
 
 
 def server_now(folder: Path) -> float | None:

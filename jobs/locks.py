@@ -47,6 +47,22 @@ class FileLock:
                     return False
                 time.sleep(poll)
 
+    def write_note(self, data: bytes) -> None:
+        """Replace the lock file's content in place (only while holding the lock)."""
+        f = self._open()
+        f.seek(0)
+        f.write(data)
+        f.truncate()
+
+    def read_note(self, limit: int = 4096) -> bytes:
+        """The lock file's content, through a fresh open (a long-open handle may serve a
+        shared filesystem's cached pages)."""
+        try:
+            with open(self.path, "rb") as f:
+                return f.read(limit)
+        except OSError:
+            return b""
+
     def release(self) -> None:
         if self._f is not None:
             portalocker.unlock(self._f)
@@ -75,18 +91,13 @@ class HolderLock(FileLock):
             self.close()
             raise LockHeld(f"{what} is already held by another process ({who})", self.path)
         note = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time(), **info}
-        data = json.dumps(note).encode()
-        f = self._f
-        f.seek(0)
-        f.truncate()
-        f.write(data)
-        os.fsync(f.fileno())
+        self.write_note(json.dumps(note).encode())
+        os.fsync(self._f.fileno())
 
     def holder(self) -> dict[str, Any]:
         """The holder note, or {} when unreadable (it is only used for messages)."""
         try:
-            with open(self.path, "rb") as f:
-                note = json.loads(f.read(4096) or b"{}")
+            note = json.loads(self.read_note() or b"{}")
             return note if isinstance(note, dict) else {}
-        except (OSError, ValueError):
+        except ValueError:
             return {}

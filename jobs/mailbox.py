@@ -1,12 +1,19 @@
 """An agent's mailbox ``agent_pool/<agent_id>.POOL``: the jobs queued for (and run by) one agent.
 
-Content: ``{"schema": 1, "agent": "<id>", "jobs": [<job descriptor>, ...]}``, oldest first.
-Reading needs no lock (the file is only ever replaced by rename); every
+Content: ``{"schema": 1, "agent": "<id>", "seq": N, "jobs": [<job descriptor>, ...]}``, oldest
+first. Reading needs no lock (the file is only ever replaced by rename); every
 read-modify-write holds ``agent_pool/<agent_id>.lock``.
+
+Stale reads: a client of a shared filesystem may, for about a second, still open the version
+another client has just renamed away (cached directory entries), and a read-modify-write
+based on it would drop the other client's change. So every write also records its ``seq``
+in the (never replaced) lock file, and an update waits, under the lock, until the mailbox it
+reads carries at least that ``seq``.
 """
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -22,10 +29,14 @@ from jobs.paths import Spool
 MAILBOX_LIMIT = 16 * 1024 * 1024
 
 
+STALE_WAIT = 3.0  # seconds an update waits for a fresh mailbox before going on regardless
+
+
 @dataclass
 class Snapshot:
     jobs: list[Job] = field(default_factory=list)
     bad: list[tuple[Any, str]] = field(default_factory=list)  # (raw entry, why)
+    seq: int | None = None  # the write that produced it (None: written by an older version)
 
 
 def parse_mailbox(data: bytes, where: Path, known: dict[Any, tuple[dict, Job]] | None = None) -> Snapshot:
@@ -45,7 +56,8 @@ def parse_mailbox(data: bytes, where: Path, known: dict[Any, tuple[dict, Job]] |
     schema = doc.get("schema")
     if isinstance(schema, int) and schema > SCHEMA:
         raise NewerSchema(f"mailbox schema {schema} is newer than this tool's {SCHEMA}; upgrade", where)
-    snap, seen = Snapshot(), {}
+    seq = doc.get("seq")
+    snap, seen = Snapshot(seq=seq if isinstance(seq, int) and not isinstance(seq, bool) else None), {}
     for raw in doc["jobs"]:
         key = (raw.get("run"), raw.get("chunk_id"), raw.get("attempt")) if isinstance(raw, dict) else None
         hit = known.get(key) if known is not None and key is not None else None
@@ -90,13 +102,31 @@ class Mailbox:
         Returns the job list now in the mailbox.
         """
         with self.lock:
-            snap, dirty = self._read_repairing()
+            expected = self._lock_seq()
+            snap, dirty = self._read_fresh(expected)
             new = change(list(snap.jobs))
             if new is None and not dirty:
                 return snap.jobs
             jobs = snap.jobs if new is None else new
-            self._write(jobs)
+            self._write(jobs, max(expected, snap.seq or 0) + 1)
             return jobs
+
+    def _lock_seq(self) -> int:
+        note = self.lock.read_note(64).strip()
+        return int(note) if note.isdigit() else 0
+
+    def _read_fresh(self, expected: int) -> tuple[Snapshot, bool]:
+        """Read under the lock until the mailbox is at least as new as the last write."""
+        deadline = time.monotonic() + STALE_WAIT
+        while True:
+            snap, dirty = self._read_repairing()
+            if dirty or snap.seq is None or snap.seq >= expected:
+                return snap, dirty
+            if time.monotonic() >= deadline:
+                logger.warning("{}: still reads as write {} after {} s, not {}; going on", self.path, snap.seq,
+                               STALE_WAIT, expected)
+                return snap, dirty
+            time.sleep(0.02)
 
     def ensure(self) -> None:
         """Create the mailbox if missing, keeping any jobs already in it."""
@@ -126,11 +156,12 @@ class Mailbox:
         logger.warning("rejected a broken mailbox: {}", why)
         self.spool.reject(data, self.path, why)
 
-    def _write(self, jobs: list[Job]) -> None:
-        doc = {"schema": SCHEMA, "agent": self.agent_id, "jobs": [j.to_dict() for j in jobs]}
+    def _write(self, jobs: list[Job], seq: int) -> None:
+        doc = {"schema": SCHEMA, "agent": self.agent_id, "seq": seq, "jobs": [j.to_dict() for j in jobs]}
         # No fsync: the mailbox is rebuilt from results on any restart, and rename alone
         # already makes the new content atomic for every other process (see jobs/__init__).
         write_replace(self.path, json.dumps(doc).encode(), fsync=False)
+        self.lock.write_note(str(seq).encode())
 
 
 def drop_run(spool: Spool, run: str) -> int:

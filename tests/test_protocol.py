@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -248,3 +249,26 @@ def test_world_writable_spool_is_refused(tmp_path: Path) -> None:
     os.chmod(spool.pool_dir, 0o777)
     with pytest.raises(SpoolError, match="writable by every user"):
         spool.check_private()
+
+
+def test_update_waits_for_a_fresh_mailbox_instead_of_dropping_a_change(spool: Spool) -> None:
+    """A shared filesystem may show the previous version for a moment: the update must not
+    write back a list that lacks what the last writer added."""
+    mb = Mailbox(spool, "h-cpu0")
+    mb.update(lambda jobs: [job(1)])  # seq 1
+    mb.update(lambda jobs: jobs + [job(2)])  # seq 2; the lock file now says 2
+    fresh = mb.path.read_bytes()
+    stale = json.loads(fresh)
+    stale.update(seq=1, jobs=stale["jobs"][:1])
+    mb.path.write_text(json.dumps(stale))  # what a lagging client would read
+
+    def catch_up() -> None:
+        time.sleep(0.3)
+        write_replace(mb.path, fresh)
+
+    t = threading.Thread(target=catch_up)
+    t.start()
+    mb.update(lambda jobs: jobs + [job(3)])
+    t.join()
+    assert [j.chunk_id for j in mb.read().jobs] == [1, 2, 3]
+    assert mb.read().seq == 3

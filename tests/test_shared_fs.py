@@ -209,13 +209,9 @@ def test_default_gluster_options_cross_mount_delay_and_exactly_once(gluster_defa
     print(f"\ncross-mount delay with default gluster options: {[round(d, 3) for d in delays]} s; "
           f"{n} chunks in {wall:.1f} s; attempts {dict(Counter(r['attempt'] for r in res.values()))}; "
           f"master warnings: {dict(warnings)}")
-    vanished = err.count("vanished from")
-    if vanished:
-        # Everything above holds (each chunk ran once), but jobs got lost from mailboxes on the way:
-        # a read-modify-write under the mailbox lock read a version cached by the mount (FUSE entry
-        # and attribute timeouts, ~1 s) and wrote it back without the other side's latest jobs.
-        pytest.xfail(f"{vanished} of {n} jobs vanished from a mailbox and were queued again: the mailbox "
-                     "read under its lock is not coherent across mounts with default caching (jobs/mailbox.py)")
+    # A read-modify-write under the mailbox lock must not act on a version the mount still caches
+    # (FUSE entry and attribute timeouts, ~1 s): no job may vanish from a mailbox and be requeued.
+    assert err.count("vanished from") == 0, err
 
 
 def _read_or_none(path: Path) -> bytes | None:
