@@ -16,8 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from loguru import logger
+
 from jobs.atomic import purge_temp
 from jobs.errors import BadFile, LockHeld
+from jobs.fsinfo import check_locks
 from jobs.locks import HolderLock
 from jobs.mailbox import drop_run
 from jobs.npzio import load_npz
@@ -54,9 +57,13 @@ class Result:
 
 
 class Pool:
-    def __init__(self, base: str | Path) -> None:
+    def __init__(self, base: str | Path, allow_local_locks: bool = False) -> None:
         self.spool = Spool(base).ensure()
         self.spool.check_private()
+        # Locks must reach the file server, or masters and agents on other hosts do not exclude us.
+        unsafe = check_locks(self.spool.base, allow_local_locks)
+        if unsafe:
+            logger.warning(unsafe)
 
     def submit(self, *, task: str | None = None, script: str | None = None, chunks: int,
                kwargs: dict[str, Any] | None = None, shared: str | None = None, data: str | None = None,

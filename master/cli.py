@@ -69,7 +69,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def feed(args: argparse.Namespace) -> int:
     from jobs.errors import LockHeld, SpoolError
-    from jobs.fsinfo import check_locks
     from master.api import Pool
     from master.feeder import FeedConfig
     from master.progress import format_summary
@@ -85,15 +84,12 @@ def feed(args: argparse.Namespace) -> int:
         print("main.py: --depth must be >= 1, --dead-after > 0 and --retry-delay >= 0", file=sys.stderr)
         return 2
     try:
-        # Locks must reach the file server, or masters and agents on other hosts do not exclude us (issue 4).
-        unsafe_locks = check_locks(args.base, args.allow_local_locks)
-        if unsafe_locks:
-            print(f"main.py: warning: {unsafe_locks}", file=sys.stderr)
-        pool = Pool(args.base)
+        pool = Pool(args.base, allow_local_locks=args.allow_local_locks)
         run = pool.submit(task=args.task, script=args.script, chunks=args.chunks, kwargs=parse_kwargs(args.kwargs),
                           shared=args.shared, data=args.data, run=args.run, retries=args.retries,
                           timeout=args.timeout, fresh=args.fresh)
-        cfg = FeedConfig(depth=args.depth, max_depth=max(args.depth, args.max_depth), dead_after=args.dead_after, retry_delay=args.retry_delay)
+        cfg = FeedConfig(depth=args.depth, max_depth=max(args.depth, args.max_depth), dead_after=args.dead_after,
+                         retry_delay=args.retry_delay)
         summary = run.wait(progress=not args.no_progress, cfg=cfg, wait_for_lock=args.wait)
     except LockHeld as e:
         print(f"main.py: {e}; wait for it to finish, or pass --wait", file=sys.stderr)
