@@ -58,12 +58,13 @@ class Result:
 
 class Pool:
     def __init__(self, base: str | Path, allow_local_locks: bool = False) -> None:
-        self.spool = Spool(base).ensure()
-        self.spool.check_private()
-        # Locks must reach the file server, or masters and agents on other hosts do not exclude us.
-        unsafe = check_locks(self.spool.base, allow_local_locks)
+        # Locks must reach the file server, or masters and agents on other hosts do not exclude
+        # us: checked before anything is written.
+        unsafe = check_locks(Path(base).absolute(), allow_local_locks)
         if unsafe:
             logger.warning(unsafe)
+        self.spool = Spool(base).ensure()
+        self.spool.check_private()
 
     def submit(self, *, task: str | None = None, script: str | None = None, chunks: int,
                kwargs: dict[str, Any] | None = None, shared: str | None = None, data: str | None = None,
