@@ -70,16 +70,18 @@ def pid_alive(pid: int) -> bool:
 
 
 def start(base: str, n: int, cpu: bool = False, host: str | None = None, agent_args: list[str] | None = None,
-          timeout: float = 120.0) -> list[Started]:
+          timeout: float = 120.0, numbers: list[int] | None = None) -> list[Started]:
+    """Start agents for GPUs (or CPU ranks) 0..n-1, or for the given ``numbers``."""
     spool = Spool(base).ensure()
     host = host_id(host)
     gpus = [] if cpu else visible_gpus(make_probe())
-    if gpus and n > len(gpus):
-        raise SpoolError(f"asked for {n} agents but this host has {len(gpus)} visible GPU(s); "
-                         f"use N <= {len(gpus)}, or --cpu for CPU agents")
+    numbers = list(range(n)) if numbers is None else numbers
+    if gpus and max(numbers, default=0) >= len(gpus):
+        raise SpoolError(f"asked for GPU(s) {numbers} but this host has {len(gpus)} visible GPU(s), "
+                         f"numbered 0..{len(gpus) - 1}; ask for fewer, or use --cpu for CPU agents")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [REPO_ROOT, os.environ.get("PYTHONPATH")]))}
     procs: list[tuple[str, subprocess.Popen | None, Path]] = []
-    for i in range(n):
+    for i in numbers:
         ident = agent_id(host, gpus[i].index if gpus else i, cpu=not gpus)
         out = spool.logs_dir / f"{ident}.out"
         if is_running(spool, ident):

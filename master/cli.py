@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from typing import Callable
 
 EPILOG = """examples:
   python main.py                                   # self-contained demo (starts its own agents)
@@ -68,7 +69,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def feed(args: argparse.Namespace) -> int:
-    from jobs.errors import LockHeld, SpoolError
     from master.api import Pool
     from master.feeder import FeedConfig
     from master.progress import format_summary
@@ -83,7 +83,8 @@ def feed(args: argparse.Namespace) -> int:
     if args.depth < 1 or args.dead_after <= 0 or args.retry_delay < 0:
         print("main.py: --depth must be >= 1, --dead-after > 0 and --retry-delay >= 0", file=sys.stderr)
         return 2
-    try:
+
+    def go() -> int:
         pool = Pool(args.base, allow_local_locks=args.allow_local_locks)
         run = pool.submit(task=args.task, script=args.script, chunks=args.chunks, kwargs=parse_kwargs(args.kwargs),
                           shared=args.shared, data=args.data, run=args.run, retries=args.retries,
@@ -91,6 +92,18 @@ def feed(args: argparse.Namespace) -> int:
         cfg = FeedConfig(depth=args.depth, max_depth=max(args.depth, args.max_depth), dead_after=args.dead_after,
                          retry_delay=args.retry_delay)
         summary = run.wait(progress=not args.no_progress, cfg=cfg, wait_for_lock=args.wait)
+        print(format_summary(summary, pool.spool.base))
+        return 0 if summary.all_ok else 1
+
+    return guarded(go)
+
+
+def guarded(call: Callable[[], int]) -> int:
+    """Run a feeding command; the errors a user can act on become one line and an exit code."""
+    from jobs.errors import LockHeld, SpoolError
+
+    try:
+        return call()
     except LockHeld as e:
         print(f"main.py: {e}; wait for it to finish, or pass --wait", file=sys.stderr)
         return 3
@@ -101,5 +114,3 @@ def feed(args: argparse.Namespace) -> int:
         print("\nmain.py: interrupted. Jobs already queued keep running on the agents; "
               "run the same command again to resume.", file=sys.stderr)
         return 130
-    print(format_summary(summary, pool.spool.base))
-    return 0 if not summary.failed and summary.ok == summary.chunks else 1

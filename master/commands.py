@@ -177,7 +177,7 @@ def cmd_retry(args: argparse.Namespace) -> int:
     cfg = FeedConfig(dead_after=args.dead_after)
     summary = run.wait(progress=not args.no_progress, cfg=cfg, wait_for_lock=args.wait)
     print(format_summary(summary, spool.base))
-    return 0 if not summary.failed and summary.ok == summary.chunks else 1
+    return 0 if summary.all_ok else 1
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:

@@ -73,6 +73,11 @@ class Summary:
         return sorted(c for c, o in self.outcomes.items() if o.status != JobState.OK.value)
 
     @property
+    def all_ok(self) -> bool:
+        """Every chunk has an ok result (what main.py's exit code 0 means)."""
+        return self.ok == self.chunks
+
+    @property
     def per_agent(self) -> Counter:
         return Counter(o.agent for o in self.outcomes.values() if o.agent)
 

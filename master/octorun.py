@@ -19,16 +19,11 @@ OctoRun's fields (``octorun save_config`` writes them) and what becomes of them 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from jobs.errors import BadFile, SpoolError
-from jobs.heartbeat import AgentState, read_status
 from jobs.paths import Spool
 from master.runspec import UsageError
 
@@ -125,7 +120,6 @@ def start_agents(spool: Spool, gpus: str | list[int], timeout: float = 120.0) ->
     """One agent per configured GPU of this host (CPU slots when it has none)."""
     from agent import launcher
     from agent.gpu import make_probe, visible_gpus
-    from agent.identity import agent_id, host_id
 
     visible = visible_gpus(make_probe())
     if gpus == "auto" and not visible:
@@ -135,51 +129,18 @@ def start_agents(spool: Spool, gpus: str | list[int], timeout: float = 120.0) ->
     bad = [g for g in numbers if visible and g >= len(visible)]
     if bad:
         raise UsageError(f"config 'gpus' lists {bad}, but this host has {len(visible)} visible GPU(s)")
-    host, cpu = host_id(), not visible
-    ids, procs = [], []
-    for g in numbers:
-        ident = agent_id(host, visible[g].index if visible else g, cpu)
-        ids.append(ident)
-        if not launcher.is_running(spool, ident):
-            procs.append((ident, _spawn(spool, g, cpu, host)))
-    for ident, proc in procs:
-        _wait_ready(spool, ident, proc, timeout)
-    return LocalAgents(spool, ids, [i for i, _ in procs])
-
-
-def _spawn(spool: Spool, gpu: int, cpu: bool, host: str) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [REPO_ROOT, os.environ.get("PYTHONPATH")]))}
-    cmd = [sys.executable, "-m", "agent", "--base", str(spool.base), "--gpu", str(gpu), "--host-id", host,
-           "--heartbeat", "0.5"] + (["--cpu"] if cpu else [])
-    out = open(spool.logs_dir / f"{host}-{'cpu' if cpu else 'gpu'}{gpu}.out", "ab")
-    with out:
-        return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
-
-
-def _wait_ready(spool: Spool, ident: str, proc: subprocess.Popen, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SpoolError(f"agent {ident} exited with code {proc.returncode} at start; see its log",
-                             spool.agent_log(ident))
-        try:
-            st = read_status(spool.heartbeat(ident))
-            if st.get("pid") == proc.pid and st["state"] in (AgentState.IDLE.value, AgentState.BUSY.value):
-                return
-        except (OSError, BadFile):
-            pass
-        time.sleep(0.05)
-    raise SpoolError(f"agent {ident} did not report ready within {timeout:g} s; see its log", spool.agent_log(ident))
+    started = launcher.start(str(spool.base), len(numbers), cpu=not visible, agent_args=["--heartbeat", "0.5"],
+                             timeout=timeout, numbers=numbers)
+    return LocalAgents(spool, [s.agent_id for s in started], [s.agent_id for s in started if s.new])
 
 
 # the run ----------------------------------------------------------------------------------------
 def main(args: Any) -> int:
     """``main.py --octorun-config``: ``args`` are main.py's parsed options."""
-    from jobs.errors import LockHeld
+    from master.cli import guarded
     from master.runspec import parse_kwargs
 
-    try:
+    def go() -> int:
         if args.task or args.script or args.chunks:
             raise UsageError("--octorun-config replaces --task/--script/--chunks (the config's script_path and "
                              "total_chunks say them); drop those options")
@@ -187,15 +148,8 @@ def main(args: Any) -> int:
         for note in cfg.notes:
             print(f"main.py: octorun config: {note}", file=sys.stderr)
         return _feed(args, cfg)
-    except LockHeld as e:
-        print(f"main.py: {e}; wait for it to finish, or pass --wait", file=sys.stderr)
-        return 3
-    except SpoolError as e:
-        print(f"main.py: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\nmain.py: interrupted; run the same command again to resume.", file=sys.stderr)
-        return 130
+
+    return guarded(go)
 
 
 def _feed(args: Any, cfg: OctoConfig) -> int:
@@ -221,4 +175,4 @@ def _feed(args: Any, cfg: OctoConfig) -> int:
             local.stop()
     print(format_summary(summary, pool.spool.base))
     print(f"chunk output: {pool.spool.logs_dir / run.name}/<chunk:06d>.log")
-    return 0 if not summary.failed and summary.ok == summary.chunks else 1
+    return 0 if summary.all_ok else 1
