@@ -260,3 +260,46 @@ def write(out_dir: Path, stem: str, meta: dict[str, Any], raw: dict[str, Any], c
                                         indent=1, default=str))
     paths["md"].write_text(markdown(meta, rows, tg, png.name if png else None))
     return paths
+
+
+KEY_ROWS = ("1 tiny", "2 small", "3 latency", "5 shared", "7 idle", "8 GPU")
+
+
+def readme_section(doc: dict[str, Any], stem: str) -> str:
+    """The README's "## Speed" section for a results file: the targets and the main ratios."""
+    meta, rows, tg = doc["meta"], doc["comparisons"], doc["targets"]
+    m = meta["machine"]
+    g = doc["raw"].get("8_gpu") or {}
+    gpus = f"{g['gpus']} GPU(s)" if g.get("gpus") else "no GPU"
+    head = (f"Measured side by side in one run of `python bench/run.py{' --quick' if meta['mode'] == 'quick' else ''}` "
+            f"on {meta['date']} on a {m['cores']}-core {m['cpu']} VM with {m['mem_gb']:.0f} GB of memory, "
+            f"{gpus}, the spool on a local {m['tmp_fs']} disk (Python {m['python']}, Ray "
+            f"{m['versions'].get('ray', '-')}, OctoRun {m['versions'].get('octorun', '-')}; commit {m['commit']}). "
+            "The machine was shared with other work, so every figure is the median of "
+            f"{meta['repeats']} interleaved repeats with [min–max]; absolute times hold for this machine only. "
+            f"Every run committed every chunk exactly once ({len(meta['checks'])} runs checked).")
+    lines = ["## Speed", "", head, "",
+             "| target (issue 5) | measured | result |", "| --- | --- | --- |"]
+    for t in tg:
+        res = {True: "PASS", False: "**FAIL**", None: "n/a"}[t["pass"]]
+        lines.append(f"| {t['target']} | {t['measured']}{' (' + t['note'] + ')' if t['note'] else ''} | {res} |")
+    lines += ["", "| scenario | measure | ours | compared with | their value | ratio (how to read) |",
+              "| --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        if r["peer"] == "-" or not r["scenario"].startswith(KEY_ROWS):
+            continue
+        lines.append(f"| {r['scenario']} | {r['measure']} | {_sp(r['ours'], r['unit'], r['scale'])} | {r['peer']} | "
+                     f"{_sp(r['peer_value'], r['unit'], r['scale'])} | "
+                     f"{_sp(r['ratio'], 'x') if r['ratio']['n'] else '-'} ({r['reading']}) |")
+    lines += ["", f"![benchmark chart](bench/results/{stem}.png)", "",
+              f"All figures, the scale and idle-cost rows and the methods: [bench/results/{stem}.md]"
+              f"(bench/results/{stem}.md), [bench/README.md](bench/README.md). Run it yourself with "
+              "`pip install -r bench/requirements.txt && python bench/run.py --quick` (under 2 minutes).", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import sys
+
+    path = Path(sys.argv[1])
+    print(readme_section(json.loads(path.read_text()), path.stem))
