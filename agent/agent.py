@@ -227,7 +227,7 @@ class Agent:
         self._io_backoff = 0.0
         if status is JobState.OK:
             self.done += 1
-            logger.info("{} chunk {}: ok in {:.3f} s{}", job.run, job.chunk_id, rec["duration_s"],
+            logger.debug("{} chunk {}: ok in {:.3f} s{}", job.run, job.chunk_id, rec["duration_s"],
                         "" if committed else " (another attempt had already committed)")
         else:
             self.failed += 1
@@ -264,9 +264,10 @@ class Agent:
         times = {"started_at": reply.get("started_at"), "finished_at": reply.get("finished_at")}
         if not reply.get("ok"):
             return {**times, "error": reply.get("error")}, None
-        return {**times, "value": reply.get("value"),
-                "arrays": self.spool.result_npz(job.run, job.chunk_id).name if reply.get("arrays_tmp") else None,
-                }, reply.get("arrays_tmp")
+        tmp = reply.get("arrays_tmp")
+        arrays = {"arrays": self.spool.result_npz(job.run, job.chunk_id).name, "arrays_bytes": os.stat(tmp).st_size} \
+            if tmp else {"arrays": None}
+        return {**times, "value": reply.get("value"), **arrays}, tmp
 
     # heartbeat -----------------------------------------------------------------------------
     def _set_state(self, state: AgentState) -> None:

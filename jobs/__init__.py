@@ -9,6 +9,8 @@ Layout (every name below is built by ``jobs.paths.Spool``, nowhere else)::
     BASE/agents/<agent>.drain        present = the agent takes no new job (``master drain``)
     BASE/runs/<run>/run.json         the run spec, written by the master
     BASE/runs/<run>/master.lock      held by the one master feeding the run (holder in the file)
+    BASE/runs/<run>/cancel           present = the run is cancelled ({"stop_running": bool})
+    BASE/runs/<run>/sealed           present = the run finished and its results are flushed to disk
     BASE/results/<run>/<chunk:06d>.json      the chunk's committed result (the commit point)
     BASE/results/<run>/<chunk:06d>.npz       its arrays, in place before the .json appears
     BASE/results/<run>/<chunk:06d>.a<N>.json history: every failed attempt N
@@ -23,10 +25,14 @@ hosts sharing BASE never collide.
 
 Publishing: every file another process reads is written to ``.<name>.tmp-<pid>-<rand>`` in the
 same folder, flushed and renamed over the final name (``jobs.atomic``). Readers skip names that
-start with ``.``; nobody ever sees a half-written file. Results and run specs are also fsynced
-before the rename. Mailboxes and heartbeats are not: a rename alone makes them atomic for every
-other process, and after an OS crash both are rebuilt (the master recomputes what is in flight
-from results, an agent rewrites its heartbeat), so an fsync there would buy nothing.
+start with ``.``; nobody ever sees a half-written file. Run specs are also fsynced before the
+rename. Results are not fsynced one by one (the largest cost between two jobs): when a run is
+done the master flushes its results with one syncfs and writes ``runs/<run>/sealed``; a master
+resuming a run that is not sealed reads and checks every result (JSON, and the size of its
+arrays), so a result torn by an OS crash is rejected and its chunk runs again. Mailboxes and
+heartbeats are never fsynced: a rename alone makes them atomic for every other process, and
+after an OS crash both are rebuilt (the master recomputes what is in flight from results, an
+agent rewrites its heartbeat).
 
 Who writes what, in which order:
 
@@ -39,14 +45,15 @@ Who writes what, in which order:
 4. agent: commit (``jobs.results.commit``): under ``results/<run>/commit.lock``, if the final
    ``.json`` is absent, move the arrays to ``<chunk>.npz``, then ``link`` the ``.json`` into
    place (fails if it exists: exactly one committed result per chunk, whichever attempt
-   finishes first). A failed attempt with attempts left only writes history ``.a<N>.json``;
-   the last failed attempt commits the final ``.json`` first, then its history.
+   finishes first). A failed attempt first writes its history ``.a<N>.json``; only the last
+   attempt then commits a final (failed) ``.json``. So a final result without any history is
+   an ok one, and a sealed run's outcome can be read from file names alone.
 5. A job stays in the mailbox until its outcome is on disk, so a dead agent's work is still
    listed there. Finished jobs are pruned lazily, under ``<agent>.lock``: by the master when
    it refills that mailbox, and by the agent when it runs out of work (a mailbox rewrite per
    job would cost a file creation per job). The agent remembers what it finished meanwhile.
-6. master: sees the final ``.json`` (done) or the history of the attempt it dispatched (retry
-   after a capped exponential back-off with attempt + 1). An agent whose heartbeat ``seq`` has
+6. master: sees the final ``.json`` (done) or the history of the attempt it dispatched, when
+   attempts are left (retry after a capped exponential back-off with attempt + 1). An agent whose heartbeat ``seq`` has
    not changed for ``dead_after`` seconds of the master's own clock is dead: under its mailbox
    lock the master removes this run's jobs and queues them again with attempt + 1. A job that
    left a live agent's mailbox with no result at all is queued again the same way.

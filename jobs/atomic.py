@@ -92,10 +92,19 @@ def read_bounded(path: Path, limit: int = DEFAULT_READ_LIMIT, stale_for: float =
     Retries ESTALE for up to ``stale_for`` seconds: a shared filesystem gives it when another
     client has just renamed a new version over the file and our cached handle is gone.
     """
+    data, _ = read_if_changed(path, limit, None, stale_for)
+    return data
+
+
+def read_if_changed(path: Path, limit: int, known: tuple[int, int, int] | None, stale_for: float = 2.0
+                    ) -> tuple[bytes | None, tuple[int, int, int]]:
+    """Like ``read_bounded``, but (None, sig) without reading when the opened file's
+    (inode, mtime_ns, size) is ``known``. The open (not a stat) is what revalidates a shared
+    filesystem's cache (close-to-open consistency), so this sees what ``read_bounded`` sees."""
     deadline, pause = time.monotonic() + stale_for, 0.01
     while True:
         try:
-            return _read_once(path, limit)
+            return _read_once(path, limit, known)
         except OSError as e:
             if e.errno != errno.ESTALE or time.monotonic() >= deadline:
                 raise
@@ -103,7 +112,7 @@ def read_bounded(path: Path, limit: int = DEFAULT_READ_LIMIT, stale_for: float =
         pause = min(pause * 2, 0.25)
 
 
-def _read_once(path: Path, limit: int) -> bytes:
+def _read_once(path: Path, limit: int, known: tuple[int, int, int] | None) -> tuple[bytes | None, tuple[int, int, int]]:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError as e:
@@ -111,10 +120,14 @@ def _read_once(path: Path, limit: int) -> bytes:
             raise BadFile("is a symlink; spool files are never followed out of BASE", path) from e
         raise
     with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        sig = (st.st_ino, st.st_mtime_ns, st.st_size)
+        if sig == known:
+            return None, sig
         data = f.read(limit + 1)
     if len(data) > limit:
         raise BadFile(f"is larger than the {limit} byte limit for this kind of file", path)
-    return data
+    return data, sig
 
 
 def server_now(folder: Path) -> float | None:
@@ -154,3 +167,4 @@ def purge_temp(folders: list[Path], older_than: float = 3600.0) -> int:
             except OSError:
                 pass
     return removed
+

@@ -12,6 +12,7 @@ reads carries at least that ``seq``.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from typing import Any, Callable
 
 from loguru import logger
 
-from jobs.atomic import read_bounded, write_replace
+from jobs.atomic import read_bounded, read_if_changed, write_replace
 from jobs.descriptor import SCHEMA, Job
 from jobs.errors import BadFile, NewerSchema
 from jobs.locks import FileLock
@@ -86,14 +87,28 @@ class Mailbox:
         self.path = spool.mailbox(agent_id)
         self.lock = FileLock(spool.mailbox_lock(agent_id))
         self._known: dict[Any, tuple[dict, Job]] = {}
+        self._last: tuple[tuple[int, int, int], Snapshot, float] | None = None  # (sig, parsed, when)
 
     def read(self) -> Snapshot:
-        """The current content; a missing mailbox is empty. Raises BadFile if broken."""
+        """The current content; a missing mailbox is empty. Raises BadFile if broken.
+
+        The agent rereads its mailbox after every job, and it rarely changes in between (the
+        master refills it every few jobs): when the opened file is the one parsed last time
+        (same inode, mtime and size; every write is a rename of a new inode), its snapshot is
+        reused instead of reading and parsing the whole queue again; at least once a second it is
+        read anyway, in case a coarse-grained filesystem clock hides a change."""
+        now = time.monotonic()
+        known = self._last[0] if self._last and now - self._last[2] < 1.0 else None
         try:
-            data = read_bounded(self.path, MAILBOX_LIMIT)
+            data, sig = read_if_changed(self.path, MAILBOX_LIMIT, known)
         except FileNotFoundError:
             return Snapshot()
-        return parse_mailbox(data, self.path, self._known)
+        if data is None:
+            snap = self._last[1]
+        else:
+            snap = parse_mailbox(data, self.path, self._known)
+            self._last = (sig, snap, now)
+        return dataclasses.replace(snap, jobs=list(snap.jobs), bad=list(snap.bad))
 
     def update(self, change: Callable[[list[Job]], list[Job] | None]) -> list[Job]:
         """Under the lock: read, let ``change`` return the new job list (None = unchanged), write.

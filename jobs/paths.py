@@ -100,6 +100,10 @@ class Spool:
         """Present = the run is cancelled; its JSON says {"stop_running": bool}."""
         return self.run_dir(run) / "cancel"
 
+    def sealed_flag(self, run: str) -> Path:
+        """Present = the run finished and its results were flushed to disk."""
+        return self.run_dir(run) / "sealed"
+
     def master_lock(self, run: str) -> Path:
         return self.run_dir(run) / "master.lock"
 

@@ -4,7 +4,14 @@ Committing, under ``results/<run>/commit.lock``:
  1. if the final ``.json`` exists, another attempt won: drop ours;
  2. move our arrays (a temp file beside it) to ``<chunk>.npz``, or remove a stale one;
  3. ``link`` our ``.json`` to the final name (fails if it exists: exactly one commit).
-Every failed attempt is also kept as history ``<chunk>.a<attempt>.json``.
+Every failed attempt is also kept as history ``<chunk>.a<attempt>.json``, written before the
+final result of a last attempt, so a final result without any history is an ok one.
+
+Results are not fsynced one by one (that was the largest cost between two jobs): ``link()``
+already makes a commit atomic and exactly-once for every reader. When a run is done the master
+flushes its results with one syncfs and leaves ``runs/<run>/sealed``; a master resuming a run
+that is not sealed (it may have lived through an OS crash) reads and checks every result, and a
+result torn by the crash is rejected and its chunk runs again.
 """
 from __future__ import annotations
 
@@ -28,7 +35,7 @@ def record(job: Job, status: JobState, **fields: Any) -> dict[str, Any]:
     """A result record for ``job``; ``fields`` adds agent, host, times, value, error..."""
     return {"schema": RESULT_SCHEMA, "run": job.run, "chunk_id": job.chunk_id,
             "total_chunks": job.total_chunks, "status": status.value, "attempt": job.attempt,
-            "max_attempts": job.max_attempts, **fields}
+            "max_attempts": job.max_attempts, "submitted_at": job.submitted_at, **fields}
 
 
 def commit(spool: Spool, job: Job, rec: dict[str, Any], arrays_tmp: Path | None = None) -> bool:
@@ -39,11 +46,11 @@ def commit(spool: Spool, job: Job, rec: dict[str, Any], arrays_tmp: Path | None 
     """
     data = json.dumps(rec, default=str).encode()
     ok = rec["status"] == JobState.OK.value
+    if not ok:  # history first: a final result with no history beside it is then always an ok one
+        write_replace(spool.history_json(job.run, job.chunk_id, job.attempt), data, fsync=False)
     committed = _commit_final(spool, job, data, arrays_tmp) if ok or job.attempt >= job.max_attempts else False
     if not committed:
         _discard(arrays_tmp)
-    if not ok:  # after the final commit: a reader that sees the last history also sees the final
-        write_replace(spool.history_json(job.run, job.chunk_id, job.attempt), data)
     return committed
 
 
@@ -72,11 +79,32 @@ def _commit_final(spool: Spool, job: Job, data: bytes, arrays_tmp: Path | None) 
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(npz)
         try:
-            return write_exclusive(spool.result_json(run, chunk), data)
+            # No fsync here: see the module docstring (runs are sealed with one syncfs instead).
+            return write_exclusive(spool.result_json(run, chunk), data, fsync=False)
         except BaseException:  # e.g. disk full: leave no arrays without their commit
             with contextlib.suppress(OSError):
                 os.unlink(npz)
             raise
+
+
+def sync_run(spool: Spool, run: str) -> None:
+    """Make a finished run's results durable with one flush of their filesystem (syncfs),
+    instead of an fsync per result on the agents' critical path."""
+    fd = os.open(spool.result_dir(run), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if _libc_syncfs(fd) != 0:
+            os.sync()
+    finally:
+        os.close(fd)
+
+
+def _libc_syncfs(fd: int) -> int:
+    import ctypes
+
+    try:
+        return ctypes.CDLL(None, use_errno=True).syncfs(fd)
+    except (OSError, AttributeError):
+        return -1
 
 
 def reopen_failed(spool: Spool, run: str, chunk: int) -> bool:
@@ -99,12 +127,34 @@ def reopen_failed(spool: Spool, run: str, chunk: int) -> bool:
         return True
 
 
-def has_outcome(spool: Spool, job_key: tuple[str, int, int]) -> bool:
+def has_outcome(spool: Spool, job_key: tuple[str, int, int], max_attempts: int) -> bool:
     """True once attempt ``job_key`` = (run, chunk, attempt) is over: the chunk has a committed
-    result, or this attempt's failure is on record. Agents leave such jobs in their mailboxes
+    result, or this attempt's failure is on record and another attempt may follow (the last
+    attempt is over only with its final result). Agents leave finished jobs in their mailboxes
     until a lazy prune, so whoever counts queued work checks this."""
     run, chunk, attempt = job_key
-    return spool.result_json(run, chunk).exists() or spool.history_json(run, chunk, attempt).exists()
+    if spool.result_json(run, chunk).exists():
+        return True
+    return attempt < max_attempts and spool.history_json(run, chunk, attempt).exists()
+
+
+def sealed(spool: Spool, run: str) -> bool:
+    """The run finished and its results were flushed to disk (``seal``): the names of its
+    result files can be trusted without reading them."""
+    return spool.sealed_flag(run).exists()
+
+
+def seal(spool: Spool, run: str) -> None:
+    """Flush a finished run's results to disk (one syncfs, see ``sync_run``) and say so."""
+    sync_run(spool, run)
+    spool.run_dir(run).mkdir(parents=True, exist_ok=True)
+    write_replace(spool.sealed_flag(run), b"")
+
+
+def unseal(spool: Spool, run: str) -> None:
+    """The run has work again: until it is sealed anew, a resume reads every result."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(spool.sealed_flag(run))
 
 
 def read_result(path: Path) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from jobs.fsinfo import is_network_fs
 from jobs.heartbeat import AgentState
 from jobs.mailbox import Mailbox, drop_run
 from jobs.paths import HISTORY_RE, RESULT_RE, Spool
-from jobs.results import has_outcome, read_result, reopen_failed
+from jobs.results import has_outcome, read_result, reopen_failed, seal, sealed, unseal
 from agent.watcher import EVENT_FILTER
 from master.liveness import AgentView, Liveness
 from master.runspec import RunSpec
@@ -105,6 +105,7 @@ class Feeder:
         self.mailboxes: dict[str, Mailbox] = {}
         self._next_liveness = 0.0
         self._warned_no_agents = False
+        self._names: _Names | None = None  # result names inotify reported (None: no inotify)
         self.cancelled = False
         self._mean_s: float | None = None  # moving mean of chunk durations
         self.recovered_done = 0  # chunks already done when this master started
@@ -121,11 +122,18 @@ class Feeder:
             elif m := HISTORY_RE.match(name):
                 c, a = int(m.group(1)), int(m.group(2))
                 hist[c] = max(hist.get(c, 0), a)
+        trusted = sealed(self.spool, spec.name)  # flushed when it finished: names alone are exact
         for c in sorted(finals):
-            if c < spec.chunks:
+            if c >= spec.chunks:
+                continue
+            if trusted and c not in hist:  # no failed attempt ever: an ok result (jobs.results)
+                self.final[c] = Outcome(JobState.OK.value, 0, None)
+            else:
                 self._recover_final(c, hist)
         self._recover_mailboxes()
         self.recovered_done = len(self.final)
+        if not self.done:
+            unseal(self.spool, spec.name)
         for c in range(spec.chunks):
             if c in self.final or c in self.inflight or c in self.attempt:
                 continue
@@ -144,11 +152,30 @@ class Feeder:
             os.unlink(path)
             return
         if rec["status"] == JobState.OK.value:
+            if self._arrays_torn(c, rec):
+                return
             self.final[c] = _summary(rec)
         elif reopen_failed(self.spool, self.spec.name, c):  # a re-run tries failed chunks again
             last = max(rec["attempt"], hist.get(c, 0))
             self.attempt[c], self.max_attempts[c] = last, last + 1 + self.spec.retries
             self.pending.append(c)
+
+    def _arrays_torn(self, c: int, rec: dict[str, Any]) -> bool:
+        """An ok result whose arrays are missing or not the size it recorded (an OS crash before
+        the run was sealed): rejected, so that the chunk runs again."""
+        want = rec.get("arrays_bytes")
+        if not rec.get("arrays") or not isinstance(want, int):
+            return False
+        path, npz = self.spool.result_json(self.spec.name, c), self.spool.result_npz(self.spec.name, c)
+        try:
+            if os.stat(npz).st_size == want:
+                return False
+        except FileNotFoundError:
+            pass
+        logger.warning("{}: its arrays {} are missing or torn; the chunk will run again", path, npz.name)
+        self.spool.reject(_read_or_empty(path), path, f"arrays {npz.name} missing or not {want} bytes")
+        os.unlink(path)
+        return True
 
     def _history_max(self, c: int, attempt: int) -> int:
         try:
@@ -217,6 +244,7 @@ class Feeder:
     # one pass ----------------------------------------------------------------------------------
     def step(self) -> None:
         now = self.clock()
+        full = self._names is None or now >= self._next_liveness
         if now >= self._next_liveness:
             if self.spool.cancel_flag(self.spec.name).exists():
                 self._cancel()
@@ -225,7 +253,7 @@ class Feeder:
             self._hand_back_dead()
             self._find_lost()
             self._next_liveness = now + min(1.0, self.cfg.dead_after / 4)
-        self._collect()
+        self._collect(full)
         while self.delayed and self.delayed[0][0] <= now:
             self.pending.appendleft(heapq.heappop(self.delayed)[1])
         self._dispatch()
@@ -236,9 +264,14 @@ class Feeder:
         self.cancelled = True
         self.on_event("cancelled", {"pending": len(self.pending) + len(self.inflight) + len(self.delayed)})
 
-    def _collect(self) -> None:
+    def _collect(self, full: bool = True) -> None:
+        """Take in the outcomes of jobs in flight: of every one (two stats each) on a full pass,
+        else only of the chunks whose result files inotify reported since the last pass."""
         run = self.spec.name
-        for c, (agent, attempt) in list(self.inflight.items()):
+        named = self._names.drain() if self._names is not None else []
+        chunks = list(self.inflight) if full else {c for c in named if c in self.inflight}
+        for c in chunks:
+            agent, attempt = self.inflight[c]
             final = self.spool.result_json(run, c)
             if final.exists():
                 try:
@@ -257,7 +290,7 @@ class Feeder:
                 self.on_event("failed" if out.status != JobState.OK.value else "ok", {"chunk": c, "outcome": out})
                 continue
             hist = self.spool.history_json(run, c, attempt)
-            if hist.exists():
+            if attempt < self.max_attempts[c] and hist.exists():  # a last attempt ends with its final
                 try:
                     rec = read_result(hist)
                 except (BadFile, FileNotFoundError):
@@ -268,7 +301,7 @@ class Feeder:
                 self._requeue(c, delay)
 
     def _has_outcome(self, c: int, attempt: int) -> bool:
-        return has_outcome(self.spool, (self.spec.name, c, attempt))
+        return has_outcome(self.spool, (self.spec.name, c, attempt), self.max_attempts[c])
 
     def _hand_back_dead(self) -> None:
         """Take back this run's jobs from dead agents, and the queued (not running) ones from
@@ -367,7 +400,8 @@ class Feeder:
         observer = None
         if not is_network_fs(rdir):
             observer = Observer()
-            observer.schedule(_Wake(wake), str(rdir), recursive=False, event_filter=EVENT_FILTER)
+            self._names = _Names()
+            observer.schedule(_Wake(wake, self._names), str(rdir), recursive=False, event_filter=EVENT_FILTER)
             observer.daemon = True
             observer.start()
         try:
@@ -381,17 +415,41 @@ class Feeder:
             if observer is not None:
                 observer.stop()
                 observer.join(timeout=5)
+        if self.done and not self.cancelled:
+            seal(self.spool, self.spec.name)  # a run reported done is on disk
         return Summary(self.spec.name, self.spec.chunks, dict(self.final), time.monotonic() - started, rdir,
                        self.cancelled, len(self.final) - self.recovered_done)
 
 
+class _Names:
+    """Chunk ids of result files (final or history) that appeared, handed from the watchdog
+    thread to the feeder's loop."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._chunks: list[int] = []
+
+    def add(self, name: str) -> None:
+        m = RESULT_RE.match(name) or HISTORY_RE.match(name)
+        if m:
+            with self._lock:
+                self._chunks.append(int(m.group(1)))
+
+    def drain(self) -> list[int]:
+        with self._lock:
+            out, self._chunks = self._chunks, []
+        return out
+
+
 class _Wake(FileSystemEventHandler):
-    def __init__(self, wake: threading.Event) -> None:
-        self.wake = wake
+    def __init__(self, wake: threading.Event, names: _Names) -> None:
+        self.wake, self.names = wake, names
 
     def on_any_event(self, event: Any) -> None:
         path = event.dest_path if event.event_type == "moved" else event.src_path
-        if not os.path.basename(os.fsdecode(path)).startswith("."):  # temp files: not yet
+        name = os.path.basename(os.fsdecode(path))
+        if not name.startswith("."):  # temp files: not yet
+            self.names.add(name)
             self.wake.set()
 
 

@@ -7,6 +7,7 @@ never change, so each result file is read once.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -15,7 +16,7 @@ from typing import Any
 
 from jobs.errors import BadFile
 from jobs.mailbox import Mailbox
-from jobs.paths import RESULT_RE, Spool
+from jobs.paths import HISTORY_RE, RESULT_RE, Spool
 from jobs.results import has_outcome, read_result
 from master.liveness import Liveness
 from master.runspec import RunSpec
@@ -57,7 +58,7 @@ class StatusReader:
         agents, queued, running = [], {}, {}
         for ident, v in sorted(self.liveness.refresh().items()):
             try:
-                jobs = [j for j in Mailbox(self.spool, ident).read().jobs if not has_outcome(self.spool, j.key)]
+                jobs = [j for j in Mailbox(self.spool, ident).read().jobs if not has_outcome(self.spool, j.key, j.max_attempts)]
             except (OSError, BadFile):
                 jobs = []
             cur = v.status.get("current") if v.alive else None
@@ -87,20 +88,33 @@ class StatusReader:
                      "eta_s": round(left / rate, 1) if rate and left and active else None}
 
     def _finals(self, name: str) -> dict[int, tuple[str, float | None]]:
-        """chunk -> (status, finished_at) of every committed result, reading only new files."""
+        """chunk -> (status, commit time) of every committed result, reading only new files.
+
+        A final result with no history beside it is an ok one (a failed attempt writes its
+        history first, see jobs.results), so only chunks that ever failed are read; the commit
+        time is the file's mtime."""
         cache = self._runs.setdefault(name, _RunCache())
         rdir = self.spool.result_dir(name)
-        present = {int(m.group(1)) for e in (os.listdir(rdir) if rdir.is_dir() else ()) if (m := RESULT_RE.match(e))}
+        present: dict[int, float] = {}
+        failed_once: set[int] = set()
+        with contextlib.suppress(FileNotFoundError):
+            for e in os.scandir(rdir):
+                if m := RESULT_RE.match(e.name):
+                    with contextlib.suppress(OSError):
+                        present[int(m.group(1))] = e.stat(follow_symlinks=False).st_mtime
+                elif m := HISTORY_RE.match(e.name):
+                    failed_once.add(int(m.group(1)))
         for c, (status, _) in list(cache.finals.items()):
             if c not in present or status != "ok":  # a failed result may be reopened and redone: reread
                 del cache.finals[c]
-        for c in present - set(cache.finals):
+        for c in present.keys() - cache.finals.keys():
+            if c not in failed_once:
+                cache.finals[c] = ("ok", present[c])
+                continue
             try:
-                rec = read_result(self.spool.result_json(name, c))
+                cache.finals[c] = (read_result(self.spool.result_json(name, c))["status"], present[c])
             except (OSError, BadFile):
                 continue
-            t = rec.get("finished_at")
-            cache.finals[c] = (rec["status"], float(t) if isinstance(t, (int, float)) else None)
         return cache.finals
 
 

@@ -143,3 +143,45 @@ def test_invalid_result_file_is_rejected_and_chunk_reruns(spool: Spool, content:
     f, _, _ = make(spool)
     assert 3 in f.pending and not spool.result_json("run1", 3).exists()
     assert list(spool.rejected_dir.glob("*.why"))
+
+
+def test_sealed_run_is_resumed_from_file_names_alone(spool: Spool) -> None:
+    from jobs.results import seal
+    spool.result_dir("run1").mkdir(parents=True)
+    for c in range(6):
+        finish(spool, (c, 1))
+    f, _, _ = make(spool)
+    assert f.done
+    seal(spool, "run1")
+    spool.result_json("run1", 4).write_bytes(b"")  # not read again once sealed: names are exact
+    f, _, _ = make(spool)
+    assert f.done and f.final[4].status == "ok"
+    spool.sealed_flag("run1").unlink()  # not sealed (e.g. an OS crash mid-run): every result is checked
+    f, _, _ = make(spool)
+    assert list(f.pending) == [4] and not spool.result_json("run1", 4).exists()
+
+
+def test_torn_arrays_of_an_unsealed_run_are_rejected(spool: Spool) -> None:
+    spool.result_dir("run1").mkdir(parents=True)
+    j = Job(run="run1", chunk_id=2, total_chunks=6, kind=JobKind.CALLABLE, target="x:y")
+    commit(spool, j, record(j, JobState.OK, arrays="000002.npz", arrays_bytes=1000))
+    spool.result_npz("run1", 2).write_bytes(b"\0" * 10)  # what an OS crash may leave
+    f, _, _ = make(spool)
+    assert 2 in f.pending and list(spool.rejected_dir.glob("*.why"))
+
+
+def test_last_attempt_history_waits_for_its_final_or_a_hand_back(spool: Spool) -> None:
+    beat(spool, "h-cpu0", 1)
+    f, clock, events = make(spool, chunks=1, retries=0)
+    f.step()
+    # the agent wrote the last attempt's history, then died before its final result
+    from jobs.atomic import write_replace
+    write_replace(spool.history_json("run1", 0, 1), b'{"status": "failed", "chunk_id": 0, "attempt": 1}')
+    f.step()
+    assert not [k for k, _ in events if k == "retry"] and 0 in f.inflight  # waits for the final
+    beat(spool, "h-cpu1", 1)
+    for _ in range(6):
+        clock.t += 1.0
+        beat(spool, "h-cpu1", int(clock.t))
+        f.step()
+    assert queued(spool, "h-cpu1") == [(0, 2)]  # handed back: the chunk is not lost
