@@ -2,6 +2,11 @@
 
 ``step()`` runs at most one job; ``run()`` owns the loop, the stop flags and the waiting.
 A job leaves the mailbox only after its result is committed (or found committed).
+
+Pipelining: as soon as the worker answers a job, the next callable job of the mailbox is sent
+to it, so the worker computes while the agent commits the previous result (the idle gap
+between two chunks is then a pipe round trip). The price: a kill of the agent can cost two
+re-runs, the running chunk and the one whose result was being committed.
 """
 from __future__ import annotations
 
@@ -59,6 +64,7 @@ class Agent:
         self.state = AgentState.STARTING
         self.current: tuple[Job, float] | None = None
         self._finished: set[tuple[str, int, int]] = set()  # keys whose outcome is on disk
+        self._ahead: Job | None = None  # sent to the worker before its turn (pipelining)
         self.done = self.failed = 0
         self._seq = 0
         self._hb_lock = threading.Lock()
@@ -116,6 +122,8 @@ class Agent:
                     break
                 elif not self.stop:
                     self.watcher.wait(self.cfg.rescan)
+            if self._ahead is not None and not self.stop_now:  # sent before the stop: finish it
+                self._execute(self._ahead)
         finally:
             self.shutdown()
 
@@ -126,6 +134,11 @@ class Agent:
         Finished jobs are not removed one by one (a file rewrite per job): the master prunes
         them when it refills the mailbox, and the agent prunes them itself when it runs dry.
         """
+        if self._ahead is not None:  # handed to the worker while the last one was committed: it runs
+            job = self._ahead
+            if self._execute(job, self._next_callable(self._read().jobs, job)):
+                self._finished.add(job.key)
+            return True
         if self._draining() or time.monotonic() < self.pause_until:
             return False
         jobs = self._read().jobs
@@ -136,12 +149,22 @@ class Agent:
             if skip is not None:
                 logger.info("{} chunk {} attempt {}: dropped: {}", job.run, job.chunk_id, job.attempt, skip)
                 self._finished.add(job.key)
-            elif self._execute(job):
+            elif self._execute(job, self._next_callable(jobs, job)):
                 self._finished.add(job.key)
             return True
         if jobs:
             self._prune()
         return False
+
+    def _next_callable(self, jobs: list[Job], after: Job) -> Job | None:
+        """The job to hand the worker while ``after`` is being committed: the next callable one."""
+        seen = False
+        for j in jobs:
+            if j.key == after.key:
+                seen = True
+            elif seen and j.key not in self._finished:
+                return j if j.kind is JobKind.CALLABLE and self._skip_reason(j) is None else None
+        return None
 
     def _prune(self) -> None:
         """Remove this agent's finished jobs from its mailbox (each has its outcome on disk)."""
@@ -194,13 +217,13 @@ class Agent:
             self.mailbox.update(lambda jobs: None)
         return snap
 
-    def _execute(self, job: Job) -> bool:
+    def _execute(self, job: Job, lookahead: Job | None = None) -> bool:
         """Run ``job`` and record its outcome. False if it was interrupted (it stays queued)."""
         started = time.time()
         self.current = (job, started)
         self.state = AgentState.BUSY
         logger.debug("{} chunk {} attempt {}/{}: started", job.run, job.chunk_id, job.attempt, job.max_attempts)
-        outcome = self._run_job(job)
+        outcome = self._run_job(job, lookahead)
         self.current = None
         self.state = AgentState.IDLE
         if outcome is None:
@@ -236,7 +259,11 @@ class Agent:
                            err.get("type"), err.get("message"))
         return True
 
-    def _run_job(self, job: Job) -> tuple[dict[str, Any], str | None] | None:
+    def _request(self, job: Job) -> dict[str, Any]:
+        return {"job": job.to_dict(), "gpu_id": self.slot.number, "device": self.slot.device,
+                "arrays_path": str(self.spool.result_npz(job.run, job.chunk_id))}
+
+    def _run_job(self, job: Job, lookahead: Job | None = None) -> tuple[dict[str, Any], str | None] | None:
         """(result fields, temp arrays path) or None if interrupted by an immediate stop."""
         def abort() -> bool:  # polled a few times a second while the job runs
             return self.stop_now or bool((self._cancelled(job.run) or {}).get("stop_running"))
@@ -247,16 +274,24 @@ class Agent:
             if err is not None and (err["type"] == "Stopped" or (self.stop and "SIGTERM" in err["message"])):
                 return None  # stopped with the agent (e.g. Slurm's SIGTERM to the whole step): stays queued
             return ({"log": str(log)} if err is None else {"log": str(log), "error": err}), None
-        req = {"job": job.to_dict(), "gpu_id": self.slot.number, "device": self.slot.device,
-               "arrays_path": str(self.spool.result_npz(job.run, job.chunk_id))}
         try:
-            reply = self.worker.call(req, job.timeout, abort)
+            if self._ahead is not None and self._ahead.key == job.key:
+                self._ahead = None  # its request is already in the worker's pipe
+                reply = self.worker.receive(job.timeout, abort)
+            else:
+                reply = self.worker.call(self._request(job), job.timeout, abort)
+            if lookahead is not None and not (self.stop or self.spool.drain_flag(self.id).exists()):
+                # Pipelining: the worker starts the next job at once, while this one is committed.
+                self.worker.send(self._request(lookahead))
+                self._ahead = lookahead
         except TimeoutError as e:
+            self._ahead = None
             self.worker.start()  # a fresh worker at once, so the next job finds it warm
             return {"error": {"type": "Timeout", "message": str(e), "traceback": ""}}, None
         except WorkerLost as e:
             if abort():
                 return None
+            self._ahead = None
             logger.warning("agent {}: {} while running {} chunk {}; starting a fresh worker",
                            self.id, e.reason, job.run, job.chunk_id)
             self.worker.start()

@@ -75,12 +75,20 @@ class Worker:
 
         ``abort()`` is checked a few times a second so that a second Ctrl-C stops at once.
         """
+        self.send(request)
+        return self.receive(timeout, abort)
+
+    def send(self, request: dict[str, Any]) -> None:
+        """Queue a request in the worker's pipe (it runs requests one after another)."""
         if self.proc is None or self.proc.poll() is not None:
             self.start()
         try:
             os.write(self._w, json.dumps(request).encode() + b"\n")
         except BrokenPipeError:
             raise self._lost() from None
+
+    def receive(self, timeout: float | None, abort: Callable[[], bool]) -> dict[str, Any]:
+        """The reply to the oldest request sent."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while b"\n" not in self._buf:
             if abort():

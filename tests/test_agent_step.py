@@ -23,12 +23,13 @@ from tests.helpers import REPO
 
 
 class InProcessWorker:
-    """The worker protocol without a process: same run_one, same replies."""
+    """The worker protocol without a process: same ``handle``, same replies, in order."""
 
     pid = None
 
     def __init__(self) -> None:
         self.tasks, self.shared = TaskCache(), SharedCache()
+        self.queue: list[dict[str, Any]] = []
 
     def start(self) -> None:
         pass
@@ -36,8 +37,15 @@ class InProcessWorker:
     def stop(self) -> None:
         pass
 
+    def send(self, request: dict[str, Any]) -> None:
+        self.queue.append(json.loads(json.dumps(request)))
+
+    def receive(self, timeout: float | None, abort: Any) -> dict[str, Any]:
+        return handle(self.queue.pop(0), self.tasks, self.shared)
+
     def call(self, request: dict[str, Any], timeout: float | None, abort: Any) -> dict[str, Any]:
-        return handle(json.loads(json.dumps(request)), self.tasks, self.shared)
+        self.send(request)
+        return self.receive(timeout, abort)
 
 
 @pytest.fixture
@@ -176,3 +184,17 @@ def test_script_job_gets_octorun_flags_and_log(spool: Spool, make_agent, tmp_pat
     assert ok["status"] == "ok" and "ARGS 0 1 5 x" in Path(ok["log"]).read_text()
     assert bad["status"] == "failed" and "exited with code 4" in bad["error"]["message"]
     assert "ARGS 0 2 5 x" in bad["error"]["traceback"]
+
+
+def test_next_job_is_sent_to_the_worker_while_the_last_one_is_committed(spool: Spool, make_agent) -> None:
+    agent = make_agent()
+    put(spool, cjob(0), cjob(1), cjob(2))
+    agent.step()
+    assert [r["job"]["chunk_id"] for r in agent.worker.queue] == [1]  # chunk 1 already handed over
+    assert agent._ahead is not None and agent._ahead.chunk_id == 1
+    agent.spool.drain_flag(agent.id).touch()  # draining: what was handed over runs, nothing more
+    assert agent.step() and read_result(spool.result_json("r", 1))["status"] == "ok"
+    assert agent.worker.queue == [] and agent._ahead is None
+    assert not agent.step() and not spool.result_json("r", 2).exists()
+    agent.spool.drain_flag(agent.id).unlink()
+    assert agent.step() and read_result(spool.result_json("r", 2))["status"] == "ok"

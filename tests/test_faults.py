@@ -62,8 +62,10 @@ def _assert_exactly_once(spool: Spool, run: str, chunks: int, marks: Path, kills
     assert sorted(res) == list(range(chunks)) and all(r["status"] == "ok" for r in res.values())
     starts, ends = tally(str(marks))
     assert set(ends) == set(range(chunks))
-    assert sum(starts.values()) - chunks <= kills  # each kill interrupts at most one execution
-    assert sum(ends.values()) - chunks <= kills
+    # A kill interrupts at most two executions: the running chunk, and the one before it whose
+    # result was being committed while the worker had already started the next (pipelining).
+    assert sum(starts.values()) - chunks <= 2 * kills
+    assert sum(ends.values()) - chunks <= 2 * kills
 
 
 @pytest.mark.timeout(180)

@@ -240,11 +240,15 @@ def test_kill_9_of_an_agent_on_mount_b_mid_job_hands_its_jobs_back(gluster_fast,
     assert re.search(r"agent hostb-cpu0 is .*handed back \d+ chunk", err), err
     res = results(a.base, "crash")
     assert sorted(res) == list(range(n)) and all(r["status"] == "ok" for r in res.values())
-    assert res[lost_chunk]["agent"] == survivor.id and res[lost_chunk]["attempt"] >= 2
     runs = executions(marks)
     assert sorted(runs) == list(range(n))
-    assert runs[lost_chunk] == 2  # started on the victim, finished on the survivor
-    assert all(k == 1 for c, k in runs.items() if c != lost_chunk), runs  # nothing else ran twice
+    # The kill interrupts the chunk the victim was running and, at most, the one before it whose
+    # result it was committing while the worker had already started the next (agent/agent.py
+    # pipelining): those run again on the survivor; nothing else ever runs twice.
+    again = {c: k for c, k in runs.items() if k > 1}
+    assert 1 <= len(again) <= 2 and set(again.values()) == {2}, runs
+    assert lost_chunk in again or res[lost_chunk]["agent"] == victim.id, (lost_chunk, again)
+    assert all(res[c]["agent"] == survivor.id for c in again)
     box = json.loads(read_bounded(a.base / "agent_pool" / f"{victim.id}.POOL"))
     assert [j for j in box["jobs"] if j["run"] == "crash"] == []  # its queue was taken back
 

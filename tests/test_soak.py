@@ -65,7 +65,8 @@ def test_random_kills_of_agents_and_master(spool: Spool, env, tmp_path: Path) ->
     assert len(res) == CHUNKS and all(r["status"] == "ok" for r in res.values())
     starts, ends = tally(str(marks))
     assert set(ends) == set(range(CHUNKS))
-    assert sum(starts.values()) - CHUNKS <= agent_kills  # only a killed agent's chunk ever runs twice
-    assert sum(ends.values()) - CHUNKS <= agent_kills
+    # only a killed agent's chunks run twice: the running one and the one being committed
+    assert sum(starts.values()) - CHUNKS <= 2 * agent_kills
+    assert sum(ends.values()) - CHUNKS <= 2 * agent_kills
     print(f"soak: {CHUNKS} chunks, {agent_kills} agent kills, {master_kills} master kills, "
           f"{sum(starts.values()) - CHUNKS} re-runs")
