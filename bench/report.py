@@ -316,10 +316,8 @@ def readme_section(doc: dict[str, Any], stem: str) -> str:
                      f"{_sp(r['ratio'], 'x') if r['ratio']['n'] else '-'}{how} |")
     fails = [t["target"].split(":")[0] for t in tg if t["pass"] is False]
     if fails:
-        lines += ["", "Not reached yet: " + "; ".join(dict.fromkeys(fails)) + ". The time goes to per-chunk file "
-                  "operations in the agent and the master (an fsync per result, rereading the mailbox, stat calls "
-                  "over every job in flight, reading every result to resume); [bench/proposals/](bench/proposals/) "
-                  "holds measured changes for them."]
+        lines += ["", "Not reached yet: " + "; ".join(dict.fromkeys(fails)) + ". What was measured, changed and "
+                  "is left to try: [bench/proposals/README.md](bench/proposals/README.md)."]
     lines += ["", f"![benchmark chart](bench/results/{stem}.png)", "",
               f"All figures, the scale and idle-cost rows and the methods: [bench/results/{stem}.md]"
               f"(bench/results/{stem}.md), [bench/README.md](bench/README.md). Run it yourself with "
