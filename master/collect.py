@@ -26,7 +26,7 @@ from jobs.errors import BadFile, SpoolError
 from jobs.npzio import load_npz
 from jobs.paths import Spool
 from jobs.results import read_result
-from master.runspec import RunSpec
+from master.runspec import RunSpec, load_run
 
 META = ("run", "chunk_id", "status", "attempt", "agent", "host", "device", "started_at", "finished_at",
         "duration_s")
@@ -43,15 +43,6 @@ class Collected:
     rows: int
     skipped: list[int]
     keys: list[str]
-
-
-def load_spec(spool: Spool, run: str) -> RunSpec:
-    """The run's spec, or a CollectError listing the runs that do exist."""
-    try:
-        return RunSpec.load(spool.run_spec(run))
-    except FileNotFoundError:
-        known = ", ".join(spool.run_names()) or "none yet"
-        raise CollectError(f"no run {run!r} in {spool.base} (runs there: {known})") from None
 
 
 def committed(spool: Spool, spec: RunSpec, partial: bool) -> tuple[list[dict[str, Any]], list[int]]:
@@ -88,7 +79,7 @@ def collect(spool: Spool, run: str, out: str | os.PathLike, concat: bool = False
     out = Path(out)
     if out.suffix.lower() not in FORMATS:
         raise CollectError(f"--out {out}: the name must end in .npz (arrays), .csv or .jsonl (values)")
-    spec = load_spec(spool, run)
+    spec = load_run(spool, run)
     out.resolve().parent.mkdir(parents=True, exist_ok=True)
     recs, skipped = committed(spool, spec, partial)
     has_arrays = any(r.get("arrays") for r in recs)

@@ -27,20 +27,11 @@ from jobs.paths import Spool
 from jobs.results import read_result
 from master.api import Run
 from master.liveness import Liveness
-from master.runspec import RunSpec
+from master.runspec import RunSpec, load_run
 
 
 class ControlError(SpoolError):
     """A steering command cannot do what was asked; the message says why and what to do."""
-
-
-def load_run(spool: Spool, run: str) -> RunSpec:
-    """The spec of an existing run, or a ControlError listing the runs there are."""
-    try:
-        return RunSpec.load(spool.run_spec(run))
-    except FileNotFoundError:
-        known = ", ".join(spool.run_names()) or "none yet"
-        raise ControlError(f"no run {run!r} in {spool.base} (runs there: {known})") from None
 
 
 def _note(**extra: Any) -> bytes:

@@ -203,6 +203,15 @@ def check_data_dir(data: str, chunks: int, workdir: str) -> str:
     return str(d)
 
 
+def load_run(spool: Spool, run: str) -> RunSpec:
+    """The spec of an existing run, or a UsageError listing the runs there are."""
+    try:
+        return RunSpec.load(spool.run_spec(run))
+    except FileNotFoundError:
+        known = ", ".join(spool.run_names()) or "none yet"
+        raise UsageError(f"no run {run!r} in {spool.base} (runs there: {known})") from None
+
+
 def save_or_check(spool: Spool, spec: RunSpec, fresh: bool) -> None:
     """Write the run spec, or check that an existing run of this name is the same run."""
     path = spool.run_spec(spec.name)
