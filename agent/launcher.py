@@ -17,12 +17,12 @@ from pathlib import Path
 
 from agent.gpu import make_probe, visible_gpus
 from agent.identity import agent_id, host_id
+from agent.workerproc import with_repo_path
 from jobs.errors import BadFile, SpoolError
 from jobs.heartbeat import AgentState, read_status
 from jobs.locks import FileLock
 from jobs.paths import Spool
 
-REPO_ROOT = str(Path(__file__).resolve().parents[1])
 
 USAGE = """usage: ./start_agents.sh N BASE [--cpu] [--host-id ID] [--timeout S] [-- AGENT OPTIONS...]
        ./start_agents.sh stop BASE [--now] [--host-id ID]
@@ -79,7 +79,7 @@ def start(base: str, n: int, cpu: bool = False, host: str | None = None, agent_a
     if gpus and max(numbers, default=0) >= len(gpus):
         raise SpoolError(f"asked for GPU(s) {numbers} but this host has {len(gpus)} visible GPU(s), "
                          f"numbered 0..{len(gpus) - 1}; ask for fewer, or use --cpu for CPU agents")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [REPO_ROOT, os.environ.get("PYTHONPATH")]))}
+    env = with_repo_path(dict(os.environ))
     procs: list[tuple[str, subprocess.Popen | None, Path]] = []
     for i in numbers:
         ident = agent_id(host, gpus[i].index if gpus else i, cpu=not gpus)

@@ -15,6 +15,11 @@ from typing import Any, Callable
 REPO_ROOT = str(Path(__file__).resolve().parents[1])
 
 
+def with_repo_path(env: dict[str, str]) -> dict[str, str]:
+    """``env`` with this checkout first on PYTHONPATH, so child processes import this code."""
+    return {**env, "PYTHONPATH": os.pathsep.join(filter(None, [REPO_ROOT, env.get("PYTHONPATH")]))}
+
+
 class WorkerLost(Exception):
     """The worker died or was killed while running a job; ``reason`` says how."""
 
@@ -45,7 +50,7 @@ def exit_reason(code: int | None) -> str:
 
 class Worker:
     def __init__(self, env: dict[str, str], log_path: Path, cwd: str | None = None) -> None:
-        self.env = {**env, "PYTHONPATH": os.pathsep.join(filter(None, [REPO_ROOT, env.get("PYTHONPATH")]))}
+        self.env = with_repo_path(env)
         self.log_path = log_path
         self.cwd = cwd
         self.proc: subprocess.Popen | None = None

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from agent import launcher
+from agent.workerproc import REPO_ROOT
 from agent.gpu import make_probe, visible_gpus
 from examples.matmul import SIZE, chunk_input, shared_matrix
 from jobs.errors import SpoolError
@@ -15,7 +16,6 @@ from jobs.paths import Spool
 from master.api import Pool
 from master.progress import format_summary
 
-REPO_ROOT = str(Path(__file__).resolve().parents[1])
 CHUNKS = 32
 
 

@@ -27,7 +27,6 @@ from typing import Any
 from jobs.paths import Spool
 from master.runspec import UsageError
 
-REPO_ROOT = str(Path(__file__).resolve().parents[1])
 KNOWN = {"script_path", "total_chunks", "kwargs", "gpus", "max_retries", "restart_failed", "log_dir",
          "chunk_lock_dir", "lock_dir", "monitor_interval", "memory_threshold", "success_codes"}
 UNUSED = {"chunk_lock_dir": "no lock files: a chunk is claimed through the agents' mailboxes",
