@@ -3,10 +3,12 @@
 ``step()`` runs at most one job; ``run()`` owns the loop, the stop flags and the waiting.
 A job leaves the mailbox only after its result is committed (or found committed).
 
-Pipelining: as soon as the worker answers a job, the next callable job of the mailbox is sent
-to it, so the worker computes while the agent commits the previous result (the idle gap
-between two chunks is then a pipe round trip). The price: a kill of the agent can cost two
-re-runs, the running chunk and the one whose result was being committed.
+Pipelining: while the worker runs a job, the next callable job of the mailbox already waits in
+its pipe, so it starts the moment the previous one ends and runs while the agent commits the
+previous result. The price: a kill of the agent can cost two re-runs (the running chunk and the
+one whose result was being committed), and a job already handed over runs even if the agent
+is told to drain (the heartbeat lists it as ``ahead``, so masters leave it); on a graceful stop
+the worker is killed instead and that job stays queued.
 """
 from __future__ import annotations
 
@@ -122,8 +124,11 @@ class Agent:
                     break
                 elif not self.stop:
                     self.watcher.wait(self.cfg.rescan)
-            if self._ahead is not None and not self.stop_now:  # sent before the stop: finish it
-                self._execute(self._ahead)
+            if self._ahead is not None:  # handed over, not started by us: it stays queued for later
+                logger.info("agent {}: stopping; {} chunk {} stays queued", self.id, self._ahead.run,
+                            self._ahead.chunk_id)
+                self.worker.kill()
+                self._ahead = None
         finally:
             self.shutdown()
 
@@ -277,21 +282,22 @@ class Agent:
         try:
             if self._ahead is not None and self._ahead.key == job.key:
                 self._ahead = None  # its request is already in the worker's pipe
-                reply = self.worker.receive(job.timeout, abort)
             else:
-                reply = self.worker.call(self._request(job), job.timeout, abort)
+                self.worker.send(self._request(job))
             if lookahead is not None and not (self.stop or self.spool.drain_flag(self.id).exists()):
-                # Pipelining: the worker starts the next job at once, while this one is committed.
+                # Pipelining: the next job waits in the worker's pipe and starts the moment this one
+                # ends, while the agent commits this one's result.
                 self.worker.send(self._request(lookahead))
                 self._ahead = lookahead
+            reply = self.worker.receive(job.timeout, abort)
         except TimeoutError as e:
-            self._ahead = None
+            self._ahead = None  # killed with the worker; it is still in the mailbox
             self.worker.start()  # a fresh worker at once, so the next job finds it warm
             return {"error": {"type": "Timeout", "message": str(e), "traceback": ""}}, None
         except WorkerLost as e:
+            self._ahead = None
             if abort():
                 return None
-            self._ahead = None
             logger.warning("agent {}: {} while running {} chunk {}; starting a fresh worker",
                            self.id, e.reason, job.run, job.chunk_id)
             self.worker.start()
@@ -326,7 +332,7 @@ class Agent:
     def write_heartbeat(self) -> None:
         with self._hb_lock:
             self._seq += 1
-            cur = self.current
+            cur, ahead = self.current, self._ahead
             status = {
                 "schema": 1, "agent": self.id, "host": self.host, "hostname": socket.gethostname(),
                 "pid": os.getpid(), "base": str(self.spool.base), "state": self._reported_state().value,
@@ -335,6 +341,8 @@ class Agent:
                 "gpu_index": self.slot.gpu.index if self.slot.gpu else None,
                 "current": None if cur is None else {"run": cur[0].run, "chunk_id": cur[0].chunk_id,
                                                      "attempt": cur[0].attempt, "since": cur[1]},
+                "ahead": None if ahead is None else {"run": ahead.run, "chunk_id": ahead.chunk_id,
+                                                     "attempt": ahead.attempt},
                 "jobs_done": self.done, "jobs_failed": self.failed, "started_at": self.started_at,
                 "updated_at": time.time(), "heartbeat_s": self.cfg.heartbeat, "watch": self.watcher.mode,
                 "worker_pid": self.worker.pid, "log": str(self.spool.agent_log(self.id)),

@@ -310,9 +310,10 @@ class Feeder:
             draining = view.alive and view.state == AgentState.DRAINING.value
             if (view.alive and not draining) or not self.by_agent.get(ident):
                 continue
-            cur = view.status.get("current") or {}
-            running = (cur.get("run"), cur.get("chunk_id")) if draining else None
-            ours = {c for c in self.by_agent[ident] if (self.spec.name, c) != running}
+            # a draining agent still runs its current job and the one already in its worker's pipe
+            busy = [view.status.get(k) or {} for k in ("current", "ahead")] if draining else []
+            running = {(b.get("run"), b.get("chunk_id")) for b in busy}
+            ours = {c for c in self.by_agent[ident] if (self.spec.name, c) not in running}
             if not ours:
                 continue
 

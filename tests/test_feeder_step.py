@@ -29,7 +29,7 @@ def beat(spool: Spool, ident: str, seq: int, state: str = "idle") -> None:
 def make(spool: Spool, chunks: int = 6, retries: int = 1, **cfg: Any) -> tuple[Feeder, Clock, list]:
     spec = RunSpec("run1", JobKind.CALLABLE, "examples.noop:noop", chunks, retries=retries)
     clock, events = Clock(), []
-    f = Feeder(spool, spec, FeedConfig(depth=2, dead_after=5.0, retry_delay=1.0, **cfg),
+    f = Feeder(spool, spec, FeedConfig(**{"depth": 2, "max_depth": 2, "dead_after": 5.0, "retry_delay": 1.0, **cfg}),
                on_event=lambda k, i: events.append((k, i)), clock=clock)
     f.recover()
     return f, clock, events
@@ -185,3 +185,16 @@ def test_last_attempt_history_waits_for_its_final_or_a_hand_back(spool: Spool) -
         beat(spool, "h-cpu1", int(clock.t))
         f.step()
     assert queued(spool, "h-cpu1") == [(0, 2)]  # handed back: the chunk is not lost
+
+
+def test_draining_agent_keeps_its_current_and_handed_over_jobs(spool: Spool) -> None:
+    beat(spool, "h-cpu0", 1)
+    f, clock, events = make(spool, depth=3, max_depth=3)
+    f.step()
+    assert queued(spool, "h-cpu0") == [(0, 1), (1, 1), (2, 1)]
+    write_status(spool, "h-cpu0", {"agent": "h-cpu0", "seq": 2, "state": "draining", "pid": 1, "host": "h",
+                                   "current": {"run": "run1", "chunk_id": 0}, "ahead": {"run": "run1", "chunk_id": 1}})
+    clock.t += 2
+    f.step()
+    assert queued(spool, "h-cpu0") == [(0, 1), (1, 1)]  # only the job not yet handed over comes back
+    assert ("handback", {"agent": "h-cpu0", "chunks": [2], "why": "draining"}) in events
