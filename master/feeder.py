@@ -101,6 +101,7 @@ class Feeder:
         self.delayed: list[tuple[float, int]] = []  # (not before, chunk) heap of retries
         self.inflight: dict[int, tuple[str, int]] = {}  # chunk -> (agent, attempt)
         self.by_agent: dict[str, set[int]] = {}
+        self._missing: dict[int, float] = {}  # chunk -> when it was first seen gone from its mailbox
         self.final: dict[int, Outcome] = {}
         self.mailboxes: dict[str, Mailbox] = {}
         self._next_liveness = 0.0
@@ -212,6 +213,7 @@ class Feeder:
         if c in self.inflight:
             agent, _ = self.inflight.pop(c)
             self.by_agent[agent].discard(c)
+        self._missing.pop(c, None)
 
     def _requeue(self, c: int, delay: float = 0.0, free: bool = False) -> None:
         """Back to pending for the next attempt; ``free`` = a lost attempt that costs no retry."""
@@ -330,7 +332,12 @@ class Feeder:
             self.on_event("handback", {"agent": ident, "chunks": sorted(back), "why": why})
 
     def _find_lost(self) -> None:
-        """Jobs that left a live agent's mailbox without any result (mailbox replaced, ...)."""
+        """Jobs that left a live agent's mailbox without any result (mailbox replaced, ...).
+
+        On a shared filesystem this master may see the agent's pruned mailbox before the result
+        that was written first (each name is cached on its own), so a job must stay gone, with
+        no outcome, for ``dead_after`` before it is queued again: the same wait as a dead agent's."""
+        now = self.clock()
         for ident, chunks in self.by_agent.items():
             view = self.liveness.views.get(ident)
             if not chunks or view is None or not view.alive:
@@ -341,7 +348,9 @@ class Feeder:
                 continue
             for c in list(chunks):
                 attempt = self.inflight[c][1]
-                if (self.spec.name, c, attempt) not in keys and not self._has_outcome(c, attempt):
+                if (self.spec.name, c, attempt) in keys or self._has_outcome(c, attempt):
+                    self._missing.pop(c, None)
+                elif now - self._missing.setdefault(c, now) >= self.cfg.dead_after:
                     logger.warning("chunk {} attempt {} vanished from {}'s mailbox; queued again", c, attempt, ident)
                     self._requeue(c, free=True)
 
