@@ -282,13 +282,13 @@ class Agent:
         try:
             if self._ahead is not None and self._ahead.key == job.key:
                 self._ahead = None  # its request is already in the worker's pipe
-            else:
-                self.worker.send(self._request(job))
+            elif not self.worker.send(self._request(job)):
+                raise self.worker.lost()
             if lookahead is not None and not (self.stop or self.spool.drain_flag(self.id).exists()):
                 # Pipelining: the next job waits in the worker's pipe and starts the moment this one
-                # ends, while the agent commits this one's result.
-                self.worker.send(self._request(lookahead))
-                self._ahead = lookahead
+                # ends, while the agent commits this one's result (not queued if the worker died).
+                if self.worker.send(self._request(lookahead)):
+                    self._ahead = lookahead
             reply = self.worker.receive(job.timeout, abort)
         except TimeoutError as e:
             self._ahead = None  # killed with the worker; it is still in the mailbox

@@ -57,6 +57,7 @@ class Worker:
         self._w: int | None = None
         self._r: int | None = None
         self._buf = b""
+        self._owed = 0  # requests sent whose reply has not been read
 
     def start(self) -> None:
         r_req, w_req = os.pipe()
@@ -69,28 +70,30 @@ class Worker:
             )
         os.close(r_req)
         os.close(w_rep)
-        self._w, self._r, self._buf = w_req, r_rep, b""
+        self._w, self._r, self._buf, self._owed = w_req, r_rep, b"", 0
 
     @property
     def pid(self) -> int | None:
         return self.proc.pid if self.proc else None
 
-    def call(self, request: dict[str, Any], timeout: float | None, abort: Callable[[], bool]) -> dict[str, Any]:
-        """Run one job; raises TimeoutError past ``timeout`` or WorkerLost if the worker dies.
+    def send(self, request: dict[str, Any]) -> bool:
+        """Queue a request in the worker's pipe (it runs requests one after another).
 
-        ``abort()`` is checked a few times a second so that a second Ctrl-C stops at once.
-        """
-        self.send(request)
-        return self.receive(timeout, abort)
-
-    def send(self, request: dict[str, Any]) -> None:
-        """Queue a request in the worker's pipe (it runs requests one after another)."""
+        False if it was not queued: the worker died with replies still owed, and ``receive``
+        must first report those (a reply it wrote before dying, or how it died). A fresh worker
+        is started only when nothing is owed, so a death is never blamed on the wrong job."""
         if self.proc is None or self.proc.poll() is not None:
+            if self._owed:
+                return False
             self.start()
         try:
             os.write(self._w, json.dumps(request).encode() + b"\n")
         except BrokenPipeError:
-            raise self._lost() from None
+            if self._owed:
+                return False
+            raise self.lost() from None
+        self._owed += 1
+        return True
 
     def receive(self, timeout: float | None, abort: Callable[[], bool]) -> dict[str, Any]:
         """The reply to the oldest request sent."""
@@ -107,12 +110,13 @@ class Worker:
             if ready:
                 chunk = os.read(self._r, 65536)
                 if not chunk:
-                    raise self._lost()
+                    raise self.lost()
                 self._buf += chunk
         line, _, self._buf = self._buf.partition(b"\n")
+        self._owed -= 1
         return json.loads(line)
 
-    def _lost(self) -> WorkerLost:
+    def lost(self) -> WorkerLost:
         code = self.proc.wait() if self.proc else None
         self._close()
         return WorkerLost(f"the worker process {exit_reason(code)}", tail(self.log_path))
@@ -145,4 +149,5 @@ class Worker:
                 with contextlib.suppress(OSError):
                     os.close(fd)
         self._w = self._r = None
+        self._owed = 0
         self.proc = None if self.proc is None or self.proc.poll() is not None else self.proc

@@ -26,7 +26,7 @@ from jobs.fsinfo import is_network_fs
 from jobs.heartbeat import AgentState
 from jobs.mailbox import Mailbox, drop_run
 from jobs.paths import HISTORY_RE, RESULT_RE, Spool
-from jobs.results import has_outcome, read_result, reopen_failed, seal, sealed, unseal
+from jobs.results import commit, has_outcome, read_result, record, reopen_failed, seal, sealed, unseal
 from agent.watcher import EVENT_FILTER
 from master.liveness import AgentView, Liveness
 from master.runspec import RunSpec
@@ -43,6 +43,7 @@ class FeedConfig:
     poll: float = 0.2  # longest wait between passes
     retry_delay: float = 1.0  # first retry back-off; doubles per attempt
     retry_cap: float = 60.0
+    free_losses: int = 1  # times a chunk's agent may die under it at no cost; each further death costs an attempt
 
 
 @dataclass
@@ -101,6 +102,7 @@ class Feeder:
         self.delayed: list[tuple[float, int]] = []  # (not before, chunk) heap of retries
         self.inflight: dict[int, tuple[str, int]] = {}  # chunk -> (agent, attempt)
         self.by_agent: dict[str, set[int]] = {}
+        self.losses: Counter[int] = Counter()  # chunk -> agents that died while running it
         self._missing: dict[int, float] = {}  # chunk -> when it was first seen gone from its mailbox
         self.final: dict[int, Outcome] = {}
         self.mailboxes: dict[str, Mailbox] = {}
@@ -318,18 +320,47 @@ class Feeder:
             ours = {c for c in self.by_agent[ident] if (self.spec.name, c) not in running}
             if not ours:
                 continue
+            taken: list[Job] = []  # in mailbox order: the agent runs them in this order
 
             def drop(jobs: list[Job]) -> list[Job] | None:
                 keep = [j for j in jobs if not (j.run == self.spec.name and j.chunk_id in ours)]
+                taken.extend(j for j in jobs if j.run == self.spec.name and j.chunk_id in ours)
                 return keep if len(keep) != len(jobs) else None
 
             self._mailbox(ident).update(drop)
             back = [c for c in ours if not self._has_outcome(c, self.inflight[c][1])]
-            for c in back:
-                self._requeue(c, free=True)
             why = "draining" if draining else "stopped" if view.state == "stopped" else f"no heartbeat for {view.age:.0f} s"
+            died = not draining and view.state != "stopped"
+            # the job it was running is the first one with no outcome (it may have killed it)
+            suspect = next((j for j in taken if j.chunk_id in back and j.attempt == self.inflight[j.chunk_id][1]),
+                           None) if died else None
+            for c in back:
+                if suspect is None or c != suspect.chunk_id:
+                    self._requeue(c, free=True)
+            if suspect is not None:
+                self._lost(suspect, ident, why)
             logger.warning("agent {} is {}; handed back {} chunk(s)", ident, why, len(back))
             self.on_event("handback", {"agent": ident, "chunks": sorted(back), "why": why})
+
+    def _lost(self, job: Job, agent: str, why: str) -> None:
+        """``agent`` died while (probably) running ``job``. The first ``free_losses`` times a chunk
+        goes back at no cost (nodes fail on their own); after that each loss is a failed attempt,
+        so a chunk that kills its agent (or its node) cannot take down the whole pool one by one."""
+        c = job.chunk_id
+        self.losses[c] += 1
+        if self.losses[c] <= self.cfg.free_losses:
+            self._requeue(c, free=True)
+            return
+        error = {"type": "AgentLost", "traceback": "",
+                 "message": f"agent {agent} died ({why}) while running it; {self.losses[c]} agents so far"}
+        logger.warning("{} chunk {} attempt {}: {}", job.run, c, job.attempt, error["message"])
+        # recorded like any failure (history, or the final result of a last attempt); the next
+        # pass over the jobs in flight takes it in and retries it with back-off
+        try:
+            commit(self.spool, job, record(job, JobState.FAILED, agent=agent, error=error, finished_at=time.time()))
+        except OSError as e:
+            logger.warning("could not record the loss of {} chunk {}: {}; queued again", job.run, c, e)
+            self._requeue(c, free=True)
 
     def _find_lost(self) -> None:
         """Jobs that left a live agent's mailbox without any result (mailbox replaced, ...).

@@ -37,15 +37,12 @@ class InProcessWorker:
     def stop(self) -> None:
         pass
 
-    def send(self, request: dict[str, Any]) -> None:
+    def send(self, request: dict[str, Any]) -> bool:
         self.queue.append(json.loads(json.dumps(request)))
+        return True
 
     def receive(self, timeout: float | None, abort: Any) -> dict[str, Any]:
         return handle(self.queue.pop(0), self.tasks, self.shared)
-
-    def call(self, request: dict[str, Any], timeout: float | None, abort: Any) -> dict[str, Any]:
-        self.send(request)
-        return self.receive(timeout, abort)
 
 
 @pytest.fixture

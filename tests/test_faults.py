@@ -26,15 +26,36 @@ def test_each_way_a_job_can_die_is_a_failed_result_and_the_agent_keeps_serving(s
     res = results(spool.base, "bad")
     err = {c: res[c].get("error") or {} for c in res}
     assert err[0]["type"] == "ValueError"
-    assert err[1]["type"] == "WorkerDied" and "exited with code 3" in err[1]["message"]
+    assert err[1]["type"] == "WorkerDied" and "exited with code 3" in err[1]["message"], res
     assert "about to exit with 3" in err[1]["traceback"]  # the last lines of the worker's output
     assert err[2]["type"] == "WorkerDied" and "SIGSEGV" in err[2]["message"]
     assert err[3]["type"] == "Timeout" and "timeout of 3 s" in err[3]["message"]
     assert err[4]["type"] == "MemoryError"
-    assert err[5]["type"] == "WorkerDied" and "SIGKILL" in err[5]["message"]
+    assert err[5]["type"] == "WorkerDied" and "SIGKILL" in err[5]["message"], res[5]
     assert res[6]["status"] == res[7]["status"] == "ok"
     assert a.proc.poll() is None  # the agent itself never died
     assert "FAILED chunk 3" in r.stdout and "Timeout" in r.stdout
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_death_is_reported_for_its_own_job_not_for_the_one_queued_behind_it(env, tmp_path: Path) -> None:
+    from agent.workerproc import Worker, WorkerLost
+    from jobs.descriptor import Job, JobKind
+
+    def request(chunk: int) -> dict:
+        job = Job(run="r", chunk_id=chunk, total_chunks=2, kind=JobKind.CALLABLE, target="tests.faulty:misbehave",
+                  kwargs={"modes": ["exit", "segv"]})
+        return {"job": job.to_dict(), "gpu_id": 0, "device": "cpu", "arrays_path": str(tmp_path / f"{chunk}.npz")}
+
+    w = Worker(env, tmp_path / "worker.log", cwd=str(REPO))
+    assert w.send(request(0))
+    w.proc.wait(timeout=30)  # chunk 0 exits before the next one is queued behind it (pipelining)
+    assert not w.send(request(1))  # not handed to a fresh worker: the dead one still owes a reply
+    with pytest.raises(WorkerLost, match="exited with code 3"):
+        w.receive(30, lambda: False)
+    assert w.send(request(1))  # nothing owed any more: a fresh worker takes it
+    with pytest.raises(WorkerLost, match="SIGSEGV"):
+        w.receive(30, lambda: False)
 
 
 @pytest.mark.timeout(60)
@@ -47,6 +68,23 @@ def test_transient_failure_is_retried_then_ok(spool: Spool, agents, env, tmp_pat
     assert results(spool.base, "flaky")[0]["attempt"] == 2
     assert "attempt 1 failed" in r.stderr and "transient failure" in r.stderr
     assert (spool.result_dir("flaky") / "000000.a1.json").exists()
+
+
+@pytest.mark.timeout(150)
+def test_a_chunk_that_kills_its_agent_fails_instead_of_taking_every_agent_down(spool: Spool, agents, env) -> None:
+    procs = agents(4)
+    modes = ["ok"] * 6 + ["killagent"]
+    r = run_main(["--base", str(spool.base), "--task", "tests.faulty:misbehave", "--chunks", str(len(modes)),
+                  "--kwargs", json.dumps({"modes": modes}), "--retries", "1", "--dead-after", "1.5",
+                  "--retry-delay", "0.05", "--run", "poison", "--no-progress"], env)
+    assert r.returncode == 1, r.stderr
+    res = results(spool.base, "poison")
+    assert sorted(res) == list(range(7)) and [c for c in res if res[c]["status"] != "ok"] == [6]
+    # its first agent's death is free, each further one costs an attempt: 1 + (1 + --retries) agents
+    assert res[6]["error"]["type"] == "AgentLost" and res[6]["attempt"] == 3
+    assert "AgentLost" in json.loads((spool.result_dir("poison") / "000006.a2.json").read_text())["error"]["type"]
+    assert sum(p.proc.poll() is not None for p in procs) == 3
+    assert "FAILED chunk 6" in r.stdout
 
 
 def _feed(spool: Spool, env: dict, marks: Path, chunks: int, seconds: float, run: str, *extra: str) -> subprocess.Popen:

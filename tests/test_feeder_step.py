@@ -112,6 +112,25 @@ def test_dead_agent_jobs_are_handed_back_to_a_live_one(spool: Spool) -> None:
     assert f.max_attempts[0] == 3  # a lost attempt costs no retry
 
 
+def test_a_chunk_that_keeps_killing_its_agent_fails_after_its_free_loss(spool: Spool) -> None:
+    f, clock, events = make(spool, chunks=1, retries=1)
+    for n, ident in enumerate(["h-cpu0", "h-cpu1", "h-cpu2"]):
+        for t in range(3):  # a fresh agent beats: the chunk is queued there
+            beat(spool, ident, t + 1)
+            clock.t += 1.0
+            f.step()
+        assert queued(spool, ident) == [(0, n + 1)]
+        clock.t += 6.0  # then it dies (no heartbeat change for more than dead_after)
+        f.step()
+        if n == 0:  # the first loss is free (nodes fail on their own)
+            assert f.max_attempts[0] == 3 and not spool.history_json("run1", 0, 1).exists()
+        elif n == 1:  # the second costs an attempt, recorded like any failure
+            hist = spool.history_json("run1", 0, 2).read_text()
+            assert "AgentLost" in hist and "h-cpu1" in hist and not f.done
+    assert f.done and f.final[0].status == "failed" and f.final[0].attempt == 3
+    assert f.final[0].error.startswith("AgentLost: agent h-cpu2 died") and f.losses[0] == 3
+
+
 def test_recover_rebuilds_state_from_disk(spool: Spool) -> None:
     spool.result_dir("run1").mkdir(parents=True)
     finish(spool, (0, 1))
