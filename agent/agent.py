@@ -162,13 +162,17 @@ class Agent:
         return False
 
     def _next_callable(self, jobs: list[Job], after: Job) -> Job | None:
-        """The job to hand the worker while ``after`` is being committed: the next callable one."""
+        """The job to hand the worker while ``after`` is being committed: the next callable one.
+        None around a job marked ``alone``: the master must be able to tell which of the two
+        was running if this agent dies."""
+        if after.alone:
+            return None
         seen = False
         for j in jobs:
             if j.key == after.key:
                 seen = True
             elif seen and j.key not in self._finished:
-                return j if j.kind is JobKind.CALLABLE and self._skip_reason(j) is None else None
+                return j if j.kind is JobKind.CALLABLE and not j.alone and self._skip_reason(j) is None else None
         return None
 
     def _prune(self) -> None:

@@ -49,6 +49,7 @@ class Job:
     timeout: float | None = None
     workdir: str | None = None  # put on sys.path for callables, cwd for scripts
     submitted_at: float = 0.0
+    alone: bool = False  # suspected of killing an agent: the agent runs nothing beside it (no pipelining)
     schema: int = SCHEMA
 
     @property
@@ -59,6 +60,8 @@ class Job:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["kind"] = self.kind.value
+        if not self.alone:
+            del d["alone"]  # written only where it matters, so that older agents read every other job
         return d
 
     def encode(self) -> str:
@@ -98,6 +101,7 @@ class Job:
         except Exception as e:  # BadName
             raise BadFile(str(e), where) from e
         _expect(self.target, str, "target", where)
+        _expect(self.alone, bool, "alone", where)
         _expect(self.kwargs, dict, "kwargs", where)
         for k in self.kwargs:
             if k in BUILTIN_KWARGS:

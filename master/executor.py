@@ -200,6 +200,7 @@ class _Feeder:
         self.delayed: list[tuple[float, int]] = []
         self.inflight: dict[int, _Call] = {}
         self.by_agent: dict[str, set[int]] = {}
+        self._missing: dict[int, float] = {}  # call -> when it was first seen gone from its mailbox
         self.spec_chunks = 0
         self._next_check = 0.0
 
@@ -275,6 +276,7 @@ class _Feeder:
             call.future.set_result(rec.get("value"))
 
     def _untrack(self, c: int) -> None:
+        self._missing.pop(c, None)
         call = self.inflight.pop(c, None)
         if call is not None and call.agent is not None:
             self.by_agent.get(call.agent, set()).discard(c)
@@ -304,9 +306,10 @@ class _Feeder:
             mine = self.by_agent.get(ident)
             if not mine or (view.alive and not draining):
                 continue
-            cur = view.status.get("current") or {}
-            keep = cur.get("chunk_id") if draining and cur.get("run") == self.run else None
-            back = {c for c in mine if c != keep}
+            # a draining agent still runs its current call and the one already in its worker's pipe
+            busy = [view.status.get(k) or {} for k in ("current", "ahead")] if draining else []
+            keep = {b.get("chunk_id") for b in busy if b.get("run") == self.run}
+            back = {c for c in mine if c not in keep}
             Mailbox(self.spool, ident).update(
                 lambda jobs: [j for j in jobs if not (j.run == self.run and j.chunk_id in back)])
             for c in back:
@@ -322,8 +325,11 @@ class _Feeder:
                 keys = {j.key for j in Mailbox(self.spool, ident).read().jobs}  # before the results
             except (OSError, BadFile):
                 continue
+            now = time.monotonic()
             for c in list(mine):
-                if (self.run, c, self.inflight[c].attempt) not in keys:
+                if (self.run, c, self.inflight[c].attempt) in keys:
+                    self._missing.pop(c, None)
+                elif now - self._missing.setdefault(c, now) >= self.live.dead_after:  # see master.feeder
                     self._requeue_lost(c)
 
     def _requeue_lost(self, c: int) -> None:

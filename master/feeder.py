@@ -102,7 +102,8 @@ class Feeder:
         self.delayed: list[tuple[float, int]] = []  # (not before, chunk) heap of retries
         self.inflight: dict[int, tuple[str, int]] = {}  # chunk -> (agent, attempt)
         self.by_agent: dict[str, set[int]] = {}
-        self.losses: Counter[int] = Counter()  # chunk -> agents that died while running it
+        self.losses: Counter[int] = Counter()  # chunk -> agents that died while perhaps running it
+        self.isolated: set[int] = set()  # chunks with a loss: queued with ``alone`` from then on
         self._missing: dict[int, float] = {}  # chunk -> when it was first seen gone from its mailbox
         self.final: dict[int, Outcome] = {}
         self.mailboxes: dict[str, Mailbox] = {}
@@ -331,24 +332,31 @@ class Feeder:
             back = [c for c in ours if not self._has_outcome(c, self.inflight[c][1])]
             why = "draining" if draining else "stopped" if view.state == "stopped" else f"no heartbeat for {view.age:.0f} s"
             died = not draining and view.state != "stopped"
-            # the job it was running is the first one with no outcome (it may have killed it)
-            suspect = next((j for j in taken if j.chunk_id in back and j.attempt == self.inflight[j.chunk_id][1]),
-                           None) if died else None
+            # The job it was running (it may have killed it) is the first one with no outcome, or
+            # the second: with pipelining the worker starts the next job while the agent commits
+            # one; but never beside a job marked ``alone``.
+            suspects = [j for j in taken if j.chunk_id in back and j.attempt == self.inflight[j.chunk_id][1]][:2] \
+                if died else []
+            if len(suspects) == 2 and (suspects[0].alone or suspects[1].alone):
+                suspects = suspects[:1]
             for c in back:
-                if suspect is None or c != suspect.chunk_id:
+                if c not in {j.chunk_id for j in suspects}:
                     self._requeue(c, free=True)
-            if suspect is not None:
-                self._lost(suspect, ident, why)
+            for job in suspects:
+                self._lost(job, ident, why, sure=len(suspects) == 1)
             logger.warning("agent {} is {}; handed back {} chunk(s)", ident, why, len(back))
             self.on_event("handback", {"agent": ident, "chunks": sorted(back), "why": why})
 
-    def _lost(self, job: Job, agent: str, why: str) -> None:
-        """``agent`` died while (probably) running ``job``. The first ``free_losses`` times a chunk
-        goes back at no cost (nodes fail on their own); after that each loss is a failed attempt,
-        so a chunk that kills its agent (or its node) cannot take down the whole pool one by one."""
+    def _lost(self, job: Job, agent: str, why: str, sure: bool) -> None:
+        """``agent`` died while running ``job`` (``sure``) or perhaps the job beside it. The first
+        ``free_losses`` times a chunk goes back at no cost (nodes fail on their own); after that
+        each sure loss is a failed attempt, so a chunk that kills its agent (or its node) cannot
+        take down the whole pool one by one. A suspect runs ``alone`` from then on, so its next
+        loss is sure: the innocent neighbour of a poisonous chunk pays nothing."""
         c = job.chunk_id
         self.losses[c] += 1
-        if self.losses[c] <= self.cfg.free_losses:
+        self.isolated.add(c)
+        if self.losses[c] <= self.cfg.free_losses or not sure:
             self._requeue(c, free=True)
             return
         error = {"type": "AgentLost", "traceback": "",
@@ -430,7 +438,7 @@ class Feeder:
         return Job(run=s.name, chunk_id=c, total_chunks=s.chunks, kind=s.kind, target=s.target,
                    attempt=self.attempt.get(c, 0) + 1, max_attempts=self.max_attempts[c], kwargs=s.kwargs,
                    shared=s.shared, data=s.data_file(c), timeout=s.timeout, workdir=s.workdir,
-                   submitted_at=time.time())
+                   submitted_at=time.time(), alone=c in self.isolated)
 
     # the loop ----------------------------------------------------------------------------------
     def run(self, stop: threading.Event | None = None) -> Summary:

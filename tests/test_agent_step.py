@@ -195,3 +195,16 @@ def test_next_job_is_sent_to_the_worker_while_the_last_one_is_committed(spool: S
     assert not agent.step() and not spool.result_json("r", 2).exists()
     agent.spool.drain_flag(agent.id).unlink()
     assert agent.step() and read_result(spool.result_json("r", 2))["status"] == "ok"
+
+
+def test_nothing_is_handed_over_beside_a_job_marked_alone(spool: Spool, make_agent) -> None:
+    agent = make_agent()
+    put(spool, cjob(0), cjob(1, alone=True), cjob(2))
+    agent.step()  # chunk 0 runs, the one after it is alone: not sent ahead
+    assert agent.worker.queue == [] and agent._ahead is None
+    agent.step()  # chunk 1 runs alone: chunk 2 waits until its result is committed
+    assert read_result(spool.result_json("r", 1))["status"] == "ok" and agent.worker.queue == []
+    agent.step()
+    assert read_result(spool.result_json("r", 2))["status"] == "ok"
+    # only the suspect's descriptor carries the mark, so older agents read every other job
+    assert "alone" not in cjob(3).to_dict() and Job.from_dict(cjob(3, alone=True).to_dict()).alone

@@ -131,6 +131,31 @@ def test_a_chunk_that_keeps_killing_its_agent_fails_after_its_free_loss(spool: S
     assert f.final[0].error.startswith("AgentLost: agent h-cpu2 died") and f.losses[0] == 3
 
 
+def test_the_neighbour_of_a_chunk_that_killed_its_agent_runs_alone_and_pays_nothing(spool: Spool) -> None:
+    f, clock, events = make(spool, chunks=2)
+    beat(spool, "h-cpu0", 1)
+    f.step()
+    assert queued(spool, "h-cpu0") == [(0, 1), (1, 1)]
+    clock.t += 6.0  # h-cpu0 dies: with pipelining either chunk may have been running
+    beat(spool, "h-cpu1", 1)
+    f.step()
+    # both go back free and are marked to run alone (no pipelining), so their next loss is sure
+    assert f.isolated == {0, 1} and f.max_attempts[0] == f.max_attempts[1] == 3
+    (first, _), (second, _) = queued(spool, "h-cpu1")
+    assert {first, second} == {0, 1} and all(j.alone for j in Mailbox(spool, "h-cpu1").read().jobs)
+    finish(spool, (first, 2), max_attempts=3)  # the innocent one
+    for t in range(2):  # h-cpu1 beats a while, then dies while chunk 1 runs
+        clock.t += 1.0
+        beat(spool, "h-cpu1", 2 + t)
+        f.step()
+    clock.t += 6.0
+    beat(spool, "h-cpu2", 1)
+    f.step()
+    assert f.final[first].status == "ok" and f.final[first].attempt == 2
+    hist = spool.history_json("run1", second, 2).read_text()
+    assert "AgentLost" in hist and "h-cpu1" in hist and f.losses[second] == 2
+
+
 def test_recover_rebuilds_state_from_disk(spool: Spool) -> None:
     spool.result_dir("run1").mkdir(parents=True)
     finish(spool, (0, 1))
