@@ -58,7 +58,9 @@ class Job:
         return (self.run, self.chunk_id, self.attempt)
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
+        # shallow (kwargs is shared, not copied): dataclasses.asdict deep-copies, and this runs for
+        # every job of a mailbox on every rewrite
+        d = {name: getattr(self, name) for name in _FIELDS}
         d["kind"] = self.kind.value
         if not self.alone:
             del d["alone"]  # written only where it matters, so that older agents read every other job
@@ -77,8 +79,7 @@ class Job:
             raise BadFile("job descriptor has no integer 'schema'", where)
         if schema > SCHEMA:
             raise NewerSchema(f"job schema {schema} is newer than this tool's {SCHEMA}; upgrade", where)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
+        unknown = sorted(set(d).difference(_FIELDS))
         if unknown:
             raise BadFile(f"job descriptor has unknown fields {unknown}", where)
         try:
@@ -116,6 +117,9 @@ class Job:
             isinstance(self.timeout, bool) or not isinstance(self.timeout, (int, float)) or self.timeout <= 0
         ):
             raise BadFile(f"'timeout' must be a positive number, got {self.timeout!r}", where)
+
+
+_FIELDS = tuple(f.name for f in dataclasses.fields(Job))
 
 
 def _expect(value: object, typ: type, name: str, where: object) -> None:
