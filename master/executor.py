@@ -37,7 +37,7 @@ import socket
 import sys
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +55,7 @@ from jobs.names import slug
 from jobs.npzio import load_npz
 from jobs.paths import Spool
 from jobs.results import read_result
+from master.feeder import FeedConfig, death_suspects, record_loss
 from master.liveness import Liveness
 from master.runspec import RunSpec
 
@@ -201,6 +202,8 @@ class _Feeder:
         self.inflight: dict[int, _Call] = {}
         self.by_agent: dict[str, set[int]] = {}
         self._missing: dict[int, float] = {}  # call -> when it was first seen gone from its mailbox
+        self.losses: Counter[int] = Counter()  # call -> agents that died while perhaps running it
+        self.isolated: set[int] = set()  # calls with a loss: queued with ``alone`` from then on
         self.spec_chunks = 0
         self._next_check = 0.0
 
@@ -310,10 +313,24 @@ class _Feeder:
             busy = [view.status.get(k) or {} for k in ("current", "ahead")] if draining else []
             keep = {b.get("chunk_id") for b in busy if b.get("run") == self.run}
             back = {c for c in mine if c not in keep}
-            Mailbox(self.spool, ident).update(
-                lambda jobs: [j for j in jobs if not (j.run == self.run and j.chunk_id in back)])
-            for c in back:
+            taken: list[Job] = []  # in mailbox order
+
+            def drop(jobs: list[Job]) -> list[Job]:
+                taken.extend(j for j in jobs if j.run == self.run and j.chunk_id in back)
+                return [j for j in jobs if not (j.run == self.run and j.chunk_id in back)]
+
+            Mailbox(self.spool, ident).update(drop)
+            died = not draining and view.state != AgentState.STOPPED.value
+            suspects = death_suspects([j for j in taken if j.attempt == self.inflight[j.chunk_id].attempt
+                                       and not self._has_outcome(j.chunk_id)]) if died else []
+            for c in back - {j.chunk_id for j in suspects}:
                 self._requeue_lost(c)
+            for job in suspects:  # as in master.feeder: a call that kills its agent cannot take down the pool
+                self.losses[job.chunk_id] += 1
+                self.isolated.add(job.chunk_id)
+                if self.losses[job.chunk_id] <= FeedConfig.free_losses or len(suspects) > 1 or not record_loss(
+                        self.spool, job, ident, f"no heartbeat for {view.age:.0f} s", self.losses[job.chunk_id]):
+                    self._requeue_lost(job.chunk_id)
 
     def _find_lost(self) -> None:
         """Calls that left a live agent's mailbox with no outcome (e.g. a rejected mailbox)."""
@@ -332,10 +349,14 @@ class _Feeder:
                 elif now - self._missing.setdefault(c, now) >= self.live.dead_after:  # see master.feeder
                     self._requeue_lost(c)
 
+    def _has_outcome(self, c: int) -> bool:
+        return self.spool.result_json(self.run, c).exists() or \
+            self.spool.history_json(self.run, c, self.inflight[c].attempt).exists()
+
     def _requeue_lost(self, c: int) -> None:
+        if self._has_outcome(c):
+            return  # _collect takes it
         call = self.inflight[c]
-        if self.spool.result_json(self.run, c).exists() or self.spool.history_json(self.run, c, call.attempt).exists():
-            return  # it has an outcome: _collect takes it
         self._untrack(c)
         call.max_attempts += 1  # a lost attempt costs no retry
         self.pending.appendleft(c)
@@ -368,7 +389,8 @@ class _Feeder:
     def _job(self, call: _Call) -> Job:
         return Job(run=self.run, chunk_id=call.chunk, total_chunks=max(self.spec_chunks, call.chunk + 1),
                    kind=JobKind.CALLABLE, target=call.target, attempt=call.attempt, max_attempts=call.max_attempts,
-                   kwargs=call.kwargs, timeout=self.ex.timeout, workdir=call.workdir, submitted_at=time.time())
+                   kwargs=call.kwargs, timeout=self.ex.timeout, workdir=call.workdir, submitted_at=time.time(),
+                   alone=call.chunk in self.isolated)
 
 
 def _end(future: futures.Future, exc: BaseException) -> None:

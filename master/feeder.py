@@ -332,13 +332,8 @@ class Feeder:
             back = [c for c in ours if not self._has_outcome(c, self.inflight[c][1])]
             why = "draining" if draining else "stopped" if view.state == "stopped" else f"no heartbeat for {view.age:.0f} s"
             died = not draining and view.state != "stopped"
-            # The job it was running (it may have killed it) is the first one with no outcome, or
-            # the second: with pipelining the worker starts the next job while the agent commits
-            # one; but never beside a job marked ``alone``.
-            suspects = [j for j in taken if j.chunk_id in back and j.attempt == self.inflight[j.chunk_id][1]][:2] \
-                if died else []
-            if len(suspects) == 2 and (suspects[0].alone or suspects[1].alone):
-                suspects = suspects[:1]
+            suspects = death_suspects([j for j in taken if j.chunk_id in back and
+                                       j.attempt == self.inflight[j.chunk_id][1]]) if died else []
             for c in back:
                 if c not in {j.chunk_id for j in suspects}:
                     self._requeue(c, free=True)
@@ -356,18 +351,8 @@ class Feeder:
         c = job.chunk_id
         self.losses[c] += 1
         self.isolated.add(c)
-        if self.losses[c] <= self.cfg.free_losses or not sure:
-            self._requeue(c, free=True)
-            return
-        error = {"type": "AgentLost", "traceback": "",
-                 "message": f"agent {agent} died ({why}) while running it; {self.losses[c]} agents so far"}
-        logger.warning("{} chunk {} attempt {}: {}", job.run, c, job.attempt, error["message"])
-        # recorded like any failure (history, or the final result of a last attempt); the next
-        # pass over the jobs in flight takes it in and retries it with back-off
-        try:
-            commit(self.spool, job, record(job, JobState.FAILED, agent=agent, error=error, finished_at=time.time()))
-        except OSError as e:
-            logger.warning("could not record the loss of {} chunk {}: {}; queued again", job.run, c, e)
+        if self.losses[c] <= self.cfg.free_losses or not sure or not record_loss(
+                self.spool, job, agent, why, self.losses[c]):
             self._requeue(c, free=True)
 
     def _find_lost(self) -> None:
@@ -468,6 +453,30 @@ class Feeder:
             seal(self.spool, self.spec.name)  # a run reported done is on disk
         return Summary(self.spec.name, self.spec.chunks, dict(self.final), time.monotonic() - started, rdir,
                        self.cancelled, len(self.final) - self.recovered_done)
+
+
+def death_suspects(open_jobs: list[Job]) -> list[Job]:
+    """Of the jobs with no outcome taken back from an agent that died, in its mailbox order
+    (the order it runs them), those it may have been running: the first, or the second, as
+    with pipelining the worker starts the next job while the agent commits one; never a job
+    beside one marked ``alone``. One suspect is a sure one."""
+    suspects = open_jobs[:2]
+    return suspects[:1] if len(suspects) == 2 and (suspects[0].alone or suspects[1].alone) else suspects
+
+
+def record_loss(spool: Spool, job: Job, agent: str, why: str, losses: int) -> bool:
+    """Record the death of ``agent`` under ``job`` as a failed attempt (``AgentLost``), like
+    any failure: history, or the final result of a last attempt; the next pass over the jobs in
+    flight takes it in and retries it with back-off. False if it could not be written."""
+    error = {"type": "AgentLost", "traceback": "",
+             "message": f"agent {agent} died ({why}) while running it; {losses} agents so far"}
+    logger.warning("{} chunk {} attempt {}: {}", job.run, job.chunk_id, job.attempt, error["message"])
+    try:
+        commit(spool, job, record(job, JobState.FAILED, agent=agent, error=error, finished_at=time.time()))
+        return True
+    except OSError as e:
+        logger.warning("could not record the loss of {} chunk {}: {}; queued again", job.run, job.chunk_id, e)
+        return False
 
 
 class _Names:

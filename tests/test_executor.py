@@ -13,6 +13,7 @@ import pytest
 
 from jobs.paths import Spool
 from master.executor import Executor, RemoteError, RunCancelled, bind, target_of
+from tests.faulty import misbehave
 from tests.helpers import REPO, wait_for
 
 
@@ -118,6 +119,19 @@ def test_calls_of_a_dead_agent_go_to_another_and_shutdown_cancels_pending(spool:
     with pytest.raises(CancelledError):
         cancelled[0].result()
     assert all(f.result() == i for i, f in enumerate(slow) if not f.cancelled())
+
+
+@pytest.mark.timeout(90)
+def test_a_call_that_kills_its_agent_fails_instead_of_taking_every_agent_down(spool: Spool, agents) -> None:
+    procs = agents(4)
+    modes = ["ok"] * 5 + ["killagent"]
+    with Executor(spool.base, dead_after=1.5, retries=1) as ex:
+        futs = [ex.submit(misbehave, modes=modes) for _ in modes]  # the agent passes each call's number as chunk_id
+        with pytest.raises(RemoteError, match="AgentLost") as e:
+            futs[-1].result(timeout=60)
+        assert [f.result(timeout=30) for f in futs[:-1]] == ["ok"] * 5
+    # its first agent's death is free, each further one costs an attempt: 1 + (1 + retries) agents
+    assert "attempt 3)" in str(e.value) and sum(p.proc.poll() is not None for p in procs) == 3
 
 
 @pytest.mark.timeout(90)
