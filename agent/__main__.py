@@ -29,6 +29,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rescan", type=float, default=2.0, help="reread the mailbox at least every S seconds")
     p.add_argument("--heartbeat", type=float, default=2.0, help="heartbeat interval, seconds (default 2)")
     p.add_argument("--burst", action="store_true", help="exit when the mailbox is empty")
+    p.add_argument("--log-limit-mb", type=float, default=64.0,
+                   help="cut each of the agent's logs past this size, keeping the older part in <log>.1 "
+                   "(default 64; 0: never)")
     p.add_argument("--allow-local-locks", action="store_true",
                    help="use BASE even on a filesystem whose locks are client-local (sshfs, NFS nolock/local_lock); "
                    "safe only if every agent and master of BASE runs on this machine (or $GPUPOOL_ALLOW_LOCAL_LOCKS=1)")
@@ -57,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name) <= 0:
             print(f"agent: --{name.replace('_', '-')} must be a positive number of seconds", file=sys.stderr)
             return 2
+    if not args.log_limit_mb >= 0:
+        print("agent: --log-limit-mb must be 0 (never cut) or a positive number of megabytes", file=sys.stderr)
+        return 2
     try:
         # Locks must reach the file server, or hosts sharing BASE do not exclude each other (issue 4).
         unsafe_locks = check_locks(args.base, args.allow_local_locks)
@@ -75,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     logger.add(spool.agent_log(slot.agent_id), level=args.log_level, enqueue=False,
                format="{time:YYYY-MM-DD HH:mm:ss.SSS} | {level: <7} | " + slot.agent_id + " | {message}")
     cfg = AgentConfig(watch=args.watch, poll_interval=args.poll_interval, max_poll_interval=args.max_poll_interval,
-                      rescan=args.rescan, heartbeat=args.heartbeat, burst=args.burst)
+                      rescan=args.rescan, heartbeat=args.heartbeat, burst=args.burst,
+                      log_limit=int(args.log_limit_mb * 2**20))
     agent = Agent(spool, slot, probe, host, cfg)
     agent.install_signals()
     agent.run()

@@ -28,7 +28,7 @@ from agent.gpu import NoGpu
 from agent.script import run_script
 from agent.slot import Slot
 from agent.watcher import MailboxWatcher
-from agent.workerproc import Worker, WorkerLost
+from agent.workerproc import Worker, WorkerLost, cap_log
 from jobs.descriptor import Job, JobKind, JobState
 from jobs.atomic import purge_temp, read_bounded
 from jobs.errors import BadFile
@@ -46,6 +46,7 @@ class AgentConfig:
     rescan: float = 2.0  # reread the mailbox at least this often, whatever the watcher says
     heartbeat: float = 2.0
     burst: bool = False  # exit once the mailbox is empty (tests, batch use)
+    log_limit: int = 64 * 1024 * 1024  # each of the agent's logs is cut (to <name>.1) past this; 0: never
 
 
 class Agent:
@@ -60,7 +61,7 @@ class Agent:
         self.script_env = base_env  # scripts get the agent's own view, as OctoRun gives them
         worker_env = {**base_env, "CUDA_VISIBLE_DEVICES": slot.gpu.token if slot.gpu else "",
                       "GPUPOOL_AGENT": self.id}
-        self.worker = worker or Worker(worker_env, spool.logs_dir / f"{self.id}.worker.log")
+        self.worker = worker or Worker(worker_env, spool.worker_log(self.id))
         self.stop = False  # finish the current job, then exit
         self.stop_now = False  # stop at once
         self.state = AgentState.STARTING
@@ -332,6 +333,10 @@ class Agent:
                 self.write_heartbeat()
             except Exception:
                 logger.exception("agent {}: heartbeat write failed", self.id)
+            for log in (self.spool.agent_log(self.id), self.spool.worker_log(self.id)):
+                if cap_log(log, self.cfg.log_limit):  # an agent runs for weeks; the job code may be chatty
+                    logger.info("agent {}: {} grew past --log-limit-mb; its older lines are in {}.1", self.id,
+                                log.name, log.name)
 
     def write_heartbeat(self) -> None:
         with self._hb_lock:

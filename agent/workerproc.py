@@ -5,6 +5,7 @@ import contextlib
 import json
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -35,6 +36,22 @@ def tail(path: Path, nbytes: int = 4000) -> str:
             return f.read().decode(errors="replace")
     except OSError:
         return ""
+
+
+def cap_log(path: Path, limit: int) -> bool:
+    """Keep a log that its writers hold open in append mode under ``limit`` bytes: past it, its
+    content moves to ``<name>.1`` (replacing the one before) and the log starts empty. The
+    writers go on appending to the emptied file; a line written during the copy may be lost.
+    True if it was cut."""
+    try:
+        if limit <= 0 or os.stat(path).st_size <= limit:
+            return False
+        old = path.with_name(path.name + ".1")
+        shutil.copyfile(path, old)
+        os.truncate(path, 0)
+        return True
+    except OSError:
+        return False
 
 
 def exit_reason(code: int | None) -> str:

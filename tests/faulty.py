@@ -80,3 +80,10 @@ def gated_array(chunk_id: int, gate: str, mb: float = 1.0) -> dict:
     while not os.path.exists(gate):
         time.sleep(0.02)
     return big_array(chunk_id, mb)
+
+
+def chatty(chunk_id: int, lines: int) -> int:
+    """Prints ``lines`` lines to the worker's output (its log)."""
+    for i in range(lines):
+        print(f"chunk {chunk_id} line {i} " + "x" * 60)
+    return chunk_id

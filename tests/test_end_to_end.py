@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from jobs.paths import Spool
+from agent.workerproc import cap_log
 from tests.helpers import REPO, AgentProc, results, run_main, run_names, wait_for
 
 
@@ -237,3 +238,31 @@ def test_demo_runs_to_a_successful_summary(tmp_path: Path, env) -> None:
     assert r.returncode == 0, r.stdout + r.stderr
     assert "32 ok, 0 failed" in r.stdout and "all 32 results checked" in r.stdout
     assert "stopped the 2 agent(s)" in r.stdout
+
+
+def test_a_log_held_open_in_append_mode_is_cut_past_its_limit(tmp_path: Path) -> None:
+    log = tmp_path / "a.log"
+    with open(log, "ab", buffering=0) as writer:
+        writer.write(b"old line\n" * 100)
+        assert not cap_log(log, 2000)  # 900 bytes: under the limit, untouched
+        assert log.stat().st_size == 900 and not (tmp_path / "a.log.1").exists()
+        writer.write(b"old line\n" * 200)
+        assert cap_log(log, 2000)
+        writer.write(b"new line\n")  # the writer goes on appending to the emptied file
+    assert log.read_bytes() == b"new line\n"
+    assert (tmp_path / "a.log.1").read_bytes() == b"old line\n" * 300
+    assert not cap_log(log, 0)  # 0: never cut
+
+
+def test_a_chatty_job_cannot_grow_the_worker_log_past_the_limit(spool: Spool, agents, env) -> None:
+    agents(1, args=["--log-limit-mb", "0.05"])
+    r = run_main(["--base", str(spool.base), "--task", "tests.faulty:chatty", "--chunks", "30",
+                  "--kwargs", json.dumps({"lines": 100}), "--no-progress"], env)  # 30 x 8 KB
+    assert r.returncode == 0, r.stderr
+    (worker,) = spool.logs_dir.glob("*.worker.log")
+    old = worker.with_name(worker.name + ".1")
+    # cut on a heartbeat (0.2 s here): at most one beat's output over the limit
+    wait_for(lambda: old.exists() and worker.stat().st_size <= 52_429, 20, "the worker log cut")
+    assert "line 99 xxx" in old.read_text() and worker.stat().st_size + old.stat().st_size < 250_000
+    agent_log = worker.with_name(worker.name.replace(".worker.log", ".log"))
+    assert f"{worker.name} grew past --log-limit-mb" in agent_log.read_text()
