@@ -143,7 +143,13 @@ class Feeder:
                 continue
             last = hist.get(c, 0)
             self.attempt[c] = last
-            self.max_attempts[c] = max(self._history_max(c, last), last + 1) if last else 1 + spec.retries
+            if last:
+                rec = self._history(c, last)
+                self.max_attempts[c] = max(_int(rec.get("max_attempts"), 1), last + 1)
+                if (rec.get("error") or {}).get("type") == "AgentLost":
+                    self._suspect(c)
+            else:
+                self.max_attempts[c] = 1 + spec.retries
             self.pending.append(c)
 
     def _recover_final(self, c: int, hist: dict[int, int]) -> None:
@@ -181,11 +187,18 @@ class Feeder:
         os.unlink(path)
         return True
 
-    def _history_max(self, c: int, attempt: int) -> int:
+    def _history(self, c: int, attempt: int) -> dict[str, Any]:
         try:
-            return int(read_result(self.spool.history_json(self.spec.name, c, attempt)).get("max_attempts", 1))
-        except (OSError, BadFile, ValueError, TypeError):
-            return 1
+            return read_result(self.spool.history_json(self.spec.name, c, attempt))
+        except (OSError, BadFile):
+            return {}
+
+    def _suspect(self, c: int) -> None:
+        """After a restart: ``c`` was already suspected of killing an agent (its job is marked
+        ``alone``, or its last attempt ended with ``AgentLost``): it runs alone and has had its
+        free losses."""
+        self.isolated.add(c)
+        self.losses[c] = max(self.losses[c], self.cfg.free_losses)
 
     def _recover_mailboxes(self) -> None:
         for ident in self.spool.agent_ids():
@@ -201,6 +214,8 @@ class Feeder:
                     self.attempt[job.chunk_id] = job.attempt
                     self.max_attempts[job.chunk_id] = job.max_attempts
                     self._track(job.chunk_id, ident, job.attempt)
+                    if job.alone:
+                        self._suspect(job.chunk_id)
 
     # bookkeeping -----------------------------------------------------------------------------
     def _mailbox(self, ident: str) -> Mailbox:
@@ -453,6 +468,10 @@ class Feeder:
             seal(self.spool, self.spec.name)  # a run reported done is on disk
         return Summary(self.spec.name, self.spec.chunks, dict(self.final), time.monotonic() - started, rdir,
                        self.cancelled, len(self.final) - self.recovered_done)
+
+
+def _int(v: Any, default: int) -> int:
+    return v if isinstance(v, int) and not isinstance(v, bool) else default
 
 
 def death_suspects(open_jobs: list[Job]) -> list[Job]:

@@ -156,6 +156,19 @@ def test_the_neighbour_of_a_chunk_that_killed_its_agent_runs_alone_and_pays_noth
     assert "AgentLost" in hist and "h-cpu1" in hist and f.losses[second] == 2
 
 
+def test_a_restarted_master_remembers_which_chunks_are_suspected_of_killing_agents(spool: Spool) -> None:
+    spool.result_dir("run1").mkdir(parents=True)
+    beat(spool, "h-cpu0", 1)
+    Mailbox(spool, "h-cpu0").update(lambda jobs: [Job(run="run1", chunk_id=2, total_chunks=6, kind=JobKind.CALLABLE,
+                                                      target="x:y", attempt=2, max_attempts=3, alone=True)])
+    lost = Job(run="run1", chunk_id=3, total_chunks=6, kind=JobKind.CALLABLE, target="x:y", attempt=1, max_attempts=3)
+    commit(spool, lost, record(lost, JobState.FAILED, agent="h-cpu1", error={"type": "AgentLost", "message": "m"}))
+    f, clock, _ = make(spool)
+    # queued alone, or last seen killing its agent: each runs alone, its free loss used
+    assert f.isolated == {2, 3} and f.losses[2] == f.losses[3] == 1
+    assert 3 in f.pending and f._job(3).alone and not f._job(4).alone
+
+
 def test_recover_rebuilds_state_from_disk(spool: Spool) -> None:
     spool.result_dir("run1").mkdir(parents=True)
     finish(spool, (0, 1))
