@@ -56,7 +56,11 @@ Who writes what, in which order:
    attempts are left (retry after a capped exponential back-off with attempt + 1). An agent whose heartbeat ``seq`` has
    not changed for ``dead_after`` seconds of the master's own clock is dead: under its mailbox
    lock the master removes this run's jobs and queues them again with attempt + 1. A job that
-   left a live agent's mailbox with no result at all is queued again the same way.
+   left a live agent's mailbox with no result at all (for ``dead_after``) is queued again the
+   same way. The jobs a dead agent may have been running (the first one with no outcome, and
+   the next one, which its worker may have started while the agent committed the first) are
+   queued with ``"alone": true``: the agent hands the worker nothing ahead of or beside such a
+   job, so that a later death under it is surely its own and costs an attempt (``AgentLost``).
 
 Everything read from the spool is untrusted: sizes are bounded, symlinks are not followed
 (O_NOFOLLOW), names are validated (``jobs.names``), ``.npz`` files are read with
