@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 
@@ -57,10 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     logger.remove()
     logger.add(sys.stderr, level=args.log_level, format="{time:HH:mm:ss.SSS} {level: <7} {message}")
     for name in ("poll_interval", "max_poll_interval", "rescan", "heartbeat"):
-        if getattr(args, name) <= 0:
+        if not 0 < getattr(args, name) < math.inf:
             print(f"agent: --{name.replace('_', '-')} must be a positive number of seconds", file=sys.stderr)
             return 2
-    if not args.log_limit_mb >= 0:
+    if not 0 <= args.log_limit_mb < math.inf:
         print("agent: --log-limit-mb must be 0 (never cut) or a positive number of megabytes", file=sys.stderr)
         return 2
     try:

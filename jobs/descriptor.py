@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -114,7 +115,7 @@ class Job:
                 if "\0" in v:
                     raise BadFile(f"'{name}' contains a NUL byte", where)
         if self.timeout is not None and (
-            isinstance(self.timeout, bool) or not isinstance(self.timeout, (int, float)) or self.timeout <= 0
+            isinstance(self.timeout, bool) or not isinstance(self.timeout, (int, float)) or not 0 < self.timeout < math.inf
         ):
             raise BadFile(f"'timeout' must be a positive number, got {self.timeout!r}", where)
 

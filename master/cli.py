@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from typing import Callable
 
@@ -80,9 +81,12 @@ def feed(args: argparse.Namespace) -> int:
         print(f"main.py: missing {', '.join(missing)} (see python main.py --help; no arguments runs the demo)",
               file=sys.stderr)
         return 2
-    if args.depth < 1 or args.dead_after <= 0 or args.retry_delay < 0:
-        print("main.py: --depth must be >= 1, --dead-after > 0 and --retry-delay >= 0", file=sys.stderr)
-        return 2
+    for bad, why in ((args.depth < 1, "--depth must be 1 or more"),
+                     (not 0 < args.dead_after < math.inf, "--dead-after must be a positive number of seconds"),
+                     (not 0 <= args.retry_delay < math.inf, "--retry-delay must be 0 or a positive number of seconds")):
+        if bad:
+            print(f"main.py: {why}", file=sys.stderr)
+            return 2
 
     def go() -> int:
         pool = Pool(args.base, allow_local_locks=args.allow_local_locks)

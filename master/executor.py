@@ -31,6 +31,7 @@ import heapq
 import importlib.util
 import inspect
 import json
+import math
 import os
 import secrets
 import socket
@@ -150,6 +151,14 @@ class Executor(futures.Executor):
 
     def __init__(self, base: str | os.PathLike, *, retries: int = 0, timeout: float | None = None,
                  run: str | None = None, depth: int = 4, dead_after: float = 20.0, poll: float = 0.1) -> None:
+        for bad, why in ((not isinstance(retries, int) or retries < 0, f"retries must be 0 or more, not {retries!r}"),
+                         (timeout is not None and not 0 < timeout < math.inf,
+                          f"timeout must be None or a positive number of seconds, not {timeout!r}"),
+                         (not isinstance(depth, int) or depth < 1, f"depth must be 1 or more, not {depth!r}"),
+                         (not 0 < dead_after < math.inf, f"dead_after must be a positive number of seconds, not {dead_after!r}"),
+                         (not 0 < poll < math.inf, f"poll must be a positive number of seconds, not {poll!r}")):
+            if bad:
+                raise ValueError(f"Executor: {why}")
         self.spool = Spool(base).ensure()
         self.run = run or f"executor-{slug(socket.gethostname(), 30)}-{os.getpid()}-{secrets.token_hex(3)}"
         self.spool.run_dir(self.run).mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import sys
 import time
@@ -104,7 +105,7 @@ def build(*, task: str | None = None, script: str | None = None, chunks: int, kw
         raise UsageError(f"--kwargs key(s) {bad_keys} are not valid Python identifiers")
     if retries < 0:
         raise UsageError(f"--retries must be 0 or more, not {retries}")
-    if timeout is not None and timeout <= 0:
+    if timeout is not None and not 0 < timeout < math.inf:
         raise UsageError(f"--timeout must be a positive number of seconds, not {timeout}")
     if task is not None:
         kind, target = JobKind.CALLABLE, check_task(task, workdir)

@@ -40,6 +40,10 @@ CASES = [
     (["--task", "examples.noop:noop", "--chunks", "0"], "--chunks must be a whole number of at least 1"),
     (["--task", "examples.noop:noop", "--chunks", "-3"], "--chunks must be a whole number of at least 1"),
     (["--task", "examples.noop:noop", "--timeout", "0"], "--timeout must be a positive number"),
+    (["--task", "examples.noop:noop", "--timeout", "nan"], "--timeout must be a positive number"),
+    (["--task", "examples.noop:noop", "--dead-after", "nan"], "--dead-after must be a positive number of seconds"),
+    (["--task", "examples.noop:noop", "--retry-delay", "-1"], "--retry-delay must be 0 or a positive number"),
+    (["--task", "examples.noop:noop", "--depth", "0"], "--depth must be 1 or more"),
     (["--task", "examples.noop:noop", "--base", "{afile}/sub"], "cannot create the spool folder"),
 ]
 
@@ -88,3 +92,20 @@ def test_agent_refuses_a_world_writable_spool(tmp_path: Path, env) -> None:
     r = subprocess.run([sys.executable, "-m", "agent", "--base", str(base), "--cpu", "--gpu", "0"], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "writable by every user" in r.stderr and "chmod o-w" in r.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--heartbeat", "0"], "--heartbeat must be a positive number of seconds"),
+    (["--poll-interval", "-1"], "--poll-interval must be a positive number of seconds"),
+    (["--rescan", "nan"], "--rescan must be a positive number of seconds"),
+    (["--heartbeat", "inf"], "--heartbeat must be a positive number of seconds"),
+    (["--log-limit-mb", "-5"], "--log-limit-mb must be 0 (never cut) or a positive number"),
+    (["--log-limit-mb", "nan"], "--log-limit-mb must be 0 (never cut) or a positive number"),
+])
+def test_agent_names_a_bad_option(args: list[str], message: str, tmp_path: Path, env) -> None:
+    import subprocess
+    import sys
+    from tests.helpers import REPO
+    r = subprocess.run([sys.executable, "-m", "agent", "--base", str(tmp_path / "b"), "--cpu", "--gpu", "0", *args],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and message in r.stderr and not (tmp_path / "b").exists()

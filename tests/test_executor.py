@@ -62,6 +62,14 @@ def test_calls_travel_by_name_with_bound_json_arguments() -> None:
         bind(add, (1, 2, 3), {})
 
 
+
+@pytest.mark.parametrize("option, value", [("retries", -1), ("timeout", float("nan")), ("timeout", 0),
+                                           ("depth", 0), ("dead_after", float("inf")), ("poll", 0)])
+def test_a_bad_option_is_named_before_anything_is_written(option: str, value: object, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=f"Executor: {option} must be"):
+        Executor(tmp_path / "b", **{option: value})
+    assert not (tmp_path / "b").exists()
+
 @pytest.mark.timeout(90)
 def test_submit_map_as_completed_wait_arrays_and_remote_errors(spool: Spool, agents, env) -> None:
     agents(2)
