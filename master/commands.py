@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -59,6 +60,25 @@ TOP_EPILOG = """examples (one per command; python -m master COMMAND --help shows
 def _die(cmd: str, message: str, code: int = 2) -> int:
     print(f"{PROG} {cmd}: {message}", file=sys.stderr)
     return code
+
+
+_LIMITS = {  # option: (smallest, whether the smallest is allowed, what it is)
+    "dead_after": (0, False, "a positive number of seconds"), "watch": (0, False, "a positive number of seconds"),
+    "refresh": (0, False, "a positive number of seconds"), "timeout": (0, True, "0 or a positive number of seconds"),
+    "lines": (0, True, "0 (all) or a positive number"), "retries": (0, True, "0 or more"),
+    "port": (0, True, "a TCP port, 0 to 65535")}
+
+
+def _bad_number(args: argparse.Namespace) -> str | None:
+    """The first numeric option out of its range (NaN and infinity included), named."""
+    for name, (low, closed, what) in _LIMITS.items():
+        v = getattr(args, name, None)
+        if v is None:
+            continue
+        ok = (low <= v if closed else low < v) and v < (65536 if name == "port" else math.inf)
+        if not ok:
+            return f"--{name.replace('_', '-')} must be {what}, not {v:g}"
+    return None
 
 
 def _spool(args: argparse.Namespace) -> Spool:
@@ -344,6 +364,9 @@ def main(argv: list[str] | None = None) -> int:
     from jobs.errors import LockHeld, SpoolError
 
     args = parser().parse_args(argv)
+    bad = _bad_number(args)
+    if bad:
+        return _die(args.cmd, bad)
     try:
         return args.fn(args)
     except LockHeld as e:

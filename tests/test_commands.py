@@ -347,3 +347,16 @@ def test_every_command_help_shows_an_example(capsys) -> None:
 def test_a_missing_spool_says_how_to_make_one(tmp_path: Path, env) -> None:
     r = master(["status", "--base", str(tmp_path / "nothing")], env)
     assert r.returncode == 2 and "does not exist" in r.stderr and "./start_agents.sh" in r.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["status", "--watch", "nan"], "status: --watch must be a positive number of seconds, not nan"),
+    (["status", "--dead-after", "0"], "status: --dead-after must be a positive number of seconds, not 0"),
+    (["logs", "-n", "-2"], "logs: --lines must be 0 (all) or a positive number, not -2"),
+    (["dashboard", "--port", "70000"], "dashboard: --port must be a TCP port, 0 to 65535, not 70000"),
+    (["cancel", "--run", "r", "--timeout", "inf"], "cancel: --timeout must be 0 or a positive number of seconds"),
+    (["retry", "--run", "r", "--retries", "-1"], "retry: --retries must be 0 or more, not -1"),
+])
+def test_a_number_out_of_range_is_named_in_one_line(args: list[str], message: str, spool: Spool, env) -> None:
+    r = master([args[0], "--base", str(spool.base), *args[1:]], env)
+    assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
