@@ -120,7 +120,7 @@ class Agent:
                     worked = False
                     time.sleep(min(self.cfg.rescan, 1.0))
                 if worked:
-                    self.watcher.busy()
+                    self.watcher.busy(backlog=self._ahead is not None)
                 elif self.cfg.burst:
                     break
                 elif not self.stop:

@@ -208,3 +208,26 @@ def test_nothing_is_handed_over_beside_a_job_marked_alone(spool: Spool, make_age
     assert read_result(spool.result_json("r", 2))["status"] == "ok"
     # only the suspect's descriptor carries the mark, so older agents read every other job
     assert "alone" not in cjob(3).to_dict() and Job.from_dict(cjob(3, alone=True).to_dict()).alone
+
+
+def test_the_inotify_watch_rests_while_there_is_a_backlog_and_nothing_is_missed(tmp_path: Path) -> None:
+    from agent.watcher import MailboxWatcher
+    from jobs.atomic import write_replace
+
+    box = tmp_path / "a.POOL"
+    write_replace(box, b"1")
+    w = MailboxWatcher(box, "inotify")
+    w.start()
+    try:
+        write_replace(box, b"2")
+        assert w.wait(5)  # armed: a replaced mailbox wakes it
+        w.busy(backlog=True)  # unwatched: the job loop rereads the mailbox after every job anyway
+        write_replace(box, b"3")
+        assert w.wait(5)  # not armed: returns at once, so that the caller rereads what it may have missed
+        assert not w.wait(0.3)  # armed again, nothing new
+        write_replace(box, b"4")
+        assert w.wait(5)
+        write_replace(tmp_path / "other.POOL", b"x")  # another agent's mailbox does not wake it
+        assert not w.wait(0.3)
+    finally:
+        w.stop()
