@@ -271,7 +271,7 @@ class Agent:
 
     def _request(self, job: Job) -> dict[str, Any]:
         return {"job": job.to_dict(), "gpu_id": self.slot.number, "device": self.slot.device,
-                "arrays_path": str(self.spool.result_npz(job.run, job.chunk_id))}
+                "arrays_path": str(self.spool.result_npz(job.run, job.chunk_id, job.attempt))}
 
     def _run_job(self, job: Job, lookahead: Job | None = None) -> tuple[dict[str, Any], str | None] | None:
         """(result fields, temp arrays path) or None if interrupted by an immediate stop."""
@@ -311,7 +311,8 @@ class Agent:
         if not reply.get("ok"):
             return {**times, "error": reply.get("error")}, None
         tmp = reply.get("arrays_tmp")
-        arrays = {"arrays": self.spool.result_npz(job.run, job.chunk_id).name, "arrays_bytes": os.stat(tmp).st_size} \
+        arrays = {"arrays": self.spool.result_npz(job.run, job.chunk_id, job.attempt).name,
+                  "arrays_bytes": os.stat(tmp).st_size} \
             if tmp else {"arrays": None}
         return {**times, "value": reply.get("value"), **arrays}, tmp
 

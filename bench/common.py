@@ -222,7 +222,7 @@ def check_exactly_once(base: Path, run: str, chunks: int) -> dict[str, Any]:
                     bad.append(c)
             except (OSError, ValueError):
                 bad.append(c)
-        elif ".a" in name:
+        elif ext.startswith("a") and ext.endswith(".json"):
             history.append(name)
     # The agent links its temp file to the final name, then unlinks the temp: the master (and so
     # this check) can see the final result in between. Only a temp file that stays is left over.

@@ -12,9 +12,9 @@ Layout (every name below is built by ``jobs.paths.Spool``, nowhere else)::
     BASE/runs/<run>/cancel           present = the run is cancelled ({"stop_running": bool})
     BASE/runs/<run>/sealed           present = the run finished and its results are flushed to disk
     BASE/results/<run>/<chunk:06d>.json      the chunk's committed result (the commit point)
-    BASE/results/<run>/<chunk:06d>.npz       its arrays, in place before the .json appears
+    BASE/results/<run>/<chunk:06d>.a<N>.npz  the arrays of attempt N, in place before its .json
+                                     appears; the .json names them in "arrays"
     BASE/results/<run>/<chunk:06d>.a<N>.json history: every failed attempt N
-    BASE/results/<run>/commit.lock   serialises commits of one run
     BASE/logs/<agent>.log            agent log (loguru); <agent>.worker.log: the worker's output
     BASE/logs/<run>/<chunk:06d>.log  output of script jobs
     BASE/rejected/<name> + <name>.why  spool files refused as broken or hostile, with the reason
@@ -42,8 +42,8 @@ Who writes what, in which order:
    appends to agents whose heartbeat is fresh, and keeps at most ``depth`` jobs in each.
 3. agent: read its mailbox (no lock needed: it is only ever replaced by rename); take the
    first job whose chunk has no committed result; run it.
-4. agent: commit (``jobs.results.commit``): under ``results/<run>/commit.lock``, if the final
-   ``.json`` is absent, move the arrays to ``<chunk>.npz``, then ``link`` the ``.json`` into
+4. agent: commit (``jobs.results.commit``, no lock): if the final ``.json`` is absent, move the
+   arrays to this attempt's own ``<chunk>.a<N>.npz``, then ``link`` the ``.json`` into
    place (fails if it exists: exactly one committed result per chunk, whichever attempt
    finishes first). A failed attempt first writes its history ``.a<N>.json``; only the last
    attempt then commits a final (failed) ``.json``. So a final result without any history is

@@ -14,6 +14,7 @@ from jobs.names import check_chunk, check_name
 
 RESULT_RE = re.compile(r"^(\d{6,})\.json$")
 HISTORY_RE = re.compile(r"^(\d{6,})\.a(\d+)\.json$")
+ARRAYS_RE = re.compile(r"^(\d{6,})(?:\.a(\d+))?\.npz$")  # <chunk>.a<attempt>.npz (<chunk>.npz: older versions)
 
 
 class Spool:
@@ -119,14 +120,16 @@ class Spool:
     def result_json(self, run: str, chunk: int) -> Path:
         return self.result_dir(run) / f"{check_chunk(chunk):06d}.json"
 
-    def result_npz(self, run: str, chunk: int) -> Path:
-        return self.result_dir(run) / f"{check_chunk(chunk):06d}.npz"
+    def result_npz(self, run: str, chunk: int, attempt: int) -> Path:
+        """The arrays of one attempt: each attempt writes its own, so commits need no lock."""
+        return self.result_dir(run) / f"{check_chunk(chunk):06d}.a{int(attempt)}.npz"
+
+    def arrays_of(self, run: str, rec: dict) -> Path | None:
+        """The arrays file a result read by ``jobs.results.read_result`` names, or None."""
+        return self.result_dir(run) / rec["arrays"] if rec.get("arrays") else None
 
     def history_json(self, run: str, chunk: int, attempt: int) -> Path:
         return self.result_dir(run) / f"{check_chunk(chunk):06d}.a{int(attempt)}.json"
-
-    def commit_lock(self, run: str) -> Path:
-        return self.result_dir(run) / "commit.lock"
 
     def chunk_log(self, run: str, chunk: int) -> Path:
         return self.logs_dir / check_name(run, "run name") / f"{check_chunk(chunk):06d}.log"

@@ -1,9 +1,12 @@
-"""Chunk results: ``results/<run>/<chunk:06d>.json`` (the commit) and ``.npz`` (arrays).
+"""Chunk results: ``results/<run>/<chunk:06d>.json`` (the commit) and ``<chunk>.a<attempt>.npz``
+(the arrays of the attempt that returned some; the result names them in ``arrays``).
 
-Committing, under ``results/<run>/commit.lock``:
+Committing takes no lock (a process frozen while holding one would stall every agent):
  1. if the final ``.json`` exists, another attempt won: drop ours;
- 2. move our arrays (a temp file beside it) to ``<chunk>.npz``, or remove a stale one;
- 3. ``link`` our ``.json`` to the final name (fails if it exists: exactly one commit).
+ 2. move our arrays (a temp file beside it) to this attempt's own ``.npz`` name, which no other
+    process writes (a chunk's attempt is dispatched once);
+ 3. ``link`` our ``.json`` to the final name (fails if it exists: exactly one commit); if it
+    fails, remove our ``.npz``.
 Every failed attempt is also kept as history ``<chunk>.a<attempt>.json``, written before the
 final result of a last attempt, so a final result without any history is an ok one.
 
@@ -24,8 +27,7 @@ from typing import Any
 from jobs.atomic import read_bounded, write_exclusive, write_replace
 from jobs.descriptor import Job, JobState
 from jobs.errors import BadFile
-from jobs.locks import FileLock
-from jobs.paths import Spool
+from jobs.paths import ARRAYS_RE, Spool
 
 RESULT_LIMIT = 8 * 1024 * 1024
 RESULT_SCHEMA = 1
@@ -54,37 +56,23 @@ def commit(spool: Spool, job: Job, rec: dict[str, Any], arrays_tmp: Path | None 
     return committed
 
 
-_LOCKS: dict[Path, FileLock] = {}
-
-
-def _commit_lock(spool: Spool, run: str) -> FileLock:
-    """The run's commit lock, kept open across commits (an open and a close saved per job)."""
-    path = spool.commit_lock(run)
-    if path not in _LOCKS:
-        if len(_LOCKS) >= 16:
-            _LOCKS.pop(next(iter(_LOCKS))).close()
-        _LOCKS[path] = FileLock(path)
-    return _LOCKS[path]
-
-
 def _commit_final(spool: Spool, job: Job, data: bytes, arrays_tmp: Path | None) -> bool:
     run, chunk = job.run, job.chunk_id
-    with _commit_lock(spool, run):
-        if spool.result_json(run, chunk).exists():
-            return False
-        npz = spool.result_npz(run, chunk)
-        if arrays_tmp is not None:
-            os.replace(arrays_tmp, npz)
-        else:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(npz)
-        try:
-            # No fsync here: see the module docstring (runs are sealed with one syncfs instead).
-            return write_exclusive(spool.result_json(run, chunk), data, fsync=False)
-        except BaseException:  # e.g. disk full: leave no arrays without their commit
-            with contextlib.suppress(OSError):
-                os.unlink(npz)
-            raise
+    if spool.result_json(run, chunk).exists():
+        return False
+    npz = None
+    if arrays_tmp is not None:
+        npz = spool.result_npz(run, chunk, job.attempt)
+        os.replace(arrays_tmp, npz)
+    try:
+        # No fsync here: see the module docstring (runs are sealed with one syncfs instead).
+        if write_exclusive(spool.result_json(run, chunk), data, fsync=False):
+            return True
+    except BaseException:  # e.g. disk full: leave no arrays without their commit
+        _discard(npz)
+        raise
+    _discard(npz)  # another attempt committed first
+    return False
 
 
 def sync_run(spool: Spool, run: str) -> None:
@@ -113,18 +101,18 @@ def reopen_failed(spool: Spool, run: str, chunk: int) -> bool:
     The failed record already exists as history, so it is simply removed. Returns True if
     the chunk is now without a committed result.
     """
-    with _commit_lock(spool, run):
-        path = spool.result_json(run, chunk)
-        try:
-            rec = read_result(path)
-        except FileNotFoundError:
-            return True
-        except BadFile:
-            rec = None  # an unreadable result counts as not done
-        if rec is not None and rec["status"] == JobState.OK.value:
-            return False
-        os.unlink(path)
+    path = spool.result_json(run, chunk)
+    try:
+        rec = read_result(path)
+    except FileNotFoundError:
         return True
+    except BadFile:
+        rec = None  # an unreadable result counts as not done
+    if rec is not None and rec["status"] == JobState.OK.value:
+        return False
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    return True
 
 
 def has_outcome(spool: Spool, job_key: tuple[str, int, int], max_attempts: int) -> bool:
@@ -168,6 +156,11 @@ def read_result(path: Path) -> dict[str, Any]:
         raise BadFile("result has no valid 'status'", path)
     if not isinstance(rec.get("chunk_id"), int) or not isinstance(rec.get("attempt"), int):
         raise BadFile("result has no integer 'chunk_id'/'attempt'", path)
+    arrays = rec.get("arrays")
+    if arrays is not None:  # a file name in the result's own folder, of its own chunk: nothing else
+        m = ARRAYS_RE.match(arrays) if isinstance(arrays, str) else None
+        if m is None or int(m.group(1)) != rec["chunk_id"]:
+            raise BadFile(f"result names arrays {arrays!r}, not an .npz of its chunk", path)
     return rec
 
 

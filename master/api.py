@@ -139,5 +139,5 @@ class Run:
                 rec = read_result(path)
             except (FileNotFoundError, BadFile):
                 continue
-            npz = self.spool.result_npz(self.name, c)
-            yield Result(c, rec, npz if rec.get("arrays") and npz.exists() else None)
+            npz = self.spool.arrays_of(self.name, rec)
+            yield Result(c, rec, npz if npz is not None and npz.exists() else None)

@@ -98,7 +98,8 @@ def collect(spool: Spool, run: str, out: str | os.PathLike, concat: bool = False
 def _write_npz(spool: Spool, spec: RunSpec, recs: list[dict[str, Any]], out: Path, concat: bool) -> list[str]:
     per_key: dict[str, list[np.ndarray]] = {}
     for rec in recs:
-        arrays = load_npz(spool.result_npz(spec.name, rec["chunk_id"])) if rec.get("arrays") else {}
+        npz = spool.arrays_of(spec.name, rec)
+        arrays = load_npz(npz) if npz is not None else {}
         if per_key and set(arrays) != set(per_key):
             raise CollectError(f"chunk {rec['chunk_id']} returned arrays {sorted(arrays)} but earlier chunks "
                                f"returned {sorted(per_key)}; every chunk must return the same keys")

@@ -283,7 +283,7 @@ class _Feeder:
         if rec["status"] != "ok":
             call.future.set_exception(RemoteError(rec.get("error"), rec.get("agent"), call.chunk, rec["attempt"]))
         elif rec.get("arrays"):
-            call.future.set_result(load_npz(self.spool.result_npz(self.run, call.chunk), mmap=False))
+            call.future.set_result(load_npz(self.spool.arrays_of(self.run, rec), mmap=False))
         else:
             call.future.set_result(rec.get("value"))
 

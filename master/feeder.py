@@ -176,7 +176,7 @@ class Feeder:
         want = rec.get("arrays_bytes")
         if not rec.get("arrays") or not isinstance(want, int):
             return False
-        path, npz = self.spool.result_json(self.spec.name, c), self.spool.result_npz(self.spec.name, c)
+        path, npz = self.spool.result_json(self.spec.name, c), self.spool.arrays_of(self.spec.name, rec)
         try:
             if os.stat(npz).st_size == want:
                 return False

@@ -70,8 +70,9 @@ def misbehave(chunk_id: int, modes: list[str], flaky_dir: str | None = None) -> 
     return mode
 
 
-def big_array(chunk_id: int, mb: float = 1.0) -> dict:
+def big_array(chunk_id: int, mb: float = 1.0, seconds: float = 0.0) -> dict:
     import numpy as np
+    time.sleep(seconds)
     return {"x": np.full(int(mb * 1024 * 1024 / 8), float(chunk_id))}
 
 

@@ -118,8 +118,8 @@ def test_shared_and_data_arrays_and_npz_result(spool: Spool, make_agent, tmp_pat
                     data=str(tmp_path / "0.npz")))
     make_agent().step()
     rec = read_result(spool.result_json("r", 0))
-    assert rec["arrays"] == "000000.npz"
-    assert load_npz(spool.result_npz("r", 0))["Y"].tolist() == [[2.0] * 4] * 3
+    assert rec["arrays"] == "000000.a1.npz"
+    assert load_npz(spool.result_npz("r", 0, 1))["Y"].tolist() == [[2.0] * 4] * 3
 
 
 def test_unserialisable_return_fails_clearly(spool: Spool, make_agent, tmp_path: Path) -> None:

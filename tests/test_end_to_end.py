@@ -26,7 +26,7 @@ def test_100_chunks_spread_over_two_agents_then_status(spool: Spool, agents, env
     assert sorted(res) == list(range(100)) and all(v["status"] == "ok" for v in res.values())
     per_agent = {a: sum(v["agent"] == a for v in res.values()) for a in ("testhost-cpu0", "testhost-cpu1")}
     assert min(per_agent.values()) > 0, per_agent
-    y = np.load(spool.result_npz(run, 42))["Y"]
+    y = np.load(spool.result_dir(run) / res[42]["arrays"])["Y"]
     from examples.matmul import chunk_input, shared_matrix
     assert np.allclose(y, chunk_input(42) @ shared_matrix(), atol=1e-4)
     st = subprocess.run([sys.executable, "-m", "master", "status", "--base", str(spool.base), "--json"],

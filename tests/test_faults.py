@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from jobs.paths import Spool
@@ -172,7 +174,7 @@ def test_zombie_agent_cannot_replace_a_committed_result(spool: Spool, agents, en
         [rec] = results(spool.base, "zombie").values()
         assert rec["agent"] == other.id and rec["attempt"] == 2
         assert sorted(p.name for p in spool.result_dir("zombie").iterdir() if not p.name.startswith(".")) == [
-            "000000.json", "commit.lock"]
+            "000000.json"]
     finally:
         feeder.kill()
         for p in (slow, spare):
@@ -223,3 +225,37 @@ def test_killing_the_agent_leaves_no_orphaned_job_process(spool: Spool, agents, 
         wait_for(lambda: not pid_alive(job_pid), timeout=10, what=f"job process {job_pid} gone")
     finally:
         feeder.kill()
+
+
+@pytest.mark.timeout(180)
+def test_agents_frozen_at_any_moment_stall_nothing_and_their_late_arrays_are_dropped(spool: Spool, agents,
+                                                                                      env) -> None:
+    procs = agents(3)
+    chunks = 600
+    feeder = subprocess.Popen(
+        [sys.executable, "main.py", "--base", str(spool.base), "--task", "tests.faulty:big_array", "--chunks",
+         str(chunks), "--kwargs", json.dumps({"mb": 0.01, "seconds": 0.01}), "--run", "frozen", "--dead-after", "1.5",
+         "--no-progress"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    frozen: list[AgentProc] = []
+    try:
+        for victim in procs[:2]:  # SIGSTOP (as Slurm's suspend does) mid-run, wherever they are
+            wait_for(lambda: (victim.heartbeat() or {}).get("state") == "busy", what="a busy victim")
+            victim.signal(signal.SIGSTOP)
+            frozen.append(victim)
+        out, err = feeder.communicate(timeout=120)
+        assert feeder.returncode == 0, err
+        for v in frozen:  # thawed, they finish what they held, lose every commit and drop their arrays
+            v.signal(signal.SIGCONT)
+        seq = {v.id: v.heartbeat()["seq"] for v in frozen}
+        wait_for(lambda: all(v.heartbeat()["seq"] > seq[v.id] + 1 and v.heartbeat()["state"] == "idle"
+                             for v in frozen), 30, "the thawed agents idle again")
+        rdir = spool.result_dir("frozen")
+        names = sorted(n for n in os.listdir(rdir) if not n.startswith("."))
+        assert len(names) == 2 * chunks, names  # one .json and one .npz per chunk, nothing else
+        assert all(p.proc.poll() is None for p in procs)
+        for c, rec in results(spool.base, "frozen").items():
+            assert rec["status"] == "ok" and float(np.load(rdir / rec["arrays"])["x"][0]) == c
+    finally:
+        feeder.kill()
+        for p in frozen:
+            p.signal(signal.SIGCONT)

@@ -226,8 +226,8 @@ def test_sealed_run_is_resumed_from_file_names_alone(spool: Spool) -> None:
 def test_torn_arrays_of_an_unsealed_run_are_rejected(spool: Spool) -> None:
     spool.result_dir("run1").mkdir(parents=True)
     j = Job(run="run1", chunk_id=2, total_chunks=6, kind=JobKind.CALLABLE, target="x:y")
-    commit(spool, j, record(j, JobState.OK, arrays="000002.npz", arrays_bytes=1000))
-    spool.result_npz("run1", 2).write_bytes(b"\0" * 10)  # what an OS crash may leave
+    commit(spool, j, record(j, JobState.OK, arrays="000002.a1.npz", arrays_bytes=1000))
+    spool.result_npz("run1", 2, 1).write_bytes(b"\0" * 10)  # what an OS crash may leave
     f, _, _ = make(spool)
     assert 2 in f.pending and list(spool.rejected_dir.glob("*.why"))
 

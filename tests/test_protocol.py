@@ -167,11 +167,25 @@ def test_commit_ok_exactly_once_and_arrays_first(spool: Spool) -> None:
     tmp = spool.result_dir("r1") / ".tmp-a"
     with open(tmp, "wb") as f:
         np.savez(f, y=np.arange(3))
-    assert commit(spool, j2, record(j2, JobState.OK, value=2), tmp)
-    assert not commit(spool, j1, record(j1, JobState.OK, value=1))  # older attempt, later: loses
+    assert commit(spool, j2, record(j2, JobState.OK, value=2, arrays="000004.a2.npz"), tmp)
+    late = spool.result_dir("r1") / ".tmp-b"  # an older attempt with arrays of its own, later: loses
+    with open(late, "wb") as f:
+        np.savez(f, y=np.zeros(3))
+    assert not commit(spool, j1, record(j1, JobState.OK, value=1, arrays="000004.a1.npz"), late)
     rec = read_result(spool.result_json("r1", 4))
     assert rec["value"] == 2 and rec["attempt"] == 2
-    assert load_npz(spool.result_npz("r1", 4))["y"].tolist() == [0, 1, 2]
+    assert load_npz(spool.arrays_of("r1", rec))["y"].tolist() == [0, 1, 2]
+    # each attempt wrote its own arrays: the winner's are untouched, the loser's are gone
+    assert sorted(os.listdir(spool.result_dir("r1"))) == ["000004.a2.npz", "000004.json"]
+
+
+@pytest.mark.parametrize("arrays", ["../../secret.npz", "000005.a1.npz", "000004.a1.json", 7, "/etc/x.npz"])
+def test_a_result_naming_arrays_outside_its_chunk_is_refused(spool: Spool, arrays: object) -> None:
+    j = job(4)
+    spool.result_dir("r1").mkdir(parents=True)
+    commit(spool, j, record(j, JobState.OK, arrays=arrays))
+    with pytest.raises(BadFile, match="not an .npz of its chunk"):
+        read_result(spool.result_json("r1", 4))
 
 
 def test_failed_attempt_with_retries_left_is_history_only(spool: Spool) -> None:
