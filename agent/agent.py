@@ -33,7 +33,7 @@ from jobs.descriptor import Job, JobKind, JobState
 from jobs.atomic import purge_temp, read_bounded
 from jobs.errors import BadFile
 from jobs.heartbeat import AgentState, write_status
-from jobs.mailbox import Mailbox, Snapshot
+from jobs.mailbox import HOLD_LIMIT, Mailbox, Snapshot
 from jobs.paths import Spool
 from jobs.results import commit, record
 
@@ -179,8 +179,12 @@ class Agent:
     def _prune(self) -> None:
         """Remove this agent's finished jobs from its mailbox (each has its outcome on disk)."""
         done = self._finished
-        self.mailbox.update(lambda jobs: [j for j in jobs if j.key not in done] if any(j.key in done for j in jobs)
-                            else None)
+        try:
+            self.mailbox.update(lambda jobs: [j for j in jobs if j.key not in done] if any(j.key in done for j in jobs)
+                                else None, wait=HOLD_LIMIT)
+        except TimeoutError as e:  # its lock held by a frozen master: pruned next time (the prune is lazy)
+            logger.warning("agent {}: {}", self.id, e)
+            return
         self._finished = set()
 
     def _skip_reason(self, job: Job) -> str | None:

@@ -31,6 +31,7 @@ MAILBOX_LIMIT = 16 * 1024 * 1024
 
 
 STALE_WAIT = 3.0  # seconds an update waits for a fresh mailbox before going on regardless
+HOLD_LIMIT = 5.0  # seconds a master waits for a mailbox lock before it takes the holder for frozen
 
 
 @dataclass
@@ -110,21 +111,39 @@ class Mailbox:
             self._last = (sig, snap, now)
         return dataclasses.replace(snap, jobs=list(snap.jobs), bad=list(snap.bad))
 
-    def update(self, change: Callable[[list[Job]], list[Job] | None]) -> list[Job]:
+    def update(self, change: Callable[[list[Job]], list[Job] | None], wait: float | None = None,
+               dead_owner: bool = False) -> list[Job]:
         """Under the lock: read, let ``change`` return the new job list (None = unchanged), write.
 
         A broken mailbox or descriptor is moved to ``rejected/`` here and dropped.
         Returns the job list now in the mailbox.
+
+        ``wait``: raise TimeoutError if the lock is not had within that many seconds (a process
+        frozen while holding it, by SIGSTOP or a suspended job, holds it until it is killed).
+        With ``dead_owner`` (the agent is dead, and it may be the frozen holder) the change is
+        made without the lock instead: if the agent comes back and rewrites its mailbox from an
+        older read, the jobs taken back may run twice, and a result is still committed once.
         """
-        with self.lock:
-            expected = self._lock_seq()
-            snap, dirty = self._read_fresh(expected)
-            new = change(list(snap.jobs))
-            if new is None and not dirty:
-                return snap.jobs
-            jobs = snap.jobs if new is None else new
-            self._write(jobs, max(expected, snap.seq or 0) + 1)
-            return jobs
+        if not self.lock.acquire(timeout=wait):  # wait None: for as long as it takes
+            if not dead_owner:
+                raise TimeoutError(f"{self.lock.path} has been held by another process for over {wait:g} s")
+            logger.warning("{} has been held for over {:g} s by a process that may be frozen; changed without it",
+                           self.lock.path, wait)
+            return self._change(change)
+        try:
+            return self._change(change)
+        finally:
+            self.lock.release()
+
+    def _change(self, change: Callable[[list[Job]], list[Job] | None]) -> list[Job]:
+        expected = self._lock_seq()
+        snap, dirty = self._read_fresh(expected)
+        new = change(list(snap.jobs))
+        if new is None and not dirty:
+            return snap.jobs
+        jobs = snap.jobs if new is None else new
+        self._write(jobs, max(expected, snap.seq or 0) + 1)
+        return jobs
 
     def _lock_seq(self) -> int:
         note = self.lock.read_note(64).strip()

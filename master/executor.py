@@ -51,7 +51,7 @@ from jobs.descriptor import BUILTIN_KWARGS, Job, JobKind
 from jobs.errors import BadFile
 from jobs.heartbeat import AgentState
 from jobs.locks import HolderLock
-from jobs.mailbox import Mailbox, drop_run
+from jobs.mailbox import HOLD_LIMIT, Mailbox, drop_run
 from jobs.names import slug
 from jobs.npzio import load_npz
 from jobs.paths import Spool
@@ -328,7 +328,11 @@ class _Feeder:
                 taken.extend(j for j in jobs if j.run == self.run and j.chunk_id in back)
                 return [j for j in jobs if not (j.run == self.run and j.chunk_id in back)]
 
-            Mailbox(self.spool, ident).update(drop)
+            try:
+                Mailbox(self.spool, ident).update(drop, wait=HOLD_LIMIT, dead_owner=not draining)
+            except OSError as e:  # as in master.feeder
+                logger.warning("could not take back the calls of {}: {}", ident, e)
+                continue
             died = not draining and view.state != AgentState.STOPPED.value
             suspects = death_suspects([j for j in taken if j.attempt == self.inflight[j.chunk_id].attempt
                                        and not self._has_outcome(j.chunk_id)]) if died else []
@@ -383,13 +387,20 @@ class _Feeder:
         taken: list[tuple[_Call, Job]] = []
         while self.pending and len(taken) < room:
             call = self.ex._calls[self.pending.popleft()]
-            if call.attempt == 0 and not call.future.set_running_or_notify_cancel():
+            if not (call.future.running() or call.future.set_running_or_notify_cancel()):
                 continue  # cancelled before it was sent
             call.attempt += 1
             taken.append((call, self._job(call)))
         if not taken:
             return
-        Mailbox(self.spool, agent).update(lambda jobs: jobs + [j for _, j in taken])
+        try:
+            Mailbox(self.spool, agent).update(lambda jobs: jobs + [j for _, j in taken], wait=HOLD_LIMIT)
+        except OSError as e:  # e.g. its lock held by a frozen process: the calls wait for the next pass
+            logger.warning("could not queue calls for {}: {}", agent, e)
+            for call, _ in reversed(taken):
+                call.attempt -= 1
+                self.pending.appendleft(call.chunk)
+            return
         for call, _ in taken:
             call.agent = agent
             self.inflight[call.chunk] = call

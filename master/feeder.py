@@ -24,7 +24,7 @@ from jobs.descriptor import Job, JobState
 from jobs.errors import BadFile
 from jobs.fsinfo import is_network_fs
 from jobs.heartbeat import AgentState
-from jobs.mailbox import Mailbox, drop_run
+from jobs.mailbox import HOLD_LIMIT, Mailbox, drop_run
 from jobs.paths import HISTORY_RE, RESULT_RE, Spool
 from jobs.results import commit, has_outcome, read_result, record, reopen_failed, seal, sealed, unseal
 from agent.watcher import EVENT_FILTER
@@ -343,7 +343,11 @@ class Feeder:
                 taken.extend(j for j in jobs if j.run == self.spec.name and j.chunk_id in ours)
                 return keep if len(keep) != len(jobs) else None
 
-            self._mailbox(ident).update(drop)
+            try:
+                self._mailbox(ident).update(drop, wait=HOLD_LIMIT, dead_owner=not draining)
+            except OSError as e:  # the lock of a draining agent: held by a frozen process, or a disk error
+                logger.warning("could not take back the jobs of {}: {}", ident, e)
+                continue
             back = [c for c in ours if not self._has_outcome(c, self.inflight[c][1])]
             why = "draining" if draining else "stopped" if view.state == "stopped" else f"no heartbeat for {view.age:.0f} s"
             died = not draining and view.state != "stopped"
@@ -424,7 +428,7 @@ class Feeder:
             return keep + taken if taken or len(keep) != len(jobs) else None
 
         try:
-            self._mailbox(view.id).update(add)
+            self._mailbox(view.id).update(add, wait=HOLD_LIMIT)
         except OSError as e:
             logger.warning("could not queue jobs for {}: {}", view.id, e)
             self.pending.extendleft(reversed([j.chunk_id for j in taken]))

@@ -91,3 +91,16 @@ def results(base: Path, run: str) -> dict[int, dict[str, Any]]:
 
 def run_names(base: Path) -> list[str]:
     return sorted(p.name for p in (base / "runs").iterdir())
+
+
+def frozen_holder(lock: Path) -> subprocess.Popen:
+    """A process that takes ``lock`` and freezes (SIGSTOP) while holding it, as an agent or a
+    master can be frozen by Ctrl-Z, Slurm's suspend or a paused VM at any moment."""
+    code = ("import os, signal, sys, portalocker\n"
+            "f = open(sys.argv[1], 'a+b')\n"
+            "portalocker.lock(f, portalocker.LockFlags.EXCLUSIVE)\n"
+            "print('held', flush=True)\n"
+            "os.kill(os.getpid(), signal.SIGSTOP)\n")
+    p = subprocess.Popen([sys.executable, "-c", code, str(lock)], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "held"
+    return p

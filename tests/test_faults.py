@@ -13,7 +13,7 @@ import pytest
 
 from jobs.paths import Spool
 from tests.faulty import tally
-from tests.helpers import REPO, AgentProc, results, run_main, wait_for
+from tests.helpers import REPO, AgentProc, frozen_holder, results, run_main, wait_for
 
 MODES = ["raise", "exit", "segv", "hang", "memory", "oomkill", "ok", "ok"]
 
@@ -259,3 +259,29 @@ def test_agents_frozen_at_any_moment_stall_nothing_and_their_late_arrays_are_dro
         feeder.kill()
         for p in frozen:
             p.signal(signal.SIGCONT)
+
+
+@pytest.mark.timeout(120)
+def test_an_agent_frozen_with_its_mailbox_lock_held_does_not_stall_the_master(spool: Spool, agents,
+                                                                               env) -> None:
+    a, b = agents(2)
+    feeder = subprocess.Popen(
+        [sys.executable, "main.py", "--base", str(spool.base), "--task", "tests.faulty:counted", "--chunks", "40",
+         "--kwargs", json.dumps({"marks": str(spool.base / "marks"), "seconds": 0.05}), "--run", "held",
+         "--dead-after", "1.5", "--no-progress"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+    holder = None
+    try:
+        wait_for(lambda: (a.heartbeat() or {}).get("state") == "busy", what="agent a busy")
+        a.signal(signal.SIGSTOP)
+        holder = frozen_holder(spool.mailbox_lock(a.id))  # a's lock stays held, as if a froze inside it
+        out, err = feeder.communicate(timeout=60)
+        assert feeder.returncode == 0, err
+        assert "changed without it" in err and "may be frozen" in err
+        res = results(spool.base, "held")
+        assert sorted(res) == list(range(40)) and all(r["status"] == "ok" for r in res.values())
+    finally:
+        feeder.kill()
+        if holder is not None:
+            holder.kill()
+        a.signal(signal.SIGCONT)

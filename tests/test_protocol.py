@@ -286,3 +286,21 @@ def test_update_waits_for_a_fresh_mailbox_instead_of_dropping_a_change(spool: Sp
     t.join()
     assert [j.chunk_id for j in mb.read().jobs] == [1, 2, 3]
     assert mb.read().seq == 3
+
+
+def test_a_mailbox_lock_held_by_a_frozen_process_is_waited_for_only_so_long(spool: Spool) -> None:
+    from tests.helpers import frozen_holder
+
+    mb = Mailbox(spool, "h-cpu0")
+    mb.update(lambda jobs: [job(1)])
+    holder = frozen_holder(spool.mailbox_lock("h-cpu0"))
+    try:
+        with pytest.raises(TimeoutError, match=r"h-cpu0.lock has been held by another process for over 0.3 s"):
+            mb.update(lambda jobs: [], wait=0.3)
+        assert [j.chunk_id for j in mb.read().jobs] == [1]
+        # the agent is dead (and may be the frozen holder): its jobs are taken back all the same
+        assert mb.update(lambda jobs: [], wait=0.3, dead_owner=True) == [] and mb.read().jobs == []
+    finally:
+        holder.kill()
+        holder.wait()
+    assert mb.update(lambda jobs: [job(2)], wait=0.3)[0].chunk_id == 2  # free again
