@@ -112,7 +112,7 @@ class Mailbox:
         return dataclasses.replace(snap, jobs=list(snap.jobs), bad=list(snap.bad))
 
     def update(self, change: Callable[[list[Job]], list[Job] | None], wait: float | None = None,
-               dead_owner: bool = False) -> list[Job]:
+               force: bool = False) -> list[Job]:
         """Under the lock: read, let ``change`` return the new job list (None = unchanged), write.
 
         A broken mailbox or descriptor is moved to ``rejected/`` here and dropped.
@@ -120,12 +120,13 @@ class Mailbox:
 
         ``wait``: raise TimeoutError if the lock is not had within that many seconds (a process
         frozen while holding it, by SIGSTOP or a suspended job, holds it until it is killed).
-        With ``dead_owner`` (the agent is dead, and it may be the frozen holder) the change is
-        made without the lock instead: if the agent comes back and rewrites its mailbox from an
-        older read, the jobs taken back may run twice, and a result is still committed once.
+        With ``force`` the change is then made without the lock, for changes that may be lost
+        again: taking jobs back from a dead agent (which may be the frozen holder: if it comes
+        back and rewrites its mailbox from an older read, those jobs may run twice, and a result
+        is still committed once) or dropping a cancelled run's jobs (agents skip those anyway).
         """
         if not self.lock.acquire(timeout=wait):  # wait None: for as long as it takes
-            if not dead_owner:
+            if not force:
                 raise TimeoutError(f"{self.lock.path} has been held by another process for over {wait:g} s")
             logger.warning("{} has been held for over {:g} s by a process that may be frozen; changed without it",
                            self.lock.path, wait)
@@ -207,5 +208,5 @@ def drop_run(spool: Spool, run: str) -> int:
             keep = [j for j in jobs if j.run != run]
             dropped += len(jobs) - len(keep)
             return keep if len(keep) != len(jobs) else None
-        Mailbox(spool, ident).update(drop)
+        Mailbox(spool, ident).update(drop, wait=HOLD_LIMIT, force=True)
     return dropped

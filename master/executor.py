@@ -329,7 +329,7 @@ class _Feeder:
                 return [j for j in jobs if not (j.run == self.run and j.chunk_id in back)]
 
             try:
-                Mailbox(self.spool, ident).update(drop, wait=HOLD_LIMIT, dead_owner=not draining)
+                Mailbox(self.spool, ident).update(drop, wait=HOLD_LIMIT, force=not draining)
             except OSError as e:  # as in master.feeder
                 logger.warning("could not take back the calls of {}: {}", ident, e)
                 continue

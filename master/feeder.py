@@ -344,7 +344,7 @@ class Feeder:
                 return keep if len(keep) != len(jobs) else None
 
             try:
-                self._mailbox(ident).update(drop, wait=HOLD_LIMIT, dead_owner=not draining)
+                self._mailbox(ident).update(drop, wait=HOLD_LIMIT, force=not draining)
             except OSError as e:  # the lock of a draining agent: held by a frozen process, or a disk error
                 logger.warning("could not take back the jobs of {}: {}", ident, e)
                 continue

@@ -299,7 +299,7 @@ def test_a_mailbox_lock_held_by_a_frozen_process_is_waited_for_only_so_long(spoo
             mb.update(lambda jobs: [], wait=0.3)
         assert [j.chunk_id for j in mb.read().jobs] == [1]
         # the agent is dead (and may be the frozen holder): its jobs are taken back all the same
-        assert mb.update(lambda jobs: [], wait=0.3, dead_owner=True) == [] and mb.read().jobs == []
+        assert mb.update(lambda jobs: [], wait=0.3, force=True) == [] and mb.read().jobs == []
     finally:
         holder.kill()
         holder.wait()
