@@ -12,6 +12,7 @@ the worker is killed instead and that job stays queued.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -35,7 +36,7 @@ from jobs.errors import BadFile
 from jobs.heartbeat import AgentState, write_status
 from jobs.mailbox import HOLD_LIMIT, Mailbox, Snapshot
 from jobs.paths import Spool
-from jobs.results import commit, record
+from jobs.results import commit, read_epoch, record
 
 
 @dataclass
@@ -66,8 +67,9 @@ class Agent:
         self.stop_now = False  # stop at once
         self.state = AgentState.STARTING
         self.current: tuple[Job, float] | None = None
-        self._finished: set[tuple[str, int, int]] = set()  # keys whose outcome is on disk
+        self._finished: set[tuple[str, int, int, str | None]] = set()  # uids whose outcome is on disk
         self._ahead: Job | None = None  # sent to the worker before its turn (pipelining)
+        self._epochs: dict[str, tuple[tuple[int, int, int], str | None]] = {}  # run -> (file signature, epoch)
         self.done = self.failed = 0
         self._seq = 0
         self._hb_lock = threading.Lock()
@@ -143,20 +145,20 @@ class Agent:
         if self._ahead is not None:  # handed to the worker while the last one was committed: it runs
             job = self._ahead
             if self._execute(job, self._next_callable(self._read().jobs, job)):
-                self._finished.add(job.key)
+                self._finished.add(job.uid)
             return True
         if self._draining() or time.monotonic() < self.pause_until:
             return False
         jobs = self._read().jobs
         for job in jobs:
-            if job.key in self._finished:
+            if job.uid in self._finished:
                 continue
             skip = self._skip_reason(job)
             if skip is not None:
                 logger.info("{} chunk {} attempt {}: dropped: {}", job.run, job.chunk_id, job.attempt, skip)
-                self._finished.add(job.key)
+                self._finished.add(job.uid)
             elif self._execute(job, self._next_callable(jobs, job)):
-                self._finished.add(job.key)
+                self._finished.add(job.uid)
             return True
         if jobs:
             self._prune()
@@ -170,9 +172,9 @@ class Agent:
             return None
         seen = False
         for j in jobs:
-            if j.key == after.key:
+            if j.uid == after.uid:
                 seen = True
-            elif seen and j.key not in self._finished:
+            elif seen and j.uid not in self._finished:
                 return j if j.kind is JobKind.CALLABLE and not j.alone and self._skip_reason(j) is None else None
         return None
 
@@ -180,7 +182,7 @@ class Agent:
         """Remove this agent's finished jobs from its mailbox (each has its outcome on disk)."""
         done = self._finished
         try:
-            self.mailbox.update(lambda jobs: [j for j in jobs if j.key not in done] if any(j.key in done for j in jobs)
+            self.mailbox.update(lambda jobs: [j for j in jobs if j.uid not in done] if any(j.uid in done for j in jobs)
                                 else None, wait=HOLD_LIMIT)
         except TimeoutError as e:  # its lock held by a frozen master: pruned next time (the prune is lazy)
             logger.warning("agent {}: {}", self.id, e)
@@ -247,6 +249,13 @@ class Agent:
             logger.warning("{} chunk {}: interrupted by a stop; left in the mailbox", job.run, job.chunk_id)
             return False
         fields, arrays_tmp = outcome
+        if job.epoch is not None and job.epoch != (self._epoch(job.run) or job.epoch):
+            logger.warning("{} chunk {}: the run was started afresh while it ran; its result is dropped",
+                           job.run, job.chunk_id)
+            if arrays_tmp:
+                with contextlib.suppress(OSError):
+                    os.unlink(arrays_tmp)
+            return True
         status = JobState.FAILED if "error" in fields else JobState.OK
         finished = fields.pop("finished_at", None) or time.time()
         rec = record(job, status, agent=self.id, host=self.host, pid=os.getpid(),
@@ -273,6 +282,18 @@ class Agent:
                            err.get("type"), err.get("message"))
         return True
 
+    def _epoch(self, run: str) -> str | None:
+        """The run's current epoch (None if it has none), reread only when its file changed."""
+        try:
+            st = os.stat(self.spool.run_epoch(run))
+        except OSError:
+            return None
+        sig = (st.st_ino, st.st_mtime_ns, st.st_size)
+        hit = self._epochs.get(run)
+        if hit is None or hit[0] != sig:
+            hit = self._epochs[run] = (sig, read_epoch(self.spool, run))
+        return hit[1]
+
     def _request(self, job: Job) -> dict[str, Any]:
         return {"job": job.to_dict(), "gpu_id": self.slot.number, "device": self.slot.device,
                 "arrays_path": str(self.spool.result_npz(job.run, job.chunk_id, job.attempt))}
@@ -289,7 +310,7 @@ class Agent:
                 return None  # stopped with the agent (e.g. Slurm's SIGTERM to the whole step): stays queued
             return ({"log": str(log)} if err is None else {"log": str(log), "error": err}), None
         try:
-            if self._ahead is not None and self._ahead.key == job.key:
+            if self._ahead is not None and self._ahead.uid == job.uid:
                 self._ahead = None  # its request is already in the worker's pipe
             elif not self.worker.send(self._request(job)):
                 raise self.worker.lost()

@@ -51,6 +51,7 @@ class Job:
     workdir: str | None = None  # put on sys.path for callables, cwd for scripts
     submitted_at: float = 0.0
     alone: bool = False  # suspected of killing an agent: the agent runs nothing beside it (no pipelining)
+    epoch: str | None = None  # the run's runs/<run>/epoch when queued: a result for another epoch is dropped
     schema: int = SCHEMA
 
     @property
@@ -58,13 +59,19 @@ class Job:
         """(run, chunk, attempt): the fencing token of this dispatch."""
         return (self.run, self.chunk_id, self.attempt)
 
+    @property
+    def uid(self) -> tuple[str, int, int, str | None]:
+        """The key and the run's epoch: a run started afresh numbers its attempts from 1 again."""
+        return (self.run, self.chunk_id, self.attempt, self.epoch)
+
     def to_dict(self) -> dict[str, Any]:
         # shallow (kwargs is shared, not copied): dataclasses.asdict deep-copies, and this runs for
         # every job of a mailbox on every rewrite
         d = {name: getattr(self, name) for name in _FIELDS}
         d["kind"] = self.kind.value
-        if not self.alone:
-            del d["alone"]  # written only where it matters, so that older agents read every other job
+        for name in ("alone", "epoch"):  # written only where they matter (older agents refuse unknown fields)
+            if not d[name]:
+                del d[name]
         return d
 
     def encode(self) -> str:
@@ -104,6 +111,10 @@ class Job:
             raise BadFile(str(e), where) from e
         _expect(self.target, str, "target", where)
         _expect(self.alone, bool, "alone", where)
+        if self.epoch is not None:
+            _expect(self.epoch, str, "epoch", where)
+            if not (0 < len(self.epoch) <= 64 and self.epoch.isalnum()):
+                raise BadFile(f"'epoch' must be 1 to 64 letters and digits, got {self.epoch!r}", where)
         _expect(self.kwargs, dict, "kwargs", where)
         for k in self.kwargs:
             if k in BUILTIN_KWARGS:

@@ -101,6 +101,10 @@ class Spool:
         """Present = the run is cancelled; its JSON says {"stop_running": bool}."""
         return self.run_dir(run) / "cancel"
 
+    def run_epoch(self, run: str) -> Path:
+        """A token drawn anew each time the run is started afresh (``--fresh``); its jobs carry it."""
+        return self.run_dir(run) / "epoch"
+
     def sealed_flag(self, run: str) -> Path:
         """Present = the run finished and its results were flushed to disk."""
         return self.run_dir(run) / "sealed"

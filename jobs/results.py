@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +125,23 @@ def has_outcome(spool: Spool, job_key: tuple[str, int, int], max_attempts: int) 
     if spool.result_json(run, chunk).exists():
         return True
     return attempt < max_attempts and spool.history_json(run, chunk, attempt).exists()
+
+
+def new_epoch(spool: Spool, run: str) -> str:
+    """Start the run's next epoch (``--fresh``): results of jobs queued before are dropped."""
+    token = secrets.token_hex(8)
+    spool.run_dir(run).mkdir(parents=True, exist_ok=True)
+    write_replace(spool.run_epoch(run), token.encode())
+    return token
+
+
+def read_epoch(spool: Spool, run: str) -> str | None:
+    """The run's current epoch; None for a run that has none (made by an older version)."""
+    try:
+        token = read_bounded(spool.run_epoch(run), 128).decode(errors="replace").strip()
+    except (OSError, BadFile):
+        return None
+    return token if token.isalnum() else None
 
 
 def sealed(spool: Spool, run: str) -> bool:

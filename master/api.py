@@ -25,7 +25,7 @@ from jobs.locks import HolderLock
 from jobs.mailbox import drop_run
 from jobs.npzio import load_npz
 from jobs.paths import Spool
-from jobs.results import read_result
+from jobs.results import new_epoch, read_epoch, read_result
 from master.feeder import FeedConfig, Feeder, Summary
 from master.progress import Progress
 from master.runspec import RunSpec, build, save_or_check
@@ -102,7 +102,10 @@ class Run:
         try:
             self.uncancel()  # submitting or retrying a cancelled run resumes it
             if self.fresh:
+                new_epoch(self.spool, self.name)  # first: from now on, agents drop what the run queued before
                 self._clear()
+            elif read_epoch(self.spool, self.name) is None:
+                new_epoch(self.spool, self.name)
             save_or_check(self.spool, self.spec, self.fresh)
             self.spool.run_dirs(self.name)
             purge_temp([self.spool.result_dir(self.name), self.spool.run_dir(self.name), self.spool.pool_dir])

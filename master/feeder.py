@@ -26,7 +26,8 @@ from jobs.fsinfo import is_network_fs
 from jobs.heartbeat import AgentState
 from jobs.mailbox import HOLD_LIMIT, Mailbox, drop_run
 from jobs.paths import HISTORY_RE, RESULT_RE, Spool
-from jobs.results import commit, has_outcome, read_result, record, reopen_failed, seal, sealed, unseal
+from jobs.results import (commit, has_outcome, read_epoch, read_result, record, reopen_failed, seal, sealed,
+                          unseal)
 from agent.watcher import EVENT_FILTER
 from master.liveness import AgentView, Liveness
 from master.runspec import RunSpec
@@ -113,6 +114,7 @@ class Feeder:
         self.cancelled = False
         self._mean_s: float | None = None  # moving mean of chunk durations
         self.recovered_done = 0  # chunks already done when this master started
+        self.epoch = read_epoch(spool, spec.name)  # carried by every job (see jobs.descriptor)
 
     # recovery ------------------------------------------------------------------------------
     def recover(self) -> None:
@@ -442,7 +444,7 @@ class Feeder:
         return Job(run=s.name, chunk_id=c, total_chunks=s.chunks, kind=s.kind, target=s.target,
                    attempt=self.attempt.get(c, 0) + 1, max_attempts=self.max_attempts[c], kwargs=s.kwargs,
                    shared=s.shared, data=s.data_file(c), timeout=s.timeout, workdir=s.workdir,
-                   submitted_at=time.time(), alone=c in self.isolated)
+                   submitted_at=time.time(), alone=c in self.isolated, epoch=self.epoch)
 
     # the loop ----------------------------------------------------------------------------------
     def run(self, stop: threading.Event | None = None) -> Summary:

@@ -88,3 +88,8 @@ def chatty(chunk_id: int, lines: int) -> int:
     for i in range(lines):
         print(f"chunk {chunk_id} line {i} " + "x" * 60)
     return chunk_id
+
+
+def tagged(chunk_id: int, tag: str, seconds: float = 0.0) -> str:
+    time.sleep(seconds)
+    return f"{tag} {chunk_id}"

@@ -285,3 +285,23 @@ def test_an_agent_frozen_with_its_mailbox_lock_held_does_not_stall_the_master(sp
         if holder is not None:
             holder.kill()
         a.signal(signal.SIGCONT)
+
+
+@pytest.mark.timeout(120)
+def test_a_run_started_afresh_gets_no_result_of_its_former_self(spool: Spool, agents, env) -> None:
+    (agent,) = agents(1)
+    old = subprocess.Popen(
+        [sys.executable, "main.py", "--base", str(spool.base), "--task", "tests.faulty:tagged", "--chunks", "2",
+         "--kwargs", json.dumps({"tag": "old", "seconds": 3}), "--run", "redo", "--no-progress"], cwd=REPO, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: (agent.heartbeat() or {}).get("current"), what="the old run's first chunk running")
+        old.kill()  # Ctrl-C, a bug fixed: the same run again, afresh; the agent still runs the old chunk
+        old.wait()
+        r = run_main(["--base", str(spool.base), "--task", "tests.faulty:tagged", "--chunks", "2", "--kwargs",
+                      json.dumps({"tag": "new"}), "--run", "redo", "--fresh", "--no-progress"], env)
+        assert r.returncode == 0, r.stderr
+        res = results(spool.base, "redo")
+        assert [res[c]["value"] for c in (0, 1)] == ["new 0", "new 1"]
+    finally:
+        old.kill()

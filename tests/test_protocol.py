@@ -304,3 +304,11 @@ def test_a_mailbox_lock_held_by_a_frozen_process_is_waited_for_only_so_long(spoo
         holder.kill()
         holder.wait()
     assert mb.update(lambda jobs: [job(2)], wait=0.3)[0].chunk_id == 2  # free again
+
+
+def test_the_epoch_travels_only_when_set_and_must_be_a_plain_token() -> None:
+    assert "epoch" not in job(1).to_dict() and Job.from_dict(job(1, epoch="ab12").to_dict()).epoch == "ab12"
+    assert job(1, epoch="a").uid != job(1, epoch="b").uid and job(1, epoch="a").key == job(1, epoch="b").key
+    for bad in ("../x", "", "a" * 65, 7):
+        with pytest.raises(BadFile, match="epoch"):
+            Job.from_dict({**job(1).to_dict(), "epoch": bad})
