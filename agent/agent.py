@@ -249,7 +249,8 @@ class Agent:
             logger.warning("{} chunk {}: interrupted by a stop; left in the mailbox", job.run, job.chunk_id)
             return False
         fields, arrays_tmp = outcome
-        if job.epoch is not None and job.epoch != (self._epoch(job.run) or job.epoch):
+        current = self._epoch(job.run) if job.epoch is not None else None
+        if current is not None and current != job.epoch:
             logger.warning("{} chunk {}: the run was started afresh while it ran; its result is dropped",
                            job.run, job.chunk_id)
             if arrays_tmp:

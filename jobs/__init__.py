@@ -58,7 +58,8 @@ Who writes what, in which order:
 6. master: sees the final ``.json`` (done) or the history of the attempt it dispatched, when
    attempts are left (retry after a capped exponential back-off with attempt + 1). An agent whose heartbeat ``seq`` has
    not changed for ``dead_after`` seconds of the master's own clock is dead: under its mailbox
-   lock the master removes this run's jobs and queues them again with attempt + 1. A job that
+   lock (or without it, if a process that may be frozen has held it for 5 s) the master
+   removes this run's jobs and queues them again with attempt + 1. A job that
    left a live agent's mailbox with no result at all (for ``dead_after``) is queued again the
    same way. The jobs a dead agent may have been running (the first one with no outcome, and
    the next one, which its worker may have started while the agent committed the first) are
