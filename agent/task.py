@@ -80,13 +80,20 @@ def _mtime(path: str | None) -> int:
 
 
 class SharedCache:
-    """The shared ``.npz`` of a run, loaded once per worker and reused while the file is unchanged."""
+    """The shared ``.npz`` of a run, loaded once per worker and reused while the file is unchanged.
 
-    def __init__(self) -> None:
-        self._cache: dict[str, tuple[tuple[int, int, int], dict[str, Any]]] = {}
+    A worker lives for weeks and serves run after run: only the ``size`` shared files used last
+    are kept (a compressed member is held in memory, not mapped), enough for a few runs fed at
+    the same time."""
+
+    def __init__(self, size: int = 4) -> None:
+        self.size = size
+        self._cache: dict[str, tuple[tuple[int, int, int], dict[str, Any]]] = {}  # oldest use first
 
     def get(self, path: str) -> dict[str, Any]:
-        hit = self._cache.get(path)
+        hit = self._cache.pop(path, None)
+        if hit is not None:
+            self._cache[path] = hit  # most recently used: last
         try:
             st = os.stat(path)
         except FileNotFoundError:
@@ -96,6 +103,9 @@ class SharedCache:
             raise BadNpz("file does not exist (the run's shared .npz vanished)", path) from None
         sig = (st.st_ino, st.st_mtime_ns, st.st_size)
         if hit is None or hit[0] != sig:
+            self._cache.pop(path, None)
+            while len(self._cache) >= self.size:
+                del self._cache[next(iter(self._cache))]  # the one used longest ago
             self._cache[path] = (sig, load_npz(path))
         return self._cache[path][1]
 

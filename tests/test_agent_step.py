@@ -231,3 +231,17 @@ def test_the_inotify_watch_rests_while_there_is_a_backlog_and_nothing_is_missed(
         assert not w.wait(0.3)
     finally:
         w.stop()
+
+
+def test_the_shared_cache_keeps_the_files_used_last_only(tmp_path: Path) -> None:
+    paths = {}
+    for name in "abc":
+        paths[name] = str(tmp_path / f"{name}.npz")
+        np.savez(paths[name], W=np.full(3, ord(name)))
+    cache = SharedCache(size=2)
+    a, b = cache.get(paths["a"]), cache.get(paths["b"])
+    assert cache.get(paths["a"]) is a  # reused, not loaded again
+    c = cache.get(paths["c"])  # a third file: b, used longest ago, goes
+    assert cache.get(paths["a"]) is a and cache.get(paths["c"]) is c
+    b2 = cache.get(paths["b"])
+    assert b2 is not b and b2["W"].tolist() == [98] * 3
