@@ -56,7 +56,7 @@ from jobs.names import slug
 from jobs.npzio import load_npz
 from jobs.paths import Spool
 from jobs.results import read_result
-from master.feeder import FeedConfig, death_suspects, record_loss
+from master.feeder import FeedConfig, charge_loss, death_suspects, record_loss
 from master.liveness import Liveness
 from master.runspec import RunSpec
 
@@ -339,9 +339,8 @@ class _Feeder:
             for c in back - {j.chunk_id for j in suspects}:
                 self._requeue_lost(c)
             for job in suspects:  # as in master.feeder: a call that kills its agent cannot take down the pool
-                self.losses[job.chunk_id] += 1
-                self.isolated.add(job.chunk_id)
-                if self.losses[job.chunk_id] <= FeedConfig.free_losses or len(suspects) > 1 or not record_loss(
+                if not charge_loss(self.losses, self.isolated, job.chunk_id, FeedConfig.free_losses,
+                                   len(suspects) == 1) or not record_loss(
                         self.spool, job, ident, f"no heartbeat for {view.age:.0f} s", self.losses[job.chunk_id]):
                     self._requeue_lost(job.chunk_id)
 

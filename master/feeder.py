@@ -369,12 +369,9 @@ class Feeder:
         each sure loss is a failed attempt, so a chunk that kills its agent (or its node) cannot
         take down the whole pool one by one. A suspect runs ``alone`` from then on, so its next
         loss is sure: the innocent neighbour of a poisonous chunk pays nothing."""
-        c = job.chunk_id
-        self.losses[c] += 1
-        self.isolated.add(c)
-        if self.losses[c] <= self.cfg.free_losses or not sure or not record_loss(
-                self.spool, job, agent, why, self.losses[c]):
-            self._requeue(c, free=True)
+        if not charge_loss(self.losses, self.isolated, job.chunk_id, self.cfg.free_losses, sure) or not record_loss(
+                self.spool, job, agent, why, self.losses[job.chunk_id]):
+            self._requeue(job.chunk_id, free=True)
 
     def _find_lost(self) -> None:
         """Jobs that left a live agent's mailbox without any result (mailbox replaced, ...).
@@ -487,6 +484,14 @@ def death_suspects(open_jobs: list[Job]) -> list[Job]:
     beside one marked ``alone``. One suspect is a sure one."""
     suspects = open_jobs[:2]
     return suspects[:1] if len(suspects) == 2 and (suspects[0].alone or suspects[1].alone) else suspects
+
+
+def charge_loss(losses: Counter[int], isolated: set[int], chunk: int, free: int, sure: bool) -> bool:
+    """Count a loss of ``chunk``'s agent and mark the chunk to run alone from now on; True if
+    this loss costs it an attempt (a sure one, past its ``free`` losses)."""
+    losses[chunk] += 1
+    isolated.add(chunk)
+    return sure and losses[chunk] > free
 
 
 def record_loss(spool: Spool, job: Job, agent: str, why: str, losses: int) -> bool:
