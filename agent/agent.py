@@ -25,6 +25,7 @@ from typing import Any
 
 from loguru import logger
 
+from agent.board import Board, choose
 from agent.gpu import NoGpu
 from agent.script import run_script
 from agent.slot import Slot
@@ -50,6 +51,9 @@ class AgentConfig:
     log_limit: int = 64 * 1024 * 1024  # each of the agent's logs is cut (to <name>.1) past this; 0: never
 
 
+PIPELINE_MAX_S = 0.5  # pipeline the next job only after chunks of a run that took at most this long
+
+
 class Agent:
     def __init__(self, spool: Spool, slot: Slot, probe: NoGpu, host: str, cfg: AgentConfig,
                  worker: Worker | None = None) -> None:
@@ -67,9 +71,12 @@ class Agent:
         self.stop_now = False  # stop at once
         self.state = AgentState.STARTING
         self.current: tuple[Job, float] | None = None
+        self.current_run: str | None = None  # the run of the job started last
         self._finished: set[tuple[str, int, int, str | None]] = set()  # uids whose outcome is on disk
         self._ahead: Job | None = None  # sent to the worker before its turn (pipelining)
         self._epochs: dict[str, tuple[tuple[int, int, int], str | None]] = {}  # run -> (file signature, epoch)
+        self._durations: dict[str, float] = {}  # run -> how long its last chunk here took
+        self.board = Board(spool, self.id, cfg.heartbeat)  # who runs what: fair share between runs
         self.done = self.failed = 0
         self._seq = 0
         self._hb_lock = threading.Lock()
@@ -150,33 +157,32 @@ class Agent:
         if self._draining() or time.monotonic() < self.pause_until:
             return False
         jobs = self._read().jobs
-        for job in jobs:
-            if job.uid in self._finished:
-                continue
-            skip = self._skip_reason(job)
-            if skip is not None:
-                logger.info("{} chunk {} attempt {}: dropped: {}", job.run, job.chunk_id, job.attempt, skip)
-                self._finished.add(job.uid)
-            elif self._execute(job, self._next_callable(jobs, job)):
-                self._finished.add(job.uid)
-            return True
-        if jobs:
-            self._prune()
-        return False
+        job = choose([j for j in jobs if j.uid not in self._finished], self.board)
+        if job is None:
+            if jobs:
+                self._prune()
+            return False
+        skip = self._skip_reason(job)
+        if skip is not None:
+            logger.info("{} chunk {} attempt {}: dropped: {}", job.run, job.chunk_id, job.attempt, skip)
+            self._finished.add(job.uid)
+        elif self._execute(job, self._next_callable(jobs, job)):
+            self._finished.add(job.uid)
+        return True
 
     def _next_callable(self, jobs: list[Job], after: Job) -> Job | None:
-        """The job to hand the worker while ``after`` is being committed: the next callable one.
-        None around a job marked ``alone``: the master must be able to tell which of the two
-        was running if this agent dies."""
-        if after.alone:
+        """The job to hand the worker while ``after`` runs and is committed (pipelining): the one
+        that would run next, if callable. None around a job marked ``alone`` (the master must be
+        able to tell which of the two was running if this agent dies), and after a job whose run's
+        chunks are long (``PIPELINE_MAX_S``): a job in the worker's pipe can no longer move to an
+        idle agent, and the commit it hides is nothing next to a long chunk."""
+        last = self._durations.get(after.run)
+        if after.alone or last is None or last > PIPELINE_MAX_S:
             return None
-        seen = False
-        for j in jobs:
-            if j.uid == after.uid:
-                seen = True
-            elif seen and j.uid not in self._finished:
-                return j if j.kind is JobKind.CALLABLE and not j.alone and self._skip_reason(j) is None else None
-        return None
+        nxt = choose([j for j in jobs if j.uid not in self._finished and j.uid != after.uid], self.board, after.run)
+        if nxt is None or nxt.kind is not JobKind.CALLABLE or nxt.alone or self._skip_reason(nxt) is not None:
+            return None
+        return nxt
 
     def _prune(self) -> None:
         """Remove this agent's finished jobs from its mailbox (each has its outcome on disk)."""
@@ -236,8 +242,11 @@ class Agent:
     def _execute(self, job: Job, lookahead: Job | None = None) -> bool:
         """Run ``job`` and record its outcome. False if it was interrupted (it stays queued)."""
         started = time.time()
-        self.current = (job, started)
+        switched = self.current_run != job.run
+        self.current, self.current_run = (job, started), job.run
         self.state = AgentState.BUSY
+        if switched:  # the pool's fair share counts what agents run: say it now, not at the next beat
+            self.write_heartbeat()
         logger.debug("{} chunk {} attempt {}/{}: started", job.run, job.chunk_id, job.attempt, job.max_attempts)
         outcome = self._run_job(job, lookahead)
         self.current = None
@@ -259,6 +268,7 @@ class Agent:
             return True
         status = JobState.FAILED if "error" in fields else JobState.OK
         finished = fields.pop("finished_at", None) or time.time()
+        self._durations[job.run] = max(0.0, finished - (fields.get("started_at") or started))
         rec = record(job, status, agent=self.id, host=self.host, pid=os.getpid(),
                      gpu_id=self.slot.number, device=self.slot.device,
                      started_at=fields.pop("started_at", None) or started, finished_at=finished,

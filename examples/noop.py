@@ -30,3 +30,10 @@ def fail_on(chunk_id: int, bad: list | None = None) -> int:
     if chunk_id in (bad or []):
         raise ValueError(f"chunk {chunk_id} is on the bad list")
     return chunk_id
+
+
+def sleep_for(chunk_id: int, seconds: list | None = None) -> int:
+    """Chunk ``c`` sleeps ``seconds[c]`` (the last value for the chunks past the list): uneven chunks."""
+    seconds = seconds or [0.1]
+    time.sleep(float(seconds[min(chunk_id, len(seconds) - 1)]))
+    return chunk_id

@@ -52,6 +52,7 @@ class Job:
     submitted_at: float = 0.0
     alone: bool = False  # suspected of killing an agent: the agent runs nothing beside it (no pipelining)
     epoch: str | None = None  # the run's runs/<run>/epoch when queued: a result for another epoch is dropped
+    share: float = 1.0  # the run's weight when agents choose among the jobs of several runs (fair share)
     schema: int = SCHEMA
 
     @property
@@ -69,8 +70,8 @@ class Job:
         # every job of a mailbox on every rewrite
         d = {name: getattr(self, name) for name in _FIELDS}
         d["kind"] = self.kind.value
-        for name in ("alone", "epoch"):  # written only where they matter (older agents refuse unknown fields)
-            if not d[name]:
+        for name, default in (("alone", False), ("epoch", None), ("share", 1.0)):
+            if d[name] == default:  # written only where they matter (older agents refuse unknown fields)
                 del d[name]
         return d
 
@@ -115,6 +116,8 @@ class Job:
             _expect(self.epoch, str, "epoch", where)
             if not (0 < len(self.epoch) <= 64 and self.epoch.isalnum()):
                 raise BadFile(f"'epoch' must be 1 to 64 letters and digits, got {self.epoch!r}", where)
+        if isinstance(self.share, bool) or not isinstance(self.share, (int, float)) or not 0 < self.share < math.inf:
+            raise BadFile(f"'share' must be a positive number, got {self.share!r}", where)
         _expect(self.kwargs, dict, "kwargs", where)
         for k in self.kwargs:
             if k in BUILTIN_KWARGS:

@@ -69,10 +69,11 @@ class Pool:
     def submit(self, *, task: str | None = None, script: str | None = None, chunks: int,
                kwargs: dict[str, Any] | None = None, shared: str | None = None, data: str | None = None,
                run: str | None = None, retries: int = 2, timeout: float | None = None,
-               fresh: bool = False, workdir: str | None = None) -> "Run":
-        """Validate and record a run (nothing is queued until ``wait``)."""
+               fresh: bool = False, workdir: str | None = None, share: float = 1.0) -> "Run":
+        """Validate and record a run (nothing is queued until ``wait``). ``share``: the run's
+        weight when several runs use the pool at once (agents split between them in proportion)."""
         spec = build(task=task, script=script, chunks=chunks, kwargs=kwargs, shared=shared, data=data, run=run,
-                     retries=retries, timeout=timeout, workdir=workdir)
+                     retries=retries, timeout=timeout, workdir=workdir, share=share)
         return Run(self.spool, spec, fresh)
 
     def run(self, name: str) -> "Run":

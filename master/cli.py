@@ -32,10 +32,13 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--run", help="run name (default: derived from the task, chunk count and kwargs)")
     p.add_argument("--retries", type=int, default=2, help="retries per failed chunk (default 2)")
     p.add_argument("--timeout", type=float, help="seconds a chunk may run before it is killed")
+    p.add_argument("--share", "--priority", type=float, default=1.0, metavar="W",
+                   help="the run's weight when several runs use the pool at once: agents are split between the "
+                   "active runs in proportion to their weights (default 1)")
     p.add_argument("--fresh", action="store_true", help="start the run over: drop its earlier results")
     p.add_argument("--wait", action="store_true", help="if another master feeds this run, wait for it")
-    p.add_argument("--depth", type=int, default=4, help="jobs kept queued per agent, at least (default 4; grows "
-                   "automatically for short chunks up to --max-depth)")
+    p.add_argument("--depth", type=int, default=4, help="jobs per agent until chunk durations are known (default 4; "
+                   "then as many as hide the measured round trip, up to --max-depth, never more than a fair share)")
     p.add_argument("--max-depth", type=int, default=64, help="most jobs queued per agent (default 64)")
     p.add_argument("--dead-after", type=float, default=20.0, help="seconds without heartbeat before an agent "
                    "is declared dead and its jobs handed back (default 20)")
@@ -92,7 +95,7 @@ def feed(args: argparse.Namespace) -> int:
         pool = Pool(args.base, allow_local_locks=args.allow_local_locks)
         run = pool.submit(task=args.task, script=args.script, chunks=args.chunks, kwargs=parse_kwargs(args.kwargs),
                           shared=args.shared, data=args.data, run=args.run, retries=args.retries,
-                          timeout=args.timeout, fresh=args.fresh)
+                          timeout=args.timeout, fresh=args.fresh, share=args.share)
         cfg = FeedConfig(depth=args.depth, max_depth=max(args.depth, args.max_depth), dead_after=args.dead_after,
                          retry_delay=args.retry_delay)
         summary = run.wait(progress=not args.no_progress, cfg=cfg, wait_for_lock=args.wait)

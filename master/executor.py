@@ -22,12 +22,14 @@ Rules, because the call travels as a job descriptor through the spool:
   raises ``RemoteError`` carrying the remote type, message and traceback.
 
 Each executor is one run (``runs/executor-...``): ``status``, ``logs`` and ``cancel`` work on
-it. A small feeder variant below queues each call as one chunk, with its own target and
-kwargs, retries failures and hands jobs of dead agents to others, like ``master.feeder``.
+it. Its calls are fed by the one dispatcher (``master.dispatcher``), as a run's chunks are:
+each call is one chunk with its own target and kwargs, placed breadth first, retried, handed
+back from dead agents and moved from busy agents to idle ones. A call counts as started (and
+``Future.cancel()`` then fails) once an agent's heartbeat shows it running; a cancelled call
+still waiting in a mailbox is taken out of it.
 """
 from __future__ import annotations
 
-import heapq
 import importlib.util
 import inspect
 import json
@@ -38,7 +40,7 @@ import socket
 import sys
 import threading
 import time
-from collections import Counter, deque
+from collections import deque
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,15 +51,11 @@ from loguru import logger
 from jobs.atomic import write_replace
 from jobs.descriptor import BUILTIN_KWARGS, Job, JobKind
 from jobs.errors import BadFile
-from jobs.heartbeat import AgentState
 from jobs.locks import HolderLock
-from jobs.mailbox import HOLD_LIMIT, Mailbox, drop_run
 from jobs.names import slug
 from jobs.npzio import load_npz
 from jobs.paths import Spool
-from jobs.results import read_result
-from master.feeder import FeedConfig, charge_loss, death_suspects, record_loss
-from master.liveness import Liveness
+from master.dispatcher import Dispatcher, FeedConfig
 from master.runspec import RunSpec
 
 EXECUTOR_MARK = "_executor"  # in run.json's kwargs: this run's chunks each carry their own call
@@ -141,9 +139,6 @@ class _Call:
     workdir: str
     kwargs: dict[str, Any]
     future: futures.Future
-    attempt: int = 0  # attempts sent so far
-    max_attempts: int = 1
-    agent: str | None = None
 
 
 class Executor(futures.Executor):
@@ -171,9 +166,10 @@ class Executor(futures.Executor):
         self._mutex = threading.Lock()
         self._wake = threading.Event()
         self._closing = False
-        self._cancel_unsent = False
-        self._feeder = _Feeder(self, Liveness(self.spool, dead_after))
-        self._thread = threading.Thread(target=self._feeder.loop, name=f"executor-{self.run}", daemon=True)
+        cfg = FeedConfig(depth=depth, dead_after=dead_after, poll=poll, retry_delay=0.5, retry_cap=30.0)
+        self._dispatcher = _Calls(self, cfg)
+        self._thread = threading.Thread(target=self._dispatcher.loop_forever, name=f"executor-{self.run}",
+                                        daemon=True)
         self._thread.start()
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> futures.Future:
@@ -184,122 +180,101 @@ class Executor(futures.Executor):
             if self._closing:
                 raise RuntimeError("cannot schedule new futures after shutdown")
             chunk = len(self._calls)
-            call = self._calls[chunk] = _Call(chunk, target, workdir, kw, futures.Future(),
-                                              max_attempts=1 + self.retries)
+            call = self._calls[chunk] = _Call(chunk, target, workdir, kw, futures.Future())
             self._new.append(chunk)
         self._wake.set()
         return call.future
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        """No more submits; with ``cancel_futures`` cancel calls not yet sent to an agent;
-        with ``wait`` return when every call has finished."""
+        """No more submits; with ``cancel_futures`` cancel every call that has not started
+        (queued ones leave their mailboxes); with ``wait`` return when every call has finished."""
         with self._mutex:
             self._closing = True
-            self._cancel_unsent = self._cancel_unsent or cancel_futures  # done by the feeder thread
+            calls = list(self._calls.values()) if cancel_futures else []
+        for call in calls:
+            call.future.cancel()  # False for a running or finished one
         self._wake.set()
         if wait:
             self._thread.join()
 
 
-class _Feeder:
-    """The executor's master loop: one chunk per call, each with its own target and kwargs."""
+class _Calls(Dispatcher):
+    """The executor's dispatcher: one chunk per call, each with its own target and kwargs."""
 
-    def __init__(self, ex: Executor, live: Liveness) -> None:
-        self.ex, self.spool, self.run, self.live = ex, ex.spool, ex.run, live
-        self.pending: deque[int] = deque()
-        self.delayed: list[tuple[float, int]] = []
-        self.inflight: dict[int, _Call] = {}
-        self.by_agent: dict[str, set[int]] = {}
-        self._missing: dict[int, float] = {}  # call -> when it was first seen gone from its mailbox
-        self.losses: Counter[int] = Counter()  # call -> agents that died while perhaps running it
-        self.isolated: set[int] = set()  # calls with a loss: queued with ``alone`` from then on
+    def __init__(self, ex: Executor, cfg: FeedConfig) -> None:
+        super().__init__(ex.spool, ex.run, cfg)
+        self.ex = ex
         self.spec_chunks = 0
-        self._next_check = 0.0
 
-    def loop(self) -> None:
+    def loop_forever(self) -> None:
         try:
-            while not self._finished():
-                self.step()
-                self.ex._wake.wait(self.ex.poll)
-                self.ex._wake.clear()
+            self.loop(self._finished, self.ex._wake)
+            self._withdraw_unwanted()  # calls cancelled at the end leave their mailboxes too
         except Exception as e:  # the loop edge: no future may hang
-            logger.exception("executor {}: feeder failed", self.run)
+            logger.exception("executor {}: feeder failed", self.run_name)
             self._fail_all(e)
         finally:
             self.ex._lock.close()
 
     def _finished(self) -> bool:
         with self.ex._mutex:
-            return self.ex._closing and all(c.future.done() for c in self.ex._calls.values())
+            return self.cancelled or (self.ex._closing and all(c.future.done() for c in self.ex._calls.values()))
 
     def step(self) -> None:
         with self.ex._mutex:
             while self.ex._new:
-                self.pending.append(self.ex._new.popleft())
+                self.add(self.ex._new.popleft(), 1 + self.ex.retries)
             total = len(self.ex._calls)
-            cancel_unsent = self.ex._cancel_unsent
-        if cancel_unsent:  # shutdown(cancel_futures=True): calls never sent are cancelled
-            for c in [c for c in self.pending if self.ex._calls[c].attempt == 0]:
-                _end(self.ex._calls[c].future, futures.CancelledError())
-            self.pending = deque(c for c in self.pending if self.ex._calls[c].attempt > 0)
         if total != self.spec_chunks:
             self._write_spec(total)
-        now = time.monotonic()
-        if now >= self._next_check:
-            if self.spool.cancel_flag(self.run).exists():
-                return self._cancel()
-            self.live.refresh()
-            self._hand_back()
-            self._find_lost()
-            self._next_check = now + 0.5
-        self._collect()
-        while self.delayed and self.delayed[0][0] <= now:
-            self.pending.appendleft(heapq.heappop(self.delayed)[1])
-        self._dispatch()
+        super().step()
 
     def _write_spec(self, total: int) -> None:
         """run.json, so that status shows the run (its chunk count grows with the calls)."""
         first = self.ex._calls[0]
-        spec = RunSpec(self.run, JobKind.CALLABLE, first.target, total, {EXECUTOR_MARK: True},
+        spec = RunSpec(self.run_name, JobKind.CALLABLE, first.target, total, {EXECUTOR_MARK: True},
                        retries=self.ex.retries, timeout=self.ex.timeout, workdir=first.workdir)
-        write_replace(self.spool.run_spec(self.run), spec.to_json(), fsync=False)
+        write_replace(self.spool.run_spec(self.run_name), spec.to_json(), fsync=False)
         self.spec_chunks = total
 
-    # results ---------------------------------------------------------------------------------
-    def _collect(self) -> None:
-        for c, call in list(self.inflight.items()):
-            if self.spool.result_json(self.run, c).exists():
-                try:
-                    rec = read_result(self.spool.result_json(self.run, c))
-                except (FileNotFoundError, BadFile):
-                    continue
-                self._untrack(c)
-                self._settle(call, rec)
-            elif self.spool.history_json(self.run, c, call.attempt).exists():
-                self._untrack(c)
-                heapq.heappush(self.delayed, (time.monotonic() + min(30.0, 0.5 * 2 ** (call.attempt - 1)), c))
+    # hooks -----------------------------------------------------------------------------------
+    def _job(self, c: int) -> Job:
+        call = self.ex._calls[c]
+        return Job(run=self.run_name, chunk_id=c, total_chunks=max(self.spec_chunks, c + 1),
+                   kind=JobKind.CALLABLE, target=call.target, attempt=self.attempt[c] + 1,
+                   max_attempts=self.max_attempts[c], kwargs=call.kwargs, timeout=self.ex.timeout,
+                   workdir=call.workdir, submitted_at=time.time(), alone=c in self.isolated)
 
-    def _settle(self, call: _Call, rec: dict[str, Any]) -> None:
-        if rec["status"] != "ok":
-            call.future.set_exception(RemoteError(rec.get("error"), rec.get("agent"), call.chunk, rec["attempt"]))
-        elif rec.get("arrays"):
-            call.future.set_result(load_npz(self.spool.arrays_of(self.run, rec), mmap=False))
-        else:
-            call.future.set_result(rec.get("value"))
+    def sendable(self, c: int) -> bool:
+        return not self.ex._calls[c].future.cancelled()
 
-    def _untrack(self, c: int) -> None:
-        self._missing.pop(c, None)
-        call = self.inflight.pop(c, None)
-        if call is not None and call.agent is not None:
-            self.by_agent.get(call.agent, set()).discard(c)
+    def started(self, c: int) -> None:
+        future = self.ex._calls[c].future
+        if not future.running() and not future.done():
+            future.set_running_or_notify_cancel()  # False if cancelled meanwhile: its result is ignored
+
+    def settle(self, c: int, rec: dict[str, Any]) -> None:
+        future = self.ex._calls[c].future
+        if future.done() or not (future.running() or future.set_running_or_notify_cancel()):
+            return  # cancelled after it was sent
+        try:
+            if rec["status"] != "ok":
+                future.set_exception(RemoteError(rec.get("error"), rec.get("agent"), c, rec["attempt"]))
+            elif rec.get("arrays"):
+                future.set_result(load_npz(self.spool.arrays_of(self.run_name, rec), mmap=False))
+            else:
+                future.set_result(rec.get("value"))
+        except (OSError, BadFile) as e:  # its arrays are gone or broken: the call fails, naming them
+            future.set_exception(e)
 
     def _cancel(self) -> None:
-        drop_run(self.spool, self.run)
+        sent = set(self.inflight)
+        super()._cancel()
         with self.ex._mutex:
             self.ex._closing = True
             calls = list(self.ex._calls.values())
         for call in calls:
-            _end(call.future, RunCancelled(f"run {self.run} was cancelled"))
+            _end(call.future, RunCancelled(f"run {self.run_name} was cancelled"), sent=call.chunk in sent)
         self.pending.clear()
         self.inflight.clear()
 
@@ -310,111 +285,12 @@ class _Feeder:
         for call in calls:
             _end(call.future, exc)
 
-    # agents ----------------------------------------------------------------------------------
-    def _hand_back(self) -> None:
-        """Calls queued on dead (or draining) agents go back to pending, as in master.feeder."""
-        for ident, view in self.live.views.items():
-            draining = view.alive and view.state == AgentState.DRAINING.value
-            mine = self.by_agent.get(ident)
-            if not mine or (view.alive and not draining):
-                continue
-            # a draining agent still runs its current call and the one already in its worker's pipe
-            busy = [view.status.get(k) or {} for k in ("current", "ahead")] if draining else []
-            keep = {b.get("chunk_id") for b in busy if b.get("run") == self.run}
-            back = {c for c in mine if c not in keep}
-            taken: list[Job] = []  # in mailbox order
 
-            def drop(jobs: list[Job]) -> list[Job]:
-                taken.extend(j for j in jobs if j.run == self.run and j.chunk_id in back)
-                return [j for j in jobs if not (j.run == self.run and j.chunk_id in back)]
-
-            try:
-                Mailbox(self.spool, ident).update(drop, wait=HOLD_LIMIT, force=not draining)
-            except OSError as e:  # as in master.feeder
-                logger.warning("could not take back the calls of {}: {}", ident, e)
-                continue
-            died = not draining and view.state != AgentState.STOPPED.value
-            suspects = death_suspects([j for j in taken if j.attempt == self.inflight[j.chunk_id].attempt
-                                       and not self._has_outcome(j.chunk_id)]) if died else []
-            for c in back - {j.chunk_id for j in suspects}:
-                self._requeue_lost(c)
-            for job in suspects:  # as in master.feeder: a call that kills its agent cannot take down the pool
-                if not charge_loss(self.losses, self.isolated, job.chunk_id, FeedConfig.free_losses,
-                                   len(suspects) == 1) or not record_loss(
-                        self.spool, job, ident, f"no heartbeat for {view.age:.0f} s", self.losses[job.chunk_id]):
-                    self._requeue_lost(job.chunk_id)
-
-    def _find_lost(self) -> None:
-        """Calls that left a live agent's mailbox with no outcome (e.g. a rejected mailbox)."""
-        for ident, mine in self.by_agent.items():
-            view = self.live.views.get(ident)
-            if not mine or view is None or not view.alive:
-                continue
-            try:
-                keys = {j.key for j in Mailbox(self.spool, ident).read().jobs}  # before the results
-            except (OSError, BadFile):
-                continue
-            now = time.monotonic()
-            for c in list(mine):
-                if (self.run, c, self.inflight[c].attempt) in keys:
-                    self._missing.pop(c, None)
-                elif now - self._missing.setdefault(c, now) >= self.live.dead_after:  # see master.feeder
-                    self._requeue_lost(c)
-
-    def _has_outcome(self, c: int) -> bool:
-        return self.spool.result_json(self.run, c).exists() or \
-            self.spool.history_json(self.run, c, self.inflight[c].attempt).exists()
-
-    def _requeue_lost(self, c: int) -> None:
-        if self._has_outcome(c):
-            return  # _collect takes it
-        call = self.inflight[c]
-        self._untrack(c)
-        call.max_attempts += 1  # a lost attempt costs no retry
-        self.pending.appendleft(c)
-
-    def _dispatch(self) -> None:
-        live = [v for v in self.live.views.values() if v.accepting]
-        for view in sorted(live, key=lambda v: len(self.by_agent.get(v.id, ()))):
-            if not self.pending:
-                return
-            room = self.ex.depth - len(self.by_agent.get(view.id, ()))
-            if room > 0:
-                self._fill(view.id, room)
-
-    def _fill(self, agent: str, room: int) -> None:
-        taken: list[tuple[_Call, Job]] = []
-        while self.pending and len(taken) < room:
-            call = self.ex._calls[self.pending.popleft()]
-            if not (call.future.running() or call.future.set_running_or_notify_cancel()):
-                continue  # cancelled before it was sent
-            call.attempt += 1
-            taken.append((call, self._job(call)))
-        if not taken:
-            return
-        try:
-            Mailbox(self.spool, agent).update(lambda jobs: jobs + [j for _, j in taken], wait=HOLD_LIMIT)
-        except OSError as e:  # e.g. its lock held by a frozen process: the calls wait for the next pass
-            logger.warning("could not queue calls for {}: {}", agent, e)
-            for call, _ in reversed(taken):
-                call.attempt -= 1
-                self.pending.appendleft(call.chunk)
-            return
-        for call, _ in taken:
-            call.agent = agent
-            self.inflight[call.chunk] = call
-            self.by_agent.setdefault(agent, set()).add(call.chunk)
-
-    def _job(self, call: _Call) -> Job:
-        return Job(run=self.run, chunk_id=call.chunk, total_chunks=max(self.spec_chunks, call.chunk + 1),
-                   kind=JobKind.CALLABLE, target=call.target, attempt=call.attempt, max_attempts=call.max_attempts,
-                   kwargs=call.kwargs, timeout=self.ex.timeout, workdir=call.workdir, submitted_at=time.time(),
-                   alone=call.chunk in self.isolated)
-
-
-def _end(future: futures.Future, exc: BaseException) -> None:
+def _end(future: futures.Future, exc: BaseException, sent: bool = False) -> None:
     """Cancel a call not yet sent, fail one that was: either way its waiters wake."""
-    if future.cancel():
+    if sent and not future.done() and (future.running() or future.set_running_or_notify_cancel()):
+        future.set_exception(exc)
+    elif future.cancel():
         try:
             future.set_running_or_notify_cancel()
         except RuntimeError:  # already notified

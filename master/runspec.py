@@ -40,6 +40,7 @@ class RunSpec:
     retries: int = 2
     timeout: float | None = None
     workdir: str | None = None
+    share: float = 1.0  # weight of the run when several runs share the pool (may change on resume)
     schema: int = SPEC_SCHEMA
 
     def identity(self) -> dict[str, Any]:
@@ -89,7 +90,7 @@ def parse_kwargs(text: str | None) -> dict[str, Any]:
 
 def build(*, task: str | None = None, script: str | None = None, chunks: int, kwargs: dict[str, Any] | None = None,
           shared: str | None = None, data: str | None = None, run: str | None = None, retries: int = 2,
-          timeout: float | None = None, workdir: str | None = None) -> RunSpec:
+          timeout: float | None = None, workdir: str | None = None, share: float = 1.0) -> RunSpec:
     """Check every argument and return the RunSpec; raises UsageError naming the bad one."""
     workdir = str(Path(workdir or os.getcwd()).resolve())
     if (task is None) == (script is None):
@@ -107,6 +108,8 @@ def build(*, task: str | None = None, script: str | None = None, chunks: int, kw
         raise UsageError(f"--retries must be 0 or more, not {retries}")
     if timeout is not None and not 0 < timeout < math.inf:
         raise UsageError(f"--timeout must be a positive number of seconds, not {timeout}")
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share < math.inf:
+        raise UsageError(f"--share must be a positive number (the run's weight; default 1), not {share!r}")
     if task is not None:
         kind, target = JobKind.CALLABLE, check_task(task, workdir)
     else:
@@ -114,7 +117,7 @@ def build(*, task: str | None = None, script: str | None = None, chunks: int, kw
     shared_path = check_npz(shared, "--shared", workdir) if shared else None
     data_dir = check_data_dir(data, chunks, workdir) if data else None
     name = check_run_name(run) if run else default_name(kind, target, chunks, kwargs, shared_path, data_dir)
-    return RunSpec(name, kind, target, chunks, kwargs, shared_path, data_dir, retries, timeout, workdir)
+    return RunSpec(name, kind, target, chunks, kwargs, shared_path, data_dir, retries, timeout, workdir, float(share))
 
 
 def check_run_name(run: str) -> str:

@@ -232,6 +232,8 @@ def test_kill_9_of_an_agent_on_mount_b_mid_job_hands_its_jobs_back(gluster_fast,
     hb = wait_for(lambda: (h := victim.heartbeat()) and h["state"] == "busy" and h["current"] and h,
                   60, "victim busy with a chunk")
     lost_chunk = hb["current"]["chunk_id"]
+    # the agent says it is busy as it starts a run's first job: wait until the job code runs
+    wait_for(lambda: executions(marks)[lost_chunk], 60, "the victim's chunk running")
     os.killpg(victim.proc.pid, signal.SIGKILL)  # the agent and its job code die mid-job
     victim.proc.wait(timeout=10)
     code, out, err = finish(master, 150)

@@ -1,0 +1,594 @@
+"""The one dispatcher behind every master: a run's ``Feeder`` and the ``Executor`` are both one.
+
+It owns a run's chunks from pending to final: pending and delayed retries, the jobs in flight
+(chunk -> agent, attempt), agents that died or drain (hand-back), jobs that vanished from a
+live agent's mailbox, the losses of chunks that kill their agents, the collection of results
+and the placement of jobs in mailboxes. ``step()`` does one pass and reads time only from the
+injected clock, so the step tests drive it with a fake one. What differs between a run and an
+Executor is a small set of hooks a subclass overrides (rq's ``execute_job`` per worker class):
+
+* ``_job(c)``: the descriptor of chunk ``c``'s next attempt;
+* ``sendable(c)``: False for a chunk its owner no longer wants (a cancelled future);
+* ``settle(c, rec)``: a chunk's final result was read;
+* ``started(c)``: an agent's heartbeat shows it running;
+* ``eligible(view)``: whether this run may use that agent (placement);
+* ``on_event(kind, info)``: what the user is told.
+
+Placement (issue 11: every GPU busy, few long chunks as well as many tiny ones):
+
+* Breadth first: an agent with fewer of this run's jobs gets the next one before any agent
+  gets more; among equals, an idle agent first.
+* Depth: the jobs of this run kept at one agent (running + queued) are as many as hide the
+  round trip (the result reaching the master, the refill reaching the agent: twice the
+  measured result-to-seen latency, plus the master's poll when it cannot watch) at the mean
+  chunk duration seen so far, refilled at half, so about 2 for hour-long chunks and tens for
+  tiny chunks across a slow shared filesystem; never more than the agent's fair share of what
+  is left (chunks not done / eligible agents) and never more than ``max_depth``.
+* Stealing (Dask's work stealing, simplified: a thief is an idle agent, a victim holds jobs
+  that have not started): when nothing is pending and an eligible agent is idle, half of the
+  not-started jobs of the agent holding most of them move, under the victim's mailbox lock,
+  those that would wait there longer than the move costs (``MOVE_MIN_S``, twice the round trip).
+  The first of the victim's jobs (it may be running, or in its worker's pipe) and the jobs its
+  heartbeat names as ``current`` or ``ahead`` never move. A moved job is queued with its next
+  attempt number (free): if the victim read its mailbox a moment before and runs it anyway,
+  both attempts may run, and still exactly one result is committed.
+"""
+from __future__ import annotations
+
+import heapq
+import math
+import os
+import threading
+import time
+from collections import Counter, deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from loguru import logger
+from watchdog.events import FileSystemEventHandler
+from watchdog.observers import Observer
+
+from jobs.atomic import read_bounded, server_now
+from jobs.descriptor import Job, JobState
+from jobs.errors import BadFile
+from jobs.fsinfo import is_network_fs
+from jobs.heartbeat import AgentState
+from jobs.mailbox import HOLD_LIMIT, Mailbox, drop_run
+from jobs.paths import HISTORY_RE, RESULT_RE, Spool
+from jobs.results import commit, has_outcome, read_result, record, reopen_failed
+from agent.watcher import EVENT_FILTER
+from master.liveness import AgentView, Liveness
+
+Event = Callable[[str, dict[str, Any]], None]
+MOVE_MIN_S = 0.1  # a queued job is moved to an idle agent only if it would otherwise wait longer than this
+
+
+@dataclass
+class FeedConfig:
+    depth: int = 4  # jobs per agent before any chunk duration is known (then: see ``Dispatcher.depth``)
+    max_depth: int = 64  # the most jobs of one run queued at one agent
+    queue_s: float = 0.5  # tiny chunks: keep this much work queued (fewer mailbox rewrites)
+    dead_after: float = 20.0  # heartbeat unchanged this long (master clock) = dead agent
+    poll: float = 0.2  # longest wait between passes
+    retry_delay: float = 1.0  # first retry back-off; doubles per attempt
+    retry_cap: float = 60.0
+    free_losses: int = 1  # times a chunk's agent may die under it at no cost; each further death costs an attempt
+    steal: bool = True  # move jobs that have not started from busy agents to idle ones
+
+
+def backoff(attempt: int, cfg: FeedConfig) -> float:
+    """Seconds before retrying a chunk whose ``attempt`` failed: doubling, capped (the one rule)."""
+    return min(cfg.retry_cap, cfg.retry_delay * 2 ** max(0, attempt - 1))
+
+
+@dataclass
+class Outcome:
+    status: str
+    attempt: int
+    agent: str | None
+    error: str | None = None
+    duration_s: float | None = None
+
+
+def summarize(rec: dict[str, Any]) -> Outcome:
+    err = rec.get("error") or None
+    line = f"{err.get('type')}: {err.get('message')}".splitlines()[0][:300] if isinstance(err, dict) else None
+    duration = rec.get("duration_s")
+    return Outcome(rec["status"], rec["attempt"], rec.get("agent") if isinstance(rec.get("agent"), str) else None,
+                   line, float(duration) if isinstance(duration, (int, float)) and not isinstance(duration, bool)
+                   else None)
+
+
+class Dispatcher:
+    """One run's chunks on the pool's agents; subclasses say where chunks come from (see module)."""
+
+    def __init__(self, spool: Spool, run: str, cfg: FeedConfig | None = None, on_event: Event | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.spool, self.run_name, self.cfg, self.clock = spool, run, cfg or FeedConfig(), clock
+        self.on_event = on_event or (lambda kind, info: None)
+        self.liveness = Liveness(spool, self.cfg.dead_after, clock)
+        self.attempt: dict[int, int] = {}  # last attempt number handed out per chunk
+        self.max_attempts: dict[int, int] = {}
+        self.pending: deque[int] = deque()
+        self.delayed: list[tuple[float, int]] = []  # (not before, chunk) heap of retries
+        self.inflight: dict[int, tuple[str, int]] = {}  # chunk -> (agent, attempt)
+        self.by_agent: dict[str, set[int]] = {}
+        self.losses: Counter[int] = Counter()  # chunk -> agents that died while perhaps running it
+        self.isolated: set[int] = set()  # chunks with a loss: queued with ``alone`` from then on
+        self.final: dict[int, Outcome] = {}
+        self.mailboxes: dict[str, Mailbox] = {}
+        self.cancelled = False
+        self.names: Any = None  # chunk ids inotify reported (an object with drain()); None: no inotify
+        self._missing: dict[int, float] = {}  # chunk -> when it was first seen gone from its mailbox
+        self._next_liveness = 0.0
+        self._next_sample = 0.0
+        self._warned_no_agents = False
+        self._mean_s: float | None = None  # moving mean of chunk durations
+        self._latency: float | None = None  # moving mean of result-to-seen seconds (file server's clock)
+
+    # hooks -------------------------------------------------------------------------------------
+    def _job(self, c: int) -> Job:
+        """The descriptor of chunk ``c``'s next attempt (``attempt[c] + 1``)."""
+        raise NotImplementedError
+
+    def sendable(self, c: int) -> bool:
+        return True
+
+    def settle(self, c: int, rec: dict[str, Any]) -> None:
+        """Chunk ``c``'s final result ``rec`` was read (``final[c]`` holds its summary)."""
+
+    def started(self, c: int) -> None:
+        """An agent's heartbeat shows chunk ``c`` running (or handed to its worker)."""
+
+    def eligible(self, view: AgentView) -> bool:
+        return True
+
+    # bookkeeping -------------------------------------------------------------------------------
+    def add(self, c: int, max_attempts: int, attempt: int = 0) -> None:
+        """A chunk to run; ``attempt``: attempts already made (a resumed run)."""
+        self.attempt[c], self.max_attempts[c] = attempt, max_attempts
+        self.pending.append(c)
+
+    def _mailbox(self, ident: str) -> Mailbox:
+        if ident not in self.mailboxes:
+            self.mailboxes[ident] = Mailbox(self.spool, ident)
+        return self.mailboxes[ident]
+
+    def _track(self, c: int, agent: str, attempt: int) -> None:
+        self.inflight[c] = (agent, attempt)
+        self.by_agent.setdefault(agent, set()).add(c)
+
+    def _untrack(self, c: int) -> None:
+        if c in self.inflight:
+            agent, _ = self.inflight.pop(c)
+            self.by_agent[agent].discard(c)
+        self._missing.pop(c, None)
+
+    def _requeue(self, c: int, delay: float = 0.0, free: bool = False) -> None:
+        """Back to pending for the next attempt; ``free`` = a lost attempt that costs no retry."""
+        self._untrack(c)
+        if free:
+            self.max_attempts[c] += 1
+        if delay > 0:
+            heapq.heappush(self.delayed, (self.clock() + delay, c))
+        else:
+            self.pending.appendleft(c)  # before fresh chunks: keeps the run's tail short
+
+    def _has_outcome(self, c: int, attempt: int) -> bool:
+        return has_outcome(self.spool, (self.run_name, c, attempt), self.max_attempts[c])
+
+    @property
+    def rtt(self) -> float:
+        """Seconds from an agent finishing a job to its refill reaching it: the result's way to
+        the master and the mailbox's way back (both measured as the result-to-seen latency),
+        plus the master's poll when it cannot watch the results folder."""
+        latency = self._latency or 0.0
+        return 2 * latency + (self.cfg.poll if self.names is None else 0.0)
+
+    @property
+    def depth(self) -> int:
+        """This run's jobs to keep at one busy agent, before the fair-share cap (see the module)."""
+        if self._mean_s is None:
+            return max(1, self.cfg.depth)
+        mean = max(self._mean_s, 1e-4)
+        cover = 1 + math.ceil(2 * self.rtt / mean)  # refilled at half: the half left still covers it
+        amortise = int(self.cfg.queue_s / mean) + 1
+        return max(1, min(self.cfg.max_depth, max(2, cover, amortise)))
+
+    def _observe(self, out: Outcome) -> None:
+        if out.duration_s is not None:
+            d = max(0.0, out.duration_s)
+            self._mean_s = d if self._mean_s is None else 0.9 * self._mean_s + 0.1 * d
+
+    # one pass ----------------------------------------------------------------------------------
+    def step(self) -> None:
+        now = self.clock()
+        full = self.names is None or now >= self._next_liveness
+        if now >= self._next_liveness:
+            if self.spool.cancel_flag(self.run_name).exists():
+                self._cancel()
+                return
+            self.liveness.refresh()
+            self._note_started()
+            self._hand_back()
+            self._find_lost()
+            self._withdraw_unwanted()
+            self._next_liveness = now + min(1.0, self.cfg.dead_after / 4)
+        self._collect(full)
+        while self.delayed and self.delayed[0][0] <= now:
+            self.pending.appendleft(heapq.heappop(self.delayed)[1])
+        self._dispatch()
+
+    def _cancel(self) -> None:
+        """The run was cancelled (``python -m master cancel``): take its queued jobs back, stop."""
+        drop_run(self.spool, self.run_name)
+        self.cancelled = True
+        self.on_event("cancelled", {"pending": len(self.pending) + len(self.inflight) + len(self.delayed)})
+
+    def _note_started(self) -> None:
+        for view in self.liveness.views.values():
+            for key in ("current", "ahead"):
+                b = view.status.get(key)
+                if isinstance(b, dict) and b.get("run") == self.run_name and b.get("chunk_id") in self.inflight:
+                    self.started(b["chunk_id"])
+
+    # results -----------------------------------------------------------------------------------
+    def _collect(self, full: bool = True) -> None:
+        """Take in the outcomes of jobs in flight: of every one (a stat or two each) on a full
+        pass, else only of the chunks whose result files inotify reported since the last pass."""
+        named = self.names.drain() if self.names is not None else []
+        chunks = list(self.inflight) if full else {c for c in named if c in self.inflight}
+        seen: list[float] = []  # mtimes of the results found now, for the latency sample
+        for c in chunks:
+            agent, attempt = self.inflight[c]
+            final = self.spool.result_json(self.run_name, c)
+            try:
+                mtime = os.stat(final).st_mtime
+            except FileNotFoundError:
+                self._collect_history(c, agent, attempt)
+                continue
+            try:
+                rec = read_result(final)
+            except BadFile as e:
+                logger.warning("{}: {}; the chunk will run again", final, e)
+                self.spool.reject(read_or_empty(final), final, str(e))
+                reopen_failed(self.spool, self.run_name, c)
+                self._requeue(c)
+                continue
+            except (FileNotFoundError, IsADirectoryError):
+                continue
+            seen.append(mtime)
+            self._untrack(c)
+            self.final[c] = out = summarize(rec)
+            self._observe(out)
+            self.settle(c, rec)
+            self.on_event("failed" if out.status != JobState.OK.value else "ok", {"chunk": c, "outcome": out})
+        self._sample_latency(seen)
+
+    def _collect_history(self, c: int, agent: str, attempt: int) -> None:
+        hist = self.spool.history_json(self.run_name, c, attempt)
+        if attempt >= self.max_attempts[c] or not hist.exists():  # a last attempt ends with its final
+            return
+        try:
+            rec = read_result(hist)
+        except (BadFile, OSError):
+            rec = {"status": "failed", "attempt": attempt, "agent": agent, "error": None}
+        out = summarize(rec)
+        self._observe(out)
+        delay = backoff(attempt, self.cfg)
+        self.on_event("retry", {"chunk": c, "outcome": out, "delay": delay})
+        self._requeue(c, delay)
+
+    def _sample_latency(self, mtimes: list[float]) -> None:
+        """At most once a second: how long results took to be seen here, by the file server's clock."""
+        now = self.clock()
+        if not mtimes or now < self._next_sample:
+            return
+        self._next_sample = now + 1.0
+        stamp = server_now(self.spool.result_dir(self.run_name))
+        if stamp is None:
+            return
+        sample = min(30.0, max(0.0, stamp - max(mtimes)))
+        self._latency = sample if self._latency is None else 0.7 * self._latency + 0.3 * sample
+
+    # agents that die, drain or lose jobs ---------------------------------------------------------
+    def _take_back(self, ident: str, choose: Callable[[list[Job]], set[int]], force: bool) -> list[Job] | None:
+        """Under ``ident``'s mailbox lock, remove the jobs of this run that ``choose`` picks from
+        the ones in flight there (given in mailbox order); returns them in that order, or None
+        if the mailbox could not be changed (its lock held by a frozen process, a disk error)."""
+        taken: list[Job] = []
+
+        def drop(jobs: list[Job]) -> list[Job] | None:
+            ours = [j for j in jobs if j.run == self.run_name and self.inflight.get(j.chunk_id, ("", 0))[0] == ident]
+            picked = choose(ours)
+            taken.extend(j for j in ours if j.chunk_id in picked)
+            gone = {id(j) for j in taken}
+            return [j for j in jobs if id(j) not in gone] if taken else None
+
+        try:
+            self._mailbox(ident).update(drop, wait=HOLD_LIMIT, force=force)
+        except OSError as e:
+            logger.warning("could not take jobs back from {}: {}", ident, e)
+            return None
+        return taken
+
+    def _hand_back(self) -> None:
+        """Take back this run's jobs from dead agents, and the queued (not running) ones from
+        draining agents."""
+        for ident, view in self.liveness.views.items():
+            draining = view.alive and view.state == AgentState.DRAINING.value
+            if (view.alive and not draining) or not self.by_agent.get(ident):
+                continue
+            # a draining agent still runs its current job and the one already in its worker's pipe
+            running = busy_chunks(view, self.run_name) if draining else set()
+            ours = {c for c in self.by_agent[ident] if c not in running}
+            if not ours:
+                continue
+            taken = self._take_back(ident, lambda jobs: ours, force=not draining)
+            if taken is None:
+                continue
+            back = [c for c in ours if not self._has_outcome(c, self.inflight[c][1])]
+            why = "draining" if draining else "stopped" if view.state == "stopped" else f"no heartbeat for {view.age:.0f} s"
+            died = not draining and view.state != AgentState.STOPPED.value
+            suspects = death_suspects([j for j in taken if j.chunk_id in back and
+                                       j.attempt == self.inflight[j.chunk_id][1]]) if died else []
+            for c in back:
+                if c not in {j.chunk_id for j in suspects}:
+                    self._requeue(c, free=True)
+            for job in suspects:
+                self._lost(job, ident, why, sure=len(suspects) == 1)
+            logger.warning("agent {} is {}; handed back {} chunk(s)", ident, why, len(back))
+            self.on_event("handback", {"agent": ident, "chunks": sorted(back), "why": why})
+
+    def _lost(self, job: Job, agent: str, why: str, sure: bool) -> None:
+        """``agent`` died while running ``job`` (``sure``) or perhaps the job beside it. The first
+        ``free_losses`` times a chunk goes back at no cost (nodes fail on their own); after that
+        each sure loss is a failed attempt, so a chunk that kills its agent (or its node) cannot
+        take down the whole pool one by one. A suspect runs ``alone`` from then on, so its next
+        loss is sure: the innocent neighbour of a poisonous chunk pays nothing."""
+        if not charge_loss(self.losses, self.isolated, job.chunk_id, self.cfg.free_losses, sure) or not record_loss(
+                self.spool, job, agent, why, self.losses[job.chunk_id]):
+            self._requeue(job.chunk_id, free=True)
+
+    def _find_lost(self) -> None:
+        """Jobs that left a live agent's mailbox without any result (mailbox replaced, ...).
+
+        On a shared filesystem this master may see the agent's pruned mailbox before the result
+        that was written first (each name is cached on its own), so a job must stay gone, with
+        no outcome, for ``dead_after`` before it is queued again: the same wait as a dead agent's."""
+        now = self.clock()
+        for ident, chunks in self.by_agent.items():
+            view = self.liveness.views.get(ident)
+            if not chunks or view is None or not view.alive:
+                continue
+            try:
+                keys = {j.key for j in self._mailbox(ident).read().jobs}  # read before results: see agent
+            except (OSError, BadFile):
+                continue
+            for c in list(chunks):
+                attempt = self.inflight[c][1]
+                if (self.run_name, c, attempt) in keys or self._has_outcome(c, attempt):
+                    self._missing.pop(c, None)
+                elif now - self._missing.setdefault(c, now) >= self.cfg.dead_after:
+                    logger.warning("chunk {} attempt {} vanished from {}'s mailbox; queued again", c, attempt, ident)
+                    self._requeue(c, free=True)
+
+    def _withdraw_unwanted(self) -> None:
+        """Jobs in flight whose chunk its owner no longer wants (a cancelled future) leave the
+        mailboxes they wait in; one already running finishes and its result is ignored."""
+        for ident, chunks in self.by_agent.items():
+            unwanted = {c for c in chunks if not self.sendable(c)}
+            view = self.liveness.views.get(ident)
+            if view is not None:
+                unwanted -= busy_chunks(view, self.run_name)
+            if unwanted and self._take_back(ident, lambda jobs: unwanted, force=False) is not None:
+                for c in unwanted:
+                    self._untrack(c)
+
+    # placement ---------------------------------------------------------------------------------
+    def _candidates(self) -> list[AgentView]:
+        return [v for v in self.liveness.views.values() if v.accepting and self.eligible(v)]
+
+    def _dispatch(self) -> None:
+        self.pending = deque(c for c in self.pending if self.sendable(c))
+        live = self._candidates()
+        if self.pending and not live:
+            if not self._warned_no_agents:
+                self._warned_no_agents = True
+                self.on_event("no_agents", {})
+            return
+        self._warned_no_agents = False
+        if not self.pending and self.cfg.steal:
+            self._steal(live)
+        if not self.pending or not live:
+            return
+        left = len(self.pending) + len(self.inflight)
+        depth = max(1, min(self.depth, math.ceil(left / len(live))))  # never more than a fair share of what is left
+        for view, n in self._plan(live, depth):
+            self._fill(view, n)
+
+    def _plan(self, live: list[AgentView], depth: int) -> list[tuple[AgentView, int]]:
+        """Breadth first: jobs one at a time to the agent holding fewest of this run's (idle ones
+        first), to agents down to half their depth, each up to ``depth``."""
+        low = depth // 2
+        heap = [(len(self.by_agent.get(v.id, ())), v.state != AgentState.IDLE.value, v.id, v) for v in live]
+        heap = [h for h in heap if h[0] <= low]
+        heapq.heapify(heap)
+        give: dict[str, int] = {}
+        left = len(self.pending)
+        while left and heap:
+            n, busy, ident, view = heapq.heappop(heap)
+            if n >= depth:
+                break
+            give[ident] = give.get(ident, 0) + 1
+            left -= 1
+            heapq.heappush(heap, (n + 1, busy, ident, view))
+        return [(self.liveness.views[i], n) for i, n in give.items()]
+
+    def _fill(self, view: AgentView, n: int) -> None:
+        taken: list[Job] = []
+
+        def add(jobs: list[Job]) -> list[Job] | None:
+            # Drop this run's jobs that are no longer in flight (their outcome is on disk):
+            # agents leave finished jobs for us to prune, saving a mailbox rewrite per job.
+            keep = [j for j in jobs if j.run != self.run_name or self.inflight.get(j.chunk_id) == (view.id, j.attempt)]
+            while len(taken) < n and self.pending:
+                taken.append(self._job(self.pending.popleft()))
+            return keep + taken if taken or len(keep) != len(jobs) else None
+
+        try:
+            self._mailbox(view.id).update(add, wait=HOLD_LIMIT)
+        except OSError as e:
+            logger.warning("could not queue jobs for {}: {}", view.id, e)
+            self.pending.extendleft(reversed([j.chunk_id for j in taken]))
+            return
+        for job in taken:
+            self.attempt[job.chunk_id] = job.attempt
+            self._track(job.chunk_id, view.id, job.attempt)
+
+    def _steal(self, live: list[AgentView]) -> None:
+        """Idle agents take half of the not-started jobs of the agent that holds most of them."""
+        thieves = [v for v in live if not self.by_agent.get(v.id) and v.state == AgentState.IDLE.value]
+        if not thieves:
+            return
+        victims = {i: len(cs) for i, cs in self.by_agent.items() if len(cs) >= 2 and self._alive(i)}
+        for thief in thieves:
+            if not victims:
+                return
+            ident = max(victims, key=lambda i: (victims[i], i))
+            keep = busy_chunks(self.liveness.views[ident], self.run_name)
+            want = victims.pop(ident) // 2  # the first job stays: it may be running
+
+            def tail(jobs: list[Job]) -> set[int]:
+                # the agent may have finished jobs not yet collected: count only those still open
+                jobs = [j for j in jobs if not self._has_outcome(j.chunk_id, j.attempt)]
+                movable = [j.chunk_id for i, j in enumerate(jobs) if i and j.chunk_id not in keep and self._worth_moving(i)]
+                return set(movable[len(movable) - min(want, len(movable)):])
+
+            taken = self._take_back(ident, tail, force=False) or []
+            for job in reversed(taken):
+                if not self._has_outcome(job.chunk_id, job.attempt):
+                    self._requeue(job.chunk_id, free=True)
+            if taken:
+                logger.debug("moved {} job(s) of {} from {} to idle {}", len(taken), self.run_name, ident, thief.id)
+                self.on_event("moved", {"from": ident, "to": thief.id, "chunks": sorted(j.chunk_id for j in taken)})
+
+    # the loop -------------------------------------------------------------------------------------
+    def loop(self, finished: Callable[[], bool], wake: threading.Event) -> None:
+        """Pass after pass until ``finished()``; between passes wait for ``wake``, a result file
+        (inotify, where the results folder is local) or ``poll`` seconds."""
+        rdir = self.spool.result_dir(self.run_name)
+        rdir.mkdir(parents=True, exist_ok=True)
+        observer = None
+        if not is_network_fs(rdir):
+            observer = Observer()
+            self.names = ResultNames()
+            observer.schedule(_Wake(wake, self.names), str(rdir), recursive=False, event_filter=EVENT_FILTER)
+            observer.daemon = True
+            observer.start()
+        try:
+            while not finished():
+                self.step()
+                if finished():
+                    break
+                wake.wait(self.cfg.poll)
+                wake.clear()
+        finally:
+            if observer is not None:
+                observer.stop()
+                observer.join(timeout=5)
+            self.names = None
+
+    def _worth_moving(self, position: int) -> bool:
+        """A job with ``position`` jobs before it at its agent is moved only if it would wait
+        there longer than moving it costs (its mailbox rewritten twice, the round trip), as
+        Dask's stealing weighs the thief's earlier start against the cost of the move."""
+        if self._mean_s is None:
+            return True  # nothing has finished yet: the chunks are long, or it is early on
+        return position * self._mean_s > max(2 * self.rtt, MOVE_MIN_S)
+
+    def _alive(self, ident: str) -> bool:
+        view = self.liveness.views.get(ident)
+        return view is not None and view.alive
+
+
+def busy_chunks(view: AgentView, run: str) -> set[int]:
+    """This run's chunks the agent's heartbeat shows running or handed to its worker."""
+    out = set()
+    for key in ("current", "ahead"):
+        b = view.status.get(key)
+        if isinstance(b, dict) and b.get("run") == run and isinstance(b.get("chunk_id"), int):
+            out.add(b["chunk_id"])
+    return out
+
+
+def death_suspects(open_jobs: list[Job]) -> list[Job]:
+    """Of the jobs with no outcome taken back from an agent that died, in its mailbox order
+    (the order it runs them), those it may have been running: the first, or the second, as
+    with pipelining the worker starts the next job while the agent commits one; never a job
+    beside one marked ``alone``. One suspect is a sure one."""
+    suspects = open_jobs[:2]
+    return suspects[:1] if len(suspects) == 2 and (suspects[0].alone or suspects[1].alone) else suspects
+
+
+def charge_loss(losses: Counter[int], isolated: set[int], chunk: int, free: int, sure: bool) -> bool:
+    """Count a loss of ``chunk``'s agent and mark the chunk to run alone from now on; True if
+    this loss costs it an attempt (a sure one, past its ``free`` losses)."""
+    losses[chunk] += 1
+    isolated.add(chunk)
+    return sure and losses[chunk] > free
+
+
+def record_loss(spool: Spool, job: Job, agent: str, why: str, losses: int) -> bool:
+    """Record the death of ``agent`` under ``job`` as a failed attempt (``AgentLost``), like
+    any failure: history, or the final result of a last attempt; the next pass over the jobs in
+    flight takes it in and retries it with back-off. False if it could not be written."""
+    error = {"type": "AgentLost", "traceback": "",
+             "message": f"agent {agent} died ({why}) while running it; {losses} agents so far"}
+    logger.warning("{} chunk {} attempt {}: {}", job.run, job.chunk_id, job.attempt, error["message"])
+    try:
+        commit(spool, job, record(job, JobState.FAILED, agent=agent, error=error, finished_at=time.time()))
+        return True
+    except OSError as e:
+        logger.warning("could not record the loss of {} chunk {}: {}; queued again", job.run, job.chunk_id, e)
+        return False
+
+
+def read_or_empty(path: Path) -> bytes:
+    try:
+        return read_bounded(path)
+    except (OSError, BadFile):
+        return b""
+
+
+class ResultNames:
+    """Chunk ids of result files (final or history) that appeared, handed from the watchdog
+    thread to the dispatcher's loop."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._chunks: list[int] = []
+
+    def add(self, name: str) -> None:
+        m = RESULT_RE.match(name) or HISTORY_RE.match(name)
+        if m:
+            with self._lock:
+                self._chunks.append(int(m.group(1)))
+
+    def drain(self) -> list[int]:
+        with self._lock:
+            out, self._chunks = self._chunks, []
+        return out
+
+
+class _Wake(FileSystemEventHandler):
+    def __init__(self, wake: threading.Event, names: ResultNames) -> None:
+        self.wake, self.names = wake, names
+
+    def on_any_event(self, event: Any) -> None:
+        path = event.dest_path if event.event_type == "moved" else event.src_path
+        name = os.path.basename(os.fsdecode(path))
+        if not name.startswith("."):  # temp files: not yet
+            self.names.add(name)
+            self.wake.set()

@@ -1,0 +1,131 @@
+"""Placement by the one dispatcher (master.dispatcher), one pass at a time against a tmp spool
+with hand-written heartbeats and a fake clock: breadth first, depth from the measured round
+trip and chunk durations, a fair share of what is left, and moving queued jobs to idle agents."""
+from __future__ import annotations
+
+from jobs.heartbeat import write_status
+from jobs.mailbox import Mailbox
+from jobs.paths import Spool
+from master.dispatcher import Dispatcher, FeedConfig, ResultNames
+from tests.test_feeder_step import beat, finish, make, queued
+
+
+def agents(spool: Spool, n: int, seq: int = 1, **status) -> list[str]:
+    ids = [f"h-cpu{i}" for i in range(n)]
+    for ident in ids:
+        beat(spool, ident, seq, **status)
+    return ids
+
+
+def test_few_chunks_go_one_to_each_agent(spool: Spool) -> None:
+    ids = agents(spool, 8)
+    f, _, _ = make(spool, chunks=8, depth=4, max_depth=64)
+    f.step()
+    assert [len(queued(spool, i)) for i in ids] == [1] * 8  # not 4 + 4 + 0 x 6
+
+
+def test_idle_agents_get_work_before_busy_ones(spool: Spool) -> None:
+    beat(spool, "h-cpu0", 1, state="busy")
+    beat(spool, "h-cpu1", 1)
+    beat(spool, "h-cpu2", 1)
+    f, _, _ = make(spool, chunks=2, depth=4, max_depth=64)
+    f.step()
+    assert queued(spool, "h-cpu0") == [] and len(queued(spool, "h-cpu1")) == len(queued(spool, "h-cpu2")) == 1
+
+
+def test_a_busy_agent_holds_no_more_than_its_fair_share(spool: Spool) -> None:
+    ids = agents(spool, 3)
+    f, _, _ = make(spool, chunks=7, depth=4, max_depth=64)
+    f.step()
+    assert sorted(len(queued(spool, i)) for i in ids) == [2, 2, 3]  # ceil(7 / 3), breadth first
+
+
+def test_depth_follows_the_chunk_duration_and_the_round_trip(spool: Spool) -> None:
+    f, _, _ = make(spool, chunks=10, depth=4, max_depth=64, poll=0.2, queue_s=0.5)
+    assert f.depth == 4  # nothing measured yet
+    f._mean_s = 3600.0  # hour-long chunks: one running, one queued
+    assert f.depth == 2
+    f._mean_s, f._latency = 0.04, 0.01
+    f.names = ResultNames()  # results watched by inotify: no poll in the round trip
+    assert f.depth == 13  # 0.5 s of work (more than the 2 x 20 ms round trip needs)
+    f.names, f._latency = None, 1.0  # a shared filesystem: 1 s to see a result, master polls
+    assert f.depth == 64  # 1 + 2 x 2.2 s / 40 ms, capped
+    f._mean_s = 1e-9
+    assert 1 <= f.depth <= 64
+
+
+def test_results_set_the_depth_a_refill_uses(spool: Spool) -> None:
+    agents(spool, 1)
+    f, clock, _ = make(spool, chunks=20, depth=4, max_depth=64)
+    f.step()
+    assert len(queued(spool, "h-cpu0")) == 4
+    from jobs.descriptor import Job, JobKind, JobState
+    from jobs.results import commit, record
+    for c, a in queued(spool, "h-cpu0"):
+        j = Job(run="run1", chunk_id=c, total_chunks=20, kind=JobKind.CALLABLE, target="x:y", attempt=a,
+                max_attempts=2)
+        commit(spool, j, record(j, JobState.OK, agent="h-cpu0", duration_s=600.0))
+    clock.t += 1
+    beat(spool, "h-cpu0", 2)
+    f.step()
+    assert len(queued(spool, "h-cpu0")) == 2  # long chunks: no deep queue to strand behind a slow one
+
+
+def test_an_idle_agent_takes_half_the_queued_jobs_of_a_busy_one(spool: Spool) -> None:
+    agents(spool, 1)
+    f, clock, events = make(spool, chunks=4, depth=4, max_depth=64)
+    f.step()
+    assert queued(spool, "h-cpu0") == [(0, 1), (1, 1), (2, 1), (3, 1)]
+    write_status(spool, "h-cpu0", {"agent": "h-cpu0", "seq": 2, "state": "busy", "pid": 1, "host": "h",
+                                   "current": {"run": "run1", "chunk_id": 0}})
+    beat(spool, "h-cpu1", 1)  # joins, idle, while nothing is pending
+    clock.t += 2
+    f.step()
+    assert queued(spool, "h-cpu0") == [(0, 1), (1, 1)]
+    assert queued(spool, "h-cpu1") == [(2, 2), (3, 2)]  # a moved job's next attempt: never two of one number
+    assert f.max_attempts[2] == 3  # and it costs no retry
+    assert ("moved", {"from": "h-cpu0", "to": "h-cpu1", "chunks": [2, 3]}) in events
+
+
+def test_the_first_and_handed_over_jobs_never_move(spool: Spool) -> None:
+    agents(spool, 1)
+    f, clock, _ = make(spool, chunks=2, depth=4, max_depth=64)
+    f.step()
+    write_status(spool, "h-cpu0", {"agent": "h-cpu0", "seq": 2, "state": "busy", "pid": 1, "host": "h",
+                                   "current": {"run": "run1", "chunk_id": 0}, "ahead": {"run": "run1", "chunk_id": 1}})
+    beat(spool, "h-cpu1", 1)
+    clock.t += 2
+    f.step()
+    assert queued(spool, "h-cpu0") == [(0, 1), (1, 1)] and queued(spool, "h-cpu1") == []
+
+
+def test_jobs_that_would_soon_start_anyway_are_not_moved(spool: Spool) -> None:
+    agents(spool, 1)
+    f, clock, _ = make(spool, chunks=4, depth=4, max_depth=64)
+    f.step()
+    f._mean_s, f._latency, f.names = 0.002, 0.001, ResultNames()  # 2 ms chunks: a move costs more than it saves
+    beat(spool, "h-cpu1", 1)
+    clock.t += 2
+    f.step()
+    assert len(queued(spool, "h-cpu0")) == 4 and queued(spool, "h-cpu1") == []
+
+
+def test_a_run_keeps_to_the_agents_it_may_use(spool: Spool) -> None:
+    class OnlyOne(type(make(spool)[0])):
+        def eligible(self, view) -> bool:
+            return view.id == "h-cpu1"
+
+    ids = agents(spool, 3)
+    f, _, events = make(spool, chunks=4)
+    f.__class__ = OnlyOne
+    f.step()
+    assert [len(queued(spool, i)) for i in ids] == [0, 2, 0]
+
+
+def test_one_backoff_rule() -> None:
+    from master.dispatcher import backoff
+    cfg = FeedConfig(retry_delay=1.0, retry_cap=5.0)
+    assert [backoff(a, cfg) for a in (1, 2, 3, 4)] == [1.0, 2.0, 4.0, 5.0]
+    from master.executor import _Calls
+    from master.feeder import Feeder
+    assert issubclass(Feeder, Dispatcher) and issubclass(_Calls, Dispatcher)  # one loop for a run and an Executor
