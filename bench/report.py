@@ -203,6 +203,30 @@ def targets(r: dict[str, Any], mode: str) -> list[dict[str, Any]]:
         u = (gpu.get("util_pct") or {}).get("mean")
         tgt("8. GPU: utilisation ≥ 95% on a stream of medium chunks", "-" if u is None else f"{u:.1f}%",
             None if u is None else u >= 95)
+    bal = r.get("9_balance")
+    if bal:
+        for fl in bal["few_long"]:
+            worst = max(fl["wall_over_chunk"])
+            tgt(f"9. {fl['agents']} chunks of {fl['chunk_s']:g} s on {fl['agents']} idle agents: every agent runs one, "
+                "main.py within 1.1x of one chunk + start-up (1 s)",
+                f"wall {_med(fl['wall_s']):.2f} s (worst {worst:.2f}x the chunk), agents used {fl['agents_used']}",
+                all(u == fl["agents"] for u in fl["agents_used"]) and max(fl["wall_s"]) <= 1.1 * fl["chunk_s"] + 1.0)
+        m = bal["many"]
+        tgt(f"9. {m['agents']} agents x {m['chunks'] // m['agents']} chunks: within 1.2x of ideal + start-up (1 s)",
+            f"wall {_med(m['wall_s']):.2f} s, ideal {m['ideal_s']:g} s", _med(m["wall_s"]) <= 1.2 * m["ideal_s"] + 1.0)
+        for tr in bal["two_runs"]:
+            share = _med([x for x in tr["b_share"] if x is not None])
+            want = tr["b_target_share"]
+            tgt(f"9. two runs {tr['weights'][0]:g}:{tr['weights'][1]:g}: the later run's share of the overlap "
+                f"within 10% of {want:.2f}", f"{share:.3f}" if share is not None else "-",
+                None if share is None else abs(share - want) <= 0.1 * want)
+            half = [x for x in tr["b_half_s"] if x is not None]
+            tgt(f"9. two runs {tr['weights'][0]:g}:{tr['weights'][1]:g}: the later run on its share within one chunk "
+                "+ 1 s", f"after {_med(half):.2f} s" if half else "never", bool(half) and _med(half) <= 1.1 and
+                len(half) == len(tr["b_half_s"]))
+        ex = bal["executor"]
+        tgt(f"9. Executor: {ex['calls']} calls of 1 s on {ex['calls']} idle agents take about 1 s",
+            f"{_med(ex['wall_s']):.2f} s", _med(ex["wall_s"]) <= 1.5)
     if mode == "smoke":  # sizes far too small to judge a target: the smoke run only proves the code works
         out = [{**t, "pass": None, "note": "smoke: not judged"} for t in out]
     return out

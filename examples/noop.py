@@ -37,3 +37,9 @@ def sleep_for(chunk_id: int, seconds: list | None = None) -> int:
     seconds = seconds or [0.1]
     time.sleep(float(seconds[min(chunk_id, len(seconds) - 1)]))
     return chunk_id
+
+
+def pause(seconds: float) -> float:
+    """Sleeps; no built-in arguments (for the Executor)."""
+    time.sleep(seconds)
+    return seconds
