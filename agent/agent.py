@@ -25,7 +25,7 @@ from typing import Any
 
 from loguru import logger
 
-from agent.board import Board, choose
+from agent.fairshare import FairShare
 from agent.gpu import NoGpu
 from agent.script import run_script
 from agent.slot import Slot
@@ -71,12 +71,11 @@ class Agent:
         self.stop_now = False  # stop at once
         self.state = AgentState.STARTING
         self.current: tuple[Job, float] | None = None
-        self.current_run: str | None = None  # the run of the job started last
         self._finished: set[tuple[str, int, int, str | None]] = set()  # uids whose outcome is on disk
         self._ahead: Job | None = None  # sent to the worker before its turn (pipelining)
         self._epochs: dict[str, tuple[tuple[int, int, int], str | None]] = {}  # run -> (file signature, epoch)
         self._durations: dict[str, float] = {}  # run -> how long its last chunk here took
-        self.board = Board(spool, self.id, cfg.heartbeat)  # who runs what: fair share between runs
+        self.share = FairShare()  # which run's job next, when the mailbox holds several runs
         self.done = self.failed = 0
         self._seq = 0
         self._hb_lock = threading.Lock()
@@ -157,7 +156,7 @@ class Agent:
         if self._draining() or time.monotonic() < self.pause_until:
             return False
         jobs = self._read().jobs
-        job = choose([j for j in jobs if j.uid not in self._finished], self.board)
+        job = self.share.choose([j for j in jobs if j.uid not in self._finished])
         if job is None:
             if jobs:
                 self._prune()
@@ -179,7 +178,8 @@ class Agent:
         last = self._durations.get(after.run)
         if after.alone or last is None or last > PIPELINE_MAX_S:
             return None
-        nxt = choose([j for j in jobs if j.uid not in self._finished and j.uid != after.uid], self.board, after.run)
+        nxt = self.share.choose([j for j in jobs if j.uid not in self._finished and j.uid != after.uid],
+                                running=(after.run, last))
         if nxt is None or nxt.kind is not JobKind.CALLABLE or nxt.alone or self._skip_reason(nxt) is not None:
             return None
         return nxt
@@ -242,11 +242,8 @@ class Agent:
     def _execute(self, job: Job, lookahead: Job | None = None) -> bool:
         """Run ``job`` and record its outcome. False if it was interrupted (it stays queued)."""
         started = time.time()
-        switched = self.current_run != job.run
-        self.current, self.current_run = (job, started), job.run
+        self.current = (job, started)
         self.state = AgentState.BUSY
-        if switched:  # the pool's fair share counts what agents run: say it now, not at the next beat
-            self.write_heartbeat()
         logger.debug("{} chunk {} attempt {}/{}: started", job.run, job.chunk_id, job.attempt, job.max_attempts)
         outcome = self._run_job(job, lookahead)
         self.current = None
@@ -269,6 +266,7 @@ class Agent:
         status = JobState.FAILED if "error" in fields else JobState.OK
         finished = fields.pop("finished_at", None) or time.time()
         self._durations[job.run] = max(0.0, finished - (fields.get("started_at") or started))
+        self.share.served(job, self._durations[job.run])
         rec = record(job, status, agent=self.id, host=self.host, pid=os.getpid(),
                      gpu_id=self.slot.number, device=self.slot.device,
                      started_at=fields.pop("started_at", None) or started, finished_at=finished,

@@ -1,15 +1,12 @@
-"""Fair share between runs: which run's job an agent takes next (agent.board), from the other
-agents' heartbeats, and two real masters sharing real agents."""
+"""Fair share between runs: which run's job an agent takes next (agent.fairshare), and two real
+masters sharing real agents."""
 from __future__ import annotations
 
-import os
 import threading
-import time
 from pathlib import Path
 
-from agent.board import Board, choose
+from agent.fairshare import FairShare
 from jobs.descriptor import Job, JobKind
-from jobs.heartbeat import write_status
 from jobs.paths import Spool
 from tests.helpers import results, run_main, wait_for
 
@@ -18,48 +15,52 @@ def job(run: str, c: int, share: float = 1.0) -> Job:
     return Job(run=run, chunk_id=c, total_chunks=100, kind=JobKind.CALLABLE, target="x:y", share=share)
 
 
-def running(spool: Spool, counts: dict[str, int]) -> None:
-    n = 0
-    for run, k in counts.items():
-        for _ in range(k):
-            write_status(spool, f"h-cpu{n}", {"agent": f"h-cpu{n}", "seq": 1, "state": "busy",
-                                             "current": {"run": run, "chunk_id": n}})
-            n += 1
-    write_status(spool, "me-cpu0", {"agent": "me-cpu0", "seq": 1, "state": "idle"})
+def serve(fs: FairShare, jobs: list[Job], n: int, seconds: float = 1.0) -> list[str]:
+    """Let one agent pick ``n`` times from a mailbox that keeps jobs of every run (a master refills it)."""
+    picked = []
+    for _ in range(n):
+        j = fs.choose(jobs)
+        fs.served(j, seconds)
+        picked.append(j.run)
+    return picked
 
 
-def test_one_run_is_taken_in_mailbox_order(spool: Spool) -> None:
+def test_one_run_is_taken_in_mailbox_order() -> None:
     jobs = [job("a", 3), job("a", 1)]
-    assert choose(jobs, Board(spool, "me-cpu0", 2.0)) is jobs[0] and choose([], None) is None
+    assert FairShare().choose(jobs) is jobs[0] and FairShare().choose([]) is None
 
 
-def test_the_run_furthest_below_its_share_goes_first(spool: Spool) -> None:
-    running(spool, {"a": 3, "b": 0})
-    board = Board(spool, "me-cpu0", 2.0)
-    jobs = [job("a", 5), job("a", 6), job("b", 0)]
-    assert choose(jobs, board).run == "b"  # a runs on 3 agents, b on none
-    running(spool, {"a": 1, "b": 2})
-    board = Board(spool, "me-cpu0", 2.0)
-    assert choose(jobs, board).key == ("a", 5, 1)  # the first queued job of that run
+def test_equal_runs_take_turns_and_a_newcomer_goes_next() -> None:
+    fs = FairShare()
+    assert serve(fs, [job("a", 0)], 5) == ["a"] * 5  # a alone for a while: it banks no priority over b
+    jobs = [job("a", 1), job("a", 2), job("b", 0)]
+    assert fs.choose(jobs).key == ("b", 0, 1)  # b starts at a's virtual time and wins the tie
+    assert serve(fs, jobs, 6) == ["b", "a", "b", "a", "b", "a"]
 
 
-def test_weights_set_the_shares(spool: Spool) -> None:
-    jobs = [job("a", 0, share=3.0), job("b", 0)]
-    running(spool, {"a": 2, "b": 1})  # 2/3 < 1/1: a is further below its 3:1 share
-    assert choose(jobs, Board(spool, "me-cpu0", 2.0)).run == "a"
-    running(spool, {"a": 3, "b": 0})
-    assert choose(jobs, Board(spool, "me-cpu0", 2.0)).run == "b"
-    running(spool, {"a": 3, "b": 1})  # at 3:1 exactly: the agent's own current run counts too
-    assert choose(jobs, Board(spool, "me-cpu0", 2.0), mine="a").run == "b"
-    assert choose(jobs, Board(spool, "me-cpu0", 2.0), mine="b").run == "a"
+def test_weights_set_the_shares_of_the_agents_time() -> None:
+    fs = FairShare()
+    picked = serve(fs, [job("a", 0), job("b", 0, share=3.0)], 40)
+    assert picked.count("b") == 30 and picked.count("a") == 10
+    fs = FairShare()
+    picked = serve(fs, [job("a", 0), job("b", 0)], 1, seconds=9.0) + serve(fs, [job("a", 0), job("b", 0)], 9)
+    assert picked == ["a"] + ["b"] * 9  # time, not job counts: a's one 9 s chunk is worth nine of b's 1 s
 
 
-def test_agents_whose_heartbeat_stopped_run_nothing(spool: Spool) -> None:
-    running(spool, {"a": 2})
-    old = time.time() - 3600
-    for n in range(2):
-        os.utime(spool.heartbeat(f"h-cpu{n}"), (old, old))
-    assert Board(spool, "me-cpu0", 2.0).running() == {}
+def test_a_run_absent_for_a_while_gets_no_credit() -> None:
+    fs = FairShare()
+    serve(fs, [job("a", 0), job("b", 0)], 4)
+    serve(fs, [job("a", 0)], 10)  # b had nothing queued here
+    assert serve(fs, [job("a", 0), job("b", 0)], 4).count("b") == 2  # turns again, not 10 b's in a row
+
+
+def test_the_job_still_running_counts_when_the_next_one_is_chosen_early() -> None:
+    fs = FairShare()
+    jobs = [job("a", 0), job("b", 0)]
+    fs.served(job("a", 9), 1.0)
+    fs.served(job("b", 9), 1.0)
+    assert fs.choose(jobs, running=("a", 1.0)).run == "b"
+    assert fs.choose(jobs, running=("b", 1.0)).run == "a"
 
 
 def test_two_runs_on_one_pool_share_it(spool: Spool, agents, env) -> None:

@@ -48,7 +48,7 @@ def few_long(ctx: Ctx, n: int, seconds: float) -> dict[str, Any]:
             wall, _ = main_py(base, f"long-{rep}", n, seconds)
             ctx.check(base, f"long-{rep}", n)
             walls.append(wall)
-            used.append(len({r["agent"] for r in results(base, f"long-{rep}").values()}))
+            used.append(len({r["agent"] for r in results(base, f"long-{rep}")}))
     out = {"agents": n, "chunk_s": seconds, "wall_s": walls, "agents_used": used,
            "wall_over_chunk": [w / seconds for w in walls]}
     log(f"9. {n} chunks of {seconds} s on {n} agents: walls {[round(w, 2) for w in walls]} s, agents used {used}")
@@ -58,12 +58,12 @@ def few_long(ctx: Ctx, n: int, seconds: float) -> dict[str, Any]:
 def overlap_shares(base: Any, a: str, b: str) -> dict[str, Any]:
     """Agent-seconds each run used while both had work, and when B first ran on half the agents."""
     ra, rb = results(base, a), results(base, b)
-    b_start = min(r["submitted_at"] for r in rb.values())
-    end = min(max(r["finished_at"] for r in ra.values()), max(r["finished_at"] for r in rb.values()))
-    start = min(r["started_at"] for r in rb.values())
+    b_start = min(r["submitted_at"] for r in rb)
+    end = min(max(r["finished_at"] for r in ra), max(r["finished_at"] for r in rb))
+    start = min(r["started_at"] for r in rb)
 
-    def busy(recs: dict) -> float:
-        return sum(max(0.0, min(r["finished_at"], end) - max(r["started_at"], start)) for r in recs.values())
+    def busy(recs: list) -> float:
+        return sum(max(0.0, min(r["finished_at"], end) - max(r["started_at"], start)) for r in recs)
 
     ua, ub = busy(ra), busy(rb)
     return {"b_share": ub / (ua + ub) if ua + ub else None, "overlap_s": end - start, "b_first_start_s": start - b_start}
@@ -71,7 +71,7 @@ def overlap_shares(base: Any, a: str, b: str) -> dict[str, Any]:
 
 def b_reaches(base: Any, b: str, k: int) -> float | None:
     """Seconds from B's first submit until k of B's chunks ran at the same time."""
-    rb = sorted(results(base, b).values(), key=lambda r: r["started_at"])
+    rb = sorted(results(base, b), key=lambda r: r["started_at"])
     t0 = min(r["submitted_at"] for r in rb)
     for r in rb:
         t = r["started_at"]
