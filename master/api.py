@@ -27,6 +27,7 @@ from jobs.npzio import load_npz
 from jobs.paths import Spool
 from jobs.results import new_epoch, read_epoch, read_result
 from master.feeder import FeedConfig, Feeder, Summary
+from master.placement import Placement
 from master.progress import Progress
 from master.runspec import RunSpec, build, save_or_check
 
@@ -90,8 +91,10 @@ class Run:
         return self.spec.name
 
     def wait(self, progress: bool = True, cfg: FeedConfig | None = None, wait_for_lock: bool = False,
-             stop: threading.Event | None = None) -> Summary:
-        """Be this run's master until every chunk has a final result; returns the summary."""
+             stop: threading.Event | None = None, placement: Placement | None = None) -> Summary:
+        """Be this run's master until every chunk has a final result; returns the summary.
+        ``placement``: which agents may take its jobs (``master.placement``); raises Unplaceable
+        if live agents are there and none may."""
         self.spool.run_dir(self.name).mkdir(parents=True, exist_ok=True)
         lock = HolderLock(self.spool.master_lock(self.name))
         if wait_for_lock:
@@ -111,7 +114,7 @@ class Run:
             self.spool.run_dirs(self.name)
             purge_temp([self.spool.result_dir(self.name), self.spool.run_dir(self.name), self.spool.pool_dir])
             bar = Progress(self.spec, enabled=progress, base=self.spool.base)
-            feeder = Feeder(self.spool, self.spec, cfg, on_event=bar.event)
+            feeder = Feeder(self.spool, self.spec, cfg, on_event=bar.event, placement=placement)
             feeder.recover()
             bar.start(len(feeder.final))
             try:

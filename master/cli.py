@@ -35,6 +35,13 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--share", "--priority", type=float, default=1.0, metavar="W",
                    help="the run's weight when several runs use the pool at once: agents are split between the "
                    "active runs in proportion to their weights (default 1)")
+    p.add_argument("--target", action="append", metavar="HOST::GPU[,GPU]",
+                   help="run only on these agents: a host and its GPU numbers (node1::0,2), or a whole host "
+                   "(node1); repeatable")
+    p.add_argument("--hosts", metavar="H1,H2", help="run only on agents of these hosts")
+    p.add_argument("--exclude-hosts", metavar="H1,H2", help="never run on agents of these hosts")
+    p.add_argument("--min-free-gb", type=float, metavar="GB",
+                   help="run only on agents whose GPU has at least this much free memory")
     p.add_argument("--fresh", action="store_true", help="start the run over: drop its earlier results")
     p.add_argument("--wait", action="store_true", help="if another master feeds this run, wait for it")
     p.add_argument("--depth", type=int, default=4, help="jobs per agent until chunk durations are known (default 4; "
@@ -92,13 +99,16 @@ def feed(args: argparse.Namespace) -> int:
             return 2
 
     def go() -> int:
+        from master.placement import Placement
+
+        placement = Placement.parse(args.target, args.hosts, args.exclude_hosts, args.min_free_gb)
         pool = Pool(args.base, allow_local_locks=args.allow_local_locks)
         run = pool.submit(task=args.task, script=args.script, chunks=args.chunks, kwargs=parse_kwargs(args.kwargs),
                           shared=args.shared, data=args.data, run=args.run, retries=args.retries,
                           timeout=args.timeout, fresh=args.fresh, share=args.share)
         cfg = FeedConfig(depth=args.depth, max_depth=max(args.depth, args.max_depth), dead_after=args.dead_after,
                          retry_delay=args.retry_delay)
-        summary = run.wait(progress=not args.no_progress, cfg=cfg, wait_for_lock=args.wait)
+        summary = run.wait(progress=not args.no_progress, cfg=cfg, wait_for_lock=args.wait, placement=placement)
         print(format_summary(summary, pool.spool.base))
         return 0 if summary.all_ok else 1
 

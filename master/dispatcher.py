@@ -144,6 +144,10 @@ class Dispatcher:
     def eligible(self, view: AgentView) -> bool:
         return True
 
+    def unplaceable(self, live: list[AgentView]) -> None:
+        """Agents are alive, but this run may use none of them (placement)."""
+        self.on_event("unplaceable", {"agents": [v.id for v in live]})
+
     # bookkeeping -------------------------------------------------------------------------------
     def add(self, c: int, max_attempts: int, attempt: int = 0) -> None:
         """A chunk to run; ``attempt``: attempts already made (a resumed run)."""
@@ -393,6 +397,9 @@ class Dispatcher:
     def _dispatch(self) -> None:
         self.pending = deque(c for c in self.pending if self.sendable(c))
         live = self._candidates()
+        if self.pending and not live and (accepting := [v for v in self.liveness.views.values() if v.accepting]):
+            self.unplaceable(accepting)
+            return
         if self.pending and not live:
             if not self._warned_no_agents:
                 self._warned_no_agents = True

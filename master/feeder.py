@@ -21,6 +21,8 @@ from jobs.errors import BadFile
 from jobs.paths import HISTORY_RE, RESULT_RE, Spool
 from jobs.results import read_epoch, read_result, reopen_failed, seal, sealed, unseal
 from master.dispatcher import Dispatcher, Event, FeedConfig, Outcome, read_or_empty, summarize
+from master.liveness import AgentView
+from master.placement import Placement, Unplaceable
 from master.runspec import RunSpec
 
 __all__ = ["Feeder", "FeedConfig", "Outcome", "Summary"]
@@ -55,15 +57,26 @@ class Summary:
 
 class Feeder(Dispatcher):
     def __init__(self, spool: Spool, spec: RunSpec, cfg: FeedConfig | None = None,
-                 on_event: Event | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+                 on_event: Event | None = None, clock: Callable[[], float] = time.monotonic,
+                 placement: Placement | None = None) -> None:
         super().__init__(spool, spec.name, cfg, on_event, clock)
-        self.spec = spec
+        self.spec, self.placement = spec, placement or Placement()
         self.recovered_done = 0  # chunks already done when this master started
         self.epoch = read_epoch(spool, spec.name)  # carried by every job (see jobs.descriptor)
 
     @property
     def done(self) -> bool:
         return self.cancelled or len(self.final) >= self.spec.chunks
+
+    def eligible(self, view: AgentView) -> bool:
+        return self.placement.why_not(view.status) is None
+
+    def unplaceable(self, live: list[AgentView]) -> None:
+        """Fail at once: waiting for agents that will never match helps nobody."""
+        why = "; ".join(f"{v.id} (host {v.status.get('host')}, gpu {v.status.get('gpu_id')}): fails "
+                        f"{self.placement.why_not(v.status)}" for v in live[:8])
+        raise Unplaceable(f"run {self.spec.name}: none of the {len(live)} live agent(s) may take its jobs under "
+                          f"{self.placement.describe()}: {why}{' ...' if len(live) > 8 else ''}")
 
     # recovery ------------------------------------------------------------------------------
     def recover(self) -> None:

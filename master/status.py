@@ -50,6 +50,9 @@ class StatusReader:
                 if got is not None:
                     runs.append(got[0])
                     progress[name] = got[1]
+            busy = sum(r["running"] for r in runs)
+            for r in runs:  # the run's part of the agents busy now (fair share: see agent/fairshare.py)
+                r["busy_pct"] = round(100 * r["running"] / busy, 1) if busy and r["running"] else None
             # Rates and ETAs sit beside the run rows, whose keys scripts already rely on.
             return {"base": str(self.spool.base), "time": time.time(), "agents": agents, "runs": runs,
                     "run_progress": progress}
@@ -82,7 +85,7 @@ class StatusReader:
         left = spec.chunks - ok - failed
         active = running + queued > 0
         row = {"run": name, "kind": spec.kind.value, "target": spec.target, "chunks": spec.chunks, "ok": ok,
-               "failed": failed, "running": running, "queued": queued, "pending": pending}
+               "failed": failed, "running": running, "queued": queued, "pending": pending, "share": spec.share}
         return row, {"cancelled": self.spool.cancel_flag(name).exists(), "done": left == 0,
                      "chunks_per_s": None if rate is None else round(rate, 3),
                      "eta_s": round(left / rate, 1) if rate and left and active else None}
@@ -197,8 +200,9 @@ def _run_line(r: dict[str, Any], p: dict[str, Any], color: bool) -> str:
     failed = _paint(f"{r['failed']:>6}", "31", color and r["failed"] > 0)
     rate = "-" if p.get("chunks_per_s") is None else f"{p['chunks_per_s']:.2f}"
     eta = "done" if p.get("done") else "cancelled" if p.get("cancelled") else duration(p.get("eta_s"))
+    share = f"{r.get('share', 1.0):g}" + (f" {r['busy_pct']:.0f}%" if r.get("busy_pct") is not None else "")
     return (f"{r['run'][:32]:<32} {r['chunks']:>6} {r['ok']:>6} {failed} {r['running']:>7} {r['queued']:>6} "
-            f"{r['pending']:>7} {rate:>8} {eta:>9}")
+            f"{r['pending']:>7} {share:>9} {rate:>8} {eta:>9}")
 
 
 def render(data: dict[str, Any], color: bool = False) -> str:
@@ -214,7 +218,7 @@ def render(data: dict[str, Any], color: bool = False) -> str:
         lines.append(_paint(f"DEAD (no heartbeat): {', '.join(dead)}; their queued jobs go to other agents", "31",
                             color))
     lines += ["", f"{'RUN':<32} {'CHUNKS':>6} {'OK':>6} {'FAILED':>6} {'RUNNING':>7} {'QUEUED':>6} {'PENDING':>7} "
-                  f"{'CHUNK/S':>8} {'ETA':>9}"]
+                  f"{'SHARE':>9} {'CHUNK/S':>8} {'ETA':>9}"]
     lines += [_run_line(r, data.get("run_progress", {}).get(r["run"], {}), color) for r in data["runs"]]
     if not data["runs"]:
         lines.append("(no runs yet)")

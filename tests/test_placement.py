@@ -1,0 +1,45 @@
+"""Placement the user asks for (master.placement): --target HOST::GPU, --hosts, --exclude-hosts,
+--min-free-gb, judged against heartbeats, and a run no live agent may take failing at once."""
+from __future__ import annotations
+
+import pytest
+
+from master.placement import Placement
+from master.runspec import UsageError
+from tests.helpers import results, run_main
+
+GPU_AGENT = {"host": "node1", "hostname": "node1.lab", "gpu_id": 2,
+             "gpu": {"mem_used": 30 * 2**30, "mem_total": 80 * 2**30}}
+
+
+def test_targets_hosts_and_free_memory() -> None:
+    ok = lambda p: p.why_not(GPU_AGENT) is None  # noqa: E731
+    assert ok(Placement()) and ok(Placement.parse(["node1::0,2"])) and ok(Placement.parse(["node1"]))
+    assert ok(Placement.parse(["node9::0", "node1.lab::2"]))  # repeatable; the full hostname matches too
+    assert Placement.parse(["node1::0,1"]).why_not(GPU_AGENT) == "--target node1::0,1"
+    assert ok(Placement.parse(hosts="node0,node1")) and not ok(Placement.parse(hosts="node0"))
+    assert Placement.parse(exclude_hosts="node1").why_not(GPU_AGENT) == "--exclude-hosts node1"
+    assert ok(Placement.parse(min_free_gb=50)) and not ok(Placement.parse(min_free_gb=51))
+    assert Placement.parse(min_free_gb=1).why_not({"host": "cpuhost", "gpu_id": 0}) == "--min-free-gb 1"
+
+
+@pytest.mark.parametrize("bad", ["node1::x", "::0", "node 1::0", "node1::-1"])
+def test_a_bad_target_is_named(bad: str) -> None:
+    with pytest.raises(UsageError, match="--target"):
+        Placement.parse([bad])
+
+
+def test_a_run_goes_only_where_it_is_targeted(spool, agents, env) -> None:
+    agents(2)
+    r = run_main(["--base", str(spool.base), "--task", "examples.noop:square", "--chunks", "6", "--run", "t",
+                  "--target", "testhost::1", "--no-progress"], env)
+    assert r.returncode == 0, r.stderr
+    assert {rec["agent"] for rec in results(spool.base, "t").values()} == {"testhost-cpu1"}
+
+
+def test_a_run_no_agent_may_take_fails_at_once_naming_the_constraint(spool, agents, env) -> None:
+    agents(1)
+    r = run_main(["--base", str(spool.base), "--task", "examples.noop:square", "--chunks", "3", "--run", "u",
+                  "--target", "otherhost::0", "--no-progress"], env, timeout=60)
+    assert r.returncode == 2 and "--target otherhost::0" in r.stderr and "testhost-cpu0" in r.stderr, r.stderr
+    assert results(spool.base, "u") == {}
