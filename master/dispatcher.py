@@ -26,8 +26,9 @@ Placement (issue 11: every GPU busy, few long chunks as well as many tiny ones):
   is left (chunks not done / eligible agents) and never more than ``max_depth``.
 * Stealing (Dask's work stealing, simplified: a thief is an idle agent, a victim holds jobs
   that have not started): when nothing is pending and an eligible agent is idle, half of the
-  not-started jobs of the agent holding most of them move, under the victim's mailbox lock,
-  those that would wait there longer than the move costs (``MOVE_MIN_S``, twice the round trip).
+  not-started jobs of the agent holding most of them move, under the victim's mailbox lock:
+  those that would wait there longer than the move costs (the round trip, at least
+  ``MOVE_MIN_S``), judged from the mean chunk duration and how long the job ahead has run.
   The first of the victim's jobs (it may be running, or in its worker's pipe) and the jobs its
   heartbeat names as ``current`` or ``ahead`` never move. A moved job is queued with its next
   attempt number (free): if the victim read its mailbox a moment before and runs it anyway,
@@ -121,6 +122,7 @@ class Dispatcher:
         self.cancelled = False
         self.names: Any = None  # chunk ids inotify reported (an object with drain()); None: no inotify
         self._missing: dict[int, float] = {}  # chunk -> when it was first seen gone from its mailbox
+        self._seen_running: dict[int, float] = {}  # chunk -> when a heartbeat first showed it running
         self._next_liveness = 0.0
         self._next_sample = 0.0
         self._warned_no_agents = False
@@ -168,6 +170,7 @@ class Dispatcher:
             agent, _ = self.inflight.pop(c)
             self.by_agent[agent].discard(c)
         self._missing.pop(c, None)
+        self._seen_running.pop(c, None)
 
     def _requeue(self, c: int, delay: float = 0.0, free: bool = False) -> None:
         """Back to pending for the next attempt; ``free`` = a lost attempt that costs no retry."""
@@ -231,10 +234,13 @@ class Dispatcher:
         self.on_event("cancelled", {"pending": len(self.pending) + len(self.inflight) + len(self.delayed)})
 
     def _note_started(self) -> None:
+        now = self.clock()
         for view in self.liveness.views.values():
             for key in ("current", "ahead"):
                 b = view.status.get(key)
                 if isinstance(b, dict) and b.get("run") == self.run_name and b.get("chunk_id") in self.inflight:
+                    if key == "current":
+                        self._seen_running.setdefault(b["chunk_id"], now)
                     self.started(b["chunk_id"])
 
     # results -----------------------------------------------------------------------------------
@@ -412,43 +418,42 @@ class Dispatcher:
             return
         left = len(self.pending) + len(self.inflight)
         depth = max(1, min(self.depth, math.ceil(left / len(live))))  # never more than a fair share of what is left
-        for view, n in self._plan(live, depth):
-            self._fill(view, n)
+        plan = self._plan(live, depth)
+        for ident, chunks in plan.items():
+            self._fill(self.liveness.views[ident], chunks)
 
-    def _plan(self, live: list[AgentView], depth: int) -> list[tuple[AgentView, int]]:
-        """Breadth first: jobs one at a time to the agent holding fewest of this run's (idle ones
-        first), to agents down to half their depth, each up to ``depth``."""
+    def _plan(self, live: list[AgentView], depth: int) -> dict[str, list[int]]:
+        """Breadth first: pending chunks one at a time, in order, to the agent holding fewest of
+        this run's (idle ones first), to agents down to half their depth, each up to ``depth``.
+        The chunks planned leave ``pending``."""
         low = depth // 2
-        heap = [(len(self.by_agent.get(v.id, ())), v.state != AgentState.IDLE.value, v.id, v) for v in live]
+        heap = [(len(self.by_agent.get(v.id, ())), v.state != AgentState.IDLE.value, v.id) for v in live]
         heap = [h for h in heap if h[0] <= low]
         heapq.heapify(heap)
-        give: dict[str, int] = {}
-        left = len(self.pending)
-        while left and heap:
-            n, busy, ident, view = heapq.heappop(heap)
+        plan: dict[str, list[int]] = {}
+        while self.pending and heap:
+            n, busy, ident = heapq.heappop(heap)
             if n >= depth:
                 break
-            give[ident] = give.get(ident, 0) + 1
-            left -= 1
-            heapq.heappush(heap, (n + 1, busy, ident, view))
-        return [(self.liveness.views[i], n) for i, n in give.items()]
+            plan.setdefault(ident, []).append(self.pending.popleft())
+            heapq.heappush(heap, (n + 1, busy, ident))
+        return plan
 
-    def _fill(self, view: AgentView, n: int) -> None:
+    def _fill(self, view: AgentView, chunks: list[int]) -> None:
         taken: list[Job] = []
 
         def add(jobs: list[Job]) -> list[Job] | None:
             # Drop this run's jobs that are no longer in flight (their outcome is on disk):
             # agents leave finished jobs for us to prune, saving a mailbox rewrite per job.
             keep = [j for j in jobs if j.run != self.run_name or self.inflight.get(j.chunk_id) == (view.id, j.attempt)]
-            while len(taken) < n and self.pending:
-                taken.append(self._job(self.pending.popleft()))
-            return keep + taken if taken or len(keep) != len(jobs) else None
+            taken[:] = [self._job(c) for c in chunks]
+            return keep + taken
 
         try:
             self._mailbox(view.id).update(add, wait=HOLD_LIMIT)
         except OSError as e:
             logger.warning("could not queue jobs for {}: {}", view.id, e)
-            self.pending.extendleft(reversed([j.chunk_id for j in taken]))
+            self.pending.extendleft(reversed(chunks))
             return
         for job in taken:
             self.attempt[job.chunk_id] = job.attempt
@@ -470,7 +475,11 @@ class Dispatcher:
             def tail(jobs: list[Job]) -> set[int]:
                 # the agent may have finished jobs not yet collected: count only those still open
                 jobs = [j for j in jobs if not self._has_outcome(j.chunk_id, j.attempt)]
-                movable = [j.chunk_id for i, j in enumerate(jobs) if i and j.chunk_id not in keep and self._worth_moving(i)]
+                movable, wait = [], self._left(jobs[0].chunk_id) if jobs else 0.0
+                for j in jobs[1:]:
+                    if j.chunk_id not in keep and wait > max(self.rtt, MOVE_MIN_S):
+                        movable.append(j.chunk_id)
+                    wait += self._mean_s if self._mean_s is not None else math.inf
                 return set(movable[len(movable) - min(want, len(movable)):])
 
             taken = self._take_back(ident, tail, force=False) or []
@@ -507,13 +516,15 @@ class Dispatcher:
                 observer.join(timeout=5)
             self.names = None
 
-    def _worth_moving(self, position: int) -> bool:
-        """A job with ``position`` jobs before it at its agent is moved only if it would wait
-        there longer than moving it costs (its mailbox rewritten twice, the round trip), as
-        Dask's stealing weighs the thief's earlier start against the cost of the move."""
+    def _left(self, c: int) -> float:
+        """Seconds chunk ``c`` (the first open job at its agent) will still take, as far as can be
+        told: the mean chunk duration for one that has barely begun, and as long again as it has
+        run for one that has run longer than half that (a chunk past the mean is a long one).
+        Infinite while no chunk has finished: the chunks are long, or it is early on."""
         if self._mean_s is None:
-            return True  # nothing has finished yet: the chunks are long, or it is early on
-        return position * self._mean_s > max(2 * self.rtt, MOVE_MIN_S)
+            return math.inf
+        elapsed = self.clock() - self._seen_running.get(c, self.clock())
+        return max(self._mean_s - elapsed, elapsed)
 
     def _alive(self, ident: str) -> bool:
         view = self.liveness.views.get(ident)

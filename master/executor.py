@@ -30,6 +30,7 @@ still waiting in a mailbox is taken out of it.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import inspect
 import json
@@ -246,7 +247,12 @@ class _Calls(Dispatcher):
                    workdir=call.workdir, submitted_at=time.time(), alone=c in self.isolated)
 
     def sendable(self, c: int) -> bool:
-        return not self.ex._calls[c].future.cancelled()
+        future = self.ex._calls[c].future
+        if not future.cancelled():
+            return True
+        with contextlib.suppress(RuntimeError):  # already notified
+            future.set_running_or_notify_cancel()  # wakes wait() and as_completed() on it
+        return False
 
     def started(self, c: int) -> None:
         future = self.ex._calls[c].future
@@ -291,9 +297,7 @@ def _end(future: futures.Future, exc: BaseException, sent: bool = False) -> None
     if sent and not future.done() and (future.running() or future.set_running_or_notify_cancel()):
         future.set_exception(exc)
     elif future.cancel():
-        try:
+        with contextlib.suppress(RuntimeError):  # already notified
             future.set_running_or_notify_cancel()
-        except RuntimeError:  # already notified
-            pass
     elif not future.done():
         future.set_exception(exc)

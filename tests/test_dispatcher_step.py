@@ -110,6 +110,25 @@ def test_jobs_that_would_soon_start_anyway_are_not_moved(spool: Spool) -> None:
     assert len(queued(spool, "h-cpu0")) == 4 and queued(spool, "h-cpu1") == []
 
 
+def test_jobs_behind_a_chunk_that_runs_long_are_moved(spool: Spool) -> None:
+    agents(spool, 1)
+    f, clock, _ = make(spool, chunks=2, depth=4, max_depth=64)
+    f.step()
+    f._mean_s, f._latency, f.names = 0.05, 0.001, ResultNames()  # chunks usually take 50 ms...
+    busy = {"agent": "h-cpu0", "state": "busy", "pid": 1, "host": "h", "current": {"run": "run1", "chunk_id": 0}}
+    write_status(spool, "h-cpu0", {**busy, "seq": 2})
+    beat(spool, "h-cpu1", 1)
+    clock.t += 2
+    f.step()  # ...and chunk 0 has only just been seen running: chunk 1 starts there soon
+    assert queued(spool, "h-cpu1") == []
+    for t in range(3):  # but it runs on and on
+        clock.t += 1
+        write_status(spool, "h-cpu0", {**busy, "seq": 3 + t})
+        beat(spool, "h-cpu1", 2 + t)
+        f.step()
+    assert queued(spool, "h-cpu0") == [(0, 1)] and queued(spool, "h-cpu1") == [(1, 2)]
+
+
 def test_a_run_keeps_to_the_agents_it_may_use(spool: Spool) -> None:
     class OnlyOne(type(make(spool)[0])):
         def eligible(self, view) -> bool:

@@ -391,3 +391,26 @@ def test_an_idle_polling_agent_costs_few_filesystem_operations(gluster, gluster_
           f"brick served {server_per_s:.1f} ops/s {fops}")
     assert per_s <= 20, calls
     assert server_per_s <= 80, fops  # caches off: every path component is looked up at the brick
+
+
+# the scheduler through two mounts (issue 11) -----------------------------------------------------
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("volume", ["gluster_fast", "gluster_default"])
+def test_through_two_mounts_few_long_chunks_use_every_agent_and_idle_agents_take_queued_work(
+        volume: str, hosts, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    a, b = hosts(request.getfixturevalue(volume))
+    agents = [b.agent(i).wait_ready() for i in range(3)]
+    code, out, err = finish(a.master(["--task", "examples.noop:sleepy", "--chunks", "3", "--kwargs",
+                                      '{"seconds": 1.5}', "--run", "long"]), 120)
+    assert code == 0, out + err
+    assert sorted(r["agent"] for r in results(a.base, "long").values()) == sorted(ag.id for ag in agents)
+    # chunk 0 long, 1 and 2 short, two agents: 0 and 2 first go to one (a fair share of 3 is 2);
+    # the other one, done with chunk 1, takes chunk 2 (moved through the volume, under the lock)
+    agents[2].proc.terminate()  # a graceful stop: its heartbeat says stopped
+    agents[2].proc.wait(timeout=30)
+    code, out, err = finish(a.master(["--task", "examples.noop:sleep_for", "--chunks", "3", "--kwargs",
+                                      json.dumps({"seconds": [10.0, 0.3, 0.3]}), "--run", "uneven", "--depth", "2",
+                                      "--dead-after", "3"]), 120)
+    assert code == 0, out + err
+    res = results(a.base, "uneven")
+    assert res[2]["agent"] != res[0]["agent"] and res[2]["finished_at"] < res[0]["finished_at"], res
