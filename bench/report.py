@@ -227,6 +227,13 @@ def targets(r: dict[str, Any], mode: str) -> list[dict[str, Any]]:
         ex = bal["executor"]
         tgt(f"9. Executor: {ex['calls']} calls of 1 s on {ex['calls']} idle agents take about 1 s",
             f"{_med(ex['wall_s']):.2f} s", _med(ex["wall_s"]) <= 1.5)
+    sfs = r.get("10_sharedfs") or {}
+    if sfs.get("ratio"):
+        ra = _med(sfs["ratio"])
+        tgt(f"10. {sfs['chunks']} chunks of {sfs['chunk_s'] * 1000:.0f} ms across two GlusterFS mounts: at most 1.5x "
+            "the local wall", f"{_med(sfs['gluster_s']):.2f} s vs {_med(sfs['local_s']):.2f} s = {ra:.2f}x", ra <= 1.5)
+    elif r.get("10_sharedfs") is not None:
+        tgt("10. across two GlusterFS mounts: at most 1.5x the local wall", "skipped", None, sfs.get("skipped", ""))
     if mode == "smoke":  # sizes far too small to judge a target: the smoke run only proves the code works
         out = [{**t, "pass": None, "note": "smoke: not judged"} for t in out]
     return out
