@@ -23,7 +23,6 @@ from jobs.errors import BadFile, LockHeld
 from jobs.fsinfo import check_locks
 from jobs.locks import HolderLock
 from jobs.mailbox import drop_run
-from jobs.npzio import load_npz
 from jobs.paths import Spool
 from jobs.results import new_epoch, read_epoch, read_result
 from master.feeder import FeedConfig, Feeder, Summary
@@ -54,6 +53,8 @@ class Result:
 
     @property
     def arrays(self) -> dict[str, Any]:
+        from jobs.npzio import load_npz  # numpy only where arrays are read: main.py starts sooner
+
         return load_npz(self.npz) if self.npz else {}
 
 

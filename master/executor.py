@@ -54,7 +54,6 @@ from jobs.descriptor import BUILTIN_KWARGS, Job, JobKind
 from jobs.errors import BadFile
 from jobs.locks import HolderLock
 from jobs.names import slug
-from jobs.npzio import load_npz
 from jobs.paths import Spool
 from master.dispatcher import Dispatcher, FeedConfig
 from master.runspec import RunSpec
@@ -267,6 +266,8 @@ class _Calls(Dispatcher):
             if rec["status"] != "ok":
                 future.set_exception(RemoteError(rec.get("error"), rec.get("agent"), c, rec["attempt"]))
             elif rec.get("arrays"):
+                from jobs.npzio import load_npz  # numpy only where arrays are read
+
                 future.set_result(load_npz(self.spool.arrays_of(self.run_name, rec), mmap=False))
             else:
                 future.set_result(rec.get("value"))

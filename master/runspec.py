@@ -18,7 +18,6 @@ from jobs.atomic import read_bounded, write_replace
 from jobs.descriptor import BUILTIN_KWARGS, JobKind
 from jobs.errors import BadFile, BadNpz, SpoolError
 from jobs.names import check_name, slug
-from jobs.npzio import load_npz
 from jobs.paths import Spool
 
 SPEC_SCHEMA = 1
@@ -178,6 +177,8 @@ def check_script(script: str, workdir: str) -> str:
 
 
 def check_npz(path: str, what: str, workdir: str) -> str:
+    from jobs.npzio import load_npz  # numpy only where arrays are read: main.py starts sooner
+
     p = Path(workdir, path).resolve()
     try:
         load_npz(p)
@@ -199,6 +200,8 @@ def check_data_dir(data: str, chunks: int, workdir: str) -> str:
     if missing:
         shown = ", ".join(f"{c}.npz" for c in missing[:5]) + (" ..." if len(missing) > 5 else "")
         raise UsageError(f"--data {d}: {len(missing)} of {chunks} chunk files are missing ({shown})")
+    from jobs.npzio import load_npz
+
     for c in sorted({0, chunks - 1}):
         try:
             load_npz(_chunk_data(d, c))
