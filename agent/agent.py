@@ -265,6 +265,8 @@ class Agent:
             return True
         status = JobState.FAILED if "error" in fields else JobState.OK
         finished = fields.pop("finished_at", None) or time.time()
+        if len(self._durations) > 256 and job.run not in self._durations:  # an agent serves runs for weeks
+            self._durations.pop(next(iter(self._durations)))
         self._durations[job.run] = max(0.0, finished - (fields.get("started_at") or started))
         self.share.served(job, self._durations[job.run])
         rec = record(job, status, agent=self.id, host=self.host, pid=os.getpid(),

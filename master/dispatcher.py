@@ -464,7 +464,13 @@ class Dispatcher:
         thieves = [v for v in live if not self.by_agent.get(v.id) and v.state == AgentState.IDLE.value]
         if not thieves:
             return
-        victims = {i: len(cs) for i, cs in self.by_agent.items() if len(cs) >= 2 and self._alive(i)}
+        limit = max(self.rtt, MOVE_MIN_S)  # a move costs the round trip: worth it for a longer wait only
+
+        def promising(chunks: set[int]) -> bool:  # without reading its mailbox: may any job there wait that long?
+            return self._mean_s is None or (len(chunks) - 1) * self._mean_s > limit or \
+                any(self._left(c) > limit for c in chunks)
+
+        victims = {i: len(cs) for i, cs in self.by_agent.items() if len(cs) >= 2 and self._alive(i) and promising(cs)}
         for thief in thieves:
             if not victims:
                 return
@@ -477,7 +483,7 @@ class Dispatcher:
                 jobs = [j for j in jobs if not self._has_outcome(j.chunk_id, j.attempt)]
                 movable, wait = [], self._left(jobs[0].chunk_id) if jobs else 0.0
                 for j in jobs[1:]:
-                    if j.chunk_id not in keep and wait > max(self.rtt, MOVE_MIN_S):
+                    if j.chunk_id not in keep and wait > limit:
                         movable.append(j.chunk_id)
                     wait += self._mean_s if self._mean_s is not None else math.inf
                 return set(movable[len(movable) - min(want, len(movable)):])
