@@ -49,6 +49,7 @@ class AgentConfig:
     heartbeat: float = 2.0
     burst: bool = False  # exit once the mailbox is empty (tests, batch use)
     log_limit: int = 64 * 1024 * 1024  # each of the agent's logs is cut (to <name>.1) past this; 0: never
+    prune_quiet: float = 30.0  # prune finished jobs only from a mailbox seen unchanged this long (see _prune)
 
 
 PIPELINE_MAX_S = 0.5  # pipeline the next job only after chunks of a run that took at most this long
@@ -185,7 +186,14 @@ class Agent:
         return nxt
 
     def _prune(self) -> None:
-        """Remove this agent's finished jobs from its mailbox (each has its outcome on disk)."""
+        """Remove this agent's finished jobs from its mailbox (each has its outcome on disk), once
+        the mailbox has looked the same for ``prune_quiet`` seconds. Through a shared filesystem
+        both the mailbox and its lock's write count can read stale for a while after a master's
+        refill (about 1 s on GlusterFS), and a prune based on that stale read would drop the new
+        jobs (seen: 20 s stalls until the master queued them again as vanished). A master prunes
+        its own run's finished jobs whenever it refills, so this only tidies what a finished run left."""
+        if time.monotonic() - self.mailbox.changed_at < self.cfg.prune_quiet:
+            return
         done = self._finished
         try:
             self.mailbox.update(lambda jobs: [j for j in jobs if j.uid not in done] if any(j.uid in done for j in jobs)

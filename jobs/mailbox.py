@@ -89,6 +89,7 @@ class Mailbox:
         self.lock = FileLock(spool.mailbox_lock(agent_id))
         self._known: dict[Any, tuple[dict, Job]] = {}
         self._last: tuple[tuple[int, int, int], Snapshot, float] | None = None  # (sig, parsed, when)
+        self.changed_at = time.monotonic()  # when read() last saw different content (this process's clock)
 
     def read(self) -> Snapshot:
         """The current content; a missing mailbox is empty. Raises BadFile if broken.
@@ -107,6 +108,8 @@ class Mailbox:
         if data is None:
             snap = self._last[1]
         else:
+            if self._last is None or self._last[0] != sig:
+                self.changed_at = now
             snap = parse_mailbox(data, self.path, self._known)
             self._last = (sig, snap, now)
         return dataclasses.replace(snap, jobs=list(snap.jobs), bad=list(snap.bad))

@@ -47,9 +47,10 @@ class InProcessWorker:
 
 @pytest.fixture
 def make_agent(spool: Spool):
-    def make() -> Agent:
+    def make(**cfg: Any) -> Agent:
         slot = Slot("t-cpu0", 0, None, [])
-        a = Agent(spool, slot, NoGpu(), "t", AgentConfig(watch="poll"), worker=InProcessWorker())
+        a = Agent(spool, slot, NoGpu(), "t", AgentConfig(**{"watch": "poll", "prune_quiet": 0.0, **cfg}),
+                  worker=InProcessWorker())
         a.mailbox.ensure()
         return a
     return make
@@ -76,6 +77,17 @@ def test_step_runs_first_job_commits_and_prunes_when_dry(spool: Spool, make_agen
     assert agent.step() and read_result(spool.result_json("r", 1))["status"] == "ok"
     assert not agent.step()  # nothing left to run: the finished jobs are pruned
     assert agent.mailbox.read().jobs == []
+
+
+def test_a_mailbox_that_changed_lately_is_not_pruned(spool: Spool, make_agent) -> None:
+    """Through a shared filesystem the agent's read may be older than a master's refill: a prune
+    then would drop the new jobs. Finished jobs go only once the mailbox has looked the same a while."""
+    agent = make_agent(prune_quiet=3600.0)
+    put(spool, cjob(0))
+    assert agent.step() and not agent.step()
+    assert [j.chunk_id for j in agent.mailbox.read().jobs] == [0]  # left for the master's refill to prune
+    agent.mailbox.changed_at -= 3600.0  # an hour later, nothing changed
+    assert not agent.step() and agent.mailbox.read().jobs == []
 
 
 def test_builtins_only_where_signature_accepts(spool: Spool, make_agent, tmp_path: Path) -> None:
