@@ -32,7 +32,7 @@ from agent.slot import Slot
 from agent.watcher import MailboxWatcher
 from agent.workerproc import Worker, WorkerLost, cap_log
 from jobs.descriptor import Job, JobKind, JobState
-from jobs.atomic import purge_temp, read_bounded
+from jobs.atomic import purge_temp, read_bounded, server_now
 from jobs.errors import BadFile
 from jobs.heartbeat import AgentState, write_status
 from jobs.mailbox import HOLD_LIMIT, Mailbox, Snapshot
@@ -77,6 +77,9 @@ class Agent:
         self._epochs: dict[str, tuple[tuple[int, int, int], str | None]] = {}  # run -> (file signature, epoch)
         self._durations: dict[str, float] = {}  # run -> how long its last chunk here took
         self.share = FairShare()  # which run's job next, when the mailbox holds several runs
+        self._dry = True  # nothing to run at the last look: the next job's arrival is a lag sample
+        self._next_lag_sample = 0.0
+        self.mailbox_lag: float | None = None  # seconds a refill took to reach this agent (see _sample_lag)
         self.done = self.failed = 0
         self._seq = 0
         self._hb_lock = threading.Lock()
@@ -159,9 +162,12 @@ class Agent:
         jobs = self._read().jobs
         job = self.share.choose([j for j in jobs if j.uid not in self._finished])
         if job is None:
+            self._dry = True
             if jobs:
                 self._prune()
             return False
+        if self._dry:
+            self._sample_lag()
         skip = self._skip_reason(job)
         if skip is not None:
             logger.info("{} chunk {} attempt {}: dropped: {}", job.run, job.chunk_id, job.attempt, skip)
@@ -169,6 +175,21 @@ class Agent:
         elif self._execute(job, self._next_callable(jobs, job)):
             self._finished.add(job.uid)
         return True
+
+    def _sample_lag(self) -> None:
+        """Work came to an agent that had none: how long after the master wrote it (both times
+        by the file server's clock: the mailbox's mtime and a file written now). Through a
+        shared filesystem this is the cache delay a refill waits before an agent sees it; the
+        heartbeat reports it (``mailbox_lag_s``), so that masters queue enough to cover it."""
+        self._dry = False
+        now = time.monotonic()
+        if now < self._next_lag_sample or self.mailbox.mtime is None:
+            return
+        self._next_lag_sample = now + 1.0
+        stamp = server_now(self.spool.pool_dir)
+        if stamp is not None:
+            lag = min(30.0, max(0.0, stamp - self.mailbox.mtime))
+            self.mailbox_lag = lag if self.mailbox_lag is None else 0.7 * self.mailbox_lag + 0.3 * lag
 
     def _next_callable(self, jobs: list[Job], after: Job) -> Job | None:
         """The job to hand the worker while ``after`` runs and is committed (pipelining): the one
@@ -401,6 +422,7 @@ class Agent:
                 "updated_at": time.time(), "heartbeat_s": self.cfg.heartbeat, "watch": self.watcher.mode,
                 "worker_pid": self.worker.pid, "log": str(self.spool.agent_log(self.id)),
                 "last_error": self.last_error,
+                "mailbox_lag_s": None if self.mailbox_lag is None else round(self.mailbox_lag, 4),
                 "gpu": self.probe.metrics(self.slot.gpu.index) if self.slot.gpu else None,
             }
             write_status(self.spool, self.id, status)

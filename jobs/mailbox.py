@@ -114,6 +114,11 @@ class Mailbox:
             self._last = (sig, snap, now)
         return dataclasses.replace(snap, jobs=list(snap.jobs), bad=list(snap.bad))
 
+    @property
+    def mtime(self) -> float | None:
+        """The modification time of the content read last, as the file server stamped it."""
+        return self._last[0][1] / 1e9 if self._last is not None else None
+
     def update(self, change: Callable[[list[Job]], list[Job] | None], wait: float | None = None,
                force: bool = False) -> list[Job]:
         """Under the lock: read, let ``change`` return the new job list (None = unchanged), write.

@@ -62,6 +62,7 @@ from agent.watcher import EVENT_FILTER
 from master.liveness import AgentView, Liveness
 
 Event = Callable[[str, dict[str, Any]], None]
+SLOW_RTT_S = 0.5  # a round trip this long (agents report their mailbox lag) makes the first queue deep
 MOVE_MIN_S = 0.1  # a queued job is moved to an idle agent only if it would otherwise wait longer than this
 
 
@@ -188,16 +189,21 @@ class Dispatcher:
     @property
     def rtt(self) -> float:
         """Seconds from an agent finishing a job to its refill reaching it: the result's way to
-        the master and the mailbox's way back (both measured as the result-to-seen latency),
-        plus the master's poll when it cannot watch the results folder."""
+        the master (measured here as the result-to-seen latency), plus the master's poll when it
+        cannot watch the results folder, plus the mailbox's way back (the lag the agents report
+        in their heartbeats; where none has, the result-to-seen latency again)."""
         latency = self._latency or 0.0
-        return 2 * latency + (self.cfg.poll if self.names is None else 0.0)
+        lags = [lag for v in self.liveness.views.values() if v.alive
+                and isinstance(lag := v.status.get("mailbox_lag_s"), (int, float)) and not isinstance(lag, bool)]
+        back = min(30.0, max(0.0, max(lags))) if lags else latency
+        return latency + back + (self.cfg.poll if self.names is None else 0.0)
 
     @property
     def depth(self) -> int:
         """This run's jobs to keep at one busy agent, before the fair-share cap (see the module)."""
-        if self._mean_s is None:
-            return max(1, self.cfg.depth)
+        if self._mean_s is None:  # no chunk finished yet: a guess, unless refills are known to be slow
+            slow = self.rtt >= SLOW_RTT_S  # (a shared filesystem's cache delay): queue a fair share at once;
+            return max(1, self.cfg.max_depth if slow else self.cfg.depth)  # stealing evens out long chunks
         mean = max(self._mean_s, 1e-4)
         cover = 1 + math.ceil(2 * self.rtt / mean)  # refilled at half: the half left still covers it
         amortise = int(self.cfg.queue_s / mean) + 1
@@ -417,23 +423,24 @@ class Dispatcher:
         if not self.pending or not live:
             return
         left = len(self.pending) + len(self.inflight)
-        depth = max(1, min(self.depth, math.ceil(left / len(live))))  # never more than a fair share of what is left
-        plan = self._plan(live, depth)
+        depth = self.depth
+        cap = max(1, min(depth, math.ceil(left / len(live))))  # never more than a fair share of what is left
+        plan = self._plan(live, cap, low=depth // 2)
         for ident, chunks in plan.items():
             self._fill(self.liveness.views[ident], chunks)
 
-    def _plan(self, live: list[AgentView], depth: int) -> dict[str, list[int]]:
+    def _plan(self, live: list[AgentView], cap: int, low: int) -> dict[str, list[int]]:
         """Breadth first: pending chunks one at a time, in order, to the agent holding fewest of
-        this run's (idle ones first), to agents down to half their depth, each up to ``depth``.
-        The chunks planned leave ``pending``."""
-        low = depth // 2
+        this run's (idle ones first), to agents down to ``low`` (half the depth that hides the
+        round trip: the fair-share cap near a run's end must not delay refills), each up to
+        ``cap``. The chunks planned leave ``pending``."""
         heap = [(len(self.by_agent.get(v.id, ())), v.state != AgentState.IDLE.value, v.id) for v in live]
         heap = [h for h in heap if h[0] <= low]
         heapq.heapify(heap)
         plan: dict[str, list[int]] = {}
         while self.pending and heap:
             n, busy, ident = heapq.heappop(heap)
-            if n >= depth:
+            if n >= cap:
                 break
             plan.setdefault(ident, []).append(self.pending.popleft())
             heapq.heappush(heap, (n + 1, busy, ident))
