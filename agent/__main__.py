@@ -30,6 +30,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rescan", type=float, default=2.0, help="reread the mailbox at least every S seconds")
     p.add_argument("--heartbeat", type=float, default=2.0, help="heartbeat interval, seconds (default 2)")
     p.add_argument("--burst", action="store_true", help="exit when the mailbox is empty")
+    p.add_argument("--prune-quiet", type=float, default=30.0,
+                   help="remove finished jobs from the mailbox only once it has looked the same this many seconds "
+                   "(default 30; through a shared filesystem a fresher refill may not show yet)")
     p.add_argument("--log-limit-mb", type=float, default=64.0,
                    help="cut each of the agent's logs past this size, keeping the older part in <log>.1 "
                    "(default 64; 0: never)")
@@ -61,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
         if not 0 < getattr(args, name) < math.inf:
             print(f"agent: --{name.replace('_', '-')} must be a positive number of seconds", file=sys.stderr)
             return 2
+    if not 0 <= args.prune_quiet < math.inf:
+        print("agent: --prune-quiet must be 0 or a positive number of seconds", file=sys.stderr)
+        return 2
     if not 0 <= args.log_limit_mb < math.inf:
         print("agent: --log-limit-mb must be 0 (never cut) or a positive number of megabytes", file=sys.stderr)
         return 2
@@ -83,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
                format="{time:YYYY-MM-DD HH:mm:ss.SSS} | {level: <7} | " + slot.agent_id + " | {message}")
     cfg = AgentConfig(watch=args.watch, poll_interval=args.poll_interval, max_poll_interval=args.max_poll_interval,
                       rescan=args.rescan, heartbeat=args.heartbeat, burst=args.burst,
-                      log_limit=int(args.log_limit_mb * 2**20))
+                      log_limit=int(args.log_limit_mb * 2**20), prune_quiet=args.prune_quiet)
     agent = Agent(spool, slot, probe, host, cfg)
     agent.install_signals()
     agent.run()

@@ -128,6 +128,18 @@ def wait_workers(ag: Agents, timeout: float = 60.0) -> list[int]:
     raise RuntimeError(f"workers of {ag.ids} did not appear within {timeout} s")
 
 
+def main_command(base: Path, run: str, chunks: int, *args: str) -> tuple[float, subprocess.CompletedProcess]:
+    """``python main.py --base BASE --chunks N --run RUN ARGS...``, timed from start to exit (what a
+    user feels: interpreter start, imports, recovery and the final sync included)."""
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, "main.py", "--base", str(base), "--chunks", str(chunks), "--run", run,
+                        "--no-progress", *args], cwd=REPO, capture_output=True, text=True, timeout=900)
+    wall = time.perf_counter() - t0
+    if r.returncode != 0:
+        raise RuntimeError(f"main.py failed ({r.returncode}): {r.stderr[-2000:]}")
+    return wall, r
+
+
 @dataclass
 class PoolRun:
     run: str

@@ -42,9 +42,15 @@ Who writes what, in which order:
 1. master: ``runs/<run>/master.lock`` (non-blocking; a second master is refused), ``run.json``.
 2. master: under ``<agent>.lock``, read the mailbox, append job descriptors (run, chunk,
    attempt, ...) of chunks that have no result and are in no mailbox, write it back. It only
-   appends to agents whose heartbeat is fresh, and keeps at most ``depth`` jobs in each.
+   appends to agents whose heartbeat is fresh, breadth first, and keeps in each only as many
+   of its run's jobs as hide the round trip (``master.dispatcher``). To move a job that has
+   not started to an idle agent, it removes it under the same lock and queues it elsewhere
+   with attempt + 1 (never the first of that agent's open jobs, nor one its heartbeat shows
+   running or handed to its worker; if the agent read its mailbox just before and runs it
+   anyway, link() still commits one result).
 3. agent: read its mailbox (no lock needed: it is only ever replaced by rename); take the
-   first job whose chunk has no committed result; run it.
+   first job whose chunk has no committed result, of the run furthest below its share of
+   this agent's time when several runs have jobs there (``agent.fairshare``); run it.
 4. agent: commit (``jobs.results.commit``, no lock): if the final ``.json`` is absent, move the
    arrays to this attempt's own ``<chunk>.a<N>.npz``, then ``link`` the ``.json`` into
    place (fails if it exists: exactly one committed result per chunk, whichever attempt
@@ -53,8 +59,10 @@ Who writes what, in which order:
    an ok one, and a sealed run's outcome can be read from file names alone.
 5. A job stays in the mailbox until its outcome is on disk, so a dead agent's work is still
    listed there. Finished jobs are pruned lazily, under ``<agent>.lock``: by the master when
-   it refills that mailbox, and by the agent when it runs out of work (a mailbox rewrite per
-   job would cost a file creation per job). The agent remembers what it finished meanwhile.
+   it refills that mailbox, and by the agent when it runs out of work and its mailbox has
+   looked the same for a while (through a shared filesystem a fresher write may not show yet:
+   a prune based on a stale read would drop it). A mailbox rewrite per job would cost a file
+   creation per job; the agent remembers what it finished meanwhile.
 6. master: sees the final ``.json`` (done) or the history of the attempt it dispatched, when
    attempts are left (retry after a capped exponential back-off with attempt + 1). An agent whose heartbeat ``seq`` has
    not changed for ``dead_after`` seconds of the master's own clock is dead: under its mailbox

@@ -539,6 +539,18 @@ class Dispatcher:
         elapsed = self.clock() - self._seen_running.get(c, self.clock())
         return max(self._mean_s - elapsed, elapsed)
 
+    def tidy(self) -> None:
+        """The run is over: remove its jobs from the mailboxes it used (agents leave finished jobs
+        for a lazy prune, and an agent prunes only a mailbox that has been quiet a while)."""
+        for ident, box in self.mailboxes.items():
+            def drop(jobs: list[Job]) -> list[Job] | None:
+                keep = [j for j in jobs if j.run != self.run_name]
+                return keep if len(keep) != len(jobs) else None
+            try:
+                box.update(drop, wait=HOLD_LIMIT)
+            except OSError as e:  # a frozen holder, a disk error: the agent's own prune tidies it later
+                logger.debug("could not tidy {}: {}", ident, e)
+
     def _alive(self, ident: str) -> bool:
         view = self.liveness.views.get(ident)
         return view is not None and view.alive

@@ -209,7 +209,8 @@ class _Calls(Dispatcher):
     def loop_forever(self) -> None:
         try:
             self.loop(self._finished, self.ex._wake)
-            self._withdraw_unwanted()  # calls cancelled at the end leave their mailboxes too
+            if not self.cancelled:
+                self.tidy()  # every call is done: what is left in mailboxes (cancelled calls too) goes
         except Exception as e:  # the loop edge: no future may hang
             logger.exception("executor {}: feeder failed", self.run_name)
             self._fail_all(e)

@@ -194,6 +194,7 @@ class Feeder(Dispatcher):
         started = time.monotonic()
         self.loop(lambda: self.done or bool(stop and stop.is_set()), threading.Event())
         if self.done and not self.cancelled:
+            self.tidy()
             seal(self.spool, self.spec.name)  # a run reported done is on disk
         return Summary(self.spec.name, self.spec.chunks, dict(self.final), time.monotonic() - started,
                        self.spool.result_dir(self.spec.name), self.cancelled, len(self.final) - self.recovered_done)

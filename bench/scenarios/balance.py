@@ -19,7 +19,7 @@ import threading
 import time
 from typing import Any
 
-from bench.common import REPO, agents, log, results
+from bench.common import REPO, agents, log, main_command, results
 from bench.context import Ctx
 
 SIZES = {"full": {"long_s": 3.0, "long_n": (2, 8, 32), "many": (48, 10, 0.4), "a": 240, "b": 40, "calls": 8},
@@ -27,16 +27,10 @@ SIZES = {"full": {"long_s": 3.0, "long_n": (2, 8, 32), "many": (48, 10, 0.4), "a
          "smoke": {"long_s": 0.5, "long_n": (2,), "many": (2, 3, 0.1), "a": 12, "b": 4, "calls": 2}}
 
 
-def main_py(base: Any, run: str, chunks: int, seconds: float, *extra: str) -> tuple[float, subprocess.CompletedProcess]:
-    """``python main.py`` from start to exit."""
-    t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, "main.py", "--base", str(base), "--task", "examples.noop:sleepy",
-                        "--chunks", str(chunks), "--kwargs", f'{{"seconds": {seconds}}}', "--run", run,
-                        "--no-progress", *extra], cwd=REPO, capture_output=True, text=True, timeout=900)
-    wall = time.perf_counter() - t0
-    if r.returncode != 0:
-        raise RuntimeError(f"main.py failed ({r.returncode}): {r.stderr[-2000:]}")
-    return wall, r
+def main_py(base: Any, run: str, chunks: int, seconds: float, *extra: str) -> tuple[float, Any]:
+    """``python main.py`` of sleep chunks, from start to exit."""
+    return main_command(base, run, chunks, "--task", "examples.noop:sleepy", "--kwargs", f'{{"seconds": {seconds}}}',
+                        *extra)
 
 
 def few_long(ctx: Ctx, n: int, seconds: float) -> dict[str, Any]:

@@ -1,12 +1,13 @@
 """2. Small chunks: a 64x64 numpy matmul per chunk, with 2 workers. Our pool in callable mode
 and in script mode, OctoRun running the equivalent script, the same processes by hand, Ray
-tasks and actors, and the plain loop. Figures are wall time per chunk."""
+tasks and actors, and the plain loop. Figures are wall time per chunk; ``ours_main_py`` is the
+whole ``python main.py`` command (start-up to exit) divided by its chunks, as OctoRun's is."""
 from __future__ import annotations
 
 from typing import Any
 
 from bench import tasks
-from bench.common import REPO, agents, feed, log
+from bench.common import REPO, agents, feed, log, main_command
 from bench.context import Ctx
 from bench.peers import by_hand, floor, octorun
 
@@ -30,6 +31,9 @@ def run(ctx: Ctx) -> dict[str, Any]:
             r = feed(base, f"call-{rep}", n, task="bench.tasks:matmul64")
             ctx.check(base, r.run, n)
             per("ours_callable", r.wall_s, n)
+            wall, _ = main_command(base, f"cmd-{rep}", n, "--task", "bench.tasks:matmul64")  # the whole command
+            ctx.check(base, f"cmd-{rep}", n)
+            per("ours_main_py", wall, n)
             d = ctx.dir("script-out")
             r = feed(base, f"script-{rep}", ns, script=str(SCRIPT), kwargs={"out_dir": str(d)})
             ctx.check(base, r.run, ns)
