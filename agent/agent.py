@@ -72,7 +72,7 @@ class Agent:
         self.stop_now = False  # stop at once
         self.state = AgentState.STARTING
         self.current: tuple[Job, float] | None = None
-        self._finished: set[tuple[str, int, int, str | None]] = set()  # uids whose outcome is on disk
+        self._finished: set[tuple] = set()  # Job.uid of the dispatches finished (or dropped) here
         self._ahead: Job | None = None  # sent to the worker before its turn (pipelining)
         self._epochs: dict[str, tuple[tuple[int, int, int], str | None]] = {}  # run -> (file signature, epoch)
         self._durations: dict[str, float] = {}  # run -> how long its last chunk here took

@@ -61,9 +61,11 @@ class Job:
         return (self.run, self.chunk_id, self.attempt)
 
     @property
-    def uid(self) -> tuple[str, int, int, str | None]:
-        """The key and the run's epoch: a run started afresh numbers its attempts from 1 again."""
-        return (self.run, self.chunk_id, self.attempt, self.epoch)
+    def uid(self) -> tuple[str, int, int, str | None, float]:
+        """One dispatch: the key, the run's epoch (a run started afresh numbers its attempts from
+        1 again) and when the master made it (a cancelled run resumed queues the attempt its
+        cancel dropped under the same number again)."""
+        return (self.run, self.chunk_id, self.attempt, self.epoch, self.submitted_at)
 
     def to_dict(self) -> dict[str, Any]:
         # shallow (kwargs is shared, not copied): dataclasses.asdict deep-copies, and this runs for

@@ -272,8 +272,14 @@ class Dispatcher:
                 reopen_failed(self.spool, self.run_name, c)
                 self._requeue(c)
                 continue
-            except (FileNotFoundError, IsADirectoryError):
+            except FileNotFoundError:
                 continue
+            except OSError as e:  # a folder (or an unreadable file) where the result belongs: no agent can
+                # ever commit this chunk, so it fails now, naming the path, instead of the run never ending
+                rec = {"status": JobState.FAILED.value, "attempt": attempt, "agent": agent, "chunk_id": c,
+                       "error": {"type": "BadResultPath", "traceback": "",
+                                 "message": f"{final} is not a readable result file ({e.strerror}); "
+                                            "remove it, then resume the run"}}
             seen.append(mtime)
             self._untrack(c)
             self.final[c] = out = summarize(rec)

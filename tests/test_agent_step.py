@@ -268,3 +268,15 @@ def test_the_shared_cache_keeps_the_files_used_last_only(tmp_path: Path) -> None
     assert cache.get(paths["a"]) is a and cache.get(paths["c"]) is c
     b2 = cache.get(paths["b"])
     assert b2 is not b and b2["W"].tolist() == [98] * 3
+
+
+def test_a_job_queued_again_after_a_cancel_is_run(spool: Spool, make_agent) -> None:
+    """Cancelling a run drops its queued attempt; resuming it queues that attempt number again."""
+    agent = make_agent(prune_quiet=3600.0)
+    spool.run_dir("r").mkdir(parents=True, exist_ok=True)
+    spool.cancel_flag("r").write_text("{}")
+    put(spool, cjob(0, submitted_at=1.0))
+    assert agent.step() and not spool.result_json("r", 0).exists()  # dropped: the run is cancelled
+    spool.cancel_flag("r").unlink()
+    Mailbox(spool, "t-cpu0").update(lambda jobs: [cjob(0, submitted_at=2.0)])  # the resumed run's master
+    assert agent.step() and read_result(spool.result_json("r", 0))["status"] == "ok"

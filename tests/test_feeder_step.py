@@ -260,3 +260,12 @@ def test_draining_agent_keeps_its_current_and_handed_over_jobs(spool: Spool) -> 
     f.step()
     assert queued(spool, "h-cpu0") == [(0, 1), (1, 1)]  # only the job not yet handed over comes back
     assert ("handback", {"agent": "h-cpu0", "chunks": [2], "why": "draining"}) in events
+
+
+def test_a_folder_where_a_result_belongs_fails_that_chunk_instead_of_hanging_the_run(spool: Spool) -> None:
+    beat(spool, "h-cpu0", 1)
+    f, clock, events = make(spool, chunks=1)
+    f.step()
+    spool.result_json("run1", 0).mkdir()  # no agent can ever commit chunk 0 now
+    f.step()
+    assert f.done and f.final[0].status == "failed" and "000000.json is not a readable result file" in f.final[0].error
