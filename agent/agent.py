@@ -160,7 +160,9 @@ class Agent:
         if self._draining() or time.monotonic() < self.pause_until:
             return False
         jobs = self._read().jobs
-        job = self.share.choose([j for j in jobs if j.uid not in self._finished])
+        if len(self._finished) > 2 * len(jobs) + 64:  # masters prune the mailbox: forget what left it
+            self._finished = {j.uid for j in jobs if j.uid in self._finished}
+        job = self.share.choose(jobs, self._finished)
         if job is None:
             self._dry = True
             if jobs:
@@ -200,8 +202,7 @@ class Agent:
         last = self._durations.get(after.run)
         if after.alone or last is None or last > PIPELINE_MAX_S:
             return None
-        nxt = self.share.choose([j for j in jobs if j.uid not in self._finished and j.uid != after.uid],
-                                running=(after.run, last))
+        nxt = self.share.choose(jobs, self._finished, running=after, expected=last)
         if nxt is None or nxt.kind is not JobKind.CALLABLE or nxt.alone or self._skip_reason(nxt) is not None:
             return None
         return nxt

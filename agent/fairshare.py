@@ -25,25 +25,38 @@ class FairShare:
         self.vt: dict[str, float] = {}  # run -> seconds served here / weight, while it has jobs here
         self.last: str | None = None  # the run served last (ties go to another one)
 
-    def choose(self, jobs: list[Job], running: tuple[str, float] | None = None) -> Job | None:
-        """The job to run next of ``jobs`` (the open ones, in mailbox order). ``running``: (run,
-        expected seconds) of a job still running here, counted as served (pipelining)."""
-        if not jobs:
-            return None
+    def choose(self, mailbox: list[Job], skip: set | frozenset = frozenset(), running: Job | None = None,
+               expected: float = 0.0) -> Job | None:
+        """The job to run next of ``mailbox`` (in mailbox order), leaving out those whose ``uid``
+        is in ``skip``. ``running``: a job still running here (pipelining), counted as served for
+        ``expected`` seconds. One pass, stopping early while a single run has jobs open (the
+        common case, once per job)."""
+        running_uid = running.uid if running is not None else None
+        first = None
+        for j in mailbox:
+            if j.uid in skip or j.uid == running_uid:
+                continue
+            if first is None:
+                first = j
+            elif j.run != first.run:
+                break
+        else:
+            if first is not None and len(self.vt) > 1:  # one run left: the others' virtual times go
+                self.vt = {r: v for r, v in self.vt.items() if r == first.run or (running and r == running.run)}
+            return first
+        jobs = [j for j in mailbox if j.uid not in skip and j.uid != running_uid]
         weights: dict[str, float] = {}
         for j in jobs:
             weights.setdefault(j.run, j.share)
-        self.vt = {r: v for r, v in self.vt.items() if r in weights or (running and r == running[0])}
-        if len(weights) == 1:
-            return jobs[0]
+        self.vt = {r: v for r, v in self.vt.items() if r in weights or (running and r == running.run)}
         floor = min(self.vt.values(), default=0.0)
         for r in weights:
             self.vt.setdefault(r, floor)
         order = list(weights)
 
         def key(r: str) -> tuple[float, bool, int]:
-            ahead = running[1] / weights[r] if running and running[0] == r else 0.0
-            return (self.vt[r] + ahead, r == (running[0] if running else self.last), order.index(r))
+            ahead = expected / weights[r] if running and running.run == r else 0.0
+            return (self.vt[r] + ahead, r == (running.run if running else self.last), order.index(r))
 
         best = min(order, key=key)
         return next(j for j in jobs if j.run == best)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from dataclasses import dataclass, field
@@ -60,7 +61,7 @@ class Job:
         """(run, chunk, attempt): the fencing token of this dispatch."""
         return (self.run, self.chunk_id, self.attempt)
 
-    @property
+    @functools.cached_property  # computed once per parsed job: the agent asks for it many times per job
     def uid(self) -> tuple[str, int, int, str | None, float]:
         """One dispatch: the key, the run's epoch (a run started afresh numbers its attempts from
         1 again) and when the master made it (a cancelled run resumed queues the attempt its

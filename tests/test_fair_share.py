@@ -59,8 +59,9 @@ def test_the_job_still_running_counts_when_the_next_one_is_chosen_early() -> Non
     jobs = [job("a", 0), job("b", 0)]
     fs.served(job("a", 9), 1.0)
     fs.served(job("b", 9), 1.0)
-    assert fs.choose(jobs, running=("a", 1.0)).run == "b"
-    assert fs.choose(jobs, running=("b", 1.0)).run == "a"
+    assert fs.choose(jobs, running=job("a", 9), expected=1.0).run == "b"
+    assert fs.choose(jobs, running=job("b", 9), expected=1.0).run == "a"
+    assert fs.choose(jobs, skip={jobs[1].uid}).run == "a" and fs.choose(jobs, running=jobs[0]).run == "b"
 
 
 def test_two_runs_on_one_pool_share_it(spool: Spool, agents, env) -> None:
