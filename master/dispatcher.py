@@ -124,6 +124,7 @@ class Dispatcher:
         self.names: Any = None  # chunk ids inotify reported (an object with drain()); None: no inotify
         self._missing: dict[int, float] = {}  # chunk -> when it was first seen gone from its mailbox
         self._seen_running: dict[int, float] = {}  # chunk -> when a heartbeat first showed it running
+        self._tidy: set[str] = set()  # agents whose mailbox holds none of this run's jobs (see tidy)
         self._next_liveness = 0.0
         self._next_sample = 0.0
         self._warned_no_agents = False
@@ -426,6 +427,8 @@ class Dispatcher:
         self._warned_no_agents = False
         if not self.pending and self.cfg.steal:
             self._steal(live)
+        if not self.pending and not self.delayed:
+            self.tidy(done_only=True)
         if not self.pending or not live:
             return
         left = len(self.pending) + len(self.inflight)
@@ -468,6 +471,7 @@ class Dispatcher:
             logger.warning("could not queue jobs for {}: {}", view.id, e)
             self.pending.extendleft(reversed(chunks))
             return
+        self._tidy.discard(view.id)
         for job in taken:
             self.attempt[job.chunk_id] = job.attempt
             self._track(job.chunk_id, view.id, job.attempt)
@@ -545,10 +549,16 @@ class Dispatcher:
         elapsed = self.clock() - self._seen_running.get(c, self.clock())
         return max(self._mean_s - elapsed, elapsed)
 
-    def tidy(self) -> None:
-        """The run is over: remove its jobs from the mailboxes it used (agents leave finished jobs
-        for a lazy prune, and an agent prunes only a mailbox that has been quiet a while)."""
+    def tidy(self, done_only: bool = False) -> None:
+        """Remove this run's jobs from the mailboxes it used (agents leave finished jobs for a lazy
+        prune, and an agent prunes only a mailbox that has been quiet a while): at the end of the
+        run, and near it (``done_only``: from agents with nothing of the run left to run, while
+        the others still work, so that the end itself has little left to do)."""
         for ident, box in self.mailboxes.items():
+            if ident in self._tidy or (done_only and self.by_agent.get(ident)):
+                continue
+            self._tidy.add(ident)
+
             def drop(jobs: list[Job]) -> list[Job] | None:
                 keep = [j for j in jobs if j.run != self.run_name]
                 return keep if len(keep) != len(jobs) else None

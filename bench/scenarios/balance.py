@@ -33,17 +33,23 @@ def main_py(base: Any, run: str, chunks: int, seconds: float, *extra: str) -> tu
                         *extra)
 
 
+def startup(base: Any) -> float:
+    """What a run costs beyond its chunks on this pool: ``main.py`` of one empty chunk, start to exit."""
+    return min(main_py(base, f"startup-{i}", 1, 0.0)[0] for i in range(3))
+
+
 def few_long(ctx: Ctx, n: int, seconds: float) -> dict[str, Any]:
     base = ctx.dir(f"long-{n}")
     with agents(base, n):
         main_py(base, "warm", n, 0.01)  # every worker warm, as agents that have served a while are
+        start = startup(base)
         walls, used = [], []
         for rep in range(ctx.sizes.repeats):
             wall, _ = main_py(base, f"long-{rep}", n, seconds)
             ctx.check(base, f"long-{rep}", n)
             walls.append(wall)
             used.append(len({r["agent"] for r in results(base, f"long-{rep}")}))
-    out = {"agents": n, "chunk_s": seconds, "wall_s": walls, "agents_used": used,
+    out = {"agents": n, "chunk_s": seconds, "wall_s": walls, "agents_used": used, "startup_s": start,
            "wall_over_chunk": [w / seconds for w in walls]}
     log(f"9. {n} chunks of {seconds} s on {n} agents: walls {[round(w, 2) for w in walls]} s, agents used {used}")
     return out
@@ -123,12 +129,14 @@ def run(ctx: Ctx) -> dict[str, Any]:
     base = ctx.dir("many")
     with agents(base, n):
         main_py(base, "warm", n, 0.01)
+        start = startup(base)
         walls = []
         for rep in range(ctx.sizes.repeats):
             wall, _ = main_py(base, f"many-{rep}", n * per, secs)
             ctx.check(base, f"many-{rep}", n * per)
             walls.append(wall)
-    out["many"] = {"agents": n, "chunks": n * per, "chunk_s": secs, "wall_s": walls, "ideal_s": per * secs}
+    out["many"] = {"agents": n, "chunks": n * per, "chunk_s": secs, "wall_s": walls, "ideal_s": per * secs,
+                   "startup_s": start}
     log(f"9. {n} agents x {per} chunks of {secs} s: walls {[round(w, 2) for w in walls]} s (ideal {per * secs} s)")
     out["two_runs"] = [two_runs(ctx, w, sz["a"], sz["b"]) for w in ((1.0, 1.0), (1.0, 3.0))]
     out["executor"] = executor(ctx, sz["calls"])
