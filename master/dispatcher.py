@@ -12,6 +12,7 @@ Executor is a small set of hooks a subclass overrides (rq's ``execute_job`` per 
 * ``settle(c, rec)``: a chunk's final result was read;
 * ``started(c)``: an agent's heartbeat shows it running;
 * ``eligible(view)``: whether this run may use that agent (placement);
+* ``unplaceable(live)``: agents are alive but the run may use none of them;
 * ``on_event(kind, info)``: what the user is told.
 
 Placement (issue 11: every GPU busy, few long chunks as well as many tiny ones):
@@ -19,11 +20,14 @@ Placement (issue 11: every GPU busy, few long chunks as well as many tiny ones):
 * Breadth first: an agent with fewer of this run's jobs gets the next one before any agent
   gets more; among equals, an idle agent first.
 * Depth: the jobs of this run kept at one agent (running + queued) are as many as hide the
-  round trip (the result reaching the master, the refill reaching the agent: twice the
-  measured result-to-seen latency, plus the master's poll when it cannot watch) at the mean
-  chunk duration seen so far, refilled at half, so about 2 for hour-long chunks and tens for
-  tiny chunks across a slow shared filesystem; never more than the agent's fair share of what
-  is left (chunks not done / eligible agents) and never more than ``max_depth``.
+  round trip (the result reaching the master: its result-to-seen latency, measured by the file
+  server's clock, plus its poll when it cannot watch; the refill reaching the agent: the
+  ``mailbox_lag_s`` agents report) at the mean chunk duration seen so far, refilled at half,
+  so about 2 for hour-long chunks and tens for tiny chunks across a slow shared filesystem;
+  never more than the agent's fair share of what is left (chunks not done / eligible agents)
+  and never more than ``max_depth``.
+* Tidying: agents leave finished jobs in their mailboxes; a refill prunes this run's, and near
+  and at the run's end the master removes them from agents with nothing of the run left.
 * Stealing (Dask's work stealing, simplified: a thief is an idle agent, a victim holds jobs
   that have not started): when nothing is pending and an eligible agent is idle, half of the
   not-started jobs of the agent holding most of them move, under the victim's mailbox lock:
