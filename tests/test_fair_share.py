@@ -3,7 +3,6 @@ masters sharing real agents."""
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 
 from agent.fairshare import FairShare
 from jobs.descriptor import Job, JobKind
