@@ -26,7 +26,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--watch", choices=("auto", "inotify", "poll"), default="auto",
                    help="how to notice new jobs (default: poll on network filesystems, inotify elsewhere)")
     p.add_argument("--poll-interval", type=float, default=0.5, help="fastest poll, seconds (default 0.5)")
-    p.add_argument("--max-poll-interval", type=float, default=5.0, help="idle poll back-off limit, seconds")
+    p.add_argument("--max-poll-interval", type=float, default=1.0, help="idle poll back-off limit, seconds (default 1)")
     p.add_argument("--rescan", type=float, default=2.0, help="reread the mailbox at least every S seconds")
     p.add_argument("--heartbeat", type=float, default=2.0, help="heartbeat interval, seconds (default 2)")
     p.add_argument("--burst", action="store_true", help="exit when the mailbox is empty")

@@ -44,7 +44,7 @@ from jobs.results import commit, read_epoch, record
 class AgentConfig:
     watch: str = "auto"
     poll_interval: float = 0.5
-    max_poll_interval: float = 5.0
+    max_poll_interval: float = 1.0
     rescan: float = 2.0  # reread the mailbox at least this often, whatever the watcher says
     heartbeat: float = 2.0
     burst: bool = False  # exit once the mailbox is empty (tests, batch use)

@@ -1,5 +1,5 @@
 """7. Idle cost: an agent with nothing to do, waiting with inotify and with polling (defaults:
-``--poll-interval 0.5 --max-poll-interval 5``, rescan and heartbeat every 2 s).
+``--poll-interval 0.5 --max-poll-interval 1``, rescan and heartbeat every 2 s).
 
 Filesystem operations: ``strace -c -f`` attached to the agent (all its threads) and its worker
 for a window, counting the syscalls that reach a filesystem (open, stat, read, write, rename,
