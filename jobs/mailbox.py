@@ -207,14 +207,20 @@ class Mailbox:
         self.lock.write_note(str(seq).encode())
 
 
+def without_run(run: str, counter: list[int] | None = None) -> Callable[[list[Job]], list[Job] | None]:
+    """A change for ``Mailbox.update`` that removes every job of ``run`` (None if there is none);
+    the number removed is added to ``counter[0]``."""
+    def drop(jobs: list[Job]) -> list[Job] | None:
+        keep = [j for j in jobs if j.run != run]
+        if counter is not None:
+            counter[0] += len(jobs) - len(keep)
+        return keep if len(keep) != len(jobs) else None
+    return drop
+
+
 def drop_run(spool: Spool, run: str) -> int:
     """Remove every queued job of ``run`` from every mailbox (cancel, --fresh); returns how many."""
-    dropped = 0
+    dropped = [0]
     for ident in spool.agent_ids():
-        def drop(jobs: list[Job]) -> list[Job] | None:
-            nonlocal dropped
-            keep = [j for j in jobs if j.run != run]
-            dropped += len(jobs) - len(keep)
-            return keep if len(keep) != len(jobs) else None
-        Mailbox(spool, ident).update(drop, wait=HOLD_LIMIT, force=True)
-    return dropped
+        Mailbox(spool, ident).update(without_run(run, dropped), wait=HOLD_LIMIT, force=True)
+    return dropped[0]

@@ -59,7 +59,7 @@ from jobs.descriptor import Job, JobState
 from jobs.errors import BadFile
 from jobs.fsinfo import is_network_fs
 from jobs.heartbeat import AgentState
-from jobs.mailbox import HOLD_LIMIT, Mailbox, drop_run
+from jobs.mailbox import HOLD_LIMIT, Mailbox, drop_run, without_run
 from jobs.paths import HISTORY_RE, RESULT_RE, Spool
 from jobs.results import commit, has_outcome, read_result, record, reopen_failed
 from agent.watcher import EVENT_FILTER
@@ -134,6 +134,7 @@ class Dispatcher:
         self._warned_no_agents = False
         self._mean_s: float | None = None  # moving mean of chunk durations
         self._latency: float | None = None  # moving mean of result-to-seen seconds (file server's clock)
+        self._lag: float | None = None  # the longest refill-to-agent lag live agents report (heartbeats)
 
     # hooks -------------------------------------------------------------------------------------
     def _job(self, c: int) -> Job:
@@ -198,9 +199,7 @@ class Dispatcher:
         cannot watch the results folder, plus the mailbox's way back (the lag the agents report
         in their heartbeats; where none has, the result-to-seen latency again)."""
         latency = self._latency or 0.0
-        lags = [lag for v in self.liveness.views.values() if v.alive
-                and isinstance(lag := v.status.get("mailbox_lag_s"), (int, float)) and not isinstance(lag, bool)]
-        back = min(30.0, max(0.0, max(lags))) if lags else latency
+        back = self._lag if self._lag is not None else latency
         return latency + back + (self.cfg.poll if self.names is None else 0.0)
 
     @property
@@ -228,7 +227,7 @@ class Dispatcher:
                 self._cancel()
                 return
             self.liveness.refresh()
-            self._note_started()
+            self._note_heartbeats()
             self._hand_back()
             self._find_lost()
             self._withdraw_unwanted()
@@ -244,15 +243,20 @@ class Dispatcher:
         self.cancelled = True
         self.on_event("cancelled", {"pending": len(self.pending) + len(self.inflight) + len(self.delayed)})
 
-    def _note_started(self) -> None:
-        now = self.clock()
+    def _note_heartbeats(self) -> None:
+        """What the heartbeats just read say: which of this run's chunks run (or wait in a worker's
+        pipe), since when as seen here, and the longest mailbox lag the live agents report."""
+        now, lags = self.clock(), []
         for view in self.liveness.views.values():
-            for key in ("current", "ahead"):
-                b = view.status.get(key)
-                if isinstance(b, dict) and b.get("run") == self.run_name and b.get("chunk_id") in self.inflight:
-                    if key == "current":
-                        self._seen_running.setdefault(b["chunk_id"], now)
-                    self.started(b["chunk_id"])
+            cur = view.status.get("current")
+            for c in busy_chunks(view, self.run_name) & self.inflight.keys():
+                if isinstance(cur, dict) and cur.get("chunk_id") == c and cur.get("run") == self.run_name:
+                    self._seen_running.setdefault(c, now)
+                self.started(c)
+            lag = view.status.get("mailbox_lag_s")
+            if view.alive and isinstance(lag, (int, float)) and not isinstance(lag, bool):
+                lags.append(min(30.0, max(0.0, lag)))
+        self._lag = max(lags) if lags else None
 
     # results -----------------------------------------------------------------------------------
     def _collect(self, full: bool = True) -> None:
@@ -418,7 +422,6 @@ class Dispatcher:
         return [v for v in self.liveness.views.values() if v.accepting and self.eligible(v)]
 
     def _dispatch(self) -> None:
-        self.pending = deque(c for c in self.pending if self.sendable(c))
         live = self._candidates()
         if self.pending and not live and (accepting := [v for v in self.liveness.views.values() if v.accepting]):
             self.unplaceable(accepting)
@@ -455,8 +458,11 @@ class Dispatcher:
             n, busy, ident = heapq.heappop(heap)
             if n >= cap:
                 break
-            plan.setdefault(ident, []).append(self.pending.popleft())
-            heapq.heappush(heap, (n + 1, busy, ident))
+            c = self.pending.popleft()
+            if self.sendable(c):
+                plan.setdefault(ident, []).append(c)
+                n += 1
+            heapq.heappush(heap, (n, busy, ident))
         return plan
 
     def _fill(self, view: AgentView, chunks: list[int]) -> None:
@@ -562,12 +568,8 @@ class Dispatcher:
             if ident in self._tidy or (done_only and self.by_agent.get(ident)):
                 continue
             self._tidy.add(ident)
-
-            def drop(jobs: list[Job]) -> list[Job] | None:
-                keep = [j for j in jobs if j.run != self.run_name]
-                return keep if len(keep) != len(jobs) else None
             try:
-                box.update(drop, wait=HOLD_LIMIT)
+                box.update(without_run(self.run_name), wait=HOLD_LIMIT)
             except OSError as e:  # a frozen holder, a disk error: the agent's own prune tidies it later
                 logger.debug("could not tidy {}: {}", ident, e)
 

@@ -226,6 +226,7 @@ class _Calls(Dispatcher):
             while self.ex._new:
                 self.add(self.ex._new.popleft(), 1 + self.ex.retries)
             total = len(self.ex._calls)
+        self.pending = deque(c for c in self.pending if self.sendable(c))  # cancelled calls wake their waiters
         if total != self.spec_chunks:
             self._write_spec(total)
         super().step()
