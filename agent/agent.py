@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import signal
 import socket
@@ -34,10 +35,11 @@ from agent.workerproc import Worker, WorkerLost, cap_log
 from jobs.descriptor import Job, JobKind, JobState
 from jobs.atomic import purge_temp, read_bounded, server_now
 from jobs.errors import BadFile
-from jobs.heartbeat import AgentState, write_status
+from jobs.heartbeat import AgentState, read_status, write_status
 from jobs.mailbox import HOLD_LIMIT, Mailbox, Snapshot
 from jobs.paths import Spool
-from jobs.results import commit, read_epoch, record
+from jobs.losses import death_suspects
+from jobs.results import commit, has_outcome, read_epoch, record
 
 
 @dataclass
@@ -53,6 +55,7 @@ class AgentConfig:
 
 
 PIPELINE_MAX_S = 0.5  # pipeline the next job only after chunks of a run that took at most this long
+RESTART_DEFER_S = 30.0  # a restarted agent leaves the jobs its former process died under this long
 
 
 class Agent:
@@ -88,11 +91,15 @@ class Agent:
         self.pause_until = 0.0  # after an I/O error (disk full): no job before this (monotonic)
         self._io_backoff = 0.0
         self.last_error: str | None = None
+        self._deferred: set[tuple] = set()  # Job.uid of the jobs a former process of this agent died under
+        self._defer_until = 0.0
+        self.died_under: list[dict[str, Any]] = []  # what the heartbeat of the former process showed running
 
     # lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
         purge_temp([self.spool.pool_dir, self.spool.agents_dir])  # what killed writers left behind
         self.mailbox.ensure()
+        self._defer_what_killed_the_last_one()
         self.watcher.start()
         self.worker.start()
         self.state = AgentState.IDLE
@@ -100,6 +107,36 @@ class Agent:
         threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True).start()
         logger.info("agent {} ready: base={} device={} gpu={} watch={} pid={}", self.id, self.spool.base,
                     self.slot.device, self.slot.gpu.index if self.slot.gpu else None, self.watcher.mode, os.getpid())
+
+    def _defer_what_killed_the_last_one(self) -> None:
+        """A supervisor restarts a dead agent within a second, and the job its former process was
+        running may be what killed it. The suspects: the open jobs (no outcome yet) the former
+        heartbeat names (running, or in the worker's pipe) or, where it names none (it died before
+        a heartbeat showed its job), the first open jobs of the mailbox (``death_suspects``, a
+        master's rule for a dead agent). They are left alone for ``RESTART_DEFER_S`` and the
+        heartbeat names them (``died_under``): masters see the restart (``master.liveness``) and
+        take them back under their loss rules, so a crash loop ends; if none does (no master is
+        running), they run afterwards, alone."""
+        try:
+            prev = read_status(self.spool.heartbeat(self.id))
+            jobs = self.mailbox.read().jobs
+        except (OSError, BadFile):
+            return
+        if prev.get("pid") == os.getpid() or prev.get("state") in (AgentState.STOPPING.value,
+                                                                   AgentState.STOPPED.value):
+            return
+        named = {(b.get("run"), b.get("chunk_id"), b.get("attempt")) for b in (prev.get("current"), prev.get("ahead"))
+                 if isinstance(b, dict)}
+        open_jobs = [j for j in jobs if not has_outcome(self.spool, j.key, j.max_attempts)]
+        suspects = [j for j in open_jobs if j.key in named] or death_suspects(open_jobs)
+        if not suspects:
+            return
+        self._deferred = {j.uid for j in suspects}
+        self._defer_until = time.monotonic() + RESTART_DEFER_S
+        self.died_under = [{"run": j.run, "chunk_id": j.chunk_id, "attempt": j.attempt} for j in suspects]
+        logger.warning("agent {}: its former process {} died while running {}{}; left alone for {:g} s for a master "
+                       "to judge", self.id, prev.get("pid"), "" if len(suspects) == 1 else "one of ",
+                       ", ".join(f"{j.run} chunk {j.chunk_id} attempt {j.attempt}" for j in suspects), RESTART_DEFER_S)
 
     def shutdown(self) -> None:
         self._set_state(AgentState.STOPPING)
@@ -162,7 +199,9 @@ class Agent:
         jobs = self._read().jobs
         if len(self._finished) > 2 * len(jobs) + 64:  # masters prune the mailbox: forget what left it
             self._finished = {j.uid for j in jobs if j.uid in self._finished}
-        job = self.share.choose(jobs, self._finished)
+        leave = self._finished | self._deferred if self._deferred and time.monotonic() < self._defer_until \
+            else self._finished
+        job = self.share.choose(jobs, leave)
         if job is None:
             self._dry = True
             if jobs:
@@ -200,10 +239,11 @@ class Agent:
         chunks are long (``PIPELINE_MAX_S``): a job in the worker's pipe can no longer move to an
         idle agent, and the commit it hides is nothing next to a long chunk."""
         last = self._durations.get(after.run)
-        if after.alone or last is None or last > PIPELINE_MAX_S:
+        if after.alone or after.uid in self._deferred or last is None or last > PIPELINE_MAX_S:
             return None
         nxt = self.share.choose(jobs, self._finished, running=after, expected=last)
-        if nxt is None or nxt.kind is not JobKind.CALLABLE or nxt.alone or self._skip_reason(nxt) is not None:
+        if nxt is None or nxt.kind is not JobKind.CALLABLE or nxt.alone or nxt.uid in self._deferred \
+                or self._skip_reason(nxt) is not None:
             return None
         return nxt
 
@@ -274,6 +314,8 @@ class Agent:
         started = time.time()
         self.current = (job, started)
         self.state = AgentState.BUSY
+        if job.alone or job.uid in self._deferred or self._durations.get(job.run, math.inf) > PIPELINE_MAX_S:
+            self.write_heartbeat()  # named at once: if it kills this agent, the next one must know
         logger.debug("{} chunk {} attempt {}/{}: started", job.run, job.chunk_id, job.attempt, job.max_attempts)
         outcome = self._run_job(job, lookahead)
         self.current = None
@@ -423,6 +465,7 @@ class Agent:
                 "updated_at": time.time(), "heartbeat_s": self.cfg.heartbeat, "watch": self.watcher.mode,
                 "worker_pid": self.worker.pid, "log": str(self.spool.agent_log(self.id)),
                 "last_error": self.last_error,
+                "died_under": self.died_under,  # see master.dispatcher.Dispatcher._restarted
                 "mailbox_lag_s": None if self.mailbox_lag is None else round(self.mailbox_lag, 4),
                 "gpu": self.probe.metrics(self.slot.gpu.index) if self.slot.gpu else None,
             }

@@ -59,9 +59,10 @@ from jobs.descriptor import Job, JobState
 from jobs.errors import BadFile
 from jobs.fsinfo import is_network_fs
 from jobs.heartbeat import AgentState
+from jobs.losses import charge_loss, death_suspects, died_under, record_loss
 from jobs.mailbox import HOLD_LIMIT, Mailbox, drop_run, without_run
 from jobs.paths import HISTORY_RE, RESULT_RE, Spool
-from jobs.results import commit, has_outcome, read_result, record, reopen_failed
+from jobs.results import has_outcome, read_result, reopen_failed
 from agent.watcher import EVENT_FILTER
 from master.liveness import AgentView, Liveness
 
@@ -228,6 +229,7 @@ class Dispatcher:
                 return
             self.liveness.refresh()
             self._note_heartbeats()
+            self._restarted()
             self._hand_back()
             self._find_lost()
             self._withdraw_unwanted()
@@ -371,6 +373,41 @@ class Dispatcher:
                 self._lost(job, ident, why, sure=len(suspects) == 1)
             logger.warning("agent {} is {}; handed back {} chunk(s)", ident, why, len(back))
             self.on_event("handback", {"agent": ident, "chunks": sorted(back), "why": why})
+
+    def _restarted(self) -> None:
+        """Agents whose process was replaced under the same id (see ``master.liveness``): the one
+        that is gone died, unless it stopped, so what it was running is a loss as for a dead agent.
+        The new process names the open jobs its predecessor may have died under (``died_under``)
+        and leaves them alone for a while (see ``agent.Agent``); this run's leave its mailbox here
+        and go to the loss rules, so a crash loop ends within ``free_losses`` + attempts restarts,
+        however fast a supervisor brings the agent back. From an agent that names nothing (an
+        older version), the suspects are a dead agent's: the first open jobs of its mailbox."""
+        for ident, view in self.liveness.views.items():
+            prev, view.previous = view.previous, None
+            if prev is None or not self.by_agent.get(ident):
+                continue
+            named = died_under(view.status)
+            if named is None and prev.get("state") in (AgentState.STOPPING.value, AgentState.STOPPED.value):
+                continue
+            ours = {c for r, c, a in named or () if r == self.run_name and self.inflight.get(c) == (ident, a)}
+            if named is not None and not ours:
+                continue
+
+            def pick(jobs: list[Job]) -> set[int]:
+                return ours or {j.chunk_id for j in death_suspects(
+                    [j for j in jobs if not self._has_outcome(j.chunk_id, j.attempt)])}
+
+            suspects = [j for j in self._take_back(ident, pick, force=False) or ()
+                        if j.attempt == self.inflight[j.chunk_id][1] and not self._has_outcome(j.chunk_id, j.attempt)]
+            why = f"its process {prev.get('pid')} was replaced by {view.status.get('pid')}"
+            sure = len(named) == 1 if named is not None else len(suspects) == 1
+            for job in suspects:
+                self._lost(job, ident, why, sure=sure)
+            if suspects:
+                logger.warning("agent {} restarted ({}); chunk(s) {} it may have died under are queued again",
+                               ident, why, sorted(j.chunk_id for j in suspects))
+                self.on_event("handback", {"agent": ident, "chunks": sorted(j.chunk_id for j in suspects),
+                                           "why": f"restarted: {why}"})
 
     def _lost(self, job: Job, agent: str, why: str, sure: bool) -> None:
         """``agent`` died while running ``job`` (``sure``) or perhaps the job beside it. The first
@@ -578,46 +615,16 @@ class Dispatcher:
         return view is not None and view.alive
 
 
-def busy_chunks(view: AgentView, run: str) -> set[int]:
-    """This run's chunks the agent's heartbeat shows running or handed to its worker."""
+def busy_chunks(view: AgentView | dict[str, Any], run: str) -> set[int]:
+    """This run's chunks the agent's heartbeat (a view's, or a heartbeat's own content) shows
+    running or handed to its worker."""
+    status = view.status if isinstance(view, AgentView) else view
     out = set()
     for key in ("current", "ahead"):
-        b = view.status.get(key)
+        b = status.get(key)
         if isinstance(b, dict) and b.get("run") == run and isinstance(b.get("chunk_id"), int):
             out.add(b["chunk_id"])
     return out
-
-
-def death_suspects(open_jobs: list[Job]) -> list[Job]:
-    """Of the jobs with no outcome taken back from an agent that died, in its mailbox order
-    (the order it runs them), those it may have been running: the first, or the second, as
-    with pipelining the worker starts the next job while the agent commits one; never a job
-    beside one marked ``alone``. One suspect is a sure one."""
-    suspects = open_jobs[:2]
-    return suspects[:1] if len(suspects) == 2 and (suspects[0].alone or suspects[1].alone) else suspects
-
-
-def charge_loss(losses: Counter[int], isolated: set[int], chunk: int, free: int, sure: bool) -> bool:
-    """Count a loss of ``chunk``'s agent and mark the chunk to run alone from now on; True if
-    this loss costs it an attempt (a sure one, past its ``free`` losses)."""
-    losses[chunk] += 1
-    isolated.add(chunk)
-    return sure and losses[chunk] > free
-
-
-def record_loss(spool: Spool, job: Job, agent: str, why: str, losses: int) -> bool:
-    """Record the death of ``agent`` under ``job`` as a failed attempt (``AgentLost``), like
-    any failure: history, or the final result of a last attempt; the next pass over the jobs in
-    flight takes it in and retries it with back-off. False if it could not be written."""
-    error = {"type": "AgentLost", "traceback": "",
-             "message": f"agent {agent} died ({why}) while running it; {losses} agents so far"}
-    logger.warning("{} chunk {} attempt {}: {}", job.run, job.chunk_id, job.attempt, error["message"])
-    try:
-        commit(spool, job, record(job, JobState.FAILED, agent=agent, error=error, finished_at=time.time()))
-        return True
-    except OSError as e:
-        logger.warning("could not record the loss of {} chunk {}: {}; queued again", job.run, job.chunk_id, e)
-        return False
 
 
 def read_or_empty(path: Path) -> bytes:

@@ -4,6 +4,11 @@ An agent is alive while its heartbeat ``seq`` keeps changing: the master notes, 
 own monotonic clock, when it last saw a change. For an agent first seen now, the age of
 its heartbeat file is measured against the mtime of a file the master has just written
 in the same folder (both stamped by the same file server).
+
+An agent restarted under the same id (by a supervisor: ``start_agents.sh``'s loop, systemd, a
+Slurm step) comes back within a second, so its heartbeat never goes stale: its *incarnation*
+(host name, pid, start time) changes instead, and ``AgentView.previous`` then holds the last
+heartbeat of the process that is gone, for the dispatcher to judge what that one died under.
 """
 from __future__ import annotations
 
@@ -27,6 +32,8 @@ class AgentView:
     age: float = 0.0  # seconds since the heartbeat last changed (master clock)
     alive: bool = False  # heartbeat fresh and not stopped
     accepting: bool = False  # alive and taking new jobs
+    previous: dict[str, Any] | None = None  # the last heartbeat of its former process, if it restarted
+
 
     @property
     def state(self) -> str:
@@ -54,6 +61,9 @@ class Liveness:
                     server_now = server_time(self.spool.agents_dir)
                 age = max(0.0, server_now - mtime) if server_now is not None else 0.0
                 view = self.views[ident] = AgentView(ident, st["seq"], now - age)
+            elif incarnation(st) != incarnation(view.status):
+                view.previous = view.status  # kept until the dispatcher has judged it (see module)
+                view.seq, view.changed_at = st["seq"], now
             elif st["seq"] != view.seq:
                 view.seq, view.changed_at = st["seq"], now
             view.status = st
@@ -61,3 +71,8 @@ class Liveness:
             view.alive = view.age < self.dead_after and st["state"] != AgentState.STOPPED.value
             view.accepting = view.alive and st["state"] in (AgentState.IDLE.value, AgentState.BUSY.value)
         return self.views
+
+
+def incarnation(status: dict[str, Any]) -> tuple[Any, Any, Any]:
+    """What tells one process of an agent from the next under the same id."""
+    return status.get("hostname"), status.get("pid"), status.get("started_at")

@@ -59,7 +59,9 @@ def misbehave(chunk_id: int, modes: list[str], flaky_dir: str | None = None) -> 
             resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
     if mode == "oomkill":  # what the kernel's OOM killer does
         os.kill(os.getpid(), signal.SIGKILL)
-    if mode == "killagent":  # takes its whole agent down (as a chunk that crashes its node would)
+    if mode in ("killagent", "killagent_late"):  # takes its whole agent down (as a chunk crashing its node)
+        if mode == "killagent_late":
+            time.sleep(1.0)  # long enough for the agent's heartbeat to name it
         os.kill(os.getppid(), signal.SIGKILL)
         time.sleep(60)  # the worker dies with its agent (PR_SET_PDEATHSIG)
     if mode == "flaky":  # fails on its first attempt only

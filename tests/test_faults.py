@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -87,6 +88,38 @@ def test_a_chunk_that_kills_its_agent_fails_instead_of_taking_every_agent_down(s
     assert "AgentLost" in json.loads((spool.result_dir("poison") / "000006.a2.json").read_text())["error"]["type"]
     assert sum(p.proc.poll() is not None for p in procs) == 3
     assert "FAILED chunk 6" in r.stdout
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("mode", ["killagent_late", "killagent"])
+def test_a_chunk_that_kills_its_agent_ends_even_when_a_supervisor_restarts_the_agent_at_once(
+        spool: Spool, env, mode: str) -> None:
+    """The agent comes back under the same id within a second (start_agents.sh's loop, systemd):
+    its heartbeat never goes stale, yet each death is counted and the crash loop ends."""
+    procs = [AgentProc(spool.base, 0, env).wait_ready()]
+    stop = threading.Event()
+
+    def supervise() -> None:
+        while not stop.wait(0.05):
+            if procs[-1].proc.poll() is not None and len(procs) < 12:
+                procs.append(AgentProc(spool.base, 0, env))
+
+    threading.Thread(target=supervise, daemon=True).start()
+    try:
+        modes = ["ok", mode, "ok", "ok"]
+        r = run_main(["--base", str(spool.base), "--task", "tests.faulty:misbehave", "--chunks", str(len(modes)),
+                      "--kwargs", json.dumps({"modes": modes}), "--retries", "1", "--retry-delay", "0.05",
+                      "--run", "loop", "--no-progress"], env, timeout=120)
+    finally:
+        stop.set()
+        for p in procs:
+            p.kill()
+    assert r.returncode == 1, r.stdout + r.stderr
+    res = results(spool.base, "loop")
+    assert sorted(res) == [0, 1, 2, 3] and [c for c in res if res[c]["status"] != "ok"] == [1], res
+    assert res[1]["error"]["type"] == "AgentLost" and "replaced" in res[1]["error"]["message"]
+    # its first death is free, each further one costs an attempt: 1 + (1 + --retries) deaths
+    assert len(procs) - 1 == 3, f"{len(procs) - 1} agent deaths: " + r.stderr
 
 
 def _feed(spool: Spool, env: dict, marks: Path, chunks: int, seconds: float, run: str, *extra: str) -> subprocess.Popen:

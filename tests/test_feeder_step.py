@@ -131,6 +131,36 @@ def test_a_chunk_that_keeps_killing_its_agent_fails_after_its_free_loss(spool: S
     assert f.final[0].error.startswith("AgentLost: agent h-cpu2 died") and f.losses[0] == 3
 
 
+def test_an_agent_restarted_at_once_under_the_same_id_counts_as_a_death(spool: Spool) -> None:
+    """A supervisor brings the agent back within a second: its heartbeat never goes stale, but
+    its process changes, and the new one names what the old one died under."""
+    f, clock, events = make(spool, chunks=3, retries=0)
+    write_status(spool, "h-cpu0", {"agent": "h-cpu0", "seq": 1, "state": "idle", "pid": 10, "host": "h"})
+    f.step()
+    assert queued(spool, "h-cpu0") == [(0, 1), (1, 1)]
+    clock.t += 1.0
+    write_status(spool, "h-cpu0", {"agent": "h-cpu0", "seq": 1, "state": "idle", "pid": 11, "host": "h",
+                                   "died_under": [{"run": "run1", "chunk_id": 0, "attempt": 1}]})
+    f.step()
+    assert ("handback", {"agent": "h-cpu0", "chunks": [0], "why": "restarted: its process 10 was replaced by 11"}) \
+        in events
+    # attempt 1 left the mailbox; the first loss is free, and the next attempt runs alone
+    assert queued(spool, "h-cpu0") == [(1, 1), (0, 2)] and f.isolated == {0} and f.max_attempts[0] == 2
+    assert [j.alone for j in Mailbox(spool, "h-cpu0").read().jobs] == [False, True]
+    clock.t += 1.0  # and it kills the agent again: this loss is its last attempt
+    write_status(spool, "h-cpu0", {"agent": "h-cpu0", "seq": 1, "state": "idle", "pid": 12, "host": "h",
+                                   "died_under": [{"run": "run1", "chunk_id": 0, "attempt": 2}]})
+    f.step()
+    clock.t += 1.0
+    f.step()
+    assert f.final[0].status == "failed" and f.final[0].error.startswith("AgentLost: agent h-cpu0 died (its process 11")
+    clock.t += 1.0  # a restart that names another run's job costs this run nothing
+    write_status(spool, "h-cpu0", {"agent": "h-cpu0", "seq": 1, "state": "idle", "pid": 13, "host": "h",
+                                   "died_under": [{"run": "other", "chunk_id": 0, "attempt": 1}]})
+    f.step()
+    assert 1 not in f.isolated and 2 not in f.isolated and not f.done
+
+
 def test_the_neighbour_of_a_chunk_that_killed_its_agent_runs_alone_and_pays_nothing(spool: Spool) -> None:
     f, clock, events = make(spool, chunks=2)
     beat(spool, "h-cpu0", 1)
