@@ -11,6 +11,7 @@ import contextlib
 import errno
 import os
 import secrets
+import stat
 import time
 from pathlib import Path
 from typing import IO, Iterator
@@ -19,6 +20,22 @@ from jobs.errors import BadFile
 
 TMP_MARK = ".tmp-"
 DEFAULT_READ_LIMIT = 4 * 1024 * 1024
+
+
+class NotAFile(OSError):
+    """A directory, FIFO, socket or device where a spool file belongs. An OSError (the path
+    cannot be read as a file, like EACCES), not a BadFile: a reader that cannot move it aside
+    treats it as unreadable (the dispatcher fails a chunk whose result path is a folder)."""
+
+
+def file_kind(mode: int) -> str:
+    """'directory', 'FIFO', ... for a ``st_mode`` (used in messages)."""
+    for test, name in ((stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"),
+                       (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"),
+                       (stat.S_ISLNK, "symlink"), (stat.S_ISREG, "regular file")):
+        if test(mode):
+            return name
+    return "special file"
 
 
 def is_temp_name(name: str) -> bool:
@@ -89,6 +106,8 @@ def write_exclusive(final: Path, data: bytes, fsync: bool = True) -> bool:
 def read_bounded(path: Path, limit: int = DEFAULT_READ_LIMIT, stale_for: float = 2.0) -> bytes:
     """Read a whole spool file without following a symlink, refusing more than ``limit`` bytes.
 
+    Raises BadFile for a symlink or a file over the limit, NotAFile (an OSError) for a
+    directory, FIFO, socket or device (a FIFO is opened without blocking and never read).
     Retries ESTALE for up to ``stale_for`` seconds: a shared filesystem gives it when another
     client has just renamed a new version over the file and our cached handle is gone.
     """
@@ -118,9 +137,20 @@ def _read_once(path: Path, limit: int, known: tuple[int, int, int] | None) -> tu
     except OSError as e:
         if e.errno == errno.ELOOP:
             raise BadFile("is a symlink; spool files are never followed out of BASE", path) from e
+        if e.errno == errno.ENXIO:  # a socket (or a FIFO nobody could open): not a file
+            raise NotAFile(e.errno, "is a socket or special file, not a regular file", str(path)) from e
         raise
-    with os.fdopen(fd, "rb") as f:
+    try:
         st = os.fstat(fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    if not stat.S_ISREG(st.st_mode):  # checked on the opened file: no race with a rename
+        os.close(fd)
+        kind = file_kind(st.st_mode)
+        raise NotAFile(errno.EISDIR if kind == "directory" else errno.EINVAL, f"is a {kind}, not a regular file",
+                       str(path))
+    with os.fdopen(fd, "rb") as f:
         sig = (st.st_ino, st.st_mtime_ns, st.st_size)
         if sig == known:
             return None, sig

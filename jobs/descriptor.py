@@ -10,9 +10,10 @@ from enum import Enum
 from typing import Any
 
 from jobs.errors import BadFile, NewerSchema
-from jobs.names import check_chunk, check_name
+from jobs.names import MAX_CHUNKS, brief, check_chunk, check_name
 
 SCHEMA = 1
+MAX_ATTEMPTS = 10**6  # attempt numbers become file names (<chunk>.a<N>.json): bounded
 
 
 class JobKind(str, Enum):
@@ -104,10 +105,10 @@ class Job:
     def _check(self, where: object) -> None:
         try:
             check_name(self.run, "run name")
-            for name, lo in (("total_chunks", 1), ("attempt", 1), ("max_attempts", 1)):
+            for name, hi in (("total_chunks", MAX_CHUNKS), ("attempt", MAX_ATTEMPTS), ("max_attempts", MAX_ATTEMPTS)):
                 v = getattr(self, name)
-                if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                    raise BadFile(f"'{name}' must be an integer >= {lo}, got {v!r}")
+                if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= hi:
+                    raise BadFile(f"'{name}' must be an integer from 1 to {hi}, got {brief(v)}", where)
             check_chunk(self.chunk_id, self.total_chunks)
         except BadFile:
             raise
@@ -115,12 +116,15 @@ class Job:
             raise BadFile(str(e), where) from e
         _expect(self.target, str, "target", where)
         _expect(self.alone, bool, "alone", where)
+        if isinstance(self.submitted_at, bool) or not isinstance(self.submitted_at, (int, float)) \
+                or not math.isfinite(self.submitted_at):  # part of Job.uid: it must hash and compare
+            raise BadFile(f"'submitted_at' must be a finite number, got {brief(self.submitted_at)}", where)
         if self.epoch is not None:
             _expect(self.epoch, str, "epoch", where)
             if not (0 < len(self.epoch) <= 64 and self.epoch.isalnum()):
-                raise BadFile(f"'epoch' must be 1 to 64 letters and digits, got {self.epoch!r}", where)
+                raise BadFile(f"'epoch' must be 1 to 64 letters and digits, got {brief(self.epoch)}", where)
         if isinstance(self.share, bool) or not isinstance(self.share, (int, float)) or not 0 < self.share < math.inf:
-            raise BadFile(f"'share' must be a positive number, got {self.share!r}", where)
+            raise BadFile(f"'share' must be a positive number, got {brief(self.share)}", where)
         _expect(self.kwargs, dict, "kwargs", where)
         for k in self.kwargs:
             if k in BUILTIN_KWARGS:
@@ -134,7 +138,7 @@ class Job:
         if self.timeout is not None and (
             isinstance(self.timeout, bool) or not isinstance(self.timeout, (int, float)) or not 0 < self.timeout < math.inf
         ):
-            raise BadFile(f"'timeout' must be a positive number, got {self.timeout!r}", where)
+            raise BadFile(f"'timeout' must be a positive number, got {brief(self.timeout)}", where)
 
 
 _FIELDS = tuple(f.name for f in dataclasses.fields(Job))
@@ -143,3 +147,4 @@ _FIELDS = tuple(f.name for f in dataclasses.fields(Job))
 def _expect(value: object, typ: type, name: str, where: object) -> None:
     if not isinstance(value, typ):
         raise BadFile(f"'{name}' must be a {typ.__name__}, got {type(value).__name__}", where)
+

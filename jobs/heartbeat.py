@@ -6,13 +6,15 @@ clock has seen the same ``seq`` (never by comparing two machines' clocks).
 from __future__ import annotations
 
 import json
+import os
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from jobs.atomic import read_bounded, write_replace
+from jobs.atomic import NotAFile, write_replace
 from jobs.errors import BadFile
-from jobs.paths import Spool
+from jobs.jsonio import clean, is_int, is_num, is_str, is_time, read_json
+from jobs.paths import Spool, warn_once
 
 STATUS_LIMIT = 256 * 1024
 
@@ -28,20 +30,55 @@ class AgentState(str, Enum):
 
 def write_status(spool: Spool, agent_id: str, status: dict[str, Any]) -> None:
     # No fsync: a heartbeat lost in an OS crash is simply stale, which is its meaning.
-    write_replace(spool.heartbeat(agent_id), json.dumps(status).encode(), fsync=False)
+    path, data = spool.heartbeat(agent_id), json.dumps(status).encode()
+    try:
+        write_replace(path, data, fsync=False)
+    except OSError as e:
+        if not os.path.isdir(path) or os.path.islink(path):
+            raise
+        # a folder where the heartbeat belongs (nothing can be renamed over it): moved aside
+        spool.reject(b"", path, f"heartbeat is a directory ({e.strerror}); moved aside", move=True)
+        write_replace(path, data, fsync=False)
 
 
 def read_status(path: Path) -> dict[str, Any]:
-    """Read a heartbeat; raises BadFile if it is not a valid one, OSError if unreadable."""
-    data = read_bounded(path, STATUS_LIMIT)
+    """Read a heartbeat; raises BadFile if it is not a valid one, OSError if unreadable.
+
+    ``agent``, ``seq`` and ``state`` must be right, or the whole heartbeat is refused. Every other
+    field the tools read is checked for its type (``FIELDS``): a wrong one is dropped (None), with
+    one warning naming the file and the field, so no reader ever meets ``"gpu": []``."""
     try:
-        st = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise BadFile(f"heartbeat is not valid JSON ({e})", path) from e
-    if not isinstance(st, dict) or not isinstance(st.get("seq"), int) or not isinstance(st.get("agent"), str):
+        st = read_json(path, "heartbeat", STATUS_LIMIT)
+    except NotAFile as e:
+        raise BadFile(f"heartbeat {e.strerror}", path) from e
+    if not isinstance(st, dict) or not isinstance(st.get("agent"), str) or not is_int(st.get("seq")):
         raise BadFile("heartbeat lacks 'agent'/'seq'", path)
-    try:
-        AgentState(st.get("state"))
-    except ValueError as e:
-        raise BadFile(f"heartbeat has unknown state {st.get('state')!r}", path) from e
+    state = st.get("state")
+    if not isinstance(state, str) or state not in _STATES:
+        raise BadFile(f"heartbeat has unknown state {_cut(state)}", path)
+    bad = clean(st, FIELDS)
+    for key in ("current", "ahead"):  # a job is named by its run and chunk, or not at all
+        job = st.get(key)
+        if isinstance(job, dict) and not (isinstance(job.get("run"), str) and is_int(job.get("chunk_id"))):
+            st[key] = None
+            bad.append(key)
+    if bad:
+        warn_once(f"{path}: heartbeat fields of the wrong type ignored: {', '.join(bad)}")
     return st
+
+
+_STATES = {s.value for s in AgentState}
+_JOB = {"run": is_str, "chunk_id": is_int, "attempt": is_int, "since": is_time}
+# field -> its check, or the checks of the fields of an object (see jobs.jsonio.clean)
+FIELDS: dict[str, Any] = {
+    "schema": is_int, "host": is_str, "hostname": is_str, "pid": is_int, "base": is_str, "device": is_str,
+    "gpu_id": is_int, "gpu_index": is_int, "current": _JOB, "ahead": _JOB, "jobs_done": is_int,
+    "jobs_failed": is_int, "started_at": is_time, "updated_at": is_time, "heartbeat_s": is_num,
+    "watch": is_str, "worker_pid": is_int, "log": is_str, "last_error": is_str, "mailbox_lag_s": is_num,
+    "gpu": {"name": is_str, "util": is_num, "mem_used": is_num, "mem_total": is_num, "temp": is_num},
+}
+
+
+def _cut(v: object) -> str:
+    text = repr(v)
+    return text if len(text) <= 80 else text[:80] + "..."

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,9 +23,10 @@ from typing import Any, Callable
 
 from loguru import logger
 
-from jobs.atomic import read_bounded, read_if_changed, write_replace
+from jobs.atomic import NotAFile, file_kind, read_bounded, read_if_changed, write_replace
 from jobs.descriptor import SCHEMA, Job
 from jobs.errors import BadFile, NewerSchema
+from jobs.jsonio import load_json
 from jobs.locks import FileLock
 from jobs.paths import Spool
 
@@ -49,10 +52,7 @@ def parse_mailbox(data: bytes, where: Path, known: dict[Any, tuple[dict, Job]] |
     identical entry is not validated again (a deep mailbox is reread after every job)."""
     if not data.strip():
         raise BadFile("mailbox is empty (a valid mailbox always holds a JSON object)", where)
-    try:
-        doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise BadFile(f"mailbox is not valid JSON ({e})", where) from e
+    doc = load_json(data, "mailbox", where)
     if not isinstance(doc, dict) or not isinstance(doc.get("jobs"), list):
         raise BadFile("mailbox must be a JSON object with a 'jobs' list", where)
     schema = doc.get("schema")
@@ -61,7 +61,7 @@ def parse_mailbox(data: bytes, where: Path, known: dict[Any, tuple[dict, Job]] |
     seq = doc.get("seq")
     snap, seen = Snapshot(seq=seq if isinstance(seq, int) and not isinstance(seq, bool) else None), {}
     for raw in doc["jobs"]:
-        key = (raw.get("run"), raw.get("chunk_id"), raw.get("attempt")) if isinstance(raw, dict) else None
+        key = _key(raw)
         hit = known.get(key) if known is not None and key is not None else None
         if hit is not None and hit[0] == raw:
             snap.jobs.append(hit[1])
@@ -79,6 +79,16 @@ def parse_mailbox(data: bytes, where: Path, known: dict[Any, tuple[dict, Job]] |
         known.clear()
         known.update(seen)
     return snap
+
+
+def _key(raw: object) -> tuple[str, int, int] | None:
+    """(run, chunk, attempt) of a raw descriptor, if they have the right types (a list where the
+    run belongs is not hashable, and such an entry is validated, and refused, every time)."""
+    if not isinstance(raw, dict):
+        return None
+    key = (raw.get("run"), raw.get("chunk_id"), raw.get("attempt"))
+    ok = isinstance(key[0], str) and all(isinstance(v, int) and not isinstance(v, bool) for v in key[1:])
+    return key if ok else None
 
 
 class Mailbox:
@@ -105,6 +115,8 @@ class Mailbox:
             data, sig = read_if_changed(self.path, MAILBOX_LIMIT, known)
         except FileNotFoundError:
             return Snapshot()
+        except NotAFile as e:  # a folder or FIFO in its place: update() moves it aside
+            raise BadFile(f"mailbox {e.strerror}", self.path) from e
         if data is None:
             snap = self._last[1]
         else:
@@ -133,6 +145,7 @@ class Mailbox:
         back and rewrites its mailbox from an older read, those jobs may run twice, and a result
         is still committed once) or dropping a cancelled run's jobs (agents skip those anyway).
         """
+        self._check_lock_file()
         if not self.lock.acquire(timeout=wait):  # wait None: for as long as it takes
             if not force:
                 raise TimeoutError(f"{self.lock.path} has been held by another process for over {wait:g} s")
@@ -153,6 +166,19 @@ class Mailbox:
         jobs = snap.jobs if new is None else new
         self._write(jobs, max(expected, snap.seq or 0) + 1)
         return jobs
+
+    def _check_lock_file(self) -> None:
+        """A folder, FIFO or symlink where the lock file belongs would make every update fail (or,
+        a FIFO, block): moved into ``rejected/``, so that the lock is created afresh. A real lock
+        file is never moved (every waiter must lock the same inode)."""
+        try:
+            mode = os.lstat(self.lock.path).st_mode
+        except OSError:
+            return  # missing: FileLock creates it
+        if not stat.S_ISREG(mode):
+            why = f"mailbox lock is a {file_kind(mode)}, not a regular file; moved aside, a new lock is made"
+            logger.warning("{}: {}", self.lock.path, why)
+            self.spool.reject(b"", self.lock.path, why, move=True)
 
     def _lock_seq(self) -> int:
         note = self.lock.read_note(64).strip()
@@ -192,12 +218,28 @@ class Mailbox:
         return snap, bool(snap.bad)
 
     def _reject_file(self, why: str) -> None:
+        """Keep the broken mailbox in ``rejected/``; a folder or FIFO in its place is moved there
+        (nothing could be renamed over a folder), anything else is copied and then replaced."""
         try:
-            data = read_bounded(self.path, MAILBOX_LIMIT)
-        except (OSError, BadFile):
-            data = b""
+            mode = os.lstat(self.path).st_mode
+        except OSError:
+            mode = stat.S_IFREG
+        move = not (stat.S_ISREG(mode) or stat.S_ISLNK(mode))
+        data = b""
+        if not move:
+            try:
+                data = read_bounded(self.path, MAILBOX_LIMIT)
+            except (OSError, BadFile):
+                pass
         logger.warning("rejected a broken mailbox: {}", why)
-        self.spool.reject(data, self.path, why)
+        self.spool.reject(data, self.path, why, move=move)
+        if move and os.path.lexists(self.path):  # rejected/ unusable: at least out of the way, hidden
+            aside = self.path.with_name(f".{self.path.name}.rejected-{os.getpid()}-{time.monotonic_ns()}")
+            try:
+                os.rename(self.path, aside)
+                logger.warning("{}: moved to {} instead", self.path, aside.name)
+            except OSError as e:
+                logger.warning("{}: cannot be moved aside ({}); remove it by hand", self.path, e.strerror)
 
     def _write(self, jobs: list[Job], seq: int) -> None:
         doc = {"schema": SCHEMA, "agent": self.agent_id, "seq": seq, "jobs": [j.to_dict() for j in jobs]}

@@ -1,15 +1,20 @@
 """The one place that knows every path of the spool; nobody else joins names into BASE."""
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import re
+import secrets
 import stat
 import time
 from pathlib import Path
 
-from jobs.atomic import is_temp_name, write_replace
-from jobs.errors import BadFile, SpoolError
+from loguru import logger
+
+from jobs.atomic import TMP_MARK, is_temp_name
+from jobs.errors import BadFile, BadName, SpoolError
 from jobs.names import check_chunk, check_name
 
 RESULT_RE = re.compile(r"^(\d{6,})\.json$")
@@ -32,11 +37,15 @@ class Spool:
     def ensure(self) -> "Spool":
         """Create the layout (idempotent). Folders are not writable by other users."""
         try:
-            for d in (self.base, self.pool_dir, self.agents_dir, self.runs_dir,
-                      self.results_dir, self.logs_dir, self.rejected_dir):
+            for d in (self.base, self.pool_dir, self.agents_dir, self.runs_dir, self.results_dir, self.logs_dir):
                 d.mkdir(mode=0o755, parents=True, exist_ok=True)
         except OSError as e:
             raise SpoolError(f"cannot create the spool folder: {e.strerror}", e.filename or self.base) from e
+        try:  # a broken rejected/ (a file, a link) costs only the rejections: reject() names it
+            fd = self._rejected_fd()
+            os.close(fd)
+        except OSError as e:
+            warn_once(f"{self.rejected_dir}: {e.strerror}; rejected spool files will not be kept")
         return self
 
     def check_private(self) -> None:
@@ -54,7 +63,10 @@ class Spool:
         (a hostile link would make us write outside BASE). Returns the results folder."""
         out = self.result_dir(run)
         for d in (out, self.logs_dir / check_name(run, "run name")):
-            d.mkdir(mode=0o755, parents=True, exist_ok=True)
+            try:
+                d.mkdir(mode=0o755, parents=True, exist_ok=True)
+            except OSError as e:  # a file (or a dangling link) where the folder belongs
+                raise BadFile(f"cannot be made a folder ({e.strerror})", d) from e
             if os.path.islink(d):
                 raise BadFile("is a symlink; results and logs are never written through a link", d)
         return out
@@ -83,11 +95,24 @@ class Spool:
         return self.logs_dir / f"{check_name(agent_id, 'agent id')}.worker.log"
 
     def agent_ids(self) -> list[str]:
-        """Agents that ever wrote a heartbeat in this spool, sorted."""
+        """Agents that ever wrote a heartbeat in this spool, sorted. A name that is not a valid
+        agent id (``bad name.json``) is skipped with one warning: it is no agent of ours."""
+        return self._names(self.agents_dir, ".json", "agent id")
+
+    def _names(self, folder: Path, suffix: str, what: str) -> list[str]:
+        try:
+            entries = os.listdir(folder)
+        except OSError:  # missing, or not a folder
+            return []
         out = []
-        for name in os.listdir(self.agents_dir) if self.agents_dir.is_dir() else ():
-            if name.endswith(".json") and not is_temp_name(name):
-                out.append(name[: -len(".json")])
+        for name in entries:
+            if not name.endswith(suffix) or is_temp_name(name):
+                continue
+            ident = name[: len(name) - len(suffix)]
+            try:
+                out.append(check_name(ident, what))
+            except BadName as e:
+                warn_once(f"{folder / name}: skipped: {e}")
         return sorted(out)
 
     # runs
@@ -113,9 +138,8 @@ class Spool:
         return self.run_dir(run) / "master.lock"
 
     def run_names(self) -> list[str]:
-        if not self.runs_dir.is_dir():
-            return []
-        return sorted(n for n in os.listdir(self.runs_dir) if not is_temp_name(n))
+        """Runs in this spool, sorted; a name that is not a valid run name is skipped with one warning."""
+        return self._names(self.runs_dir, "", "run name")
 
     # results
     def result_dir(self, run: str) -> Path:
@@ -139,12 +163,83 @@ class Spool:
         return self.logs_dir / check_name(run, "run name") / f"{check_chunk(chunk):06d}.log"
 
     # rejected files
-    def reject(self, data: bytes, origin: Path | str, why: str) -> Path:
-        """Keep a refused file (or descriptor) in ``rejected/`` with a ``.why`` note beside it."""
-        self.rejected_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+    def reject(self, data: bytes, origin: Path | str, why: str, move: bool = False) -> Path | None:
+        """Keep a refused file (or descriptor) in ``rejected/`` with a ``.why`` note beside it.
+
+        ``data`` is kept as the rejected file; with ``move`` the ``origin`` path itself is renamed
+        in instead (a directory or FIFO where a file belongs, which nothing could replace), and
+        ``data`` is written only if that rename fails. Nothing is written through a symlink:
+        ``rejected/`` is opened with O_NOFOLLOW and written relative to that handle, so a
+        ``rejected`` that is a link (or not a folder) drops the rejection with a warning naming
+        it. Never raises: a rejection that cannot be kept (disk full) is logged instead.
+        Returns the rejected file's path, or None when nothing was kept."""
         stem = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{time.monotonic_ns() % 10**9}-{Path(origin).name}"
-        dest = self.rejected_dir / stem[:200]
-        write_replace(dest, data, fsync=False)
-        note = {"origin": str(origin), "why": why, "at": time.time()}
-        write_replace(dest.with_name(dest.name + ".why"), json.dumps(note, indent=1).encode(), fsync=False)
-        return dest
+        name = stem[:200]
+        note = json.dumps({"origin": str(origin), "why": why, "at": time.time()}, indent=1).encode()
+        try:
+            fd = self._rejected_fd()
+        except OSError as e:
+            logger.warning("{}: {}; the rejection of {} ({}) is not kept", self.rejected_dir, e.strerror, origin, why)
+            return None
+        try:
+            moved = False
+            if move:
+                try:
+                    os.rename(origin, name, dst_dir_fd=fd)  # renames a link itself, never its target
+                    moved = True
+                except OSError as e:
+                    logger.warning("{}: could not be moved into {} ({}); a copy of what it held is kept",
+                                   origin, self.rejected_dir, e.strerror)
+            if not moved:
+                _write_at(fd, name, data)
+            _write_at(fd, name + ".why", note)
+        except OSError as e:
+            logger.warning("{}: could not keep the rejection of {} ({}): {}", self.rejected_dir, origin, why,
+                           e.strerror)
+            return None
+        finally:
+            os.close(fd)
+        return self.rejected_dir / name
+
+    def _rejected_fd(self) -> int:
+        """A handle on ``rejected/`` (created if missing), refusing a symlink or a non-folder."""
+        for _ in range(2):
+            try:
+                return os.open(self.rejected_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+            except FileNotFoundError:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(self.rejected_dir, 0o755)  # mkdir never follows a link in its last component
+            except OSError as e:
+                if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise OSError(e.errno, "is a symlink or not a folder; nothing is written through it",
+                                  str(self.rejected_dir)) from e
+                raise
+        return os.open(self.rejected_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+
+
+def _write_at(dir_fd: int, name: str, data: bytes) -> None:
+    """Publish ``data`` as ``name`` in the folder ``dir_fd`` (temp file + rename, no link followed)."""
+    tmp = f".{name}{TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644, dir_fd=dir_fd)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp, dir_fd=dir_fd)
+        raise
+
+
+_warned: set[str] = set()
+
+
+def warn_once(message: str) -> None:
+    """Log ``message`` as a warning the first time this process sees it (a spool is reread
+    every few seconds: a bad file left there is named once, not on every pass)."""
+    if message in _warned:
+        return
+    if len(_warned) > 10_000:  # a long-lived master facing a flood of bad names: forget, warn again
+        _warned.clear()
+    _warned.add(message)
+    logger.warning(message)

@@ -51,7 +51,7 @@ def committed(spool: Spool, spec: RunSpec, partial: bool) -> tuple[list[dict[str
     for c in range(spec.chunks):
         try:
             rec = read_result(spool.result_json(spec.name, c))
-        except (FileNotFoundError, BadFile):
+        except (OSError, BadFile):  # missing, broken, or not a file (a folder where it belongs)
             missing.append(c)
             continue
         if rec["status"] == "ok":

@@ -16,6 +16,7 @@ import os
 import socket
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 from jobs.atomic import write_replace
@@ -48,6 +49,18 @@ def wait_until(cond: Callable[[], Any], timeout: float, poll: float = 0.1) -> An
         time.sleep(poll)
 
 
+def _set_flag(spool: Spool, path: Path, note: bytes) -> None:
+    """Write a flag file; a folder where it belongs (nothing can be renamed over one) is moved to
+    ``rejected/`` first."""
+    try:
+        write_replace(path, note, fsync=False)
+    except OSError as e:
+        if not os.path.isdir(path) or os.path.islink(path):
+            raise
+        spool.reject(b"", path, f"flag is a directory ({e.strerror}); moved aside", move=True)
+        write_replace(path, note, fsync=False)
+
+
 # retry ----------------------------------------------------------------------------------------
 def failed_chunks(spool: Spool, spec: RunSpec) -> list[int]:
     """Chunks whose committed result is a failure."""
@@ -56,7 +69,7 @@ def failed_chunks(spool: Spool, spec: RunSpec) -> list[int]:
         try:
             if read_result(spool.result_json(spec.name, c))["status"] != "ok":
                 out.append(c)
-        except (FileNotFoundError, BadFile):
+        except (OSError, BadFile):  # missing, or unreadable (a folder where it belongs): not counted
             continue
     return out
 
@@ -66,7 +79,7 @@ def ok_count(spool: Spool, spec: RunSpec) -> int:
     for c in range(spec.chunks):
         try:
             n += read_result(spool.result_json(spec.name, c))["status"] == "ok"
-        except (FileNotFoundError, BadFile):
+        except (OSError, BadFile):  # missing, or unreadable (a folder where it belongs): not counted
             continue
     return n
 
@@ -102,7 +115,7 @@ def cancel_run(spool: Spool, run: str, stop_running: bool, timeout: float = 10.0
     """Cancel ``run`` (see the module docstring); waits up to ``timeout`` for its master to stop
     and, with ``stop_running``, for its running chunks to be killed."""
     load_run(spool, run)
-    write_replace(spool.cancel_flag(run), _note(stop_running=stop_running), fsync=False)
+    _set_flag(spool, spool.cancel_flag(run), _note(stop_running=stop_running))
     dropped = drop_run(spool, run)
     stopped = wait_until(lambda: _master_gone(spool, run), timeout)
     dropped += drop_run(spool, run)  # what a master queued before it saw the flag
@@ -163,7 +176,7 @@ def drain(spool: Spool, agent: str, timeout: float = 30.0, dead_after: float = 2
 
     A busy agent reads the flag when its current chunk ends, so "busy" is answer enough."""
     check_agent(spool, agent)
-    write_replace(spool.drain_flag(agent), _note(), fsync=False)
+    _set_flag(spool, spool.drain_flag(agent), _note())
     live = Liveness(spool, dead_after)
 
     def reached() -> AgentReport | None:

@@ -13,6 +13,8 @@ import sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from loguru import logger
+
 from jobs.paths import Spool
 from master.status import StatusReader, duration
 
@@ -108,9 +110,18 @@ class _Handler(BaseHTTPRequestHandler):
     refresh: float
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        try:
+            self._get()
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        except Exception as e:  # the spool is untrusted: answer with what went wrong, serve on
+            logger.exception("dashboard: {} failed", self.path)
+            self._send(500, "text/plain", f"error reading the spool: {type(e).__name__}: {e}\n")
+
+    def _get(self) -> None:
         path = self.path.split("?", 1)[0]
         if path == "/api/status":
-            self._send(200, "application/json", json.dumps(self.reader.gather()))
+            self._send(200, "application/json", json.dumps(self.reader.gather(), allow_nan=False))
         elif path == "/api/tables":
             self._send(200, "text/html; charset=utf-8", tables(self.reader.gather()))
         elif path in ("/", "/index.html"):

@@ -14,13 +14,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from jobs.atomic import read_bounded, write_replace
-from jobs.descriptor import BUILTIN_KWARGS, JobKind
+from jobs.atomic import NotAFile, write_replace
+from jobs.descriptor import BUILTIN_KWARGS, MAX_ATTEMPTS, JobKind
 from jobs.errors import BadFile, BadNpz, SpoolError
-from jobs.names import check_name, slug
+from jobs.jsonio import load_json, read_json
+from jobs.names import MAX_CHUNKS, brief, check_name, slug
 from jobs.paths import Spool
 
 SPEC_SCHEMA = 1
+SPEC_LIMIT = 1024 * 1024
 
 
 class UsageError(SpoolError):
@@ -54,12 +56,54 @@ class RunSpec:
 
     @classmethod
     def load(cls, path: Path) -> "RunSpec":
+        """Read and check ``runs/<run>/run.json``; raises BadFile naming what is wrong (FileNotFoundError
+        if there is none)."""
         try:
-            d = json.loads(read_bounded(path, 1024 * 1024))
-            d.pop("created_at", None)
-            return cls(**{**d, "kind": JobKind(d["kind"])})
+            d = read_json(path, "run spec", SPEC_LIMIT)
+        except NotAFile as e:
+            raise BadFile(f"run spec {e.strerror}", path) from e
+        if not isinstance(d, dict):
+            raise BadFile(f"run spec must be a JSON object, not a {type(d).__name__}", path)
+        d = dict(d)
+        d.pop("created_at", None)
+        try:
+            spec = cls(**{**d, "kind": JobKind(d["kind"])})
         except (ValueError, TypeError, KeyError) as e:
-            raise BadFile(f"run spec is not valid: {e}", path) from e
+            raise BadFile(f"run spec is not valid: {str(e)[:200]}", path) from e
+        why = spec._problem(path.parent.name)
+        if why is not None:
+            raise BadFile(f"run spec is not valid: {why}", path)
+        return spec
+
+    def _problem(self, folder: str) -> str | None:
+        """What is wrong with a spec read from the spool (its types and ranges), or None."""
+        try:
+            check_name(self.name, "run name")
+        except SpoolError as e:
+            return str(e)
+        if self.name != folder:
+            return f"it names run {brief(self.name)}, not {folder!r} (its folder)"
+        if not isinstance(self.target, str) or "\0" in self.target:
+            return f"'target' must be a string, not {brief(self.target)}"
+        if isinstance(self.chunks, bool) or not isinstance(self.chunks, int) or not 1 <= self.chunks <= MAX_CHUNKS:
+            return f"'chunks' must be a whole number from 1 to {MAX_CHUNKS}, not {brief(self.chunks)}"
+        if not isinstance(self.kwargs, dict):
+            return f"'kwargs' must be an object, not {brief(self.kwargs)}"
+        for name in ("shared", "data_dir", "workdir"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, str) or "\0" in v):
+                return f"'{name}' must be a path, not {brief(v)}"
+        if isinstance(self.retries, bool) or not isinstance(self.retries, int) or not 0 <= self.retries < MAX_ATTEMPTS:
+            return f"'retries' must be a whole number from 0 to {MAX_ATTEMPTS - 1}, not {brief(self.retries)}"
+        for name, optional in (("timeout", True), ("share", False)):
+            v = getattr(self, name)
+            if v is None and optional:
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf:
+                return f"'{name}' must be a positive number, not {brief(v)}"
+        if isinstance(self.schema, bool) or not isinstance(self.schema, int) or self.schema > SPEC_SCHEMA:
+            return f"'schema' {brief(self.schema)} is not one this tool reads ({SPEC_SCHEMA}); upgrade"
+        return None
 
     def data_file(self, chunk: int) -> str | None:
         if self.data_dir is None:
@@ -78,13 +122,28 @@ def default_name(kind: JobKind, target: str, chunks: int, kwargs: dict[str, Any]
 def parse_kwargs(text: str | None) -> dict[str, Any]:
     if not text:
         return {}
-    try:
-        value = json.loads(text)
-    except ValueError as e:
-        raise UsageError(f"--kwargs is not valid JSON ({e}); example: --kwargs '{{\"scale\": 2}}'") from None
+    try:  # the agents read them with the same loader (depth-bounded): refused here, not there
+        value = load_json(text, "--kwargs")
+    except BadFile as e:
+        raise UsageError(f"{e}; example: --kwargs '{{\"scale\": 2}}'") from None
     if not isinstance(value, dict):
         raise UsageError(f"--kwargs must be a JSON object like '{{\"scale\": 2}}', not a {type(value).__name__}")
     return value
+
+
+KWARGS_LIMIT = 64 * 1024  # bytes of JSON: every job descriptor of the run carries its kwargs
+
+
+def kwargs_size_error(kwargs: dict[str, Any], what: str = "--kwargs",
+                      instead: str = "--shared FILE.npz (one file for every chunk) or --data FOLDER (one .npz "
+                                     "per chunk), or pass a file's path") -> str | None:
+    """Why ``kwargs`` are too large to travel in job descriptors (every job of a run, up to 64 of
+    them queued in one mailbox, carries a copy), or None."""
+    size = len(json.dumps(kwargs, default=str))
+    if size <= KWARGS_LIMIT:
+        return None
+    return (f"{what}: {size / 1024:.0f} KB as JSON, over the {KWARGS_LIMIT // 1024} KB limit: every job "
+            f"descriptor carries a copy. Put large inputs in {instead}")
 
 
 def build(*, task: str | None = None, script: str | None = None, chunks: int, kwargs: dict[str, Any] | None = None,
@@ -103,6 +162,8 @@ def build(*, task: str | None = None, script: str | None = None, chunks: int, kw
     bad_keys = [k for k in kwargs if not isinstance(k, str) or not k.isidentifier()]
     if bad_keys:
         raise UsageError(f"--kwargs key(s) {bad_keys} are not valid Python identifiers")
+    if (too_large := kwargs_size_error(kwargs)) is not None:
+        raise UsageError(too_large)
     if retries < 0:
         raise UsageError(f"--retries must be 0 or more, not {retries}")
     if timeout is not None and not 0 < timeout < math.inf:

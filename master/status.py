@@ -100,7 +100,7 @@ class StatusReader:
         rdir = self.spool.result_dir(name)
         present: dict[int, float] = {}
         failed_once: set[int] = set()
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):  # missing, or not a folder: no results
             for e in os.scandir(rdir):
                 if m := RESULT_RE.match(e.name):
                     with contextlib.suppress(OSError):
@@ -122,8 +122,9 @@ class StatusReader:
 
 
 def _agent_row(ident: str, v: Any, cur: dict | None, queued: int, drain_flag: bool) -> dict[str, Any]:
-    st = v.status
+    st = v.status  # checked field by field by jobs.heartbeat.read_status
     gpu = st.get("gpu") or {}
+    cur = {k: cur.get(k) for k in ("run", "chunk_id", "attempt", "since")} if isinstance(cur, dict) else None
     state = st.get("state") if v.alive else ("stopped" if st.get("state") == "stopped" else "dead")
     since = cur.get("since") if cur else None
     return {
