@@ -28,7 +28,9 @@ from typing import Any
 from jobs.atomic import read_bounded, write_exclusive, write_replace
 from jobs.descriptor import Job, JobState
 from jobs.errors import BadFile
-from jobs.paths import ARRAYS_RE, Spool
+from jobs.jsonio import clean, is_int, is_num, is_str, is_time, read_json
+from jobs.names import brief
+from jobs.paths import ARRAYS_RE, HISTORY_RE, RESULT_RE, Spool, warn_once
 
 RESULT_LIMIT = 8 * 1024 * 1024
 RESULT_SCHEMA = 1
@@ -163,22 +165,38 @@ def unseal(spool: Spool, run: str) -> None:
         os.unlink(spool.sealed_flag(run))
 
 
+_ERROR = {"type": is_str, "message": is_str, "traceback": is_str}
+# fields read for display and bookkeeping: a wrong type is dropped (None) with one warning
+FIELDS: dict[str, Any] = {
+    "run": is_str, "total_chunks": is_int, "max_attempts": is_int, "agent": is_str, "host": is_str,
+    "device": is_str, "log": is_str, "submitted_at": is_num, "started_at": is_time, "finished_at": is_time,
+    "duration_s": is_num, "arrays_bytes": is_int, "error": _ERROR,
+}
+
+
 def read_result(path: Path) -> dict[str, Any]:
-    """Read and check a result record; raises BadFile if it is not a valid one."""
-    data = read_bounded(path, RESULT_LIMIT)
-    try:
-        rec = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise BadFile(f"result is not valid JSON ({e})", path) from e
+    """Read and check a result record; raises BadFile if it is not a valid one, OSError if it
+    cannot be read (NotAFile: a folder or FIFO where the result belongs).
+
+    ``status``, ``chunk_id`` (that of the file name) and ``attempt`` must be right, and
+    ``arrays`` must name an .npz of the chunk beside it, or the record is refused; other fields
+    of the wrong type (``FIELDS``) are dropped with one warning naming the file."""
+    rec = read_json(path, "result", RESULT_LIMIT)
     if not isinstance(rec, dict) or rec.get("status") not in (JobState.OK.value, JobState.FAILED.value):
         raise BadFile("result has no valid 'status'", path)
-    if not isinstance(rec.get("chunk_id"), int) or not isinstance(rec.get("attempt"), int):
+    if not is_int(rec.get("chunk_id")) or not is_int(rec.get("attempt")):
         raise BadFile("result has no integer 'chunk_id'/'attempt'", path)
+    named = RESULT_RE.match(path.name) or HISTORY_RE.match(path.name)
+    if named is not None and int(named.group(1)) != rec["chunk_id"]:
+        raise BadFile(f"result says chunk {rec['chunk_id']}, not the {int(named.group(1))} of its name", path)
     arrays = rec.get("arrays")
     if arrays is not None:  # a file name in the result's own folder, of its own chunk: nothing else
         m = ARRAYS_RE.match(arrays) if isinstance(arrays, str) else None
         if m is None or int(m.group(1)) != rec["chunk_id"]:
-            raise BadFile(f"result names arrays {arrays!r}, not an .npz of its chunk", path)
+            raise BadFile(f"result names arrays {brief(arrays)}, not an .npz of its chunk", path)
+    bad = clean(rec, FIELDS)
+    if bad:
+        warn_once(f"{path}: result fields of the wrong type ignored: {', '.join(bad)}")
     return rec
 
 
