@@ -12,12 +12,21 @@ threads of every agent, which then took the interpreter lock from the job loop. 
 with no-op chunks, agents that poll showed an idle-gap p99 of 2-3 ms against 3.4-5 ms with
 inotify; dropping the watch while busy moved it by less than the noise.) ``wait`` arms it
 again first.
+
+inotify is a per-user resource (128 instances and a number of watches by default, shared with
+editors, IDE servers and every other tool of the user): where none is to be had, the agent (and
+a master, see ``watch_folder``) polls instead, with one warning, and never fails for it.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
+import time
 from pathlib import Path
+from typing import Any
+
+from loguru import logger
 
 from watchdog.events import (FileCreatedEvent, FileDeletedEvent, FileMovedEvent, FileSystemEvent,
                              FileSystemEventHandler)
@@ -43,6 +52,27 @@ class _Handler(FileSystemEventHandler):
             self.wake.set()
 
 
+def watch_folder(folder: Path, handler: FileSystemEventHandler, what: str) -> tuple[Any, Any] | None:
+    """(a started watchdog observer, its watch) with ``handler`` on ``folder`` (created, moved and
+    deleted events), or None, with one warning that ``what`` polls instead, when the user has no
+    inotify instance or watch left."""
+    observer = None
+    try:
+        observer = Observer()  # watchdog 7 opens its inotify instance here
+        observer.daemon = True
+        watch = observer.schedule(handler, str(folder), recursive=False, event_filter=EVENT_FILTER)
+        observer.start()
+    except OSError as e:
+        logger.warning("{}: cannot watch {} with inotify ({}); polling instead. Raise the limit with: sysctl "
+                       "fs.inotify.max_user_instances=1024 fs.inotify.max_user_watches=524288", what, folder,
+                       e.strerror or e)
+        if observer is not None:
+            with contextlib.suppress(Exception):
+                observer.stop()
+        return None
+    return observer, watch
+
+
 class MailboxWatcher:
     """``wait(timeout)`` returns when the mailbox may have changed, or on ``kick()``, or at timeout."""
 
@@ -64,14 +94,24 @@ class MailboxWatcher:
 
     def start(self) -> None:
         if self.mode == "inotify":
-            self._observer = Observer()
-            self._observer.daemon = True
-            self._observer.start()
-            self._arm()
+            watching = watch_folder(self.path.parent, self._handler(), f"agent mailbox {self.path.name}")
+            if watching is None:
+                self.mode = "poll"
+            else:
+                self._observer, self._watch = watching
+
+    def _handler(self) -> _Handler:
+        return _Handler(str(self.path), self._wake)
 
     def _arm(self) -> None:
-        self._watch = self._observer.schedule(_Handler(str(self.path), self._wake), str(self.path.parent),
-                                              recursive=False, event_filter=EVENT_FILTER)
+        try:
+            self._watch = self._observer.schedule(self._handler(), str(self.path.parent), recursive=False,
+                                                  event_filter=EVENT_FILTER)
+        except OSError as e:  # the user's inotify watches ran out since: poll from now on
+            logger.warning("cannot watch {} with inotify any more ({}); polling instead", self.path.parent,
+                           e.strerror or e)
+            self.stop()
+            self.mode = "poll"
 
     def stop(self) -> None:
         if self._observer is not None:
@@ -102,8 +142,6 @@ class MailboxWatcher:
         return self._poll(timeout)
 
     def _poll(self, timeout: float) -> bool:
-        import time
-
         deadline = time.monotonic() + timeout
         while True:
             left = deadline - time.monotonic()

@@ -52,7 +52,6 @@ from typing import Any, Callable
 
 from loguru import logger
 from watchdog.events import FileSystemEventHandler
-from watchdog.observers import Observer
 
 from jobs.atomic import read_bounded, server_now
 from jobs.descriptor import Job, JobState
@@ -63,12 +62,14 @@ from jobs.losses import charge_loss, death_suspects, died_under, record_loss
 from jobs.mailbox import HOLD_LIMIT, Mailbox, drop_run, without_run
 from jobs.paths import HISTORY_RE, RESULT_RE, Spool
 from jobs.results import has_outcome, read_result, reopen_failed
-from agent.watcher import EVENT_FILTER
+from agent.watcher import watch_folder
 from master.liveness import AgentView, Liveness
 
 Event = Callable[[str, dict[str, Any]], None]
 SLOW_RTT_S = 0.5  # a round trip this long (agents report their mailbox lag) makes the first queue deep
 MOVE_MIN_S = 0.1  # a queued job is moved to an idle agent only if it would otherwise wait longer than this
+LOCK_WAIT_S = 0.2  # the longest a pass waits for one mailbox's lock (then: that mailbox waits, not the pass)
+LOCK_RETRY_S = 1.0  # a mailbox whose lock was held is tried again (without waiting) this much later
 
 
 @dataclass
@@ -136,6 +137,7 @@ class Dispatcher:
         self._mean_s: float | None = None  # moving mean of chunk durations
         self._latency: float | None = None  # moving mean of result-to-seen seconds (file server's clock)
         self._lag: float | None = None  # the longest refill-to-agent lag live agents report (heartbeats)
+        self._held: dict[str, tuple[float, float]] = {}  # agent -> (its lock first found held, next try)
 
     # hooks -------------------------------------------------------------------------------------
     def _job(self, c: int) -> Job:
@@ -340,11 +342,35 @@ class Dispatcher:
             return [j for j in jobs if id(j) not in gone] if taken else None
 
         try:
-            self._mailbox(ident).update(drop, wait=HOLD_LIMIT, force=force)
+            self._update(ident, drop, force=force)
+        except TimeoutError:
+            return None  # tried again on a later pass
         except OSError as e:
             logger.warning("could not take jobs back from {}: {}", ident, e)
             return None
         return taken
+
+    def _update(self, ident: str, change: Callable[[list[Job]], list[Job] | None], force: bool = False) -> None:
+        """``Mailbox.update`` without stalling the pass on one mailbox: its lock is waited for
+        ``LOCK_WAIT_S`` at most; a lock found held is tried again, without waiting, every
+        ``LOCK_RETRY_S`` (TimeoutError meanwhile), and after ``HOLD_LIMIT`` a ``force`` change is
+        made without it (its holder is taken for frozen: see ``Mailbox.update``). A process frozen
+        holding one agent's lock, or a slow client, then costs that agent its refills, not the
+        pass and the other agents theirs."""
+        now = self.clock()
+        held = self._held.get(ident)
+        if held is not None and now < held[1]:
+            raise TimeoutError(f"{self._mailbox(ident).lock.path} is held by another process")
+        frozen = held is not None and now - held[0] >= HOLD_LIMIT
+        try:
+            self._mailbox(ident).update(change, wait=0.0 if held else LOCK_WAIT_S, force=force and frozen)
+        except TimeoutError:
+            if held is None:
+                logger.info("{} is held by another process; its mailbox is tried again every {:g} s", ident,
+                            LOCK_RETRY_S)
+            self._held[ident] = (held[0] if held else now, now + LOCK_RETRY_S)
+            raise
+        self._held.pop(ident, None)
 
     def _hand_back(self) -> None:
         """Take back this run's jobs from dead agents, and the queued (not running) ones from
@@ -478,7 +504,9 @@ class Dispatcher:
         left = len(self.pending) + len(self.inflight)
         depth = self.depth
         cap = max(1, min(depth, math.ceil(left / len(live))))  # never more than a fair share of what is left
-        plan = self._plan(live, cap, low=depth // 2)
+        now = self.clock()  # not at agents whose mailbox lock was just found held (see _update)
+        plan = self._plan([v for v in live if v.id not in self._held or now >= self._held[v.id][1]], cap,
+                          low=depth // 2)
         for ident, chunks in plan.items():
             self._fill(self.liveness.views[ident], chunks)
 
@@ -513,9 +541,10 @@ class Dispatcher:
             return keep + taken
 
         try:
-            self._mailbox(view.id).update(add, wait=HOLD_LIMIT)
+            self._update(view.id, add)
         except OSError as e:
-            logger.warning("could not queue jobs for {}: {}", view.id, e)
+            if not isinstance(e, TimeoutError):
+                logger.warning("could not queue jobs for {}: {}", view.id, e)
             self.pending.extendleft(reversed(chunks))
             return
         self._tidy.discard(view.id)
@@ -568,11 +597,9 @@ class Dispatcher:
         rdir.mkdir(parents=True, exist_ok=True)
         observer = None
         if not is_network_fs(rdir):
-            observer = Observer()
-            self.names = ResultNames()
-            observer.schedule(_Wake(wake, self.names), str(rdir), recursive=False, event_filter=EVENT_FILTER)
-            observer.daemon = True
-            observer.start()
+            names = ResultNames()
+            watching = watch_folder(rdir, _Wake(wake, names), f"the master of {self.run_name}")
+            observer, self.names = (watching[0], names) if watching is not None else (None, None)
         try:
             while not finished():
                 self.step()
@@ -606,7 +633,7 @@ class Dispatcher:
                 continue
             self._tidy.add(ident)
             try:
-                box.update(without_run(self.run_name), wait=HOLD_LIMIT)
+                self._update(ident, without_run(self.run_name))
             except OSError as e:  # a frozen holder, a disk error: the agent's own prune tidies it later
                 logger.debug("could not tidy {}: {}", ident, e)
 

@@ -147,3 +147,38 @@ def test_one_backoff_rule() -> None:
     assert [backoff(a, cfg) for a in (1, 2, 3, 4)] == [1.0, 2.0, 4.0, 5.0]
     from master.executor import _Calls
     assert issubclass(Feeder, Dispatcher) and issubclass(_Calls, Dispatcher)  # one loop for a run and an Executor
+
+
+
+def test_a_mailbox_lock_held_by_another_process_costs_that_agent_its_refills_not_the_pass(spool: Spool) -> None:
+    """A process frozen holding one agent's mailbox lock (or a slow client): a pass waits for it
+    once, briefly; after that it is tried without waiting, once per LOCK_RETRY_S, while the
+    other agents get the run's work."""
+    from master.dispatcher import LOCK_RETRY_S, LOCK_WAIT_S
+    from tests.helpers import frozen_holder
+    from tests.test_feeder_step import finish
+
+    ids = agents(spool, 2)
+    f, clock, _ = make(spool, chunks=200, depth=4, max_depth=4)
+    f.step()
+    assert len(queued(spool, ids[0])) == len(queued(spool, ids[1])) == 4
+    lock = f._mailbox(ids[0]).lock
+    waits: list[float | None] = []
+    real_acquire = lock.acquire
+    lock.acquire = lambda blocking=True, timeout=None, poll=0.05: waits.append(timeout) or real_acquire(
+        blocking, timeout, poll)
+    holder = frozen_holder(spool.mailbox_lock(ids[0]))
+    try:
+        for n in range(10):  # both agents finish what they hold, over 1 s of master clock
+            for ident in ids:
+                for key in queued(spool, ident):
+                    finish(spool, key, max_attempts=f.max_attempts[key[0]])
+                beat(spool, ident, n + 2)
+            clock.t += 0.1
+            f.step()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert waits and waits[0] == LOCK_WAIT_S and all(w == 0.0 for w in waits[1:]), waits  # waited once, briefly
+    assert len(waits) <= 1 + 1.0 / LOCK_RETRY_S, waits
+    assert len(f.final) >= 4 + 4 * 9  # the other agent was refilled on every pass
