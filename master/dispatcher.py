@@ -366,8 +366,8 @@ class Dispatcher:
             self._mailbox(ident).update(change, wait=0.0 if held else LOCK_WAIT_S, force=force and frozen)
         except TimeoutError:
             if held is None:
-                logger.info("{} is held by another process; its mailbox is tried again every {:g} s", ident,
-                            LOCK_RETRY_S)
+                logger.warning("the mailbox lock of {} is held by another process; tried again every {:g} s, "
+                               "other agents meanwhile", ident, LOCK_RETRY_S)
             self._held[ident] = (held[0] if held else now, now + LOCK_RETRY_S)
             raise
         self._held.pop(ident, None)

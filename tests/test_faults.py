@@ -295,6 +295,32 @@ def test_agents_frozen_at_any_moment_stall_nothing_and_their_late_arrays_are_dro
 
 
 @pytest.mark.timeout(120)
+def test_a_mailbox_lock_held_by_a_slow_client_costs_that_agent_its_refills_not_the_run(spool: Spool, agents,
+                                                                                     env) -> None:
+    """Both agents live; a third process holds one agent's mailbox lock (a slow client, a
+    frozen tool): no pass of the master waits the 5 s that make a holder count as frozen, the
+    other agent is refilled meanwhile, and the held one is refilled once the lock is free."""
+    a, b = agents(2)
+    holder = frozen_holder(spool.mailbox_lock(a.id))
+    feeder = _feed(spool, env, spool.base / "marks", 200, 0.01, "slowlock")
+    try:
+        wait_for(lambda: len(results(spool.base, "slowlock")) >= 100 if spool.result_dir("slowlock").exists()
+                 else False, 60, "half the run done by the agent whose lock is free")
+        holder.kill()
+        holder.wait()
+        out, err = feeder.communicate(timeout=90)
+    finally:
+        feeder.kill()
+        holder.kill()
+    assert feeder.returncode == 0, err
+    assert "for over 5 s" not in err and "may be frozen" not in err, err  # never waited for a frozen holder
+    assert f"the mailbox lock of {a.id} is held by another process" in err
+    res = results(spool.base, "slowlock")
+    assert sorted(res) == list(range(200)) and all(r["status"] == "ok" for r in res.values())
+    assert {r["agent"] for r in res.values()} == {a.id, b.id}  # refilled once its lock was free
+
+
+@pytest.mark.timeout(120)
 def test_an_agent_frozen_with_its_mailbox_lock_held_does_not_stall_the_master(spool: Spool, agents,
                                                                                env) -> None:
     a, b = agents(2)
