@@ -33,10 +33,13 @@ COUNTING_TASK = """
 import os, time, uuid
 MARKS = {marks!r}
 
-def f(chunk_id, seconds=0.0):
+def f(chunk_id, seconds=0.0, gate=None):
     open(os.path.join(MARKS, f"{{chunk_id}}-{{uuid.uuid4().hex}}"), "w").close()  # one file per execution
     if seconds:
         time.sleep(seconds)
+    deadline = time.monotonic() + 120
+    while gate and not os.path.exists(gate) and time.monotonic() < deadline:  # held until the test opens it
+        time.sleep(0.05)
     return chunk_id
 """
 
@@ -260,10 +263,12 @@ def test_two_masters_for_one_run_through_two_mounts_one_refuses(gluster_fast, ho
     a, b = hosts(gluster_fast)
     task, _ = write_task(tmp_path)
     b.agent(0).wait_ready()
-    args = ["--task", task, "--chunks", "6", "--run", "twice", "--kwargs", '{"seconds": 0.3}']
+    gate = tmp_path / "gate"  # the first master's chunks wait for it: it cannot finish before the second tries
+    args = ["--task", task, "--chunks", "6", "--run", "twice", "--kwargs", json.dumps({"gate": str(gate)})]
     first = a.master(args)
     wait_for(lambda: (b.base / "runs" / "twice" / "run.json").exists(), 60, "first master's run.json via mount B")
     code, out, err = finish(b.master(args), 60)
+    gate.touch()
     assert code == 3, out + err
     assert "already held" in err and f"pid={first.pid}" in err, err
     code, out, err = finish(first, 90)
