@@ -32,8 +32,19 @@ from jobs.jsonio import clean, is_int, is_num, is_str, is_time, read_json
 from jobs.names import brief
 from jobs.paths import ARRAYS_RE, HISTORY_RE, RESULT_RE, Spool, warn_once
 
-RESULT_LIMIT = 8 * 1024 * 1024
+RESULT_LIMIT = 8 * 1024 * 1024  # readers refuse a larger record, so no larger one is ever written
 RESULT_SCHEMA = 1
+
+
+class ResultTooLarge(ValueError):
+    """A record over ``RESULT_LIMIT``: ``commit`` writes nothing (no reader would accept it)."""
+
+    def __init__(self, size: int, what: str = "the result record") -> None:
+        self.size = size
+        super().__init__(
+            f"{what} is {size / 2**20:.1f} MB as JSON, over the {RESULT_LIMIT // 2**20} MB limit of a "
+            f"result; return a dict of numpy arrays instead (saved as the chunk's .npz, any size), or write a "
+            f"file and return its path")
 
 
 def record(job: Job, status: JobState, **fields: Any) -> dict[str, Any]:
@@ -47,16 +58,45 @@ def commit(spool: Spool, job: Job, rec: dict[str, Any], arrays_tmp: Path | None 
     """Record an attempt's outcome. Returns True if it became the chunk's committed result.
 
     A failure with attempts left is only kept as history (the master retries it); an ok
-    or a last failure is committed unless another attempt already committed.
+    or a last failure is committed unless another attempt already committed. A record over
+    ``RESULT_LIMIT`` raises ResultTooLarge before anything is written (``arrays_tmp`` is kept).
     """
     data = json.dumps(rec, default=str).encode()
+    if len(data) > RESULT_LIMIT:
+        raise ResultTooLarge(len(data))
     ok = rec["status"] == JobState.OK.value
     if not ok:  # history first: a final result with no history beside it is then always an ok one
-        write_replace(spool.history_json(job.run, job.chunk_id, job.attempt), data, fsync=False)
+        hist = spool.history_json(job.run, job.chunk_id, job.attempt)
+        if not write_exclusive(hist, data, fsync=False):
+            if _judged_by_a_master(hist):  # a newer attempt runs: this late failure must not be final
+                _discard(arrays_tmp)
+                return False
+            write_replace(hist, data, fsync=False)  # our own, from a commit that failed half-way (disk full)
     committed = _commit_final(spool, job, data, arrays_tmp) if ok or job.attempt >= job.max_attempts else False
     if not committed:
         _discard(arrays_tmp)
     return committed
+
+
+SUPERSEDED = "Superseded"  # the error type of an attempt a master handed to another agent
+JUDGED = (SUPERSEDED, "AgentLost")  # history a master writes for an attempt it took back
+
+
+def supersede(spool: Spool, job: Job, why: str) -> None:
+    """A master took attempt ``job`` back (its agent died, froze or drains; it vanished; it was
+    moved to an idle agent) and queues the next one: on record (``job.max_attempts`` the chunk's
+    new limit), so that if the old attempt still runs somewhere and fails, that failure stays
+    history and never commits over the newer attempt (see ``commit``)."""
+    rec = record(job, JobState.FAILED, error={"type": SUPERSEDED, "message": why, "traceback": ""})
+    write_exclusive(spool.history_json(job.run, job.chunk_id, job.attempt), json.dumps(rec).encode(), fsync=False)
+
+
+def _judged_by_a_master(hist: Path) -> bool:
+    try:
+        err = read_result(hist).get("error")
+    except (OSError, BadFile):
+        return False
+    return isinstance(err, dict) and err.get("type") in JUDGED
 
 
 def _commit_final(spool: Spool, job: Job, data: bytes, arrays_tmp: Path | None) -> bool:

@@ -40,6 +40,7 @@ Placement (issue 11: every GPU busy, few long chunks as well as many tiny ones):
 """
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import math
 import os
@@ -61,7 +62,7 @@ from jobs.heartbeat import AgentState
 from jobs.losses import charge_loss, death_suspects, died_under, record_loss
 from jobs.mailbox import HOLD_LIMIT, Mailbox, drop_run, without_run
 from jobs.paths import HISTORY_RE, RESULT_RE, Spool
-from jobs.results import has_outcome, read_result, reopen_failed
+from jobs.results import has_outcome, read_result, reopen_failed, supersede
 from agent.watcher import watch_folder
 from master.liveness import AgentView, Liveness
 
@@ -183,7 +184,18 @@ class Dispatcher:
         self._seen_running.pop(c, None)
 
     def _requeue(self, c: int, delay: float = 0.0, free: bool = False) -> None:
-        """Back to pending for the next attempt; ``free`` = a lost attempt that costs no retry."""
+        """Back to pending for the next attempt; ``free`` = a lost attempt that costs no retry.
+        A free one taken back while its descriptor says it is the last attempt is put on record
+        as superseded (``jobs.results.supersede``): should it still run somewhere (a frozen agent
+        thawed, a moved job already read), its failure then never commits over the next one."""
+        if free and c in self.inflight and self.inflight[c][1] >= self.max_attempts[c]:
+            agent, attempt = self.inflight[c]
+            try:
+                supersede(self.spool, dataclasses.replace(self._job(c), attempt=attempt,
+                                                          max_attempts=self.max_attempts[c] + 1),
+                          f"taken back from {agent}; attempt {attempt + 1} runs instead")
+            except OSError as e:
+                logger.warning("could not record chunk {} attempt {} as superseded: {}", c, attempt, e)
         self._untrack(c)
         if free:
             self.max_attempts[c] += 1

@@ -95,3 +95,19 @@ def chatty(chunk_id: int, lines: int) -> int:
 def tagged(chunk_id: int, tag: str, seconds: float = 0.0) -> str:
     time.sleep(seconds)
     return f"{tag} {chunk_id}"
+
+
+def _wait_for_file(path: str, limit: float = 120.0) -> None:
+    deadline = time.monotonic() + limit
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def stale(chunk_id: int, fail_on: str, frozen: str, finish: str) -> str:
+    """On agent ``fail_on``: fails once the test says that agent is frozen (the failure reaches it
+    when it is thawed); anywhere else: ok once the test says so."""
+    if os.environ.get("GPUPOOL_AGENT") == fail_on:
+        _wait_for_file(frozen)
+        raise RuntimeError("the stale attempt fails")
+    _wait_for_file(finish)
+    return "ok"

@@ -321,6 +321,40 @@ def test_a_mailbox_lock_held_by_a_slow_client_costs_that_agent_its_refills_not_t
 
 
 @pytest.mark.timeout(120)
+def test_a_thawed_agents_stale_failure_never_overrides_the_newer_attempt_in_flight(spool: Spool, agents, env,
+                                                                                   tmp_path: Path) -> None:
+    """Attempt 1 (the last, --retries 0) runs on an agent that freezes; the master hands the chunk
+    to another agent, free (attempt 2). Thawed, the first agent reports attempt 1's failure: it is
+    kept as history, and attempt 2's ok result is the chunk's."""
+    [a] = agents(1)
+    frozen, finish = tmp_path / "frozen", tmp_path / "finish"
+    feeder = subprocess.Popen(
+        [sys.executable, "main.py", "--base", str(spool.base), "--task", "tests.faulty:stale", "--chunks", "1",
+         "--kwargs", json.dumps({"fail_on": a.id, "frozen": str(frozen), "finish": str(finish)}), "--run", "stale",
+         "--retries", "0", "--dead-after", "1.5", "--no-progress"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: ((a.heartbeat() or {}).get("current") or {}).get("chunk_id") == 0, what="a runs chunk 0")
+        a.signal(signal.SIGSTOP)
+        frozen.touch()  # its worker fails the job now; the agent reports it when thawed
+        [b] = agents(1, first=1)
+        wait_for(lambda: ((b.heartbeat() or {}).get("current") or {}).get("attempt") == 2, 60, "attempt 2 on b")
+        seq = a.heartbeat()["seq"]
+        a.signal(signal.SIGCONT)
+        wait_for(lambda: a.heartbeat()["seq"] > seq + 1 and a.heartbeat()["state"] == "idle", 30, "a thawed, idle")
+        assert "Superseded" in (spool.result_dir("stale") / "000000.a1.json").read_text()  # its late failure: dropped
+        assert not spool.result_json("stale", 0).exists()  # attempt 1's failure was not committed as final
+        finish.touch()
+        out, err = feeder.communicate(timeout=60)
+    finally:
+        feeder.kill()
+        a.signal(signal.SIGCONT)
+    assert feeder.returncode == 0, out + err
+    rec = results(spool.base, "stale")[0]
+    assert rec["status"] == "ok" and rec["attempt"] == 2 and rec["agent"] == b.id
+
+
+@pytest.mark.timeout(120)
 def test_an_agent_frozen_with_its_mailbox_lock_held_does_not_stall_the_master(spool: Spool, agents,
                                                                                env) -> None:
     a, b = agents(2)
