@@ -3,21 +3,23 @@
 ``python SCRIPT --gpu_id G --chunk_id C --total_chunks N --key value ...`` with the
 agent's own interpreter and environment (not narrowed: ``--gpu_id`` is the GPU number
 as CUDA counts it there, exactly as OctoRun passes it). Output goes to a per-chunk log.
+
+The script runs in a process group of its own; when it ends (exit, timeout, stop) the whole
+group is killed, so children it left behind do not pile up chunk after chunk on the GPU. Only
+a child it detached on purpose (``setsid``, a daemon) lives on.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import select
 import shutil
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Callable
 
-from agent.workerproc import exit_reason, tail
+from agent.workerproc import exit_reason, exited, kill_group, tail
 from jobs.descriptor import Job
 
 # Kill the script if the agent dies, even by SIGKILL (util-linux setpriv, where present).
@@ -46,17 +48,15 @@ def run_script(job: Job, gpu_id: int, env: dict[str, str], log_path: Path,
     deadline = None if job.timeout is None else time.monotonic() + job.timeout
     waiter = _ExitWaiter(proc)
     try:
-        while (code := waiter.wait(0.25 if deadline is None else min(0.25, deadline - time.monotonic()))) is None:
+        while not waiter.wait(0.25 if deadline is None else min(0.25, deadline - time.monotonic())):
             if abort():
                 return _error("Stopped", "the agent was told to stop at once", log_path)
             if deadline is not None and time.monotonic() >= deadline:
                 return _error("Timeout", f"the script ran past its timeout of {job.timeout:g} s and was killed", log_path)
     finally:
         waiter.close()
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        kill_group(proc)  # still unreaped (a zombie at worst), so its group id is still its own
+        code = proc.wait()
     return None if code == 0 else _error("ScriptFailed", f"the script {exit_reason(code)}", log_path)
 
 
@@ -70,14 +70,13 @@ class _ExitWaiter:
         except (AttributeError, OSError):
             self.fd = None
 
-    def wait(self, seconds: float) -> int | None:
+    def wait(self, seconds: float) -> bool:
+        """True once the process has exited (it is not reaped: see ``workerproc.exited``)."""
         if self.fd is not None:
             select.select([self.fd], [], [], max(0.0, seconds))
-            return self.proc.poll()
-        try:
-            return self.proc.wait(timeout=max(0.0, seconds))
-        except subprocess.TimeoutExpired:
-            return None
+        elif not exited(self.proc):
+            time.sleep(max(0.0, min(seconds, 0.05)))
+        return exited(self.proc)
 
     def close(self) -> None:
         if self.fd is not None:

@@ -35,21 +35,26 @@ def is_file_target(mod: str) -> bool:
 
 
 class TaskCache:
-    """Callables by target, re-imported when their source file changes."""
+    """Callables by target, re-imported when their source file changes.
+
+    A module target is reloaded (``importlib.reload``) when its source file changed since this
+    worker imported it, or when it lacks the function asked for (one added since, the module
+    imported earlier as another task's or as a dependency), once, before the task fails."""
 
     def __init__(self) -> None:
         self._cache: dict[tuple[str, str | None], tuple[Callable[..., Any], str | None, int]] = {}
+        self._modules: dict[str, int] = {}  # module target -> its source's mtime when last (re)loaded
 
     def get(self, target: str, workdir: str | None) -> Callable[..., Any]:
         key = (target, workdir)
         hit = self._cache.get(key)
         if hit is not None and _mtime(hit[1]) == hit[2]:
             return hit[0]
-        fn, source = self._load(target, workdir, reload=hit is not None)
+        fn, source = self._load(target, workdir)
         self._cache[key] = (fn, source, _mtime(source))
         return fn
 
-    def _load(self, target: str, workdir: str | None, reload: bool) -> tuple[Callable[..., Any], str | None]:
+    def _load(self, target: str, workdir: str | None) -> tuple[Callable[..., Any], str | None]:
         mod_name, fn_name = split_target(target)
         if workdir and workdir not in sys.path:
             sys.path.insert(0, workdir)
@@ -63,13 +68,29 @@ class TaskCache:
             sys.modules[name] = module
             spec.loader.exec_module(module)
         else:
-            module = importlib.import_module(mod_name)
-            if reload:
-                module = importlib.reload(module)
+            module = self._module(mod_name, fn_name)
         fn = getattr(module, fn_name, None)
         if not callable(fn):
             raise TaskError(f"task {target!r}: module has no callable {fn_name!r}")
         return fn, getattr(module, "__file__", None)
+
+    def _module(self, name: str, fn_name: str) -> Any:
+        """Module ``name``, imported, or reloaded if it changed or lacks ``fn_name``."""
+        imported = name in sys.modules
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if not e.name or not (name == e.name or name.startswith(e.name + ".")):
+                raise  # one of its own imports is missing
+            importlib.invalidate_caches()  # a module file new since a folder listing was cached
+            module = importlib.import_module(name)
+        seen = self._modules.get(name)
+        changed = seen is not None and seen != _mtime(getattr(module, "__file__", None))
+        if imported and (changed or not callable(getattr(module, fn_name, None))):
+            importlib.invalidate_caches()
+            module = importlib.reload(module)
+        self._modules[name] = _mtime(getattr(module, "__file__", None))
+        return module
 
 
 def _mtime(path: str | None) -> int:

@@ -65,7 +65,33 @@ def exit_reason(code: int | None) -> str:
     return f"exited with code {code}"
 
 
+def exited(proc: subprocess.Popen) -> bool:
+    """True once ``proc`` has exited, without reaping it: while it is a zombie its pid (and so
+    its process group's id) cannot be reused, and the group can still be killed safely."""
+    if proc.returncode is not None:
+        return True
+    try:
+        return os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:  # reaped already
+        return True
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the process group ``proc`` leads (it was started with ``start_new_session``):
+    everything it started that did not leave the group on purpose (``setsid``) dies with it."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
 class Worker:
+    """The worker process and its two pipes.
+
+    Its death is watched directly (a pidfd where the kernel has them), not only through its
+    reply pipe: a child the job forked holds that pipe open and would hide the death. When it
+    dies or is killed, its whole process group is killed, so nothing the job started lingers;
+    children a job leaves behind when it returns normally live on with the worker (a pool the
+    task keeps between chunks, say)."""
+
     def __init__(self, env: dict[str, str], log_path: Path, cwd: str | None = None) -> None:
         self.env = with_repo_path(env)
         self.log_path = log_path
@@ -73,7 +99,9 @@ class Worker:
         self.proc: subprocess.Popen | None = None
         self._w: int | None = None
         self._r: int | None = None
-        self._buf = b""
+        self._pidfd: int | None = None
+        self._buf = bytearray()
+        self._scanned = 0  # bytes of _buf already searched for a newline
         self._owed = 0  # requests sent whose reply has not been read
 
     def start(self) -> None:
@@ -87,7 +115,11 @@ class Worker:
             )
         os.close(r_req)
         os.close(w_rep)
-        self._w, self._r, self._buf, self._owed = w_req, r_rep, b"", 0
+        try:
+            self._pidfd = os.pidfd_open(self.proc.pid)
+        except (AttributeError, OSError):  # not Linux 5.3+: its exit is polled instead
+            self._pidfd = None
+        self._w, self._r, self._buf, self._scanned, self._owed = w_req, r_rep, bytearray(), 0, 0
 
     @property
     def pid(self) -> int | None:
@@ -99,9 +131,10 @@ class Worker:
         False if it was not queued: the worker died with replies still owed, and ``receive``
         must first report those (a reply it wrote before dying, or how it died). A fresh worker
         is started only when nothing is owed, so a death is never blamed on the wrong job."""
-        if self.proc is None or self.proc.poll() is not None:
+        if self.proc is None or exited(self.proc):
             if self._owed:
                 return False
+            self.kill()  # what the dead one left running, and its pipes
             self.start()
         try:
             os.write(self._w, json.dumps(request).encode() + b"\n")
@@ -115,7 +148,8 @@ class Worker:
     def receive(self, timeout: float | None, abort: Callable[[], bool]) -> dict[str, Any]:
         """The reply to the oldest request sent."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        while b"\n" not in self._buf:
+        while (end := self._buf.find(b"\n", self._scanned)) < 0:
+            self._scanned = len(self._buf)
             if abort():
                 self.kill()
                 raise WorkerLost("stopped: the agent was told to stop at once")
@@ -123,26 +157,43 @@ class Worker:
             if wait <= 0:
                 self.kill()
                 raise TimeoutError(f"the job ran past its timeout of {timeout:g} s and was killed")
-            ready, _, _ = select.select([self._r], [], [], wait)
-            if ready:
-                chunk = os.read(self._r, 65536)
-                if not chunk:
+            watch = [self._r] if self._pidfd is None else [self._r, self._pidfd]
+            ready, _, _ = select.select(watch, [], [], wait)
+            if self._r in ready:
+                if not self._read():
                     raise self.lost()
-                self._buf += chunk
-        line, _, self._buf = self._buf.partition(b"\n")
+            elif ready or exited(self.proc):
+                # Dead, its pipe perhaps held open by a child it forked: what it wrote before it
+                # died is still read (a reply, then the death of the job queued behind it).
+                while select.select([self._r], [], [], 0)[0] and self._read():
+                    pass
+                if self._buf.find(b"\n", self._scanned) < 0:
+                    raise self.lost()
+        line = bytes(self._buf[:end])
+        del self._buf[:end + 1]
+        self._scanned = 0
         self._owed -= 1
         return json.loads(line)
 
+    def _read(self) -> bool:
+        """Read what the reply pipe holds; False at its end (every writer closed it)."""
+        chunk = os.read(self._r, 1 << 20)
+        self._buf += chunk
+        return bool(chunk)
+
     def lost(self) -> WorkerLost:
-        code = self.proc.wait() if self.proc else None
+        code = None
+        if self.proc is not None:
+            if self.proc.returncode is None:  # before it is reaped: what it forked dies with it
+                kill_group(self.proc)
+            code = self.proc.wait()
         self._close()
         return WorkerLost(f"the worker process {exit_reason(code)}", tail(self.log_path))
 
     def kill(self) -> None:
-        """Kill the worker and everything it started (its process group)."""
-        if self.proc is not None and self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
+        """Kill the worker and everything it started (its process group), dead or alive."""
+        if self.proc is not None and self.proc.returncode is None:  # not reaped: its group id is ours
+            kill_group(self.proc)
             self.proc.wait()
         self._close()
 
@@ -154,17 +205,19 @@ class Worker:
             with contextlib.suppress(OSError):
                 os.close(self._w)
             self._w = None
-        try:
-            self.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            pass
+        deadline = time.monotonic() + 5
+        while not exited(self.proc) and time.monotonic() < deadline:  # not reaped: see kill
+            if self._pidfd is not None:
+                select.select([self._pidfd], [], [], max(0.0, deadline - time.monotonic()))
+            else:
+                time.sleep(0.05)
         self.kill()
 
     def _close(self) -> None:
-        for fd in (self._w, self._r):
+        for fd in (self._w, self._r, self._pidfd):
             if fd is not None:
                 with contextlib.suppress(OSError):
                     os.close(fd)
-        self._w = self._r = None
+        self._w = self._r = self._pidfd = None
         self._owed = 0
         self.proc = None if self.proc is None or self.proc.poll() is not None else self.proc

@@ -1,4 +1,5 @@
-"""Disk full while writing results: a clear failure, no partial result, recovery when space returns."""
+"""Disk full while writing results: the agent pauses, nothing partial is left, no attempt is used,
+and every chunk commits once when space returns."""
 from __future__ import annotations
 
 import errno
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from jobs.paths import Spool
+from tests.faulty import tally
 from tests.helpers import REPO, AgentProc, results, wait_for
 
 
@@ -45,31 +47,48 @@ def fill(folder: Path, leave: int) -> Path:
     return filler
 
 
-@pytest.mark.timeout(120)
-def test_disk_full_fails_clearly_leaves_nothing_partial_and_recovers(small_fs: Path, tmp_path: Path, env) -> None:
+def _feed(base: Path, env: dict, task: str, chunks: int, kwargs: dict, run: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "main.py", "--base", str(base), "--task", task, "--chunks", str(chunks),
+         "--kwargs", json.dumps(kwargs), "--retries", "0", "--retry-delay", "0.05", "--run", run, "--no-progress"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("where", ["result", "own_file"])
+def test_a_full_disk_pauses_the_agent_costs_no_attempt_and_every_chunk_commits_once_when_space_returns(
+        where: str, small_fs: Path, tmp_path: Path, env) -> None:
+    """The worker cannot save a chunk's arrays (``result``), or the job cannot write its own output
+    file on the full disk (``own_file``): with ``--retries 0`` a single attempt used up would fail
+    the chunk for good."""
     spool = Spool(small_fs / "base").ensure()
     agent = AgentProc(spool.base, 0, env).wait_ready()
-    gate = tmp_path / "gate"
-    feeder = subprocess.Popen(
-        [sys.executable, "main.py", "--base", str(spool.base), "--task", "tests.faulty:gated_array", "--chunks", "1",
-         "--kwargs", json.dumps({"gate": str(gate), "mb": 1.0}), "--retries", "3", "--retry-delay", "3",
-         "--run", "full", "--no-progress"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    marks, chunks = tmp_path / "marks", 4  # the marks live off the small disk
+    out = small_fs / "out"
+    out.mkdir()
+    task, kwargs = (("tests.pathological:array_marked", {"marks": str(marks), "mb": 0.5}) if where == "result" else
+                    ("tests.pathological:own_file_marked", {"marks": str(marks), "out_dir": str(out), "mb": 0.5}))
+    filler = fill(small_fs, leave=256 * 1024)  # room for small files, not for a 0.5 MB result
+    feeder = _feed(spool.base, env, task, chunks, kwargs, "full")
     try:
-        wait_for(lambda: (agent.heartbeat() or {}).get("state") == "busy", what="agent busy at the gate")
-        filler = fill(small_fs, leave=256 * 1024)  # room for small files, not for a 1 MB result
-        gate.touch()
-        # attempt 1 fails; attempt 2 waits out a 3 s back-off, so the folder is quiet now
-        wait_for(lambda: spool.history_json("full", 0, 1).exists(), what="a failed attempt on record")
-        hist = json.loads(spool.history_json("full", 0, 1).read_text())
-        assert "No space left on device" in hist["error"]["message"]
-        names = [p.name for p in spool.result_dir("full").iterdir()]
+        # the disk stays full while the agent tries again and again, pausing between tries
+        wait_for(lambda: sum(tally(str(marks))[0].values()) >= 4, 60, "chunks tried again while the disk is full")
+        names = sorted(p.name for p in spool.result_dir("full").iterdir()) if spool.result_dir("full").exists() else []
+        assert not any(n.endswith(".json") for n in names), names  # nothing committed, no attempt on record
         assert not any(n.endswith(".npz") or ".tmp-" in n for n in names), names  # nothing partial
-        assert agent.proc.poll() is None
+        assert feeder.poll() is None and agent.proc.poll() is None
         filler.unlink()  # space returns
-        out, err = feeder.communicate(timeout=90)
+        _, err = feeder.communicate(timeout=90)
         assert feeder.returncode == 0, err
         res = results(spool.base, "full")
-        assert res[0]["status"] == "ok" and res[0]["attempt"] == 2
+        assert sorted(res) == list(range(chunks))
+        assert all(r["status"] == "ok" and r["attempt"] == 1 for r in res.values()), res
+        assert not list(spool.result_dir("full").glob("*.a*.json"))  # no failed attempt anywhere
+        if where == "result":
+            assert all((spool.result_dir("full") / r["arrays"]).stat().st_size >= 512 * 1024 for r in res.values())
+        # why it paused is in its heartbeat (written again now that there is room)
+        wait_for(lambda: "No space left on device" in ((agent.heartbeat() or {}).get("last_error") or ""),
+                 what="the heartbeat naming the full disk")
         assert agent.proc.poll() is None
     finally:
         feeder.kill()
