@@ -13,6 +13,7 @@ the worker is killed instead and that job stays queued.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -39,7 +40,7 @@ from jobs.heartbeat import AgentState, read_status, write_status
 from jobs.mailbox import HOLD_LIMIT, Mailbox, Snapshot
 from jobs.paths import Spool
 from jobs.losses import death_suspects
-from jobs.results import commit, has_outcome, read_epoch, record
+from jobs.results import ResultTooLarge, commit, has_outcome, read_epoch, record
 
 
 @dataclass
@@ -55,6 +56,7 @@ class AgentConfig:
 
 
 PIPELINE_MAX_S = 0.5  # pipeline the next job only after chunks of a run that took at most this long
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)  # a result that fails with these pauses the agent, costs no attempt
 RESTART_DEFER_S = 30.0  # a restarted agent leaves the jobs its former process died under this long
 
 
@@ -315,7 +317,10 @@ class Agent:
         self.current = (job, started)
         self.state = AgentState.BUSY
         if job.alone or job.uid in self._deferred or self._durations.get(job.run, math.inf) > PIPELINE_MAX_S:
-            self.write_heartbeat()  # named at once: if it kills this agent, the next one must know
+            try:
+                self.write_heartbeat()  # named at once: if it kills this agent, the next one must know
+            except OSError as e:  # a full disk: the job still runs (the heartbeat thread tries again)
+                logger.warning("agent {}: heartbeat write failed: {}", self.id, e)
         logger.debug("{} chunk {} attempt {}/{}: started", job.run, job.chunk_id, job.attempt, job.max_attempts)
         outcome = self._run_job(job, lookahead)
         self.current = None
@@ -327,13 +332,14 @@ class Agent:
             logger.warning("{} chunk {}: interrupted by a stop; left in the mailbox", job.run, job.chunk_id)
             return False
         fields, arrays_tmp = outcome
+        err = fields.get("error")
+        if isinstance(err, dict) and err.get("errno") in DISK_FULL:  # the worker's save, or the job's own write
+            return self._pause_for_io(job, f"{err.get('type')}: {err.get('message')}")
         current = self._epoch(job.run) if job.epoch is not None else None
         if current is not None and current != job.epoch:
             logger.warning("{} chunk {}: the run was started afresh while it ran; its result is dropped",
                            job.run, job.chunk_id)
-            if arrays_tmp:
-                with contextlib.suppress(OSError):
-                    os.unlink(arrays_tmp)
+            _discard(arrays_tmp)
             return True
         status = JobState.FAILED if "error" in fields else JobState.OK
         finished = fields.pop("finished_at", None) or time.time()
@@ -346,13 +352,18 @@ class Agent:
                      started_at=fields.pop("started_at", None) or started, finished_at=finished,
                      duration_s=round(finished - started, 6), **fields)
         try:
-            committed = commit(self.spool, job, rec, Path(arrays_tmp) if arrays_tmp else None)
+            try:
+                committed = commit(self.spool, job, rec, Path(arrays_tmp) if arrays_tmp else None)
+            except ResultTooLarge as e:  # no reader would take it: the attempt fails instead, once
+                _discard(arrays_tmp)
+                status = JobState.FAILED
+                rec = {**{k: v for k, v in rec.items() if k not in ("value", "error", "arrays_bytes")},
+                       "status": status.value, "arrays": None,
+                       "error": {"type": "ResultTooLarge", "message": str(e), "traceback": ""}}
+                committed = commit(self.spool, job, rec)
         except OSError as e:  # e.g. disk full: nothing partial is left; retried after a pause
-            self._io_backoff = min(30.0, max(0.5, self._io_backoff * 2))
-            self.pause_until = time.monotonic() + self._io_backoff
-            self.last_error = f"{time.strftime('%H:%M:%S')} cannot write the result of {job.run} chunk {job.chunk_id}: {e}"
-            logger.error("{}; the job stays queued, next try in {:.1f} s", self.last_error, self._io_backoff)
-            return False
+            _discard(arrays_tmp)
+            return self._pause_for_io(job, str(e))
         self._io_backoff = 0.0
         if status is JobState.OK:
             self.done += 1
@@ -364,6 +375,16 @@ class Agent:
             logger.warning("{} chunk {} attempt {}: failed: {}: {}", job.run, job.chunk_id, job.attempt,
                            err.get("type"), err.get("message"))
         return True
+
+    def _pause_for_io(self, job: Job, error: str) -> bool:
+        """A result could not be written (a full disk, most often): nothing of the attempt is
+        kept and it costs no attempt; the job stays queued and no job starts here for a while
+        (0.5 s, doubling up to 30 s while it goes on). False, as for an interrupted job."""
+        self._io_backoff = min(30.0, max(0.5, self._io_backoff * 2))
+        self.pause_until = time.monotonic() + self._io_backoff
+        self.last_error = f"{time.strftime('%H:%M:%S')} cannot write the result of {job.run} chunk {job.chunk_id}: {error}"
+        logger.error("{}; the job stays queued, next try in {:.1f} s", self.last_error, self._io_backoff)
+        return False
 
     def _epoch(self, run: str) -> str | None:
         """The run's current epoch (None if it has none), reread only when its file changed."""
@@ -388,7 +409,11 @@ class Agent:
 
         if job.kind is JobKind.SCRIPT:
             log = self.spool.chunk_log(job.run, job.chunk_id)
-            err = run_script(job, self.slot.number, self.script_env, log, abort)
+            try:
+                err = run_script(job, self.slot.number, self.script_env, log, abort)
+            except OSError as e:  # its log cannot be made or written (a full disk?)
+                return {"error": {"type": type(e).__name__, "message": f"cannot start the script: {e}",
+                                  "traceback": "", "errno": e.errno}}, None
             if err is not None and (err["type"] == "Stopped" or (self.stop and "SIGTERM" in err["message"])):
                 return None  # stopped with the agent (e.g. Slurm's SIGTERM to the whole step): stays queued
             return ({"log": str(log)} if err is None else {"log": str(log), "error": err}), None
@@ -470,3 +495,9 @@ class Agent:
                 "gpu": self.probe.metrics(self.slot.gpu.index) if self.slot.gpu else None,
             }
             write_status(self.spool, self.id, status)
+
+
+def _discard(path: str | None) -> None:
+    if path:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
