@@ -31,6 +31,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--data", help="folder with one <chunk_id>.npz per chunk, passed as `data`")
     p.add_argument("--run", help="run name (default: derived from the task, chunk count and kwargs)")
     p.add_argument("--retries", type=int, default=2, help="retries per failed chunk (default 2)")
+    p.add_argument("--max-failures", type=int, default=3, metavar="K",
+                   help="stop the run once K chunks failed with the same error from the code (a missing module, a "
+                        "wrong keyword) and none is ok (default 3; 0: never stop early)")
     p.add_argument("--timeout", type=float, help="seconds a chunk may run before it is killed")
     p.add_argument("--share", "--priority", type=float, default=1.0, metavar="W",
                    help="the run's weight when several runs use the pool at once: agents are split between the "
@@ -93,7 +96,8 @@ def feed(args: argparse.Namespace) -> int:
         return 2
     for bad, why in ((args.depth < 1, "--depth must be 1 or more"),
                      (not 0 < args.dead_after < math.inf, "--dead-after must be a positive number of seconds"),
-                     (not 0 <= args.retry_delay < math.inf, "--retry-delay must be 0 or a positive number of seconds")):
+                     (not 0 <= args.retry_delay < math.inf, "--retry-delay must be 0 or a positive number of seconds"),
+                     (args.max_failures < 0, "--max-failures must be 0 (never stop early) or more")):
         if bad:
             print(f"main.py: {why}", file=sys.stderr)
             return 2
@@ -107,7 +111,7 @@ def feed(args: argparse.Namespace) -> int:
                           shared=args.shared, data=args.data, run=args.run, retries=args.retries,
                           timeout=args.timeout, fresh=args.fresh, share=args.share)
         cfg = FeedConfig(depth=args.depth, max_depth=max(args.depth, args.max_depth), dead_after=args.dead_after,
-                         retry_delay=args.retry_delay)
+                         retry_delay=args.retry_delay, max_failures=args.max_failures)
         summary = run.wait(progress=not args.no_progress, cfg=cfg, wait_for_lock=args.wait, placement=placement)
         print(format_summary(summary, pool.spool.base))
         return 0 if summary.all_ok else 1

@@ -12,6 +12,7 @@ Executor is a small set of hooks a subclass overrides (rq's ``execute_job`` per 
 * ``settle(c, rec)``: a chunk's final result was read;
 * ``started(c)``: an agent's heartbeat shows it running;
 * ``eligible(view)``: whether this run may use that agent (placement);
+* ``failed_attempt(c, out)``: an attempt failed (retried or final);
 * ``unplaceable(live)``: agents are alive but the run may use none of them;
 * ``on_event(kind, info)``: what the user is told.
 
@@ -84,6 +85,7 @@ class FeedConfig:
     retry_cap: float = 60.0
     free_losses: int = 1  # times a chunk's agent may die under it at no cost; each further death costs an attempt
     steal: bool = True  # move jobs that have not started from busy agents to idle ones
+    max_failures: int = 3  # a run stops once this many chunks failed the same deterministic way, none ok (0: never)
 
 
 def backoff(attempt: int, cfg: FeedConfig) -> float:
@@ -156,6 +158,9 @@ class Dispatcher:
 
     def eligible(self, view: AgentView) -> bool:
         return True
+
+    def failed_attempt(self, c: int, out: Outcome) -> None:
+        """An attempt of chunk ``c`` failed (``out``), whether it is retried or final."""
 
     def unplaceable(self, live: list[AgentView]) -> None:
         """Agents are alive, but this run may use none of them (placement)."""
@@ -311,6 +316,8 @@ class Dispatcher:
             self._observe(out)
             self.settle(c, rec)
             self.on_event("failed" if out.status != JobState.OK.value else "ok", {"chunk": c, "outcome": out})
+            if out.status != JobState.OK.value:
+                self.failed_attempt(c, out)
         self._sample_latency(seen)
 
     def _collect_history(self, c: int, agent: str, attempt: int) -> None:
@@ -326,6 +333,7 @@ class Dispatcher:
         delay = backoff(attempt, self.cfg)
         self.on_event("retry", {"chunk": c, "outcome": out, "delay": delay})
         self._requeue(c, delay)
+        self.failed_attempt(c, out)
 
     def _sample_latency(self, mtimes: list[float]) -> None:
         """At most once a second: how long results took to be seen here, by the file server's clock."""

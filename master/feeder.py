@@ -27,6 +27,11 @@ from master.runspec import RunSpec
 
 __all__ = ["Feeder", "FeedConfig", "Outcome", "Summary"]
 
+# Errors that fail every chunk the same way when they come from the code, not the data: a missing
+# module, a task or keyword that does not exist, a syntax error.
+DETERMINISTIC = ("ImportError", "ModuleNotFoundError", "TaskError", "SyntaxError", "TypeError", "NameError",
+                 "AttributeError")
+
 @dataclass
 class Summary:
     run: str
@@ -36,6 +41,7 @@ class Summary:
     results_dir: Path
     cancelled: bool = False
     done_this_session: int = 0
+    halted: str | None = None  # why the run stopped early (fail fast), if it did
 
     @property
     def ok(self) -> int:
@@ -63,10 +69,27 @@ class Feeder(Dispatcher):
         self.spec, self.placement = spec, placement or Placement()
         self.recovered_done = 0  # chunks already done when this master started
         self.epoch = read_epoch(spool, spec.name)  # carried by every job (see jobs.descriptor)
+        self.halted: str | None = None
+        self._alike: dict[str, set[int]] = {}  # a deterministic error line -> the chunks it failed
 
     @property
     def done(self) -> bool:
-        return self.cancelled or len(self.final) >= self.spec.chunks
+        return self.cancelled or self.halted is not None or len(self.final) >= self.spec.chunks
+
+    def failed_attempt(self, c: int, out: Outcome) -> None:
+        """Fail fast: once ``max_failures`` chunks failed with the same error line of a type that
+        comes from the code (``DETERMINISTIC``) and no chunk of the run is ok, every chunk would
+        fail that way: the run stops (what is queued leaves the mailboxes) instead of spending
+        chunks x attempts of GPU time on it."""
+        limit = self.cfg.max_failures
+        if limit <= 0 or out.error is None or out.error.split(":", 1)[0] not in DETERMINISTIC or \
+                any(o.status == JobState.OK.value for o in self.final.values()):
+            return
+        chunks = self._alike.setdefault(out.error, set())
+        chunks.add(c)
+        if len(chunks) >= limit and self.halted is None:
+            self.halted = f"{len(chunks)} chunks failed with the same error and none is ok: {out.error}"
+            self.on_event("halted", {"why": self.halted})
 
     def eligible(self, view: AgentView) -> bool:
         return self.placement.why_not(view.status) is None
@@ -83,10 +106,13 @@ class Feeder(Dispatcher):
         """Rebuild everything from the spool (first start, resume, or after a master crash)."""
         spec, rdir = self.spec, self.spool.result_dir(self.spec.name)
         rdir.mkdir(parents=True, exist_ok=True)
-        finals, hist = set(), {}
-        for name in os.listdir(rdir):
+        finals, hist, odd = set(), {}, set()
+        for e in os.scandir(rdir):
+            name = e.name
             if m := RESULT_RE.match(name):
                 finals.add(int(m.group(1)))
+                if not e.is_file(follow_symlinks=False):  # a folder, FIFO or link: never trusted by name
+                    odd.add(int(m.group(1)))
             elif m := HISTORY_RE.match(name):
                 c, a = int(m.group(1)), int(m.group(2))
                 hist[c] = max(hist.get(c, 0), a)
@@ -94,7 +120,7 @@ class Feeder(Dispatcher):
         for c in sorted(finals):
             if c >= spec.chunks:
                 continue
-            if trusted and c not in hist:  # no failed attempt ever: an ok result (jobs.results)
+            if trusted and c not in hist and c not in odd:  # no failed attempt ever: an ok result (jobs.results)
                 self.final[c] = Outcome(JobState.OK.value, 0, None)
             else:
                 self._recover_final(c, hist)
@@ -124,6 +150,9 @@ class Feeder(Dispatcher):
             logger.warning("{}: {}; the chunk will run again", path, e)
             self.spool.reject(read_or_empty(path), path, str(e))
             os.unlink(path)
+            return
+        except OSError as e:  # a folder or FIFO where the result belongs: pending, and failed naming it
+            logger.warning("{}: {}", path, e.strerror)  # (BadResultPath) when dispatched, as in a live run
             return
         if rec["status"] == JobState.OK.value:
             if self._arrays_torn(c, rec):
@@ -194,10 +223,12 @@ class Feeder(Dispatcher):
         started = time.monotonic()
         self.loop(lambda: self.done or bool(stop and stop.is_set()), threading.Event())
         if self.done and not self.cancelled:
-            self.tidy()
-            seal(self.spool, self.spec.name)  # a run reported done is on disk
+            self.tidy()  # a halted run's queued jobs leave the mailboxes too (running ones finish)
+            if self.halted is None:
+                seal(self.spool, self.spec.name)  # a run reported done is on disk
         return Summary(self.spec.name, self.spec.chunks, dict(self.final), time.monotonic() - started,
-                       self.spool.result_dir(self.spec.name), self.cancelled, len(self.final) - self.recovered_done)
+                       self.spool.result_dir(self.spec.name), self.cancelled, len(self.final) - self.recovered_done,
+                       self.halted)
 
 
 def _int(v: Any, default: int) -> int:

@@ -38,6 +38,8 @@ class Progress:
             self._say(f"run {self.spec.name} was cancelled (python -m master cancel); stopped feeding it with "
                       f"{info.get('pending', 0)} chunk(s) not done. Resume it with: "
                       f"python -m master retry --base {self.base or 'BASE'} --run {self.spec.name}")
+        elif kind == "halted":
+            self._say(f"run {self.spec.name}: stopped early: {info['why']}")
         elif kind == "no_agents":
             base = self.base or "BASE"
             self._say(f"no live agents in {base}; waiting for some. Start them with:  ./start_agents.sh N {base}")
@@ -57,7 +59,7 @@ class Progress:
 def format_summary(s: Summary, base: Path) -> str:
     """The end-of-run report: totals, a table per agent, the failed chunks and what to do next."""
     rate = s.done_this_session / s.wall_s if s.wall_s > 0 else 0.0
-    head = "CANCELLED " if s.cancelled else ""
+    head = "CANCELLED " if s.cancelled else "STOPPED " if s.halted else ""
     lines = [f"{head}run {s.run}: {s.chunks} chunks, {s.ok} ok, {len(s.failed)} failed in {s.wall_s:.2f} s "
              f"({s.done_this_session} this session, {rate:.1f} chunks/s)"]
     lines += agent_table(s)
@@ -72,6 +74,9 @@ def format_summary(s: Summary, base: Path) -> str:
         lines.append(f"  read one:  python -m master logs --base {base} --run {s.run} --chunk {failed[0]}")
         lines.append(f"  retry:     python -m master retry --base {base} --run {s.run}   (or re-run the same command)")
     not_done = s.chunks - len(s.outcomes)
+    if s.halted:
+        lines.append(f"  stopped early: {s.halted}; every chunk would fail the same way. Fix it, then run the same "
+                     f"command again: it resumes, and failed chunks run again (--max-failures 0: never stop early)")
     if s.cancelled and not_done > 0:
         lines.append(f"  {not_done} chunk(s) not run; resume: python -m master retry --base {base} --run {s.run}")
     return "\n".join(lines)

@@ -9,7 +9,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
+from jobs.mailbox import Mailbox
 from jobs.paths import Spool
 from agent.workerproc import cap_log
 from tests.helpers import REPO, AgentProc, results, run_main, run_names, wait_for
@@ -266,3 +268,31 @@ def test_a_chatty_job_cannot_grow_the_worker_log_past_the_limit(spool: Spool, ag
     assert "line 99 xxx" in old.read_text() and worker.stat().st_size + old.stat().st_size < 250_000
     agent_log = worker.with_name(worker.name.replace(".worker.log", ".log"))
     assert f"{worker.name} grew past --log-limit-mb" in agent_log.read_text()
+
+
+@pytest.mark.timeout(120)
+def test_an_error_every_chunk_would_repeat_stops_the_run_early_and_a_rerun_after_the_fix_resumes(
+        spool: Spool, agents, env, tmp_path: Path) -> None:
+    """A missing module fails every chunk the same way: after --max-failures chunks (none ok)
+    the run stops, instead of 40 chunks x 3 attempts; fixed, the same command finishes it."""
+    agents(2)
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "task.py").write_text("def f(chunk_id):\n    import helper_not_written_yet\n"
+                                  "    return helper_not_written_yet.scale * chunk_id\n")
+    args = ["--base", str(spool.base), "--task", "task.py:f", "--chunks", "40", "--run", "early", "--no-progress"]
+    r = run_main(args, env, cwd=code)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "STOPPED run early" in r.stdout and "stopped early: 3 chunks failed with the same error" in r.stdout
+    assert "ModuleNotFoundError: No module named 'helper_not_written_yet'" in r.stdout
+    attempts = [n for n in os.listdir(spool.result_dir("early")) if n.endswith(".json")]
+    assert 3 <= len(attempts) <= 20, attempts  # not 40 x 3
+    assert all(j.run != "early" for ident in spool.agent_ids() for j in Mailbox(spool, ident).read().jobs)
+    (code / "helper_not_written_yet.py").write_text("scale = 3\n")
+    again = run_main(args, env, cwd=code)
+    assert again.returncode == 0, again.stdout + again.stderr
+    res = results(spool.base, "early")
+    assert sorted(res) == list(range(40)) and all(r["value"] == 3 * c for c, r in res.items())
+    off = run_main(["--base", str(spool.base), "--task", "task.py:nothing_here", "--chunks", "1", "--no-progress",
+                    "--max-failures", "-1"], env, cwd=code)
+    assert off.returncode == 2 and "--max-failures must be 0" in off.stderr
