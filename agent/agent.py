@@ -40,7 +40,7 @@ from jobs.heartbeat import AgentState, read_status, write_status
 from jobs.mailbox import HOLD_LIMIT, Mailbox, Snapshot
 from jobs.paths import Spool
 from jobs.losses import death_suspects
-from jobs.results import ResultTooLarge, commit, has_outcome, read_epoch, record
+from jobs.results import Uncommittable, commit, has_outcome, read_epoch, record
 
 
 @dataclass
@@ -354,12 +354,12 @@ class Agent:
         try:
             try:
                 committed = commit(self.spool, job, rec, Path(arrays_tmp) if arrays_tmp else None)
-            except ResultTooLarge as e:  # no reader would take it: the attempt fails instead, once
+            except Uncommittable as e:  # too large, too deep: no reader would take it; the attempt fails, once
                 _discard(arrays_tmp)
                 status = JobState.FAILED
                 rec = {**{k: v for k, v in rec.items() if k not in ("value", "error", "arrays_bytes")},
                        "status": status.value, "arrays": None,
-                       "error": {"type": "ResultTooLarge", "message": str(e), "traceback": ""}}
+                       "error": {"type": type(e).__name__, "message": str(e), "traceback": ""}}
                 committed = commit(self.spool, job, rec)
         except OSError as e:  # e.g. disk full: nothing partial is left; retried after a pause
             _discard(arrays_tmp)

@@ -28,7 +28,7 @@ from typing import Any
 from jobs.atomic import read_bounded, write_exclusive, write_replace
 from jobs.descriptor import Job, JobState
 from jobs.errors import BadFile
-from jobs.jsonio import clean, is_int, is_num, is_str, is_time, read_json
+from jobs.jsonio import MAX_DEPTH, clean, is_int, is_num, is_str, is_time, read_json, too_deep
 from jobs.names import brief
 from jobs.paths import ARRAYS_RE, HISTORY_RE, RESULT_RE, Spool, warn_once
 
@@ -36,8 +36,12 @@ RESULT_LIMIT = 8 * 1024 * 1024  # readers refuse a larger record, so no larger o
 RESULT_SCHEMA = 1
 
 
-class ResultTooLarge(ValueError):
-    """A record over ``RESULT_LIMIT``: ``commit`` writes nothing (no reader would accept it)."""
+class Uncommittable(ValueError):
+    """A record no reader would accept (``read_result``): ``commit`` writes nothing."""
+
+
+class ResultTooLarge(Uncommittable):
+    """A record over ``RESULT_LIMIT``."""
 
     def __init__(self, size: int, what: str = "the result record") -> None:
         self.size = size
@@ -45,6 +49,16 @@ class ResultTooLarge(ValueError):
             f"{what} is {size / 2**20:.1f} MB as JSON, over the {RESULT_LIMIT // 2**20} MB limit of a "
             f"result; return a dict of numpy arrays instead (saved as the chunk's .npz, any size), or write a "
             f"file and return its path")
+
+
+class ResultTooDeep(Uncommittable):
+    """A record nested deeper than spool JSON may be (``jobs.jsonio.MAX_DEPTH``)."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            f"the value the task returned is nested more than {MAX_DEPTH - 1} levels deep, deeper than a result "
+            f"may be; return it flatter, as a dict of numpy arrays (saved as the chunk's .npz), or write a file "
+            f"and return its path")
 
 
 def record(job: Job, status: JobState, **fields: Any) -> dict[str, Any]:
@@ -58,12 +72,15 @@ def commit(spool: Spool, job: Job, rec: dict[str, Any], arrays_tmp: Path | None 
     """Record an attempt's outcome. Returns True if it became the chunk's committed result.
 
     A failure with attempts left is only kept as history (the master retries it); an ok
-    or a last failure is committed unless another attempt already committed. A record over
-    ``RESULT_LIMIT`` raises ResultTooLarge before anything is written (``arrays_tmp`` is kept).
+    or a last failure is committed unless another attempt already committed. A record no
+    reader would accept (over ``RESULT_LIMIT``, or nested too deep) raises Uncommittable before
+    anything is written (``arrays_tmp`` is kept).
     """
     data = json.dumps(rec, default=str).encode()
     if len(data) > RESULT_LIMIT:
         raise ResultTooLarge(len(data))
+    if too_deep(data):
+        raise ResultTooDeep()
     ok = rec["status"] == JobState.OK.value
     if not ok:  # history first: a final result with no history beside it is then always an ok one
         hist = spool.history_json(job.run, job.chunk_id, job.attempt)

@@ -8,13 +8,19 @@ from tests.faulty import mark
 
 
 def oversized(chunk_id: int, modes: list[str], marks: str, mb: float = 9.0):
-    """``value``: returns a JSON string of ``mb`` MB; ``error``: raises with a message that long."""
+    """``value``: returns a JSON string of ``mb`` MB; ``error``: raises with a message that long;
+    ``deep``: returns lists nested 200 deep."""
     mark(marks, "start", chunk_id)
     mode = modes[chunk_id]
     if mode == "value":
         return "x" * int(mb * 1024 * 1024)
     if mode == "error":
         raise ValueError("y" * int(mb * 1024 * 1024))
+    if mode == "deep":  # small, but nested deeper than any spool JSON may be
+        value: list = []
+        for _ in range(200):
+            value = [value]
+        return value
     return {"small": chunk_id}
 
 

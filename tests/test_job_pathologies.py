@@ -43,11 +43,11 @@ def killed_after(*pidfiles: Path):
 
 
 @pytest.mark.timeout(120)
-def test_a_value_too_large_to_commit_fails_its_attempts_once_each_naming_the_limit(
+def test_a_value_too_large_or_too_deep_to_commit_fails_its_attempts_once_each_naming_the_limit(
         spool: Spool, agents, env, tmp_path: Path) -> None:
     agents(1)
     marks = tmp_path / "marks"
-    modes = ["value", "error", "ok"]
+    modes = ["value", "error", "ok", "deep"]
     try:
         r = run_main(["--base", str(spool.base), "--task", "tests.pathological:oversized", "--chunks", str(len(modes)),
                       "--kwargs", json.dumps({"modes": modes, "marks": str(marks), "mb": 9}), "--retries", "1",
@@ -66,8 +66,11 @@ def test_a_value_too_large_to_commit_fails_its_attempts_once_each_naming_the_lim
     assert res[1]["status"] == "failed" and res[1]["attempt"] == 2 and res[1]["error"]["type"] == "ValueError"
     assert len(res[1]["error"]["message"]) < RESULT_LIMIT // 8 and "cut" in res[1]["error"]["message"]
     assert res[2]["status"] == "ok" and res[2]["value"] == {"small": 2}
+    err = res[3]["error"]  # readers refuse JSON nested past jobs.jsonio.MAX_DEPTH: so is the value
+    assert res[3]["status"] == "failed" and res[3]["attempt"] == 2 and err["type"] == "ResultTooDeep", err
+    assert "levels deep" in err["message"] and ".npz" in err["message"]
     starts, _ = tally(str(marks))
-    assert starts == {0: 2, 1: 2, 2: 1}
+    assert starts == {0: 2, 1: 2, 2: 1, 3: 2}
     for p in spool.result_dir("big").iterdir():
         assert p.stat().st_size < RESULT_LIMIT, p  # every record readable by the master
 
