@@ -234,7 +234,9 @@ class Dispatcher:
         return max(1, min(self.cfg.max_depth, max(2, cover, amortise)))
 
     def _observe(self, out: Outcome) -> None:
-        if out.duration_s is not None:
+        """Chunk durations set the depth: ok ones only (a failure is often quick, an import error
+        in a millisecond, and would make the queue deep just when it should stay short)."""
+        if out.duration_s is not None and out.status == JobState.OK.value:
             d = max(0.0, out.duration_s)
             self._mean_s = d if self._mean_s is None else 0.9 * self._mean_s + 0.1 * d
 

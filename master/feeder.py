@@ -76,6 +76,10 @@ class Feeder(Dispatcher):
     def done(self) -> bool:
         return self.cancelled or self.halted is not None or len(self.final) >= self.spec.chunks
 
+    def _dispatch(self) -> None:
+        if self.halted is None:  # halted in this pass: nothing more is queued
+            super()._dispatch()
+
     def failed_attempt(self, c: int, out: Outcome) -> None:
         """Fail fast: once ``max_failures`` chunks failed with the same error line of a type that
         comes from the code (``DETERMINISTIC``) and no chunk of the run is ok, every chunk would
