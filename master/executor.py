@@ -56,7 +56,7 @@ from jobs.locks import HolderLock
 from jobs.names import slug
 from jobs.paths import Spool
 from master.dispatcher import Dispatcher, FeedConfig
-from master.runspec import RunSpec
+from master.runspec import RunSpec, kwargs_size_error
 
 EXECUTOR_MARK = "_executor"  # in run.json's kwargs: this run's chunks each carry their own call
 
@@ -127,9 +127,12 @@ def bind(fn: Callable[..., Any], args: tuple, kwargs: dict[str, Any]) -> dict[st
         raise TypeError(f"{fn.__qualname__}: {clash} are filled in by the agent ({', '.join(BUILTIN_KWARGS)}); "
                         "do not pass them")
     try:
-        return json.loads(json.dumps(out, allow_nan=False))
+        out = json.loads(json.dumps(out, allow_nan=False))
     except (TypeError, ValueError) as e:
         raise TypeError(f"{fn.__qualname__}: arguments must be JSON-serialisable to reach an agent ({e})") from None
+    if (too_large := kwargs_size_error(out, f"{fn.__qualname__}(...) arguments", "a file and pass its path")):
+        raise ValueError(too_large)
+    return out
 
 
 @dataclass

@@ -1,6 +1,8 @@
 """Every bad input gets one clear message naming the argument or file, and nothing is queued."""
 from __future__ import annotations
 
+import json
+
 import os
 from pathlib import Path
 
@@ -31,6 +33,8 @@ CASES = [
     (["--task", "examples.noop:noop", "--kwargs", "{bad json"], "--kwargs is not valid JSON"),
     (["--task", "examples.noop:noop", "--kwargs", "[1, 2]"], "--kwargs must be a JSON object"),
     (["--task", "examples.noop:noop", "--kwargs", '{"device": "cuda"}'], "reuse built-in argument names"),
+    (["--task", "examples.noop:noop", "--kwargs", json.dumps({"x": "y" * 100_000})],
+     "--kwargs: 98 KB as JSON, over the 64 KB limit: every job descriptor carries a copy. Put large inputs in --shared"),
     (["--task", "examples.noop:noop", "--shared", "{tmp}/missing.npz"], "--shared: "),
     (["--task", "examples.noop:noop", "--shared", "{notzip}"], "is not an .npz (zip) file"),
     (["--task", "examples.noop:noop", "--shared", "{pickled}"], "holds object arrays"),

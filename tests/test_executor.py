@@ -60,6 +60,8 @@ def test_calls_travel_by_name_with_bound_json_arguments() -> None:
         bind(add, (), {"y": 1})
     with pytest.raises(TypeError):
         bind(add, (1, 2, 3), {})
+    with pytest.raises(ValueError, match=r"add\(...\) arguments: 293 KB as JSON, over the 64 KB limit"):
+        bind(add, ("y" * 300_000, 1), {})  # every descriptor carries them: refused at submit
 
 
 
