@@ -233,13 +233,6 @@ class Mailbox:
                 pass
         logger.warning("rejected a broken mailbox: {}", why)
         self.spool.reject(data, self.path, why, move=move)
-        if move and os.path.lexists(self.path):  # rejected/ unusable: at least out of the way, hidden
-            aside = self.path.with_name(f".{self.path.name}.rejected-{os.getpid()}-{time.monotonic_ns()}")
-            try:
-                os.rename(self.path, aside)
-                logger.warning("{}: moved to {} instead", self.path, aside.name)
-            except OSError as e:
-                logger.warning("{}: cannot be moved aside ({}); remove it by hand", self.path, e.strerror)
 
     def _write(self, jobs: list[Job], seq: int) -> None:
         doc = {"schema": SCHEMA, "agent": self.agent_id, "seq": seq, "jobs": [j.to_dict() for j in jobs]}

@@ -168,7 +168,8 @@ class Spool:
 
         ``data`` is kept as the rejected file; with ``move`` the ``origin`` path itself is renamed
         in instead (a directory or FIFO where a file belongs, which nothing could replace), and
-        ``data`` is written only if that rename fails. Nothing is written through a symlink:
+        ``data`` is written only if that rename fails; if ``rejected/`` cannot take it, ``origin`` is
+        still moved out of the way, to a hidden name beside it. Nothing is written through a symlink:
         ``rejected/`` is opened with O_NOFOLLOW and written relative to that handle, so a
         ``rejected`` that is a link (or not a folder) drops the rejection with a warning naming
         it. Never raises: a rejection that cannot be kept (disk full) is logged instead.
@@ -180,6 +181,8 @@ class Spool:
             fd = self._rejected_fd()
         except OSError as e:
             logger.warning("{}: {}; the rejection of {} ({}) is not kept", self.rejected_dir, e.strerror, origin, why)
+            if move:
+                _hide(Path(origin))
             return None
         try:
             moved = False
@@ -190,6 +193,7 @@ class Spool:
                 except OSError as e:
                     logger.warning("{}: could not be moved into {} ({}); a copy of what it held is kept",
                                    origin, self.rejected_dir, e.strerror)
+                    _hide(Path(origin))
             if not moved:
                 _write_at(fd, name, data)
             _write_at(fd, name + ".why", note)
@@ -215,6 +219,19 @@ class Spool:
                                   str(self.rejected_dir)) from e
                 raise
         return os.open(self.rejected_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+
+
+def _hide(path: Path) -> None:
+    """Move a broken spool entry that nothing can replace (a folder, a FIFO) out of the way, to a
+    hidden name beside it that every reader skips."""
+    aside = path.with_name(f".{path.name}.rejected-{os.getpid()}-{time.monotonic_ns()}")
+    try:
+        os.rename(path, aside)
+        logger.warning("{}: moved aside to {}", path, aside.name)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        logger.warning("{}: cannot be moved aside ({}); remove it by hand", path, e.strerror)
 
 
 def _write_at(dir_fd: int, name: str, data: bytes) -> None:

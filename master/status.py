@@ -103,6 +103,8 @@ class StatusReader:
         with contextlib.suppress(OSError):  # missing, or not a folder: no results
             for e in os.scandir(rdir):
                 if m := RESULT_RE.match(e.name):
+                    if not e.is_file(follow_symlinks=False):  # a folder or FIFO where it belongs: no result
+                        continue
                     with contextlib.suppress(OSError):
                         present[int(m.group(1))] = e.stat(follow_symlinks=False).st_mtime
                 elif m := HISTORY_RE.match(e.name):

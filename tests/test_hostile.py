@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -172,4 +174,215 @@ def test_shared_file_vanishing_mid_run(spool: Spool, agents, env, tmp_path: Path
     wait_for(lambda: spool.result_json("vanish", 2).exists(), what="third result")
     err = json.loads(spool.result_json("vanish", 2).read_text())["error"]
     assert err["type"] == "BadNpz" and "never.npz" in err["message"] and "does not exist" in err["message"]
+    assert agent.proc.poll() is None
+
+
+# Issue 12: nothing a spool file holds stops a master, status, cancel or an agent ------------------
+def _cli(spool: Spool, env: dict, *args: str, timeout: float = 60) -> "subprocess.CompletedProcess":
+    return subprocess.run([sys.executable, "-m", "master", *args, "--base", str(spool.base)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _status_json(spool: Spool, env: dict) -> dict:
+    st = _cli(spool, env, "status", "--json")
+    assert st.returncode == 0 and "Traceback" not in st.stderr, st.stderr
+    def strict(c: str) -> None:
+        raise AssertionError(f"status --json printed {c}, which no browser parses")
+    return json.loads(st.stdout, parse_constant=strict)
+
+
+def _square_run(spool: Spool, env: dict, run: str, chunks: int = 3, *extra: str) -> "subprocess.CompletedProcess":
+    return run_main(["--base", str(spool.base), "--task", "examples.noop:square", "--chunks", str(chunks), "--run",
+                     run, "--no-progress", *extra], env)
+
+
+def _all_squares(spool: Spool, run: str, chunks: int) -> bool:
+    res = results(spool.base, run)
+    return sorted(res) == list(range(chunks)) and all(res[c]["value"]["square"] == c * c for c in range(chunks))
+
+
+@pytest.mark.timeout(120)
+def test_descriptor_with_a_list_for_its_run_is_rejected_alone_and_nothing_stops(spool: Spool, agents, env) -> None:
+    [agent] = agents(1)
+    spool.result_dir("hostile").mkdir(parents=True, exist_ok=True)
+    bad = [{**GOOD, "run": ["a", "list"]}, {**GOOD, "chunk_id": {"a": 1}}, {**GOOD, "attempt": [1]},
+           {**GOOD, "submitted_at": [1.0]}, {**GOOD, "attempt": 10**40}]
+    _drop(spool.mailbox(agent.id), json.dumps({"schema": 1, "agent": agent.id, "jobs": bad + [GOOD]}).encode())
+    wait_for(lambda: spool.result_json("hostile", 0).exists(), what="the good job's result")  # not wedged
+    wait_for(lambda: _rejections(spool) >= len(bad), what="each bad descriptor rejected")
+    whys = [json.loads(p.read_text())["why"] for p in spool.rejected_dir.glob("*.why")]
+    assert any("run name ['a', 'list'] is not allowed" in w for w in whys)
+    assert any("'attempt' must be an integer from 1 to 1000000" in w for w in whys)
+    _drop(spool.mailbox(agent.id), json.dumps({"schema": 1, "agent": agent.id, "jobs": bad}).encode())
+    r = _square_run(spool, env, "after-list")  # the master reads (and repairs) that mailbox too
+    assert r.returncode == 0 and _all_squares(spool, "after-list", 3), r.stderr
+    assert [a["id"] for a in _status_json(spool, env)["agents"]] == [agent.id]
+    _drop(spool.mailbox(agent.id), json.dumps({"schema": 1, "agent": agent.id, "jobs": bad}).encode())
+    c = _cli(spool, env, "cancel", "--run", "after-list")
+    assert c.returncode == 0 and "cancelled run after-list" in c.stdout, c.stderr
+    assert agent.proc.poll() is None
+
+
+@pytest.mark.timeout(120)
+def test_deep_nesting_in_mailbox_heartbeat_and_result_is_rejected(spool: Spool, agents, env) -> None:
+    [agent] = agents(1)
+    deep = b"[" * 100_000
+    _drop(spool.mailbox(agent.id), deep)
+    wait_for(lambda: _rejections(spool) == 1, what="the deep mailbox rejected")
+    assert "nested" in json.loads(next(spool.rejected_dir.glob("*.why")).read_text())["why"]
+    (spool.agents_dir / "testhost-cpu7.json").write_bytes(deep)  # an agent nobody runs
+    (spool.agents_dir / "testhost-cpu8.json").write_bytes(b'{"agent": "x", "seq": 1, "state": "idle", "gpu": '
+                                                          + b"[" * 70 + b"]" * 70 + b"}")
+    rdir = spool.result_dir("deep")
+    rdir.mkdir(parents=True)
+    (rdir / "000001.json").write_bytes(b'{"status": "ok", "chunk_id": 1, "attempt": 1, "value": ' + deep)
+    (rdir / "000002.a1.json").write_bytes(deep)  # a history file
+    r = _square_run(spool, env, "deep")
+    assert r.returncode == 0 and _all_squares(spool, "deep", 3), r.stderr
+    assert "RecursionError" not in r.stderr
+    data = _status_json(spool, env)
+    assert [a["id"] for a in data["agents"]] == [agent.id]
+    assert data["runs"][0]["ok"] == 3
+    c = _cli(spool, env, "cancel", "--run", "deep")
+    assert c.returncode == 0, c.stderr
+    assert agent.proc.poll() is None
+
+
+@pytest.mark.timeout(120)
+def test_a_folder_where_a_result_belongs_fails_that_chunk_at_resume_too(spool: Spool, agents, env, tmp_path) -> None:
+    agents(1)
+    rdir = spool.result_dir("folder")
+    (rdir / "000001.json").mkdir(parents=True)
+    (rdir / "000001.json" / "inside").write_text("kept")
+    os.mkfifo(rdir / "000002.json")  # a FIFO: never opened for a blocking read
+    r = _square_run(spool, env, "folder", 4, "--retries", "0")
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "000001.json is not a readable result file (is a directory" in r.stdout
+    assert "000002.json is not a readable result file (is a FIFO" in r.stdout
+    ok = [json.loads(spool.result_json("folder", c).read_text())["status"] for c in (0, 3)]
+    assert ok == ["ok", "ok"]  # (a glob of results/ would open the FIFO: read by name)
+    part = _cli(spool, env, "collect", "--run", "folder", "--out", str(tmp_path / "out.jsonl"), "--partial")
+    assert part.returncode == 0, part.stderr
+    assert [json.loads(line)["chunk_id"] for line in (tmp_path / "out.jsonl").read_text().splitlines()] == [0, 3]
+    again = _cli(spool, env, "retry", "--run", "folder", "--no-progress")
+    assert again.returncode == 1 and "Traceback" not in again.stderr, again.stderr
+    assert (rdir / "000001.json" / "inside").read_text() == "kept"  # nothing lost
+
+
+@pytest.mark.timeout(120)
+def test_folder_fifo_and_link_loop_as_mailbox_or_lock_are_moved_aside(spool: Spool, agents, env) -> None:
+    [agent] = agents(1)
+    mailbox, lock = spool.mailbox(agent.id), spool.mailbox_lock(agent.id)
+
+    def replace_with(make) -> None:
+        aside = mailbox.with_name(".aside")
+        make(aside)
+        with FileLock(lock):
+            os.replace(aside, mailbox) if not aside.is_dir() or not mailbox.exists() else None
+            if aside.exists() or aside.is_symlink():  # a folder cannot be renamed over a file
+                os.unlink(mailbox)
+                os.rename(aside, mailbox)
+
+    seen = _rejections(spool)
+    for what, make in (("folder", lambda p: (p.mkdir(), (p / "x").write_text("x"))), ("FIFO", os.mkfifo),
+                       ("link loop", lambda p: p.symlink_to(p.name))):
+        replace_with(make)
+        wait_for(lambda: _rejections(spool) > seen, what=f"the {what} mailbox rejected")
+        seen = _rejections(spool)
+        wait_for(lambda: mailbox.is_file() and not mailbox.is_symlink(), what=f"a fresh mailbox after the {what}")
+    kept = [p for p in spool.rejected_dir.iterdir() if p.name.endswith(".POOL") and p.is_dir()]
+    assert [list(p.iterdir()) for p in kept] == [[kept[0] / "x"]]  # the folder itself, moved in whole
+    for make in (lambda p: p.mkdir(), os.mkfifo):  # the mailbox lock, replaced while nobody holds it
+        os.unlink(lock)
+        make(lock)
+        r = _square_run(spool, env, f"lock-{seen}")
+        assert r.returncode == 0 and _all_squares(spool, f"lock-{seen}", 3), r.stderr
+        assert lock.is_file()
+        wait_for(lambda: _rejections(spool) > seen, what="the broken lock rejected")
+        seen = _rejections(spool)
+    hb = agent.heartbeat()
+    assert agent.proc.poll() is None and hb["state"] == "idle"
+
+
+@pytest.mark.timeout(120)
+def test_a_file_in_agents_with_a_bad_name_is_skipped(spool: Spool, agents, env) -> None:
+    [agent] = agents(1)
+    (spool.agents_dir / "bad name.json").write_text("{}")
+    (spool.agents_dir / "..json").write_text("{}")
+    (spool.runs_dir / "bad run name").mkdir()
+    r = _square_run(spool, env, "names")
+    assert r.returncode == 0 and _all_squares(spool, "names", 3), r.stderr
+    data = _status_json(spool, env)
+    assert [a["id"] for a in data["agents"]] == [agent.id] and [x["run"] for x in data["runs"]] == ["names"]
+    st = _cli(spool, env, "status")
+    assert st.returncode == 0 and "bad name.json: skipped: agent id 'bad name' is not allowed" in st.stderr
+    assert st.stderr.count("bad name.json") == 1  # one warning, not one per look
+    c = _cli(spool, env, "cancel", "--run", "names")
+    assert c.returncode == 0, c.stderr
+
+
+@pytest.mark.timeout(120)
+def test_rejected_folder_replaced_by_a_link_is_never_written_through(spool: Spool, agents, env, tmp_path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    [agent] = agents(1)
+    spool.rejected_dir.rmdir()
+    spool.rejected_dir.symlink_to(outside)
+    mailbox = spool.mailbox(agent.id)
+    _drop(mailbox, b"\x00 not json")
+    wait_for(lambda: b"not json" not in mailbox.read_bytes(), what="the agent's fresh mailbox")
+    wait_for(lambda: "nothing is written through it" in agent.output(), what="the warning")
+    (spool.result_dir("linked-rej") / "000000.json").parent.mkdir(parents=True)
+    (spool.result_dir("linked-rej") / "000000.json").write_bytes(b"garbage")
+    r = _square_run(spool, env, "linked-rej")
+    assert r.returncode == 0 and _all_squares(spool, "linked-rej", 3), r.stderr
+    assert list(outside.iterdir()) == [] and spool.rejected_dir.is_symlink()
+    assert agent.proc.poll() is None
+
+
+WRONG_TYPES = {"pid": "x", "gpu": [], "current": 5, "ahead": {"run": 3}, "updated_at": None, "host": 7,
+               "hostname": {}, "gpu_id": "0", "gpu_index": 1.5, "jobs_done": "many", "jobs_failed": [],
+               "started_at": 1e300, "mailbox_lag_s": float("nan"), "log": 3, "device": None, "worker_pid": True}
+
+
+@pytest.mark.timeout(120)
+def test_heartbeats_run_specs_and_notes_of_the_wrong_types_are_survived(spool: Spool, agents, env) -> None:
+    [agent] = agents(1)
+    for i, (k, v) in enumerate(WRONG_TYPES.items()):  # live-looking agents that take no jobs (draining)
+        hb = {"agent": f"testhost-cpu{20 + i}", "seq": 1, "state": "draining", k: v}
+        (spool.agents_dir / f"testhost-cpu{20 + i}.json").write_text(json.dumps(hb))
+    (spool.agents_dir / "testhost-cpu40.json").write_text(json.dumps({"agent": "y", "seq": 1, "state": "draining",
+                                                                       **WRONG_TYPES}))
+    (spool.agents_dir / "testhost-cpu41.json").write_text(json.dumps(
+        {"agent": "z", "seq": 1, "state": "draining", "current": {"run": "r", "chunk_id": 1, "since": "x", "n": 1e999},
+         "gpu": {"name": 5, "util": "hot", "mem_used": [], "mem_total": 1e999, "temp": None}}))
+    for name, spec in {"spec-list": [1], "spec-kind": {"name": "spec-kind", "kind": [], "target": "x", "chunks": 1},
+                       "spec-chunks": {"name": "spec-chunks", "kind": "callable", "target": "x", "chunks": "9"},
+                       "spec-name": {"name": ["x"], "kind": "callable", "target": "x", "chunks": 1},
+                       "spec-share": {"name": "spec-share", "kind": "callable", "target": "x", "chunks": 2,
+                                      "share": float("nan")}}.items():
+        spool.run_dir(name).mkdir(parents=True)
+        spool.run_spec(name).write_text(json.dumps(spec))
+    spool.run_dir("spec-dir").mkdir()
+    spool.run_spec("spec-dir").mkdir()
+    r = _square_run(spool, env, "types")
+    assert r.returncode == 0 and _all_squares(spool, "types", 3), r.stderr
+    for run, note in (("types", b"[" * 4000), ("spec-list", b"\xff\xfe")):  # cancel notes the agents read
+        spool.cancel_flag(run).write_bytes(note)
+    spool.run_epoch("types").write_bytes(b"{" * 100)
+    data = _status_json(spool, env)
+    rows = {a["id"]: a for a in data["agents"]}
+    assert len(rows) == len(WRONG_TYPES) + 3 and rows["testhost-cpu40"]["pid"] is None
+    assert rows["testhost-cpu41"]["current"] == {"run": "r", "chunk_id": 1, "attempt": None, "since": None}
+    assert [x["run"] for x in data["runs"]] == ["types"]
+    table = _cli(spool, env, "status")
+    assert table.returncode == 0 and "testhost-cpu41" in table.stdout, table.stderr
+    for run in ("types", "spec-list", "spec-dir"):
+        c = _cli(spool, env, "cancel", "--run", run, "--timeout", "1")
+        assert "Traceback" not in c.stderr, c.stderr
+        assert c.returncode == 0 if run == "types" else (c.returncode == 2 and "run spec" in c.stderr), c.stderr
+    spool.cancel_flag("types").unlink()
+    spool.cancel_flag("types").mkdir()  # a folder as the flag: cancel moves it aside and writes its note
+    c = _cli(spool, env, "cancel", "--run", "types", "--timeout", "1")
+    assert c.returncode == 0 and spool.cancel_flag("types").is_file(), c.stderr
     assert agent.proc.poll() is None
