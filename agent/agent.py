@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import math
 import os
 import signal
@@ -37,6 +36,7 @@ from jobs.descriptor import Job, JobKind, JobState
 from jobs.atomic import purge_temp, read_bounded, server_now
 from jobs.errors import BadFile
 from jobs.heartbeat import AgentState, read_status, write_status
+from jobs.jsonio import load_json
 from jobs.mailbox import HOLD_LIMIT, Mailbox, Snapshot
 from jobs.paths import Spool
 from jobs.losses import death_suspects
@@ -296,7 +296,7 @@ class Agent:
         if not path.exists():
             return None
         try:
-            note = json.loads(read_bounded(path, 4096) or b"{}")
+            note = load_json(read_bounded(path, 4096) or b"{}", "cancel note", path)
             return note if isinstance(note, dict) else {}
         except (OSError, ValueError, BadFile):
             return {}
