@@ -31,7 +31,7 @@ from agent.gpu import NoGpu
 from agent.script import run_script
 from agent.slot import Slot
 from agent.watcher import MailboxWatcher
-from agent.workerproc import Worker, WorkerLost, cap_log
+from agent.workerproc import Worker, WorkerLost, cap_log, kill_leftovers
 from jobs.descriptor import Job, JobKind, JobState
 from jobs.atomic import purge_temp, read_bounded, server_now
 from jobs.errors import BadFile
@@ -68,10 +68,11 @@ class Agent:
         self.mailbox = Mailbox(spool, self.id)
         self.watcher = MailboxWatcher(self.mailbox.path, cfg.watch, cfg.poll_interval, cfg.max_poll_interval)
         # The job code sees only this agent's GPU; CUDA counts in PCI bus order like NVML.
-        base_env = {**os.environ, "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+        # GPUPOOL_AGENT and GPUPOOL_SPOOL also mark what jobs start, for kill_leftovers at a restart.
+        self.marks = {"GPUPOOL_AGENT": self.id, "GPUPOOL_SPOOL": str(spool.base)}
+        base_env = {**os.environ, "CUDA_DEVICE_ORDER": "PCI_BUS_ID", **self.marks}
         self.script_env = base_env  # scripts get the agent's own view, as OctoRun gives them
-        worker_env = {**base_env, "CUDA_VISIBLE_DEVICES": slot.gpu.token if slot.gpu else "",
-                      "GPUPOOL_AGENT": self.id}
+        worker_env = {**base_env, "CUDA_VISIBLE_DEVICES": slot.gpu.token if slot.gpu else ""}
         self.worker = worker or Worker(worker_env, spool.worker_log(self.id))
         self.stop = False  # finish the current job, then exit
         self.stop_now = False  # stop at once
@@ -102,6 +103,10 @@ class Agent:
         purge_temp([self.spool.pool_dir, self.spool.agents_dir])  # what killed writers left behind
         self.mailbox.ensure()
         self._defer_what_killed_the_last_one()
+        leftovers = kill_leftovers(self.marks)
+        if leftovers:
+            logger.warning("agent {}: killed {} process(es) that jobs of its former process had started and left "
+                           "running (pids {})", self.id, len(leftovers), leftovers[:10])
         self.watcher.start()
         self.worker.start()
         self.state = AgentState.IDLE

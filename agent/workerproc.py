@@ -83,6 +83,34 @@ def kill_group(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
+def kill_leftovers(marks: dict[str, str]) -> list[int]:
+    """SIGKILL every process of this user whose environment carries all of ``marks`` (the agent's
+    id and spool, which its worker and script jobs inherit), and return their pids. Run by an
+    agent as it starts, before it has a worker: what a job forked outlives a SIGKILL of the agent
+    (the kernel kills the worker with it, ``PR_SET_PDEATHSIG``, but that is not inherited across
+    fork), and may still hold the GPU's memory. Matching on the environment, not on a pid saved
+    before the kill, never hits a process that merely reuses a pid. Linux (``/proc``) only."""
+    want = [f"{k}={v}".encode() for k, v in marks.items()]
+    me, killed = os.getpid(), []
+    try:
+        pids = [int(n) for n in os.listdir("/proc") if n.isdigit()]
+    except OSError:
+        return killed
+    for pid in pids:
+        if pid == me:
+            continue
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = f.read().split(b"\0")
+        except OSError:  # gone, or another user's
+            continue
+        if all(w in env for w in want):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+    return killed
+
+
 class Worker:
     """The worker process and its two pipes.
 

@@ -72,3 +72,13 @@ def own_file_marked(chunk_id: int, marks: str, out_dir: str, mb: float = 1.0) ->
         f.write(b"\1" * int(mb * 1024 * 1024))
     return path
 
+
+
+def fork_and_hang(chunk_id: int, pidfile: str) -> None:
+    """Forks a child that would run an hour, then runs on itself (until its agent is killed)."""
+    child = os.fork()
+    if child == 0:
+        time.sleep(3600)
+        os._exit(0)
+    _write_pid(pidfile, child)
+    time.sleep(3600)

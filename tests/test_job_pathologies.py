@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ import pytest
 from jobs.paths import Spool
 from jobs.results import RESULT_LIMIT
 from tests.faulty import tally
-from tests.helpers import results, run_main, wait_for
+from tests.helpers import REPO, results, run_main, wait_for
 
 
 def gone(pid: int) -> bool:
@@ -160,3 +161,41 @@ def test_a_function_added_to_a_module_a_warm_worker_already_imported_is_found(
     assert run("f2", "added") == "two"
     assert run("f1", "edited") == "one, edited"
     assert a.heartbeat()["worker_pid"] == worker  # one warm worker all along
+
+
+@pytest.mark.timeout(120)
+def test_what_a_job_forked_before_its_agent_was_killed_dies_when_the_agent_comes_back(
+        spool: Spool, agents, env, tmp_path: Path) -> None:
+    """kill -9 of the agent: its worker dies with it (PR_SET_PDEATHSIG), but a child the job
+    forked does not (the setting is not inherited across fork) and may hold GPU memory; the agent
+    restarted under the same id kills it, and nothing of another spool's agent of the same id."""
+    from tests.helpers import AgentProc
+
+    a = agents(1)[0]
+    other_spool = Spool(tmp_path / "other").ensure()
+    b = AgentProc(other_spool.base, 0, env).wait_ready()  # the same agent id, another spool
+    pidfile, other_pid = tmp_path / "child.pid", tmp_path / "other.pid"
+    with killed_after(pidfile, other_pid):
+        feeders = [subprocess.Popen(
+            [sys.executable, "main.py", "--base", str(base), "--task", "tests.pathological:fork_and_hang", "--chunks",
+             "1", "--kwargs", json.dumps({"pidfile": str(pf)}), "--run", "orphan", "--no-progress"], cwd=REPO, env=env,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for base, pf in ((spool.base, pidfile),
+                                                                                    (other_spool.base, other_pid))]
+        try:
+            child, other = read_pid(pidfile), read_pid(other_pid)
+            a.signal(signal.SIGKILL)  # the agent alone, as the OOM killer would
+            a.proc.wait(timeout=30)
+            worker = a.heartbeat()["worker_pid"]
+            wait_for(lambda: gone(worker), what="the worker dead with its agent")
+            assert not gone(child)  # what the job forked lives on
+            restarted = AgentProc(spool.base, 0, env).wait_ready()
+            try:
+                wait_for(lambda: gone(child), what="the orphan killed by the restarted agent")
+                assert "killed 1 process(es) that jobs of its former process had started" in restarted.output()
+                assert not gone(other)  # another spool's agent of the same id: untouched
+            finally:
+                restarted.kill()
+        finally:
+            for f in feeders:
+                f.kill()
+            b.kill()
