@@ -15,7 +15,9 @@ from typing import Any
 
 import portalocker
 
-from jobs.errors import LockHeld
+from jobs.atomic import read_bounded
+from jobs.errors import BadFile, LockHeld
+from jobs.jsonio import load_json
 
 
 class FileLock:
@@ -57,10 +59,9 @@ class FileLock:
     def read_note(self, limit: int = 4096) -> bytes:
         """The lock file's content, through a fresh open (a long-open handle may serve a
         shared filesystem's cached pages)."""
-        try:
-            with open(self.path, "rb") as f:
-                return f.read(limit)
-        except OSError:
+        try:  # no symlink followed, never blocks on a FIFO, b"" for anything but a regular file
+            return read_bounded(self.path, limit)
+        except (OSError, BadFile):
             return b""
 
     def release(self) -> None:
@@ -97,7 +98,7 @@ class HolderLock(FileLock):
     def holder(self) -> dict[str, Any]:
         """The holder note, or {} when unreadable (it is only used for messages)."""
         try:
-            note = json.loads(self.read_note() or b"{}")
+            note = load_json(self.read_note() or b"{}", "lock holder note", self.path)
             return note if isinstance(note, dict) else {}
-        except ValueError:
+        except BadFile:
             return {}
