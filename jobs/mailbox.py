@@ -13,6 +13,7 @@ reads carries at least that ``seq``.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import stat
@@ -236,9 +237,13 @@ class Mailbox:
 
     def _write(self, jobs: list[Job], seq: int) -> None:
         doc = {"schema": SCHEMA, "agent": self.agent_id, "seq": seq, "jobs": [j.to_dict() for j in jobs]}
+        data = json.dumps(doc).encode()
+        if len(data) > MAILBOX_LIMIT:  # readers would reject it, and its jobs would vanish: refused here
+            raise OSError(errno.EFBIG, f"{len(jobs)} jobs would make the mailbox {len(data) >> 20} MB, over its "
+                                       f"{MAILBOX_LIMIT >> 20} MB limit; left as it was", str(self.path))
         # No fsync: the mailbox is rebuilt from results on any restart, and rename alone
         # already makes the new content atomic for every other process (see jobs/__init__).
-        write_replace(self.path, json.dumps(doc).encode(), fsync=False)
+        write_replace(self.path, data, fsync=False)
         self.lock.write_note(str(seq).encode())
 
 

@@ -141,6 +141,7 @@ class Dispatcher:
         self._latency: float | None = None  # moving mean of result-to-seen seconds (file server's clock)
         self._lag: float | None = None  # the longest refill-to-agent lag live agents report (heartbeats)
         self._held: dict[str, tuple[float, float]] = {}  # agent -> (its lock first found held, next try)
+        self._fill_error: dict[str, str] = {}  # agent -> why its last refill failed (said once)
 
     # hooks -------------------------------------------------------------------------------------
     def _job(self, c: int) -> Job:
@@ -565,10 +566,12 @@ class Dispatcher:
         try:
             self._update(view.id, add)
         except OSError as e:
-            if not isinstance(e, TimeoutError):
+            if not isinstance(e, TimeoutError) and self._fill_error.get(view.id) != str(e):
+                self._fill_error[view.id] = str(e)  # said once, not on every pass while it lasts
                 logger.warning("could not queue jobs for {}: {}", view.id, e)
             self.pending.extendleft(reversed(chunks))
             return
+        self._fill_error.pop(view.id, None)
         self._tidy.discard(view.id)
         for job in taken:
             self.attempt[job.chunk_id] = job.attempt

@@ -3,6 +3,8 @@ with hand-written heartbeats and a fake clock: breadth first, depth from the mea
 trip and chunk durations, a fair share of what is left, and moving queued jobs to idle agents."""
 from __future__ import annotations
 
+import dataclasses
+
 from jobs.heartbeat import write_status
 from jobs.paths import Spool
 from master.dispatcher import Dispatcher, FeedConfig, ResultNames
@@ -182,3 +184,23 @@ def test_a_mailbox_lock_held_by_another_process_costs_that_agent_its_refills_not
     assert waits and waits[0] == LOCK_WAIT_S and all(w == 0.0 for w in waits[1:]), waits  # waited once, briefly
     assert len(waits) <= 1 + 1.0 / LOCK_RETRY_S, waits
     assert len(f.final) >= 4 + 4 * 9  # the other agent was refilled on every pass
+
+
+def test_a_mailbox_is_never_written_past_its_limit_and_the_work_goes_elsewhere(spool: Spool) -> None:
+    """Jobs of other runs with large kwargs fill one agent's mailbox near its limit: a refill that
+    would pass it is refused (readers would reject the whole mailbox, and every job in it would
+    vanish), the mailbox is left as it was, and the run's chunks go to the other agent."""
+    from jobs.descriptor import Job, JobKind
+    from jobs.mailbox import MAILBOX_LIMIT, Mailbox
+
+    ids = agents(spool, 2)
+    big = {"blob": "x" * 60_000}
+    others = [Job(run="other", chunk_id=c, total_chunks=300, kind=JobKind.CALLABLE, target="x:y", kwargs=big)
+              for c in range((MAILBOX_LIMIT - 100_000) // 60_100)]
+    Mailbox(spool, ids[0]).update(lambda jobs: others)
+    before = spool.mailbox(ids[0]).read_bytes()
+    f, _, events = make(spool, chunks=4, depth=4, max_depth=64)
+    f._job = lambda c, job=f._job: dataclasses.replace(job(c), kwargs=big)  # this run's kwargs are large too
+    f.step()
+    assert spool.mailbox(ids[0]).read_bytes() == before and not list(spool.rejected_dir.iterdir())
+    assert len(queued(spool, ids[1])) == 2 and sorted(f.pending) == [0, 2]  # the refused ones wait for room
