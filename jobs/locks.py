@@ -34,12 +34,25 @@ class FileLock:
         return self._f
 
     def acquire(self, blocking: bool = True, timeout: float | None = None, poll: float = 0.05) -> bool:
-        """Take the lock; with ``blocking=False`` return False at once if it is held."""
+        """Take the lock; with ``blocking=False`` return False at once if it is held.
+
+        A lock is on an open file, not on its name: a lock file replaced or removed since it was
+        opened (a hostile or careless process, a broken lock moved into ``rejected/``) would let
+        two holders in, each locking its own file. So once had, the lock is checked to be on the
+        file the name now gives, and taken again on that one if not."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if not self._lock_once(blocking, deadline, poll):
+                return False
+            if self._still_the_file():
+                return True
+            self.close()  # ours guards nothing any more: lock the file now under that name
+
+    def _lock_once(self, blocking: bool, deadline: float | None, poll: float) -> bool:
         f = self._open()
-        if blocking and timeout is None:
+        if blocking and deadline is None:
             portalocker.lock(f, portalocker.LockFlags.EXCLUSIVE)
             return True
-        deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             try:
                 portalocker.lock(f, portalocker.LockFlags.EXCLUSIVE | portalocker.LockFlags.NON_BLOCKING)
@@ -48,6 +61,14 @@ class FileLock:
                 if not blocking or (deadline is not None and time.monotonic() >= deadline):
                     return False
                 time.sleep(poll)
+
+    def _still_the_file(self) -> bool:
+        try:
+            now = os.stat(self.path, follow_symlinks=False)
+        except OSError:
+            return False
+        mine = os.fstat(self._f.fileno())
+        return (now.st_ino, now.st_dev) == (mine.st_ino, mine.st_dev)
 
     def write_note(self, data: bytes) -> None:
         """Replace the lock file's content in place (only while holding the lock)."""

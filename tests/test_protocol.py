@@ -312,3 +312,26 @@ def test_the_epoch_travels_only_when_set_and_must_be_a_plain_token() -> None:
     for bad in ("../x", "", "a" * 65, 7):
         with pytest.raises(BadFile, match="epoch"):
             Job.from_dict({**job(1).to_dict(), "epoch": bad})
+
+
+def test_a_lock_file_replaced_under_its_holders_still_excludes(tmp_path: Path) -> None:
+    """A lock is on an open file: a lock file replaced (or removed) after one holder opened it
+    must not let that holder and a newcomer, who opens the new file, both in."""
+    from jobs.locks import FileLock
+
+    path = tmp_path / "agent.lock"
+    old = FileLock(path)
+    assert old.acquire(blocking=False)
+    old.release()  # it keeps the file open, as an agent's mailbox lock does for its whole life
+    (tmp_path / "fresh").write_bytes(b"")
+    os.replace(tmp_path / "fresh", path)  # replaced by someone else
+    new = FileLock(path)
+    assert new.acquire(blocking=False)
+    assert not old.acquire(blocking=False)  # it locks the file the name now gives, which is held
+    new.release()
+    path.unlink()  # removed outright: the next acquire makes and locks a new one
+    assert new.acquire(blocking=False) and path.exists()
+    assert not old.acquire(blocking=False)  # not the removed file it had open: the new one, held
+    new.close()
+    assert old.acquire(blocking=False)
+    old.close()
