@@ -6,12 +6,11 @@ clock has seen the same ``seq`` (never by comparing two machines' clocks).
 from __future__ import annotations
 
 import json
-import os
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from jobs.atomic import NotAFile, write_replace
+from jobs.atomic import NotAFile
 from jobs.errors import BadFile
 from jobs.jsonio import clean, is_int, is_num, is_str, is_time, read_json
 from jobs.paths import Spool, warn_once
@@ -30,15 +29,7 @@ class AgentState(str, Enum):
 
 def write_status(spool: Spool, agent_id: str, status: dict[str, Any]) -> None:
     # No fsync: a heartbeat lost in an OS crash is simply stale, which is its meaning.
-    path, data = spool.heartbeat(agent_id), json.dumps(status).encode()
-    try:
-        write_replace(path, data, fsync=False)
-    except OSError as e:
-        if not os.path.isdir(path) or os.path.islink(path):
-            raise
-        # a folder where the heartbeat belongs (nothing can be renamed over it): moved aside
-        spool.reject(b"", path, f"heartbeat is a directory ({e.strerror}); moved aside", move=True)
-        write_replace(path, data, fsync=False)
+    spool.write_over(spool.heartbeat(agent_id), json.dumps(status).encode(), "heartbeat")
 
 
 def read_status(path: Path) -> dict[str, Any]:

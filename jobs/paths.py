@@ -13,7 +13,7 @@ from pathlib import Path
 
 from loguru import logger
 
-from jobs.atomic import TMP_MARK, is_temp_name
+from jobs.atomic import TMP_MARK, is_temp_name, write_replace
 from jobs.errors import BadFile, BadName, SpoolError
 from jobs.names import check_chunk, check_name
 
@@ -161,6 +161,18 @@ class Spool:
 
     def chunk_log(self, run: str, chunk: int) -> Path:
         return self.logs_dir / check_name(run, "run name") / f"{check_chunk(chunk):06d}.log"
+
+    def write_over(self, path: Path, data: bytes, what: str) -> None:
+        """Publish ``data`` at ``path`` (``write_replace``, no fsync); a folder where the file
+        belongs (nothing can be renamed over one) is moved to ``rejected/`` first. ``what``
+        names the file for the note ("heartbeat", "flag")."""
+        try:
+            write_replace(path, data, fsync=False)
+        except OSError as e:
+            if not os.path.isdir(path) or os.path.islink(path):
+                raise
+            self.reject(b"", path, f"{what} is a directory ({e.strerror}); moved aside", move=True)
+            write_replace(path, data, fsync=False)
 
     # rejected files
     def reject(self, data: bytes, origin: Path | str, why: str, move: bool = False) -> Path | None:

@@ -16,10 +16,8 @@ import os
 import socket
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
-from jobs.atomic import write_replace
 from jobs.errors import BadFile, SpoolError
 from jobs.heartbeat import AgentState
 from jobs.locks import FileLock
@@ -47,18 +45,6 @@ def wait_until(cond: Callable[[], Any], timeout: float, poll: float = 0.1) -> An
         if value or time.monotonic() >= deadline:
             return value
         time.sleep(poll)
-
-
-def _set_flag(spool: Spool, path: Path, note: bytes) -> None:
-    """Write a flag file; a folder where it belongs (nothing can be renamed over one) is moved to
-    ``rejected/`` first."""
-    try:
-        write_replace(path, note, fsync=False)
-    except OSError as e:
-        if not os.path.isdir(path) or os.path.islink(path):
-            raise
-        spool.reject(b"", path, f"flag is a directory ({e.strerror}); moved aside", move=True)
-        write_replace(path, note, fsync=False)
 
 
 # retry ----------------------------------------------------------------------------------------
@@ -115,7 +101,7 @@ def cancel_run(spool: Spool, run: str, stop_running: bool, timeout: float = 10.0
     """Cancel ``run`` (see the module docstring); waits up to ``timeout`` for its master to stop
     and, with ``stop_running``, for its running chunks to be killed."""
     load_run(spool, run)
-    _set_flag(spool, spool.cancel_flag(run), _note(stop_running=stop_running))
+    spool.write_over(spool.cancel_flag(run), _note(stop_running=stop_running), "flag")
     dropped = drop_run(spool, run)
     stopped = wait_until(lambda: _master_gone(spool, run), timeout)
     dropped += drop_run(spool, run)  # what a master queued before it saw the flag
@@ -176,7 +162,7 @@ def drain(spool: Spool, agent: str, timeout: float = 30.0, dead_after: float = 2
 
     A busy agent reads the flag when its current chunk ends, so "busy" is answer enough."""
     check_agent(spool, agent)
-    _set_flag(spool, spool.drain_flag(agent), _note())
+    spool.write_over(spool.drain_flag(agent), _note(), "flag")
     live = Liveness(spool, dead_after)
 
     def reached() -> AgentReport | None:
