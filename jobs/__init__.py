@@ -73,6 +73,15 @@ Who writes what, in which order:
    the next one, which its worker may have started while the agent committed the first) are
    queued with ``"alone": true``: the agent hands the worker nothing ahead of or beside such a
    job, so that a later death under it is surely its own and costs an attempt (``AgentLost``).
+   An agent restarted under the same id (a supervisor brings it back within a second, so its
+   heartbeat never goes stale) is told apart by its heartbeat's host name, pid and start time;
+   the new process lists in ``died_under`` the open jobs its predecessor may have died under
+   (named by its last heartbeat, else the first open ones) and leaves them alone for 30 s,
+   and masters treat them as a dead agent's (``master.dispatcher.Dispatcher._restarted``).
+   A last attempt taken back free (dead, frozen or draining agent, vanished, moved) gets a
+   ``Superseded`` history record first: should it still run somewhere and fail, that failure
+   stays history (``jobs.results.commit`` writes history with ``link``) and never commits
+   over the attempt that replaced it.
 
 Everything read from the spool is untrusted: sizes are bounded, symlinks are not followed
 (O_NOFOLLOW), names are validated (``jobs.names``), ``.npz`` files are read with
