@@ -128,6 +128,7 @@ class Dispatcher:
         self.losses: Counter[int] = Counter()  # chunk -> agents that died while perhaps running it
         self.isolated: set[int] = set()  # chunks with a loss: queued with ``alone`` from then on
         self.final: dict[int, Outcome] = {}
+        self.failed_on: dict[int, set[str]] = {}  # chunk -> agents an attempt of it failed on (retries go elsewhere)
         self.mailboxes: dict[str, Mailbox] = {}
         self.cancelled = False
         self.names: Any = None  # chunk ids inotify reported (an object with drain()); None: no inotify
@@ -315,6 +316,7 @@ class Dispatcher:
                                             "remove it, then resume the run"}}
             seen.append(mtime)
             self._untrack(c)
+            self.failed_on.pop(c, None)
             self.final[c] = out = summarize(rec)
             self._observe(out)
             self.settle(c, rec)
@@ -333,6 +335,7 @@ class Dispatcher:
             rec = {"status": "failed", "attempt": attempt, "agent": agent, "error": None}
         out = summarize(rec)
         self._observe(out)
+        self.failed_on.setdefault(c, set()).add(out.agent or agent)
         delay = backoff(attempt, self.cfg)
         self.on_event("retry", {"chunk": c, "outcome": out, "delay": delay})
         self._requeue(c, delay)
@@ -464,6 +467,8 @@ class Dispatcher:
         each sure loss is a failed attempt, so a chunk that kills its agent (or its node) cannot
         take down the whole pool one by one. A suspect runs ``alone`` from then on, so its next
         loss is sure: the innocent neighbour of a poisonous chunk pays nothing."""
+        if sure:
+            self.failed_on.setdefault(job.chunk_id, set()).add(agent)
         if not charge_loss(self.losses, self.isolated, job.chunk_id, self.cfg.free_losses, sure) or not record_loss(
                 self.spool, job, agent, why, self.losses[job.chunk_id]):
             self._requeue(job.chunk_id, free=True)
@@ -537,21 +542,38 @@ class Dispatcher:
         """Breadth first: pending chunks one at a time, in order, to the agent holding fewest of
         this run's (idle ones first), to agents down to ``low`` (half the depth that hides the
         round trip: the fair-share cap near a run's end must not delay refills), each up to
-        ``cap``. The chunks planned leave ``pending``."""
+        ``cap``. A chunk that failed on an agent goes to another agent with room in this plan where
+        there is one (a later chunk takes its place there, looking a few ahead only), else where
+        it failed: no agent waits for a busy one to retry what may have failed by chance. The
+        chunks planned leave ``pending``."""
         heap = [(len(self.by_agent.get(v.id, ())), v.state != AgentState.IDLE.value, v.id) for v in live]
         heap = [h for h in heap if h[0] <= low]
         heapq.heapify(heap)
+        room = {ident for n, _, ident in heap if n < cap}
         plan: dict[str, list[int]] = {}
         while self.pending and heap:
             n, busy, ident = heapq.heappop(heap)
             if n >= cap:
                 break
-            c = self.pending.popleft()
+            i = self._next_for(ident, room)
+            if i is None:
+                continue  # everything in reach failed here and may go elsewhere: this agent is done
+            c = self.pending[i]
+            del self.pending[i]
             if self.sendable(c):
                 plan.setdefault(ident, []).append(c)
                 n += 1
             heapq.heappush(heap, (n, busy, ident))
         return plan
+
+    def _next_for(self, ident: str, room: set[str], reach: int = 8) -> int | None:
+        """The index in ``pending`` of the first of its first ``reach`` chunks that should go to
+        ``ident``: one that has not failed there, or has failed on every agent of ``room``."""
+        for i in range(min(reach, len(self.pending))):
+            failed = self.failed_on.get(self.pending[i])
+            if not failed or ident not in failed or room <= failed:
+                return i
+        return None
 
     def _fill(self, view: AgentView, chunks: list[int]) -> None:
         taken: list[Job] = []

@@ -204,3 +204,42 @@ def test_a_mailbox_is_never_written_past_its_limit_and_the_work_goes_elsewhere(s
     f.step()
     assert spool.mailbox(ids[0]).read_bytes() == before and not list(spool.rejected_dir.iterdir())
     assert len(queued(spool, ids[1])) == 2 and sorted(f.pending) == [0, 2]  # the refused ones wait for room
+
+
+def test_a_retry_goes_to_another_agent_than_the_one_it_failed_on(spool: Spool) -> None:
+    """A chunk that failed on an agent (a broken GPU there, a poisoned context) is retried on
+    another agent with room for it, even when the one it failed on is idler; a later chunk takes
+    its place there."""
+    from tests.test_feeder_step import finish
+
+    ids = agents(spool, 2)
+    f, clock, _ = make(spool, chunks=8, depth=2, max_depth=2, retry_delay=0.0)
+    f.step()  # breadth first: 0, 2 at h-cpu0; 1, 3 at h-cpu1
+    assert queued(spool, ids[0]) == [(0, 1), (2, 1)] and queued(spool, ids[1]) == [(1, 1), (3, 1)]
+    finish(spool, (0, 1), ok=False, max_attempts=f.max_attempts[0])  # chunk 0 fails on h-cpu0 (finish's agent)
+    for key in ((2, 1), (1, 1)):
+        finish(spool, key, max_attempts=f.max_attempts[key[0]])
+    clock.t += 1.0
+    beat(spool, ids[0], 2)
+    beat(spool, ids[1], 2)
+    f.step()  # collects: chunk 0 pending again, at the front
+    f.step()
+    assert (0, 2) in queued(spool, ids[1]) and (0, 2) not in queued(spool, ids[0])
+    assert 4 in {c for c, _ in queued(spool, ids[0])}  # the next chunk took its place there
+    assert f.failed_on[0] == {"h-cpu0"}
+
+
+def test_a_retry_with_nowhere_else_to_go_now_runs_where_it_failed(spool: Spool) -> None:
+    """No agent waits for a busy one: when the others have no room, the retry runs where it
+    failed (it may have failed by chance), and on a single agent all the more."""
+    from tests.test_feeder_step import finish
+
+    ids = agents(spool, 1)
+    f, clock, _ = make(spool, chunks=1, depth=4, max_depth=4, retry_delay=0.0)
+    f.step()
+    finish(spool, (0, 1), ok=False, max_attempts=f.max_attempts[0])
+    clock.t += 1.0
+    beat(spool, ids[0], 2)
+    f.step()
+    f.step()
+    assert (0, 2) in queued(spool, ids[0])
