@@ -36,6 +36,14 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--log-limit-mb", type=float, default=64.0,
                    help="cut each of the agent's logs past this size, keeping the older part in <log>.1 "
                    "(default 64; 0: never)")
+    p.add_argument("--max-jobs-per-worker", type=int, default=0, metavar="N",
+                   help="start a fresh worker process after N jobs, giving back all the memory the job code held "
+                   "(default 0: never; the worker is also renewed when a run with another task module starts, "
+                   "and after a job left its CUDA context unusable)")
+    p.add_argument("--drain-after-gpu-errors", type=int, default=3, metavar="K",
+                   help="drain this agent once K different chunks in a row failed with GPU errors that are not the "
+                   "job's own (driver errors; out of memory in a fresh worker); its heartbeat's last_error says "
+                   "why (default 3; 0: never)")
     p.add_argument("--allow-local-locks", action="store_true",
                    help="use BASE even on a filesystem whose locks are client-local (sshfs, NFS nolock/local_lock); "
                    "safe only if every agent and master of BASE runs on this machine (or $GPUPOOL_ALLOW_LOCAL_LOCKS=1)")
@@ -70,6 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 <= args.log_limit_mb < math.inf:
         print("agent: --log-limit-mb must be 0 (never cut) or a positive number of megabytes", file=sys.stderr)
         return 2
+    for name in ("max_jobs_per_worker", "drain_after_gpu_errors"):
+        if getattr(args, name) < 0:
+            print(f"agent: --{name.replace('_', '-')} must be 0 (never) or a positive number", file=sys.stderr)
+            return 2
     try:
         # Locks must reach the file server, or hosts sharing BASE do not exclude each other (issue 4).
         unsafe_locks = check_locks(args.base, args.allow_local_locks)
@@ -89,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
                format="{time:YYYY-MM-DD HH:mm:ss.SSS} | {level: <7} | " + slot.agent_id + " | {message}")
     cfg = AgentConfig(watch=args.watch, poll_interval=args.poll_interval, max_poll_interval=args.max_poll_interval,
                       rescan=args.rescan, heartbeat=args.heartbeat, burst=args.burst,
-                      log_limit=int(args.log_limit_mb * 2**20), prune_quiet=args.prune_quiet)
+                      log_limit=int(args.log_limit_mb * 2**20), prune_quiet=args.prune_quiet,
+                      max_jobs_per_worker=args.max_jobs_per_worker, gpu_fault_limit=args.drain_after_gpu_errors)
     agent = Agent(spool, slot, probe, host, cfg)
     agent.install_signals()
     agent.run()

@@ -9,11 +9,23 @@ previous result. The price: a kill of the agent can cost two re-runs (the runnin
 one whose result was being committed), and a job already handed over runs even if the agent
 is told to drain (the heartbeat lists it as ``ahead``, so masters leave it); on a graceful stop
 the worker is killed instead and that job stays queued.
+
+A fresh worker (``_replace_worker``) before the next job: when a failed job left the worker's
+CUDA context unusable (its error says ``poisoned``; the job sent ahead is sent again, to the
+fresh worker), and to give GPU memory back (``_recycle_reason``): when the next job is of another
+run with another task module and the runs the worker served have nothing left queued here, and
+after ``--max-jobs-per-worker`` jobs. A job that would need a fresh worker is never sent ahead.
+
+A GPU agent whose chunks keep failing with errors that are not their own (``_gpu_fault``:
+driver-level CUDA errors; out of memory, or a context found unusable after a job's other
+error, in a worker that had run nothing before) drains itself after ``gpu_fault_limit``
+different chunks in a row (``_drain_self``), so that masters hand its jobs to other agents.
 """
 from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import math
 import os
 import signal
@@ -53,6 +65,8 @@ class AgentConfig:
     burst: bool = False  # exit once the mailbox is empty (tests, batch use)
     log_limit: int = 64 * 1024 * 1024  # each of the agent's logs is cut (to <name>.1) past this; 0: never
     prune_quiet: float = 30.0  # prune finished jobs only from a mailbox seen unchanged this long (see _prune)
+    max_jobs_per_worker: int = 0  # a fresh worker process after this many jobs; 0: never
+    gpu_fault_limit: int = 3  # drain after this many different chunks in a row failed with GPU faults; 0: never
 
 
 PIPELINE_MAX_S = 0.5  # pipeline the next job only after chunks of a run that took at most this long
@@ -97,6 +111,14 @@ class Agent:
         self._deferred: set[tuple] = set()  # Job.uid of the jobs a former process of this agent died under
         self._defer_until = 0.0
         self.died_under: list[dict[str, Any]] = []  # what the heartbeat of the former process showed running
+        # What the current worker process was sent (see _worker_seen): its identity, how many
+        # jobs, the task module of each run; the jobs that were the first of their process.
+        self._wid: tuple | None = None
+        self._wsent = 0
+        self._wruns: dict[str, str] = {}
+        self._first_of_worker: set[tuple] = set()
+        self._faults: dict[tuple[str, int], str] = {}  # (run, chunk) -> GPU fault, of the failures in a row
+        self._drained_why: str | None = None  # set when this agent drained itself
 
     # lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -220,9 +242,76 @@ class Agent:
         if skip is not None:
             logger.info("{} chunk {} attempt {}: dropped: {}", job.run, job.chunk_id, job.attempt, skip)
             self._finished.add(job.uid)
-        elif self._execute(job, self._next_callable(jobs, job)):
-            self._finished.add(job.uid)
+        else:
+            why = self._recycle_reason(job, jobs)
+            if why is not None:
+                self._replace_worker(f"recycled: {why}")
+            if self._execute(job, self._next_callable(jobs, job)):
+                self._finished.add(job.uid)
         return True
+
+    # the worker process ----------------------------------------------------------------------
+    def _worker_seen(self) -> None:
+        """Forget what was sent to a worker process that is no longer the current one."""
+        wid = (self.worker.pid, getattr(self.worker, "generation", 0))
+        if wid != self._wid:
+            self._wid, self._wsent, self._wruns = wid, 0, {}
+
+    def _send(self, job: Job) -> bool:
+        """Queue ``job`` in the worker's pipe, noting what the worker process was sent."""
+        if not self.worker.send(self._request(job)):
+            return False
+        self._worker_seen()  # after the send: it starts a fresh process if the last one died idle
+        if self._wsent == 0:
+            self._first_of_worker.add(job.uid)
+        self._wsent += 1
+        if len(self._wruns) >= 64 and job.run not in self._wruns:  # one worker may serve runs for weeks
+            self._wruns.pop(next(iter(self._wruns)))
+        self._wruns[job.run] = module_of(job)
+        return True
+
+    def _may_send_ahead(self, job: Job) -> bool:
+        """Pipelining never hands over a job that ``_recycle_reason`` could want a fresh worker for."""
+        self._worker_seen()
+        if 0 < self.cfg.max_jobs_per_worker <= self._wsent:
+            return False
+        return job.run in self._wruns or module_of(job) in self._wruns.values()
+
+    def _recycle_reason(self, job: Job, jobs: list[Job]) -> str | None:
+        """Why ``job`` must run in a fresh worker process (GPU memory given back), or None.
+
+        After ``--max-jobs-per-worker`` jobs; and when ``job``'s run is not one the worker served
+        and its task module is none of theirs (a finished run's model leaves GPU memory), unless
+        one of those runs still has jobs queued here (two runs that share this agent would
+        otherwise restart the worker at every switch). Chunks of one run never cause one."""
+        if job.kind is not JobKind.CALLABLE:
+            return None
+        self._worker_seen()
+        if not self._wsent:
+            return None
+        if 0 < self.cfg.max_jobs_per_worker <= self._wsent:
+            return f"its worker ran {self._wsent} jobs (--max-jobs-per-worker {self.cfg.max_jobs_per_worker})"
+        mod = module_of(job)
+        if job.run in self._wruns or mod in self._wruns.values():
+            return None
+        if any(j.run in self._wruns for j in jobs if j.uid not in self._finished and j.uid != job.uid):
+            return None
+        return (f"{job.run} runs {mod}; the run(s) its worker served ran "
+                f"{', '.join(sorted(set(self._wruns.values())))} and have nothing queued here")
+
+    def _replace_worker(self, why: str, warn: bool = False) -> None:
+        """A fresh worker process now. The job sent ahead to the old one (pipelining), which the
+        old one never started, is sent to the new one."""
+        ahead, old = self._ahead, self.worker.pid
+        self._ahead = None
+        self.worker.stop()  # a poisoned worker exits after its reply: no wait; a recycled one at end of input
+        self.worker.start()
+        self._wid = None
+        if ahead is not None and self._send(ahead):
+            self._ahead = ahead  # else it stays in the mailbox, not finished: it runs next as any job
+        (logger.warning if warn else logger.info)(
+            "agent {}: {}; worker {} replaced by a fresh one, pid {}{}", self.id, why, old, self.worker.pid,
+            f" ({ahead.run} chunk {ahead.chunk_id}, sent ahead, goes to it)" if self._ahead else "")
 
     def _sample_lag(self) -> None:
         """Work came to an agent that had none: how long after the master wrote it (both times
@@ -292,6 +381,11 @@ class Agent:
         if drain != (self.state is AgentState.DRAINING):
             self.state = AgentState.DRAINING if drain else AgentState.IDLE
             logger.info("agent {}: {}", self.id, "draining: no new jobs" if drain else "drain lifted")
+            if not drain:  # undrained: GPU faults are counted afresh
+                self._faults.clear()
+                if self.last_error is not None and self.last_error == self._drained_why:
+                    self.last_error = None
+                self._drained_why = None
             self.write_heartbeat()
         return drain
 
@@ -328,6 +422,8 @@ class Agent:
                 logger.warning("agent {}: heartbeat write failed: {}", self.id, e)
         logger.debug("{} chunk {} attempt {}/{}: started", job.run, job.chunk_id, job.attempt, job.max_attempts)
         outcome = self._run_job(job, lookahead)
+        first = job.uid in self._first_of_worker
+        self._first_of_worker.discard(job.uid)
         self.current = None
         self.state = AgentState.IDLE
         if outcome is None:
@@ -379,7 +475,54 @@ class Agent:
             err = rec["error"]
             logger.warning("{} chunk {} attempt {}: failed: {}: {}", job.run, job.chunk_id, job.attempt,
                            err.get("type"), err.get("message"))
+        if job.kind is JobKind.CALLABLE:
+            self._count_gpu_fault(job, None if status is JobState.OK else rec["error"], first)
         return True
+
+    # a GPU that keeps failing --------------------------------------------------------------------
+    def _gpu_fault(self, err: dict[str, Any], first: bool) -> str | None:
+        """The failure as a GPU fault that is not the job's own, or None. Only on a GPU agent (on
+        a CPU one, a job that uses CUDA anyway fails by its own doing): a driver-level error
+        (``agent.worker.DRIVER_ERROR``), or in a worker process that had run nothing before (so
+        nothing a job did in it is to blame) out of memory or a context found unusable. A kernel's
+        own failure (a device-side assert, an illegal address) is the job's: a run with such a
+        bug fails its chunks, each in a fresh worker, but drains no agent."""
+        kind = err.get("gpu_error")
+        if self.slot.gpu is None or not (kind == "driver" or (first and kind in ("out_of_memory", "context"))):
+            return None
+        text = f"{err.get('type')}: {str(err.get('message') or '').strip()}"
+        return text.splitlines()[0][:300] if text else kind
+
+    def _count_gpu_fault(self, job: Job, err: dict[str, Any] | None, first: bool) -> None:
+        """A callable job's outcome in the count of GPU faults in a row: a success or the job's
+        own error ends it; a death or a time-out leaves it as it is (either may be the GPU's)."""
+        fault = None if err is None else self._gpu_fault(err, first)
+        if fault is None:
+            if err is None or err.get("type") not in ("Timeout", "WorkerDied"):
+                self._faults.clear()
+            return
+        self._faults.pop((job.run, job.chunk_id), None)
+        self._faults[(job.run, job.chunk_id)] = fault  # a chunk counts once, however often it failed
+        if 0 < self.cfg.gpu_fault_limit <= len(self._faults):
+            self._drain_self()
+
+    def _drain_self(self) -> None:
+        """Set this agent's drain flag (``python -m master undrain`` lifts it) and say why in the
+        heartbeat's ``last_error``: masters hand its queued jobs to other agents."""
+        chunks = ", ".join(f"{run} chunk {c}" for run, c in self._faults)
+        why = (f"drained itself: {len(self._faults)} different chunks in a row failed with GPU errors that are not "
+               f"their own ({chunks}); the last: {list(self._faults.values())[-1]}. Check the GPU (nvidia-smi), "
+               f"then: python -m master undrain --base {self.spool.base} {self.id}")
+        self._faults.clear()
+        self._drained_why = self.last_error = f"{time.strftime('%H:%M:%S')} {why}"
+        logger.error("agent {}: {}", self.id, why)
+        note = {"by": f"{socket.gethostname()}:{os.getpid()}", "at": time.time(), "agent": self.id, "why": why}
+        try:
+            self.spool.write_over(self.spool.drain_flag(self.id), json.dumps(note).encode(), "flag")
+        except OSError as e:
+            logger.error("agent {}: cannot write its drain flag ({}); it goes on taking jobs", self.id, e)
+            return
+        self._draining()  # says "draining" in the heartbeat at once
 
     def _pause_for_io(self, job: Job, error: str) -> bool:
         """A result could not be written (a full disk, most often): nothing of the attempt is
@@ -425,12 +568,13 @@ class Agent:
         try:
             if self._ahead is not None and self._ahead.uid == job.uid:
                 self._ahead = None  # its request is already in the worker's pipe
-            elif not self.worker.send(self._request(job)):
+            elif not self._send(job):
                 raise self.worker.lost()
-            if lookahead is not None and not (self.stop or self.spool.drain_flag(self.id).exists()):
+            if lookahead is not None and not (self.stop or self.spool.drain_flag(self.id).exists()) \
+                    and self._may_send_ahead(lookahead):
                 # Pipelining: the next job waits in the worker's pipe and starts the moment this one
                 # ends, while the agent commits this one's result (not queued if the worker died).
-                if self.worker.send(self._request(lookahead)):
+                if self._send(lookahead):
                     self._ahead = lookahead
             reply = self.worker.receive(job.timeout, abort)
         except TimeoutError as e:
@@ -447,7 +591,11 @@ class Agent:
             return {"error": {"type": "WorkerDied", "message": e.reason, "traceback": e.output}}, None
         times = {"started_at": reply.get("started_at"), "finished_at": reply.get("finished_at")}
         if not reply.get("ok"):
-            return {**times, "error": reply.get("error")}, None
+            err = reply.get("error")
+            if isinstance(err, dict) and err.get("poisoned"):  # the worker exits after this reply
+                self._replace_worker(f"CUDA context unusable after {job.run} chunk {job.chunk_id} "
+                                     f"({err['poisoned']})", warn=True)
+            return {**times, "error": err}, None
         tmp = reply.get("arrays_tmp")
         arrays = {"arrays": self.spool.result_npz(job.run, job.chunk_id, job.attempt).name,
                   "arrays_bytes": os.stat(tmp).st_size} \
@@ -500,6 +648,14 @@ class Agent:
                 "gpu": self.probe.metrics(self.slot.gpu.index) if self.slot.gpu else None,
             }
             write_status(self.spool, self.id, status)
+
+
+def module_of(job: Job) -> str:
+    """The task module a callable job imports in the worker: its module name, or its file's path."""
+    mod = job.target.rpartition(":")[0]
+    if mod.endswith(".py") or os.sep in mod:
+        return os.path.normpath(os.path.join(job.workdir or "", mod))
+    return mod
 
 
 def _discard(path: str | None) -> None:

@@ -7,7 +7,13 @@ each way on two inherited pipes:
   reply   ``{"ok": true, "value": ..., "arrays_tmp": "<temp .npz>"|null}`` or
           ``{"ok": false, "error": {"type", "message", "traceback"[, "errno"]}}``
           (``errno`` where the exception is an OSError, so that the agent can tell a full
-          disk from the job's own failure)
+          disk from the job's own failure; ``gpu_error`` and ``poisoned`` where the failure
+          is the GPU's, see ``after_failure``)
+
+A failed job whose CUDA context is left unusable (``poisoned`` in its error) is the worker's
+last: it exits right after that reply, without reading the next request, and the agent starts
+a fresh one (CUDA's documentation: after such an error the process must be terminated and
+relaunched; every later CUDA call in it fails).
 
 A job may fork: a forked child that returns from the job function (instead of ``os._exit``)
 leaves quietly here, never answering a request or reading the next one.
@@ -15,8 +21,10 @@ leaves quietly here, never answering a request or reading the next one.
 from __future__ import annotations
 
 import ctypes
+import gc
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -121,19 +129,132 @@ def _errno_of(exc: BaseException) -> int | None:
     return None
 
 
+# GPU failures, by the text of the exception (and of those it was raised from). Messages of
+# torch ("CUDA error: ..."), CuPy (cudaError...), the driver API (CUDA_ERROR_...), cuBLAS/cuDNN.
+OUT_OF_MEMORY = re.compile(r"out of memory|OUT_OF_MEMORY|cudaErrorMemoryAllocation|CUBLAS_STATUS_ALLOC_FAILED|"
+                           r"CUDNN_STATUS_ALLOC_FAILED", re.I)
+# The GPU or its driver is unusable, whatever the job does: no device, a driver that does not
+# load or does not match, a device lost or with an uncorrectable ECC error.
+DRIVER_ERROR = re.compile(
+    r"no CUDA-capable device|CUDA driver|NVIDIA driver|driver version is insufficient|driver shutting down|"
+    r"CUDA error: (?:initialization|unknown) error|busy or unavailable|uncorrectable ECC|GPU is lost|"
+    r"fallen off the bus|cudaError(?:NoDevice|InsufficientDriver|InitializationError|DevicesUnavailable|"
+    r"SystemNotReady|SystemDriverMismatch|ECCUncorrectable|Unknown)|"
+    r"CUDA_ERROR_(?:NO_DEVICE|NOT_INITIALIZED|DEINITIALIZED|ECC_UNCORRECTABLE|SYSTEM_DRIVER_MISMATCH|UNKNOWN)",
+    re.I)
+# A kernel of the job failed, which leaves the context unusable ("sticky" errors: a device-side
+# assert, an illegal address or instruction, a launch failure or time-out), or any other CUDA
+# error: a fresh worker costs a process start, a context kept poisoned costs every later chunk.
+KERNEL_ERROR = re.compile(
+    r"CUDA error|cudaError|CUDA_ERROR_|device-side assert|illegal memory access|illegal address|"
+    r"illegal instruction|misaligned address|unspecified launch failure|launch timed out|invalid program counter|"
+    r"hardware stack error|CUBLAS_STATUS_EXECUTION_FAILED|CUBLAS_STATUS_INTERNAL_ERROR|"
+    r"CUDNN_STATUS_EXECUTION_FAILED|CUDNN_STATUS_INTERNAL_ERROR", re.I)
+
+
+def _cuda() -> Any:
+    """``torch.cuda`` if the job code has imported torch (never imported here), else None."""
+    return getattr(sys.modules.get("torch"), "cuda", None)
+
+
+def gpu_fault(exc: BaseException) -> str | None:
+    """What kind of GPU failure ``exc`` is: ``"out_of_memory"``, ``"driver"`` (see
+    ``DRIVER_ERROR``), ``"kernel"`` (``KERNEL_ERROR``), or None (not a GPU failure), judged on
+    it and on the exceptions it was raised from or while handling, nearest first."""
+    oom = getattr(_cuda(), "OutOfMemoryError", None)
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(oom, type) and isinstance(e, oom):
+            return "out_of_memory"
+        text = f"{type(e).__name__}: {str(e)[:TEXT_LIMIT]}"
+        for kind, pattern in (("out_of_memory", OUT_OF_MEMORY), ("driver", DRIVER_ERROR), ("kernel", KERNEL_ERROR)):
+            if pattern.search(text):
+                return kind
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def context_error() -> str | None:
+    """Why this process's CUDA context is unusable (``torch.cuda.synchronize()`` raises), or
+    None: it works, or torch is not imported, or CUDA was never initialised here."""
+    cuda = _cuda()
+    if cuda is None:
+        return None
+    try:
+        if not cuda.is_initialized():
+            return None
+        cuda.synchronize()
+    except Exception as e:
+        return f"{type(e).__name__}: {cut(str(e), 1000)}"
+    return None
+
+
+def free_memory() -> None:
+    """After an out-of-memory error: what the failed job held goes back before the next job
+    (its frames are gone with its exception; ``gc`` finds the cycles, ``empty_cache`` hands
+    torch's cached blocks back to the driver, for other processes too)."""
+    gc.collect()
+    cuda = _cuda()
+    try:
+        if cuda is not None and cuda.is_initialized():
+            cuda.empty_cache()
+    except Exception as e:  # never the worker's death
+        print(f"warning: torch.cuda.empty_cache() failed after an out-of-memory error: {e}", file=sys.stderr)
+
+
+def _first_line(text: str, limit: int = 300) -> str:
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    return line if len(line) <= limit else line[:limit] + "..."
+
+
+def after_failure(err: dict[str, Any], fault: str | None) -> None:
+    """After a failed job: is the GPU still usable by this process? Adds to the job's error
+    (its own type and message stay) ``gpu_error``, the kind of GPU failure, and ``poisoned``,
+    why this worker must not run another job (it exits after the reply):
+
+    - ``out_of_memory``: not poisoned; the memory is freed (``free_memory``) before the next job;
+    - ``driver``, ``kernel`` (the job's own error, see ``gpu_fault``): poisoned;
+    - ``context``: the job's error was no CUDA error, yet the context is found unusable by
+      ``torch.cuda.synchronize()`` (checked after every failed job once torch has initialised
+      CUDA here): poisoned (``driver`` instead when what it raised names the driver)."""
+    why = None
+    if fault in ("driver", "kernel"):
+        why = f"the job's {err.get('type')}: {_first_line(err.get('message', ''))}"
+    broken = context_error() if why is None else None
+    if broken is not None:
+        fault = "driver" if DRIVER_ERROR.search(broken) else "context"
+        why = f"torch.cuda.synchronize() failed after the job's {err.get('type')}: {_first_line(broken)}"
+    if fault is not None:
+        err["gpu_error"] = fault
+    if why is not None:
+        err["poisoned"] = why
+    elif fault == "out_of_memory" or err.get("type") == "MemoryError":
+        free_memory()
+
+
 _worker_pid: int | None = None  # set by main(): a forked child has another pid
 
 
 def handle(request: dict[str, Any], tasks: Any, shared: Any) -> dict[str, Any]:
     """One request to one reply; a job's exception becomes a failed reply, never our death."""
     started = time.time()
+    fault = None
     try:
         reply = run_one(request, tasks, shared)
     except BaseException as e:  # SystemExit and KeyboardInterrupt from task code too
         if _worker_pid is not None and os.getpid() != _worker_pid:
             raise  # a child the job forked: it exits as Python makes it (sys.exit(3) gives 3)
         reply = {"ok": False, "error": error_of(e)}
-    reply.update(started_at=started, finished_at=time.time())
+        fault = gpu_fault(e)
+    finished = time.time()
+    if not reply["ok"]:  # out of the except block: the job's frames (and tensors) are let go
+        try:
+            after_failure(reply["error"], fault)
+        except Exception as e:  # the check must never cost the reply
+            print(f"warning: checking the GPU after a failed job failed: {e!r}", file=sys.stderr)
+    reply.update(started_at=started, finished_at=finished)
     return reply
 
 
@@ -159,6 +280,10 @@ def main() -> None:
         if os.getpid() != me:  # a child the job forked returned into our loop: it is not the worker
             os._exit(0)
         wr.write(json.dumps(reply).encode() + b"\n")
+        poisoned = not reply["ok"] and reply["error"].get("poisoned")
+        if poisoned:  # the agent starts a fresh worker; what waits in our pipe is sent to it again
+            print(f"worker {me}: CUDA context unusable ({poisoned}); exiting", file=sys.stderr, flush=True)
+            os._exit(0)  # no teardown: CUDA calls in destructors would fail (or hang) in this context
 
 
 if __name__ == "__main__":

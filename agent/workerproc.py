@@ -131,6 +131,7 @@ class Worker:
         self._buf = bytearray()
         self._scanned = 0  # bytes of _buf already searched for a newline
         self._owed = 0  # requests sent whose reply has not been read
+        self.generation = 0  # how many processes were started: tells one worker process from the next
 
     def start(self) -> None:
         r_req, w_req = os.pipe()
@@ -148,6 +149,7 @@ class Worker:
         except (AttributeError, OSError):  # not Linux 5.3+: its exit is polled instead
             self._pidfd = None
         self._w, self._r, self._buf, self._scanned, self._owed = w_req, r_rep, bytearray(), 0, 0
+        self.generation += 1
 
     @property
     def pid(self) -> int | None:
