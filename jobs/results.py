@@ -22,6 +22,7 @@ import contextlib
 import json
 import os
 import secrets
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -229,6 +230,60 @@ FIELDS: dict[str, Any] = {
     "device": is_str, "log": is_str, "submitted_at": is_num, "started_at": is_time, "finished_at": is_time,
     "duration_s": is_num, "arrays_bytes": is_int, "error": _ERROR,
 }
+
+
+@dataclass
+class RunScan:
+    """What one listing of ``results/<run>`` says, without reading a file: the one reading of a
+    run's results folder (masters, status, retry, collect, logs all use it)."""
+
+    finals: dict[int, float] = field(default_factory=dict)  # chunk -> mtime of its final result (a regular file)
+    history: dict[int, list[int]] = field(default_factory=dict)  # chunk -> its failed attempts on record, sorted
+    odd: set[int] = field(default_factory=set)  # chunks with a folder, FIFO or link where the final belongs
+
+    def last_attempt(self, chunk: int) -> int:
+        """The highest attempt with a failure on record (0: none)."""
+        return self.history[chunk][-1] if chunk in self.history else 0
+
+    def ok_by_name(self, chunk: int) -> bool:
+        """A final result with no history beside it is an ok one: a failed attempt writes its
+        history first (see ``commit``). Exact for a sealed run; before sealing, an OS crash may
+        have torn the file, which its reader then finds."""
+        return chunk in self.finals and chunk not in self.history
+
+
+def scan_run(spool: Spool, run: str) -> RunScan:
+    """List ``results/<run>`` once (a missing or unreadable folder: nothing)."""
+    scan = RunScan()
+    with contextlib.suppress(OSError):
+        for e in os.scandir(spool.result_dir(run)):
+            if m := RESULT_RE.match(e.name):
+                c = int(m.group(1))
+                try:
+                    if e.is_file(follow_symlinks=False):
+                        scan.finals[c] = e.stat(follow_symlinks=False).st_mtime
+                    else:
+                        scan.odd.add(c)
+                except OSError:  # removed meanwhile
+                    continue
+            elif m := HISTORY_RE.match(e.name):
+                scan.history.setdefault(int(m.group(1)), []).append(int(m.group(2)))
+    for attempts in scan.history.values():
+        attempts.sort()
+    return scan
+
+
+def final_status(spool: Spool, run: str, chunk: int, scan: RunScan) -> str | None:
+    """"ok" or "failed" for a chunk with a committed result, None without a readable one; the
+    file is read only for a chunk that ever failed (``RunScan.ok_by_name``)."""
+    if chunk not in scan.finals:
+        return None
+    if scan.ok_by_name(chunk):
+        return JobState.OK.value
+    try:
+        return read_result(spool.result_json(run, chunk))["status"]
+    except (OSError, BadFile):
+        return None
 
 
 def read_result(path: Path) -> dict[str, Any]:

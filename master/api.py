@@ -24,7 +24,7 @@ from jobs.fsinfo import check_locks
 from jobs.locks import HolderLock
 from jobs.mailbox import drop_run
 from jobs.paths import Spool
-from jobs.results import new_epoch, read_epoch, read_result
+from jobs.results import new_epoch, read_epoch, read_result, scan_run
 from master.feeder import FeedConfig, Feeder, Summary
 from master.placement import Placement
 from master.progress import Progress
@@ -141,11 +141,10 @@ class Run:
 
     def results(self) -> Iterator[Result]:
         """Committed results in chunk order (chunks without one are skipped)."""
-        for c in range(self.spec.chunks):
-            path = self.spool.result_json(self.name, c)
+        for c in sorted(c for c in scan_run(self.spool, self.name).finals if c < self.spec.chunks):
             try:
-                rec = read_result(path)
-            except (FileNotFoundError, BadFile):
+                rec = read_result(self.spool.result_json(self.name, c))
+            except (OSError, BadFile):
                 continue
             npz = self.spool.arrays_of(self.name, rec)
             yield Result(c, rec, npz if npz is not None and npz.exists() else None)

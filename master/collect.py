@@ -25,7 +25,7 @@ from jobs.atomic import write_replace
 from jobs.errors import BadFile, SpoolError
 from jobs.npzio import load_npz
 from jobs.paths import Spool
-from jobs.results import read_result
+from jobs.results import read_result, scan_run
 from master.runspec import RunSpec, load_run
 
 META = ("run", "chunk_id", "status", "attempt", "agent", "host", "device", "started_at", "finished_at",
@@ -48,7 +48,11 @@ class Collected:
 def committed(spool: Spool, spec: RunSpec, partial: bool) -> tuple[list[dict[str, Any]], list[int]]:
     """The ok result records in chunk order, and the chunks left out (missing or failed)."""
     recs, missing, failed = [], [], []
+    scan = scan_run(spool, spec.name)
     for c in range(spec.chunks):
+        if c not in scan.finals:
+            missing.append(c)
+            continue
         try:
             rec = read_result(spool.result_json(spec.name, c))
         except (OSError, BadFile):  # missing, broken, or not a file (a folder where it belongs)

@@ -23,7 +23,7 @@ from jobs.heartbeat import AgentState
 from jobs.locks import FileLock
 from jobs.mailbox import Mailbox, drop_run
 from jobs.paths import Spool
-from jobs.results import read_result
+from jobs.results import final_status, scan_run
 from master.api import Run
 from master.liveness import Liveness
 from master.runspec import RunSpec, load_run
@@ -48,26 +48,16 @@ def wait_until(cond: Callable[[], Any], timeout: float, poll: float = 0.1) -> An
 
 
 # retry ----------------------------------------------------------------------------------------
+def chunk_statuses(spool: Spool, spec: RunSpec) -> dict[int, str]:
+    """chunk -> "ok" or "failed", for the run's chunks with a readable committed result."""
+    scan = scan_run(spool, spec.name)
+    out = {c: final_status(spool, spec.name, c, scan) for c in sorted(scan.finals) if c < spec.chunks}
+    return {c: status for c, status in out.items() if status is not None}
+
+
 def failed_chunks(spool: Spool, spec: RunSpec) -> list[int]:
     """Chunks whose committed result is a failure."""
-    out = []
-    for c in range(spec.chunks):
-        try:
-            if read_result(spool.result_json(spec.name, c))["status"] != "ok":
-                out.append(c)
-        except (OSError, BadFile):  # missing, or unreadable (a folder where it belongs): not counted
-            continue
-    return out
-
-
-def ok_count(spool: Spool, spec: RunSpec) -> int:
-    n = 0
-    for c in range(spec.chunks):
-        try:
-            n += read_result(spool.result_json(spec.name, c))["status"] == "ok"
-        except (OSError, BadFile):  # missing, or unreadable (a folder where it belongs): not counted
-            continue
-    return n
+    return [c for c, status in chunk_statuses(spool, spec).items() if status != "ok"]
 
 
 def retry_run(spool: Spool, run: str, retries: int | None = None) -> tuple[Run, list[int], int]:
@@ -84,8 +74,9 @@ def retry_run(spool: Spool, run: str, retries: int | None = None) -> tuple[Run, 
         if retries < 0:
             raise ControlError(f"--retries must be 0 or more, not {retries}")
         spec = dataclasses.replace(spec, retries=retries)
-    failed = failed_chunks(spool, spec)
-    missing = spec.chunks - ok_count(spool, spec) - len(failed)
+    statuses = chunk_statuses(spool, spec)
+    failed = [c for c, status in statuses.items() if status != "ok"]
+    missing = spec.chunks - len(statuses)
     return Run(spool, spec, fresh=False), failed, missing
 
 

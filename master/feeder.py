@@ -18,8 +18,8 @@ from loguru import logger
 
 from jobs.descriptor import Job, JobState
 from jobs.errors import BadFile
-from jobs.paths import HISTORY_RE, RESULT_RE, Spool
-from jobs.results import read_epoch, read_result, reopen_failed, seal, sealed, unseal
+from jobs.paths import Spool
+from jobs.results import RunScan, read_epoch, read_result, reopen_failed, scan_run, seal, sealed, unseal
 from master.dispatcher import Dispatcher, Event, FeedConfig, Outcome, read_or_empty, summarize
 from master.liveness import AgentView
 from master.placement import Placement, Unplaceable
@@ -110,24 +110,15 @@ class Feeder(Dispatcher):
         """Rebuild everything from the spool (first start, resume, or after a master crash)."""
         spec, rdir = self.spec, self.spool.result_dir(self.spec.name)
         rdir.mkdir(parents=True, exist_ok=True)
-        finals, hist, odd = set(), {}, set()
-        for e in os.scandir(rdir):
-            name = e.name
-            if m := RESULT_RE.match(name):
-                finals.add(int(m.group(1)))
-                if not e.is_file(follow_symlinks=False):  # a folder, FIFO or link: never trusted by name
-                    odd.add(int(m.group(1)))
-            elif m := HISTORY_RE.match(name):
-                c, a = int(m.group(1)), int(m.group(2))
-                hist[c] = max(hist.get(c, 0), a)
-        trusted = sealed(self.spool, spec.name)  # flushed when it finished: names alone are exact
-        for c in sorted(finals):
+        scan = scan_run(self.spool, spec.name)  # a folder or FIFO where a result belongs is no final: it
+        trusted = sealed(self.spool, spec.name)  # fails as BadResultPath when dispatched, as in a live run
+        for c in sorted(scan.finals):  # sealed: flushed when it finished, so names alone are exact
             if c >= spec.chunks:
                 continue
-            if trusted and c not in hist and c not in odd:  # no failed attempt ever: an ok result (jobs.results)
+            if trusted and scan.ok_by_name(c):
                 self.final[c] = Outcome(JobState.OK.value, 0, None)
             else:
-                self._recover_final(c, hist)
+                self._recover_final(c, scan)
         self._recover_mailboxes()
         self.recovered_done = len(self.final)
         if not self.done:
@@ -135,7 +126,7 @@ class Feeder(Dispatcher):
         for c in range(spec.chunks):
             if c in self.final or c in self.inflight or c in self.attempt:
                 continue
-            last = hist.get(c, 0)
+            last = scan.last_attempt(c)
             self.attempt[c] = last
             if last:
                 rec = self._history(c, last)
@@ -146,7 +137,7 @@ class Feeder(Dispatcher):
                 self.max_attempts[c] = 1 + spec.retries
             self.pending.append(c)
 
-    def _recover_final(self, c: int, hist: dict[int, int]) -> None:
+    def _recover_final(self, c: int, scan: RunScan) -> None:
         path = self.spool.result_json(self.spec.name, c)
         try:
             rec = read_result(path)
@@ -163,7 +154,7 @@ class Feeder(Dispatcher):
                 return
             self.final[c] = summarize(rec)
         elif reopen_failed(self.spool, self.spec.name, c):  # a re-run tries failed chunks again
-            last = max(rec["attempt"], hist.get(c, 0))
+            last = max(rec["attempt"], scan.last_attempt(c))
             self.attempt[c], self.max_attempts[c] = last, last + 1 + self.spec.retries
             self.pending.append(c)
 

@@ -18,10 +18,9 @@ from typing import Any, Callable, Iterable, Iterator, TextIO
 
 from jobs.errors import BadFile
 from jobs.paths import Spool
-from jobs.results import read_result
+from jobs.results import read_result, scan_run
 
 STAMP = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} \| ")
-HISTORY_NAME = re.compile(r"^(\d{6,})\.a(\d+)\.json$")
 
 
 @dataclass(order=True)
@@ -114,14 +113,9 @@ def follow(paths_of: Callable[[], list[Path]], out: TextIO, match: Callable[[str
 # one chunk ------------------------------------------------------------------------------------
 def chunk_report(spool: Spool, run: str, chunk: int) -> dict[str, Any]:
     """Everything recorded about one chunk: result, failed attempts, script output, agent lines."""
-    rdir = spool.result_dir(run)
     result = _read(spool.result_json(run, chunk))
-    attempts = []
-    for name in sorted(os.listdir(rdir)) if rdir.is_dir() else ():
-        m = HISTORY_NAME.match(name)
-        if m and int(m.group(1)) == chunk:
-            attempts.append(_read(rdir / name) or {"attempt": int(m.group(2)), "status": "unreadable"})
-    attempts.sort(key=lambda r: r.get("attempt", 0))
+    attempts = [_read(spool.history_json(run, chunk, a)) or {"attempt": a, "status": "unreadable"}
+                for a in scan_run(spool, run).history.get(chunk, [])]
     log = spool.chunk_log(run, chunk)
     lines = [e.text for e in merged(agent_logs(spool), run_filter(run, chunk))]
     return {"run": run, "chunk_id": chunk, "status": result["status"] if result else None, "result": result,

@@ -284,7 +284,7 @@ def save_or_check(spool: Spool, spec: RunSpec, fresh: bool) -> None:
     """Write the run spec, or check that an existing run of this name is the same run."""
     path = spool.run_spec(spec.name)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists() and not fresh:
+    if os.path.lexists(path) and not fresh:  # a link (even a dangling one) is refused by load, not replaced
         old = RunSpec.load(path)
         if old.identity() != spec.identity():
             diff = [k for k, v in spec.identity().items() if old.identity()[k] != v]

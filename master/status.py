@@ -7,8 +7,6 @@ never change, so each result file is read once.
 """
 from __future__ import annotations
 
-import contextlib
-import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -16,8 +14,8 @@ from typing import Any
 
 from jobs.errors import BadFile
 from jobs.mailbox import Mailbox
-from jobs.paths import HISTORY_RE, RESULT_RE, Spool
-from jobs.results import has_outcome, read_result
+from jobs.paths import Spool
+from jobs.results import final_status, has_outcome, scan_run
 from master.liveness import Liveness
 from master.runspec import RunSpec
 
@@ -91,35 +89,17 @@ class StatusReader:
                      "eta_s": round(left / rate, 1) if rate and left and active else None}
 
     def _finals(self, name: str) -> dict[int, tuple[str, float | None]]:
-        """chunk -> (status, commit time) of every committed result, reading only new files.
-
-        A final result with no history beside it is an ok one (a failed attempt writes its
-        history first, see jobs.results), so only chunks that ever failed are read; the commit
-        time is the file's mtime."""
+        """chunk -> (status, commit time) of every committed result, reading only new files that
+        may be failures (``jobs.results.final_status``); the commit time is the file's mtime."""
         cache = self._runs.setdefault(name, _RunCache())
-        rdir = self.spool.result_dir(name)
-        present: dict[int, float] = {}
-        failed_once: set[int] = set()
-        with contextlib.suppress(OSError):  # missing, or not a folder: no results
-            for e in os.scandir(rdir):
-                if m := RESULT_RE.match(e.name):
-                    if not e.is_file(follow_symlinks=False):  # a folder or FIFO where it belongs: no result
-                        continue
-                    with contextlib.suppress(OSError):
-                        present[int(m.group(1))] = e.stat(follow_symlinks=False).st_mtime
-                elif m := HISTORY_RE.match(e.name):
-                    failed_once.add(int(m.group(1)))
+        scan = scan_run(self.spool, name)
         for c, (status, _) in list(cache.finals.items()):
-            if c not in present or status != "ok":  # a failed result may be reopened and redone: reread
+            if c not in scan.finals or status != "ok":  # a failed result may be reopened and redone: reread
                 del cache.finals[c]
-        for c in present.keys() - cache.finals.keys():
-            if c not in failed_once:
-                cache.finals[c] = ("ok", present[c])
-                continue
-            try:
-                cache.finals[c] = (read_result(self.spool.result_json(name, c))["status"], present[c])
-            except (OSError, BadFile):
-                continue
+        for c in scan.finals.keys() - cache.finals.keys():
+            status = final_status(self.spool, name, c, scan)
+            if status is not None:
+                cache.finals[c] = (status, scan.finals[c])
         return cache.finals
 
 

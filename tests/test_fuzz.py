@@ -34,7 +34,7 @@ from jobs.jsonio import load_json
 from jobs.locks import FileLock, HolderLock
 from jobs.mailbox import Mailbox, parse_mailbox
 from jobs.paths import Spool
-from jobs.results import read_epoch, read_result
+from jobs.results import read_epoch
 from tests.helpers import REPO, AgentProc, base_env, run_main, wait_for
 
 EXAMPLES = int(os.environ.get("GPUPOOL_FUZZ_EXAMPLES", "6"))
@@ -158,7 +158,7 @@ def hostile(draw: st.DrawFn, kind: str) -> tuple[str, Any]:
 def exercise(spool: Spool) -> None:
     """Run every reader of the spool over it; each must accept or refuse, never crash."""
     from master.collect import CollectError, committed
-    from master.control import failed_chunks, ok_count
+    from master.control import chunk_statuses, failed_chunks
     from master.dashboard import tables
     from master.feeder import Feeder
     from master.liveness import Liveness
@@ -186,7 +186,7 @@ def exercise(spool: Spool) -> None:
             spec = RunSpec.load(spool.run_spec(run))
         except (BadFile, OSError):
             continue
-        failed_chunks(spool, spec), ok_count(spool, spec)
+        failed_chunks(spool, spec), chunk_statuses(spool, spec)
         for c in range(min(spec.chunks, 4)):  # python -m master logs --run R --chunk C
             format_chunk(chunk_report(spool, run, c))
         try:

@@ -386,3 +386,15 @@ def test_heartbeats_run_specs_and_notes_of_the_wrong_types_are_survived(spool: S
     c = _cli(spool, env, "cancel", "--run", "types", "--timeout", "1")
     assert c.returncode == 0 and spool.cancel_flag("types").is_file(), c.stderr
     assert agent.proc.poll() is None
+
+
+def test_a_run_spec_that_is_a_link_is_refused_not_replaced(spool: Spool, env, tmp_path: Path) -> None:
+    """Found by the fuzzer: a link loop (or any link) at runs/<run>/run.json was taken for no spec
+    and silently replaced by a new one; it is refused, naming the file, and left as it was."""
+    spec = spool.run_spec("linked")
+    spec.parent.mkdir(parents=True)
+    os.symlink(spec, spec)  # a loop
+    r = run_main(["--base", str(spool.base), "--task", "examples.noop:square", "--chunks", "2", "--run", "linked",
+                  "--no-progress"], env, timeout=60)
+    assert r.returncode == 2 and "run.json" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert spec.is_symlink()
