@@ -522,6 +522,11 @@ class Agent:
         except OSError as e:
             logger.error("agent {}: cannot write its drain flag ({}); it goes on taking jobs", self.id, e)
             return
+        if self._ahead is not None:  # not run on this GPU either: it stays queued, and masters take it back
+            logger.info("agent {}: {} chunk {} was sent ahead to its worker; taken back", self.id, self._ahead.run,
+                        self._ahead.chunk_id)
+            self.worker.kill()  # a fresh one is started when a job comes again (after an undrain)
+            self._ahead = None
         self._draining()  # says "draining" in the heartbeat at once
 
     def _pause_for_io(self, job: Job, error: str) -> bool:
