@@ -83,7 +83,7 @@ def start(base: str, n: int, cpu: bool = False, host: str | None = None, agent_a
     procs: list[tuple[str, subprocess.Popen | None, Path]] = []
     for i in numbers:
         ident = agent_id(host, gpus[i].index if gpus else i, cpu=not gpus)
-        out = spool.logs_dir / f"{ident}.out"
+        out = spool.agent_out(ident)
         if is_running(spool, ident):
             procs.append((ident, None, out))
             continue

@@ -62,7 +62,7 @@ class Spool:
         """Create ``results/<run>`` and ``logs/<run>`` if needed; refuse them if they are symlinks
         (a hostile link would make us write outside BASE). Returns the results folder."""
         out = self.result_dir(run)
-        for d in (out, self.logs_dir / check_name(run, "run name")):
+        for d in (out, self.run_log_dir(run)):
             try:
                 d.mkdir(mode=0o755, parents=True, exist_ok=True)
             except OSError as e:  # a file (or a dangling link) where the folder belongs
@@ -89,6 +89,19 @@ class Spool:
 
     def agent_log(self, agent_id: str) -> Path:
         return self.logs_dir / f"{check_name(agent_id, 'agent id')}.log"
+
+    def agent_log_files(self) -> list[Path]:
+        """Every agent's log (``<agent>.log``, not the worker's), sorted."""
+        try:
+            names = sorted(n for n in os.listdir(self.logs_dir) if n.endswith(".log")
+                           and not n.endswith(".worker.log") and not is_temp_name(n))
+        except OSError:
+            return []
+        return [self.logs_dir / n for n in names if (self.logs_dir / n).is_file()]
+
+    def agent_out(self, agent_id: str) -> Path:
+        """What a started agent printed before its own log took over (``start_agents.sh``)."""
+        return self.logs_dir / f"{check_name(agent_id, 'agent id')}.out"
 
     def worker_log(self, agent_id: str) -> Path:
         """The output of the agent's worker process (the job code's prints and warnings)."""
@@ -159,8 +172,12 @@ class Spool:
     def history_json(self, run: str, chunk: int, attempt: int) -> Path:
         return self.result_dir(run) / f"{check_chunk(chunk):06d}.a{int(attempt)}.json"
 
+    def run_log_dir(self, run: str) -> Path:
+        """``logs/<run>``: the output of the run's script jobs, one file per chunk."""
+        return self.logs_dir / check_name(run, "run name")
+
     def chunk_log(self, run: str, chunk: int) -> Path:
-        return self.logs_dir / check_name(run, "run name") / f"{check_chunk(chunk):06d}.log"
+        return self.run_log_dir(run) / f"{check_chunk(chunk):06d}.log"
 
     def write_over(self, path: Path, data: bytes, what: str) -> None:
         """Publish ``data`` at ``path`` (``write_replace``, no fsync); a folder where the file

@@ -136,7 +136,7 @@ class Run:
     def _clear(self) -> None:
         """--fresh: drop this run's results, logs and queued jobs."""
         drop_run(self.spool, self.name)
-        for d in (self.spool.result_dir(self.name), self.spool.logs_dir / self.name):
+        for d in (self.spool.result_dir(self.name), self.spool.run_log_dir(self.name)):
             shutil.rmtree(d, ignore_errors=True)
 
     def results(self) -> Iterator[Result]:

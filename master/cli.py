@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.octorun_config:  # the drop-in for OctoRun users
         from master.octorun import main as run_octorun
 
-        return run_octorun(args)
+        return guarded(lambda: run_octorun(args))
     if not (args.task or args.script or args.chunks or args.base):
         from master.demo import run_demo
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import heapq
 import json
-import os
 import re
 import time
 from dataclasses import dataclass
@@ -51,9 +50,7 @@ def agent_logs(spool: Spool, agent: str | None = None) -> list[Path]:
     """The agent log files to read: one agent's, or every agent's that has one."""
     if agent is not None:
         return [spool.agent_log(agent)]
-    names = sorted(n for n in os.listdir(spool.logs_dir) if n.endswith(".log") and not n.endswith(".worker.log")
-                   and not n.startswith(".")) if spool.logs_dir.is_dir() else []
-    return [spool.logs_dir / n for n in names if (spool.logs_dir / n).is_file()]
+    return spool.agent_log_files()
 
 
 def merged(paths: list[Path], match: Callable[[str], bool] = lambda t: True) -> list[Entry]:

@@ -135,20 +135,17 @@ def start_agents(spool: Spool, gpus: str | list[int], timeout: float = 120.0) ->
 
 # the run ----------------------------------------------------------------------------------------
 def main(args: Any) -> int:
-    """``main.py --octorun-config``: ``args`` are main.py's parsed options."""
-    from master.cli import guarded
+    """``main.py --octorun-config``: ``args`` are main.py's parsed options (``master.cli.guarded``
+    turns the errors a user can act on into one line)."""
     from master.runspec import parse_kwargs
 
-    def go() -> int:
-        if args.task or args.script or args.chunks:
-            raise UsageError("--octorun-config replaces --task/--script/--chunks (the config's script_path and "
-                             "total_chunks say them); drop those options")
-        cfg = load_config(args.octorun_config, parse_kwargs(args.kwargs))
-        for note in cfg.notes:
-            print(f"main.py: octorun config: {note}", file=sys.stderr)
-        return _feed(args, cfg)
-
-    return guarded(go)
+    if args.task or args.script or args.chunks:
+        raise UsageError("--octorun-config replaces --task/--script/--chunks (the config's script_path and "
+                         "total_chunks say them); drop those options")
+    cfg = load_config(args.octorun_config, parse_kwargs(args.kwargs))
+    for note in cfg.notes:
+        print(f"main.py: octorun config: {note}", file=sys.stderr)
+    return _feed(args, cfg)
 
 
 def _feed(args: Any, cfg: OctoConfig) -> int:
@@ -167,11 +164,12 @@ def _feed(args: Any, cfg: OctoConfig) -> int:
     try:
         run = pool.submit(script=cfg.script_path, chunks=cfg.total_chunks, kwargs=cfg.kwargs, run=args.run,
                           retries=cfg.retries, timeout=args.timeout, fresh=args.fresh)
-        feed = FeedConfig(depth=args.depth, dead_after=args.dead_after, retry_delay=args.retry_delay)
+        feed = FeedConfig(depth=args.depth, max_depth=max(args.depth, args.max_depth), dead_after=args.dead_after,
+                          retry_delay=args.retry_delay, max_failures=args.max_failures)
         summary = run.wait(progress=not args.no_progress, cfg=feed, wait_for_lock=args.wait)
     finally:
         if local is not None:
             local.stop()
     print(format_summary(summary, pool.spool.base))
-    print(f"chunk output: {pool.spool.logs_dir / run.name}/<chunk:06d>.log")
+    print(f"chunk output: {pool.spool.run_log_dir(run.name)}/<chunk:06d>.log")
     return 0 if summary.all_ok else 1

@@ -7,6 +7,7 @@ from typing import Any, TextIO
 
 from tqdm import tqdm
 
+from jobs.paths import Spool
 from master.feeder import Summary
 from master.runspec import RunSpec
 
@@ -59,6 +60,7 @@ class Progress:
 def format_summary(s: Summary, base: Path) -> str:
     """The end-of-run report: totals, a table per agent, the failed chunks and what to do next."""
     rate = s.done_this_session / s.wall_s if s.wall_s > 0 else 0.0
+    spool = Spool(base)
     head = "CANCELLED " if s.cancelled else "STOPPED " if s.halted else ""
     lines = [f"{head}run {s.run}: {s.chunks} chunks, {s.ok} ok, {len(s.failed)} failed in {s.wall_s:.2f} s "
              f"({s.done_this_session} this session, {rate:.1f} chunks/s)"]
@@ -67,7 +69,7 @@ def format_summary(s: Summary, base: Path) -> str:
     failed = [c for c in s.failed if c in s.outcomes]
     for c in failed[:20]:
         o = s.outcomes[c]
-        lines.append(f"  FAILED chunk {c} (attempt {o.attempt}, {o.agent}): {o.error}  -> {s.results_dir / f'{c:06d}.json'}")
+        lines.append(f"  FAILED chunk {c} (attempt {o.attempt}, {o.agent}): {o.error}  -> {spool.result_json(s.run, c)}")
     if len(failed) > 20:
         lines.append(f"  ... and {len(failed) - 20} more failed chunks: {failed[20:40]} ...")
     if failed:
