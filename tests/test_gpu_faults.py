@@ -187,11 +187,13 @@ def test_a_gpu_agent_drains_itself_after_three_different_chunks_fail_with_driver
 
 def test_the_same_chunk_failing_again_or_a_cpu_agent_never_drains(spool: Spool, tmp_path: Path) -> None:
     target = _raising(tmp_path, "CUDA error: no CUDA-capable device is detected")
-    gpu = _agent(spool, QueueWorker(), gpu=True)
+    worker = QueueWorker()
+    gpu = _agent(spool, worker, gpu=True)
     _put(spool, gpu, *(Job(run="r", chunk_id=0, total_chunks=1, kind=JobKind.CALLABLE, target=target, attempt=a,
                            max_attempts=4) for a in (1, 2, 3, 4)))
     for _ in range(4):
         assert gpu.step()
+    assert worker.starts == 4  # each attempt in a fresh worker
     assert not spool.drain_flag(gpu.id).exists()  # one chunk, whatever its attempts: it may be the chunk
     cpu = _agent(spool, QueueWorker())  # on a CPU agent, a job that uses CUDA fails by its own doing
     _put(spool, cpu, *(Job(run="c", chunk_id=c, total_chunks=4, kind=JobKind.CALLABLE, target=target)
