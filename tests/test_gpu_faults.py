@@ -3,6 +3,7 @@ drains itself, GPU memory is given back. The worker's side of torch is faked by 
 put on the workers' PYTHONPATH through the agents' environment (never imported here)."""
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -162,7 +163,7 @@ class QueueWorker:
 
 
 def _raising(tmp_path: Path, message: str) -> str:
-    (tmp_path / "gpu_broken.py").write_text(f"def f(chunk_id):\n    if chunk_id >= 0:\n        raise RuntimeError({message!r})\n")
+    (tmp_path / "gpu_broken.py").write_text(f"def f(chunk_id):\n    raise RuntimeError({message!r})\n")
     return f"{tmp_path / 'gpu_broken.py'}:f"
 
 
@@ -282,7 +283,7 @@ def test_an_agent_whose_gpu_keeps_failing_drains_itself_and_the_other_agent_does
     res = results(spool.base, "sick")
     assert sorted(res) == list(range(10)) and all(r["status"] == "ok" for r in res.values())
     assert {r["agent"] for r in res.values()} == {healthy.id}
-    failed = [h for h in history(spool, "sick") if h["agent"] == sick.id]
+    failed = [h for h in history(spool, "sick") if h.get("agent") == sick.id]
     assert len({h["chunk_id"] for h in failed}) >= 3
     assert all(h["error"]["gpu_error"] == "driver" and h["error"]["poisoned"] for h in failed), failed
     assert spool.drain_flag(sick.id).exists()
@@ -298,14 +299,13 @@ def test_a_run_with_another_task_module_gets_a_fresh_worker_but_chunks_of_one_ru
         spool: Spool, agents, tmp_path: Path) -> None:
     env = torch_env(tmp_path)
     a = agents(1, env_=env)[0]
-    marks = tmp_path / "marks"
 
     def pids(run: str) -> list[int]:
         res = results(spool.base, run)
         assert res and all(r["status"] == "ok" for r in res.values()), res
         return [r["value"]["pid"] for r in sorted(res.values(), key=lambda r: r["started_at"])]
 
-    for run, kwargs in (("a1", {"modes": ["ok"], "marks": str(marks)}), ("a2", {"modes": ["ok", "ok"]})):
+    for run, kwargs in (("a1", {"modes": ["ok"]}), ("a2", {"modes": ["ok", "ok"]})):
         r = run_main(main_args(spool, run, 6, kwargs), env)
         assert r.returncode == 0, r.stdout + r.stderr
     # another run of the same module keeps the worker (and whatever the module keeps loaded)
@@ -326,7 +326,7 @@ def test_max_jobs_per_worker_starts_a_fresh_worker_after_n_jobs(spool: Spool, ag
     assert r.returncode == 0, r.stdout + r.stderr
     res = sorted(results(spool.base, "n").values(), key=lambda r: r["started_at"])
     pids = [r["value"]["pid"] for r in res]
-    runs = [len(list(g)) for _, g in __import__("itertools").groupby(pids)]
+    runs = [len(list(g)) for _, g in itertools.groupby(pids)]
     assert runs == [2, 2, 2, 1] and len(set(pids)) == 4, pids
 
 
