@@ -154,18 +154,26 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if argv else 2
-    p = argparse.ArgumentParser(prog="start_agents.sh", usage=USAGE)
+    p = argparse.ArgumentParser(prog="start_agents.sh", usage=USAGE.removeprefix("usage: "))
     p.add_argument("what")
-    p.add_argument("base")
+    p.add_argument("base", nargs="?", default=os.environ.get("GPUPOOL_BASE") or None)
     p.add_argument("--cpu", action="store_true")
     p.add_argument("--now", action="store_true")
     p.add_argument("--host-id")
     p.add_argument("--timeout", type=float, default=120.0)
     args = p.parse_args(argv)
+    if args.base is None:
+        print(f"start_agents.sh: missing BASE, the spool folder (or set $GPUPOOL_BASE)\n{USAGE}", file=sys.stderr)
+        return 2
     try:
         if args.what == "stop":
+            if not Spool(args.base).exists():
+                print(f"start_agents.sh: {args.base} is not a spool (no agent was ever started there): nothing to "
+                      "stop", file=sys.stderr)
+                return 1
             stopped = stop(args.base, args.host_id, args.now, args.timeout)
-            print(f"stopped {len(stopped)} agent(s): {' '.join(stopped) or '-'}")
+            print(f"stopped {len(stopped)} agent(s): {' '.join(stopped)}" if stopped else
+                  f"no agent of host {host_id(args.host_id)} is running in {args.base}: nothing to stop")
             return 0
         try:
             n = int(args.what)

@@ -28,3 +28,7 @@ class BadNpz(BadFile):
 
 class LockHeld(SpoolError):
     """An exclusive lock (GPU, agent id, run) is held by another live process."""
+
+
+class NoAgents(SpoolError):
+    """No live agent came within the time a master was told to wait for one (``--wait-agents``)."""

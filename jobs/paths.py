@@ -48,6 +48,10 @@ class Spool:
             warn_once(f"{self.rejected_dir}: {e.strerror}; rejected spool files will not be kept")
         return self
 
+    def exists(self) -> bool:
+        """BASE is a spool: an agent or a master has made its layout there."""
+        return self.pool_dir.is_dir() and self.agents_dir.is_dir()
+
     def check_private(self) -> None:
         """Refuse a spool that every user may write: whoever can write it runs code as us."""
         for d in (self.base, self.pool_dir, self.agents_dir, self.runs_dir, self.results_dir):

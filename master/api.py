@@ -19,7 +19,7 @@ from typing import Any, Iterator
 from loguru import logger
 
 from jobs.atomic import purge_temp
-from jobs.errors import BadFile, LockHeld
+from jobs.errors import BadFile, LockHeld, SpoolError
 from jobs.fsinfo import check_locks
 from jobs.locks import HolderLock
 from jobs.mailbox import drop_run
@@ -59,13 +59,20 @@ class Result:
 
 
 class Pool:
-    def __init__(self, base: str | Path, allow_local_locks: bool = False) -> None:
+    def __init__(self, base: str | Path, allow_local_locks: bool = False, create: bool = True) -> None:
+        """``create=False``: refuse a ``base`` that is not a spool yet (a mistyped path would
+        otherwise be made a new, empty spool and waited on for ever)."""
         # Locks must reach the file server, or masters and agents on other hosts do not exclude
         # us: checked before anything is written.
         unsafe = check_locks(Path(base).absolute(), allow_local_locks)
         if unsafe:
             logger.warning(unsafe)
-        self.spool = Spool(base).ensure()
+        spool = Spool(base)
+        if not create and not spool.exists():
+            raise SpoolError("is not a spool (no agent has ever been started there; a typo?). Start agents "
+                             f"there first (./start_agents.sh N {spool.base}), or pass --new-spool to make it one",
+                             spool.base)
+        self.spool = spool.ensure()
         self.spool.check_private()
 
     def submit(self, *, task: str | None = None, script: str | None = None, chunks: int,

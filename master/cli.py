@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import sys
 from typing import Callable
 
@@ -21,7 +22,12 @@ Re-running the same command resumes the run: chunks with an ok result are not ru
 def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python main.py", description="Feed chunk jobs to the pool's agents and "
                                 "collect their results.", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--base", help="spool folder the agents serve (required unless running the demo)")
+    p.add_argument("--base", help="spool folder the agents serve (default: $GPUPOOL_BASE; required unless "
+                   "running the demo)")
+    p.add_argument("--new-spool", action="store_true", help="make BASE a new spool if it is not one yet (otherwise "
+                   "a folder where no agent was ever started is refused: a typo would be waited on for ever)")
+    p.add_argument("--wait-agents", type=float, metavar="S", help="give up (exit 2) when no agent is alive for S "
+                   "seconds (default: wait, saying so every minute)")
     what = p.add_mutually_exclusive_group()
     what.add_argument("--task", help="callable run in the agents: package.module:function or path/file.py:function")
     what.add_argument("--script", help="OctoRun-style script run per chunk with --gpu_id --chunk_id --total_chunks")
@@ -79,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         from master.demo import run_demo
 
         return run_demo(args.demo_dir, progress=not args.no_progress)
+    args.base = args.base or os.environ.get("GPUPOOL_BASE") or None
     return feed(args)
 
 
@@ -88,7 +95,7 @@ def feed(args: argparse.Namespace) -> int:
     from master.progress import format_summary
     from master.runspec import parse_kwargs
 
-    missing = [f for f, v in (("--base", args.base), ("--task or --script", args.task or args.script),
+    missing = [f for f, v in (("--base (or $GPUPOOL_BASE)", args.base), ("--task or --script", args.task or args.script),
                               ("--chunks", args.chunks)) if v is None]
     if missing:
         print(f"main.py: missing {', '.join(missing)} (see python main.py --help; no arguments runs the demo)",
@@ -97,7 +104,9 @@ def feed(args: argparse.Namespace) -> int:
     for bad, why in ((args.depth < 1, "--depth must be 1 or more"),
                      (not 0 < args.dead_after < math.inf, "--dead-after must be a positive number of seconds"),
                      (not 0 <= args.retry_delay < math.inf, "--retry-delay must be 0 or a positive number of seconds"),
-                     (args.max_failures < 0, "--max-failures must be 0 (never stop early) or more")):
+                     (args.max_failures < 0, "--max-failures must be 0 (never stop early) or more"),
+                     (args.wait_agents is not None and not 0 <= args.wait_agents < math.inf,
+                      "--wait-agents must be 0 or a positive number of seconds")):
         if bad:
             print(f"main.py: {why}", file=sys.stderr)
             return 2
@@ -106,12 +115,12 @@ def feed(args: argparse.Namespace) -> int:
         from master.placement import Placement
 
         placement = Placement.parse(args.target, args.hosts, args.exclude_hosts, args.min_free_gb)
-        pool = Pool(args.base, allow_local_locks=args.allow_local_locks)
+        pool = Pool(args.base, allow_local_locks=args.allow_local_locks, create=args.new_spool)
         run = pool.submit(task=args.task, script=args.script, chunks=args.chunks, kwargs=parse_kwargs(args.kwargs),
                           shared=args.shared, data=args.data, run=args.run, retries=args.retries,
                           timeout=args.timeout, fresh=args.fresh, share=args.share)
         cfg = FeedConfig(depth=args.depth, max_depth=max(args.depth, args.max_depth), dead_after=args.dead_after,
-                         retry_delay=args.retry_delay, max_failures=args.max_failures)
+                         retry_delay=args.retry_delay, max_failures=args.max_failures, wait_agents=args.wait_agents)
         summary = run.wait(progress=not args.no_progress, cfg=cfg, wait_for_lock=args.wait, placement=placement)
         print(format_summary(summary, pool.spool.base))
         return 0 if summary.all_ok else 1

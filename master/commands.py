@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -86,12 +87,14 @@ def _spool(args: argparse.Namespace) -> Spool:
     if not spool.base.is_dir():
         raise FileNotFoundError(f"{spool.base} does not exist (no spool there yet: start agents with "
                                 f"./start_agents.sh N {args.base})")
+    if not spool.exists():
+        raise FileNotFoundError(f"{spool.base} is not a spool: no agent or master has ever used it (a typo? agents "
+                                f"make one: ./start_agents.sh N {args.base})")
     return spool
 
 
 # status ---------------------------------------------------------------------------------------
 def cmd_status(args: argparse.Namespace) -> int:
-    import os
 
     from master.status import StatusReader, render
 
@@ -270,7 +273,9 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 def _sub(sub: argparse._SubParsersAction, name: str, help_: str, fn: Callable) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help=help_, description=help_, epilog=EXAMPLES[name],
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--base", required=True, help="the spool folder the agents serve")
+    base = os.environ.get("GPUPOOL_BASE") or None
+    p.add_argument("--base", required=base is None, default=base,
+                   help="the spool folder the agents serve (default: $GPUPOOL_BASE)")
     p.set_defaults(fn=fn)
     return p
 

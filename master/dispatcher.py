@@ -57,7 +57,7 @@ from watchdog.events import FileSystemEventHandler
 
 from jobs.atomic import read_bounded, server_now
 from jobs.descriptor import Job, JobState
-from jobs.errors import BadFile
+from jobs.errors import BadFile, NoAgents
 from jobs.fsinfo import is_network_fs
 from jobs.heartbeat import AgentState
 from jobs.losses import charge_loss, death_suspects, died_under, record_loss
@@ -70,6 +70,7 @@ from master.liveness import AgentView, Liveness
 Event = Callable[[str, dict[str, Any]], None]
 SLOW_RTT_S = 0.5  # a round trip this long (agents report their mailbox lag) makes the first queue deep
 MOVE_MIN_S = 0.1  # a queued job is moved to an idle agent only if it would otherwise wait longer than this
+NO_AGENTS_SAY_S = 60.0  # while no agent is alive, a waiting master says so this often
 LOCK_WAIT_S = 0.2  # the longest a pass waits for one mailbox's lock (then: that mailbox waits, not the pass)
 LOCK_RETRY_S = 1.0  # a mailbox whose lock was held is tried again (without waiting) this much later
 
@@ -86,6 +87,7 @@ class FeedConfig:
     free_losses: int = 1  # times a chunk's agent may die under it at no cost; each further death costs an attempt
     steal: bool = True  # move jobs that have not started from busy agents to idle ones
     max_failures: int = 3  # a run stops once this many chunks failed the same deterministic way, none ok (0: never)
+    wait_agents: float | None = None  # seconds to wait for a live agent before giving up (NoAgents); None: for ever
 
 
 def backoff(attempt: int, cfg: FeedConfig) -> float:
@@ -137,7 +139,7 @@ class Dispatcher:
         self._tidy: set[str] = set()  # agents whose mailbox holds none of this run's jobs (see tidy)
         self._next_liveness = 0.0
         self._next_sample = 0.0
-        self._warned_no_agents = False
+        self._alone: tuple[float, float] | None = None  # no live agent: (since, last said) by this clock
         self._mean_s: float | None = None  # moving mean of chunk durations
         self._latency: float | None = None  # moving mean of result-to-seen seconds (file server's clock)
         self._lag: float | None = None  # the longest refill-to-agent lag live agents report (heartbeats)
@@ -509,6 +511,20 @@ class Dispatcher:
                     self._untrack(c)
 
     # placement ---------------------------------------------------------------------------------
+    def _no_agents(self) -> None:
+        """Work waits and no agent is alive: said at once and every ``NO_AGENTS_SAY_S`` after;
+        past ``cfg.wait_agents`` seconds, NoAgents (a master on a mistyped or abandoned BASE ends)."""
+        now = self.clock()
+        since, said = self._alone or (now, -math.inf)
+        if now - said >= NO_AGENTS_SAY_S:
+            self.on_event("no_agents", {"waited_s": now - since})
+            said = now
+        self._alone = (since, said)
+        if self.cfg.wait_agents is not None and now - since >= self.cfg.wait_agents:
+            raise NoAgents(f"no live agent came in {self.cfg.wait_agents:g} s (--wait-agents); "
+                           f"{len(self.pending) + len(self.delayed)} chunk(s) not run. Start agents "
+                           f"(./start_agents.sh N {self.spool.base}), then run the same command again", self.spool.base)
+
     def _candidates(self) -> list[AgentView]:
         return [v for v in self.liveness.views.values() if v.accepting and self.eligible(v)]
 
@@ -518,11 +534,9 @@ class Dispatcher:
             self.unplaceable(accepting)
             return
         if self.pending and not live:
-            if not self._warned_no_agents:
-                self._warned_no_agents = True
-                self.on_event("no_agents", {})
+            self._no_agents()
             return
-        self._warned_no_agents = False
+        self._alone = None
         if not self.pending and self.cfg.steal:
             self._steal(live)
         if not self.pending and not self.delayed:

@@ -42,8 +42,9 @@ class Progress:
         elif kind == "halted":
             self._say(f"run {self.spec.name}: stopped early: {info['why']}")
         elif kind == "no_agents":
-            base = self.base or "BASE"
-            self._say(f"no live agents in {base}; waiting for some. Start them with:  ./start_agents.sh N {base}")
+            base, waited = self.base or "BASE", info.get("waited_s") or 0.0
+            self._say(f"no live agents in {base}{f' for {waited / 60:.0f} min' if waited >= 60 else ''}; waiting for "
+                      f"some (--wait-agents S to give up). Start them with:  ./start_agents.sh N {base}")
 
     def _say(self, line: str) -> None:
         if self.bar is not None:

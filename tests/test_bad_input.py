@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from jobs.paths import Spool
 from tests.helpers import run_main
 
 
@@ -48,13 +49,17 @@ CASES = [
     (["--task", "examples.noop:noop", "--dead-after", "nan"], "--dead-after must be a positive number of seconds"),
     (["--task", "examples.noop:noop", "--retry-delay", "-1"], "--retry-delay must be 0 or a positive number"),
     (["--task", "examples.noop:noop", "--depth", "0"], "--depth must be 1 or more"),
-    (["--task", "examples.noop:noop", "--base", "{afile}/sub"], "cannot create the spool folder"),
+    (["--task", "examples.noop:noop", "--base", "{afile}/sub"], "is not a spool"),
+    (["--task", "examples.noop:noop", "--base", "{afile}/sub", "--new-spool"], "cannot create the spool folder"),
+    (["--task", "examples.noop:noop", "--base", "{tmp}/typo"], "{tmp}/typo: is not a spool (no agent has ever been "
+                                                               "started there; a typo?)"),
+    (["--task", "examples.noop:noop", "--wait-agents", "-1"], "--wait-agents must be 0 or a positive number"),
 ]
 
 
 @pytest.mark.parametrize("args, message", CASES)
 def test_bad_input_is_named(args: list[str], message: str, files: dict[str, str], tmp_path: Path, env) -> None:
-    base = str(tmp_path / "base")
+    base = str(Spool(tmp_path / "base").ensure().base)  # a spool, as agents make one
     subst = {"{tmp}": str(tmp_path), **{"{" + k + "}": v for k, v in files.items()}}
 
     def fill(text: str) -> str:
@@ -113,3 +118,38 @@ def test_agent_names_a_bad_option(args: list[str], message: str, tmp_path: Path,
     r = subprocess.run([sys.executable, "-m", "agent", "--base", str(tmp_path / "b"), "--cpu", "--gpu", "0", *args],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and message in r.stderr and not (tmp_path / "b").exists()
+
+
+def test_a_master_gives_up_waiting_for_agents_when_told_and_base_comes_from_the_environment(tmp_path: Path,
+                                                                                              env) -> None:
+    spool = Spool(tmp_path / "b").ensure()
+    r = run_main(["--task", "examples.noop:noop", "--chunks", "2", "--wait-agents", "0.5", "--no-progress"],
+                 {**env, "GPUPOOL_BASE": str(spool.base)}, timeout=60)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "no live agents in" in r.stderr and "no live agent came in 0.5 s (--wait-agents); 2 chunk(s) not run" in \
+        r.stderr and "Traceback" not in r.stderr
+    fresh = run_main(["--base", str(tmp_path / "new"), "--new-spool", "--task", "examples.noop:noop", "--chunks", "1",
+                      "--wait-agents", "0", "--no-progress"], env, timeout=60)
+    assert fresh.returncode == 2 and Spool(tmp_path / "new").exists()  # made a spool, then gave up at once
+
+
+def test_commands_and_start_agents_name_a_folder_that_is_not_a_spool(tmp_path: Path, env) -> None:
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO
+
+    (tmp_path / "plain").mkdir()
+    for cmd in (["status"], ["logs"], ["cancel", "--run", "x"]):
+        r = subprocess.run([sys.executable, "-m", "master", *cmd, "--base", str(tmp_path / "plain")], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and "is not a spool" in r.stderr, (cmd, r.stderr)
+    sh = str(REPO / "start_agents.sh")
+    stop = subprocess.run([sh, "stop", str(tmp_path / "plain")], env=env, capture_output=True, text=True, timeout=60)
+    assert stop.returncode == 1 and "is not a spool" in stop.stderr and "nothing to stop" in stop.stderr
+    spool = Spool(tmp_path / "s").ensure()
+    stop = subprocess.run([sh, "stop", str(spool.base)], env=env, capture_output=True, text=True, timeout=60)
+    assert stop.returncode == 0 and "no agent of host testhost is running" in stop.stdout
+    bare = subprocess.run([sh, "2"], env={k: v for k, v in env.items() if k != "GPUPOOL_BASE"}, capture_output=True,
+                          text=True, timeout=60)
+    assert bare.returncode == 2 and "missing BASE" in bare.stderr and "usage: usage:" not in bare.stderr
