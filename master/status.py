@@ -117,6 +117,7 @@ def _agent_row(ident: str, v: Any, cur: dict | None, queued: int, drain_flag: bo
         "jobs_done": st.get("jobs_done"), "jobs_failed": st.get("jobs_failed"),
         "heartbeat_age_s": round(v.age, 1), "gpu_util": gpu.get("util"), "gpu_mem_used": gpu.get("mem_used"),
         "gpu_mem_total": gpu.get("mem_total"), "gpu_temp": gpu.get("temp"), "log": st.get("log"),
+        "last_error": st.get("last_error") if isinstance(st.get("last_error"), str) else None,
     }
 
 
@@ -200,6 +201,9 @@ def render(data: dict[str, Any], color: bool = False) -> str:
     if dead:
         lines.append(_paint(f"DEAD (no heartbeat): {', '.join(dead)}; their queued jobs go to other agents", "31",
                             color))
+    for a in data["agents"]:  # why an agent drained itself (a failing GPU) or paused (a full disk)
+        if a.get("last_error") and a["state"] != "stopped":
+            lines.append(_paint(f"{a['id']} ({a['state']}): {a['last_error'][:300]}", "33", color))
     lines += ["", f"{'RUN':<32} {'CHUNKS':>6} {'OK':>6} {'FAILED':>6} {'RUNNING':>7} {'QUEUED':>6} {'PENDING':>7} "
                   f"{'SHARE':>9} {'CHUNK/S':>8} {'ETA':>9}"]
     lines += [_run_line(r, data.get("run_progress", {}).get(r["run"], {}), color) for r in data["runs"]]

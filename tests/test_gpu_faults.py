@@ -290,7 +290,10 @@ def test_an_agent_whose_gpu_keeps_failing_drains_itself_and_the_other_agent_does
     st = subprocess.run([sys.executable, "-m", "master", "status", "--base", str(spool.base), "--json"], cwd=REPO,
                         env=good, capture_output=True, text=True, timeout=60)
     row = next(a for a in json.loads(st.stdout)["agents"] if a["id"] == sick.id)
-    assert row["state"] == "draining" and row["drain_flag"], row
+    assert row["state"] == "draining" and row["drain_flag"] and "drained itself" in row["last_error"], row
+    text = subprocess.run([sys.executable, "-m", "master", "status", "--base", str(spool.base)], cwd=REPO, env=good,
+                          capture_output=True, text=True, timeout=60).stdout
+    assert f"{sick.id} (draining): " in text and "drained itself: 3 different chunks" in text, text
     assert sick.output().count("drained itself") == 1
 
 
