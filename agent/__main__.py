@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import math
 import os
 import sys
@@ -57,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
     from loguru import logger
 
+    from jobs.logsetup import command_logs
+
     from agent.agent import Agent, AgentConfig
     from agent.gpu import make_probe
     from agent.identity import host_id
@@ -65,9 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     from jobs.fsinfo import check_locks
     from jobs.paths import Spool
 
-    logging.getLogger("watchdog").setLevel(logging.CRITICAL)  # a benign error when an observer stops mid-event
-    logger.remove()
-    logger.add(sys.stderr, level=args.log_level, format="{time:HH:mm:ss.SSS} {level: <7} {message}")
+    command_logs(args.log_level, "{time:HH:mm:ss.SSS} {level: <7} {message}")
     for name in ("poll_interval", "max_poll_interval", "rescan", "heartbeat"):
         if not 0 < getattr(args, name) < math.inf:
             print(f"agent: --{name.replace('_', '-')} must be a positive number of seconds", file=sys.stderr)

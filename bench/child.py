@@ -30,10 +30,9 @@ def main() -> None:
     p.add_argument("--chunks", type=int, required=True)
     p.add_argument("--task", default="bench.tasks:noop")
     a = p.parse_args()
-    from loguru import logger
+    from jobs.logsetup import command_logs
 
-    logger.remove()  # as main.py does: warnings only
-    logger.add(sys.stderr, level="WARNING")
+    command_logs("WARNING")  # as main.py does: warnings only
     from master import feeder
     from master.api import Pool
 

@@ -4,18 +4,15 @@
 """
 from __future__ import annotations
 
-import logging
 import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    from loguru import logger
+    from jobs.logsetup import command_logs
 
     from master.commands import main as run_command
 
-    logging.getLogger("watchdog").setLevel(logging.CRITICAL)  # a benign error when an observer stops mid-event
-    logger.remove()  # the feeder (retry) and the executor warn; nothing chattier reaches the terminal
-    logger.add(sys.stderr, level="WARNING", format="{time:HH:mm:ss} {level}: {message}")
+    command_logs("WARNING")  # the feeder (retry) and the executor warn; nothing chattier reaches the terminal
     return run_command(argv)
 
 

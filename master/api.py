@@ -21,6 +21,7 @@ from loguru import logger
 from jobs.atomic import purge_temp
 from jobs.errors import BadFile, LockHeld, SpoolError
 from jobs.fsinfo import check_locks
+from jobs.logsetup import pool_logs
 from jobs.locks import HolderLock
 from jobs.mailbox import drop_run
 from jobs.paths import Spool
@@ -30,7 +31,7 @@ from master.placement import Placement
 from master.progress import Progress
 from master.runspec import RunSpec, build, save_or_check
 
-
+__all__ = ["Pool", "Run", "Result", "pool_logs"]  # pool_logs: the one call that routes the pool's logs
 
 
 @dataclass

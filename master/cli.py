@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import math
 import os
 import sys
@@ -72,11 +71,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse(argv)
-    from loguru import logger
+    from jobs.logsetup import command_logs
 
-    logging.getLogger("watchdog").setLevel(logging.CRITICAL)  # a benign error when an observer stops mid-event
-    logger.remove()
-    logger.add(sys.stderr, level="WARNING", format="{time:HH:mm:ss} {level}: {message}")
+    command_logs("WARNING")
     if args.octorun_config:  # the drop-in for OctoRun users
         from master.octorun import main as run_octorun
 

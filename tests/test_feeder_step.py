@@ -59,7 +59,25 @@ def test_dispatches_up_to_depth_to_live_agents_only(spool: Spool) -> None:
 def test_no_agents_is_reported_and_nothing_lost(spool: Spool) -> None:
     f, clock, events = make(spool)
     f.step()
-    assert events == [("no_agents", {})] and len(f.pending) == 6
+    assert events == [("no_agents", {"waited_s": 0.0})] and len(f.pending) == 6
+    clock.t += 30.0
+    f.step()
+    assert len(events) == 1  # said once a minute, not on every pass
+    clock.t += 31.0
+    f.step()
+    assert events[-1] == ("no_agents", {"waited_s": 61.0}) and len(f.pending) == 6
+
+
+def test_a_master_told_to_wait_for_agents_only_so_long_gives_up(spool: Spool) -> None:
+    from jobs.errors import NoAgents
+
+    f, clock, _ = make(spool, wait_agents=5.0)
+    f.step()
+    clock.t += 4.0
+    f.step()
+    clock.t += 1.0
+    with pytest.raises(NoAgents, match=r"no live agent came in 5 s \(--wait-agents\); 6 chunk\(s\) not run"):
+        f.step()
 
 
 def test_results_are_collected_and_refilled(spool: Spool) -> None:

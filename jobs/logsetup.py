@@ -1,0 +1,53 @@
+"""The pool's logs: silent when the pool is a library, configured by its own commands.
+
+The pool logs through loguru's one global logger. Imported as a library (``master.api``,
+``master.executor``), its packages are disabled (loguru's advice for libraries), so an
+application sees nothing it did not ask for; one call routes them anywhere::
+
+    from master.api import pool_logs
+    pool_logs("INFO")                      # the pool's INFO and up to stderr
+    pool_logs("DEBUG", sink="pool.log")    # or to a file (any loguru sink)
+    pool_logs(None)                        # silent again
+
+Its own commands (``main.py``, ``python -m master``, ``python -m agent``) call ``command_logs``.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+from loguru import logger
+
+PACKAGES = ("jobs", "agent", "master")
+COMMAND_FORMAT = "{time:HH:mm:ss} {level}: {message}"
+
+
+def _ours(record: dict[str, Any]) -> bool:
+    return (record["name"] or "").split(".")[0] in PACKAGES
+
+
+def pool_logs(level: str | None = "WARNING", sink: Any = sys.stderr, fmt: str | None = None) -> int | None:
+    """Send the pool's log lines of ``level`` and up to ``sink`` (only the pool's: the
+    application's own loguru lines are left to its own sinks); ``None`` silences them. Returns
+    the sink's id (for ``logger.remove``)."""
+    for name in PACKAGES:
+        (logger.enable if level is not None else logger.disable)(name)
+    if level is None:
+        return None
+    return logger.add(sink, level=level, filter=_ours, **({"format": fmt} if fmt else {}))
+
+
+def command_logs(level: str = "WARNING", fmt: str = COMMAND_FORMAT) -> None:
+    """For the pool's own commands: the process's only sink is stderr at ``level`` (everything
+    such a process logs is the pool's, its ``__main__`` module's lines too)."""
+    logging.getLogger("watchdog").setLevel(logging.CRITICAL)  # a benign error when an observer stops mid-event
+    logger.remove()
+    for name in PACKAGES:
+        logger.enable(name)
+    logger.add(sys.stderr, level=level, format=fmt)
+
+
+def quiet_by_default(package: str) -> None:
+    """Called by each package's ``__init__``: a library logs nothing until asked (see module)."""
+    logger.disable(package)
