@@ -34,10 +34,14 @@ from watchdog.observers import Observer
 
 from jobs.fsinfo import is_network_fs
 
-_NEW_CONTENT = {"created", "moved", "deleted"}
-# Mailboxes are only ever replaced by rename: asking inotify for nothing else keeps the
-# watchdog thread quiet (no open/close/modify events from every read, lock and temp write).
-EVENT_FILTER = [FileCreatedEvent, FileMovedEvent, FileDeletedEvent]
+_NEW_CONTENT = {"moved", "deleted"}
+# Mailboxes are only ever published by rename (and taken away by rename or unlink): asking
+# inotify for nothing else keeps the watchdog threads of every agent of the folder quiet: no
+# open/close/modify events from every read and lock, and no create event from every temp file
+# (with 32 agents on 2 cores, one mailbox write woke 32 threads twice; filling 32 mailboxes took
+# 0.37 s). Results are committed by link() (a create), so the master's watch asks for those too.
+MAILBOX_EVENTS = [FileMovedEvent, FileDeletedEvent]
+RESULT_EVENTS = [FileCreatedEvent, FileMovedEvent, FileDeletedEvent]
 
 
 class _Handler(FileSystemEventHandler):
@@ -52,15 +56,16 @@ class _Handler(FileSystemEventHandler):
             self.wake.set()
 
 
-def watch_folder(folder: Path, handler: FileSystemEventHandler, what: str) -> tuple[Any, Any] | None:
-    """(a started watchdog observer, its watch) with ``handler`` on ``folder`` (created, moved and
-    deleted events), or None, with one warning that ``what`` polls instead, when the user has no
-    inotify instance or watch left."""
+def watch_folder(folder: Path, handler: FileSystemEventHandler, what: str, events: list[type] = RESULT_EVENTS
+                 ) -> tuple[Any, Any] | None:
+    """(a started watchdog observer, its watch) with ``handler`` on ``folder`` for ``events``, or
+    None, with one warning that ``what`` polls instead, when the user has no inotify instance or
+    watch left."""
     observer = None
     try:
         observer = Observer()  # watchdog 7 opens its inotify instance here
         observer.daemon = True
-        watch = observer.schedule(handler, str(folder), recursive=False, event_filter=EVENT_FILTER)
+        watch = observer.schedule(handler, str(folder), recursive=False, event_filter=events)
         observer.start()
     except OSError as e:
         logger.warning("{}: cannot watch {} with inotify ({}); polling instead. Raise the limit with: sysctl "
@@ -94,7 +99,8 @@ class MailboxWatcher:
 
     def start(self) -> None:
         if self.mode == "inotify":
-            watching = watch_folder(self.path.parent, self._handler(), f"agent mailbox {self.path.name}")
+            watching = watch_folder(self.path.parent, self._handler(), f"agent mailbox {self.path.name}",
+                                    MAILBOX_EVENTS)
             if watching is None:
                 self.mode = "poll"
             else:
@@ -106,7 +112,7 @@ class MailboxWatcher:
     def _arm(self) -> None:
         try:
             self._watch = self._observer.schedule(self._handler(), str(self.path.parent), recursive=False,
-                                                  event_filter=EVENT_FILTER)
+                                                  event_filter=MAILBOX_EVENTS)
         except OSError as e:  # the user's inotify watches ran out since: poll from now on
             logger.warning("cannot watch {} with inotify any more ({}); polling instead", self.path.parent,
                            e.strerror or e)
