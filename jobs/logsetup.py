@@ -21,6 +21,7 @@ from loguru import logger
 
 PACKAGES = ("jobs", "agent", "master")
 COMMAND_FORMAT = "{time:HH:mm:ss} {level}: {message}"
+_chosen = False  # pool_logs or command_logs said what to do: a package imported later keeps to it
 
 
 def _ours(record: dict[str, Any]) -> bool:
@@ -31,6 +32,8 @@ def pool_logs(level: str | None = "WARNING", sink: Any = sys.stderr, fmt: str | 
     """Send the pool's log lines of ``level`` and up to ``sink`` (only the pool's: the
     application's own loguru lines are left to its own sinks); ``None`` silences them. Returns
     the sink's id (for ``logger.remove``)."""
+    global _chosen
+    _chosen = True
     for name in PACKAGES:
         (logger.enable if level is not None else logger.disable)(name)
     if level is None:
@@ -41,6 +44,8 @@ def pool_logs(level: str | None = "WARNING", sink: Any = sys.stderr, fmt: str | 
 def command_logs(level: str = "WARNING", fmt: str = COMMAND_FORMAT) -> None:
     """For the pool's own commands: the process's only sink is stderr at ``level`` (everything
     such a process logs is the pool's, its ``__main__`` module's lines too)."""
+    global _chosen
+    _chosen = True
     logging.getLogger("watchdog").setLevel(logging.CRITICAL)  # a benign error when an observer stops mid-event
     logger.remove()
     for name in PACKAGES:
@@ -49,5 +54,7 @@ def command_logs(level: str = "WARNING", fmt: str = COMMAND_FORMAT) -> None:
 
 
 def quiet_by_default(package: str) -> None:
-    """Called by each package's ``__init__``: a library logs nothing until asked (see module)."""
-    logger.disable(package)
+    """Called by each package's ``__init__``: a library logs nothing until asked (see module);
+    a package first imported after that keeps to what was asked."""
+    if not _chosen:
+        logger.disable(package)

@@ -39,3 +39,12 @@ def test_the_pool_is_quiet_as_a_library_until_pool_logs_routes_its_lines(tmp_pat
     assert silent == "__main__: the app's own line\n"  # nothing of the pool's by default
     assert "jobs.paths:" in pool and "bad name" in pool and "the app's" not in pool  # only the pool's lines
     assert "another line of the app's" in app
+
+
+def test_a_package_imported_after_the_command_configured_logs_keeps_logging() -> None:
+    """main.py configures its logs first and imports agent.watcher (say) later: its lines still show."""
+    code = ("from jobs.logsetup import command_logs\ncommand_logs('WARNING')\n"
+            "from watchdog.events import FileSystemEventHandler\nfrom agent.watcher import watch_folder\n"
+            "assert watch_folder('/no/such/folder', FileSystemEventHandler(), 'a test') is None\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "a test: cannot watch /no/such/folder" in r.stderr, r.stderr
