@@ -443,15 +443,19 @@ class Agent:
             _discard(arrays_tmp)
             return True
         status = JobState.FAILED if "error" in fields else JobState.OK
+        # One clock per duration: the worker's own start and end when it reports them (a job sent
+        # ahead starts in the worker before this agent gets to it, so this agent's start may be later
+        # than the job's end: durations came out negative), else this agent's.
+        begun = fields.pop("started_at", None) or started
         finished = fields.pop("finished_at", None) or time.time()
+        duration = max(0.0, finished - begun)
         if len(self._durations) > 256 and job.run not in self._durations:  # an agent serves runs for weeks
             self._durations.pop(next(iter(self._durations)))
-        self._durations[job.run] = max(0.0, finished - (fields.get("started_at") or started))
-        self.share.served(job, self._durations[job.run])
+        self._durations[job.run] = duration
+        self.share.served(job, duration)
         rec = record(job, status, agent=self.id, host=self.host, pid=os.getpid(),
                      gpu_id=self.slot.number, device=self.slot.device,
-                     started_at=fields.pop("started_at", None) or started, finished_at=finished,
-                     duration_s=round(finished - started, 6), **fields)
+                     started_at=begun, finished_at=finished, duration_s=round(duration, 6), **fields)
         try:
             try:
                 committed = commit(self.spool, job, rec, Path(arrays_tmp) if arrays_tmp else None)

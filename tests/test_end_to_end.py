@@ -296,3 +296,19 @@ def test_an_error_every_chunk_would_repeat_stops_the_run_early_and_a_rerun_after
     off = run_main(["--base", str(spool.base), "--task", "task.py:nothing_here", "--chunks", "1", "--no-progress",
                     "--max-failures", "-1"], env, cwd=code)
     assert off.returncode == 2 and "--max-failures must be 0" in off.stderr
+
+
+@pytest.mark.timeout(120)
+def test_durations_are_never_negative_with_pipelining(spool: Spool, agents, env) -> None:
+    """A job sent ahead starts in the worker before the agent gets to it: its duration is the
+    worker's own (start and end by one clock), never the agent's start to the worker's end."""
+    agents(1)
+    r = run_main(["--base", str(spool.base), "--task", "examples.noop:noop", "--chunks", "300", "--run", "durations",
+                  "--no-progress"], env)
+    assert r.returncode == 0, r.stderr
+    res = results(spool.base, "durations")
+    assert len(res) == 300
+    assert all(rec["duration_s"] >= 0 and rec["started_at"] <= rec["finished_at"] for rec in res.values()), \
+        sorted(rec["duration_s"] for rec in res.values())[:5]
+    assert all(abs(rec["duration_s"] - (rec["finished_at"] - rec["started_at"])) < 1e-5 for rec in res.values())
+    assert " -0." not in r.stdout  # the summary's MEAN S
