@@ -12,7 +12,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from jobs.errors import BadFile
+from jobs.atomic import server_now
+from jobs.errors import BadFile, SpoolError
+from jobs.jsonio import is_int
 from jobs.mailbox import Mailbox
 from jobs.paths import Spool
 from jobs.results import final_status, has_outcome, scan_run
@@ -37,10 +39,13 @@ class StatusReader:
         self.liveness = Liveness(spool, dead_after)
         self._runs: dict[str, _RunCache] = {}
         self._lock = threading.Lock()  # the dashboard serves several requests at once
+        self._now = time.time()
 
     def gather(self) -> dict[str, Any]:
         """Everything ``status`` shows, as plain data (what ``--json`` prints)."""
         with self._lock:
+            # now as the file server stamps it: result mtimes are its clock, not this host's
+            self._now = server_now(self.spool.results_dir) or time.time()
             agents, queued, running = self._agents()
             runs, progress = [], {}
             for name in self.spool.run_names():
@@ -63,11 +68,25 @@ class StatusReader:
             except (OSError, BadFile):
                 jobs = []
             cur = v.status.get("current") if v.alive else None
+            if isinstance(cur, dict) and self._over(cur):  # a heartbeat a little older than the job's end
+                cur = None
+            if isinstance(cur, dict) and isinstance(cur.get("run"), str):  # running = what agents say they run
+                running[cur["run"]] = running.get(cur["run"], 0) + 1
             for j in jobs:
-                bucket = running if cur and (cur.get("run"), cur.get("chunk_id")) == (j.run, j.chunk_id) else queued
-                bucket[j.run] = bucket.get(j.run, 0) + 1
+                if not (cur and (cur.get("run"), cur.get("chunk_id")) == (j.run, j.chunk_id)):
+                    queued[j.run] = queued.get(j.run, 0) + 1
             agents.append(_agent_row(ident, v, cur, len(jobs), self.spool.drain_flag(ident).exists()))
         return agents, queued, running
+
+    def _over(self, cur: dict[str, Any]) -> bool:
+        """The job a heartbeat names as current already has its outcome on disk."""
+        run, chunk, attempt = cur.get("run"), cur.get("chunk_id"), cur.get("attempt")
+        if not (isinstance(run, str) and is_int(chunk) and is_int(attempt)):
+            return False
+        try:
+            return has_outcome(self.spool, (run, chunk, attempt), attempt + 1)
+        except (OSError, SpoolError):  # a name no run can have: judged as the heartbeat says
+            return False
 
     def _run(self, name: str, queued: int, running: int) -> tuple[dict[str, Any], dict[str, Any]] | None:
         """(the run's row, its progress: chunks/s from results' finished_at, ETA, cancelled)."""
@@ -79,7 +98,7 @@ class StatusReader:
         ok = sum(1 for c, (s, _) in finals.items() if s == "ok" and c < spec.chunks)
         failed = sum(1 for c, (s, _) in finals.items() if s != "ok" and c < spec.chunks)
         pending = max(0, spec.chunks - ok - failed - queued - running)
-        rate = chunk_rate([t for _, t in finals.values() if t is not None])
+        rate = chunk_rate([t for _, t in finals.values() if t is not None], self._now)
         left = spec.chunks - ok - failed
         active = running + queued > 0
         row = {"run": name, "kind": spec.kind.value, "target": spec.target, "chunks": spec.chunks, "ok": ok,
@@ -121,17 +140,15 @@ def _agent_row(ident: str, v: Any, cur: dict | None, queued: int, drain_flag: bo
     }
 
 
-def chunk_rate(finished: list[float], window: float = RATE_WINDOW_S) -> float | None:
-    """Chunks per second over the last ``window`` seconds of finish times (None: too few)."""
-    if len(finished) < 2:
+def chunk_rate(finished: list[float], now: float, window: float = RATE_WINDOW_S, least: int = 3) -> float | None:
+    """Chunks per second: those finished in the last ``window`` seconds up to ``now``, over the
+    time from the first of them to ``now`` (a run that has stopped finishing chunks slows down,
+    instead of keeping the rate of its last burst). None with fewer than ``least`` of them."""
+    recent = [t for t in finished if now - window <= t <= now + 1.0]
+    if len(recent) < least:
         return None
-    finished = sorted(finished)
-    last = finished[-1]
-    recent = [t for t in finished if t >= last - window]
-    if len(recent) < 2 or recent[-1] <= recent[0]:
-        recent = finished[-2:]
-    span = recent[-1] - recent[0]
-    return (len(recent) - 1) / span if span > 0 else None
+    span = max(now, max(recent)) - min(recent)
+    return len(recent) / span if span > 0 else None
 
 
 def gather(spool: Spool, dead_after: float = 20.0, liveness: Liveness | None = None) -> dict[str, Any]:

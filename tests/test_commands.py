@@ -361,3 +361,35 @@ def test_a_missing_spool_says_how_to_make_one(tmp_path: Path, env) -> None:
 def test_a_number_out_of_range_is_named_in_one_line(args: list[str], message: str, spool: Spool, env) -> None:
     r = master([args[0], "--base", str(spool.base), *args[1:]], env)
     assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_chunk_rate_needs_enough_finishes_and_slows_when_they_stop() -> None:
+    from master.status import chunk_rate
+
+    assert chunk_rate([100.0, 100.01], now=100.02) is None  # two quick ones: unknown, not 199 chunks/s
+    assert chunk_rate([100.0, 100.01, 100.02, 100.03], now=100.04) == pytest.approx(100.0)
+    assert chunk_rate([100.0, 100.01, 100.02, 100.03], now=104.0) == pytest.approx(1.0)  # then nothing for 4 s
+    assert chunk_rate([1.0, 2.0, 3.0], now=1000.0) is None  # nothing in the last two minutes
+
+
+def test_status_counts_what_agents_run_and_not_a_finished_current_job(spool: Spool) -> None:
+    from jobs.descriptor import Job, JobKind, JobState
+    from jobs.heartbeat import write_status
+    from jobs.mailbox import Mailbox
+    from jobs.results import commit, record
+    from master.runspec import RunSpec, save_or_check
+    from master.status import StatusReader
+
+    save_or_check(spool, RunSpec("r", JobKind.CALLABLE, "examples.noop:noop", 4), fresh=False)
+    jobs = [Job(run="r", chunk_id=c, total_chunks=4, kind=JobKind.CALLABLE, target="x:y") for c in range(4)]
+    for i, ident in enumerate(("h-cpu0", "h-cpu1")):
+        Mailbox(spool, ident).update(lambda _, i=i: jobs[2 * i:2 * i + 2])
+        write_status(spool, ident, {"agent": ident, "seq": 1, "state": "busy", "pid": 1, "host": "h",
+                                    "current": {"run": "r", "chunk_id": 2 * i, "attempt": 1, "since": 1.0}})
+    spool.run_dirs("r")
+    commit(spool, jobs[2], record(jobs[2], JobState.OK, agent="h-cpu1"))  # h-cpu1's heartbeat is behind
+    data = StatusReader(spool).gather()
+    [run] = data["runs"]
+    assert (run["ok"], run["running"], run["queued"], run["pending"]) == (1, 1, 2, 0)
+    cur = {a["id"]: a["current"] for a in data["agents"]}
+    assert cur["h-cpu0"]["chunk_id"] == 0 and cur["h-cpu1"] is None  # not shown running once it is done
