@@ -21,7 +21,8 @@ EXAMPLES = {
     "status": """examples:
   python -m master status --base /shared/base
   python -m master status --base /shared/base --watch      # refresh every 2 s, like watch nvidia-smi
-  python -m master status --base /shared/base --json | jq '.runs'""",
+  python -m master status --base /shared/base --json | jq '.runs'
+  python -m master status --base /shared/base --run multiply-100-1a2b3c4d --state failed,running""",
     "logs": """examples:
   python -m master logs --base /shared/base                       # every agent's log, merged in time order
   python -m master logs --base /shared/base --agent myhost-gpu0 -f
@@ -96,14 +97,28 @@ def _spool(args: argparse.Namespace) -> Spool:
 # status ---------------------------------------------------------------------------------------
 def cmd_status(args: argparse.Namespace) -> int:
 
-    from master.status import StatusReader, render
+    from master.control import ControlError
+    from master.runspec import load_run
+    from master.status import CHUNK_STATES, StatusReader, chunk_rows, render, render_chunks
 
-    reader = StatusReader(_spool(args), args.dead_after)
+    spool = _spool(args)
+    states = set(args.state.split(",")) if args.state else None
+    if states and (bad := sorted(states - set(CHUNK_STATES))):
+        raise ControlError(f"--state {','.join(bad)}: not one of {','.join(CHUNK_STATES)}")
+    if states and not args.run:
+        raise ControlError("--state lists chunks of one run: give --run R too")
+    if args.run:
+        load_run(spool, args.run)  # names a run that is not there
+    reader = StatusReader(spool, args.dead_after)
     tty = sys.stdout.isatty()
     color = tty and not os.environ.get("NO_COLOR")
     while True:
-        data = reader.gather()
-        text = json.dumps(data, indent=1) if args.json else render(data, color)
+        if args.run:  # one run's chunks, like squeue
+            rows = chunk_rows(spool, args.run, args.dead_after, states)
+            text = json.dumps(rows, indent=1) if args.json else render_chunks(args.run, rows)
+        else:
+            data = reader.gather()
+            text = json.dumps(data, indent=1) if args.json else render(data, color)
         if args.watch and tty:  # redraw in place: home, each line cleared, the rest erased
             text = "\033[H" + text.replace("\n", "\033[K\n") + "\033[K\033[J"
         elif args.watch:
@@ -288,6 +303,9 @@ RUN_HELP = "run name (see python -m master status)"
 
 
 def _status_args(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--run", help="list this run's chunks: state, agent, attempt, time, last error")
+    s.add_argument("--state", metavar="S1,S2", help="with --run: only chunks in these states "
+                   "(ok, failed, running, queued, pending)")
     s.add_argument("--json", action="store_true", help="print JSON for scripts")
     s.add_argument("--watch", nargs="?", const=2.0, type=float, metavar="S", help="refresh every S seconds (default 2)")
     _dead_after(s)

@@ -10,14 +10,15 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from jobs.atomic import server_now
 from jobs.errors import BadFile, SpoolError
-from jobs.jsonio import is_int
+from jobs.jsonio import is_int, is_num
 from jobs.mailbox import Mailbox
 from jobs.paths import Spool
-from jobs.results import final_status, has_outcome, scan_run
+from jobs.results import final_status, has_outcome, read_result, scan_run
 from master.liveness import Liveness
 from master.runspec import RunSpec
 
@@ -149,6 +150,78 @@ def chunk_rate(finished: list[float], now: float, window: float = RATE_WINDOW_S,
         return None
     span = max(now, max(recent)) - min(recent)
     return len(recent) / span if span > 0 else None
+
+
+CHUNK_STATES = ("ok", "failed", "running", "queued", "pending")
+
+
+def chunk_rows(spool: Spool, run: str, dead_after: float = 20.0, states: set[str] | None = None
+               ) -> list[dict[str, Any]]:
+    """One row per chunk of ``run`` (``status --run R``, like ``squeue``/``ts -l``): its state, the
+    agent it is at or ran on, its attempt, how long it has run or took, its last error. Only the
+    files a chunk's row needs are read (a failed attempt's history, a final result)."""
+    spec = RunSpec.load(spool.run_spec(run))
+    scan = scan_run(spool, run)
+    where: dict[int, tuple[str, int]] = {}  # chunk -> (agent, attempt) queued there, no outcome yet
+    running: dict[int, tuple[str, int, float | None]] = {}  # chunk -> (agent, attempt, since)
+    for ident, v in Liveness(spool, dead_after).refresh().items():
+        cur = v.status.get("current") if v.alive else None
+        if isinstance(cur, dict) and cur.get("run") == run and is_int(cur.get("chunk_id")):
+            running[cur["chunk_id"]] = (ident, cur.get("attempt"), cur.get("since"))
+        try:
+            jobs = Mailbox(spool, ident).read().jobs
+        except (OSError, BadFile):
+            continue
+        for j in jobs:
+            if j.run == run and not has_outcome(spool, j.key, j.max_attempts):
+                where[j.chunk_id] = (ident, j.attempt)
+    now, rows = time.time(), []
+    for c in range(spec.chunks):
+        row: dict[str, Any] = {"chunk": c, "state": "pending", "agent": None, "attempt": scan.last_attempt(c) or None,
+                               "seconds": None, "error": None}
+        if c in scan.finals:
+            rec = _record(spool.result_json(run, c))
+            if rec is not None:
+                row.update(state=rec["status"], agent=rec.get("agent"), attempt=rec.get("attempt"),
+                           seconds=rec.get("duration_s"), error=_error_line(rec))
+        if row["state"] == "pending" and c in running and not _done(spool, run, c, running[c][1]):
+            agent, attempt, since = running[c]
+            row.update(state="running", agent=agent, attempt=attempt,
+                       seconds=round(now - since, 1) if is_num(since) else None)
+        elif row["state"] == "pending" and c in where:
+            row.update(state="queued", agent=where[c][0], attempt=where[c][1])
+        if row["error"] is None and row["state"] != "ok" and scan.history.get(c):
+            row["error"] = _error_line(_record(spool.history_json(run, c, scan.history[c][-1])) or {})
+        if states is None or row["state"] in states:
+            rows.append(row)
+    return rows
+
+
+def _record(path: Path) -> dict[str, Any] | None:
+    try:
+        return read_result(path)
+    except (OSError, BadFile):
+        return None
+
+
+def _done(spool: Spool, run: str, chunk: int, attempt: Any) -> bool:
+    return is_int(attempt) and has_outcome(spool, (run, chunk, attempt), attempt + 1)
+
+
+def _error_line(rec: dict[str, Any]) -> str | None:
+    err = rec.get("error")
+    if not isinstance(err, dict):
+        return None
+    return f"{err.get('type')}: {err.get('message')}".splitlines()[0][:200]
+
+
+def render_chunks(run: str, rows: list[dict[str, Any]]) -> str:
+    """The chunk table as text."""
+    lines = [f"run {run}: {len(rows)} chunk(s)", f"{'CHUNK':>7} {'STATE':<8} {'AGENT':<22} {'ATTEMPT':>7} {'TIME':>9}  ERROR"]
+    for r in rows:
+        lines.append(f"{r['chunk']:>7} {r['state']:<8} {str(r['agent'] or '-'):<22.22} {str(r['attempt'] or '-'):>7} "
+                     f"{duration(r['seconds']) if is_num(r['seconds']) else '-':>9}  {r['error'] or ''}")
+    return "\n".join(lines)
 
 
 def gather(spool: Spool, dead_after: float = 20.0, liveness: Liveness | None = None) -> dict[str, Any]:

@@ -393,3 +393,37 @@ def test_status_counts_what_agents_run_and_not_a_finished_current_job(spool: Spo
     assert (run["ok"], run["running"], run["queued"], run["pending"]) == (1, 1, 2, 0)
     cur = {a["id"]: a["current"] for a in data["agents"]}
     assert cur["h-cpu0"]["chunk_id"] == 0 and cur["h-cpu1"] is None  # not shown running once it is done
+
+
+@pytest.mark.timeout(120)
+def test_status_of_one_run_lists_every_chunk_with_its_state_agent_attempt_and_error(spool: Spool, agents,
+                                                                                    env) -> None:
+    agents(2)
+    feeder = main_bg(["--base", str(spool.base), "--task", "examples.noop:sleepy", "--chunks", "12", "--kwargs",
+                      '{"seconds": 1.0}', "--run", "rows", "--depth", "2"], env)
+    try:
+        def rows() -> list[dict]:
+            r = master(["status", "--base", str(spool.base), "--run", "rows", "--json"], env)
+            assert r.returncode == 0, r.stderr
+            return json.loads(r.stdout)
+
+        during = wait_for(lambda: (x := rows()) and sum(r["state"] == "running" for r in x) == 2 and x,
+                          60, "two chunks running")
+        assert len(during) == 12 and {r["state"] for r in during} <= {"ok", "running", "queued", "pending"}
+        busy = [r for r in during if r["state"] == "running"]
+        assert {r["agent"] for r in busy} == set(spool.agent_ids()) and all(r["attempt"] >= 1 for r in busy)
+        assert all(r["agent"] for r in during if r["state"] == "queued")
+        only = master(["status", "--base", str(spool.base), "--run", "rows", "--state", "running", "--json"], env)
+        assert {r["state"] for r in json.loads(only.stdout)} <= {"running"}
+        assert feeder.wait(timeout=90) == 0
+    finally:
+        feeder.kill()
+    table = master(["status", "--base", str(spool.base), "--run", "rows"], env).stdout
+    assert table.startswith("run rows: 12 chunk(s)") and table.count(" ok ") == 12
+    bad = master(["status", "--base", str(spool.base), "--run", "rows", "--state", "done"], env)
+    assert bad.returncode == 2 and "--state done: not one of ok,failed,running,queued,pending" in bad.stderr
+    run_main(["--base", str(spool.base), "--task", "tests.faulty:misbehave", "--chunks", "3", "--kwargs",
+              json.dumps({"modes": ["ok", "raise", "ok"]}), "--retries", "0", "--run", "oops", "--no-progress"], env)
+    failed = json.loads(master(["status", "--base", str(spool.base), "--run", "oops", "--state", "failed", "--json"],
+                               env).stdout)
+    assert [(r["chunk"], r["attempt"], r["error"]) for r in failed] == [(1, 1, "ValueError: chunk refuses")]
