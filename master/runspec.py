@@ -187,6 +187,10 @@ def check_run_name(run: str) -> str:
         raise UsageError(str(e)) from None
 
 
+POOL_PACKAGES = ("jobs", "agent", "master")  # the pool's own top-level packages (PYTHONPATH of every worker)
+REPO = Path(__file__).resolve().parents[1]
+
+
 def check_task(task: str, workdir: str) -> str:
     """Find the task's module or file and check it defines the function, without importing it."""
     mod, sep, fn = task.rpartition(":")
@@ -198,6 +202,11 @@ def check_task(task: str, workdir: str) -> str:
             raise UsageError(f"--task {task!r}: the file {path} does not exist")
         target, source = f"{path}:{fn}", path
     else:
+        top = mod.split(".")[0]
+        if top in POOL_PACKAGES and (Path(workdir) / top).is_dir() and Path(workdir).resolve() != REPO:
+            raise UsageError(f"--task {task!r}: your package {top!r} (in {workdir}) has the name of one of the pool's "
+                             f"own packages ({', '.join(POOL_PACKAGES)}), which workers import first, so {mod!r} "
+                             f"would not be found there; rename your package")
         if workdir not in sys.path:
             sys.path.insert(0, workdir)
         try:

@@ -153,3 +153,14 @@ def test_commands_and_start_agents_name_a_folder_that_is_not_a_spool(tmp_path: P
     bare = subprocess.run([sh, "2"], env={k: v for k, v in env.items() if k != "GPUPOOL_BASE"}, capture_output=True,
                           text=True, timeout=60)
     assert bare.returncode == 2 and "missing BASE" in bare.stderr and "usage: usage:" not in bare.stderr
+
+
+def test_a_task_package_named_like_the_pools_own_is_refused_with_why(tmp_path: Path, env) -> None:
+    (tmp_path / "jobs").mkdir()
+    (tmp_path / "jobs" / "__init__.py").write_text("")
+    (tmp_path / "jobs" / "mytask.py").write_text("def run(chunk_id):\n    return chunk_id\n")
+    base = Spool(tmp_path / "b").ensure().base
+    r = run_main(["--base", str(base), "--task", "jobs.mytask:run", "--chunks", "2", "--no-progress"], env,
+                 cwd=tmp_path)
+    assert r.returncode == 2 and "has the name of one of the pool's own packages" in r.stderr, r.stderr
+    assert "rename your package" in r.stderr and len(r.stderr.strip().splitlines()) == 1
