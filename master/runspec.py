@@ -171,7 +171,7 @@ def build(*, task: str | None = None, script: str | None = None, chunks: int, kw
     if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share < math.inf:
         raise UsageError(f"--share must be a positive number (the run's weight; default 1), not {share!r}")
     if task is not None:
-        kind, target = JobKind.CALLABLE, check_task(task, workdir)
+        kind, target = JobKind.CALLABLE, check_task(task, workdir, kwargs)
     else:
         kind, target = JobKind.SCRIPT, check_script(script, workdir)
     shared_path = check_npz(shared, "--shared", workdir) if shared else None
@@ -191,8 +191,9 @@ POOL_PACKAGES = ("jobs", "agent", "master")  # the pool's own top-level packages
 REPO = Path(__file__).resolve().parents[1]
 
 
-def check_task(task: str, workdir: str) -> str:
-    """Find the task's module or file and check it defines the function, without importing it."""
+def check_task(task: str, workdir: str, kwargs: dict[str, Any] | None = None) -> str:
+    """Find the task's module or file and check it defines the function, and that ``kwargs`` fit
+    its signature, without importing it (no user code runs here)."""
     mod, sep, fn = task.rpartition(":")
     if not sep or not mod or not fn.isidentifier():
         raise UsageError(f"--task {task!r} must look like 'package.module:function' or 'path/file.py:function'")
@@ -216,27 +217,51 @@ def check_task(task: str, workdir: str) -> str:
         if spec is None:
             raise UsageError(f"--task {task!r}: no module named {mod!r} (searched from {workdir} and sys.path)")
         target, source = task, Path(spec.origin) if spec.origin and spec.origin.endswith(".py") else None
-    if source is not None and not _defines(source, fn):
-        raise UsageError(f"--task {task!r}: {source} defines no top-level function or name {fn!r}")
+    if source is not None:
+        found = _definition(source, fn)
+        if found is None:
+            raise UsageError(f"--task {task!r}: {source} defines no top-level function or name {fn!r}")
+        if isinstance(found, ast.FunctionDef):
+            _check_signature(found, kwargs or {}, task, source)
     return target
 
 
-def _defines(source: Path, name: str) -> bool:
+def _check_signature(fn: ast.FunctionDef, kwargs: dict[str, Any], task: str, source: Path) -> None:
+    """Fail fast: every chunk would raise TypeError if ``kwargs`` do not fit ``fn``'s parameters
+    (the agent passes the built-ins it asks for, and every kwarg by name)."""
+    a = fn.args
+    params = [x.arg for x in a.posonlyargs + a.args + a.kwonlyargs]
+    if a.kwarg is None and (unknown := sorted(k for k in kwargs if k not in params)):
+        raise UsageError(f"--kwargs key(s) {unknown}: {fn.name}() in {source} takes no such argument (it takes "
+                         f"{', '.join(params) or 'none'}); every chunk would fail")
+    positional = a.posonlyargs + a.args
+    required = [x.arg for x in positional[:len(positional) - len(a.defaults)]]
+    required += [x.arg for x, d in zip(a.kwonlyargs, a.kw_defaults) if d is None]
+    if missing := [r for r in required if r not in kwargs and r not in BUILTIN_KWARGS]:
+        raise UsageError(f"--task {task!r}: {fn.name}() needs {missing}, which neither --kwargs nor the agent "
+                         f"(it fills in {', '.join(BUILTIN_KWARGS)}) gives; every chunk would fail")
+
+
+def _definition(source: Path, name: str) -> ast.AST | bool | None:
+    """The top-level definition of ``name`` in ``source`` (a FunctionDef, whose signature can be
+    checked), True for one that cannot be judged (a class, an assignment, an import), or None."""
     try:
         tree = ast.parse(source.read_bytes(), str(source))
     except (SyntaxError, ValueError) as e:
         raise UsageError(f"--task: {source} does not parse: {e}") from None
-    for node in tree.body:
+    found: ast.AST | bool | None = None
+    for node in tree.body:  # the last definition wins, as at import
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.name == name:
-            return True
+            found = node if isinstance(node, ast.FunctionDef) and not node.decorator_list else True
+            continue
         if isinstance(node, (ast.Assign, ast.AnnAssign)):
             targets = node.targets if isinstance(node, ast.Assign) else [node.target]
             if any(isinstance(t, ast.Name) and t.id == name for t in targets):
-                return True
+                found = True
         if isinstance(node, (ast.Import, ast.ImportFrom)):
-            if any((a.asname or a.name.split(".")[0]) == name for a in node.names):
-                return True
-    return any(isinstance(n, ast.ImportFrom) and any(a.name == "*" for a in n.names) for n in tree.body)
+            if any((a.asname or a.name.split(".")[0]) == name or a.name == "*" for a in node.names):
+                found = True
+    return found
 
 
 def check_script(script: str, workdir: str) -> str:

@@ -164,3 +164,23 @@ def test_a_task_package_named_like_the_pools_own_is_refused_with_why(tmp_path: P
                  cwd=tmp_path)
     assert r.returncode == 2 and "has the name of one of the pool's own packages" in r.stderr, r.stderr
     assert "rename your package" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_kwargs_that_cannot_fit_the_tasks_signature_are_refused_at_submit(tmp_path: Path, env) -> None:
+    """Read from the source (no user code runs): a misspelt keyword, or a required argument nobody
+    gives, would fail every chunk the same way."""
+    (tmp_path / "task.py").write_text("def f(chunk_id, alpha, beta=2, *, gamma):\n    return chunk_id\n"
+                                      "def g(chunk_id, **options):\n    return options\n")
+    base = str(Spool(tmp_path / "b").ensure().base)
+
+    def submit(task: str, kwargs: dict) -> str:
+        r = run_main(["--base", base, "--task", task, "--chunks", "2", "--kwargs", json.dumps(kwargs),
+                      "--no-progress", "--wait-agents", "0"], env, cwd=tmp_path)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        return r.stderr
+
+    refused = submit("task.py:f", {"alpah": 1, "gamma": 3})
+    assert "--kwargs key(s) ['alpah']: f() in" in refused and len(refused.strip().splitlines()) == 1
+    assert "f() needs ['alpha', 'gamma'], which neither --kwargs nor the agent" in submit("task.py:f", {"beta": 1})
+    assert "no live agent came" in submit("task.py:f", {"alpha": 1, "gamma": 3})  # fits: queued, then no agent
+    assert "no live agent came" in submit("task.py:g", {"anything": 1})  # **options takes every keyword
