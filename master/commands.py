@@ -34,6 +34,12 @@ EXAMPLES = {
     "retry": """examples:
   python -m master retry --base /shared/base --run multiply-100-1a2b3c4d
   python -m master retry --base /shared/base --run R --retries 0 --no-progress""",
+    "runs": """examples:
+  python -m master runs --base /shared/base
+  python -m master runs --base /shared/base --json | jq '.[] | select(.state == "done") | .run'""",
+    "rm": """examples:
+  python -m master rm --base /shared/base --run multiply-100-1a2b3c4d
+  python -m master rm --base /shared/base --run old-run --force   # even while a master feeds it""",
     "cancel": """examples:
   python -m master cancel --base /shared/base --run multiply-100-1a2b3c4d                  # queued work only
   python -m master cancel --base /shared/base --run R --stop-running                        # kill running chunks too
@@ -233,6 +239,41 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_runs(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from master.control import list_runs
+
+    runs = list_runs(_spool(args))
+    if args.json:
+        print(json.dumps([asdict(r) for r in runs], indent=1))
+        return 0
+    print(f"{'RUN':<40} {'STATE':<10} {'CHUNKS':>7} {'OK':>7} {'FAILED':>7} {'SIZE':>9}  LAST ACTIVITY")
+    for r in runs:
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(r.last_activity)) if r.last_activity else "-"
+        print(f"{r.run:<40} {r.state:<10} {r.chunks if r.chunks is not None else '-':>7} {r.ok:>7} {r.failed:>7} "
+              f"{_size(r.bytes):>9}  {when}")
+    if not runs:
+        print("(no runs yet)")
+    return 0
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    from master.control import remove_run
+
+    freed = remove_run(_spool(args), args.run, args.force)
+    print(f"removed run {args.run}: its results, logs and queued jobs ({_size(freed)})")
+    return 0
+
+
 def _agent_line(rep) -> str:
     cur = rep.current
     running = (f"still running {cur.get('run')} chunk {cur.get('chunk_id')} (attempt {cur.get('attempt')}, "
@@ -342,6 +383,15 @@ def _cancel_args(k: argparse.ArgumentParser) -> None:
     k.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the master/agents to stop")
 
 
+def _runs_args(r: argparse.ArgumentParser) -> None:
+    r.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+
+def _rm_args(r: argparse.ArgumentParser) -> None:
+    r.add_argument("--run", required=True, help=RUN_HELP)
+    r.add_argument("--force", action="store_true", help="also while a master feeds it (it is cancelled first)")
+
+
 def _agent_args(d: argparse.ArgumentParser) -> None:
     d.add_argument("agent", metavar="AGENT", help="agent id, e.g. myhost-gpu3 (see python -m master status)")
     d.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the agent to answer")
@@ -366,6 +416,8 @@ COMMANDS: list[tuple[str, str, Callable, Callable]] = [  # name, help, implement
     ("collect", "gather a run's results into one .npz, .csv or .jsonl file", cmd_collect, _collect_args),
     ("retry", "re-queue a run's failed chunks (and resume a cancelled run) and feed them", cmd_retry, _retry_args),
     ("cancel", "drop a run's queued work; optionally kill its running chunks", cmd_cancel, _cancel_args),
+    ("runs", "every run: state, chunks ok/failed, size on disk, last activity", cmd_runs, _runs_args),
+    ("rm", "remove a run: its results, logs and queued jobs", cmd_rm, _rm_args),
     ("drain", "an agent finishes its current chunk and takes no more (maintenance)", cmd_drain, _drain_args),
     ("undrain", "a drained agent takes jobs again", cmd_undrain, _agent_args),
     ("dashboard", "serve a self-refreshing status page (and /api/status JSON)", cmd_dashboard, _dashboard_args),

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import socket
 import time
 from dataclasses import dataclass
@@ -118,6 +119,68 @@ def _running(spool: Spool, run: str) -> list[tuple[str, int]]:
         if view.alive and cur.get("run") == run:
             out.append((ident, cur.get("chunk_id")))
     return out
+
+
+# runs and rm ----------------------------------------------------------------------------------
+@dataclass
+class RunInfo:
+    run: str
+    state: str  # feeding (a master holds it), done, failed, cancelled, incomplete, or unreadable
+    chunks: int | None
+    ok: int
+    failed: int
+    bytes: int  # results, logs and the run's own folder on disk
+    last_activity: float | None  # the newest file of the run (results, logs, run folder), by the server's clock
+
+
+def list_runs(spool: Spool) -> list[RunInfo]:
+    """Every run of the spool, what state it is in and what it holds on disk (``runs``)."""
+    out = []
+    for run in spool.run_names():
+        size, newest = _footprint(spool, run)
+        try:
+            spec = load_run(spool, run)
+        except (OSError, SpoolError):
+            out.append(RunInfo(run, "unreadable", None, 0, 0, size, newest))
+            continue
+        statuses = chunk_statuses(spool, spec)
+        ok = sum(1 for v in statuses.values() if v == "ok")
+        failed = len(statuses) - ok
+        state = ("feeding" if not _master_gone(spool, run) else "cancelled" if spool.cancel_flag(run).exists()
+                 else "done" if ok == spec.chunks else "failed" if ok + failed == spec.chunks else "incomplete")
+        out.append(RunInfo(run, state, spec.chunks, ok, failed, size, newest))
+    return out
+
+
+def _footprint(spool: Spool, run: str) -> tuple[int, float | None]:
+    size, newest = 0, None
+    for folder in (spool.result_dir(run), spool.run_log_dir(run), spool.run_dir(run)):
+        for root, _, files in os.walk(folder):
+            for name in files:
+                try:
+                    st = os.lstat(os.path.join(root, name))
+                except OSError:
+                    continue
+                size += st.st_size
+                newest = st.st_mtime if newest is None else max(newest, st.st_mtime)
+    return size, newest
+
+
+def remove_run(spool: Spool, run: str, force: bool = False) -> int:
+    """Remove a run: its queued jobs, results, logs and run folder (``rm``); returns the bytes
+    freed. Refused while a master feeds it, unless ``force`` (which cancels it first)."""
+    if run not in spool.run_names():
+        raise ControlError(f"no run {run!r} in {spool.base} (see python -m master runs)")
+    if not _master_gone(spool, run):
+        if not force:
+            raise ControlError(f"run {run} is being fed by a master; cancel it first (python -m master cancel "
+                               f"--base {spool.base} --run {run}), or pass --force")
+        cancel_run(spool, run, stop_running=True, timeout=10.0)
+    size, _ = _footprint(spool, run)
+    drop_run(spool, run)
+    for folder in (spool.result_dir(run), spool.run_log_dir(run), spool.run_dir(run)):
+        shutil.rmtree(folder, ignore_errors=True)
+    return size
 
 
 # drain ----------------------------------------------------------------------------------------

@@ -427,3 +427,33 @@ def test_status_of_one_run_lists_every_chunk_with_its_state_agent_attempt_and_er
     failed = json.loads(master(["status", "--base", str(spool.base), "--run", "oops", "--state", "failed", "--json"],
                                env).stdout)
     assert [(r["chunk"], r["attempt"], r["error"]) for r in failed] == [(1, 1, "ValueError: chunk refuses")]
+
+
+@pytest.mark.timeout(120)
+def test_runs_lists_state_and_size_and_rm_removes_a_run_but_not_one_being_fed(spool: Spool, agents, env) -> None:
+    agents(1)
+    assert run_main(["--base", str(spool.base), "--task", "examples.noop:square", "--chunks", "5", "--run", "old",
+                     "--no-progress"], env).returncode == 0
+    feeder = main_bg(["--base", str(spool.base), "--task", "examples.noop:sleepy", "--chunks", "40", "--kwargs",
+                      '{"seconds": 0.5}', "--run", "busy"], env)
+    try:
+        wait_for(lambda: spool.result_dir("busy").exists() and len(results(spool.base, "busy")) >= 1, 60,
+                 "the busy run under way")
+        runs = {r["run"]: r for r in json.loads(master(["runs", "--base", str(spool.base), "--json"], env).stdout)}
+        assert (runs["old"]["state"], runs["old"]["ok"], runs["old"]["chunks"]) == ("done", 5, 5)
+        assert runs["old"]["bytes"] > 0 and runs["old"]["last_activity"] is not None
+        assert runs["busy"]["state"] == "feeding"
+        refused = master(["rm", "--base", str(spool.base), "--run", "busy"], env)
+        assert refused.returncode == 2 and "is being fed by a master" in refused.stderr and "--force" in refused.stderr
+        assert spool.result_dir("busy").exists()
+        gone = master(["rm", "--base", str(spool.base), "--run", "old"], env)
+        assert gone.returncode == 0 and "removed run old" in gone.stdout
+        assert not spool.result_dir("old").exists() and not spool.run_dir("old").exists()
+        forced = master(["rm", "--base", str(spool.base), "--run", "busy", "--force"], env)
+        assert forced.returncode == 0, forced.stderr
+        feeder.wait(timeout=60)  # cancelled under it: it stops
+    finally:
+        feeder.kill()
+    assert json.loads(master(["runs", "--base", str(spool.base), "--json"], env).stdout) == []
+    for ident in spool.agent_ids():
+        assert '"busy"' not in spool.mailbox(ident).read_text()
