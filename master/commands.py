@@ -61,6 +61,8 @@ TOP_EPILOG = """examples (one per command; python -m master COMMAND --help shows
   python -m master collect   --base /tmp/b --run RUN --out results.npz
   python -m master retry     --base /tmp/b --run RUN
   python -m master cancel    --base /tmp/b --run RUN --stop-running
+  python -m master runs      --base /tmp/b
+  python -m master rm        --base /tmp/b --run RUN
   python -m master drain     --base /tmp/b myhost-gpu3     (undrain to undo)
   python -m master dashboard --base /tmp/b --port 8265"""
 
