@@ -135,6 +135,20 @@ def bind(fn: Callable[..., Any], args: tuple, kwargs: dict[str, Any]) -> dict[st
     return out
 
 
+def _caller_name() -> str:
+    """The name of the script (or module) running this Executor, so that its runs say whose they
+    are in ``python -m master runs`` (``executor-sweep-1201-143005-ab12``); the host if unknown."""
+    main = sys.modules.get("__main__")
+    spec, path = getattr(main, "__spec__", None), getattr(main, "__file__", None)
+    if spec is not None and spec.name:  # python -m pkg.tool: "tool" (python -m pkg: "pkg")
+        parts = [p for p in spec.name.split(".") if p != "__main__"]
+        if parts:
+            return slug(parts[-1], 30)
+    if path:
+        return slug(Path(path).stem, 30)
+    return slug(socket.gethostname(), 30)
+
+
 @dataclass
 class _Call:
     chunk: int
@@ -158,7 +172,7 @@ class Executor(futures.Executor):
             if bad:
                 raise ValueError(f"Executor: {why}")
         self.spool = Spool(base).ensure()
-        self.run = run or f"executor-{slug(socket.gethostname(), 30)}-{os.getpid()}-{secrets.token_hex(3)}"
+        self.run = run or f"executor-{_caller_name()}-{time.strftime('%m%d-%H%M%S')}-{secrets.token_hex(2)}"
         self.spool.run_dir(self.run).mkdir(parents=True, exist_ok=True)
         self.spool.run_dirs(self.run)
         self._lock = HolderLock(self.spool.master_lock(self.run))

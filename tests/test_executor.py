@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -182,3 +183,17 @@ def test_functions_of_the_main_script_work_like_multiprocessing_spawn(spool: Spo
                        text=True, timeout=80)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[0, 3, 6, 9]"
+
+
+def test_an_executor_run_is_named_after_the_script_that_made_it(tmp_path: Path, env) -> None:
+    """So that python -m master runs says whose runs pile up (was executor-<host>-<pid>-<hex>)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "my_sweep.py"
+    script.write_text("import sys\nfrom master.executor import Executor\n"
+                      "ex = Executor(sys.argv[1])\nprint(ex.run)\nex.shutdown()\n")
+    r = subprocess.run([sys.executable, str(script), str(tmp_path / "b")], env=env, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert re.fullmatch(r"executor-my_sweep-\d{4}-\d{6}-[0-9a-f]{4}", r.stdout.strip()), r.stdout
