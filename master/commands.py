@@ -51,9 +51,9 @@ Undo: python -m master retry --base /shared/base --run R (or re-run the same mai
     "undrain": """examples:
   python -m master undrain --base /shared/base myhost-gpu3""",
     "dashboard": """examples:
-  python -m master dashboard --base /shared/base                 # http://127.0.0.1:8265/
+  python -m master dashboard --base /shared/base                 # http://127.0.0.1:8473/
   python -m master dashboard --base /shared/base --port 9000 --refresh 5
-  ssh -L 8265:127.0.0.1:8265 gpuhost   # to look from your laptop; --host 0.0.0.0 exposes it to the network""",
+  ssh -L 8473:127.0.0.1:8473 gpuhost   # to look from your laptop; --host 0.0.0.0 exposes it to the network""",
 }
 TOP_EPILOG = """examples (one per command; python -m master COMMAND --help shows more):
   python -m master status    --base /tmp/b --watch
@@ -64,7 +64,7 @@ TOP_EPILOG = """examples (one per command; python -m master COMMAND --help shows
   python -m master runs      --base /tmp/b
   python -m master rm        --base /tmp/b --run RUN
   python -m master drain     --base /tmp/b myhost-gpu3     (undrain to undo)
-  python -m master dashboard --base /tmp/b --port 8265"""
+  python -m master dashboard --base /tmp/b --port 8473"""
 
 
 def _die(cmd: str, message: str, code: int = 2) -> int:
@@ -406,7 +406,8 @@ def _drain_args(d: argparse.ArgumentParser) -> None:
 
 
 def _dashboard_args(db: argparse.ArgumentParser) -> None:
-    db.add_argument("--port", type=int, default=8265, help="TCP port (default 8265; 0 picks a free one)")
+    db.add_argument("--port", type=int, default=8473, help="TCP port (default 8473, which no common tool uses; "
+                    "Ray's dashboard has 8265; 0 picks a free one)")
     db.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     db.add_argument("--refresh", type=float, default=2.0, help="page refresh interval, seconds (default 2)")
     _dead_after(db)

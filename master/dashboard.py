@@ -142,7 +142,7 @@ class _Handler(BaseHTTPRequestHandler):
         pass  # one line per request every few seconds would drown the terminal
 
 
-def make_server(spool: Spool, host: str = "127.0.0.1", port: int = 8265, refresh: float = 2.0,
+def make_server(spool: Spool, host: str = "127.0.0.1", port: int = 8473, refresh: float = 2.0,
                 dead_after: float = 20.0) -> ThreadingHTTPServer:
     """A dashboard server for ``spool`` (not yet serving: call ``serve_forever``)."""
     handler = type("Handler", (_Handler,), {"reader": StatusReader(spool, dead_after), "refresh": refresh})
