@@ -4,7 +4,8 @@
   concatenated along the first axis with ``concat``; plus ``chunk_id`` (the chunks included)
   and ``run_json`` (the run's metadata and each chunk's agent and times, as JSON text).
 * ``.csv`` / ``.jsonl``: one row per chunk: run, chunk_id, status, attempt, agent, host,
-  device, started_at, finished_at, duration_s, and the value (a dict's keys become
+  device, started_at, finished_at (ISO 8601 with the time zone; ``*_epoch``: the Unix time),
+  duration_s, and the value (a dict's keys become
   columns; other values a ``value`` column, JSON-encoded in CSV when not a plain scalar).
 
 The output is written to a temporary name beside it and renamed into place.
@@ -16,6 +17,7 @@ import io
 import json
 import os
 from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,7 @@ from jobs.atomic import write_replace
 from jobs.errors import BadFile, SpoolError
 from jobs.npzio import load_npz
 from jobs.paths import Spool
+from jobs.jsonio import is_time
 from jobs.results import read_result, scan_run
 from master.runspec import RunSpec, load_run
 
@@ -148,6 +151,8 @@ def rows(recs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for rec in recs:
         row = {k: rec.get(k) for k in META}
+        for k in ("started_at", "finished_at"):  # ISO 8601 with the time zone; the epoch beside it
+            row[k], row[f"{k}_epoch"] = iso_time(row[k]), row[k]
         value = rec.get("value")
         if isinstance(value, dict) and value:
             row.update({(k if k not in META else f"value.{k}"): v for k, v in value.items()})
@@ -155,6 +160,13 @@ def rows(recs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             row["value"] = value
         out.append(row)
     return out
+
+
+def iso_time(t: Any) -> str | None:
+    """A Unix time as ISO 8601 in this machine's time zone (``2026-12-01T14:30:05.123+01:00``)."""
+    if not is_time(t):
+        return None
+    return datetime.fromtimestamp(t, timezone.utc).astimezone().isoformat(timespec="milliseconds")
 
 
 def _write_table(recs: list[dict[str, Any]], out: Path) -> list[str]:
@@ -170,7 +182,7 @@ def _write_table(recs: list[dict[str, Any]], out: Path) -> list[str]:
             w.writerow({k: _cell(v) for k, v in r.items()})
         data = buf.getvalue()
     write_replace(out.resolve(), data.encode())
-    return [c for c in columns if c not in META]
+    return [c for c in columns if c not in META and not c.endswith("_at_epoch")]
 
 
 def _cell(v: Any) -> Any:

@@ -206,6 +206,9 @@ def test_collect_arrays_values_and_refusals(spool: Spool, agents, env, tmp_path:
     assert master(["collect", "--base", b, "--run", "sq", "--out", str(tmp_path / "sq.jsonl")], env).returncode == 0
     recs = [json.loads(x) for x in (tmp_path / "sq.jsonl").read_text().splitlines()]
     assert [x["square"] for x in recs] == [c * c for c in range(5)] and recs[0]["run"] == "sq"
+    from datetime import datetime
+    when = datetime.fromisoformat(recs[0]["started_at"])  # ISO 8601 with its time zone, the epoch beside it
+    assert when.tzinfo is not None and abs(when.timestamp() - recs[0]["started_at_epoch"]) < 0.001
     refused = master(["collect", "--base", b, "--run", "fl", "--out", str(tmp_path / "fl.csv")], env)
     assert refused.returncode == 2 and "1 chunk(s) failed (1)" in refused.stderr and "--partial" in refused.stderr
     assert "python -m master retry" in refused.stderr and not (tmp_path / "fl.csv").exists()
