@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from agent.gpu import Gpu, NoGpu, free_gb, visible_gpus
 from agent.identity import agent_id
@@ -41,6 +43,27 @@ def gpu_lock_dir() -> Path:
     return d
 
 
+def gpu_lock(gpu: Gpu) -> Path:
+    """The host-local lock an agent holds on ``gpu`` for its whole life."""
+    return gpu_lock_dir() / f"gpu-{gpu.uuid}.lock"
+
+
+def gpu_holder(gpu: Gpu) -> dict[str, Any] | None:
+    """The agent holding ``gpu`` now (its lock's note: agent, base, pid, since), or None. Judged
+    from the note and the process it names, never by taking the lock (an agent starting at that
+    moment would be refused)."""
+    note = HolderLock(gpu_lock(gpu)).holder()
+    pid = note.get("pid")
+    if not isinstance(pid, int) or note.get("host") != socket.gethostname():
+        return None
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
+        return None
+    return note if state != "Z" and b"agent" in argv else None
+
+
 def claim(spool: Spool, probe: NoGpu, host: str, gpu: str, cpu: bool, min_free_gb: float) -> Slot:
     """Resolve ``--gpu`` (a number or 'auto') to a slot and lock it, or raise SpoolError/LockHeld."""
     gpus = [] if cpu else visible_gpus(probe)
@@ -73,7 +96,7 @@ def _take(spool: Spool, host: str, n: int, gpu: Gpu | None) -> Slot:
     locks = []
     try:
         if gpu is not None:
-            lk = HolderLock(gpu_lock_dir() / f"gpu-{gpu.uuid}.lock")
+            lk = HolderLock(gpu_lock(gpu))
             lk.take(f"GPU {gpu.index} ({gpu.name})", agent=ident, base=str(spool.base))
             locks.append(lk)
         lk = HolderLock(spool.agent_lock(ident))

@@ -34,6 +34,9 @@ EXAMPLES = {
     "retry": """examples:
   python -m master retry --base /shared/base --run multiply-100-1a2b3c4d
   python -m master retry --base /shared/base --run R --retries 0 --no-progress""",
+    "gpus": """examples:
+  python -m master gpus                     # on a GPU machine: which GPU is free, which agent holds which
+  python -m master gpus --json""",
     "runs": """examples:
   python -m master runs --base /shared/base
   python -m master runs --base /shared/base --json | jq '.[] | select(.state == "done") | .run'""",
@@ -62,6 +65,7 @@ TOP_EPILOG = """examples (one per command; python -m master COMMAND --help shows
   python -m master retry     --base /tmp/b --run RUN
   python -m master cancel    --base /tmp/b --run RUN --stop-running
   python -m master runs      --base /tmp/b
+  python -m master gpus
   python -m master rm        --base /tmp/b --run RUN
   python -m master drain     --base /tmp/b myhost-gpu3     (undrain to undo)
   python -m master dashboard --base /tmp/b --port 8473"""
@@ -276,6 +280,38 @@ def cmd_rm(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_gpus(args: argparse.Namespace) -> int:
+    """This host's GPUs (NVML, as CUDA_VISIBLE_DEVICES lets this process see them) and which
+    agent holds each, like OctoRun's list_gpus and KohakuRiver's node list."""
+    from agent.gpu import make_probe, visible_gpus
+    from agent.slot import gpu_holder
+
+    probe = make_probe()
+    gpus = visible_gpus(probe)
+    rows = []
+    for n, gpu in enumerate(gpus):
+        m = probe.metrics(gpu.index)
+        holder = gpu_holder(gpu) or {}
+        rows.append({"gpu": n, "nvml_index": gpu.index, "uuid": gpu.uuid, "name": gpu.name, "util": m.get("util"),
+                     "mem_used": m.get("mem_used"), "mem_total": m.get("mem_total"), "temp": m.get("temp"),
+                     "agent": holder.get("agent"), "base": holder.get("base"), "agent_pid": holder.get("pid")})
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    if not rows:
+        print(f"no GPU visible here: {getattr(probe, 'why', 'none')} (agents run as CPU ranks: ./start_agents.sh N BASE "
+              "--cpu)")
+        return 0
+    print(f"{'GPU':>3} {'NVML':>4} {'NAME':<24} {'UTIL':>5} {'MEM GB':>13} {'TEMP':>5}  {'AGENT':<22} {'UUID'}")
+    for r in rows:
+        mem = f"{(r['mem_used'] or 0) / 2**30:.1f}/{r['mem_total'] / 2**30:.1f}" if r["mem_total"] else "-"
+        util = f"{r['util']}%" if r["util"] is not None else "-"
+        temp = f"{r['temp']}C" if r["temp"] is not None else "-"
+        who = f"{r['agent']} ({r['base']})" if r["agent"] else "free"
+        print(f"{r['gpu']:>3} {r['nvml_index']:>4} {r['name'][:24]:<24} {util:>5} {mem:>13} {temp:>5}  {who:<22} {r['uuid']}")
+    return 0
+
+
 def _agent_line(rep) -> str:
     cur = rep.current
     running = (f"still running {cur.get('run')} chunk {cur.get('chunk_id')} (attempt {cur.get('attempt')}, "
@@ -332,8 +368,9 @@ def _sub(sub: argparse._SubParsersAction, name: str, help_: str, fn: Callable) -
     p = sub.add_parser(name, help=help_, description=help_, epilog=EXAMPLES[name],
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     base = os.environ.get("GPUPOOL_BASE") or None
-    p.add_argument("--base", required=base is None, default=base,
-                   help="the spool folder the agents serve (default: $GPUPOOL_BASE)")
+    if name != "gpus":  # about this host, not a spool
+        p.add_argument("--base", required=base is None, default=base,
+                       help="the spool folder the agents serve (default: $GPUPOOL_BASE)")
     p.set_defaults(fn=fn)
     return p
 
@@ -385,6 +422,10 @@ def _cancel_args(k: argparse.ArgumentParser) -> None:
     k.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the master/agents to stop")
 
 
+def _gpus_args(g: argparse.ArgumentParser) -> None:
+    g.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+
 def _runs_args(r: argparse.ArgumentParser) -> None:
     r.add_argument("--json", action="store_true", help="print JSON for scripts")
 
@@ -419,6 +460,8 @@ COMMANDS: list[tuple[str, str, Callable, Callable]] = [  # name, help, implement
     ("collect", "gather a run's results into one .npz, .csv or .jsonl file", cmd_collect, _collect_args),
     ("retry", "re-queue a run's failed chunks (and resume a cancelled run) and feed them", cmd_retry, _retry_args),
     ("cancel", "drop a run's queued work; optionally kill its running chunks", cmd_cancel, _cancel_args),
+    ("gpus", "this host's GPUs (index, UUID, name, memory, utilisation) and the agent holding each", cmd_gpus,
+     _gpus_args),
     ("runs", "every run: state, chunks ok/failed, size on disk, last activity", cmd_runs, _runs_args),
     ("rm", "remove a run: its results, logs and queued jobs", cmd_rm, _rm_args),
     ("drain", "an agent finishes its current chunk and takes no more (maintenance)", cmd_drain, _drain_args),

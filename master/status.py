@@ -7,6 +7,7 @@ never change, so each result file is read once.
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -69,8 +70,9 @@ class StatusReader:
             except (OSError, BadFile):
                 jobs = []
             cur = v.status.get("current") if v.alive else None
-            if isinstance(cur, dict) and self._over(cur):  # a heartbeat a little older than the job's end
-                cur = None
+            if isinstance(cur, dict) and (ended := self._over(cur)) is not None:  # the heartbeat is older than
+                ahead = v.status.get("ahead")  # the job's end: the job sent ahead (if any) has run since then
+                cur = {**ahead, "since": ended} if isinstance(ahead, dict) and self._over(ahead) is None else None
             if isinstance(cur, dict) and isinstance(cur.get("run"), str):  # running = what agents say they run
                 running[cur["run"]] = running.get(cur["run"], 0) + 1
             for j in jobs:
@@ -79,15 +81,22 @@ class StatusReader:
             agents.append(_agent_row(ident, v, cur, len(jobs), self.spool.drain_flag(ident).exists()))
         return agents, queued, running
 
-    def _over(self, cur: dict[str, Any]) -> bool:
-        """The job a heartbeat names as current already has its outcome on disk."""
+    def _over(self, cur: dict[str, Any]) -> float | None:
+        """When the job a heartbeat names ended, if its outcome is on disk (the mtime of its final
+        result or of its attempt's history), else None."""
         run, chunk, attempt = cur.get("run"), cur.get("chunk_id"), cur.get("attempt")
         if not (isinstance(run, str) and is_int(chunk) and is_int(attempt)):
-            return False
+            return None
         try:
-            return has_outcome(self.spool, (run, chunk, attempt), attempt + 1)
-        except (OSError, SpoolError):  # a name no run can have: judged as the heartbeat says
-            return False
+            paths = (self.spool.result_json(run, chunk), self.spool.history_json(run, chunk, attempt))
+        except SpoolError:  # a name no run can have: judged as the heartbeat says
+            return None
+        for path in paths:
+            try:
+                return os.stat(path).st_mtime
+            except OSError:
+                continue
+        return None
 
     def _run(self, name: str, queued: int, running: int) -> tuple[dict[str, Any], dict[str, Any]] | None:
         """(the run's row, its progress: chunks/s from results' finished_at, ETA, cancelled)."""

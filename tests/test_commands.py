@@ -340,7 +340,7 @@ def test_every_command_help_shows_an_example(capsys) -> None:
             parser().parse_args([cmd, "--help"])
         assert e.value.code == 0
         out = capsys.readouterr().out
-        assert "examples:" in out and f"python -m master {cmd} --base" in out, cmd
+        assert "examples:" in out and (f"python -m master {cmd} --base" in out or cmd == "gpus"), cmd
     with pytest.raises(SystemExit):
         parser().parse_args(["--help"])
     top = capsys.readouterr().out
@@ -460,3 +460,19 @@ def test_runs_lists_state_and_size_and_rm_removes_a_run_but_not_one_being_fed(sp
     assert json.loads(master(["runs", "--base", str(spool.base), "--json"], env).stdout) == []
     for ident in spool.agent_ids():
         assert '"busy"' not in spool.mailbox(ident).read_text()
+
+
+@pytest.mark.timeout(120)
+def test_gpus_lists_this_hosts_gpus_and_the_agent_holding_each(spool: Spool, agents, tmp_path: Path) -> None:
+    gpus = [{"name": "Fake H100", "mem_total_gb": 80, "mem_used_gb": 3, "util": 71, "temp": 55}, {"name": "Fake B"}]
+    genv = base_env(tmp_path, GPUPOOL_FAKE_GPUS=json.dumps(gpus))
+    [a] = agents(1, env_=genv, cpu=False)
+    r = master(["gpus", "--json"], genv)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)
+    assert [(g["gpu"], g["name"], g["agent"]) for g in rows] == [(0, "Fake H100", a.id), (1, "Fake B", None)]
+    assert rows[0]["base"] == str(spool.base) and rows[0]["agent_pid"] == a.proc.pid and rows[0]["util"] == 71
+    table = master(["gpus"], genv).stdout
+    assert "Fake H100" in table and a.id in table and "free" in table
+    a.kill()
+    assert json.loads(master(["gpus", "--json"], genv).stdout)[0]["agent"] is None  # its lock's note outlives it
