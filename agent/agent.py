@@ -110,7 +110,9 @@ class Agent:
         self.last_error: str | None = None
         self._deferred: set[tuple] = set()  # Job.uid of the jobs a former process of this agent died under
         self._defer_until = 0.0
-        self.died_under: list[dict[str, Any]] = []  # what the heartbeat of the former process showed running
+        self.died_under: list[dict[str, Any]] = []
+        self._gpu_error: str | None = None  # the GPU stopped answering NVML (see _gpu_metrics)
+        self._gpu_drained = False  # what the heartbeat of the former process showed running
         # What the current worker process was sent (see _worker_seen): its identity, how many
         # jobs, the task module of each run; the jobs that were the first of their process.
         self._wid: tuple | None = None
@@ -223,6 +225,10 @@ class Agent:
             if self._execute(job, self._next_callable(self._read().jobs, job)):
                 self._finished.add(job.uid)
             return True
+        if self._gpu_error is not None and not self._gpu_drained:
+            self._gpu_drained = True
+            self._drain_self(f"drained itself: its GPU does not answer ({self._gpu_error}). Check it (nvidia-smi), "
+                             f"then: python -m master undrain --base {self.spool.base} {self.id}")
         if self._draining() or time.monotonic() < self.pause_until:
             return False
         jobs = self._read().jobs
@@ -381,8 +387,9 @@ class Agent:
         if drain != (self.state is AgentState.DRAINING):
             self.state = AgentState.DRAINING if drain else AgentState.IDLE
             logger.info("agent {}: {}", self.id, "draining: no new jobs" if drain else "drain lifted")
-            if not drain:  # undrained: GPU faults are counted afresh
+            if not drain:  # undrained: GPU faults are counted afresh, and a GPU still lost drains it again
                 self._faults.clear()
+                self._gpu_error, self._gpu_drained = None, False
                 if self.last_error is not None and self.last_error == self._drained_why:
                     self.last_error = None
                 self._drained_why = None
@@ -510,13 +517,15 @@ class Agent:
         if 0 < self.cfg.gpu_fault_limit <= len(self._faults):
             self._drain_self()
 
-    def _drain_self(self) -> None:
+    def _drain_self(self, why: str | None = None) -> None:
         """Set this agent's drain flag (``python -m master undrain`` lifts it) and say why in the
-        heartbeat's ``last_error``: masters hand its queued jobs to other agents."""
-        chunks = ", ".join(f"{run} chunk {c}" for run, c in self._faults)
-        why = (f"drained itself: {len(self._faults)} different chunks in a row failed with GPU errors that are not "
-               f"their own ({chunks}); the last: {list(self._faults.values())[-1]}. Check the GPU (nvidia-smi), "
-               f"then: python -m master undrain --base {self.spool.base} {self.id}")
+        heartbeat's ``last_error``: masters hand its queued jobs to other agents. ``why``: the
+        GPU's faults in a row (``_count_gpu_fault``) when not given."""
+        if why is None:
+            chunks = ", ".join(f"{run} chunk {c}" for run, c in self._faults)
+            why = (f"drained itself: {len(self._faults)} different chunks in a row failed with GPU errors that are "
+                   f"not their own ({chunks}); the last: {list(self._faults.values())[-1]}. Check the GPU "
+                   f"(nvidia-smi), then: python -m master undrain --base {self.spool.base} {self.id}")
         self._faults.clear()
         self._drained_why = self.last_error = f"{time.strftime('%H:%M:%S')} {why}"
         logger.error("agent {}: {}", self.id, why)
@@ -634,6 +643,19 @@ class Agent:
                     logger.info("agent {}: {} grew past --log-limit-mb; its older lines are in {}.1", self.id,
                                 log.name, log.name)
 
+    def _gpu_metrics(self) -> dict[str, Any]:
+        """The GPU's figures for the heartbeat; a GPU that does not answer (lost, its driver gone)
+        gives ``{"error": ...}``, said once in the log, and the agent drains itself (``step``):
+        the heartbeat goes on, so masters see the drain and take its queued jobs back."""
+        try:
+            return self.probe.metrics(self.slot.gpu.index)
+        except Exception as e:  # NVMLError_GpuIsLost and friends
+            error = f"{type(e).__name__}: {e}"
+            if self._gpu_error is None:
+                logger.error("agent {}: its GPU does not answer: {}", self.id, error)
+                self._gpu_error = error
+            return {"error": error}
+
     def write_heartbeat(self) -> None:
         with self._hb_lock:
             self._seq += 1
@@ -654,7 +676,7 @@ class Agent:
                 "last_error": self.last_error,
                 "died_under": self.died_under,  # see master.dispatcher.Dispatcher._restarted
                 "mailbox_lag_s": None if self.mailbox_lag is None else round(self.mailbox_lag, 4),
-                "gpu": self.probe.metrics(self.slot.gpu.index) if self.slot.gpu else None,
+                "gpu": self._gpu_metrics() if self.slot.gpu else None,
             }
             write_status(self.spool, self.id, status)
 

@@ -82,6 +82,10 @@ class NvmlProbe(NoGpu):
         return None
 
 
+class FakeGpuIsLost(RuntimeError):
+    """What NVML raises as NVMLError_GpuIsLost when a GPU falls off the bus (fake probe only)."""
+
+
 class FakeProbe(NoGpu):
     def __init__(self, spec: list[dict[str, Any]]) -> None:
         self.spec = spec
@@ -95,6 +99,8 @@ class FakeProbe(NoGpu):
 
     def metrics(self, index: int) -> dict[str, Any]:
         s = self.spec[index]
+        if s.get("lost_if") and os.path.exists(s["lost_if"]):  # tests: a GPU lost at run time
+            raise FakeGpuIsLost("GPU is lost (the fake probe's lost_if file exists)")
         return {"name": s.get("name", "Fake GPU"), "util": s.get("util", 0), "temp": s.get("temp", 40),
                 "mem_used": int(s.get("mem_used_gb", 0) * GIB), "mem_total": int(s.get("mem_total_gb", 16) * GIB)}
 

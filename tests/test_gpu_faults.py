@@ -349,3 +349,30 @@ def test_out_of_memory_frees_gpu_memory_before_the_next_job_in_the_same_worker(s
     ok_pids = {res[c]["value"]["pid"] for c in (0, 2, 4)}
     assert len(ok_pids) == 1  # no fresh worker for an out-of-memory error: the memory is given back instead
     assert log.read_text().splitlines() == [f"empty_cache {ok_pids.pop()}"] * 2
+
+
+@pytest.mark.timeout(120)
+def test_a_gpu_lost_at_run_time_drains_its_agent_whose_heartbeat_goes_on(spool: Spool, agents,
+                                                                        tmp_path: Path) -> None:
+    """NVML's "GPU is lost": the heartbeat used to stop (and thousands of log lines piled up); now
+    it reports the error, the agent drains itself (said once), and its queued jobs go elsewhere."""
+    lost = tmp_path / "gpu0.lost"
+    gpus = json.dumps([{"name": "Fake A", "lost_if": str(lost)}, {"name": "Fake B"}])
+    env = torch_env(tmp_path, GPUPOOL_FAKE_GPUS=gpus)
+    sick, well = agents(2, env_=env, cpu=False)
+    lost.touch()
+    hb = wait_for(lambda: (h := sick.heartbeat()) and h["state"] == "draining" and h, 60, "the agent to drain")
+    assert "GpuIsLost" in hb["gpu"]["error"] and "its GPU does not answer" in hb["last_error"]
+    seq = hb["seq"]
+    wait_for(lambda: sick.heartbeat()["seq"] > seq + 2, 30, "heartbeats going on")
+    r = run_main(main_args(spool, "after-lost", 6, {"modes": ["ok"] * 6}), env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert {rec["agent"] for rec in results(spool.base, "after-lost").values()} == {well.id}
+    out = sick.output()
+    assert out.count("its GPU does not answer: ") == 1 and out.count("drained itself") == 1, out
+    assert sick.proc.poll() is None
+    lost.unlink()  # back (a reset): undrained by hand, it serves again
+    subprocess.run([sys.executable, "-m", "master", "undrain", "--base", str(spool.base), sick.id], cwd=REPO, env=env,
+                   capture_output=True, timeout=60, check=True)
+    wait_for(lambda: sick.heartbeat()["state"] == "idle" and not (sick.heartbeat()["gpu"] or {}).get("error"), 30,
+             "the agent serving again")
