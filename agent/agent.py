@@ -170,12 +170,14 @@ class Agent:
                        ", ".join(f"{j.run} chunk {j.chunk_id} attempt {j.attempt}" for j in suspects), RESTART_DEFER_S)
 
     def shutdown(self) -> None:
-        self._set_state(AgentState.STOPPING)
-        self.watcher.stop()
-        self.worker.stop()
-        self._hb_stop.set()
-        self._set_state(AgentState.STOPPED)
-        self.slot.release()
+        """Every step is tried whatever the others do (a full disk, a lost GPU): the worker is always
+        stopped and the GPU and agent locks always released."""
+        for step in (lambda: self._set_state(AgentState.STOPPING), self.watcher.stop, self.worker.stop,
+                     self._hb_stop.set, lambda: self._set_state(AgentState.STOPPED), self.slot.release):
+            try:
+                step()
+            except Exception:
+                logger.exception("agent {}: a step of its shutdown failed; going on with the others", self.id)
         logger.info("agent {} stopped after {} ok / {} failed jobs", self.id, self.done, self.failed)
 
     def install_signals(self) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -280,3 +281,27 @@ def test_a_job_queued_again_after_a_cancel_is_run(spool: Spool, make_agent) -> N
     spool.cancel_flag("r").unlink()
     Mailbox(spool, "t-cpu0").update(lambda jobs: [cjob(0, submitted_at=2.0)])  # the resumed run's master
     assert agent.step() and read_result(spool.result_json("r", 0))["status"] == "ok"
+
+
+def test_shutdown_stops_the_worker_and_releases_the_gpu_even_when_the_heartbeat_cannot_be_written(
+        spool: Spool, tmp_path: Path) -> None:
+    from jobs.locks import HolderLock
+
+    lock_path = tmp_path / "gpu.lock"
+    gpu_lock = HolderLock(lock_path)
+    gpu_lock.take("GPU 0", agent="t-cpu0")
+    stopped: list[bool] = []
+
+    class Worker(InProcessWorker):
+        def stop(self) -> None:
+            stopped.append(True)
+
+    a = Agent(spool, Slot("t-cpu0", 0, None, [gpu_lock]), NoGpu(), "t", AgentConfig(watch="poll"), worker=Worker())
+    a.mailbox.ensure()
+    shutil.rmtree(spool.agents_dir)
+    spool.agents_dir.write_text("a file where the agents folder was")  # every heartbeat write fails now
+    a.shutdown()
+    assert stopped == [True]
+    other = HolderLock(lock_path)
+    other.take("GPU 0", agent="next")  # released: the next agent gets the GPU
+    other.close()
