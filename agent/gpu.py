@@ -23,6 +23,7 @@ class Gpu:
     token: str  # what to put in CUDA_VISIBLE_DEVICES for it
     uuid: str
     name: str
+    error: str | None = None  # NVML could not describe it (lost, no permission...): no agent may take it
 
 
 class NoGpu:
@@ -95,6 +96,8 @@ class FakeProbe(NoGpu):
 
     def describe(self, index: int) -> Gpu:
         s = self.spec[index]
+        if s.get("broken"):  # tests: a GPU NVML cannot describe
+            raise FakeGpuIsLost(f"NVML cannot describe GPU {index} (the fake probe's 'broken')")
         return Gpu(index, str(index), f"GPU-fake-{index}", s.get("name", "Fake GPU"))
 
     def metrics(self, index: int) -> dict[str, Any]:
@@ -132,7 +135,7 @@ def visible_gpus(probe: NoGpu, env: dict[str, str] | None = None) -> list[Gpu]:
     env = os.environ if env is None else env
     cvd = env.get("CUDA_VISIBLE_DEVICES")
     if cvd is None:
-        return [probe.describe(i) for i in range(probe.count())]
+        return [_describe(probe, i) for i in range(probe.count())]
     out = []
     for token in (t.strip() for t in cvd.split(",")):
         if not token or token == "-1":
@@ -140,13 +143,24 @@ def visible_gpus(probe: NoGpu, env: dict[str, str] | None = None) -> list[Gpu]:
         if token.isdigit():
             if int(token) >= probe.count():
                 break
-            out.append(Gpu(int(token), token, probe.describe(int(token)).uuid, probe.describe(int(token)).name))
+            g = _describe(probe, int(token))
+            out.append(Gpu(g.index, token, g.uuid, g.name, g.error))
         else:
             idx = probe.index_of_uuid(token)
             if idx is None:
                 break
-            out.append(Gpu(idx, token, token, probe.describe(idx).name))
+            g = _describe(probe, idx)
+            out.append(Gpu(idx, token, token, g.name, g.error))
     return out
+
+
+def _describe(probe: NoGpu, index: int) -> Gpu:
+    """``probe.describe``; a GPU NVML cannot describe (lost, NO_PERMISSION, ...) is kept in its place
+    (``--gpu N`` counts every visible GPU) with its error, so that only its own agent is refused."""
+    try:
+        return probe.describe(index)
+    except Exception as e:
+        return Gpu(index, str(index), f"unusable-{index}", "unusable", f"{type(e).__name__}: {e}")
 
 
 def free_gb(probe: NoGpu, gpu: Gpu) -> float:

@@ -70,8 +70,10 @@ def pid_alive(pid: int) -> bool:
 
 
 def start(base: str, n: int, cpu: bool = False, host: str | None = None, agent_args: list[str] | None = None,
-          timeout: float = 120.0, numbers: list[int] | None = None) -> list[Started]:
-    """Start agents for GPUs (or CPU ranks) 0..n-1, or for the given ``numbers``."""
+          timeout: float = 120.0, numbers: list[int] | None = None, partial: bool = False) -> list[Started]:
+    """Start agents for GPUs (or CPU ranks) 0..n-1, or for the given ``numbers``. Raises
+    AgentsFailed if some did not start (an unusable GPU), after starting the others; with
+    ``partial``, says why on stderr and returns those that did, unless none did."""
     spool = Spool(base).ensure()
     host = host_id(host)
     gpus = [] if cpu else visible_gpus(make_probe())
@@ -93,7 +95,26 @@ def start(base: str, n: int, cpu: bool = False, host: str | None = None, agent_a
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT,
                                     env=env, start_new_session=True)  # survives the shell closing
         procs.append((ident, proc, out))
-    return [_wait_ready(spool, ident, proc, out, timeout) for ident, proc, out in procs]
+    started, failed = [], []
+    for ident, proc, out in procs:  # one agent that cannot start (an unusable GPU) stops none of the others
+        try:
+            started.append(_wait_ready(spool, ident, proc, out, timeout))
+        except SpoolError as e:
+            failed.append(str(e))
+    if failed and partial and started:
+        for why in failed:
+            print(f"warning: {why}; going on with {len(started)} agent(s)", file=sys.stderr)
+    elif failed:
+        raise AgentsFailed(started, failed)
+    return started
+
+
+class AgentsFailed(SpoolError):
+    """Some agents did not start (``failures``: one message each); ``started`` did."""
+
+    def __init__(self, started: list[Started], failures: list[str]) -> None:
+        self.started, self.failures = started, failures
+        super().__init__(f"{len(failures)} agent(s) did not start:\n" + "\n".join(failures))
 
 
 def _wait_ready(spool: Spool, ident: str, proc: subprocess.Popen | None, out: Path, timeout: float) -> Started:
@@ -183,13 +204,18 @@ def main(argv: list[str] | None = None) -> int:
         if n < 1:
             print(f"start_agents.sh: N must be at least 1, not {n}", file=sys.stderr)
             return 2
-        started = start(args.base, n, args.cpu, args.host_id, agent_args, args.timeout)
+        try:
+            started, failed = start(args.base, n, args.cpu, args.host_id, agent_args, args.timeout), []
+        except AgentsFailed as e:
+            started, failed = e.started, e.failures
     except SpoolError as e:
         print(f"start_agents.sh: {e}", file=sys.stderr)
         return 1
     for s in started:
         print(f"{s.agent_id:<24} pid {s.pid:<8} {'started' if s.new else 'already running':<16} log {s.log}")
-    return 0
+    for why in failed:
+        print(f"start_agents.sh: {why}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

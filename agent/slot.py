@@ -77,8 +77,11 @@ def claim(spool: Spool, probe: NoGpu, host: str, gpu: str, cpu: bool, min_free_g
         if gpus and n >= len(gpus):
             raise SpoolError(f"--gpu {n}: there is no GPU {n} on this host; it has {len(gpus)} "
                              f"visible GPU(s), numbered 0..{len(gpus) - 1}")
+        if gpus and gpus[n].error:
+            raise SpoolError(f"--gpu {n}: GPU {n} (NVML index {gpus[n].index}) is unusable ({gpus[n].error}); "
+                             "no agent runs on it, the others are not affected")
         return _take(spool, host, n, gpus[n] if gpus else None)
-    candidates = [(i, g) for i, g in enumerate(gpus) if free_gb(probe, g) >= min_free_gb] if gpus else \
+    candidates = [(i, g) for i, g in enumerate(gpus) if not g.error and free_gb(probe, g) >= min_free_gb] if gpus else \
         [(i, None) for i in range(MAX_CPU_RANKS)]
     for n, g in candidates:
         try:

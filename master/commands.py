@@ -290,11 +290,15 @@ def cmd_gpus(args: argparse.Namespace) -> int:
     gpus = visible_gpus(probe)
     rows = []
     for n, gpu in enumerate(gpus):
-        m = probe.metrics(gpu.index)
+        try:
+            m = {} if gpu.error else probe.metrics(gpu.index)
+        except Exception as e:  # lost since: said in the row
+            m = {"error": f"{type(e).__name__}: {e}"}
         holder = gpu_holder(gpu) or {}
         rows.append({"gpu": n, "nvml_index": gpu.index, "uuid": gpu.uuid, "name": gpu.name, "util": m.get("util"),
                      "mem_used": m.get("mem_used"), "mem_total": m.get("mem_total"), "temp": m.get("temp"),
-                     "agent": holder.get("agent"), "base": holder.get("base"), "agent_pid": holder.get("pid")})
+                     "agent": holder.get("agent"), "base": holder.get("base"), "agent_pid": holder.get("pid"),
+                     "error": gpu.error or m.get("error")})
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
@@ -307,7 +311,7 @@ def cmd_gpus(args: argparse.Namespace) -> int:
         mem = f"{(r['mem_used'] or 0) / 2**30:.1f}/{r['mem_total'] / 2**30:.1f}" if r["mem_total"] else "-"
         util = f"{r['util']}%" if r["util"] is not None else "-"
         temp = f"{r['temp']}C" if r["temp"] is not None else "-"
-        who = f"{r['agent']} ({r['base']})" if r["agent"] else "free"
+        who = f"{r['agent']} ({r['base']})" if r["agent"] else f"UNUSABLE: {r['error']}" if r["error"] else "free"
         print(f"{r['gpu']:>3} {r['nvml_index']:>4} {r['name'][:24]:<24} {util:>5} {mem:>13} {temp:>5}  {who:<22} {r['uuid']}")
     return 0
 

@@ -41,7 +41,7 @@ def run_demo(demo_dir: str, progress: bool = True) -> int:
     print(f"demo: spool {base}; starting {n} {'GPU' if gpus else 'CPU'} agent(s)"
           f"{'' if gpus else ' (no GPU found)'}")
     shared, data = _inputs(base)
-    started = launcher.start(str(base), n, cpu=not gpus, agent_args=["--heartbeat", "0.5"])
+    started = launcher.start(str(base), n, cpu=not gpus, agent_args=["--heartbeat", "0.5"], partial=True)
     for s in started:
         print(f"  agent {s.agent_id} pid {s.pid}{'' if s.new else ' (already running)'}, log {s.log}")
     try:

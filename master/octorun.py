@@ -129,7 +129,7 @@ def start_agents(spool: Spool, gpus: str | list[int], timeout: float = 120.0) ->
     if bad:
         raise UsageError(f"config 'gpus' lists {bad}, but this host has {len(visible)} visible GPU(s)")
     started = launcher.start(str(spool.base), len(numbers), cpu=not visible, agent_args=["--heartbeat", "0.5"],
-                             timeout=timeout, numbers=numbers)
+                             timeout=timeout, numbers=numbers, partial=True)
     return LocalAgents(spool, [s.agent_id for s in started], [s.agent_id for s in started if s.new])
 
 

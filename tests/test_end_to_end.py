@@ -312,3 +312,25 @@ def test_durations_are_never_negative_with_pipelining(spool: Spool, agents, env)
         sorted(rec["duration_s"] for rec in res.values())[:5]
     assert all(abs(rec["duration_s"] - (rec["finished_at"] - rec["started_at"])) < 1e-5 for rec in res.values())
     assert " -0." not in r.stdout  # the summary's MEAN S
+
+
+@pytest.mark.timeout(120)
+def test_one_unusable_gpu_stops_only_its_own_agent(tmp_path: Path) -> None:
+    """NVML cannot describe GPU 1 (lost, NO_PERMISSION...): start_agents.sh starts the agents of
+    GPUs 0 and 2, names the unusable one, and exits 1; gpus shows it."""
+    from tests.helpers import base_env
+
+    gpus = json.dumps([{"name": "Fake A"}, {"name": "Fake B", "broken": True}, {"name": "Fake C"}])
+    env = base_env(tmp_path, GPUPOOL_FAKE_GPUS=gpus)
+    base, sh = tmp_path / "b", str(REPO / "start_agents.sh")
+    r = subprocess.run([sh, "3", str(base)], env=env, capture_output=True, text=True, timeout=120)
+    try:
+        assert r.returncode == 1, r.stdout + r.stderr
+        assert "testhost-gpu0" in r.stdout and "testhost-gpu2" in r.stdout and r.stdout.count("started") == 2
+        assert "GPU 1 (NVML index 1) is unusable" in r.stderr and "Traceback" not in r.stderr
+        listed = subprocess.run([sys.executable, "-m", "master", "gpus", "--json"], cwd=REPO, env=env,
+                                capture_output=True, text=True, timeout=60)
+        rows = json.loads(listed.stdout)
+        assert [bool(g["error"]) for g in rows] == [False, True, False] and rows[0]["agent"] == "testhost-gpu0"
+    finally:
+        subprocess.run([sh, "stop", str(base)], env=env, capture_output=True, timeout=120)
