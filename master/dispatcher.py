@@ -295,8 +295,8 @@ class Dispatcher:
         for c in chunks:
             agent, attempt = self.inflight[c]
             final = self.spool.result_json(self.run_name, c)
-            try:
-                mtime = os.stat(final).st_mtime
+            try:  # lstat: a link where the result belongs (dangling, or out of BASE) is seen and refused below
+                mtime = os.lstat(final).st_mtime
             except FileNotFoundError:
                 self._collect_history(c, agent, attempt)
                 continue

@@ -110,10 +110,10 @@ class Feeder(Dispatcher):
         """Rebuild everything from the spool (first start, resume, or after a master crash)."""
         spec, rdir = self.spec, self.spool.result_dir(self.spec.name)
         rdir.mkdir(parents=True, exist_ok=True)
-        scan = scan_run(self.spool, spec.name)  # a folder or FIFO where a result belongs is no final: it
-        trusted = sealed(self.spool, spec.name)  # fails as BadResultPath when dispatched, as in a live run
-        for c in sorted(scan.finals):  # sealed: flushed when it finished, so names alone are exact
-            if c >= spec.chunks:
+        scan = scan_run(self.spool, spec.name)
+        trusted = sealed(self.spool, spec.name)
+        for c in sorted(scan.finals.keys() | scan.odd):  # sealed: flushed when it finished, so names alone are
+            if c >= spec.chunks:  # exact; a link, folder or FIFO where a result belongs is read (and refused)
                 continue
             if trusted and scan.ok_by_name(c):
                 self.final[c] = Outcome(JobState.OK.value, 0, None)

@@ -398,3 +398,27 @@ def test_a_run_spec_that_is_a_link_is_refused_not_replaced(spool: Spool, env, tm
                   "--no-progress"], env, timeout=60)
     assert r.returncode == 2 and "run.json" in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert spec.is_symlink()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("target", ["dangling", "outside-file"])
+def test_a_link_where_a_result_belongs_is_refused_and_the_run_still_ends(spool: Spool, agents, env,
+                                                                         tmp_path: Path, target: str) -> None:
+    """Found by the fuzzer: a link at results/<run>/000002.json (dangling, or to a file out of
+    BASE) made the run never end: the agent's commit found the name taken, the master saw no
+    result through the link. Now the link is refused (moved aside) and the chunk runs again."""
+    agents(1)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    if target == "outside-file":
+        (outside / "nothing-here").write_text('{"status": "ok"}')
+    rdir = spool.result_dir("linked")
+    rdir.mkdir(parents=True)
+    os.symlink(outside / "nothing-here", rdir / "000002.json")
+    before = _snapshot(outside)
+    r = run_main(["--base", str(spool.base), "--task", "examples.noop:square", "--chunks", "4", "--run", "linked",
+                  "--no-progress", "--dead-after", "5"], env, timeout=90)
+    assert r.returncode == 0, r.stdout + r.stderr
+    res = results(spool.base, "linked")
+    assert sorted(res) == [0, 1, 2, 3] and res[2]["value"]["square"] == 4
+    assert not (rdir / "000002.json").is_symlink() and _snapshot(outside) == before
