@@ -38,6 +38,9 @@ from jobs.results import read_epoch
 from tests.helpers import REPO, AgentProc, base_env, run_main, wait_for
 
 EXAMPLES = int(os.environ.get("GPUPOOL_FUZZ_EXAMPLES", "6"))
+# CI's short budget draws the same examples every time (a landing never hangs on a new random
+# find); a longer run (GPUPOOL_FUZZ_EXAMPLES set) explores at random and its finds go to the corpus.
+EXPLORE = "GPUPOOL_FUZZ_EXAMPLES" in os.environ
 CORPUS = Path(__file__).parent / "fuzz_corpus"
 
 GOOD_JOB = Job(run="decoy", chunk_id=0, total_chunks=3, kind=JobKind.CALLABLE, target="examples.noop:square",
@@ -211,7 +214,7 @@ def _snapshot(folder: Path) -> list[tuple[str, bytes]]:
                   for p in folder.rglob("*"))
 
 
-IN_PROCESS = settings(max_examples=EXAMPLES * 10, deadline=None,
+IN_PROCESS = settings(max_examples=EXAMPLES * 10, deadline=None, derandomize=not EXPLORE,
                       suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 
@@ -292,7 +295,7 @@ def pool(tmp_path_factory):
 RUNS = iter(range(10**6))
 
 
-@settings(max_examples=EXAMPLES, deadline=None,
+@settings(max_examples=EXAMPLES, deadline=None, derandomize=not EXPLORE,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                                  HealthCheck.data_too_large])
 @given(data=st.data())
