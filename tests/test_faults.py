@@ -302,10 +302,10 @@ def test_a_mailbox_lock_held_by_a_slow_client_costs_that_agent_its_refills_not_t
     other agent is refilled meanwhile, and the held one is refilled once the lock is free."""
     a, b = agents(2)
     holder = frozen_holder(spool.mailbox_lock(a.id))
-    feeder = _feed(spool, env, spool.base / "marks", 200, 0.01, "slowlock")
-    try:
-        wait_for(lambda: len(results(spool.base, "slowlock")) >= 100 if spool.result_dir("slowlock").exists()
-                 else False, 60, "half the run done by the agent whose lock is free")
+    feeder = _feed(spool, env, spool.base / "marks", 200, 0.05, "slowlock")
+    try:  # 60 of 200 chunks of 50 ms: what is left takes the free agent 7 s alone; the held one is retried each second
+        wait_for(lambda: len(results(spool.base, "slowlock")) >= 60 if spool.result_dir("slowlock").exists()
+                 else False, 60, "part of the run done by the agent whose lock is free")
         holder.kill()
         holder.wait()
         out, err = feeder.communicate(timeout=90)
