@@ -110,9 +110,8 @@ class Agent:
         self.last_error: str | None = None
         self._deferred: set[tuple] = set()  # Job.uid of the jobs a former process of this agent died under
         self._defer_until = 0.0
-        self.died_under: list[dict[str, Any]] = []
+        self.died_under: list[dict[str, Any]] = []  # what the former process may have died under (heartbeat)
         self._gpu_error: str | None = None  # the GPU stopped answering NVML (see _gpu_metrics)
-        self._gpu_drained = False  # what the heartbeat of the former process showed running
         # What the current worker process was sent (see _worker_seen): its identity, how many
         # jobs, the task module of each run; the jobs that were the first of their process.
         self._wid: tuple | None = None
@@ -126,8 +125,9 @@ class Agent:
     def start(self) -> None:
         purge_temp([self.spool.pool_dir, self.spool.agents_dir])  # what killed writers left behind
         self.mailbox.ensure()
-        self._defer_what_killed_the_last_one()
-        leftovers = kill_leftovers(self.marks)
+        # after a death only (a graceful stop kills its worker's group, and leaves what a job
+        # detached on purpose alone): no /proc scan at every start
+        leftovers = kill_leftovers(self.marks) if self._defer_what_killed_the_last_one() else []
         if leftovers:
             logger.warning("agent {}: killed {} process(es) that jobs of its former process had started and left "
                            "running (pids {})", self.id, len(leftovers), leftovers[:10])
@@ -139,7 +139,7 @@ class Agent:
         logger.info("agent {} ready: base={} device={} gpu={} watch={} pid={}", self.id, self.spool.base,
                     self.slot.device, self.slot.gpu.index if self.slot.gpu else None, self.watcher.mode, os.getpid())
 
-    def _defer_what_killed_the_last_one(self) -> None:
+    def _defer_what_killed_the_last_one(self) -> bool:
         """A supervisor restarts a dead agent within a second, and the job its former process was
         running may be what killed it. The suspects: the open jobs (no outcome yet) the former
         heartbeat names (running, or in the worker's pipe) or, where it names none (it died before
@@ -147,27 +147,31 @@ class Agent:
         master's rule for a dead agent). They are left alone for ``RESTART_DEFER_S`` and the
         heartbeat names them (``died_under``): masters see the restart (``master.liveness``) and
         take them back under their loss rules, so a crash loop ends; if none does (no master is
-        running), they run afterwards, alone."""
+        running), they run afterwards, alone. True if the former process died (did not stop)."""
         try:
             prev = read_status(self.spool.heartbeat(self.id))
-            jobs = self.mailbox.read().jobs
         except (OSError, BadFile):
-            return
+            return False
         if prev.get("pid") == os.getpid() or prev.get("state") in (AgentState.STOPPING.value,
                                                                    AgentState.STOPPED.value):
-            return
+            return False
+        try:
+            jobs = self.mailbox.read().jobs
+        except (OSError, BadFile):
+            return True
         named = {(b.get("run"), b.get("chunk_id"), b.get("attempt")) for b in (prev.get("current"), prev.get("ahead"))
                  if isinstance(b, dict)}
         open_jobs = [j for j in jobs if not has_outcome(self.spool, j.key, j.max_attempts)]
         suspects = [j for j in open_jobs if j.key in named] or death_suspects(open_jobs)
         if not suspects:
-            return
+            return True
         self._deferred = {j.uid for j in suspects}
         self._defer_until = time.monotonic() + RESTART_DEFER_S
         self.died_under = [{"run": j.run, "chunk_id": j.chunk_id, "attempt": j.attempt} for j in suspects]
         logger.warning("agent {}: its former process {} died while running {}{}; left alone for {:g} s for a master "
                        "to judge", self.id, prev.get("pid"), "" if len(suspects) == 1 else "one of ",
                        ", ".join(f"{j.run} chunk {j.chunk_id} attempt {j.attempt}" for j in suspects), RESTART_DEFER_S)
+        return True
 
     def shutdown(self) -> None:
         """Every step is tried whatever the others do (a full disk, a lost GPU): the worker is always
@@ -227,8 +231,7 @@ class Agent:
             if self._execute(job, self._next_callable(self._read().jobs, job)):
                 self._finished.add(job.uid)
             return True
-        if self._gpu_error is not None and not self._gpu_drained:
-            self._gpu_drained = True
+        if self._gpu_error is not None and self._drained_why is None:  # not drained yet: now
             self._drain_self(f"drained itself: its GPU does not answer ({self._gpu_error}). Check it (nvidia-smi), "
                              f"then: python -m master undrain --base {self.spool.base} {self.id}")
         if self._draining() or time.monotonic() < self.pause_until:
@@ -391,7 +394,7 @@ class Agent:
             logger.info("agent {}: {}", self.id, "draining: no new jobs" if drain else "drain lifted")
             if not drain:  # undrained: GPU faults are counted afresh, and a GPU still lost drains it again
                 self._faults.clear()
-                self._gpu_error, self._gpu_drained = None, False
+                self._gpu_error = None
                 if self.last_error is not None and self.last_error == self._drained_why:
                     self.last_error = None
                 self._drained_why = None

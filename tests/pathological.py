@@ -31,13 +31,18 @@ def _write_pid(pidfile: str, pid: int) -> None:
     os.replace(tmp, pidfile)
 
 
-def fork_then_die(chunk_id: int, pidfile: str) -> None:
-    """Forks a child that outlives it (it sleeps an hour), then the job's process exits with code 3."""
+def _fork_sleeper(pidfile: str) -> None:
+    """Fork a child that sleeps an hour (unless killed); its pid goes to ``pidfile``."""
     child = os.fork()
     if child == 0:
         time.sleep(3600)
         os._exit(0)
     _write_pid(pidfile, child)
+
+
+def fork_then_die(chunk_id: int, pidfile: str) -> None:
+    """Forks a child that outlives it (it sleeps an hour), then the job's process exits with code 3."""
+    _fork_sleeper(pidfile)
     os._exit(3)
 
 
@@ -73,12 +78,7 @@ def own_file_marked(chunk_id: int, marks: str, out_dir: str, mb: float = 1.0) ->
     return path
 
 
-
 def fork_and_hang(chunk_id: int, pidfile: str) -> None:
     """Forks a child that would run an hour, then runs on itself (until its agent is killed)."""
-    child = os.fork()
-    if child == 0:
-        time.sleep(3600)
-        os._exit(0)
-    _write_pid(pidfile, child)
+    _fork_sleeper(pidfile)
     time.sleep(3600)
