@@ -110,10 +110,7 @@ def supersede(spool: Spool, job: Job, why: str) -> None:
 
 
 def _judged_by_a_master(hist: Path) -> bool:
-    try:
-        err = read_result(hist).get("error")
-    except (OSError, BadFile):
-        return False
+    err = (result_or_none(hist) or {}).get("error")
     return isinstance(err, dict) and err.get("type") in JUDGED
 
 
@@ -310,6 +307,14 @@ def read_result(path: Path) -> dict[str, Any]:
     if bad:
         warn_once(f"{path}: result fields of the wrong type ignored: {', '.join(bad)}")
     return rec
+
+
+def result_or_none(path: Path) -> dict[str, Any] | None:
+    """``read_result``, or None for a missing, unreadable or refused file (for display)."""
+    try:
+        return read_result(path)
+    except (OSError, BadFile):
+        return None
 
 
 def _discard(path: Path | None) -> None:

@@ -19,7 +19,8 @@ from loguru import logger
 from jobs.descriptor import Job, JobState
 from jobs.errors import BadFile
 from jobs.paths import Spool
-from jobs.results import RunScan, read_epoch, read_result, reopen_failed, scan_run, seal, sealed, unseal
+from jobs.results import (RunScan, read_epoch, read_result, reopen_failed, result_or_none, scan_run, seal, sealed,
+                          unseal)
 from master.dispatcher import Dispatcher, Event, FeedConfig, Outcome, read_or_empty, summarize
 from master.liveness import AgentView
 from master.placement import Placement, Unplaceable
@@ -176,10 +177,7 @@ class Feeder(Dispatcher):
         return True
 
     def _history(self, c: int, attempt: int) -> dict[str, Any]:
-        try:
-            return read_result(self.spool.history_json(self.spec.name, c, attempt))
-        except (OSError, BadFile):
-            return {}
+        return result_or_none(self.spool.history_json(self.spec.name, c, attempt)) or {}
 
     def _suspect(self, c: int) -> None:
         """After a restart: ``c`` was already suspected of killing an agent (its job is marked

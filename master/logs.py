@@ -15,9 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, TextIO
 
-from jobs.errors import BadFile
 from jobs.paths import Spool
-from jobs.results import read_result, scan_run
+from jobs.results import result_or_none, scan_run
 
 STAMP = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} \| ")
 
@@ -110,21 +109,14 @@ def follow(paths_of: Callable[[], list[Path]], out: TextIO, match: Callable[[str
 # one chunk ------------------------------------------------------------------------------------
 def chunk_report(spool: Spool, run: str, chunk: int) -> dict[str, Any]:
     """Everything recorded about one chunk: result, failed attempts, script output, agent lines."""
-    result = _read(spool.result_json(run, chunk))
-    attempts = [_read(spool.history_json(run, chunk, a)) or {"attempt": a, "status": "unreadable"}
+    result = result_or_none(spool.result_json(run, chunk))
+    attempts = [result_or_none(spool.history_json(run, chunk, a)) or {"attempt": a, "status": "unreadable"}
                 for a in scan_run(spool, run).history.get(chunk, [])]
     log = spool.chunk_log(run, chunk)
     lines = [e.text for e in merged(agent_logs(spool), run_filter(run, chunk))]
     return {"run": run, "chunk_id": chunk, "status": result["status"] if result else None, "result": result,
             "attempts": attempts, "script_log": str(log) if log.exists() else None,
             "script_output": _text(log), "agent_lines": lines}
-
-
-def _read(path: Path) -> dict[str, Any] | None:
-    try:
-        return read_result(path)
-    except (OSError, BadFile):
-        return None
 
 
 def _text(path: Path, limit: int = 2_000_000) -> str | None:

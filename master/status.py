@@ -11,7 +11,6 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from jobs.atomic import server_now
@@ -19,7 +18,7 @@ from jobs.errors import BadFile, SpoolError
 from jobs.jsonio import is_int, is_num
 from jobs.mailbox import Mailbox
 from jobs.paths import Spool
-from jobs.results import final_status, has_outcome, read_result, scan_run
+from jobs.results import final_status, has_outcome, result_or_none, scan_run
 from master.liveness import Liveness
 from master.runspec import RunSpec
 
@@ -189,7 +188,7 @@ def chunk_rows(spool: Spool, run: str, dead_after: float = 20.0, states: set[str
         row: dict[str, Any] = {"chunk": c, "state": "pending", "agent": None, "attempt": scan.last_attempt(c) or None,
                                "seconds": None, "error": None}
         if c in scan.finals:
-            rec = _record(spool.result_json(run, c))
+            rec = result_or_none(spool.result_json(run, c))
             if rec is not None:
                 row.update(state=rec["status"], agent=rec.get("agent"), attempt=rec.get("attempt"),
                            seconds=rec.get("duration_s"), error=_error_line(rec))
@@ -200,17 +199,10 @@ def chunk_rows(spool: Spool, run: str, dead_after: float = 20.0, states: set[str
         elif row["state"] == "pending" and c in where:
             row.update(state="queued", agent=where[c][0], attempt=where[c][1])
         if row["error"] is None and row["state"] != "ok" and scan.history.get(c):
-            row["error"] = _error_line(_record(spool.history_json(run, c, scan.history[c][-1])) or {})
+            row["error"] = _error_line(result_or_none(spool.history_json(run, c, scan.history[c][-1])) or {})
         if states is None or row["state"] in states:
             rows.append(row)
     return rows
-
-
-def _record(path: Path) -> dict[str, Any] | None:
-    try:
-        return read_result(path)
-    except (OSError, BadFile):
-        return None
 
 
 def _done(spool: Spool, run: str, chunk: int, attempt: Any) -> bool:
