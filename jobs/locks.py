@@ -20,6 +20,24 @@ from jobs.errors import BadFile, LockHeld
 from jobs.jsonio import load_json
 
 
+def _open_or_create(path: Path, tries: int = 50) -> int:
+    """Open ``path`` read-write, creating it if missing.
+
+    Two GlusterFS clients creating one name at the same moment can see EEXIST for a plain
+    O_CREAT (the create reaches the bricks as its own operation), though the file is there to
+    open; open it then without O_CREAT, and create again should it have gone meanwhile."""
+    for _ in range(tries):
+        try:
+            return os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except FileExistsError:
+            pass
+        try:
+            return os.open(path, os.O_RDWR | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            continue
+    raise FileExistsError(f"{path}: neither created nor opened in {tries} tries")
+
+
 class FileLock:
     """An exclusive lock on ``path``; usable as a context manager (blocking)."""
 
@@ -29,8 +47,7 @@ class FileLock:
 
     def _open(self):
         if self._f is None:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
-            self._f = os.fdopen(fd, "r+b", buffering=0)
+            self._f = os.fdopen(_open_or_create(self.path), "r+b", buffering=0)
         return self._f
 
     def acquire(self, blocking: bool = True, timeout: float | None = None, poll: float = 0.05) -> bool:
