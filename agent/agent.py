@@ -243,7 +243,9 @@ class Agent:
             else self._finished
         job = self.share.choose(jobs, leave)
         if job is None:
-            self._dry = True
+            if not self._dry:  # just ran dry: status says idle, with the jobs done, now rather than a beat later
+                self._dry = True
+                self._beat()
             if jobs:
                 self._prune()
             return False
@@ -428,10 +430,7 @@ class Agent:
         self.current = (job, started)
         self.state = AgentState.BUSY
         if job.alone or job.uid in self._deferred or self._durations.get(job.run, math.inf) > PIPELINE_MAX_S:
-            try:
-                self.write_heartbeat()  # named at once: if it kills this agent, the next one must know
-            except OSError as e:  # a full disk: the job still runs (the heartbeat thread tries again)
-                logger.warning("agent {}: heartbeat write failed: {}", self.id, e)
+            self._beat()  # named at once: if it kills this agent, the next one must know
         logger.debug("{} chunk {} attempt {}/{}: started", job.run, job.chunk_id, job.attempt, job.max_attempts)
         outcome = self._run_job(job, lookahead)
         first = job.uid in self._first_of_worker
@@ -629,6 +628,13 @@ class Agent:
     def _set_state(self, state: AgentState) -> None:
         self.state = state
         self.write_heartbeat()
+
+    def _beat(self) -> None:
+        """A heartbeat between two beats; a full disk costs a warning (the heartbeat thread tries again)."""
+        try:
+            self.write_heartbeat()
+        except OSError as e:
+            logger.warning("agent {}: heartbeat write failed: {}", self.id, e)
 
     def _reported_state(self) -> AgentState:
         """A busy agent with a drain flag says 'draining' at once, so that masters take its

@@ -334,3 +334,14 @@ def test_one_unusable_gpu_stops_only_its_own_agent(tmp_path: Path) -> None:
         assert [bool(g["error"]) for g in rows] == [False, True, False] and rows[0]["agent"] == "testhost-gpu0"
     finally:
         subprocess.run([sh, "stop", str(base)], env=env, capture_output=True, timeout=120)
+
+
+def test_an_agent_that_runs_dry_says_so_at_once_not_a_heartbeat_later(spool: Spool, agents, env) -> None:
+    """Status right after a run: each agent idle, with every job it did counted, although the next
+    regular heartbeat is a minute away (short chunks are pipelined, so no heartbeat is written per job)."""
+    procs = agents(2, args=["--heartbeat", "60"])
+    r = run_main(["--base", str(spool.base), "--task", "examples.noop:noop", "--chunks", "40", "--no-progress",
+                  "--dead-after", "300"], env)
+    assert r.returncode == 0, r.stderr
+    wait_for(lambda: all(p.heartbeat()["state"] == "idle" for p in procs)
+             and sum(p.heartbeat()["jobs_done"] for p in procs) == 40, 20, "both agents idle with 40 jobs done")
