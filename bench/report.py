@@ -326,7 +326,7 @@ def _int_keys(x: Any) -> Any:
 
 
 def readme_section(doc: dict[str, Any], stem: str) -> str:
-    """The README's "## Speed" section for a results file: the targets and the main ratios."""
+    """docs/speed.md for a results file: the targets and the main ratios (`python -m bench.report FILE.json > docs/speed.md`)."""
     meta, tg = doc["meta"], doc["targets"]
     rows = comparisons(_int_keys(doc["raw"]))
     m = meta["machine"]
@@ -339,7 +339,7 @@ def readme_section(doc: dict[str, Any], stem: str) -> str:
             "The machine was shared with other work, so every figure is the median of "
             f"{meta['repeats']} interleaved repeats with [min–max]; absolute times hold for this machine only. "
             f"Every run committed every chunk exactly once ({len(meta['checks'])} runs checked).")
-    lines = ["## Speed", "", head, "",
+    lines = ["# Speed", "", head, "",
              "| target (issues 5 and 11) | measured | result |", "| --- | --- | --- |"]
     for t in tg:
         res = {True: "PASS", False: "**FAIL**", None: "n/a"}[t["pass"]]
@@ -356,10 +356,10 @@ def readme_section(doc: dict[str, Any], stem: str) -> str:
     fails = [t["target"].split(":")[0] for t in tg if t["pass"] is False]
     if fails:
         lines += ["", "Not reached yet: " + "; ".join(dict.fromkeys(fails)) + ". What was measured, changed and "
-                  "is left to try: [bench/proposals/README.md](bench/proposals/README.md)."]
-    lines += ["", f"![benchmark chart](bench/results/{stem}.png)", "",
+                  "is left to try: [bench/README.md](../bench/README.md#what-was-measured-and-changed)."]
+    lines += ["", f"![benchmark chart](../bench/results/{stem}.png)", "",
               f"All figures, the scale and idle-cost rows and the methods: [bench/results/{stem}.md]"
-              f"(bench/results/{stem}.md), [bench/README.md](bench/README.md). Run it yourself with "
+              f"(../bench/results/{stem}.md), [bench/README.md](../bench/README.md). Run it yourself with "
               "`pip install -r bench/requirements.txt && python bench/run.py --quick` (under 2 minutes).", ""]
     return "\n".join(lines)
 
