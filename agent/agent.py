@@ -44,7 +44,7 @@ from agent.script import run_script
 from agent.slot import Slot
 from agent.watcher import MailboxWatcher
 from agent.workerproc import Worker, WorkerLost, cap_log, kill_leftovers
-from jobs.descriptor import Job, JobKind, JobState
+from jobs.descriptor import SCHEMA as JOB_SCHEMA, Job, JobKind, JobState
 from jobs.atomic import purge_temp, read_bounded, server_now
 from jobs.errors import BadFile
 from jobs.heartbeat import AgentState, read_status, write_status
@@ -683,6 +683,7 @@ class Agent:
                                                      "attempt": ahead.attempt},
                 "jobs_done": self.done, "jobs_failed": self.failed, "started_at": self.started_at,
                 "updated_at": time.time(), "heartbeat_s": self.cfg.heartbeat, "watch": self.watcher.mode,
+                "job_schema": JOB_SCHEMA,  # the newest job descriptors it reads (see jobs.descriptor)
                 "worker_pid": self.worker.pid, "log": str(self.spool.agent_log(self.id)),
                 "last_error": self.last_error,
                 "died_under": self.died_under,  # see master.dispatcher.Dispatcher._restarted

@@ -84,6 +84,15 @@ Who writes what, in which order:
    stays history (``jobs.results.commit`` writes history with ``link``) and never commits
    over the attempt that replaced it.
 
+Descriptors grow (``jobs.descriptor``, "How descriptors grow"): a field added later has a default
+and is written only when it differs from it. A field an older agent may ignore is just added. One
+it may not ignore raises the schema of the jobs that use it to the version that introduced it.
+An agent refuses (``rejected/``) a descriptor of a schema newer than it reads and ignores unknown
+fields in one it reads; its heartbeat says the highest schema it reads (``job_schema``, absent:
+1), and masters queue a job only at agents that read its schema (a run that no live agent can
+read fails at once, naming the agents to restart on the newer version). Mailboxes and heartbeats
+follow the same rule: unknown fields are ignored, a newer ``schema`` is refused.
+
 Everything read from the spool is untrusted: sizes are bounded, symlinks are not followed
 (O_NOFOLLOW), names are validated (``jobs.names``), ``.npz`` files are read with
 ``allow_pickle=False``, and a broken file is moved to ``rejected/`` with a ``.why`` note.

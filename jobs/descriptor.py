@@ -12,7 +12,7 @@ from typing import Any
 from jobs.errors import BadFile, NewerSchema
 from jobs.names import MAX_CHUNKS, brief, check_chunk, check_name
 
-SCHEMA = 1
+SCHEMA = 1  # the highest descriptor schema this version reads (agents say it in their heartbeat)
 MAX_ATTEMPTS = 10**6  # attempt numbers become file names (<chunk>.a<N>.json): bounded
 
 
@@ -30,6 +30,16 @@ class JobState(str, Enum):
     OK = "ok"  # committed result with status ok
     FAILED = "failed"  # committed result with status failed (retries used up)
 
+
+# How descriptors grow (the rule; see jobs/__init__.py, "Descriptors grow"): a field added after schema 1
+# has a default and is written only when it differs from it (OPTIONAL: the default of each). If an older
+# agent may ignore it (a hint, such as ``share``), that is all. If it may not (ignoring it would run the
+# job wrongly), MUST_UNDERSTAND names the schema that introduced it, and a job that uses it is written
+# with that schema. An agent refuses a descriptor of a newer schema than it reads and ignores fields it
+# does not know in one it reads; masters queue a job only at agents whose heartbeat's ``job_schema``
+# (absent: 1) reads the job's schema, so an old agent is passed over, never fed jobs it must refuse.
+OPTIONAL: dict[str, Any] = {"alone": False, "epoch": None, "share": 1.0}
+MUST_UNDERSTAND: dict[str, int] = {}  # field -> the schema that introduced it
 
 # Keyword names the agent fills in itself; a user kwarg may not reuse them.
 BUILTIN_KWARGS = ("chunk_id", "total_chunks", "gpu_id", "device", "shared", "data")
@@ -69,14 +79,20 @@ class Job:
         cancel dropped under the same number again)."""
         return (self.run, self.chunk_id, self.attempt, self.epoch, self.submitted_at)
 
+    @property
+    def needs_schema(self) -> int:
+        """The schema an agent must read to run this job: that of the newest must-understand field it uses."""
+        return max([1] + [n for name, n in MUST_UNDERSTAND.items() if getattr(self, name) != OPTIONAL[name]])
+
     def to_dict(self) -> dict[str, Any]:
         # shallow (kwargs is shared, not copied): dataclasses.asdict deep-copies, and this runs for
         # every job of a mailbox on every rewrite
         d = {name: getattr(self, name) for name in _FIELDS}
         d["kind"] = self.kind.value
-        for name, default in (("alone", False), ("epoch", None), ("share", 1.0)):
-            if d[name] == default:  # written only where they matter (older agents refuse unknown fields)
+        for name, default in OPTIONAL.items():
+            if d[name] == default:  # written only where they matter (see "How descriptors grow")
                 del d[name]
+        d["schema"] = self.needs_schema
         return d
 
     def encode(self) -> str:
@@ -92,11 +108,9 @@ class Job:
             raise BadFile("job descriptor has no integer 'schema'", where)
         if schema > SCHEMA:
             raise NewerSchema(f"job schema {schema} is newer than this tool's {SCHEMA}; upgrade", where)
-        unknown = sorted(set(d).difference(_FIELDS))
-        if unknown:
-            raise BadFile(f"job descriptor has unknown fields {unknown}", where)
+        known = {k: v for k, v in d.items() if k in _FIELDS}  # fields of a newer version that it may ignore
         try:
-            job = cls(**{**d, "kind": JobKind(d.get("kind"))})
+            job = cls(**{**known, "kind": JobKind(d.get("kind"))})
         except (TypeError, ValueError) as e:
             raise BadFile(f"job descriptor is malformed: {e}", where) from e
         job._check(where)
@@ -142,6 +156,7 @@ class Job:
 
 
 _FIELDS = tuple(f.name for f in dataclasses.fields(Job))
+assert set(MUST_UNDERSTAND) <= set(OPTIONAL) <= set(_FIELDS)
 
 
 def _expect(value: object, typ: type, name: str, where: object) -> None:

@@ -11,7 +11,7 @@ Executor is a small set of hooks a subclass overrides (rq's ``execute_job`` per 
 * ``sendable(c)``: False for a chunk its owner no longer wants (a cancelled future);
 * ``settle(c, rec)``: a chunk's final result was read;
 * ``started(c)``: an agent's heartbeat shows it running;
-* ``eligible(view)``: whether this run may use that agent (placement);
+* ``why_not(view)``: why this run may not use that agent (placement; an agent too old for its jobs), or None;
 * ``failed_attempt(c, out)``: an attempt failed (retried or final);
 * ``unplaceable(live)``: agents are alive but the run may use none of them;
 * ``on_event(kind, info)``: what the user is told.
@@ -145,6 +145,7 @@ class Dispatcher:
         self._lag: float | None = None  # the longest refill-to-agent lag live agents report (heartbeats)
         self._held: dict[str, tuple[float, float]] = {}  # agent -> (its lock first found held, next try)
         self._fill_error: dict[str, str] = {}  # agent -> why its last refill failed (said once)
+        self.job_schema = 1  # the descriptor schema this run's jobs need, learnt as they are made (_fill)
 
     # hooks -------------------------------------------------------------------------------------
     def _job(self, c: int) -> Job:
@@ -160,8 +161,15 @@ class Dispatcher:
     def started(self, c: int) -> None:
         """An agent's heartbeat shows chunk ``c`` running (or handed to its worker)."""
 
+    def why_not(self, view: AgentView) -> str | None:
+        """None if this run may use that agent, else why not (placement; an agent too old for its jobs)."""
+        if view.job_schema < self.job_schema:
+            return (f"reads job descriptors up to schema {view.job_schema}, this run's need {self.job_schema}: "
+                    "restart it on this version (./start_agents.sh stop, then start)")
+        return None
+
     def eligible(self, view: AgentView) -> bool:
-        return True
+        return self.why_not(view) is None
 
     def failed_attempt(self, c: int, out: Outcome) -> None:
         """An attempt of chunk ``c`` failed (``out``), whether it is retried or final."""
@@ -591,12 +599,15 @@ class Dispatcher:
 
     def _fill(self, view: AgentView, chunks: list[int]) -> None:
         taken: list[Job] = []
+        unreadable: list[Job] = []  # jobs of a newer descriptor schema than the agent reads
 
         def add(jobs: list[Job]) -> list[Job] | None:
             # Drop this run's jobs that are no longer in flight (their outcome is on disk):
             # agents leave finished jobs for us to prune, saving a mailbox rewrite per job.
             keep = [j for j in jobs if j.run != self.run_name or self.inflight.get(j.chunk_id) == (view.id, j.attempt)]
-            taken[:] = [self._job(c) for c in chunks]
+            made = [self._job(c) for c in chunks]
+            taken[:] = [j for j in made if j.needs_schema <= view.job_schema]
+            unreadable[:] = [j for j in made if j.needs_schema > view.job_schema]
             return keep + taken
 
         try:
@@ -609,6 +620,9 @@ class Dispatcher:
             return
         self._fill_error.pop(view.id, None)
         self._tidy.discard(view.id)
+        if unreadable:  # from now on such agents are passed over (why_not)
+            self.job_schema = max([self.job_schema] + [j.needs_schema for j in unreadable])
+            self.pending.extendleft(reversed([j.chunk_id for j in unreadable]))
         for job in taken:
             self.attempt[job.chunk_id] = job.attempt
             self._track(job.chunk_id, view.id, job.attempt)

@@ -96,13 +96,13 @@ class Feeder(Dispatcher):
             self.halted = f"{len(chunks)} chunks failed with the same error and none is ok: {out.error}"
             self.on_event("halted", {"why": self.halted})
 
-    def eligible(self, view: AgentView) -> bool:
-        return self.placement.why_not(view.status) is None
+    def why_not(self, view: AgentView) -> str | None:
+        return super().why_not(view) or self.placement.why_not(view.status)
 
     def unplaceable(self, live: list[AgentView]) -> None:
         """Fail at once: waiting for agents that will never match helps nobody."""
-        why = "; ".join(f"{v.id} (host {v.status.get('host')}, gpu {v.status.get('gpu_id')}): fails "
-                        f"{self.placement.why_not(v.status)}" for v in live[:8])
+        why = "; ".join(f"{v.id} (host {v.status.get('host')}, gpu {v.status.get('gpu_id')}): "
+                        f"{_phrase(self.why_not(v))}" for v in live[:8])
         raise Unplaceable(f"run {self.spec.name}: none of the {len(live)} live agent(s) may take its jobs under "
                           f"{self.placement.describe()}: {why}{' ...' if len(live) > 8 else ''}")
 
@@ -222,6 +222,11 @@ class Feeder(Dispatcher):
         return Summary(self.spec.name, self.spec.chunks, dict(self.final), time.monotonic() - started,
                        self.spool.result_dir(self.spec.name), self.cancelled, len(self.final) - self.recovered_done,
                        self.halted)
+
+
+def _phrase(why: str | None) -> str:
+    """A placement flag reads "fails --hosts a"; an agent's own reason reads as it is."""
+    return f"fails {why}" if why and why.startswith("--") else str(why)
 
 
 def _int(v: Any, default: int) -> int:

@@ -34,10 +34,14 @@ class AgentView:
     accepting: bool = False  # alive and taking new jobs
     previous: dict[str, Any] | None = None  # the last heartbeat of its former process, if it restarted
 
-
     @property
     def state(self) -> str:
         return self.status.get("state", "?")
+
+    @property
+    def job_schema(self) -> int:
+        """The newest job descriptors the agent reads (older agents do not say: 1)."""
+        return self.status.get("job_schema") or 1
 
 
 class Liveness:

@@ -8,6 +8,7 @@ import dataclasses
 from jobs.heartbeat import write_status
 from jobs.paths import Spool
 from master.dispatcher import Dispatcher, FeedConfig, ResultNames
+from jobs.mailbox import Mailbox
 from master.feeder import Feeder
 from tests.test_feeder_step import beat, make, queued
 
@@ -243,3 +244,44 @@ def test_a_retry_with_nowhere_else_to_go_now_runs_where_it_failed(spool: Spool) 
     f.step()
     f.step()
     assert (0, 2) in queued(spool, ids[0])
+
+
+def test_jobs_of_a_newer_descriptor_schema_pass_over_agents_that_cannot_read_them(spool: Spool, monkeypatch) -> None:
+    """The evolution rule (jobs.descriptor): a job that uses a field an older agent must not ignore
+    is written with a newer schema, and goes only to agents whose heartbeat says they read it."""
+    from jobs import descriptor
+    monkeypatch.setattr(descriptor, "MUST_UNDERSTAND", {"share": 2})  # as if 'share' were new in schema 2
+    monkeypatch.setattr(descriptor, "SCHEMA", 2)  # which this version reads
+    write_status(spool, "h-cpu0", {"agent": "h-cpu0", "seq": 1, "state": "idle", "pid": 1, "host": "h"})  # says nothing: 1
+    write_status(spool, "h-cpu1", {"agent": "h-cpu1", "seq": 1, "state": "idle", "pid": 2, "host": "h", "job_schema": 2})
+    f, _, _ = make(spool, chunks=4, depth=4, max_depth=64)
+    f.spec = dataclasses.replace(f.spec, share=2.0)
+    f.step()
+    f.step()
+    assert queued(spool, "h-cpu0") == [] and len(queued(spool, "h-cpu1")) == 4
+    assert Mailbox(spool, "h-cpu1").read().jobs[0].needs_schema == 2
+    assert "reads job descriptors up to schema 1" in f.why_not(f.liveness.views["h-cpu0"])
+
+
+
+def test_a_run_only_older_agents_could_take_fails_at_once_naming_them(spool: Spool, monkeypatch) -> None:
+    import pytest
+
+    from jobs import descriptor
+    from master.placement import Unplaceable
+    monkeypatch.setattr(descriptor, "MUST_UNDERSTAND", {"share": 2})
+    monkeypatch.setattr(descriptor, "SCHEMA", 2)
+    agents(spool, 1)  # an agent of the version before: its heartbeat has no job_schema
+    f, _, _ = make(spool, chunks=2)
+    f.spec = dataclasses.replace(f.spec, share=2.0)
+    f.step()  # learns the jobs' schema as it makes them; queues nothing the agent would refuse
+    assert queued(spool, "h-cpu0") == []
+    with pytest.raises(Unplaceable, match="h-cpu0 .*reads job descriptors up to schema 1.*restart it"):
+        f.step()
+
+
+def test_jobs_a_current_agent_reads_keep_schema_1(spool: Spool) -> None:
+    agents(spool, 1)
+    f, _, _ = make(spool, chunks=1)
+    f.step()
+    assert Mailbox(spool, "h-cpu0").read().jobs[0].to_dict()["schema"] == 1

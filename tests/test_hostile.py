@@ -39,7 +39,6 @@ DESCRIPTORS = {
     "negative chunk": {**GOOD, "chunk_id": -1},
     "chunk past total": {**GOOD, "chunk_id": 3},
     "newer job schema": {**GOOD, "schema": 2},
-    "unknown field": {**GOOD, "evil": True},
     "pickle kind": {**GOOD, "kind": "pickle"},
     "kwargs list": {**GOOD, "kwargs": [1]},
     "attempt zero": {**GOOD, "attempt": 0},

@@ -1,6 +1,8 @@
 """The spool contract without processes: atomic files, descriptors, mailboxes, results, npz."""
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import os
 import threading
@@ -91,13 +93,29 @@ def test_descriptor_round_trip() -> None:
     ({"kwargs": []}, "kwargs"),
     ({"kwargs": {"device": 1}}, "built-in"),
     ({"timeout": -1}, "timeout"),
-    ({"extra": 1}, "unknown fields"),
     ({"shared": "a\0b"}, "NUL"),
 ])
 def test_descriptor_validation(change: dict, message: str) -> None:
     d = {**job().to_dict(), **change}
     with pytest.raises(BadFile, match=message):
         Job.from_dict(d, "mailbox")
+
+
+def test_fields_of_a_newer_version_that_may_be_ignored_are_ignored() -> None:
+    """The evolution rule (jobs.descriptor): unknown fields in a schema this version reads are hints."""
+    j = Job.from_dict({**job().to_dict(), "priority_hint": 3}, "mailbox")
+    assert j == job() and "priority_hint" not in j.to_dict()
+
+
+def test_a_field_an_older_agent_must_understand_raises_the_schema_it_is_written_with(monkeypatch) -> None:
+    from jobs import descriptor
+    monkeypatch.setattr(descriptor, "MUST_UNDERSTAND", {"epoch": 2})
+    plain, marked = job(), dataclasses.replace(job(), epoch="e1")
+    assert plain.to_dict()["schema"] == 1 and marked.to_dict()["schema"] == 2  # only jobs that use it
+    with pytest.raises(NewerSchema):  # an agent that reads schema 1 refuses it, never runs it without the field
+        Job.from_dict(marked.to_dict(), "mailbox")
+    monkeypatch.setattr(descriptor, "SCHEMA", 2)
+    assert Job.from_dict(marked.to_dict(), "mailbox").epoch == "e1"
 
 
 def test_newer_schema_is_its_own_error() -> None:
