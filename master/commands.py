@@ -78,7 +78,8 @@ def _die(cmd: str, message: str, code: int = 2) -> int:
 
 _LIMITS = {  # option: (smallest, whether the smallest is allowed, what it is)
     "dead_after": (0, False, "a positive number of seconds"), "watch": (0, False, "a positive number of seconds"),
-    "refresh": (0, False, "a positive number of seconds"), "timeout": (0, True, "0 or a positive number of seconds"),
+    "refresh": (0, False, "a positive number of seconds"), "sample": (0, False, "a positive number of seconds"),
+    "timeout": (0, True, "0 or a positive number of seconds"),
     "lines": (0, True, "0 (all) or a positive number"), "retries": (0, True, "0 or more"),
     "port": (0, True, "a TCP port, 0 to 65535")}
 
@@ -363,7 +364,7 @@ def cmd_undrain(args: argparse.Namespace) -> int:
 def cmd_dashboard(args: argparse.Namespace) -> int:
     from master.dashboard import serve
 
-    serve(_spool(args), args.host, args.port, args.refresh, args.dead_after)
+    serve(_spool(args), args.host, args.port, args.refresh, args.dead_after, args.sample)
     return 0
 
 
@@ -455,6 +456,8 @@ def _dashboard_args(db: argparse.ArgumentParser) -> None:
                     "Ray's dashboard has 8265; 0 picks a free one)")
     db.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     db.add_argument("--refresh", type=float, default=2.0, help="page refresh interval, seconds (default 2)")
+    db.add_argument("--sample", type=float, default=10.0, metavar="S", help="read the agents' GPU utilisation and "
+                    "memory every S seconds for the last hour's sparklines (default 10)")
     _dead_after(db)
 
 
