@@ -111,3 +111,11 @@ def stale(chunk_id: int, fail_on: str, frozen: str, finish: str) -> str:
         raise RuntimeError("the stale attempt fails")
     _wait_for_file(finish)
     return "ok"
+
+
+def slow_fail(chunk_id: int, seconds: float, bad: list) -> int:
+    """Sleeps ``seconds``, then fails if ``chunk_id`` is in ``bad`` (bars wide enough to see)."""
+    time.sleep(seconds)
+    if chunk_id in bad:
+        raise ValueError(f"chunk {chunk_id} is on the bad list")
+    return chunk_id
