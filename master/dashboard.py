@@ -87,9 +87,9 @@ def _run_row(r: dict[str, Any], p: dict[str, Any]) -> str:
     pct = 100.0 * (r["ok"] + r["failed"]) / r["chunks"] if r["chunks"] else 0.0
     bar = f'<td class="l"><span class="bar"><i style="width:{pct:.0f}%"></i></span> {pct:.0f}%</td>'
     eta = "done" if p.get("done") else "cancelled" if p.get("cancelled") else duration(p.get("eta_s"))
-    cells = [f'<td class="l run"><a href="/run/{r["run"]}">{r["run"]}</a></td>', _td(r["kind"], "l"), bar, _td(r["chunks"]), _td(r["ok"]),
-             _td(r["failed"], "bad" if r["failed"] else ""), _td(r["running"]), _td(r["queued"]), _td(r["pending"]),
-             _td(p.get("chunks_per_s")), _td(eta)]
+    link = f'<td class="l run"><a href="/run/{r["run"]}">{r["run"]}</a></td>'  # a run name is URL- and HTML-safe
+    cells = [link, _td(r["kind"], "l"), bar, _td(r["chunks"]), _td(r["ok"]), _td(r["failed"], "bad" if r["failed"] else ""),
+             _td(r["running"]), _td(r["queued"]), _td(r["pending"]), _td(p.get("chunks_per_s")), _td(eta)]
     return "<tr>" + "".join(cells) + "</tr>"
 
 
@@ -101,13 +101,13 @@ def gpu_table(history: GpuHistory | None, now: float) -> str:
     t0 = min(s[0][0] for s in series.values())
     gap = max(3 * history.every, 10.0)  # a line breaks where an agent was dead (it is sampled only alive)
     rows = []
-    for agent, s in series.items():
-        t, util, used, total = s[-1]
-        tops = [p[3] for p in s if p[3]]
-        rows.append(f'<tr class="gpu">{_td(agent, "l agent")}'
-                    f'<td class="l">{sparkline([(p[0], p[1]) for p in s], t0, now, 100, "#1565c0", gap)}'
-                    f'{"-" if util is None else f"{util:.0f}%"}</td>'
-                    f'<td class="l">{sparkline([(p[0], p[2]) for p in s], t0, now, max(tops, default=0), "#8e24aa", gap)}'
+    for agent, s in sorted(series.items()):
+        _, util, used, total = s[-1]
+        top = max((p[3] for p in s if p[3]), default=0)
+        util_line = sparkline([(p[0], p[1]) for p in s], t0, now, 100, "#1565c0", gap)
+        mem_line = sparkline([(p[0], p[2]) for p in s], t0, now, top, "#8e24aa", gap)
+        rows.append(f'<tr class="gpu">{_td(agent, "l agent")}<td class="l">{util_line}'
+                    f'{"-" if util is None else f"{util:.0f}%"}</td><td class="l">{mem_line}'
                     f'{_gb(used)} / {_gb(total)} GB</td></tr>')
     return (f'<h2>GPUs (last {duration(now - t0)}, a sample every {history.every:g} s)</h2><table id="gpus">'
             f'<tr><th class="l">agent</th><th class="l">utilisation</th><th class="l">memory</th></tr>'
@@ -129,7 +129,8 @@ def tables(data: dict[str, Any], history: GpuHistory | None = None) -> str:
     runs = "".join(_run_row(r, prog.get(r["run"], {})) for r in data["runs"]) or \
         f'<tr><td class="l" colspan="{len(rh)}">no runs yet</td></tr>'
     return (f'<h2>Agents ({len(data["agents"])})</h2><table id="agents">{head(ah, 4)}{agents}</table>'
-            f'{gpu_table(history, data["time"])}<h2>Runs ({len(data["runs"])})</h2><table id="runs">{head(rh, 3)}{runs}</table>')
+            f'{gpu_table(history, data["time"])}'
+            f'<h2>Runs ({len(data["runs"])})</h2><table id="runs">{head(rh, 3)}{runs}</table>')
 
 
 def page(data: dict[str, Any], refresh: float, history: GpuHistory | None = None) -> str:

@@ -69,10 +69,11 @@ padding:6px;overflow:auto;max-height:30em;white-space:pre}pre.report{background:
 box-shadow:0 1px 2px #0002;white-space:pre-wrap}"""
 
 SCRIPT = """const REFRESH = %(refresh)d;
-async function tick(){
+async function tick(){  // the next one is due only once this one is drawn: a big run's page takes a while
   if (document.body.dataset.done === '1') return;
   try{
     const r = await fetch(location.pathname.replace(/\\/$/, '') + '/fragment', {cache:'no-store'});
+    if (!r.ok) throw new Error(await r.text());
     const open = [...document.querySelectorAll('details[open]')].map(d => d.id);
     const box = document.getElementById('live');
     box.innerHTML = await r.text();
@@ -81,8 +82,9 @@ async function tick(){
     document.body.dataset.live = '1';
     document.getElementById('err').textContent = '';
   }catch(e){document.getElementById('err').textContent = 'cannot reach the dashboard server: '+e;}
+  setTimeout(tick, REFRESH*1000);
 }
-setInterval(tick, REFRESH*1000);"""
+setTimeout(tick, REFRESH*1000);"""
 
 
 def _td(value: Any, cls: str = "") -> str:

@@ -147,7 +147,8 @@ def test_page_in_headless_chromium_shows_agents_and_run(spool: Spool, agents, en
     dom = wait_for(lambda: (r := chromium(["--virtual-time-budget=5000", "--dump-dom", dashboard], tmp_path / "p1"))
                    and 'data-live="1"' in r.stdout and r.stdout, timeout=60, what="page drawn by its script")
     assert 'data-agents="2"' in dom and "testhost-cpu0" in dom and "testhost-cpu1" in dom
-    assert re.search(r'class="l run"><a href="/run/shown-run">shown-run</a><', dom) and 'id="err" class="bad"></span>' in dom
+    assert re.search(r'class="l run"><a href="/run/shown-run">shown-run</a><', dom)
+    assert 'id="err" class="bad"></span>' in dom
     shot = tmp_path / "dash.png"
     r = chromium(["--virtual-time-budget=3000", "--window-size=1200,700", f"--screenshot={shot}", dashboard],
                  tmp_path / "p2")
@@ -273,6 +274,29 @@ def test_a_running_chunk_is_drawn_up_to_now_and_the_page_stops_refreshing_when_d
         if p.poll() is None:
             p.kill()
             p.wait()
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (Debian package 'chromium', listed in "
+                    ".ci/apt-packages.txt): the run page's browser test cannot run")
+def test_run_page_script_redraws_a_live_run_in_headless_chromium(spool: Spool, agents, env, dashboard: str,
+                                                                  tmp_path: Path) -> None:
+    agents(1)
+    gate = tmp_path / "gate"
+    p = subprocess.Popen([sys.executable, "main.py", "--base", str(spool.base), "--task", "tests.faulty:gated_array",
+                          "--chunks", "2", "--run", "redrawn", "--kwargs", json.dumps({"gate": str(gate), "mb": 0.01}),
+                          "--no-progress"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: (d := json_or_none(dashboard + "api/run/redrawn")) and d["counts"]["running"],
+                 timeout=60, what="chunk 0 running")
+        # --dump-dom once the script has fetched the fragment and drawn it (data-live="1" on the body)
+        dom = wait_for(lambda: (r := chromium(["--virtual-time-budget=4000", "--dump-dom", dashboard + "run/redrawn"],
+                                              tmp_path / "p")) and 'data-live="1"' in r.stdout and r.stdout,
+                       timeout=60, what="the run page redrawn by its script")
+        assert 'class="attempt running"' in dom and 'data-done="0"' in dom and 'id="err" class="bad"></span>' in dom
+    finally:
+        gate.touch()
+        p.wait(timeout=60)
 
 
 # GPU sparklines -----------------------------------------------------------------------------------
