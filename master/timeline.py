@@ -67,7 +67,7 @@ def bars(attempts: list[dict[str, Any]], rows: list[dict[str, Any]], now: float)
     """What the chart draws: the attempts with both times, and the chunks running now (from
     ``chunk_rows``), drawn up to ``now``."""
     out = [{"chunk": a["chunk"], "attempt": a["attempt"], "agent": a["agent"], "status": a["status"],
-            "start": a["started_at"], "end": a["finished_at"]}
+            "start": a["started_at"], "end": max(a["started_at"], a["finished_at"])}  # a clock stepped back: no width
            for a in attempts if a["agent"] and is_num(a["started_at"]) and is_num(a["finished_at"])]
     done = {(b["chunk"], b["attempt"]) for b in out}
     for r in rows:

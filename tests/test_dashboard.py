@@ -203,6 +203,24 @@ def test_run_page_has_a_bar_per_attempt_the_failure_marked_and_its_traceback(spo
 
 
 @pytest.mark.timeout(60)
+def test_run_page_of_hostile_results_escapes_them_and_draws_what_it_can(spool: Spool, agents, env,
+                                                                        dashboard: str) -> None:
+    agents(1)
+    assert run_main(["--base", str(spool.base), "--task", "examples.noop:noop", "--chunks", "4", "--run", "odd",
+                     "--no-progress"], env).returncode == 0
+    res = spool.result_dir("odd")
+    (res / "000000.json").write_text("{")  # torn
+    rec = json.loads((res / "000001.json").read_text())
+    (res / "000001.json").write_text(json.dumps({**rec, "agent": "<img src=x onerror=alert(1)>"}))
+    (res / "000002.json").write_text(json.dumps({**rec, "chunk_id": 2, "started_at": "soon"}))  # wrong type: no bar
+    (res / "000003.json").write_text(json.dumps({**rec, "chunk_id": 3, "finished_at": rec["started_at"] - 5}))
+    data = json.loads(get(dashboard + "api/run/odd")[1])
+    assert sorted(b["chunk"] for b in data["bars"]) == [1, 3] and all(b["end"] >= b["start"] for b in data["bars"])
+    code, page = get(dashboard + "run/odd")
+    assert code == 200 and "<img" not in page and "&lt;img src=x onerror=alert(1)&gt;" in page
+
+
+@pytest.mark.timeout(60)
 @pytest.mark.parametrize("url, says", [
     ("run/nope", "no run 'nope' in"),
     ("run/..%2F..%2Fetc", "run name '../../etc' is not allowed"),
