@@ -16,6 +16,7 @@ from typing import Any
 from jobs.errors import BadName
 from jobs.names import check_chunk, check_name
 from jobs.paths import Spool
+from master.liveness import Liveness
 from master.logs import chunk_report, format_chunk
 from master.runspec import RunSpec, UsageError, load_run
 from master.status import chunk_rows, duration
@@ -56,9 +57,13 @@ def run_data(spool: Spool, reader: AttemptReader, run: str, spec: RunSpec, dead_
     for a in attempts:
         if a["status"] == "failed" and a["error"]:
             failures[a["chunk"]] = a["error"]
+    done = counts["ok"] + counts["failed"] == spec.chunks
+    chart = bars(attempts, rows, now)
+    drawn = {b["agent"] for b in chart}
+    idle = () if done else tuple(sorted(a for a, v in Liveness(spool, dead_after).refresh().items()
+                                        if v.accepting and a not in drawn))
     return {"run": run, "kind": spec.kind.value, "target": spec.target, "chunks": spec.chunks, "time": now,
-            "counts": counts, "done": counts["ok"] + counts["failed"] == spec.chunks, "rows": rows,
-            "bars": bars(attempts, rows, now), "failures": failures}
+            "counts": counts, "done": done, "rows": rows, "bars": chart, "idle_agents": idle, "failures": failures}
 
 
 STYLE = """.timeline{background:#fff;box-shadow:0 1px 2px #0002;margin:.4em 0}
@@ -115,7 +120,7 @@ def fragment(d: dict[str, Any]) -> str:
     rows = "".join(_row(run, r, d["failures"].get(r["chunk"]) if r["state"] != "ok" else None) for r in d["rows"])
     return (f'<div data-done="{int(d["done"])}"><div class="sub">{d["chunks"]} chunks: {summary}</div>'
             f'<h2>Timeline</h2><div class="legend sub">one row per agent, one bar per attempt:{legend}'
-            f' (gaps: the agent ran nothing of this run)</div>{gantt_svg(d["bars"], d["time"])}'
+            f' (gaps: the agent ran nothing of this run)</div>{gantt_svg(d["bars"], d["time"], idle=d["idle_agents"])}'
             f'<h2>Chunks</h2><table id="chunks">{head}{rows}</table></div>')
 
 

@@ -90,14 +90,16 @@ def _label(s: float, step: float) -> str:
     return f"{s:.1f}s" if step < 1 else f"{s:g}s" if s < 60 else duration(s)
 
 
-def gantt_svg(chart: list[dict[str, Any]], now: float | None = None, width: int = 1000) -> str:
+def gantt_svg(chart: list[dict[str, Any]], now: float | None = None, width: int = 1000,
+              idle: tuple[str, ...] = ()) -> str:
     """The chart as one ``<svg>``: a row per agent (its busy share beside its name), a bar per
     attempt (green ok, red failed, blue running), gaps where the agent ran nothing of this run,
-    a dashed line at ``now`` for a run still going."""
+    a dashed line at ``now`` for a run still going; an empty row for each agent of ``idle``
+    (live agents that ran nothing of a run still going)."""
     if not chart:
         return '<svg id="timeline" class="timeline" width="400" height="30"><text x="4" y="20" fill="#666">' \
                'no attempt has started yet</text></svg>'
-    agents = sorted({b["agent"] for b in chart})
+    agents = sorted({b["agent"] for b in chart} | set(idle))
     t0 = min(b["start"] for b in chart)
     t1 = max(max(b["end"] for b in chart), t0 + 1e-3)
     left, top, row, bar = 200, 22, 20, 14

@@ -271,22 +271,26 @@ def test_run_page_in_headless_chromium_shows_the_timeline(spool: Spool, agents, 
 @pytest.mark.timeout(120)
 def test_a_running_chunk_is_drawn_up_to_now_and_the_page_stops_refreshing_when_done(
         spool: Spool, agents, env, dashboard: str, tmp_path: Path) -> None:
-    agents(1)
+    agents(3)  # two chunks, held running by a gate: the third agent is idle, and shown as such
     gate = tmp_path / "gate"
     p = subprocess.Popen([sys.executable, "main.py", "--base", str(spool.base), "--task", "tests.faulty:gated_array",
                           "--chunks", "2", "--run", "live", "--kwargs", json.dumps({"gate": str(gate), "mb": 0.01}),
                           "--no-progress"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         live = wait_for(lambda: (d := json_or_none(dashboard + "api/run/live"))
-                        and any(b["status"] == "running" for b in d["bars"]) and d, timeout=60, what="chunk 0 running")
-        (bar,) = [b for b in live["bars"] if b["status"] == "running"]
-        assert bar["agent"] == "testhost-cpu0" and bar["start"] <= bar["end"] == live["time"] and not live["done"]
+                        and sum(b["status"] == "running" for b in d["bars"]) == 2 and d, timeout=60,
+                        what="both chunks running")
+        assert all(b["start"] <= b["end"] == live["time"] for b in live["bars"]) and not live["done"]
+        (idle,) = {"testhost-cpu0", "testhost-cpu1", "testhost-cpu2"} - {b["agent"] for b in live["bars"]}
+        assert live["idle_agents"] == [idle]
         page = get(dashboard + "run/live")[1]
-        assert '<body data-done="0">' in page and 'class="attempt running"' in page and 'stroke-dasharray' in page
+        assert '<body data-done="0">' in page and page.count('class="attempt running"') == 2
+        assert 'stroke-dasharray' in page and f">{idle}<tspan" in page  # a row of its own, with no bar
         gate.touch()
         assert p.wait(timeout=60) == 0
         frag = get(dashboard + "run/live/fragment")[1]
         assert frag.startswith('<div data-done="1">') and frag.count('class="attempt ok"') == 2
+        assert f">{idle}<tspan" not in frag  # a finished run shows the agents that ran it
         assert "running" not in re.sub(r"<div class=\"legend.*?</div>", "", frag)
     finally:
         if p.poll() is None:
