@@ -10,6 +10,7 @@ worker's own clock (``started_at``/``finished_at`` of the record); an attempt a 
 from __future__ import annotations
 
 import html
+import threading
 from collections import OrderedDict
 from typing import Any
 
@@ -38,9 +39,14 @@ class AttemptReader:
     def __init__(self, spool: Spool, keep: int = 8) -> None:
         self.spool, self.keep = spool, keep
         self._runs: OrderedDict[str, dict[tuple, dict[str, Any] | None]] = OrderedDict()
+        self._lock = threading.Lock()  # the dashboard serves several requests at once
 
     def attempts(self, run: str) -> list[dict[str, Any]]:
         """Every attempt on record, sorted by chunk and attempt (the final wins over its history)."""
+        with self._lock:
+            return self._attempts(run)
+
+    def _attempts(self, run: str) -> list[dict[str, Any]]:
         cache = self._runs.pop(run, {})
         self._runs[run] = cache
         while len(self._runs) > self.keep:
