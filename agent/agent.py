@@ -38,6 +38,7 @@ from typing import Any
 
 from loguru import logger
 
+from agent.command import run_command
 from agent.fairshare import FairShare
 from agent.gpu import NoGpu
 from agent.script import run_script
@@ -87,6 +88,7 @@ class Agent:
         base_env = {**os.environ, "CUDA_DEVICE_ORDER": "PCI_BUS_ID", **self.marks}
         self.script_env = base_env  # scripts get the agent's own view, as OctoRun gives them
         worker_env = {**base_env, "CUDA_VISIBLE_DEVICES": slot.gpu.token if slot.gpu else ""}
+        self.command_env = worker_env  # command jobs see this agent's GPU only, as callables do
         self.worker = worker or Worker(worker_env, spool.worker_log(self.id))
         self.stop = False  # finish the current job, then exit
         self.stop_now = False  # stop at once
@@ -577,16 +579,21 @@ class Agent:
         def abort() -> bool:  # polled a few times a second while the job runs
             return self.stop_now or bool((self._cancelled(job.run) or {}).get("stop_running"))
 
-        if job.kind is JobKind.SCRIPT:
+        if job.kind in (JobKind.SCRIPT, JobKind.COMMAND):
             log = self.spool.chunk_log(job.run, job.chunk_id)
             try:
-                err = run_script(job, self.slot.number, self.script_env, log, abort)
+                if job.kind is JobKind.SCRIPT:
+                    err = run_script(job, self.slot.number, self.script_env, log, abort)
+                    fields = {"log": str(log)} if err is None else {"log": str(log), "error": err}
+                else:
+                    fields = run_command(job, self.slot.number, self.slot.device, self.command_env, log, abort)
+                    err = fields.get("error")
             except OSError as e:  # its log cannot be made or written (a full disk?)
-                return {"error": {"type": type(e).__name__, "message": f"cannot start the script: {e}",
+                return {"error": {"type": type(e).__name__, "message": f"cannot start the {job.kind.value}: {e}",
                                   "traceback": "", "errno": e.errno}}, None
             if err is not None and (err["type"] == "Stopped" or (self.stop and "SIGTERM" in err["message"])):
                 return None  # stopped with the agent (e.g. Slurm's SIGTERM to the whole step): stays queued
-            return ({"log": str(log)} if err is None else {"log": str(log), "error": err}), None
+            return fields, None
         try:
             if self._ahead is not None and self._ahead.uid == job.uid:
                 self._ahead = None  # its request is already in the worker's pipe

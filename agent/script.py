@@ -37,10 +37,21 @@ def command(job: Job, gpu_id: int) -> list[str]:
 def run_script(job: Job, gpu_id: int, env: dict[str, str], log_path: Path,
                abort: Callable[[], bool]) -> dict | None:
     """Run the script; None on exit code 0, else an error dict (type, message, traceback)."""
-    cmd = command(job, gpu_id)
+    code, err = run_process(command(job, gpu_id), job, env, log_path, abort)
+    if err is None and code != 0:
+        err = _error("ScriptFailed", f"the script {exit_reason(code)}", log_path)
+    return err
+
+
+def run_process(cmd: list[str], job: Job, env: dict[str, str], log_path: Path, abort: Callable[[], bool],
+                what: str = "script", shown: str | None = None) -> tuple[int | None, dict | None]:
+    """Run ``cmd`` for ``job`` in a process group of its own, its output appended to ``log_path``
+    (after a header line naming the attempt and ``shown``, default the argv); the whole group is
+    killed when it ends. (exit code, None), or (None, error dict) if it was stopped or timed out."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
-        log.write(f"# attempt {job.attempt} at {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(cmd)}\n".encode())
+        log.write(f"# attempt {job.attempt} at {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+                  f"{shown or ' '.join(cmd)}\n".encode())
         log.flush()
         wrapped = [_SETPRIV, "--pdeathsig", "KILL", "--"] + cmd if _SETPRIV else cmd
         proc = subprocess.Popen(wrapped, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
@@ -50,14 +61,15 @@ def run_script(job: Job, gpu_id: int, env: dict[str, str], log_path: Path,
     try:
         while not waiter.wait(0.25 if deadline is None else min(0.25, deadline - time.monotonic())):
             if abort():
-                return _error("Stopped", "the agent was told to stop at once", log_path)
+                return None, _error("Stopped", "the agent was told to stop at once", log_path)
             if deadline is not None and time.monotonic() >= deadline:
-                return _error("Timeout", f"the script ran past its timeout of {job.timeout:g} s and was killed", log_path)
+                return None, _error("Timeout", f"the {what} ran past its timeout of {job.timeout:g} s and was "
+                                    "killed", log_path)
     finally:
         waiter.close()
         kill_group(proc)  # still unreaped (a zombie at worst), so its group id is still its own
         code = proc.wait()
-    return None if code == 0 else _error("ScriptFailed", f"the script {exit_reason(code)}", log_path)
+    return code, None
 
 
 class _ExitWaiter:

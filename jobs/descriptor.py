@@ -12,13 +12,14 @@ from typing import Any
 from jobs.errors import BadFile, NewerSchema
 from jobs.names import MAX_CHUNKS, brief, check_chunk, check_name
 
-SCHEMA = 1  # the highest descriptor schema this version reads (agents say it in their heartbeat)
+SCHEMA = 2  # the highest descriptor schema this version reads (agents say it in their heartbeat)
 MAX_ATTEMPTS = 10**6  # attempt numbers become file names (<chunk>.a<N>.json): bounded
 
 
 class JobKind(str, Enum):
     CALLABLE = "callable"
     SCRIPT = "script"
+    COMMAND = "command"  # a shell command line (``jobs.template``), run with /bin/sh -c
 
 
 class JobState(str, Enum):
@@ -38,8 +39,11 @@ class JobState(str, Enum):
 # with that schema. An agent refuses a descriptor of a newer schema than it reads and ignores fields it
 # does not know in one it reads; masters queue a job only at agents whose heartbeat's ``job_schema``
 # (absent: 1) reads the job's schema, so an old agent is passed over, never fed jobs it must refuse.
-OPTIONAL: dict[str, Any] = {"alone": False, "epoch": None, "share": 1.0}
-MUST_UNDERSTAND: dict[str, int] = {}  # field -> the schema that introduced it
+OPTIONAL: dict[str, Any] = {"alone": False, "epoch": None, "share": 1.0, "params": None, "options": None}
+# params: an agent that ignored them would leave them out of the result (collect's columns); options: it
+# would ignore a command job's checks and result file
+MUST_UNDERSTAND: dict[str, int] = {"params": 2, "options": 2}  # field -> the schema that introduced it
+KIND_SCHEMA: dict[JobKind, int] = {JobKind.COMMAND: 2}  # a kind added later: the schema that introduced it
 
 # Keyword names the agent fills in itself; a user kwarg may not reuse them.
 BUILTIN_KWARGS = ("chunk_id", "total_chunks", "gpu_id", "device", "shared", "data")
@@ -65,6 +69,8 @@ class Job:
     alone: bool = False  # suspected of killing an agent: the agent runs nothing beside it (no pipelining)
     epoch: str | None = None  # the run's runs/<run>/epoch when queued: a result for another epoch is dropped
     share: float = 1.0  # the run's weight when agents choose among the jobs of several runs (fair share)
+    params: dict[str, Any] | None = None  # the chunk's sweep parameters (also in kwargs), kept in its result
+    options: dict[str, Any] | None = None  # script and command jobs: OPTION_CHECKS (prefix, success codes, ...)
     schema: int = SCHEMA
 
     @property
@@ -82,7 +88,8 @@ class Job:
     @property
     def needs_schema(self) -> int:
         """The schema an agent must read to run this job: that of the newest must-understand field it uses."""
-        return max([1] + [n for name, n in MUST_UNDERSTAND.items() if getattr(self, name) != OPTIONAL[name]])
+        return max([KIND_SCHEMA.get(self.kind, 1)] +
+                   [n for name, n in MUST_UNDERSTAND.items() if getattr(self, name) != OPTIONAL[name]])
 
     def to_dict(self) -> dict[str, Any]:
         # shallow (kwargs is shared, not copied): dataclasses.asdict deep-copies, and this runs for
@@ -143,6 +150,11 @@ class Job:
         for k in self.kwargs:
             if k in BUILTIN_KWARGS:
                 raise BadFile(f"kwarg {k!r} reuses a built-in argument name", where)
+        for name in ("params", "options"):
+            if getattr(self, name) is not None:
+                _expect(getattr(self, name), dict, name, where)
+        if (why := options_problem(self.options)) is not None:
+            raise BadFile(f"'options': {why}", where)
         for name in ("shared", "data", "workdir"):
             v = getattr(self, name)
             if v is not None:
@@ -157,6 +169,33 @@ class Job:
 
 _FIELDS = tuple(f.name for f in dataclasses.fields(Job))
 assert set(MUST_UNDERSTAND) <= set(OPTIONAL) <= set(_FIELDS)
+
+
+def _is_codes(v: object) -> bool:
+    return isinstance(v, list) and 0 < len(v) <= 256 and all(
+        isinstance(c, int) and not isinstance(c, bool) and 0 <= c <= 255 for c in v)
+
+
+# The options of a script or command job (``Job.options``, ``RunSpec.options``): name -> check.
+OPTION_CHECKS = {
+    "prefix": lambda v: isinstance(v, str) and "\0" not in v,  # shell lines run before a command job's own
+    "success_codes": _is_codes,  # exit codes that mean success (default [0])
+    "fail_on_output": lambda v: isinstance(v, str) and len(v) <= 4096,  # a regex: a matching output line fails
+    "result_file": lambda v: isinstance(v, str) and "\0" not in v,  # a template: the file read into the value
+}
+
+
+def options_problem(options: dict[str, Any] | None) -> str | None:
+    """What is wrong with job options read from the spool, or None."""
+    if options is None:
+        return None
+    for k, v in options.items():
+        check = OPTION_CHECKS.get(k)
+        if check is None:
+            return f"unknown option {brief(k)} (known: {', '.join(OPTION_CHECKS)})"
+        if not check(v):
+            return f"option {k!r} has a bad value {brief(v)}"
+    return None
 
 
 def _expect(value: object, typ: type, name: str, where: object) -> None:

@@ -66,7 +66,8 @@ def record(job: Job, status: JobState, **fields: Any) -> dict[str, Any]:
     """A result record for ``job``; ``fields`` adds agent, host, times, value, error..."""
     return {"schema": RESULT_SCHEMA, "run": job.run, "chunk_id": job.chunk_id,
             "total_chunks": job.total_chunks, "status": status.value, "attempt": job.attempt,
-            "max_attempts": job.max_attempts, "submitted_at": job.submitted_at, **fields}
+            "max_attempts": job.max_attempts, "submitted_at": job.submitted_at,
+            **({"params": job.params} if job.params is not None else {}), **fields}
 
 
 def commit(spool: Spool, job: Job, rec: dict[str, Any], arrays_tmp: Path | None = None) -> bool:
@@ -225,7 +226,8 @@ _ERROR = {"type": is_str, "message": is_str, "traceback": is_str}
 FIELDS: dict[str, Any] = {
     "run": is_str, "total_chunks": is_int, "max_attempts": is_int, "agent": is_str, "host": is_str,
     "device": is_str, "log": is_str, "submitted_at": is_num, "started_at": is_time, "finished_at": is_time,
-    "duration_s": is_num, "arrays_bytes": is_int, "error": _ERROR,
+    "duration_s": is_num, "arrays_bytes": is_int, "error": _ERROR, "exit_code": is_int, "result_file": is_str,
+    "params": lambda v: isinstance(v, dict),
 }
 
 

@@ -76,14 +76,19 @@ class Pool:
         self.spool = spool.ensure()
         self.spool.check_private()
 
-    def submit(self, *, task: str | None = None, script: str | None = None, chunks: int,
-               kwargs: dict[str, Any] | None = None, shared: str | None = None, data: str | None = None,
+    def submit(self, *, task: str | None = None, script: str | None = None, cmd: str | None = None,
+               commands: str | None = None, chunks: int | None = None, kwargs: dict[str, Any] | None = None,
+               sweep: str | list[dict[str, Any]] | None = None, shared: str | None = None, data: str | None = None,
                run: str | None = None, retries: int = 2, timeout: float | None = None,
-               fresh: bool = False, workdir: str | None = None, share: float = 1.0) -> "Run":
+               fresh: bool = False, workdir: str | None = None, share: float = 1.0, **command_options: Any) -> "Run":
         """Validate and record a run (nothing is queued until ``wait``). ``share``: the run's
-        weight when several runs use the pool at once (agents split between them in proportion)."""
-        spec = build(task=task, script=script, chunks=chunks, kwargs=kwargs, shared=shared, data=data, run=run,
-                     retries=retries, timeout=timeout, workdir=workdir, share=share)
+        weight when several runs use the pool at once (agents split between them in proportion).
+        ``cmd`` / ``commands``: command jobs (``agent.command``), with ``command_options`` prefix,
+        success_codes, fail_on_output, result_file; ``sweep``: a file, inline JSON or a list of
+        parameter sets (``master.sweep``), one chunk each."""
+        spec = build(task=task, script=script, cmd=cmd, commands=commands, chunks=chunks, kwargs=kwargs,
+                     sweep=sweep, shared=shared, data=data, run=run, retries=retries, timeout=timeout,
+                     workdir=workdir, share=share, **command_options)
         return Run(self.spool, spec, fresh)
 
     def run(self, name: str) -> "Run":
@@ -119,7 +124,7 @@ class Run:
                 self._clear()
             elif read_epoch(self.spool, self.name) is None:
                 new_epoch(self.spool, self.name)
-            save_or_check(self.spool, self.spec, self.fresh)
+            self.spec = save_or_check(self.spool, self.spec, self.fresh)  # a sweep may have grown
             self.spool.run_dirs(self.name)
             purge_temp([self.spool.result_dir(self.name), self.spool.run_dir(self.name), self.spool.pool_dir])
             bar = Progress(self.spec, enabled=progress, base=self.spool.base)

@@ -14,6 +14,9 @@ EPILOG = """examples:
   python main.py --base /tmp/b --task my_job.py:process --chunks 64 --kwargs '{"scale": 2}' \\
                  --shared shared.npz --data chunks/
   python main.py --base /tmp/b --script examples/octorun_script.py --chunks 8 --kwargs '{"out_dir": "/tmp/out"}'
+  python main.py --base /tmp/b --cmd 'python train.py --lr {lr} --out out/{chunk_id}.json' --sweep grid.yaml \\
+                 --result-file 'out/{chunk_id}.json'        # a shell command per parameter set
+  python main.py --base /tmp/b --commands jobs.txt --prefix 'cd repo'   # one chunk per line
   python main.py --octorun-config config.json      # an OctoRun config, unchanged (agents started for its gpus)
 Re-running the same command resumes the run: chunks with an ok result are not run again."""
 
@@ -30,7 +33,22 @@ def parse(argv: list[str]) -> argparse.Namespace:
     what = p.add_mutually_exclusive_group()
     what.add_argument("--task", help="callable run in the agents: package.module:function or path/file.py:function")
     what.add_argument("--script", help="OctoRun-style script run per chunk with --gpu_id --chunk_id --total_chunks")
-    p.add_argument("--chunks", type=int, help="number of chunks (chunk ids 0..N-1)")
+    what.add_argument("--cmd", metavar="'TEMPLATE'", help="shell command run per chunk, with placeholders {chunk_id} "
+                      "{total_chunks} {gpu_id} {device} and each sweep parameter or kwarg ({{ }}: literal braces; "
+                      "see docs/commands.md)")
+    what.add_argument("--commands", metavar="FILE", help="one shell command per line, each line a chunk (blank lines "
+                      "and # comments skipped; the same placeholders)")
+    p.add_argument("--chunks", type=int, help="number of chunks (chunk ids 0..N-1; with --sweep or --commands: "
+                   "theirs)")
+    p.add_argument("--sweep", metavar="FILE.yaml|FILE.json|JSON", help="parameter sets, one chunk each: a 'grid' "
+                   "(every combination) and/or a 'list'; passed as kwargs (--task), flags (--script) or placeholders "
+                   "(--cmd). Submitting a grown sweep again runs only its new sets")
+    p.add_argument("--prefix", metavar="CMD", help="command jobs: run first, in the same shell (e.g. 'cd repo')")
+    p.add_argument("--success-codes", metavar="0,2", help="command jobs: exit codes that mean success (default 0)")
+    p.add_argument("--fail-on-output", metavar="REGEX", help="command jobs: an output line matching it fails the "
+                   "chunk, even at a successful exit")
+    p.add_argument("--result-file", metavar="PATTERN", help="command jobs: file the command writes (placeholders "
+                   "as in --cmd, relative to this folder), read into the chunk's result: .json, .csv/.tsv, or text")
     p.add_argument("--kwargs", help="JSON object of keyword arguments (flags for --script)")
     p.add_argument("--shared", help=".npz loaded once per agent and passed as `shared`")
     p.add_argument("--data", help="folder with one <chunk_id>.npz per chunk, passed as `data`")
@@ -78,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         from master.octorun import main as run_octorun
 
         return guarded(lambda: run_octorun(args))
-    if not (args.task or args.script or args.chunks or args.base):
+    if not (args.task or args.script or args.cmd or args.commands or args.chunks or args.base):
         from master.demo import run_demo
 
         return run_demo(args.demo_dir, progress=not args.no_progress)
@@ -92,8 +110,9 @@ def feed(args: argparse.Namespace) -> int:
     from master.progress import format_summary
     from master.runspec import parse_kwargs
 
-    missing = [f for f, v in (("--base (or $GPUPOOL_BASE)", args.base), ("--task or --script", args.task or args.script),
-                              ("--chunks", args.chunks)) if v is None]
+    what = args.task or args.script or args.cmd or args.commands
+    missing = [f for f, v in (("--base (or $GPUPOOL_BASE)", args.base), ("--task, --script, --cmd or --commands", what),
+                              ("--chunks", args.sweep or args.commands if args.chunks is None else args.chunks)) if v is None]
     if missing:
         print(f"main.py: missing {', '.join(missing)} (see python main.py --help; no arguments runs the demo)",
               file=sys.stderr)
@@ -113,9 +132,12 @@ def feed(args: argparse.Namespace) -> int:
 
         placement = Placement.parse(args.target, args.hosts, args.exclude_hosts, args.min_free_gb)
         pool = Pool(args.base, allow_local_locks=args.allow_local_locks, create=args.new_spool)
-        run = pool.submit(task=args.task, script=args.script, chunks=args.chunks, kwargs=parse_kwargs(args.kwargs),
+        run = pool.submit(task=args.task, script=args.script, cmd=args.cmd, commands=args.commands,
+                          chunks=args.chunks, kwargs=parse_kwargs(args.kwargs), sweep=args.sweep,
                           shared=args.shared, data=args.data, run=args.run, retries=args.retries,
-                          timeout=args.timeout, fresh=args.fresh, share=args.share)
+                          timeout=args.timeout, fresh=args.fresh, share=args.share, prefix=args.prefix,
+                          success_codes=args.success_codes, fail_on_output=args.fail_on_output,
+                          result_file=args.result_file)
         cfg = FeedConfig(depth=args.depth, max_depth=max(args.depth, args.max_depth), dead_after=args.dead_after,
                          retry_delay=args.retry_delay, max_failures=args.max_failures, wait_agents=args.wait_agents)
         summary = run.wait(progress=not args.no_progress, cfg=cfg, wait_for_lock=args.wait, placement=placement)

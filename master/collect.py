@@ -5,8 +5,11 @@
   and ``run_json`` (the run's metadata and each chunk's agent and times, as JSON text).
 * ``.csv`` / ``.jsonl``: one row per chunk: run, chunk_id, status, attempt, agent, host,
   device, started_at, finished_at (ISO 8601 with the time zone; ``*_epoch``: the Unix time),
-  duration_s, and the value (a dict's keys become
-  columns; other values a ``value`` column, JSON-encoded in CSV when not a plain scalar).
+  duration_s, the chunk's sweep parameters (``master.sweep``; a name that is also one of these
+  columns becomes ``param.<name>``), and the value (a dict's keys become columns; other values a
+  ``value`` column, JSON-encoded in CSV when not a plain scalar). A command job's ``--result-file``
+  table (a list of row objects) gives one row per table row, each with its chunk's columns.
+* ``.parquet`` (where pyarrow is installed): the same table, readable by ``pandas.read_parquet``.
 
 The output is written to a temporary name beside it and renamed into place.
 """
@@ -33,7 +36,7 @@ from master.runspec import RunSpec, load_run
 
 META = ("run", "chunk_id", "status", "attempt", "agent", "host", "device", "started_at", "finished_at",
         "duration_s")
-FORMATS = (".npz", ".csv", ".jsonl")
+FORMATS = (".npz", ".csv", ".jsonl", ".parquet")
 
 
 class CollectError(SpoolError):
@@ -85,7 +88,7 @@ def collect(spool: Spool, run: str, out: str | os.PathLike, concat: bool = False
     """Gather ``run``'s results into ``out`` (format by extension); see the module docstring."""
     out = Path(out)
     if out.suffix.lower() not in FORMATS:
-        raise CollectError(f"--out {out}: the name must end in .npz (arrays), .csv or .jsonl (values)")
+        raise CollectError(f"--out {out}: the name must end in .npz (arrays), .csv, .jsonl or .parquet (values)")
     spec = load_run(spool, run)
     out.resolve().parent.mkdir(parents=True, exist_ok=True)
     recs, skipped = committed(spool, spec, partial)
@@ -147,19 +150,34 @@ def _shapes(arrays: list[np.ndarray], chunks: list[int]) -> str:
 
 
 def rows(recs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One flat row per chunk: the metadata columns, then the value's."""
+    """Flat rows: per chunk, the metadata columns, its parameters, then the value's."""
     out = []
     for rec in recs:
         row = {k: rec.get(k) for k in META}
         for k in ("started_at", "finished_at"):  # ISO 8601 with the time zone; the epoch beside it
             row[k], row[f"{k}_epoch"] = iso_time(row[k]), row[k]
+        params = rec.get("params")
+        if isinstance(params, dict):
+            row.update({(k if k not in row else f"param.{k}"): v for k, v in params.items()})
         value = rec.get("value")
-        if isinstance(value, dict) and value:
-            row.update({(k if k not in META else f"value.{k}"): v for k, v in value.items()})
-        else:
-            row["value"] = value
-        out.append(row)
+        table = rec.get("result_file") and isinstance(value, list) and value and \
+            all(isinstance(v, dict) for v in value)
+        out += [_with_value(row, v) for v in value] if table else [_with_value(row, value)]
     return out
+
+
+def _with_value(row: dict[str, Any], value: Any) -> dict[str, Any]:
+    """``row`` and the value's columns (a key already there, with another value, becomes ``value.<key>``)."""
+    row = dict(row)
+    if isinstance(value, dict) and value:
+        for k, v in value.items():
+            if k in META or (k in row and row[k] != v):
+                row[f"value.{k}"] = v
+            else:
+                row[k] = v
+    else:
+        row["value"] = value
+    return row
 
 
 def iso_time(t: Any) -> str | None:
@@ -174,6 +192,9 @@ def _write_table(recs: list[dict[str, Any]], out: Path) -> list[str]:
     columns = list(dict.fromkeys(k for r in table for k in r))
     if out.suffix.lower() == ".jsonl":
         data = "".join(json.dumps(r, default=str) + "\n" for r in table)
+    elif out.suffix.lower() == ".parquet":
+        write_replace(out.resolve(), _parquet(table, columns))
+        return _value_columns(columns)
     else:
         buf = io.StringIO()
         w = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
@@ -182,7 +203,30 @@ def _write_table(recs: list[dict[str, Any]], out: Path) -> list[str]:
             w.writerow({k: _cell(v) for k, v in r.items()})
         data = buf.getvalue()
     write_replace(out.resolve(), data.encode())
+    return _value_columns(columns)
+
+
+def _value_columns(columns: list[str]) -> list[str]:
     return [c for c in columns if c not in META and not c.endswith("_at_epoch")]
+
+
+def _parquet(table: list[dict[str, Any]], columns: list[str]) -> bytes:
+    """The table as Parquet bytes; a column of mixed or nested values is stored as JSON text."""
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise CollectError("--out FILE.parquet needs pyarrow (pip install pyarrow); or use .csv or .jsonl") from None
+    cols: dict[str, list[Any]] = {}
+    for c in columns:
+        cells = [r.get(c) for r in table]
+        kinds = {type(v) for v in cells if v is not None}
+        if not (kinds <= {int, float} or kinds == {str} or kinds == {bool}):
+            cells = [None if v is None else json.dumps(v, default=str) for v in cells]
+        cols[c] = cells
+    buf = io.BytesIO()
+    pq.write_table(pa.table(cols), buf)
+    return buf.getvalue()
 
 
 def _cell(v: Any) -> Any:

@@ -408,7 +408,8 @@ def _logs_args(lg: argparse.ArgumentParser) -> None:
 
 def _collect_args(c: argparse.ArgumentParser) -> None:
     c.add_argument("--run", required=True, help=RUN_HELP)
-    c.add_argument("--out", required=True, help="FILE.npz (arrays), FILE.csv or FILE.jsonl (JSON values)")
+    c.add_argument("--out", required=True, help="FILE.npz (arrays), FILE.csv, FILE.jsonl or FILE.parquet (JSON "
+                   "values; parquet needs pyarrow)")
     c.add_argument("--concat", action="store_true", help="join arrays along the first axis instead of stacking")
     c.add_argument("--partial", action="store_true", help="collect the ok chunks even if some failed or are missing")
 

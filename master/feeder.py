@@ -205,10 +205,11 @@ class Feeder(Dispatcher):
 
     def _job(self, c: int) -> Job:
         s = self.spec
-        return Job(run=s.name, chunk_id=c, total_chunks=s.chunks, kind=s.kind, target=s.target,
-                   attempt=self.attempt.get(c, 0) + 1, max_attempts=self.max_attempts[c], kwargs=s.kwargs,
+        return Job(run=s.name, chunk_id=c, total_chunks=s.chunks, kind=s.kind, target=s.chunk_target(c),
+                   attempt=self.attempt.get(c, 0) + 1, max_attempts=self.max_attempts[c], kwargs=s.chunk_kwargs(c),
                    shared=s.shared, data=s.data_file(c), timeout=s.timeout, workdir=s.workdir,
-                   submitted_at=time.time(), alone=c in self.isolated, epoch=self.epoch, share=s.share)
+                   submitted_at=time.time(), alone=c in self.isolated, epoch=self.epoch, share=s.share,
+                   params=s.chunk_params(c), options=s.options)
 
     # the loop ----------------------------------------------------------------------------------
     def run(self, stop: threading.Event | None = None) -> Summary:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs.atomic import NotAFile, write_replace
-from jobs.descriptor import BUILTIN_KWARGS, MAX_ATTEMPTS, JobKind
+from jobs.descriptor import BUILTIN_KWARGS, MAX_ATTEMPTS, JobKind, options_problem
 from jobs.errors import BadFile, BadNpz, SpoolError
 from jobs.jsonio import load_json, read_json
 from jobs.names import MAX_CHUNKS, brief, check_name, slug
@@ -42,12 +42,27 @@ class RunSpec:
     timeout: float | None = None
     workdir: str | None = None
     share: float = 1.0  # weight of the run when several runs share the pool (may change on resume)
+    params: list[dict[str, Any]] | None = None  # a sweep's parameter sets: chunk c runs params[c] (master.sweep)
+    commands: list[str] | None = None  # --commands: chunk c runs commands[c] (target: the file they came from)
+    options: dict[str, Any] | None = None  # command jobs' prefix and checks (jobs.descriptor.OPTION_CHECKS)
     schema: int = SPEC_SCHEMA
 
     def identity(self) -> dict[str, Any]:
         """What makes two runs the same run (retries and timeout may change on resume)."""
         return {"kind": self.kind.value, "target": self.target, "chunks": self.chunks, "kwargs": self.kwargs,
-                "shared": self.shared, "data_dir": self.data_dir}
+                "shared": self.shared, "data_dir": self.data_dir, "params": self.params,
+                "commands": self.commands, "options": self.options}
+
+    def chunk_target(self, chunk: int) -> str:
+        """What chunk ``chunk`` runs: the run's target, or its line of a --commands file."""
+        return self.target if self.commands is None else self.commands[chunk]
+
+    def chunk_kwargs(self, chunk: int) -> dict[str, Any]:
+        """The chunk's kwargs: the run's, and its sweep parameters."""
+        return self.kwargs if self.params is None else {**self.kwargs, **self.params[chunk]}
+
+    def chunk_params(self, chunk: int) -> dict[str, Any] | None:
+        return None if self.params is None else self.params[chunk]
 
     def to_json(self) -> bytes:
         d = dataclasses.asdict(self)
@@ -101,6 +116,13 @@ class RunSpec:
                 continue
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf:
                 return f"'{name}' must be a positive number, not {brief(v)}"
+        for name, typ in (("params", dict), ("commands", str)):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, list) or len(v) != self.chunks or
+                                  not all(isinstance(x, typ) for x in v)):
+                return f"'{name}' must be a list of {self.chunks} {typ.__name__}s, not {brief(v)}"
+        if self.options is not None and (not isinstance(self.options, dict) or options_problem(self.options)):
+            return f"'options': {options_problem(self.options) if isinstance(self.options, dict) else brief(self.options)}"
         if isinstance(self.schema, bool) or not isinstance(self.schema, int) or self.schema > SPEC_SCHEMA:
             return f"'schema' {brief(self.schema)} is not one this tool reads ({SPEC_SCHEMA}); upgrade"
         return None
@@ -112,11 +134,19 @@ class RunSpec:
 
 
 def default_name(kind: JobKind, target: str, chunks: int, kwargs: dict[str, Any],
-                 shared: str | None, data_dir: str | None) -> str:
-    """Stable name from what is run, so that re-running the same command resumes it."""
-    ident = json.dumps([kind.value, target, chunks, kwargs, shared, data_dir], sort_keys=True)
-    base = target.rpartition(":")[2] if kind is JobKind.CALLABLE else Path(target).stem
-    return f"{slug(base, 40)}-{chunks}-{hashlib.sha1(ident.encode()).hexdigest()[:8]}"
+                 shared: str | None, data_dir: str | None, extra: dict[str, Any] | None = None) -> str:
+    """Stable name from what is run, so that re-running the same command resumes it. ``extra``:
+    what else makes the run (a sweep passes chunks=0, so that a grown grid resumes the same run)."""
+    ident = json.dumps([kind.value, target, chunks, kwargs, shared, data_dir] + ([extra] if extra else []),
+                       sort_keys=True)
+    if kind is JobKind.CALLABLE:
+        base = target.rpartition(":")[2]
+    elif kind is JobKind.COMMAND and not (extra or {}).get("commands"):  # a command line: its first words
+        base = " ".join(Path(w).name for w in target.split()[:2])
+    else:
+        base = Path(target).stem
+    size = "sweep" if (extra or {}).get("sweep") else str(chunks)
+    return f"{slug(base, 40)}-{size}-{hashlib.sha1(ident.encode()).hexdigest()[:8]}"
 
 
 def parse_kwargs(text: str | None) -> dict[str, Any]:
@@ -146,23 +176,46 @@ def kwargs_size_error(kwargs: dict[str, Any], what: str = "--kwargs",
             f"descriptor carries a copy. Put large inputs in {instead}")
 
 
-def build(*, task: str | None = None, script: str | None = None, chunks: int, kwargs: dict[str, Any] | None = None,
-          shared: str | None = None, data: str | None = None, run: str | None = None, retries: int = 2,
-          timeout: float | None = None, workdir: str | None = None, share: float = 1.0) -> RunSpec:
-    """Check every argument and return the RunSpec; raises UsageError naming the bad one."""
+def build(*, task: str | None = None, script: str | None = None, cmd: str | None = None,
+          commands: str | None = None, chunks: int | None = None, kwargs: dict[str, Any] | None = None,
+          sweep: str | list[dict[str, Any]] | None = None, prefix: str | None = None,
+          success_codes: str | list[int] | None = None, fail_on_output: str | None = None,
+          result_file: str | None = None, shared: str | None = None, data: str | None = None,
+          run: str | None = None, retries: int = 2, timeout: float | None = None, workdir: str | None = None,
+          share: float = 1.0) -> RunSpec:
+    """Check every argument and return the RunSpec; raises UsageError naming the bad one.
+    ``sweep``: a sweep file's path or inline JSON (``master.sweep``), or its parameter sets."""
     workdir = str(Path(workdir or os.getcwd()).resolve())
-    if (task is None) == (script is None):
-        raise UsageError("give exactly one of --task MODULE:FUNCTION or --script PATH.py")
+    given = [n for n, v in (("--task", task), ("--script", script), ("--cmd", cmd), ("--commands", commands))
+             if v is not None]
+    if len(given) != 1:
+        raise UsageError("give exactly one of --task MODULE:FUNCTION, --script PATH.py, --cmd 'COMMAND' or "
+                         f"--commands FILE{' (not ' + ' and '.join(given) + ')' if given else ''}")
+    kwargs = dict(kwargs or {})
+    params, lines = None, None
+    if sweep is not None or commands is not None or cmd is not None:
+        from master.cmdspec import check_chunks, read_commands
+
+        if sweep is not None:
+            params = _sweep(sweep, workdir, kwargs, data)
+            chunks = check_chunks(chunks, len(params), f"--sweep ({len(params)} parameter sets)")
+        if commands is not None:
+            if params is not None:
+                raise UsageError("--sweep with --commands: put the values in the lines, or use --cmd 'TEMPLATE'")
+            commands, lines = read_commands(commands, workdir)
+            chunks = check_chunks(chunks, len(lines), f"--commands {commands} ({len(lines)} lines)")
+    if chunks is None:
+        raise UsageError("--chunks is missing (or pass --sweep, whose parameter sets are the chunks)")
     if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
         raise UsageError(f"--chunks must be a whole number of at least 1, not {chunks!r}")
-    kwargs = dict(kwargs or {})
     clash = sorted(set(kwargs) & set(BUILTIN_KWARGS))
     if clash:
         raise UsageError(f"--kwargs key(s) {clash} reuse built-in argument names {list(BUILTIN_KWARGS)}; rename them")
     bad_keys = [k for k in kwargs if not isinstance(k, str) or not k.isidentifier()]
     if bad_keys:
         raise UsageError(f"--kwargs key(s) {bad_keys} are not valid Python identifiers")
-    if (too_large := kwargs_size_error(kwargs)) is not None:
+    if (too_large := kwargs_size_error(kwargs if params is None else
+                                       max((dict(kwargs, **p) for p in params), key=lambda d: len(json.dumps(d))))):
         raise UsageError(too_large)
     if retries < 0:
         raise UsageError(f"--retries must be 0 or more, not {retries}")
@@ -170,14 +223,66 @@ def build(*, task: str | None = None, script: str | None = None, chunks: int, kw
         raise UsageError(f"--timeout must be a positive number of seconds, not {timeout}")
     if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share < math.inf:
         raise UsageError(f"--share must be a positive number (the run's weight; default 1), not {share!r}")
+    opts = dict(prefix=prefix, success_codes=success_codes, fail_on_output=fail_on_output, result_file=result_file)
+    if task is not None or script is not None:
+        if used := [f"--{k.replace('_', '-')}" for k, v in opts.items() if v is not None]:
+            raise UsageError(f"{', '.join(used)}: only for command jobs (--cmd or --commands), not {given[0]}")
+        options = None
     if task is not None:
-        kind, target = JobKind.CALLABLE, check_task(task, workdir, kwargs)
-    else:
+        names = {**kwargs, **{k: None for p in params or [] for k in p}}
+        kind, target = JobKind.CALLABLE, check_task(task, workdir, names)
+    elif script is not None:
         kind, target = JobKind.SCRIPT, check_script(script, workdir)
+    else:
+        kind, target, options = JobKind.COMMAND, *_command(cmd, commands, lines, kwargs, params, opts)
     shared_path = check_npz(shared, "--shared", workdir) if shared else None
     data_dir = check_data_dir(data, chunks, workdir) if data else None
-    name = check_run_name(run) if run else default_name(kind, target, chunks, kwargs, shared_path, data_dir)
-    return RunSpec(name, kind, target, chunks, kwargs, shared_path, data_dir, retries, timeout, workdir, float(share))
+    if run:
+        name = check_run_name(run)
+    elif params is None and lines is None and options is None:  # as before command jobs and sweeps
+        name = default_name(kind, target, chunks, kwargs, shared_path, data_dir)
+    else:
+        name = default_name(kind, target, 0 if params is not None else chunks, kwargs, shared_path, data_dir,
+                            {"sweep": params is not None, "commands": lines, "options": options})
+    return RunSpec(name, kind, target, chunks, kwargs, shared_path, data_dir, retries, timeout, workdir, float(share),
+                   params, lines, options)
+
+
+def _sweep(sweep: str | list[dict[str, Any]], workdir: str, kwargs: dict[str, Any],
+           data: str | None) -> list[dict[str, Any]]:
+    """The parameter sets of ``--sweep``, checked against ``--kwargs`` and ``--data``."""
+    from master.sweep import SweepError, load, parse
+
+    try:
+        params = load(sweep, workdir) if isinstance(sweep, str) else parse(sweep, "sweep")
+    except SweepError as e:
+        raise UsageError(str(e)) from None
+    if both := sorted(set(kwargs) & {k for p in params for k in p}):
+        raise UsageError(f"--kwargs and --sweep both set {both}; give each name in one of them")
+    if data:
+        raise UsageError("--data with --sweep: --data gives files by chunk position, a sweep's chunks are "
+                         "their parameters; name each chunk's file in a parameter instead")
+    return params
+
+
+def _command(cmd: str | None, source: str | None, lines: list[str] | None, kwargs: dict[str, Any],
+             params: list[dict[str, Any]] | None, opts: dict[str, Any]) -> tuple[str, dict[str, Any] | None]:
+    """(target, options) of a command run, every template's placeholders checked."""
+    from jobs.template import BUILTIN_PLACEHOLDERS
+    from master.cmdspec import check_template, options
+    from master.sweep import common_names
+
+    every, some = common_names(params) if params else (set(), set())
+    known = set(BUILTIN_PLACEHOLDERS) | set(kwargs) | every
+    if cmd is not None:
+        if not cmd.strip():
+            raise UsageError("--cmd is empty; give the shell command each chunk runs")
+        target = check_template(cmd, "--cmd", known, some)
+    else:
+        for n, line in enumerate(lines or [], 1):
+            check_template(line, f"--commands {source}: command {n}", known)
+        target = source
+    return target, options(**opts, known=known, partial=some)
 
 
 def check_run_name(run: str) -> str:
@@ -314,14 +419,30 @@ def load_run(spool: Spool, run: str) -> RunSpec:
         raise UsageError(f"no run {run!r} in {spool.base} (runs there: {known})") from None
 
 
-def save_or_check(spool: Spool, spec: RunSpec, fresh: bool) -> None:
-    """Write the run spec, or check that an existing run of this name is the same run."""
+def save_or_check(spool: Spool, spec: RunSpec, fresh: bool) -> RunSpec:
+    """Write the run spec, or check that an existing run of this name is the same run; returns
+    the spec the run goes on with: a sweep submitted again keeps the run's parameter sets and
+    adds its new ones (``master.sweep.merge``)."""
     path = spool.run_spec(spec.name)
     path.parent.mkdir(parents=True, exist_ok=True)
     if os.path.lexists(path) and not fresh:  # a link (even a dangling one) is refused by load, not replaced
         old = RunSpec.load(path)
+        if old.params is not None and spec.params is not None:
+            spec = _grown(old, spec)
         if old.identity() != spec.identity():
             diff = [k for k, v in spec.identity().items() if old.identity()[k] != v]
             raise UsageError(f"run {spec.name!r} already exists in {spool.base} with a different {', '.join(diff)}; "
                              "pass --fresh to start it over, or --run NAME for a new run")
     write_replace(path, spec.to_json())
+    return spec
+
+
+def _grown(old: RunSpec, new: RunSpec) -> RunSpec:
+    """``new`` with ``old``'s parameter sets first (their chunk ids stay), then its own new ones."""
+    from master.sweep import PARAMS_LIMIT, merge
+
+    params = merge(old.params or [], new.params or [])
+    if len(params) > len(old.params or []) and len(json.dumps(params)) > PARAMS_LIMIT:
+        raise UsageError(f"run {new.name!r}: its {len(params)} parameter sets would take over {PARAMS_LIMIT // 1024} "
+                         "KB as JSON; start a new run (--run NAME)")
+    return dataclasses.replace(new, params=params, chunks=len(params))

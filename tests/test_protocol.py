@@ -109,13 +109,21 @@ def test_fields_of_a_newer_version_that_may_be_ignored_are_ignored() -> None:
 
 def test_a_field_an_older_agent_must_understand_raises_the_schema_it_is_written_with(monkeypatch) -> None:
     from jobs import descriptor
-    monkeypatch.setattr(descriptor, "MUST_UNDERSTAND", {"epoch": 2})
+    newer = SCHEMA + 1
+    monkeypatch.setattr(descriptor, "MUST_UNDERSTAND", {"epoch": newer})
     plain, marked = job(), dataclasses.replace(job(), epoch="e1")
-    assert plain.to_dict()["schema"] == 1 and marked.to_dict()["schema"] == 2  # only jobs that use it
-    with pytest.raises(NewerSchema):  # an agent that reads schema 1 refuses it, never runs it without the field
+    assert plain.to_dict()["schema"] == 1 and marked.to_dict()["schema"] == newer  # only jobs that use it
+    with pytest.raises(NewerSchema):  # an agent that reads older schemas refuses it, never runs it without the field
         Job.from_dict(marked.to_dict(), "mailbox")
-    monkeypatch.setattr(descriptor, "SCHEMA", 2)
+    monkeypatch.setattr(descriptor, "SCHEMA", newer)
     assert Job.from_dict(marked.to_dict(), "mailbox").epoch == "e1"
+
+
+def test_command_jobs_and_sweep_fields_need_schema_2_other_jobs_stay_readable_by_older_agents() -> None:
+    assert job().to_dict()["schema"] == 1
+    assert dataclasses.replace(job(), kind=JobKind.COMMAND, target="echo").to_dict()["schema"] == 2
+    assert dataclasses.replace(job(), params={"lr": 1}).to_dict()["schema"] == 2
+    assert dataclasses.replace(job(), kind=JobKind.SCRIPT, target="/s.py").to_dict()["schema"] == 1
 
 
 def test_newer_schema_is_its_own_error() -> None:
