@@ -427,12 +427,13 @@ def save_or_check(spool: Spool, spec: RunSpec, fresh: bool) -> RunSpec:
     path.parent.mkdir(parents=True, exist_ok=True)
     if os.path.lexists(path) and not fresh:  # a link (even a dangling one) is refused by load, not replaced
         old = RunSpec.load(path)
-        if old.params is not None and spec.params is not None:
-            spec = _grown(old, spec)
-        if old.identity() != spec.identity():
-            diff = [k for k, v in spec.identity().items() if old.identity()[k] != v]
+        grown = _grown(old, spec) if old.params is not None and spec.params is not None else spec
+        same = dataclasses.replace(spec, params=old.params, chunks=old.chunks) if grown is not spec else spec
+        if old.identity() != same.identity():
+            diff = [k for k, v in same.identity().items() if old.identity()[k] != v]
             raise UsageError(f"run {spec.name!r} already exists in {spool.base} with a different {', '.join(diff)}; "
                              "pass --fresh to start it over, or --run NAME for a new run")
+        spec = grown
     write_replace(path, spec.to_json())
     return spec
 
