@@ -79,7 +79,7 @@ def test_bad_input_is_named(args: list[str], message: str, files: dict[str, str]
 
 def test_missing_arguments_say_what_is_missing(tmp_path: Path, env) -> None:
     r = run_main(["--base", str(tmp_path / "b"), "--chunks", "3"], env, timeout=60)
-    assert r.returncode == 2 and "missing --task or --script" in r.stderr
+    assert r.returncode == 2 and "missing --task, --script, --cmd or --commands" in r.stderr
 
 
 def test_same_run_name_with_other_task_is_refused(tmp_path: Path, env) -> None:

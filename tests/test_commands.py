@@ -217,7 +217,7 @@ def test_collect_arrays_values_and_refusals(spool: Spool, agents, env, tmp_path:
     wrong = master(["collect", "--base", b, "--run", "mm", "--out", str(tmp_path / "mm.csv")], env)
     assert wrong.returncode == 2 and "use --out FILE.npz" in wrong.stderr
     ext = master(["collect", "--base", b, "--run", "mm", "--out", str(tmp_path / "mm.txt")], env)
-    assert ext.returncode == 2 and ".npz (arrays), .csv or .jsonl" in ext.stderr
+    assert ext.returncode == 2 and ".npz (arrays), .csv, .jsonl or .parquet" in ext.stderr
 
 
 # retry / cancel / drain -----------------------------------------------------------------------
