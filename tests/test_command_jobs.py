@@ -3,6 +3,7 @@ the real main.py and ``python -m master collect``."""
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import subprocess
 import sys
@@ -147,6 +148,21 @@ def test_a_command_job_sees_only_its_agents_gpu(spool: Spool, agents, tmp_path: 
     assert results(spool.base, "seen")[0]["value"] == {"cvd": "1", "gpu": 1, "device": "cuda:0"}
 
 
+def parquet_or_a_clear_refusal(spool: Spool, run: str, out: Path) -> None:
+    from master.collect import CollectError, collect as collect_run
+
+    if importlib.util.find_spec("pyarrow") is None:
+        with pytest.raises(CollectError, match="needs pyarrow"):
+            collect_run(spool, run, out)
+        return
+    import pyarrow.parquet as pq
+
+    collect_run(spool, run, out)
+    table = pq.read_table(out).to_pylist()
+    assert [(x["tag"], x["seconds"], x["value"]) for x in table] == [("a", None, "a 0"), ("b", None, "b 1"),
+                                                                     ("c", 0.01, "c 2")]
+
+
 def command_job(tmp_path: Path, target: str, **options) -> Job:
     return Job(run="r", chunk_id=3, total_chunks=5, kind=JobKind.COMMAND, target=target, kwargs={"name": "a b"},
                workdir=str(tmp_path), options=options or None)
@@ -171,3 +187,23 @@ def test_placeholders_are_filled_in_and_quoted_on_request(tmp_path: Path) -> Non
                       result_file="out.txt")
     fields = run_command(job, 0, "cpu", base_env(tmp_path), tmp_path / "log", lambda: False)
     assert fields["value"] == "a b|a|b|{x}|003|", fields
+
+
+@pytest.mark.timeout(120)
+def test_a_sweep_gives_a_task_its_kwargs_and_a_script_its_flags(spool: Spool, agents, env, tmp_path: Path) -> None:
+    agents(1)
+    sweep = json.dumps({"grid": {"tag": ["a", "b"]}, "list": [{"tag": "c", "seconds": 0.01}]})
+    r = run_main(["--base", str(spool.base), "--task", "tests.faulty:tagged", "--sweep", sweep, "--run", "tasks",
+                  "--no-progress"], env)
+    assert r.returncode == 0 and "3 ok, 0 failed" in r.stdout, r.stdout + r.stderr
+    assert collect(env, spool.base, "tasks", tmp_path / "tasks.csv").returncode == 0
+    rows = list(csv.DictReader((tmp_path / "tasks.csv").open()))
+    assert [(x["tag"], x["seconds"], x["value"]) for x in rows] == [("a", "", "a 0"), ("b", "", "b 1"), ("c", "0.01", "c 2")]
+    parquet_or_a_clear_refusal(spool, "tasks", tmp_path / "tasks.parquet")
+    out = tmp_path / "out"
+    r = run_main(["--base", str(spool.base), "--script", "examples/octorun_script.py", "--sweep", '{"size": [10, 20]}',
+                  "--kwargs", json.dumps({"out_dir": str(out)}), "--run", "flags", "--no-progress"], env)
+    assert r.returncode == 0 and "2 ok, 0 failed" in r.stdout, r.stdout + r.stderr
+    for c, size in ((0, 10), (1, 20)):
+        log = (spool.logs_dir / "flags" / f"{c:06d}.log").read_text()
+        assert f"--size {size}" in log and f"chunk {c}/2" in log
