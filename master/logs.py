@@ -139,6 +139,8 @@ def format_chunk(rep: dict[str, Any]) -> str:
                  f"agent {res.get('agent')} ({res.get('host')}, {res.get('device')}), "
                  f"{res.get('duration_s', 0) or 0:.3f} s, finished {_when(res.get('finished_at'))}")
     out = [head]
+    if res is not None and isinstance(res.get("params"), dict):  # a sweep's chunk: which point it is
+        out.append(f"params: {json.dumps(res['params'], sort_keys=True)[:500]}")
     if res is not None and res["status"] == "ok":
         value = json.dumps(res.get("value"))
         out.append(f"value: {value[:500]}{' ...' if len(value) > 500 else ''}"
