@@ -78,7 +78,8 @@ class Pool:
 
     def submit(self, *, task: str | None = None, script: str | None = None, cmd: str | None = None,
                commands: str | None = None, chunks: int | None = None, kwargs: dict[str, Any] | None = None,
-               sweep: str | list[dict[str, Any]] | None = None, shared: str | None = None, data: str | None = None,
+               sweep: str | dict[str, Any] | list[dict[str, Any]] | None = None, shared: str | None = None,
+               data: str | None = None,
                run: str | None = None, retries: int = 2, timeout: float | None = None,
                fresh: bool = False, workdir: str | None = None, share: float = 1.0, **command_options: Any) -> "Run":
         """Validate and record a run (nothing is queued until ``wait``). ``share``: the run's

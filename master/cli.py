@@ -111,8 +111,9 @@ def feed(args: argparse.Namespace) -> int:
     from master.runspec import parse_kwargs
 
     what = args.task or args.script or args.cmd or args.commands
+    chunks = args.sweep or args.commands if args.chunks is None else args.chunks  # a sweep or a file says how many
     missing = [f for f, v in (("--base (or $GPUPOOL_BASE)", args.base), ("--task, --script, --cmd or --commands", what),
-                              ("--chunks", args.sweep or args.commands if args.chunks is None else args.chunks)) if v is None]
+                              ("--chunks", chunks)) if v is None]
     if missing:
         print(f"main.py: missing {', '.join(missing)} (see python main.py --help; no arguments runs the demo)",
               file=sys.stderr)

@@ -121,8 +121,10 @@ class RunSpec:
             if v is not None and (not isinstance(v, list) or len(v) != self.chunks or
                                   not all(isinstance(x, typ) for x in v)):
                 return f"'{name}' must be a list of {self.chunks} {typ.__name__}s, not {brief(v)}"
-        if self.options is not None and (not isinstance(self.options, dict) or options_problem(self.options)):
-            return f"'options': {options_problem(self.options) if isinstance(self.options, dict) else brief(self.options)}"
+        if self.options is not None and not isinstance(self.options, dict):
+            return f"'options' must be an object, not {brief(self.options)}"
+        if (why := options_problem(self.options)) is not None:
+            return f"'options': {why}"
         if isinstance(self.schema, bool) or not isinstance(self.schema, int) or self.schema > SPEC_SCHEMA:
             return f"'schema' {brief(self.schema)} is not one this tool reads ({SPEC_SCHEMA}); upgrade"
         return None
@@ -178,7 +180,7 @@ def kwargs_size_error(kwargs: dict[str, Any], what: str = "--kwargs",
 
 def build(*, task: str | None = None, script: str | None = None, cmd: str | None = None,
           commands: str | None = None, chunks: int | None = None, kwargs: dict[str, Any] | None = None,
-          sweep: str | list[dict[str, Any]] | None = None, prefix: str | None = None,
+          sweep: str | dict[str, Any] | list[dict[str, Any]] | None = None, prefix: str | None = None,
           success_codes: str | list[int] | None = None, fail_on_output: str | None = None,
           result_file: str | None = None, shared: str | None = None, data: str | None = None,
           run: str | None = None, retries: int = 2, timeout: float | None = None, workdir: str | None = None,
@@ -245,10 +247,10 @@ def build(*, task: str | None = None, script: str | None = None, cmd: str | None
         name = default_name(kind, target, 0 if params is not None else chunks, kwargs, shared_path, data_dir,
                             {"sweep": params is not None, "commands": lines, "options": options})
     return RunSpec(name, kind, target, chunks, kwargs, shared_path, data_dir, retries, timeout, workdir, float(share),
-                   params, lines, options)
+                   params=params, commands=lines, options=options)
 
 
-def _sweep(sweep: str | list[dict[str, Any]], workdir: str, kwargs: dict[str, Any],
+def _sweep(sweep: str | dict[str, Any] | list[dict[str, Any]], workdir: str, kwargs: dict[str, Any],
            data: str | None) -> list[dict[str, Any]]:
     """The parameter sets of ``--sweep``, checked against ``--kwargs`` and ``--data``."""
     from master.sweep import SweepError, load, parse

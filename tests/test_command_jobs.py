@@ -198,7 +198,8 @@ def test_a_sweep_gives_a_task_its_kwargs_and_a_script_its_flags(spool: Spool, ag
     assert r.returncode == 0 and "3 ok, 0 failed" in r.stdout, r.stdout + r.stderr
     assert collect(env, spool.base, "tasks", tmp_path / "tasks.csv").returncode == 0
     rows = list(csv.DictReader((tmp_path / "tasks.csv").open()))
-    assert [(x["tag"], x["seconds"], x["value"]) for x in rows] == [("a", "", "a 0"), ("b", "", "b 1"), ("c", "0.01", "c 2")]
+    assert [(x["tag"], x["seconds"], x["value"]) for x in rows] == [("a", "", "a 0"), ("b", "", "b 1"),
+                                                                    ("c", "0.01", "c 2")]
     parquet_or_a_clear_refusal(spool, "tasks", tmp_path / "tasks.parquet")
     out = tmp_path / "out"
     r = run_main(["--base", str(spool.base), "--script", "examples/octorun_script.py", "--sweep", '{"size": [10, 20]}',
