@@ -11,7 +11,7 @@ from typing import Any
 from jobs.template import BUILTIN_PLACEHOLDERS, TemplateError, fields
 from master.runspec import UsageError
 
-COMMANDS_FILE_LIMIT = 1024 * 1024  # bytes of a --commands file (its lines live in run.json)
+COMMANDS_FILE_LIMIT = 512 * 1024  # bytes of a --commands file (its lines live in run.json, at most 1 MB)
 
 
 def check_template(template: str, what: str, known: set[str], partial: set[str] = frozenset()) -> str:

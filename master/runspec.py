@@ -67,6 +67,9 @@ class RunSpec:
     def to_json(self) -> bytes:
         d = dataclasses.asdict(self)
         d["kind"] = self.kind.value
+        for name in ("params", "commands", "options"):  # written only where set: older tools refuse unknown fields
+            if d[name] is None:
+                del d[name]
         return json.dumps({**d, "created_at": time.time()}, indent=1, sort_keys=True).encode()
 
     @classmethod

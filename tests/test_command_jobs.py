@@ -208,3 +208,23 @@ def test_a_sweep_gives_a_task_its_kwargs_and_a_script_its_flags(spool: Spool, ag
     for c, size in ((0, 10), (1, 20)):
         log = (spool.logs_dir / "flags" / f"{c:06d}.log").read_text()
         assert f"--size {size}" in log and f"chunk {c}/2" in log
+
+
+def test_a_run_spec_or_job_with_bad_sweep_or_command_fields_is_refused_on_read(spool: Spool) -> None:
+    from jobs.errors import BadFile
+    from master.runspec import RunSpec, build, save_or_check
+
+    spec = save_or_check(spool, build(cmd="echo {x}", sweep='{"x": [1, 2]}', run="s", workdir=str(spool.base)), False)
+    assert RunSpec.load(spool.run_spec("s")) == spec
+    d = json.loads(spool.run_spec("s").read_text())
+    for bad, why in (({"params": [{"x": 1}]}, "'params' must be a list of 2 dicts"),
+                     ({"options": {"prefix": 3}}, "option 'prefix' has a bad value"),
+                     ({"commands": "echo"}, "'commands' must be a list")):
+        spool.run_spec("s").write_text(json.dumps({**d, **bad}))
+        with pytest.raises(BadFile, match=why):
+            RunSpec.load(spool.run_spec("s"))
+    job = command_job(spool.base, "echo", success_codes=[0, 2]).to_dict()
+    for bad, why in (({"options": {"success_codes": [0, 256]}}, "bad value"),
+                     ({"options": {"rm": "-rf"}}, "unknown option"), ({"params": [1]}, "'params' must be a dict")):
+        with pytest.raises(BadFile, match=why):
+            Job.from_dict({**job, **bad})
