@@ -4,8 +4,8 @@ The job's target is a template (``jobs.template``) filled in with the chunk's pl
 (``chunk_id``, ``total_chunks``, ``gpu_id``, ``device``, and every kwarg and sweep parameter);
 its options' ``prefix`` runs first in the same shell (``cd repo``; if it fails, the command does
 not run). ``/bin/sh -c`` runs it in a process group of its own with the agent's worker
-environment (``CUDA_VISIBLE_DEVICES`` names the agent's GPU only, so ``device`` is ``cuda:0``),
-its output in the chunk's log; timeout, stop and kill are the script job's (``run_process``).
+environment (``CUDA_VISIBLE_DEVICES`` names the agent's GPU only, so ``device`` is ``cuda:0``)
+plus ``GPUPOOL_RUN``, ``GPUPOOL_CHUNK_ID`` and ``GPUPOOL_TOTAL_CHUNKS``, its output in the chunk's log; timeout, stop and kill are the script job's (``run_process``).
 
 After it exits, in this order: its exit code must be one of ``success_codes`` (default 0); no
 line it wrote may match ``fail_on_output``; and ``result_file`` (a template too, relative to the
@@ -54,6 +54,8 @@ def run_command(job: Job, gpu_id: int, device: str, env: dict[str, str], log_pat
     except TemplateError as e:
         return {**fields, "error": {"type": "BadTemplate", "message": str(e), "traceback": ""}}
     start = log_path.stat().st_size if log_path.exists() else 0
+    env = {**env, "GPUPOOL_RUN": job.run, "GPUPOOL_CHUNK_ID": str(job.chunk_id),  # as $SLURM_ARRAY_TASK_ID
+           "GPUPOOL_TOTAL_CHUNKS": str(job.total_chunks)}
     code, err = run_process(["/bin/sh", "-c", line], job, env, log_path, abort, what="command",
                             shown=line.replace("\n", "; "))
     if err is not None:

@@ -30,7 +30,7 @@ def test_a_commands_file_runs_one_chunk_per_line_and_judges_each_by_its_exit_cod
     work = tmp_path / "work"
     (work / "repo").mkdir(parents=True)
     (work / "jobs.txt").write_text("# one chunk per line\n"
-                                   "echo hello {chunk_id} of {total_chunks} in $(basename $PWD) > hello.txt\n"
+                                   "echo hello {chunk_id} of $GPUPOOL_TOTAL_CHUNKS in $(basename $PWD) > hello.txt\n"
                                    "\n"
                                    "exit 3\n"
                                    "echo partial; exit 2\n"
