@@ -71,7 +71,7 @@ class Job:
     share: float = 1.0  # the run's weight when agents choose among the jobs of several runs (fair share)
     params: dict[str, Any] | None = None  # the chunk's sweep parameters (also in kwargs), kept in its result
     options: dict[str, Any] | None = None  # script and command jobs: OPTION_CHECKS (prefix, success codes, ...)
-    schema: int = SCHEMA
+    schema: int = field(default=SCHEMA, compare=False)  # what it was read as; written as needs_schema
 
     @property
     def key(self) -> tuple[str, int, int]:
