@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jobs.descriptor import Job, JobKind
+from jobs.descriptor import SCHEMA, Job, JobKind
 from jobs.locks import FileLock
 from jobs.paths import Spool
 from tests.helpers import REPO, results, run_main, wait_for
@@ -38,7 +38,7 @@ DESCRIPTORS = {
     "chunk as string": {**GOOD, "chunk_id": "1"},
     "negative chunk": {**GOOD, "chunk_id": -1},
     "chunk past total": {**GOOD, "chunk_id": 3},
-    "newer job schema": {**GOOD, "schema": 2},
+    "newer job schema": {**GOOD, "schema": SCHEMA + 1},
     "pickle kind": {**GOOD, "kind": "pickle"},
     "kwargs list": {**GOOD, "kwargs": [1]},
     "attempt zero": {**GOOD, "attempt": 0},
