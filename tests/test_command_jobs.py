@@ -133,6 +133,21 @@ def test_a_command_past_its_timeout_is_killed_with_everything_it_started(spool: 
         assert rec["error"]["type"] == "Timeout" and "command ran past its timeout of 1 s" in rec["error"]["message"]
         assert rec["attempt"] == 2  # retried, as a script job is
         wait_for(lambda: gone(read_pid(pidfile)), what="the command's background child killed with its group")
+    stuck = tmp_path / "stuck.pid"
+    with killed_after(stuck):  # a cancel that stops running chunks kills the command's whole group too
+        feeder = subprocess.Popen([sys.executable, "main.py", "--base", str(spool.base), "--cmd",
+                                   "sleep 300 & echo $! > {pidfile}; wait", "--chunks", "1", "--kwargs",
+                                   json.dumps({"pidfile": str(stuck)}), "--run", "stuck", "--no-progress"],
+                                  cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            child = read_pid(stuck)
+            c = subprocess.run([sys.executable, "-m", "master", "cancel", "--base", str(spool.base), "--run", "stuck",
+                                "--stop-running"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+            assert c.returncode == 0, c.stdout + c.stderr
+            wait_for(lambda: gone(child), what="the cancelled command's background child killed")
+            feeder.wait(timeout=30)
+        finally:
+            feeder.kill()
 
 
 @pytest.mark.timeout(60)
