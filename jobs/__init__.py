@@ -20,7 +20,7 @@ Layout (every name below is built by ``jobs.paths.Spool``, nowhere else)::
     BASE/results/<run>/<chunk:06d>.a<N>.json history: every failed attempt N
     BASE/logs/<agent>.log            agent log (loguru); <agent>.worker.log: the worker's output
     BASE/logs/<agent>.out            what a started agent printed before its log took over
-    BASE/logs/<run>/<chunk:06d>.log  output of script jobs
+    BASE/logs/<run>/<chunk:06d>.log  output of script and command jobs
     BASE/rejected/<name> + <name>.why  spool files refused as broken or hostile, with the reason
     /tmp/gpupool-locks/gpu-<uuid>.lock host-local: one agent per GPU on this host ($GPUPOOL_LOCK_DIR)
 
