@@ -93,7 +93,10 @@ def parse(doc: Any, where: str) -> list[dict[str, Any]]:
         doc = {"list": doc}
     if not isinstance(doc, dict):
         raise SweepError(f"{where}: a sweep is an object with 'grid' and/or 'list', not {brief(doc)}")
-    if not ({"grid", "list"} & set(doc)):
+    if not ({"grid", "list"} & set(doc)):  # a plain object of lists: a grid
+        if objects := [k for k, v in doc.items() if isinstance(v, dict)]:  # 'grd': {...} is a typo, not a value
+            raise SweepError(f"{where}: {objects[0]!r} holds an object; a sweep is 'grid' and/or 'list' (or a plain "
+                             "object of parameter: [values])")
         doc = {"grid": doc}
     if extra := sorted(set(doc) - {"grid", "list"}):
         raise SweepError(f"{where}: unknown key(s) {extra} beside 'grid'/'list' (put parameters inside 'grid')")
