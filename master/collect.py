@@ -194,7 +194,7 @@ def _write_table(recs: list[dict[str, Any]], out: Path) -> list[str]:
         data = "".join(json.dumps(r, default=str) + "\n" for r in table)
     elif out.suffix.lower() == ".parquet":
         write_replace(out.resolve(), _parquet(table, columns))
-        return _value_columns(columns)
+        return _value_columns(columns, recs)
     else:
         buf = io.StringIO()
         w = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
@@ -203,11 +203,14 @@ def _write_table(recs: list[dict[str, Any]], out: Path) -> list[str]:
             w.writerow({k: _cell(v) for k, v in r.items()})
         data = buf.getvalue()
     write_replace(out.resolve(), data.encode())
-    return _value_columns(columns)
+    return _value_columns(columns, recs)
 
 
-def _value_columns(columns: list[str]) -> list[str]:
-    return [c for c in columns if c not in META and not c.endswith("_at_epoch")]
+def _value_columns(columns: list[str], recs: list[dict[str, Any]]) -> list[str]:
+    """The columns that come from the values (not collect's own, not the sweep's parameters)."""
+    params = {k for r in recs if isinstance(r.get("params"), dict) for k in r["params"]}
+    return [c for c in columns if c not in META and not c.endswith("_at_epoch") and c not in params
+            and not (c.startswith("param.") and c[6:] in params)]
 
 
 def _parquet(table: list[dict[str, Any]], columns: list[str]) -> bytes:

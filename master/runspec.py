@@ -234,8 +234,12 @@ def build(*, task: str | None = None, script: str | None = None, cmd: str | None
             raise UsageError(f"{', '.join(used)}: only for command jobs (--cmd or --commands), not {given[0]}")
         options = None
     if task is not None:
-        names = {**kwargs, **{k: None for p in params or [] for k in p}}
-        kind, target = JobKind.CALLABLE, check_task(task, workdir, names)
+        kind, target = JobKind.CALLABLE, check_task(task, workdir, kwargs)
+        for keys in dict.fromkeys(tuple(sorted(p)) for p in params or []):  # each kind of set in the sweep
+            try:
+                check_task(task, workdir, {**kwargs, **dict.fromkeys(keys)})
+            except UsageError as e:
+                raise UsageError(f"{e} (kwargs with the sweep's parameters {list(keys)})") from None
     elif script is not None:
         kind, target = JobKind.SCRIPT, check_script(script, workdir)
     else:
