@@ -234,10 +234,10 @@ def build(*, task: str | None = None, script: str | None = None, cmd: str | None
             raise UsageError(f"{', '.join(used)}: only for command jobs (--cmd or --commands), not {given[0]}")
         options = None
     if task is not None:
-        kind, target = JobKind.CALLABLE, check_task(task, workdir, kwargs)
+        kind, target = JobKind.CALLABLE, check_task(task, workdir, kwargs) if params is None else ""
         for keys in dict.fromkeys(tuple(sorted(p)) for p in params or []):  # each kind of set in the sweep
             try:
-                check_task(task, workdir, {**kwargs, **dict.fromkeys(keys)})
+                target = check_task(task, workdir, {**kwargs, **dict.fromkeys(keys)})
             except UsageError as e:
                 raise UsageError(f"{e} (kwargs with the sweep's parameters {list(keys)})") from None
     elif script is not None:
