@@ -35,7 +35,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     what.add_argument("--script", help="OctoRun-style script run per chunk with --gpu_id --chunk_id --total_chunks")
     what.add_argument("--cmd", metavar="'TEMPLATE'", help="shell command run per chunk, with placeholders {chunk_id} "
                       "{total_chunks} {gpu_id} {device} and each sweep parameter or kwarg ({{ }}: literal braces; "
-                      "see docs/commands.md)")
+                      "see docs/sweeps.md)")
     what.add_argument("--commands", metavar="FILE", help="one shell command per line, each line a chunk (blank lines "
                       "and # comments skipped; the same placeholders)")
     p.add_argument("--chunks", type=int, help="number of chunks (chunk ids 0..N-1; with --sweep or --commands: "
