@@ -85,6 +85,15 @@ def gated_array(chunk_id: int, gate: str, mb: float = 1.0) -> dict:
     return big_array(chunk_id, mb)
 
 
+def held_after(chunk_id: int, gate: str, free: int, seconds: float = 0.1) -> int:
+    """Chunks below ``free`` sleep ``seconds``; the others wait until the file ``gate`` exists
+    (a run that is surely still going while a test looks at it)."""
+    time.sleep(seconds)
+    while chunk_id >= free and not os.path.exists(gate):
+        time.sleep(0.02)
+    return chunk_id
+
+
 def chatty(chunk_id: int, lines: int) -> int:
     """Prints ``lines`` lines to the worker's output (its log)."""
     for i in range(lines):

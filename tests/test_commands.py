@@ -71,8 +71,9 @@ def test_status_shows_gpus_current_chunk_rate_eta_and_dead_agents(spool: Spool, 
     gpus = [{"name": "Fake H100", "mem_total_gb": 80, "mem_used_gb": 3, "util": 71, "temp": 55}] * 2
     genv = base_env(tmp_path, GPUPOOL_FAKE_GPUS=json.dumps(gpus))
     a0, a1 = agents(2, env_=genv, cpu=False)
-    feeder = main_bg(["--base", str(spool.base), "--task", "examples.noop:sleepy", "--chunks", "16", "--kwargs",
-                      '{"seconds": 0.3}', "--run", "slow"], genv)
+    gate = tmp_path / "gate"  # chunks 4.. run until the test has looked (a machine's load cannot end the run first)
+    feeder = main_bg(["--base", str(spool.base), "--task", "tests.faulty:held_after", "--chunks", "16", "--kwargs",
+                      json.dumps({"gate": str(gate), "free": 4}), "--run", "slow"], genv)
     try:
         wait_for(lambda: len(results(spool.base, "slow")) >= 4, what="a few results")
         data = status_json(spool, genv)
@@ -88,6 +89,7 @@ def test_status_shows_gpus_current_chunk_rate_eta_and_dead_agents(spool: Spool, 
         table = master(["status", "--base", str(spool.base)], genv).stdout
         assert "Fake H100" in table and "71%" in table and "55C" in table and "CHUNK/S" in table
         assert re.search(r"slow#\d+", table) and "\033[" not in table  # no colours off a TTY
+        gate.touch()
         assert feeder.wait(timeout=60) == 0
     finally:
         feeder.kill()
