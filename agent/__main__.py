@@ -21,6 +21,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    "with no GPU or --cpu, a local rank (default: auto)")
     p.add_argument("--cpu", action="store_true", help="run jobs on the CPU even if GPUs are present")
     p.add_argument("--min-free-gb", type=float, default=1.0, help="with --gpu auto: free memory a GPU needs")
+    p.add_argument("--allow-shared-gpu", action="store_true",
+                   help="take the GPU even if processes that are not this pool's already compute on it (NVML sees "
+                   "them in every container of the host); by default such a GPU is refused (skipped by --gpu auto)")
     p.add_argument("--host-id", help="host part of the agent id (default: $GPUPOOL_HOST_ID or the hostname)")
     p.add_argument("--watch", choices=("auto", "inotify", "poll"), default="auto",
                    help="how to notice new jobs (default: poll on network filesystems, inotify elsewhere)")
@@ -90,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         spool.check_private()
         host = host_id(args.host_id)
         probe = make_probe()
-        slot = claim(spool, probe, host, args.gpu, args.cpu, args.min_free_gb)
+        slot = claim(spool, probe, host, args.gpu, args.cpu, args.min_free_gb, args.allow_shared_gpu)
     except SpoolError as e:
         print(f"agent: {e}", file=sys.stderr)
         return 3 if type(e).__name__ == "LockHeld" else 2

@@ -139,7 +139,8 @@ class Agent:
         self.write_heartbeat()  # the launcher waits for this to call the agent ready
         threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True).start()
         logger.info("agent {} ready: base={} device={} gpu={} watch={} pid={}", self.id, self.spool.base,
-                    self.slot.device, self.slot.gpu.index if self.slot.gpu else None, self.watcher.mode, os.getpid())
+                    self.slot.device, self.slot.gpu.describe() if self.slot.gpu else None, self.watcher.mode,
+                    os.getpid())
 
     def _defer_what_killed_the_last_one(self) -> bool:
         """A supervisor restarts a dead agent within a second, and the job its former process was
@@ -666,7 +667,7 @@ class Agent:
         gives ``{"error": ...}``, said once in the log, and the agent drains itself (``step``):
         the heartbeat goes on, so masters see the drain and take its queued jobs back."""
         try:
-            return self.probe.metrics(self.slot.gpu.index)
+            return self.probe.metrics(self.slot.gpu)
         except Exception as e:  # NVMLError_GpuIsLost and friends
             error = f"{type(e).__name__}: {e}"
             if self._gpu_error is None:
@@ -684,6 +685,7 @@ class Agent:
                 "seq": self._seq,
                 "device": self.slot.device, "gpu_id": self.slot.number,
                 "gpu_index": self.slot.gpu.index if self.slot.gpu else None,
+                "gpu_uuid": self.slot.gpu.uuid if self.slot.gpu else None,
                 "current": None if cur is None else {"run": cur[0].run, "chunk_id": cur[0].chunk_id,
                                                      "attempt": cur[0].attempt, "since": cur[1]},
                 "ahead": None if ahead is None else {"run": ahead.run, "chunk_id": ahead.chunk_id,

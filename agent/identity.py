@@ -13,6 +13,8 @@ def host_id(override: str | None = None) -> str:
     return check_name(slug(name, 60), "host id")
 
 
-def agent_id(host: str, number: int, cpu: bool) -> str:
-    """``<host>-gpu<N>`` (N = the NVML index of the GPU) or ``<host>-cpu<N>`` (a local rank)."""
-    return check_name(f"{host}-{'cpu' if cpu else 'gpu'}{number}", "agent id")
+def agent_id(host: str, part: str) -> str:
+    """``<host>-<part>``: ``<host>-gpu<N>`` (N = the GPU's minor number, the same in every Slurm job's
+    cgroup, where NVML renumbers the job's GPUs from 0: ``agent.gpu.Gpu.label``), ``<host>-gpu<N>-mig<G>``
+    (a MIG device), or ``<host>-cpu<N>`` (a local rank)."""
+    return check_name(f"{host}-{part}", "agent id")

@@ -84,7 +84,7 @@ def start(base: str, n: int, cpu: bool = False, host: str | None = None, agent_a
     env = with_repo_path(dict(os.environ))
     procs: list[tuple[str, subprocess.Popen | None, Path]] = []
     for i in numbers:
-        ident = agent_id(host, gpus[i].index if gpus else i, cpu=not gpus)
+        ident = agent_id(host, gpus[i].label if gpus else f"cpu{i}")
         out = spool.agent_out(ident)
         if is_running(spool, ident):
             procs.append((ident, None, out))

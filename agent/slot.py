@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import pwd
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,8 +33,12 @@ class Slot:
             lock.close()
 
 
+LOCK_MODE = 0o666  # every user's agents take the same GPU locks, whoever made the file
+
+
 def gpu_lock_dir() -> Path:
-    """Host-local folder of per-GPU locks, shared by every spool on this host."""
+    """Host-local folder of per-GPU locks, shared by every spool and user on this host
+    ($GPUPOOL_LOCK_DIR: one folder that every container of the host mounts, see docs/gpus.md)."""
     d = Path(os.environ.get("GPUPOOL_LOCK_DIR") or "/tmp/gpupool-locks")
     d.mkdir(parents=True, exist_ok=True)
     try:
@@ -44,7 +49,8 @@ def gpu_lock_dir() -> Path:
 
 
 def gpu_lock(gpu: Gpu) -> Path:
-    """The host-local lock an agent holds on ``gpu`` for its whole life."""
+    """The host-local lock an agent holds on ``gpu`` for its whole life, named by its UUID (the same
+    in every cgroup and container of the host; NVML's index is not)."""
     return gpu_lock_dir() / f"gpu-{gpu.uuid}.lock"
 
 
@@ -64,8 +70,11 @@ def gpu_holder(gpu: Gpu) -> dict[str, Any] | None:
     return note if state != "Z" and b"agent" in argv else None
 
 
-def claim(spool: Spool, probe: NoGpu, host: str, gpu: str, cpu: bool, min_free_gb: float) -> Slot:
-    """Resolve ``--gpu`` (a number or 'auto') to a slot and lock it, or raise SpoolError/LockHeld."""
+def claim(spool: Spool, probe: NoGpu, host: str, gpu: str, cpu: bool, min_free_gb: float,
+          allow_shared: bool = False) -> Slot:
+    """Resolve ``--gpu`` (a number or 'auto') to a slot and lock it, or raise SpoolError/LockHeld.
+    A GPU that other processes already compute on is refused (``GpuBusy``; skipped by 'auto')
+    unless ``allow_shared``."""
     gpus = [] if cpu else visible_gpus(probe)
     if gpu != "auto":
         try:
@@ -80,28 +89,41 @@ def claim(spool: Spool, probe: NoGpu, host: str, gpu: str, cpu: bool, min_free_g
         if gpus and gpus[n].error:
             raise SpoolError(f"--gpu {n}: GPU {n} (NVML index {gpus[n].index}) is unusable ({gpus[n].error}); "
                              "no agent runs on it, the others are not affected")
-        return _take(spool, host, n, gpus[n] if gpus else None)
+        return _take(spool, probe, host, n, gpus[n] if gpus else None, allow_shared)
     candidates = [(i, g) for i, g in enumerate(gpus) if not g.error and free_gb(probe, g) >= min_free_gb] if gpus else \
         [(i, None) for i in range(MAX_CPU_RANKS)]
+    busy = []
     for n, g in candidates:
         try:
-            return _take(spool, host, n, g)
+            return _take(spool, probe, host, n, g, allow_shared)
         except LockHeld:
             continue
+        except GpuBusy as e:
+            busy.append(str(e))
     if gpus:
         raise SpoolError(f"--gpu auto: every GPU with at least {min_free_gb:g} GB free is already held "
-                         f"by an agent on this host ({len(gpus)} visible)")
+                         f"by an agent on this host or used by other processes ({len(gpus)} visible)"
+                         + "".join(f"\n  {b}" for b in busy))
     raise SpoolError("--gpu auto: no free CPU rank")
 
 
-def _take(spool: Spool, host: str, n: int, gpu: Gpu | None) -> Slot:
-    ident = agent_id(host, n if gpu is None else gpu.index, cpu=gpu is None)
+class GpuBusy(SpoolError):
+    """Processes that are not this pool's already compute on the GPU."""
+
+
+def _take(spool: Spool, probe: NoGpu, host: str, n: int, gpu: Gpu | None, allow_shared: bool) -> Slot:
+    ident = agent_id(host, f"cpu{n}" if gpu is None else gpu.label)
     locks = []
     try:
         if gpu is not None:
-            lk = HolderLock(gpu_lock(gpu))
-            lk.take(f"GPU {gpu.index} ({gpu.name})", agent=ident, base=str(spool.base))
+            lk = HolderLock(gpu_lock(gpu), mode=LOCK_MODE)
+            try:
+                lk.take(f"GPU {n} ({gpu.name}, {gpu.uuid})", agent=ident, base=str(spool.base), uuid=gpu.uuid)
+            except PermissionError:
+                raise SpoolError(_not_ours(lk.path), lk.path) from None
             locks.append(lk)
+            if not allow_shared:
+                _refuse_busy(probe, gpu, n, ident, str(spool.base))
         lk = HolderLock(spool.agent_lock(ident))
         lk.take(f"agent id {ident}", agent=ident, base=str(spool.base))
         locks.append(lk)
@@ -110,3 +132,39 @@ def _take(spool: Spool, host: str, n: int, gpu: Gpu | None) -> Slot:
             lk.close()
         raise
     return Slot(ident, n, gpu, locks)
+
+
+def _not_ours(path: Path) -> str:
+    try:
+        owner = pwd.getpwuid(os.stat(path).st_uid).pw_name
+    except (OSError, KeyError):
+        owner = "another user"
+    return (f"this GPU's lock file belongs to {owner} and only they may write it (made by an older version, "
+            f"or by hand): ask them or root to run 'chmod 666 {path}' (it is safe: the lock is on the open file), "
+            "or give every agent of this host another lock folder with $GPUPOOL_LOCK_DIR")
+
+
+def _refuse_busy(probe: NoGpu, gpu: Gpu, n: int, ident: str, base: str) -> None:
+    """Raise GpuBusy if processes other than this agent's own leftovers compute on ``gpu``. NVML sees
+    every process of the host, in any container; their pids are the host's, and those not in our pid
+    namespace are another container's (or another user's we cannot read)."""
+    try:
+        procs = probe.processes(gpu)
+    except Exception:  # NVML cannot say: the lock alone decides
+        return
+    others = [(pid, mem) for pid, mem in procs or [] if not _ours(pid, ident, base)]
+    if others:
+        what = ", ".join(f"pid {pid}" + ("" if mem is None else f" using {mem / 2**30:.1f} GB") for pid, mem in others[:5])
+        raise GpuBusy(f"--gpu {n}: {gpu.describe()} already runs {len(others)} compute process(es) that are not this "
+                      f"pool's ({what}; a pid not on this host's /proc is in another container). Take another GPU, "
+                      "or pass --allow-shared-gpu to share it anyway")
+
+
+def _ours(pid: int, ident: str, base: str) -> bool:
+    """A process a former process of this agent left (its environment carries the agent's marks,
+    see ``workerproc.kill_leftovers``, which kills it as the agent starts)."""
+    try:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return f"GPUPOOL_AGENT={ident}".encode() in env and f"GPUPOOL_SPOOL={base}".encode() in env

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import stat
 import time
 from pathlib import Path
 from typing import Any
@@ -20,34 +21,48 @@ from jobs.errors import BadFile, LockHeld
 from jobs.jsonio import load_json
 
 
-def _open_or_create(path: Path, tries: int = 50) -> int:
-    """Open ``path`` read-write, creating it if missing.
+def _open_or_create(path: Path, tries: int = 50, mode: int | None = None) -> int:
+    """Open ``path`` read-write, creating it if missing; with ``mode``, a file of ours is given
+    that mode whatever the umask (a lock every user of the host must be able to take: 0o666).
 
     Two GlusterFS clients creating one name at the same moment can see EEXIST for a plain
     O_CREAT (the create reaches the bricks as its own operation), though the file is there to
     open; open it then without O_CREAT, and create again should it have gone meanwhile."""
     for _ in range(tries):
         try:
-            return os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+            return _with_mode(os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644 if mode is None else mode), mode)
         except FileExistsError:
             pass
         try:
-            return os.open(path, os.O_RDWR | os.O_NOFOLLOW)
+            return _with_mode(os.open(path, os.O_RDWR | os.O_NOFOLLOW), mode)
         except FileNotFoundError:
             continue
     raise FileExistsError(f"{path}: neither created nor opened in {tries} tries")
 
 
+def _with_mode(fd: int, mode: int | None) -> int:
+    """``fd``, its file given ``mode`` if it is ours and has another (the umask cut it)."""
+    if mode is not None:
+        st = os.fstat(fd)
+        if st.st_uid == os.geteuid() and stat.S_IMODE(st.st_mode) != mode:
+            try:
+                os.fchmod(fd, mode)
+            except OSError:
+                pass
+    return fd
+
+
 class FileLock:
     """An exclusive lock on ``path``; usable as a context manager (blocking)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, mode: int | None = None) -> None:
         self.path = Path(path)
+        self.mode = mode  # see _open_or_create
         self._f = None
 
     def _open(self):
         if self._f is None:
-            self._f = os.fdopen(_open_or_create(self.path), "r+b", buffering=0)
+            self._f = os.fdopen(_open_or_create(self.path, mode=self.mode), "r+b", buffering=0)
         return self._f
 
     def acquire(self, blocking: bool = True, timeout: float | None = None, poll: float = 0.05) -> bool:

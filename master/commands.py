@@ -292,7 +292,7 @@ def cmd_gpus(args: argparse.Namespace) -> int:
     rows = []
     for n, gpu in enumerate(gpus):
         try:
-            m = {} if gpu.error else probe.metrics(gpu.index)
+            m = {} if gpu.error else probe.metrics(gpu)
         except Exception as e:  # lost since: said in the row
             m = {"error": f"{type(e).__name__}: {e}"}
         holder = gpu_holder(gpu) or {}

@@ -33,10 +33,10 @@ def run_demo(demo_dir: str, progress: bool = True) -> int:
     base = Path(demo_dir).resolve()
     try:
         spool = Spool(base).ensure()
-    except SpoolError as e:
+        gpus = visible_gpus(make_probe())
+    except SpoolError as e:  # a bad CUDA_VISIBLE_DEVICES too
         print(f"main.py: {e}", file=sys.stderr)
         return 2
-    gpus = visible_gpus(make_probe())
     n = len(gpus) or 2
     print(f"demo: spool {base}; starting {n} {'GPU' if gpus else 'CPU'} agent(s)"
           f"{'' if gpus else ' (no GPU found)'}")

@@ -128,7 +128,9 @@ def test_fake_gpus_one_agent_per_gpu_sees_only_its_gpu(spool: Spool, agents, tmp
                   "--run", "gpuprobe"], genv)
     assert r.returncode == 0, r.stderr
     v = results(spool.base, "gpuprobe")[0]["value"]
-    assert v == {**v, "device": "cuda:0", "gpu_id": 2, "CUDA_VISIBLE_DEVICES": "2", "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+    # the worker is given its GPU by UUID, never by an index (NVML's and CUDA's may differ)
+    assert v == {**v, "device": "cuda:0", "gpu_id": 2, "CUDA_VISIBLE_DEVICES": "GPU-fake-2",
+                 "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
     # a second agent for the same GPU refuses, naming the holder
     dup = subprocess.run([sys.executable, "-m", "agent", "--base", str(spool.base), "--gpu", "2"], cwd=REPO,
                          env=genv, capture_output=True, text=True, timeout=60)
