@@ -43,6 +43,42 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
+def set_title(title: str, name: str) -> None:
+    """Name this process for ps, top and nvidia-smi: its whole command line becomes ``title`` where
+    the ``setproctitle`` package is installed (nvidia-smi and ``ps -f`` show the command line),
+    and its 15-character kernel name (``/proc/<pid>/comm``: ``ps``, ``top``, ``pkill``) becomes
+    ``name`` in any case."""
+    global _titler
+    if _titler is None:
+        _titler = _find_titler()
+    set_line, prctl = _titler
+    if set_line is not None:
+        set_line(title)
+    if prctl is not None:
+        prctl(15, name.encode()[:15])  # 15 = PR_SET_NAME
+
+
+_titler: tuple[Any, Any] | None = None  # (setproctitle.setproctitle or None, libc's prctl or None), found once
+
+
+def _find_titler() -> tuple[Any, Any]:
+    try:
+        from setproctitle import setproctitle
+    except ImportError:
+        setproctitle = None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        prctl = None
+    return setproctitle, prctl
+
+
+def title_for(agent: str, job: dict[str, Any] | None) -> str:
+    """``gpupool-worker <agent> idle``, or ``... <run> chunk <N>`` while a job runs."""
+    what = "idle" if job is None else f"{job.get('run')} chunk {job.get('chunk_id')}"
+    return f"gpupool-worker {agent} {what}"
+
+
 TEXT_LIMIT = 64 * 1024  # an error's message and traceback are cut past this many characters
 VALUE_ROOM = 64 * 1024  # what a result record needs beside the value (agent, times, names)
 
@@ -260,7 +296,10 @@ def handle(request: dict[str, Any], tasks: Any, shared: Any) -> dict[str, Any]:
 
 def main() -> None:
     rfd, wfd, parent = (int(x) for x in sys.argv[1:4])
+    agent = sys.argv[4] if len(sys.argv) > 4 else "-"
     _die_with_parent(parent)
+    name = f"w:{agent[-13:]}"  # the agent id's end: its GPU
+    set_title(title_for(agent, None), name)
     # The agent decides when we stop: Ctrl-C goes to the whole foreground group, and Slurm
     # sends SIGTERM to every process of a job step before its time limit.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -274,12 +313,15 @@ def main() -> None:
     me = _worker_pid = os.getpid()
     rd, wr = os.fdopen(rfd, "rb"), os.fdopen(wfd, "wb", buffering=0)
     for line in rd:
-        reply = handle(json.loads(line), tasks, shared)
+        request = json.loads(line)
+        set_title(title_for(agent, request.get("job")), name)
+        reply = handle(request, tasks, shared)
         sys.stdout.flush()
         sys.stderr.flush()
         if os.getpid() != me:  # a child the job forked returned into our loop: it is not the worker
             os._exit(0)
         wr.write(json.dumps(reply).encode() + b"\n")
+        set_title(title_for(agent, None), name)
         poisoned = not reply["ok"] and reply["error"].get("poisoned")
         if poisoned:  # the agent starts a fresh worker; what waits in our pipe is sent to it again
             print(f"worker {me}: CUDA context unusable ({poisoned}); exiting", file=sys.stderr, flush=True)

@@ -346,3 +346,33 @@ def test_a_gpu_lock_made_by_one_user_under_umask_077_is_taken_by_another(monkeyp
         assert "GPUPOOL_LOCK_DIR" in text
     finally:
         subprocess.run(["rm", "-rf", str(top)])
+
+
+# workers named for ps and nvidia-smi ------------------------------------------------------------------
+@pytest.mark.timeout(120)
+def test_each_worker_is_named_after_its_agent_and_the_chunk_it_runs(spool: Spool, agents, tmp_path: Path) -> None:
+    """Before: every worker was ``python -m agent.worker 11 14 <pid>``, shown as ``python``. The kernel
+    name (comm) is set in any case; the command line through setproctitle, here its stand-in,
+    which logs the titles it is given."""
+    titles = tmp_path / "titles"
+    env = base_env(tmp_path, FAKE_SETPROCTITLE_LOG=str(titles))
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "tests" / "fake_setproctitle")])
+    a = agents(1, env_=env)[0]
+    pid = a.heartbeat()["worker_pid"]
+    # ps, top (comm, set as the worker starts, perhaps just after the agent's first heartbeat); ps -f
+    wait_for(lambda: Path(f"/proc/{pid}/comm").read_text().strip() == "w:testhost-cpu0", 30, "the worker's name")
+    assert b"testhost-cpu0" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    gate = tmp_path / "gate"
+    feeder = subprocess.Popen([sys.executable, "main.py", "--base", str(spool.base), "--task", "tests.faulty:gated_array",
+                               "--chunks", "1", "--kwargs", json.dumps({"gate": str(gate), "mb": 0.01}), "--run",
+                               "named", "--no-progress"], cwd=REPO, env=env)
+    try:
+        wait_for(lambda: titles.read_text().splitlines()[-1:] == [f"{pid} gpupool-worker testhost-cpu0 named chunk 0"],
+                 60, "the worker titled after the chunk it runs")
+        gate.touch()
+        assert feeder.wait(timeout=60) == 0
+        wait_for(lambda: titles.read_text().splitlines()[-1] == f"{pid} gpupool-worker testhost-cpu0 idle", 30,
+                 "the worker titled idle again")
+    finally:
+        gate.touch()
+        feeder.kill()
