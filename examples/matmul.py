@@ -28,10 +28,37 @@ def multiply(chunk_id: int, device: str = "cpu", shared=None, data=None, scale: 
     return {"Y": (scale * y).astype(np.float32), "checksum": np.array([float(np.sum(y))])}
 
 
+_cuda_why: dict[str, str | None] = {}  # device -> why CUDA is unusable in this worker (None: usable), judged once
+
+
+def cuda_unusable(device: str) -> str | None:
+    """Why torch cannot compute on ``device`` in this process, or None: no torch, a CPU-only build
+    or no driver (``torch.cuda.is_available()`` is False), or CUDA fails to initialise (a driver
+    too old, a GPU in exclusive mode held by another process). Judged once per worker and said
+    once in its log; errors of the computation itself are never hidden."""
+    if device not in _cuda_why:
+        why = None
+        try:
+            import torch
+
+            if not torch.cuda.is_available():
+                why = f"torch {getattr(torch, '__version__', '?')} sees no usable CUDA device (a CPU-only build, or no driver)"
+            else:
+                torch.cuda.init()
+        except ImportError:
+            why = "torch is not installed"
+        except Exception as e:  # CUDA initialisation failed
+            why = f"CUDA does not initialise ({type(e).__name__}: {e})"
+        if why is not None:
+            print(f"examples.matmul: {why}; computing on the CPU with numpy", flush=True)
+        _cuda_why[device] = why
+    return _cuda_why[device]
+
+
 def _matmul_torch(x: np.ndarray, w: np.ndarray, device: str) -> np.ndarray:
-    try:
-        import torch
-    except ImportError:  # no torch on this machine: the GPU agent still works, on numpy
+    if cuda_unusable(device):  # the demo still works, on numpy
         return x @ w
+    import torch
+
     with torch.no_grad():
         return (torch.from_numpy(x).to(device) @ torch.from_numpy(w).to(device)).cpu().numpy()

@@ -1,7 +1,9 @@
 """The fake ``torch.cuda``: one CUDA context per process, which a job can poison.
 
 - ``init()`` starts the context; with ``$FAKE_TORCH_DRIVER_ERROR`` set it fails as torch does
-  on a host whose driver does not work.
+  on a host whose driver does not work (and ``is_available()`` is False); with
+  ``$FAKE_TORCH_INIT_ERROR`` it fails so though ``is_available()`` is True (a GPU in exclusive
+  mode that another process holds).
 - ``_poison(message)``: what a device-side assert does to a real context: from then on every
   CUDA call in this process (``synchronize``, ``init``...) raises ``RuntimeError(message)``.
 - ``empty_cache()`` appends ``empty_cache <pid>`` to ``$FAKE_TORCH_LOG`` (if set), so a test can
@@ -28,6 +30,8 @@ def init() -> None:
     global _initialized
     if os.environ.get("FAKE_TORCH_DRIVER_ERROR"):
         raise RuntimeError("CUDA driver initialization failed, you might not have a CUDA gpu.")
+    if os.environ.get("FAKE_TORCH_INIT_ERROR"):
+        raise RuntimeError("CUDA error: CUDA-capable device(s) is/are busy or unavailable")
     _check()
     _initialized = True
 
