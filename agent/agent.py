@@ -667,13 +667,28 @@ class Agent:
         gives ``{"error": ...}``, said once in the log, and the agent drains itself (``step``):
         the heartbeat goes on, so masters see the drain and take its queued jobs back."""
         try:
-            return self.probe.metrics(self.slot.gpu)
+            return {**self.probe.metrics(self.slot.gpu), "worker_mem": self._worker_gpu_memory()}
         except Exception as e:  # NVMLError_GpuIsLost and friends
             error = f"{type(e).__name__}: {e}"
             if self._gpu_error is None:
                 logger.error("agent {}: its GPU does not answer: {}", self.id, error)
                 self._gpu_error = error
             return {"error": error}
+
+    def _worker_gpu_memory(self) -> int | None:
+        """Bytes of GPU memory the worker process holds (NVML's per-process figure; 0 if it holds
+        none), or None when NVML cannot say: per-process figures not supported, or NVML's pids are
+        of another pid namespace (an agent in a container: NVML's pids are the host's)."""
+        try:
+            procs = self.probe.processes(self.slot.gpu)
+        except Exception:
+            return None
+        if procs is None:
+            return None
+        mine = [mem for pid, mem in procs if pid == self.worker.pid]
+        if mine:
+            return None if any(m is None for m in mine) else sum(mine)
+        return 0 if all(os.path.exists(f"/proc/{pid}") for pid, _ in procs) else None
 
     def write_heartbeat(self) -> None:
         with self._hb_lock:

@@ -63,10 +63,12 @@ _JOB = {"run": is_str, "chunk_id": is_int, "attempt": is_int, "since": is_time}
 # field -> its check, or the checks of the fields of an object (see jobs.jsonio.clean)
 FIELDS: dict[str, Any] = {
     "schema": is_int, "host": is_str, "hostname": is_str, "pid": is_int, "base": is_str, "device": is_str,
-    "gpu_id": is_int, "gpu_index": is_int, "current": _JOB, "ahead": _JOB, "jobs_done": is_int,
+    "gpu_id": is_int, "gpu_index": is_int, "gpu_uuid": is_str, "current": _JOB, "ahead": _JOB, "jobs_done": is_int,
     "jobs_failed": is_int, "started_at": is_time, "updated_at": is_time, "heartbeat_s": is_num,
-    "watch": is_str, "job_schema": is_int, "worker_pid": is_int, "log": is_str, "last_error": is_str, "mailbox_lag_s": is_num,
-    "gpu": {"name": is_str, "util": is_num, "mem_used": is_num, "mem_total": is_num, "temp": is_num},
+    "watch": is_str, "job_schema": is_int, "worker_pid": is_int, "log": is_str, "last_error": is_str,
+    "mailbox_lag_s": is_num,
+    "gpu": {"name": is_str, "uuid": is_str, "util": is_num, "mem_used": is_num, "mem_total": is_num, "temp": is_num,
+            "worker_mem": is_num},
 }
 
 

@@ -145,6 +145,7 @@ def _agent_row(ident: str, v: Any, cur: dict | None, queued: int, drain_flag: bo
         "jobs_done": st.get("jobs_done"), "jobs_failed": st.get("jobs_failed"),
         "heartbeat_age_s": round(v.age, 1), "gpu_util": gpu.get("util"), "gpu_mem_used": gpu.get("mem_used"),
         "gpu_mem_total": gpu.get("mem_total"), "gpu_temp": gpu.get("temp"), "log": st.get("log"),
+        "gpu_worker_mem": gpu.get("worker_mem"),  # what the agent's worker process holds (NVML)
         "last_error": st.get("last_error") if isinstance(st.get("last_error"), str) else None,
     }
 
@@ -266,9 +267,10 @@ def _agent_line(a: dict[str, Any], color: bool) -> str:
     state = _paint(f"{label:<9}", COLORS.get(a["state"], ""), color)
     util = "-" if a["gpu_util"] is None else f"{a['gpu_util']}%"
     temp = "-" if a["gpu_temp"] is None else f"{a['gpu_temp']}C"
+    worker = "-" if a.get("gpu_worker_mem") is None else _gb(a["gpu_worker_mem"])
     hb = _paint(f"{a['heartbeat_age_s']:>5.1f}s", "31" if not a["alive"] else "", color)
     return (f"{a['id']:<22} {(a['host'] or '-')[:12]:<12} {state} {cur_s:<30} {a['jobs_done'] or 0:>5} "
-            f"{a['jobs_failed'] or 0:>4} {a['queued']:>3} {hb}  {gpu:<18} {util:>5} {mem:>11} {temp:>5}")
+            f"{a['jobs_failed'] or 0:>4} {a['queued']:>3} {hb}  {gpu:<18} {util:>5} {mem:>11} {temp:>5} {worker:>6}")
 
 
 def _run_line(r: dict[str, Any], p: dict[str, Any], color: bool) -> str:
@@ -284,7 +286,7 @@ def render(data: dict[str, Any], color: bool = False) -> str:
     """The status table as text (ANSI colours only when ``color``)."""
     lines = [f"spool {data['base']}   {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(data['time']))}", ""]
     lines.append(f"{'AGENT':<22} {'HOST':<12} {'STATE':<9} {'CURRENT':<30} {'DONE':>5} {'FAIL':>4} {'Q':>3} "
-                 f"{'HB AGE':>6}  {'GPU':<18} {'UTIL':>5} {'MEM GB':>11} {'TEMP':>5}")
+                 f"{'HB AGE':>6}  {'GPU':<18} {'UTIL':>5} {'MEM GB':>11} {'TEMP':>5} {'WRK GB':>6}")
     lines += [_agent_line(a, color) for a in data["agents"]]
     if not data["agents"]:
         lines.append("(no agents yet: start some with ./start_agents.sh N BASE)")

@@ -376,3 +376,21 @@ def test_each_worker_is_named_after_its_agent_and_the_chunk_it_runs(spool: Spool
     finally:
         gate.touch()
         feeder.kill()
+
+
+@pytest.mark.timeout(120)
+def test_status_shows_the_gpu_memory_each_worker_holds(spool: Spool, tmp_path: Path, stop_all) -> None:
+    procs = tmp_path / "procs.json"
+    env = nvml_env(tmp_path, {"gpus": [{"processes_file": str(procs)}]})
+    assert start_agents(1, spool.base, env).returncode == 0
+    hb = lambda: json.loads((spool.base / "agents" / "testhost-gpu0.json").read_text())  # noqa: E731
+    assert hb()["gpu"]["worker_mem"] == 0  # NVML lists no process: the worker holds nothing yet
+    procs.write_text(json.dumps([{"pid": hb()["worker_pid"], "mem_mb": 1536}, {"pid": os.getpid(), "mem_mb": 512}]))
+    wait_for(lambda: hb()["gpu"]["worker_mem"] == 1536 * 2**20, 30, "the worker's own figure in the heartbeat")
+    master = [sys.executable, "-m", "master", "status", "--base", str(spool.base)]
+    data = json.loads(subprocess.run(master + ["--json"], cwd=REPO, env=env, capture_output=True, text=True).stdout)
+    assert data["agents"][0]["gpu_worker_mem"] == 1536 * 2**20
+    table = subprocess.run(master, cwd=REPO, env=env, capture_output=True, text=True).stdout
+    assert "WRK GB" in table and re.search(r"testhost-gpu0 .* 1\.5\s*$", table, re.M), table
+    procs.write_text(json.dumps([{"pid": 4000000, "mem_mb": 100}]))  # a pid not in our pid namespace
+    wait_for(lambda: hb()["gpu"]["worker_mem"] is None, 30, "'cannot say' where NVML's pids are not ours")

@@ -9,6 +9,7 @@ the host it describes comes from the environment, read at ``nvmlInit``:
                                                        nvmlDeviceGetHandleByIndex, as NVML does)
     "lost_if": PATH,                                  GPU is lost once PATH exists
     "processes": [{"pid", "mem_mb"}, ...],            nvmlDeviceGetComputeRunningProcesses
+    "processes_file": PATH,                           the same list, read from PATH at each call
     "mig": [{"name", "uuid", "gi", "ci", "mem_total_gb", "mem_used_gb", "processes"}, ...]}``
   (``"mig": []``: MIG mode on, no MIG device made yet; ``"mig_capable": true``: MIG mode off).
   Missing fields get realistic values: ``GPU-xxxxxxxx-xxxx-...`` UUIDs, ``00000000:XX:00.0`` bus ids,
@@ -235,9 +236,14 @@ def nvmlDeviceGetTemperature(h: _Handle, sensor: int) -> int:
 
 def nvmlDeviceGetComputeRunningProcesses(h: _Handle) -> list[SimpleNamespace]:
     h.check()
+    procs = h.spec.get("processes", [])
+    path = h.spec.get("processes_file")
+    if path and os.path.exists(path):
+        with open(path) as f:
+            procs = json.load(f)
     return [SimpleNamespace(pid=p["pid"], usedGpuMemory=None if p.get("mem_mb") is None else int(p["mem_mb"]) * 2**20,
                             gpuInstanceId=0xFFFFFFFF, computeInstanceId=0xFFFFFFFF)
-            for p in h.spec.get("processes", [])]
+            for p in procs]
 
 
 def nvmlDeviceGetMigMode(h: _Handle) -> list[int]:
