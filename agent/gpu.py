@@ -210,7 +210,7 @@ def visible_gpus(probe: NoGpu, env: dict[str, str] | None = None) -> list[Gpu]:
     """The devices this process may use, in the order ``--gpu N`` counts them: all of them, or
     those CUDA_VISIBLE_DEVICES names, matched as CUDA matches them (an index: NVML's, a GPU in MIG
     mode giving its MIG devices; a ``GPU-`` or ``MIG-`` UUID or a unique prefix of one; the old
-    ``MIG-GPU-<uuid>/<gi>/<ci>`` form). An empty value or ``-1`` ends the list (CUDA's "no GPU");
+    ``MIG-GPU-<uuid>/<gi>/<ci>`` form). An empty value, ``-1`` or ``NoDevFiles`` ends the list ("no GPU");
     an entry that names no device, or one already named, raises GpuConfigError."""
     env = os.environ if env is None else env
     devices = probe.devices()
@@ -219,7 +219,7 @@ def visible_gpus(probe: NoGpu, env: dict[str, str] | None = None) -> list[Gpu]:
         return devices
     out: list[Gpu] = []
     for token in (t.strip() for t in cvd.split(",")):
-        if token in ("", "-1"):
+        if token in ("", "-1", "NoDevFiles"):  # NoDevFiles: Slurm's "no GPU allocated"
             break  # CUDA stops here: what follows is invisible
         found = _match(token, devices)
         if not found:

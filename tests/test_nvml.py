@@ -141,7 +141,7 @@ def test_cuda_visible_devices_names_gpus_as_cuda_does(nvml) -> None:
     assert labels(mig1.parent_uuid) == ["gpu1-mig1", "gpu1-mig2"]
     assert labels("1,0") == ["gpu1-mig1", "gpu1-mig2", "gpu0"]
     assert labels("0,-1,1") == ["gpu0"]  # CUDA's end of the list
-    assert labels("") == [] and labels("-1") == []  # "no GPU", said on purpose
+    assert labels("") == [] and labels("-1") == [] and labels("NoDevFiles") == []  # "no GPU", said on purpose
 
 
 @pytest.mark.parametrize("cvd, text", [
