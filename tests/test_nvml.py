@@ -275,7 +275,7 @@ def test_a_former_agents_leftover_on_its_gpu_does_not_make_it_busy(tmp_path: Pat
     marks = {"GPUPOOL_AGENT": "testhost-gpu0", "GPUPOOL_SPOOL": str(tmp_path)}
     p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], env={**os.environ, **marks})
     try:
-        assert _ours(p.pid, "testhost-gpu0", str(tmp_path))
+        wait_for(lambda: _ours(p.pid, "testhost-gpu0", str(tmp_path)), 10, "the marks in its environment")
         assert not _ours(p.pid, "testhost-gpu1", str(tmp_path)) and not _ours(os.getpid(), "testhost-gpu0", str(tmp_path))
     finally:
         p.kill()
