@@ -44,7 +44,7 @@ from agent.gpu import NoGpu
 from agent.script import run_script
 from agent.slot import Slot
 from agent.watcher import MailboxWatcher
-from agent.workerproc import Worker, WorkerLost, cap_log, kill_leftovers
+from agent.workerproc import Worker, WorkerLost, agent_marks, cap_log, kill_leftovers
 from jobs.descriptor import SCHEMA as JOB_SCHEMA, Job, JobKind, JobState
 from jobs.atomic import purge_temp, read_bounded, server_now
 from jobs.errors import BadFile
@@ -84,7 +84,7 @@ class Agent:
         self.watcher = MailboxWatcher(self.mailbox.path, cfg.watch, cfg.poll_interval, cfg.max_poll_interval)
         # The job code sees only this agent's GPU; CUDA counts in PCI bus order like NVML.
         # GPUPOOL_AGENT and GPUPOOL_SPOOL also mark what jobs start, for kill_leftovers at a restart.
-        self.marks = {"GPUPOOL_AGENT": self.id, "GPUPOOL_SPOOL": str(spool.base)}
+        self.marks = agent_marks(self.id, str(spool.base))
         base_env = {**os.environ, "CUDA_DEVICE_ORDER": "PCI_BUS_ID", **self.marks}
         self.script_env = base_env  # scripts get the agent's own view, as OctoRun gives them
         worker_env = {**base_env, "CUDA_VISIBLE_DEVICES": slot.gpu.token if slot.gpu else ""}

@@ -10,6 +10,7 @@ from typing import Any
 
 from agent.gpu import Gpu, NoGpu, free_gb, visible_gpus
 from agent.identity import agent_id
+from agent.workerproc import agent_marks, has_marks
 from jobs.errors import LockHeld, SpoolError
 from jobs.locks import HolderLock
 from jobs.paths import Spool
@@ -145,26 +146,17 @@ def _not_ours(path: Path) -> str:
 
 
 def _refuse_busy(probe: NoGpu, gpu: Gpu, n: int, ident: str, base: str) -> None:
-    """Raise GpuBusy if processes other than this agent's own leftovers compute on ``gpu``. NVML sees
+    """Raise GpuBusy if processes other than this agent's own leftovers (they carry its marks, and
+    ``kill_leftovers`` kills them after a crash) compute on ``gpu``. NVML sees
     every process of the host, in any container; their pids are the host's, and those not in our pid
     namespace are another container's (or another user's we cannot read)."""
     try:
         procs = probe.processes(gpu)
     except Exception:  # NVML cannot say: the lock alone decides
         return
-    others = [(pid, mem) for pid, mem in procs or [] if not _ours(pid, ident, base)]
+    others = [(pid, mem) for pid, mem in procs or [] if not has_marks(pid, agent_marks(ident, base))]
     if others:
         what = ", ".join(f"pid {pid}" + ("" if mem is None else f" using {mem / 2**30:.1f} GB") for pid, mem in others[:5])
         raise GpuBusy(f"--gpu {n}: {gpu.describe()} already runs {len(others)} compute process(es) that are not this "
                       f"pool's ({what}; a pid not on this host's /proc is in another container). Take another GPU, "
                       "or pass --allow-shared-gpu to share it anyway")
-
-
-def _ours(pid: int, ident: str, base: str) -> bool:
-    """A process a former process of this agent left (its environment carries the agent's marks,
-    see ``workerproc.kill_leftovers``, which kills it as the agent starts)."""
-    try:
-        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    except OSError:
-        return False
-    return f"GPUPOOL_AGENT={ident}".encode() in env and f"GPUPOOL_SPOOL={base}".encode() in env

@@ -83,6 +83,22 @@ def kill_group(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
+def agent_marks(agent_id: str, base: str) -> dict[str, str]:
+    """The environment variables that mark every process an agent starts (its worker, script jobs
+    and what they fork): ``kill_leftovers`` finds them by these."""
+    return {"GPUPOOL_AGENT": agent_id, "GPUPOOL_SPOOL": base}
+
+
+def has_marks(pid: int, marks: dict[str, str]) -> bool:
+    """True if process ``pid``'s environment carries all of ``marks`` (False if gone or another user's)."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            env = f.read().split(b"\0")
+    except OSError:
+        return False
+    return all(f"{k}={v}".encode() in env for k, v in marks.items())
+
+
 def kill_leftovers(marks: dict[str, str]) -> list[int]:
     """SIGKILL every process of this user whose environment carries all of ``marks`` (the agent's
     id and spool, which its worker and script jobs inherit), and return their pids. Run by an
@@ -90,21 +106,13 @@ def kill_leftovers(marks: dict[str, str]) -> list[int]:
     (the kernel kills the worker with it, ``PR_SET_PDEATHSIG``, but that is not inherited across
     fork), and may still hold the GPU's memory. Matching on the environment, not on a pid saved
     before the kill, never hits a process that merely reuses a pid. Linux (``/proc``) only."""
-    want = [f"{k}={v}".encode() for k, v in marks.items()]
     me, killed = os.getpid(), []
     try:
         pids = [int(n) for n in os.listdir("/proc") if n.isdigit()]
     except OSError:
         return killed
     for pid in pids:
-        if pid == me:
-            continue
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                env = f.read().split(b"\0")
-        except OSError:  # gone, or another user's
-            continue
-        if all(w in env for w in want):
+        if pid != me and has_marks(pid, marks):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
                 killed.append(pid)

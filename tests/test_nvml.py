@@ -271,12 +271,14 @@ def test_a_gpu_that_other_processes_compute_on_is_refused_unless_shared_on_purpo
 
 
 def test_a_former_agents_leftover_on_its_gpu_does_not_make_it_busy(tmp_path: Path) -> None:
-    from agent.slot import _ours
-    marks = {"GPUPOOL_AGENT": "testhost-gpu0", "GPUPOOL_SPOOL": str(tmp_path)}
+    """What the busy check (``agent.slot._refuse_busy``) leaves out: processes with the agent's marks."""
+    from agent.workerproc import agent_marks, has_marks
+    marks = agent_marks("testhost-gpu0", str(tmp_path))
     p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], env={**os.environ, **marks})
     try:
-        wait_for(lambda: _ours(p.pid, "testhost-gpu0", str(tmp_path)), 10, "the marks in its environment")
-        assert not _ours(p.pid, "testhost-gpu1", str(tmp_path)) and not _ours(os.getpid(), "testhost-gpu0", str(tmp_path))
+        wait_for(lambda: has_marks(p.pid, marks), 10, "the marks in its environment")
+        assert not has_marks(p.pid, agent_marks("testhost-gpu1", str(tmp_path)))
+        assert not has_marks(os.getpid(), marks)
     finally:
         p.kill()
         p.wait()
