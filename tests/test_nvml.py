@@ -284,6 +284,20 @@ def test_a_former_agents_leftover_on_its_gpu_does_not_make_it_busy(tmp_path: Pat
         p.wait()
 
 
+@pytest.mark.timeout(120)
+def test_a_gpu_nvml_loses_at_run_time_drains_its_agent_through_the_real_probe(spool: Spool, tmp_path: Path,
+                                                                              stop_all) -> None:
+    lost = tmp_path / "gpu0.lost"
+    env = nvml_env(tmp_path, {"gpus": [{"lost_if": str(lost)}, {}]})
+    assert start_agents(2, spool.base, env).returncode == 0
+    hb = lambda: json.loads((spool.base / "agents" / "testhost-gpu0.json").read_text())  # noqa: E731
+    lost.touch()
+    sick = wait_for(lambda: (h := hb())["state"] == "draining" and h, 60, "the agent to drain")
+    assert sick["gpu"]["error"] == "NVMLError_GpuIsLost: GPU is lost" and "its GPU does not answer" in sick["last_error"]
+    done = probe_run(spool, base_env(tmp_path), "after-lost", 4)
+    assert {r["agent"] for r in done.values()} == {"testhost-gpu1"}
+
+
 # GPU locks every user of the host can take ------------------------------------------------------------
 def in_child(fn, uid: int | None = None, umask: int | None = None) -> tuple[int, str]:
     """Run ``fn()`` in a forked child (as ``uid``, with ``umask``): (exit code, what it printed or raised)."""
