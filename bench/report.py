@@ -206,7 +206,7 @@ def targets(r: dict[str, Any], mode: str) -> list[dict[str, Any]]:
             tgt("8. GPU: ≥ 50x faster than OctoRun per small chunk", f"{sp:.1f}x", sp >= 50)
         u = (gpu.get("util_pct") or {}).get("mean")
         tgt("8. GPU: utilisation ≥ 95% on a stream of medium chunks", "-" if u is None else f"{u:.1f}%",
-            None if u is None else u >= 95)
+            None if u is None else u >= 95, (gpu.get("util_pct") or {}).get("error") or "")  # MIG: NVML has none
     bal = r.get("9_balance")
     if bal:
         for fl in bal["few_long"]:

@@ -410,3 +410,17 @@ def test_status_shows_the_gpu_memory_each_worker_holds(spool: Spool, tmp_path: P
     assert "WRK GB" in table and re.search(r"testhost-gpu0 .* 1\.5\s*$", table, re.M), table
     procs.write_text(json.dumps([{"pid": 4000000, "mem_mb": 100}]))  # a pid not in our pid namespace
     wait_for(lambda: hb()["gpu"]["worker_mem"] is None, 30, "'cannot say' where NVML's pids are not ours")
+
+
+# the GPU benchmark's utilisation sampler ---------------------------------------------------------------
+def test_the_benchmarks_sampler_reads_the_drivers_samples_and_says_why_on_a_mig_device(nvml) -> None:
+    from bench.scenarios.gpu import Sampler
+    probe = nvml({"gpus": [{"util": 80}, {"util": 40}, {"mig": [{}]}]})
+    plain = [g.uuid for g in probe.devices() if g.mig is None]
+    smp = Sampler(plain, nv=nvml.module)
+    for _ in range(3):
+        smp.read()
+    assert [len(s) for s in smp.samples] == [3, 3] and smp.steady_mean() == 60 and smp.error is None
+    mig = Sampler([probe.devices()[2].uuid], nv=nvml.module)
+    mig.read()  # before: the sampling thread died silently on a MIG device, and the mean was None
+    assert mig.error == "NVMLError_NotSupported: Not Supported" and mig.steady_mean() is None

@@ -2,8 +2,8 @@
 
 200 chunks of a small torch matmul per GPU worker count: our GPU agents (CUDA context kept),
 OctoRun (fresh process + ``import torch`` + CUDA init per chunk) and Ray GPU tasks
-(``num_gpus=1`` each). Then GPU utilisation, sampled with pynvml every 20 ms while our agents
-run a stream of medium chunks (a 4096x4096 matmul chain per chunk)."""
+(``num_gpus=1`` each). Then GPU utilisation, as the driver samples it (``Sampler``), while our
+agents run a stream of medium chunks (a 4096x4096 matmul chain per chunk, its data made on the GPU)."""
 from __future__ import annotations
 
 import threading
@@ -31,21 +31,51 @@ def available() -> tuple[int, str]:
 
 
 class Sampler:
-    """GPU utilisation of the given NVML indices every ``every`` seconds, in a thread."""
+    """GPU utilisation of the given devices (UUIDs) as the driver records it: every ``every`` s, the
+    samples it took since the last read (``nvmlDeviceGetSamples``, at the driver's own rate, 1/6 to
+    1 s by product; polling ``nvmlDeviceGetUtilizationRates`` faster only repeats one value). NVML
+    has no utilisation for a MIG device: sampling then stops with ``error`` saying why."""
 
-    def __init__(self, indices: list[int], every: float = 0.02) -> None:
-        import pynvml
-
-        pynvml.nvmlInit()
-        self.nvml = pynvml
-        self.handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in indices]
-        self.every, self.samples = every, []
+    def __init__(self, uuids: list[str], every: float = 0.5, nv: Any = None) -> None:
+        if nv is None:
+            import pynvml as nv
+        nv.nvmlInit()
+        self.nv = nv
+        self.handles = [nv.nvmlDeviceGetHandleByUUID(u) for u in uuids]
+        self.samples: list[list[int]] = [[] for _ in uuids]  # per device, in time order
+        self._last = [0] * len(uuids)  # per device, the newest sample's time stamp (us)
+        self.every, self.error = every, None
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._loop, daemon=True)
 
+    def read(self) -> None:
+        """Add every device's samples newer than the last read."""
+        for i, h in enumerate(self.handles):
+            try:
+                _, got = self.nv.nvmlDeviceGetSamples(h, self.nv.NVML_GPU_UTILIZATION_SAMPLES, self._last[i])
+            except self.nv.NVMLError as e:
+                if e.value == self.nv.NVML_ERROR_NOT_FOUND:  # no sample since the last read
+                    continue
+                self.error = f"{type(e).__name__}: {e}"  # NotSupported: a MIG device
+                self._stop.set()
+                return
+            new = [x for x in got if x.timeStamp > self._last[i]]
+            self.samples[i] += [int(x.sampleValue.uiVal) for x in new]
+            self._last[i] = max([self._last[i]] + [x.timeStamp for x in new])
+
+    def steady_mean(self) -> float | None:
+        """Mean utilisation in the steady state: each device's samples less their first and last 10%
+        (ramp-up, tail), then the mean over the devices."""
+        means = []
+        for s in self.samples:
+            cut = len(s) // 10
+            if s[cut:len(s) - cut]:
+                means.append(sum(s[cut:len(s) - cut]) / (len(s) - 2 * cut))
+        return sum(means) / len(means) if means else None
+
     def _loop(self) -> None:
         while not self._stop.wait(self.every):
-            self.samples.append([self.nvml.nvmlDeviceGetUtilizationRates(h).gpu for h in self.handles])
+            self.read()
 
     def __enter__(self) -> "Sampler":
         self._t.start()
@@ -54,6 +84,8 @@ class Sampler:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._t.join()
+        if self.error is None:
+            self.read()
 
 
 def run(ctx: Ctx) -> dict[str, Any]:
@@ -78,15 +110,13 @@ def run(ctx: Ctx) -> dict[str, Any]:
                 out["octorun"].append(o["wall_s"] / n)
         from agent.gpu import make_probe, visible_gpus
 
-        idx = [g.index for g in visible_gpus(make_probe())][:n_gpu]
-        with Sampler(idx) as smp:
+        uuids = [g.uuid for g in visible_gpus(make_probe())][:n_gpu]  # MIG devices too
+        with Sampler(uuids) as smp:
             r = feed(base, "gpu-stream", s.gpu_stream_chunks, task="bench.tasks:torch_matmul",
                      kwargs={"size": 4096, "repeat": 8})
         ctx.check(base, r.run, s.gpu_stream_chunks)
-        # steady state: drop the first and last 10% of the samples (ramp-up, tail)
-        cut = len(smp.samples) // 10
-        steady = [sum(x) / len(x) for x in smp.samples[cut:len(smp.samples) - cut]]
-        out["util_pct"] = {"mean": sum(steady) / len(steady) if steady else None, "samples": len(steady)}
+        out["util_pct"] = {"mean": smp.steady_mean(), "samples": sum(len(x) for x in smp.samples),
+                           "error": smp.error}
     if ctx.ray_available:
         ctx.close_ray()
         with RaySession(n_gpu, gpus=n_gpu) as rs:

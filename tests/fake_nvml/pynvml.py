@@ -25,6 +25,7 @@ import json
 import os
 import string
 import sys
+import time
 from types import SimpleNamespace
 from typing import Any
 
@@ -42,6 +43,8 @@ NVML_ERROR_GPU_IS_LOST = 15
 NVML_ERROR_UNKNOWN = 999
 
 NVML_TEMPERATURE_GPU = 0
+NVML_GPU_UTILIZATION_SAMPLES = 1
+NVML_VALUE_TYPE_UNSIGNED_INT = 1
 NVML_DEVICE_MIG_DISABLE = 0
 NVML_DEVICE_MIG_ENABLE = 1
 MAX_MIG_DEVICES = 7  # an A100/H100: up to 7 MIG devices per GPU
@@ -225,6 +228,15 @@ def nvmlDeviceGetUtilizationRates(h: _Handle) -> SimpleNamespace:
     if h.mig is not None:  # NVML gives no utilisation for a MIG device
         raise NVMLError(NVML_ERROR_NOT_SUPPORTED)
     return SimpleNamespace(gpu=h.gpu["util"], memory=0)
+
+
+def nvmlDeviceGetSamples(h: _Handle, sampling_type: int, last_seen: int) -> tuple[int, list[SimpleNamespace]]:
+    """One sample per call, stamped now (us): the GPU's ``util``. NotSupported on a MIG device."""
+    h.check()
+    if h.mig is not None or sampling_type != NVML_GPU_UTILIZATION_SAMPLES:
+        raise NVMLError(NVML_ERROR_NOT_SUPPORTED)
+    now = max(time.time_ns() // 1000, last_seen + 1)
+    return NVML_VALUE_TYPE_UNSIGNED_INT, [SimpleNamespace(timeStamp=now, sampleValue=SimpleNamespace(uiVal=h.gpu["util"]))]
 
 
 def nvmlDeviceGetTemperature(h: _Handle, sensor: int) -> int:
