@@ -159,4 +159,4 @@ def _refuse_busy(probe: NoGpu, gpu: Gpu, n: int, ident: str, base: str) -> None:
         what = ", ".join(f"pid {pid}" + ("" if mem is None else f" using {mem / 2**30:.1f} GB") for pid, mem in others[:5])
         raise GpuBusy(f"--gpu {n}: {gpu.describe()} already runs {len(others)} compute process(es) that are not this "
                       f"pool's ({what}; a pid not on this host's /proc is in another container). Take another GPU, "
-                      "or pass --allow-shared-gpu to share it anyway")
+                      "or pass --allow-shared-gpu to share it anyway (./start_agents.sh N BASE -- --allow-shared-gpu)")
