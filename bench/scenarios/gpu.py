@@ -1,8 +1,8 @@
 """8. GPU (only where torch sees a CUDA device; skipped with a note otherwise).
 
 200 chunks of a small torch matmul per GPU worker count: our GPU agents (CUDA context kept),
-OctoRun (fresh process + ``import torch`` + CUDA init per chunk) and Ray GPU tasks
-(``num_gpus=1`` each). Then GPU utilisation, as the driver samples it (``Sampler``), while our
+OctoRun (fresh process + ``import torch`` + CUDA init per chunk), Ray GPU tasks (``num_gpus=1``
+each; a fresh worker per task, Ray's default ``max_calls=1``) and Ray GPU actors (one per GPU). Then GPU utilisation, as the driver samples it (``Sampler``), while our
 agents run a stream of medium chunks (a 4096x4096 matmul chain per chunk, its data made on the GPU)."""
 from __future__ import annotations
 
@@ -94,7 +94,8 @@ def run(ctx: Ctx) -> dict[str, Any]:
         ctx.notes.append(f"8. GPU skipped: {why}")
         return {"skipped": why}
     s, n = ctx.sizes, ctx.sizes.gpu_chunks
-    out: dict[str, Any] = {"gpus": n_gpu, "chunks": n, "ours": [], "octorun": [], "ray_tasks": []}
+    out: dict[str, Any] = {"gpus": n_gpu, "chunks": n, "ours": [], "octorun": [], "ray_tasks": [],
+                           "ray_actors": []}
     base = ctx.dir("gpu")
     with agents(base, n_gpu, gpu=True):
         feed(base, "warm", 2 * n_gpu, task="bench.tasks:torch_matmul")  # torch imported, CUDA context made
@@ -124,5 +125,12 @@ def run(ctx: Ctx) -> dict[str, Any]:
                 t = rs.tasks("torch_matmul", n, kwargs={"device": "cuda:0"}, gpu=True)
                 ctx.peer_check("ray", "gpu tasks", t["ok"])
                 out["ray_tasks"].append(t["wall_s"] / n)
+            # Ray runs each GPU task in a fresh worker (max_calls=1), so the tasks' warm-up warms
+            # nothing; its long-lived form is an actor per GPU, as our agents are. After the tasks:
+            # the actors hold their GPUs for the session's life
+            for rep in range(s.repeats):
+                a = rs.actors("torch_matmul", n, kwargs={"device": "cuda:0"}, gpu=True)
+                ctx.peer_check("ray", "gpu actors", a["ok"])
+                out["ray_actors"].append(a["wall_s"] / n)
     log(f"8. GPU: {out}")
     return out
