@@ -178,7 +178,8 @@ class FakeProbe(NoGpu):
                 "mem_used": int(s.get("mem_used_gb", 0) * GIB), "mem_total": int(s.get("mem_total_gb", 16) * GIB)}
 
     def processes(self, gpu: Gpu) -> list[tuple[int, int | None]] | None:
-        return [(int(p["pid"]), p.get("mem_mb")) for p in self.spec[gpu.index].get("processes", [])]
+        return [(int(p["pid"]), None if p.get("mem_mb") is None else int(p["mem_mb"] * 2**20))
+                for p in self.spec[gpu.index].get("processes", [])]
 
 
 def unusable(index: int, e: BaseException) -> Gpu:
