@@ -12,7 +12,8 @@ read as CUDA reads it (``visible_gpus``): indices, UUIDs, unique UUID prefixes, 
 entry that names no device is refused (``GpuConfigError``), never a silent run on the CPU.
 
 Tests replace the probe: $GPUPOOL_FAKE_GPUS, a JSON list of ``{"name", "mem_total_gb",
-"mem_used_gb", "util", "temp"}`` objects, replaces NVML itself (``FakeProbe``); the stand-in
+"mem_used_gb", "util", "temp", "minor", "processes", "broken", "lost_if"}`` objects, replaces NVML
+itself (``FakeProbe``); the stand-in
 ``pynvml`` of tests/fake_nvml keeps ``NvmlProbe`` and runs the real code path.
 """
 from __future__ import annotations
