@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import pwd
 import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,7 +97,7 @@ def claim(spool: Spool, probe: NoGpu, host: str, gpu: str, cpu: bool, min_free_g
     busy = []
     for n, g in candidates:
         try:
-            return _take(spool, probe, host, n, g, allow_shared)
+            return _take(spool, probe, host, n, g, allow_shared, explicit=False)
         except LockHeld:
             continue
         except GpuBusy as e:
@@ -112,7 +113,10 @@ class GpuBusy(SpoolError):
     """Processes that are not this pool's already compute on the GPU."""
 
 
-def _take(spool: Spool, probe: NoGpu, host: str, n: int, gpu: Gpu | None, allow_shared: bool) -> Slot:
+def _take(spool: Spool, probe: NoGpu, host: str, n: int, gpu: Gpu | None, allow_shared: bool,
+          explicit: bool = True) -> Slot:
+    """Lock slot ``n`` (``gpu``, or a CPU rank); ``explicit``: asked for by number, not by --gpu auto
+    (which goes on to the next GPU at once if this one is busy)."""
     ident = agent_id(host, f"cpu{n}" if gpu is None else gpu.label)
     locks = []
     try:
@@ -124,7 +128,7 @@ def _take(spool: Spool, probe: NoGpu, host: str, n: int, gpu: Gpu | None, allow_
                 raise SpoolError(_not_ours(lk.path), lk.path) from None
             locks.append(lk)
             if not allow_shared:
-                _refuse_busy(probe, gpu, n, ident, str(spool.base))
+                _refuse_busy(probe, gpu, n, ident, str(spool.base), BUSY_GRACE_S if explicit else 0.0)
         lk = HolderLock(spool.agent_lock(ident))
         lk.take(f"agent id {ident}", agent=ident, base=str(spool.base))
         locks.append(lk)
@@ -145,18 +149,27 @@ def _not_ours(path: Path) -> str:
             "or give every agent of this host another lock folder with $GPUPOOL_LOCK_DIR")
 
 
-def _refuse_busy(probe: NoGpu, gpu: Gpu, n: int, ident: str, base: str) -> None:
+BUSY_GRACE_S = 3.0  # a process that just ended (the job before, a killed agent's worker) may stay listed a moment
+
+
+def _refuse_busy(probe: NoGpu, gpu: Gpu, n: int, ident: str, base: str, grace: float = BUSY_GRACE_S) -> None:
     """Raise GpuBusy if processes other than this agent's own leftovers (they carry its marks, and
-    ``kill_leftovers`` kills them after a crash) compute on ``gpu``. NVML sees
-    every process of the host, in any container; their pids are the host's, and those not in our pid
-    namespace are another container's (or another user's we cannot read)."""
-    try:
-        procs = probe.processes(gpu)
-    except Exception:  # NVML cannot say: the lock alone decides
-        return
-    others = [(pid, mem) for pid, mem in procs or [] if not has_marks(pid, agent_marks(ident, base))]
-    if others:
-        what = ", ".join(f"pid {pid}" + ("" if mem is None else f" using {mem / 2**30:.1f} GB") for pid, mem in others[:5])
-        raise GpuBusy(f"--gpu {n}: {gpu.describe()} already runs {len(others)} compute process(es) that are not this "
-                      f"pool's ({what}; a pid not on this host's /proc is in another container). Take another GPU, "
-                      "or pass --allow-shared-gpu to share it anyway (./start_agents.sh N BASE -- --allow-shared-gpu)")
+    ``kill_leftovers`` kills them after a crash) compute on ``gpu``, still after ``grace`` seconds.
+    NVML sees every process of the host, in any container; their pids are the host's, and those
+    not in our pid namespace are another container's (or another user's we cannot read)."""
+    deadline = time.monotonic() + grace
+    while True:
+        try:
+            procs = probe.processes(gpu)
+        except Exception:  # NVML cannot say: the lock alone decides
+            return
+        others = [(pid, mem) for pid, mem in procs or [] if not has_marks(pid, agent_marks(ident, base))]
+        if not others:
+            return
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(0.25)
+    what = ", ".join(f"pid {pid}" + ("" if mem is None else f" using {mem / 2**30:.1f} GB") for pid, mem in others[:5])
+    raise GpuBusy(f"--gpu {n}: {gpu.describe()} already runs {len(others)} compute process(es) that are not this "
+                  f"pool's ({what}; a pid not on this host's /proc is in another container). Take another GPU, "
+                  "or pass --allow-shared-gpu to share it anyway (./start_agents.sh N BASE -- --allow-shared-gpu)")

@@ -270,6 +270,24 @@ def test_a_gpu_that_other_processes_compute_on_is_refused_unless_shared_on_purpo
             p.wait()
 
 
+def test_a_process_that_leaves_the_gpu_within_the_grace_does_not_make_it_busy(spool: Spool, tmp_path: Path) -> None:
+    """NVML may list a process that just ended (the job before, a killed agent's worker) a moment longer."""
+    procs = tmp_path / "procs.json"
+    procs.write_text(json.dumps([{"pid": 4000000, "mem_mb": 10}]))
+    env = nvml_env(tmp_path, {"gpus": [{"processes_file": str(procs)}]})
+    p = subprocess.Popen([sys.executable, "-m", "agent", "--base", str(spool.base), "--gpu", "0", *FAST], cwd=REPO,
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for(lambda: any((tmp_path / "gpulocks").glob("gpu-*.lock")), 30, "the agent to take the GPU lock")
+        procs.write_text("[]")  # gone
+        wait_for(lambda: (spool.base / "agents" / "testhost-gpu0.json").exists() or p.poll() is not None, 30,
+                 "the agent to start, or exit")
+        assert p.poll() is None, p.stdout.read().decode()
+    finally:
+        os.killpg(p.pid, 9)
+        p.wait()
+
+
 def test_a_former_agents_leftover_on_its_gpu_does_not_make_it_busy(tmp_path: Path) -> None:
     """What the busy check (``agent.slot._refuse_busy``) leaves out: processes with the agent's marks."""
     from agent.workerproc import agent_marks, has_marks
