@@ -98,7 +98,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"agent: {e}", file=sys.stderr)
         return 3 if type(e).__name__ == "LockHeld" else 2
     if slot.gpu is None and not args.cpu:
-        logger.info("no GPU in use ({}); rank {} runs jobs on the CPU", getattr(probe, "why", "no GPUs"), slot.number)
+        cvd = os.environ.get("CUDA_VISIBLE_DEVICES")
+        why = f"CUDA_VISIBLE_DEVICES={cvd!r} hides every GPU" if cvd is not None and probe.devices() else \
+            getattr(probe, "why", "no GPUs")
+        logger.info("no GPU in use ({}); rank {} runs jobs on the CPU", why, slot.number)
     logger.add(spool.agent_log(slot.agent_id), level=args.log_level, enqueue=False,
                format="{time:YYYY-MM-DD HH:mm:ss.SSS} | {level: <7} | " + slot.agent_id + " | {message}")
     cfg = AgentConfig(watch=args.watch, poll_interval=args.poll_interval, max_poll_interval=args.max_poll_interval,
