@@ -303,3 +303,40 @@ def test_ssh_loop_starts_and_stops_agents_on_each_host(tmp_path: Path) -> None:
         assert json.loads((base / "agents" / f"{ident}.json").read_text())["state"] == "stopped"
     bad = subprocess.run([script, "x", str(base), "node1"], env=env, capture_output=True, text=True, timeout=30)
     assert bad.returncode == 2 and "N must be a number" in bad.stderr
+
+
+@pytest.mark.timeout(300)
+def test_two_gpu_jobs_on_one_node_each_seeing_its_gpu_as_0_both_serve_the_pool(slurm: Slurm, tmp_path: Path) -> None:
+    """Issue 13: inside a job's device cgroup its GPU is number 0 to NVML and CUDA, and Slurm sets
+    CUDA_VISIBLE_DEVICES=0; the second job's agent used to be refused as 'already held'. The
+    cgroup is modelled by the stand-in NVML (tests/fake_nvml, $FAKE_NVML_CGROUP), the rest is
+    the recipe under a real Slurm: two jobs of agents.sbatch on one node."""
+    from tests.test_nvml import FAKE_NVML, TWO, uuids
+
+    spool = Spool(tmp_path / "base")
+    env = {**slurm.env, "PYTHONPATH": os.pathsep.join([str(REPO), str(FAKE_NVML)]), "PYTHON": sys.executable,
+           "FAKE_NVML": json.dumps(TWO), "GPUPOOL_LOCK_DIR": str(tmp_path / "gpulocks"), "GPUPOOL_LOG_LEVEL": "INFO"}
+    for var in ("GPUPOOL_HOST_ID", "GPUPOOL_FAKE_GPUS"):
+        env.pop(var, None)
+    gpus = uuids(tmp_path, TWO)
+    jobs = []
+    try:
+        for n, uuid in enumerate(gpus):
+            jobs.append(slurm.cli("sbatch", "--parsable", "--time=10", f"--output={tmp_path}/job{n}.out", str(SBATCH),
+                                  str(spool.base), *FAST, env={**env, "FAKE_NVML_CGROUP": uuid,
+                                                               "CUDA_VISIBLE_DEVICES": "0"},
+                                  cwd=REPO).stdout.strip().split(";")[0])
+        ids = [f"{slurm.host}-gpu0", f"{slurm.host}-gpu1"]  # by minor number: the host's, in every cgroup
+        wait_for(lambda: all(heartbeat(spool, i).get("state") == "idle" for i in ids), 120,
+                 "an agent from each job\n" + "\n".join(tail(tmp_path / f"job{n}.out") for n in range(2)))
+        assert [heartbeat(spool, i)["gpu_uuid"] for i in ids] == gpus
+        r = run_main(["--base", str(spool.base), "--task", "examples.noop:env_probe", "--chunks", "8", "--run",
+                      "two-jobs", "--no-progress"], env)
+        assert r.returncode == 0, r.stdout + r.stderr
+        seen = {(v["agent"], v["value"]["CUDA_VISIBLE_DEVICES"]) for v in results(spool.base, "two-jobs").values()}
+        assert seen == set(zip(ids, gpus)), seen
+    finally:
+        for job in jobs:
+            slurm.cli("scancel", job, check=False)
+        for job in jobs:
+            wait_for(lambda j=job: slurm.job_state(j) not in ("PENDING", "RUNNING", "COMPLETING"), 60, "the jobs to end")
