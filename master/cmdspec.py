@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs.template import BUILTIN_PLACEHOLDERS, TemplateError, fields
+from master.inputs import read_text
 from master.runspec import UsageError
 
 COMMANDS_FILE_LIMIT = 512 * 1024  # bytes of a --commands file (its lines live in run.json, at most 1 MB)
@@ -41,19 +42,7 @@ def _order(name: str) -> tuple[int, str]:
 def read_commands(path_text: str, workdir: str) -> tuple[str, list[str]]:
     """(absolute path, its command lines): blank lines and ``#`` comments are skipped."""
     path = Path(workdir, path_text).resolve()
-    try:
-        with open(path, "rb") as f:
-            data = f.read(COMMANDS_FILE_LIMIT + 1)
-    except FileNotFoundError:
-        raise UsageError(f"--commands {path}: no such file") from None
-    except OSError as e:
-        raise UsageError(f"--commands {path}: cannot read it ({e.strerror})") from None
-    if len(data) > COMMANDS_FILE_LIMIT:
-        raise UsageError(f"--commands {path}: over {COMMANDS_FILE_LIMIT // 1024} KB")
-    try:
-        text = data.decode()
-    except UnicodeDecodeError as e:
-        raise UsageError(f"--commands {path}: not UTF-8 text ({e})") from None
+    text = read_text(path, f"--commands {path}", COMMANDS_FILE_LIMIT)
     lines = [ln.strip() for ln in text.splitlines()]
     lines = [ln for ln in lines if ln and not ln.startswith("#")]
     if not lines:

@@ -27,6 +27,7 @@ from jobs.errors import BadFile
 from jobs.jsonio import load_json
 from jobs.names import MAX_CHUNKS, brief
 from jobs.template import BUILTIN_PLACEHOLDERS
+from master.inputs import read_input
 
 SWEEP_FILE_LIMIT = 4 * 1024 * 1024  # bytes of a sweep file
 PARAMS_LIMIT = 512 * 1024  # bytes of JSON of all the parameter sets (they live in run.json, read at every resume)
@@ -61,15 +62,7 @@ def load(text: str, workdir: str) -> list[dict[str, Any]]:
 def _read_file(path: Path, where: str) -> Any:
     if path.suffix.lower() not in (".yaml", ".yml", ".json"):
         raise SweepError(f"{where}: the name must end in .yaml, .yml or .json (or pass inline JSON)")
-    try:
-        with open(path, "rb") as f:
-            data = f.read(SWEEP_FILE_LIMIT + 1)
-    except FileNotFoundError:
-        raise SweepError(f"{where}: no such file") from None
-    except OSError as e:
-        raise SweepError(f"{where}: cannot read it ({e.strerror})") from None
-    if len(data) > SWEEP_FILE_LIMIT:
-        raise SweepError(f"{where}: over {SWEEP_FILE_LIMIT // 2**20} MB; a sweep is a description, not data")
+    data = read_input(path, where, SWEEP_FILE_LIMIT, SweepError, "; a sweep is a description, not data")
     if path.suffix.lower() == ".json":
         try:
             return load_json(data, "the sweep")

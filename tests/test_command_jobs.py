@@ -162,7 +162,7 @@ def test_a_command_job_sees_only_its_agents_gpu(spool: Spool, agents, tmp_path: 
                   "\"{device}\"}}' \"$CUDA_VISIBLE_DEVICES\" > {out}", "--kwargs", json.dumps({"out": str(out)}),
                   "--result-file", str(out), "--chunks", "1", "--run", "seen", "--no-progress"], genv, cwd=tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert results(spool.base, "seen")[0]["value"] == {"cvd": "1", "gpu": 1, "device": "cuda:0"}
+    assert results(spool.base, "seen")[0]["value"] == {"cvd": "GPU-fake-1", "gpu": 1, "device": "cuda:0"}
 
 
 def parquet_or_a_clear_refusal(spool: Spool, run: str, out: Path) -> None:
