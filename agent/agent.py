@@ -630,6 +630,8 @@ class Agent:
         arrays = {"arrays": self.spool.result_npz(job.run, job.chunk_id, job.attempt).name,
                   "arrays_bytes": os.stat(tmp).st_size} \
             if tmp else {"arrays": None}
+        if tmp and reply.get("arrays_form") in ("tuple", "list"):  # returned as a sequence (arr_0, arr_1, ...)
+            arrays["arrays_form"] = reply["arrays_form"]
         return {**times, "value": reply.get("value"), **arrays}, tmp
 
     # heartbeat -----------------------------------------------------------------------------

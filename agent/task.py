@@ -23,11 +23,22 @@ class TaskError(Exception):
 
 
 def split_target(target: str) -> tuple[str, str]:
-    """``"pkg.mod:fn"`` or ``"path/file.py:fn"`` -> (module or file, function name)."""
+    """``"pkg.mod:fn"`` or ``"path/file.py:fn"`` -> (module or file, function name); the name
+    may be qualified (``Class.method``: a method or staticmethod of a module-level class)."""
     mod, sep, fn = target.rpartition(":")
-    if not sep or not mod or not fn.isidentifier():
+    if not sep or not mod or not all(part.isidentifier() for part in fn.split(".")):
         raise TaskError(f"task {target!r} must look like 'package.module:function' or 'path/file.py:function'")
     return mod, fn
+
+
+def resolve(module: Any, qualname: str) -> Any:
+    """``module``'s attribute ``qualname`` (dotted: ``Class.method``), or None."""
+    obj = module
+    for part in qualname.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
 
 
 def is_file_target(mod: str) -> bool:
@@ -69,7 +80,7 @@ class TaskCache:
             spec.loader.exec_module(module)
         else:
             module = self._module(mod_name, fn_name)
-        fn = getattr(module, fn_name, None)
+        fn = resolve(module, fn_name)
         if not callable(fn):
             raise TaskError(f"task {target!r}: module has no callable {fn_name!r}")
         return fn, getattr(module, "__file__", None)
@@ -86,7 +97,7 @@ class TaskCache:
             module = importlib.import_module(name)
         seen = self._modules.get(name)
         changed = seen is not None and seen != _mtime(getattr(module, "__file__", None))
-        if imported and (changed or not callable(getattr(module, fn_name, None))):
+        if imported and getattr(module, "__file__", None) and (changed or not callable(resolve(module, fn_name))):
             importlib.invalidate_caches()
             module = importlib.reload(module)
         self._modules[name] = _mtime(getattr(module, "__file__", None))
@@ -148,7 +159,41 @@ def build_kwargs(fn: Callable[..., Any], job: Job, builtins: dict[str, Callable[
 
     ``builtins`` maps each name to a thunk, so shared or chunk data is only loaded when
     the task asks for it."""
+    from jobs.codec import decode
+
     wanted = _wanted_builtins(fn)
     out = {k: make() for k, make in builtins.items() if k in wanted}
-    out.update(job.kwargs)  # always passed: a misspelt name fails the chunk, naming it
+    out.update(decode(job.kwargs))  # always passed: a misspelt name fails the chunk, naming it
     return out
+
+
+def array_kwargs(fn: Callable[..., Any], job: Job, kwargs: dict[str, Any],
+                 builtins: dict[str, Callable[[], Any]]) -> dict[str, Any]:
+    """``arrays_as_kwargs`` (the SGE template's ``expensive_task(A, B, shared)``): every array of
+    the shared ``.npz``, then of the chunk's, passed by its name, in place of a built-in of that
+    name; the built-ins ``data`` and ``shared`` themselves only where no array has their name. An
+    array named like one of the run's ``--kwargs`` fails the chunk, naming both."""
+    out = {k: v for k, v in kwargs.items() if k not in ("data", "shared")}
+    for source in ("shared", "data"):
+        arrays = kwargs[source] if source in kwargs else builtins[source]() if getattr(job, source) else None
+        for name, value in (arrays or {}).items():
+            if name in job.kwargs:
+                raise TaskError(f"the {source} .npz has an array {name!r}, which --kwargs also gives; rename one")
+            out[name] = value
+    for name in ("data", "shared"):
+        if name in kwargs and name not in out:
+            out[name] = kwargs[name]
+    wanted = _params(fn)
+    return out if wanted is None else {k: v for k, v in out.items() if k in wanted or k in job.kwargs}
+
+
+@functools.lru_cache(maxsize=64)
+def _params(fn: Callable[..., Any]) -> frozenset[str] | None:
+    """The names ``fn`` takes by keyword, or None if it takes any (``**kwargs``, or no signature)."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return None
+    return frozenset(n for n, p in params.items() if p.kind is not inspect.Parameter.POSITIONAL_ONLY)

@@ -84,55 +84,81 @@ VALUE_ROOM = 64 * 1024  # what a result record needs beside the value (agent, ti
 
 
 def jsonable(value: Any) -> Any:
-    """``value`` with numpy scalars made plain; raises TypeError if it is not JSON, and
-    ResultTooLarge if it is too big for a result record (it then never crosses the pipe)."""
-    import numpy as np
-
+    """``value`` as result data (``jobs.codec``: plain JSON as it is, tuples, bytes, sets, arrays...
+    tagged); raises CodecError naming what cannot travel, and ResultTooLarge if it is too big for
+    a result record (it then never crosses the pipe)."""
+    from jobs.codec import encode
     from jobs.results import RESULT_LIMIT, ResultTooLarge
 
-    def default(o: Any) -> Any:
-        if isinstance(o, np.generic):
-            return o.item()
-        raise TypeError(f"{type(o).__name__} is not JSON serialisable")
-
-    text = json.dumps(value, default=default)
-    if len(text) > RESULT_LIMIT - VALUE_ROOM:
-        raise ResultTooLarge(len(text), "the value the task returned")
-    return json.loads(text)
+    data = encode(value)
+    size = len(json.dumps(data))
+    if size > RESULT_LIMIT - VALUE_ROOM:
+        raise ResultTooLarge(size, "the value the task returned")
+    return data
 
 
-def run_one(req: dict[str, Any], tasks: Any, shared: Any) -> dict[str, Any]:
-    from agent.task import build_kwargs
-    from jobs.atomic import writing
-    from jobs.descriptor import Job
-    from jobs.npzio import check_arrays, load_npz, save_npz
+def call_args(job: Any, fn: Any, req: dict[str, Any], shared: Any) -> tuple[list[Any], dict[str, Any]]:
+    """The positional and keyword arguments of ``fn`` for ``job``: the built-ins it asks for, the
+    chunk's and shared arrays by name (``arrays_as_kwargs``), then the job's own arguments."""
+    from agent.task import build_kwargs, array_kwargs
+    from jobs.codec import decode
+    from jobs.npzio import load_npz
 
-    job = Job.from_dict(req["job"])
-    fn = tasks.get(job.target, job.workdir)
+    def gpu_id() -> int:  # visible_gpu_id: the index CUDA gives the agent's GPU in this process
+        return 0 if job.visible_gpu_id and str(req["device"]).startswith("cuda") else req["gpu_id"]
+
     builtins = {
         "chunk_id": lambda: job.chunk_id,
         "total_chunks": lambda: job.total_chunks,
-        "gpu_id": lambda: req["gpu_id"],
+        "gpu_id": gpu_id,
         "device": lambda: req["device"],
         "shared": lambda: shared.get(job.shared) if job.shared else None,
         "data": lambda: load_npz(job.data) if job.data else None,
     }
-    value = fn(**build_kwargs(fn, job, builtins))
+    kwargs = build_kwargs(fn, job, builtins)
+    if job.arrays_as_kwargs:
+        kwargs = array_kwargs(fn, job, kwargs, builtins)
+    return decode(job.args), kwargs
+
+
+ARRAYS_FORM = {tuple: "tuple", list: "list"}  # a returned sequence of arrays, saved as arr_0, arr_1, ...
+
+
+def returned_arrays(value: Any) -> tuple[dict[str, Any], str | None] | None:
+    """The arrays to save as the chunk's ``.npz`` and the form they came in (None: a dict), or
+    None when ``value`` is not a dict, tuple or list of numpy arrays only."""
+    from jobs.npzio import check_arrays
+
+    form = ARRAYS_FORM.get(type(value))
+    if form is not None and value and all(type(v).__name__ == "ndarray" for v in value):
+        arrays = check_arrays({f"arr_{i}": v for i, v in enumerate(value)})
+        return (arrays, form) if arrays is not None else None
     arrays = check_arrays(value)
-    if arrays is not None:
+    return (arrays, None) if arrays is not None else None
+
+
+def run_one(req: dict[str, Any], tasks: Any, shared: Any) -> dict[str, Any]:
+    from jobs.atomic import writing
+    from jobs.codec import CodecError
+    from jobs.descriptor import JOB_MARK, Job
+    from jobs.npzio import save_npz
+
+    job = Job.from_dict(req["job"])
+    fn = tasks.get(job.target, job.workdir)
+    args, kwargs = call_args(job, fn, req, shared)
+    print(f"{JOB_MARK} {job.run} chunk {job.chunk_id} attempt {job.attempt}", flush=True)
+    value = fn(*args, **kwargs)
+    found = returned_arrays(value)
+    if found is not None:
+        arrays, form = found
         with writing(Path(req["arrays_path"]), fsync=False) as (f, tmp):  # see results.sync_run
             save_npz(f, arrays)
-        return {"ok": True, "value": None, "arrays_tmp": str(tmp)}
-    from jobs.results import ResultTooLarge
+        return {"ok": True, "value": None, "arrays_tmp": str(tmp), **({"arrays_form": form} if form else {})}
     try:
         return {"ok": True, "value": jsonable(value), "arrays_tmp": None}
-    except ResultTooLarge:
-        raise
-    except (TypeError, ValueError) as e:
-        raise TypeError(
-            f"the task returned a {type(value).__name__}, which is neither a dict of numpy arrays "
-            f"nor JSON-serialisable ({e})"
-        ) from None
+    except CodecError as e:
+        raise TypeError(f"the task returned a {type(value).__name__}, which is neither a dict (or tuple or list) of "
+                        f"numpy arrays nor a value that can travel back ({e})") from None
 
 
 def cut(text: str, limit: int = TEXT_LIMIT) -> str:
@@ -145,11 +171,27 @@ def cut(text: str, limit: int = TEXT_LIMIT) -> str:
 
 def error_of(exc: BaseException) -> dict[str, Any]:
     """The failed reply's error; a job's huge exception message is cut (results have a size limit)."""
-    err: dict[str, Any] = {"type": type(exc).__name__, "message": cut(str(exc)), "traceback": cut(traceback.format_exc())}
+    err: dict[str, Any] = {"type": type(exc).__name__, "message": cut(str(exc)), "traceback": cut(traceback.format_exc()),
+                           "module": type(exc).__module__, "qualname": type(exc).__qualname__}
+    args = _args_of(exc)
+    if args is not None:
+        err["args"] = args
     code = _errno_of(exc)
     if code is not None:
         err["errno"] = code
     return err
+
+
+def _args_of(exc: BaseException) -> Any:
+    """The exception's ``args``, encoded (``jobs.codec``), so that the caller of an Executor can
+    raise the same exception again; None where they cannot travel or are large."""
+    from jobs.codec import CodecError, encode
+
+    try:
+        args = encode(list(exc.args))
+    except (CodecError, RecursionError):
+        return None
+    return args if len(json.dumps(args)) <= TEXT_LIMIT else None
 
 
 def _errno_of(exc: BaseException) -> int | None:
@@ -311,6 +353,9 @@ def main() -> None:
         os.set_inheritable(fd, False)
     global _worker_pid
     me = _worker_pid = os.getpid()
+    from jobs.descriptor import IN_WORKER_ENV
+
+    os.environ[IN_WORKER_ENV] = str(me)  # an Executor made by code imported here refuses to start
     rd, wr = os.fdopen(rfd, "rb"), os.fdopen(wfd, "wb", buffering=0)
     for line in rd:
         request = json.loads(line)

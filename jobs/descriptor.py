@@ -12,7 +12,7 @@ from typing import Any
 from jobs.errors import BadFile, NewerSchema
 from jobs.names import MAX_CHUNKS, brief, check_chunk, check_name
 
-SCHEMA = 2  # the highest descriptor schema this version reads (agents say it in their heartbeat)
+SCHEMA = 3  # the highest descriptor schema this version reads (agents say it in their heartbeat)
 MAX_ATTEMPTS = 10**6  # attempt numbers become file names (<chunk>.a<N>.json): bounded
 
 
@@ -39,11 +39,22 @@ class JobState(str, Enum):
 # with that schema. An agent refuses a descriptor of a newer schema than it reads and ignores fields it
 # does not know in one it reads; masters queue a job only at agents whose heartbeat's ``job_schema``
 # (absent: 1) reads the job's schema, so an old agent is passed over, never fed jobs it must refuse.
-OPTIONAL: dict[str, Any] = {"alone": False, "epoch": None, "share": 1.0, "params": None, "options": None}
+OPTIONAL: dict[str, Any] = {"alone": False, "epoch": None, "share": 1.0, "params": None, "options": None,
+                            "args": [], "encoded": False, "arrays_as_kwargs": False, "visible_gpu_id": False}
 # params: an agent that ignored them would leave them out of the result (collect's columns); options: it
 # would ignore a command job's checks and result file
-MUST_UNDERSTAND: dict[str, int] = {"params": 2, "options": 2}  # field -> the schema that introduced it
+# schema 3 (issue 15): an Executor call's positional arguments and its arguments encoded by jobs.codec; the
+# SGE template's arrays by name and gpu_id as the job sees it: ignored, each would call the job wrongly
+MUST_UNDERSTAND: dict[str, int] = {"params": 2, "options": 2,  # field -> the schema that introduced it
+                                   "args": 3, "encoded": 3, "arrays_as_kwargs": 3, "visible_gpu_id": 3}
 KIND_SCHEMA: dict[JobKind, int] = {JobKind.COMMAND: 2}  # a kind added later: the schema that introduced it
+
+# Set by the worker to its own pid: code the worker imports can tell it runs inside one (an
+# Executor made there would wait on the agent it runs in; see master.executor).
+IN_WORKER_ENV = "GPUPOOL_WORKER_PID"
+# Printed by the worker before each callable job (``JOB_MARK <run> chunk <c> attempt <a>``), so
+# that a call's own output can be found in its agent's worker log (master.logs.worker_output).
+JOB_MARK = "=== gpupool job:"
 
 # Keyword names the agent fills in itself; a user kwarg may not reuse them.
 BUILTIN_KWARGS = ("chunk_id", "total_chunks", "gpu_id", "device", "shared", "data")
@@ -61,6 +72,8 @@ class Job:
     attempt: int = 1
     max_attempts: int = 1
     kwargs: dict[str, Any] = field(default_factory=dict)
+    args: list[Any] = field(default_factory=list)  # positional arguments (an Executor call's)
+    encoded: bool = False  # kwargs and args are encoded by jobs.codec (an Executor call's: tuples, bytes, arrays...)
     shared: str | None = None  # absolute path of the run's shared .npz
     data: str | None = None  # absolute path of this chunk's .npz
     timeout: float | None = None
@@ -71,6 +84,8 @@ class Job:
     share: float = 1.0  # the run's weight when agents choose among the jobs of several runs (fair share)
     params: dict[str, Any] | None = None  # the chunk's sweep parameters (also in kwargs), kept in its result
     options: dict[str, Any] | None = None  # script and command jobs: OPTION_CHECKS (prefix, success codes, ...)
+    arrays_as_kwargs: bool = False  # each array of ``data`` and ``shared`` is passed as a keyword argument by name
+    visible_gpu_id: bool = False  # ``gpu_id`` is the GPU's index in the worker (0: it sees its own GPU only)
     schema: int = field(default=SCHEMA, compare=False)  # what it was read as; written as needs_schema
 
     @property
@@ -136,7 +151,9 @@ class Job:
         except Exception as e:  # BadName
             raise BadFile(str(e), where) from e
         _expect(self.target, str, "target", where)
-        _expect(self.alone, bool, "alone", where)
+        for name in ("alone", "encoded", "arrays_as_kwargs", "visible_gpu_id"):
+            _expect(getattr(self, name), bool, name, where)
+        _expect(self.args, list, "args", where)
         if isinstance(self.submitted_at, bool) or not isinstance(self.submitted_at, (int, float)) \
                 or not math.isfinite(self.submitted_at):  # part of Job.uid: it must hash and compare
             raise BadFile(f"'submitted_at' must be a finite number, got {brief(self.submitted_at)}", where)

@@ -221,12 +221,13 @@ def unseal(spool: Spool, run: str) -> None:
         os.unlink(spool.sealed_flag(run))
 
 
-_ERROR = {"type": is_str, "message": is_str, "traceback": is_str}
+_ERROR = {"type": is_str, "message": is_str, "traceback": is_str, "module": is_str, "qualname": is_str}
 # fields read for display and bookkeeping: a wrong type is dropped (None) with one warning
 FIELDS: dict[str, Any] = {
     "run": is_str, "total_chunks": is_int, "max_attempts": is_int, "agent": is_str, "host": is_str,
     "device": is_str, "log": is_str, "submitted_at": is_num, "started_at": is_time, "finished_at": is_time,
-    "duration_s": is_num, "arrays_bytes": is_int, "error": _ERROR, "exit_code": is_int, "result_file": is_str,
+    "duration_s": is_num, "arrays_bytes": is_int, "arrays_form": is_str, "error": _ERROR, "exit_code": is_int,
+    "result_file": is_str,
     "params": lambda v: isinstance(v, dict),
 }
 
@@ -317,6 +318,15 @@ def result_or_none(path: Path) -> dict[str, Any] | None:
         return read_result(path)
     except (OSError, BadFile):
         return None
+
+
+def chunk_records(spool: Spool, run: str, chunk: int) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+    """(the chunk's committed result or None, the records of its failed attempts, oldest first;
+    an unreadable one as ``{"attempt": N, "status": "unreadable"}``)."""
+    result = result_or_none(spool.result_json(run, chunk))
+    history = [result_or_none(spool.history_json(run, chunk, a)) or {"attempt": a, "status": "unreadable"}
+               for a in scan_run(spool, run).history.get(chunk, [])]
+    return result, history
 
 
 def _discard(path: Path | None) -> None:

@@ -50,7 +50,10 @@ class Result:
 
     @property
     def value(self) -> Any:
-        return self.record.get("value")
+        """The value the task returned, decoded (``jobs.codec``: a tuple comes back a tuple)."""
+        from jobs.codec import decode
+
+        return decode(self.record.get("value"))
 
     @property
     def arrays(self) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from jobs.atomic import write_replace
+from jobs.codec import plain
 from jobs.errors import BadFile, SpoolError
 from jobs.npzio import load_npz
 from jobs.paths import Spool
@@ -159,7 +160,7 @@ def rows(recs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         params = rec.get("params")
         if isinstance(params, dict):
             row.update({(k if k not in row else f"param.{k}"): v for k, v in params.items()})
-        value = rec.get("value")
+        value = plain(rec.get("value"))  # a tuple as the list it always was in a table
         table = rec.get("result_file") and isinstance(value, list) and value and \
             all(isinstance(v, dict) for v in value)
         out += [_with_value(row, v) for v in value] if table else [_with_value(row, value)]

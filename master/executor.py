@@ -10,30 +10,34 @@
             print(f.result())
         print(list(ex.map(my_mod.score, range(10))))
 
-Rules, because the call travels as a job descriptor through the spool:
+Rules, because the call travels as a job descriptor through the spool (``master.calls``):
+``fn`` is found again by name on the agent (a module-level function, a builtin or C function, a
+method of a module-level class, a ``functools.partial`` of one of these; a function of the
+``__main__`` script is imported from its file, like multiprocessing's spawn does, so the script
+must create its Executor under ``if __name__ == "__main__":``, or the call fails with
+``NestedExecutor``); its arguments and its result travel encoded by ``jobs.codec`` (JSON values,
+tuples, sets, bytes, dicts with any keys, numpy arrays, datetimes, complex numbers; never
+pickle); a dict, tuple or list of numpy arrays comes back as the chunk's ``.npz``. A failure
+raises the remote exception's own class where the caller has it, else ``RemoteError``
+(``master.remote``).
 
-* ``fn`` is a module-level function of an importable module (``module:function``; a function
-  of the ``__main__`` script is imported from its file, like multiprocessing's spawn does);
-* its arguments are bound to parameter names (``inspect.signature(fn).bind``) and travel as
-  keyword arguments, so they must be JSON-serialisable (no ``*args`` beyond named
-  parameters); parameters named like the agent's built-ins (``device``, ``gpu_id``, ...) are
-  filled in by the agent and cannot be passed;
-* the result is the JSON value the function returns, or its dict of numpy arrays; a failure
-  raises ``RemoteError`` carrying the remote type, message and traceback.
+ThreadPoolExecutor's behaviour where it applies: ``max_workers`` calls at most run (or wait in
+mailboxes) at once; outstanding calls are awaited when the interpreter exits, unless
+``shutdown(wait=False)`` was called; ``Future.cancel()`` succeeds for every call that has not
+started (one waiting in a mailbox is taken out of it). Each future is a ``CallFuture``: its
+``job_id`` (``<run>/<chunk>``), ``attempts`` (the records of its attempts) and ``stdout()`` (what
+the call printed, from its agent's worker log).
 
 Each executor is one run (``runs/executor-...``): ``status``, ``logs`` and ``cancel`` work on
 it. Its calls are fed by the one dispatcher (``master.dispatcher``), as a run's chunks are:
-each call is one chunk with its own target and kwargs, placed breadth first, retried, handed
-back from dead agents and moved from busy agents to idle ones. A call counts as started (and
-``Future.cancel()`` then fails) once an agent's heartbeat shows it running; a cancelled call
-still waiting in a mailbox is taken out of it.
+each call is one chunk with its own target and arguments, placed breadth first, retried,
+handed back from dead agents and moved from busy agents to idle ones. A call counts as started
+(and ``Future.cancel()`` then fails) once an agent's heartbeat shows it running.
 """
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import inspect
-import json
 import math
 import os
 import secrets
@@ -41,6 +45,7 @@ import socket
 import sys
 import threading
 import time
+import weakref
 from collections import deque
 from concurrent import futures
 from dataclasses import dataclass
@@ -50,13 +55,19 @@ from typing import Any, Callable
 from loguru import logger
 
 from jobs.atomic import write_replace
-from jobs.descriptor import BUILTIN_KWARGS, Job, JobKind
+from jobs.codec import CodecError, decode
+from jobs.descriptor import IN_WORKER_ENV, Job, JobKind
 from jobs.errors import BadFile
 from jobs.locks import HolderLock
 from jobs.names import slug
 from jobs.paths import Spool
+from jobs.results import chunk_records
+from master.calls import bind, describe, target_of  # noqa: F401  (bind, target_of: the API of earlier versions)
 from master.dispatcher import Dispatcher, FeedConfig
-from master.runspec import RunSpec, kwargs_size_error
+from master.remote import RemoteError, remote_exception
+from master.runspec import RunSpec
+
+__all__ = ["CallFuture", "Executor", "NestedExecutor", "RemoteError", "RunCancelled"]
 
 EXECUTOR_MARK = "_executor"  # in run.json's kwargs: this run's chunks each carry their own call
 
@@ -66,73 +77,26 @@ def is_executor_run(spec: RunSpec) -> bool:
     return bool(spec.kwargs.get(EXECUTOR_MARK))
 
 
-class RemoteError(Exception):
-    """The call raised on the agent. ``type``, ``message``, ``remote_traceback``, ``agent``, ``chunk``."""
-
-    def __init__(self, error: dict[str, Any] | None, agent: str | None, chunk: int, attempt: int) -> None:
-        error = error or {}
-        self.type, self.message = str(error.get("type")), str(error.get("message"))
-        self.remote_traceback, self.agent, self.chunk = error.get("traceback") or "", agent, chunk
-        super().__init__(f"{self.type}: {self.message} (on {agent}, call {chunk}, attempt {attempt})")
-
-    def __str__(self) -> str:
-        tb = f"\n\nRemote traceback:\n{self.remote_traceback.rstrip()}" if self.remote_traceback else ""
-        return super().__str__() + tb
-
-
 class RunCancelled(Exception):
     """The executor's run was cancelled (``python -m master cancel``) before this call finished."""
 
 
-def target_of(fn: Callable[..., Any]) -> tuple[str, str]:
-    """(``module:function`` or ``/file.py:function``, the folder to put on the agent's sys.path)."""
-    mod_name, qual = getattr(fn, "__module__", None), getattr(fn, "__qualname__", "")
-    if not mod_name or not qual.isidentifier():
-        raise TypeError(f"{fn!r} is not a module-level function; the agents import it by name "
-                        "(module:function), so define it at the top level of a module")
-    module = sys.modules.get(mod_name)
-    if module is None or getattr(module, qual, None) is not fn:
-        raise TypeError(f"{mod_name}.{qual} cannot be found again by name in its module")
-    path = getattr(module, "__file__", None)
-    if mod_name == "__main__":
-        if not path:
-            raise TypeError(f"{qual} is defined in an interactive session; put it in a .py module")
-        path = str(Path(path).resolve())
-        return f"{path}:{qual}", str(Path(path).parent)
-    if not path or importlib.util.find_spec(mod_name) is None:
-        raise TypeError(f"module {mod_name} of {qual} has no importable source file")
-    root = Path(path).resolve().parent
-    for _ in range(mod_name.count(".") + (Path(path).name == "__init__.py")):
-        root = root.parent
-    return f"{mod_name}:{qual}", str(root)
+class NestedExecutor(RuntimeError):
+    """An Executor made inside a pool worker: a script that starts one at its top level, which
+    the worker re-runs when it imports the script's functions."""
 
 
-def bind(fn: Callable[..., Any], args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """The call's arguments as JSON keyword arguments; TypeError naming what cannot travel."""
-    sig = inspect.signature(fn)
-    bound = sig.bind_partial(*args, **kwargs)
-    out: dict[str, Any] = {}
-    for name, value in bound.arguments.items():
-        kind = sig.parameters[name].kind
-        if kind is inspect.Parameter.VAR_POSITIONAL:
-            raise TypeError(f"{fn.__qualname__}: extra positional arguments (*{name}) cannot be sent to an agent; "
-                            "pass them as named parameters")
-        out.update(value if kind is inspect.Parameter.VAR_KEYWORD else {name: value})
-    missing = [n for n, p in sig.parameters.items() if p.default is p.empty and n not in out
-               and n not in BUILTIN_KWARGS and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
-    if missing:
-        raise TypeError(f"{fn.__qualname__}() missing required argument(s): {', '.join(missing)}")
-    clash = sorted(set(out) & set(BUILTIN_KWARGS))
-    if clash:
-        raise TypeError(f"{fn.__qualname__}: {clash} are filled in by the agent ({', '.join(BUILTIN_KWARGS)}); "
-                        "do not pass them")
-    try:
-        out = json.loads(json.dumps(out, allow_nan=False))
-    except (TypeError, ValueError) as e:
-        raise TypeError(f"{fn.__qualname__}: arguments must be JSON-serialisable to reach an agent ({e})") from None
-    if (too_large := kwargs_size_error(out, f"{fn.__qualname__}(...) arguments", "a file and pass its path")):
-        raise ValueError(too_large)
-    return out
+def _refuse_in_worker() -> None:
+    """Refuse to start inside a pool worker: its calls would wait for the agent that runs it."""
+    if os.environ.get(IN_WORKER_ENV) != str(os.getpid()):
+        return
+    here = os.path.abspath(__file__)
+    script = next((f.filename for f in inspect.stack()[1:] if os.path.abspath(f.filename) != here), "?")
+    raise NestedExecutor(
+        f"an Executor was created inside a pool worker while it imported {script} to run a call: the script "
+        f"creates its Executor at its top level, and every agent runs that top level again when it imports the "
+        f"script's functions (as multiprocessing's spawn does). Put the code that creates the Executor under "
+        f"'if __name__ == \"__main__\":' in {os.path.basename(script)}")
 
 
 def _caller_name() -> str:
@@ -149,21 +113,92 @@ def _caller_name() -> str:
     return slug(socket.gethostname(), 30)
 
 
+class CallFuture(futures.Future):
+    """The Future of one call, with what the spool knows of it (submitit's ``job.job_id``, ``job.stdout()``)."""
+
+    def __init__(self, ex: "Executor", chunk: int) -> None:
+        super().__init__()
+        self._ex, self.run, self.chunk = weakref.proxy(ex), ex.run, chunk
+        self._spool = ex.spool
+
+    @property
+    def job_id(self) -> str:
+        """``<run>/<chunk>``: ``python -m master logs --base BASE --run <run> --chunk <chunk>`` tells all."""
+        return f"{self.run}/{self.chunk}"
+
+    @property
+    def attempts(self) -> list[dict[str, Any]]:
+        """The records of the call's attempts so far, oldest first (agent, host, times, error...)."""
+        final, history = chunk_records(self._spool, self.run, self.chunk)
+        return history + ([final] if final is not None and final["status"] == "ok" else [])
+
+    def agent(self) -> str | None:
+        """The agent of the call's latest attempt (running or queued there, or done), or None."""
+        with contextlib.suppress(ReferenceError):
+            placed = self._ex._dispatcher.inflight.get(self.chunk)
+            if placed is not None:
+                return placed[0]
+        done = self.attempts
+        return done[-1].get("agent") if done else None
+
+    def log_path(self) -> Path | None:
+        """The worker log the call's latest attempt writes to (every call of that agent's does)."""
+        agent = self.agent()
+        return self._spool.worker_log(agent) if agent else None
+
+    def stdout(self) -> str | None:
+        """What the call's latest attempt printed (stdout and stderr) so far, or None if it has not
+        started or its agent's worker log no longer has it."""
+        from master.logs import worker_output
+
+        agent = self.agent()
+        attempt = self._attempt()
+        return worker_output(self._spool, agent, self.run, self.chunk, attempt) if agent and attempt else None
+
+    def _attempt(self) -> int | None:
+        with contextlib.suppress(ReferenceError):
+            placed = self._ex._dispatcher.inflight.get(self.chunk)
+            if placed is not None:
+                return placed[1]
+        done = self.attempts
+        return done[-1].get("attempt") if done else None
+
+
 @dataclass
 class _Call:
     chunk: int
     target: str
-    workdir: str
+    workdir: str | None
+    args: list[Any]
     kwargs: dict[str, Any]
-    future: futures.Future
+    future: CallFuture
+
+
+_live: "weakref.WeakSet[Executor]" = weakref.WeakSet()
+
+
+def _at_exit() -> None:
+    """At interpreter exit, before threads are joined (as ThreadPoolExecutor's): every Executor
+    not shut down with ``wait=False`` waits for its outstanding calls."""
+    for ex in list(_live):
+        if not ex._no_wait:
+            ex.shutdown(wait=True)
+
+
+threading._register_atexit(_at_exit)  # what concurrent.futures.thread itself uses
 
 
 class Executor(futures.Executor):
-    """A ``concurrent.futures.Executor`` whose calls run on the agents of the spool at ``base``."""
+    """A ``concurrent.futures.Executor`` whose calls run on the agents of the spool at ``base``;
+    at most ``max_workers`` of them at once (None: as many as there are agents)."""
 
-    def __init__(self, base: str | os.PathLike, *, retries: int = 0, timeout: float | None = None,
-                 run: str | None = None, depth: int = 4, dead_after: float = 20.0, poll: float = 0.1) -> None:
-        for bad, why in ((not isinstance(retries, int) or retries < 0, f"retries must be 0 or more, not {retries!r}"),
+    def __init__(self, base: str | os.PathLike, max_workers: int | None = None, *, retries: int = 0,
+                 timeout: float | None = None, run: str | None = None, depth: int = 4, dead_after: float = 20.0,
+                 poll: float = 0.1) -> None:
+        _refuse_in_worker()
+        for bad, why in ((max_workers is not None and (not isinstance(max_workers, int) or max_workers < 1),
+                          f"max_workers must be None or 1 or more, not {max_workers!r}"),
+                         (not isinstance(retries, int) or retries < 0, f"retries must be 0 or more, not {retries!r}"),
                          (timeout is not None and not 0 < timeout < math.inf,
                           f"timeout must be None or a positive number of seconds, not {timeout!r}"),
                          (not isinstance(depth, int) or depth < 1, f"depth must be 1 or more, not {depth!r}"),
@@ -177,41 +212,43 @@ class Executor(futures.Executor):
         self.spool.run_dirs(self.run)
         self._lock = HolderLock(self.spool.master_lock(self.run))
         self._lock.take(f"run {self.run!r}", run=self.run)
-        self.retries, self.timeout, self.depth, self.poll = retries, timeout, depth, poll
+        self.max_workers, self.retries, self.timeout, self.depth, self.poll = max_workers, retries, timeout, depth, poll
         self._calls: dict[int, _Call] = {}
         self._new: deque[int] = deque()
         self._mutex = threading.Lock()
         self._wake = threading.Event()
-        self._closing = False
+        self._closing = self._no_wait = False
         cfg = FeedConfig(depth=depth, dead_after=dead_after, poll=poll, retry_delay=0.5, retry_cap=30.0)
         self._dispatcher = _Calls(self, cfg)
         self._thread = threading.Thread(target=self._dispatcher.loop_forever, name=f"executor-{self.run}",
                                         daemon=True)
         self._thread.start()
+        _live.add(self)
 
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> futures.Future:
-        """Queue ``fn(*args, **kwargs)`` on the pool; the Future gets its value or RemoteError."""
-        target, workdir = target_of(fn)
-        kw = bind(fn, args, kwargs)
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> CallFuture:
+        """Queue ``fn(*args, **kwargs)`` on the pool; the future gets its value or its exception."""
+        target, workdir, pos, named = describe(fn, args, kwargs)
         with self._mutex:
             if self._closing:
                 raise RuntimeError("cannot schedule new futures after shutdown")
             chunk = len(self._calls)
-            call = self._calls[chunk] = _Call(chunk, target, workdir, kw, futures.Future())
+            call = self._calls[chunk] = _Call(chunk, target, workdir, pos, named, CallFuture(self, chunk))
             self._new.append(chunk)
         self._wake.set()
         return call.future
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """No more submits; with ``cancel_futures`` cancel every call that has not started
-        (queued ones leave their mailboxes); with ``wait`` return when every call has finished."""
+        (queued ones leave their mailboxes); with ``wait`` return when every call has finished,
+        and without it, the interpreter does not wait for them at exit either."""
         with self._mutex:
             self._closing = True
+            self._no_wait = self._no_wait or not wait
             calls = list(self._calls.values()) if cancel_futures else []
         for call in calls:
             call.future.cancel()  # False for a running or finished one
         self._wake.set()
-        if wait:
+        if wait and threading.current_thread() is not self._thread:
             self._thread.join()
 
 
@@ -261,7 +298,7 @@ class _Calls(Dispatcher):
         call = self.ex._calls[c]
         return Job(run=self.run_name, chunk_id=c, total_chunks=max(self.spec_chunks, c + 1),
                    kind=JobKind.CALLABLE, target=call.target, attempt=self.attempt[c] + 1,
-                   max_attempts=self.max_attempts[c], kwargs=call.kwargs, timeout=self.ex.timeout,
+                   max_attempts=self.max_attempts[c], kwargs=call.kwargs, args=call.args, timeout=self.ex.timeout,
                    workdir=call.workdir, submitted_at=time.time(), alone=c in self.isolated)
 
     def sendable(self, c: int) -> bool:
@@ -283,15 +320,37 @@ class _Calls(Dispatcher):
             return  # cancelled after it was sent
         try:
             if rec["status"] != "ok":
-                future.set_exception(RemoteError(rec.get("error"), rec.get("agent"), c, rec["attempt"]))
+                future.set_exception(remote_exception(rec.get("error"), rec.get("agent"), c, rec["attempt"]))
             elif rec.get("arrays"):
-                from jobs.npzio import load_npz  # numpy only where arrays are read
-
-                future.set_result(load_npz(self.spool.arrays_of(self.run_name, rec), mmap=False))
+                future.set_result(self._arrays(rec))
             else:
-                future.set_result(rec.get("value"))
-        except (OSError, BadFile) as e:  # its arrays are gone or broken: the call fails, naming them
-            future.set_exception(e)
+                future.set_result(decode(rec.get("value")))
+        except (OSError, BadFile, CodecError) as e:  # its arrays are gone or broken, its value is no valid
+            future.set_exception(e)  # encoding: the call fails, naming them
+
+    def _arrays(self, rec: dict[str, Any]) -> Any:
+        from jobs.npzio import load_npz  # numpy only where arrays are read
+
+        arrays = load_npz(self.spool.arrays_of(self.run_name, rec), mmap=False)
+        form = {"tuple": tuple, "list": list}.get(rec.get("arrays_form"))
+        if form is None:
+            return arrays
+        try:
+            return form(arrays[f"arr_{i}"] for i in range(len(arrays)))
+        except KeyError:
+            raise CodecError(f"the arrays of call {rec['chunk_id']} are not arr_0 to arr_{len(arrays) - 1}") from None
+
+    def _dispatch(self) -> None:
+        """``max_workers``: only as many calls are queued at agents as may run at once (a call
+        waiting in a mailbox could start any moment); the rest wait here."""
+        room = math.inf if self.ex.max_workers is None else self.ex.max_workers - len(self.inflight)
+        held: deque[int] = deque()
+        while len(self.pending) > max(0, room):
+            held.appendleft(self.pending.pop())
+        try:
+            super()._dispatch()
+        finally:
+            self.pending.extend(held)
 
     def _cancel(self) -> None:
         sent = set(self.inflight)

@@ -15,8 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, TextIO
 
+from jobs.codec import plain
+from jobs.descriptor import JOB_MARK
 from jobs.paths import Spool
-from jobs.results import result_or_none, scan_run
+from jobs.results import chunk_records
 
 STAMP = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} \| ")
 
@@ -109,14 +111,41 @@ def follow(paths_of: Callable[[], list[Path]], out: TextIO, match: Callable[[str
 # one chunk ------------------------------------------------------------------------------------
 def chunk_report(spool: Spool, run: str, chunk: int) -> dict[str, Any]:
     """Everything recorded about one chunk: result, failed attempts, script output, agent lines."""
-    result = result_or_none(spool.result_json(run, chunk))
-    attempts = [result_or_none(spool.history_json(run, chunk, a)) or {"attempt": a, "status": "unreadable"}
-                for a in scan_run(spool, run).history.get(chunk, [])]
+    result, attempts = chunk_records(spool, run, chunk)
     log = spool.chunk_log(run, chunk)
     lines = [e.text for e in merged(agent_logs(spool), run_filter(run, chunk))]
     return {"run": run, "chunk_id": chunk, "status": result["status"] if result else None, "result": result,
             "attempts": attempts, "script_log": str(log) if log.exists() else None,
             "script_output": _text(log), "agent_lines": lines}
+
+
+OUTPUT_READ = 16 * 2**20  # the end of a worker log read for a call's output
+
+
+def worker_output(spool: Spool, agent: str, run: str, chunk: int, attempt: int) -> str | None:
+    """What a callable job printed: the lines of its agent's worker log after the job's mark, up
+    to the next mark (the worker runs one job at a time); None if the log (or the one it was cut
+    to, ``<name>.1``) no longer has it. Only the last ``OUTPUT_READ`` bytes of each are read."""
+    mark = f"{JOB_MARK} {run} chunk {chunk} attempt {attempt}\n"
+    log = spool.worker_log(agent)
+    for path in (log, log.with_name(log.name + ".1")):
+        text = _tail(path, OUTPUT_READ)
+        at = text.rfind(mark) if text else -1
+        if at < 0:
+            continue
+        body = text[at + len(mark):]
+        end = body.find(JOB_MARK)
+        return body if end < 0 else body[:end]
+    return None
+
+
+def _tail(path: Path, limit: int) -> str | None:
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, 2) - limit))
+            return f.read(limit).decode(errors="replace")
+    except OSError:
+        return None
 
 
 def _text(path: Path, limit: int = 2_000_000) -> str | None:
@@ -142,7 +171,7 @@ def format_chunk(rep: dict[str, Any]) -> str:
     if res is not None and isinstance(res.get("params"), dict):  # a sweep's chunk: which point it is
         out.append(f"params: {json.dumps(res['params'], sort_keys=True)[:500]}")
     if res is not None and res["status"] == "ok":
-        value = json.dumps(res.get("value"))
+        value = json.dumps(plain(res.get("value")))
         out.append(f"value: {value[:500]}{' ...' if len(value) > 500 else ''}"
                    + (f"   arrays: {res['arrays']}" if res.get("arrays") else ""))
     for a in rep["attempts"]:

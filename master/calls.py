@@ -1,0 +1,130 @@
+"""An Executor call as a job: the function by name, its arguments encoded (``jobs.codec``).
+
+The agents import the function again by module and qualified name (``module:qualname``):
+
+* a function of a module (``pkg.mod:score``); of the ``__main__`` script, imported from its file
+  (``/abs/script.py:score``), as multiprocessing's spawn does;
+* a builtin or C function, with or without a source file (``builtins:pow``, ``_operator:truediv``,
+  ``time:sleep``, ``math:factorial``, ``numpy:sqrt``);
+* a method, staticmethod or classmethod of a module-level class (``pkg.mod:Model.score``);
+* a ``functools.partial`` of any of these: its function travels by name, its arguments with the
+  call's.
+
+Arguments travel by parameter name where the function has one, positionally where it must
+(positional-only parameters, ``*args``, a function without a signature); both encoded by
+``jobs.codec`` (JSON values, tuples, sets, bytes, dicts with any keys, numpy arrays, datetimes,
+complex numbers), 64 KB at most. Parameters named like the agent's built-ins (``device``,
+``gpu_id``, ...) are filled in by the agent and cannot be passed.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import inspect
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from jobs.codec import CodecError, encode
+from jobs.descriptor import BUILTIN_KWARGS
+from master.runspec import kwargs_size_error
+
+
+def unwrap(fn: Callable[..., Any], args: tuple, kwargs: dict[str, Any]) -> tuple[Callable[..., Any], tuple, dict]:
+    """A ``functools.partial`` (nested ones are flattened by functools) as its function and the
+    arguments of the whole call."""
+    if isinstance(fn, functools.partial):
+        return fn.func, (*fn.args, *args), {**fn.keywords, **kwargs}
+    return fn, args, kwargs
+
+
+def target_of(fn: Callable[..., Any]) -> tuple[str, str | None]:
+    """(``module:qualname`` or ``/file.py:qualname``, the folder to put on the agent's sys.path,
+    None for a module every Python has)."""
+    mod_name = getattr(fn, "__module__", None)
+    qual = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", "")
+    if not mod_name or not isinstance(qual, str) or not all(p.isidentifier() for p in qual.split(".")):
+        raise TypeError(f"{fn!r} is not a module-level function; the agents import it by name "
+                        "(module:function), so define it at the top level of a module")
+    if inspect.ismethod(fn) and not isinstance(fn.__self__, type):
+        raise TypeError(f"{qual} is a method bound to an instance, which cannot travel to an agent; submit a "
+                        f"module-level function (or {qual} itself with the instance's data as arguments)")
+    module = sys.modules.get(mod_name)
+    found = _resolve(module, qual)
+    if module is None or not (found is fn or (inspect.ismethod(fn) and found == fn)):
+        raise TypeError(f"{mod_name}.{qual} cannot be found again by name in its module")
+    path = getattr(module, "__file__", None)
+    if mod_name == "__main__":
+        if not path:
+            raise TypeError(f"{qual} is defined in an interactive session; put it in a .py module")
+        path = str(Path(path).resolve())
+        return f"{path}:{qual}", str(Path(path).parent)
+    if not path or mod_name.split(".")[0] in sys.stdlib_module_names:
+        return f"{mod_name}:{qual}", None  # builtins, C modules, the standard library: every agent has them
+    if importlib.util.find_spec(mod_name) is None:
+        raise TypeError(f"module {mod_name} of {qual} cannot be imported by name")
+    root = Path(path).resolve().parent
+    for _ in range(mod_name.count(".") + (Path(path).name == "__init__.py")):
+        root = root.parent
+    return f"{mod_name}:{qual}", str(root)
+
+
+def _resolve(module: Any, qual: str) -> Any:
+    obj = module
+    for part in qual.split("."):
+        obj = getattr(obj, part, None)
+    return obj
+
+
+def bind(fn: Callable[..., Any], args: tuple, kwargs: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
+    """The call's (positional, keyword) arguments, encoded; TypeError naming what cannot travel."""
+    name = getattr(fn, "__qualname__", repr(fn))
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):  # a C function without a signature: as given
+        sig = None
+    pos, named = (list(args), dict(kwargs)) if sig is None else _split(sig, name, args, kwargs)
+    clash = sorted(set(named) & set(BUILTIN_KWARGS))
+    if clash:
+        raise TypeError(f"{name}: {clash} are filled in by the agent ({', '.join(BUILTIN_KWARGS)}); do not pass them")
+    try:
+        pos, named = encode(pos, "positional argument"), encode(named, "argument")
+    except CodecError as e:
+        raise TypeError(f"{name}: {e}") from None
+    if (too_large := kwargs_size_error({"args": pos, "kwargs": named}, f"{name}(...) arguments",
+                                       "a file and pass its path")):
+        raise ValueError(too_large)
+    return pos, named
+
+
+def _split(sig: inspect.Signature, name: str, args: tuple, kwargs: dict[str, Any]) -> tuple[list, dict]:
+    """By name where a parameter has one, positionally where it must be (see the module)."""
+    bound = sig.bind_partial(*args, **kwargs)
+    kinds = {n: p.kind for n, p in sig.parameters.items()}
+    star = any(kinds[n] is inspect.Parameter.VAR_POSITIONAL and v for n, v in bound.arguments.items())
+    pos: list[Any] = []
+    named: dict[str, Any] = {}
+    for n, value in bound.arguments.items():
+        kind = kinds[n]
+        if kind is inspect.Parameter.POSITIONAL_ONLY or (star and kind is inspect.Parameter.POSITIONAL_OR_KEYWORD):
+            pos.append(value)
+        elif kind is inspect.Parameter.VAR_POSITIONAL:
+            pos.extend(value)
+        elif kind is inspect.Parameter.VAR_KEYWORD:
+            named.update(value)
+        else:
+            named[n] = value
+    missing = [n for n, p in sig.parameters.items() if p.default is p.empty and n not in bound.arguments
+               and n not in BUILTIN_KWARGS and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    if missing:
+        raise TypeError(f"{name}() missing required argument(s): {', '.join(missing)}")
+    return pos, named
+
+
+def describe(fn: Callable[..., Any], args: tuple, kwargs: dict[str, Any]) -> tuple[str, str | None, list, dict]:
+    """(target, workdir, positional, keyword arguments) of the call ``fn(*args, **kwargs)``."""
+    fn, args, kwargs = unwrap(fn, args, kwargs)
+    target, workdir = target_of(fn)
+    pos, named = bind(fn, args, kwargs)
+    return target, workdir, pos, named
+
