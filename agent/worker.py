@@ -173,25 +173,29 @@ def error_of(exc: BaseException) -> dict[str, Any]:
     """The failed reply's error; a job's huge exception message is cut (results have a size limit)."""
     err: dict[str, Any] = {"type": type(exc).__name__, "message": cut(str(exc)), "traceback": cut(traceback.format_exc()),
                            "module": type(exc).__module__, "qualname": type(exc).__qualname__}
-    args = _args_of(exc)
-    if args is not None:
-        err["args"] = args
+    err.update(_state_of(exc))
     code = _errno_of(exc)
     if code is not None:
         err["errno"] = code
     return err
 
 
-def _args_of(exc: BaseException) -> Any:
-    """The exception's ``args``, encoded (``jobs.codec``), so that the caller of an Executor can
-    raise the same exception again; None where they cannot travel or are large."""
+def _state_of(exc: BaseException) -> dict[str, Any]:
+    """The exception's ``args`` and attributes (as pickle would keep them), encoded
+    (``jobs.codec``), so that the caller of an Executor can raise the same exception again; each
+    left out where it cannot travel or is large."""
     from jobs.codec import CodecError, encode
 
-    try:
-        args = encode(list(exc.args))
-    except (CodecError, RecursionError):
-        return None
-    return args if len(json.dumps(args)) <= TEXT_LIMIT else None
+    out = {}
+    for key, value in (("args", list(exc.args)),
+                       ("attrs", {k: v for k, v in vars(exc).items() if not k.startswith("__")})):
+        try:
+            data = encode(value)
+        except (CodecError, RecursionError):
+            continue
+        if value and len(json.dumps(data)) <= TEXT_LIMIT:
+            out[key] = data
+    return out
 
 
 def _errno_of(exc: BaseException) -> int | None:

@@ -10,7 +10,8 @@ value becomes a tagged object ``{"__gpupool__": TAG, ...}``:
 ``dict``        ``"items": [[key, value], ...]``: a dict with a key that is not a
                 string, or whose keys include ``__gpupool__`` itself
 ``bytes``       ``"b64": "..."`` (``bytearray`` the same, tag ``bytearray``)
-``ndarray``     ``"dtype"``, ``"shape"``, ``"b64"`` (C order; never object arrays)
+``ndarray``     ``"dtype"``, ``"shape"``, ``"b64"`` (C order; never object arrays);
+                a numpy scalar the same, tag ``numpy``
 ``datetime``    ``"iso"`` (``date``, ``time`` the same); ``timedelta``: ``"s"``
 ``complex``     ``"re"``, ``"im"``
 ``float``       ``"repr"``: ``nan``, ``inf`` or ``-inf`` (not strict JSON)
@@ -52,8 +53,11 @@ def encode(value: Any, what: str = "value") -> Any:
 def _enc(v: Any, depth: int, where: str) -> Any:
     if depth > MAX_DEPTH:
         raise CodecError(f"{where} is nested more than {MAX_DEPTH} levels deep (or refers to itself)")
+    kind = type(v)
+    if kind.__module__ == "numpy":  # before the plain types: numpy.float64 is a float
+        return _enc_numpy(v, depth, where)
     if isinstance(v, float) and not math.isfinite(v):
-        return {TAG: "float", "repr": repr(v)}
+        return {TAG: "float", "repr": repr(float(v))}
     if isinstance(v, _PLAIN):
         return v
     if isinstance(v, list):  # subclasses too, as json.dumps takes them
@@ -91,15 +95,14 @@ def _enc_other(v: Any, depth: int, where: str) -> Any:
 def _enc_numpy(v: Any, depth: int, where: str) -> Any:
     import numpy as np
 
-    if isinstance(v, np.generic) and not isinstance(v, np.void):
-        return _enc(v.item(), depth, where)  # a numpy scalar travels as the Python number it is
-    if isinstance(v, np.ndarray):
+    if isinstance(v, (np.ndarray, np.generic)) and not isinstance(v, np.void):
         if v.dtype.hasobject or v.dtype.fields is not None:
             raise CodecError(f"{where} is a numpy array of dtype {v.dtype}; only plain numeric, bool, string and "
                              "bytes arrays can travel")
-        data = np.ascontiguousarray(v)
-        return {TAG: "ndarray", "dtype": data.dtype.str, "shape": list(data.shape),
-                "b64": base64.b64encode(data.tobytes()).decode()}
+        data = np.asarray(v)  # (ascontiguousarray would make a 0-d array 1-d)
+        data = data if data.flags.c_contiguous else np.ascontiguousarray(data)
+        return {TAG: "ndarray" if isinstance(v, np.ndarray) else "numpy", "dtype": data.dtype.str,
+                "shape": list(data.shape), "b64": base64.b64encode(data.tobytes()).decode()}
     raise CodecError(f"{where} is a numpy {type(v).__name__}, which cannot travel to or from an agent")
 
 
@@ -206,6 +209,7 @@ _DECODERS = {
     "datetime": _time, "date": _time, "time": _time,
     "float": _float,
     "ndarray": _ndarray,
+    "numpy": lambda d, depth: _ndarray(d, depth)[()],  # a numpy scalar (numpy.float32(1.5))
 }
 
 

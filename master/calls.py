@@ -22,6 +22,7 @@ import functools
 import importlib.util
 import inspect
 import sys
+import types
 from pathlib import Path
 from typing import Any, Callable
 
@@ -43,12 +44,13 @@ def target_of(fn: Callable[..., Any]) -> tuple[str, str | None]:
     None for a module every Python has)."""
     mod_name = getattr(fn, "__module__", None)
     qual = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", "")
+    owner = getattr(fn, "__self__", None)  # a builtin function's is its module, a classmethod's its class
+    if owner is not None and not isinstance(owner, (type, types.ModuleType)):
+        raise TypeError(f"{qual} is a method bound to an instance ({type(owner).__name__}), which cannot travel to "
+                        f"an agent; submit a module-level function that makes what it needs from its arguments")
     if not mod_name or not isinstance(qual, str) or not all(p.isidentifier() for p in qual.split(".")):
         raise TypeError(f"{fn!r} is not a module-level function; the agents import it by name "
                         "(module:function), so define it at the top level of a module")
-    if inspect.ismethod(fn) and not isinstance(fn.__self__, type):
-        raise TypeError(f"{qual} is a method bound to an instance, which cannot travel to an agent; submit a "
-                        f"module-level function (or {qual} itself with the instance's data as arguments)")
     module = sys.modules.get(mod_name)
     found = _resolve(module, qual)
     if module is None or not (found is fn or (inspect.ismethod(fn) and found == fn)):

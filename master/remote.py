@@ -89,10 +89,14 @@ def _dual(cls: type) -> type | None:
 
 
 def _rebuild(cls: type, error: dict[str, Any]) -> Exception | None:
+    """An instance of ``cls``'s dual with the remote one's ``args`` and attributes: made by its
+    constructor where that says what the remote one said, else without it (a constructor that
+    formats its argument), as pickle keeps an exception (``args``, then ``__dict__``)."""
     try:
         args = decode(error["args"]) if isinstance(error.get("args"), list) else [str(error.get("message"))]
+        attrs = decode(error["attrs"]) if isinstance(error.get("attrs"), dict) else {}
     except CodecError:
-        args = [str(error.get("message"))]
+        args, attrs = [str(error.get("message"))], {}
     dual = _dual(cls)
     if dual is None:
         return None
@@ -100,13 +104,12 @@ def _rebuild(cls: type, error: dict[str, Any]) -> Exception | None:
     for make in (lambda: dual(*args), lambda: _bare(dual, args)):
         try:
             exc = make()
+            exc.__dict__.update(attrs)
         except Exception:  # a constructor that wants other arguments
             continue
         if str(exc) == error.get("message"):
             return exc
         made.append(exc)
-    # neither says what the remote one said (a constructor that formats its argument): the one made
-    # by its constructor, which has its attributes
     return made[0] if made else None
 
 
