@@ -583,11 +583,12 @@ class Agent:
         if job.kind in (JobKind.SCRIPT, JobKind.COMMAND):
             log = self.spool.chunk_log(job.run, job.chunk_id)
             try:
+                gpu_id = 0 if job.visible_gpu_id and self.slot.gpu is not None else self.slot.number
                 if job.kind is JobKind.SCRIPT:
-                    err = run_script(job, self.slot.number, self.script_env, log, abort)
+                    err = run_script(job, gpu_id, self.script_env, log, abort)
                     fields = {"log": str(log)} if err is None else {"log": str(log), "error": err}
                 else:
-                    fields = run_command(job, self.slot.number, self.slot.device, self.command_env, log, abort)
+                    fields = run_command(job, gpu_id, self.slot.device, self.command_env, log, abort)
                     err = fields.get("error")
             except OSError as e:  # its log cannot be made or written (a full disk?)
                 return {"error": {"type": type(e).__name__, "message": f"cannot start the {job.kind.value}: {e}",

@@ -154,6 +154,16 @@ def _wanted_builtins(fn: Callable[..., Any]) -> frozenset[str]:
     return frozenset(BUILTIN_KWARGS) & set(params)
 
 
+@functools.lru_cache(maxsize=64)
+def _positional(fn: Callable[..., Any]) -> tuple[str, ...]:
+    """The names of ``fn``'s positional parameters, in order (none without a signature)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return ()
+    return tuple(p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
+
+
 def build_kwargs(fn: Callable[..., Any], job: Job, builtins: dict[str, Callable[[], Any]]) -> dict[str, Any]:
     """Built-ins the signature accepts (all with ``**kwargs``), then every user kwarg.
 
@@ -162,6 +172,8 @@ def build_kwargs(fn: Callable[..., Any], job: Job, builtins: dict[str, Callable[
     from jobs.codec import decode
 
     wanted = _wanted_builtins(fn)
+    if job.args:  # a built-in's parameter the caller filled positionally (an Executor call) is left alone
+        wanted = wanted - set(_positional(fn)[:len(job.args)])
     out = {k: make() for k, make in builtins.items() if k in wanted}
     out.update(decode(job.kwargs))  # always passed: a misspelt name fails the chunk, naming it
     return out

@@ -234,6 +234,14 @@ KERNEL_ERROR = re.compile(
     r"CUDNN_STATUS_EXECUTION_FAILED|CUDNN_STATUS_INTERNAL_ERROR", re.I)
 
 
+# A job that asks for CUDA on an agent without a GPU (--cpu, or a host without one): what torch,
+# CuPy and the driver say then ("No CUDA GPUs are available", "Torch not compiled with CUDA
+# enabled", "Found no NVIDIA driver", "invalid device ordinal"). Said first in the message.
+ASKS_CUDA = re.compile(r"CUDA|cuda:\d|NVIDIA|device ordinal", re.I)
+NO_GPU_HERE = ("the job asked for CUDA on an agent without a GPU (device 'cpu'); build the device from the "
+               "'device' argument the agent passes (cuda:0 on a GPU agent, cpu here), or run it on GPU agents")
+
+
 def _cuda() -> Any:
     """``torch.cuda`` if the job code has imported torch (never imported here), else None."""
     return getattr(sys.modules.get("torch"), "cuda", None)
@@ -330,6 +338,8 @@ def handle(request: dict[str, Any], tasks: Any, shared: Any) -> dict[str, Any]:
             raise  # a child the job forked: it exits as Python makes it (sys.exit(3) gives 3)
         reply = {"ok": False, "error": error_of(e)}
         fault = gpu_fault(e)
+        if request.get("device") == "cpu" and (fault or ASKS_CUDA.search(f"{type(e).__name__}: {str(e)[:TEXT_LIMIT]}")):
+            reply["error"]["message"] = f"{NO_GPU_HERE}: {reply['error']['message']}"
     finished = time.time()
     if not reply["ok"]:  # out of the except block: the job's frames (and tensors) are let go
         try:

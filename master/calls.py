@@ -14,7 +14,9 @@ Arguments travel by parameter name where the function has one, positionally wher
 (positional-only parameters, ``*args``, a function without a signature); both encoded by
 ``jobs.codec`` (JSON values, tuples, sets, bytes, dicts with any keys, numpy arrays, datetimes,
 complex numbers), 64 KB at most. Parameters named like the agent's built-ins (``device``,
-``gpu_id``, ...) are filled in by the agent and cannot be passed.
+``gpu_id``, ...) are filled in by the agent and cannot be passed; but ``shared`` and ``data``,
+which no Executor call has, are the caller's where it gives them (``expensive_task(A, B,
+shared)``): they travel positionally, and the agent leaves them alone.
 """
 from __future__ import annotations
 
@@ -29,6 +31,11 @@ from typing import Any, Callable
 from jobs.codec import CodecError, encode
 from jobs.descriptor import BUILTIN_KWARGS
 from master.runspec import kwargs_size_error
+
+
+# Built-ins an Executor call never has (it has no run's --shared or --data .npz): a parameter of
+# that name is the caller's to give. The others (device, gpu_id, chunk_id, total_chunks) are the agent's.
+CALLERS = ("shared", "data")
 
 
 def unwrap(fn: Callable[..., Any], args: tuple, kwargs: dict[str, Any]) -> tuple[Callable[..., Any], tuple, dict]:
@@ -86,7 +93,7 @@ def bind(fn: Callable[..., Any], args: tuple, kwargs: dict[str, Any]) -> tuple[l
     except (TypeError, ValueError):  # a C function without a signature: as given
         sig = None
     pos, named = (list(args), dict(kwargs)) if sig is None else _split(sig, name, args, kwargs)
-    clash = sorted(set(named) & set(BUILTIN_KWARGS))
+    clash = sorted(set(named) & set(BUILTIN_KWARGS) | (set(_given_positionally(sig, pos)) - set(CALLERS)))
     if clash:
         raise TypeError(f"{name}: {clash} are filled in by the agent ({', '.join(BUILTIN_KWARGS)}); do not pass them")
     try:
@@ -104,23 +111,33 @@ def _split(sig: inspect.Signature, name: str, args: tuple, kwargs: dict[str, Any
     bound = sig.bind_partial(*args, **kwargs)
     kinds = {n: p.kind for n, p in sig.parameters.items()}
     star = any(kinds[n] is inspect.Parameter.VAR_POSITIONAL and v for n, v in bound.arguments.items())
-    pos: list[Any] = []
-    named: dict[str, Any] = {}
-    for n, value in bound.arguments.items():
-        kind = kinds[n]
-        if kind is inspect.Parameter.POSITIONAL_ONLY or (star and kind is inspect.Parameter.POSITIONAL_OR_KEYWORD):
-            pos.append(value)
-        elif kind is inspect.Parameter.VAR_POSITIONAL:
-            pos.extend(value)
-        elif kind is inspect.Parameter.VAR_KEYWORD:
-            named.update(value)
-        else:
-            named[n] = value
+    # a parameter named like a built-in (expensive_task(A, B, shared)) given by the caller travels
+    # positionally, and the agent then leaves it alone (agent.task.build_kwargs)
+    own = any(n in CALLERS and kinds[n] is inspect.Parameter.POSITIONAL_OR_KEYWORD for n in bound.arguments)
+    if star or own:
+        pos, named = list(bound.args), dict(bound.kwargs)
+    else:
+        pos, named = [], {}
+        for n, value in bound.arguments.items():
+            if kinds[n] is inspect.Parameter.POSITIONAL_ONLY:
+                pos.append(value)
+            elif kinds[n] is inspect.Parameter.VAR_KEYWORD:
+                named.update(value)
+            else:
+                named[n] = value
     missing = [n for n, p in sig.parameters.items() if p.default is p.empty and n not in bound.arguments
                and n not in BUILTIN_KWARGS and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
     if missing:
         raise TypeError(f"{name}() missing required argument(s): {', '.join(missing)}")
     return pos, named
+
+
+def _given_positionally(sig: inspect.Signature | None, pos: list[Any]) -> list[str]:
+    """The built-in parameter names the positional arguments ``pos`` fill."""
+    if sig is None:
+        return []
+    names = [n for n, p in sig.parameters.items() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return [n for n in names[:len(pos)] if n in BUILTIN_KWARGS]
 
 
 def describe(fn: Callable[..., Any], args: tuple, kwargs: dict[str, Any]) -> tuple[str, str | None, list, dict]:

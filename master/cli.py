@@ -52,6 +52,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--kwargs", help="JSON object of keyword arguments (flags for --script)")
     p.add_argument("--shared", help=".npz loaded once per agent and passed as `shared`")
     p.add_argument("--data", help="folder with one <chunk_id>.npz per chunk, passed as `data`")
+    p.add_argument("--arrays-as-kwargs", action="store_true", help="pass each array of --data's chunk .npz and of "
+                   "--shared as a keyword argument by its name (the SGE template's expensive_task(A, B, shared))")
+    p.add_argument("--visible-gpu-id", action="store_true", help="gpu_id (and a script's --gpu_id) is the GPU's "
+                   "index as the job sees it, 0, so that code building its device as cuda:{gpu_id} runs unchanged "
+                   "(each agent's job sees its own GPU only)")
     p.add_argument("--run", help="run name (default: derived from the task, chunk count and kwargs)")
     p.add_argument("--retries", type=int, default=2, help="retries per failed chunk (default 2)")
     p.add_argument("--max-failures", type=int, default=3, metavar="K",
@@ -138,7 +143,8 @@ def feed(args: argparse.Namespace) -> int:
                           shared=args.shared, data=args.data, run=args.run, retries=args.retries,
                           timeout=args.timeout, fresh=args.fresh, share=args.share, prefix=args.prefix,
                           success_codes=args.success_codes, fail_on_output=args.fail_on_output,
-                          result_file=args.result_file)
+                          result_file=args.result_file, arrays_as_kwargs=args.arrays_as_kwargs,
+                          visible_gpu_id=args.visible_gpu_id)
         cfg = FeedConfig(depth=args.depth, max_depth=max(args.depth, args.max_depth), dead_after=args.dead_after,
                          retry_delay=args.retry_delay, max_failures=args.max_failures, wait_agents=args.wait_agents)
         summary = run.wait(progress=not args.no_progress, cfg=cfg, wait_for_lock=args.wait, placement=placement)

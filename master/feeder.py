@@ -209,7 +209,8 @@ class Feeder(Dispatcher):
                    attempt=self.attempt.get(c, 0) + 1, max_attempts=self.max_attempts[c], kwargs=s.chunk_kwargs(c),
                    shared=s.shared, data=s.data_file(c), timeout=s.timeout, workdir=s.workdir,
                    submitted_at=time.time(), alone=c in self.isolated, epoch=self.epoch, share=s.share,
-                   params=s.chunk_params(c), options=s.options)
+                   params=s.chunk_params(c), options=s.options, arrays_as_kwargs=s.arrays_as_kwargs,
+                   visible_gpu_id=s.visible_gpu_id)
 
     # the loop ----------------------------------------------------------------------------------
     def run(self, stop: threading.Event | None = None) -> Summary:

@@ -45,6 +45,8 @@ class RunSpec:
     params: list[dict[str, Any]] | None = None  # a sweep's parameter sets: chunk c runs params[c] (master.sweep)
     commands: list[str] | None = None  # --commands: chunk c runs commands[c] (target: the file they came from)
     options: dict[str, Any] | None = None  # command jobs' prefix and checks (jobs.descriptor.OPTION_CHECKS)
+    arrays_as_kwargs: bool = False  # --arrays-as-kwargs: each array of --data and --shared passed by its name
+    visible_gpu_id: bool = False  # --visible-gpu-id: gpu_id is the GPU's index as its job sees it (0)
     schema: int = SPEC_SCHEMA
 
     def identity(self) -> dict[str, Any]:
@@ -128,6 +130,9 @@ class RunSpec:
             return f"'options' must be an object, not {brief(self.options)}"
         if (why := options_problem(self.options)) is not None:
             return f"'options': {why}"
+        for name in ("arrays_as_kwargs", "visible_gpu_id"):
+            if not isinstance(getattr(self, name), bool):
+                return f"'{name}' must be true or false, not {brief(getattr(self, name))}"
         if isinstance(self.schema, bool) or not isinstance(self.schema, int) or self.schema > SPEC_SCHEMA:
             return f"'schema' {brief(self.schema)} is not one this tool reads ({SPEC_SCHEMA}); upgrade"
         return None
@@ -187,7 +192,7 @@ def build(*, task: str | None = None, script: str | None = None, cmd: str | None
           success_codes: str | list[int] | None = None, fail_on_output: str | None = None,
           result_file: str | None = None, shared: str | None = None, data: str | None = None,
           run: str | None = None, retries: int = 2, timeout: float | None = None, workdir: str | None = None,
-          share: float = 1.0) -> RunSpec:
+          share: float = 1.0, arrays_as_kwargs: bool = False, visible_gpu_id: bool = False) -> RunSpec:
     """Check every argument and return the RunSpec; raises UsageError naming the bad one.
     ``sweep``: a sweep file's path or inline JSON (``master.sweep``), or its parameter sets."""
     workdir = str(Path(workdir or os.getcwd()).resolve())
@@ -233,19 +238,20 @@ def build(*, task: str | None = None, script: str | None = None, cmd: str | None
         if used := [f"--{k.replace('_', '-')}" for k, v in opts.items() if v is not None]:
             raise UsageError(f"{', '.join(used)}: only for command jobs (--cmd or --commands), not {given[0]}")
         options = None
+    shared_path = check_npz(shared, "--shared", workdir) if shared else None
+    data_dir = check_data_dir(data, chunks, workdir) if data else None
+    named = _array_kwargs(task, shared_path, data_dir, kwargs) if arrays_as_kwargs else set()
     if task is not None:
-        kind, target = JobKind.CALLABLE, check_task(task, workdir, kwargs) if params is None else ""
+        kind, target = JobKind.CALLABLE, check_task(task, workdir, kwargs, named) if params is None else ""
         for keys in dict.fromkeys(tuple(sorted(p)) for p in params or []):  # each kind of set in the sweep
             try:
-                target = check_task(task, workdir, {**kwargs, **dict.fromkeys(keys)})
+                target = check_task(task, workdir, {**kwargs, **dict.fromkeys(keys)}, named)
             except UsageError as e:
                 raise UsageError(f"{e} (kwargs with the sweep's parameters {list(keys)})") from None
     elif script is not None:
         kind, target = JobKind.SCRIPT, check_script(script, workdir)
     else:
         kind, target, options = JobKind.COMMAND, *_command(cmd, commands, lines, kwargs, params, opts)
-    shared_path = check_npz(shared, "--shared", workdir) if shared else None
-    data_dir = check_data_dir(data, chunks, workdir) if data else None
     if run:
         name = check_run_name(run)
     elif params is None and lines is None and options is None:  # as before command jobs and sweeps
@@ -254,7 +260,30 @@ def build(*, task: str | None = None, script: str | None = None, cmd: str | None
         name = default_name(kind, target, 0 if params is not None else chunks, kwargs, shared_path, data_dir,
                             {"sweep": params is not None, "commands": lines, "options": options})
     return RunSpec(name, kind, target, chunks, kwargs, shared_path, data_dir, retries, timeout, workdir, float(share),
-                   params=params, commands=lines, options=options)
+                   params=params, commands=lines, options=options, arrays_as_kwargs=bool(arrays_as_kwargs),
+                   visible_gpu_id=bool(visible_gpu_id))
+
+
+def _array_kwargs(task: str | None, shared: str | None, data_dir: str | None, kwargs: dict[str, Any]) -> set[str]:
+    """--arrays-as-kwargs: the names the arrays of --shared and of the first chunk's --data .npz
+    give the task (each one a keyword argument); UsageError where the option cannot work."""
+    if task is None:
+        raise UsageError("--arrays-as-kwargs is for --task: scripts and commands get their arguments as flags, "
+                         "not arrays")
+    if shared is None and data_dir is None:
+        raise UsageError("--arrays-as-kwargs passes the arrays of --data and --shared by name; give at least one")
+    from jobs.npzio import load_npz
+
+    names: set[str] = set()
+    for what, path in (("--shared", shared), ("--data", data_dir and str(_chunk_data(Path(data_dir), 0)))):
+        if path is None:
+            continue
+        arrays = set(load_npz(path))
+        if clash := sorted(arrays & set(kwargs)):
+            raise UsageError(f"--arrays-as-kwargs: {what} {path} has array(s) {clash}, which --kwargs also gives; "
+                             "rename one")
+        names |= arrays
+    return names
 
 
 def _sweep(sweep: str | dict[str, Any] | list[dict[str, Any]], workdir: str, kwargs: dict[str, Any],
@@ -305,7 +334,7 @@ POOL_PACKAGES = ("jobs", "agent", "master")  # the pool's own top-level packages
 REPO = Path(__file__).resolve().parents[1]
 
 
-def check_task(task: str, workdir: str, kwargs: dict[str, Any] | None = None) -> str:
+def check_task(task: str, workdir: str, kwargs: dict[str, Any] | None = None, named: set[str] = frozenset()) -> str:
     """Find the task's module or file and check it defines the function, and that ``kwargs`` fit
     its signature, without importing it (no user code runs here)."""
     mod, sep, fn = task.rpartition(":")
@@ -336,11 +365,12 @@ def check_task(task: str, workdir: str, kwargs: dict[str, Any] | None = None) ->
         if found is None:
             raise UsageError(f"--task {task!r}: {source} defines no top-level function or name {fn!r}")
         if isinstance(found, ast.FunctionDef):
-            _check_signature(found, kwargs or {}, task, source)
+            _check_signature(found, kwargs or {}, task, source, named)
     return target
 
 
-def _check_signature(fn: ast.FunctionDef, kwargs: dict[str, Any], task: str, source: Path) -> None:
+def _check_signature(fn: ast.FunctionDef, kwargs: dict[str, Any], task: str, source: Path,
+                     named: set[str] = frozenset()) -> None:
     """Fail fast: every chunk would raise TypeError if ``kwargs`` do not fit ``fn``'s parameters
     (the agent passes the built-ins it asks for, and every kwarg by name)."""
     a = fn.args
@@ -351,9 +381,10 @@ def _check_signature(fn: ast.FunctionDef, kwargs: dict[str, Any], task: str, sou
     positional = a.posonlyargs + a.args
     required = [x.arg for x in positional[:len(positional) - len(a.defaults)]]
     required += [x.arg for x, d in zip(a.kwonlyargs, a.kw_defaults) if d is None]
-    if missing := [r for r in required if r not in kwargs and r not in BUILTIN_KWARGS]:
+    if missing := [r for r in required if r not in kwargs and r not in BUILTIN_KWARGS and r not in named]:
+        arrays = f", nor an array of --data/--shared ({', '.join(sorted(named))})" if named else ""
         raise UsageError(f"--task {task!r}: {fn.name}() needs {missing}, which neither --kwargs nor the agent "
-                         f"(it fills in {', '.join(BUILTIN_KWARGS)}) gives; every chunk would fail")
+                         f"(it fills in {', '.join(BUILTIN_KWARGS)}){arrays} gives; every chunk would fail")
 
 
 def _definition(source: Path, name: str) -> ast.AST | bool | None:

@@ -8,6 +8,8 @@
   CUDA call in this process (``synchronize``, ``init``...) raises ``RuntimeError(message)``.
 - ``empty_cache()`` appends ``empty_cache <pid>`` to ``$FAKE_TORCH_LOG`` (if set), so a test can
   count the calls.
+- ``set_device("cuda:N")`` fails as torch does for a GPU this process does not see (no GPU at
+  all: ``CUDA_VISIBLE_DEVICES`` empty, as on a CPU agent).
 """
 from __future__ import annotations
 
@@ -62,3 +64,16 @@ def empty_cache() -> None:
 def _poison(message: str) -> None:
     global _poisoned
     _poisoned = message
+
+
+def set_device(device: object) -> None:
+    """As torch: ``cuda:N`` must be one of the GPUs this process sees (``CUDA_VISIBLE_DEVICES``,
+    which the agent narrows to its own GPU, so only ``cuda:0``)."""
+    visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    if not visible:
+        raise RuntimeError("No CUDA GPUs are available")
+    index = int(str(device).rpartition(":")[2] or 0)
+    if not 0 <= index < len(visible):
+        raise RuntimeError("CUDA error: invalid device ordinal\nCUDA kernel errors might be asynchronously "
+                           "reported at some other API call, so the stacktrace below might be incorrect.")
+    init()
