@@ -139,7 +139,7 @@ def test_unserialisable_return_fails_clearly(spool: Spool, make_agent, tmp_path:
     (tmp_path / "t.py").write_text("def f():\n    return object()\n")
     put(spool, cjob(0, target=f"{tmp_path / 't.py'}:f"))
     make_agent().step()
-    assert "neither a dict of numpy arrays nor JSON" in read_result(spool.result_json("r", 0))["error"]["message"]
+    assert "neither a dict (or tuple or list) of numpy arrays nor a value that can travel back" in read_result(spool.result_json("r", 0))["error"]["message"]
 
 
 def test_job_already_committed_is_dropped_without_running(spool: Spool, make_agent) -> None:
