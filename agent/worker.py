@@ -86,11 +86,14 @@ VALUE_ROOM = 64 * 1024  # what a result record needs beside the value (agent, ti
 def jsonable(value: Any) -> Any:
     """``value`` as result data (``jobs.codec``: plain JSON as it is, tuples, bytes, sets, arrays...
     tagged); raises CodecError naming what cannot travel, and ResultTooLarge if it is too big for
-    a result record (it then never crosses the pipe)."""
-    from jobs.codec import encode
-    from jobs.results import RESULT_LIMIT, ResultTooLarge
+    a result record, ResultTooDeep if it nests too deep for one (it then never crosses the pipe)."""
+    from jobs.codec import TooDeep, encode
+    from jobs.results import RESULT_LIMIT, ResultTooDeep, ResultTooLarge
 
-    data = encode(value)
+    try:
+        data = encode(value)
+    except TooDeep:
+        raise ResultTooDeep() from None
     size = len(json.dumps(data))
     if size > RESULT_LIMIT - VALUE_ROOM:
         raise ResultTooLarge(size, "the value the task returned")

@@ -20,9 +20,9 @@ value becomes a tagged object ``{"__gpupool__": TAG, ...}``:
 Never pickle: a result is written by job code on some agent, so ``decode`` reads it as untrusted
 input. It makes data only (no import, no call of anything the text names), checks every field
 and raises ``CodecError`` naming what is wrong. Depth is bounded in both directions
-(``MAX_DEPTH``, under the spool's own JSON limit, ``jobs.jsonio.MAX_DEPTH``, as a tagged value
-takes two levels where a list takes one); size is bounded by whoever writes the text (64 KB
-for call arguments, 8 MB for a result record).
+(``MAX_DEPTH`` levels of JSON, under the spool's own limit ``jobs.jsonio.MAX_DEPTH``; a tagged
+tuple takes two levels where a list takes one); size is bounded by whoever writes the text (64
+KB for call arguments, 8 MB for a result record).
 """
 from __future__ import annotations
 
@@ -34,13 +34,18 @@ import math
 from typing import Any
 
 TAG = "__gpupool__"
-MAX_DEPTH = 28  # Python levels: a tagged value nests two JSON levels, under jobs.jsonio.MAX_DEPTH (64)
+MAX_DEPTH = 58  # JSON levels an encoded value may nest: under jobs.jsonio.MAX_DEPTH (64), with room for the
+# record (a result) or the mailbox (a job descriptor) around it
 _PLAIN = (str, int, float, bool, type(None))
 _TIMES = {"datetime": dt.datetime, "date": dt.date, "time": dt.time}
 
 
 class CodecError(ValueError):
     """A value that cannot be encoded, or a text that is no valid encoding (``decode``)."""
+
+
+class TooDeep(CodecError):
+    """A value that would nest deeper than ``MAX_DEPTH`` as JSON (or that refers to itself)."""
 
 
 def encode(value: Any, what: str = "value") -> Any:
@@ -52,7 +57,7 @@ def encode(value: Any, what: str = "value") -> Any:
 
 def _enc(v: Any, depth: int, where: str) -> Any:
     if depth > MAX_DEPTH:
-        raise CodecError(f"{where} is nested more than {MAX_DEPTH} levels deep (or refers to itself)")
+        raise TooDeep(f"{where} is nested more than {MAX_DEPTH} levels deep as JSON (or refers to itself)")
     kind = type(v)
     if kind.__module__ == "numpy":  # before the plain types: numpy.float64 is a float
         return _enc_numpy(v, depth, where)
@@ -65,7 +70,7 @@ def _enc(v: Any, depth: int, where: str) -> Any:
     if isinstance(v, dict):
         if all(isinstance(k, str) for k in v) and TAG not in v:
             return {k: _enc(x, depth + 1, f"{where}[{k!r}]") for k, x in v.items()}
-        return {TAG: "dict", "items": [[_enc(k, depth + 1, f"a key of {where}"), _enc(x, depth + 1, f"{where}[{k!r}]")]
+        return {TAG: "dict", "items": [[_enc(k, depth + 3, f"a key of {where}"), _enc(x, depth + 3, f"{where}[{k!r}]")]
                                        for k, x in v.items()]}
     return _enc_other(v, depth, where)
 
@@ -75,7 +80,7 @@ def _enc_other(v: Any, depth: int, where: str) -> Any:
     for base in (tuple, frozenset, set):  # a namedtuple travels as a tuple
         if isinstance(v, base):
             items = v if base is tuple else sorted(v, key=repr)  # a set's order: the same text for equal sets
-            return {TAG: base.__name__, "items": [_enc(x, depth + 1, f"{where}[{i}]") for i, x in enumerate(items)]}
+            return {TAG: base.__name__, "items": [_enc(x, depth + 2, f"{where}[{i}]") for i, x in enumerate(items)]}
     if isinstance(v, (bytes, bytearray)):
         return {TAG: "bytearray" if isinstance(v, bytearray) else "bytes", "b64": base64.b64encode(v).decode()}
     if kind is complex:
@@ -112,8 +117,8 @@ def decode(data: Any) -> Any:
 
 
 def _dec(d: Any, depth: int) -> Any:
-    if depth > MAX_DEPTH * 2:
-        raise CodecError(f"encoded value is nested more than {MAX_DEPTH * 2} levels deep")
+    if depth > MAX_DEPTH:
+        raise TooDeep(f"encoded value is nested more than {MAX_DEPTH} levels deep")
     if isinstance(d, list):
         return [_dec(x, depth + 1) for x in d]
     if not isinstance(d, dict):
