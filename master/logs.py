@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterable, Iterator, TextIO
 
 from jobs.codec import plain
 from jobs.descriptor import JOB_MARK
+from jobs.errors import SpoolError
 from jobs.paths import Spool
 from jobs.results import chunk_records
 
@@ -116,7 +117,20 @@ def chunk_report(spool: Spool, run: str, chunk: int) -> dict[str, Any]:
     lines = [e.text for e in merged(agent_logs(spool), run_filter(run, chunk))]
     return {"run": run, "chunk_id": chunk, "status": result["status"] if result else None, "result": result,
             "attempts": attempts, "script_log": str(log) if log.exists() else None,
-            "script_output": _text(log), "agent_lines": lines}
+            "script_output": _text(log), "worker_output": _last_output(spool, run, chunk, result or
+                                                                        (attempts[-1] if attempts else None)),
+            "agent_lines": lines}
+
+
+def _last_output(spool: Spool, run: str, chunk: int, rec: dict[str, Any] | None) -> str | None:
+    """What a callable chunk's latest attempt on record printed (``worker_output``)."""
+    agent, attempt = (rec or {}).get("agent"), (rec or {}).get("attempt")
+    if not isinstance(agent, str) or not isinstance(attempt, int):
+        return None
+    try:
+        return worker_output(spool, agent, run, chunk, attempt)
+    except SpoolError:  # not an agent id
+        return None
 
 
 OUTPUT_READ = 16 * 2**20  # the end of a worker log read for a call's output
@@ -178,6 +192,9 @@ def format_chunk(rep: dict[str, Any]) -> str:
         out += _attempt_lines(a)
     if rep["script_output"] is not None:
         out += ["", f"--- script output ({rep['script_log']}) ---", rep["script_output"].rstrip()]
+    elif rep.get("worker_output"):
+        out += ["", f"--- output of attempt {(res or rep['attempts'][-1]).get('attempt')} (its agent's worker log) ---",
+                rep["worker_output"].rstrip()]
     if rep["agent_lines"]:
         out += ["", "--- agent log lines ---", *rep["agent_lines"]]
     return "\n".join(out)

@@ -200,7 +200,7 @@ def test_a_queued_call_can_be_cancelled_and_never_runs(spool: Spool, agents) -> 
 
 
 @pytest.mark.timeout(120)
-def test_a_future_tells_its_job_id_attempts_and_output(spool: Spool, agents) -> None:
+def test_a_future_tells_its_job_id_attempts_and_output(spool: Spool, agents, env) -> None:
     (agent,) = agents(1)
     with Executor(spool.base, retries=1) as ex:
         fut = ex.submit(chatty, 5)
@@ -215,6 +215,9 @@ def test_a_future_tells_its_job_id_attempts_and_output(spool: Spool, agents) -> 
             bad.result(timeout=60)
         assert [(a["attempt"], a["status"]) for a in bad.attempts] == [(1, "failed"), (2, "failed")]
         assert ex.submit(chatty, 6).result(timeout=60) == 6 and fut.stdout() == "line 5 of the call\nto stderr too\n"
+    r = subprocess.run([sys.executable, "-m", "master", "logs", "--base", str(spool.base), "--run", ex.run, "--chunk",
+                        "0"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "(its agent's worker log) ---\nline 5 of the call\nto stderr too" in r.stdout, r.stdout
 
 
 AT_EXIT = """
