@@ -175,7 +175,7 @@ def build_kwargs(fn: Callable[..., Any], job: Job, builtins: dict[str, Callable[
     if job.args:  # a built-in's parameter the caller filled positionally (an Executor call) is left alone
         wanted = wanted - set(_positional(fn)[:len(job.args)])
     out = {k: make() for k, make in builtins.items() if k in wanted}
-    out.update(decode(job.kwargs))  # always passed: a misspelt name fails the chunk, naming it
+    out.update(decode(job.kwargs) if job.encoded else job.kwargs)  # always passed: a misspelt name fails the chunk
     return out
 
 

@@ -121,7 +121,7 @@ def call_args(job: Any, fn: Any, req: dict[str, Any], shared: Any) -> tuple[list
     kwargs = build_kwargs(fn, job, builtins)
     if job.arrays_as_kwargs:
         kwargs = array_kwargs(fn, job, kwargs, builtins)
-    return decode(job.args), kwargs
+    return (decode(job.args) if job.encoded else list(job.args)), kwargs
 
 
 ARRAYS_FORM = {tuple: "tuple", list: "list"}  # a returned sequence of arrays, saved as arr_0, arr_1, ...

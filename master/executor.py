@@ -298,7 +298,8 @@ class _Calls(Dispatcher):
         call = self.ex._calls[c]
         return Job(run=self.run_name, chunk_id=c, total_chunks=max(self.spec_chunks, c + 1),
                    kind=JobKind.CALLABLE, target=call.target, attempt=self.attempt[c] + 1,
-                   max_attempts=self.max_attempts[c], kwargs=call.kwargs, args=call.args, timeout=self.ex.timeout,
+                   max_attempts=self.max_attempts[c], kwargs=call.kwargs, args=call.args, encoded=True,
+                   timeout=self.ex.timeout,
                    workdir=call.workdir, submitted_at=time.time(), alone=c in self.isolated)
 
     def sendable(self, c: int) -> bool:

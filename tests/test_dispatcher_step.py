@@ -250,16 +250,17 @@ def test_jobs_of_a_newer_descriptor_schema_pass_over_agents_that_cannot_read_the
     """The evolution rule (jobs.descriptor): a job that uses a field an older agent must not ignore
     is written with a newer schema, and goes only to agents whose heartbeat says they read it."""
     from jobs import descriptor
-    monkeypatch.setattr(descriptor, "MUST_UNDERSTAND", {"share": 2})  # as if 'share' were new in schema 2
-    monkeypatch.setattr(descriptor, "SCHEMA", 2)  # which this version reads
+    new = descriptor.SCHEMA + 1
+    monkeypatch.setattr(descriptor, "MUST_UNDERSTAND", {"share": new})  # as if 'share' were new in a newer schema
+    monkeypatch.setattr(descriptor, "SCHEMA", new)  # which this version reads
     write_status(spool, "h-cpu0", {"agent": "h-cpu0", "seq": 1, "state": "idle", "pid": 1, "host": "h"})  # says nothing: 1
-    write_status(spool, "h-cpu1", {"agent": "h-cpu1", "seq": 1, "state": "idle", "pid": 2, "host": "h", "job_schema": 2})
+    write_status(spool, "h-cpu1", {"agent": "h-cpu1", "seq": 1, "state": "idle", "pid": 2, "host": "h", "job_schema": new})
     f, _, _ = make(spool, chunks=4, depth=4, max_depth=64)
     f.spec = dataclasses.replace(f.spec, share=2.0)
     f.step()
     f.step()
     assert queued(spool, "h-cpu0") == [] and len(queued(spool, "h-cpu1")) == 4
-    assert Mailbox(spool, "h-cpu1").read().jobs[0].needs_schema == 2
+    assert Mailbox(spool, "h-cpu1").read().jobs[0].needs_schema == new
     assert "reads job descriptors up to schema 1" in f.why_not(f.liveness.views["h-cpu0"])
 
 
@@ -269,8 +270,8 @@ def test_a_run_only_older_agents_could_take_fails_at_once_naming_them(spool: Spo
 
     from jobs import descriptor
     from master.placement import Unplaceable
-    monkeypatch.setattr(descriptor, "MUST_UNDERSTAND", {"share": 2})
-    monkeypatch.setattr(descriptor, "SCHEMA", 2)
+    monkeypatch.setattr(descriptor, "MUST_UNDERSTAND", {"share": descriptor.SCHEMA + 1})
+    monkeypatch.setattr(descriptor, "SCHEMA", descriptor.SCHEMA + 1)
     agents(spool, 1)  # an agent of the version before: its heartbeat has no job_schema
     f, _, _ = make(spool, chunks=2)
     f.spec = dataclasses.replace(f.spec, share=2.0)

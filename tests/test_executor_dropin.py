@@ -249,12 +249,3 @@ def test_outstanding_calls_are_awaited_at_exit_unless_shutdown_without_wait(spoo
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "end of script"
 
-
-def test_kwargs_with_a_bad_tag_are_refused_at_submit(spool: Spool, env) -> None:
-    """--kwargs are decoded by the agents like an Executor call's arguments: a tag they would refuse
-    in every chunk is refused up front."""
-    from tests.helpers import run_main
-
-    r = run_main(["--base", str(spool.base), "--task", "examples.noop:square", "--chunks", "1", "--no-progress",
-                  "--kwargs", '{"a": {"__gpupool__": "pickle", "data": "..."}}'], env)
-    assert r.returncode == 2 and "--kwargs: encoded value has an unknown tag 'pickle'" in r.stderr, r.stderr
