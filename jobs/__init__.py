@@ -16,7 +16,8 @@ Layout (every name below is built by ``jobs.paths.Spool``, nowhere else)::
                                      epoch is no longer the run's (checked just before the commit)
     BASE/results/<run>/<chunk:06d>.json      the chunk's committed result (the commit point)
     BASE/results/<run>/<chunk:06d>.a<N>.npz  the arrays of attempt N, in place before its .json
-                                     appears; the .json names them in "arrays"
+                                     appears; the .json names them in "arrays" ("arrays_form":
+                                     "tuple"/"list" when returned as a sequence: arr_0, arr_1...)
     BASE/results/<run>/<chunk:06d>.a<N>.json history: every failed attempt N
     BASE/logs/<agent>.log            agent log (loguru); <agent>.worker.log: the worker's output
     BASE/logs/<agent>.out            what a started agent printed before its log took over

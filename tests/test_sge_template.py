@@ -95,6 +95,10 @@ def test_cuda_from_gpu_id_runs_unchanged_with_visible_gpu_id(spool: Spool, agent
     r = run_main(args + ["--run", "visible", "--visible-gpu-id"], env)
     assert r.returncode == 0, r.stdout + r.stderr
     assert results(spool.base, "visible")[0]["gpu_id"] == 1  # the agent's GPU, as status shows it
+    script = ["--base", str(spool.base), "--script", "examples/octorun_script.py", "--chunks", "1", "--kwargs",
+              json.dumps({"out_dir": str(tmp_path / "out")}), "--no-progress", "--visible-gpu-id", "--run", "script"]
+    assert run_main(script, env).returncode == 0  # a script's --gpu_id is the same index
+    assert "\ngpu 0: chunk 0/1 did" in (spool.run_log_dir("script") / "000000.log").read_text()
 
 
 @pytest.mark.timeout(120)
