@@ -341,6 +341,14 @@ class _Calls(Dispatcher):
         except KeyError:
             raise CodecError(f"the arrays of call {rec['chunk_id']} are not arr_0 to arr_{len(arrays) - 1}") from None
 
+    def unplaceable(self, live: list[Any]) -> None:
+        """Agents are alive but none may take the calls (agents of an older version, which cannot
+        read their descriptors): every call fails, naming them, as a run does (never a silent wait)."""
+        from master.placement import Unplaceable
+
+        why = "; ".join(f"{v.id}: {self.why_not(v)}" for v in live[:8])
+        raise Unplaceable(f"executor {self.run_name}: none of the {len(live)} live agent(s) may take its calls: {why}")
+
     def _dispatch(self) -> None:
         """``max_workers``: only as many calls are queued at agents as may run at once (a call
         waiting in a mailbox could start any moment); the rest wait here."""
@@ -368,8 +376,8 @@ class _Calls(Dispatcher):
         with self.ex._mutex:
             self.ex._closing = True
             calls = list(self.ex._calls.values())
-        for call in calls:
-            _end(call.future, exc)
+        for call in calls:  # every call not done fails with it, sent or not: the caller learns why
+            _end(call.future, exc, sent=True)
 
 
 def _end(future: futures.Future, exc: BaseException, sent: bool = False) -> None:
