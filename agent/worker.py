@@ -133,7 +133,11 @@ def returned_arrays(value: Any) -> tuple[dict[str, Any], str | None] | None:
     from jobs.npzio import check_arrays
 
     form = ARRAYS_FORM.get(type(value))
-    if form is not None and value and all(type(v).__name__ == "ndarray" for v in value):
+    if form is not None and value and all(type(v).__module__ == "numpy" for v in value):
+        import numpy as np
+
+        if not all(isinstance(v, np.ndarray) for v in value):
+            return None
         arrays = check_arrays({f"arr_{i}": v for i, v in enumerate(value)})
         return (arrays, form) if arrays is not None else None
     arrays = check_arrays(value)
@@ -147,9 +151,9 @@ def run_one(req: dict[str, Any], tasks: Any, shared: Any) -> dict[str, Any]:
     from jobs.npzio import save_npz
 
     job = Job.from_dict(req["job"])
+    print(f"{JOB_MARK} {job.run} chunk {job.chunk_id} attempt {job.attempt}", flush=True)  # what the import prints too
     fn = tasks.get(job.target, job.workdir)
     args, kwargs = call_args(job, fn, req, shared)
-    print(f"{JOB_MARK} {job.run} chunk {job.chunk_id} attempt {job.attempt}", flush=True)
     value = fn(*args, **kwargs)
     found = returned_arrays(value)
     if found is not None:
