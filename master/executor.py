@@ -133,13 +133,8 @@ class CallFuture(futures.Future):
         return history + ([final] if final is not None and final["status"] == "ok" else [])
 
     def agent(self) -> str | None:
-        """The agent of the call's latest attempt (running or queued there, or done), or None."""
-        with contextlib.suppress(ReferenceError):
-            placed = self._ex._dispatcher.inflight.get(self.chunk)
-            if placed is not None:
-                return placed[0]
-        done = self.attempts
-        return done[-1].get("agent") if done else None
+        """The agent of the call's latest attempt (queued there, running or done), or None."""
+        return self._latest()[0]
 
     def log_path(self) -> Path | None:
         """The worker log the call's latest attempt writes to (every call of that agent's does)."""
@@ -151,17 +146,18 @@ class CallFuture(futures.Future):
         started or its agent's worker log no longer has it."""
         from master.logs import worker_output
 
-        agent = self.agent()
-        attempt = self._attempt()
+        agent, attempt = self._latest()
         return worker_output(self._spool, agent, self.run, self.chunk, attempt) if agent and attempt else None
 
-    def _attempt(self) -> int | None:
-        with contextlib.suppress(ReferenceError):
+    def _latest(self) -> tuple[str | None, int | None]:
+        """(agent, attempt) of the latest attempt: the dispatcher's while it is in flight, else the
+        newest record's."""
+        with contextlib.suppress(ReferenceError):  # the executor is gone: the records tell
             placed = self._ex._dispatcher.inflight.get(self.chunk)
             if placed is not None:
-                return placed[1]
+                return placed
         done = self.attempts
-        return done[-1].get("attempt") if done else None
+        return (done[-1].get("agent"), done[-1].get("attempt")) if done else (None, None)
 
 
 @dataclass
