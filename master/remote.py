@@ -59,6 +59,8 @@ def remote_exception(error: dict[str, Any] | None, agent: str | None, chunk: int
         return RemoteError(error, agent, chunk, attempt)
     _describe(exc, error, agent, chunk, attempt)
     tb = exc.remote_traceback.rstrip()
+    if not isinstance(getattr(exc, "__notes__", []), list):
+        del exc.__notes__  # a class's own odd attribute of that name: add_note would refuse it
     exc.add_note(f"(raised on agent {agent}, call {chunk}, attempt {attempt}" +
                  (f"; remote traceback:)\n{tb}" if tb else ")"))
     return exc
@@ -95,6 +97,7 @@ def _rebuild(cls: type, error: dict[str, Any]) -> Exception | None:
     try:
         args = decode(error["args"]) if isinstance(error.get("args"), list) else [str(error.get("message"))]
         attrs = decode(error["attrs"]) if isinstance(error.get("attrs"), dict) else {}
+        attrs = {k: v for k, v in attrs.items() if isinstance(k, str) and not k.startswith("__")}  # untrusted
     except CodecError:
         args, attrs = [str(error.get("message"))], {}
     dual = _dual(cls)

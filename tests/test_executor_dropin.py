@@ -268,3 +268,21 @@ def test_calls_no_live_agent_can_read_fail_naming_the_agents(spool: Spool, env) 
     finally:
         proc.kill()
         proc.wait(timeout=10)
+
+
+@pytest.mark.parametrize("error, kind", [
+    ({"type": "system", "module": "os", "qualname": "system", "message": "x"}, RemoteError),  # not an exception class
+    ({"type": "Nope", "module": "not_imported_here", "qualname": "Nope", "message": "x"}, RemoteError),  # never imported
+    ({"type": "ValueError", "module": "builtins", "qualname": "KeyError", "message": "x"}, RemoteError),  # names differ
+    ({"type": "ValueError", "module": "builtins", "qualname": "ValueError", "message": "x",
+      "args": {"__gpupool__": "pickle"}, "attrs": {"__notes__": 5, "__class__": "int", "code": 3}}, ValueError),
+    ({"type": "SystemExit", "module": "builtins", "qualname": "SystemExit", "message": "1"}, RemoteError),  # not raised
+])
+def test_a_hostile_error_record_makes_data_only(error: dict, kind: type) -> None:
+    """An error record is written by job code on some agent: the class it names is only looked up in
+    modules the caller has imported, must be an Exception, and its attributes cannot change what it is."""
+    from master.remote import remote_exception
+
+    exc = remote_exception(error, "a0", 1, 1)
+    assert type(exc) is kind if kind is RemoteError else (isinstance(exc, kind) and isinstance(exc, RemoteError))
+    assert "not_imported_here" not in sys.modules
