@@ -185,14 +185,19 @@ threading._register_atexit(_at_exit)  # what concurrent.futures.thread itself us
 
 
 class Executor(futures.Executor):
-    """A ``concurrent.futures.Executor`` whose calls run on the agents of the spool at ``base``;
-    at most ``max_workers`` of them at once (None: as many as there are agents)."""
+    """A ``concurrent.futures.Executor`` whose calls run on the agents of the spool at ``base``
+    (default: ``$GPUPOOL_BASE``, as for ``main.py``); at most ``max_workers`` of them at once
+    (None: as many as there are agents)."""
 
-    def __init__(self, base: str | os.PathLike, max_workers: int | None = None, *, retries: int = 0,
+    def __init__(self, base: str | os.PathLike | None = None, max_workers: int | None = None, *, retries: int = 0,
                  timeout: float | None = None, run: str | None = None, depth: int = 4, dead_after: float = 20.0,
                  poll: float = 0.1) -> None:
         _refuse_in_worker()
-        for bad, why in ((max_workers is not None and (not isinstance(max_workers, int) or max_workers < 1),
+        base = os.environ.get("GPUPOOL_BASE") if base is None else base
+        for bad, why in ((not base, "base (the spool folder the agents serve) is not given and $GPUPOOL_BASE is not set"),
+                         (isinstance(base, (int, float)), f"base must be the spool folder, not {base!r} (the number "
+                                                          "of calls at once is max_workers=...)"),
+                         (max_workers is not None and (not isinstance(max_workers, int) or max_workers < 1),
                           f"max_workers must be None or 1 or more, not {max_workers!r}"),
                          (not isinstance(retries, int) or retries < 0, f"retries must be 0 or more, not {retries!r}"),
                          (timeout is not None and not 0 < timeout < math.inf,

@@ -184,6 +184,8 @@ def test_max_workers_limits_the_calls_running_at_once(spool: Spool, agents) -> N
     assert len(spans) == 6 and most <= 2, spans
     with pytest.raises(ValueError, match="max_workers must be None or 1 or more"):
         Executor(spool.base, max_workers=0)
+    with pytest.raises(ValueError, match=r"base must be the spool folder, not 4 \(the number of calls at once"):
+        Executor(4)  # ProcessPoolExecutor(4)'s habit
 
 
 @pytest.mark.timeout(120)
@@ -286,3 +288,13 @@ def test_a_hostile_error_record_makes_data_only(error: dict, kind: type) -> None
     exc = remote_exception(error, "a0", 1, 1)
     assert type(exc) is kind if kind is RemoteError else (isinstance(exc, kind) and isinstance(exc, RemoteError))
     assert "not_imported_here" not in sys.modules
+
+
+def test_the_spool_comes_from_gpupool_base_as_for_main(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.delenv("GPUPOOL_BASE", raising=False)
+    with pytest.raises(ValueError, match=r"base \(the spool folder the agents serve\) is not given and \$GPUPOOL_BASE"):
+        Executor(max_workers=2)
+    monkeypatch.setenv("GPUPOOL_BASE", str(tmp_path / "b"))
+    ex = Executor(max_workers=2)
+    ex.shutdown()
+    assert Path(ex.spool.base) == tmp_path / "b"
