@@ -12,7 +12,7 @@ value becomes a tagged object ``{"__gpupool__": TAG, ...}``:
 ``bytes``       ``"b64": "..."`` (``bytearray`` the same, tag ``bytearray``)
 ``ndarray``     ``"dtype"``, ``"shape"``, ``"b64"`` (C order; never object arrays);
                 a numpy scalar the same, tag ``numpy``
-``datetime``    ``"iso"`` (``date``, ``time`` the same); ``timedelta``: ``"s"``
+``datetime``    ``"iso"`` (``date``, ``time`` the same); ``timedelta``: ``"days"``, ``"s"``, ``"us"``
 ``complex``     ``"re"``, ``"im"``
 ``float``       ``"repr"``: ``nan``, ``inf`` or ``-inf`` (not strict JSON)
 ==============  ==================================================================
@@ -85,8 +85,8 @@ def _enc_other(v: Any, depth: int, where: str) -> Any:
         return {TAG: "bytearray" if isinstance(v, bytearray) else "bytes", "b64": base64.b64encode(v).decode()}
     if kind is complex:
         return {TAG: "complex", "re": _enc(v.real, depth + 1, where), "im": _enc(v.imag, depth + 1, where)}
-    if kind is dt.timedelta:
-        return {TAG: "timedelta", "s": v.total_seconds()}
+    if kind is dt.timedelta:  # exact: total_seconds() as a float loses microseconds past some 300 years
+        return {TAG: "timedelta", "days": v.days, "s": v.seconds, "us": v.microseconds}
     for tag, cls in _TIMES.items():
         if kind is cls:
             return {TAG: tag, "iso": v.isoformat()}
@@ -175,6 +175,12 @@ def _number(v: Any, what: str) -> float:
     return v
 
 
+def _int(v: Any) -> int:
+    if type(v) is not int:
+        raise CodecError("encoded timedelta's days, s and us must be integers")
+    return v
+
+
 def _float(d: dict, depth: int) -> float:
     if d["repr"] not in ("nan", "inf", "-inf"):
         raise CodecError("encoded float must be nan, inf or -inf")
@@ -209,8 +215,9 @@ _DECODERS = {
     "dict": _pairs,
     "bytes": lambda d, depth: _b64(d),
     "bytearray": lambda d, depth: bytearray(_b64(d)),
-    "complex": lambda d, depth: complex(_number(d["re"], "complex"), _number(d["im"], "complex")),
-    "timedelta": lambda d, depth: dt.timedelta(seconds=_number(d["s"], "timedelta")),
+    "complex": lambda d, depth: complex(_number(_dec(d["re"], depth + 1), "complex"),
+                                        _number(_dec(d["im"], depth + 1), "complex")),
+    "timedelta": lambda d, depth: dt.timedelta(days=_int(d["days"]), seconds=_int(d["s"]), microseconds=_int(d["us"])),
     "datetime": _time, "date": _time, "time": _time,
     "float": _float,
     "ndarray": _ndarray,
