@@ -255,17 +255,21 @@ def test_outstanding_calls_are_awaited_at_exit_unless_shutdown_without_wait(spoo
 
 @pytest.mark.timeout(120)
 def test_calls_no_live_agent_can_read_fail_naming_the_agents(spool: Spool, env) -> None:
-    """Executor calls are schema-2 descriptors: an agent of the version before (which reads schema 1)
-    is passed over, and with only such agents the calls fail at once instead of waiting for ever."""
+    """Executor calls need the descriptor schema that brought their fields: an agent of the version
+    before (which reads one schema less) is passed over, and with only such agents the calls fail at
+    once instead of waiting for ever."""
+    from jobs.descriptor import MUST_UNDERSTAND
     from tests.helpers import FAST, HOST
 
-    old = "import jobs.descriptor as d; d.SCHEMA = 1; import runpy; runpy.run_module('agent', run_name='__main__')"
+    need = MUST_UNDERSTAND["encoded"]
+    old = (f"import jobs.descriptor as d; d.SCHEMA = {need - 1}; import runpy; "
+           "runpy.run_module('agent', run_name='__main__')")
     proc = subprocess.Popen([sys.executable, "-c", old, "--base", str(spool.base), "--gpu", "0", "--cpu", *FAST],
                             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for(lambda: (spool.agents_dir / f"{HOST}-cpu0.json").exists(), 30, "the old agent's heartbeat")
         with Executor(spool.base) as ex:
-            with pytest.raises(Exception, match=r"reads job descriptors up to schema 1, this run's need 2"):
+            with pytest.raises(Exception, match=f"reads job descriptors up to schema {need - 1}, this run's need {need}"):
                 ex.submit(echo, 1).result(timeout=60)
     finally:
         proc.kill()
