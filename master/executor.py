@@ -177,8 +177,14 @@ def _at_exit() -> None:
     """At interpreter exit, before threads are joined (as ThreadPoolExecutor's): every Executor
     not shut down with ``wait=False`` waits for its outstanding calls."""
     for ex in list(_live):
-        if not ex._no_wait:
-            ex.shutdown(wait=True)
+        if ex._no_wait:
+            continue
+        with ex._mutex:
+            left = sum(not c.future.done() for c in ex._calls.values())
+        if left:  # said, so that a program that seems to hang at its end says why
+            print(f"gpupool: waiting for {left} outstanding call(s) of run {ex.run} to finish before exiting "
+                  "(shutdown(wait=False) does not wait; Ctrl-C stops waiting)", file=sys.stderr, flush=True)
+        ex.shutdown(wait=True)
 
 
 threading._register_atexit(_at_exit)  # what concurrent.futures.thread itself uses

@@ -246,6 +246,7 @@ def test_outstanding_calls_are_awaited_at_exit_unless_shutdown_without_wait(spoo
                        capture_output=True, text=True, timeout=100)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split("\n")[:2] == ["end of script", "done 42"]
+    assert "gpupool: waiting for 1 outstanding call(s) of run executor-at_exit-" in r.stderr
     r = subprocess.run([sys.executable, str(script), str(spool.base), "60", "nowait"], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=50)  # does not wait the minute the call takes
     assert r.returncode == 0, r.stderr
