@@ -263,9 +263,17 @@ class _Calls(Dispatcher):
     """The executor's dispatcher: one chunk per call, each with its own target and kwargs."""
 
     def __init__(self, ex: Executor, cfg: FeedConfig) -> None:
-        super().__init__(ex.spool, ex.run, cfg)
+        super().__init__(ex.spool, ex.run, cfg, on_event=self._say)
         self.ex = ex
         self.spec_chunks = 0
+
+    def _say(self, kind: str, info: dict[str, Any]) -> None:
+        """What a caller waiting on its futures must know (main.py's progress says the same)."""
+        if kind == "no_agents":
+            waited, base = info.get("waited_s") or 0.0, self.spool.base
+            print(f"gpupool executor {self.run_name}: no live agents in {base}"
+                  f"{f' for {waited / 60:.0f} min' if waited >= 60 else ''}; the calls wait for some. Start them "
+                  f"with:  ./start_agents.sh N {base}", file=sys.stderr, flush=True)
 
     def loop_forever(self) -> None:
         try:

@@ -303,3 +303,14 @@ def test_the_spool_comes_from_gpupool_base_as_for_main(tmp_path: Path, monkeypat
     ex = Executor(max_workers=2)
     ex.shutdown()
     assert Path(ex.spool.base) == tmp_path / "b"
+
+
+@pytest.mark.timeout(60)
+def test_calls_with_no_live_agent_say_so(spool: Spool, env, tmp_path: Path) -> None:
+    script = tmp_path / "alone.py"
+    script.write_text("import sys\nfrom master.executor import Executor\nfrom tests.test_executor_dropin import echo\n"
+                      "ex = Executor(sys.argv[1])\nf = ex.submit(echo, 1)\nex.shutdown(wait=False)\n"
+                      "import time; time.sleep(2)\n")
+    r = subprocess.run([sys.executable, str(script), str(spool.base)], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=50)
+    assert r.returncode == 0 and f"no live agents in {spool.base}; the calls wait for some" in r.stderr, r.stderr
