@@ -12,7 +12,7 @@ from typing import Any
 from jobs.errors import BadFile, NewerSchema
 from jobs.names import MAX_CHUNKS, brief, check_chunk, check_name
 
-SCHEMA = 3  # the highest descriptor schema this version reads (agents say it in their heartbeat)
+SCHEMA = 2  # the highest descriptor schema this version reads (agents say it in their heartbeat)
 MAX_ATTEMPTS = 10**6  # attempt numbers become file names (<chunk>.a<N>.json): bounded
 
 
@@ -43,10 +43,10 @@ OPTIONAL: dict[str, Any] = {"alone": False, "epoch": None, "share": 1.0, "params
                             "args": [], "encoded": False, "arrays_as_kwargs": False, "visible_gpu_id": False}
 # params: an agent that ignored them would leave them out of the result (collect's columns); options: it
 # would ignore a command job's checks and result file
-# schema 3 (issue 15): an Executor call's positional arguments and its arguments encoded by jobs.codec; the
+# also new in schema 2 (issue 15): an Executor call's positional arguments and its arguments encoded by jobs.codec; the
 # SGE template's arrays by name and gpu_id as the job sees it: ignored, each would call the job wrongly
 MUST_UNDERSTAND: dict[str, int] = {"params": 2, "options": 2,  # field -> the schema that introduced it
-                                   "args": 3, "encoded": 3, "arrays_as_kwargs": 3, "visible_gpu_id": 3}
+                                   "args": 2, "encoded": 2, "arrays_as_kwargs": 2, "visible_gpu_id": 2}
 KIND_SCHEMA: dict[JobKind, int] = {JobKind.COMMAND: 2}  # a kind added later: the schema that introduced it
 
 # Set by the worker to its own pid: code the worker imports can tell it runs inside one (an
