@@ -85,19 +85,21 @@ class Pool:
                data: str | None = None,
                run: str | None = None, retries: int = 2, timeout: float | None = None,
                fresh: bool = False, workdir: str | None = None, share: float = 1.0, arrays_as_kwargs: bool = False,
-               visible_gpu_id: bool = False, **command_options: Any) -> "Run":
+               visible_gpu_id: bool = False, kwargs_may_change: bool = False, **command_options: Any) -> "Run":
         """Validate and record a run (nothing is queued until ``wait``). ``share``: the run's
         weight when several runs use the pool at once (agents split between them in proportion).
         ``cmd`` / ``commands``: command jobs (``agent.command``), with ``command_options`` prefix,
         success_codes, fail_on_output, result_file; ``sweep``: a file, inline JSON or a list of
         parameter sets (``master.sweep``), one chunk each. ``arrays_as_kwargs``: each array of ``data``
         and ``shared`` is passed by its name; ``visible_gpu_id``: ``gpu_id`` is the GPU's index as the
-        job sees it, 0 (docs/executor.md)."""
+        job sees it, 0 (docs/executor.md). ``kwargs_may_change``: a run of this name with other
+        kwargs is resumed with these, its done chunks kept (OctoRun's way: completion is keyed on
+        chunk ids alone)."""
         spec = build(task=task, script=script, cmd=cmd, commands=commands, chunks=chunks, kwargs=kwargs,
                      sweep=sweep, shared=shared, data=data, run=run, retries=retries, timeout=timeout,
                      workdir=workdir, share=share, arrays_as_kwargs=arrays_as_kwargs,
                      visible_gpu_id=visible_gpu_id, **command_options)
-        return Run(self.spool, spec, fresh)
+        return Run(self.spool, spec, fresh, kwargs_may_change)
 
     def run(self, name: str) -> "Run":
         """An existing run by name (to read its results)."""
@@ -105,8 +107,9 @@ class Pool:
 
 
 class Run:
-    def __init__(self, spool: Spool, spec: RunSpec, fresh: bool) -> None:
+    def __init__(self, spool: Spool, spec: RunSpec, fresh: bool, kwargs_may_change: bool = False) -> None:
         self.spool, self.spec, self.fresh = spool, spec, fresh
+        self.may_change = ("kwargs",) if kwargs_may_change else ()
 
     @property
     def name(self) -> str:
@@ -132,12 +135,21 @@ class Run:
                 self._clear()
             elif read_epoch(self.spool, self.name) is None:
                 new_epoch(self.spool, self.name)
-            self.spec = save_or_check(self.spool, self.spec, self.fresh)  # a sweep may have grown
+            earlier = self._on_record() if self.may_change and not self.fresh else None
+            self.spec = save_or_check(self.spool, self.spec, self.fresh, self.may_change)  # a sweep may have grown
+            if earlier is not None and earlier.kwargs != self.spec.kwargs:
+                new_epoch(self.spool, self.name)  # what was queued with the earlier kwargs neither runs nor commits
+                drop_run(self.spool, self.name)
+            else:
+                earlier = None
             self.spool.run_dirs(self.name)
             purge_temp([self.spool.result_dir(self.name), self.spool.run_dir(self.name), self.spool.pool_dir])
             bar = Progress(self.spec, enabled=progress, base=self.spool.base)
             feeder = Feeder(self.spool, self.spec, cfg, on_event=bar.event, placement=placement)
             feeder.recover()
+            if earlier is not None:
+                bar.event("kwargs_changed", {"earlier": earlier.kwargs, "kwargs": self.spec.kwargs,
+                                             "kept": sorted(c for c, o in feeder.final.items() if o.status == "ok")})
             bar.start(len(feeder.final))
             try:
                 return feeder.run(stop)
@@ -145,6 +157,12 @@ class Run:
                 bar.close()
         finally:
             lock.close()
+
+    def _on_record(self) -> RunSpec | None:
+        try:
+            return RunSpec.load(self.spool.run_spec(self.name))
+        except FileNotFoundError:
+            return None
 
     def uncancel(self) -> bool:
         """Remove the run's cancel flag (``python -m master cancel``); True if there was one."""

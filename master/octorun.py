@@ -24,13 +24,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from jobs.descriptor import JobKind
 from jobs.paths import Spool
-from master.runspec import UsageError
+from master.runspec import UsageError, default_name
 
 KNOWN = {"script_path", "total_chunks", "kwargs", "gpus", "max_retries", "restart_failed", "log_dir",
          "chunk_lock_dir", "lock_dir", "monitor_interval", "memory_threshold", "success_codes"}
-UNUSED = {"chunk_lock_dir": "no lock files: a chunk is claimed through the agents' mailboxes",
-          "lock_dir": "no lock files: a chunk is claimed through the agents' mailboxes",
+NAMES_RUN = "no lock files are made (a chunk is claimed through the agents' mailboxes); the folder names the run"
+UNUSED = {"chunk_lock_dir": NAMES_RUN, "lock_dir": NAMES_RUN,
           "monitor_interval": "no polling interval: results are picked up as they are written",
           "memory_threshold": "one agent holds each GPU; use --min-free-gb with --gpu auto for agents"}
 
@@ -43,7 +44,18 @@ class OctoConfig:
     gpus: str | list[int] = "auto"
     retries: int = 0
     log_dir: str = "./logs"
+    lock_dir: str | None = None  # OctoRun's chunk_lock_dir (default <log_dir>/locks): what names the run
     notes: list[str] = field(default_factory=list)
+
+    def run_name(self, spool: Spool) -> str:
+        """OctoRun keys completion on chunk ids in its lock folder, whatever the kwargs: the run is
+        named by the script, its chunk count and that folder, so that a rerun with other kwargs
+        resumes it (a run named as before, with its kwargs in the name, is still found)."""
+        script = str(Path(self.script_path).resolve())
+        locks = str(Path(self.lock_dir or Path(self.log_dir) / "locks").resolve())
+        name = default_name(JobKind.SCRIPT, script, self.total_chunks, {"chunk_lock_dir": locks}, None, None)
+        older = default_name(JobKind.SCRIPT, script, self.total_chunks, self.kwargs, None, None)
+        return older if spool.run_spec(older).exists() and not spool.run_spec(name).exists() else name
 
 
 def load_config(path: str, cli_kwargs: dict[str, Any] | None = None) -> OctoConfig:
@@ -61,6 +73,9 @@ def load_config(path: str, cli_kwargs: dict[str, Any] | None = None) -> OctoConf
     cfg = OctoConfig(script_path=_str(raw, "script_path", path), total_chunks=raw.get("total_chunks", 128),
                      kwargs={**_dict(raw, "kwargs", path), **(cli_kwargs or {})}, gpus=_gpus(raw, path),
                      retries=_retries(raw, path), log_dir=_str({"log_dir": "./logs", **raw}, "log_dir", path))
+    for key in ("chunk_lock_dir", "lock_dir"):
+        if key in raw:
+            cfg.lock_dir = _str(raw, key, path)
     if isinstance(cfg.total_chunks, bool) or not isinstance(cfg.total_chunks, int) or cfg.total_chunks < 1:
         raise UsageError(f"--octorun-config {path}: 'total_chunks' must be a whole number >= 1, "
                          f"not {cfg.total_chunks!r}")
@@ -68,7 +83,8 @@ def load_config(path: str, cli_kwargs: dict[str, Any] | None = None) -> OctoConf
     if codes != [0]:
         raise UsageError(f"--octorun-config {path}: success_codes {codes}: on the pool only exit code 0 counts as "
                          "success; make the script exit 0 on success and remove the field")
-    cfg.notes = [f"{k}: ignored ({UNUSED[k]})" for k in raw if k in UNUSED]
+    cfg.notes = [f"{k}: {UNUSED[k]}" if UNUSED[k] is NAMES_RUN else f"{k}: ignored ({UNUSED[k]})"
+                 for k in raw if k in UNUSED]
     cfg.notes += [f"{k}: unknown OctoRun field, ignored" for k in raw if k not in KNOWN]
     return cfg
 
@@ -162,8 +178,9 @@ def _feed(args: Any, cfg: OctoConfig) -> int:
         local = start_agents(pool.spool, cfg.gpus)
         print(f"octorun config: spool {pool.spool.base}, agents {' '.join(local.ids)}", flush=True)
     try:
-        run = pool.submit(script=cfg.script_path, chunks=cfg.total_chunks, kwargs=cfg.kwargs, run=args.run,
-                          retries=cfg.retries, timeout=args.timeout, fresh=args.fresh)
+        run = pool.submit(script=cfg.script_path, chunks=cfg.total_chunks, kwargs=cfg.kwargs,
+                          run=args.run or cfg.run_name(pool.spool), retries=cfg.retries, timeout=args.timeout,
+                          fresh=args.fresh, kwargs_may_change=True)
         feed = FeedConfig(depth=args.depth, max_depth=max(args.depth, args.max_depth), dead_after=args.dead_after,
                           retry_delay=args.retry_delay, max_failures=args.max_failures)
         summary = run.wait(progress=not args.no_progress, cfg=feed, wait_for_lock=args.wait)

@@ -39,6 +39,8 @@ class Progress:
             self._say(f"run {self.spec.name} was cancelled (python -m master cancel); stopped feeding it with "
                       f"{info.get('pending', 0)} chunk(s) not done. Resume it with: "
                       f"python -m master retry --base {self.base or 'BASE'} --run {self.spec.name}")
+        elif kind == "kwargs_changed":
+            self._say(kwargs_note(self.spec, info["earlier"], info["kwargs"], info["kept"]))
         elif kind == "halted":
             self._say(f"run {self.spec.name}: stopped early: {info['why']}")
         elif kind == "no_agents":
@@ -102,3 +104,29 @@ def agent_table(s: Summary) -> list[str]:
         longest = f"{max(times):.3f}" if times else "-"
         lines.append(f"  {agent:<{width}} {ok:>6} {len(outs) - ok:>6} {mean:>8} {longest:>8}")
     return lines
+
+
+def kwargs_note(spec: RunSpec, earlier: dict[str, Any], now: dict[str, Any], kept: list[int]) -> str:
+    """What a rerun with other kwargs keeps (an OctoRun config: completion is keyed on chunk ids)."""
+    changed = ", ".join(f"{k}: {_flag(earlier, k)} -> {_flag(now, k)}" for k in sorted(earlier.keys() | now.keys())
+                        if (k in earlier, earlier.get(k)) != (k in now, now.get(k)))
+    left = spec.chunks - len(kept)
+    kept_text = (f"chunks {chunk_ranges(kept)} ({len(kept)} of {spec.chunks}) are done and kept: they ran with the "
+                 f"earlier kwargs (or older ones)") if kept else "no chunk was done yet"
+    return f"run {spec.name}: kwargs changed ({changed}); {kept_text}; {left} chunk(s) run with the new kwargs"
+
+
+def _flag(kwargs: dict[str, Any], key: str) -> str:
+    text = repr(kwargs[key]) if key in kwargs else "(unset)"
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def chunk_ranges(chunks: list[int]) -> str:
+    """``[0, 1, 2, 5, 7, 8]`` as ``0-2, 5, 7-8``."""
+    spans: list[list[int]] = []
+    for c in sorted(chunks):
+        if spans and c == spans[-1][1] + 1:
+            spans[-1][1] = c
+        else:
+            spans.append([c, c])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)

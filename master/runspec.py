@@ -459,18 +459,19 @@ def load_run(spool: Spool, run: str) -> RunSpec:
         raise UsageError(f"no run {run!r} in {spool.base} (runs there: {known})") from None
 
 
-def save_or_check(spool: Spool, spec: RunSpec, fresh: bool) -> RunSpec:
+def save_or_check(spool: Spool, spec: RunSpec, fresh: bool, may_change: tuple[str, ...] = ()) -> RunSpec:
     """Write the run spec, or check that an existing run of this name is the same run; returns
     the spec the run goes on with: a sweep submitted again keeps the run's parameter sets and
-    adds its new ones (``master.sweep.merge``)."""
+    adds its new ones (``master.sweep.merge``). Fields of its identity named in ``may_change``
+    may differ (an OctoRun config's kwargs: OctoRun keys completion on chunk ids alone)."""
     path = spool.run_spec(spec.name)
     path.parent.mkdir(parents=True, exist_ok=True)
     if os.path.lexists(path) and not fresh:  # a link (even a dangling one) is refused by load, not replaced
         old = RunSpec.load(path)
         grown = _grown(old, spec) if old.params is not None and spec.params is not None else spec
         same = dataclasses.replace(spec, params=old.params, chunks=old.chunks) if grown is not spec else spec
-        if old.identity() != same.identity():
-            diff = [k for k, v in same.identity().items() if old.identity()[k] != v]
+        diff = [k for k, v in same.identity().items() if old.identity()[k] != v and k not in may_change]
+        if diff:
             raise UsageError(f"run {spec.name!r} already exists in {spool.base} with a different {', '.join(diff)}; "
                              "pass --fresh to start it over, or --run NAME for a new run")
         spec = grown

@@ -32,7 +32,8 @@ def test_config_fields_mean_what_they_mean_in_octorun(tmp_path: Path) -> None:
     assert cfg.total_chunks == 128 and cfg.gpus == "auto" and cfg.log_dir == "./logs"
     assert cfg.kwargs == {"batch_size": 64, "learning_rate": 0.001}  # --kwargs overrides, as octorun run does
     assert cfg.retries == 0  # restart_failed false: OctoRun does not retry
-    assert any(n.startswith("chunk_lock_dir: ignored") for n in cfg.notes)
+    assert any(n.startswith("chunk_lock_dir: no lock files are made") for n in cfg.notes)
+    assert cfg.lock_dir == "./logs/locks"
     assert load_config(str(octorun_config(tmp_path, restart_failed=True, max_retries=2))).retries == 2
     minimal = tmp_path / "min.json"
     minimal.write_text(json.dumps({"script_path": "s.py"}))
@@ -57,7 +58,7 @@ def test_one_command_starts_agents_for_the_configured_gpus_and_matches_running_b
     r = run_main(["--octorun-config", str(cfg), "--no-progress"], env, cwd=tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "6 ok, 0 failed" in r.stdout and "agents testhost-gpu0 testhost-gpu2" in r.stdout
-    assert "chunk_lock_dir: ignored" in r.stderr
+    assert "chunk_lock_dir: no lock files are made" in r.stderr
     spool = Spool(tmp_path / "logs" / "gpupool")
     for ident in ("testhost-gpu0", "testhost-gpu2"):  # started for the run, stopped after it
         assert json.loads(spool.heartbeat(ident).read_text())["state"] == "stopped"
@@ -93,3 +94,32 @@ def test_with_base_it_uses_the_running_agents_and_octorun_retries(spool: Spool, 
     assert fixed.returncode == 0 and "3 ok, 0 failed" in fixed.stdout
     clash = run_main(["--octorun-config", str(cfg), "--base", str(spool.base), "--chunks", "3"], env, cwd=tmp_path)
     assert clash.returncode == 2 and "replaces --task/--script/--chunks" in clash.stderr
+
+
+DUMMY = str(REPO / "tests" / "octorun_dummy.py")
+
+
+def starts(record_dir: Path) -> dict[int, list[dict]]:
+    """Every start of every chunk the dummy script recorded, by chunk."""
+    out: dict[int, list[dict]] = {}
+    for p in sorted(record_dir.glob("chunk_*.json")):
+        out.setdefault(int(p.name.split("_")[1].split(".")[0]), []).append(json.loads(p.read_text()))
+    return out
+
+
+@pytest.mark.timeout(150)
+def test_a_kwargs_fix_reruns_only_the_failed_chunk_as_octorun_does(tmp_path: Path) -> None:
+    rec, env = tmp_path / "rec", base_env(tmp_path)
+    cfg = octorun_config(tmp_path, gpus=[0], total_chunks=4, script_path=DUMMY, log_dir=str(tmp_path / "logs"),
+                         kwargs={"fail_chunk_ids": "2", "record_dir": str(rec)})
+    first = run_main(["--octorun-config", str(cfg), "--no-progress"], env, cwd=tmp_path)
+    assert first.returncode == 1 and "3 ok, 1 failed" in first.stdout, first.stdout + first.stderr
+    fixed = run_main(["--octorun-config", str(cfg), "--no-progress", "--kwargs", '{"fail_chunk_ids": ""}'],
+                     env, cwd=tmp_path)
+    assert fixed.returncode == 0 and "4 ok, 0 failed" in fixed.stdout, fixed.stdout + fixed.stderr
+    assert "kwargs changed (fail_chunk_ids: '2' -> '')" in fixed.stderr
+    assert "chunks 0-1, 3 (3 of 4) are done and kept: they ran with the earlier kwargs" in fixed.stderr
+    runs = starts(rec)
+    assert {c: len(r) for c, r in runs.items()} == {0: 1, 1: 1, 2: 2, 3: 1}  # only the failed chunk ran again
+    assert runs[2][-1]["argv"][-4:] == ["--fail_chunk_ids", "", "--record_dir", str(rec)]
+    assert len(Spool(tmp_path / "logs" / "gpupool").run_names()) == 1
