@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -163,6 +164,39 @@ class Run:
             return RunSpec.load(self.spool.run_spec(self.name))
         except FileNotFoundError:
             return None
+
+    def join(self, progress: bool = True, cfg: FeedConfig | None = None, placement: Placement | None = None,
+             poll: float = 0.5) -> Summary:
+        """Be this run's master, or follow it while another master feeds it (the same OctoRun
+        config on a second machine; see ``master.follow``): this ends with the run, or takes it
+        over when that master ends first."""
+        from master.follow import Follower
+
+        follower = None
+        try:
+            while True:
+                lock = HolderLock(self.spool.master_lock(self.name))
+                self.spool.run_dir(self.name).mkdir(parents=True, exist_ok=True)
+                if lock.acquire(blocking=False):
+                    over = follower is not None and follower.over()
+                    lock.close()
+                    if over:
+                        return follower.summary()
+                    if follower is not None:
+                        follower.close()
+                        follower = None
+                    try:
+                        return self.wait(progress, cfg, placement=placement)
+                    except LockHeld:  # another follower took it over first
+                        continue
+                if follower is None:
+                    follower = Follower(self, progress, lock.holder())
+                lock.close()
+                follower.poll()
+                time.sleep(poll)
+        finally:
+            if follower is not None:
+                follower.close()
 
     def uncancel(self) -> bool:
         """Remove the run's cancel flag (``python -m master cancel``); True if there was one."""

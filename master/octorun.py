@@ -183,7 +183,7 @@ def _feed(args: Any, cfg: OctoConfig) -> int:
                           fresh=args.fresh, kwargs_may_change=True)
         feed = FeedConfig(depth=args.depth, max_depth=max(args.depth, args.max_depth), dead_after=args.dead_after,
                           retry_delay=args.retry_delay, max_failures=args.max_failures)
-        summary = run.wait(progress=not args.no_progress, cfg=feed, wait_for_lock=args.wait)
+        summary = run.join(progress=not args.no_progress, cfg=feed)  # a second machine joins the run
     finally:
         if local is not None:
             local.stop()

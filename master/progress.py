@@ -48,6 +48,14 @@ class Progress:
             self._say(f"no live agents in {base}{f' for {waited / 60:.0f} min' if waited >= 60 else ''}; waiting for "
                       f"some (--wait-agents S to give up). Start them with:  ./start_agents.sh N {base}")
 
+    def advance(self, done: int) -> None:
+        """The bar at ``done`` chunks (a run another master feeds: see ``master.follow``)."""
+        if self.bar is not None and done > self.bar.n:
+            self.bar.update(done - self.bar.n)
+
+    def say(self, line: str) -> None:
+        self._say(line)
+
     def _say(self, line: str) -> None:
         if self.bar is not None:
             self.bar.write(line, file=self.out)

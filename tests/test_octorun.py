@@ -11,7 +11,7 @@ import pytest
 from jobs.paths import Spool
 from master.octorun import load_config
 from master.runspec import UsageError
-from tests.helpers import REPO, base_env, results, run_main
+from tests.helpers import REPO, base_env, results, run_main, wait_for
 
 SCRIPT = str(REPO / "examples" / "octorun_script.py")
 
@@ -123,3 +123,37 @@ def test_a_kwargs_fix_reruns_only_the_failed_chunk_as_octorun_does(tmp_path: Pat
     assert {c: len(r) for c, r in runs.items()} == {0: 1, 1: 1, 2: 2, 3: 1}  # only the failed chunk ran again
     assert runs[2][-1]["argv"][-4:] == ["--fail_chunk_ids", "", "--record_dir", str(rec)]
     assert len(Spool(tmp_path / "logs" / "gpupool").run_names()) == 1
+
+
+def start_main(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(REPO / "main.py"), *args], cwd=cwd, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+@pytest.mark.timeout(180)
+def test_the_same_config_on_a_second_machine_joins_the_run_and_shares_its_chunks(tmp_path: Path) -> None:
+    rec, gate = tmp_path / "rec", tmp_path / "gate"
+    cfg = octorun_config(tmp_path, gpus=[0], total_chunks=4, script_path=DUMMY, log_dir=str(tmp_path / "logs"),
+                         kwargs={"gate": str(gate), "record_dir": str(rec), "env_names": "GPUPOOL_AGENT"})
+    hosts = {h: base_env(tmp_path, GPUPOOL_HOST_ID=h, GPUPOOL_LOCK_DIR=str(tmp_path / f"locks-{h}"))
+             for h in ("nodea", "nodeb")}
+    procs = [start_main(["--octorun-config", str(cfg), "--no-progress"], hosts["nodea"], tmp_path)]
+    try:
+        wait_for(lambda: starts(rec), 60, "node A's first chunk")  # node A's master feeds the run
+        procs.append(start_main(["--octorun-config", str(cfg), "--no-progress"], hosts["nodeb"], tmp_path))
+
+        def agents_seen() -> set[str]:
+            return {r["env"]["GPUPOOL_AGENT"] for rs in starts(rec).values() for r in rs}
+        assert wait_for(lambda: agents_seen() == {"nodea-cpu0", "nodeb-cpu0"}, 60, "both machines running chunks")
+        gate.touch()
+        outs = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0 and "4 ok, 0 failed" in out, out + err
+    assert "is fed by another master (host" in outs[1][1]
+    assert {c: len(r) for c, r in starts(rec).items()} == {0: 1, 1: 1, 2: 1, 3: 1}  # each chunk ran once
+    spool = Spool(tmp_path / "logs" / "gpupool")
+    for ident in ("nodea-cpu0", "nodeb-cpu0"):  # each machine stopped the agents it started
+        assert json.loads(spool.heartbeat(ident).read_text())["state"] == "stopped"

@@ -1,0 +1,74 @@
+"""Follow a run that another master feeds: OctoRun's multi-node pattern, where every machine runs
+the same command on a shared filesystem.
+
+The first command to take the run's master lock feeds it, to every live agent of the spool,
+those the other machines started included. A command that finds the lock held follows the run
+instead of failing: it reports progress from the results folder, and when the lock is free again
+it ends with the run if every chunk has its final result (or the run was cancelled), or takes
+over as the run's master if not (the other master died, was stopped or interrupted).
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from jobs.errors import BadFile
+from jobs.results import result_or_none, scan_run
+from master.dispatcher import summarize
+from master.feeder import Summary
+from master.progress import Progress
+from master.runspec import RunSpec, UsageError
+
+
+class Follower:
+    """The view of a run fed elsewhere: ``poll()`` once per pass, ``over()`` when its lock is free."""
+
+    def __init__(self, run: Any, progress: bool, holder: dict[str, Any]) -> None:
+        self.run, self.spool, self.spec = run, run.spool, run.spec
+        self.started, self.checked = time.monotonic(), False
+        self.bar = Progress(self.spec, enabled=progress, base=self.spool.base)
+        who = f"host {holder.get('host', '?')}, pid {holder.get('pid', '?')}"
+        self.bar.say(f"run {self.spec.name} is fed by another master ({who}): following it; the agents of this "
+                     f"machine take its jobs too, and this command ends with the run (or takes it over should "
+                     f"that master end first)")
+        self.first = self._finals()
+        self.bar.start(len(self.first))
+
+    def _finals(self) -> set[int]:
+        return {c for c in scan_run(self.spool, self.spec.name).finals if c < self.spec.chunks}
+
+    def poll(self) -> None:
+        """Check the run is ours (same script, chunks, kwargs...) once it is on record, and show progress."""
+        if not self.checked:
+            try:
+                theirs = RunSpec.load(self.spool.run_spec(self.spec.name))
+            except (FileNotFoundError, BadFile):
+                theirs = None  # not written yet (its master has just started), or refused by that master too
+            if theirs is not None:
+                self.checked = True
+                diff = [k for k, v in self.spec.identity().items() if theirs.identity()[k] != v]
+                if diff:
+                    self.bar.close()
+                    raise UsageError(f"run {self.spec.name} is fed by another master with a different "
+                                     f"{', '.join(diff)} ({', '.join(f'{k}={theirs.identity()[k]!r}' for k in diff)}); "
+                                     "run the same config on every machine, or pass --run NAME for a run of its own")
+        self.bar.advance(len(self._finals()))
+
+    def over(self) -> bool:
+        """With the lock free: the run ended (every chunk final, or cancelled), not just its master."""
+        return self.spool.cancel_flag(self.spec.name).exists() or len(self._finals()) >= self.spec.chunks
+
+    def summary(self) -> Summary:
+        finals = sorted(self._finals())
+        outcomes = {}
+        for c in finals:
+            rec = result_or_none(self.spool.result_json(self.spec.name, c))
+            if rec is not None:
+                outcomes[c] = summarize(rec)
+        self.bar.close()
+        return Summary(self.spec.name, self.spec.chunks, outcomes, time.monotonic() - self.started,
+                       self.spool.result_dir(self.spec.name), self.spool.cancel_flag(self.spec.name).exists(),
+                       len(set(finals) - self.first))
+
+    def close(self) -> None:
+        self.bar.close()
