@@ -36,9 +36,10 @@ def command(job: Job, gpu_id: int) -> list[str]:
 
 def run_script(job: Job, gpu_id: int, env: dict[str, str], log_path: Path,
                abort: Callable[[], bool]) -> dict | None:
-    """Run the script; None on exit code 0, else an error dict (type, message, traceback)."""
+    """Run the script; None on exit code 0 (or one of its ``success_codes`` option: OctoRun's
+    field), else an error dict (type, message, traceback)."""
     code, err = run_process(command(job, gpu_id), job, env, log_path, abort)
-    if err is None and code != 0:
+    if err is None and code not in (job.options or {}).get("success_codes", [0]):
         err = _error("ScriptFailed", f"the script {exit_reason(code)}", log_path)
     return err
 

@@ -110,7 +110,7 @@ class Pool:
 class Run:
     def __init__(self, spool: Spool, spec: RunSpec, fresh: bool, kwargs_may_change: bool = False) -> None:
         self.spool, self.spec, self.fresh = spool, spec, fresh
-        self.may_change = ("kwargs",) if kwargs_may_change else ()
+        self.may_change = ("kwargs", "options") if kwargs_may_change else ()  # options: a script's success_codes
 
     @property
     def name(self) -> str:

@@ -90,9 +90,11 @@ class FeedConfig:
     wait_agents: float | None = None  # seconds to wait for a live agent before giving up (NoAgents); None: for ever
 
 
-def backoff(attempt: int, cfg: FeedConfig) -> float:
-    """Seconds before retrying a chunk whose ``attempt`` failed: doubling, capped (the one rule)."""
-    return min(cfg.retry_cap, cfg.retry_delay * 2 ** max(0, attempt - 1))
+def backoff(attempt: int, cfg: FeedConfig, before: int = 0) -> float:
+    """Seconds before retrying a chunk whose ``attempt`` failed: doubling, capped (the one rule).
+    ``before``: the chunk's attempts made before this master started; each master starts again
+    from ``retry_delay`` (as OctoRun does), however many attempts a chunk had in earlier runs."""
+    return min(cfg.retry_cap, cfg.retry_delay * 2 ** max(0, attempt - before - 1))
 
 
 @dataclass
@@ -146,6 +148,7 @@ class Dispatcher:
         self._held: dict[str, tuple[float, float]] = {}  # agent -> (its lock first found held, next try)
         self._fill_error: dict[str, str] = {}  # agent -> why its last refill failed (said once)
         self.job_schema = 1  # the descriptor schema this run's jobs need, learnt as they are made (_fill)
+        self._before: dict[int, int] = {}  # chunk -> attempts it had before its first failure seen here (backoff)
 
     # hooks -------------------------------------------------------------------------------------
     def _job(self, c: int) -> Job:
@@ -346,7 +349,7 @@ class Dispatcher:
         out = summarize(rec)
         self._observe(out)
         self.failed_on.setdefault(c, set()).add(out.agent or agent)
-        delay = backoff(attempt, self.cfg)
+        delay = backoff(attempt, self.cfg, self._before.setdefault(c, attempt - 1))
         self.on_event("retry", {"chunk": c, "outcome": out, "delay": delay})
         self._requeue(c, delay)
         self.failed_attempt(c, out)

@@ -12,13 +12,16 @@ OctoRun's fields (``octorun save_config`` writes them) and what becomes of them 
   spool ``<log_dir>/gpupool`` and stopped at the end. With ``--base``, the run goes to the
   agents already serving that spool and ``gpus`` is not used.
 * ``log_dir``: holds that spool; chunk output is in ``<spool>/logs/<run>/<chunk>.log``.
-* ``success_codes``: only exit code 0 counts as success on the pool; other codes are refused.
+* ``success_codes`` (any list of exit codes), ``retry_base_delay`` and ``retry_max_delay`` (the
+  back-off doubles from the base up to the max, and starts from the base again each time the
+  command is run, as in OctoRun): honoured.
 * ``chunk_lock_dir``, ``monitor_interval``, ``memory_threshold``: not needed (no lock files,
   no polling interval; one agent per GPU holds it); ignored with a note.
 """
 from __future__ import annotations
 
 import json
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +32,8 @@ from jobs.paths import Spool
 from master.runspec import UsageError, default_name
 
 KNOWN = {"script_path", "total_chunks", "kwargs", "gpus", "max_retries", "restart_failed", "log_dir",
-         "chunk_lock_dir", "lock_dir", "monitor_interval", "memory_threshold", "success_codes"}
+         "chunk_lock_dir", "lock_dir", "monitor_interval", "memory_threshold", "success_codes", "retry_base_delay",
+         "retry_max_delay"}
 NAMES_RUN = "no lock files are made (a chunk is claimed through the agents' mailboxes); the folder names the run"
 UNUSED = {"chunk_lock_dir": NAMES_RUN, "lock_dir": NAMES_RUN,
           "monitor_interval": "no polling interval: results are picked up as they are written",
@@ -45,6 +49,9 @@ class OctoConfig:
     retries: int = 0
     log_dir: str = "./logs"
     lock_dir: str | None = None  # OctoRun's chunk_lock_dir (default <log_dir>/locks): what names the run
+    success_codes: list[int] | None = None  # exit codes that count as success (None: 0)
+    retry_base_delay: float | None = None  # seconds before the first retry (None: main.py's --retry-delay)
+    retry_max_delay: float | None = None  # the longest back-off (None: 60 s)
     notes: list[str] = field(default_factory=list)
 
     def run_name(self, spool: Spool) -> str:
@@ -79,10 +86,19 @@ def load_config(path: str, cli_kwargs: dict[str, Any] | None = None) -> OctoConf
     if isinstance(cfg.total_chunks, bool) or not isinstance(cfg.total_chunks, int) or cfg.total_chunks < 1:
         raise UsageError(f"--octorun-config {path}: 'total_chunks' must be a whole number >= 1, "
                          f"not {cfg.total_chunks!r}")
-    codes = raw.get("success_codes", [0])
-    if codes != [0]:
-        raise UsageError(f"--octorun-config {path}: success_codes {codes}: on the pool only exit code 0 counts as "
-                         "success; make the script exit 0 on success and remove the field")
+    if "success_codes" in raw:
+        codes = raw["success_codes"]
+        if not isinstance(codes, list) or not codes or \
+                any(isinstance(c, bool) or not isinstance(c, int) or not 0 <= c <= 255 for c in codes):
+            raise UsageError(f"--octorun-config {path}: 'success_codes' must be a list of exit codes from 0 to 255 "
+                             f"like [0, 3], not {codes!r}")
+        cfg.success_codes = codes
+    cfg.retry_base_delay, cfg.retry_max_delay = _seconds(raw, "retry_base_delay", path), \
+        _seconds(raw, "retry_max_delay", path)
+    if cfg.retry_base_delay is not None and cfg.retry_max_delay is not None and \
+            cfg.retry_max_delay < cfg.retry_base_delay:
+        raise UsageError(f"--octorun-config {path}: 'retry_max_delay' {cfg.retry_max_delay:g} is shorter than "
+                         f"'retry_base_delay' {cfg.retry_base_delay:g}")
     cfg.notes = [f"{k}: {UNUSED[k]}" if UNUSED[k] is NAMES_RUN else f"{k}: ignored ({UNUSED[k]})"
                  for k in raw if k in UNUSED]
     cfg.notes += [f"{k}: unknown OctoRun field, ignored" for k in raw if k not in KNOWN]
@@ -93,6 +109,13 @@ def _str(raw: dict, key: str, path: str) -> str:
     if not isinstance(raw.get(key), str) or not raw[key]:
         raise UsageError(f"--octorun-config {path}: {key!r} must be a path string, not {raw.get(key)!r}")
     return raw[key]
+
+
+def _seconds(raw: dict, key: str, path: str) -> float | None:
+    v = raw.get(key)
+    if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < math.inf):
+        raise UsageError(f"--octorun-config {path}: {key!r} must be a number of seconds, 0 or more, not {v!r}")
+    return None if v is None else float(v)
 
 
 def _dict(raw: dict, key: str, path: str) -> dict:
@@ -180,9 +203,11 @@ def _feed(args: Any, cfg: OctoConfig) -> int:
     try:
         run = pool.submit(script=cfg.script_path, chunks=cfg.total_chunks, kwargs=cfg.kwargs,
                           run=args.run or cfg.run_name(pool.spool), retries=cfg.retries, timeout=args.timeout,
-                          fresh=args.fresh, kwargs_may_change=True)
+                          fresh=args.fresh, kwargs_may_change=True, success_codes=cfg.success_codes)
+        base_delay = args.retry_delay if cfg.retry_base_delay is None else cfg.retry_base_delay
         feed = FeedConfig(depth=args.depth, max_depth=max(args.depth, args.max_depth), dead_after=args.dead_after,
-                          retry_delay=args.retry_delay, max_failures=args.max_failures)
+                          retry_delay=base_delay, max_failures=args.max_failures,
+                          retry_cap=max(base_delay, 60.0 if cfg.retry_max_delay is None else cfg.retry_max_delay))
         summary = run.join(progress=not args.no_progress, cfg=feed)  # a second machine joins the run
     finally:
         if local is not None:

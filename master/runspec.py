@@ -235,9 +235,15 @@ def build(*, task: str | None = None, script: str | None = None, cmd: str | None
         raise UsageError(f"--share must be a positive number (the run's weight; default 1), not {share!r}")
     opts = dict(prefix=prefix, success_codes=success_codes, fail_on_output=fail_on_output, result_file=result_file)
     if task is not None or script is not None:
-        if used := [f"--{k.replace('_', '-')}" for k, v in opts.items() if v is not None]:
+        if used := [f"--{k.replace('_', '-')}" for k, v in opts.items() if v is not None and
+                    (task is not None or k != "success_codes")]:  # a script's exit codes: OctoRun's success_codes
             raise UsageError(f"{', '.join(used)}: only for command jobs (--cmd or --commands), not {given[0]}")
         options = None
+        if script is not None and success_codes is not None:
+            from master.cmdspec import options as checked_options
+
+            options = checked_options(prefix=None, success_codes=success_codes, fail_on_output=None, result_file=None,
+                                      known=set(), partial=set())
     shared_path = check_npz(shared, "--shared", workdir) if shared else None
     data_dir = check_data_dir(data, chunks, workdir) if data else None
     named = _array_kwargs(task, shared_path, data_dir, kwargs) if arrays_as_kwargs else set()

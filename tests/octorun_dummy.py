@@ -18,6 +18,7 @@ def main() -> None:
     p.add_argument("--total_chunks", type=int, required=True)
     p.add_argument("--fail_chunk_ids", default="", help="comma-separated chunk ids that fail")
     p.add_argument("--fail_code", type=int, default=1, help="the exit code of a failing chunk")
+    p.add_argument("--exit_codes", default="", help="chunk:code,...: these chunks exit with that code")
     p.add_argument("--sleep_time", type=float, default=0.0)
     p.add_argument("--gate", default="", help="wait until this file exists")
     p.add_argument("--record_dir", default="")
@@ -34,6 +35,9 @@ def main() -> None:
         time.sleep(0.05)
     time.sleep(args.sleep_time)
     failing = {int(c) for c in args.fail_chunk_ids.split(",") if c.strip()}
+    codes = dict(tuple(map(int, pair.split(":"))) for pair in args.exit_codes.split(",") if pair.strip())
+    if args.chunk_id in codes:
+        sys.exit(codes[args.chunk_id])
     if args.chunk_id in failing:
         print(f"ERROR: Chunk {args.chunk_id} failed!", flush=True)
         sys.exit(args.fail_code)

@@ -286,3 +286,9 @@ def test_jobs_a_current_agent_reads_keep_schema_1(spool: Spool) -> None:
     f, _, _ = make(spool, chunks=1)
     f.step()
     assert Mailbox(spool, "h-cpu0").read().jobs[0].to_dict()["schema"] == 1
+
+
+def test_the_backoff_starts_from_the_base_for_each_master() -> None:
+    from master.dispatcher import backoff
+    cfg = FeedConfig(retry_delay=1.0, retry_cap=60.0)
+    assert [backoff(a, cfg, before=2) for a in (3, 4, 5)] == [1.0, 2.0, 4.0]  # attempts 1-2 were an earlier run's

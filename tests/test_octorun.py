@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -35,11 +36,16 @@ def test_config_fields_mean_what_they_mean_in_octorun(tmp_path: Path) -> None:
     assert any(n.startswith("chunk_lock_dir: no lock files are made") for n in cfg.notes)
     assert cfg.lock_dir == "./logs/locks"
     assert load_config(str(octorun_config(tmp_path, restart_failed=True, max_retries=2))).retries == 2
+    full = load_config(str(octorun_config(tmp_path, success_codes=[0, 3], retry_base_delay=2, retry_max_delay=30)))
+    assert (full.success_codes, full.retry_base_delay, full.retry_max_delay) == ([0, 3], 2.0, 30.0)
     minimal = tmp_path / "min.json"
     minimal.write_text(json.dumps({"script_path": "s.py"}))
     m = load_config(str(minimal))
     assert (m.total_chunks, m.gpus, m.retries, m.kwargs) == (128, "auto", 0, {})
-    for bad, msg in (({"gpus": "0,1"}, "'gpus' must be"), ({"success_codes": [0, 3]}, "only exit code 0"),
+    for bad, msg in (({"gpus": "0,1"}, "'gpus' must be"), ({"success_codes": [0, "3"]}, "'success_codes' must be a list of exit codes"),
+                     ({"success_codes": []}, "'success_codes' must be a list"),
+                     ({"retry_base_delay": -1}, "'retry_base_delay' must be"),
+                     ({"retry_base_delay": 5, "retry_max_delay": 1}, "'retry_max_delay' 1 is shorter"),
                      ({"total_chunks": 0}, "'total_chunks' must be"), ({"kwargs": [1]}, "'kwargs' must be"),
                      ({"max_retries": -1}, "'max_retries' must be")):
         with pytest.raises(UsageError, match=msg):
@@ -157,3 +163,22 @@ def test_the_same_config_on_a_second_machine_joins_the_run_and_shares_its_chunks
     spool = Spool(tmp_path / "logs" / "gpupool")
     for ident in ("nodea-cpu0", "nodeb-cpu0"):  # each machine stopped the agents it started
         assert json.loads(spool.heartbeat(ident).read_text())["state"] == "stopped"
+
+
+@pytest.mark.timeout(150)
+def test_success_codes_and_the_retry_delays_of_the_config_are_honoured(tmp_path: Path) -> None:
+    rec, env = tmp_path / "rec", base_env(tmp_path)
+    cfg = octorun_config(tmp_path, gpus=[0], total_chunks=3, script_path=DUMMY, log_dir=str(tmp_path / "logs"),
+                         success_codes=[0, 3], restart_failed=True, max_retries=1, retry_base_delay=0.1,
+                         retry_max_delay=30, kwargs={"exit_codes": "1:3,2:1", "record_dir": str(rec)})
+    first = run_main(["--octorun-config", str(cfg), "--no-progress"], env, cwd=tmp_path)
+    assert first.returncode == 1 and "2 ok, 1 failed" in first.stdout, first.stdout + first.stderr
+    assert re.search(r"chunk 2 attempt 1 failed on \S+: ScriptFailed: the script exited with code 1; "
+                     r"retrying in 0.1 s", first.stderr), first.stderr
+    again = run_main(["--octorun-config", str(cfg), "--no-progress"], env, cwd=tmp_path)  # the failed chunk again:
+    assert again.returncode == 1 and "2 ok, 1 failed" in again.stdout  # its back-off starts from the base again
+    assert re.search(r"chunk 2 attempt 3 failed on \S+: .*; retrying in 0.1 s", again.stderr), again.stderr
+    [run] = Spool(tmp_path / "logs" / "gpupool").run_names()
+    res = results(tmp_path / "logs" / "gpupool", run)
+    assert res[1]["status"] == "ok" and res[2]["status"] == "failed"  # exit code 3 is a success here
+    assert {c: len(r) for c, r in starts(rec).items()} == {0: 1, 1: 1, 2: 4}
