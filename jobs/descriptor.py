@@ -58,6 +58,26 @@ JOB_MARK = "=== gpupool job:"
 
 # Keyword names the agent fills in itself; a user kwarg may not reuse them.
 BUILTIN_KWARGS = ("chunk_id", "total_chunks", "gpu_id", "device", "shared", "data")
+SCRIPT_FLAGS = ("gpu_id", "chunk_id", "total_chunks")  # what a script is given before its kwargs
+
+
+def kwargs_problem(kind: "JobKind", kwargs: dict[str, Any]) -> str | None:
+    """Why ``kwargs`` cannot go to a job of this kind, or None. A callable (or a command's template) takes them as keyword
+    arguments: identifiers, none of the built-ins the agent fills in. A script takes them as flags
+    ``--key value``: any flag name (``output-dir``, ``device``), but not the three flags the pool
+    gives it itself."""
+    keys = list(kwargs)
+    if kind is JobKind.SCRIPT:
+        if clash := [k for k in keys if k in SCRIPT_FLAGS]:
+            return f"key(s) {brief(clash)} are the flags every script is given ({', '.join(SCRIPT_FLAGS)}); rename them"
+        if bad := [k for k in keys if not k or k.startswith("-") or any(ch.isspace() or ch in "=\0" for ch in k)]:
+            return f"key(s) {brief(bad)} cannot be flags (--key value): no leading '-', spaces or '='"
+        return None
+    if clash := sorted(set(keys) & set(BUILTIN_KWARGS)):
+        return f"key(s) {brief(clash)} reuse built-in argument names {list(BUILTIN_KWARGS)}; rename them"
+    if bad := [k for k in keys if not k.isidentifier()]:
+        return f"key(s) {brief(bad)} are not valid Python identifiers"
+    return None
 
 
 @dataclass(frozen=True)
@@ -164,9 +184,8 @@ class Job:
         if isinstance(self.share, bool) or not isinstance(self.share, (int, float)) or not 0 < self.share < math.inf:
             raise BadFile(f"'share' must be a positive number, got {brief(self.share)}", where)
         _expect(self.kwargs, dict, "kwargs", where)
-        for k in self.kwargs:
-            if k in BUILTIN_KWARGS:
-                raise BadFile(f"kwarg {k!r} reuses a built-in argument name", where)
+        if why := kwargs_problem(self.kind, self.kwargs):
+            raise BadFile(f"kwargs {why}", where)
         for name in ("params", "options"):
             if getattr(self, name) is not None:
                 _expect(getattr(self, name), dict, name, where)

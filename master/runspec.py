@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs.atomic import NotAFile, write_replace
-from jobs.descriptor import BUILTIN_KWARGS, MAX_ATTEMPTS, JobKind, options_problem
+from jobs.descriptor import BUILTIN_KWARGS, MAX_ATTEMPTS, JobKind, kwargs_problem, options_problem
 from jobs.errors import BadFile, BadNpz, SpoolError
 from jobs.jsonio import load_json, read_json
 from jobs.names import MAX_CHUNKS, brief, check_name, slug
@@ -218,12 +218,9 @@ def build(*, task: str | None = None, script: str | None = None, cmd: str | None
         raise UsageError("--chunks is missing (or pass --sweep, whose parameter sets are the chunks)")
     if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
         raise UsageError(f"--chunks must be a whole number of at least 1, not {chunks!r}")
-    clash = sorted(set(kwargs) & set(BUILTIN_KWARGS))
-    if clash:
-        raise UsageError(f"--kwargs key(s) {clash} reuse built-in argument names {list(BUILTIN_KWARGS)}; rename them")
-    bad_keys = [k for k in kwargs if not isinstance(k, str) or not k.isidentifier()]
-    if bad_keys:
-        raise UsageError(f"--kwargs key(s) {bad_keys} are not valid Python identifiers")
+    # a script takes its kwargs as flags (any flag name); a callable or command as names (identifiers)
+    if why := kwargs_problem(JobKind.SCRIPT if script is not None else JobKind.CALLABLE, kwargs):
+        raise UsageError(f"--kwargs {why}")
     if (too_large := kwargs_size_error(kwargs if params is None else
                                        max((dict(kwargs, **p) for p in params), key=lambda d: len(json.dumps(d))))):
         raise UsageError(too_large)

@@ -11,7 +11,7 @@ import pytest
 
 from jobs.paths import Spool
 from master.octorun import load_config
-from master.runspec import UsageError
+from master.runspec import UsageError, build
 from tests.helpers import REPO, base_env, results, run_main, wait_for
 
 SCRIPT = str(REPO / "examples" / "octorun_script.py")
@@ -50,6 +50,12 @@ def test_config_fields_mean_what_they_mean_in_octorun(tmp_path: Path) -> None:
                      ({"max_retries": -1}, "'max_retries' must be")):
         with pytest.raises(UsageError, match=msg):
             load_config(str(octorun_config(tmp_path, **bad)))
+    with pytest.raises(UsageError, match="are the flags every script is given"):
+        build(script=SCRIPT, chunks=2, kwargs={"chunk_id": 1})
+    with pytest.raises(UsageError, match="cannot be flags"):
+        build(script=SCRIPT, chunks=2, kwargs={"a b": 1})
+    with pytest.raises(UsageError, match="reuse built-in argument names"):  # a callable is given them itself
+        build(task="examples.noop:noop", chunks=2, kwargs={"device": "cpu"})
     with pytest.raises(UsageError, match="octorun save_config"):
         load_config(str(tmp_path / "missing.json"))
 
@@ -117,7 +123,7 @@ def starts(record_dir: Path) -> dict[int, list[dict]]:
 def test_a_kwargs_fix_reruns_only_the_failed_chunk_as_octorun_does(tmp_path: Path) -> None:
     rec, env = tmp_path / "rec", base_env(tmp_path)
     cfg = octorun_config(tmp_path, gpus=[0], total_chunks=4, script_path=DUMMY, log_dir=str(tmp_path / "logs"),
-                         kwargs={"fail_chunk_ids": "2", "record_dir": str(rec)})
+                         kwargs={"output-dir": "out", "device": "cpu", "fail_chunk_ids": "2", "record_dir": str(rec)})
     first = run_main(["--octorun-config", str(cfg), "--no-progress"], env, cwd=tmp_path)
     assert first.returncode == 1 and "3 ok, 1 failed" in first.stdout, first.stdout + first.stderr
     fixed = run_main(["--octorun-config", str(cfg), "--no-progress", "--kwargs", '{"fail_chunk_ids": ""}'],
@@ -128,6 +134,7 @@ def test_a_kwargs_fix_reruns_only_the_failed_chunk_as_octorun_does(tmp_path: Pat
     runs = starts(rec)
     assert {c: len(r) for c, r in runs.items()} == {0: 1, 1: 1, 2: 2, 3: 1}  # only the failed chunk ran again
     assert runs[2][-1]["argv"][-4:] == ["--fail_chunk_ids", "", "--record_dir", str(rec)]
+    assert runs[0][0]["extra"] == ["--output-dir", "out", "--device", "cpu"]  # flags a script takes, as OctoRun gives them
     assert len(Spool(tmp_path / "logs" / "gpupool").run_names()) == 1
 
 
