@@ -1,7 +1,7 @@
 """Script jobs: an OctoRun-style script run unmodified, one process per chunk.
 
 ``python SCRIPT --gpu_id G --chunk_id C --total_chunks N --key value ...`` with the
-agent's own interpreter and environment (not narrowed: ``--gpu_id`` is the GPU number
+agent's own interpreter and environment, plus the run's ``--env`` variables (not narrowed: ``--gpu_id`` is the GPU number
 as CUDA counts it there, exactly as OctoRun passes it). Output goes to a per-chunk log.
 
 The script runs in a process group of its own; when it ends (exit, timeout, stop) the whole
@@ -49,6 +49,7 @@ def run_process(cmd: list[str], job: Job, env: dict[str, str], log_path: Path, a
     """Run ``cmd`` for ``job`` in a process group of its own, its output appended to ``log_path``
     (after a header line naming the attempt and ``shown``, default the argv); the whole group is
     killed when it ends. (exit code, None), or (None, error dict) if it was stopped or timed out."""
+    env = {**env, **job.env} if job.env else env  # main.py --env: the caller's variables
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
         log.write(f"# attempt {job.attempt} at {time.strftime('%Y-%m-%d %H:%M:%S')}: "

@@ -20,6 +20,7 @@ leaves quietly here, never answering a request or reading the next one.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import json
@@ -30,7 +31,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 
 def _die_with_parent(parent: int) -> None:
@@ -152,9 +153,10 @@ def run_one(req: dict[str, Any], tasks: Any, shared: Any) -> dict[str, Any]:
 
     job = Job.from_dict(req["job"])
     print(f"{JOB_MARK} {job.run} chunk {job.chunk_id} attempt {job.attempt}", flush=True)  # what the import prints too
-    fn = tasks.get(job.target, job.workdir)
-    args, kwargs = call_args(job, fn, req, shared)
-    value = fn(*args, **kwargs)
+    with job_environ(job.env):  # main.py --env: while its module is imported and it runs
+        fn = tasks.get(job.target, job.workdir)
+        args, kwargs = call_args(job, fn, req, shared)
+        value = fn(*args, **kwargs)
     found = returned_arrays(value)
     if found is not None:
         arrays, form = found
@@ -166,6 +168,22 @@ def run_one(req: dict[str, Any], tasks: Any, shared: Any) -> dict[str, Any]:
     except CodecError as e:
         raise TypeError(f"the task returned a {type(value).__name__}, which is neither a dict (or tuple or list) of "
                         f"numpy arrays nor a value that can travel back ({e})") from None
+
+
+@contextlib.contextmanager
+def job_environ(env: dict[str, str] | None) -> Iterator[None]:
+    """The run's ``--env`` variables set while its job runs; the worker's own values put back
+    after, for the next run's jobs."""
+    saved = {k: os.environ.get(k) for k in env or ()}
+    os.environ.update(env or {})
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def cut(text: str, limit: int = TEXT_LIMIT) -> str:

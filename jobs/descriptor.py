@@ -5,6 +5,7 @@ import dataclasses
 import functools
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -40,13 +41,15 @@ class JobState(str, Enum):
 # does not know in one it reads; masters queue a job only at agents whose heartbeat's ``job_schema``
 # (absent: 1) reads the job's schema, so an old agent is passed over, never fed jobs it must refuse.
 OPTIONAL: dict[str, Any] = {"alone": False, "epoch": None, "share": 1.0, "params": None, "options": None,
-                            "args": [], "encoded": False, "arrays_as_kwargs": False, "visible_gpu_id": False}
+                            "args": [], "encoded": False, "arrays_as_kwargs": False, "visible_gpu_id": False,
+                            "env": None}
 # params: an agent that ignored them would leave them out of the result (collect's columns); options: it
 # would ignore a command job's checks and result file
 # also new in schema 2 (issue 15): an Executor call's positional arguments and its arguments encoded by jobs.codec; the
-# SGE template's arrays by name and gpu_id as the job sees it: ignored, each would call the job wrongly
+# SGE template's arrays by name and gpu_id as the job sees it: ignored, each would call the job wrongly; env
+# (main.py --env): ignored, the job would run without the caller's variables
 MUST_UNDERSTAND: dict[str, int] = {"params": 2, "options": 2,  # field -> the schema that introduced it
-                                   "args": 2, "encoded": 2, "arrays_as_kwargs": 2, "visible_gpu_id": 2}
+                                   "args": 2, "encoded": 2, "arrays_as_kwargs": 2, "visible_gpu_id": 2, "env": 2}
 KIND_SCHEMA: dict[JobKind, int] = {JobKind.COMMAND: 2}  # a kind added later: the schema that introduced it
 
 # Set by the worker to its own pid: code the worker imports can tell it runs inside one (an
@@ -106,6 +109,7 @@ class Job:
     options: dict[str, Any] | None = None  # script and command jobs: OPTION_CHECKS (prefix, success codes, ...)
     arrays_as_kwargs: bool = False  # each array of ``data`` and ``shared`` is passed as a keyword argument by name
     visible_gpu_id: bool = False  # ``gpu_id`` is the GPU's index in the worker (0: it sees its own GPU only)
+    env: dict[str, str] | None = None  # variables set for the job (main.py --env), over the agent's own
     schema: int = field(default=SCHEMA, compare=False)  # what it was read as; written as needs_schema
 
     @property
@@ -191,6 +195,8 @@ class Job:
                 _expect(getattr(self, name), dict, name, where)
         if (why := options_problem(self.options)) is not None:
             raise BadFile(f"'options': {why}", where)
+        if self.env is not None and (why := env_problem(self.env)):
+            raise BadFile(f"'env' {why}", where)
         for name in ("shared", "data", "workdir"):
             v = getattr(self, name)
             if v is not None:
@@ -219,6 +225,26 @@ OPTION_CHECKS = {
     "fail_on_output": lambda v: isinstance(v, str) and len(v) <= 4096,  # a regex: a matching output line fails
     "result_file": lambda v: isinstance(v, str) and "\0" not in v,  # a template: the file read into the value
 }
+
+
+ENV_LIMIT = 16 * 1024  # bytes of --env names and values: every job descriptor of the run carries them
+RESERVED_ENV = ("CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER")  # the agent's own (and every GPUPOOL_* variable)
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def env_problem(env: object) -> str | None:
+    """Why ``env`` is no set of variables for a job (``main.py --env``), or None."""
+    if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
+        return f"must map variable names to strings, not {brief(env)}"
+    if bad := [k for k in env if not _ENV_NAME.fullmatch(k)]:
+        return f"names {brief(bad)} are not variable names (letters, digits and _, not first a digit)"
+    if mine := [k for k in env if k in RESERVED_ENV or k.startswith("GPUPOOL_")]:
+        return f"sets {brief(mine)}, which the agent sets itself (its GPU, its marks on what jobs start)"
+    if any("\0" in v for v in env.values()):
+        return "holds a NUL byte in a value"
+    size = sum(len(k) + len(v.encode()) + 2 for k, v in env.items())
+    return f"is {size} bytes, over the {ENV_LIMIT // 1024} KB limit (every job carries it); pass a file's path " \
+        "instead of its content" if size > ENV_LIMIT else None
 
 
 def options_problem(options: dict[str, Any] | None) -> str | None:

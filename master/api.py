@@ -86,20 +86,22 @@ class Pool:
                data: str | None = None,
                run: str | None = None, retries: int = 2, timeout: float | None = None,
                fresh: bool = False, workdir: str | None = None, share: float = 1.0, arrays_as_kwargs: bool = False,
-               visible_gpu_id: bool = False, kwargs_may_change: bool = False, **command_options: Any) -> "Run":
+               visible_gpu_id: bool = False, kwargs_may_change: bool = False, env: dict[str, str] | None = None,
+               **command_options: Any) -> "Run":
         """Validate and record a run (nothing is queued until ``wait``). ``share``: the run's
         weight when several runs use the pool at once (agents split between them in proportion).
         ``cmd`` / ``commands``: command jobs (``agent.command``), with ``command_options`` prefix,
         success_codes, fail_on_output, result_file; ``sweep``: a file, inline JSON or a list of
         parameter sets (``master.sweep``), one chunk each. ``arrays_as_kwargs``: each array of ``data``
         and ``shared`` is passed by its name; ``visible_gpu_id``: ``gpu_id`` is the GPU's index as the
-        job sees it, 0 (docs/executor.md). ``kwargs_may_change``: a run of this name with other
+        job sees it, 0 (docs/executor.md). ``env``: variables set for every job, over the agent's
+        environment (``main.py --env``). ``kwargs_may_change``: a run of this name with other
         kwargs is resumed with these, its done chunks kept (OctoRun's way: completion is keyed on
         chunk ids alone)."""
         spec = build(task=task, script=script, cmd=cmd, commands=commands, chunks=chunks, kwargs=kwargs,
                      sweep=sweep, shared=shared, data=data, run=run, retries=retries, timeout=timeout,
                      workdir=workdir, share=share, arrays_as_kwargs=arrays_as_kwargs,
-                     visible_gpu_id=visible_gpu_id, **command_options)
+                     visible_gpu_id=visible_gpu_id, env=env, **command_options)
         return Run(self.spool, spec, fresh, kwargs_may_change)
 
     def run(self, name: str) -> "Run":

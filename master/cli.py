@@ -57,6 +57,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--visible-gpu-id", action="store_true", help="gpu_id (and a script's --gpu_id) is the GPU's "
                    "index as the job sees it, 0, so that code building its device as cuda:{gpu_id} runs unchanged "
                    "(each agent's job sees its own GPU only)")
+    p.add_argument("--env", action="append", metavar="NAME[=VALUE]",
+                   help="set this variable for every job of the run, to VALUE or to its value here (agents run "
+                   "jobs in their own environment, which may not be this shell's); repeatable")
     p.add_argument("--run", help="run name (default: derived from the task, chunk count and kwargs)")
     p.add_argument("--retries", type=int, default=2, help="retries per failed chunk (default 2)")
     p.add_argument("--max-failures", type=int, default=3, metavar="K",
@@ -113,7 +116,7 @@ def feed(args: argparse.Namespace) -> int:
     from master.api import Pool
     from master.feeder import FeedConfig
     from master.progress import format_summary
-    from master.runspec import parse_kwargs
+    from master.runspec import parse_env, parse_kwargs
 
     what = args.task or args.script or args.cmd or args.commands
     chunks = args.sweep or args.commands if args.chunks is None else args.chunks  # a sweep or a file says how many
@@ -144,7 +147,7 @@ def feed(args: argparse.Namespace) -> int:
                           timeout=args.timeout, fresh=args.fresh, share=args.share, prefix=args.prefix,
                           success_codes=args.success_codes, fail_on_output=args.fail_on_output,
                           result_file=args.result_file, arrays_as_kwargs=args.arrays_as_kwargs,
-                          visible_gpu_id=args.visible_gpu_id)
+                          visible_gpu_id=args.visible_gpu_id, env=parse_env(args.env))
         cfg = FeedConfig(depth=args.depth, max_depth=max(args.depth, args.max_depth), dead_after=args.dead_after,
                          retry_delay=args.retry_delay, max_failures=args.max_failures, wait_agents=args.wait_agents)
         summary = run.wait(progress=not args.no_progress, cfg=cfg, wait_for_lock=args.wait, placement=placement)

@@ -210,7 +210,7 @@ class Feeder(Dispatcher):
                    shared=s.shared, data=s.data_file(c), timeout=s.timeout, workdir=s.workdir,
                    submitted_at=time.time(), alone=c in self.isolated, epoch=self.epoch, share=s.share,
                    params=s.chunk_params(c), options=s.options, arrays_as_kwargs=s.arrays_as_kwargs,
-                   visible_gpu_id=s.visible_gpu_id)
+                   visible_gpu_id=s.visible_gpu_id, env=s.env)
 
     # the loop ----------------------------------------------------------------------------------
     def run(self, stop: threading.Event | None = None) -> Summary:

@@ -29,7 +29,7 @@ from typing import Any
 
 from jobs.descriptor import JobKind
 from jobs.paths import Spool
-from master.runspec import UsageError, default_name
+from master.runspec import UsageError, default_name, parse_env
 
 KNOWN = {"script_path", "total_chunks", "kwargs", "gpus", "max_retries", "restart_failed", "log_dir",
          "chunk_lock_dir", "lock_dir", "monitor_interval", "memory_threshold", "success_codes", "retry_base_delay",
@@ -203,7 +203,8 @@ def _feed(args: Any, cfg: OctoConfig) -> int:
     try:
         run = pool.submit(script=cfg.script_path, chunks=cfg.total_chunks, kwargs=cfg.kwargs,
                           run=args.run or cfg.run_name(pool.spool), retries=cfg.retries, timeout=args.timeout,
-                          fresh=args.fresh, kwargs_may_change=True, success_codes=cfg.success_codes)
+                          fresh=args.fresh, kwargs_may_change=True, success_codes=cfg.success_codes,
+                          env=parse_env(args.env))
         base_delay = args.retry_delay if cfg.retry_base_delay is None else cfg.retry_base_delay
         feed = FeedConfig(depth=args.depth, max_depth=max(args.depth, args.max_depth), dead_after=args.dead_after,
                           retry_delay=base_delay, max_failures=args.max_failures,

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs.atomic import NotAFile, write_replace
-from jobs.descriptor import BUILTIN_KWARGS, MAX_ATTEMPTS, JobKind, kwargs_problem, options_problem
+from jobs.descriptor import BUILTIN_KWARGS, MAX_ATTEMPTS, JobKind, env_problem, kwargs_problem, options_problem
 from jobs.errors import BadFile, BadNpz, SpoolError
 from jobs.jsonio import load_json, read_json
 from jobs.names import MAX_CHUNKS, brief, check_name, slug
@@ -47,6 +47,7 @@ class RunSpec:
     options: dict[str, Any] | None = None  # command jobs' prefix and checks (jobs.descriptor.OPTION_CHECKS)
     arrays_as_kwargs: bool = False  # --arrays-as-kwargs: each array of --data and --shared passed by its name
     visible_gpu_id: bool = False  # --visible-gpu-id: gpu_id is the GPU's index as its job sees it (0)
+    env: dict[str, str] | None = None  # main.py --env: variables set for every job (may change on resume)
     schema: int = SPEC_SCHEMA
 
     def identity(self) -> dict[str, Any]:
@@ -69,7 +70,7 @@ class RunSpec:
     def to_json(self) -> bytes:
         d = dataclasses.asdict(self)
         d["kind"] = self.kind.value
-        for name in ("params", "commands", "options"):  # written only where set: older tools refuse unknown fields
+        for name in ("params", "commands", "options", "env"):  # only where set: older tools refuse unknown fields
             if d[name] is None:
                 del d[name]
         return json.dumps({**d, "created_at": time.time()}, indent=1, sort_keys=True).encode()
@@ -133,6 +134,8 @@ class RunSpec:
         for name in ("arrays_as_kwargs", "visible_gpu_id"):
             if not isinstance(getattr(self, name), bool):
                 return f"'{name}' must be true or false, not {brief(getattr(self, name))}"
+        if self.env is not None and (why := env_problem(self.env)):
+            return f"'env' {why}"
         if isinstance(self.schema, bool) or not isinstance(self.schema, int) or self.schema > SPEC_SCHEMA:
             return f"'schema' {brief(self.schema)} is not one this tool reads ({SPEC_SCHEMA}); upgrade"
         return None
@@ -171,6 +174,22 @@ def parse_kwargs(text: str | None) -> dict[str, Any]:
     return value
 
 
+def parse_env(items: list[str] | None, environ: dict[str, str] | None = None) -> dict[str, str]:
+    """``--env NAME=VALUE`` or ``--env NAME`` (its value in this shell), repeatable, as a dict."""
+    environ = os.environ if environ is None else environ
+    env: dict[str, str] = {}
+    for item in items or ():
+        name, eq, value = item.partition("=")
+        if not eq:
+            if name not in environ:
+                raise UsageError(f"--env {name}: {name!r} is not set here; give its value: --env {name}=VALUE")
+            value = environ[name]
+        env[name] = value
+    if env and (why := env_problem(env)):
+        raise UsageError(f"--env {why}")
+    return env
+
+
 KWARGS_LIMIT = 64 * 1024  # bytes of JSON: every job descriptor of the run carries its kwargs
 
 
@@ -192,7 +211,8 @@ def build(*, task: str | None = None, script: str | None = None, cmd: str | None
           success_codes: str | list[int] | None = None, fail_on_output: str | None = None,
           result_file: str | None = None, shared: str | None = None, data: str | None = None,
           run: str | None = None, retries: int = 2, timeout: float | None = None, workdir: str | None = None,
-          share: float = 1.0, arrays_as_kwargs: bool = False, visible_gpu_id: bool = False) -> RunSpec:
+          share: float = 1.0, arrays_as_kwargs: bool = False, visible_gpu_id: bool = False,
+          env: dict[str, str] | None = None) -> RunSpec:
     """Check every argument and return the RunSpec; raises UsageError naming the bad one.
     ``sweep``: a sweep file's path or inline JSON (``master.sweep``), or its parameter sets."""
     workdir = str(Path(workdir or os.getcwd()).resolve())
@@ -255,6 +275,8 @@ def build(*, task: str | None = None, script: str | None = None, cmd: str | None
         kind, target = JobKind.SCRIPT, check_script(script, workdir)
     else:
         kind, target, options = JobKind.COMMAND, *_command(cmd, commands, lines, kwargs, params, opts)
+    if env and (why := env_problem(env)):
+        raise UsageError(f"--env {why}")
     if run:
         name = check_run_name(run)
     elif params is None and lines is None and options is None:  # as before command jobs and sweeps
@@ -264,7 +286,7 @@ def build(*, task: str | None = None, script: str | None = None, cmd: str | None
                             {"sweep": params is not None, "commands": lines, "options": options})
     return RunSpec(name, kind, target, chunks, kwargs, shared_path, data_dir, retries, timeout, workdir, float(share),
                    params=params, commands=lines, options=options, arrays_as_kwargs=bool(arrays_as_kwargs),
-                   visible_gpu_id=bool(visible_gpu_id))
+                   visible_gpu_id=bool(visible_gpu_id), env=dict(env) if env else None)
 
 
 def _array_kwargs(task: str | None, shared: str | None, data_dir: str | None, kwargs: dict[str, Any]) -> set[str]:
