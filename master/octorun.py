@@ -148,10 +148,12 @@ class LocalAgents:
     ids: list[str]
     started: list[str]
 
-    def stop(self) -> None:
+    def stop(self, now: bool = False) -> None:
+        """Stop the agents this command started: each after its current chunk, or ``now``, killing
+        it (the chunk stays queued: the next run of the command runs it again)."""
         from agent import launcher
 
-        launcher.stop(str(self.spool.base), only=self.started)
+        launcher.stop(str(self.spool.base), only=self.started, now=now)
 
 
 def start_agents(spool: Spool, gpus: str | list[int], timeout: float = 120.0) -> LocalAgents:
@@ -200,6 +202,7 @@ def _feed(args: Any, cfg: OctoConfig) -> int:
     else:
         local = start_agents(pool.spool, cfg.gpus)
         print(f"octorun config: spool {pool.spool.base}, agents {' '.join(local.ids)}", flush=True)
+    interrupted = False
     try:
         run = pool.submit(script=cfg.script_path, chunks=cfg.total_chunks, kwargs=cfg.kwargs,
                           run=args.run or cfg.run_name(pool.spool), retries=cfg.retries, timeout=args.timeout,
@@ -210,9 +213,16 @@ def _feed(args: Any, cfg: OctoConfig) -> int:
                           retry_delay=base_delay, max_failures=args.max_failures,
                           retry_cap=max(base_delay, 60.0 if cfg.retry_max_delay is None else cfg.retry_max_delay))
         summary = run.join(progress=not args.no_progress, cfg=feed)  # a second machine joins the run
+    except KeyboardInterrupt:  # as OctoRun: Ctrl-C stops the running scripts at once
+        if local is None:
+            raise
+        interrupted = True
+        print(f"\nmain.py: interrupted: stopping this command's agents ({' '.join(local.started) or 'none'}) and "
+              "their running chunks; run the same command again to resume", file=sys.stderr, flush=True)
+        return 130
     finally:
         if local is not None:
-            local.stop()
+            local.stop(now=interrupted)
     print(format_summary(summary, pool.spool.base))
     print(f"chunk output: {pool.spool.run_log_dir(run.name)}/<chunk:06d>.log")
     return 0 if summary.all_ok else 1

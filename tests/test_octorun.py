@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -138,6 +139,14 @@ def test_a_kwargs_fix_reruns_only_the_failed_chunk_as_octorun_does(tmp_path: Pat
     assert len(Spool(tmp_path / "logs" / "gpupool").run_names()) == 1
 
 
+def stop_agents(base: Path, *hosts: str) -> None:
+    """What a failed test would leave running: the agents its commands started, and their chunks."""
+    from agent.launcher import stop
+
+    for host in hosts:
+        stop(str(base), host=host, now=True, timeout=20)
+
+
 def start_main(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, str(REPO / "main.py"), *args], cwd=cwd, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -163,6 +172,7 @@ def test_the_same_config_on_a_second_machine_joins_the_run_and_shares_its_chunks
     finally:
         for p in procs:
             p.kill()
+        stop_agents(tmp_path / "logs" / "gpupool", *hosts)
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0 and "4 ok, 0 failed" in out, out + err
     assert "is fed by another master (host" in outs[1][1]
@@ -189,3 +199,29 @@ def test_success_codes_and_the_retry_delays_of_the_config_are_honoured(tmp_path:
     res = results(tmp_path / "logs" / "gpupool", run)
     assert res[1]["status"] == "ok" and res[2]["status"] == "failed"  # exit code 3 is a success here
     assert {c: len(r) for c, r in starts(rec).items()} == {0: 1, 1: 1, 2: 4}
+
+
+@pytest.mark.timeout(150)
+def test_ctrl_c_stops_the_agents_it_started_and_their_running_chunks_at_once(tmp_path: Path) -> None:
+    from agent.launcher import pid_alive
+
+    rec, gate, env = tmp_path / "rec", tmp_path / "gate", base_env(tmp_path)
+    cfg = octorun_config(tmp_path, gpus=[0, 1], total_chunks=3, script_path=DUMMY, log_dir=str(tmp_path / "logs"),
+                         kwargs={"gate": str(gate), "record_dir": str(rec)})  # chunks wait for the gate
+    proc = start_main(["--octorun-config", str(cfg), "--no-progress"], env, tmp_path)
+    try:
+        running = wait_for(lambda: len(starts(rec)) == 2 and starts(rec), 60, "two chunks running")
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)  # not after the chunks: they would wait for ever
+    finally:
+        proc.kill()
+        stop_agents(tmp_path / "logs" / "gpupool", "testhost")
+    assert proc.returncode == 130 and "interrupted: stopping this command's agents" in err, out + err
+    assert not any(pid_alive(r[0]["pid"]) for r in running.values())  # the scripts are gone too
+    spool = Spool(tmp_path / "logs" / "gpupool")
+    for ident in ("testhost-cpu0", "testhost-cpu1"):
+        assert json.loads(spool.heartbeat(ident).read_text())["state"] == "stopped"
+    gate.touch()
+    again = run_main(["--octorun-config", str(cfg), "--no-progress"], env, cwd=tmp_path)  # resumes
+    assert again.returncode == 0 and "3 ok, 0 failed" in again.stdout, again.stdout + again.stderr
+    assert sorted(len(r) for r in starts(rec).values()) == [1, 2, 2]  # the two interrupted chunks ran again
