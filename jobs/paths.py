@@ -52,6 +52,21 @@ class Spool:
         """BASE is a spool: an agent or a master has made its layout there."""
         return self.pool_dir.is_dir() and self.agents_dir.is_dir()
 
+    def hint_below(self) -> str:
+        """For a BASE that is not a spool: the spools one folder down, named (an OctoRun config
+        keeps its spool in ``<log_dir>/gpupool``, and ``--base <log_dir>`` is an easy slip), or "".
+        It opens with "; " and ends with ")": it goes inside a message's parentheses."""
+        try:
+            below = sorted(d for d in self.base.iterdir() if d.is_dir() and Spool(d).exists())[:5]
+        except OSError:
+            return ""
+        if not below:
+            return ""
+        octorun = " (an OctoRun config keeps its spool in <log_dir>/gpupool)" if any(
+            d.name == "gpupool" for d in below) else ""
+        return f"; but {', '.join(map(str, below))} {'is one' if len(below) == 1 else 'are'}{octorun}: " \
+               f"pass --base {below[0]})"
+
     def check_private(self) -> None:
         """Refuse a spool that every user may write: whoever can write it runs code as us."""
         for d in (self.base, self.pool_dir, self.agents_dir, self.runs_dir, self.results_dir):

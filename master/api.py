@@ -74,9 +74,9 @@ class Pool:
             logger.warning(unsafe)
         spool = Spool(base)
         if not create and not spool.exists():
-            raise SpoolError("is not a spool (no agent has ever been started there; a typo?). Start agents "
-                             f"there first (./start_agents.sh N {spool.base}), or pass --new-spool to make it one",
-                             spool.base)
+            hint = spool.hint_below() or ("; a typo?). Start agents there first (./start_agents.sh N "
+                                          f"{spool.base}), or pass --new-spool to make it one")
+            raise SpoolError(f"is not a spool (no agent has ever been started there{hint}", spool.base)
         self.spool = spool.ensure()
         self.spool.check_private()
 

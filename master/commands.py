@@ -102,8 +102,8 @@ def _spool(args: argparse.Namespace) -> Spool:
         raise FileNotFoundError(f"{spool.base} does not exist (no spool there yet: start agents with "
                                 f"./start_agents.sh N {args.base})")
     if not spool.exists():
-        raise FileNotFoundError(f"{spool.base} is not a spool: no agent or master has ever used it (a typo? agents "
-                                f"make one: ./start_agents.sh N {args.base})")
+        raise FileNotFoundError(f"{spool.base} is not a spool (no agent or master has ever used it" + (
+            spool.hint_below() or f"; a typo? agents make one: ./start_agents.sh N {args.base})"))
     return spool
 
 

@@ -86,6 +86,12 @@ def test_one_command_starts_agents_for_the_configured_gpus_and_matches_running_b
     assert "--gpu_id" in log and "--chunk_id 1 --total_chunks 6 --out_dir" in log
     again = run_main(["--octorun-config", str(cfg), "--no-progress"], env, cwd=tmp_path)  # resumes, like OctoRun
     assert again.returncode == 0 and "6 of 6 chunks already done" in again.stderr
+    for cmd in ([sys.executable, "-m", "master", "status", "--base", str(tmp_path / "logs")],  # OctoRun's log_dir
+                [sys.executable, str(REPO / "main.py"), "--base", str(tmp_path / "logs"), "--task", "x.py:f",
+                 "--chunks", "1"]):
+        slip = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert slip.returncode == 2 and f"is one (an OctoRun config keeps its spool in <log_dir>/gpupool): pass " \
+            f"--base {spool.base})" in slip.stderr, slip.stderr
 
 
 @pytest.mark.timeout(120)
