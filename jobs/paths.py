@@ -62,7 +62,7 @@ class Spool:
             return ""
         if not below:
             return ""
-        octorun = " (an OctoRun config keeps its spool in <log_dir>/gpupool)" if any(
+        octorun = ", as an OctoRun config keeps its spool in <log_dir>/gpupool" if any(
             d.name == "gpupool" for d in below) else ""
         return f"; but {', '.join(map(str, below))} {'is one' if len(below) == 1 else 'are'}{octorun}: " \
                f"pass --base {below[0]})"

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from jobs.descriptor import JobKind
+from jobs.descriptor import JobKind, kwargs_problem
 from jobs.paths import Spool
 from master.runspec import UsageError, default_name, parse_env
 
@@ -83,6 +83,8 @@ def load_config(path: str, cli_kwargs: dict[str, Any] | None = None) -> OctoConf
     for key in ("chunk_lock_dir", "lock_dir"):
         if key in raw:
             cfg.lock_dir = _str(raw, key, path)
+    if why := kwargs_problem(JobKind.SCRIPT, cfg.kwargs):
+        raise UsageError(f"--octorun-config {path}: kwargs (its own and --kwargs) {why}")
     if isinstance(cfg.total_chunks, bool) or not isinstance(cfg.total_chunks, int) or cfg.total_chunks < 1:
         raise UsageError(f"--octorun-config {path}: 'total_chunks' must be a whole number >= 1, "
                          f"not {cfg.total_chunks!r}")
@@ -184,12 +186,16 @@ def main(args: Any) -> int:
         raise UsageError("--octorun-config replaces --task/--script/--chunks (the config's script_path and "
                          "total_chunks say them); drop those options")
     cfg = load_config(args.octorun_config, parse_kwargs(args.kwargs))
+    env = parse_env(args.env)  # checked before any agent is started, as the script is
+    if not Path(cfg.script_path).is_file():
+        raise UsageError(f"--octorun-config {args.octorun_config}: script_path {cfg.script_path!r}: "
+                         f"{Path(cfg.script_path).resolve()} is not a file (OctoRun runs it from the current folder)")
     for note in cfg.notes:
         print(f"main.py: octorun config: {note}", file=sys.stderr)
-    return _feed(args, cfg)
+    return _feed(args, cfg, env)
 
 
-def _feed(args: Any, cfg: OctoConfig) -> int:
+def _feed(args: Any, cfg: OctoConfig, env: dict[str, str]) -> int:
     from master.api import Pool
     from master.feeder import FeedConfig
     from master.progress import format_summary
@@ -207,7 +213,7 @@ def _feed(args: Any, cfg: OctoConfig) -> int:
         run = pool.submit(script=cfg.script_path, chunks=cfg.total_chunks, kwargs=cfg.kwargs,
                           run=args.run or cfg.run_name(pool.spool), retries=cfg.retries, timeout=args.timeout,
                           fresh=args.fresh, kwargs_may_change=True, success_codes=cfg.success_codes,
-                          env=parse_env(args.env))
+                          env=env)
         base_delay = args.retry_delay if cfg.retry_base_delay is None else cfg.retry_base_delay
         feed = FeedConfig(depth=args.depth, max_depth=max(args.depth, args.max_depth), dead_after=args.dead_after,
                           retry_delay=base_delay, max_failures=args.max_failures,

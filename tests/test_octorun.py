@@ -90,7 +90,7 @@ def test_one_command_starts_agents_for_the_configured_gpus_and_matches_running_b
                 [sys.executable, str(REPO / "main.py"), "--base", str(tmp_path / "logs"), "--task", "x.py:f",
                  "--chunks", "1"]):
         slip = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=60)
-        assert slip.returncode == 2 and f"is one (an OctoRun config keeps its spool in <log_dir>/gpupool): pass " \
+        assert slip.returncode == 2 and f"is one, as an OctoRun config keeps its spool in <log_dir>/gpupool: pass " \
             f"--base {spool.base})" in slip.stderr, slip.stderr
 
 
