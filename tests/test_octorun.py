@@ -231,3 +231,38 @@ def test_ctrl_c_stops_the_agents_it_started_and_their_running_chunks_at_once(tmp
     again = run_main(["--octorun-config", str(cfg), "--no-progress"], env, cwd=tmp_path)  # resumes
     assert again.returncode == 0 and "3 ok, 0 failed" in again.stdout, again.stdout + again.stderr
     assert sorted(len(r) for r in starts(rec).values()) == [1, 2, 2]  # the two interrupted chunks ran again
+
+
+@pytest.mark.timeout(180)
+def test_the_second_machine_takes_the_run_over_when_the_first_masters_command_dies(tmp_path: Path) -> None:
+    rec, gate = tmp_path / "rec", tmp_path / "gate"
+    cfg = octorun_config(tmp_path, gpus=[0], total_chunks=4, script_path=DUMMY, log_dir=str(tmp_path / "logs"),
+                         kwargs={"gate": str(gate), "record_dir": str(rec)})
+    hosts = {h: base_env(tmp_path, GPUPOOL_HOST_ID=h, GPUPOOL_LOCK_DIR=str(tmp_path / f"locks-{h}"))
+             for h in ("nodea", "nodeb")}
+    spool = Spool(tmp_path / "logs" / "gpupool")
+    a = start_main(["--octorun-config", str(cfg), "--no-progress"], hosts["nodea"], tmp_path)
+    procs = [a]
+    try:
+        wait_for(lambda: starts(rec), 60, "node A's first chunk")
+        b = start_main(["--octorun-config", str(cfg), "--no-progress"], hosts["nodeb"], tmp_path)
+        procs.append(b)
+        wait_for(lambda: len(starts(rec)) == 2, 60, "node B's agent running a chunk too")
+        a.kill()  # node A's command dies (its agent lives on, as after a crash of the command alone)
+        [run] = spool.run_names()
+
+        def holder() -> int | None:
+            try:
+                return json.loads(spool.master_lock(run).read_text()).get("pid")
+            except (OSError, ValueError):
+                return None
+        wait_for(lambda: holder() == b.pid, 60, "node B's command becoming the run's master")
+        gate.touch()
+        out, err = b.communicate(timeout=120)
+    finally:
+        for p in procs:
+            p.kill()
+        stop_agents(spool.base, *hosts)
+    assert b.returncode == 0 and "4 ok, 0 failed" in out, out + err
+    assert "is fed by another master" in err
+    assert {c: len(r) for c, r in starts(rec).items()} == {0: 1, 1: 1, 2: 1, 3: 1}
