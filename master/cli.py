@@ -89,7 +89,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
                    "safe only if every agent and master of BASE runs on this machine (or $GPUPOOL_ALLOW_LOCAL_LOCKS=1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--octorun-config", metavar="CONFIG.json", help="run an OctoRun config.json on the pool "
-                   "(script_path, total_chunks, kwargs, gpus, max_retries, log_dir); see master/octorun.py")
+                   "(script_path, total_chunks, kwargs, gpus, max_retries, log_dir, ...); see docs/octorun.md")
     p.add_argument("--demo-dir", default="spool-demo", help="where the demo keeps its spool (default ./spool-demo)")
     return p.parse_args(argv)
 

@@ -15,8 +15,17 @@ OctoRun's fields (``octorun save_config`` writes them) and what becomes of them 
 * ``success_codes`` (any list of exit codes), ``retry_base_delay`` and ``retry_max_delay`` (the
   back-off doubles from the base up to the max, and starts from the base again each time the
   command is run, as in OctoRun): honoured.
-* ``chunk_lock_dir``, ``monitor_interval``, ``memory_threshold``: not needed (no lock files,
-  no polling interval; one agent per GPU holds it); ignored with a note.
+* ``chunk_lock_dir`` (``lock_dir``; default ``<log_dir>/locks``): no lock files are made, but
+  with the script and ``total_chunks`` it names the run, not the kwargs: as in OctoRun, whose
+  completion is keyed on chunk ids in that folder, a rerun with other kwargs keeps the chunks
+  done (and says which: they ran with other kwargs) and runs the others.
+* ``monitor_interval``, ``memory_threshold``: not needed (no polling interval; one agent per
+  GPU holds it); ignored with a note.
+
+The same command on several machines sharing the folder (OctoRun's multi-node pattern): each
+starts its own agents; the first to take the run feeds it to all of them, the others follow it
+(``master.follow``) and end with it. Ctrl-C stops the agents the command started at once, with
+their running chunks (they stay queued: the same command resumes). See docs/octorun.md.
 """
 from __future__ import annotations
 
