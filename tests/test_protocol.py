@@ -126,6 +126,14 @@ def test_command_jobs_and_sweep_fields_need_schema_2_other_jobs_stay_readable_by
     assert dataclasses.replace(job(), kind=JobKind.SCRIPT, target="/s.py").to_dict()["schema"] == 1
 
 
+def test_env_and_a_scripts_success_codes_are_fields_an_older_agent_must_understand() -> None:
+    plain = job()
+    for marked in (dataclasses.replace(plain, kind=JobKind.SCRIPT, target="/s.py", options={"success_codes": [0, 3]}),
+                   dataclasses.replace(plain, env={"FOO": "1"})):
+        assert plain.to_dict()["schema"] == 1 and marked.to_dict()["schema"] == 2
+        assert Job.from_dict(marked.to_dict()) == marked  # this version reads them
+
+
 def test_newer_schema_is_its_own_error() -> None:
     with pytest.raises(NewerSchema):
         Job.from_dict({**job().to_dict(), "schema": 99})
