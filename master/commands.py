@@ -53,6 +53,9 @@ Undo: python -m master retry --base /shared/base --run R (or re-run the same mai
   python -m master undrain --base /shared/base myhost-gpu3""",
     "undrain": """examples:
   python -m master undrain --base /shared/base myhost-gpu3""",
+    "save-config": """examples:
+  python -m master save-config --script ./worker.py          # OctoRun's default config.json, as octorun save_config
+  python main.py --octorun-config config.json                 # then run it""",
     "dashboard": """examples:
   python -m master dashboard --base /shared/base                 # http://127.0.0.1:8473/
   python -m master dashboard --base /shared/base --port 9000 --refresh 5
@@ -281,6 +284,20 @@ def cmd_rm(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_save_config(args: argparse.Namespace) -> int:
+    from master.octorun import save_config
+
+    out = save_config(args.out, args.script, args.force)
+    print(f"wrote {out} (OctoRun's default config); run it with: python main.py --octorun-config {out}")
+    return 0
+
+
+def _save_config_args(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--script", help="the script_path to write (default ./your_script.py)")
+    s.add_argument("--out", default="config.json", help="where to write it (default ./config.json)")
+    s.add_argument("--force", action="store_true", help="replace an existing file")
+
+
 def cmd_gpus(args: argparse.Namespace) -> int:
     """This host's GPUs (NVML, as CUDA_VISIBLE_DEVICES lets this process see them) and which
     agent holds each, like OctoRun's list_gpus and KohakuRiver's node list."""
@@ -373,7 +390,7 @@ def _sub(sub: argparse._SubParsersAction, name: str, help_: str, fn: Callable) -
     p = sub.add_parser(name, help=help_, description=help_, epilog=EXAMPLES[name],
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     base = os.environ.get("GPUPOOL_BASE") or None
-    if name != "gpus":  # about this host, not a spool
+    if name not in ("gpus", "save-config"):  # about this host or a file, not a spool
         p.add_argument("--base", required=base is None, default=base,
                        help="the spool folder the agents serve (default: $GPUPOOL_BASE)")
     p.set_defaults(fn=fn)
@@ -475,6 +492,8 @@ COMMANDS: list[tuple[str, str, Callable, Callable]] = [  # name, help, implement
     ("drain", "an agent finishes its current chunk and takes no more (maintenance)", cmd_drain, _drain_args),
     ("undrain", "a drained agent takes jobs again", cmd_undrain, _agent_args),
     ("dashboard", "serve a self-refreshing status page (and /api/status JSON)", cmd_dashboard, _dashboard_args),
+    ("save-config", "write OctoRun's default config.json (octorun save_config) for main.py --octorun-config",
+     cmd_save_config, _save_config_args),
 ]
 
 

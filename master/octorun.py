@@ -40,6 +40,12 @@ from jobs.descriptor import JobKind, kwargs_problem
 from jobs.paths import Spool
 from master.runspec import UsageError, default_name, parse_env
 
+# What ``octorun save_config`` writes (OctoRun's default_config.json), with ``script_path`` set.
+DEFAULT_CONFIG: dict[str, Any] = {
+    "gpus": "auto", "total_chunks": 128, "kwargs": {"batch_size": 32, "learning_rate": 0.001},
+    "script_path": "./your_script.py", "log_dir": "./logs", "chunk_lock_dir": "./logs/locks", "monitor_interval": 60,
+    "restart_failed": False, "max_retries": 3, "memory_threshold": 90, "success_codes": [0]}
+
 KNOWN = {"script_path", "total_chunks", "kwargs", "gpus", "max_retries", "restart_failed", "log_dir",
          "chunk_lock_dir", "lock_dir", "monitor_interval", "memory_threshold", "success_codes", "retry_base_delay",
          "retry_max_delay"}
@@ -80,7 +86,7 @@ def load_config(path: str, cli_kwargs: dict[str, Any] | None = None) -> OctoConf
         raw = json.loads(Path(path).read_text())
     except OSError as e:
         raise UsageError(f"--octorun-config {path}: cannot read it ({e.strerror}); "
-                         "write one with `octorun save_config --script my_script.py`") from None
+                         "write one with `python -m master save-config --script my_script.py` (or `octorun save_config`)") from None
     except ValueError as e:
         raise UsageError(f"--octorun-config {path}: not valid JSON ({e})") from None
     if not isinstance(raw, dict) or "script_path" not in raw:
@@ -241,3 +247,14 @@ def _feed(args: Any, cfg: OctoConfig, env: dict[str, str]) -> int:
     print(format_summary(summary, pool.spool.base))
     print(f"chunk output: {pool.spool.run_log_dir(run.name)}/<chunk:06d>.log")
     return 0 if summary.all_ok else 1
+
+
+def save_config(path: str, script: str | None, force: bool = False) -> Path:
+    """``octorun save_config [--script S]``: OctoRun's default config written to ``path``
+    (an existing file is kept unless ``force``: it may be the only copy of a tuned config)."""
+    out = Path(path)
+    if out.exists() and not force:
+        raise UsageError(f"{out} already exists; pass --force to replace it with the default config")
+    cfg = {**DEFAULT_CONFIG, **({"script_path": script} if script else {})}
+    out.write_text(json.dumps(cfg, indent=4) + "\n")
+    return out

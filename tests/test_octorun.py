@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from jobs.paths import Spool
-from master.octorun import load_config
+from master.octorun import DEFAULT_CONFIG, load_config
 from master.runspec import UsageError, build
 from tests.helpers import REPO, base_env, results, run_main, wait_for
 
@@ -20,10 +20,7 @@ SCRIPT = str(REPO / "examples" / "octorun_script.py")
 
 def octorun_config(tmp: Path, **fields) -> Path:
     """What ``octorun save_config`` writes (its default_config.json), with ``fields`` changed."""
-    cfg = {"gpus": "auto", "total_chunks": 128, "kwargs": {"batch_size": 32, "learning_rate": 0.001},
-           "script_path": "./tests/dummy_script.py", "log_dir": "./logs", "chunk_lock_dir": "./logs/locks",
-           "monitor_interval": 60, "restart_failed": False, "max_retries": 3, "memory_threshold": 90,
-           "success_codes": [0], **fields}
+    cfg = {**DEFAULT_CONFIG, "script_path": "./tests/dummy_script.py", **fields}
     path = tmp / "config.json"
     path.write_text(json.dumps(cfg, indent=4))
     return path
@@ -57,6 +54,10 @@ def test_config_fields_mean_what_they_mean_in_octorun(tmp_path: Path) -> None:
         build(script=SCRIPT, chunks=2, kwargs={"a b": 1})
     with pytest.raises(UsageError, match="reuse built-in argument names"):  # a callable is given them itself
         build(task="examples.noop:noop", chunks=2, kwargs={"device": "cpu"})
+    (tmp_path / "new").mkdir()
+    saved = subprocess.run([sys.executable, "-m", "master", "save-config", "--script", "w.py"], cwd=tmp_path / "new",
+                           env=base_env(tmp_path), capture_output=True, text=True, timeout=60)  # octorun save_config
+    assert saved.returncode == 0 and load_config(str(tmp_path / "new" / "config.json")).script_path == "w.py"
     with pytest.raises(UsageError, match="octorun save_config"):
         load_config(str(tmp_path / "missing.json"))
 
