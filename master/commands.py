@@ -71,7 +71,8 @@ TOP_EPILOG = """examples (one per command; python -m master COMMAND --help shows
   python -m master gpus
   python -m master rm        --base /tmp/b --run RUN
   python -m master drain     --base /tmp/b myhost-gpu3     (undrain to undo)
-  python -m master dashboard --base /tmp/b --port 8473"""
+  python -m master dashboard --base /tmp/b --port 8473
+  python -m master save-config --script worker.py   (OctoRun's default config.json)"""
 
 
 def _die(cmd: str, message: str, code: int = 2) -> int:

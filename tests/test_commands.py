@@ -342,7 +342,7 @@ def test_every_command_help_shows_an_example(capsys) -> None:
             parser().parse_args([cmd, "--help"])
         assert e.value.code == 0
         out = capsys.readouterr().out
-        assert "examples:" in out and (f"python -m master {cmd} --base" in out or cmd == "gpus"), cmd
+        assert "examples:" in out and (f"python -m master {cmd} --base" in out or cmd in ("gpus", "save-config")), cmd
     with pytest.raises(SystemExit):
         parser().parse_args(["--help"])
     top = capsys.readouterr().out
