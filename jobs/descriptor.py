@@ -65,10 +65,10 @@ SCRIPT_FLAGS = ("gpu_id", "chunk_id", "total_chunks")  # what a script is given 
 
 
 def kwargs_problem(kind: "JobKind", kwargs: dict[str, Any]) -> str | None:
-    """Why ``kwargs`` cannot go to a job of this kind, or None. A callable (or a command's template) takes them as keyword
-    arguments: identifiers, none of the built-ins the agent fills in. A script takes them as flags
-    ``--key value``: any flag name (``output-dir``, ``device``), but not the three flags the pool
-    gives it itself."""
+    """Why ``kwargs`` cannot go to a job of this kind, or None. A callable (or a command's
+    template) takes them as names: identifiers, none of the built-ins the agent fills in. A script
+    takes them as flags ``--key value``: any flag name (``output-dir``, ``device``), but not the
+    three flags the pool gives it itself."""
     keys = list(kwargs)
     if kind is JobKind.SCRIPT:
         if clash := [k for k in keys if k in SCRIPT_FLAGS]:
