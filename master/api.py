@@ -168,7 +168,7 @@ class Run:
             return None
 
     def join(self, progress: bool = True, cfg: FeedConfig | None = None, placement: Placement | None = None,
-             poll: float = 0.5) -> Summary:
+             poll: float = 1.0) -> Summary:
         """Be this run's master, or follow it while another master feeds it (the same OctoRun
         config on a second machine; see ``master.follow``): this ends with the run, or takes it
         over when that master ends first."""
