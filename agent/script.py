@@ -1,8 +1,9 @@
 """Script jobs: an OctoRun-style script run unmodified, one process per chunk.
 
 ``python SCRIPT --gpu_id G --chunk_id C --total_chunks N --key value ...`` with the
-agent's own interpreter and environment, plus the run's ``--env`` variables (not narrowed: ``--gpu_id`` is the GPU number
-as CUDA counts it there, exactly as OctoRun passes it). Output goes to a per-chunk log.
+agent's own interpreter and environment, plus the run's ``--env`` variables (not narrowed:
+``--gpu_id`` is the GPU number as CUDA counts it there, exactly as OctoRun passes it). Output
+goes to a per-chunk log.
 
 The script runs in a process group of its own; when it ends (exit, timeout, stop) the whole
 group is killed, so children it left behind do not pile up chunk after chunk on the GPU. Only

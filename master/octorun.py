@@ -86,7 +86,8 @@ def load_config(path: str, cli_kwargs: dict[str, Any] | None = None) -> OctoConf
         raw = json.loads(Path(path).read_text())
     except OSError as e:
         raise UsageError(f"--octorun-config {path}: cannot read it ({e.strerror}); "
-                         "write one with `python -m master save-config --script my_script.py` (or `octorun save_config`)") from None
+                         "write one with `python -m master save-config --script my_script.py` (or `octorun "
+                         "save_config`)") from None
     except ValueError as e:
         raise UsageError(f"--octorun-config {path}: not valid JSON ({e})") from None
     if not isinstance(raw, dict) or "script_path" not in raw:

@@ -9,7 +9,7 @@ import pytest
 
 from jobs.paths import Spool
 from master.runspec import UsageError, parse_env
-from tests.helpers import REPO, results, run_main
+from tests.helpers import results, run_main
 
 
 def test_env_options_are_checked() -> None:
