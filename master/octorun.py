@@ -12,7 +12,7 @@ OctoRun's fields (``octorun save_config`` writes them) and what becomes of them 
   spool ``<log_dir>/gpupool`` and stopped at the end. With ``--base``, the run goes to the
   agents already serving that spool and ``gpus`` is not used.
 * ``log_dir``: holds that spool; chunk output is in ``<spool>/logs/<run>/<chunk>.log``.
-* ``success_codes`` (any list of exit codes), ``retry_base_delay`` and ``retry_max_delay`` (the
+* ``success_codes`` (any exit codes from 0 to 255), ``retry_base_delay`` and ``retry_max_delay`` (the
   back-off doubles from the base up to the max, and starts from the base again each time the
   command is run, as in OctoRun): honoured.
 * ``chunk_lock_dir`` (``lock_dir``; default ``<log_dir>/locks``): no lock files are made, but
@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from jobs.descriptor import JobKind, kwargs_problem
+from jobs.descriptor import OPTION_CHECKS, JobKind, kwargs_problem
 from jobs.paths import Spool
 from master.runspec import UsageError, default_name, parse_env
 
@@ -106,8 +106,7 @@ def load_config(path: str, cli_kwargs: dict[str, Any] | None = None) -> OctoConf
                          f"not {cfg.total_chunks!r}")
     if "success_codes" in raw:
         codes = raw["success_codes"]
-        if not isinstance(codes, list) or not codes or \
-                any(isinstance(c, bool) or not isinstance(c, int) or not 0 <= c <= 255 for c in codes):
+        if not OPTION_CHECKS["success_codes"](codes):  # the check a job's success_codes option gets
             raise UsageError(f"--octorun-config {path}: 'success_codes' must be a list of exit codes from 0 to 255 "
                              f"like [0, 3], not {codes!r}")
         cfg.success_codes = codes
