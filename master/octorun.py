@@ -38,6 +38,7 @@ from typing import Any
 
 from jobs.descriptor import OPTION_CHECKS, JobKind, kwargs_problem
 from jobs.paths import Spool
+from master.inputs import read_text
 from master.runspec import UsageError, default_name, parse_env
 
 # What ``octorun save_config`` writes (OctoRun's default_config.json), with ``script_path`` set.
@@ -53,6 +54,8 @@ NAMES_RUN = "no lock files are made (a chunk is claimed through the agents' mail
 UNUSED = {"chunk_lock_dir": NAMES_RUN, "lock_dir": NAMES_RUN,
           "monitor_interval": "no polling interval: results are picked up as they are written",
           "memory_threshold": "one agent holds each GPU; use --min-free-gb with --gpu auto for agents"}
+
+CONFIG_LIMIT = 1024 * 1024  # bytes of a config.json (OctoRun's are a few hundred)
 
 
 @dataclass
@@ -82,12 +85,12 @@ class OctoConfig:
 
 def load_config(path: str, cli_kwargs: dict[str, Any] | None = None) -> OctoConfig:
     """Read and check an OctoRun config.json; UsageError names the bad field."""
+    if not Path(path).exists():
+        raise UsageError(f"--octorun-config {path}: no such file; write one with `python -m master save-config "
+                         "--script my_script.py` (or `octorun save_config`)")
+    text = read_text(Path(path), f"--octorun-config {path}", CONFIG_LIMIT)
     try:
-        raw = json.loads(Path(path).read_text())
-    except OSError as e:
-        raise UsageError(f"--octorun-config {path}: cannot read it ({e.strerror}); "
-                         "write one with `python -m master save-config --script my_script.py` (or `octorun "
-                         "save_config`)") from None
+        raw = json.loads(text)
     except ValueError as e:
         raise UsageError(f"--octorun-config {path}: not valid JSON ({e})") from None
     if not isinstance(raw, dict) or "script_path" not in raw:
