@@ -44,7 +44,7 @@ from agent.gpu import NoGpu
 from agent.script import run_script
 from agent.slot import Slot
 from agent.watcher import MailboxWatcher
-from agent.workerproc import Worker, WorkerLost, agent_marks, cap_log, kill_leftovers
+from agent.worker_control import Worker, WorkerLost, agent_marks, cap_log, kill_leftovers
 from jobs.descriptor import SCHEMA as JOB_SCHEMA, Job, JobKind, JobState
 from jobs.atomic import purge_temp, read_bounded, server_now
 from jobs.errors import BadFile
@@ -501,7 +501,7 @@ class Agent:
     def _gpu_fault(self, err: dict[str, Any], first: bool) -> str | None:
         """The failure as a GPU fault that is not the job's own, or None. Only on a GPU agent (on
         a CPU one, a job that uses CUDA anyway fails by its own doing): a driver-level error
-        (``agent.worker.DRIVER_ERROR``), or in a worker process that had run nothing before (so
+        (``agent.worker_process.DRIVER_ERROR``), or in a worker process that had run nothing before (so
         nothing a job did in it is to blame) out of memory or a context found unusable. A kernel's
         own failure (a device-side assert, an illegal address) is the job's: a run with such a
         bug fails its chunks, each in a fresh worker, but drains no agent."""

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from agent.script import _error, run_process
-from agent.workerproc import exit_reason
+from agent.worker_control import exit_reason
 from jobs.descriptor import Job
 from jobs.errors import BadFile
 from jobs.jsonio import load_json

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from agent.gpu import make_probe, visible_gpus
 from agent.identity import agent_id, host_id
-from agent.workerproc import with_repo_path
+from agent.worker_control import with_repo_path
 from jobs.errors import BadFile, SpoolError
 from jobs.heartbeat import AgentState, read_status
 from jobs.locks import FileLock

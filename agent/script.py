@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from agent.workerproc import exit_reason, exited, kill_group, tail
+from agent.worker_control import exit_reason, exited, kill_group, tail
 from jobs.descriptor import Job
 
 # Kill the script if the agent dies, even by SIGKILL (util-linux setpriv, where present).
@@ -86,7 +86,7 @@ class _ExitWaiter:
             self.fd = None
 
     def wait(self, seconds: float) -> bool:
-        """True once the process has exited (it is not reaped: see ``workerproc.exited``)."""
+        """True once the process has exited (it is not reaped: see ``worker_control.exited``)."""
         if self.fd is not None:
             select.select([self.fd], [], [], max(0.0, seconds))
         elif not exited(self.proc):

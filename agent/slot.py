@@ -11,7 +11,7 @@ from typing import Any
 
 from agent.gpu import Gpu, NoGpu, free_gb, visible_gpus
 from agent.identity import agent_id
-from agent.workerproc import agent_marks, has_marks
+from agent.worker_control import agent_marks, has_marks
 from jobs.errors import LockHeld, SpoolError
 from jobs.locks import HolderLock
 from jobs.paths import Spool

@@ -10,7 +10,7 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     from jobs.logsetup import command_logs
 
-    from master.commands import main as run_command
+    from master.pool_cli import main as run_command
 
     command_logs("WARNING")  # the feeder (retry) and the executor warn; nothing chattier reaches the terminal
     return run_command(argv)

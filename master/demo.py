@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from agent import launcher
-from agent.workerproc import REPO_ROOT
+from agent.worker_control import REPO_ROOT
 from agent.gpu import make_probe, visible_gpus
 from examples.matmul import SIZE, chunk_input, shared_matrix
 from jobs.errors import SpoolError

@@ -270,7 +270,7 @@ class Dispatcher:
             self._find_lost()
             self._withdraw_unwanted()
             self._next_liveness = now + min(1.0, self.cfg.dead_after / 4)
-        self._collect(full)
+        self._take_in(full)
         while self.delayed and self.delayed[0][0] <= now:
             self.pending.appendleft(heapq.heappop(self.delayed)[1])
         self._dispatch()
@@ -297,7 +297,7 @@ class Dispatcher:
         self._lag = max(lags) if lags else None
 
     # results -----------------------------------------------------------------------------------
-    def _collect(self, full: bool = True) -> None:
+    def _take_in(self, full: bool = True) -> None:
         """Take in the outcomes of jobs in flight: of every one (a stat or two each) on a full
         pass, else only of the chunks whose result files inotify reported since the last pass."""
         named = self.names.drain() if self.names is not None else []

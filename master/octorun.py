@@ -196,7 +196,7 @@ def start_agents(spool: Spool, gpus: str | list[int], timeout: float = 120.0) ->
 
 # the run ----------------------------------------------------------------------------------------
 def main(args: Any) -> int:
-    """``main.py --octorun-config``: ``args`` are main.py's parsed options (``master.cli.guarded``
+    """``main.py --octorun-config``: ``args`` are main.py's parsed options (``master.run_cli.guarded``
     turns the errors a user can act on into one line)."""
     from master.runspec import parse_kwargs
 

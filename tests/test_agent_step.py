@@ -14,7 +14,7 @@ from agent.agent import Agent, AgentConfig
 from agent.gpu import NoGpu
 from agent.slot import Slot
 from agent.task import SharedCache, TaskCache
-from agent.worker import handle
+from agent.worker_process import handle
 from jobs.descriptor import Job, JobKind
 from jobs.mailbox import Mailbox
 from jobs.npzio import load_npz

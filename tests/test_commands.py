@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from jobs.paths import Spool
-from master.commands import EXAMPLES, parser
+from master.pool_cli import EXAMPLES, parser
 from tests.helpers import REPO, base_env, results, run_main, wait_for
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from jobs.mailbox import Mailbox
 from jobs.paths import Spool
-from agent.workerproc import cap_log
+from agent.worker_control import cap_log
 from tests.helpers import REPO, AgentProc, results, run_main, run_names, wait_for
 
 

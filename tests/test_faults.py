@@ -42,7 +42,7 @@ def test_each_way_a_job_can_die_is_a_failed_result_and_the_agent_keeps_serving(s
 
 @pytest.mark.timeout(60)
 def test_a_worker_death_is_reported_for_its_own_job_not_for_the_one_queued_behind_it(env, tmp_path: Path) -> None:
-    from agent.workerproc import Worker, WorkerLost
+    from agent.worker_control import Worker, WorkerLost
     from jobs.descriptor import Job, JobKind
 
     def request(chunk: int) -> dict:

@@ -17,8 +17,8 @@ from agent.agent import Agent, AgentConfig
 from agent.gpu import Gpu, NoGpu
 from agent.slot import Slot
 from agent.task import SharedCache, TaskCache
-from agent.worker import gpu_fault, handle
-from agent.workerproc import Worker
+from agent.worker_process import gpu_fault, handle
+from agent.worker_control import Worker
 from jobs.descriptor import Job, JobKind
 from jobs.mailbox import Mailbox
 from jobs.paths import Spool

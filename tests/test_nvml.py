@@ -290,7 +290,7 @@ def test_a_process_that_leaves_the_gpu_within_the_grace_does_not_make_it_busy(sp
 
 def test_a_former_agents_leftover_on_its_gpu_does_not_make_it_busy(tmp_path: Path) -> None:
     """What the busy check (``agent.slot._refuse_busy``) leaves out: processes with the agent's marks."""
-    from agent.workerproc import agent_marks, has_marks
+    from agent.worker_control import agent_marks, has_marks
     marks = agent_marks("testhost-gpu0", str(tmp_path))
     p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], env={**os.environ, **marks})
     try:
@@ -385,7 +385,7 @@ def test_a_gpu_lock_made_by_one_user_under_umask_077_is_taken_by_another(monkeyp
 # workers named for ps and nvidia-smi ------------------------------------------------------------------
 @pytest.mark.timeout(120)
 def test_each_worker_is_named_after_its_agent_and_the_chunk_it_runs(spool: Spool, agents, tmp_path: Path) -> None:
-    """Before: every worker was ``python -m agent.worker 11 14 <pid>``, shown as ``python``. The kernel
+    """Before: every worker was ``python -m agent.worker_process 11 14 <pid>``, shown as ``python``. The kernel
     name (comm) is set in any case; the command line through setproctitle, here its stand-in,
     which logs the titles it is given."""
     titles = tmp_path / "titles"

@@ -147,7 +147,7 @@ class Worker:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 # the agent's id last: ps and nvidia-smi tell the workers apart (see worker.set_title)
-                [sys.executable, "-m", "agent.worker", str(r_req), str(w_rep), str(os.getpid()),
+                [sys.executable, "-m", "agent.worker_process", str(r_req), str(w_rep), str(os.getpid()),
                  self.env.get("GPUPOOL_AGENT", "-")],
                 pass_fds=(r_req, w_rep), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 env=self.env, cwd=self.cwd, start_new_session=True,
