@@ -10,6 +10,8 @@ EPILOG = """examples:
   python -m agent --base /shared/base --gpu 0       # serve GPU 0 of this host
   python -m agent --base /shared/base --gpu auto    # a free GPU with enough memory
   python -m agent --base ./spool --cpu --gpu 1      # CPU rank 1 (no GPU used)
+  python -m agent --base /shared/base --gpu 2,3     # one agent holding GPUs 2 and 3 (cuda:0 and cuda:1 in jobs)
+  python -m agent --base /shared/base --gpu 0 --slots 4   # one of 4 agents sharing GPU 0 (run it 4 times)
 Most people start agents with ./start_agents.sh N BASE instead."""
 
 
@@ -17,8 +19,14 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m agent", description="Run one pool agent in the foreground.",
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", required=True, help="spool folder shared with the master")
-    p.add_argument("--gpu", default="auto", help="GPU number (index into the visible GPUs), or 'auto'; "
-                   "with no GPU or --cpu, a local rank (default: auto)")
+    p.add_argument("--gpu", default="auto", help="GPU number (index into the visible GPUs), several (2,3: one "
+                   "agent holding them all), or 'auto'; with no GPU or --cpu, a local rank (default: auto)")
+    p.add_argument("--gpus-per-agent", type=int, metavar="K", help="hold K GPUs, all locked or none; its jobs see "
+                   "them as cuda:0..K-1 (default: as many as --gpu names, 1 with --gpu auto)")
+    p.add_argument("--slots", type=int, default=1, metavar="K", help="share the GPU with K-1 other agents (K "
+                   "slots, one job each at a time; each job still sees only this GPU; see --gpu-mem of main.py)")
+    p.add_argument("--slot", type=int, metavar="J", help="with --slots K: take slot J (0..K-1; default: the first "
+                   "free one)")
     p.add_argument("--cpu", action="store_true", help="run jobs on the CPU even if GPUs are present")
     p.add_argument("--min-free-gb", type=float, default=1.0, help="with --gpu auto: free memory a GPU needs")
     p.add_argument("--allow-shared-gpu", action="store_true",
@@ -93,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         spool.check_private()
         host = host_id(args.host_id)
         probe = make_probe()
-        slot = claim(spool, probe, host, args.gpu, args.cpu, args.min_free_gb, args.allow_shared_gpu)
+        slot = claim(spool, probe, host, args.gpu, args.cpu, args.min_free_gb, args.allow_shared_gpu,
+                     args.gpus_per_agent, args.slots, args.slot)
     except SpoolError as e:
         print(f"agent: {e}", file=sys.stderr)
         return 3 if type(e).__name__ == "LockHeld" else 2

@@ -40,11 +40,13 @@ from loguru import logger
 
 from agent.command import run_command
 from agent.fairshare import FairShare
-from agent.gpu import NoGpu
+from agent.gpu import Gpu, NoGpu
 from agent.script import run_script
-from agent.slot import Slot
+from agent.gpumem import MemoryGate
+from agent.identity import agent_id
+from agent.slot import Slot, gpu_lock_dir, label
 from agent.watcher import MailboxWatcher
-from agent.worker_control import Worker, WorkerLost, agent_marks, cap_log, kill_leftovers
+from agent.worker_control import Worker, WorkerLost, agent_marks, cap_log, has_marks, kill_leftovers
 from jobs.descriptor import SCHEMA as JOB_SCHEMA, Job, JobKind, JobState
 from jobs.atomic import purge_temp, read_bounded, server_now
 from jobs.errors import BadFile
@@ -87,7 +89,9 @@ class Agent:
         self.marks = agent_marks(self.id, str(spool.base))
         base_env = {**os.environ, "CUDA_DEVICE_ORDER": "PCI_BUS_ID", **self.marks}
         self.script_env = base_env  # scripts get the agent's own view, as OctoRun gives them
-        worker_env = {**base_env, "CUDA_VISIBLE_DEVICES": slot.gpu.token if slot.gpu else ""}
+        # Several GPUs (--gpus-per-agent): their UUIDs, so the job sees them as cuda:0..k-1. MPS, where the
+        # host runs it, is used as CUDA uses it: CUDA_MPS_PIPE_DIRECTORY passes through with the rest.
+        worker_env = {**base_env, "CUDA_VISIBLE_DEVICES": slot.visible}
         self.command_env = worker_env  # command jobs see this agent's GPU only, as callables do
         self.worker = worker or Worker(worker_env, spool.worker_log(self.id))
         self.stop = False  # finish the current job, then exit
@@ -122,6 +126,10 @@ class Agent:
         self._first_of_worker: set[tuple] = set()
         self._faults: dict[tuple[str, int], str] = {}  # (run, chunk) -> GPU fault, of the failures in a row
         self._drained_why: str | None = None  # set when this agent drained itself
+        siblings = {j: agent_id(host, label(slot.gpus, j)) for j in range(slot.slots)} if slot.slot is not None else {}
+        self.memory = MemoryGate(probe, slot.gpus, self.id, str(spool.base), slot.slot, siblings,
+                                 gpu_lock_dir() if slot.slot is not None else None)  # --gpu-mem
+        self.waiting: str | None = None  # why the next job waits (its --gpu-mem is not free), for the heartbeat
 
     # lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -139,7 +147,7 @@ class Agent:
         self.write_heartbeat()  # the launcher waits for this to call the agent ready
         threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True).start()
         logger.info("agent {} ready: base={} device={} gpu={} watch={} pid={}", self.id, self.spool.base,
-                    self.slot.device, self.slot.gpu.describe() if self.slot.gpu else None, self.watcher.mode,
+                    self.slot.device, " + ".join(g.describe() for g in self.slot.gpus) or None, self.watcher.mode,
                     os.getpid())
 
     def _defer_what_killed_the_last_one(self) -> bool:
@@ -246,6 +254,7 @@ class Agent:
             else self._finished
         job = self.share.choose(jobs, leave)
         if job is None:
+            self.waiting = None
             if not self._dry:  # just ran dry: status says idle, with the jobs done, now rather than a beat later
                 self._dry = True
                 self._beat()
@@ -259,12 +268,31 @@ class Agent:
             logger.info("{} chunk {} attempt {}: dropped: {}", job.run, job.chunk_id, job.attempt, skip)
             self._finished.add(job.uid)
         else:
+            if job.gpu_mem is not None and not self._memory_for(job):
+                return False
             why = self._recycle_reason(job, jobs)
             if why is not None:
                 self._replace_worker(f"recycled: {why}")
-            if self._execute(job, self._next_callable(jobs, job)):
-                self._finished.add(job.uid)
+            try:
+                if self._execute(job, self._next_callable(jobs, job)):
+                    self._finished.add(job.uid)
+            finally:
+                self.memory.release()
         return True
+
+    def _memory_for(self, job: Job) -> bool:
+        """Promise the job the GPU memory it declares (--gpu-mem), if free now (``agent.gpumem``);
+        else it waits, its reason in the heartbeat (``waiting``) and said once in the log."""
+        why = None if self.slot.gpu is None else self.memory.reserve(job.gpu_mem)
+        if why is None:
+            self.waiting = None
+            return True
+        why = f"{job.run} chunk {job.chunk_id} waits: {why} (--gpu-mem {job.gpu_mem:g})"
+        if why.split(";")[0] != (self.waiting or "").split(";")[0]:
+            logger.info("agent {}: {}", self.id, why)
+        self.waiting = why
+        self._beat()
+        return False
 
     # the worker process ----------------------------------------------------------------------
     def _worker_seen(self) -> None:
@@ -355,6 +383,7 @@ class Agent:
             return None
         nxt = self.share.choose(jobs, self._finished, running=after, expected=last)
         if nxt is None or nxt.kind is not JobKind.CALLABLE or nxt.alone or nxt.uid in self._deferred \
+                or nxt.gpu_mem is not None \
                 or self._skip_reason(nxt) is not None:
             return None
         return nxt
@@ -580,6 +609,9 @@ class Agent:
         def abort() -> bool:  # polled a few times a second while the job runs
             return self.stop_now or bool((self._cancelled(job.run) or {}).get("stop_running"))
 
+        if job.gpus is not None and job.gpus != len(self.slot.gpus):  # a master placed it wrongly: not run here
+            return {"error": {"type": "WrongAgent", "message": f"the job needs {job.gpus} GPU(s) (--gpus-per-job) "
+                              f"and agent {self.id} holds {len(self.slot.gpus)}", "traceback": ""}}, None
         if job.kind in (JobKind.SCRIPT, JobKind.COMMAND):
             log = self.spool.chunk_log(job.run, job.chunk_id)
             try:
@@ -665,30 +697,31 @@ class Agent:
                     logger.info("agent {}: {} grew past --log-limit-mb; its older lines are in {}.1", self.id,
                                 log.name, log.name)
 
-    def _gpu_metrics(self) -> dict[str, Any]:
-        """The GPU's figures for the heartbeat; a GPU that does not answer (lost, its driver gone)
+    def _gpu_metrics(self) -> list[dict[str, Any]]:
+        """Each GPU's figures for the heartbeat; a GPU that does not answer (lost, its driver gone)
         gives ``{"error": ...}``, said once in the log, and the agent drains itself (``step``):
         the heartbeat goes on, so masters see the drain and take its queued jobs back."""
         try:
-            return {**self.probe.metrics(self.slot.gpu), "worker_mem": self._worker_gpu_memory()}
+            return [{**self.probe.metrics(g), "worker_mem": self._worker_gpu_memory(g)} for g in self.slot.gpus]
         except Exception as e:  # NVMLError_GpuIsLost and friends
             error = f"{type(e).__name__}: {e}"
             if self._gpu_error is None:
                 logger.error("agent {}: its GPU does not answer: {}", self.id, error)
                 self._gpu_error = error
-            return {"error": error}
+            return [{"error": error}]
 
-    def _worker_gpu_memory(self) -> int | None:
-        """Bytes of GPU memory the worker process holds (NVML's per-process figure; 0 if it holds
-        none), or None when NVML cannot say: per-process figures not supported, or NVML's pids are
-        of another pid namespace (an agent in a container: NVML's pids are the host's)."""
+    def _worker_gpu_memory(self, gpu: Gpu) -> int | None:
+        """Bytes of ``gpu``'s memory this agent's jobs hold: its worker process and the processes
+        carrying its marks (command and script jobs, what they fork), NVML's per-process figures (0
+        if they hold none), or None when NVML cannot say: per-process figures not supported, or
+        NVML's pids are of another pid namespace (an agent in a container: NVML's pids are the host's)."""
         try:
-            procs = self.probe.processes(self.slot.gpu)
+            procs = self.probe.processes(gpu)
         except Exception:
             return None
         if procs is None:
             return None
-        mine = [mem for pid, mem in procs if pid == self.worker.pid]
+        mine = [mem for pid, mem in procs if pid == self.worker.pid or has_marks(pid, self.marks)]
         if mine:
             return None if any(m is None for m in mine) else sum(mine)
         return 0 if all(os.path.exists(f"/proc/{pid}") for pid, _ in procs) else None
@@ -697,6 +730,7 @@ class Agent:
         with self._hb_lock:
             self._seq += 1
             cur, ahead = self.current, self._ahead
+            gpus = self._gpu_metrics() if self.slot.gpus else []
             status = {
                 "schema": 1, "agent": self.id, "host": self.host, "hostname": socket.gethostname(),
                 "pid": os.getpid(), "base": str(self.spool.base), "state": self._reported_state().value,
@@ -715,7 +749,13 @@ class Agent:
                 "last_error": self.last_error,
                 "died_under": self.died_under,  # see master.dispatcher.Dispatcher._restarted
                 "mailbox_lag_s": None if self.mailbox_lag is None else round(self.mailbox_lag, 4),
-                "gpu": self._gpu_metrics() if self.slot.gpu else None,
+                "gpu": gpus[0] if gpus else None,  # its (first) GPU, as before several GPUs per agent
+                "gpus": gpus,  # every GPU it holds (--gpus-per-agent), each as "gpu" is
+                "gpu_ids": list(self.slot.numbers), "gpu_uuids": [g.uuid for g in self.slot.gpus],
+                "slot": self.slot.slot, "slots": self.slot.slots,  # --slots: agents sharing its GPU
+                "gpu_mem_reserved": self.memory.reserved or None,  # bytes the running job declared (--gpu-mem)
+                "waiting": self.waiting,
+                "mps": os.environ.get("CUDA_MPS_PIPE_DIRECTORY"),
             }
             write_status(self.spool, self.id, status)
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from agent.gpu import make_probe, visible_gpus
 from agent.identity import agent_id, host_id
+from agent.slot import label
 from agent.worker_control import with_repo_path
 from jobs.errors import BadFile, SpoolError
 from jobs.heartbeat import AgentState, read_status
@@ -24,11 +25,14 @@ from jobs.locks import FileLock
 from jobs.paths import Spool
 
 
-USAGE = """usage: ./start_agents.sh N BASE [--cpu] [--host-id ID] [--timeout S] [-- AGENT OPTIONS...]
+USAGE = """usage: ./start_agents.sh N BASE [--cpu] [--gpus-per-agent K] [--slots K] [--host-id ID] [--timeout S]
+                          [-- AGENT OPTIONS...]
        ./start_agents.sh stop BASE [--now] [--host-id ID]
 examples:
   ./start_agents.sh 8 /shared/base          # one agent per GPU 0..7 of this host
   ./start_agents.sh 2 /tmp/b --cpu          # two CPU agents
+  ./start_agents.sh 8 /shared/base --gpus-per-agent 2   # four agents, each holding two GPUs (0+1, 2+3, ...)
+  ./start_agents.sh 1 /shared/base --slots 4            # four agents sharing GPU 0, one job each at a time
   ./start_agents.sh 4 /shared/base -- --watch poll --poll-interval 0.2
   ./start_agents.sh stop /shared/base       # graceful: each finishes its current job"""
 
@@ -70,9 +74,11 @@ def pid_alive(pid: int) -> bool:
 
 
 def start(base: str, n: int, cpu: bool = False, host: str | None = None, agent_args: list[str] | None = None,
-          timeout: float = 120.0, numbers: list[int] | None = None, partial: bool = False) -> list[Started]:
-    """Start agents for GPUs (or CPU ranks) 0..n-1, or for the given ``numbers``. Raises
-    AgentsFailed if some did not start (an unusable GPU), after starting the others; with
+          timeout: float = 120.0, numbers: list[int] | None = None, partial: bool = False, per_agent: int = 1,
+          slots: int = 1) -> list[Started]:
+    """Start agents for GPUs (or CPU ranks) 0..n-1, or for the given ``numbers``: one per GPU, one per
+    ``per_agent`` GPUs in order (--gpus-per-agent: 0+1, 2+3, ...), or ``slots`` per GPU (--slots).
+    Raises AgentsFailed if some did not start (an unusable GPU), after starting the others; with
     ``partial``, says why on stderr and returns those that did, unless none did."""
     spool = Spool(base).ensure()
     host = host_id(host)
@@ -83,13 +89,14 @@ def start(base: str, n: int, cpu: bool = False, host: str | None = None, agent_a
                          f"numbered 0..{len(gpus) - 1}; ask for fewer, or use --cpu for CPU agents")
     env = with_repo_path(dict(os.environ))
     procs: list[tuple[str, subprocess.Popen | None, Path]] = []
-    for i in numbers:
-        ident = agent_id(host, gpus[i].label if gpus else f"cpu{i}")
+    for group, j in _agents(numbers, bool(gpus), per_agent, slots):
+        ident = agent_id(host, label([gpus[i] for i in group], j) if gpus else f"cpu{group[0]}")
         out = spool.agent_out(ident)
         if is_running(spool, ident):
             procs.append((ident, None, out))
             continue
-        cmd = [sys.executable, "-m", "agent", "--base", str(spool.base), "--gpu", str(i), "--host-id", host]
+        cmd = [sys.executable, "-m", "agent", "--base", str(spool.base), "--gpu", ",".join(map(str, group)),
+               "--host-id", host] + ([] if j is None else ["--slots", str(slots), "--slot", str(j)])
         cmd += (["--cpu"] if not gpus else []) + list(agent_args or [])
         with open(out, "ab") as f:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT,
@@ -107,6 +114,22 @@ def start(base: str, n: int, cpu: bool = False, host: str | None = None, agent_a
     elif failed:
         raise AgentsFailed(started, failed)
     return started
+
+
+def _agents(numbers: list[int], gpus: bool, per_agent: int, slots: int) -> list[tuple[list[int], int | None]]:
+    """(GPU numbers, slot) of each agent to start; SpoolError for a shape that does not fit."""
+    if per_agent < 1 or slots < 1:
+        raise SpoolError(f"--{'gpus-per-agent' if per_agent < 1 else 'slots'} must be 1 or more")
+    if per_agent > 1 and slots > 1:
+        raise SpoolError("--gpus-per-agent with --slots: slots share one GPU; use one or the other")
+    if not gpus and (per_agent > 1 or slots > 1):
+        raise SpoolError(f"--{'gpus-per-agent' if per_agent > 1 else 'slots'} needs GPUs, and these agents have none "
+                         "(--cpu, or no GPU visible); start more CPU agents instead")
+    if len(numbers) % per_agent:
+        raise SpoolError(f"{len(numbers)} GPU(s) do not split into agents of {per_agent} (--gpus-per-agent "
+                         f"{per_agent}): ask for a multiple of {per_agent}")
+    groups = [numbers[i:i + per_agent] for i in range(0, len(numbers), per_agent)]
+    return [(g, None) for g in groups] if slots == 1 else [(g, j) for g in groups for j in range(slots)]
 
 
 class AgentsFailed(SpoolError):
@@ -179,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("what")
     p.add_argument("base", nargs="?", default=os.environ.get("GPUPOOL_BASE") or None)
     p.add_argument("--cpu", action="store_true")
+    p.add_argument("--gpus-per-agent", type=int, default=1)
+    p.add_argument("--slots", type=int, default=1)
     p.add_argument("--now", action="store_true")
     p.add_argument("--host-id")
     p.add_argument("--timeout", type=float, default=120.0)
@@ -205,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"start_agents.sh: N must be at least 1, not {n}", file=sys.stderr)
             return 2
         try:
-            started, failed = start(args.base, n, args.cpu, args.host_id, agent_args, args.timeout), []
+            started, failed = start(args.base, n, args.cpu, args.host_id, agent_args, args.timeout,
+                                    per_agent=args.gpus_per_agent, slots=args.slots), []
         except AgentsFailed as e:
             started, failed = e.started, e.failures
     except SpoolError as e:

@@ -15,6 +15,7 @@ from jobs.names import MAX_CHUNKS, brief, check_chunk, check_name
 
 SCHEMA = 2  # the highest descriptor schema this version reads (agents say it in their heartbeat)
 MAX_ATTEMPTS = 10**6  # attempt numbers become file names (<chunk>.a<N>.json): bounded
+MAX_GPUS = 64  # GPUs one job may ask for (--gpus-per-job)
 
 
 class JobKind(str, Enum):
@@ -42,14 +43,17 @@ class JobState(str, Enum):
 # (absent: 1) reads the job's schema, so an old agent is passed over, never fed jobs it must refuse.
 OPTIONAL: dict[str, Any] = {"alone": False, "epoch": None, "share": 1.0, "params": None, "options": None,
                             "args": [], "encoded": False, "arrays_as_kwargs": False, "visible_gpu_id": False,
-                            "env": None}
+                            "env": None, "gpus": None, "gpu_mem": None}
 # params: an agent that ignored them would leave them out of the result (collect's columns); options: it
 # would ignore a command job's checks and result file
 # also new in schema 2 (issue 15): an Executor call's positional arguments and its arguments encoded by jobs.codec; the
 # SGE template's arrays by name and gpu_id as the job sees it: ignored, each would call the job wrongly; env
 # (main.py --env): ignored, the job would run without the caller's variables
+# (issue 16, docs/multigpu.md) gpus: ignored, a job that needs k GPUs would run on whatever the agent holds;
+# gpu_mem: ignored, the job would start whatever memory its GPU has free
 MUST_UNDERSTAND: dict[str, int] = {"params": 2, "options": 2,  # field -> the schema that introduced it
-                                   "args": 2, "encoded": 2, "arrays_as_kwargs": 2, "visible_gpu_id": 2, "env": 2}
+                                   "args": 2, "encoded": 2, "arrays_as_kwargs": 2, "visible_gpu_id": 2, "env": 2,
+                                   "gpus": 2, "gpu_mem": 2}
 KIND_SCHEMA: dict[JobKind, int] = {JobKind.COMMAND: 2}  # a kind added later: the schema that introduced it
 
 # Set by the worker to its own pid: code the worker imports can tell it runs inside one (an
@@ -110,6 +114,8 @@ class Job:
     arrays_as_kwargs: bool = False  # each array of ``data`` and ``shared`` is passed as a keyword argument by name
     visible_gpu_id: bool = False  # ``gpu_id`` is the GPU's index in the worker (0: it sees its own GPU only)
     env: dict[str, str] | None = None  # variables set for the job (main.py --env), over the agent's own
+    gpus: int | None = None  # --gpus-per-job: the GPUs the job needs; only an agent holding that many runs it
+    gpu_mem: float | None = None  # --gpu-mem: GiB of GPU memory it needs; it starts only once that is free
     schema: int = field(default=SCHEMA, compare=False)  # what it was read as; written as needs_schema
 
     @property
@@ -190,6 +196,12 @@ class Job:
         _expect(self.kwargs, dict, "kwargs", where)
         if why := kwargs_problem(self.kind, self.kwargs):
             raise BadFile(f"kwargs {why}", where)
+        if self.gpus is not None and (isinstance(self.gpus, bool) or not isinstance(self.gpus, int)
+                                      or not 1 <= self.gpus <= MAX_GPUS):
+            raise BadFile(f"'gpus' must be an integer from 1 to {MAX_GPUS}, got {brief(self.gpus)}", where)
+        if self.gpu_mem is not None and (isinstance(self.gpu_mem, bool) or not isinstance(self.gpu_mem, (int, float))
+                                         or not 0 < self.gpu_mem < math.inf):
+            raise BadFile(f"'gpu_mem' must be a positive number of GiB, got {brief(self.gpu_mem)}", where)
         for name in ("params", "options"):
             if getattr(self, name) is not None:
                 _expect(getattr(self, name), dict, name, where)

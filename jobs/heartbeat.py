@@ -48,6 +48,8 @@ def read_status(path: Path) -> dict[str, Any]:
     if not isinstance(state, str) or state not in _STATES:
         raise BadFile(f"heartbeat has unknown state {_cut(state)}", path)
     bad = clean(st, FIELDS)
+    for n, gpu in enumerate(st.get("gpus") or []):  # each GPU of an agent that holds several, as "gpu" is
+        bad += clean(gpu, _GPU, f"gpus[{n}].")
     for key in ("current", "ahead"):  # a job is named by its run and chunk, or not at all
         job = st.get(key)
         if isinstance(job, dict) and not (isinstance(job.get("run"), str) and is_int(job.get("chunk_id"))):
@@ -60,15 +62,19 @@ def read_status(path: Path) -> dict[str, Any]:
 
 _STATES = {s.value for s in AgentState}
 _JOB = {"run": is_str, "chunk_id": is_int, "attempt": is_int, "since": is_time}
+_GPU = {"name": is_str, "uuid": is_str, "util": is_num, "mem_used": is_num, "mem_total": is_num, "temp": is_num,
+        "worker_mem": is_num}
 # field -> its check, or the checks of the fields of an object (see jobs.jsonio.clean)
 FIELDS: dict[str, Any] = {
     "schema": is_int, "host": is_str, "hostname": is_str, "pid": is_int, "base": is_str, "device": is_str,
     "gpu_id": is_int, "gpu_index": is_int, "gpu_uuid": is_str, "current": _JOB, "ahead": _JOB, "jobs_done": is_int,
     "jobs_failed": is_int, "started_at": is_time, "updated_at": is_time, "heartbeat_s": is_num,
     "watch": is_str, "job_schema": is_int, "worker_pid": is_int, "log": is_str, "last_error": is_str,
-    "mailbox_lag_s": is_num,
-    "gpu": {"name": is_str, "uuid": is_str, "util": is_num, "mem_used": is_num, "mem_total": is_num, "temp": is_num,
-            "worker_mem": is_num},
+    "mailbox_lag_s": is_num, "gpu": _GPU,
+    "gpus": lambda v: isinstance(v, list) and len(v) <= 64 and all(isinstance(g, dict) for g in v),
+    "gpu_ids": lambda v: isinstance(v, list) and len(v) <= 64 and all(is_int(g) for g in v),
+    "gpu_uuids": lambda v: isinstance(v, list) and len(v) <= 64 and all(is_str(g) for g in v),
+    "slot": is_int, "slots": is_int, "gpu_mem_reserved": is_num, "waiting": is_str, "mps": is_str,
 }
 
 

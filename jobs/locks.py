@@ -53,11 +53,13 @@ def _with_mode(fd: int, mode: int | None) -> int:
 
 
 class FileLock:
-    """An exclusive lock on ``path``; usable as a context manager (blocking)."""
+    """An exclusive lock on ``path`` (with ``shared``: a shared one, which excludes only exclusive
+    holders, as agents sharing one GPU as slots hold its lock); usable as a context manager (blocking)."""
 
-    def __init__(self, path: Path, mode: int | None = None) -> None:
+    def __init__(self, path: Path, mode: int | None = None, shared: bool = False) -> None:
         self.path = Path(path)
         self.mode = mode  # see _open_or_create
+        self.kind = portalocker.LockFlags.SHARED if shared else portalocker.LockFlags.EXCLUSIVE
         self._f = None
 
     def _open(self):
@@ -83,11 +85,11 @@ class FileLock:
     def _lock_once(self, blocking: bool, deadline: float | None, poll: float) -> bool:
         f = self._open()
         if blocking and deadline is None:
-            portalocker.lock(f, portalocker.LockFlags.EXCLUSIVE)
+            portalocker.lock(f, self.kind)
             return True
         while True:
             try:
-                portalocker.lock(f, portalocker.LockFlags.EXCLUSIVE | portalocker.LockFlags.NON_BLOCKING)
+                portalocker.lock(f, self.kind | portalocker.LockFlags.NON_BLOCKING)
                 return True
             except portalocker.exceptions.LockException:
                 if not blocking or (deadline is not None and time.monotonic() >= deadline):

@@ -23,7 +23,7 @@ from jobs.results import (RunScan, read_epoch, read_result, reopen_failed, resul
                           unseal)
 from master.dispatcher import Dispatcher, Event, FeedConfig, Outcome, read_or_empty, summarize
 from master.liveness import AgentView
-from master.placement import Placement, Unplaceable
+from master.placement import Placement, Unplaceable, gpu_count
 from master.runspec import RunSpec
 
 __all__ = ["Feeder", "FeedConfig", "Outcome", "Summary"]
@@ -103,8 +103,11 @@ class Feeder(Dispatcher):
         """Fail at once: waiting for agents that will never match helps nobody."""
         why = "; ".join(f"{v.id} (host {v.status.get('host')}, gpu {v.status.get('gpu_id')}): "
                         f"{_phrase(self.why_not(v))}" for v in live[:8])
+        held = Counter(gpu_count(v.status) for v in live)  # what exists, for --gpus-per-job
+        pool = ", ".join(f"{n} {'CPU agent(s)' if not k else f'with {k} GPU' + ('' if k == 1 else 's')}"
+                         for k, n in sorted(held.items()))
         raise Unplaceable(f"run {self.spec.name}: none of the {len(live)} live agent(s) may take its jobs under "
-                          f"{self.placement.describe()}: {why}{' ...' if len(live) > 8 else ''}")
+                          f"{self.placement.describe()} (the pool has {pool}): {why}{' ...' if len(live) > 8 else ''}")
 
     # recovery ------------------------------------------------------------------------------
     def recover(self) -> None:
@@ -210,7 +213,8 @@ class Feeder(Dispatcher):
                    shared=s.shared, data=s.data_file(c), timeout=s.timeout, workdir=s.workdir,
                    submitted_at=time.time(), alone=c in self.isolated, epoch=self.epoch, share=s.share,
                    params=s.chunk_params(c), options=s.options, arrays_as_kwargs=s.arrays_as_kwargs,
-                   visible_gpu_id=s.visible_gpu_id, env=s.env)
+                   visible_gpu_id=s.visible_gpu_id, env=s.env, gpus=self.placement.gpus_per_job,
+                   gpu_mem=self.placement.gpu_mem)
 
     # the loop ----------------------------------------------------------------------------------
     def run(self, stop: threading.Event | None = None) -> Summary:

@@ -7,6 +7,12 @@ into the GPUs the host lets it see; a CPU agent's rank). ``HOST::`` or ``HOST`` 
 any agent of that host. ``--min-free-gb``: the agent's GPU reports at least that much free
 memory (a CPU agent has none). A run that no live agent may take fails at once, naming the
 constraint (``Unplaceable``), instead of waiting for agents that will never match.
+
+GPUs per job (docs/multigpu.md): ``--gpus-per-job K`` goes only to agents holding exactly K GPUs
+(``--gpus-per-agent K``); a run without it only to agents holding at most one (CPU agents, one-GPU
+agents and slots), so that no job meets GPUs it does not expect. ``--gpu-mem GB`` (what one job
+needs; the agent starts it only while that much is free) passes over agents whose GPUs have less
+than that in all, and CPU agents.
 """
 from __future__ import annotations
 
@@ -14,6 +20,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from jobs.descriptor import MAX_GPUS
 from master.runspec import UsageError
 
 
@@ -27,19 +34,28 @@ class Placement:
     hosts: tuple[str, ...] = ()
     exclude_hosts: tuple[str, ...] = ()
     min_free_gb: float | None = None
+    gpus_per_job: int | None = None  # None: agents with at most one GPU
+    gpu_mem: float | None = None  # GiB one job needs (the agent waits until it is free)
 
     @classmethod
     def parse(cls, targets: list[str] | None = None, hosts: str | None = None, exclude_hosts: str | None = None,
-              min_free_gb: float | None = None) -> "Placement":
+              min_free_gb: float | None = None, gpus_per_job: int | None = None,
+              gpu_mem: float | None = None) -> "Placement":
         """From the command line; UsageError naming the bad argument."""
         parsed = tuple(_target(t) for t in targets or ())
         if min_free_gb is not None and not 0 <= min_free_gb < math.inf:
             raise UsageError(f"--min-free-gb must be 0 or a positive number of GiB, not {min_free_gb}")
-        return cls(parsed, _names(hosts, "--hosts"), _names(exclude_hosts, "--exclude-hosts"), min_free_gb)
+        if gpus_per_job is not None and not 1 <= gpus_per_job <= MAX_GPUS:
+            raise UsageError(f"--gpus-per-job must be a whole number from 1 to {MAX_GPUS}, not {gpus_per_job}")
+        if gpu_mem is not None and not 0 < gpu_mem < math.inf:
+            raise UsageError(f"--gpu-mem must be a positive number of GiB (what one job needs), not {gpu_mem}")
+        return cls(parsed, _names(hosts, "--hosts"), _names(exclude_hosts, "--exclude-hosts"), min_free_gb,
+                   gpus_per_job, gpu_mem)
 
     @property
     def any(self) -> bool:
-        return bool(self.targets or self.hosts or self.exclude_hosts or self.min_free_gb)
+        return bool(self.targets or self.hosts or self.exclude_hosts or self.min_free_gb or self.gpus_per_job
+                    or self.gpu_mem)
 
     def why_not(self, status: dict[str, Any]) -> str | None:
         """None if the agent with this heartbeat may take the run's jobs, else the constraint it fails."""
@@ -48,9 +64,21 @@ class Placement:
             return f"--exclude-hosts {','.join(self.exclude_hosts)}"
         if self.hosts and not names & set(self.hosts):
             return f"--hosts {','.join(self.hosts)}"
-        gpu = status.get("gpu_id")
-        if self.targets and not any(h in names and (not g or gpu in g) for h, g in self.targets):
+        ids = gpu_ids(status)
+        if self.targets and not any(h in names and (not g or set(ids) <= set(g)) for h, g in self.targets):
             return " ".join(f"--target {h}::{','.join(map(str, g))}" for h, g in self.targets)
+        n = gpu_count(status)
+        if self.gpus_per_job is None and n > 1:
+            return f"holds {n} GPUs, and the run asks for one per job (give it --gpus-per-job {n})"
+        if self.gpus_per_job is not None and n != self.gpus_per_job:
+            return f"holds {n} GPU{'' if n == 1 else 's'}, not the {self.gpus_per_job} of --gpus-per-job"
+        if self.gpu_mem:
+            totals = [g.get("mem_total") for g in gpus_of(status)]
+            if not totals:
+                return f"has no GPU, and the run declares --gpu-mem {self.gpu_mem:g}"
+            small = [t for t in totals if _is_num(t) and t / 2**30 < self.gpu_mem]
+            if small:
+                return f"its GPU has {small[0] / 2**30:.1f} GB in all, under the run's --gpu-mem {self.gpu_mem:g}"
         if self.min_free_gb:
             free = free_gb(status)
             if free is None or free < self.min_free_gb:
@@ -62,18 +90,46 @@ class Placement:
         parts += [f"--hosts {','.join(self.hosts)}"] if self.hosts else []
         parts += [f"--exclude-hosts {','.join(self.exclude_hosts)}"] if self.exclude_hosts else []
         parts += [f"--min-free-gb {self.min_free_gb:g}"] if self.min_free_gb else []
+        parts += [f"--gpus-per-job {self.gpus_per_job}"] if self.gpus_per_job else []
+        parts += [f"--gpu-mem {self.gpu_mem:g}"] if self.gpu_mem else []
         return " ".join(parts) or "(none)"
 
 
+def gpus_of(status: dict[str, Any]) -> list[dict[str, Any]]:
+    """The pynvml metrics of each GPU an agent's heartbeat lists (``gpus``; older agents: ``gpu``)."""
+    gpus = status.get("gpus")
+    if isinstance(gpus, list) and gpus:
+        return [g for g in gpus if isinstance(g, dict)]
+    return [status["gpu"]] if isinstance(status.get("gpu"), dict) else []
+
+
+def gpu_count(status: dict[str, Any]) -> int:
+    """How many GPUs the agent holds (0: a CPU agent)."""
+    uuids = status.get("gpu_uuids")
+    if isinstance(uuids, list):
+        return len(uuids)
+    return 0 if status.get("device") in (None, "cpu") else 1
+
+
+def gpu_ids(status: dict[str, Any]) -> list[Any]:
+    """The agent's GPU numbers (its --gpu N, or N,M), or its CPU rank."""
+    ids = status.get("gpu_ids")
+    return ids if isinstance(ids, list) and ids else [status.get("gpu_id")]
+
+
 def free_gb(status: dict[str, Any]) -> float | None:
-    """Free GPU memory in GiB from a heartbeat's pynvml metrics; None without a GPU."""
-    gpu = status.get("gpu")
-    if not isinstance(gpu, dict):
-        return None
-    used, total = gpu.get("mem_used"), gpu.get("mem_total")
-    if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (used, total)):
-        return None
-    return (total - used) / 2**30
+    """Free GPU memory in GiB from a heartbeat's pynvml metrics (the least of its GPUs'); None without a GPU."""
+    free = []
+    for gpu in gpus_of(status):
+        used, total = gpu.get("mem_used"), gpu.get("mem_total")
+        if not (_is_num(used) and _is_num(total)):
+            return None
+        free.append((total - used) / 2**30)
+    return min(free) if free else None
+
+
+def _is_num(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 def _target(text: str) -> tuple[str, tuple[int, ...]]:

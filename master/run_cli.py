@@ -76,6 +76,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--exclude-hosts", metavar="H1,H2", help="never run on agents of these hosts")
     p.add_argument("--min-free-gb", type=float, metavar="GB",
                    help="run only on agents whose GPU has at least this much free memory")
+    p.add_argument("--gpus-per-job", type=int, metavar="K", help="each job needs K GPUs: it runs only on agents "
+                   "holding K (./start_agents.sh N BASE --gpus-per-agent K) and sees them as cuda:0..K-1 (default: "
+                   "agents with one GPU, or CPU agents)")
+    p.add_argument("--gpu-mem", type=float, metavar="GB", help="GPU memory one job needs: an agent starts it only "
+                   "while that much is free (NVML), so slots sharing a GPU (--slots) never overcommit it")
     p.add_argument("--fresh", action="store_true", help="start the run over: drop its earlier results")
     p.add_argument("--wait", action="store_true", help="if another master feeds this run, wait for it")
     p.add_argument("--depth", type=int, default=4, help="jobs per agent until chunk durations are known (default 4; "
@@ -139,7 +144,8 @@ def feed(args: argparse.Namespace) -> int:
     def go() -> int:
         from master.placement import Placement
 
-        placement = Placement.parse(args.target, args.hosts, args.exclude_hosts, args.min_free_gb)
+        placement = Placement.parse(args.target, args.hosts, args.exclude_hosts, args.min_free_gb, args.gpus_per_job,
+                                    args.gpu_mem)
         pool = Pool(args.base, allow_local_locks=args.allow_local_locks, create=args.new_spool)
         run = pool.submit(task=args.task, script=args.script, cmd=args.cmd, commands=args.commands,
                           chunks=args.chunks, kwargs=parse_kwargs(args.kwargs), sweep=args.sweep,

@@ -20,6 +20,7 @@ from jobs.mailbox import Mailbox
 from jobs.paths import Spool
 from jobs.results import final_status, has_outcome, result_or_none, scan_run
 from master.liveness import Liveness
+from master.placement import gpu_count, gpu_ids, gpus_of
 from master.runspec import RunSpec
 
 RATE_WINDOW_S = 120.0  # chunks/s is measured over the results finished in this last stretch
@@ -133,7 +134,8 @@ class StatusReader:
 
 def _agent_row(ident: str, v: Any, cur: dict | None, queued: int, drain_flag: bool) -> dict[str, Any]:
     st = v.status  # checked field by field by jobs.heartbeat.read_status
-    gpu = st.get("gpu") or {}
+    gpus = gpus_of(st)
+    gpu = _together(gpus)
     cur = {k: cur.get(k) for k in ("run", "chunk_id", "attempt", "since")} if isinstance(cur, dict) else None
     state = st.get("state") if v.alive else ("stopped" if st.get("state") == "stopped" else "dead")
     since = cur.get("since") if cur else None
@@ -145,9 +147,33 @@ def _agent_row(ident: str, v: Any, cur: dict | None, queued: int, drain_flag: bo
         "jobs_done": st.get("jobs_done"), "jobs_failed": st.get("jobs_failed"),
         "heartbeat_age_s": round(v.age, 1), "gpu_util": gpu.get("util"), "gpu_mem_used": gpu.get("mem_used"),
         "gpu_mem_total": gpu.get("mem_total"), "gpu_temp": gpu.get("temp"), "log": st.get("log"),
-        "gpu_worker_mem": gpu.get("worker_mem"),  # what the agent's worker process holds (NVML)
+        "gpu_worker_mem": gpu.get("worker_mem"),  # what the agent's worker and jobs hold (NVML)
         "last_error": st.get("last_error") if isinstance(st.get("last_error"), str) else None,
+        # docs/multigpu.md: its GPUs (each as the gpu_* fields sum them up), its slot of a shared GPU,
+        # the memory its running job declared (--gpu-mem), and why its next job waits
+        "gpus": gpu_count(st), "gpu_ids": gpu_ids(st),
+        "gpu_list": gpus, "slot": st.get("slot"), "slots": st.get("slots"),
+        "gpu_mem_reserved": st.get("gpu_mem_reserved"), "waiting": st.get("waiting"),
     }
+
+
+def _together(gpus: list[dict[str, Any]]) -> dict[str, Any]:
+    """An agent's GPUs as one: its GPU's own figures, or for several the sums of their memory,
+    the highest utilisation and temperature, and the name once (``2x NVIDIA H100``)."""
+    if len(gpus) <= 1:
+        return gpus[0] if gpus else {}
+
+    def total(key: str) -> Any:
+        vals = [g.get(key) for g in gpus]
+        return None if any(not is_num(x) for x in vals) else sum(vals)
+
+    def most(key: str) -> Any:
+        vals = [g.get(key) for g in gpus if is_num(g.get(key))]
+        return max(vals) if vals else None
+    names = {g.get("name") for g in gpus}
+    return {"name": f"{len(gpus)}x {names.pop()}" if len(names) == 1 else f"{len(gpus)} GPUs",
+            "util": most("util"), "temp": most("temp"), "mem_used": total("mem_used"), "mem_total": total("mem_total"),
+            "worker_mem": total("worker_mem")}
 
 
 def chunk_rate(finished: list[float], now: float, window: float = RATE_WINDOW_S, least: int = 3) -> float | None:
@@ -268,9 +294,12 @@ def _agent_line(a: dict[str, Any], color: bool) -> str:
     util = "-" if a["gpu_util"] is None else f"{a['gpu_util']}%"
     temp = "-" if a["gpu_temp"] is None else f"{a['gpu_temp']}C"
     worker = "-" if a.get("gpu_worker_mem") is None else _gb(a["gpu_worker_mem"])
+    slot = f"{a['slot']}/{a['slots']}" if a.get("slot") is not None else "-"
+    job_mem = _gb(a.get("gpu_mem_reserved"))
     hb = _paint(f"{a['heartbeat_age_s']:>5.1f}s", "31" if not a["alive"] else "", color)
     return (f"{a['id']:<22} {(a['host'] or '-')[:12]:<12} {state} {cur_s:<30} {a['jobs_done'] or 0:>5} "
-            f"{a['jobs_failed'] or 0:>4} {a['queued']:>3} {hb}  {gpu:<18} {util:>5} {mem:>11} {temp:>5} {worker:>6}")
+            f"{a['jobs_failed'] or 0:>4} {a['queued']:>3} {hb}  {slot:>4} {gpu:<18} {util:>5} {mem:>11} {temp:>5} "
+            f"{job_mem:>6} {worker:>6}")
 
 
 def _run_line(r: dict[str, Any], p: dict[str, Any], color: bool) -> str:
@@ -286,7 +315,8 @@ def render(data: dict[str, Any], color: bool = False) -> str:
     """The status table as text (ANSI colours only when ``color``)."""
     lines = [f"spool {data['base']}   {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(data['time']))}", ""]
     lines.append(f"{'AGENT':<22} {'HOST':<12} {'STATE':<9} {'CURRENT':<30} {'DONE':>5} {'FAIL':>4} {'Q':>3} "
-                 f"{'HB AGE':>6}  {'GPU':<18} {'UTIL':>5} {'MEM GB':>11} {'TEMP':>5} {'WRK GB':>6}")
+                 f"{'HB AGE':>6}  {'SLOT':>4} {'GPU':<18} {'UTIL':>5} {'MEM GB':>11} {'TEMP':>5} {'JOB GB':>6} "
+                 f"{'WRK GB':>6}")
     lines += [_agent_line(a, color) for a in data["agents"]]
     if not data["agents"]:
         lines.append("(no agents yet: start some with ./start_agents.sh N BASE)")
@@ -297,6 +327,8 @@ def render(data: dict[str, Any], color: bool = False) -> str:
     for a in data["agents"]:  # why an agent drained itself (a failing GPU) or paused (a full disk)
         if a.get("last_error") and a["state"] != "stopped":
             lines.append(_paint(f"{a['id']} ({a['state']}): {a['last_error'][:300]}", "33", color))
+        if a.get("waiting") and a["alive"]:  # --gpu-mem not free: its next job waits
+            lines.append(f"{a['id']} ({a['state']}): {a['waiting'][:300]}")
     lines += ["", f"{'RUN':<32} {'CHUNKS':>6} {'OK':>6} {'FAILED':>6} {'RUNNING':>7} {'QUEUED':>6} {'PENDING':>7} "
                   f"{'SHARE':>9} {'CHUNK/S':>8} {'ETA':>9}"]
     lines += [_run_line(r, data.get("run_progress", {}).get(r["run"], {}), color) for r in data["runs"]]

@@ -5,6 +5,8 @@
 # GPUs: those the scheduler allocated to this node (CUDA_VISIBLE_DEVICES); the agent's --gpu N
 # indexes that list. None allocated: $GPUPOOL_CPU_AGENTS CPU agents (default 1), never the
 # node's unallocated GPUs. Returns when every agent has exited (non-zero if one failed).
+# $GPUPOOL_GPUS_PER_AGENT=K: one agent per K allocated GPUs (--gpu 0,1 then 2,3 ...; the allocation
+# must be a multiple of K). $GPUPOOL_SLOTS=K: K agents sharing each allocated GPU (--slots K).
 set -uo pipefail
 home=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 base=${1:?usage: node_agents.sh BASE [agent options...]}
@@ -17,13 +19,34 @@ case "${CUDA_VISIBLE_DEVICES:-}" in
   "" | NoDevFiles | -1) ;;
   *) IFS=, read -ra gpus <<<"$CUDA_VISIBLE_DEVICES" ;;
 esac
+per=${GPUPOOL_GPUS_PER_AGENT:-1}
+slots=${GPUPOOL_SLOTS:-1}
+specs=() # one agent each: its --gpu (and --slots/--slot) arguments
 if [ "${#gpus[@]}" -gt 0 ]; then
-  n=${#gpus[@]}
   cpu=()
+  if ! [[ $per =~ ^[1-9][0-9]*$ && $slots =~ ^[1-9][0-9]*$ ]]; then
+    echo "node_agents: GPUPOOL_GPUS_PER_AGENT=$per and GPUPOOL_SLOTS=$slots must be whole numbers of at least 1" >&2
+    exit 2
+  fi
+  if [ $((${#gpus[@]} % per)) -ne 0 ]; then
+    echo "node_agents: $(hostname): ${#gpus[@]} GPU(s) allocated (CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES) do not" \
+      "split into agents of GPUPOOL_GPUS_PER_AGENT=$per; ask Slurm for a multiple of $per" >&2
+    exit 2
+  fi
+  for ((g = 0; g < ${#gpus[@]}; g += per)); do
+    list=$g
+    for ((k = 1; k < per; k++)); do list+=",$((g + k))"; done
+    if [ "$slots" -gt 1 ]; then
+      for ((j = 0; j < slots; j++)); do specs+=("$list --slots $slots --slot $j"); done
+    else
+      specs+=("$list")
+    fi
+  done
 else
-  n=${GPUPOOL_CPU_AGENTS:-1}
+  for ((i = 0; i < ${GPUPOOL_CPU_AGENTS:-1}; i++)); do specs+=("$i"); done
   cpu=(--cpu)
 fi
+n=${#specs[@]}
 
 # Under Slurm every process of the step gets the signal itself (scancel, --signal): the agents
 # then finish their current chunk and exit, and we only wait. A second SIGTERM would make them
@@ -35,8 +58,9 @@ on_signal() {
 }
 trap on_signal TERM INT
 
-for ((i = 0; i < n; i++)); do
-  "${PYTHON:-python3}" -m agent --base "$base" --gpu "$i" "${cpu[@]}" "$@" </dev/null &
+for spec in "${specs[@]}"; do
+  read -ra args <<<"$spec"
+  "${PYTHON:-python3}" -m agent --base "$base" --gpu "${args[@]}" "${cpu[@]}" "$@" </dev/null &
   pids+=($!)
 done
 echo "node_agents: $(hostname): started $n ${cpu[*]:+CPU }agent(s) (pids ${pids[*]}; CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-})"
