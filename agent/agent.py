@@ -74,6 +74,7 @@ class AgentConfig:
 
 PIPELINE_MAX_S = 0.5  # pipeline the next job only after chunks of a run that took at most this long
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)  # a result that fails with these pauses the agent, costs no attempt
+MEMORY_RECHECK_S = 0.25  # how often a job waiting for its --gpu-mem looks at the GPU's free memory again
 RESTART_DEFER_S = 30.0  # a restarted agent leaves the jobs its former process died under this long
 
 
@@ -220,8 +221,8 @@ class Agent:
                     self.watcher.busy(backlog=self._ahead is not None)
                 elif self.cfg.burst:
                     break
-                elif not self.stop:
-                    self.watcher.wait(self.cfg.rescan)
+                elif not self.stop:  # a job waiting for GPU memory (--gpu-mem) looks again soon
+                    self.watcher.wait(min(self.cfg.rescan, MEMORY_RECHECK_S) if self.waiting else self.cfg.rescan)
             if self._ahead is not None:  # handed over, not started by us: it stays queued for later
                 logger.info("agent {}: stopping; {} chunk {} stays queued", self.id, self._ahead.run,
                             self._ahead.chunk_id)
@@ -288,10 +289,11 @@ class Agent:
             self.waiting = None
             return True
         why = f"{job.run} chunk {job.chunk_id} waits: {why} (--gpu-mem {job.gpu_mem:g})"
-        if why.split(";")[0] != (self.waiting or "").split(";")[0]:
-            logger.info("agent {}: {}", self.id, why)
+        new = why.split(";")[0] != (self.waiting or "").split(";")[0]  # another job, or another GPU
         self.waiting = why
-        self._beat()
+        if new:  # said once; the heartbeat thread keeps the figures fresh
+            logger.info("agent {}: {}", self.id, why)
+            self._beat()
         return False
 
     # the worker process ----------------------------------------------------------------------

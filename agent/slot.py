@@ -193,7 +193,7 @@ def _take(spool: Spool, probe: NoGpu, host: str, numbers: list[int], gpus: list[
         for n, gpu in zip(numbers, gpus):
             lk = HolderLock(gpu_lock(gpu), mode=LOCK_MODE, shared=shared)
             try:
-                lk.take(f"GPU {n} ({gpu.name}, {gpu.uuid})" + (" (as a slot: its holder runs it alone)" if shared else ""),
+                lk.take(f"GPU {n} ({gpu.name}, {gpu.uuid})" + (f" (to share as one of {slots} slots)" if shared else ""),
                         agent=ident, base=str(spool.base), uuid=gpu.uuid, slots=slots)
                 locks.append(lk)
                 if not allow_shared:

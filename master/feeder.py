@@ -23,7 +23,7 @@ from jobs.results import (RunScan, read_epoch, read_result, reopen_failed, resul
                           unseal)
 from master.dispatcher import Dispatcher, Event, FeedConfig, Outcome, read_or_empty, summarize
 from master.liveness import AgentView
-from master.placement import Placement, Unplaceable, gpu_count
+from master.placement import Placement, Unplaceable, gpu_count, gpu_ids
 from master.runspec import RunSpec
 
 __all__ = ["Feeder", "FeedConfig", "Outcome", "Summary"]
@@ -101,10 +101,10 @@ class Feeder(Dispatcher):
 
     def unplaceable(self, live: list[AgentView]) -> None:
         """Fail at once: waiting for agents that will never match helps nobody."""
-        why = "; ".join(f"{v.id} (host {v.status.get('host')}, gpu {v.status.get('gpu_id')}): "
+        why = "; ".join(f"{v.id} (host {v.status.get('host')}, gpu {','.join(map(str, gpu_ids(v.status)))}): "
                         f"{_phrase(self.why_not(v))}" for v in live[:8])
         held = Counter(gpu_count(v.status) for v in live)  # what exists, for --gpus-per-job
-        pool = ", ".join(f"{n} {'CPU agent(s)' if not k else f'with {k} GPU' + ('' if k == 1 else 's')}"
+        pool = ", ".join(f"{n} {'CPU agent(s)' if not k else f'agent(s) with {k} GPU' + ('' if k == 1 else 's')}"
                          for k, n in sorted(held.items()))
         raise Unplaceable(f"run {self.spec.name}: none of the {len(live)} live agent(s) may take its jobs under "
                           f"{self.placement.describe()} (the pool has {pool}): {why}{' ...' if len(live) > 8 else ''}")

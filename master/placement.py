@@ -92,7 +92,7 @@ class Placement:
         parts += [f"--min-free-gb {self.min_free_gb:g}"] if self.min_free_gb else []
         parts += [f"--gpus-per-job {self.gpus_per_job}"] if self.gpus_per_job else []
         parts += [f"--gpu-mem {self.gpu_mem:g}"] if self.gpu_mem else []
-        return " ".join(parts) or "(none)"
+        return " ".join(parts) or "no placement flags (one GPU, or a CPU, per job)"
 
 
 def gpus_of(status: dict[str, Any]) -> list[dict[str, Any]]:
