@@ -154,6 +154,7 @@ def _agent_row(ident: str, v: Any, cur: dict | None, queued: int, drain_flag: bo
         "gpus": gpu_count(st), "gpu_ids": gpu_ids(st),
         "gpu_list": gpus, "slot": st.get("slot"), "slots": st.get("slots"),
         "gpu_mem_reserved": st.get("gpu_mem_reserved"), "waiting": st.get("waiting"),
+        "mps": st.get("mps"),  # the CUDA_MPS_PIPE_DIRECTORY its jobs get, where MPS runs
     }
 
 

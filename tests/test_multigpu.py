@@ -23,6 +23,7 @@ FOUR = {"gpus": [{"name": "NVIDIA H200", "mem_total_gb": 141}] * 4}
 ONE = {"gpus": [{"name": "NVIDIA H200", "mem_total_gb": 16, "mem_used_gb": 6}]}  # 10 GB free
 # each chunk says it started, sees the GPUs it is given, and waits for the test's gate
 GATED = ("touch {dir}/started{chunk_id}; printf '%s' \"$CUDA_VISIBLE_DEVICES\" > {dir}/cvd{chunk_id}; "
+         "printf '%s' \"$CUDA_MPS_PIPE_DIRECTORY\" > {dir}/mps{chunk_id}; "
          "while [ ! -e {dir}/gate ]; do sleep 0.05; done")
 
 
@@ -132,7 +133,8 @@ def test_a_job_asking_for_gpus_or_memory_needs_an_agent_that_reads_schema_2() ->
 # several jobs per GPU ------------------------------------------------------------------------------------
 @pytest.mark.timeout(180)
 def test_two_slots_run_two_jobs_at_once_on_one_gpu_each_seeing_only_it(spool: Spool, tmp_path: Path, stop_all) -> None:
-    env = nvml_env(tmp_path, ONE)
+    mps = tmp_path / "mps"  # where an MPS control daemon would listen: passed through, never required
+    env = nvml_env(tmp_path, ONE, CUDA_MPS_PIPE_DIRECTORY=str(mps))
     started = subprocess.run([str(REPO / "start_agents.sh"), "1", str(spool.base), "--slots", "2", "--timeout", "60",
                               "--", *FAST], env=env, capture_output=True, text=True, timeout=120)
     assert started.returncode == 0, started.stdout + started.stderr
@@ -156,6 +158,8 @@ def test_two_slots_run_two_jobs_at_once_on_one_gpu_each_seeing_only_it(spool: Sp
     assert feeder.returncode == 0, out
     gpu = uuids(tmp_path, ONE)[0]
     assert [(tmp_path / f"cvd{c}").read_text() for c in (0, 1)] == [gpu, gpu]
+    assert [(tmp_path / f"mps{c}").read_text() for c in (0, 1)] == [str(mps)] * 2
+    assert heartbeat(spool.base, "testhost-gpu0s0")["mps"] == str(mps)
     assert {r["agent"] for r in results(spool.base, "both").values()} == {"testhost-gpu0s0", "testhost-gpu0s1"}
 
 
