@@ -82,8 +82,18 @@ def gpu_lock(gpu: Gpu) -> Path:
 def gpu_holder(gpu: Gpu) -> dict[str, Any] | None:
     """The agent holding ``gpu`` now (its lock's note: agent, base, pid, since), or None. Judged
     from the note and the process it names, never by taking the lock (an agent starting at that
-    moment would be refused)."""
-    note = HolderLock(gpu_lock(gpu)).holder()
+    moment would be refused). A GPU shared by slots (--slots) names them all: ``agent`` is their
+    ids, comma-separated."""
+    note = _live(HolderLock(gpu_lock(gpu)).holder())
+    slots = note.get("slots") if note else None
+    if note and isinstance(slots, int) and 1 < slots <= 256:
+        held = [n for j in range(slots) if (n := _live(HolderLock(slot_lock(gpu, j)).holder()))]
+        note = {**note, "agent": ", ".join(str(n.get("agent")) for n in held) or note.get("agent")}
+    return note
+
+
+def _live(note: dict[str, Any]) -> dict[str, Any] | None:
+    """A lock's holder note if the agent process it names still runs on this host, else None."""
     pid = note.get("pid")
     if not isinstance(pid, int) or note.get("host") != socket.gethostname():
         return None

@@ -41,6 +41,14 @@ def status(base: Path, env: dict[str, str], *flags: str) -> str:
     return out.stdout
 
 
+def host_gpus(env: dict[str, str]) -> list[dict[str, Any]]:
+    """``python -m master gpus --json``: this host's GPUs and the agents holding each."""
+    out = subprocess.run([sys.executable, "-m", "master", "gpus", "--json"], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
 def agent(base: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
     """``python -m agent`` that is expected to refuse to start (it would run in the foreground)."""
     return subprocess.run([sys.executable, "-m", "agent", "--base", str(base), "--burst", *FAST, *args], cwd=REPO,
@@ -70,6 +78,7 @@ def test_agents_holding_two_gpus_each_give_a_job_both_as_cuda_0_and_1(spool: Spo
     row = {a["id"]: a for a in json.loads(status(spool.base, env, "--json"))["agents"]}["testhost-gpu0+1"]
     assert row["gpus"] == 2 and row["gpu_ids"] == [0, 1] and row["gpu_mem_total"] == 2 * 141 * 2**30
     assert "2x NVIDIA H200" in status(spool.base, env)
+    assert [g["agent"] for g in host_gpus(env)] == ["testhost-gpu0+1"] * 2 + ["testhost-gpu2+3"] * 2
 
     out = tmp_path / "out"
     r = run_main(["--base", str(spool.base), "--cmd", "mkdir -p {out}; printf '{{\"cvd\": \"%s\", \"device\": "
@@ -139,6 +148,7 @@ def test_two_slots_run_two_jobs_at_once_on_one_gpu_each_seeing_only_it(spool: Sp
                               "--", *FAST], env=env, capture_output=True, text=True, timeout=120)
     assert started.returncode == 0, started.stdout + started.stderr
     assert {heartbeat(spool.base, f"testhost-gpu0s{j}").get("slot") for j in (0, 1)} == {0, 1}
+    assert [g["agent"] for g in host_gpus(env)] == ["testhost-gpu0s0, testhost-gpu0s1"]
     # a third agent cannot have the GPU to itself while slots share it
     assert agent(spool.base, env, "--gpu", "0").returncode == 3
     feeder = gated_run(spool.base, env, tmp_path, "both", "--gpu-mem", "4")  # 4 + 4 of the 10 GB free
