@@ -89,11 +89,13 @@ class Agent:
         # GPUPOOL_AGENT and GPUPOOL_SPOOL also mark what jobs start, for kill_leftovers at a restart.
         self.marks = agent_marks(self.id, str(spool.base))
         base_env = {**os.environ, "CUDA_DEVICE_ORDER": "PCI_BUS_ID", **self.marks}
-        self.script_env = base_env  # scripts get the agent's own view, as OctoRun gives them
         # Several GPUs (--gpus-per-agent): their UUIDs, so the job sees them as cuda:0..k-1. MPS, where the
         # host runs it, is used as CUDA uses it: CUDA_MPS_PIPE_DIRECTORY passes through with the rest.
         worker_env = {**base_env, "CUDA_VISIBLE_DEVICES": slot.visible}
         self.command_env = worker_env  # command jobs see this agent's GPU only, as callables do
+        # scripts get the agent's own view, as OctoRun gives them, with --gpu_id its GPU; an agent holding
+        # several GPUs narrows theirs too (no OctoRun script expects several), --gpu_id 0 the first of them
+        self.script_env = base_env if len(slot.gpus) <= 1 else worker_env
         self.worker = worker or Worker(worker_env, spool.worker_log(self.id))
         self.stop = False  # finish the current job, then exit
         self.stop_now = False  # stop at once
@@ -618,8 +620,8 @@ class Agent:
             log = self.spool.chunk_log(job.run, job.chunk_id)
             try:
                 gpu_id = 0 if job.visible_gpu_id and self.slot.gpu is not None else self.slot.number
-                if job.kind is JobKind.SCRIPT:
-                    err = run_script(job, gpu_id, self.script_env, log, abort)
+                if job.kind is JobKind.SCRIPT:  # on an agent of several GPUs it sees only theirs: 0 is the first
+                    err = run_script(job, 0 if len(self.slot.gpus) > 1 else gpu_id, self.script_env, log, abort)
                     fields = {"log": str(log)} if err is None else {"log": str(log), "error": err}
                 else:
                     fields = run_command(job, gpu_id, self.slot.device, self.command_env, log, abort)

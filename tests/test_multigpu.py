@@ -89,6 +89,18 @@ def test_agents_holding_two_gpus_each_give_a_job_both_as_cuda_0_and_1(spool: Spo
     seen = {(rec["agent"], rec["value"]["cvd"], rec["value"]["device"]) for rec in results(spool.base, "pairs").values()}
     assert seen == {("testhost-gpu0+1", f"{ids[0]},{ids[1]}", "cuda:0"),
                     ("testhost-gpu2+3", f"{ids[2]},{ids[3]}", "cuda:0")}
+    # an OctoRun-style script there sees its agent's two GPUs too, --gpu_id 0 the first of them
+    script = tmp_path / "octo.py"
+    script.write_text("import argparse, json, os\np = argparse.ArgumentParser()\n"
+                      "for f in ('--gpu_id', '--chunk_id', '--total_chunks', '--out'):\n    p.add_argument(f)\n"
+                      "a = p.parse_args()\nopen(os.path.join(a.out, 's' + a.chunk_id), 'w').write(json.dumps("
+                      "[a.gpu_id, os.environ['CUDA_VISIBLE_DEVICES']]))\n")
+    r = run_main(["--base", str(spool.base), "--script", str(script), "--kwargs", json.dumps({"out": str(out)}),
+                  "--chunks", "2", "--gpus-per-job", "2", "--run", "octo", "--no-progress"], env, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    pairs = {f"{ids[0]},{ids[1]}", f"{ids[2]},{ids[3]}"}
+    assert all(json.loads((out / f"s{c}").read_text())[0] == "0" for c in (0, 1))
+    assert {json.loads((out / f"s{c}").read_text())[1] for c in (0, 1)} <= pairs
     # a run that does not ask for two GPUs per job is refused at once, naming what the pool has
     r = run_main(["--base", str(spool.base), "--cmd", "true", "--chunks", "1", "--no-progress"], env, cwd=tmp_path)
     assert r.returncode == 2 and "holds 2 GPUs" in r.stderr and "--gpus-per-job 2" in r.stderr, r.stderr
