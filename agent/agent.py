@@ -144,6 +144,7 @@ class Agent:
         if leftovers:
             logger.warning("agent {}: killed {} process(es) that jobs of its former process had started and left "
                            "running (pids {})", self.id, len(leftovers), leftovers[:10])
+        self.memory.release(always=True)  # a promise a killed former process of this slot left
         self.watcher.start()
         self.worker.start()
         self.state = AgentState.IDLE

@@ -27,6 +27,9 @@ from jobs.jsonio import is_int, is_num, load_json
 from jobs.locks import FileLock
 
 
+LOCK_WAIT_S = 10.0  # the most a slot waits for the GPU's memory lock before it says so and tries again later
+
+
 class MemoryGate:
     def __init__(self, probe: NoGpu, gpus: tuple[Gpu, ...], ident: str, base: str, slot: int | None = None,
                  siblings: dict[int, str] | None = None, lock_dir: Path | None = None) -> None:
@@ -47,7 +50,8 @@ class MemoryGate:
         locks = [FileLock(self.lock_dir / f"gpu-{g.uuid}.mem.lock", mode=0o666) for g in self.gpus] if shared else []
         try:
             for lk in locks:
-                lk.acquire(timeout=10)
+                if not lk.acquire(timeout=LOCK_WAIT_S):
+                    return f"{lk.path} stayed locked {LOCK_WAIT_S:g} s (another slot of the GPU frozen while judging?)"
             for gpu in self.gpus:
                 why = self._short(gpu, need)
                 if why is not None:
@@ -61,8 +65,10 @@ class MemoryGate:
             for lk in locks:
                 lk.close()
 
-    def release(self) -> None:
-        if self.reserved and self.slot is not None and self.lock_dir is not None:
+    def release(self, always: bool = False) -> None:
+        """The running job ended: its promise is withdrawn (``always``: whatever this process knows,
+        as an agent starts, over what a former process of its slot left)."""
+        if (self.reserved or always) and self.slot is not None and self.lock_dir is not None:
             for gpu in self.gpus:
                 self._write(gpu, 0)
         self.reserved = 0
@@ -94,12 +100,18 @@ class MemoryGate:
         return f"needs {need / GIB:.1f} GB of {gpu.describe()}; it has {avail / GIB:.1f} GB ({', '.join(parts)})"
 
     def _write(self, gpu: Gpu, nbytes: int) -> None:
-        path = self._note(gpu, self.slot)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        tmp.write_text(json.dumps({"agent": self.id, "host": socket.gethostname(), "pid": os.getpid(),
-                                   "bytes": nbytes}))
-        os.chmod(tmp, 0o666)
-        os.replace(tmp, path)
+        """This slot's promise, written in place (a note another user's agent made for this slot
+        before cannot be replaced in the sticky lock folder, but it is mode 0666: it can be
+        rewritten). Readers read under the GPU's memory lock, as ``reserve`` writes; a withdrawal
+        read half-written reads as no promise, which it is."""
+        fd = os.open(self._note(gpu, self.slot), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o666)
+        try:
+            if os.fstat(fd).st_uid == os.geteuid():
+                os.fchmod(fd, 0o666)  # whatever the umask: the next user's agent of this slot rewrites it
+            os.write(fd, json.dumps({"agent": self.id, "host": socket.gethostname(), "pid": os.getpid(),
+                                     "bytes": nbytes}).encode())
+        finally:
+            os.close(fd)
 
     def _read(self, gpu: Gpu, j: int) -> int:
         """The bytes slot ``j`` has promised, 0 if none or if the agent that promised them is gone."""
