@@ -17,7 +17,7 @@ from jobs.descriptor import Job, JobKind
 from jobs.errors import BadFile
 from jobs.paths import Spool
 from tests.helpers import FAST, REPO, results, run_main, wait_for
-from tests.test_nvml import nvml_env, stop_all, uuids  # noqa: F401 (stop_all: a fixture)
+from tests.test_nvml import nvml, nvml_env, stop_all, uuids  # noqa: F401 (nvml, stop_all: fixtures)
 
 FOUR = {"gpus": [{"name": "NVIDIA H200", "mem_total_gb": 141}] * 4}
 ONE = {"gpus": [{"name": "NVIDIA H200", "mem_total_gb": 16, "mem_used_gb": 6}]}  # 10 GB free
@@ -259,3 +259,44 @@ def test_the_slurm_recipe_follows_the_allocation_two_gpus_per_agent(spool: Spool
     bad = subprocess.run([str(REPO / "examples" / "slurm" / "node_agents.sh"), str(spool.base)],
                          env={**env, "CUDA_VISIBLE_DEVICES": "0,1,2"}, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "do not split into agents of GPUPOOL_GPUS_PER_AGENT=2" in bad.stderr, bad.stderr
+
+
+def test_a_promise_counts_only_for_what_its_slots_processes_do_not_hold_yet(nvml, tmp_path: Path) -> None:
+    """agent.gpumem over the stand-in NVML: slot 1 promised 6 GB; once its job's process holds them (NVML's
+    used memory and per-process figure both show them) they are not counted twice; memory slot 0's own
+    worker holds is free for slot 0's next job."""
+    from agent.gpumem import MemoryGate
+    from agent.workerproc import agent_marks
+
+    procs = tmp_path / "procs.json"
+    procs.write_text("[]")
+    base, ids = str(tmp_path / "base"), {0: "h-gpu0s0", 1: "h-gpu0s1"}
+
+    def gates(used_gb: float) -> tuple[MemoryGate, MemoryGate]:
+        probe = nvml({"gpus": [{"mem_total_gb": 16, "mem_used_gb": used_gb, "processes_file": str(procs)}]})
+        gpu = probe.devices()[0]
+        return tuple(MemoryGate(probe, (gpu,), ids[j], base, j, ids, tmp_path) for j in (0, 1))
+
+    s0, s1 = gates(0)
+    assert s1.reserve(6) is None and s1.reserved == 6 * 2**30  # 16 free: slot 1's job may start
+    why = s0.reserve(12)
+    assert why is not None and "it has 10.0 GB (16.0 GB free, 6.0 GB promised" in why, why
+    sleepers = [subprocess.Popen(["sleep", "60"], env={**os.environ, **agent_marks(ids[j], base)}) for j in (1, 0)]
+    try:
+        wait_for(lambda: all(Path(f"/proc/{p.pid}/environ").read_bytes().count(b"GPUPOOL_AGENT") for p in sleepers),
+                 10, "the marked processes started")
+        # slot 1's job now holds its 6 GB, slot 0's worker 3 GB of cache: NVML says 9 GB used
+        procs.write_text(json.dumps([{"pid": sleepers[0].pid, "mem_mb": 6 * 1024},
+                                     {"pid": sleepers[1].pid, "mem_mb": 3 * 1024}]))
+        s0, _ = gates(9)
+        assert s0.reserve(10) is None  # 7 free + its own 3, the promise already held: nothing counted twice
+        s0.release()
+        assert "it has 10.0 GB" in (s0.reserve(11) or "")
+    finally:
+        for p in sleepers:
+            p.kill()
+            p.wait()
+    s1.release()
+    s0, _ = gates(0)
+    procs.write_text("[]")
+    assert s0.reserve(16) is None  # the promise withdrawn
