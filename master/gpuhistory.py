@@ -21,6 +21,7 @@ from loguru import logger
 from jobs.jsonio import is_num
 from jobs.paths import Spool
 from master.liveness import Liveness
+from master.placement import combined, gpus_of
 
 WINDOW_S = 3600.0
 SAMPLE_S = 10.0
@@ -75,8 +76,8 @@ class Sampler:
         """One pass: a point for each live agent that reports a GPU."""
         now = self.clock()
         for ident, v in self.liveness.refresh().items():
-            gpu = v.status.get("gpu")
-            if v.alive and isinstance(gpu, dict) and "error" not in gpu:
+            gpu = combined(gpus_of(v.status))  # an agent of several GPUs: their memory summed, the highest use
+            if v.alive and gpu and "error" not in gpu:
                 self.history.add(ident, now, gpu)
 
     def start(self) -> "Sampler":

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from jobs.descriptor import MAX_GPUS
+from jobs.jsonio import is_num
 from master.runspec import UsageError
 
 
@@ -76,7 +77,7 @@ class Placement:
             totals = [g.get("mem_total") for g in gpus_of(status)]
             if not totals:
                 return f"has no GPU, and the run declares --gpu-mem {self.gpu_mem:g}"
-            small = [t for t in totals if _is_num(t) and t / 2**30 < self.gpu_mem]
+            small = [t for t in totals if is_num(t) and t / 2**30 < self.gpu_mem]
             if small:
                 return f"its GPU has {small[0] / 2**30:.1f} GB in all, under the run's --gpu-mem {self.gpu_mem:g}"
         if self.min_free_gb:
@@ -103,6 +104,25 @@ def gpus_of(status: dict[str, Any]) -> list[dict[str, Any]]:
     return [status["gpu"]] if isinstance(status.get("gpu"), dict) else []
 
 
+def combined(gpus: list[dict[str, Any]]) -> dict[str, Any]:
+    """An agent's GPUs as one: its GPU's own figures, or for several the sums of their memory,
+    the highest utilisation and temperature, and the name once (``2x NVIDIA H100``)."""
+    if len(gpus) <= 1:
+        return gpus[0] if gpus else {}
+
+    def total(key: str) -> Any:
+        vals = [g.get(key) for g in gpus]
+        return None if any(not is_num(x) for x in vals) else sum(vals)
+
+    def most(key: str) -> Any:
+        vals = [g.get(key) for g in gpus if is_num(g.get(key))]
+        return max(vals) if vals else None
+    names = {g.get("name") for g in gpus}
+    return {"name": f"{len(gpus)}x {names.pop()}" if len(names) == 1 else f"{len(gpus)} GPUs",
+            "util": most("util"), "temp": most("temp"), "mem_used": total("mem_used"), "mem_total": total("mem_total"),
+            "worker_mem": total("worker_mem")}
+
+
 def gpu_count(status: dict[str, Any]) -> int:
     """How many GPUs the agent holds (0: a CPU agent)."""
     uuids = status.get("gpu_uuids")
@@ -122,14 +142,10 @@ def free_gb(status: dict[str, Any]) -> float | None:
     free = []
     for gpu in gpus_of(status):
         used, total = gpu.get("mem_used"), gpu.get("mem_total")
-        if not (_is_num(used) and _is_num(total)):
+        if not (is_num(used) and is_num(total)):
             return None
         free.append((total - used) / 2**30)
     return min(free) if free else None
-
-
-def _is_num(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 def _target(text: str) -> tuple[str, tuple[int, ...]]:

@@ -20,7 +20,7 @@ from jobs.mailbox import Mailbox
 from jobs.paths import Spool
 from jobs.results import final_status, has_outcome, result_or_none, scan_run
 from master.liveness import Liveness
-from master.placement import gpu_count, gpu_ids, gpus_of
+from master.placement import combined, gpu_count, gpu_ids, gpus_of
 from master.runspec import RunSpec
 
 RATE_WINDOW_S = 120.0  # chunks/s is measured over the results finished in this last stretch
@@ -135,7 +135,7 @@ class StatusReader:
 def _agent_row(ident: str, v: Any, cur: dict | None, queued: int, drain_flag: bool) -> dict[str, Any]:
     st = v.status  # checked field by field by jobs.heartbeat.read_status
     gpus = gpus_of(st)
-    gpu = _together(gpus)
+    gpu = combined(gpus)
     cur = {k: cur.get(k) for k in ("run", "chunk_id", "attempt", "since")} if isinstance(cur, dict) else None
     state = st.get("state") if v.alive else ("stopped" if st.get("state") == "stopped" else "dead")
     since = cur.get("since") if cur else None
@@ -156,25 +156,6 @@ def _agent_row(ident: str, v: Any, cur: dict | None, queued: int, drain_flag: bo
         "gpu_mem_reserved": st.get("gpu_mem_reserved"), "waiting": st.get("waiting"),
         "mps": st.get("mps"),  # the CUDA_MPS_PIPE_DIRECTORY its jobs get, where MPS runs
     }
-
-
-def _together(gpus: list[dict[str, Any]]) -> dict[str, Any]:
-    """An agent's GPUs as one: its GPU's own figures, or for several the sums of their memory,
-    the highest utilisation and temperature, and the name once (``2x NVIDIA H100``)."""
-    if len(gpus) <= 1:
-        return gpus[0] if gpus else {}
-
-    def total(key: str) -> Any:
-        vals = [g.get(key) for g in gpus]
-        return None if any(not is_num(x) for x in vals) else sum(vals)
-
-    def most(key: str) -> Any:
-        vals = [g.get(key) for g in gpus if is_num(g.get(key))]
-        return max(vals) if vals else None
-    names = {g.get("name") for g in gpus}
-    return {"name": f"{len(gpus)}x {names.pop()}" if len(names) == 1 else f"{len(gpus)} GPUs",
-            "util": most("util"), "temp": most("temp"), "mem_used": total("mem_used"), "mem_total": total("mem_total"),
-            "worker_mem": total("worker_mem")}
 
 
 def chunk_rate(finished: list[float], now: float, window: float = RATE_WINDOW_S, least: int = 3) -> float | None:
