@@ -503,6 +503,7 @@ class Agent:
         self.share.served(job, duration)
         rec = record(job, status, agent=self.id, host=self.host, pid=os.getpid(),
                      gpu_id=self.slot.number, device=self.slot.device,
+                     **({"gpu_uuids": [g.uuid for g in self.slot.gpus]} if self.slot.gpus else {}),  # what it ran on
                      started_at=begun, finished_at=finished, duration_s=round(duration, 6), **fields)
         try:
             try:

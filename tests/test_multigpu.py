@@ -300,3 +300,20 @@ def test_a_promise_counts_only_for_what_its_slots_processes_do_not_hold_yet(nvml
     s0, _ = gates(0)
     procs.write_text("[]")
     assert s0.reserve(16) is None  # the promise withdrawn
+
+
+@pytest.mark.timeout(60)
+def test_a_job_for_two_gpus_that_reaches_a_one_gpu_agent_fails_there_instead_of_running(
+        spool: Spool, tmp_path: Path, agents) -> None:
+    from jobs.mailbox import Mailbox
+
+    env = nvml_env(tmp_path, FOUR)
+    (a,) = agents(1, env_=env, cpu=False)
+    ran = tmp_path / "ran"
+    job = Job(run="misplaced", chunk_id=0, total_chunks=1, kind=JobKind.COMMAND, target=f"touch {ran}", gpus=2,
+              workdir=str(tmp_path))  # as a master with a bug, or a hand-edited mailbox, would queue it
+    Mailbox(spool, a.id).update(lambda jobs: jobs + [job])
+    rec = wait_for(lambda: results(spool.base, "misplaced").get(0), 30, "the job's result")
+    assert rec["status"] == "failed" and rec["error"]["type"] == "WrongAgent", rec
+    assert "needs 2 GPU(s)" in rec["error"]["message"] and not ran.exists()
+    assert rec["gpu_uuids"] == uuids(tmp_path, FOUR)[:1]  # the result names the GPUs it was given
