@@ -118,16 +118,16 @@ def combined(gpus: list[dict[str, Any]]) -> dict[str, Any]:
         vals = [g.get(key) for g in gpus if is_num(g.get(key))]
         return max(vals) if vals else None
     names = {g.get("name") for g in gpus}
-    return {"name": f"{len(gpus)}x {names.pop()}" if len(names) == 1 else f"{len(gpus)} GPUs",
+    return {"name": f"{len(gpus)}x {names.pop()}" if len(names) == 1 and None not in names else f"{len(gpus)} GPUs",
             "util": most("util"), "temp": most("temp"), "mem_used": total("mem_used"), "mem_total": total("mem_total"),
             "worker_mem": total("worker_mem")}
 
 
 def gpu_count(status: dict[str, Any]) -> int:
     """How many GPUs the agent holds (0: a CPU agent)."""
-    uuids = status.get("gpu_uuids")
-    if isinstance(uuids, list):
-        return len(uuids)
+    for key in ("gpu_uuids", "gpus"):  # the UUIDs, else the metrics (a list dropped as malformed is None)
+        if isinstance(status.get(key), list):
+            return len(status[key])
     return 0 if status.get("device") in (None, "cpu") else 1
 
 

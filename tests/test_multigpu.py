@@ -317,3 +317,23 @@ def test_a_job_for_two_gpus_that_reaches_a_one_gpu_agent_fails_there_instead_of_
     assert rec["status"] == "failed" and rec["error"]["type"] == "WrongAgent", rec
     assert "needs 2 GPU(s)" in rec["error"]["message"] and not ran.exists()
     assert rec["gpu_uuids"] == uuids(tmp_path, FOUR)[:1]  # the result names the GPUs it was given
+
+
+def test_a_heartbeat_with_bad_gpu_lists_is_read_with_those_fields_dropped(spool: Spool) -> None:
+    from jobs.heartbeat import read_status
+    from master.placement import Placement
+    from master.status import gather
+
+    hb = {"agent": "h-gpu0+1", "seq": 1, "state": "idle", "device": "cuda:0", "gpu_uuids": ["a", 3],
+          "gpu_ids": "0,1", "gpus": [{"mem_total": "80", "name": 7}, {"mem_used": 1, "mem_total": 2**31}],
+          "slot": "1", "waiting": ["x"], "gpu_mem_reserved": True}
+    path = spool.heartbeat("h-gpu0+1")
+    path.write_text(json.dumps(hb))
+    st = read_status(path)
+    assert st["gpu_uuids"] is None and st["gpu_ids"] is None and st["slot"] is None and st["waiting"] is None
+    assert st["gpus"][0] == {"mem_total": None, "name": None} and st["gpu_mem_reserved"] is None
+    assert Placement(gpus_per_job=2).why_not(st) is None and "holds 2 GPUs" in Placement().why_not(st)
+    assert Placement(gpus_per_job=2, gpu_mem=1.5).why_not(st) is None  # what cannot be judged is the agent's to judge
+    assert Placement(gpus_per_job=2, gpu_mem=3).why_not(st) == "its GPU has 2.0 GB in all, under the run's --gpu-mem 3"
+    row = gather(spool)["agents"][0]
+    assert row["gpu_mem_total"] is None and row["gpu_name"] == "2 GPUs"
