@@ -203,8 +203,8 @@ def _take(spool: Spool, probe: NoGpu, host: str, numbers: list[int], gpus: list[
         for n, gpu in zip(numbers, gpus):
             lk = HolderLock(gpu_lock(gpu), mode=LOCK_MODE, shared=shared)
             try:
-                lk.take(f"GPU {n} ({gpu.name}, {gpu.uuid})" + (f" (to share as one of {slots} slots)" if shared else ""),
-                        agent=ident, base=str(spool.base), uuid=gpu.uuid, slots=slots)
+                what = f"GPU {n} ({gpu.name}, {gpu.uuid})" + (f" (to share as one of {slots} slots)" if shared else "")
+                lk.take(what, agent=ident, base=str(spool.base), uuid=gpu.uuid, slots=slots)
                 locks.append(lk)
                 if not allow_shared:
                     _refuse_busy(probe, gpu, n, siblings, str(spool.base), BUSY_GRACE_S if explicit else 0.0)

@@ -86,7 +86,8 @@ def test_agents_holding_two_gpus_each_give_a_job_both_as_cuda_0_and_1(spool: Spo
                   json.dumps({"out": str(out)}), "--result-file", str(out / "{chunk_id}.json"), "--chunks", "4",
                   "--gpus-per-job", "2", "--run", "pairs", "--no-progress"], env, cwd=tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
-    seen = {(rec["agent"], rec["value"]["cvd"], rec["value"]["device"]) for rec in results(spool.base, "pairs").values()}
+    seen = {(rec["agent"], rec["value"]["cvd"], rec["value"]["device"])
+            for rec in results(spool.base, "pairs").values()}
     assert seen == {("testhost-gpu0+1", f"{ids[0]},{ids[1]}", "cuda:0"),
                     ("testhost-gpu2+3", f"{ids[2]},{ids[3]}", "cuda:0")}
     # an OctoRun-style script there sees its agent's two GPUs too, --gpu_id 0 the first of them
@@ -137,7 +138,8 @@ def test_gpus_per_job_2_on_a_pool_of_one_gpu_agents_is_refused_at_once(spool: Sp
     assert r.returncode == 2, r.stdout + r.stderr
     assert "--gpus-per-job 2" in r.stderr and "the pool has 2 agent(s) with 1 GPU" in r.stderr, r.stderr
     assert "testhost-gpu0" in r.stderr and "holds 1 GPU, not the 2 of --gpus-per-job" in r.stderr, r.stderr
-    r = run_main(["--base", str(spool.base), "--cmd", "true", "--chunks", "1", "--gpus-per-job", "0"], env, cwd=tmp_path)
+    r = run_main(["--base", str(spool.base), "--cmd", "true", "--chunks", "1", "--gpus-per-job", "0"], env,
+                 cwd=tmp_path)
     assert r.returncode == 2 and "--gpus-per-job must be a whole number from 1" in r.stderr, r.stderr
 
 
@@ -194,8 +196,8 @@ def test_gpu_mem_larger_than_what_is_left_holds_the_second_slot_back(spool: Spoo
     feeder = gated_run(spool.base, env, tmp_path, "one-by-one", "--gpu-mem", "6")  # 6 + 6 > the 10 GB free
 
     def waiting() -> str | None:
-        return next((hb["waiting"] for j in (0, 1) if (hb := heartbeat(spool.base, f"testhost-gpu0s{j}")).get("waiting")),
-                    None)
+        beats = [heartbeat(spool.base, f"testhost-gpu0s{j}") for j in (0, 1)]
+        return next((hb["waiting"] for hb in beats if hb.get("waiting")), None)
     try:
         why = wait_for(waiting, 60, "a slot's heartbeat saying its job waits for memory")
         assert "needs 6.0 GB" in why and "it has 4.0 GB" in why and "--gpu-mem 6" in why, why
