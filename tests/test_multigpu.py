@@ -339,3 +339,13 @@ def test_a_heartbeat_with_bad_gpu_lists_is_read_with_those_fields_dropped(spool:
     assert Placement(gpus_per_job=2, gpu_mem=3).why_not(st) == "its GPU has 2.0 GB in all, under the run's --gpu-mem 3"
     row = gather(spool)["agents"][0]
     assert row["gpu_mem_total"] is None and row["gpu_name"] == "2 GPUs"
+
+
+def test_a_target_names_an_agent_of_several_gpus_by_all_of_them() -> None:
+    from master.placement import Placement
+
+    pair = {"host": "n1", "device": "cuda:0", "gpu_id": 2, "gpu_ids": [2, 3], "gpu_uuids": ["a", "b"]}
+    assert Placement.parse(["n1::2,3"], gpus_per_job=2).why_not(pair) is None
+    assert Placement.parse(["n1::2"], gpus_per_job=2).why_not(pair) == "--target n1::2"  # GPU 3 is not named
+    assert Placement.parse(["n1"], gpus_per_job=2).why_not(pair) is None
+    assert Placement(gpus_per_job=2).describe() == "--gpus-per-job 2"
