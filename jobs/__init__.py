@@ -23,10 +23,15 @@ Layout (every name below is built by ``jobs.paths.Spool``, nowhere else)::
     BASE/logs/<agent>.out            what a started agent printed before its log took over
     BASE/logs/<run>/<chunk:06d>.log  output of script and command jobs
     BASE/rejected/<name> + <name>.why  spool files refused as broken or hostile, with the reason
-    /tmp/gpupool-locks/gpu-<uuid>.lock host-local: one agent per GPU on this host ($GPUPOOL_LOCK_DIR)
+    /tmp/gpupool-locks/gpu-<uuid>.lock host-local: one agent per GPU on this host ($GPUPOOL_LOCK_DIR);
+                                     slots sharing a GPU (--slots) hold it shared, an agent alone exclusive
+    /tmp/gpupool-locks/gpu-<uuid>.s<J>.lock  host-local: slot J of a shared GPU, one agent each
+    /tmp/gpupool-locks/gpu-<uuid>.s<J>.mem   host-local: the GPU memory slot J promised its job (--gpu-mem),
+                                     written and read under gpu-<uuid>.mem.lock (agent.gpumem)
 
 Agent ids are ``<host>-gpu<N>`` (N: the NVML index) or ``<host>-cpu<N>`` (a local rank), so two
-hosts sharing BASE never collide.
+hosts sharing BASE never collide; ``<host>-gpu<N>+<M>`` holds GPUs N and M, ``<host>-gpu<N>s<J>`` is
+slot J of GPU N (docs/multigpu.md).
 
 Publishing: every file another process reads is written to ``.<name>.tmp-<pid>-<rand>`` in the
 same folder, flushed and renamed over the final name (``jobs.atomic``). Readers skip names that
