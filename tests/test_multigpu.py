@@ -268,7 +268,7 @@ def test_a_promise_counts_only_for_what_its_slots_processes_do_not_hold_yet(nvml
     used memory and per-process figure both show them) they are not counted twice; memory slot 0's own
     worker holds is free for slot 0's next job."""
     from agent.gpumem import MemoryGate
-    from agent.workerproc import agent_marks
+    from agent.worker_control import agent_marks
 
     procs = tmp_path / "procs.json"
     procs.write_text("[]")
