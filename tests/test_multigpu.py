@@ -50,7 +50,7 @@ def host_gpus(env: dict[str, str]) -> list[dict[str, Any]]:
 
 
 def agent(base: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
-    """``python -m agent`` that is expected to refuse to start (it would run in the foreground)."""
+    """``python -m agent --burst``: it refuses to start, or starts and exits once its mailbox is empty."""
     return subprocess.run([sys.executable, "-m", "agent", "--base", str(base), "--burst", *FAST, *args], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=60)
 
