@@ -258,6 +258,17 @@ def test_the_slurm_recipe_follows_the_allocation_two_gpus_per_agent(spool: Spool
             os.killpg(node.pid, signal.SIGKILL)
     out = node.stdout.read()
     assert "started 2 agent(s)" in out, out
+    slots = {**env, "CUDA_VISIBLE_DEVICES": "1", "GPUPOOL_GPUS_PER_AGENT": "1", "GPUPOOL_SLOTS": "2"}
+    node = subprocess.Popen([str(REPO / "examples" / "slurm" / "node_agents.sh"), str(spool.base), *FAST], env=slots,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+    try:  # GPUPOOL_SLOTS: two agents sharing the one GPU allocated (GPU 1 of the host, seen as 0)
+        wait_for(lambda: all(heartbeat(spool.base, f"testhost-gpu1s{j}").get("state") == "idle" for j in (0, 1)),
+                 60, "two slots of the allocated GPU")
+        node.send_signal(signal.SIGTERM)
+        assert node.wait(timeout=60) == 0
+    finally:
+        if node.poll() is None:
+            os.killpg(node.pid, signal.SIGKILL)
     bad = subprocess.run([str(REPO / "examples" / "slurm" / "node_agents.sh"), str(spool.base)],
                          env={**env, "CUDA_VISIBLE_DEVICES": "0,1,2"}, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "do not split into agents of GPUPOOL_GPUS_PER_AGENT=2" in bad.stderr, bad.stderr
