@@ -96,6 +96,7 @@ class Agent:
         # scripts get the agent's own view, as OctoRun gives them, with --gpu_id its GPU; an agent holding
         # several GPUs narrows theirs too (no OctoRun script expects several), --gpu_id 0 the first of them
         self.script_env = base_env if len(slot.gpus) <= 1 else worker_env
+        self._narrowed_env = worker_env  # a script under --visible-gpu-id: --gpu_id 0 must be its GPU
         self.worker = worker or Worker(worker_env, spool.worker_log(self.id))
         self.stop = False  # finish the current job, then exit
         self.stop_now = False  # stop at once
@@ -622,8 +623,10 @@ class Agent:
             log = self.spool.chunk_log(job.run, job.chunk_id)
             try:
                 gpu_id = 0 if job.visible_gpu_id and self.slot.gpu is not None else self.slot.number
-                if job.kind is JobKind.SCRIPT:  # on an agent of several GPUs it sees only theirs: 0 is the first
-                    err = run_script(job, 0 if len(self.slot.gpus) > 1 else gpu_id, self.script_env, log, abort)
+                if job.kind is JobKind.SCRIPT:  # on an agent of several GPUs it sees only theirs: 0 is the first;
+                    narrowed = len(self.slot.gpus) > 1 or gpu_id != self.slot.number  # so it does under --visible-gpu-id
+                    err = run_script(job, 0 if narrowed else gpu_id, self._narrowed_env if narrowed else self.script_env,
+                                     log, abort)
                     fields = {"log": str(log)} if err is None else {"log": str(log), "error": err}
                 else:
                     fields = run_command(job, gpu_id, self.slot.device, self.command_env, log, abort)

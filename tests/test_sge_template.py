@@ -99,6 +99,11 @@ def test_cuda_from_gpu_id_runs_unchanged_with_visible_gpu_id(spool: Spool, agent
               json.dumps({"out_dir": str(tmp_path / "out")}), "--no-progress", "--visible-gpu-id", "--run", "script"]
     assert run_main(script, env).returncode == 0  # a script's --gpu_id is the same index
     assert "\ngpu 0: chunk 0/1 did" in (spool.run_log_dir("script") / "000000.log").read_text()
+    seer = tmp_path / "seer.py"  # and index 0 is the agent's GPU: the script sees that one only
+    seer.write_text("import os, sys\nprint('sees', os.environ.get('CUDA_VISIBLE_DEVICES'), sys.argv[1:3])\n")
+    assert run_main(["--base", str(spool.base), "--script", str(seer), "--chunks", "1", "--no-progress",
+                     "--visible-gpu-id", "--run", "seer"], env).returncode == 0
+    assert "sees GPU-fake-1 ['--gpu_id', '0']" in (spool.run_log_dir("seer") / "000000.log").read_text()
 
 
 @pytest.mark.timeout(120)
