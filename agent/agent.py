@@ -34,7 +34,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from loguru import logger
 
@@ -80,10 +80,11 @@ RESTART_DEFER_S = 30.0  # a restarted agent leaves the jobs its former process d
 
 class Agent:
     def __init__(self, spool: Spool, slot: Slot, probe: NoGpu, host: str, cfg: AgentConfig,
-                 worker: Worker | None = None) -> None:
+                 worker: Worker | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.spool, self.slot, self.probe, self.host, self.cfg = spool, slot, probe, host, cfg
+        self.clock = clock  # every wait and deadline of the job loop (step tests pass a fake one)
         self.id = slot.agent_id
-        self.mailbox = Mailbox(spool, self.id)
+        self.mailbox = Mailbox(spool, self.id, clock)
         self.watcher = MailboxWatcher(self.mailbox.path, cfg.watch, cfg.poll_interval, cfg.max_poll_interval)
         # The job code sees only this agent's GPU; CUDA counts in PCI bus order like NVML.
         # GPUPOOL_AGENT and GPUPOOL_SPOOL also mark what jobs start, for kill_leftovers at a restart.
@@ -182,7 +183,7 @@ class Agent:
         if not suspects:
             return True
         self._deferred = {j.uid for j in suspects}
-        self._defer_until = time.monotonic() + RESTART_DEFER_S
+        self._defer_until = self.clock() + RESTART_DEFER_S
         self.died_under = [{"run": j.run, "chunk_id": j.chunk_id, "attempt": j.attempt} for j in suspects]
         logger.warning("agent {}: its former process {} died while running {}{}; left alone for {:g} s for a master "
                        "to judge", self.id, prev.get("pid"), "" if len(suspects) == 1 else "one of ",
@@ -250,12 +251,12 @@ class Agent:
         if self._gpu_error is not None and self._drained_why is None:  # not drained yet: now
             self._drain_self(f"drained itself: its GPU does not answer ({self._gpu_error}). Check it (nvidia-smi), "
                              f"then: python -m master undrain --base {self.spool.base} {self.id}")
-        if self._draining() or time.monotonic() < self.pause_until:
+        if self._draining() or self.clock() < self.pause_until:
             return False
         jobs = self._read().jobs
         if len(self._finished) > 2 * len(jobs) + 64:  # masters prune the mailbox: forget what left it
             self._finished = {j.uid for j in jobs if j.uid in self._finished}
-        leave = self._finished | self._deferred if self._deferred and time.monotonic() < self._defer_until \
+        leave = self._finished | self._deferred if self._deferred and self.clock() < self._defer_until \
             else self._finished
         job = self.share.choose(jobs, leave)
         if job is None:
@@ -369,7 +370,7 @@ class Agent:
         shared filesystem this is the cache delay a refill waits before an agent sees it; the
         heartbeat reports it (``mailbox_lag_s``), so that masters queue enough to cover it."""
         self._dry = False
-        now = time.monotonic()
+        now = self.clock()
         if now < self._next_lag_sample or self.mailbox.mtime is None:
             return
         self._next_lag_sample = now + 1.0
@@ -401,7 +402,7 @@ class Agent:
         refill (about 1 s on GlusterFS), and a prune based on that stale read would drop the new
         jobs (seen: 20 s stalls until the master queued them again as vanished). A master prunes
         its own run's finished jobs whenever it refills, so this only tidies what a finished run left."""
-        if time.monotonic() - self.mailbox.changed_at < self.cfg.prune_quiet:
+        if self.clock() - self.mailbox.changed_at < self.cfg.prune_quiet:
             return
         done = self._finished
         try:
@@ -590,7 +591,7 @@ class Agent:
         kept and it costs no attempt; the job stays queued and no job starts here for a while
         (0.5 s, doubling up to 30 s while it goes on). False, as for an interrupted job."""
         self._io_backoff = min(30.0, max(0.5, self._io_backoff * 2))
-        self.pause_until = time.monotonic() + self._io_backoff
+        self.pause_until = self.clock() + self._io_backoff
         self.last_error = f"{time.strftime('%H:%M:%S')} cannot write the result of {job.run} chunk {job.chunk_id}: {error}"
         logger.error("{}; the job stays queued, next try in {:.1f} s", self.last_error, self._io_backoff)
         return False

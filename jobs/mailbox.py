@@ -93,14 +93,14 @@ def _key(raw: object) -> tuple[str, int, int] | None:
 
 
 class Mailbox:
-    def __init__(self, spool: Spool, agent_id: str) -> None:
-        self.spool = spool
+    def __init__(self, spool: Spool, agent_id: str, clock: Callable[[], float] = time.monotonic) -> None:
+        self.spool, self.clock = spool, clock
         self.agent_id = agent_id
         self.path = spool.mailbox(agent_id)
         self.lock = FileLock(spool.mailbox_lock(agent_id))
         self._known: dict[Any, tuple[dict, Job]] = {}
         self._last: tuple[tuple[int, int, int], Snapshot, float] | None = None  # (sig, parsed, when)
-        self.changed_at = time.monotonic()  # when read() last saw different content (this process's clock)
+        self.changed_at = clock()  # when read() last saw different content (this process's clock)
 
     def read(self) -> Snapshot:
         """The current content; a missing mailbox is empty. Raises BadFile if broken.
@@ -110,7 +110,7 @@ class Mailbox:
         (same inode, mtime and size; every write is a rename of a new inode), its snapshot is
         reused instead of reading and parsing the whole queue again; at least once a second it is
         read anyway, in case a coarse-grained filesystem clock hides a change."""
-        now = time.monotonic()
+        now = self.clock()
         known = self._last[0] if self._last and now - self._last[2] < 1.0 else None
         try:
             data, sig = read_if_changed(self.path, MAILBOX_LIMIT, known)

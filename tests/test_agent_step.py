@@ -10,17 +10,19 @@ from typing import Any
 import numpy as np
 import pytest
 
-from agent.agent import Agent, AgentConfig
+from agent.agent import RESTART_DEFER_S, Agent, AgentConfig
 from agent.gpu import NoGpu
 from agent.slot import Slot
 from agent.task import SharedCache, TaskCache
 from agent.worker_process import handle
 from jobs.descriptor import Job, JobKind
+from jobs.heartbeat import write_status
 from jobs.mailbox import Mailbox
 from jobs.npzio import load_npz
 from jobs.paths import Spool
 from jobs.results import read_result
 from tests.helpers import REPO
+from tests.test_feeder_step import Clock
 
 
 class InProcessWorker:
@@ -48,10 +50,10 @@ class InProcessWorker:
 
 @pytest.fixture
 def make_agent(spool: Spool):
-    def make(**cfg: Any) -> Agent:
+    def make(clock: Any = None, **cfg: Any) -> Agent:
         slot = Slot("t-cpu0", 0, None, [])
         a = Agent(spool, slot, NoGpu(), "t", AgentConfig(**{"watch": "poll", "prune_quiet": 0.0, **cfg}),
-                  worker=InProcessWorker())
+                  worker=InProcessWorker(), **({"clock": clock} if clock else {}))
         a.mailbox.ensure()
         return a
     return make
@@ -305,3 +307,32 @@ def test_shutdown_stops_the_worker_and_releases_the_gpu_even_when_the_heartbeat_
     other = HolderLock(lock_path)
     other.take("GPU 0", agent="next")  # released: the next agent gets the GPU
     other.close()
+
+
+def test_a_dry_mailbox_is_pruned_once_it_has_looked_the_same_for_prune_quiet(spool: Spool, make_agent) -> None:
+    """Through a shared filesystem a fresher refill may not show yet: the agent prunes only a
+    mailbox that has not changed for --prune-quiet seconds (by its injected clock)."""
+    clock = Clock()
+    agent = make_agent(clock=clock, prune_quiet=30.0)
+    put(spool, cjob(0))
+    assert agent.step() and not agent.step()
+    assert [j.chunk_id for j in agent.mailbox.read().jobs] == [0]  # finished, kept: changed just now
+    clock.t += 29
+    assert not agent.step() and len(agent.mailbox.read().jobs) == 1
+    clock.t += 2
+    assert not agent.step() and agent.mailbox.read().jobs == []
+
+
+def test_a_restarted_agent_leaves_what_its_former_process_died_under_alone_for_a_while(
+        spool: Spool, make_agent) -> None:
+    clock = Clock()
+    agent = make_agent(clock=clock, prune_quiet=3600.0)
+    put(spool, cjob(0), cjob(1))
+    write_status(spool, "t-cpu0", {"agent": "t-cpu0", "seq": 7, "state": "busy", "pid": 999_999_999, "host": "t",
+                                   "current": {"run": "r", "chunk_id": 0, "attempt": 1, "since": 1.0}})
+    assert agent._defer_what_killed_the_last_one()  # the former process died running chunk 0
+    assert agent.died_under == [{"run": "r", "chunk_id": 0, "attempt": 1}]
+    assert agent.step() and spool.result_json("r", 1).exists() and not spool.result_json("r", 0).exists()
+    assert not agent.step()  # only the suspect is left, and it waits for a master to judge it
+    clock.t += RESTART_DEFER_S + 1
+    assert agent.step() and read_result(spool.result_json("r", 0))["status"] == "ok"  # no master came: it runs
