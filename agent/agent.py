@@ -50,7 +50,7 @@ from agent.worker_control import Worker, WorkerLost, agent_marks, cap_log, has_m
 from jobs.descriptor import SCHEMA as JOB_SCHEMA, Job, JobKind, JobState
 from jobs.atomic import purge_temp, read_bounded, server_now
 from jobs.errors import BadFile
-from jobs.heartbeat import AgentState, read_status, write_status
+from jobs.heartbeat import AgentState, Heartbeat, read_status, write_status
 from jobs.jsonio import load_json
 from jobs.mailbox import HOLD_LIMIT, Mailbox, Snapshot
 from jobs.paths import Spool
@@ -169,14 +169,13 @@ class Agent:
             prev = read_status(self.spool.heartbeat(self.id))
         except (OSError, BadFile):
             return False
-        if prev.get("pid") == os.getpid() or prev.get("state") in (AgentState.STOPPING.value,
-                                                                   AgentState.STOPPED.value):
+        if prev.pid == os.getpid() or prev.state in (AgentState.STOPPING.value, AgentState.STOPPED.value):
             return False
         try:
             jobs = self.mailbox.read().jobs
         except (OSError, BadFile):
             return True
-        named = {(b.get("run"), b.get("chunk_id"), b.get("attempt")) for b in (prev.get("current"), prev.get("ahead"))
+        named = {(b.get("run"), b.get("chunk_id"), b.get("attempt")) for b in (prev.current, prev.ahead)
                  if isinstance(b, dict)}
         open_jobs = [j for j in jobs if not has_outcome(self.spool, j.key, j.max_attempts)]
         suspects = [j for j in open_jobs if j.key in named] or death_suspects(open_jobs)
@@ -186,7 +185,7 @@ class Agent:
         self._defer_until = self.clock() + RESTART_DEFER_S
         self.died_under = [{"run": j.run, "chunk_id": j.chunk_id, "attempt": j.attempt} for j in suspects]
         logger.warning("agent {}: its former process {} died while running {}{}; left alone for {:g} s for a master "
-                       "to judge", self.id, prev.get("pid"), "" if len(suspects) == 1 else "one of ",
+                       "to judge", self.id, prev.pid, "" if len(suspects) == 1 else "one of ",
                        ", ".join(f"{j.run} chunk {j.chunk_id} attempt {j.attempt}" for j in suspects), RESTART_DEFER_S)
         return True
 
@@ -741,7 +740,7 @@ class Agent:
             self._seq += 1
             cur, ahead = self.current, self._ahead
             gpus = self._gpu_metrics() if self.slot.gpus else []
-            status = {
+            status = Heartbeat(**{
                 "schema": 1, "agent": self.id, "host": self.host, "hostname": socket.gethostname(),
                 "pid": os.getpid(), "base": str(self.spool.base), "state": self._reported_state().value,
                 "seq": self._seq,
@@ -766,7 +765,7 @@ class Agent:
                 "gpu_mem_reserved": self.memory.reserved or None,  # bytes the running job declared (--gpu-mem)
                 "waiting": self.waiting,
                 "mps": os.environ.get("CUDA_MPS_PIPE_DIRECTORY"),
-            }
+            })
             write_status(self.spool, self.id, status)
 
 

@@ -59,8 +59,8 @@ def is_running(spool: Spool, ident: str) -> bool:
 
 def agent_pid(spool: Spool, ident: str) -> int | None:
     try:
-        return int(read_status(spool.heartbeat(ident))["pid"])
-    except (OSError, BadFile, KeyError, ValueError, TypeError):
+        return int(read_status(spool.heartbeat(ident)).pid)
+    except (OSError, BadFile, ValueError, TypeError):
         return None
 
 
@@ -151,7 +151,7 @@ def _wait_ready(spool: Spool, ident: str, proc: subprocess.Popen | None, out: Pa
             raise SpoolError(f"agent {ident} exited with code {code} at start:\n  " + "\n  ".join(tail), out)
         try:
             st = read_status(spool.heartbeat(ident))
-            if st.get("pid") == proc.pid and st["state"] in (AgentState.IDLE.value, AgentState.BUSY.value):
+            if st.pid == proc.pid and st.state in (AgentState.IDLE.value, AgentState.BUSY.value):
                 return Started(ident, proc.pid, spool.agent_log(ident), True)
         except (OSError, BadFile):
             pass

@@ -5,7 +5,9 @@ clock has seen the same ``seq`` (never by comparing two machines' clocks).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -27,12 +29,72 @@ class AgentState(str, Enum):
     STOPPED = "stopped"
 
 
-def write_status(spool: Spool, agent_id: str, status: dict[str, Any]) -> None:
+@dataclass(frozen=True)
+class Heartbeat:
+    """What an agent says of itself in ``agents/<agent>.json``, as every reader sees it.
+
+    ``agent``, ``seq`` and ``state`` are always there (a heartbeat without them is refused); any
+    other field may be None: not written by an older agent, or dropped by ``read_status`` for its
+    type. Fields a newer agent adds are ignored. ``current``/``ahead`` name a job (run, chunk_id,
+    attempt, since); ``gpu`` is its (first) GPU's figures, ``gpus`` every GPU's (name, util,
+    mem_used, mem_total, temp, or {"error": ...})."""
+
+    agent: str
+    seq: int
+    state: str
+    schema: int | None = None
+    host: str | None = None  # host id (--host-id, $GPUPOOL_HOST_ID or the short host name)
+    hostname: str | None = None
+    pid: int | None = None
+    base: str | None = None
+    device: str | None = None  # "cuda:0" or "cpu"
+    gpu_id: int | None = None  # its --gpu N (a CPU agent's rank)
+    gpu_index: int | None = None
+    gpu_uuid: str | None = None
+    current: dict[str, Any] | None = None  # the job it runs
+    ahead: dict[str, Any] | None = None  # the job already in its worker's pipe
+    jobs_done: int | None = None
+    jobs_failed: int | None = None
+    started_at: float | None = None
+    updated_at: float | None = None
+    heartbeat_s: float | None = None
+    watch: str | None = None  # "inotify" or "poll"
+    job_schema: int | None = None  # the newest job descriptors it reads (None: an older agent, 1)
+    worker_pid: int | None = None
+    log: str | None = None
+    last_error: str | None = None
+    died_under: Any = None  # what its former process may have died under (jobs.losses.died_under)
+    mailbox_lag_s: float | None = None
+    gpu: dict[str, Any] | None = None
+    gpus: list[dict[str, Any]] | None = None
+    gpu_ids: list[int] | None = None
+    gpu_uuids: list[str] | None = None
+    slot: int | None = None  # --slots: which of the agents sharing its GPU
+    slots: int | None = None
+    gpu_mem_reserved: float | None = None  # bytes the running job declared (--gpu-mem)
+    waiting: str | None = None  # why its next job waits
+    mps: str | None = None  # the CUDA_MPS_PIPE_DIRECTORY its jobs get
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Heartbeat":
+        """From a mapping already checked field by field (``read_status``), or written by hand (tests)."""
+        return cls(**{k: v for k, v in d.items() if k in _NAMES})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in _NAMES}
+
+
+_NAMES = frozenset(f.name for f in dataclasses.fields(Heartbeat))
+
+
+def write_status(spool: Spool, agent_id: str, status: Heartbeat | dict[str, Any]) -> None:
+    """Publish a heartbeat (a ``Heartbeat``; tests may write a hand-made mapping)."""
     # No fsync: a heartbeat lost in an OS crash is simply stale, which is its meaning.
-    spool.write_over(spool.heartbeat(agent_id), json.dumps(status).encode(), "heartbeat")
+    data = status.to_dict() if isinstance(status, Heartbeat) else status
+    spool.write_over(spool.heartbeat(agent_id), json.dumps(data).encode(), "heartbeat")
 
 
-def read_status(path: Path) -> dict[str, Any]:
+def read_status(path: Path) -> Heartbeat:
     """Read a heartbeat; raises BadFile if it is not a valid one, OSError if unreadable.
 
     ``agent``, ``seq`` and ``state`` must be right, or the whole heartbeat is refused. Every other
@@ -57,7 +119,7 @@ def read_status(path: Path) -> dict[str, Any]:
             bad.append(key)
     if bad:
         warn_once(f"{path}: heartbeat fields of the wrong type ignored: {', '.join(bad)}")
-    return st
+    return Heartbeat.from_dict(st)
 
 
 _STATES = {s.value for s in AgentState}
@@ -81,3 +143,6 @@ FIELDS: dict[str, Any] = {
 def _cut(v: object) -> str:
     text = repr(v)
     return text if len(text) <= 80 else text[:80] + "..."
+
+
+assert set(FIELDS) <= _NAMES, set(FIELDS) - _NAMES  # every checked field is one a reader can get

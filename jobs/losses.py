@@ -12,14 +12,15 @@ from typing import Any
 from loguru import logger
 
 from jobs.descriptor import Job, JobState
+from jobs.heartbeat import Heartbeat
 from jobs.paths import Spool
 from jobs.results import commit, record
 
 
-def died_under(status: dict[str, Any]) -> set[tuple[Any, Any, Any]] | None:
+def died_under(status: Heartbeat) -> set[tuple[Any, Any, Any]] | None:
     """The (run, chunk, attempt) of the open jobs a restarted agent says its former process may
     have died under (empty: none was open); None from an agent that does not say."""
-    named = status.get("died_under")
+    named = status.died_under
     if not isinstance(named, list):
         return None
     return {(b.get("run"), b.get("chunk_id"), b.get("attempt")) for b in named if isinstance(b, dict)}

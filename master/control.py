@@ -115,7 +115,7 @@ def _master_gone(spool: Spool, run: str) -> bool:
 def _running(spool: Spool, run: str) -> list[tuple[str, int]]:
     out = []
     for ident, view in Liveness(spool, 20.0).refresh().items():
-        cur = view.status.get("current") or {}
+        cur = view.status.current or {}
         if view.alive and cur.get("run") == run:
             out.append((ident, cur.get("chunk_id")))
     return out
@@ -207,7 +207,7 @@ def agent_report(spool: Spool, agent: str, live: Liveness, want: Callable[[str],
         queued = len(Mailbox(spool, agent).read().jobs)
     except (OSError, BadFile):
         queued = 0
-    cur = view.status.get("current") if view is not None and view.alive else None
+    cur = view.status.current if view is not None and view.alive else None
     return AgentReport(agent, state, cur, queued, want(state))
 
 

@@ -59,7 +59,7 @@ from jobs.atomic import read_bounded, server_now
 from jobs.descriptor import Job, JobState
 from jobs.errors import BadFile, NoAgents
 from jobs.fsinfo import is_network_fs
-from jobs.heartbeat import AgentState
+from jobs.heartbeat import AgentState, Heartbeat
 from jobs.losses import charge_loss, death_suspects, died_under, record_loss
 from jobs.mailbox import HOLD_LIMIT, Mailbox, drop_run, without_run
 from jobs.paths import HISTORY_RE, RESULT_RE, Spool
@@ -286,12 +286,12 @@ class Dispatcher:
         pipe), since when as seen here, and the longest mailbox lag the live agents report."""
         now, lags = self.clock(), []
         for view in self.liveness.views.values():
-            cur = view.status.get("current")
+            cur = view.status.current
             for c in busy_chunks(view, self.run_name) & self.inflight.keys():
                 if isinstance(cur, dict) and cur.get("chunk_id") == c and cur.get("run") == self.run_name:
                     self._seen_running.setdefault(c, now)
                 self.started(c)
-            lag = view.status.get("mailbox_lag_s")
+            lag = view.status.mailbox_lag_s
             if view.alive and isinstance(lag, (int, float)) and not isinstance(lag, bool):
                 lags.append(min(30.0, max(0.0, lag)))
         self._lag = max(lags) if lags else None
@@ -452,7 +452,7 @@ class Dispatcher:
             if prev is None or not self.by_agent.get(ident):
                 continue
             named = died_under(view.status)
-            if named is None and prev.get("state") in (AgentState.STOPPING.value, AgentState.STOPPED.value):
+            if named is None and prev.state in (AgentState.STOPPING.value, AgentState.STOPPED.value):
                 continue
             ours = {c for r, c, a in named or () if r == self.run_name and self.inflight.get(c) == (ident, a)}
             if named is not None and not ours:
@@ -464,7 +464,7 @@ class Dispatcher:
 
             suspects = [j for j in self._take_back(ident, pick, force=False) or ()
                         if j.attempt == self.inflight[j.chunk_id][1] and not self._has_outcome(j.chunk_id, j.attempt)]
-            why = f"its process {prev.get('pid')} was replaced by {view.status.get('pid')}"
+            why = f"its process {prev.pid} was replaced by {view.status.pid}"
             sure = len(named) == 1 if named is not None else len(suspects) == 1
             for job in suspects:
                 self._lost(job, ident, why, sure=sure)
@@ -720,13 +720,13 @@ class Dispatcher:
         return view is not None and view.alive
 
 
-def busy_chunks(view: AgentView | dict[str, Any], run: str) -> set[int]:
+def busy_chunks(view: AgentView | Heartbeat, run: str) -> set[int]:
     """This run's chunks the agent's heartbeat (a view's, or a heartbeat's own content) shows
     running or handed to its worker."""
     status = view.status if isinstance(view, AgentView) else view
     out = set()
     for key in ("current", "ahead"):
-        b = status.get(key)
+        b = getattr(status, key)
         if isinstance(b, dict) and b.get("run") == run and isinstance(b.get("chunk_id"), int):
             out.add(b["chunk_id"])
     return out

@@ -101,7 +101,7 @@ class Feeder(Dispatcher):
 
     def unplaceable(self, live: list[AgentView]) -> None:
         """Fail at once: waiting for agents that will never match helps nobody."""
-        why = "; ".join(f"{v.id} (host {v.status.get('host')}, gpu {','.join(map(str, gpu_ids(v.status)))}): "
+        why = "; ".join(f"{v.id} (host {v.status.host}, gpu {','.join(map(str, gpu_ids(v.status)))}): "
                         f"{_phrase(self.why_not(v))}" for v in live[:8])
         held = Counter(gpu_count(v.status) for v in live)  # what exists, for --gpus-per-job
         pool = ", ".join(f"{n} {'CPU agent(s)' if not k else f'agent(s) with {k} GPU' + ('' if k == 1 else 's')}"

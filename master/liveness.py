@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from jobs.atomic import server_now as server_time
 from jobs.errors import BadFile
-from jobs.heartbeat import AgentState, read_status
+from jobs.heartbeat import AgentState, Heartbeat, read_status
 from jobs.paths import Spool
 
 
@@ -28,20 +28,20 @@ class AgentView:
     id: str
     seq: int
     changed_at: float  # master clock when seq last changed
-    status: dict[str, Any] = field(default_factory=dict)
+    status: Heartbeat  # its last heartbeat
     age: float = 0.0  # seconds since the heartbeat last changed (master clock)
     alive: bool = False  # heartbeat fresh and not stopped
     accepting: bool = False  # alive and taking new jobs
-    previous: dict[str, Any] | None = None  # the last heartbeat of its former process, if it restarted
+    previous: Heartbeat | None = None  # the last heartbeat of its former process, if it restarted
 
     @property
     def state(self) -> str:
-        return self.status.get("state", "?")
+        return self.status.state
 
     @property
     def job_schema(self) -> int:
         """The newest job descriptors the agent reads (older agents do not say: 1)."""
-        return self.status.get("job_schema") or 1
+        return self.status.job_schema or 1
 
 
 class Liveness:
@@ -64,19 +64,19 @@ class Liveness:
                 if server_now is None:
                     server_now = server_time(self.spool.agents_dir)
                 age = max(0.0, server_now - mtime) if server_now is not None else 0.0
-                view = self.views[ident] = AgentView(ident, st["seq"], now - age)
+                view = self.views[ident] = AgentView(ident, st.seq, now - age, st)
             elif incarnation(st) != incarnation(view.status):
                 view.previous = view.status  # kept until the dispatcher has judged it (see module)
-                view.seq, view.changed_at = st["seq"], now
-            elif st["seq"] != view.seq:
-                view.seq, view.changed_at = st["seq"], now
+                view.seq, view.changed_at = st.seq, now
+            elif st.seq != view.seq:
+                view.seq, view.changed_at = st.seq, now
             view.status = st
             view.age = now - view.changed_at
-            view.alive = view.age < self.dead_after and st["state"] != AgentState.STOPPED.value
-            view.accepting = view.alive and st["state"] in (AgentState.IDLE.value, AgentState.BUSY.value)
+            view.alive = view.age < self.dead_after and st.state != AgentState.STOPPED.value
+            view.accepting = view.alive and st.state in (AgentState.IDLE.value, AgentState.BUSY.value)
         return self.views
 
 
-def incarnation(status: dict[str, Any]) -> tuple[Any, Any, Any]:
+def incarnation(status: Heartbeat) -> tuple[Any, Any, Any]:
     """What tells one process of an agent from the next under the same id."""
-    return status.get("hostname"), status.get("pid"), status.get("started_at")
+    return status.hostname, status.pid, status.started_at

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from jobs.descriptor import MAX_GPUS
+from jobs.heartbeat import Heartbeat
 from jobs.jsonio import is_num
 from master.runspec import UsageError
 
@@ -58,9 +59,9 @@ class Placement:
         return bool(self.targets or self.hosts or self.exclude_hosts or self.min_free_gb or self.gpus_per_job
                     or self.gpu_mem)
 
-    def why_not(self, status: dict[str, Any]) -> str | None:
+    def why_not(self, status: Heartbeat) -> str | None:
         """None if the agent with this heartbeat may take the run's jobs, else the constraint it fails."""
-        names = {str(status.get("host") or ""), str(status.get("hostname") or "")} - {""}
+        names = {str(status.host or ""), str(status.hostname or "")} - {""}
         if self.exclude_hosts and names & set(self.exclude_hosts):
             return f"--exclude-hosts {','.join(self.exclude_hosts)}"
         if self.hosts and not names & set(self.hosts):
@@ -96,12 +97,12 @@ class Placement:
         return " ".join(parts) or "no placement flags (one GPU, or a CPU, per job)"
 
 
-def gpus_of(status: dict[str, Any]) -> list[dict[str, Any]]:
+def gpus_of(status: Heartbeat) -> list[dict[str, Any]]:
     """The pynvml metrics of each GPU an agent's heartbeat lists (``gpus``; older agents: ``gpu``)."""
-    gpus = status.get("gpus")
+    gpus = status.gpus
     if isinstance(gpus, list) and gpus:
         return [g for g in gpus if isinstance(g, dict)]
-    return [status["gpu"]] if isinstance(status.get("gpu"), dict) else []
+    return [status.gpu] if isinstance(status.gpu, dict) else []
 
 
 def combined(gpus: list[dict[str, Any]]) -> dict[str, Any]:
@@ -123,21 +124,21 @@ def combined(gpus: list[dict[str, Any]]) -> dict[str, Any]:
             "worker_mem": total("worker_mem")}
 
 
-def gpu_count(status: dict[str, Any]) -> int:
+def gpu_count(status: Heartbeat) -> int:
     """How many GPUs the agent holds (0: a CPU agent)."""
-    for key in ("gpu_uuids", "gpus"):  # the UUIDs, else the metrics (a list dropped as malformed is None)
-        if isinstance(status.get(key), list):
-            return len(status[key])
-    return 0 if status.get("device") in (None, "cpu") else 1
+    for listed in (status.gpu_uuids, status.gpus):  # the UUIDs, else the metrics (a list dropped as malformed is None)
+        if isinstance(listed, list):
+            return len(listed)
+    return 0 if status.device in (None, "cpu") else 1
 
 
-def gpu_ids(status: dict[str, Any]) -> list[Any]:
+def gpu_ids(status: Heartbeat) -> list[Any]:
     """The agent's GPU numbers (its --gpu N, or N,M), or its CPU rank."""
-    ids = status.get("gpu_ids")
-    return ids if isinstance(ids, list) and ids else [status.get("gpu_id")]
+    ids = status.gpu_ids
+    return ids if isinstance(ids, list) and ids else [status.gpu_id]
 
 
-def free_gb(status: dict[str, Any]) -> float | None:
+def free_gb(status: Heartbeat) -> float | None:
     """Free GPU memory in GiB from a heartbeat's pynvml metrics (the least of its GPUs'); None without a GPU."""
     free = []
     for gpu in gpus_of(status):

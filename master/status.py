@@ -69,9 +69,9 @@ class StatusReader:
                 jobs = [j for j in Mailbox(self.spool, ident).read().jobs if not has_outcome(self.spool, j.key, j.max_attempts)]
             except (OSError, BadFile):
                 jobs = []
-            cur = v.status.get("current") if v.alive else None
+            cur = v.status.current if v.alive else None
             if isinstance(cur, dict) and (ended := self._over(cur)) is not None:  # the heartbeat is older than
-                ahead = v.status.get("ahead")  # the job's end: the job sent ahead (if any) has run since then
+                ahead = v.status.ahead  # the job's end: the job sent ahead (if any) has run since then
                 cur = {**ahead, "since": ended} if isinstance(ahead, dict) and self._over(ahead) is None else None
             if isinstance(cur, dict) and isinstance(cur.get("run"), str):  # running = what agents say they run
                 running[cur["run"]] = running.get(cur["run"], 0) + 1
@@ -137,24 +137,24 @@ def _agent_row(ident: str, v: Any, cur: dict | None, queued: int, drain_flag: bo
     gpus = gpus_of(st)
     gpu = combined(gpus)
     cur = {k: cur.get(k) for k in ("run", "chunk_id", "attempt", "since")} if isinstance(cur, dict) else None
-    state = st.get("state") if v.alive else ("stopped" if st.get("state") == "stopped" else "dead")
+    state = st.state if v.alive else ("stopped" if st.state == "stopped" else "dead")
     since = cur.get("since") if cur else None
     return {
-        "id": ident, "host": st.get("host"), "pid": st.get("pid"), "device": st.get("device"),
-        "gpu_index": st.get("gpu_index"), "gpu_name": gpu.get("name"), "state": state,
+        "id": ident, "host": st.host, "pid": st.pid, "device": st.device,
+        "gpu_index": st.gpu_index, "gpu_name": gpu.get("name"), "state": state,
         "alive": v.alive, "drain_flag": drain_flag, "queued": queued, "current": cur,
         "current_for_s": round(max(0.0, time.time() - since), 1) if isinstance(since, (int, float)) else None,
-        "jobs_done": st.get("jobs_done"), "jobs_failed": st.get("jobs_failed"),
+        "jobs_done": st.jobs_done, "jobs_failed": st.jobs_failed,
         "heartbeat_age_s": round(v.age, 1), "gpu_util": gpu.get("util"), "gpu_mem_used": gpu.get("mem_used"),
-        "gpu_mem_total": gpu.get("mem_total"), "gpu_temp": gpu.get("temp"), "log": st.get("log"),
+        "gpu_mem_total": gpu.get("mem_total"), "gpu_temp": gpu.get("temp"), "log": st.log,
         "gpu_worker_mem": gpu.get("worker_mem"),  # what the agent's worker and jobs hold (NVML)
-        "last_error": st.get("last_error") if isinstance(st.get("last_error"), str) else None,
+        "last_error": st.last_error,
         # docs/multigpu.md: its GPUs (each as the gpu_* fields sum them up), its slot of a shared GPU,
         # the memory its running job declared (--gpu-mem), and why its next job waits
         "gpus": gpu_count(st), "gpu_ids": gpu_ids(st),
-        "gpu_list": gpus, "slot": st.get("slot"), "slots": st.get("slots"),
-        "gpu_mem_reserved": st.get("gpu_mem_reserved"), "waiting": st.get("waiting"),
-        "mps": st.get("mps"),  # the CUDA_MPS_PIPE_DIRECTORY its jobs get, where MPS runs
+        "gpu_list": gpus, "slot": st.slot, "slots": st.slots,
+        "gpu_mem_reserved": st.gpu_mem_reserved, "waiting": st.waiting,
+        "mps": st.mps,  # the CUDA_MPS_PIPE_DIRECTORY its jobs get, where MPS runs
     }
 
 
@@ -182,7 +182,7 @@ def chunk_rows(spool: Spool, run: str, dead_after: float = 20.0, states: set[str
     where: dict[int, tuple[str, int]] = {}  # chunk -> (agent, attempt) queued there, no outcome yet
     running: dict[int, tuple[str, int, float | None]] = {}  # chunk -> (agent, attempt, since)
     for ident, v in Liveness(spool, dead_after).refresh().items():
-        cur = v.status.get("current") if v.alive else None
+        cur = v.status.current if v.alive else None
         if isinstance(cur, dict) and cur.get("run") == run and is_int(cur.get("chunk_id")):
             running[cur["chunk_id"]] = (ident, cur.get("attempt"), cur.get("since"))
         try:

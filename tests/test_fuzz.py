@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 from jobs.atomic import write_replace
 from jobs.descriptor import Job, JobKind
 from jobs.errors import BadFile
-from jobs.heartbeat import read_status
+from jobs.heartbeat import Heartbeat, read_status
 from jobs.jsonio import load_json
 from jobs.locks import FileLock, HolderLock
 from jobs.mailbox import Mailbox, parse_mailbox
@@ -365,12 +365,12 @@ def test_real_pool_survives_hostile_spool_files(pool, data: st.DataObject) -> No
     assert cancel.returncode in (0, 2) and "Traceback" not in cancel.stderr, cancel.stderr
     for p in procs:
         assert p.proc.poll() is None, p.output()[-3000:]
-        wait_for(lambda p=p: (read_ok(spool, p.id) or {}).get("state") == "idle", 30, f"{p.id} idle again")
+        wait_for(lambda p=p: getattr(read_ok(spool, p.id), "state", None) == "idle", 30, f"{p.id} idle again")
     after = _snapshot(outside)
     assert after == before, (set(after) - set(before), set(before) - set(after))
 
 
-def read_ok(spool: Spool, ident: str) -> dict | None:
+def read_ok(spool: Spool, ident: str) -> Heartbeat | None:
     try:
         return read_status(spool.heartbeat(ident))
     except (BadFile, OSError):

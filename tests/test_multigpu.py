@@ -343,8 +343,8 @@ def test_a_heartbeat_with_bad_gpu_lists_is_read_with_those_fields_dropped(spool:
     path = spool.heartbeat("h-gpu0+1")
     path.write_text(json.dumps(hb))
     st = read_status(path)
-    assert st["gpu_uuids"] is None and st["gpu_ids"] is None and st["slot"] is None and st["waiting"] is None
-    assert st["gpus"][0] == {"mem_total": None, "name": None} and st["gpu_mem_reserved"] is None
+    assert st.gpu_uuids is None and st.gpu_ids is None and st.slot is None and st.waiting is None
+    assert st.gpus[0] == {"mem_total": None, "name": None} and st.gpu_mem_reserved is None
     assert Placement(gpus_per_job=2).why_not(st) is None and "holds 2 GPUs" in Placement().why_not(st)
     assert Placement(gpus_per_job=2, gpu_mem=1.5).why_not(st) is None  # what cannot be judged is the agent's to judge
     assert Placement(gpus_per_job=2, gpu_mem=3).why_not(st) == "its GPU has 2.0 GB in all, under the run's --gpu-mem 3"
@@ -355,7 +355,8 @@ def test_a_heartbeat_with_bad_gpu_lists_is_read_with_those_fields_dropped(spool:
 def test_a_target_names_an_agent_of_several_gpus_by_all_of_them() -> None:
     from master.placement import Placement
 
-    pair = {"host": "n1", "device": "cuda:0", "gpu_id": 2, "gpu_ids": [2, 3], "gpu_uuids": ["a", "b"]}
+    from jobs.heartbeat import Heartbeat
+    pair = Heartbeat("n1-gpu2+3", 1, "idle", host="n1", device="cuda:0", gpu_id=2, gpu_ids=[2, 3], gpu_uuids=["a", "b"])
     assert Placement.parse(["n1::2,3"], gpus_per_job=2).why_not(pair) is None
     assert Placement.parse(["n1::2"], gpus_per_job=2).why_not(pair) == "--target n1::2"  # GPU 3 is not named
     assert Placement.parse(["n1"], gpus_per_job=2).why_not(pair) is None

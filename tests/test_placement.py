@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 
+from jobs.heartbeat import Heartbeat
 from master.placement import Placement
 from master.runspec import UsageError
 from tests.helpers import results, run_main
 
-GPU_AGENT = {"host": "node1", "hostname": "node1.lab", "gpu_id": 2,
-             "gpu": {"mem_used": 30 * 2**30, "mem_total": 80 * 2**30}}
+GPU_AGENT = Heartbeat("node1-gpu2", 1, "idle", host="node1", hostname="node1.lab", gpu_id=2, device="cuda:0",
+                      gpu={"mem_used": 30 * 2**30, "mem_total": 80 * 2**30})
 
 
 def test_targets_hosts_and_free_memory() -> None:
@@ -20,7 +21,7 @@ def test_targets_hosts_and_free_memory() -> None:
     assert ok(Placement.parse(hosts="node0,node1")) and not ok(Placement.parse(hosts="node0"))
     assert Placement.parse(exclude_hosts="node1").why_not(GPU_AGENT) == "--exclude-hosts node1"
     assert ok(Placement.parse(min_free_gb=50)) and not ok(Placement.parse(min_free_gb=51))
-    assert Placement.parse(min_free_gb=1).why_not({"host": "cpuhost", "gpu_id": 0}) == "--min-free-gb 1"
+    assert Placement.parse(min_free_gb=1).why_not(Heartbeat("cpuhost-cpu0", 1, "idle", host="cpuhost", gpu_id=0)) == "--min-free-gb 1"
 
 
 @pytest.mark.parametrize("bad", ["node1::x", "::0", "node 1::0", "node1::-1"])
