@@ -10,7 +10,7 @@ from typing import Any
 
 from jobs.template import BUILTIN_PLACEHOLDERS, TemplateError, fields
 from master.inputs import read_text
-from master.runspec import UsageError
+from master.errors import UsageError
 
 COMMANDS_FILE_LIMIT = 512 * 1024  # bytes of a --commands file (its lines live in run.json, at most 1 MB)
 

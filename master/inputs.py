@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from master.runspec import UsageError
+from master.errors import UsageError
 
 
 def read_input(path: Path, where: str, limit: int, error: type[Exception] = UsageError, hint: str = "") -> bytes:

@@ -20,13 +20,10 @@ from jobs.errors import BadFile, BadNpz, SpoolError
 from jobs.jsonio import load_json, read_json
 from jobs.names import MAX_CHUNKS, brief, check_name, slug
 from jobs.paths import Spool
+from master.errors import UsageError
 
 SPEC_SCHEMA = 1
 SPEC_LIMIT = 1024 * 1024
-
-
-class UsageError(SpoolError):
-    """A bad argument: the message names it and says what is wrong."""
 
 
 @dataclass(frozen=True)
