@@ -30,7 +30,6 @@ import math
 import os
 import signal
 import socket
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +37,7 @@ from typing import Any, Callable
 
 from loguru import logger
 
+from agent.beat import Beat
 from agent.command import run_command
 from agent.fairshare import FairShare
 from agent.gpu import Gpu, NoGpu
@@ -46,11 +46,11 @@ from agent.gpumem import MemoryGate
 from agent.identity import agent_id
 from agent.slot import Slot, gpu_lock_dir, label
 from agent.watcher import MailboxWatcher
-from agent.worker_control import Worker, WorkerLost, agent_marks, cap_log, has_marks, kill_leftovers
+from agent.worker_control import Worker, WorkerLost, agent_marks, has_marks, kill_leftovers
 from jobs.descriptor import SCHEMA as JOB_SCHEMA, Job, JobKind, JobState
 from jobs.atomic import purge_temp, read_bounded, server_now
 from jobs.errors import BadFile
-from jobs.heartbeat import AgentState, Heartbeat, read_status, write_status
+from jobs.heartbeat import AgentState, Heartbeat, read_status
 from jobs.jsonio import load_json
 from jobs.mailbox import HOLD_LIMIT, Mailbox, Snapshot
 from jobs.paths import Spool
@@ -112,9 +112,8 @@ class Agent:
         self._next_lag_sample = 0.0
         self.mailbox_lag: float | None = None  # seconds a refill took to reach this agent (see _sample_lag)
         self.done = self.failed = 0
-        self._seq = 0
-        self._hb_lock = threading.Lock()
-        self._hb_stop = threading.Event()
+        self.beat = Beat(spool, self.id, self._heartbeat, cfg.heartbeat,
+                         (spool.agent_log(self.id), spool.worker_log(self.id)), cfg.log_limit)
         self.started_at = time.time()
         self.pause_until = 0.0  # after an I/O error (disk full): no job before this (monotonic)
         self._io_backoff = 0.0
@@ -150,8 +149,8 @@ class Agent:
         self.watcher.start()
         self.worker.start()
         self.state = AgentState.IDLE
-        self.write_heartbeat()  # the launcher waits for this to call the agent ready
-        threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True).start()
+        self.beat.write()  # the launcher waits for this to call the agent ready
+        self.beat.start()
         logger.info("agent {} ready: base={} device={} gpu={} watch={} pid={}", self.id, self.spool.base,
                     self.slot.device, " + ".join(g.describe() for g in self.slot.gpus) or None, self.watcher.mode,
                     os.getpid())
@@ -193,7 +192,7 @@ class Agent:
         """Every step is tried whatever the others do (a full disk, a lost GPU): the worker is always
         stopped and the GPU and agent locks always released."""
         for step in (lambda: self._set_state(AgentState.STOPPING), self.watcher.stop, self.worker.stop,
-                     self._hb_stop.set, lambda: self._set_state(AgentState.STOPPED), self.slot.release):
+                     self.beat.stop, lambda: self._set_state(AgentState.STOPPED), self.slot.release):
             try:
                 step()
             except Exception:
@@ -262,7 +261,7 @@ class Agent:
             self.waiting = None
             if not self._dry:  # just ran dry: status says idle, with the jobs done, now rather than a beat later
                 self._dry = True
-                self._beat()
+                self.beat.quietly()
             if jobs:
                 self._prune()
             return False
@@ -297,7 +296,7 @@ class Agent:
         self.waiting = why
         if new:  # said once; the heartbeat thread keeps the figures fresh
             logger.info("agent {}: {}", self.id, why)
-            self._beat()
+            self.beat.quietly()
         return False
 
     # the worker process ----------------------------------------------------------------------
@@ -438,7 +437,7 @@ class Agent:
                 if self.last_error is not None and self.last_error == self._drained_why:
                     self.last_error = None
                 self._drained_why = None
-            self.write_heartbeat()
+            self.beat.write()
         return drain
 
     def _cancelled(self, run: str) -> dict | None:
@@ -468,7 +467,7 @@ class Agent:
         self.current = (job, started)
         self.state = AgentState.BUSY
         if job.alone or job.uid in self._deferred or self._durations.get(job.run, math.inf) > PIPELINE_MAX_S:
-            self._beat()  # named at once: if it kills this agent, the next one must know
+            self.beat.quietly()  # named at once: if it kills this agent, the next one must know
         logger.debug("{} chunk {} attempt {}/{}: started", job.run, job.chunk_id, job.attempt, job.max_attempts)
         outcome = self._run_job(job, lookahead)
         first = job.uid in self._first_of_worker
@@ -679,14 +678,7 @@ class Agent:
     # heartbeat -----------------------------------------------------------------------------
     def _set_state(self, state: AgentState) -> None:
         self.state = state
-        self.write_heartbeat()
-
-    def _beat(self) -> None:
-        """A heartbeat between two beats; a full disk costs a warning (the heartbeat thread tries again)."""
-        try:
-            self.write_heartbeat()
-        except OSError as e:
-            logger.warning("agent {}: heartbeat write failed: {}", self.id, e)
+        self.beat.write()
 
     def _reported_state(self) -> AgentState:
         """A busy agent with a drain flag says 'draining' at once, so that masters take its
@@ -694,17 +686,6 @@ class Agent:
         if self.state is AgentState.BUSY and self.spool.drain_flag(self.id).exists():
             return AgentState.DRAINING
         return self.state
-
-    def _heartbeat_loop(self) -> None:
-        while not self._hb_stop.wait(self.cfg.heartbeat):
-            try:
-                self.write_heartbeat()
-            except Exception:
-                logger.exception("agent {}: heartbeat write failed", self.id)
-            for log in (self.spool.agent_log(self.id), self.spool.worker_log(self.id)):
-                if cap_log(log, self.cfg.log_limit):  # an agent runs for weeks; the job code may be chatty
-                    logger.info("agent {}: {} grew past --log-limit-mb; its older lines are in {}.1", self.id,
-                                log.name, log.name)
 
     def _gpu_metrics(self) -> list[dict[str, Any]]:
         """Each GPU's figures for the heartbeat; a GPU that does not answer (lost, its driver gone)
@@ -735,38 +716,36 @@ class Agent:
             return None if any(m is None for m in mine) else sum(mine)
         return 0 if all(os.path.exists(f"/proc/{pid}") for pid, _ in procs) else None
 
-    def write_heartbeat(self) -> None:
-        with self._hb_lock:
-            self._seq += 1
-            cur, ahead = self.current, self._ahead
-            gpus = self._gpu_metrics() if self.slot.gpus else []
-            status = Heartbeat(**{
-                "schema": 1, "agent": self.id, "host": self.host, "hostname": socket.gethostname(),
-                "pid": os.getpid(), "base": str(self.spool.base), "state": self._reported_state().value,
-                "seq": self._seq,
-                "device": self.slot.device, "gpu_id": self.slot.number,
-                "gpu_index": self.slot.gpu.index if self.slot.gpu else None,
-                "gpu_uuid": self.slot.gpu.uuid if self.slot.gpu else None,
-                "current": None if cur is None else {"run": cur[0].run, "chunk_id": cur[0].chunk_id,
-                                                     "attempt": cur[0].attempt, "since": cur[1]},
-                "ahead": None if ahead is None else {"run": ahead.run, "chunk_id": ahead.chunk_id,
-                                                     "attempt": ahead.attempt},
-                "jobs_done": self.done, "jobs_failed": self.failed, "started_at": self.started_at,
-                "updated_at": time.time(), "heartbeat_s": self.cfg.heartbeat, "watch": self.watcher.mode,
-                "job_schema": JOB_SCHEMA,  # the newest job descriptors it reads (see jobs.descriptor)
-                "worker_pid": self.worker.pid, "log": str(self.spool.agent_log(self.id)),
-                "last_error": self.last_error,
-                "died_under": self.died_under,  # see master.dispatcher.Dispatcher._restarted
-                "mailbox_lag_s": None if self.mailbox_lag is None else round(self.mailbox_lag, 4),
-                "gpu": gpus[0] if gpus else None,  # its (first) GPU, as before several GPUs per agent
-                "gpus": gpus,  # every GPU it holds (--gpus-per-agent), each as "gpu" is
-                "gpu_ids": list(self.slot.numbers), "gpu_uuids": [g.uuid for g in self.slot.gpus],
-                "slot": self.slot.slot, "slots": self.slot.slots,  # --slots: agents sharing its GPU
-                "gpu_mem_reserved": self.memory.reserved or None,  # bytes the running job declared (--gpu-mem)
-                "waiting": self.waiting,
-                "mps": os.environ.get("CUDA_MPS_PIPE_DIRECTORY"),
-            })
-            write_status(self.spool, self.id, status)
+    def _heartbeat(self, seq: int) -> Heartbeat:
+        """What the heartbeat says now (``agent.beat`` writes it)."""
+        cur, ahead = self.current, self._ahead
+        gpus = self._gpu_metrics() if self.slot.gpus else []
+        return Heartbeat(**{
+            "schema": 1, "agent": self.id, "host": self.host, "hostname": socket.gethostname(),
+            "pid": os.getpid(), "base": str(self.spool.base), "state": self._reported_state().value,
+            "seq": seq,
+            "device": self.slot.device, "gpu_id": self.slot.number,
+            "gpu_index": self.slot.gpu.index if self.slot.gpu else None,
+            "gpu_uuid": self.slot.gpu.uuid if self.slot.gpu else None,
+            "current": None if cur is None else {"run": cur[0].run, "chunk_id": cur[0].chunk_id,
+                                                 "attempt": cur[0].attempt, "since": cur[1]},
+            "ahead": None if ahead is None else {"run": ahead.run, "chunk_id": ahead.chunk_id,
+                                                 "attempt": ahead.attempt},
+            "jobs_done": self.done, "jobs_failed": self.failed, "started_at": self.started_at,
+            "updated_at": time.time(), "heartbeat_s": self.cfg.heartbeat, "watch": self.watcher.mode,
+            "job_schema": JOB_SCHEMA,  # the newest job descriptors it reads (see jobs.descriptor)
+            "worker_pid": self.worker.pid, "log": str(self.spool.agent_log(self.id)),
+            "last_error": self.last_error,
+            "died_under": self.died_under,  # see master.dispatcher.Dispatcher._restarted
+            "mailbox_lag_s": None if self.mailbox_lag is None else round(self.mailbox_lag, 4),
+            "gpu": gpus[0] if gpus else None,  # its (first) GPU, as before several GPUs per agent
+            "gpus": gpus,  # every GPU it holds (--gpus-per-agent), each as "gpu" is
+            "gpu_ids": list(self.slot.numbers), "gpu_uuids": [g.uuid for g in self.slot.gpus],
+            "slot": self.slot.slot, "slots": self.slot.slots,  # --slots: agents sharing its GPU
+            "gpu_mem_reserved": self.memory.reserved or None,  # bytes the running job declared (--gpu-mem)
+            "waiting": self.waiting,
+            "mps": os.environ.get("CUDA_MPS_PIPE_DIRECTORY"),
+        })
 
 
 def module_of(job: Job) -> str:

@@ -1,7 +1,7 @@
 """Per-GPU utilisation and memory over the last hour, for the dashboard's sparklines.
 
 Agents report their GPU's figures in every heartbeat (``gpu``: util, mem_used, mem_total; see
-``agent.gpu`` and ``Agent.write_heartbeat``) but keep no history. The dashboard process samples
+``agent.gpu`` and ``Agent._heartbeat``) but keep no history. The dashboard process samples
 the heartbeats every ``every`` seconds (a ``Sampler`` thread, through ``master.liveness``) into a
 small ring per agent: at most ``window / every`` points, none older than ``window``, and at
 most ``max_agents`` rings (the agent heard from least recently goes first). A dead agent's
