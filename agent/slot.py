@@ -203,6 +203,8 @@ def _take(spool: Spool, probe: NoGpu, host: str, numbers: list[int], gpus: list[
         for n, gpu in zip(numbers, gpus):
             lk = HolderLock(gpu_lock(gpu), mode=LOCK_MODE, shared=shared)
             try:
+                if not explicit and not allow_shared:  # --gpu auto passes over a busy GPU without taking its
+                    _refuse_busy(probe, gpu, n, siblings, str(spool.base), 0.0)  # lock: one asked for by number may be starting
                 what = f"GPU {n} ({gpu.name}, {gpu.uuid})" + (f" (to share as one of {slots} slots)" if shared else "")
                 lk.take(what, agent=ident, base=str(spool.base), uuid=gpu.uuid, slots=slots)
                 locks.append(lk)

@@ -197,7 +197,7 @@ def test_default_gluster_options_cross_mount_delay_and_exactly_once(gluster_defa
     agents = [b.agent(0), b.agent(1)]
     for ag in agents:
         ag.wait_ready()
-    assert all(ag.heartbeat()["watch"] == "poll" for ag in agents)
+    assert all(wait_for(ag.heartbeat, 10, "a heartbeat")["watch"] == "poll" for ag in agents)
     n = 120
     started = time.monotonic()
     code, out, err = finish(a.master(["--task", task, "--chunks", str(n), "--run", "slowfs", "--depth", "16"]), 200)
@@ -360,10 +360,12 @@ def test_an_idle_polling_agent_costs_few_filesystem_operations(gluster, gluster_
         pytest.skip("strace not found: apt-get install strace (listed in .ci/apt-packages.txt)")
     a, b = hosts(gluster_fast)
     agent = b.agent(0, fast=False, GPUPOOL_LOG_LEVEL="INFO").wait_ready()
-    assert agent.heartbeat()["watch"] == "poll"
+    hb = wait_for(agent.heartbeat, 10, "its heartbeat")
+    assert hb["watch"] == "poll"
     # let the idle back-off settle: a few heartbeats pass (each rewrites the heartbeat file)
-    seq0 = agent.heartbeat()["seq"]
-    wait_for(lambda: agent.heartbeat()["seq"] >= seq0 + 3, 30, "three heartbeats")
+    seq0 = hb["seq"]
+    # (a read through the other mount may meet the file between two renames: None, try again)
+    wait_for(lambda: (agent.heartbeat() or {}).get("seq", -1) >= seq0 + 3, 30, "three heartbeats")
     gluster.cli("volume", "profile", gluster_fast.name, "start", check=False)
     profile_fops(gluster, gluster_fast.name)  # reset the incremental counters
     window = 10.0
