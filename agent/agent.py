@@ -621,9 +621,10 @@ class Agent:
         if job.kind in (JobKind.SCRIPT, JobKind.COMMAND):
             log = self.spool.chunk_log(job.run, job.chunk_id)
             try:
-                gpu_id = 0 if job.visible_gpu_id and self.slot.gpu is not None else self.slot.number
-                if job.kind is JobKind.SCRIPT:  # on an agent of several GPUs it sees only theirs: 0 is the first;
-                    narrowed = len(self.slot.gpus) > 1 or gpu_id != self.slot.number  # so it does under --visible-gpu-id
+                visible = job.visible_gpu_id and self.slot.gpu is not None
+                gpu_id = 0 if visible else self.slot.number
+                if job.kind is JobKind.SCRIPT:  # on an agent of several GPUs, or under --visible-gpu-id, it sees
+                    narrowed = visible or len(self.slot.gpus) > 1  # only the agent's: its --gpu_id 0 is the first
                     err = run_script(job, 0 if narrowed else gpu_id, self._narrowed_env if narrowed else self.script_env,
                                      log, abort)
                     fields = {"log": str(log)} if err is None else {"log": str(log), "error": err}

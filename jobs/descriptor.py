@@ -130,7 +130,7 @@ class Job:
         cancel dropped under the same number again)."""
         return (self.run, self.chunk_id, self.attempt, self.epoch, self.submitted_at)
 
-    @property
+    @functools.cached_property  # asked for every job of a mailbox on every rewrite (to_dict)
     def needs_schema(self) -> int:
         """The schema an agent must read to run this job: that of the newest must-understand field it uses."""
         return max([KIND_SCHEMA.get(self.kind, 1)] +
