@@ -137,7 +137,7 @@ class Agent:
 
     # lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
-        purge_temp([self.spool.pool_dir, self.spool.agents_dir])  # what killed writers left behind
+        purge_temp([self.spool.pool_dir, self.spool.pool_tmp_dir, self.spool.agents_dir])  # killed writers' leftovers
         self.mailbox.ensure()
         # after a death only (a graceful stop kills its worker's group, and leaves what a job
         # detached on purpose alone): no /proc scan at every start
@@ -221,10 +221,10 @@ class Agent:
                     worked = False
                     time.sleep(min(self.cfg.rescan, 1.0))
                 if worked:
-                    self.watcher.busy(backlog=self._ahead is not None)
-                elif self.cfg.burst:
+                    continue  # the mailbox is read again at once: the watch rests (see _execute)
+                if self.cfg.burst:
                     break
-                elif not self.stop:  # a job waiting for GPU memory (--gpu-mem) looks again soon
+                if not self.stop:  # a job waiting for GPU memory (--gpu-mem) looks again soon
                     self.watcher.wait(min(self.cfg.rescan, MEMORY_RECHECK_S) if self.waiting else self.cfg.rescan)
             if self._ahead is not None:  # handed over, not started by us: it stays queued for later
                 logger.info("agent {}: stopping; {} chunk {} stays queued", self.id, self._ahead.run,
@@ -372,7 +372,7 @@ class Agent:
         if now < self._next_lag_sample or self.mailbox.mtime is None:
             return
         self._next_lag_sample = now + 1.0
-        stamp = server_now(self.spool.pool_dir)
+        stamp = server_now(self.spool.mailbox_temp_dir() or self.spool.pool_dir)  # a folder no agent watches
         if stamp is not None:
             lag = min(30.0, max(0.0, stamp - self.mailbox.mtime))
             self.mailbox_lag = lag if self.mailbox_lag is None else 0.7 * self.mailbox_lag + 0.3 * lag
@@ -463,6 +463,7 @@ class Agent:
 
     def _execute(self, job: Job, lookahead: Job | None = None) -> bool:
         """Run ``job`` and record its outcome. False if it was interrupted (it stays queued)."""
+        self.watcher.busy()  # nothing needs to wake this agent until it waits again (agent.watcher)
         started = time.time()
         self.current = (job, started)
         self.state = AgentState.BUSY

@@ -5,13 +5,19 @@ events on queue overflow (watchdog issue 654), so the inotify waiter also times 
 after ``rescan`` seconds and the caller rereads the mailbox anyway. The poll waiter
 stats only the mailbox file (no directory listing) and backs off while idle.
 
-An agent with a backlog does not need to be woken: it rereads its mailbox after every job.
-So while it has one, the inotify watch is dropped (``busy(backlog=True)``): every mailbox of
-the folder changes many times a second in a busy pool, and each change woke the watchdog
-threads of every agent, which then took the interpreter lock from the job loop. (On 2 cores
-with no-op chunks, agents that poll showed an idle-gap p99 of 2-3 ms against 3.4-5 ms with
-inotify; dropping the watch while busy moved it by less than the noise.) ``wait`` arms it
-again first.
+An agent that works does not need to be woken: it rereads its mailbox after every job. So the
+inotify watch is dropped when a job starts (``busy()``) and armed again only when the agent
+waits (``wait``, which then returns at once for a reread, so nothing written meanwhile is missed):
+an agent running an hour-long chunk is not woken by every mailbox change of a busy pool (each
+woke the watchdog threads of every watching agent). A drop and a re-arm cost about 0.3 ms. (On 2
+cores with no-op chunks, agents that poll showed an idle-gap p99 of 2-3 ms against 3.4-5 ms with
+inotify.)
+
+What made agents late was elsewhere: a mailbox published by a rename within the watched folder
+reached watchdog as a pair of events, whose first half watchdog holds up to 0.5 s for its match
+and then sleeps through even once the match came. In a fill of 32 idle agents, one in ten started
+its job 0.4 s after it was written. Mailbox temp files are therefore made in ``agent_pool/.tmp``
+(``Spool.mailbox_temp_dir``): a mailbox arrives as one event, and all 32 started within 0.06 s.
 
 inotify is a per-user resource (128 instances and a number of watches by default, shared with
 editors, IDE servers and every other tool of the user): where none is to be had, the agent (and
@@ -34,13 +40,14 @@ from watchdog.observers import Observer
 
 from jobs.fsinfo import is_network_fs
 
-_NEW_CONTENT = {"moved", "deleted"}
-# Mailboxes are only ever published by rename (and taken away by rename or unlink): asking
-# inotify for nothing else keeps the watchdog threads of every agent of the folder quiet: no
-# open/close/modify events from every read and lock, and no create event from every temp file
-# (with 32 agents on 2 cores, one mailbox write woke 32 threads twice; filling 32 mailboxes took
-# 0.37 s). Results are committed by link() (a create), so the master's watch asks for those too.
-MAILBOX_EVENTS = [FileMovedEvent, FileDeletedEvent]
+_NEW_CONTENT = {"moved", "created", "deleted"}
+# Mailboxes are only ever published by rename from ``agent_pool/.tmp`` (which inotify reports here
+# as IN_MOVED_TO, a "created" event: see ``Spool.mailbox_temp_dir``; older writers rename within the
+# folder, a "moved" one) and taken away by rename or unlink: asking inotify for nothing else keeps
+# the watchdog threads of every agent of the folder quiet: no open/close/modify events from every
+# read and lock, and none from every temp file (with 32 agents on 2 cores, one mailbox write woke 32
+# threads twice; filling 32 mailboxes took 0.37 s). Results are committed by link() (a create).
+MAILBOX_EVENTS = [FileCreatedEvent, FileMovedEvent, FileDeletedEvent]
 RESULT_EVENTS = [FileCreatedEvent, FileMovedEvent, FileDeletedEvent]
 
 
@@ -129,10 +136,10 @@ class MailboxWatcher:
         """Wake a waiter now (used to stop, and safe to call from a signal handler)."""
         self._wake.set()
 
-    def busy(self, backlog: bool = False) -> None:
-        """Work is flowing: poll at the fastest rate again; with a ``backlog``, stop watching."""
+    def busy(self) -> None:
+        """A job starts: poll at the fastest rate again, and stop watching until the next ``wait``."""
         self._interval = self.poll_interval
-        if backlog and self._watch is not None:
+        if self._watch is not None:
             self._observer.unschedule(self._watch)
             self._watch = None
 

@@ -4,6 +4,7 @@ Layout (every name below is built by ``jobs.paths.Spool``, nowhere else)::
 
     BASE/agent_pool/<agent>.POOL     mailbox: {"schema", "agent", "jobs": [job descriptor, ...]}
     BASE/agent_pool/<agent>.lock     permanent lock guarding every read-modify-write of the mailbox
+    BASE/agent_pool/.tmp/            the temp files of mailbox writes (a folder no agent watches)
     BASE/agents/<agent>.json         heartbeat/status, replaced every few seconds by the agent
     BASE/agents/<agent>.lock         held by the agent for its whole life (one process per agent id)
     BASE/agents/<agent>.drain        present = the agent takes no new job (``master drain``)
@@ -34,7 +35,8 @@ hosts sharing BASE never collide; ``<host>-gpu<N>+<M>`` holds GPUs N and M, ``<h
 slot J of GPU N (docs/multigpu.md).
 
 Publishing: every file another process reads is written to ``.<name>.tmp-<pid>-<rand>`` in the
-same folder, flushed and renamed over the final name (``jobs.atomic``). Readers skip names that
+same folder (a mailbox: in ``agent_pool/.tmp``, so that its watchers see one event, not a rename
+pair; see ``Spool.mailbox_temp_dir``), flushed and renamed over the final name (``jobs.atomic``). Readers skip names that
 start with ``.``; nobody ever sees a half-written file. Run specs are also fsynced before the
 rename. Results are not fsynced one by one (the largest cost between two jobs): when a run is
 done the master flushes its results with one syncfs and writes ``runs/<run>/sealed``; a master

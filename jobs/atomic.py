@@ -1,6 +1,7 @@
 """Atomic publishing and bounded, no-follow reading of spool files.
 
-Writers create ``.<name>.tmp-<pid>-<random>`` in the target's own folder, write,
+Writers create ``.<name>.tmp-<pid>-<random>`` in the target's own folder (mailboxes: in
+``agent_pool/.tmp``, see ``Spool.mailbox_temp_dir``), write,
 flush, optionally fsync, close, then ``rename`` (replace) or ``link`` (create only if
 absent, the NFS-safe form of O_EXCL) it to the final name. Readers skip every name
 that starts with ``.``, so nobody ever sees a half-written file.
@@ -43,18 +44,19 @@ def is_temp_name(name: str) -> bool:
     return name.startswith(".")
 
 
-def temp_name(final: Path) -> Path:
-    return final.with_name(f".{final.name}{TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
+def temp_name(final: Path, folder: Path | None = None) -> Path:
+    """A fresh temp name for ``final``, beside it or in ``folder`` (of the same filesystem)."""
+    return (folder or final.parent) / f".{final.name}{TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}"
 
 
 @contextlib.contextmanager
-def writing(final: Path, fsync: bool = True) -> Iterator[tuple[IO[bytes], Path]]:
-    """Open a temp file beside ``final``; yields ``(file, temp_path)``.
+def writing(final: Path, fsync: bool = True, folder: Path | None = None) -> Iterator[tuple[IO[bytes], Path]]:
+    """Open a temp file beside ``final`` (or in ``folder``); yields ``(file, temp_path)``.
 
     The caller publishes the temp path (``publish``/``commit``) after the block; on an
     exception the temp file is removed and the error propagates.
     """
-    tmp = temp_name(final)
+    tmp = temp_name(final, folder)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -68,9 +70,10 @@ def writing(final: Path, fsync: bool = True) -> Iterator[tuple[IO[bytes], Path]]
         raise
 
 
-def write_replace(final: Path, data: bytes, fsync: bool = True) -> None:
-    """Publish ``data`` at ``final``, replacing what was there, atomically."""
-    with writing(final, fsync) as (f, tmp):
+def write_replace(final: Path, data: bytes, fsync: bool = True, folder: Path | None = None) -> None:
+    """Publish ``data`` at ``final``, replacing what was there, atomically (the temp file made in
+    ``folder`` when given)."""
+    with writing(final, fsync, folder) as (f, tmp):
         f.write(data)
     try:
         os.replace(tmp, final)
@@ -94,6 +97,20 @@ def commit_link(tmp: Path, final: Path) -> bool:
     finally:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+
+
+def move_in(tmp: Path, final: Path) -> None:
+    """``os.replace(tmp, final)`` for a file of a watched folder, made a link and an unlink where
+    ``final`` is new: the folder's watchers see it created, not renamed (watchdog holds the first
+    half of a rename pair up to 0.5 s for its match, and every event behind it waits too; see
+    ``Spool.mailbox_temp_dir``). A crash between the two leaves only a temp file (``purge_temp``)."""
+    try:
+        os.link(tmp, final)
+    except FileExistsError:
+        os.replace(tmp, final)
+        return
+    with contextlib.suppress(OSError):
+        os.unlink(tmp)
 
 
 def write_exclusive(final: Path, data: bytes, fsync: bool = True) -> bool:

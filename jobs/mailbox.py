@@ -243,7 +243,15 @@ class Mailbox:
                                        f"{MAILBOX_LIMIT >> 20} MB limit; left as it was", str(self.path))
         # No fsync: the mailbox is rebuilt from results on any restart, and rename alone
         # already makes the new content atomic for every other process (see jobs/__init__).
-        write_replace(self.path, data, fsync=False)
+        folder = self.spool.mailbox_temp_dir()
+        try:
+            write_replace(self.path, data, fsync=False, folder=folder)
+        except OSError as e:
+            if folder is None or e.errno not in (errno.ENOENT, errno.ENOTDIR, errno.EACCES, errno.EPERM) \
+                    or not self.path.parent.is_dir():
+                raise
+            self.spool.forget_mailbox_temp_dir()  # its temp folder went (or broke): beside it, this once
+            write_replace(self.path, data, fsync=False)
         self.lock.write_note(str(seq).encode())
 
 

@@ -33,6 +33,8 @@ class Spool:
         self.results_dir = self.base / "results"
         self.logs_dir = self.base / "logs"
         self.rejected_dir = self.base / "rejected"
+        self.pool_tmp_dir = self.pool_dir / ".tmp"  # temp files of mailbox writes (mailbox_temp_dir)
+        self._mailbox_temp: Path | None = None  # pool_tmp_dir, once found to be a real folder
 
     def ensure(self) -> "Spool":
         """Create the layout (idempotent). Folders are not writable by other users."""
@@ -93,6 +95,31 @@ class Spool:
     # agents
     def mailbox(self, agent_id: str) -> Path:
         return self.pool_dir / f"{check_name(agent_id, 'agent id')}.POOL"
+
+    def mailbox_temp_dir(self) -> Path | None:
+        """Where mailbox writes make their temp files: ``agent_pool/.tmp``, made here if missing.
+
+        Agents watch ``agent_pool`` with inotify, not this folder, so the rename that publishes a
+        mailbox reaches them as one event (IN_MOVED_TO) rather than a pair: watchdog holds the
+        first half of a pair (IN_MOVED_FROM) up to 0.5 s for its match, and its reader then sleeps
+        that long even once the match came (seen: one agent in ten woke 0.4 s late in a fill of 32).
+        None (temp files beside the mailbox, as before) where it is not a real folder of ours."""
+        if self._mailbox_temp is not None:
+            return self._mailbox_temp
+        d = self.pool_tmp_dir
+        try:
+            d.mkdir(mode=0o755, exist_ok=True)
+            if not stat.S_ISDIR(os.lstat(d).st_mode):
+                raise NotADirectoryError(errno.ENOTDIR, "not a folder")
+        except OSError as e:
+            warn_once(f"{d}: {e.strerror or e}; mailbox temp files are made beside the mailboxes instead")
+            return None
+        self._mailbox_temp = d
+        return d
+
+    def forget_mailbox_temp_dir(self) -> None:
+        """The temp folder failed a write (removed meanwhile?): looked at afresh next time."""
+        self._mailbox_temp = None
 
     def mailbox_lock(self, agent_id: str) -> Path:
         return self.pool_dir / f"{check_name(agent_id, 'agent id')}.lock"

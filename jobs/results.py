@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from jobs.atomic import read_bounded, write_exclusive, write_replace
+from jobs.atomic import move_in, read_bounded, write_exclusive, write_replace
 from jobs.descriptor import Job, JobState
 from jobs.errors import BadFile
 from jobs.jsonio import MAX_DEPTH, clean, is_int, is_num, is_str, is_time, read_json, too_deep
@@ -122,7 +122,7 @@ def _commit_final(spool: Spool, job: Job, data: bytes, arrays_tmp: Path | None) 
     npz = None
     if arrays_tmp is not None:
         npz = spool.result_npz(run, chunk, job.attempt)
-        os.replace(arrays_tmp, npz)
+        move_in(arrays_tmp, npz)  # not a rename: that would hold up the master's watch (jobs.atomic.move_in)
     try:
         # No fsync here: see the module docstring (runs are sealed with one syncfs instead).
         if write_exclusive(spool.result_json(run, chunk), data, fsync=False):

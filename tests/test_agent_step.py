@@ -236,7 +236,7 @@ def test_nothing_is_handed_over_beside_a_job_marked_alone(spool: Spool, make_age
     assert "alone" not in cjob(3).to_dict() and Job.from_dict(cjob(3, alone=True).to_dict()).alone
 
 
-def test_the_inotify_watch_rests_while_there_is_a_backlog_and_nothing_is_missed(tmp_path: Path) -> None:
+def test_the_inotify_watch_rests_while_a_job_runs_and_nothing_is_missed(tmp_path: Path) -> None:
     from agent.watcher import MailboxWatcher
     from jobs.atomic import write_replace
 
@@ -247,7 +247,7 @@ def test_the_inotify_watch_rests_while_there_is_a_backlog_and_nothing_is_missed(
     try:
         write_replace(box, b"2")
         assert w.wait(5)  # armed: a replaced mailbox wakes it
-        w.busy(backlog=True)  # unwatched: the job loop rereads the mailbox after every job anyway
+        w.busy()  # a job starts: unwatched, the job loop rereads the mailbox after every job anyway
         write_replace(box, b"3")
         assert w.wait(5)  # not armed: returns at once, so that the caller rereads what it may have missed
         assert not w.wait(0.3)  # armed again, nothing new
@@ -257,6 +257,30 @@ def test_the_inotify_watch_rests_while_there_is_a_backlog_and_nothing_is_missed(
         assert not w.wait(0.3)
     finally:
         w.stop()
+
+
+def test_an_agent_running_a_job_is_not_watching_its_mailbox(spool: Spool, make_agent) -> None:
+    """While a job runs nothing needs to wake the agent (it rereads its mailbox after the job), so
+    its inotify watch rests: every mailbox change of a busy pool woke every watching agent."""
+    agent = make_agent(watch="inotify")
+    agent.watcher.start()
+    watching: list[bool] = []
+    receive = agent.worker.receive
+
+    def spy(timeout: Any, abort: Any) -> dict[str, Any]:
+        watching.append(agent.watcher._watch is not None)
+        return receive(timeout, abort)
+
+    agent.worker.receive = spy
+    try:
+        assert not agent.step() and agent.watcher.wait(0) is False  # idle: watching, nothing new
+        assert agent.watcher._watch is not None
+        put(spool, cjob(0))
+        assert agent.step() and watching == [False]
+        assert agent.watcher.wait(5)  # armed again on the way into a wait, which returns for a reread
+        assert agent.watcher._watch is not None and not agent.step()
+    finally:
+        agent.watcher.stop()
 
 
 def test_the_shared_cache_keeps_the_files_used_last_only(tmp_path: Path) -> None:

@@ -147,7 +147,8 @@ def test_mailbox_update_and_read(spool: Spool) -> None:
     assert [j.chunk_id for j in mb.read().jobs] == [1, 2]
     mb.update(lambda jobs: [j for j in jobs if j.chunk_id != 1])
     assert [j.chunk_id for j in mb.read().jobs] == [2]
-    assert sorted(os.listdir(spool.pool_dir)) == ["h-cpu0.POOL", "h-cpu0.lock"]
+    assert sorted(os.listdir(spool.pool_dir)) == [".tmp", "h-cpu0.POOL", "h-cpu0.lock"]
+    assert os.listdir(spool.pool_tmp_dir) == []  # the temp files of the writes are gone
 
 
 def test_mailbox_keeps_lock_file_inode(spool: Spool) -> None:
@@ -157,6 +158,70 @@ def test_mailbox_keeps_lock_file_inode(spool: Spool) -> None:
     for i in range(3):
         mb.update(lambda jobs: jobs + [job(i)])
     assert os.stat(mb.lock.path).st_ino == ino  # never replaced: waiters lock the same inode
+
+
+def test_a_mailbox_write_reaches_the_watched_folder_as_one_event_not_a_rename_pair(spool: Spool) -> None:
+    """watchdog holds the first half of a rename pair (IN_MOVED_FROM) up to 0.5 s for its match, and
+    its reader then sleeps that long even once the match came: a mailbox published by a rename
+    within agent_pool/ woke some agents 0.4 s late. Its temp file is made in agent_pool/.tmp, so
+    the folder the agents watch sees it arrive (a "created" event) and never a rename within it."""
+    from watchdog.events import FileSystemEventHandler
+    from watchdog.observers import Observer
+
+    mb = Mailbox(spool, "h-cpu0")
+    mb.ensure()
+    seen: list[tuple[str, str]] = []
+
+    class Record(FileSystemEventHandler):
+        def on_any_event(self, event) -> None:
+            seen.append((event.event_type, os.path.basename(os.fsdecode(event.src_path))))
+
+    observer = Observer()
+    observer.schedule(Record(), str(spool.pool_dir), recursive=False)
+    observer.start()
+    try:
+        mb.update(lambda jobs: jobs + [job(1)])
+        deadline = time.monotonic() + 30
+        while ("created", "h-cpu0.POOL") not in seen and time.monotonic() < deadline:
+            time.sleep(0.01)
+        mb.update(lambda jobs: jobs + [job(2)])
+        deadline = time.monotonic() + 30
+        while seen.count(("created", "h-cpu0.POOL")) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        observer.stop()
+        observer.join(timeout=10)
+    assert seen.count(("created", "h-cpu0.POOL")) == 2, seen
+    assert not [e for e in seen if e[0] == "moved"], seen
+    assert [j.chunk_id for j in mb.read().jobs] == [1, 2]
+
+
+@pytest.mark.parametrize("what", ["file", "symlink"])
+def test_a_file_where_the_mailbox_temp_folder_belongs_costs_nothing(spool: Spool, tmp_path: Path, what: str) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    if what == "file":
+        spool.pool_tmp_dir.write_bytes(b"not a folder")
+    else:
+        spool.pool_tmp_dir.symlink_to(elsewhere)
+    mb = Mailbox(spool, "h-cpu0")
+    mb.update(lambda jobs: jobs + [job(1)])
+    mb.update(lambda jobs: jobs + [job(2)])
+    assert [j.chunk_id for j in mb.read().jobs] == [1, 2]  # written beside the mailbox, as before the folder
+    assert sorted(os.listdir(spool.pool_dir)) == [".tmp", "h-cpu0.POOL", "h-cpu0.lock"]
+    assert os.listdir(elsewhere) == []  # nothing written through the link
+
+
+def test_the_mailbox_temp_folder_removed_meanwhile_is_made_again(spool: Spool) -> None:
+    mb = Mailbox(spool, "h-cpu0")
+    mb.update(lambda jobs: jobs + [job(1)])
+    os.rmdir(spool.pool_tmp_dir)
+    mb.update(lambda jobs: jobs + [job(2)])  # its temp file where the folder was: beside the mailbox, this once
+    assert not spool.pool_tmp_dir.exists()
+    mb.update(lambda jobs: jobs + [job(3)])
+    assert spool.pool_tmp_dir.is_dir() and os.listdir(spool.pool_tmp_dir) == []
+    assert [j.chunk_id for j in mb.read().jobs] == [1, 2, 3]
+    assert sorted(os.listdir(spool.pool_dir)) == [".tmp", "h-cpu0.POOL", "h-cpu0.lock"]
 
 
 def test_mailbox_concurrent_appends_lose_nothing(spool: Spool) -> None:
