@@ -257,6 +257,11 @@ class Agent:
         leave = self._finished | self._deferred if self._deferred and self.clock() < self._defer_until \
             else self._finished
         job = self.share.choose(jobs, leave)
+        if job is None and not self._dry and self.mailbox.refresh():
+            # just ran dry: a network filesystem's client may still show an older mailbox; listed
+            # afresh (jobs.fsinfo.NameRefresh), it shows a refill that is there already
+            jobs = self._read().jobs
+            job = self.share.choose(jobs, leave)
         if job is None:
             self.waiting = None
             if not self._dry:  # just ran dry: status says idle, with the jobs done, now rather than a beat later

@@ -3,7 +3,10 @@
 inotify sees nothing written by another client of a network filesystem and drops
 events on queue overflow (watchdog issue 654), so the inotify waiter also times out
 after ``rescan`` seconds and the caller rereads the mailbox anyway. The poll waiter
-stats only the mailbox file (no directory listing) and backs off while idle.
+stats the mailbox file and backs off while idle (after a minute without work: until then it
+looks at the fastest rate); on a network filesystem, for that minute, it lists the folder first (``jobs.fsinfo.NameRefresh``: else the client
+shows a replaced mailbox as the old one for its cache time, 1 s on GlusterFS), while the folder
+is small. An agent that runs dry lists it once too (``Agent.step``).
 
 An agent that works does not need to be woken: it rereads its mailbox after every job. So the
 inotify watch is dropped when a job starts (``busy()``) and armed again only when the agent
@@ -26,6 +29,7 @@ a master, see ``watch_folder``) polls instead, with one warning, and never fails
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import threading
 import time
@@ -38,7 +42,7 @@ from watchdog.events import (FileCreatedEvent, FileDeletedEvent, FileMovedEvent,
                              FileSystemEventHandler)
 from watchdog.observers import Observer
 
-from jobs.fsinfo import is_network_fs
+from jobs.fsinfo import NameRefresh, is_network_fs
 
 _NEW_CONTENT = {"moved", "created", "deleted"}
 # Mailboxes are only ever published by rename from ``agent_pool/.tmp`` (which inotify reports here
@@ -49,6 +53,11 @@ _NEW_CONTENT = {"moved", "created", "deleted"}
 # threads twice; filling 32 mailboxes took 0.37 s). Results are committed by link() (a create).
 MAILBOX_EVENTS = [FileCreatedEvent, FileMovedEvent, FileDeletedEvent]
 RESULT_EVENTS = [FileCreatedEvent, FileMovedEvent, FileDeletedEvent]
+# For this long after the agent last started a job, the poll waiter looks at the fastest rate and
+# lists a network filesystem's folder before each look (NameRefresh): runs that come one after
+# another start within a poll interval, and an agent idle for longer costs the file server what it
+# did before (through GlusterFS, listing at every poll doubled an idle agent's calls, to 20 a second).
+LIST_AFTER_WORK_S = 60.0
 
 
 class _Handler(FileSystemEventHandler):
@@ -99,6 +108,8 @@ class MailboxWatcher:
         self.poll_interval = poll_interval
         self.max_poll_interval = max(max_poll_interval, poll_interval)
         self._interval = poll_interval
+        self._refresh = NameRefresh(self.path.parent)
+        self._busy_at = -math.inf  # when a job last started here (busy)
         self._wake = threading.Event()
         self._observer = None
         self._watch = None  # the inotify watch, while armed
@@ -139,6 +150,7 @@ class MailboxWatcher:
     def busy(self) -> None:
         """A job starts: poll at the fastest rate again, and stop watching until the next ``wait``."""
         self._interval = self.poll_interval
+        self._busy_at = time.monotonic()
         if self._watch is not None:
             self._observer.unschedule(self._watch)
             self._watch = None
@@ -168,9 +180,12 @@ class MailboxWatcher:
                 self._last = sig
                 self._interval = self.poll_interval
                 return True
-            self._interval = min(self._interval * 1.5, self.max_poll_interval)
+            if time.monotonic() - self._busy_at >= LIST_AFTER_WORK_S:  # idle a while: back off
+                self._interval = min(self._interval * 1.5, self.max_poll_interval)
 
     def _signature(self) -> tuple[int, int, int] | None:
+        if time.monotonic() - self._busy_at < LIST_AFTER_WORK_S:  # else its cache shows a replaced mailbox late
+            self._refresh()
         try:
             st = os.stat(self.path)
             return (st.st_ino, st.st_mtime_ns, st.st_size)

@@ -27,6 +27,7 @@ from loguru import logger
 from jobs.atomic import NotAFile, file_kind, read_bounded, read_if_changed, write_replace
 from jobs.descriptor import SCHEMA, Job
 from jobs.errors import BadFile, NewerSchema
+from jobs.fsinfo import NameRefresh
 from jobs.jsonio import load_json
 from jobs.locks import FileLock
 from jobs.paths import Spool
@@ -101,6 +102,7 @@ class Mailbox:
         self._known: dict[Any, tuple[dict, Job]] = {}
         self._last: tuple[tuple[int, int, int], Snapshot, float] | None = None  # (sig, parsed, when)
         self.changed_at = clock()  # when read() last saw different content (this process's clock)
+        self.refresh = NameRefresh(self.path.parent)  # a stale read on a network filesystem (see _read_fresh)
 
     def read(self) -> Snapshot:
         """The current content; a missing mailbox is empty. Raises BadFile if broken.
@@ -196,6 +198,7 @@ class Mailbox:
                 logger.warning("{}: still reads as write {} after {} s, not {}; going on", self.path, snap.seq,
                                STALE_WAIT, expected)
                 return snap, dirty
+            self.refresh()  # a network filesystem's client cache: the listing brings the newer file into view
             time.sleep(0.02)
 
     def ensure(self) -> None:

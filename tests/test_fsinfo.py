@@ -151,3 +151,30 @@ def test_the_override_lets_them_through_with_a_warning(tmp_path: Path, monkeypat
     err = capsys.readouterr().err
     assert "explicitly allowed" in err and "fuse.sshfs" in err
     assert "chunks" in err.split("explicitly allowed")[1]
+
+
+@pytest.mark.timeout(30)
+def test_a_folder_is_listed_afresh_only_on_a_network_filesystem_and_while_small(tmp_path: Path,
+                                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """``NameRefresh`` lists a folder so that a network filesystem's client sees names replaced by
+    another client (its cache would show the old file for a while); never on a local disk, and
+    not once the folder has grown past its limit (a listing per poll would cost more than it saves)."""
+    import os
+
+    folder = tmp_path / "agent_pool"
+    folder.mkdir()
+    assert fsinfo.NameRefresh(folder)() is False  # a local disk: nothing to refresh
+    table = tmp_path / "mountinfo"
+    table.write_text(MOUNTS["root"] + f"\n60 22 0:60 / {tmp_path} rw,relatime - fuse.glusterfs host:/gv rw\n")
+    monkeypatch.setattr(fsinfo, "MOUNTINFO", str(table))
+    listed: list[str] = []
+    real = os.scandir
+    monkeypatch.setattr(fsinfo.os, "scandir", lambda p: listed.append(str(p)) or real(p))
+    refresh = fsinfo.NameRefresh(folder, limit=3)
+    for name in ("a.POOL", "a.lock"):
+        (folder / name).write_bytes(b"")
+    assert refresh() is True and refresh() is True and listed == [str(folder)] * 2
+    for name in ("b.POOL", "b.lock"):
+        (folder / name).write_bytes(b"")
+    assert refresh() is True  # listed once more, and found past its limit of 3 entries
+    assert refresh() is False and refresh.enabled is False and len(listed) == 3
