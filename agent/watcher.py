@@ -22,37 +22,26 @@ and then sleeps through even once the match came. In a fill of 32 idle agents, o
 its job 0.4 s after it was written. Mailbox temp files are therefore made in ``agent_pool/.tmp``
 (``Spool.mailbox_temp_dir``): a mailbox arrives as one event, and all 32 started within 0.06 s.
 
-inotify is a per-user resource (128 instances and a number of watches by default, shared with
-editors, IDE servers and every other tool of the user): where none is to be had, the agent (and
-a master, see ``watch_folder``) polls instead, with one warning, and never fails for it.
+inotify is a per-user resource: where none is to be had, the agent polls instead, with one
+warning, and never fails for it (``jobs.watching.watch_folder``, which a master's results watch
+uses too).
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 from loguru import logger
 
-from watchdog.events import (FileCreatedEvent, FileDeletedEvent, FileMovedEvent, FileSystemEvent,
-                             FileSystemEventHandler)
-from watchdog.observers import Observer
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
 
 from jobs.fsinfo import NameRefresh, is_network_fs
+from jobs.watching import MAILBOX_EVENTS, watch_folder
 
 _NEW_CONTENT = {"moved", "created", "deleted"}
-# Mailboxes are only ever published by rename from ``agent_pool/.tmp`` (which inotify reports here
-# as IN_MOVED_TO, a "created" event: see ``Spool.mailbox_temp_dir``; older writers rename within the
-# folder, a "moved" one) and taken away by rename or unlink: asking inotify for nothing else keeps
-# the watchdog threads of every agent of the folder quiet: no open/close/modify events from every
-# read and lock, and none from every temp file (with 32 agents on 2 cores, one mailbox write woke 32
-# threads twice; filling 32 mailboxes took 0.37 s). Results are committed by link() (a create).
-MAILBOX_EVENTS = [FileCreatedEvent, FileMovedEvent, FileDeletedEvent]
-RESULT_EVENTS = [FileCreatedEvent, FileMovedEvent, FileDeletedEvent]
 # For this long after the agent last started a job, the poll waiter looks at the fastest rate and
 # lists a network filesystem's folder before each look (NameRefresh): runs that come one after
 # another start within a poll interval, and an agent idle for longer costs the file server what it
@@ -70,28 +59,6 @@ class _Handler(FileSystemEventHandler):
             return
         if os.fsdecode(event.src_path) == self.target or os.fsdecode(getattr(event, "dest_path", "")) == self.target:
             self.wake.set()
-
-
-def watch_folder(folder: Path, handler: FileSystemEventHandler, what: str, events: list[type] = RESULT_EVENTS
-                 ) -> tuple[Any, Any] | None:
-    """(a started watchdog observer, its watch) with ``handler`` on ``folder`` for ``events``, or
-    None, with one warning that ``what`` polls instead, when the user has no inotify instance or
-    watch left."""
-    observer = None
-    try:
-        observer = Observer()  # watchdog 7 opens its inotify instance here
-        observer.daemon = True
-        watch = observer.schedule(handler, str(folder), recursive=False, event_filter=events)
-        observer.start()
-    except OSError as e:
-        logger.warning("{}: cannot watch {} with inotify ({}); polling instead. Raise the limit with: sysctl "
-                       "fs.inotify.max_user_instances=1024 fs.inotify.max_user_watches=524288", what, folder,
-                       e.strerror or e)
-        if observer is not None:
-            with contextlib.suppress(Exception):
-                observer.stop()
-        return None
-    return observer, watch
 
 
 class MailboxWatcher:

@@ -64,7 +64,7 @@ from jobs.losses import charge_loss, death_suspects, died_under, record_loss
 from jobs.mailbox import HOLD_LIMIT, Mailbox, drop_run, without_run
 from jobs.paths import HISTORY_RE, RESULT_RE, Spool
 from jobs.results import has_outcome, read_result, reopen_failed, supersede
-from agent.watcher import watch_folder
+from jobs.watching import watch_folder
 from master.liveness import AgentView, Liveness
 
 Event = Callable[[str, dict[str, Any]], None]

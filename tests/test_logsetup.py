@@ -44,7 +44,7 @@ def test_the_pool_is_quiet_as_a_library_until_pool_logs_routes_its_lines(tmp_pat
 def test_a_package_imported_after_the_command_configured_logs_keeps_logging() -> None:
     """main.py configures its logs first and imports agent.watcher (say) later: its lines still show."""
     code = ("from jobs.logsetup import command_logs\ncommand_logs('WARNING')\n"
-            "from watchdog.events import FileSystemEventHandler\nfrom agent.watcher import watch_folder\n"
+            "from watchdog.events import FileSystemEventHandler\nfrom jobs.watching import watch_folder\n"
             "assert watch_folder('/no/such/folder', FileSystemEventHandler(), 'a test') is None\n")
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "a test: cannot watch /no/such/folder" in r.stderr, r.stderr
