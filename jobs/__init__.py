@@ -24,6 +24,7 @@ Layout (every name below is built by ``jobs.paths.Spool``, nowhere else)::
     BASE/logs/<agent>.out            what a started agent printed before its log took over
     BASE/logs/<run>/<chunk:06d>.log  output of script and command jobs
     BASE/rejected/<name> + <name>.why  spool files refused as broken or hostile, with the reason
+    BASE/demo-input/                 the demo's input files (``python main.py`` without ``--task``)
     /tmp/gpupool-locks/gpu-<uuid>.lock host-local: one agent per GPU on this host ($GPUPOOL_LOCK_DIR);
                                      slots sharing a GPU (--slots) hold it shared, an agent alone exclusive
     /tmp/gpupool-locks/gpu-<uuid>.s<J>.lock  host-local: slot J of a shared GPU, one agent each

@@ -225,6 +225,11 @@ class Spool:
     def chunk_log(self, run: str, chunk: int) -> Path:
         return self.run_log_dir(run) / f"{check_chunk(chunk):06d}.log"
 
+    def demo_input_dir(self) -> Path:
+        """``demo-input``: the files the demo (``python main.py`` without ``--task``) prepares as its
+        user's input, kept beside the spool it runs on."""
+        return self.base / "demo-input"
+
     def write_over(self, path: Path, data: bytes, what: str) -> None:
         """Publish ``data`` at ``path`` (``write_replace``, no fsync); a folder where the file
         belongs (nothing can be renamed over one) is moved to ``rejected/`` first. ``what``

@@ -19,9 +19,9 @@ from master.progress import format_summary
 CHUNKS = 32
 
 
-def _inputs(base: Path) -> tuple[Path, Path]:
+def _inputs(spool: Spool) -> tuple[Path, Path]:
     """The shared matrix and one input .npz per chunk, as a user would prepare them."""
-    shared, data = base / "demo-input" / "shared.npz", base / "demo-input" / "chunks"
+    shared, data = spool.demo_input_dir() / "shared.npz", spool.demo_input_dir() / "chunks"
     data.mkdir(parents=True, exist_ok=True)
     np.savez(shared, W=shared_matrix(SIZE))
     for c in range(CHUNKS):
@@ -40,7 +40,7 @@ def run_demo(demo_dir: str, progress: bool = True) -> int:
     n = len(gpus) or 2
     print(f"demo: spool {base}; starting {n} {'GPU' if gpus else 'CPU'} agent(s)"
           f"{'' if gpus else ' (no GPU found)'}")
-    shared, data = _inputs(base)
+    shared, data = _inputs(spool)
     started = launcher.start(str(base), n, cpu=not gpus, agent_args=["--heartbeat", "0.5"], partial=True)
     for s in started:
         print(f"  agent {s.agent_id} pid {s.pid}{'' if s.new else ' (already running)'}, log {s.log}")
