@@ -3,18 +3,8 @@
 ``step()`` runs at most one job; ``run()`` owns the loop, the stop flags and the waiting.
 A job leaves the mailbox only after its result is committed (or found committed).
 
-Pipelining: while the worker runs a job, the next callable job of the mailbox already waits in
-its pipe, so it starts the moment the previous one ends and runs while the agent commits the
-previous result. The price: a kill of the agent can cost two re-runs (the running chunk and the
-one whose result was being committed), and a job already handed over runs even if the agent
-is told to drain (the heartbeat lists it as ``ahead``, so masters leave it); on a graceful stop
-the worker is killed instead and that job stays queued.
-
-A fresh worker (``_replace_worker``) before the next job: when a failed job left the worker's
-CUDA context unusable (its error says ``poisoned``; the job sent ahead is sent again, to the
-fresh worker), and to give GPU memory back (``_recycle_reason``): when the next job is of another
-run with another task module and the runs the worker served have nothing left queued here, and
-after ``--max-jobs-per-worker`` jobs. A job that would need a fresh worker is never sent ahead.
+The job itself runs in ``agent.runner`` (a callable in the worker process, sent ahead of its
+turn where it may be; a script or a command on its own), which gives back its outcome.
 
 A GPU agent whose chunks keep failing with errors that are not their own (``_gpu_fault``:
 driver-level CUDA errors; out of memory, or a context found unusable after a job's other
@@ -38,15 +28,14 @@ from typing import Any, Callable
 from loguru import logger
 
 from agent.beat import Beat
-from agent.command import run_command
 from agent.fairshare import FairShare
 from agent.gpu import Gpu, NoGpu
-from agent.script import run_script
 from agent.gpumem import MemoryGate
 from agent.identity import agent_id
+from agent.runner import Runner
 from agent.slot import Slot, gpu_lock_dir, label
 from agent.watcher import MailboxWatcher
-from agent.worker_control import Worker, WorkerLost, agent_marks, has_marks, kill_leftovers
+from agent.worker_control import Worker, agent_marks, has_marks, kill_leftovers
 from jobs.descriptor import SCHEMA as JOB_SCHEMA, Job, JobKind, JobState
 from jobs.atomic import purge_temp, read_bounded, server_now
 from jobs.errors import BadFile
@@ -86,25 +75,15 @@ class Agent:
         self.id = slot.agent_id
         self.mailbox = Mailbox(spool, self.id, clock)
         self.watcher = MailboxWatcher(self.mailbox.path, cfg.watch, cfg.poll_interval, cfg.max_poll_interval)
-        # The job code sees only this agent's GPU; CUDA counts in PCI bus order like NVML.
-        # GPUPOOL_AGENT and GPUPOOL_SPOOL also mark what jobs start, for kill_leftovers at a restart.
+        # GPUPOOL_AGENT and GPUPOOL_SPOOL mark what jobs start (in the runner's env), for kill_leftovers at a restart
         self.marks = agent_marks(self.id, str(spool.base))
-        base_env = {**os.environ, "CUDA_DEVICE_ORDER": "PCI_BUS_ID", **self.marks}
-        # Several GPUs (--gpus-per-agent): their UUIDs, so the job sees them as cuda:0..k-1. MPS, where the
-        # host runs it, is used as CUDA uses it: CUDA_MPS_PIPE_DIRECTORY passes through with the rest.
-        worker_env = {**base_env, "CUDA_VISIBLE_DEVICES": slot.visible}
-        self.command_env = worker_env  # command jobs see this agent's GPU only, as callables do
-        # scripts get the agent's own view, as OctoRun gives them, with --gpu_id its GPU; an agent holding
-        # several GPUs narrows theirs too (no OctoRun script expects several), --gpu_id 0 the first of them
-        self.script_env = base_env if len(slot.gpus) <= 1 else worker_env
-        self._narrowed_env = worker_env  # a script under --visible-gpu-id: --gpu_id 0 must be its GPU
-        self.worker = worker or Worker(worker_env, spool.worker_log(self.id))
         self.stop = False  # finish the current job, then exit
         self.stop_now = False  # stop at once
+        self.runner = Runner(spool, slot, self.marks, cfg.max_jobs_per_worker, aborted=self._aborted,
+                             stopping=lambda: self.stop, worker=worker)
         self.state = AgentState.STARTING
         self.current: tuple[Job, float] | None = None
         self._finished: set[tuple] = set()  # Job.uid of the dispatches finished (or dropped) here
-        self._ahead: Job | None = None  # sent to the worker before its turn (pipelining)
         self._epochs: dict[str, tuple[tuple[int, int, int], str | None]] = {}  # run -> (file signature, epoch)
         self._durations: dict[str, float] = {}  # run -> how long its last chunk here took
         self.share = FairShare()  # which run's job next, when the mailbox holds several runs
@@ -122,18 +101,17 @@ class Agent:
         self._defer_until = 0.0
         self.died_under: list[dict[str, Any]] = []  # what the former process may have died under (heartbeat)
         self._gpu_error: str | None = None  # the GPU stopped answering NVML (see _gpu_metrics)
-        # What the current worker process was sent (see _worker_seen): its identity, how many
-        # jobs, the task module of each run; the jobs that were the first of their process.
-        self._wid: tuple | None = None
-        self._wsent = 0
-        self._wruns: dict[str, str] = {}
-        self._first_of_worker: set[tuple] = set()
         self._faults: dict[tuple[str, int], str] = {}  # (run, chunk) -> GPU fault, of the failures in a row
         self._drained_why: str | None = None  # set when this agent drained itself
         siblings = {j: agent_id(host, label(slot.gpus, j)) for j in range(slot.slots)} if slot.slot is not None else {}
         self.memory = MemoryGate(probe, slot.gpus, self.id, str(spool.base), slot.slot, siblings,
                                  gpu_lock_dir() if slot.slot is not None else None)  # --gpu-mem
         self.waiting: str | None = None  # why the next job waits (its --gpu-mem is not free), for the heartbeat
+
+    @property
+    def worker(self) -> Worker:
+        """The runner's worker process (or the test double it was given)."""
+        return self.runner.worker
 
     # lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -147,7 +125,7 @@ class Agent:
                            "running (pids {})", self.id, len(leftovers), leftovers[:10])
         self.memory.release(always=True)  # a promise a killed former process of this slot left
         self.watcher.start()
-        self.worker.start()
+        self.runner.worker.start()
         self.state = AgentState.IDLE
         self.beat.write()  # the launcher waits for this to call the agent ready
         self.beat.start()
@@ -191,7 +169,7 @@ class Agent:
     def shutdown(self) -> None:
         """Every step is tried whatever the others do (a full disk, a lost GPU): the worker is always
         stopped and the GPU and agent locks always released."""
-        for step in (lambda: self._set_state(AgentState.STOPPING), self.watcher.stop, self.worker.stop,
+        for step in (lambda: self._set_state(AgentState.STOPPING), self.watcher.stop, self.runner.worker.stop,
                      self.beat.stop, lambda: self._set_state(AgentState.STOPPED), self.slot.release):
             try:
                 step()
@@ -226,11 +204,10 @@ class Agent:
                     break
                 if not self.stop:  # a job waiting for GPU memory (--gpu-mem) looks again soon
                     self.watcher.wait(min(self.cfg.rescan, MEMORY_RECHECK_S) if self.waiting else self.cfg.rescan)
-            if self._ahead is not None:  # handed over, not started by us: it stays queued for later
-                logger.info("agent {}: stopping; {} chunk {} stays queued", self.id, self._ahead.run,
-                            self._ahead.chunk_id)
-                self.worker.kill()
-                self._ahead = None
+            ahead = self.runner.ahead
+            if ahead is not None:  # handed over, not started by us: it stays queued for later
+                logger.info("agent {}: stopping; {} chunk {} stays queued", self.id, ahead.run, ahead.chunk_id)
+                self.runner.take_back()
         finally:
             self.shutdown()
 
@@ -241,8 +218,8 @@ class Agent:
         Finished jobs are not removed one by one (a file rewrite per job): the master prunes
         them when it refills the mailbox, and the agent prunes them itself when it runs dry.
         """
-        if self._ahead is not None:  # handed to the worker while the last one was committed: it runs
-            job = self._ahead
+        job = self.runner.ahead
+        if job is not None:  # handed to the worker while the last one was committed: it runs
             if self._execute(job, self._next_callable(self._read().jobs, job)):
                 self._finished.add(job.uid)
             return True
@@ -279,9 +256,9 @@ class Agent:
         else:
             if job.gpu_mem is not None and not self._memory_for(job):
                 return False
-            why = self._recycle_reason(job, jobs)
+            why = self.runner.recycle_reason(job, jobs, self._finished)
             if why is not None:
-                self._replace_worker(f"recycled: {why}")
+                self.runner.replace_worker(f"recycled: {why}")
             try:
                 if self._execute(job, self._next_callable(jobs, job)):
                     self._finished.add(job.uid)
@@ -303,69 +280,6 @@ class Agent:
             logger.info("agent {}: {}", self.id, why)
             self.beat.quietly()
         return False
-
-    # the worker process ----------------------------------------------------------------------
-    def _worker_seen(self) -> None:
-        """Forget what was sent to a worker process that is no longer the current one."""
-        wid = (self.worker.pid, getattr(self.worker, "generation", 0))
-        if wid != self._wid:
-            self._wid, self._wsent, self._wruns = wid, 0, {}
-
-    def _send(self, job: Job) -> bool:
-        """Queue ``job`` in the worker's pipe, noting what the worker process was sent."""
-        if not self.worker.send(self._request(job)):
-            return False
-        self._worker_seen()  # after the send: it starts a fresh process if the last one died idle
-        if self._wsent == 0:
-            self._first_of_worker.add(job.uid)
-        self._wsent += 1
-        if len(self._wruns) >= 64 and job.run not in self._wruns:  # one worker may serve runs for weeks
-            self._wruns.pop(next(iter(self._wruns)))
-        self._wruns[job.run] = module_of(job)
-        return True
-
-    def _may_send_ahead(self, job: Job) -> bool:
-        """Pipelining never hands over a job that ``_recycle_reason`` could want a fresh worker for."""
-        self._worker_seen()
-        if 0 < self.cfg.max_jobs_per_worker <= self._wsent:
-            return False
-        return job.run in self._wruns or module_of(job) in self._wruns.values()
-
-    def _recycle_reason(self, job: Job, jobs: list[Job]) -> str | None:
-        """Why ``job`` must run in a fresh worker process (GPU memory given back), or None.
-
-        After ``--max-jobs-per-worker`` jobs; and when ``job``'s run is not one the worker served
-        and its task module is none of theirs (a finished run's model leaves GPU memory), unless
-        one of those runs still has jobs queued here (two runs that share this agent would
-        otherwise restart the worker at every switch). Chunks of one run never cause one."""
-        if job.kind is not JobKind.CALLABLE:
-            return None
-        self._worker_seen()
-        if not self._wsent:
-            return None
-        if 0 < self.cfg.max_jobs_per_worker <= self._wsent:
-            return f"its worker ran {self._wsent} jobs (--max-jobs-per-worker {self.cfg.max_jobs_per_worker})"
-        mod = module_of(job)
-        if job.run in self._wruns or mod in self._wruns.values():
-            return None
-        if any(j.run in self._wruns for j in jobs if j.uid not in self._finished and j.uid != job.uid):
-            return None
-        return (f"{job.run} runs {mod}; the run(s) its worker served ran "
-                f"{', '.join(sorted(set(self._wruns.values())))} and have nothing queued here")
-
-    def _replace_worker(self, why: str, warn: bool = False) -> None:
-        """A fresh worker process now. The job sent ahead to the old one (pipelining), which the
-        old one never started, is sent to the new one."""
-        ahead, old = self._ahead, self.worker.pid
-        self._ahead = None
-        self.worker.stop()  # a poisoned worker exits after its reply: no wait; a recycled one at end of input
-        self.worker.start()
-        self._wid = None
-        if ahead is not None and self._send(ahead):
-            self._ahead = ahead  # else it stays in the mailbox, not finished: it runs next as any job
-        (logger.warning if warn else logger.info)(
-            "agent {}: {}; worker {} replaced by a fresh one, pid {}{}", self.id, why, old, self.worker.pid,
-            f" ({ahead.run} chunk {ahead.chunk_id}, sent ahead, goes to it)" if self._ahead else "")
 
     def _sample_lag(self) -> None:
         """Work came to an agent that had none: how long after the master wrote it (both times
@@ -475,9 +389,8 @@ class Agent:
         if job.alone or job.uid in self._deferred or self._durations.get(job.run, math.inf) > PIPELINE_MAX_S:
             self.beat.quietly()  # named at once: if it kills this agent, the next one must know
         logger.debug("{} chunk {} attempt {}/{}: started", job.run, job.chunk_id, job.attempt, job.max_attempts)
-        outcome = self._run_job(job, lookahead)
-        first = job.uid in self._first_of_worker
-        self._first_of_worker.discard(job.uid)
+        outcome = self.runner.run(job, lookahead)
+        first = self.runner.was_first(job)
         self.current = None
         self.state = AgentState.IDLE
         if outcome is None:
@@ -583,11 +496,11 @@ class Agent:
         except OSError as e:
             logger.error("agent {}: cannot write its drain flag ({}); it goes on taking jobs", self.id, e)
             return
-        if self._ahead is not None:  # not run on this GPU either: it stays queued, and masters take it back
-            logger.info("agent {}: {} chunk {} was sent ahead to its worker; taken back", self.id, self._ahead.run,
-                        self._ahead.chunk_id)
-            self.worker.kill()  # a fresh one is started when a job comes again (after an undrain)
-            self._ahead = None
+        ahead = self.runner.ahead
+        if ahead is not None:  # not run on this GPU either: it stays queued, and masters take it back
+            logger.info("agent {}: {} chunk {} was sent ahead to its worker; taken back", self.id, ahead.run,
+                        ahead.chunk_id)
+            self.runner.take_back()  # a fresh worker is started when a job comes again (after an undrain)
         self._draining()  # says "draining" in the heartbeat at once
 
     def _pause_for_io(self, job: Job, error: str) -> bool:
@@ -612,75 +525,10 @@ class Agent:
             hit = self._epochs[run] = (sig, read_epoch(self.spool, run))
         return hit[1]
 
-    def _request(self, job: Job) -> dict[str, Any]:
-        return {"job": job.to_dict(), "gpu_id": self.slot.number, "device": self.slot.device,
-                "arrays_path": str(self.spool.result_npz(job.run, job.chunk_id, job.attempt))}
-
-    def _run_job(self, job: Job, lookahead: Job | None = None) -> tuple[dict[str, Any], str | None] | None:
-        """(result fields, temp arrays path) or None if interrupted by an immediate stop."""
-        def abort() -> bool:  # polled a few times a second while the job runs
-            return self.stop_now or bool((self._cancelled(job.run) or {}).get("stop_running"))
-
-        if job.gpus is not None and job.gpus != len(self.slot.gpus):  # a master placed it wrongly: not run here
-            return {"error": {"type": "WrongAgent", "message": f"the job needs {job.gpus} GPU(s) (--gpus-per-job) "
-                              f"and agent {self.id} holds {len(self.slot.gpus)}", "traceback": ""}}, None
-        if job.kind in (JobKind.SCRIPT, JobKind.COMMAND):
-            log = self.spool.chunk_log(job.run, job.chunk_id)
-            try:
-                visible = job.visible_gpu_id and self.slot.gpu is not None
-                gpu_id = 0 if visible else self.slot.number
-                if job.kind is JobKind.SCRIPT:  # on an agent of several GPUs, or under --visible-gpu-id, it sees
-                    narrowed = visible or len(self.slot.gpus) > 1  # only the agent's: its --gpu_id 0 is the first
-                    err = run_script(job, 0 if narrowed else gpu_id, self._narrowed_env if narrowed else self.script_env,
-                                     log, abort)
-                    fields = {"log": str(log)} if err is None else {"log": str(log), "error": err}
-                else:
-                    fields = run_command(job, gpu_id, self.slot.device, self.command_env, log, abort)
-                    err = fields.get("error")
-            except OSError as e:  # its log cannot be made or written (a full disk?)
-                return {"error": {"type": type(e).__name__, "message": f"cannot start the {job.kind.value}: {e}",
-                                  "traceback": "", "errno": e.errno}}, None
-            if err is not None and (err["type"] == "Stopped" or (self.stop and "SIGTERM" in err["message"])):
-                return None  # stopped with the agent (e.g. Slurm's SIGTERM to the whole step): stays queued
-            return fields, None
-        try:
-            if self._ahead is not None and self._ahead.uid == job.uid:
-                self._ahead = None  # its request is already in the worker's pipe
-            elif not self._send(job):
-                raise self.worker.lost()
-            if lookahead is not None and not (self.stop or self.spool.drain_flag(self.id).exists()) \
-                    and self._may_send_ahead(lookahead):
-                # Pipelining: the next job waits in the worker's pipe and starts the moment this one
-                # ends, while the agent commits this one's result (not queued if the worker died).
-                if self._send(lookahead):
-                    self._ahead = lookahead
-            reply = self.worker.receive(job.timeout, abort)
-        except TimeoutError as e:
-            self._ahead = None  # killed with the worker; it is still in the mailbox
-            self.worker.start()  # a fresh worker at once, so the next job finds it warm
-            return {"error": {"type": "Timeout", "message": str(e), "traceback": ""}}, None
-        except WorkerLost as e:
-            self._ahead = None
-            if abort():
-                return None
-            logger.warning("agent {}: {} while running {} chunk {}; starting a fresh worker",
-                           self.id, e.reason, job.run, job.chunk_id)
-            self.worker.start()
-            return {"error": {"type": "WorkerDied", "message": e.reason, "traceback": e.output}}, None
-        times = {"started_at": reply.get("started_at"), "finished_at": reply.get("finished_at")}
-        if not reply.get("ok"):
-            err = reply.get("error")
-            if isinstance(err, dict) and err.get("poisoned"):  # the worker exits after this reply
-                self._replace_worker(f"CUDA context unusable after {job.run} chunk {job.chunk_id} "
-                                     f"({err['poisoned']})", warn=True)
-            return {**times, "error": err}, None
-        tmp = reply.get("arrays_tmp")
-        arrays = {"arrays": self.spool.result_npz(job.run, job.chunk_id, job.attempt).name,
-                  "arrays_bytes": os.stat(tmp).st_size} \
-            if tmp else {"arrays": None}
-        if tmp and reply.get("arrays_form") in ("tuple", "list"):  # returned as a sequence (arr_0, arr_1, ...)
-            arrays["arrays_form"] = reply["arrays_form"]
-        return {**times, "value": reply.get("value"), **arrays}, tmp
+    def _aborted(self, job: Job) -> bool:
+        """``job`` must end at once (the runner polls this while it runs): an immediate stop, or
+        its run cancelled with ``stop_running``."""
+        return self.stop_now or bool((self._cancelled(job.run) or {}).get("stop_running"))
 
     # heartbeat -----------------------------------------------------------------------------
     def _set_state(self, state: AgentState) -> None:
@@ -718,14 +566,14 @@ class Agent:
             return None
         if procs is None:
             return None
-        mine = [mem for pid, mem in procs if pid == self.worker.pid or has_marks(pid, self.marks)]
+        mine = [mem for pid, mem in procs if pid == self.runner.worker.pid or has_marks(pid, self.marks)]
         if mine:
             return None if any(m is None for m in mine) else sum(mine)
         return 0 if all(os.path.exists(f"/proc/{pid}") for pid, _ in procs) else None
 
     def _heartbeat(self, seq: int) -> Heartbeat:
         """What the heartbeat says now (``agent.beat`` writes it)."""
-        cur, ahead = self.current, self._ahead
+        cur, ahead = self.current, self.runner.ahead
         gpus = self._gpu_metrics() if self.slot.gpus else []
         return Heartbeat(**{
             "schema": 1, "agent": self.id, "host": self.host, "hostname": socket.gethostname(),
@@ -741,7 +589,7 @@ class Agent:
             "jobs_done": self.done, "jobs_failed": self.failed, "started_at": self.started_at,
             "updated_at": time.time(), "heartbeat_s": self.cfg.heartbeat, "watch": self.watcher.mode,
             "job_schema": JOB_SCHEMA,  # the newest job descriptors it reads (see jobs.descriptor)
-            "worker_pid": self.worker.pid, "log": str(self.spool.agent_log(self.id)),
+            "worker_pid": self.runner.worker.pid, "log": str(self.spool.agent_log(self.id)),
             "last_error": self.last_error,
             "died_under": self.died_under,  # see master.dispatcher.Dispatcher._restarted
             "mailbox_lag_s": None if self.mailbox_lag is None else round(self.mailbox_lag, 4),
@@ -753,14 +601,6 @@ class Agent:
             "waiting": self.waiting,
             "mps": os.environ.get("CUDA_MPS_PIPE_DIRECTORY"),
         })
-
-
-def module_of(job: Job) -> str:
-    """The task module a callable job imports in the worker: its module name, or its file's path."""
-    mod = job.target.rpartition(":")[0]
-    if mod.endswith(".py") or os.sep in mod:
-        return os.path.normpath(os.path.join(job.workdir or "", mod))
-    return mod
 
 
 def _discard(path: str | None) -> None:

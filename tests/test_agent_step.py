@@ -202,13 +202,13 @@ def test_next_job_is_sent_to_the_worker_while_the_last_one_is_committed(spool: S
     agent = make_agent()
     put(spool, cjob(0), cjob(1), cjob(2), cjob(3))
     agent.step()  # the run's first chunk here: how long its chunks take is not known yet, nothing goes ahead
-    assert agent.worker.queue == [] and agent._ahead is None
+    assert agent.worker.queue == [] and agent.runner.ahead is None
     agent.step()  # short chunks: chunk 2 is handed over while chunk 1 runs
     assert [r["job"]["chunk_id"] for r in agent.worker.queue] == [2]  # chunk 2 already handed over
-    assert agent._ahead is not None and agent._ahead.chunk_id == 2
+    assert agent.runner.ahead is not None and agent.runner.ahead.chunk_id == 2
     agent.spool.drain_flag(agent.id).touch()  # draining: what was handed over runs, nothing more
     assert agent.step() and read_result(spool.result_json("r", 2))["status"] == "ok"
-    assert agent.worker.queue == [] and agent._ahead is None
+    assert agent.worker.queue == [] and agent.runner.ahead is None
     assert not agent.step() and not spool.result_json("r", 3).exists()
     agent.spool.drain_flag(agent.id).unlink()
     assert agent.step() and read_result(spool.result_json("r", 3))["status"] == "ok"
@@ -220,14 +220,14 @@ def test_nothing_is_handed_over_after_a_long_chunk(spool: Spool, make_agent) -> 
     put(spool, cjob(0), cjob(1), cjob(2))
     agent._durations["r"] = 60.0  # the run's last chunk here took a minute
     agent.step()
-    assert agent.worker.queue == [] and agent._ahead is None
+    assert agent.worker.queue == [] and agent.runner.ahead is None
 
 
 def test_nothing_is_handed_over_beside_a_job_marked_alone(spool: Spool, make_agent) -> None:
     agent = make_agent()
     put(spool, cjob(0), cjob(1, alone=True), cjob(2))
     agent.step()  # chunk 0 runs, the one after it is alone: not sent ahead
-    assert agent.worker.queue == [] and agent._ahead is None
+    assert agent.worker.queue == [] and agent.runner.ahead is None
     agent.step()  # chunk 1 runs alone: chunk 2 waits until its result is committed
     assert read_result(spool.result_json("r", 1))["status"] == "ok" and agent.worker.queue == []
     agent.step()

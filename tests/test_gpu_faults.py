@@ -127,7 +127,7 @@ def test_the_job_sent_ahead_to_a_poisoned_worker_runs_on_the_fresh_one(spool: Sp
         assert rec["status"] == "failed" and rec["error"]["type"] == "RuntimeError"
         assert "device-side assert" in rec["error"]["message"] and rec["error"]["gpu_error"] == "kernel"
         assert "device-side assert" in rec["error"]["poisoned"]
-        assert agent._ahead is not None and agent._ahead.chunk_id == 1  # sent again, to the fresh worker
+        assert agent.runner.ahead is not None and agent.runner.ahead.chunk_id == 1  # sent again, to the fresh worker
         fresh = worker.pid
         assert fresh != first
         assert agent.step() and agent.step()
