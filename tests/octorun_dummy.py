@@ -28,8 +28,10 @@ def main() -> None:
         os.makedirs(args.record_dir, exist_ok=True)
         env = {k: os.environ.get(k) for k in args.env_names.split(",") if k}
         rec = {"argv": sys.argv[1:], "extra": extra, "pid": os.getpid(), "gpu_id": args.gpu_id, "env": env}
-        with open(os.path.join(args.record_dir, f"chunk_{args.chunk_id}.{os.getpid()}.json"), "w") as f:
+        final = os.path.join(args.record_dir, f"chunk_{args.chunk_id}.{os.getpid()}.json")
+        with open(final + ".tmp", "w") as f:  # renamed into place: the test reads these while it polls
             json.dump(rec, f)
+        os.replace(final + ".tmp", final)
     print(f"Starting processing: GPU {args.gpu_id}, Chunk {args.chunk_id}/{args.total_chunks}", flush=True)
     while args.gate and not os.path.exists(args.gate):
         time.sleep(0.05)
