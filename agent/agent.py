@@ -39,7 +39,7 @@ from agent.worker_control import Worker, agent_marks, has_marks, kill_leftovers
 from jobs.descriptor import SCHEMA as JOB_SCHEMA, Job, JobKind, JobState
 from jobs.atomic import purge_temp, read_bounded, server_now
 from jobs.errors import BadFile
-from jobs.heartbeat import AgentState, Heartbeat, read_status
+from jobs.heartbeat import AgentState, Heartbeat, JobRef, read_status
 from jobs.jsonio import load_json
 from jobs.mailbox import HOLD_LIMIT, Mailbox, Snapshot
 from jobs.paths import Spool
@@ -152,8 +152,7 @@ class Agent:
             jobs = self.mailbox.read().jobs
         except (OSError, BadFile):
             return True
-        named = {(b.get("run"), b.get("chunk_id"), b.get("attempt")) for b in (prev.current, prev.ahead)
-                 if isinstance(b, dict)}
+        named = {b.key for b in (prev.current, prev.ahead) if b is not None}
         open_jobs = [j for j in jobs if not has_outcome(self.spool, j.key, j.max_attempts)]
         suspects = [j for j in open_jobs if j.key in named] or death_suspects(open_jobs)
         if not suspects:
@@ -582,10 +581,8 @@ class Agent:
             "device": self.slot.device, "gpu_id": self.slot.number,
             "gpu_index": self.slot.gpu.index if self.slot.gpu else None,
             "gpu_uuid": self.slot.gpu.uuid if self.slot.gpu else None,
-            "current": None if cur is None else {"run": cur[0].run, "chunk_id": cur[0].chunk_id,
-                                                 "attempt": cur[0].attempt, "since": cur[1]},
-            "ahead": None if ahead is None else {"run": ahead.run, "chunk_id": ahead.chunk_id,
-                                                 "attempt": ahead.attempt},
+            "current": None if cur is None else JobRef(cur[0].run, cur[0].chunk_id, cur[0].attempt, cur[1]),
+            "ahead": None if ahead is None else JobRef(ahead.run, ahead.chunk_id, ahead.attempt),
             "jobs_done": self.done, "jobs_failed": self.failed, "started_at": self.started_at,
             "updated_at": time.time(), "heartbeat_s": self.cfg.heartbeat, "watch": self.watcher.mode,
             "job_schema": JOB_SCHEMA,  # the newest job descriptors it reads (see jobs.descriptor)

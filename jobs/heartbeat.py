@@ -30,13 +30,33 @@ class AgentState(str, Enum):
 
 
 @dataclass(frozen=True)
+class JobRef:
+    """A job a heartbeat names: ``current`` (the one the agent runs, ``since`` when it started, by
+    the agent's clock) or ``ahead`` (the one already in its worker's pipe). ``attempt`` and
+    ``since`` may be None (an older agent, or dropped by ``read_status`` for their type)."""
+
+    run: str
+    chunk_id: int
+    attempt: int | None = None
+    since: float | None = None
+
+    @property
+    def key(self) -> tuple[str, int, int | None]:
+        """(run, chunk, attempt), as ``Job.key``."""
+        return (self.run, self.chunk_id, self.attempt)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"run": self.run, "chunk_id": self.chunk_id, "attempt": self.attempt, "since": self.since}
+
+
+@dataclass(frozen=True)
 class Heartbeat:
     """What an agent says of itself in ``agents/<agent>.json``, as every reader sees it.
 
     ``agent``, ``seq`` and ``state`` are always there (a heartbeat without them is refused); any
     other field may be None: not written by an older agent, or dropped by ``read_status`` for its
-    type. Fields a newer agent adds are ignored. ``current``/``ahead`` name a job (run, chunk_id,
-    attempt, since); ``gpu`` is its (first) GPU's figures, ``gpus`` every GPU's (name, util,
+    type. Fields a newer agent adds are ignored. ``current``/``ahead`` name a job (``JobRef``);
+    ``gpu`` is its (first) GPU's figures, ``gpus`` every GPU's (name, util,
     mem_used, mem_total, temp, or {"error": ...})."""
 
     agent: str
@@ -51,8 +71,8 @@ class Heartbeat:
     gpu_id: int | None = None  # its --gpu N (a CPU agent's rank)
     gpu_index: int | None = None
     gpu_uuid: str | None = None
-    current: dict[str, Any] | None = None  # the job it runs
-    ahead: dict[str, Any] | None = None  # the job already in its worker's pipe
+    current: JobRef | None = None  # the job it runs
+    ahead: JobRef | None = None  # the job already in its worker's pipe
     jobs_done: int | None = None
     jobs_failed: int | None = None
     started_at: float | None = None
@@ -78,13 +98,23 @@ class Heartbeat:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Heartbeat":
         """From a mapping already checked field by field (``read_status``), or written by hand (tests)."""
-        return cls(**{k: v for k, v in d.items() if k in _NAMES})
+        fields = {k: v for k, v in d.items() if k in _NAMES}
+        for key in _JOB_REFS:
+            if isinstance(fields.get(key), dict):
+                job = fields[key]
+                fields[key] = JobRef(job["run"], job["chunk_id"], job.get("attempt"), job.get("since"))
+        return cls(**fields)
 
     def to_dict(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in _NAMES}
+        d = {name: getattr(self, name) for name in _NAMES}
+        for key in _JOB_REFS:
+            if d[key] is not None:
+                d[key] = d[key].to_dict()
+        return d
 
 
 _NAMES = frozenset(f.name for f in dataclasses.fields(Heartbeat))
+_JOB_REFS = ("current", "ahead")
 
 
 def write_status(spool: Spool, agent_id: str, status: Heartbeat | dict[str, Any]) -> None:
@@ -112,7 +142,7 @@ def read_status(path: Path) -> Heartbeat:
     bad = clean(st, FIELDS)
     for n, gpu in enumerate(st.get("gpus") or []):  # each GPU of an agent that holds several, as "gpu" is
         bad += clean(gpu, _GPU, f"gpus[{n}].")
-    for key in ("current", "ahead"):  # a job is named by its run and chunk, or not at all
+    for key in _JOB_REFS:  # a job is named by its run and chunk, or not at all
         job = st.get(key)
         if isinstance(job, dict) and not (isinstance(job.get("run"), str) and is_int(job.get("chunk_id"))):
             st[key] = None

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from jobs.errors import BadFile, SpoolError
-from jobs.heartbeat import AgentState
+from jobs.heartbeat import AgentState, JobRef
 from jobs.locks import FileLock
 from jobs.mailbox import Mailbox, drop_run
 from jobs.paths import Spool
@@ -115,9 +115,9 @@ def _master_gone(spool: Spool, run: str) -> bool:
 def _running(spool: Spool, run: str) -> list[tuple[str, int]]:
     out = []
     for ident, view in Liveness(spool, 20.0).refresh().items():
-        cur = view.status.current or {}
-        if view.alive and cur.get("run") == run:
-            out.append((ident, cur.get("chunk_id")))
+        cur = view.status.current
+        if view.alive and cur is not None and cur.run == run:
+            out.append((ident, cur.chunk_id))
     return out
 
 
@@ -188,7 +188,7 @@ def remove_run(spool: Spool, run: str, force: bool = False) -> int:
 class AgentReport:
     agent: str
     state: str  # heartbeat state, or "dead"
-    current: dict[str, Any] | None
+    current: JobRef | None
     queued: int
     reached: bool  # the agent reported the state we waited for
 

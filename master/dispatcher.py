@@ -288,7 +288,7 @@ class Dispatcher:
         for view in self.liveness.views.values():
             cur = view.status.current
             for c in busy_chunks(view, self.run_name) & self.inflight.keys():
-                if isinstance(cur, dict) and cur.get("chunk_id") == c and cur.get("run") == self.run_name:
+                if cur is not None and (cur.run, cur.chunk_id) == (self.run_name, c):
                     self._seen_running.setdefault(c, now)
                 self.started(c)
             lag = view.status.mailbox_lag_s
@@ -724,12 +724,7 @@ def busy_chunks(view: AgentView | Heartbeat, run: str) -> set[int]:
     """This run's chunks the agent's heartbeat (a view's, or a heartbeat's own content) shows
     running or handed to its worker."""
     status = view.status if isinstance(view, AgentView) else view
-    out = set()
-    for key in ("current", "ahead"):
-        b = getattr(status, key)
-        if isinstance(b, dict) and b.get("run") == run and isinstance(b.get("chunk_id"), int):
-            out.add(b["chunk_id"])
-    return out
+    return {b.chunk_id for b in (status.current, status.ahead) if b is not None and b.run == run}
 
 
 def read_or_empty(path: Path) -> bytes:

@@ -337,8 +337,8 @@ def cmd_gpus(args: argparse.Namespace) -> int:
 
 def _agent_line(rep) -> str:
     cur = rep.current
-    running = (f"still running {cur.get('run')} chunk {cur.get('chunk_id')} (attempt {cur.get('attempt')}, "
-               f"for {time.time() - cur['since']:.0f} s)" if cur and cur.get("since") else "running nothing")
+    running = (f"still running {cur.run} chunk {cur.chunk_id} (attempt {cur.attempt}, "
+               f"for {time.time() - cur.since:.0f} s)" if cur is not None and cur.since else "running nothing")
     queued = f"; {rep.queued} queued job(s) go back to other agents" if rep.queued else ""
     after = "; it takes no new job after this one" if rep.state == "busy" else ""
     return f"agent {rep.agent} is {rep.state}: {running}{after}{queued}"

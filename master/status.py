@@ -7,6 +7,7 @@ never change, so each result file is read once.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import time
@@ -15,6 +16,7 @@ from typing import Any
 
 from jobs.atomic import server_now
 from jobs.errors import BadFile, SpoolError
+from jobs.heartbeat import JobRef
 from jobs.jsonio import is_int, is_num
 from jobs.mailbox import Mailbox
 from jobs.paths import Spool
@@ -70,22 +72,23 @@ class StatusReader:
             except (OSError, BadFile):
                 jobs = []
             cur = v.status.current if v.alive else None
-            if isinstance(cur, dict) and (ended := self._over(cur)) is not None:  # the heartbeat is older than
-                ahead = v.status.ahead  # the job's end: the job sent ahead (if any) has run since then
-                cur = {**ahead, "since": ended} if isinstance(ahead, dict) and self._over(ahead) is None else None
-            if isinstance(cur, dict) and isinstance(cur.get("run"), str):  # running = what agents say they run
-                running[cur["run"]] = running.get(cur["run"], 0) + 1
+            if cur is not None and (ended := self._over(cur)) is not None:  # the heartbeat is older than the
+                ahead = v.status.ahead  # job's end: the job sent ahead (if any) has run since then
+                cur = dataclasses.replace(ahead, since=ended) if ahead is not None and self._over(ahead) is None \
+                    else None
+            if cur is not None:  # running = what agents say they run
+                running[cur.run] = running.get(cur.run, 0) + 1
             for j in jobs:
-                if not (cur and (cur.get("run"), cur.get("chunk_id")) == (j.run, j.chunk_id)):
+                if not (cur and (cur.run, cur.chunk_id) == (j.run, j.chunk_id)):
                     queued[j.run] = queued.get(j.run, 0) + 1
             agents.append(_agent_row(ident, v, cur, len(jobs), self.spool.drain_flag(ident).exists()))
         return agents, queued, running
 
-    def _over(self, cur: dict[str, Any]) -> float | None:
+    def _over(self, cur: JobRef) -> float | None:
         """When the job a heartbeat names ended, if its outcome is on disk (the mtime of its final
         result or of its attempt's history), else None."""
-        run, chunk, attempt = cur.get("run"), cur.get("chunk_id"), cur.get("attempt")
-        if not (isinstance(run, str) and is_int(chunk) and is_int(attempt)):
+        run, chunk, attempt = cur.key
+        if attempt is None:
             return None
         try:
             paths = (self.spool.result_json(run, chunk), self.spool.history_json(run, chunk, attempt))
@@ -132,11 +135,11 @@ class StatusReader:
         return cache.finals
 
 
-def _agent_row(ident: str, v: Any, cur: dict | None, queued: int, drain_flag: bool) -> dict[str, Any]:
+def _agent_row(ident: str, v: Any, ref: JobRef | None, queued: int, drain_flag: bool) -> dict[str, Any]:
     st = v.status  # checked field by field by jobs.heartbeat.read_status
     gpus = gpus_of(st)
     gpu = combined(gpus)
-    cur = {k: cur.get(k) for k in ("run", "chunk_id", "attempt", "since")} if isinstance(cur, dict) else None
+    cur = ref.to_dict() if ref is not None else None
     state = st.state if v.alive else ("stopped" if st.state == "stopped" else "dead")
     since = cur.get("since") if cur else None
     return {
@@ -183,8 +186,8 @@ def chunk_rows(spool: Spool, run: str, dead_after: float = 20.0, states: set[str
     running: dict[int, tuple[str, int, float | None]] = {}  # chunk -> (agent, attempt, since)
     for ident, v in Liveness(spool, dead_after).refresh().items():
         cur = v.status.current if v.alive else None
-        if isinstance(cur, dict) and cur.get("run") == run and is_int(cur.get("chunk_id")):
-            running[cur["chunk_id"]] = (ident, cur.get("attempt"), cur.get("since"))
+        if cur is not None and cur.run == run:
+            running[cur.chunk_id] = (ident, cur.attempt, cur.since)
         try:
             jobs = Mailbox(spool, ident).read().jobs
         except (OSError, BadFile):

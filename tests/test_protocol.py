@@ -434,3 +434,16 @@ def test_a_lock_file_replaced_under_its_holders_still_excludes(tmp_path: Path) -
     new.close()
     assert old.acquire(blocking=False)
     old.close()
+
+
+def test_a_heartbeat_names_its_jobs_by_type_and_reads_what_older_agents_wrote(spool: Spool) -> None:
+    from jobs.heartbeat import Heartbeat, JobRef, read_status, write_status
+
+    hb = Heartbeat("h-cpu0", 3, "busy", current=JobRef("r", 2, 1, 10.5), ahead=JobRef("r", 3, 1))
+    write_status(spool, "h-cpu0", hb)
+    assert read_status(spool.heartbeat("h-cpu0")) == hb
+    # as an older agent wrote them: no attempt, no since
+    write_status(spool, "h-cpu0", {"agent": "h-cpu0", "seq": 4, "state": "busy", "current": {"run": "r", "chunk_id": 2},
+                                   "ahead": {"run": "r", "chunk_id": 3, "attempt": 1}})
+    old = read_status(spool.heartbeat("h-cpu0"))
+    assert old.current == JobRef("r", 2) and old.current.since is None and old.ahead.key == ("r", 3, 1)
