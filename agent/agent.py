@@ -80,7 +80,7 @@ class Agent:
         self.stop = False  # finish the current job, then exit
         self.stop_now = False  # stop at once
         self.runner = Runner(spool, slot, self.marks, cfg.max_jobs_per_worker, aborted=self._aborted,
-                             stopping=lambda: self.stop, worker=worker)
+                             stopping=lambda: self.stop, started=lambda: self.watcher.busy(), worker=worker)
         self.state = AgentState.STARTING
         self.current: tuple[Job, float] | None = None
         self._finished: set[tuple] = set()  # Job.uid of the dispatches finished (or dropped) here
@@ -198,7 +198,7 @@ class Agent:
                     worked = False
                     time.sleep(min(self.cfg.rescan, 1.0))
                 if worked:
-                    continue  # the mailbox is read again at once: the watch rests (see _execute)
+                    continue  # the mailbox is read again at once; the watch rests (dropped by Runner.started)
                 if self.cfg.burst:
                     break
                 if not self.stop:  # a job waiting for GPU memory (--gpu-mem) looks again soon
@@ -381,7 +381,6 @@ class Agent:
 
     def _execute(self, job: Job, lookahead: Job | None = None) -> bool:
         """Run ``job`` and record its outcome. False if it was interrupted (it stays queued)."""
-        self.watcher.busy()  # nothing needs to wake this agent until it waits again (agent.watcher)
         started = time.time()
         self.current = (job, started)
         self.state = AgentState.BUSY

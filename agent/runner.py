@@ -41,13 +41,16 @@ class Runner:
     """The agent's jobs, one at a time, and the worker process that runs its callables.
 
     ``aborted(job)``: the running ``job`` must end at once (polled a few times a second while it
-    runs); ``stopping()``: the agent stops after this job. Both are the agent's to say."""
+    runs); ``stopping()``: the agent stops after this job. Both are the agent's to say.
+    ``started()``: the job is on its way (in the worker's pipe, or its process about to start), for
+    what the agent does while it runs and that must not delay its start."""
 
     def __init__(self, spool: Spool, slot: Slot, marks: dict[str, str], max_jobs_per_worker: int, *,
-                 aborted: Callable[[Job], bool], stopping: Callable[[], bool], worker: Worker | None = None) -> None:
+                 aborted: Callable[[Job], bool], stopping: Callable[[], bool],
+                 started: Callable[[], None] = lambda: None, worker: Worker | None = None) -> None:
         self.spool, self.slot, self.id = spool, slot, slot.agent_id
         self.max_jobs_per_worker = max_jobs_per_worker  # a fresh worker process after this many jobs; 0: never
-        self.aborted, self.stopping = aborted, stopping
+        self.aborted, self.stopping, self.started = aborted, stopping, started
         # The job code sees only this agent's GPU; CUDA counts in PCI bus order like NVML.
         # ``marks`` (GPUPOOL_AGENT, GPUPOOL_SPOOL) mark what jobs start, for the agent's kill_leftovers at a restart.
         base_env = {**os.environ, "CUDA_DEVICE_ORDER": "PCI_BUS_ID", **marks}
@@ -78,6 +81,7 @@ class Runner:
             return {"error": {"type": "WrongAgent", "message": f"the job needs {job.gpus} GPU(s) (--gpus-per-job) "
                               f"and agent {self.id} holds {len(self.slot.gpus)}", "traceback": ""}}, None
         if job.kind in (JobKind.SCRIPT, JobKind.COMMAND):
+            self.started()
             log = self.spool.chunk_log(job.run, job.chunk_id)
             try:
                 visible = job.visible_gpu_id and self.slot.gpu is not None
@@ -101,6 +105,7 @@ class Runner:
                 self.ahead = None  # its request is already in the worker's pipe
             elif not self._send(job):
                 raise self.worker.lost()
+            self.started()
             if lookahead is not None and not (self.stopping() or self.spool.drain_flag(self.id).exists()) \
                     and self._may_send_ahead(lookahead):
                 # Pipelining: the next job waits in the worker's pipe and starts the moment this one
