@@ -114,11 +114,11 @@ class Runner:
                     self.ahead = lookahead
             reply = self.worker.receive(job.timeout, abort)
         except TimeoutError as e:
-            self.ahead = None  # killed with the worker; it is still in the mailbox
+            self._drop_ahead()  # killed with the worker; it is still in the mailbox
             self.worker.start()  # a fresh worker at once, so the next job finds it warm
             return {"error": {"type": "Timeout", "message": str(e), "traceback": ""}}, None
         except WorkerLost as e:
-            self.ahead = None
+            self._drop_ahead()
             if abort():
                 return None
             logger.warning("agent {}: {} while running {} chunk {}; starting a fresh worker",
@@ -153,6 +153,14 @@ class Runner:
         worker is started when a job comes again."""
         if self.ahead is not None:
             self.worker.kill()
+            self._drop_ahead()
+
+    def _drop_ahead(self) -> None:
+        """The job sent ahead died with its worker, or was taken back: it stays queued, and is no
+        longer the first of any worker process (it was, sent again to a fresh one: see
+        ``replace_worker``)."""
+        if self.ahead is not None:
+            self._first_of_worker.discard(self.ahead.uid)
             self.ahead = None
 
     def recycle_reason(self, job: Job, jobs: list[Job], finished: set[tuple]) -> str | None:

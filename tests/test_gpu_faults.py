@@ -138,6 +138,27 @@ def test_the_job_sent_ahead_to_a_poisoned_worker_runs_on_the_fresh_one(spool: Sp
         worker.stop()
 
 
+@pytest.mark.timeout(60)
+def test_a_job_sent_again_to_a_fresh_worker_and_taken_back_is_no_longer_its_first(spool: Spool, tmp_path: Path
+                                                                                 ) -> None:
+    """Sent again to the fresh worker after a poisoned context, the job is that process's first (an
+    out-of-memory there would be the GPU's fault); taken back (the agent drains), it is not any
+    more, or it would count as one whenever it ran here later."""
+    worker = Worker(torch_env(tmp_path), spool.worker_log("t-cpu0"), cwd=str(REPO))
+    agent = _agent(spool, worker)
+    _put(spool, agent, *(_job(c, ["assert", "ok"]) for c in range(2)))
+    agent._durations["r"] = 0.01
+    worker.start()
+    try:
+        assert agent.step()
+        ahead = agent.runner.ahead
+        assert ahead is not None and ahead.chunk_id == 1
+        agent.runner.take_back()
+        assert agent.runner.ahead is None and not agent.runner.was_first(ahead)
+    finally:
+        worker.stop()
+
+
 class QueueWorker:
     """The worker protocol in this process (``handle``), for the agent's bookkeeping alone."""
 
