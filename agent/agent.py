@@ -115,7 +115,7 @@ class Agent:
 
     # lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
-        purge_temp(self.spool.temp_folders(self.spool.pool_dir, self.spool.agents_dir))  # killed writers' leftovers
+        purge_temp([self.spool.pool_dir, self.spool.pool_tmp_dir, self.spool.agents_dir])  # killed writers' leftovers
         self.mailbox.ensure()
         # after a death only (a graceful stop kills its worker's group, and leaves what a job
         # detached on purpose alone): no /proc scan at every start

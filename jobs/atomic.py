@@ -194,9 +194,12 @@ def server_now(folder: Path) -> float | None:
 
 def purge_temp(folders: list[Path], older_than: float = 3600.0) -> int:
     """Remove temp files (``.<name>.tmp-*``, ``.clock-*``) older than ``older_than`` seconds, as
-    dirq does: what a killed writer left behind. A live writer's temp file is seconds old."""
+    dirq does: what a killed writer left behind. A live writer's temp file is seconds old. A
+    folder that is a link (a hostile spool) is passed over: nothing elsewhere is removed."""
     removed = 0
     for folder in folders:
+        if os.path.islink(folder):
+            continue
         now = server_now(folder)
         if now is None:
             continue

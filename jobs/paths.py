@@ -117,12 +117,6 @@ class Spool:
         self._mailbox_temp = d
         return d
 
-    def temp_folders(self, *folders: Path) -> list[Path]:
-        """``folders``, and the mailbox temp folder with ``pool_dir`` where it is a real folder (never
-        one a link points to), for ``jobs.atomic.purge_temp``."""
-        extra = [self.mailbox_temp_dir()] if self.pool_dir in folders else []
-        return [*folders, *(d for d in extra if d is not None)]
-
     def forget_mailbox_temp_dir(self) -> None:
         """The temp folder failed a write (removed meanwhile?): looked at afresh next time."""
         self._mailbox_temp = None

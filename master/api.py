@@ -146,8 +146,8 @@ class Run:
             else:
                 earlier = None
             self.spool.run_dirs(self.name)
-            purge_temp(self.spool.temp_folders(self.spool.result_dir(self.name), self.spool.run_dir(self.name),
-                                               self.spool.pool_dir))
+            purge_temp([self.spool.result_dir(self.name), self.spool.run_dir(self.name), self.spool.pool_dir,
+                        self.spool.pool_tmp_dir])
             bar = Progress(self.spec, enabled=progress, base=self.spool.base)
             feeder = Feeder(self.spool, self.spec, cfg, on_event=bar.event, placement=placement)
             feeder.recover()

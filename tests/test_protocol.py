@@ -220,13 +220,13 @@ def test_the_purge_of_temp_files_never_reaches_through_a_linked_mailbox_temp_fol
     elsewhere.mkdir()
     (elsewhere / ".notes.tmp-1-ab").write_bytes(b"a user's file")
     spool.pool_tmp_dir.symlink_to(elsewhere)
-    purge_temp(spool.temp_folders(spool.pool_dir), older_than=-1.0)  # every temp file counts as old
+    purge_temp([spool.pool_dir, spool.pool_tmp_dir], older_than=-1.0)  # every temp file counts as old
     assert os.listdir(elsewhere) == [".notes.tmp-1-ab"]
     os.unlink(spool.pool_tmp_dir)
     (spool.pool_dir / ".h-cpu0.POOL.tmp-1-ab").write_bytes(b"")  # a killed writer's, in both temp places
-    assert spool.temp_folders(spool.pool_dir) == [spool.pool_dir, spool.pool_tmp_dir]
+    spool.pool_tmp_dir.mkdir()
     (spool.pool_tmp_dir / ".h-cpu0.POOL.tmp-2-cd").write_bytes(b"")
-    assert purge_temp(spool.temp_folders(spool.pool_dir), older_than=-1.0) == 2
+    assert purge_temp([spool.pool_dir, spool.pool_tmp_dir], older_than=-1.0) == 2
 
 
 def test_the_mailbox_temp_folder_removed_meanwhile_is_made_again(spool: Spool) -> None:
