@@ -67,15 +67,15 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
     from loguru import logger
 
-    from jobs.logsetup import command_logs
+    from gpupool.jobs.logsetup import command_logs
 
-    from agent.agent import Agent, AgentConfig
-    from agent.gpu import make_probe
-    from agent.identity import host_id
-    from agent.slot import claim
-    from jobs.errors import SpoolError
-    from jobs.fsinfo import check_locks
-    from jobs.paths import Spool
+    from gpupool.agent.agent import Agent, AgentConfig
+    from gpupool.agent.gpu import make_probe
+    from gpupool.agent.identity import host_id
+    from gpupool.agent.slot import claim
+    from gpupool.jobs.errors import SpoolError
+    from gpupool.jobs.fsinfo import check_locks
+    from gpupool.jobs.paths import Spool
 
     command_logs(args.log_level, "{time:HH:mm:ss.SSS} {level: <7} {message}")
     for name in ("poll_interval", "max_poll_interval", "rescan", "heartbeat"):

@@ -27,24 +27,24 @@ from typing import Any, Callable
 
 from loguru import logger
 
-from agent.beat import Beat
-from agent.fairshare import FairShare
-from agent.gpu import Gpu, NoGpu
-from agent.gpumem import MemoryGate
-from agent.identity import agent_id
-from agent.runner import Runner
-from agent.slot import Slot, gpu_lock_dir, label
-from agent.watcher import MailboxWatcher
-from agent.worker_control import Worker, agent_marks, has_marks, kill_leftovers
-from jobs.descriptor import SCHEMA as JOB_SCHEMA, Job, JobKind, JobState
-from jobs.atomic import purge_temp, read_bounded, server_now
-from jobs.errors import BadFile
-from jobs.heartbeat import AgentState, Heartbeat, JobRef, read_status
-from jobs.jsonio import load_json
-from jobs.mailbox import HOLD_LIMIT, Mailbox, Snapshot
-from jobs.paths import Spool
-from jobs.losses import death_suspects
-from jobs.results import Uncommittable, commit, has_outcome, read_epoch, record
+from gpupool.agent.beat import Beat
+from gpupool.agent.fairshare import FairShare
+from gpupool.agent.gpu import Gpu, NoGpu
+from gpupool.agent.gpumem import MemoryGate
+from gpupool.agent.identity import agent_id
+from gpupool.agent.runner import Runner
+from gpupool.agent.slot import Slot, gpu_lock_dir, label
+from gpupool.agent.watcher import MailboxWatcher
+from gpupool.agent.worker_control import Worker, agent_marks, has_marks, kill_leftovers
+from gpupool.jobs.descriptor import SCHEMA as JOB_SCHEMA, Job, JobKind, JobState
+from gpupool.jobs.atomic import purge_temp, read_bounded, server_now
+from gpupool.jobs.errors import BadFile
+from gpupool.jobs.heartbeat import AgentState, Heartbeat, JobRef, read_status
+from gpupool.jobs.jsonio import load_json
+from gpupool.jobs.mailbox import HOLD_LIMIT, Mailbox, Snapshot
+from gpupool.jobs.paths import Spool
+from gpupool.jobs.losses import death_suspects
+from gpupool.jobs.results import Uncommittable, commit, has_outcome, read_epoch, record
 
 
 @dataclass

@@ -14,9 +14,9 @@ from typing import Callable
 
 from loguru import logger
 
-from agent.worker_control import cap_log
-from jobs.heartbeat import Heartbeat, write_status
-from jobs.paths import Spool
+from gpupool.agent.worker_control import cap_log
+from gpupool.jobs.heartbeat import Heartbeat, write_status
+from gpupool.jobs.paths import Spool
 
 
 class Beat:

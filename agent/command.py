@@ -22,12 +22,12 @@ import re
 from pathlib import Path
 from typing import Any, Callable
 
-from agent.script import _error, run_process
-from agent.worker_control import exit_reason
-from jobs.descriptor import Job
-from jobs.errors import BadFile
-from jobs.jsonio import load_json
-from jobs.template import TemplateError, expand
+from gpupool.agent.script import _error, run_process
+from gpupool.agent.worker_control import exit_reason
+from gpupool.jobs.descriptor import Job
+from gpupool.jobs.errors import BadFile
+from gpupool.jobs.jsonio import load_json
+from gpupool.jobs.template import TemplateError, expand
 
 RESULT_FILE_LIMIT = 4 * 1024 * 1024  # bytes of a --result-file (a result record holds at most 8 MB)
 

@@ -17,7 +17,7 @@ read, and the pool's split is the sum of the agents' splits.
 """
 from __future__ import annotations
 
-from jobs.descriptor import Job
+from gpupool.jobs.descriptor import Job
 
 
 class FairShare:

@@ -23,7 +23,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from jobs.errors import SpoolError
+from gpupool.jobs.errors import SpoolError
 
 GIB = 1024**3
 

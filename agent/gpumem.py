@@ -19,12 +19,12 @@ import os
 import socket
 from pathlib import Path
 
-from agent.gpu import GIB, Gpu, NoGpu
-from agent.worker_control import agent_marks, has_marks
-from jobs.atomic import read_bounded
-from jobs.errors import BadFile
-from jobs.jsonio import is_int, is_num, load_json
-from jobs.locks import FileLock
+from gpupool.agent.gpu import GIB, Gpu, NoGpu
+from gpupool.agent.worker_control import agent_marks, has_marks
+from gpupool.jobs.atomic import read_bounded
+from gpupool.jobs.errors import BadFile
+from gpupool.jobs.jsonio import is_int, is_num, load_json
+from gpupool.jobs.locks import FileLock
 
 
 LOCK_WAIT_S = 10.0  # the most a slot waits for the GPU's memory lock before it says so and tries again later

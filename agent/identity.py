@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import socket
 
-from jobs.names import check_name, slug
+from gpupool.jobs.names import check_name, slug
 
 
 def host_id(override: str | None = None) -> str:

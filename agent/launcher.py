@@ -15,14 +15,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.gpu import make_probe, visible_gpus
-from agent.identity import agent_id, host_id
-from agent.slot import label
-from agent.worker_control import with_repo_path
-from jobs.errors import BadFile, SpoolError
-from jobs.heartbeat import AgentState, read_status
-from jobs.locks import FileLock
-from jobs.paths import Spool
+from gpupool.agent.gpu import make_probe, visible_gpus
+from gpupool.agent.identity import agent_id, host_id
+from gpupool.agent.slot import label
+from gpupool.agent.pychild import is_agent_argv, python_argv
+from gpupool.jobs.errors import BadFile, SpoolError
+from gpupool.jobs.heartbeat import AgentState, read_status
+from gpupool.jobs.locks import FileLock
+from gpupool.jobs.paths import Spool
 
 
 USAGE = """usage: ./start_agents.sh N BASE [--cpu] [--gpus-per-agent K] [--slots K] [--host-id ID] [--timeout S]
@@ -87,7 +87,6 @@ def start(base: str, n: int, cpu: bool = False, host: str | None = None, agent_a
     if gpus and max(numbers, default=0) >= len(gpus):
         raise SpoolError(f"asked for GPU(s) {numbers} but this host has {len(gpus)} visible GPU(s), "
                          f"numbered 0..{len(gpus) - 1}; ask for fewer, or use --cpu for CPU agents")
-    env = with_repo_path(dict(os.environ))
     procs: list[tuple[str, subprocess.Popen | None, Path]] = []
     for group, j in _agents(numbers, bool(gpus), per_agent, slots):
         ident = agent_id(host, label([gpus[i] for i in group], j) if gpus else f"cpu{group[0]}")
@@ -95,12 +94,12 @@ def start(base: str, n: int, cpu: bool = False, host: str | None = None, agent_a
         if is_running(spool, ident):
             procs.append((ident, None, out))
             continue
-        cmd = [sys.executable, "-m", "agent", "--base", str(spool.base), "--gpu", ",".join(map(str, group)),
-               "--host-id", host] + ([] if j is None else ["--slots", str(slots), "--slot", str(j)])
+        cmd = python_argv("agent", "--base", str(spool.base), "--gpu", ",".join(map(str, group)),
+                          "--host-id", host) + ([] if j is None else ["--slots", str(slots), "--slot", str(j)])
         cmd += (["--cpu"] if not gpus else []) + list(agent_args or [])
         with open(out, "ab") as f:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT,
-                                    env=env, start_new_session=True)  # survives the shell closing
+                                    start_new_session=True)  # survives the shell closing
         procs.append((ident, proc, out))
     started, failed = [], []
     for ident, proc, out in procs:  # one agent that cannot start (an unusable GPU) stops none of the others
@@ -186,7 +185,7 @@ def _is_agent_process(pid: int, spool: Spool) -> bool:
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return False
-    return b"agent" in argv and os.fsencode(str(spool.base)) in argv
+    return is_agent_argv(argv) and os.fsencode(str(spool.base)) in argv
 
 
 def main(argv: list[str] | None = None) -> int:

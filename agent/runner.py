@@ -27,12 +27,12 @@ from typing import Any, Callable
 
 from loguru import logger
 
-from agent.command import run_command
-from agent.script import run_script
-from agent.slot import Slot
-from agent.worker_control import Worker, WorkerLost
-from jobs.descriptor import Job, JobKind
-from jobs.paths import Spool
+from gpupool.agent.command import run_command
+from gpupool.agent.script import run_script
+from gpupool.agent.slot import Slot
+from gpupool.agent.worker_control import Worker, WorkerLost
+from gpupool.jobs.descriptor import Job, JobKind
+from gpupool.jobs.paths import Spool
 
 Outcome = tuple[dict[str, Any], str | None]  # a result's fields, and the temp file of its arrays (or None)
 

@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from agent.worker_control import exit_reason, exited, kill_group, tail
-from jobs.descriptor import Job
+from gpupool.agent.worker_control import exit_reason, exited, kill_group, tail
+from gpupool.jobs.descriptor import Job
 
 # Kill the script if the agent dies, even by SIGKILL (util-linux setpriv, where present).
 _SETPRIV = shutil.which("setpriv")

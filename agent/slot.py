@@ -10,12 +10,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.gpu import Gpu, NoGpu, free_gb, visible_gpus
-from agent.identity import agent_id
-from agent.worker_control import agent_marks, has_marks
-from jobs.errors import LockHeld, SpoolError
-from jobs.locks import HolderLock
-from jobs.paths import Spool
+from gpupool.agent.gpu import Gpu, NoGpu, free_gb, visible_gpus
+from gpupool.agent.identity import agent_id
+from gpupool.agent.pychild import is_agent_argv
+from gpupool.agent.worker_control import agent_marks, has_marks
+from gpupool.jobs.errors import LockHeld, SpoolError
+from gpupool.jobs.locks import HolderLock
+from gpupool.jobs.paths import Spool
 
 MAX_CPU_RANKS = 1024
 
@@ -102,7 +103,7 @@ def _live(note: dict[str, Any]) -> dict[str, Any] | None:
         state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
     except (OSError, IndexError):
         return None
-    return note if state != "Z" and b"agent" in argv else None
+    return note if state != "Z" and is_agent_argv(argv) else None
 
 
 def claim(spool: Spool, probe: NoGpu, host: str, gpu: str, cpu: bool, min_free_gb: float,

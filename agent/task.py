@@ -13,9 +13,9 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from jobs.descriptor import BUILTIN_KWARGS, Job
-from jobs.errors import BadNpz
-from jobs.npzio import load_npz
+from gpupool.jobs.descriptor import BUILTIN_KWARGS, Job
+from gpupool.jobs.errors import BadNpz
+from gpupool.jobs.npzio import load_npz
 
 
 class TaskError(Exception):
@@ -169,7 +169,7 @@ def build_kwargs(fn: Callable[..., Any], job: Job, builtins: dict[str, Callable[
 
     ``builtins`` maps each name to a thunk, so shared or chunk data is only loaded when
     the task asks for it."""
-    from jobs.codec import decode
+    from gpupool.jobs.codec import decode
 
     wanted = _wanted_builtins(fn)
     if job.args:  # a built-in's parameter the caller filled positionally (an Executor call) is left alone

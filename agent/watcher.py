@@ -38,8 +38,8 @@ from loguru import logger
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 
-from jobs.fsinfo import NameRefresh, is_network_fs
-from jobs.watching import MAILBOX_EVENTS, watch_folder
+from gpupool.jobs.fsinfo import NameRefresh, is_network_fs
+from gpupool.jobs.watching import MAILBOX_EVENTS, watch_folder
 
 _NEW_CONTENT = {"moved", "created", "deleted"}
 # For this long after the agent last started a job, the poll waiter looks at the fastest rate and

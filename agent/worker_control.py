@@ -13,13 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-REPO_ROOT = str(Path(__file__).resolve().parents[1])
-
-
-def with_repo_path(env: dict[str, str]) -> dict[str, str]:
-    """``env`` with this checkout first on PYTHONPATH, so child processes import this code."""
-    return {**env, "PYTHONPATH": os.pathsep.join(filter(None, [REPO_ROOT, env.get("PYTHONPATH")]))}
-
+from gpupool.agent.pychild import python_argv
 
 class WorkerLost(Exception):
     """The worker died or was killed while running a job; ``reason`` says how."""
@@ -129,7 +123,7 @@ class Worker:
     task keeps between chunks, say)."""
 
     def __init__(self, env: dict[str, str], log_path: Path, cwd: str | None = None) -> None:
-        self.env = with_repo_path(env)
+        self.env = env
         self.log_path = log_path
         self.cwd = cwd
         self.proc: subprocess.Popen | None = None
@@ -147,8 +141,8 @@ class Worker:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 # the agent's id last: ps and nvidia-smi tell the workers apart (see worker.set_title)
-                [sys.executable, "-m", "agent.worker_process", str(r_req), str(w_rep), str(os.getpid()),
-                 self.env.get("GPUPOOL_AGENT", "-")],
+                python_argv("agent.worker_process", str(r_req), str(w_rep), str(os.getpid()),
+                            self.env.get("GPUPOOL_AGENT", "-")),
                 pass_fds=(r_req, w_rep), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 env=self.env, cwd=self.cwd, start_new_session=True,
             )

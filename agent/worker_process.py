@@ -88,8 +88,8 @@ def jsonable(value: Any) -> Any:
     """``value`` as result data (``jobs.codec``: plain JSON as it is, tuples, bytes, sets, arrays...
     tagged); raises CodecError naming what cannot travel, and ResultTooLarge if it is too big for
     a result record, ResultTooDeep if it nests too deep for one (it then never crosses the pipe)."""
-    from jobs.codec import TooDeep, encode
-    from jobs.results import RESULT_LIMIT, ResultTooDeep, ResultTooLarge
+    from gpupool.jobs.codec import TooDeep, encode
+    from gpupool.jobs.results import RESULT_LIMIT, ResultTooDeep, ResultTooLarge
 
     try:
         data = encode(value)
@@ -104,9 +104,9 @@ def jsonable(value: Any) -> Any:
 def call_args(job: Any, fn: Any, req: dict[str, Any], shared: Any) -> tuple[list[Any], dict[str, Any]]:
     """The positional and keyword arguments of ``fn`` for ``job``: the built-ins it asks for, the
     chunk's and shared arrays by name (``arrays_as_kwargs``), then the job's own arguments."""
-    from agent.task import build_kwargs, array_kwargs
-    from jobs.codec import decode
-    from jobs.npzio import load_npz
+    from gpupool.agent.task import build_kwargs, array_kwargs
+    from gpupool.jobs.codec import decode
+    from gpupool.jobs.npzio import load_npz
 
     def gpu_id() -> int:  # visible_gpu_id: the index CUDA gives the agent's GPU in this process
         return 0 if job.visible_gpu_id and str(req["device"]).startswith("cuda") else req["gpu_id"]
@@ -131,7 +131,7 @@ ARRAYS_FORM = {tuple: "tuple", list: "list"}  # a returned sequence of arrays, s
 def returned_arrays(value: Any) -> tuple[dict[str, Any], str | None] | None:
     """The arrays to save as the chunk's ``.npz`` and the form they came in (None: a dict), or
     None when ``value`` is not a dict, tuple or list of numpy arrays only."""
-    from jobs.npzio import check_arrays
+    from gpupool.jobs.npzio import check_arrays
 
     form = ARRAYS_FORM.get(type(value))
     if form is not None and value and all(type(v).__module__ == "numpy" for v in value):
@@ -146,10 +146,10 @@ def returned_arrays(value: Any) -> tuple[dict[str, Any], str | None] | None:
 
 
 def run_one(req: dict[str, Any], tasks: Any, shared: Any) -> dict[str, Any]:
-    from jobs.atomic import writing
-    from jobs.codec import CodecError
-    from jobs.descriptor import JOB_MARK, Job
-    from jobs.npzio import save_npz
+    from gpupool.jobs.atomic import writing
+    from gpupool.jobs.codec import CodecError
+    from gpupool.jobs.descriptor import JOB_MARK, Job
+    from gpupool.jobs.npzio import save_npz
 
     job = Job.from_dict(req["job"])
     print(f"{JOB_MARK} {job.run} chunk {job.chunk_id} attempt {job.attempt}", flush=True)  # what the import prints too
@@ -209,7 +209,7 @@ def _state_of(exc: BaseException) -> dict[str, Any]:
     """The exception's ``args`` and attributes (as pickle would keep them), encoded
     (``jobs.codec``), so that the caller of an Executor can raise the same exception again; each
     left out where it cannot travel or is large."""
-    from jobs.codec import CodecError, encode
+    from gpupool.jobs.codec import CodecError, encode
 
     out = {}
     for key, value in (("args", list(exc.args)),
@@ -385,14 +385,14 @@ def main() -> None:
     # sends SIGTERM to every process of a job step before its time limit.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    from agent.task import SharedCache, TaskCache
+    from gpupool.agent.task import SharedCache, TaskCache
 
     tasks, shared = TaskCache(), SharedCache()
     for fd in (rfd, wfd):  # programs the job runs do not hold our pipes (a fork still does)
         os.set_inheritable(fd, False)
     global _worker_pid
     me = _worker_pid = os.getpid()
-    from jobs.descriptor import IN_WORKER_ENV
+    from gpupool.jobs.descriptor import IN_WORKER_ENV
 
     os.environ[IN_WORKER_ENV] = str(me)  # an Executor made by code imported here refuses to start
     rd, wr = os.fdopen(rfd, "rb"), os.fdopen(wfd, "wb", buffering=0)

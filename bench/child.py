@@ -30,11 +30,11 @@ def main() -> None:
     p.add_argument("--chunks", type=int, required=True)
     p.add_argument("--task", default="bench.tasks:noop")
     a = p.parse_args()
-    from jobs.logsetup import command_logs
+    from gpupool.jobs.logsetup import command_logs
 
     command_logs("WARNING")  # as main.py does: warnings only
-    from master import feeder
-    from master.api import Pool
+    from gpupool.master import feeder
+    from gpupool.master.api import Pool
 
     first: list[float] = []
     orig = feeder.Feeder._job

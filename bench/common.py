@@ -70,7 +70,7 @@ def machine() -> dict[str, Any]:
     mem_gb = None
     with contextlib.suppress(OSError, ValueError, IndexError):
         mem_gb = round(int(Path("/proc/meminfo").read_text().split()[1]) / 1024**2, 1)
-    from jobs.fsinfo import mount_of
+    from gpupool.jobs.fsinfo import mount_of
 
     versions = {}
     for mod in ("numpy", "ray", "octorun", "matplotlib", "watchdog", "torch"):
@@ -108,7 +108,7 @@ class Agents:
 
 @contextlib.contextmanager
 def agents(base: Path, n: int, args: list[str] | None = None, gpu: bool = False) -> Iterator[Agents]:
-    from agent import launcher
+    from gpupool.agent import launcher
 
     started = launcher.start(str(base), n, cpu=not gpu, host=BENCH_HOST, agent_args=list(args or []), timeout=120)
     try:
@@ -164,7 +164,7 @@ class Probe:
 
     @contextlib.contextmanager
     def installed(self) -> Iterator["Probe"]:
-        from master import feeder, progress
+        from gpupool.master import feeder, progress
 
         orig_job, orig_event = feeder.Feeder._job, progress.Progress.event
         probe = self
@@ -190,8 +190,8 @@ def feed(base: Path, run: str, chunks: int, task: str | None = None, script: str
          kwargs: dict[str, Any] | None = None, shared: str | None = None, depth: int | None = None,
          probe: bool = False) -> PoolRun:
     """Submit a run with ``master.api.Pool`` and be its master until it is done (wall time)."""
-    from master.api import Pool
-    from master.feeder import FeedConfig
+    from gpupool.master.api import Pool
+    from gpupool.master.feeder import FeedConfig
 
     cfg = FeedConfig(depth=depth) if depth else None
     pr = Probe()

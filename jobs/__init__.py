@@ -107,6 +107,6 @@ Everything read from the spool is untrusted: sizes are bounded, symlinks are not
 ``allow_pickle=False``, and a broken file is moved to ``rejected/`` with a ``.why`` note.
 """
 
-from jobs.logsetup import quiet_by_default as _quiet
+from gpupool.jobs.logsetup import quiet_by_default as _quiet
 
 _quiet(__name__)

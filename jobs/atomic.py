@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import IO, Iterator
 
-from jobs.errors import BadFile
+from gpupool.jobs.errors import BadFile
 
 TMP_MARK = ".tmp-"
 DEFAULT_READ_LIMIT = 4 * 1024 * 1024

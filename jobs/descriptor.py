@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from jobs.errors import BadFile, NewerSchema
-from jobs.names import MAX_CHUNKS, brief, check_chunk, check_name
+from gpupool.jobs.errors import BadFile, NewerSchema
+from gpupool.jobs.names import MAX_CHUNKS, brief, check_chunk, check_name
 
 SCHEMA = 2  # the highest descriptor schema this version reads (agents say it in their heartbeat)
 MAX_ATTEMPTS = 10**6  # attempt numbers become file names (<chunk>.a<N>.json): bounded

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from jobs.errors import SpoolError
+from gpupool.jobs.errors import SpoolError
 
 # Filesystems where another client's writes raise no inotify event on this host.
 NETWORK_FS = {

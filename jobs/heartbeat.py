@@ -12,10 +12,10 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from jobs.atomic import NotAFile
-from jobs.errors import BadFile
-from jobs.jsonio import clean, is_int, is_num, is_str, is_time, read_json
-from jobs.paths import Spool, warn_once
+from gpupool.jobs.atomic import NotAFile
+from gpupool.jobs.errors import BadFile
+from gpupool.jobs.jsonio import clean, is_int, is_num, is_str, is_time, read_json
+from gpupool.jobs.paths import Spool, warn_once
 
 STATUS_LIMIT = 256 * 1024
 

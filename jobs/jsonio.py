@@ -19,8 +19,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from jobs.atomic import DEFAULT_READ_LIMIT, read_bounded
-from jobs.errors import BadFile
+from gpupool.jobs.atomic import DEFAULT_READ_LIMIT, read_bounded
+from gpupool.jobs.errors import BadFile
 
 MAX_DEPTH = 64  # nesting levels a spool file may have (a mailbox uses 4 plus the user's kwargs)
 _KEEP = bytes(b for b in range(256) if b not in b'[]{}"')  # translate() deletes all but brackets and quotes

@@ -16,9 +16,9 @@ from typing import Any
 
 import portalocker
 
-from jobs.atomic import read_bounded
-from jobs.errors import BadFile, LockHeld
-from jobs.jsonio import load_json
+from gpupool.jobs.atomic import read_bounded
+from gpupool.jobs.errors import BadFile, LockHeld
+from gpupool.jobs.jsonio import load_json
 
 
 def _open_or_create(path: Path, tries: int = 50, mode: int | None = None) -> int:

@@ -1,10 +1,10 @@
 """The pool's logs: silent when the pool is a library, configured by its own commands.
 
-The pool logs through loguru's one global logger. Imported as a library (``master.api``,
-``master.executor``), its packages are disabled (loguru's advice for libraries), so an
+The pool logs through loguru's one global logger. Imported as a library (``gpupool.master.api``,
+``gpupool.master.executor``), its packages are disabled (loguru's advice for libraries), so an
 application sees nothing it did not ask for; one call routes them anywhere::
 
-    from master.api import pool_logs
+    from gpupool.master.api import pool_logs
     pool_logs("INFO")                      # the pool's INFO and up to stderr
     pool_logs("DEBUG", sink="pool.log")    # or to a file (any loguru sink)
     pool_logs(None)                        # silent again
@@ -19,7 +19,7 @@ from typing import Any
 
 from loguru import logger
 
-PACKAGES = ("jobs", "agent", "master")
+PACKAGES = ("gpupool",)  # the one import name of every module of the pool (issue 22)
 COMMAND_FORMAT = "{time:HH:mm:ss} {level}: {message}"
 _chosen = False  # pool_logs or command_logs said what to do: a package imported later keeps to it
 

@@ -11,10 +11,10 @@ from typing import Any
 
 from loguru import logger
 
-from jobs.descriptor import Job, JobState
-from jobs.heartbeat import Heartbeat
-from jobs.paths import Spool
-from jobs.results import commit, record
+from gpupool.jobs.descriptor import Job, JobState
+from gpupool.jobs.heartbeat import Heartbeat
+from gpupool.jobs.paths import Spool
+from gpupool.jobs.results import commit, record
 
 
 def died_under(status: Heartbeat) -> set[tuple[Any, Any, Any]] | None:

@@ -24,13 +24,13 @@ from typing import Any, Callable
 
 from loguru import logger
 
-from jobs.atomic import NotAFile, file_kind, read_bounded, read_if_changed, write_replace
-from jobs.descriptor import SCHEMA, Job
-from jobs.errors import BadFile, NewerSchema
-from jobs.fsinfo import NameRefresh
-from jobs.jsonio import load_json
-from jobs.locks import FileLock
-from jobs.paths import Spool
+from gpupool.jobs.atomic import NotAFile, file_kind, read_bounded, read_if_changed, write_replace
+from gpupool.jobs.descriptor import SCHEMA, Job
+from gpupool.jobs.errors import BadFile, NewerSchema
+from gpupool.jobs.fsinfo import NameRefresh
+from gpupool.jobs.jsonio import load_json
+from gpupool.jobs.locks import FileLock
+from gpupool.jobs.paths import Spool
 
 MAILBOX_LIMIT = 16 * 1024 * 1024
 

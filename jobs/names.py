@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 
-from jobs.errors import BadName
+from gpupool.jobs.errors import BadName
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
 MAX_CHUNKS = 10**9

@@ -8,7 +8,7 @@ from typing import IO, Any, Mapping
 
 import numpy as np
 
-from jobs.errors import BadNpz
+from gpupool.jobs.errors import BadNpz
 
 
 def load_npz(path: str | Path, mmap: bool = True) -> dict[str, np.ndarray]:

@@ -13,9 +13,9 @@ from pathlib import Path
 
 from loguru import logger
 
-from jobs.atomic import TMP_MARK, is_temp_name, write_replace
-from jobs.errors import BadFile, BadName, SpoolError
-from jobs.names import check_chunk, check_name
+from gpupool.jobs.atomic import TMP_MARK, is_temp_name, write_replace
+from gpupool.jobs.errors import BadFile, BadName, SpoolError
+from gpupool.jobs.names import check_chunk, check_name
 
 RESULT_RE = re.compile(r"^(\d{6,})\.json$")
 HISTORY_RE = re.compile(r"^(\d{6,})\.a(\d+)\.json$")

@@ -26,12 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from jobs.atomic import move_in, read_bounded, write_exclusive, write_replace
-from jobs.descriptor import Job, JobState
-from jobs.errors import BadFile
-from jobs.jsonio import MAX_DEPTH, clean, is_int, is_num, is_str, is_time, read_json, too_deep
-from jobs.names import brief
-from jobs.paths import ARRAYS_RE, HISTORY_RE, RESULT_RE, Spool, warn_once
+from gpupool.jobs.atomic import move_in, read_bounded, write_exclusive, write_replace
+from gpupool.jobs.descriptor import Job, JobState
+from gpupool.jobs.errors import BadFile
+from gpupool.jobs.jsonio import MAX_DEPTH, clean, is_int, is_num, is_str, is_time, read_json, too_deep
+from gpupool.jobs.names import brief
+from gpupool.jobs.paths import ARRAYS_RE, HISTORY_RE, RESULT_RE, Spool, warn_once
 
 RESULT_LIMIT = 8 * 1024 * 1024  # readers refuse a larger record, so no larger one is ever written
 RESULT_SCHEMA = 1

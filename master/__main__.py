@@ -8,9 +8,9 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    from jobs.logsetup import command_logs
+    from gpupool.jobs.logsetup import command_logs
 
-    from master.pool_cli import main as run_command
+    from gpupool.master.pool_cli import main as run_command
 
     command_logs("WARNING")  # the feeder (retry) and the executor warn; nothing chattier reaches the terminal
     return run_command(argv)

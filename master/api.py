@@ -1,8 +1,8 @@
 """The Python API: submit a run to a pool, wait for it with progress, iterate its results.
 
-    from master.api import Pool
+    from gpupool.master.api import Pool
     pool = Pool("/shared/base")
-    run = pool.submit(task="examples.matmul:multiply", chunks=100, shared="shared.npz", data="chunks/")
+    run = pool.submit(task="gpupool.master.matmul:multiply", chunks=100, shared="shared.npz", data="chunks/")
     summary = run.wait()            # feeds live agents until every chunk has a final result
     for res in run.results():       # in chunk order
         print(res.chunk_id, res.status, res.value, res.arrays.keys())
@@ -19,18 +19,18 @@ from typing import Any, Iterator
 
 from loguru import logger
 
-from jobs.atomic import purge_temp
-from jobs.errors import BadFile, LockHeld, SpoolError
-from jobs.fsinfo import check_locks
-from jobs.logsetup import pool_logs
-from jobs.locks import HolderLock
-from jobs.mailbox import drop_run
-from jobs.paths import Spool
-from jobs.results import new_epoch, read_epoch, read_result, scan_run
-from master.feeder import FeedConfig, Feeder, Summary
-from master.placement import Placement
-from master.progress import Progress
-from master.runspec import RunSpec, build, save_or_check
+from gpupool.jobs.atomic import purge_temp
+from gpupool.jobs.errors import BadFile, LockHeld, SpoolError
+from gpupool.jobs.fsinfo import check_locks
+from gpupool.jobs.logsetup import pool_logs
+from gpupool.jobs.locks import HolderLock
+from gpupool.jobs.mailbox import drop_run
+from gpupool.jobs.paths import Spool
+from gpupool.jobs.results import new_epoch, read_epoch, read_result, scan_run
+from gpupool.master.feeder import FeedConfig, Feeder, Summary
+from gpupool.master.placement import Placement
+from gpupool.master.progress import Progress
+from gpupool.master.runspec import RunSpec, build, save_or_check
 
 __all__ = ["Pool", "Run", "Result", "pool_logs"]  # pool_logs: the one call that routes the pool's logs
 
@@ -52,13 +52,13 @@ class Result:
     @property
     def value(self) -> Any:
         """The value the task returned, decoded (``jobs.codec``: a tuple comes back a tuple)."""
-        from jobs.codec import decode
+        from gpupool.jobs.codec import decode
 
         return decode(self.record.get("value"))
 
     @property
     def arrays(self) -> dict[str, Any]:
-        from jobs.npzio import load_npz  # numpy only where arrays are read: main.py starts sooner
+        from gpupool.jobs.npzio import load_npz  # numpy only where arrays are read: main.py starts sooner
 
         return load_npz(self.npz) if self.npz else {}
 
@@ -173,7 +173,7 @@ class Run:
         """Be this run's master, or follow it while another master feeds it (the same OctoRun
         config on a second machine; see ``master.follow``): this ends with the run, or takes it
         over when that master ends first."""
-        from master.follow import Follower
+        from gpupool.master.follow import Follower
 
         follower = None
         try:

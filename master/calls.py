@@ -28,9 +28,9 @@ import types
 from pathlib import Path
 from typing import Any, Callable
 
-from jobs.codec import CodecError, encode
-from jobs.descriptor import BUILTIN_KWARGS
-from master.runspec import kwargs_size_error
+from gpupool.jobs.codec import CodecError, encode
+from gpupool.jobs.descriptor import BUILTIN_KWARGS
+from gpupool.master.runspec import kwargs_size_error
 
 
 # Built-ins an Executor call never has (it has no run's --shared or --data .npz): a parameter of

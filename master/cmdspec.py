@@ -8,9 +8,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-from jobs.template import BUILTIN_PLACEHOLDERS, TemplateError, fields
-from master.inputs import read_text
-from master.errors import UsageError
+from gpupool.jobs.template import BUILTIN_PLACEHOLDERS, TemplateError, fields
+from gpupool.master.inputs import read_text
+from gpupool.master.errors import UsageError
 
 COMMANDS_FILE_LIMIT = 512 * 1024  # bytes of a --commands file (its lines live in run.json, at most 1 MB)
 

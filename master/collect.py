@@ -26,14 +26,14 @@ from typing import Any
 
 import numpy as np
 
-from jobs.atomic import write_replace
-from jobs.codec import plain
-from jobs.errors import BadFile, SpoolError
-from jobs.npzio import load_npz
-from jobs.paths import Spool
-from jobs.jsonio import is_time
-from jobs.results import read_result, scan_run
-from master.runspec import RunSpec, load_run
+from gpupool.jobs.atomic import write_replace
+from gpupool.jobs.codec import plain
+from gpupool.jobs.errors import BadFile, SpoolError
+from gpupool.jobs.npzio import load_npz
+from gpupool.jobs.paths import Spool
+from gpupool.jobs.jsonio import is_time
+from gpupool.jobs.results import read_result, scan_run
+from gpupool.master.runspec import RunSpec, load_run
 
 META = ("run", "chunk_id", "status", "attempt", "agent", "host", "device", "started_at", "finished_at",
         "duration_s")

@@ -19,15 +19,15 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from jobs.errors import BadFile, SpoolError
-from jobs.heartbeat import AgentState, JobRef
-from jobs.locks import FileLock
-from jobs.mailbox import Mailbox, drop_run
-from jobs.paths import Spool
-from jobs.results import final_status, scan_run
-from master.api import Run
-from master.liveness import Liveness
-from master.runspec import RunSpec, load_run
+from gpupool.jobs.errors import BadFile, SpoolError
+from gpupool.jobs.heartbeat import AgentState, JobRef
+from gpupool.jobs.locks import FileLock
+from gpupool.jobs.mailbox import Mailbox, drop_run
+from gpupool.jobs.paths import Spool
+from gpupool.jobs.results import final_status, scan_run
+from gpupool.master.api import Run
+from gpupool.master.liveness import Liveness
+from gpupool.master.runspec import RunSpec, load_run
 
 
 class ControlError(SpoolError):
@@ -66,7 +66,7 @@ def retry_run(spool: Spool, run: str, retries: int | None = None) -> tuple[Run, 
     run's master lock, with ``jobs.results.reopen_failed``), its failed chunks and how many
     chunks have no result at all (a cancelled or interrupted run)."""
     spec = load_run(spool, run)
-    from master.executor import is_executor_run
+    from gpupool.master.executor import is_executor_run
 
     if is_executor_run(spec):
         raise ControlError(f"run {run} was made by a master.executor.Executor, whose chunks each call their own "

@@ -28,11 +28,11 @@ from typing import Any
 
 from loguru import logger
 
-from jobs.paths import Spool
-from master import runpage
-from master.gpuhistory import SAMPLE_S, GpuHistory, Sampler, sparkline
-from master.status import StatusReader, duration
-from master.timeline import AttemptReader
+from gpupool.jobs.paths import Spool
+from gpupool.master import runpage
+from gpupool.master.gpuhistory import SAMPLE_S, GpuHistory, Sampler, sparkline
+from gpupool.master.status import StatusReader, duration
+from gpupool.master.timeline import AttemptReader
 
 STYLE = """body{font:14px system-ui,sans-serif;margin:1.5em;color:#222;background:#fafafa}
 h1{font-size:20px;margin:0 0 .2em}h2{font-size:16px;margin:1.4em 0 .4em}.sub{color:#666}

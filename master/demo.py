@@ -6,15 +6,14 @@ from pathlib import Path
 
 import numpy as np
 
-from agent import launcher
-from agent.worker_control import REPO_ROOT
-from agent.gpu import make_probe, visible_gpus
-from examples.matmul import SIZE, chunk_input, shared_matrix
-from jobs.errors import SpoolError
-from jobs.npzio import load_npz
-from jobs.paths import Spool
-from master.api import Pool
-from master.progress import format_summary
+from gpupool.agent import launcher
+from gpupool.agent.gpu import make_probe, visible_gpus
+from gpupool.master.matmul import SIZE, chunk_input, shared_matrix
+from gpupool.jobs.errors import SpoolError
+from gpupool.jobs.npzio import load_npz
+from gpupool.jobs.paths import Spool
+from gpupool.master.api import Pool
+from gpupool.master.progress import format_summary
 
 CHUNKS = 32
 
@@ -45,8 +44,8 @@ def run_demo(demo_dir: str, progress: bool = True) -> int:
     for s in started:
         print(f"  agent {s.agent_id} pid {s.pid}{'' if s.new else ' (already running)'}, log {s.log}")
     try:
-        run = Pool(base).submit(task="examples.matmul:multiply", chunks=CHUNKS, shared=str(shared), data=str(data),
-                                run="demo", fresh=True, workdir=REPO_ROOT)
+        run = Pool(base).submit(task="gpupool.master.matmul:multiply", chunks=CHUNKS, shared=str(shared), data=str(data),
+                                run="demo", fresh=True)
         summary = run.wait(progress=progress)
         print(format_summary(summary, spool.base))
         bad = _check(run)
@@ -58,7 +57,7 @@ def run_demo(demo_dir: str, progress: bool = True) -> int:
         print(f"demo: FAILED ({len(summary.failed)} failed chunks, {bad} wrong results)", file=sys.stderr)
         return 1
     print(f"demo: all {CHUNKS} results checked against numpy. Next: ./start_agents.sh 2 /tmp/b && "
-          f"python main.py --base /tmp/b --task examples.matmul:multiply --chunks 100")
+          f"python main.py --base /tmp/b --task gpupool.master.matmul:multiply --chunks 100")
     return 0
 
 

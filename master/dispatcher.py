@@ -55,17 +55,17 @@ from typing import Any, Callable
 from loguru import logger
 from watchdog.events import FileSystemEventHandler
 
-from jobs.atomic import read_bounded, server_now
-from jobs.descriptor import Job, JobState
-from jobs.errors import BadFile, NoAgents
-from jobs.fsinfo import is_network_fs
-from jobs.heartbeat import AgentState, Heartbeat
-from jobs.losses import charge_loss, death_suspects, died_under, record_loss
-from jobs.mailbox import HOLD_LIMIT, Mailbox, drop_run, without_run
-from jobs.paths import HISTORY_RE, RESULT_RE, Spool
-from jobs.results import has_outcome, read_result, reopen_failed, supersede
-from jobs.watching import watch_folder
-from master.liveness import AgentView, Liveness
+from gpupool.jobs.atomic import read_bounded, server_now
+from gpupool.jobs.descriptor import Job, JobState
+from gpupool.jobs.errors import BadFile, NoAgents
+from gpupool.jobs.fsinfo import is_network_fs
+from gpupool.jobs.heartbeat import AgentState, Heartbeat
+from gpupool.jobs.losses import charge_loss, death_suspects, died_under, record_loss
+from gpupool.jobs.mailbox import HOLD_LIMIT, Mailbox, drop_run, without_run
+from gpupool.jobs.paths import HISTORY_RE, RESULT_RE, Spool
+from gpupool.jobs.results import has_outcome, read_result, reopen_failed, supersede
+from gpupool.jobs.watching import watch_folder
+from gpupool.master.liveness import AgentView, Liveness
 
 Event = Callable[[str, dict[str, Any]], None]
 SLOW_RTT_S = 0.5  # a round trip this long (agents report their mailbox lag) makes the first queue deep

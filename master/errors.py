@@ -1,7 +1,7 @@
 """The master's own error: a bad argument or input file, named in one message (exit code 2)."""
 from __future__ import annotations
 
-from jobs.errors import SpoolError
+from gpupool.jobs.errors import SpoolError
 
 
 class UsageError(SpoolError):

@@ -2,7 +2,7 @@
 ``fn`` on a pool agent and returns a ``Future``.
 
     from concurrent.futures import as_completed
-    from master.executor import Executor
+    from gpupool.master.executor import Executor
 
     with Executor("/tmp/b") as ex:                       # agents must be running
         futures = [ex.submit(my_mod.score, x, scale=2) for x in range(100)]
@@ -54,18 +54,18 @@ from typing import Any, Callable
 
 from loguru import logger
 
-from jobs.atomic import write_replace
-from jobs.codec import CodecError, decode
-from jobs.descriptor import IN_WORKER_ENV, Job, JobKind
-from jobs.errors import BadFile
-from jobs.locks import HolderLock
-from jobs.names import slug
-from jobs.paths import Spool
-from jobs.results import chunk_records
-from master.calls import bind, describe, target_of  # noqa: F401  (bind, target_of: the API of earlier versions)
-from master.dispatcher import Dispatcher, FeedConfig
-from master.remote import RemoteError, remote_exception
-from master.runspec import RunSpec
+from gpupool.jobs.atomic import write_replace
+from gpupool.jobs.codec import CodecError, decode
+from gpupool.jobs.descriptor import IN_WORKER_ENV, Job, JobKind
+from gpupool.jobs.errors import BadFile
+from gpupool.jobs.locks import HolderLock
+from gpupool.jobs.names import slug
+from gpupool.jobs.paths import Spool
+from gpupool.jobs.results import chunk_records
+from gpupool.master.calls import bind, describe, target_of  # noqa: F401  (bind, target_of: the API of earlier versions)
+from gpupool.master.dispatcher import Dispatcher, FeedConfig
+from gpupool.master.remote import RemoteError, remote_exception
+from gpupool.master.runspec import RunSpec
 
 __all__ = ["CallFuture", "Executor", "NestedExecutor", "RemoteError", "RunCancelled"]
 
@@ -144,7 +144,7 @@ class CallFuture(futures.Future):
     def stdout(self) -> str | None:
         """What the call's latest attempt printed (stdout and stderr) so far, or None if it has not
         started or its agent's worker log no longer has it."""
-        from master.logs import worker_output
+        from gpupool.master.logs import worker_output
 
         agent, attempt = self._latest()
         return worker_output(self._spool, agent, self.run, self.chunk, attempt) if agent and attempt else None
@@ -345,7 +345,7 @@ class _Calls(Dispatcher):
             future.set_exception(e)  # encoding: the call fails, naming them
 
     def _arrays(self, rec: dict[str, Any]) -> Any:
-        from jobs.npzio import load_npz  # numpy only where arrays are read
+        from gpupool.jobs.npzio import load_npz  # numpy only where arrays are read
 
         arrays = load_npz(self.spool.arrays_of(self.run_name, rec), mmap=False)
         form = {"tuple": tuple, "list": list}.get(rec.get("arrays_form"))
@@ -359,7 +359,7 @@ class _Calls(Dispatcher):
     def unplaceable(self, live: list[Any]) -> None:
         """Agents are alive but none may take the calls (agents of an older version, which cannot
         read their descriptors): every call fails, naming them, as a run does (never a silent wait)."""
-        from master.placement import Unplaceable
+        from gpupool.master.placement import Unplaceable
 
         why = "; ".join(f"{v.id}: {self.why_not(v)}" for v in live[:8])
         raise Unplaceable(f"executor {self.run_name}: none of the {len(live)} live agent(s) may take its calls: {why}")

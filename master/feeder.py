@@ -16,15 +16,15 @@ from typing import Any, Callable
 
 from loguru import logger
 
-from jobs.descriptor import Job, JobState
-from jobs.errors import BadFile
-from jobs.paths import Spool
-from jobs.results import (RunScan, read_epoch, read_result, reopen_failed, result_or_none, scan_run, seal, sealed,
+from gpupool.jobs.descriptor import Job, JobState
+from gpupool.jobs.errors import BadFile
+from gpupool.jobs.paths import Spool
+from gpupool.jobs.results import (RunScan, read_epoch, read_result, reopen_failed, result_or_none, scan_run, seal, sealed,
                           unseal)
-from master.dispatcher import Dispatcher, Event, FeedConfig, Outcome, read_or_empty, summarize
-from master.liveness import AgentView
-from master.placement import Placement, Unplaceable, gpu_count, gpu_ids
-from master.runspec import RunSpec
+from gpupool.master.dispatcher import Dispatcher, Event, FeedConfig, Outcome, read_or_empty, summarize
+from gpupool.master.liveness import AgentView
+from gpupool.master.placement import Placement, Unplaceable, gpu_count, gpu_ids
+from gpupool.master.runspec import RunSpec
 
 __all__ = ["Feeder", "FeedConfig", "Outcome", "Summary"]
 

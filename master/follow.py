@@ -12,12 +12,12 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from jobs.errors import BadFile
-from jobs.results import result_or_none, scan_run
-from master.dispatcher import summarize
-from master.feeder import Summary
-from master.progress import Progress
-from master.runspec import RunSpec, UsageError
+from gpupool.jobs.errors import BadFile
+from gpupool.jobs.results import result_or_none, scan_run
+from gpupool.master.dispatcher import summarize
+from gpupool.master.feeder import Summary
+from gpupool.master.progress import Progress
+from gpupool.master.runspec import RunSpec, UsageError
 
 
 class Follower:

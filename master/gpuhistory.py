@@ -18,10 +18,10 @@ from typing import Any, Callable
 
 from loguru import logger
 
-from jobs.jsonio import is_num
-from jobs.paths import Spool
-from master.liveness import Liveness
-from master.placement import combined, gpus_of
+from gpupool.jobs.jsonio import is_num
+from gpupool.jobs.paths import Spool
+from gpupool.master.liveness import Liveness
+from gpupool.master.placement import combined, gpus_of
 
 WINDOW_S = 3600.0
 SAMPLE_S = 10.0

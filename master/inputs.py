@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from master.errors import UsageError
+from gpupool.master.errors import UsageError
 
 
 def read_input(path: Path, where: str, limit: int, error: type[Exception] = UsageError, hint: str = "") -> bytes:

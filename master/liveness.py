@@ -17,10 +17,10 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from jobs.atomic import server_now as server_time
-from jobs.errors import BadFile
-from jobs.heartbeat import AgentState, Heartbeat, read_status
-from jobs.paths import Spool
+from gpupool.jobs.atomic import server_now as server_time
+from gpupool.jobs.errors import BadFile
+from gpupool.jobs.heartbeat import AgentState, Heartbeat, read_status
+from gpupool.jobs.paths import Spool
 
 
 @dataclass

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, TextIO
 
-from jobs.codec import plain
-from jobs.descriptor import JOB_MARK
-from jobs.errors import SpoolError
-from jobs.paths import Spool
-from jobs.results import chunk_records
+from gpupool.jobs.codec import plain
+from gpupool.jobs.descriptor import JOB_MARK
+from gpupool.jobs.errors import SpoolError
+from gpupool.jobs.paths import Spool
+from gpupool.jobs.results import chunk_records
 
 STAMP = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} \| ")
 

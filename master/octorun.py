@@ -36,10 +36,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from jobs.descriptor import OPTION_CHECKS, JobKind, kwargs_problem
-from jobs.paths import Spool
-from master.inputs import read_text
-from master.runspec import UsageError, default_name, parse_env
+from gpupool.jobs.descriptor import OPTION_CHECKS, JobKind, kwargs_problem
+from gpupool.jobs.paths import Spool
+from gpupool.master.inputs import read_text
+from gpupool.master.runspec import UsageError, default_name, parse_env
 
 # What ``octorun save_config`` writes (OctoRun's default_config.json), with ``script_path`` set.
 DEFAULT_CONFIG: dict[str, Any] = {
@@ -171,15 +171,15 @@ class LocalAgents:
     def stop(self, now: bool = False) -> None:
         """Stop the agents this command started: each after its current chunk, or ``now``, killing
         it (the chunk stays queued: the next run of the command runs it again)."""
-        from agent import launcher
+        from gpupool.agent import launcher
 
         launcher.stop(str(self.spool.base), only=self.started, now=now)
 
 
 def start_agents(spool: Spool, gpus: str | list[int], timeout: float = 120.0) -> LocalAgents:
     """One agent per configured GPU of this host (CPU slots when it has none)."""
-    from agent import launcher
-    from agent.gpu import make_probe, visible_gpus
+    from gpupool.agent import launcher
+    from gpupool.agent.gpu import make_probe, visible_gpus
 
     visible = visible_gpus(make_probe())
     if gpus == "auto" and not visible:
@@ -198,7 +198,7 @@ def start_agents(spool: Spool, gpus: str | list[int], timeout: float = 120.0) ->
 def main(args: Any) -> int:
     """``main.py --octorun-config``: ``args`` are main.py's parsed options (``master.run_cli.guarded``
     turns the errors a user can act on into one line)."""
-    from master.runspec import parse_kwargs
+    from gpupool.master.runspec import parse_kwargs
 
     if args.task or args.script or args.chunks:
         raise UsageError("--octorun-config replaces --task/--script/--chunks (the config's script_path and "
@@ -214,9 +214,9 @@ def main(args: Any) -> int:
 
 
 def _feed(args: Any, cfg: OctoConfig, env: dict[str, str]) -> int:
-    from master.api import Pool
-    from master.feeder import FeedConfig
-    from master.progress import format_summary
+    from gpupool.master.api import Pool
+    from gpupool.master.feeder import FeedConfig
+    from gpupool.master.progress import format_summary
 
     pool = Pool(args.base or Path(cfg.log_dir) / "gpupool")
     local = None

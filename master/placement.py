@@ -20,10 +20,10 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from jobs.descriptor import MAX_GPUS
-from jobs.heartbeat import Heartbeat
-from jobs.jsonio import is_num
-from master.runspec import UsageError
+from gpupool.jobs.descriptor import MAX_GPUS
+from gpupool.jobs.heartbeat import Heartbeat
+from gpupool.jobs.jsonio import is_num
+from gpupool.master.runspec import UsageError
 
 
 class Unplaceable(UsageError):

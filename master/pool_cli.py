@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from jobs.paths import Spool
+from gpupool.jobs.paths import Spool
 
 PROG = "python -m master"
 EXAMPLES = {
@@ -114,9 +114,9 @@ def _spool(args: argparse.Namespace) -> Spool:
 # status ---------------------------------------------------------------------------------------
 def cmd_status(args: argparse.Namespace) -> int:
 
-    from master.control import ControlError
-    from master.runspec import load_run
-    from master.status import CHUNK_STATES, StatusReader, chunk_rows, render, render_chunks
+    from gpupool.master.control import ControlError
+    from gpupool.master.runspec import load_run
+    from gpupool.master.status import CHUNK_STATES, StatusReader, chunk_rows, render, render_chunks
 
     spool = _spool(args)
     states = set(args.state.split(",")) if args.state else None
@@ -148,7 +148,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 # logs -----------------------------------------------------------------------------------------
 def cmd_logs(args: argparse.Namespace) -> int:
-    from master import logs
+    from gpupool.master import logs
 
     spool = _spool(args)
     if args.chunk is not None:
@@ -185,7 +185,7 @@ def _tail_text(path: Path, lines: int) -> str:
 
 
 def _follow(args: argparse.Namespace, paths_of: Callable[[], list[Path]], match: Callable[[str], bool]) -> int:
-    from master.logs import follow
+    from gpupool.master.logs import follow
 
     if args.follow:
         follow(paths_of, sys.stdout, match)
@@ -193,7 +193,7 @@ def _follow(args: argparse.Namespace, paths_of: Callable[[], list[Path]], match:
 
 
 def _chunk_logs(spool: Spool, args: argparse.Namespace) -> int:
-    from master.logs import chunk_report, follow, format_chunk
+    from gpupool.master.logs import chunk_report, follow, format_chunk
 
     if not spool.run_spec(args.run).exists():
         return _die("logs", f"no run {args.run!r} in {spool.base} (runs: {', '.join(spool.run_names()) or '-'})")
@@ -207,7 +207,7 @@ def _chunk_logs(spool: Spool, args: argparse.Namespace) -> int:
 
 # collect --------------------------------------------------------------------------------------
 def cmd_collect(args: argparse.Namespace) -> int:
-    from master.collect import collect
+    from gpupool.master.collect import collect
 
     got = collect(_spool(args), args.run, args.out, concat=args.concat, partial=args.partial)
     what = f"arrays {', '.join(got.keys)}" if got.out.suffix == ".npz" else f"{len(got.keys)} value column(s)"
@@ -218,9 +218,9 @@ def cmd_collect(args: argparse.Namespace) -> int:
 
 # retry / cancel / drain -----------------------------------------------------------------------
 def cmd_retry(args: argparse.Namespace) -> int:
-    from master.control import retry_run
-    from master.feeder import FeedConfig
-    from master.progress import format_summary
+    from gpupool.master.control import retry_run
+    from gpupool.master.feeder import FeedConfig
+    from gpupool.master.progress import format_summary
 
     spool = _spool(args)
     run, failed, missing = retry_run(spool, args.run, args.retries)
@@ -236,7 +236,7 @@ def cmd_retry(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    from master.control import cancel_run
+    from gpupool.master.control import cancel_run
 
     spool = _spool(args)
     got = cancel_run(spool, args.run, args.stop_running, args.timeout)
@@ -253,7 +253,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 def cmd_runs(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from master.control import list_runs
+    from gpupool.master.control import list_runs
 
     runs = list_runs(_spool(args))
     if args.json:
@@ -278,7 +278,7 @@ def _size(n: int) -> str:
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
-    from master.control import remove_run
+    from gpupool.master.control import remove_run
 
     freed = remove_run(_spool(args), args.run, args.force)
     print(f"removed run {args.run}: its results, logs and queued jobs ({_size(freed)})")
@@ -286,7 +286,7 @@ def cmd_rm(args: argparse.Namespace) -> int:
 
 
 def cmd_save_config(args: argparse.Namespace) -> int:
-    from master.octorun import save_config
+    from gpupool.master.octorun import save_config
 
     out = save_config(args.out, args.script, args.force)
     print(f"wrote {out} (OctoRun's default config); run it with: python main.py --octorun-config {out}")
@@ -302,8 +302,8 @@ def _save_config_args(s: argparse.ArgumentParser) -> None:
 def cmd_gpus(args: argparse.Namespace) -> int:
     """This host's GPUs (NVML, as CUDA_VISIBLE_DEVICES lets this process see them) and which
     agent holds each, like OctoRun's list_gpus and KohakuRiver's node list."""
-    from agent.gpu import make_probe, visible_gpus
-    from agent.slot import gpu_holder
+    from gpupool.agent.gpu import make_probe, visible_gpus
+    from gpupool.agent.slot import gpu_holder
 
     probe = make_probe()
     gpus = visible_gpus(probe)
@@ -345,7 +345,7 @@ def _agent_line(rep) -> str:
 
 
 def cmd_drain(args: argparse.Namespace) -> int:
-    from master.control import drain, wait_idle
+    from gpupool.master.control import drain, wait_idle
 
     spool = _spool(args)
     rep = drain(spool, args.agent, args.timeout, args.dead_after)
@@ -368,7 +368,7 @@ def cmd_drain(args: argparse.Namespace) -> int:
 
 
 def cmd_undrain(args: argparse.Namespace) -> int:
-    from master.control import undrain
+    from gpupool.master.control import undrain
 
     rep = undrain(_spool(args), args.agent, args.timeout, args.dead_after)
     if rep.state in ("dead", "stopped"):
@@ -380,7 +380,7 @@ def cmd_undrain(args: argparse.Namespace) -> int:
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
-    from master.dashboard import serve
+    from gpupool.master.dashboard import serve
 
     serve(_spool(args), args.host, args.port, args.refresh, args.dead_after, args.sample)
     return 0
@@ -510,7 +510,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` and run the command; errors become one actionable line on stderr."""
-    from jobs.errors import LockHeld, SpoolError
+    from gpupool.jobs.errors import LockHeld, SpoolError
 
     args = parser().parse_args(argv)
     bad = _bad_number(args)

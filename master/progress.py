@@ -7,9 +7,9 @@ from typing import Any, TextIO
 
 from tqdm import tqdm
 
-from jobs.paths import Spool
-from master.feeder import Summary
-from master.runspec import RunSpec
+from gpupool.jobs.paths import Spool
+from gpupool.master.feeder import Summary
+from gpupool.master.runspec import RunSpec
 
 
 class Progress:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from jobs.codec import CodecError, decode
+from gpupool.jobs.codec import CodecError, decode
 
 
 class RemoteError(Exception):

@@ -10,7 +10,7 @@ from typing import Callable
 EPILOG = """examples:
   python main.py                                   # self-contained demo (starts its own agents)
   ./start_agents.sh 2 /tmp/b
-  python main.py --base /tmp/b --task examples.matmul:multiply --chunks 100
+  python main.py --base /tmp/b --task gpupool.master.matmul:multiply --chunks 100
   python main.py --base /tmp/b --task my_job.py:process --chunks 64 --kwargs '{"scale": 2}' \\
                  --shared shared.npz --data chunks/
   python main.py --base /tmp/b --script examples/octorun_script.py --chunks 8 --kwargs '{"out_dir": "/tmp/out"}'
@@ -102,15 +102,15 @@ def parse(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse(argv)
-    from jobs.logsetup import command_logs
+    from gpupool.jobs.logsetup import command_logs
 
     command_logs("WARNING")
     if args.octorun_config:  # the drop-in for OctoRun users
-        from master.octorun import main as run_octorun
+        from gpupool.master.octorun import main as run_octorun
 
         return guarded(lambda: run_octorun(args))
     if not (args.task or args.script or args.cmd or args.commands or args.chunks or args.base):
-        from master.demo import run_demo
+        from gpupool.master.demo import run_demo
 
         return run_demo(args.demo_dir, progress=not args.no_progress)
     args.base = args.base or os.environ.get("GPUPOOL_BASE") or None
@@ -118,10 +118,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def feed(args: argparse.Namespace) -> int:
-    from master.api import Pool
-    from master.feeder import FeedConfig
-    from master.progress import format_summary
-    from master.runspec import parse_env, parse_kwargs
+    from gpupool.master.api import Pool
+    from gpupool.master.feeder import FeedConfig
+    from gpupool.master.progress import format_summary
+    from gpupool.master.runspec import parse_env, parse_kwargs
 
     what = args.task or args.script or args.cmd or args.commands
     chunks = args.sweep or args.commands if args.chunks is None else args.chunks  # a sweep or a file says how many
@@ -142,7 +142,7 @@ def feed(args: argparse.Namespace) -> int:
             return 2
 
     def go() -> int:
-        from master.placement import Placement
+        from gpupool.master.placement import Placement
 
         placement = Placement.parse(args.target, args.hosts, args.exclude_hosts, args.min_free_gb, args.gpus_per_job,
                                     args.gpu_mem)
@@ -165,7 +165,7 @@ def feed(args: argparse.Namespace) -> int:
 
 def guarded(call: Callable[[], int]) -> int:
     """Run a feeding command; the errors a user can act on become one line and an exit code."""
-    from jobs.errors import LockHeld, SpoolError
+    from gpupool.jobs.errors import LockHeld, SpoolError
 
     try:
         return call()

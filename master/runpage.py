@@ -13,14 +13,14 @@ import time
 import urllib.parse
 from typing import Any
 
-from jobs.errors import BadName
-from jobs.names import check_chunk, check_name
-from jobs.paths import Spool
-from master.liveness import Liveness
-from master.logs import chunk_report, format_chunk
-from master.runspec import RunSpec, UsageError, load_run
-from master.status import chunk_rows, duration
-from master.timeline import AttemptReader, bars, gantt_svg
+from gpupool.jobs.errors import BadName
+from gpupool.jobs.names import check_chunk, check_name
+from gpupool.jobs.paths import Spool
+from gpupool.master.liveness import Liveness
+from gpupool.master.logs import chunk_report, format_chunk
+from gpupool.master.runspec import RunSpec, UsageError, load_run
+from gpupool.master.status import chunk_rows, duration
+from gpupool.master.timeline import AttemptReader, bars, gantt_svg
 
 
 class NotFound(Exception):

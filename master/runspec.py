@@ -14,13 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from jobs.atomic import NotAFile, write_replace
-from jobs.descriptor import BUILTIN_KWARGS, MAX_ATTEMPTS, JobKind, env_problem, kwargs_problem, options_problem
-from jobs.errors import BadFile, BadNpz, SpoolError
-from jobs.jsonio import load_json, read_json
-from jobs.names import MAX_CHUNKS, brief, check_name, slug
-from jobs.paths import Spool
-from master.errors import UsageError
+from gpupool.jobs.atomic import NotAFile, write_replace
+from gpupool.jobs.descriptor import BUILTIN_KWARGS, MAX_ATTEMPTS, JobKind, env_problem, kwargs_problem, options_problem
+from gpupool.jobs.errors import BadFile, BadNpz, SpoolError
+from gpupool.jobs.jsonio import load_json, read_json
+from gpupool.jobs.names import MAX_CHUNKS, brief, check_name, slug
+from gpupool.jobs.paths import Spool
+from gpupool.master.errors import UsageError
 
 SPEC_SCHEMA = 1
 SPEC_LIMIT = 1024 * 1024
@@ -221,7 +221,7 @@ def build(*, task: str | None = None, script: str | None = None, cmd: str | None
     kwargs = dict(kwargs or {})
     params, lines = None, None
     if sweep is not None or commands is not None or cmd is not None:
-        from master.cmdspec import check_chunks, read_commands
+        from gpupool.master.cmdspec import check_chunks, read_commands
 
         if sweep is not None:
             params = _sweep(sweep, workdir, kwargs, data)
@@ -254,7 +254,7 @@ def build(*, task: str | None = None, script: str | None = None, cmd: str | None
             raise UsageError(f"{', '.join(used)}: only for command jobs (--cmd or --commands), not {given[0]}")
         options = None
         if script is not None and success_codes is not None:
-            from master.cmdspec import options as checked_options
+            from gpupool.master.cmdspec import options as checked_options
 
             options = checked_options(prefix=None, success_codes=success_codes, fail_on_output=None, result_file=None,
                                       known=set(), partial=set())
@@ -294,7 +294,7 @@ def _array_kwargs(task: str | None, shared: str | None, data_dir: str | None, kw
                          "not arrays")
     if shared is None and data_dir is None:
         raise UsageError("--arrays-as-kwargs passes the arrays of --data and --shared by name; give at least one")
-    from jobs.npzio import load_npz
+    from gpupool.jobs.npzio import load_npz
 
     names: set[str] = set()
     for what, path in (("--shared", shared), ("--data", data_dir and str(_chunk_data(Path(data_dir), 0)))):
@@ -311,7 +311,7 @@ def _array_kwargs(task: str | None, shared: str | None, data_dir: str | None, kw
 def _sweep(sweep: str | dict[str, Any] | list[dict[str, Any]], workdir: str, kwargs: dict[str, Any],
            data: str | None) -> list[dict[str, Any]]:
     """The parameter sets of ``--sweep``, checked against ``--kwargs`` and ``--data``."""
-    from master.sweep import SweepError, load, parse
+    from gpupool.master.sweep import SweepError, load, parse
 
     try:
         params = load(sweep, workdir) if isinstance(sweep, str) else parse(sweep, "sweep")
@@ -328,9 +328,9 @@ def _sweep(sweep: str | dict[str, Any] | list[dict[str, Any]], workdir: str, kwa
 def _command(cmd: str | None, source: str | None, lines: list[str] | None, kwargs: dict[str, Any],
              params: list[dict[str, Any]] | None, opts: dict[str, Any]) -> tuple[str, dict[str, Any] | None]:
     """(target, options) of a command run, every template's placeholders checked."""
-    from jobs.template import BUILTIN_PLACEHOLDERS
-    from master.cmdspec import check_template, options
-    from master.sweep import common_names
+    from gpupool.jobs.template import BUILTIN_PLACEHOLDERS
+    from gpupool.master.cmdspec import check_template, options
+    from gpupool.master.sweep import common_names
 
     every, some = common_names(params) if params else (set(), set())
     known = set(BUILTIN_PLACEHOLDERS) | set(kwargs) | every
@@ -352,8 +352,6 @@ def check_run_name(run: str) -> str:
         raise UsageError(str(e)) from None
 
 
-POOL_PACKAGES = ("jobs", "agent", "master")  # the pool's own top-level packages (PYTHONPATH of every worker)
-REPO = Path(__file__).resolve().parents[1]
 
 
 def check_task(task: str, workdir: str, kwargs: dict[str, Any] | None = None, named: set[str] = frozenset()) -> str:
@@ -368,11 +366,6 @@ def check_task(task: str, workdir: str, kwargs: dict[str, Any] | None = None, na
             raise UsageError(f"--task {task!r}: the file {path} does not exist")
         target, source = f"{path}:{fn}", path
     else:
-        top = mod.split(".")[0]
-        if top in POOL_PACKAGES and (Path(workdir) / top).is_dir() and Path(workdir).resolve() != REPO:
-            raise UsageError(f"--task {task!r}: your package {top!r} (in {workdir}) has the name of one of the pool's "
-                             f"own packages ({', '.join(POOL_PACKAGES)}), which workers import first, so {mod!r} "
-                             f"would not be found there; rename your package")
         if workdir not in sys.path:
             sys.path.insert(0, workdir)
         try:
@@ -439,7 +432,7 @@ def check_script(script: str, workdir: str) -> str:
 
 
 def check_npz(path: str, what: str, workdir: str) -> str:
-    from jobs.npzio import load_npz  # numpy only where arrays are read: main.py starts sooner
+    from gpupool.jobs.npzio import load_npz  # numpy only where arrays are read: main.py starts sooner
 
     p = Path(workdir, path).resolve()
     try:
@@ -462,7 +455,7 @@ def check_data_dir(data: str, chunks: int, workdir: str) -> str:
     if missing:
         shown = ", ".join(f"{c}.npz" for c in missing[:5]) + (" ..." if len(missing) > 5 else "")
         raise UsageError(f"--data {d}: {len(missing)} of {chunks} chunk files are missing ({shown})")
-    from jobs.npzio import load_npz
+    from gpupool.jobs.npzio import load_npz
 
     for c in sorted({0, chunks - 1}):
         try:
@@ -503,7 +496,7 @@ def save_or_check(spool: Spool, spec: RunSpec, fresh: bool, may_change: tuple[st
 
 def _grown(old: RunSpec, new: RunSpec) -> RunSpec:
     """``new`` with ``old``'s parameter sets first (their chunk ids stay), then its own new ones."""
-    from master.sweep import PARAMS_LIMIT, merge
+    from gpupool.master.sweep import PARAMS_LIMIT, merge
 
     params = merge(old.params or [], new.params or [])
     if len(params) > len(old.params or []) and len(json.dumps(params)) > PARAMS_LIMIT:

@@ -14,16 +14,16 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from jobs.atomic import server_now
-from jobs.errors import BadFile, SpoolError
-from jobs.heartbeat import JobRef
-from jobs.jsonio import is_int, is_num
-from jobs.mailbox import Mailbox
-from jobs.paths import Spool
-from jobs.results import final_status, has_outcome, result_or_none, scan_run
-from master.liveness import Liveness
-from master.placement import combined, gpu_count, gpu_ids, gpus_of
-from master.runspec import RunSpec
+from gpupool.jobs.atomic import server_now
+from gpupool.jobs.errors import BadFile, SpoolError
+from gpupool.jobs.heartbeat import JobRef
+from gpupool.jobs.jsonio import is_int, is_num
+from gpupool.jobs.mailbox import Mailbox
+from gpupool.jobs.paths import Spool
+from gpupool.jobs.results import final_status, has_outcome, result_or_none, scan_run
+from gpupool.master.liveness import Liveness
+from gpupool.master.placement import combined, gpu_count, gpu_ids, gpus_of
+from gpupool.master.runspec import RunSpec
 
 RATE_WINDOW_S = 120.0  # chunks/s is measured over the results finished in this last stretch
 

@@ -22,12 +22,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-from jobs.descriptor import BUILTIN_KWARGS
-from jobs.errors import BadFile
-from jobs.jsonio import load_json
-from jobs.names import MAX_CHUNKS, brief
-from jobs.template import BUILTIN_PLACEHOLDERS
-from master.inputs import read_input
+from gpupool.jobs.descriptor import BUILTIN_KWARGS
+from gpupool.jobs.errors import BadFile
+from gpupool.jobs.jsonio import load_json
+from gpupool.jobs.names import MAX_CHUNKS, brief
+from gpupool.jobs.template import BUILTIN_PLACEHOLDERS
+from gpupool.master.inputs import read_input
 
 SWEEP_FILE_LIMIT = 4 * 1024 * 1024  # bytes of a sweep file
 PARAMS_LIMIT = 512 * 1024  # bytes of JSON of all the parameter sets (they live in run.json, read at every resume)

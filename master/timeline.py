@@ -14,10 +14,10 @@ import threading
 from collections import OrderedDict
 from typing import Any
 
-from jobs.jsonio import is_num
-from jobs.paths import Spool
-from jobs.results import result_or_none, scan_run
-from master.status import duration
+from gpupool.jobs.jsonio import is_num
+from gpupool.jobs.paths import Spool
+from gpupool.jobs.results import result_or_none, scan_run
+from gpupool.master.status import duration
 
 COLORS = {"ok": "#43a047", "failed": "#e53935", "running": "#1e88e5"}
 TRACEBACK_LIMIT = 20_000  # characters of a traceback kept for display

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs.paths import Spool
+from gpupool.jobs.paths import Spool
 from tests.helpers import AgentProc, base_env
 
 

@@ -10,17 +10,17 @@ from typing import Any
 import numpy as np
 import pytest
 
-from agent.agent import RESTART_DEFER_S, Agent, AgentConfig
-from agent.gpu import NoGpu
-from agent.slot import Slot
-from agent.task import SharedCache, TaskCache
-from agent.worker_process import handle
-from jobs.descriptor import Job, JobKind
-from jobs.heartbeat import write_status
-from jobs.mailbox import Mailbox
-from jobs.npzio import load_npz
-from jobs.paths import Spool
-from jobs.results import read_result
+from gpupool.agent.agent import RESTART_DEFER_S, Agent, AgentConfig
+from gpupool.agent.gpu import NoGpu
+from gpupool.agent.slot import Slot
+from gpupool.agent.task import SharedCache, TaskCache
+from gpupool.agent.worker_process import handle
+from gpupool.jobs.descriptor import Job, JobKind
+from gpupool.jobs.heartbeat import write_status
+from gpupool.jobs.mailbox import Mailbox
+from gpupool.jobs.npzio import load_npz
+from gpupool.jobs.paths import Spool
+from gpupool.jobs.results import read_result
 from tests.helpers import REPO
 from tests.test_feeder_step import Clock
 
@@ -129,7 +129,7 @@ def test_exception_keeps_agent_and_records_traceback(spool: Spool, make_agent) -
 def test_shared_and_data_arrays_and_npz_result(spool: Spool, make_agent, tmp_path: Path) -> None:
     np.savez(tmp_path / "s.npz", W=np.eye(4, dtype=np.float32) * 2)
     np.savez(tmp_path / "0.npz", X=np.ones((3, 4), dtype=np.float32))
-    put(spool, cjob(0, target="examples.matmul:multiply", shared=str(tmp_path / "s.npz"),
+    put(spool, cjob(0, target="gpupool.master.matmul:multiply", shared=str(tmp_path / "s.npz"),
                     data=str(tmp_path / "0.npz")))
     make_agent().step()
     rec = read_result(spool.result_json("r", 0))
@@ -237,8 +237,8 @@ def test_nothing_is_handed_over_beside_a_job_marked_alone(spool: Spool, make_age
 
 
 def test_the_inotify_watch_rests_while_a_job_runs_and_nothing_is_missed(tmp_path: Path) -> None:
-    from agent.watcher import MailboxWatcher
-    from jobs.atomic import write_replace
+    from gpupool.agent.watcher import MailboxWatcher
+    from gpupool.jobs.atomic import write_replace
 
     box = tmp_path / "a.POOL"
     write_replace(box, b"1")
@@ -311,7 +311,7 @@ def test_a_job_queued_again_after_a_cancel_is_run(spool: Spool, make_agent) -> N
 
 def test_shutdown_stops_the_worker_and_releases_the_gpu_even_when_the_heartbeat_cannot_be_written(
         spool: Spool, tmp_path: Path) -> None:
-    from jobs.locks import HolderLock
+    from gpupool.jobs.locks import HolderLock
 
     lock_path = tmp_path / "gpu.lock"
     gpu_lock = HolderLock(lock_path)

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jobs.paths import Spool
+from gpupool.jobs.paths import Spool
 from tests.helpers import run_main
 
 
@@ -83,8 +83,8 @@ def test_missing_arguments_say_what_is_missing(tmp_path: Path, env) -> None:
 
 
 def test_same_run_name_with_other_task_is_refused(tmp_path: Path, env) -> None:
-    from jobs.paths import Spool
-    from master.runspec import build, save_or_check
+    from gpupool.jobs.paths import Spool
+    from gpupool.master.runspec import build, save_or_check
     spool = Spool(tmp_path / "b").ensure()
     save_or_check(spool, build(task="examples.noop:noop", chunks=2, run="r1"), fresh=False)
     r = run_main(["--base", str(spool.base), "--task", "examples.noop:square", "--chunks", "2", "--run", "r1"], env)
@@ -153,17 +153,6 @@ def test_commands_and_start_agents_name_a_folder_that_is_not_a_spool(tmp_path: P
     bare = subprocess.run([sh, "2"], env={k: v for k, v in env.items() if k != "GPUPOOL_BASE"}, capture_output=True,
                           text=True, timeout=60)
     assert bare.returncode == 2 and "missing BASE" in bare.stderr and "usage: usage:" not in bare.stderr
-
-
-def test_a_task_package_named_like_the_pools_own_is_refused_with_why(tmp_path: Path, env) -> None:
-    (tmp_path / "jobs").mkdir()
-    (tmp_path / "jobs" / "__init__.py").write_text("")
-    (tmp_path / "jobs" / "mytask.py").write_text("def run(chunk_id):\n    return chunk_id\n")
-    base = Spool(tmp_path / "b").ensure().base
-    r = run_main(["--base", str(base), "--task", "jobs.mytask:run", "--chunks", "2", "--no-progress"], env,
-                 cwd=tmp_path)
-    assert r.returncode == 2 and "has the name of one of the pool's own packages" in r.stderr, r.stderr
-    assert "rename your package" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
 def test_kwargs_that_cannot_fit_the_tasks_signature_are_refused_at_submit(tmp_path: Path, env) -> None:

@@ -6,8 +6,8 @@ import json
 import time
 from concurrent.futures import wait
 
-from jobs.paths import Spool
-from master.executor import Executor
+from gpupool.jobs.paths import Spool
+from gpupool.master.executor import Executor
 from tests.helpers import results, run_main, wait_for
 from tests.test_executor import nap
 

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jobs.codec import MAX_DEPTH, TAG, CodecError, TooDeep, decode, encode, plain
+from gpupool.jobs.codec import MAX_DEPTH, TAG, CodecError, TooDeep, decode, encode, plain
 
 EXPLORE = "GPUPOOL_FUZZ_EXAMPLES" in os.environ
 SETTINGS = settings(max_examples=200, deadline=None, derandomize=not EXPLORE)

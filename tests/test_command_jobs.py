@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.command import run_command
-from jobs.descriptor import Job, JobKind
-from jobs.paths import Spool
+from gpupool.agent.command import run_command
+from gpupool.jobs.descriptor import Job, JobKind
+from gpupool.jobs.paths import Spool
 from tests.helpers import REPO, base_env, results, run_main, run_names, wait_for
 from tests.test_job_pathologies import gone, killed_after, read_pid
 
@@ -166,7 +166,7 @@ def test_a_command_job_sees_only_its_agents_gpu(spool: Spool, agents, tmp_path: 
 
 
 def parquet_or_a_clear_refusal(spool: Spool, run: str, out: Path) -> None:
-    from master.collect import CollectError, collect as collect_run
+    from gpupool.master.collect import CollectError, collect as collect_run
 
     if importlib.util.find_spec("pyarrow") is None:
         with pytest.raises(CollectError, match="needs pyarrow"):
@@ -228,8 +228,8 @@ def test_a_sweep_gives_a_task_its_kwargs_and_a_script_its_flags(spool: Spool, ag
 
 
 def test_a_run_spec_or_job_with_bad_sweep_or_command_fields_is_refused_on_read(spool: Spool) -> None:
-    from jobs.errors import BadFile
-    from master.runspec import RunSpec, build, save_or_check
+    from gpupool.jobs.errors import BadFile
+    from gpupool.master.runspec import RunSpec, build, save_or_check
 
     spec = save_or_check(spool, build(cmd="echo {x}", sweep='{"x": [1, 2]}', run="s", workdir=str(spool.base)), False)
     assert RunSpec.load(spool.run_spec("s")) == spec

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jobs.paths import Spool
-from master.pool_cli import EXAMPLES, parser
+from gpupool.jobs.paths import Spool
+from gpupool.master.pool_cli import EXAMPLES, parser
 from tests.helpers import REPO, base_env, results, run_main, wait_for
 
 
@@ -182,7 +182,7 @@ def test_logs_of_a_failed_script_chunk_show_its_output(spool: Spool, agents, env
 @pytest.mark.timeout(120)
 def test_collect_arrays_values_and_refusals(spool: Spool, agents, env, tmp_path: Path) -> None:
     agents(2)
-    for args in (["--task", "examples.matmul:multiply", "--chunks", "6", "--run", "mm"],
+    for args in (["--task", "gpupool.master.matmul:multiply", "--chunks", "6", "--run", "mm"],
                  ["--task", "examples.noop:square", "--chunks", "5", "--run", "sq"],
                  ["--task", "examples.noop:fail_on", "--chunks", "4", "--kwargs", '{"bad": [1]}', "--retries", "0",
                   "--run", "fl"]):
@@ -369,7 +369,7 @@ def test_a_number_out_of_range_is_named_in_one_line(args: list[str], message: st
 
 
 def test_chunk_rate_needs_enough_finishes_and_slows_when_they_stop() -> None:
-    from master.status import chunk_rate
+    from gpupool.master.status import chunk_rate
 
     assert chunk_rate([100.0, 100.01], now=100.02) is None  # two quick ones: unknown, not 199 chunks/s
     assert chunk_rate([100.0, 100.01, 100.02, 100.03], now=100.04) == pytest.approx(100.0)
@@ -378,12 +378,12 @@ def test_chunk_rate_needs_enough_finishes_and_slows_when_they_stop() -> None:
 
 
 def test_status_counts_what_agents_run_and_not_a_finished_current_job(spool: Spool) -> None:
-    from jobs.descriptor import Job, JobKind, JobState
-    from jobs.heartbeat import write_status
-    from jobs.mailbox import Mailbox
-    from jobs.results import commit, record
-    from master.runspec import RunSpec, save_or_check
-    from master.status import StatusReader
+    from gpupool.jobs.descriptor import Job, JobKind, JobState
+    from gpupool.jobs.heartbeat import write_status
+    from gpupool.jobs.mailbox import Mailbox
+    from gpupool.jobs.results import commit, record
+    from gpupool.master.runspec import RunSpec, save_or_check
+    from gpupool.master.status import StatusReader
 
     save_or_check(spool, RunSpec("r", JobKind.CALLABLE, "examples.noop:noop", 4), fresh=False)
     jobs = [Job(run="r", chunk_id=c, total_chunks=4, kind=JobKind.CALLABLE, target="x:y") for c in range(4)]

@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from jobs.paths import Spool
-from master.gpuhistory import GpuHistory, sparkline
+from gpupool.jobs.paths import Spool
+from gpupool.master.gpuhistory import GpuHistory, sparkline
 from tests.helpers import REPO, base_env, run_main, wait_for
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -141,7 +141,7 @@ def test_api_status_is_the_status_json(spool: Spool, agents, env, dashboard: str
 def test_page_in_headless_chromium_shows_agents_and_run(spool: Spool, agents, env, dashboard: str,
                                                         tmp_path: Path) -> None:
     agents(2)
-    assert run_main(["--base", str(spool.base), "--task", "examples.matmul:multiply", "--chunks", "4", "--run",
+    assert run_main(["--base", str(spool.base), "--task", "gpupool.master.matmul:multiply", "--chunks", "4", "--run",
                      "shown-run", "--no-progress"], env).returncode == 0
     # --dump-dom after the page's script has fetched /api/status and redrawn (data-live="1")
     dom = wait_for(lambda: (r := chromium(["--virtual-time-budget=5000", "--dump-dom", dashboard], tmp_path / "p1"))

@@ -30,5 +30,5 @@ def test_the_demo_on_gpu_agents_whose_cuda_is_unusable_computes_with_numpy(tmp_p
     assert "starting 2 GPU agent(s)" in r.stdout and "32 ok, 0 failed" in r.stdout
     assert "all 32 results checked" in r.stdout
     logs = "".join(p.read_text() for p in (tmp_path / "spool-demo" / "logs").glob("*.worker.log"))
-    assert f"examples.matmul: torch 0.0+fake {why}" in logs or f"examples.matmul: {why}" in logs, logs[-2000:]
+    assert f"gpupool.master.matmul: torch 0.0+fake {why}" in logs or f"gpupool.master.matmul: {why}" in logs, logs[-2000:]
     assert "computing on the CPU with numpy" in logs

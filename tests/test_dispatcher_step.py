@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 
-from jobs.heartbeat import write_status
-from jobs.paths import Spool
-from master.dispatcher import Dispatcher, FeedConfig, ResultNames
-from jobs.mailbox import Mailbox
-from master.feeder import Feeder
+from gpupool.jobs.heartbeat import write_status
+from gpupool.jobs.paths import Spool
+from gpupool.master.dispatcher import Dispatcher, FeedConfig, ResultNames
+from gpupool.jobs.mailbox import Mailbox
+from gpupool.master.feeder import Feeder
 from tests.test_feeder_step import beat, make, queued
 
 
@@ -62,8 +62,8 @@ def test_results_set_the_depth_a_refill_uses(spool: Spool) -> None:
     f, clock, _ = make(spool, chunks=20, depth=4, max_depth=64)
     f.step()
     assert len(queued(spool, "h-cpu0")) == 4
-    from jobs.descriptor import Job, JobKind, JobState
-    from jobs.results import commit, record
+    from gpupool.jobs.descriptor import Job, JobKind, JobState
+    from gpupool.jobs.results import commit, record
     for c, a in queued(spool, "h-cpu0"):
         j = Job(run="run1", chunk_id=c, total_chunks=20, kind=JobKind.CALLABLE, target="x:y", attempt=a,
                 max_attempts=2)
@@ -145,10 +145,10 @@ def test_a_run_keeps_to_the_agents_it_may_use(spool: Spool) -> None:
 
 
 def test_one_backoff_rule() -> None:
-    from master.dispatcher import backoff
+    from gpupool.master.dispatcher import backoff
     cfg = FeedConfig(retry_delay=1.0, retry_cap=5.0)
     assert [backoff(a, cfg) for a in (1, 2, 3, 4)] == [1.0, 2.0, 4.0, 5.0]
-    from master.executor import _Calls
+    from gpupool.master.executor import _Calls
     assert issubclass(Feeder, Dispatcher) and issubclass(_Calls, Dispatcher)  # one loop for a run and an Executor
 
 
@@ -157,7 +157,7 @@ def test_a_mailbox_lock_held_by_another_process_costs_that_agent_its_refills_not
     """A process frozen holding one agent's mailbox lock (or a slow client): a pass waits for it
     once, briefly; after that it is tried without waiting, once per LOCK_RETRY_S, while the
     other agents get the run's work."""
-    from master.dispatcher import LOCK_RETRY_S, LOCK_WAIT_S
+    from gpupool.master.dispatcher import LOCK_RETRY_S, LOCK_WAIT_S
     from tests.helpers import frozen_holder
     from tests.test_feeder_step import finish
 
@@ -191,8 +191,8 @@ def test_a_mailbox_is_never_written_past_its_limit_and_the_work_goes_elsewhere(s
     """Jobs of other runs with large kwargs fill one agent's mailbox near its limit: a refill that
     would pass it is refused (readers would reject the whole mailbox, and every job in it would
     vanish), the mailbox is left as it was, and the run's chunks go to the other agent."""
-    from jobs.descriptor import Job, JobKind
-    from jobs.mailbox import MAILBOX_LIMIT, Mailbox
+    from gpupool.jobs.descriptor import Job, JobKind
+    from gpupool.jobs.mailbox import MAILBOX_LIMIT, Mailbox
 
     ids = agents(spool, 2)
     big = {"blob": "x" * 60_000}
@@ -249,7 +249,7 @@ def test_a_retry_with_nowhere_else_to_go_now_runs_where_it_failed(spool: Spool) 
 def test_jobs_of_a_newer_descriptor_schema_pass_over_agents_that_cannot_read_them(spool: Spool, monkeypatch) -> None:
     """The evolution rule (jobs.descriptor): a job that uses a field an older agent must not ignore
     is written with a newer schema, and goes only to agents whose heartbeat says they read it."""
-    from jobs import descriptor
+    from gpupool.jobs import descriptor
     new = descriptor.SCHEMA + 1
     monkeypatch.setattr(descriptor, "MUST_UNDERSTAND", {"share": new})  # as if 'share' were new in a newer schema
     monkeypatch.setattr(descriptor, "SCHEMA", new)  # which this version reads
@@ -268,8 +268,8 @@ def test_jobs_of_a_newer_descriptor_schema_pass_over_agents_that_cannot_read_the
 def test_a_run_only_older_agents_could_take_fails_at_once_naming_them(spool: Spool, monkeypatch) -> None:
     import pytest
 
-    from jobs import descriptor
-    from master.placement import Unplaceable
+    from gpupool.jobs import descriptor
+    from gpupool.master.placement import Unplaceable
     monkeypatch.setattr(descriptor, "MUST_UNDERSTAND", {"share": descriptor.SCHEMA + 1})
     monkeypatch.setattr(descriptor, "SCHEMA", descriptor.SCHEMA + 1)
     agents(spool, 1)  # an agent of the version before: its heartbeat has no job_schema
@@ -289,6 +289,6 @@ def test_jobs_a_current_agent_reads_keep_schema_1(spool: Spool) -> None:
 
 
 def test_the_backoff_starts_from_the_base_for_each_master() -> None:
-    from master.dispatcher import backoff
+    from gpupool.master.dispatcher import backoff
     cfg = FeedConfig(retry_delay=1.0, retry_cap=60.0)
     assert [backoff(a, cfg, before=2) for a in (3, 4, 5)] == [1.0, 2.0, 4.0]  # attempts 1-2 were an earlier run's

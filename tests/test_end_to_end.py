@@ -11,15 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jobs.mailbox import Mailbox
-from jobs.paths import Spool
-from agent.worker_control import cap_log
+from gpupool.jobs.mailbox import Mailbox
+from gpupool.jobs.paths import Spool
+from gpupool.agent.worker_control import cap_log
 from tests.helpers import REPO, AgentProc, results, run_main, run_names, wait_for
 
 
 def test_100_chunks_spread_over_two_agents_then_status(spool: Spool, agents, env) -> None:
     agents(2)
-    r = run_main(["--base", str(spool.base), "--task", "examples.matmul:multiply", "--chunks", "100",
+    r = run_main(["--base", str(spool.base), "--task", "gpupool.master.matmul:multiply", "--chunks", "100",
                   "--no-progress"], env)
     assert r.returncode == 0, r.stderr
     assert "100 ok, 0 failed" in r.stdout
@@ -29,7 +29,7 @@ def test_100_chunks_spread_over_two_agents_then_status(spool: Spool, agents, env
     per_agent = {a: sum(v["agent"] == a for v in res.values()) for a in ("testhost-cpu0", "testhost-cpu1")}
     assert min(per_agent.values()) > 0, per_agent
     y = np.load(spool.result_dir(run) / res[42]["arrays"])["Y"]
-    from examples.matmul import chunk_input, shared_matrix
+    from gpupool.master.matmul import chunk_input, shared_matrix
     assert np.allclose(y, chunk_input(42) @ shared_matrix(), atol=1e-4)
     st = subprocess.run([sys.executable, "-m", "master", "status", "--base", str(spool.base), "--json"],
                         cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
@@ -37,7 +37,7 @@ def test_100_chunks_spread_over_two_agents_then_status(spool: Spool, agents, env
     assert {a["id"] for a in data["agents"]} == {"testhost-cpu0", "testhost-cpu1"}
     assert all(a["alive"] for a in data["agents"])
     [row] = data["runs"]
-    assert row == {**row, "run": run, "kind": "callable", "target": "examples.matmul:multiply", "chunks": 100,
+    assert row == {**row, "run": run, "kind": "callable", "target": "gpupool.master.matmul:multiply", "chunks": 100,
                    "ok": 100, "failed": 0, "running": 0, "queued": 0, "pending": 0}
     table = subprocess.run([sys.executable, "-m", "master", "status", "--base", str(spool.base)], cwd=REPO,
                            env=env, capture_output=True, text=True, timeout=60).stdout

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jobs.paths import Spool
-from master.executor import Executor, RemoteError, RunCancelled, bind, target_of
+from gpupool.jobs.paths import Spool
+from gpupool.master.executor import Executor, RemoteError, RunCancelled, bind, target_of
 from tests.faulty import misbehave
 from tests.helpers import REPO, wait_for
 
@@ -167,7 +167,7 @@ def test_cancelling_the_run_fails_its_futures(spool: Spool, agents, env) -> None
 
 
 SCRIPT_USER = """
-from master.executor import Executor
+from gpupool.master.executor import Executor
 
 def triple(x):
     return 3 * x
@@ -197,7 +197,7 @@ def test_an_executor_run_is_named_after_the_script_that_made_it(tmp_path: Path, 
     import sys
 
     script = tmp_path / "my_sweep.py"
-    script.write_text("import sys\nfrom master.executor import Executor\n"
+    script.write_text("import sys\nfrom gpupool.master.executor import Executor\n"
                       "ex = Executor(sys.argv[1])\nprint(ex.run)\nex.shutdown()\n")
     r = subprocess.run([sys.executable, str(script), str(tmp_path / "b")], env=env, capture_output=True, text=True,
                        timeout=60)

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jobs.paths import Spool
-from master.executor import Executor, NestedExecutor, RemoteError
+from gpupool.jobs.paths import Spool
+from gpupool.master.executor import Executor, NestedExecutor, RemoteError
 from tests.helpers import REPO, results, wait_for
 
 
@@ -149,7 +149,7 @@ def test_remote_exceptions_keep_their_class_and_traceback(spool: Spool, agents) 
 
 UNGUARDED = """
 import sys
-from master.executor import Executor
+from gpupool.master.executor import Executor
 
 def triple(x):
     return 3 * x
@@ -224,7 +224,7 @@ def test_a_future_tells_its_job_id_attempts_and_output(spool: Spool, agents, env
 
 AT_EXIT = """
 import sys
-from master.executor import Executor
+from gpupool.master.executor import Executor
 from tests.test_executor_dropin import nap
 
 ex = Executor(sys.argv[1])
@@ -259,12 +259,12 @@ def test_calls_no_live_agent_can_read_fail_naming_the_agents(spool: Spool, env) 
     """Executor calls need the descriptor schema that brought their fields: an agent of the version
     before (which reads one schema less) is passed over, and with only such agents the calls fail at
     once instead of waiting for ever."""
-    from jobs.descriptor import MUST_UNDERSTAND
+    from gpupool.jobs.descriptor import MUST_UNDERSTAND
     from tests.helpers import FAST, HOST
 
     need = MUST_UNDERSTAND["encoded"]
-    old = (f"import jobs.descriptor as d; d.SCHEMA = {need - 1}; import runpy; "
-           "runpy.run_module('agent', run_name='__main__')")
+    old = (f"import gpupool.jobs.descriptor as d; d.SCHEMA = {need - 1}; import runpy; "
+           "runpy.run_module('gpupool.agent', run_name='__main__')")
     proc = subprocess.Popen([sys.executable, "-c", old, "--base", str(spool.base), "--gpu", "0", "--cpu", *FAST],
                             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -288,7 +288,7 @@ def test_calls_no_live_agent_can_read_fail_naming_the_agents(spool: Spool, env) 
 def test_a_hostile_error_record_makes_data_only(error: dict, kind: type) -> None:
     """An error record is written by job code on some agent: the class it names is only looked up in
     modules the caller has imported, must be an Exception, and its attributes cannot change what it is."""
-    from master.remote import remote_exception
+    from gpupool.master.remote import remote_exception
 
     exc = remote_exception(error, "a0", 1, 1)
     assert type(exc) is kind if kind is RemoteError else (isinstance(exc, kind) and isinstance(exc, RemoteError))
@@ -308,7 +308,7 @@ def test_the_spool_comes_from_gpupool_base_as_for_main(tmp_path: Path, monkeypat
 @pytest.mark.timeout(60)
 def test_calls_with_no_live_agent_say_so(spool: Spool, env, tmp_path: Path) -> None:
     script = tmp_path / "alone.py"
-    script.write_text("import sys\nfrom master.executor import Executor\nfrom tests.test_executor_dropin import echo\n"
+    script.write_text("import sys\nfrom gpupool.master.executor import Executor\nfrom tests.test_executor_dropin import echo\n"
                       "ex = Executor(sys.argv[1])\nf = ex.submit(echo, 1)\nex.shutdown(wait=False)\n"
                       "import time; time.sleep(2)\n")
     r = subprocess.run([sys.executable, str(script), str(spool.base)], cwd=REPO, env=env, capture_output=True,

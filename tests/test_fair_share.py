@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import threading
 
-from agent.fairshare import FairShare
-from jobs.descriptor import Job, JobKind
-from jobs.paths import Spool
+from gpupool.agent.fairshare import FairShare
+from gpupool.jobs.descriptor import Job, JobKind
+from gpupool.jobs.paths import Spool
 from tests.helpers import results, run_main, wait_for
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jobs.paths import Spool
+from gpupool.jobs.paths import Spool
 from tests.faulty import tally
 from tests.helpers import REPO, AgentProc, frozen_holder, results, run_main, wait_for
 
@@ -42,8 +42,8 @@ def test_each_way_a_job_can_die_is_a_failed_result_and_the_agent_keeps_serving(s
 
 @pytest.mark.timeout(60)
 def test_a_worker_death_is_reported_for_its_own_job_not_for_the_one_queued_behind_it(env, tmp_path: Path) -> None:
-    from agent.worker_control import Worker, WorkerLost
-    from jobs.descriptor import Job, JobKind
+    from gpupool.agent.worker_control import Worker, WorkerLost
+    from gpupool.jobs.descriptor import Job, JobKind
 
     def request(chunk: int) -> dict:
         job = Job(run="r", chunk_id=chunk, total_chunks=2, kind=JobKind.CALLABLE, target="tests.faulty:misbehave",
@@ -254,7 +254,7 @@ def test_killing_the_agent_leaves_no_orphaned_job_process(spool: Spool, agents, 
             job_pid = int(wait_for(lambda: pidfile.exists() and pidfile.read_text(), what="script pid"))
         os.kill(agent.proc.pid, signal.SIGKILL)  # the supervisor only, not its process group
         agent.proc.wait(timeout=10)
-        from agent.launcher import pid_alive
+        from gpupool.agent.launcher import pid_alive
         wait_for(lambda: not pid_alive(job_pid), timeout=10, what=f"job process {job_pid} gone")
     finally:
         feeder.kill()

@@ -5,13 +5,13 @@ from typing import Any
 
 import pytest
 
-from jobs.descriptor import Job, JobKind, JobState
-from jobs.heartbeat import write_status
-from jobs.mailbox import Mailbox
-from jobs.paths import Spool
-from jobs.results import commit, record
-from master.feeder import FeedConfig, Feeder
-from master.runspec import RunSpec
+from gpupool.jobs.descriptor import Job, JobKind, JobState
+from gpupool.jobs.heartbeat import write_status
+from gpupool.jobs.mailbox import Mailbox
+from gpupool.jobs.paths import Spool
+from gpupool.jobs.results import commit, record
+from gpupool.master.feeder import FeedConfig, Feeder
+from gpupool.master.runspec import RunSpec
 
 
 class Clock:
@@ -69,7 +69,7 @@ def test_no_agents_is_reported_and_nothing_lost(spool: Spool) -> None:
 
 
 def test_a_master_told_to_wait_for_agents_only_so_long_gives_up(spool: Spool) -> None:
-    from jobs.errors import NoAgents
+    from gpupool.jobs.errors import NoAgents
 
     f, clock, _ = make(spool, wait_agents=5.0)
     f.step()
@@ -256,7 +256,7 @@ def test_invalid_result_file_is_rejected_and_chunk_reruns(spool: Spool, content:
 
 
 def test_sealed_run_is_resumed_from_file_names_alone(spool: Spool) -> None:
-    from jobs.results import seal
+    from gpupool.jobs.results import seal
     spool.result_dir("run1").mkdir(parents=True)
     for c in range(6):
         finish(spool, (c, 1))
@@ -285,7 +285,7 @@ def test_last_attempt_history_waits_for_its_final_or_a_hand_back(spool: Spool) -
     f, clock, events = make(spool, chunks=1, retries=0)
     f.step()
     # the agent wrote the last attempt's history, then died before its final result
-    from jobs.atomic import write_replace
+    from gpupool.jobs.atomic import write_replace
     write_replace(spool.history_json("run1", 0, 1), b'{"status": "failed", "chunk_id": 0, "attempt": 1}')
     f.step()
     assert not [k for k, _ in events if k == "retry"] and 0 in f.inflight  # waits for the final

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-import jobs.fsinfo as fsinfo
-from jobs.errors import SpoolError
-from jobs.fsinfo import check_locks, find_mount, is_network_fs, local_lock_option, local_locks_problem
+import gpupool.jobs.fsinfo as fsinfo
+from gpupool.jobs.errors import SpoolError
+from gpupool.jobs.fsinfo import check_locks, find_mount, is_network_fs, local_lock_option, local_locks_problem
 
 # Lines as the kernel writes them in /proc/self/mountinfo (NFS lists nolock/local_lock among
 # the superblock options, after the " - " separator).
@@ -115,8 +115,8 @@ def _table_with_base_on_sshfs(tmp_path: Path) -> tuple[Path, str]:
 @pytest.mark.timeout(30)
 def test_agent_and_master_refuse_such_a_base(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys,
                                             in_process_cli) -> None:
-    from agent.__main__ import main as agent_main
-    from master.run_cli import main as master_main
+    from gpupool.agent.__main__ import main as agent_main
+    from gpupool.master.run_cli import main as master_main
 
     base, table = _table_with_base_on_sshfs(tmp_path)
     monkeypatch.setattr(fsinfo, "MOUNTINFO", table)
@@ -135,8 +135,8 @@ def test_agent_and_master_refuse_such_a_base(tmp_path: Path, monkeypatch: pytest
 @pytest.mark.timeout(30)
 def test_the_override_lets_them_through_with_a_warning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                        capsys, in_process_cli) -> None:
-    from agent.__main__ import main as agent_main
-    from master.run_cli import main as master_main
+    from gpupool.agent.__main__ import main as agent_main
+    from gpupool.master.run_cli import main as master_main
 
     base, table = _table_with_base_on_sshfs(tmp_path)
     monkeypatch.setattr(fsinfo, "MOUNTINFO", table)

@@ -26,15 +26,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from jobs.atomic import write_replace
-from jobs.descriptor import Job, JobKind
-from jobs.errors import BadFile
-from jobs.heartbeat import Heartbeat, read_status
-from jobs.jsonio import load_json
-from jobs.locks import FileLock, HolderLock
-from jobs.mailbox import Mailbox, parse_mailbox
-from jobs.paths import Spool
-from jobs.results import read_epoch
+from gpupool.jobs.atomic import write_replace
+from gpupool.jobs.descriptor import Job, JobKind
+from gpupool.jobs.errors import BadFile
+from gpupool.jobs.heartbeat import Heartbeat, read_status
+from gpupool.jobs.jsonio import load_json
+from gpupool.jobs.locks import FileLock, HolderLock
+from gpupool.jobs.mailbox import Mailbox, parse_mailbox
+from gpupool.jobs.paths import Spool
+from gpupool.jobs.results import read_epoch
 from tests.helpers import REPO, AgentProc, base_env, run_main, wait_for
 
 EXAMPLES = int(os.environ.get("GPUPOOL_FUZZ_EXAMPLES", "6"))
@@ -160,14 +160,14 @@ def hostile(draw: st.DrawFn, kind: str) -> tuple[str, Any]:
 # readers, in process ----------------------------------------------------------------------------
 def exercise(spool: Spool) -> None:
     """Run every reader of the spool over it; each must accept or refuse, never crash."""
-    from master.collect import CollectError, committed
-    from master.control import chunk_statuses, failed_chunks
-    from master.dashboard import tables
-    from master.feeder import Feeder
-    from master.liveness import Liveness
-    from master.logs import chunk_report, format_chunk
-    from master.runspec import RunSpec
-    from master.status import StatusReader, render
+    from gpupool.master.collect import CollectError, committed
+    from gpupool.master.control import chunk_statuses, failed_chunks
+    from gpupool.master.dashboard import tables
+    from gpupool.master.feeder import Feeder
+    from gpupool.master.liveness import Liveness
+    from gpupool.master.logs import chunk_report, format_chunk
+    from gpupool.master.runspec import RunSpec
+    from gpupool.master.status import StatusReader, render
 
     data = StatusReader(spool, 20.0).gather()
     json.dumps(data, allow_nan=False)  # the dashboard's browser parses this

@@ -13,16 +13,16 @@ from typing import Any
 
 import pytest
 
-from agent.agent import Agent, AgentConfig
-from agent.gpu import Gpu, NoGpu
-from agent.slot import Slot
-from agent.task import SharedCache, TaskCache
-from agent.worker_process import gpu_fault, handle
-from agent.worker_control import Worker
-from jobs.descriptor import Job, JobKind
-from jobs.mailbox import Mailbox
-from jobs.paths import Spool
-from jobs.results import read_result
+from gpupool.agent.agent import Agent, AgentConfig
+from gpupool.agent.gpu import Gpu, NoGpu
+from gpupool.agent.slot import Slot
+from gpupool.agent.task import SharedCache, TaskCache
+from gpupool.agent.worker_process import gpu_fault, handle
+from gpupool.agent.worker_control import Worker
+from gpupool.jobs.descriptor import Job, JobKind
+from gpupool.jobs.mailbox import Mailbox
+from gpupool.jobs.paths import Spool
+from gpupool.jobs.results import read_result
 from tests.helpers import HOST, REPO, base_env, results, run_main, wait_for
 
 FAKE_TORCH = str(REPO / "tests" / "fake_torch")

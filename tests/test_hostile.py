@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jobs.descriptor import SCHEMA, Job, JobKind
-from jobs.locks import FileLock
-from jobs.paths import Spool
+from gpupool.jobs.descriptor import SCHEMA, Job, JobKind
+from gpupool.jobs.locks import FileLock
+from gpupool.jobs.paths import Spool
 from tests.helpers import REPO, results, run_main, wait_for
 
 GOOD = Job(run="hostile", chunk_id=0, total_chunks=3, kind=JobKind.CALLABLE, target="examples.noop:square",
@@ -144,7 +144,7 @@ def test_bad_chunk_data_fails_clearly_and_agent_lives_on(spool: Spool, agents, e
         np.savez(data / f"{c}.npz", X=np.ones((2, 128), np.float32))
     (data / "1.npz").write_bytes(b"PK not really")  # submit checks only the first and last files
     np.savez(data / "2.npz", X=np.array([object()], dtype=object))
-    r = run_main(["--base", str(spool.base), "--task", "examples.matmul:multiply", "--chunks", "4", "--data",
+    r = run_main(["--base", str(spool.base), "--task", "gpupool.master.matmul:multiply", "--chunks", "4", "--data",
                   str(data), "--retries", "0", "--run", "bad-data", "--no-progress"], env)
     assert r.returncode == 1
     res = results(spool.base, "bad-data")
@@ -160,7 +160,7 @@ def test_shared_file_vanishing_mid_run(spool: Spool, agents, env, tmp_path: Path
     shared = tmp_path / "shared.npz"
     np.savez(shared, W=np.eye(128, dtype=np.float32))
     spool.run_dirs("vanish")
-    job = {**GOOD, "run": "vanish", "target": "examples.matmul:multiply", "shared": str(shared), "total_chunks": 3}
+    job = {**GOOD, "run": "vanish", "target": "gpupool.master.matmul:multiply", "shared": str(shared), "total_chunks": 3}
     _drop(spool.mailbox(agent.id), json.dumps({"schema": 1, "jobs": [job]}).encode())
     wait_for(lambda: spool.result_json("vanish", 0).exists(), what="first result")
     shared.unlink()  # the agent keeps its loaded copy

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from jobs.paths import Spool
-from jobs.results import RESULT_LIMIT
+from gpupool.jobs.paths import Spool
+from gpupool.jobs.results import RESULT_LIMIT
 from tests.faulty import tally
 from tests.helpers import REPO, results, run_main, wait_for
 

@@ -12,8 +12,8 @@ from loguru import logger
 logger.remove()
 app = io.StringIO()
 logger.add(app, level="DEBUG", format="{name}: {message}")  # the application's own sink
-from jobs.paths import Spool
-from master.api import pool_logs
+from gpupool.jobs.paths import Spool
+from gpupool.master.api import pool_logs
 Spool(sys.argv[1]).agent_ids()   # the spool's agents folder has a bad name in it: the pool warns
 logger.info("the app's own line")
 silent = app.getvalue()
@@ -26,7 +26,7 @@ print(repr(silent)); print(repr(pool.getvalue())); print(repr(app.getvalue()))
 
 
 def test_the_pool_is_quiet_as_a_library_until_pool_logs_routes_its_lines(tmp_path) -> None:
-    from jobs.paths import Spool
+    from gpupool.jobs.paths import Spool
 
     bases = []
     for name in ("a", "b"):
@@ -43,8 +43,8 @@ def test_the_pool_is_quiet_as_a_library_until_pool_logs_routes_its_lines(tmp_pat
 
 def test_a_package_imported_after_the_command_configured_logs_keeps_logging() -> None:
     """main.py configures its logs first and imports agent.watcher (say) later: its lines still show."""
-    code = ("from jobs.logsetup import command_logs\ncommand_logs('WARNING')\n"
-            "from watchdog.events import FileSystemEventHandler\nfrom jobs.watching import watch_folder\n"
+    code = ("from gpupool.jobs.logsetup import command_logs\ncommand_logs('WARNING')\n"
+            "from watchdog.events import FileSystemEventHandler\nfrom gpupool.jobs.watching import watch_folder\n"
             "assert watch_folder('/no/such/folder', FileSystemEventHandler(), 'a test') is None\n")
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "a test: cannot watch /no/such/folder" in r.stderr, r.stderr

@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from jobs.descriptor import Job, JobKind
-from jobs.errors import BadFile
-from jobs.paths import Spool
+from gpupool.jobs.descriptor import Job, JobKind
+from gpupool.jobs.errors import BadFile
+from gpupool.jobs.paths import Spool
 from tests.helpers import FAST, REPO, results, run_main, wait_for
 from tests.test_nvml import nvml, nvml_env, stop_all, uuids  # noqa: F401 (nvml, stop_all: fixtures)
 
@@ -278,8 +278,8 @@ def test_a_promise_counts_only_for_what_its_slots_processes_do_not_hold_yet(nvml
     """agent.gpumem over the stand-in NVML: slot 1 promised 6 GB; once its job's process holds them (NVML's
     used memory and per-process figure both show them) they are not counted twice; memory slot 0's own
     worker holds is free for slot 0's next job."""
-    from agent.gpumem import MemoryGate
-    from agent.worker_control import agent_marks
+    from gpupool.agent.gpumem import MemoryGate
+    from gpupool.agent.worker_control import agent_marks
 
     procs = tmp_path / "procs.json"
     procs.write_text("[]")
@@ -318,7 +318,7 @@ def test_a_promise_counts_only_for_what_its_slots_processes_do_not_hold_yet(nvml
 @pytest.mark.timeout(60)
 def test_a_job_for_two_gpus_that_reaches_a_one_gpu_agent_fails_there_instead_of_running(
         spool: Spool, tmp_path: Path, agents) -> None:
-    from jobs.mailbox import Mailbox
+    from gpupool.jobs.mailbox import Mailbox
 
     env = nvml_env(tmp_path, FOUR)
     (a,) = agents(1, env_=env, cpu=False)
@@ -333,9 +333,9 @@ def test_a_job_for_two_gpus_that_reaches_a_one_gpu_agent_fails_there_instead_of_
 
 
 def test_a_heartbeat_with_bad_gpu_lists_is_read_with_those_fields_dropped(spool: Spool) -> None:
-    from jobs.heartbeat import read_status
-    from master.placement import Placement
-    from master.status import gather
+    from gpupool.jobs.heartbeat import read_status
+    from gpupool.master.placement import Placement
+    from gpupool.master.status import gather
 
     hb = {"agent": "h-gpu0+1", "seq": 1, "state": "idle", "device": "cuda:0", "gpu_uuids": ["a", 3],
           "gpu_ids": "0,1", "gpus": [{"mem_total": "80", "name": 7}, {"mem_used": 1, "mem_total": 2**31}],
@@ -353,9 +353,9 @@ def test_a_heartbeat_with_bad_gpu_lists_is_read_with_those_fields_dropped(spool:
 
 
 def test_a_target_names_an_agent_of_several_gpus_by_all_of_them() -> None:
-    from master.placement import Placement
+    from gpupool.master.placement import Placement
 
-    from jobs.heartbeat import Heartbeat
+    from gpupool.jobs.heartbeat import Heartbeat
     pair = Heartbeat("n1-gpu2+3", 1, "idle", host="n1", device="cuda:0", gpu_id=2, gpu_ids=[2, 3], gpu_uuids=["a", "b"])
     assert Placement.parse(["n1::2,3"], gpus_per_job=2).why_not(pair) is None
     assert Placement.parse(["n1::2"], gpus_per_job=2).why_not(pair) == "--target n1::2"  # GPU 3 is not named

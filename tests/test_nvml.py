@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from agent.gpu import GpuConfigError, NoGpu, NvmlProbe, make_probe, visible_gpus
-from jobs.paths import Spool
+from gpupool.agent.gpu import GpuConfigError, NoGpu, NvmlProbe, make_probe, visible_gpus
+from gpupool.jobs.paths import Spool
 from tests.helpers import FAST, REPO, base_env, results, run_main, wait_for
 
 FAKE_NVML = REPO / "tests" / "fake_nvml"
@@ -220,7 +220,7 @@ def test_two_slurm_jobs_on_one_node_each_seeing_its_gpu_as_0_both_join_the_pool(
 @pytest.mark.timeout(180)
 def test_one_agent_per_mig_device_named_by_mig_uuid_prefixes(spool: Spool, tmp_path: Path, stop_all) -> None:
     probe_env = nvml_env(tmp_path, MIXED)
-    code = ("from agent.gpu import make_probe; import json; "
+    code = ("from gpupool.agent.gpu import make_probe; import json; "
             "print(json.dumps([g.uuid for g in make_probe().devices()]))")
     out = subprocess.run([sys.executable, "-c", code], env=probe_env, capture_output=True, text=True, cwd=REPO)
     _, mig1, mig2 = json.loads(out.stdout)
@@ -290,7 +290,7 @@ def test_a_process_that_leaves_the_gpu_within_the_grace_does_not_make_it_busy(sp
 
 def test_a_former_agents_leftover_on_its_gpu_does_not_make_it_busy(tmp_path: Path) -> None:
     """What the busy check (``agent.slot._refuse_busy``) leaves out: processes with the agent's marks."""
-    from agent.worker_control import agent_marks, has_marks
+    from gpupool.agent.worker_control import agent_marks, has_marks
     marks = agent_marks("testhost-gpu0", str(tmp_path))
     p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], env={**os.environ, **marks})
     try:
@@ -345,8 +345,8 @@ def in_child(fn, uid: int | None = None, umask: int | None = None) -> tuple[int,
 def test_a_gpu_lock_made_by_one_user_under_umask_077_is_taken_by_another(monkeypatch) -> None:
     """Before: lock files were created 0644 (0600 under umask 077) in the 1777 folder, and another
     user's agent on the then free GPU died of a PermissionError traceback."""
-    from agent.gpu import FakeProbe
-    from agent.slot import claim
+    from gpupool.agent.gpu import FakeProbe
+    from gpupool.agent.slot import claim
 
     nobody = 65534
     top = Path(tempfile.mkdtemp(prefix="gpupool-locks-test-"))  # not under pytest's tmp root: private to root

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from jobs.paths import Spool
-from master.octorun import DEFAULT_CONFIG, load_config
-from master.runspec import UsageError, build
+from gpupool.jobs.paths import Spool
+from gpupool.master.octorun import DEFAULT_CONFIG, load_config
+from gpupool.master.runspec import UsageError, build
 from tests.helpers import REPO, base_env, results, run_main, wait_for
 
 SCRIPT = str(REPO / "examples" / "octorun_script.py")
@@ -148,7 +148,7 @@ def test_a_kwargs_fix_reruns_only_the_failed_chunk_as_octorun_does(tmp_path: Pat
 
 def stop_agents(base: Path, *hosts: str) -> None:
     """What a failed test would leave running: the agents its commands started, and their chunks."""
-    from agent.launcher import stop
+    from gpupool.agent.launcher import stop
 
     for host in hosts:
         stop(str(base), host=host, now=True, timeout=20)
@@ -210,7 +210,7 @@ def test_success_codes_and_the_retry_delays_of_the_config_are_honoured(tmp_path:
 
 @pytest.mark.timeout(150)
 def test_ctrl_c_stops_the_agents_it_started_and_their_running_chunks_at_once(tmp_path: Path) -> None:
-    from agent.launcher import pid_alive
+    from gpupool.agent.launcher import pid_alive
 
     rec, gate, env = tmp_path / "rec", tmp_path / "gate", base_env(tmp_path)
     cfg = octorun_config(tmp_path, gpus=[0, 1], total_chunks=3, script_path=DUMMY, log_dir=str(tmp_path / "logs"),

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from jobs.heartbeat import Heartbeat
-from master.placement import Placement
-from master.runspec import UsageError
+from gpupool.jobs.heartbeat import Heartbeat
+from gpupool.master.placement import Placement
+from gpupool.master.runspec import UsageError
 from tests.helpers import results, run_main
 
 GPU_AGENT = Heartbeat("node1-gpu2", 1, "idle", host="node1", hostname="node1.lab", gpu_id=2, device="cuda:0",

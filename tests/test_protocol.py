@@ -12,16 +12,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jobs.atomic import read_bounded, write_exclusive, write_replace
-from jobs.descriptor import SCHEMA, Job, JobKind, JobState
-from jobs.errors import BadFile, BadName, BadNpz, LockHeld, NewerSchema
-from jobs.fsinfo import mount_of
-from jobs.locks import HolderLock
-from jobs.mailbox import Mailbox
-from jobs.names import check_name
-from jobs.npzio import load_npz
-from jobs.paths import Spool
-from jobs.results import commit, read_result, record, reopen_failed
+from gpupool.jobs.atomic import read_bounded, write_exclusive, write_replace
+from gpupool.jobs.descriptor import SCHEMA, Job, JobKind, JobState
+from gpupool.jobs.errors import BadFile, BadName, BadNpz, LockHeld, NewerSchema
+from gpupool.jobs.fsinfo import mount_of
+from gpupool.jobs.locks import HolderLock
+from gpupool.jobs.mailbox import Mailbox
+from gpupool.jobs.names import check_name
+from gpupool.jobs.npzio import load_npz
+from gpupool.jobs.paths import Spool
+from gpupool.jobs.results import commit, read_result, record, reopen_failed
 
 
 def job(chunk: int = 0, attempt: int = 1, max_attempts: int = 2, run: str = "r1", **kw) -> Job:
@@ -108,7 +108,7 @@ def test_fields_of_a_newer_version_that_may_be_ignored_are_ignored() -> None:
 
 
 def test_a_field_an_older_agent_must_understand_raises_the_schema_it_is_written_with(monkeypatch) -> None:
-    from jobs import descriptor
+    from gpupool.jobs import descriptor
     newer = SCHEMA + 1
     monkeypatch.setattr(descriptor, "MUST_UNDERSTAND", {"epoch": newer})
     plain, marked = job(), dataclasses.replace(job(), epoch="e1")
@@ -214,7 +214,7 @@ def test_a_file_where_the_mailbox_temp_folder_belongs_costs_nothing(spool: Spool
 
 def test_the_purge_of_temp_files_never_reaches_through_a_linked_mailbox_temp_folder(spool: Spool, tmp_path: Path
                                                                                     ) -> None:
-    from jobs.atomic import purge_temp
+    from gpupool.jobs.atomic import purge_temp
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -360,7 +360,7 @@ def test_mount_of_reads_mountinfo(tmp_path: Path) -> None:
 
 
 def test_purge_removes_only_old_temp_files(tmp_path: Path) -> None:
-    from jobs.atomic import purge_temp
+    from gpupool.jobs.atomic import purge_temp
     old_tmp, new_tmp = tmp_path / ".a.json.tmp-1-ab", tmp_path / ".b.json.tmp-2-cd"
     keep = tmp_path / "000001.json"
     for p in (old_tmp, new_tmp, keep):
@@ -372,7 +372,7 @@ def test_purge_removes_only_old_temp_files(tmp_path: Path) -> None:
 
 
 def test_world_writable_spool_is_refused(tmp_path: Path) -> None:
-    from jobs.errors import SpoolError
+    from gpupool.jobs.errors import SpoolError
     spool = Spool(tmp_path / "b").ensure()
     spool.check_private()
     assert not os.stat(spool.base).st_mode & 0o002  # created not writable by others
@@ -433,7 +433,7 @@ def test_the_epoch_travels_only_when_set_and_must_be_a_plain_token() -> None:
 def test_a_lock_file_replaced_under_its_holders_still_excludes(tmp_path: Path) -> None:
     """A lock is on an open file: a lock file replaced (or removed) after one holder opened it
     must not let that holder and a newcomer, who opens the new file, both in."""
-    from jobs.locks import FileLock
+    from gpupool.jobs.locks import FileLock
 
     path = tmp_path / "agent.lock"
     old = FileLock(path)
@@ -454,7 +454,7 @@ def test_a_lock_file_replaced_under_its_holders_still_excludes(tmp_path: Path) -
 
 
 def test_a_heartbeat_names_its_jobs_by_type_and_reads_what_older_agents_wrote(spool: Spool) -> None:
-    from jobs.heartbeat import Heartbeat, JobRef, read_status, write_status
+    from gpupool.jobs.heartbeat import Heartbeat, JobRef, read_status, write_status
 
     hb = Heartbeat("h-cpu0", 3, "busy", current=JobRef("r", 2, 1, 10.5), ahead=JobRef("r", 3, 1))
     write_status(spool, "h-cpu0", hb)

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jobs.paths import Spool
-from master.executor import Executor
+from gpupool.jobs.paths import Spool
+from gpupool.master.executor import Executor
 from tests.helpers import REPO, base_env, results, run_main
 from tests.sge_template import expensive_task
 

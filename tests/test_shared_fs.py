@@ -20,10 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from jobs.atomic import read_bounded, write_replace
-from jobs.errors import LockHeld
-from jobs.fsinfo import find_mount, is_network_fs
-from jobs.locks import FileLock, HolderLock
+from gpupool.jobs.atomic import read_bounded, write_replace
+from gpupool.jobs.errors import LockHeld
+from gpupool.jobs.fsinfo import find_mount, is_network_fs
+from gpupool.jobs.locks import FileLock, HolderLock
 from tests.helpers import FAST, REPO, base_env, results, run_main, wait_for
 from tests.sharedfs import Volume, gluster, gluster_default, gluster_fast, profile_fops, shared_dir  # noqa: F401
 
@@ -277,7 +277,7 @@ def test_two_masters_for_one_run_through_two_mounts_one_refuses(gluster_fast, ho
 
 HOLD_LOCK = """
 import sys
-from jobs.locks import FileLock, HolderLock
+from gpupool.jobs.locks import FileLock, HolderLock
 lock = HolderLock(sys.argv[1])
 lock.take("test lock", role="holder")
 print("locked", flush=True)
@@ -306,7 +306,7 @@ def test_locks_exclude_each_other_through_two_mounts(gluster_fast, hosts) -> Non
             holder.stdin.flush()
             assert holder.stdout.readline().strip() == "released"
             assert other.acquire(timeout=10)  # free again: mount B gets it
-            back = subprocess.run([sys.executable, "-c", "import sys; from jobs.locks import FileLock; "
+            back = subprocess.run([sys.executable, "-c", "import sys; from gpupool.jobs.locks import FileLock; "
                                    "print(FileLock(sys.argv[1]).acquire(blocking=False))", str(lock_a)],
                                   cwd=REPO, env=a.env, capture_output=True, text=True, timeout=30)
             assert back.stdout.strip() == "False", back.stderr  # and now mount A is refused
@@ -320,8 +320,8 @@ def test_locks_exclude_each_other_through_two_mounts(gluster_fast, hosts) -> Non
 COUNT_UNDER_LOCK = """
 import json, sys
 from pathlib import Path
-from jobs.atomic import read_bounded, write_replace
-from jobs.locks import FileLock
+from gpupool.jobs.atomic import read_bounded, write_replace
+from gpupool.jobs.locks import FileLock
 lock, data, n = FileLock(Path(sys.argv[1])), Path(sys.argv[2]), int(sys.argv[3])
 for _ in range(n):
     with lock:   # the mailbox pattern: read, modify, replace by rename, all under the permanent lock
@@ -431,7 +431,7 @@ def test_through_two_mounts_few_long_chunks_use_every_agent_and_idle_agents_take
 CREATE_LOCKS = """
 import sys, time
 from pathlib import Path
-from jobs.locks import FileLock
+from gpupool.jobs.locks import FileLock
 folder, n, start = Path(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
 for i in range(n):
     while time.time() < start + i * 0.01:   # every process takes name i at the same moment

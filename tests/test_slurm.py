@@ -24,7 +24,7 @@ from typing import Iterator
 
 import pytest
 
-from jobs.paths import Spool
+from gpupool.jobs.paths import Spool
 from tests.helpers import FAST, REPO, results, run_main, wait_for
 
 SBATCH = REPO / "examples" / "slurm" / "agents.sbatch"

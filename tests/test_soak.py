@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs.paths import Spool
+from gpupool.jobs.paths import Spool
 from tests.faulty import tally
 from tests.helpers import REPO, AgentProc, results
 

@@ -107,7 +107,7 @@ def two_runs(ctx: Ctx, weights: tuple[float, float], a_n: int, b_n: int) -> dict
 
 def executor(ctx: Ctx, k: int) -> dict[str, Any]:
     base = ctx.dir("executor")
-    code = ("import sys, time\nfrom master.executor import Executor\nfrom examples.noop import pause\n"
+    code = ("import sys, time\nfrom gpupool.master.executor import Executor\nfrom examples.noop import pause\n"
             "t0 = time.perf_counter()\nwith Executor(sys.argv[1]) as ex:\n"
             f"    list(ex.map(pause, [1.0] * {k}))\nprint(time.perf_counter() - t0)\n")
     walls = []

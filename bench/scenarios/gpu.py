@@ -109,7 +109,7 @@ def run(ctx: Ctx) -> dict[str, Any]:
                 o = octorun(w, SCRIPT, n, n_gpu, {"out_dir": str(w / "out")})
                 ctx.peer_check("octorun", "gpu", o["ok"])
                 out["octorun"].append(o["wall_s"] / n)
-        from agent.gpu import make_probe, visible_gpus
+        from gpupool.agent.gpu import make_probe, visible_gpus
 
         uuids = [g.uuid for g in visible_gpus(make_probe())][:n_gpu]  # MIG devices too
         with Sampler(uuids) as smp:

@@ -12,7 +12,11 @@ home=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 base=${1:?usage: node_agents.sh BASE [agent options...]}
 shift
 cd "$home"
-export PYTHONPATH="$home${PYTHONPATH:+:$PYTHONPATH}"
+# python -m agent of this checkout, which goes on the agent's own sys.path only (never PYTHONPATH,
+# which the agents' jobs would inherit)
+agent='import sys; sys.path[0] = sys.argv.pop(1)
+from gpupool.agent.__main__ import main
+sys.exit(main())'
 
 gpus=()
 case "${CUDA_VISIBLE_DEVICES:-}" in
@@ -60,7 +64,7 @@ trap on_signal TERM INT
 
 for spec in "${specs[@]}"; do
   read -ra args <<<"$spec"
-  "${PYTHON:-python3}" -m agent --base "$base" --gpu "${args[@]}" "${cpu[@]}" "$@" </dev/null &
+  "${PYTHON:-python3}" -c "$agent" "$home" --base "$base" --gpu "${args[@]}" "${cpu[@]}" "$@" </dev/null &
   pids+=($!)
 done
 echo "node_agents: $(hostname): started $n ${cpu[*]:+CPU }agent(s) (pids ${pids[*]}; CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-})"

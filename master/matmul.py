@@ -1,8 +1,8 @@
 """The demo workload, modelled on the SGE-style template: each chunk multiplies its own
 matrices with one shared matrix. torch on the GPU when the agent has one, numpy otherwise.
 
-    python main.py --base BASE --task examples.matmul:multiply --chunks 100
-    python main.py --base BASE --task examples.matmul:multiply --chunks 16 --shared W.npz --data chunks/
+    python main.py --base BASE --task gpupool.master.matmul:multiply --chunks 100
+    python main.py --base BASE --task gpupool.master.matmul:multiply --chunks 16 --shared W.npz --data chunks/
 """
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def cuda_unusable(device: str) -> str | None:
         except Exception as e:  # CUDA initialisation failed
             why = f"CUDA does not initialise ({type(e).__name__}: {e})"
         if why is not None:
-            print(f"examples.matmul: {why}; computing on the CPU with numpy", flush=True)
+            print(f"gpupool.master.matmul: {why}; computing on the CPU with numpy", flush=True)
         _cuda_why[device] = why
     return _cuda_why[device]
 
