@@ -195,32 +195,93 @@ def cut(text: str, limit: int = TEXT_LIMIT) -> str:
 
 
 def error_of(exc: BaseException) -> dict[str, Any]:
-    """The failed reply's error; a job's huge exception message is cut (results have a size limit)."""
-    err: dict[str, Any] = {"type": type(exc).__name__, "message": cut(str(exc)), "traceback": cut(traceback.format_exc()),
-                           "module": type(exc).__module__, "qualname": type(exc).__qualname__}
-    err.update(_state_of(exc))
-    code = _errno_of(exc)
-    if code is not None:
-        err["errno"] = code
+    """The failed reply's error; a job's huge exception message is cut (results have a size limit).
+    Never raises, whatever ``exc`` does: a ``str()`` that raises gives ``<str() failed: ...>``, a
+    traceback that cannot be formatted gives what of it can be had, and ``args`` or attributes that
+    cannot be read or encoded are left out (see ``master.remote``, which raises it again)."""
+    kind = type(exc)
+    err: dict[str, Any] = {"type": kind.__name__, "message": cut(_text_of(exc)), "traceback": cut(_traceback_of(exc)),
+                           "module": _name(kind, "__module__"), "qualname": _name(kind, "__qualname__")}
+    err.update(_safely(lambda: _state_of(exc), {}))
+    code = _safely(lambda: _errno_of(exc), None)
+    if isinstance(code, int):
+        err["errno"] = int(code)
     return err
 
 
-def _state_of(exc: BaseException) -> dict[str, Any]:
-    """The exception's ``args`` and attributes (as pickle would keep them), encoded
-    (``jobs.codec``), so that the caller of an Executor can raise the same exception again; each
-    left out where it cannot travel or is large."""
-    from gpupool.jobs.codec import CodecError, encode
+def _safely(step: Any, fallback: Any) -> Any:
+    """What ``step()`` returns, or ``fallback`` whatever it raises (a job's exception runs its own
+    code when read: ``__str__``, properties, ``__repr__`` of what it holds; never the worker's death)."""
+    try:
+        return step()
+    except BaseException:  # SystemExit from an exception's own __str__ too
+        return fallback
 
-    out = {}
-    for key, value in (("args", list(exc.args)),
-                       ("attrs", {k: v for k, v in vars(exc).items() if not k.startswith("__")})):
-        try:
-            data = encode(value)
-        except (CodecError, RecursionError):
+
+def _text_of(exc: BaseException) -> str:
+    """``str(exc)``, or ``<str() failed: TYPE: MESSAGE>`` where that raises (``master.remote.text_of``
+    says the same of a rebuilt one: the two must agree)."""
+    try:
+        text = str(exc)
+        return text if type(text) is str else str.__str__(text)  # a str subclass's methods may be anything
+    except BaseException as e:
+        failure = e
+    why = _safely(lambda: str.__str__(str(failure)), "?")
+    return f"<str() failed: {type(failure).__name__}: {why}>"
+
+
+def _traceback_of(exc: BaseException) -> str:
+    """The exception's traceback as Python prints it, or, where that fails (an odd ``__notes__``,
+    a cause that cannot be shown), its frames and its type and message."""
+    try:
+        return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    except BaseException as e:
+        why = f"(its full traceback could not be formatted: {type(e).__name__}: {_text_of(e)})"
+    frames = _safely(lambda: "".join(traceback.format_tb(exc.__traceback__)), "")
+    return f"Traceback (most recent call last):\n{frames}{type(exc).__name__}: {_text_of(exc)}\n{why}\n"
+
+
+def _name(kind: type, attribute: str) -> str:
+    """A class's ``__module__`` or ``__qualname__`` as text (a class may set them to anything)."""
+    value = _safely(lambda: getattr(kind, attribute), None)
+    return value if type(value) is str else _safely(lambda: str.__str__(str(value)), "?")
+
+
+def _state_of(exc: BaseException) -> dict[str, Any]:
+    """The exception's ``args`` and attributes as pickle keeps them (read past any override of
+    ``args`` or ``__dict__``), encoded (``jobs.codec``), so that the caller of an Executor can raise
+    the same exception again: each attribute left out where it cannot travel, the ``args`` where one
+    of them cannot; all of it within ``TEXT_LIMIT``."""
+    out: dict[str, Any] = {}
+    args = _safely(lambda: list(BaseException.args.__get__(exc)), None)
+    found = _encoded(args) if args is not None else None
+    room = TEXT_LIMIT
+    if found is not None and found[1] <= room:
+        out["args"], room = found[0], room - found[1]
+    attrs: dict[str, Any] = {}
+    own = _safely(lambda: dict(BaseException.__dict__["__dict__"].__get__(exc)), {})
+    for key, value in own.items():
+        if type(key) is not str or key.startswith("__"):
             continue
-        if value and len(json.dumps(data)) <= TEXT_LIMIT:
-            out[key] = data
+        found = _encoded({key: value})
+        if found is not None and found[1] <= room:
+            attrs.update(found[0])
+            room -= found[1]
+    if attrs:
+        out["attrs"] = attrs
     return out
+
+
+def _encoded(value: Any) -> tuple[Any, int] | None:
+    """``value`` encoded (``jobs.codec``) and the length of its JSON, or None where it cannot travel
+    (or its parts raise while they are looked at)."""
+    from gpupool.jobs.codec import encode
+
+    try:
+        data = encode(value)
+        return data, len(json.dumps(data))
+    except BaseException:
+        return None
 
 
 def _errno_of(exc: BaseException) -> int | None:

@@ -334,15 +334,24 @@ class _Calls(Dispatcher):
         future = self.ex._calls[c].future
         if future.done() or not (future.running() or future.set_running_or_notify_cancel()):
             return  # cancelled after it was sent
+        failure: BaseException | None = None
         try:
-            if rec["status"] != "ok":
-                future.set_exception(remote_exception(rec.get("error"), rec.get("agent"), c, rec["attempt"]))
+            if rec.get("status") != "ok":
+                failure = remote_exception(rec.get("error"), rec.get("agent"), c, rec.get("attempt"))
             elif rec.get("arrays"):
-                future.set_result(self._arrays(rec))
+                value = self._arrays(rec)
             else:
-                future.set_result(decode(rec.get("value")))
+                value = decode(rec.get("value"))
         except (OSError, BadFile, CodecError) as e:  # its arrays are gone or broken, its value is no valid
-            future.set_exception(e)  # encoding: the call fails, naming them
+            failure = e  # encoding: the call fails, naming them
+        except Exception as e:  # whatever else goes wrong with one record fails its call only, never the loop
+            logger.opt(exception=True).warning("executor {}: the outcome of call {} could not be read",
+                                               self.run_name, c)
+            failure = e
+        if failure is not None:
+            future.set_exception(failure)
+        else:
+            future.set_result(value)
 
     def _arrays(self, rec: dict[str, Any]) -> Any:
         from gpupool.jobs.npzio import load_npz  # numpy only where arrays are read
