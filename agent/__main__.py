@@ -48,8 +48,20 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    "(default 64; 0: never)")
     p.add_argument("--max-jobs-per-worker", type=int, default=0, metavar="N",
                    help="start a fresh worker process after N jobs, giving back all the memory the job code held "
-                   "(default 0: never; the worker is also renewed when a run with another task module starts, "
-                   "and after a job left its CUDA context unusable)")
+                   "(default 0: never; every run has worker processes of its own anyway, and one is renewed when a "
+                   "source file its chunks imported changes, or after a job left its CUDA context unusable)")
+    p.add_argument("--run-workers", type=int, default=2, metavar="K",
+                   help="keep the worker processes of at most K runs at once, each with its run's models loaded "
+                   "(default 2: two runs sharing this agent do not reload them at every switch; 1: each switch "
+                   "starts a fresh worker and gives the last run's GPU memory back at once)")
+    p.add_argument("--spare-worker", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep a worker process ready for the next run, with the libraries recent runs imported "
+                   "(torch, numpy...) already imported, so a new run starts without importing them again "
+                   "(default: on; --no-spare-worker saves its memory)")
+    p.add_argument("--threads", default="auto", metavar="N",
+                   help="threads of the math libraries (OMP_NUM_THREADS, MKL_NUM_THREADS, OPENBLAS_NUM_THREADS...) "
+                   "in each worker, unless set in the environment or by a run's --env (default auto: the usable "
+                   "cores divided by the agents of this host, at least 1)")
     p.add_argument("--drain-after-gpu-errors", type=int, default=3, metavar="K",
                    help="drain this agent once K different chunks in a row failed with GPU errors that are not the "
                    "job's own (driver errors; out of memory in a fresh worker); its heartbeat's last_error says "
@@ -88,6 +100,13 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 <= args.log_limit_mb < math.inf:
         print("agent: --log-limit-mb must be 0 (never cut) or a positive number of megabytes", file=sys.stderr)
         return 2
+    if args.run_workers < 1:
+        print("agent: --run-workers must be 1 or more", file=sys.stderr)
+        return 2
+    threads = None if args.threads == "auto" else int(args.threads) if args.threads.isdigit() else 0
+    if threads == 0:
+        print(f"agent: --threads must be 'auto' or a whole number of at least 1, not {args.threads!r}", file=sys.stderr)
+        return 2
     for name in ("max_jobs_per_worker", "drain_after_gpu_errors"):
         if getattr(args, name) < 0:
             print(f"agent: --{name.replace('_', '-')} must be 0 (never) or a positive number", file=sys.stderr)
@@ -116,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = AgentConfig(watch=args.watch, poll_interval=args.poll_interval, max_poll_interval=args.max_poll_interval,
                       rescan=args.rescan, heartbeat=args.heartbeat, burst=args.burst,
                       log_limit=int(args.log_limit_mb * 2**20), prune_quiet=args.prune_quiet,
-                      max_jobs_per_worker=args.max_jobs_per_worker, gpu_fault_limit=args.drain_after_gpu_errors)
+                      max_jobs_per_worker=args.max_jobs_per_worker, gpu_fault_limit=args.drain_after_gpu_errors,
+                      threads=threads, run_workers=args.run_workers, spare_worker=args.spare_worker)
     agent = Agent(spool, slot, probe, host, cfg)
     agent.install_signals()
     agent.run()

@@ -35,7 +35,9 @@ from gpupool.agent.identity import agent_id
 from gpupool.agent.runner import Runner
 from gpupool.agent.slot import Slot, gpu_lock_dir, label
 from gpupool.agent.watcher import MailboxWatcher
-from gpupool.agent.worker_control import Worker, agent_marks, has_marks, kill_leftovers
+from gpupool.agent.threads import host_agents, share
+from gpupool.agent.worker_control import agent_marks, has_marks, kill_leftovers
+from gpupool.agent.workers import MakeWorker, WorkerLike
 from gpupool.jobs.descriptor import SCHEMA as JOB_SCHEMA, Job, JobKind, JobState
 from gpupool.jobs.atomic import purge_temp, read_bounded, server_now
 from gpupool.jobs.errors import BadFile
@@ -59,6 +61,9 @@ class AgentConfig:
     prune_quiet: float = 30.0  # prune finished jobs only from a mailbox seen unchanged this long (see _prune)
     max_jobs_per_worker: int = 0  # a fresh worker process after this many jobs; 0: never
     gpu_fault_limit: int = 3  # drain after this many different chunks in a row failed with GPU faults; 0: never
+    threads: int | None = None  # the math libraries' threads in each worker (None: its share of the host's cores)
+    run_workers: int = 2  # runs whose worker processes live at once (agent.workers)
+    spare_worker: bool = True  # keep a worker ready, with the libraries of recent runs imported
 
 
 PIPELINE_MAX_S = 0.5  # pipeline the next job only after chunks of a run that took at most this long
@@ -69,7 +74,7 @@ RESTART_DEFER_S = 30.0  # a restarted agent leaves the jobs its former process d
 
 class Agent:
     def __init__(self, spool: Spool, slot: Slot, probe: NoGpu, host: str, cfg: AgentConfig,
-                 worker: Worker | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+                 make_worker: MakeWorker | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.spool, self.slot, self.probe, self.host, self.cfg = spool, slot, probe, host, cfg
         self.clock = clock  # every wait and deadline of the job loop (step tests pass a fake one)
         self.id = slot.agent_id
@@ -79,8 +84,11 @@ class Agent:
         self.marks = agent_marks(self.id, str(spool.base))
         self.stop = False  # finish the current job, then exit
         self.stop_now = False  # stop at once
+        threads = (lambda: cfg.threads) if cfg.threads else (lambda: share(host_agents(spool, self.id)))
         self.runner = Runner(spool, slot, self.marks, cfg.max_jobs_per_worker, aborted=self._aborted,
-                             stopping=lambda: self.stop, started=lambda: self.watcher.busy(), worker=worker)
+                             stopping=lambda: self.stop, started=lambda: self.watcher.busy(), threads=threads,
+                             run_workers=cfg.run_workers, spare=cfg.spare_worker, make_worker=make_worker,
+                             clock=clock)
         self.state = AgentState.STARTING
         self.current: tuple[Job, float] | None = None
         self._finished: set[tuple] = set()  # Job.uid of the dispatches finished (or dropped) here
@@ -109,9 +117,9 @@ class Agent:
         self.waiting: str | None = None  # why the next job waits (its --gpu-mem is not free), for the heartbeat
 
     @property
-    def worker(self) -> Worker:
-        """The runner's worker process (or the test double it was given)."""
-        return self.runner.worker
+    def worker(self) -> WorkerLike | None:
+        """The worker process of the latest callable job's run (or the test double made for it)."""
+        return self.runner.workers.current
 
     # lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -125,7 +133,7 @@ class Agent:
                            "running (pids {})", self.id, len(leftovers), leftovers[:10])
         self.memory.release(always=True)  # a promise a killed former process of this slot left
         self.watcher.start()
-        self.runner.worker.start()
+        self.runner.workers.start()  # the spare: the first run takes it
         self.state = AgentState.IDLE
         self.beat.write()  # the launcher waits for this to call the agent ready
         self.beat.start()
@@ -168,7 +176,7 @@ class Agent:
     def shutdown(self) -> None:
         """Every step is tried whatever the others do (a full disk, a lost GPU): the worker is always
         stopped and the GPU and agent locks always released."""
-        for step in (lambda: self._set_state(AgentState.STOPPING), self.watcher.stop, self.runner.worker.stop,
+        for step in (lambda: self._set_state(AgentState.STOPPING), self.watcher.stop, self.runner.workers.stop_all,
                      self.beat.stop, lambda: self._set_state(AgentState.STOPPED), self.slot.release):
             try:
                 step()
@@ -243,6 +251,7 @@ class Agent:
             if not self._dry:  # just ran dry: status says idle, with the jobs done, now rather than a beat later
                 self._dry = True
                 self.beat.quietly()
+            self.runner.retire(jobs, self._finished, None)  # runs that are over give their GPU memory back
             if jobs:
                 self._prune()
             return False
@@ -255,9 +264,10 @@ class Agent:
         else:
             if job.gpu_mem is not None and not self._memory_for(job):
                 return False
-            why = self.runner.recycle_reason(job, jobs, self._finished)
+            self.runner.retire(jobs, self._finished, job)
+            why = self.runner.recycle_reason(job)
             if why is not None:
-                self.runner.replace_worker(f"recycled: {why}")
+                self.runner.replace_worker(job, f"recycled: {why}")
             try:
                 if self._execute(job, self._next_callable(jobs, job)):
                     self._finished.add(job.uid)
@@ -564,7 +574,8 @@ class Agent:
             return None
         if procs is None:
             return None
-        mine = [mem for pid, mem in procs if pid == self.runner.worker.pid or has_marks(pid, self.marks)]
+        workers = self.runner.workers.pids()
+        mine = [mem for pid, mem in procs if pid in workers or has_marks(pid, self.marks)]
         if mine:
             return None if any(m is None for m in mine) else sum(mine)
         return 0 if all(os.path.exists(f"/proc/{pid}") for pid, _ in procs) else None
@@ -585,7 +596,10 @@ class Agent:
             "jobs_done": self.done, "jobs_failed": self.failed, "started_at": self.started_at,
             "updated_at": time.time(), "heartbeat_s": self.cfg.heartbeat, "watch": self.watcher.mode,
             "job_schema": JOB_SCHEMA,  # the newest job descriptors it reads (see jobs.descriptor)
-            "worker_pid": self.runner.worker.pid, "log": str(self.spool.agent_log(self.id)),
+            "worker_pid": getattr(self.worker, "pid", None), "log": str(self.spool.agent_log(self.id)),
+            "workers": [{"run": key[0], "pid": w.pid} for key, w in self.runner.workers.live.items()],
+            "spare_pid": getattr(self.runner.workers.spare, "pid", None),
+            "worker_threads": self.runner.threads or None,
             "last_error": self.last_error,
             "died_under": self.died_under,  # see master.dispatcher.Dispatcher._restarted
             "mailbox_lag_s": None if self.mailbox_lag is None else round(self.mailbox_lag, 4),

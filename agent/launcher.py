@@ -18,6 +18,7 @@ from pathlib import Path
 from gpupool.agent.gpu import make_probe, visible_gpus
 from gpupool.agent.identity import agent_id, host_id
 from gpupool.agent.slot import label
+from gpupool.agent.threads import share
 from gpupool.agent.pychild import is_agent_argv, python_argv
 from gpupool.jobs.errors import BadFile, SpoolError
 from gpupool.jobs.heartbeat import AgentState, read_status
@@ -88,7 +89,9 @@ def start(base: str, n: int, cpu: bool = False, host: str | None = None, agent_a
         raise SpoolError(f"asked for GPU(s) {numbers} but this host has {len(gpus)} visible GPU(s), "
                          f"numbered 0..{len(gpus) - 1}; ask for fewer, or use --cpu for CPU agents")
     procs: list[tuple[str, subprocess.Popen | None, Path]] = []
-    for group, j in _agents(numbers, bool(gpus), per_agent, slots):
+    specs = _agents(numbers, bool(gpus), per_agent, slots)
+    threads = ["--threads", str(share(len(specs)))]  # each its share of the cores (agent.threads); theirs go after
+    for group, j in specs:
         ident = agent_id(host, label([gpus[i] for i in group], j) if gpus else f"cpu{group[0]}")
         out = spool.agent_out(ident)
         if is_running(spool, ident):
@@ -96,7 +99,7 @@ def start(base: str, n: int, cpu: bool = False, host: str | None = None, agent_a
             continue
         cmd = python_argv("agent", "--base", str(spool.base), "--gpu", ",".join(map(str, group)),
                           "--host-id", host) + ([] if j is None else ["--slots", str(slots), "--slot", str(j)])
-        cmd += (["--cpu"] if not gpus else []) + list(agent_args or [])
+        cmd += (["--cpu"] if not gpus else []) + threads + list(agent_args or [])
         with open(out, "ab") as f:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT,
                                     start_new_session=True)  # survives the shell closing

@@ -1,28 +1,32 @@
 """The runner: one job of the agent into an outcome, the result fields its agent commits.
 
-A callable job runs in the agent's long-lived worker process (``agent.worker_control.Worker``),
-which the runner owns; a script or a command job in a process of its own (``agent.script``,
+A callable job runs in the worker process of its run (``agent.workers``: one per run, started
+with the run's environment, warm from chunk to chunk of that run and of no other), which the
+runner's ``Workers`` own; a script or a command job in a process of its own (``agent.script``,
 ``agent.command``). A time-out or the worker's death becomes the outcome's error; an immediate
 stop, or a script stopped with the agent, gives no outcome (the job stays queued). Which job
 runs, and what its outcome becomes, is the agent's (``agent.agent``): the runner reads no
 mailbox and commits nothing.
 
-Pipelining: while the worker runs a job, the next callable job of the mailbox already waits in
+Pipelining: while the worker runs a job, the next callable job of the same run already waits in
 its pipe, so it starts the moment the previous one ends and runs while the agent commits the
 previous result. The price: a kill of the agent can cost two re-runs (the running chunk and the
 one whose result was being committed), and a job already handed over runs even if the agent
 is told to drain (the heartbeat lists it as ``ahead``, so masters leave it); on a graceful stop
 the worker is killed instead and that job stays queued.
 
-A fresh worker (``replace_worker``) before the next job: when a failed job left the worker's
-CUDA context unusable (its error says ``poisoned``; the job sent ahead is sent again, to the
-fresh worker), and to give GPU memory back (``recycle_reason``): when the next job is of another
-run with another task module and the runs the worker served have nothing left queued here, and
-after ``--max-jobs-per-worker`` jobs. A job that would need a fresh worker is never sent ahead.
+A fresh worker for the run: when a failed job left the worker's CUDA context unusable (its error
+says ``poisoned``) or the run's --setup failed (``replace_worker``; the job sent ahead is sent
+again, to the fresh worker); when the worker asks for one before running a job (a source file
+it imported changed; it runs nothing then, and the job goes to the fresh one, costing no
+attempt); after ``--max-jobs-per-worker`` jobs (``recycle_reason``). A job that would need a
+fresh worker is never sent ahead. An out-of-memory failure while other runs' workers live here
+stops those (their GPU memory back) and runs the job again, once.
 """
 from __future__ import annotations
 
 import os
+import time
 from typing import Any, Callable
 
 from loguru import logger
@@ -30,24 +34,31 @@ from loguru import logger
 from gpupool.agent.command import run_command
 from gpupool.agent.script import run_script
 from gpupool.agent.slot import Slot
+from gpupool.agent.threads import share, thread_env
 from gpupool.agent.worker_control import Worker, WorkerLost
+from gpupool.agent.workers import MakeWorker, WorkerLike, Workers, run_key
 from gpupool.jobs.descriptor import Job, JobKind
 from gpupool.jobs.paths import Spool
 
 Outcome = tuple[dict[str, Any], str | None]  # a result's fields, and the temp file of its arrays (or None)
+THREADS_RECOUNT_S = 30.0  # the agents of the host are counted again for a new worker after this long
+RESTARTS = 3  # fresh workers a job is sent to at most when each asks for another before running it
 
 
 class Runner:
-    """The agent's jobs, one at a time, and the worker process that runs its callables.
+    """The agent's jobs, one at a time, and the worker processes that run its callables.
 
     ``aborted(job)``: the running ``job`` must end at once (polled a few times a second while it
     runs); ``stopping()``: the agent stops after this job. Both are the agent's to say.
     ``started()``: the job is on its way (in the worker's pipe, or its process about to start), for
-    what the agent does while it runs and that must not delay its start."""
+    what the agent does while it runs and that must not delay its start. ``threads``: the thread
+    count of every worker's math libraries, asked when a worker starts (``agent.threads``)."""
 
     def __init__(self, spool: Spool, slot: Slot, marks: dict[str, str], max_jobs_per_worker: int, *,
                  aborted: Callable[[Job], bool], stopping: Callable[[], bool],
-                 started: Callable[[], None] = lambda: None, worker: Worker | None = None) -> None:
+                 started: Callable[[], None] = lambda: None, threads: Callable[[], int] | None = None,
+                 run_workers: int = 2, spare: bool = True, make_worker: MakeWorker | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.spool, self.slot, self.id = spool, slot, slot.agent_id
         self.max_jobs_per_worker = max_jobs_per_worker  # a fresh worker process after this many jobs; 0: never
         self.aborted, self.stopping, self.started = aborted, stopping, started
@@ -57,19 +68,27 @@ class Runner:
         # Several GPUs (--gpus-per-agent): their UUIDs, so the job sees them as cuda:0..k-1. MPS, where the
         # host runs it, is used as CUDA uses it: CUDA_MPS_PIPE_DIRECTORY passes through with the rest.
         worker_env = {**base_env, "CUDA_VISIBLE_DEVICES": slot.visible}
+        self.threads = 0  # what the last worker started was given (the heartbeat says it)
+        self._count_threads = threads or (lambda: share(1))
+        self._threads_at = -THREADS_RECOUNT_S  # when they were counted (the agents of the host come and go)
+        self.clock = clock
         self.command_env = worker_env  # command jobs see this agent's GPU only, as callables do
         # scripts get the agent's own view, as OctoRun gives them, with --gpu_id its GPU; an agent holding
         # several GPUs narrows theirs too (no OctoRun script expects several), --gpu_id 0 the first of them
         self.script_env = base_env if len(slot.gpus) <= 1 else worker_env
         self._narrowed_env = worker_env  # a script under --visible-gpu-id: --gpu_id 0 must be its GPU
-        self.worker = worker or Worker(worker_env, spool.worker_log(self.id))
-        self.ahead: Job | None = None  # sent to the worker before its turn (pipelining)
-        # What the current worker process was sent (see _worker_seen): its identity, how many
-        # jobs, the task module of each run; the jobs that were the first of their process.
-        self._wid: tuple | None = None
-        self._wsent = 0
-        self._wruns: dict[str, str] = {}
-        self._first_of_worker: set[tuple] = set()
+        log = spool.worker_log(self.id)
+        self.workers = Workers(lambda: self._with_threads(worker_env), log, run_workers, spare,
+                               make_worker or (lambda env, preload: Worker(env, log, preload=preload)), clock,
+                               name=f"agent {self.id}")
+        self.ahead: Job | None = None  # sent to its run's worker before its turn (pipelining)
+        self._first_of_worker: set[tuple] = set()  # the jobs that were the first of their worker process
+
+    def _with_threads(self, env: dict[str, str]) -> dict[str, str]:
+        """``env`` with the thread counts of the math libraries (``agent.threads``) where it has none."""
+        if self.clock() - self._threads_at >= THREADS_RECOUNT_S:
+            self.threads, self._threads_at = self._count_threads(), self.clock()
+        return {**env, **thread_env(env, self.threads)}
 
     def run(self, job: Job, lookahead: Job | None = None) -> Outcome | None:
         """``job``'s outcome, or None if interrupted by an immediate stop. ``lookahead``: the job
@@ -81,56 +100,93 @@ class Runner:
             return {"error": {"type": "WrongAgent", "message": f"the job needs {job.gpus} GPU(s) (--gpus-per-job) "
                               f"and agent {self.id} holds {len(self.slot.gpus)}", "traceback": ""}}, None
         if job.kind in (JobKind.SCRIPT, JobKind.COMMAND):
-            self.started()
-            log = self.spool.chunk_log(job.run, job.chunk_id)
+            return self._run_process(job, abort)
+        evicted = False
+        for _ in range(RESTARTS):
+            worker = self.workers.get(job)
             try:
-                visible = job.visible_gpu_id and self.slot.gpu is not None
-                gpu_id = 0 if visible else self.slot.number
-                if job.kind is JobKind.SCRIPT:  # on an agent of several GPUs, or under --visible-gpu-id, it sees
-                    narrowed = visible or len(self.slot.gpus) > 1  # only the agent's: its --gpu_id 0 is the first
-                    err = run_script(job, 0 if narrowed else gpu_id, self._narrowed_env if narrowed else self.script_env,
-                                     log, abort)
-                    fields = {"log": str(log)} if err is None else {"log": str(log), "error": err}
-                else:
-                    fields = run_command(job, gpu_id, self.slot.device, self.command_env, log, abort)
-                    err = fields.get("error")
-            except OSError as e:  # its log cannot be made or written (a full disk?)
-                return {"error": {"type": type(e).__name__, "message": f"cannot start the {job.kind.value}: {e}",
-                                  "traceback": "", "errno": e.errno}}, None
-            if err is not None and (err["type"] == "Stopped" or (self.stopping() and "SIGTERM" in err["message"])):
-                return None  # stopped with the agent (e.g. Slurm's SIGTERM to the whole step): stays queued
-            return fields, None
+                reply = self._exchange(worker, job, lookahead, abort)
+            except TimeoutError as e:
+                self._drop_ahead()  # killed with the worker; it is still in the mailbox
+                self.workers.discard(job)
+                return {"error": {"type": "Timeout", "message": str(e), "traceback": ""}}, None
+            except WorkerLost as e:
+                self._drop_ahead()
+                self.workers.discard(job)
+                if abort():
+                    return None
+                logger.warning("agent {}: {} while running {} chunk {}; its run gets a fresh worker",
+                               self.id, e.reason, job.run, job.chunk_id)
+                return {"error": {"type": "WorkerDied", "message": e.reason, "traceback": e.output}}, None
+            if reply.get("libs"):
+                self.workers.learn(reply["libs"])
+            if reply.get("restart"):  # it ran nothing and exits: the job (and the one sent ahead) go to a fresh one
+                self._drop_ahead()
+                self.workers.discard(job, cold=bool(reply.get("cold")))
+                logger.info("agent {}: {} chunk {}: a fresh worker: {}", self.id, job.run, job.chunk_id,
+                            reply["restart"])
+                lookahead = None
+                continue
+            err = reply.get("error") if not reply.get("ok") else None
+            if isinstance(err, dict) and err.get("gpu_error") == "out_of_memory" and not evicted \
+                    and (others := self.workers.others(job)):
+                evicted = True  # other runs' models hold the memory: theirs goes
+                for key in others:
+                    self.workers.stop(key, f"{job.run} chunk {job.chunk_id} ran out of GPU memory beside it")
+                if self.ahead is None:  # and the job runs again (not with a job sent ahead in the pipe before it)
+                    lookahead = None
+                    continue
+            return self._outcome(job, reply)
+        return {"error": {"type": "WorkerRestarts", "message": f"{RESTARTS} fresh workers in a row asked for "
+                          "another before running the job (see the agent's log)", "traceback": ""}}, None
+
+    def _run_process(self, job: Job, abort: Callable[[], bool]) -> Outcome | None:
+        """A script or command job, in a process of its own."""
+        self.started()
+        log = self.spool.chunk_log(job.run, job.chunk_id)
         try:
-            if self.ahead is not None and self.ahead.uid == job.uid:
-                self.ahead = None  # its request is already in the worker's pipe
-            elif not self._send(job):
-                raise self.worker.lost()
-            self.started()
-            if lookahead is not None and not (self.stopping() or self.spool.drain_flag(self.id).exists()) \
-                    and self._may_send_ahead(lookahead):
-                # Pipelining: the next job waits in the worker's pipe and starts the moment this one
-                # ends, while the agent commits this one's result (not queued if the worker died).
-                if self._send(lookahead):
-                    self.ahead = lookahead
-            reply = self.worker.receive(job.timeout, abort)
-        except TimeoutError as e:
-            self._drop_ahead()  # killed with the worker; it is still in the mailbox
-            self.worker.start()  # a fresh worker at once, so the next job finds it warm
-            return {"error": {"type": "Timeout", "message": str(e), "traceback": ""}}, None
-        except WorkerLost as e:
-            self._drop_ahead()
-            if abort():
-                return None
-            logger.warning("agent {}: {} while running {} chunk {}; starting a fresh worker",
-                           self.id, e.reason, job.run, job.chunk_id)
-            self.worker.start()
-            return {"error": {"type": "WorkerDied", "message": e.reason, "traceback": e.output}}, None
+            visible = job.visible_gpu_id and self.slot.gpu is not None
+            gpu_id = 0 if visible else self.slot.number
+            if job.kind is JobKind.SCRIPT:  # on an agent of several GPUs, or under --visible-gpu-id, it sees
+                narrowed = visible or len(self.slot.gpus) > 1  # only the agent's: its --gpu_id 0 is the first
+                err = run_script(job, 0 if narrowed else gpu_id,
+                                 self._with_threads(self._narrowed_env if narrowed else self.script_env), log, abort)
+                fields = {"log": str(log)} if err is None else {"log": str(log), "error": err}
+            else:
+                fields = run_command(job, gpu_id, self.slot.device, self._with_threads(self.command_env), log, abort)
+                err = fields.get("error")
+        except OSError as e:  # its log cannot be made or written (a full disk?)
+            return {"error": {"type": type(e).__name__, "message": f"cannot start the {job.kind.value}: {e}",
+                              "traceback": "", "errno": e.errno}}, None
+        if err is not None and (err["type"] == "Stopped" or (self.stopping() and "SIGTERM" in err["message"])):
+            return None  # stopped with the agent (e.g. Slurm's SIGTERM to the whole step): stays queued
+        return fields, None
+
+    def _exchange(self, worker: WorkerLike, job: Job, lookahead: Job | None,
+                  abort: Callable[[], bool]) -> dict[str, Any]:
+        """Send ``job`` to its run's worker (unless it was sent ahead), send ``lookahead`` after it
+        where it may go, and wait for ``job``'s reply."""
+        if self.ahead is not None and self.ahead.uid == job.uid:
+            self.ahead = None  # its request is already in the worker's pipe
+        elif not self._send(worker, job):
+            raise worker.lost()
+        self.started()
+        if lookahead is not None and not (self.stopping() or self.spool.drain_flag(self.id).exists()) \
+                and self._may_send_ahead(worker, job, lookahead):
+            # Pipelining: the next job waits in the worker's pipe and starts the moment this one
+            # ends, while the agent commits this one's result (not queued if the worker died).
+            if self._send(worker, lookahead):
+                self.ahead = lookahead
+        return worker.receive(job.timeout, abort)
+
+    def _outcome(self, job: Job, reply: dict[str, Any]) -> Outcome:
         times = {"started_at": reply.get("started_at"), "finished_at": reply.get("finished_at")}
         if not reply.get("ok"):
             err = reply.get("error")
-            if isinstance(err, dict) and err.get("poisoned"):  # the worker exits after this reply
-                self.replace_worker(f"CUDA context unusable after {job.run} chunk {job.chunk_id} "
-                                    f"({err['poisoned']})", warn=True)
+            if isinstance(err, dict) and (err.get("poisoned") or err.get("setup")):  # the worker exits after this reply
+                why = f"CUDA context unusable after {job.run} chunk {job.chunk_id} ({err['poisoned']})" \
+                    if err.get("poisoned") else f"the run's setup {err['setup']} failed in {job.run} chunk {job.chunk_id}"
+                self.replace_worker(job, why, warn=True)
             return {**times, "error": err}, None
         tmp = reply.get("arrays_tmp")
         arrays = {"arrays": self.spool.result_npz(job.run, job.chunk_id, job.attempt).name,
@@ -149,10 +205,13 @@ class Runner:
 
     def take_back(self) -> None:
         """The job sent ahead is not to run here after all (the agent stops, or drained itself):
-        the worker, which has not started it, is killed with it, so it stays queued. A fresh
-        worker is started when a job comes again."""
+        its run's worker, which has not started it, is killed with it, so it stays queued. A
+        fresh worker is started when a job of that run comes again."""
         if self.ahead is not None:
-            self.worker.kill()
+            worker = self.workers.of(self.ahead)
+            if worker is not None:
+                worker.kill()
+            self.workers.discard(self.ahead)
             self._drop_ahead()
 
     def _drop_ahead(self) -> None:
@@ -163,77 +222,58 @@ class Runner:
             self._first_of_worker.discard(self.ahead.uid)
             self.ahead = None
 
-    def recycle_reason(self, job: Job, jobs: list[Job], finished: set[tuple]) -> str | None:
-        """Why ``job`` must run in a fresh worker process (GPU memory given back), or None.
-        ``jobs``: the mailbox's, ``finished``: the ``Job.uid`` of those finished here.
-
-        After ``--max-jobs-per-worker`` jobs; and when ``job``'s run is not one the worker served
-        and its task module is none of theirs (a finished run's model leaves GPU memory), unless
-        one of those runs still has jobs queued here (two runs that share this agent would
-        otherwise restart the worker at every switch). Chunks of one run never cause one."""
+    def recycle_reason(self, job: Job) -> str | None:
+        """Why ``job`` must run in a fresh worker process of its run, or None: its worker ran
+        ``--max-jobs-per-worker`` jobs."""
         if job.kind is not JobKind.CALLABLE:
             return None
-        self._worker_seen()
-        if not self._wsent:
-            return None
-        if 0 < self.max_jobs_per_worker <= self._wsent:
-            return f"its worker ran {self._wsent} jobs (--max-jobs-per-worker {self.max_jobs_per_worker})"
-        mod = module_of(job)
-        if job.run in self._wruns or mod in self._wruns.values():
-            return None
-        if any(j.run in self._wruns for j in jobs if j.uid not in finished and j.uid != job.uid):
-            return None
-        return (f"{job.run} runs {mod}; the run(s) its worker served ran "
-                f"{', '.join(sorted(set(self._wruns.values())))} and have nothing queued here")
+        worker = self.workers.of(job)
+        if worker is not None and 0 < self.max_jobs_per_worker <= worker.sent:
+            return f"its worker ran {worker.sent} jobs (--max-jobs-per-worker {self.max_jobs_per_worker})"
+        return None
 
-    def replace_worker(self, why: str, warn: bool = False) -> None:
-        """A fresh worker process now. The job sent ahead to the old one (pipelining), which the
-        old one never started, is sent to the new one."""
-        ahead, old = self.ahead, self.worker.pid
+    def replace_worker(self, job: Job, why: str, warn: bool = False) -> None:
+        """A fresh worker process for ``job``'s run now. The job sent ahead to the old one
+        (pipelining, always of the same run), which the old one never started, is sent to the new one."""
+        ahead = self.ahead
+        old = self.workers.of(job)
         self.ahead = None
-        self.worker.stop()  # a poisoned worker exits after its reply: no wait; a recycled one at end of input
-        self.worker.start()
-        self._wid = None
-        if ahead is not None and self._send(ahead):
+        self.workers.discard(job)  # a poisoned worker exits after its reply: no wait; a recycled one at end of input
+        fresh = self.workers.get(job)
+        if ahead is not None and self._send(fresh, ahead):
             self.ahead = ahead  # else it stays in the mailbox, not finished: it runs next as any job
         (logger.warning if warn else logger.info)(
-            "agent {}: {}; worker {} replaced by a fresh one, pid {}{}", self.id, why, old, self.worker.pid,
+            "agent {}: {}; worker {} of run {} replaced by a fresh one, pid {}{}", self.id, why,
+            old.pid if old is not None else None, job.run, fresh.pid,
             f" ({ahead.run} chunk {ahead.chunk_id}, sent ahead, goes to it)" if self.ahead else "")
+
+    def retire(self, jobs: list[Job], finished: set[tuple], next_job: Job | None) -> None:
+        """Stop the workers of runs that are over, or that have had nothing queued here for long
+        (``Workers.retire``); ``jobs``: the mailbox's, ``finished``: the ``Job.uid`` of those
+        finished here. ``next_job``: the job about to run, or None when the agent ran dry (the
+        spare is started then). Before a job, only where a worker of another run lives: a
+        finished run's model must not stay on the GPU while the agent works on the next run."""
+        if next_job is None or self.workers.others(next_job):
+            queued = {run_key(j) for j in jobs if j.uid not in finished}
+            self.workers.retire(self._over, queued)
+        if next_job is None:
+            self.workers.idle()
+
+    def _over(self, run: str) -> bool:
+        return self.spool.sealed_flag(run).exists() or self.spool.cancel_flag(run).exists()
 
     def _request(self, job: Job) -> dict[str, Any]:
         return {"job": job.to_dict(), "gpu_id": self.slot.number, "device": self.slot.device,
                 "arrays_path": str(self.spool.result_npz(job.run, job.chunk_id, job.attempt))}
 
-    def _worker_seen(self) -> None:
-        """Forget what was sent to a worker process that is no longer the current one."""
-        wid = (self.worker.pid, getattr(self.worker, "generation", 0))
-        if wid != self._wid:
-            self._wid, self._wsent, self._wruns = wid, 0, {}
-
-    def _send(self, job: Job) -> bool:
-        """Queue ``job`` in the worker's pipe, noting what the worker process was sent."""
-        if not self.worker.send(self._request(job)):
+    def _send(self, worker: WorkerLike, job: Job) -> bool:
+        """Queue ``job`` in the worker's pipe, noting whether it is that process's first."""
+        if not worker.send(self._request(job)):
             return False
-        self._worker_seen()  # after the send: it starts a fresh process if the last one died idle
-        if self._wsent == 0:
+        if worker.sent == 1:  # counted after the send: it starts a fresh process if the last one died idle
             self._first_of_worker.add(job.uid)
-        self._wsent += 1
-        if len(self._wruns) >= 64 and job.run not in self._wruns:  # one worker may serve runs for weeks
-            self._wruns.pop(next(iter(self._wruns)))
-        self._wruns[job.run] = module_of(job)
         return True
 
-    def _may_send_ahead(self, job: Job) -> bool:
-        """Pipelining never hands over a job that ``recycle_reason`` could want a fresh worker for."""
-        self._worker_seen()
-        if 0 < self.max_jobs_per_worker <= self._wsent:
-            return False
-        return job.run in self._wruns or module_of(job) in self._wruns.values()
-
-
-def module_of(job: Job) -> str:
-    """The task module a callable job imports in the worker: its module name, or its file's path."""
-    mod = job.target.rpartition(":")[0]
-    if mod.endswith(".py") or os.sep in mod:
-        return os.path.normpath(os.path.join(job.workdir or "", mod))
-    return mod
+    def _may_send_ahead(self, worker: WorkerLike, job: Job, nxt: Job) -> bool:
+        """Pipelining hands over only a job of the same run, never one that needs a fresh worker."""
+        return run_key(nxt) == run_key(job) and not (0 < self.max_jobs_per_worker <= worker.sent)

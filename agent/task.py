@@ -5,6 +5,7 @@ Runs inside the worker process (after CUDA_VISIBLE_DEVICES is set).
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib
 import importlib.util
 import inspect
@@ -13,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from gpupool.jobs.descriptor import BUILTIN_KWARGS, Job
+from gpupool.jobs.descriptor import BUILTIN_KWARGS, SETUP_BUILTINS, Job
 from gpupool.jobs.errors import BadNpz
 from gpupool.jobs.npzio import load_npz
 
@@ -46,69 +47,60 @@ def is_file_target(mod: str) -> bool:
 
 
 class TaskCache:
-    """Callables by target, re-imported when their source file changes.
+    """Callables by target, each imported once: a worker serves one run, and asks for a fresh
+    worker when a source file it imported changes (``agent.sources``), so nothing is reloaded.
 
-    A module target is reloaded (``importlib.reload``) when its source file changed since this
-    worker imported it, or when it lacks the function asked for (one added since, the module
-    imported earlier as another task's or as a dependency), once, before the task fails."""
+    A task file (``path/file.py:fn``) is imported once per file, whatever function of it is asked
+    for: a run's --setup (an Executor's initializer) and its task share the file's globals."""
 
     def __init__(self) -> None:
-        self._cache: dict[tuple[str, str | None], tuple[Callable[..., Any], str | None, int]] = {}
-        self._modules: dict[str, int] = {}  # module target -> its source's mtime when last (re)loaded
+        self._cache: dict[tuple[str, str | None], Callable[..., Any]] = {}
 
     def get(self, target: str, workdir: str | None) -> Callable[..., Any]:
         key = (target, workdir)
-        hit = self._cache.get(key)
-        if hit is not None and _mtime(hit[1]) == hit[2]:
-            return hit[0]
-        fn, source = self._load(target, workdir)
-        self._cache[key] = (fn, source, _mtime(source))
+        fn = self._cache.get(key)
+        if fn is None:
+            fn = self._cache[key] = self._load(target, workdir)
         return fn
 
-    def _load(self, target: str, workdir: str | None) -> tuple[Callable[..., Any], str | None]:
+    def _load(self, target: str, workdir: str | None) -> Callable[..., Any]:
         mod_name, fn_name = split_target(target)
         if workdir and workdir not in sys.path:
             sys.path.insert(0, workdir)
-        if is_file_target(mod_name):
-            path = Path(workdir or ".", mod_name) if not os.path.isabs(mod_name) else Path(mod_name)
-            if not path.is_file():
-                raise TaskError(f"task file {path} does not exist")
-            name = f"_gpupool_task_{abs(hash(str(path.resolve())))}"
-            spec = importlib.util.spec_from_file_location(name, path)
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[name] = module
-            spec.loader.exec_module(module)
-        else:
-            module = self._module(mod_name, fn_name)
+        module = _file_module(mod_name, workdir) if is_file_target(mod_name) else _module(mod_name)
         fn = resolve(module, fn_name)
         if not callable(fn):
             raise TaskError(f"task {target!r}: module has no callable {fn_name!r}")
-        return fn, getattr(module, "__file__", None)
+        return fn
 
-    def _module(self, name: str, fn_name: str) -> Any:
-        """Module ``name``, imported, or reloaded if it changed or lacks ``fn_name``."""
-        imported = name in sys.modules
+
+def _file_module(mod: str, workdir: str | None) -> Any:
+    """The module of a task file, imported under a name of its own (once per file)."""
+    path = Path(workdir or ".", mod) if not os.path.isabs(mod) else Path(mod)
+    if not path.is_file():
+        raise TaskError(f"task file {path} does not exist")
+    name = f"_gpupool_task_{hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:16]}"
+    module = sys.modules.get(name)
+    if module is None:
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
         try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if not e.name or not (name == e.name or name.startswith(e.name + ".")):
-                raise  # one of its own imports is missing
-            importlib.invalidate_caches()  # a module file new since a folder listing was cached
-            module = importlib.import_module(name)
-        seen = self._modules.get(name)
-        changed = seen is not None and seen != _mtime(getattr(module, "__file__", None))
-        if imported and getattr(module, "__file__", None) and (changed or not callable(resolve(module, fn_name))):
-            importlib.invalidate_caches()
-            module = importlib.reload(module)
-        self._modules[name] = _mtime(getattr(module, "__file__", None))
-        return module
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[name]  # as the import system does: a failed import leaves nothing half made
+            raise
+    return module
 
 
-def _mtime(path: str | None) -> int:
+def _module(name: str) -> Any:
     try:
-        return os.stat(path).st_mtime_ns if path else 0
-    except OSError:
-        return -1
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if not e.name or not (name == e.name or name.startswith(e.name + ".")):
+            raise  # one of its own imports is missing
+        importlib.invalidate_caches()  # a module file new since a folder listing was cached
+        return importlib.import_module(name)
 
 
 class SharedCache:
@@ -177,6 +169,36 @@ def build_kwargs(fn: Callable[..., Any], job: Job, builtins: dict[str, Callable[
     out = {k: make() for k, make in builtins.items() if k in wanted}
     out.update(decode(job.kwargs) if job.encoded else job.kwargs)  # always passed: a misspelt name fails the chunk
     return out
+
+
+def setup_kwargs(fn: Callable[..., Any], job: Job, builtins: dict[str, Callable[[], Any]]) -> dict[str, Any]:
+    """The arguments of a run's --setup: the built-ins of ``SETUP_BUILTINS`` it names, and the
+    run's own --kwargs it names (all of them with ``**kwargs``); a sweep's per-chunk parameters
+    are not the run's, and are never passed."""
+    params = _params(fn) if _signature(fn) is not None else frozenset()
+    run_kwargs = {k: v for k, v in job.kwargs.items() if k not in (job.params or {})}
+    if job.encoded:
+        from gpupool.jobs.codec import decode
+
+        run_kwargs = decode(run_kwargs)
+    out = {k: builtins[k]() for k in SETUP_BUILTINS if params is None or k in params}
+    out.update({k: v for k, v in run_kwargs.items() if params is None or k in params})
+    return out
+
+
+def takes(fn: Callable[..., Any], name: str) -> bool:
+    """Whether ``fn`` accepts a keyword argument ``name`` (by name, or through ``**kwargs``)."""
+    if _signature(fn) is None:
+        return False
+    params = _params(fn)
+    return params is None or name in params
+
+
+def _signature(fn: Callable[..., Any]) -> inspect.Signature | None:
+    try:
+        return inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None
 
 
 def array_kwargs(fn: Callable[..., Any], job: Job, kwargs: dict[str, Any],

@@ -8,7 +8,6 @@ import select
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -122,10 +121,12 @@ class Worker:
     children a job leaves behind when it returns normally live on with the worker (a pool the
     task keeps between chunks, say)."""
 
-    def __init__(self, env: dict[str, str], log_path: Path, cwd: str | None = None) -> None:
+    def __init__(self, env: dict[str, str], log_path: Path, cwd: str | None = None,
+                 preload: tuple[str, ...] = ()) -> None:
         self.env = env
         self.log_path = log_path
         self.cwd = cwd
+        self.preload = preload  # libraries it imports before its first job (a spare: see agent.workers)
         self.proc: subprocess.Popen | None = None
         self._w: int | None = None
         self._r: int | None = None
@@ -133,7 +134,7 @@ class Worker:
         self._buf = bytearray()
         self._scanned = 0  # bytes of _buf already searched for a newline
         self._owed = 0  # requests sent whose reply has not been read
-        self.generation = 0  # how many processes were started: tells one worker process from the next
+        self.sent = 0  # requests sent to the current process
 
     def start(self) -> None:
         r_req, w_req = os.pipe()
@@ -142,7 +143,7 @@ class Worker:
             self.proc = subprocess.Popen(
                 # the agent's id last: ps and nvidia-smi tell the workers apart (see worker.set_title)
                 python_argv("agent.worker_process", str(r_req), str(w_rep), str(os.getpid()),
-                            self.env.get("GPUPOOL_AGENT", "-")),
+                            self.env.get("GPUPOOL_AGENT", "-"), ",".join(self.preload)),
                 pass_fds=(r_req, w_rep), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 env=self.env, cwd=self.cwd, start_new_session=True,
             )
@@ -152,12 +153,14 @@ class Worker:
             self._pidfd = os.pidfd_open(self.proc.pid)
         except (AttributeError, OSError):  # not Linux 5.3+: its exit is polled instead
             self._pidfd = None
-        self._w, self._r, self._buf, self._scanned, self._owed = w_req, r_rep, bytearray(), 0, 0
-        self.generation += 1
+        self._w, self._r, self._buf, self._scanned, self._owed, self.sent = w_req, r_rep, bytearray(), 0, 0, 0
 
     @property
     def pid(self) -> int | None:
         return self.proc.pid if self.proc else None
+
+    def alive(self) -> bool:
+        return self.proc is not None and not exited(self.proc)
 
     def send(self, request: dict[str, Any]) -> bool:
         """Queue a request in the worker's pipe (it runs requests one after another).
@@ -177,6 +180,7 @@ class Worker:
                 return False
             raise self.lost() from None
         self._owed += 1
+        self.sent += 1
         return True
 
     def receive(self, timeout: float | None, abort: Callable[[], bool]) -> dict[str, Any]:

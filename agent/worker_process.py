@@ -1,26 +1,35 @@
-"""The worker: a long-lived child of the agent that imports task code and runs callable jobs.
+"""The worker: a child of the agent that serves one run, importing its code and running its chunks.
 
-It is started with CUDA_VISIBLE_DEVICES already narrowed to the agent's GPU, so CUDA
-state created by a task lives here for the agent's whole life. Protocol, one JSON line
-each way on two inherited pipes:
+It is started with CUDA_VISIBLE_DEVICES already narrowed to the agent's GPU and with the run's
+``--env`` (and the agent's thread counts) in its environment, before anything is imported, so
+CUDA state and libraries set up by the run's tasks live here for the run (``agent.workers``).
+Protocol, one JSON line each way on two inherited pipes:
   request ``{"job": {...}, "gpu_id": N, "device": "cuda:0", "arrays_path": "<final .npz>"}``
   reply   ``{"ok": true, "value": ..., "arrays_tmp": "<temp .npz>"|null}`` or
           ``{"ok": false, "error": {"type", "message", "traceback"[, "errno"]}}``
           (``errno`` where the exception is an OSError, so that the agent can tell a full
           disk from the job's own failure; ``gpu_error`` and ``poisoned`` where the failure
-          is the GPU's, see ``after_failure``)
+          is the GPU's, see ``after_failure``; ``setup`` where the run's --setup raised)
+          or ``{"ok": false, "restart": "<why>"[, "cold": true]}``: the job was not run, and
+          this worker exits; the agent sends it to a fresh one (``Session.restart_reason``:
+          a job of another run, a source file changed since it was imported; ``cold``: the
+          run's folder has a module named like one this spare preloaded).
+  Either reply may carry ``"libs": [...]``, the top-level libraries first imported by that job
+  (``agent.sources``), which the agent's next spare worker preloads.
 
-A failed job whose CUDA context is left unusable (``poisoned`` in its error) is the worker's
-last: it exits right after that reply, without reading the next request, and the agent starts
-a fresh one (CUDA's documentation: after such an error the process must be terminated and
-relaunched; every later CUDA call in it fails).
+Started as a spare (``argv[5]``: library names, comma-separated), it imports those libraries
+first, then waits for its first job like any worker.
+
+A failed job whose CUDA context is left unusable (``poisoned`` in its error), or whose run's
+--setup failed, is the worker's last: it exits right after that reply, without reading the next
+request, and the agent starts a fresh one (CUDA's documentation: after such an error the process
+must be terminated and relaunched; every later CUDA call in it fails).
 
 A job may fork: a forked child that returns from the job function (instead of ``os._exit``)
 leaves quietly here, never answering a request or reading the next one.
 """
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import gc
 import json
@@ -31,7 +40,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 
 def _die_with_parent(parent: int) -> None:
@@ -101,27 +110,19 @@ def jsonable(value: Any) -> Any:
     return data
 
 
-def call_args(job: Any, fn: Any, req: dict[str, Any], shared: Any) -> tuple[list[Any], dict[str, Any]]:
+def call_args(job: Any, fn: Any, req: dict[str, Any], session: "Session") -> tuple[list[Any], dict[str, Any]]:
     """The positional and keyword arguments of ``fn`` for ``job``: the built-ins it asks for, the
-    chunk's and shared arrays by name (``arrays_as_kwargs``), then the job's own arguments."""
-    from gpupool.agent.task import build_kwargs, array_kwargs
+    chunk's and shared arrays by name (``arrays_as_kwargs``), then the job's own arguments, and
+    ``state`` (what the run's --setup returned) where it takes it."""
+    from gpupool.agent.task import array_kwargs, build_kwargs, takes
     from gpupool.jobs.codec import decode
-    from gpupool.jobs.npzio import load_npz
 
-    def gpu_id() -> int:  # visible_gpu_id: the index CUDA gives the agent's GPU in this process
-        return 0 if job.visible_gpu_id and str(req["device"]).startswith("cuda") else req["gpu_id"]
-
-    builtins = {
-        "chunk_id": lambda: job.chunk_id,
-        "total_chunks": lambda: job.total_chunks,
-        "gpu_id": gpu_id,
-        "device": lambda: req["device"],
-        "shared": lambda: shared.get(job.shared) if job.shared else None,
-        "data": lambda: load_npz(job.data) if job.data else None,
-    }
+    builtins = session.builtins(job, req)
     kwargs = build_kwargs(fn, job, builtins)
     if job.arrays_as_kwargs:
         kwargs = array_kwargs(fn, job, kwargs, builtins)
+    if job.setup is not None and job.setup_args is None and takes(fn, "state"):
+        kwargs["state"] = session.state
     return (decode(job.args) if job.encoded else list(job.args)), kwargs
 
 
@@ -145,18 +146,99 @@ def returned_arrays(value: Any) -> tuple[dict[str, Any], str | None] | None:
     return (arrays, None) if arrays is not None else None
 
 
-def run_one(req: dict[str, Any], tasks: Any, shared: Any) -> dict[str, Any]:
+class Session:
+    """What one worker process keeps for the run it serves: the run, its callables and shared
+    data, what its --setup returned, and the source files its chunks imported."""
+
+    def __init__(self, preloaded: tuple[str, ...] = ()) -> None:
+        from gpupool.agent.sources import SourceWatch
+        from gpupool.agent.task import SharedCache, TaskCache
+
+        self.tasks, self.shared, self.watch = TaskCache(), SharedCache(), SourceWatch()
+        self.preloaded = preloaded  # libraries imported before the first job (a spare's)
+        for name in preloaded:
+            self.watch.watch(sys.modules[name])
+        self.run: tuple[str, str | None] | None = None  # (run, epoch) of the first job
+        self.state: Any = None
+        self.set_up = False
+        self.in_setup = False
+
+    def builtins(self, job: Any, req: dict[str, Any]) -> dict[str, Any]:
+        """Each built-in argument, as a thunk (shared or chunk data is only loaded when asked for)."""
+        from gpupool.jobs.npzio import load_npz
+
+        def gpu_id() -> int:  # visible_gpu_id: the index CUDA gives the agent's GPU in this process
+            return 0 if job.visible_gpu_id and str(req["device"]).startswith("cuda") else req["gpu_id"]
+
+        return {
+            "chunk_id": lambda: job.chunk_id,
+            "total_chunks": lambda: job.total_chunks,
+            "gpu_id": gpu_id,
+            "device": lambda: req["device"],
+            "shared": lambda: self.shared.get(job.shared) if job.shared else None,
+            "data": lambda: load_npz(job.data) if job.data else None,
+        }
+
+    def restart_reason(self, job: Any) -> tuple[str, bool] | None:
+        """Why ``job`` must run in a fresh worker instead (and whether that one must not be a
+        preloaded spare), or None: this worker serves another run, or a source file it imported
+        changed, or (a spare's first job) the run's folder has a module named like one it preloaded."""
+        key = (job.run, job.epoch)
+        if self.run is None:
+            if shadow := self._shadowed(job.workdir):
+                return f"the run's folder {job.workdir} has its own {shadow!r}, which this spare worker " \
+                       f"imported from the libraries", True
+            self.run = key
+        elif key != self.run:
+            return f"this worker serves run {self.run[0]} (epoch {self.run[1]})", False
+        changed = self.watch.changed()
+        if changed is not None:
+            return f"{changed} changed since this worker imported it", False
+        return None
+
+    def _shadowed(self, workdir: str | None) -> str | None:
+        """A preloaded library name that ``workdir`` (first on the path of the run's chunks) has a module of."""
+        if not workdir or not self.preloaded:
+            return None
+        import importlib.machinery
+
+        for name in self.preloaded:
+            try:
+                if importlib.machinery.PathFinder.find_spec(name, [workdir]) is not None:
+                    return name
+            except (ImportError, ValueError, OSError):
+                continue
+        return None
+
+    def setup(self, job: Any, req: dict[str, Any]) -> None:
+        """Call the run's --setup (an Executor's initializer) once, before its first chunk."""
+        if job.setup is None or self.set_up:
+            return
+        from gpupool.agent.task import setup_kwargs
+        from gpupool.jobs.codec import decode
+
+        fn = self.tasks.get(job.setup, job.workdir)
+        if job.setup_args is not None:  # initializer(*initargs), as ProcessPoolExecutor calls it
+            args, kwargs = decode(job.setup_args), {}
+        else:
+            args, kwargs = [], setup_kwargs(fn, job, self.builtins(job, req))
+        self.in_setup = True
+        self.state = fn(*args, **kwargs)
+        self.in_setup = False
+        self.set_up = True
+
+
+def run_one(req: dict[str, Any], job: Any, session: Session) -> dict[str, Any]:
     from gpupool.jobs.atomic import writing
     from gpupool.jobs.codec import CodecError
-    from gpupool.jobs.descriptor import JOB_MARK, Job
+    from gpupool.jobs.descriptor import JOB_MARK
     from gpupool.jobs.npzio import save_npz
 
-    job = Job.from_dict(req["job"])
     print(f"{JOB_MARK} {job.run} chunk {job.chunk_id} attempt {job.attempt}", flush=True)  # what the import prints too
-    with job_environ(job.env):  # main.py --env: while its module is imported and it runs
-        fn = tasks.get(job.target, job.workdir)
-        args, kwargs = call_args(job, fn, req, shared)
-        value = fn(*args, **kwargs)
+    session.setup(job, req)
+    fn = session.tasks.get(job.target, job.workdir)
+    args, kwargs = call_args(job, fn, req, session)
+    value = fn(*args, **kwargs)
     found = returned_arrays(value)
     if found is not None:
         arrays, form = found
@@ -168,22 +250,6 @@ def run_one(req: dict[str, Any], tasks: Any, shared: Any) -> dict[str, Any]:
     except CodecError as e:
         raise TypeError(f"the task returned a {type(value).__name__}, which is neither a dict (or tuple or list) of "
                         f"numpy arrays nor a value that can travel back ({e})") from None
-
-
-@contextlib.contextmanager
-def job_environ(env: dict[str, str] | None) -> Iterator[None]:
-    """The run's ``--env`` variables set while its job runs; the worker's own values put back
-    after, for the next run's jobs."""
-    saved = {k: os.environ.get(k) for k in env or ()}
-    os.environ.update(env or {})
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def cut(text: str, limit: int = TEXT_LIMIT) -> str:
@@ -293,7 +359,7 @@ def _errno_of(exc: BaseException) -> int | None:
         seen.add(id(e))
         if isinstance(e, OSError) and isinstance(e.errno, int):
             return e.errno
-        e = e.__cause__ or e.__context__
+        e = e.__cause__ if e.__cause__ is not None else e.__context__  # never bool() of an exception
     return None
 
 
@@ -344,11 +410,11 @@ def gpu_fault(exc: BaseException) -> str | None:
         seen.add(id(e))
         if isinstance(oom, type) and isinstance(e, oom):
             return "out_of_memory"
-        text = f"{type(e).__name__}: {str(e)[:TEXT_LIMIT]}"
+        text = f"{type(e).__name__}: {_text_of(e)[:TEXT_LIMIT]}"
         for kind, pattern in (("out_of_memory", OUT_OF_MEMORY), ("driver", DRIVER_ERROR), ("kernel", KERNEL_ERROR)):
             if pattern.search(text):
                 return kind
-        e = e.__cause__ or e.__context__
+        e = e.__cause__ if e.__cause__ is not None else e.__context__  # never bool() of an exception
     return None
 
 
@@ -413,27 +479,72 @@ def after_failure(err: dict[str, Any], fault: str | None) -> None:
 _worker_pid: int | None = None  # set by main(): a forked child has another pid
 
 
-def handle(request: dict[str, Any], tasks: Any, shared: Any) -> dict[str, Any]:
+def handle(request: dict[str, Any], session: Session) -> dict[str, Any]:
     """One request to one reply; a job's exception becomes a failed reply, never our death."""
+    from gpupool.jobs.descriptor import Job
+
     started = time.time()
     fault = None
+    job = None
     try:
-        reply = run_one(request, tasks, shared)
+        job = Job.from_dict(request["job"])
+        restart = session.restart_reason(job)
+        if restart is not None:
+            return {"ok": False, "restart": restart[0], **({"cold": True} if restart[1] else {})}
+        reply = run_one(request, job, session)
     except BaseException as e:  # SystemExit and KeyboardInterrupt from task code too
         if _worker_pid is not None and os.getpid() != _worker_pid:
             raise  # a child the job forked: it exits as Python makes it (sys.exit(3) gives 3)
         reply = {"ok": False, "error": error_of(e)}
         fault = gpu_fault(e)
-        if request.get("device") == "cpu" and (fault or ASKS_CUDA.search(f"{type(e).__name__}: {str(e)[:TEXT_LIMIT]}")):
+        if request.get("device") == "cpu" and (fault or ASKS_CUDA.search(f"{type(e).__name__}: {_text_of(e)[:TEXT_LIMIT]}")):
             reply["error"]["message"] = f"{NO_GPU_HERE}: {reply['error']['message']}"
+        if session.in_setup:  # this worker is left half set up: its last job (see main)
+            session.in_setup = False
+            reply["error"]["setup"] = job.setup
+            reply["error"]["message"] = f"the run's setup {job.setup} failed: {reply['error']['message']}"
     finished = time.time()
     if not reply["ok"]:  # out of the except block: the job's frames (and tensors) are let go
         try:
             after_failure(reply["error"], fault)
         except Exception as e:  # the check must never cost the reply
             print(f"warning: checking the GPU after a failed job failed: {e!r}", file=sys.stderr)
+    try:
+        libs = session.watch.scan()
+    except Exception as e:  # never the reply's loss: the spare preloads less, a changed file goes unseen
+        print(f"warning: listing what the job imported failed: {e!r}", file=sys.stderr)
+        libs = []
+    if libs:
+        reply["libs"] = libs
     reply.update(started_at=started, finished_at=finished)
     return reply
+
+
+def last_reply(reply: dict[str, Any]) -> str | None:
+    """Why the worker exits after sending ``reply`` (the agent then starts a fresh one), or None."""
+    if reply.get("restart"):
+        return f"a fresh worker is needed ({reply['restart']})"
+    err = reply.get("error") if not reply.get("ok") else None
+    if isinstance(err, dict) and err.get("poisoned"):
+        return f"CUDA context unusable ({err['poisoned']})"
+    if isinstance(err, dict) and err.get("setup"):
+        return f"the run's setup {err['setup']} failed"
+    return None
+
+
+def preload(names: list[str]) -> tuple[str, ...]:
+    """A spare's libraries, imported before its first job; those that fail to import are left out."""
+    import importlib
+
+    done = []
+    for name in names:
+        try:
+            importlib.import_module(name)
+            done.append(name)
+        except BaseException as e:  # a library that fails here fails the same way in the job that imports it
+            print(f"spare worker: preloading {name} failed ({type(e).__name__}: {e}); left to the jobs",
+                  file=sys.stderr, flush=True)
+    return tuple(done)
 
 
 def main() -> None:
@@ -446,9 +557,6 @@ def main() -> None:
     # sends SIGTERM to every process of a job step before its time limit.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    from gpupool.agent.task import SharedCache, TaskCache
-
-    tasks, shared = TaskCache(), SharedCache()
     for fd in (rfd, wfd):  # programs the job runs do not hold our pipes (a fork still does)
         os.set_inheritable(fd, False)
     global _worker_pid
@@ -456,21 +564,24 @@ def main() -> None:
     from gpupool.jobs.descriptor import IN_WORKER_ENV
 
     os.environ[IN_WORKER_ENV] = str(me)  # an Executor made by code imported here refuses to start
+    preloaded = preload([n for n in (sys.argv[5] if len(sys.argv) > 5 else "").split(",") if n])
+    import gpupool.jobs.atomic, gpupool.jobs.codec, gpupool.jobs.npzio, gpupool.jobs.results  # noqa: E401, F401
+    session = Session(preloaded)  # all a first job needs, made before it comes (a spare waits for it ready)
     rd, wr = os.fdopen(rfd, "rb"), os.fdopen(wfd, "wb", buffering=0)
     for line in rd:
         request = json.loads(line)
         set_title(title_for(agent, request.get("job")), name)
-        reply = handle(request, tasks, shared)
+        reply = handle(request, session)
         sys.stdout.flush()
         sys.stderr.flush()
         if os.getpid() != me:  # a child the job forked returned into our loop: it is not the worker
             os._exit(0)
         wr.write(json.dumps(reply).encode() + b"\n")
         set_title(title_for(agent, None), name)
-        poisoned = not reply["ok"] and reply["error"].get("poisoned")
-        if poisoned:  # the agent starts a fresh worker; what waits in our pipe is sent to it again
-            print(f"worker {me}: CUDA context unusable ({poisoned}); exiting", file=sys.stderr, flush=True)
-            os._exit(0)  # no teardown: CUDA calls in destructors would fail (or hang) in this context
+        why = last_reply(reply)
+        if why is not None:  # the agent starts a fresh worker; what waits in our pipe is sent to it again
+            print(f"worker {me}: {why}; exiting", file=sys.stderr, flush=True)
+            os._exit(0)  # no teardown: CUDA calls in destructors would fail (or hang) in a poisoned context
 
 
 if __name__ == "__main__":

@@ -55,8 +55,11 @@ def proc_io(pid: int) -> dict[str, int]:
 
 
 def proc_cpu_s(pid: int) -> float:
-    """utime + stime of the process (all its threads), seconds."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    """utime + stime of the process (all its threads), seconds; 0 once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
@@ -96,14 +99,23 @@ class Agents:
     ids: list[str]
     pids: list[int]
 
-    def worker_pids(self) -> list[int]:
+    def spares(self, since: float) -> list[int] | None:
+        """Each agent's spare worker (what the next run takes), once a heartbeat written after
+        ``since`` names it and no worker of a run that is over; None until then."""
         out = []
         for ident in self.ids:
-            with contextlib.suppress(OSError, ValueError):
+            try:
                 hb = json.loads((self.base / "agents" / f"{ident}.json").read_text())
-                if hb.get("worker_pid"):
-                    out.append(int(hb["worker_pid"]))
+            except (OSError, ValueError):
+                return None
+            if hb.get("updated_at", 0) <= since or hb.get("workers") or not hb.get("spare_pid"):
+                return None
+            out.append(int(hb["spare_pid"]))
         return out
+
+    def worker_pids(self) -> list[int]:
+        """Every process the agents started and that runs now (their workers and spares)."""
+        return [p for pid in self.pids for p in descendants(pid)]
 
 
 @contextlib.contextmanager
@@ -118,14 +130,33 @@ def agents(base: Path, n: int, args: list[str] | None = None, gpu: bool = False)
 
 
 def wait_workers(ag: Agents, timeout: float = 60.0) -> list[int]:
-    """The worker processes are started in the background; wait until each one is up."""
-    deadline = time.monotonic() + timeout
+    """Wait until the runs fed so far are over at every agent (their workers gone) and each agent
+    has the spare the next run takes (every run has workers of its own: agent.workers); then
+    every process the agents run."""
+    since, deadline = time.time(), time.monotonic() + timeout
     while time.monotonic() < deadline:
-        pids = ag.worker_pids()
-        if len(pids) == len(ag.ids):
-            return pids
+        if ag.spares(since) is not None:
+            return ag.worker_pids()
         time.sleep(0.05)
-    raise RuntimeError(f"workers of {ag.ids} did not appear within {timeout} s")
+    raise RuntimeError(f"the spare workers of {ag.ids} did not appear within {timeout} s")
+
+
+def descendants(root: int) -> list[int]:
+    """The processes under ``root`` (children, their children...)."""
+    kids: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                ppid = int(Path(f"/proc/{d}/stat").read_text().rpartition(")")[2].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            kids.setdefault(ppid, []).append(int(d))
+    out, todo = [], [root]
+    while todo:
+        for k in kids.get(todo.pop(), []):
+            out.append(k)
+            todo.append(k)
+    return out
 
 
 def main_command(base: Path, run: str, chunks: int, *args: str) -> tuple[float, subprocess.CompletedProcess]:
@@ -188,7 +219,7 @@ class Probe:
 
 def feed(base: Path, run: str, chunks: int, task: str | None = None, script: str | None = None,
          kwargs: dict[str, Any] | None = None, shared: str | None = None, depth: int | None = None,
-         probe: bool = False) -> PoolRun:
+         probe: bool = False, workdir: str | None = None) -> PoolRun:
     """Submit a run with ``master.api.Pool`` and be its master until it is done (wall time)."""
     from gpupool.master.api import Pool
     from gpupool.master.feeder import FeedConfig
@@ -198,7 +229,7 @@ def feed(base: Path, run: str, chunks: int, task: str | None = None, script: str
     with pr.installed() if probe else contextlib.nullcontext():
         t0 = time.perf_counter()
         r = Pool(base).submit(task=task, script=script, chunks=chunks, kwargs=kwargs, shared=shared, run=run,
-                              fresh=True, workdir=str(REPO))
+                              fresh=True, workdir=workdir or str(REPO))
         s = r.wait(progress=False, cfg=cfg)
         wall = time.perf_counter() - t0
     return PoolRun(run, chunks, wall, s.ok, dict(s.per_agent), pr.submitted, pr.collected)

@@ -13,7 +13,7 @@ from typing import Any
 from gpupool.jobs.errors import BadFile, NewerSchema
 from gpupool.jobs.names import MAX_CHUNKS, brief, check_chunk, check_name
 
-SCHEMA = 2  # the highest descriptor schema this version reads (agents say it in their heartbeat)
+SCHEMA = 3  # the highest descriptor schema this version reads (agents say it in their heartbeat)
 MAX_ATTEMPTS = 10**6  # attempt numbers become file names (<chunk>.a<N>.json): bounded
 MAX_GPUS = 64  # GPUs one job may ask for (--gpus-per-job)
 
@@ -43,7 +43,7 @@ class JobState(str, Enum):
 # (absent: 1) reads the job's schema, so an old agent is passed over, never fed jobs it must refuse.
 OPTIONAL: dict[str, Any] = {"alone": False, "epoch": None, "share": 1.0, "params": None, "options": None,
                             "args": [], "encoded": False, "arrays_as_kwargs": False, "visible_gpu_id": False,
-                            "env": None, "gpus": None, "gpu_mem": None}
+                            "env": None, "gpus": None, "gpu_mem": None, "setup": None, "setup_args": None}
 # params: an agent that ignored them would leave them out of the result (collect's columns); options: it
 # would ignore a command job's checks and result file
 # also new in schema 2 (issue 15): an Executor call's positional arguments and its arguments encoded by jobs.codec; the
@@ -51,9 +51,11 @@ OPTIONAL: dict[str, Any] = {"alone": False, "epoch": None, "share": 1.0, "params
 # (main.py --env): ignored, the job would run without the caller's variables
 # (issue 16, docs/multigpu.md) gpus: ignored, a job that needs k GPUs would run on whatever the agent holds;
 # gpu_mem: ignored, the job would start whatever memory its GPU has free
+# (issue 22) setup, setup_args: ignored, the task would run without the state its --setup (or the Executor's
+# initializer) makes
 MUST_UNDERSTAND: dict[str, int] = {"params": 2, "options": 2,  # field -> the schema that introduced it
                                    "args": 2, "encoded": 2, "arrays_as_kwargs": 2, "visible_gpu_id": 2, "env": 2,
-                                   "gpus": 2, "gpu_mem": 2}
+                                   "gpus": 2, "gpu_mem": 2, "setup": 3, "setup_args": 3}
 KIND_SCHEMA: dict[JobKind, int] = {JobKind.COMMAND: 2}  # a kind added later: the schema that introduced it
 
 # Set by the worker to its own pid: code the worker imports can tell it runs inside one (an
@@ -65,6 +67,7 @@ JOB_MARK = "=== gpupool job:"
 
 # Keyword names the agent fills in itself; a user kwarg may not reuse them.
 BUILTIN_KWARGS = ("chunk_id", "total_chunks", "gpu_id", "device", "shared", "data")
+SETUP_BUILTINS = ("gpu_id", "device", "shared", "total_chunks")  # those a run's --setup may ask for
 SCRIPT_FLAGS = ("gpu_id", "chunk_id", "total_chunks")  # what a script is given before its kwargs
 
 
@@ -116,6 +119,9 @@ class Job:
     env: dict[str, str] | None = None  # variables set for the job (main.py --env), over the agent's own
     gpus: int | None = None  # --gpus-per-job: the GPUs the job needs; only an agent holding that many runs it
     gpu_mem: float | None = None  # --gpu-mem: GiB of GPU memory it needs; it starts only once that is free
+    setup: str | None = None  # --setup (an Executor's initializer): "mod:fn" or "/abs/file.py:fn", called once per
+    #                           worker before its first chunk; its value is the task's ``state``
+    setup_args: list[Any] | None = None  # an initializer's initargs (jobs.codec): it is called with them alone
     schema: int = field(default=SCHEMA, compare=False)  # what it was read as; written as needs_schema
 
     @property
@@ -209,7 +215,9 @@ class Job:
             raise BadFile(f"'options': {why}", where)
         if self.env is not None and (why := env_problem(self.env)):
             raise BadFile(f"'env' {why}", where)
-        for name in ("shared", "data", "workdir"):
+        if self.setup_args is not None:
+            _expect(self.setup_args, list, "setup_args", where)
+        for name in ("shared", "data", "workdir", "setup"):
             v = getattr(self, name)
             if v is not None:
                 _expect(v, str, name, where)

@@ -80,7 +80,10 @@ class Heartbeat:
     heartbeat_s: float | None = None
     watch: str | None = None  # "inotify" or "poll"
     job_schema: int | None = None  # the newest job descriptors it reads (None: an older agent, 1)
-    worker_pid: int | None = None
+    worker_pid: int | None = None  # the worker of the run it ran last
+    workers: list[dict[str, Any]] | None = None  # each run's worker process: {"run", "pid"} (agent.workers)
+    spare_pid: int | None = None  # the spare worker, ready for the next run
+    worker_threads: int | None = None  # the math libraries' threads each worker was given (agent.threads)
     log: str | None = None
     last_error: str | None = None
     died_under: Any = None  # what its former process may have died under (jobs.losses.died_under)
@@ -161,7 +164,10 @@ FIELDS: dict[str, Any] = {
     "schema": is_int, "host": is_str, "hostname": is_str, "pid": is_int, "base": is_str, "device": is_str,
     "gpu_id": is_int, "gpu_index": is_int, "gpu_uuid": is_str, "current": _JOB, "ahead": _JOB, "jobs_done": is_int,
     "jobs_failed": is_int, "started_at": is_time, "updated_at": is_time, "heartbeat_s": is_num,
-    "watch": is_str, "job_schema": is_int, "worker_pid": is_int, "log": is_str, "last_error": is_str,
+    "watch": is_str, "job_schema": is_int, "worker_pid": is_int,
+    "workers": lambda v: isinstance(v, list) and len(v) <= 64 and all(
+        isinstance(w, dict) and is_str(w.get("run")) and is_int(w.get("pid")) for w in v),
+    "spare_pid": is_int, "worker_threads": is_int, "log": is_str, "last_error": is_str,
     "mailbox_lag_s": is_num, "gpu": _GPU,
     "gpus": lambda v: isinstance(v, list) and len(v) <= 64 and all(isinstance(g, dict) for g in v),
     "gpu_ids": lambda v: isinstance(v, list) and len(v) <= 64 and all(is_int(g) for g in v),

@@ -25,7 +25,7 @@ from typing import Any, Callable
 from loguru import logger
 
 from gpupool.jobs.atomic import NotAFile, file_kind, read_bounded, read_if_changed, write_replace
-from gpupool.jobs.descriptor import SCHEMA, Job
+from gpupool.jobs.descriptor import Job
 from gpupool.jobs.errors import BadFile, NewerSchema
 from gpupool.jobs.fsinfo import NameRefresh
 from gpupool.jobs.jsonio import load_json
@@ -33,6 +33,10 @@ from gpupool.jobs.locks import FileLock
 from gpupool.jobs.paths import Spool
 
 MAILBOX_LIMIT = 16 * 1024 * 1024
+# The mailbox's own format (its "schema"), apart from that of the jobs in it: each job says the schema
+# it needs (jobs.descriptor), and a new master writes an older agent's mailbox, with jobs that agent
+# reads, in a format it reads (2: the format since schema-2 jobs; unchanged by newer job fields).
+SCHEMA = 2
 
 
 STALE_WAIT = 3.0  # seconds an update waits for a fresh mailbox before going on regardless

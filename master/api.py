@@ -87,7 +87,7 @@ class Pool:
                run: str | None = None, retries: int = 2, timeout: float | None = None,
                fresh: bool = False, workdir: str | None = None, share: float = 1.0, arrays_as_kwargs: bool = False,
                visible_gpu_id: bool = False, kwargs_may_change: bool = False, env: dict[str, str] | None = None,
-               **command_options: Any) -> "Run":
+               setup: str | None = None, **command_options: Any) -> "Run":
         """Validate and record a run (nothing is queued until ``wait``). ``share``: the run's
         weight when several runs use the pool at once (agents split between them in proportion).
         ``cmd`` / ``commands``: command jobs (``agent.command``), with ``command_options`` prefix,
@@ -95,13 +95,15 @@ class Pool:
         parameter sets (``master.sweep``), one chunk each. ``arrays_as_kwargs``: each array of ``data``
         and ``shared`` is passed by its name; ``visible_gpu_id``: ``gpu_id`` is the GPU's index as the
         job sees it, 0 (docs/executor.md). ``env``: variables set for every job, over the agent's
-        environment (``main.py --env``). ``kwargs_may_change``: a run of this name with other
+        environment (``main.py --env``). ``setup``: ``"file.py:fn"`` or ``"module:fn"``, called once
+        per worker process before the run's first chunk there; its value is each chunk's ``state``
+        (``main.py --setup``). ``kwargs_may_change``: a run of this name with other
         kwargs is resumed with these, its done chunks kept (OctoRun's way: completion is keyed on
         chunk ids alone)."""
         spec = build(task=task, script=script, cmd=cmd, commands=commands, chunks=chunks, kwargs=kwargs,
                      sweep=sweep, shared=shared, data=data, run=run, retries=retries, timeout=timeout,
                      workdir=workdir, share=share, arrays_as_kwargs=arrays_as_kwargs,
-                     visible_gpu_id=visible_gpu_id, env=env, **command_options)
+                     visible_gpu_id=visible_gpu_id, env=env, setup=setup, **command_options)
         return Run(self.spool, spec, fresh, kwargs_may_change)
 
     def run(self, name: str) -> "Run":

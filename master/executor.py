@@ -48,6 +48,7 @@ import time
 import weakref
 from collections import deque
 from concurrent import futures
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -55,17 +56,17 @@ from typing import Any, Callable
 from loguru import logger
 
 from gpupool.jobs.atomic import write_replace
-from gpupool.jobs.codec import CodecError, decode
+from gpupool.jobs.codec import CodecError, decode, encode
 from gpupool.jobs.descriptor import IN_WORKER_ENV, Job, JobKind
 from gpupool.jobs.errors import BadFile
 from gpupool.jobs.locks import HolderLock
 from gpupool.jobs.names import slug
 from gpupool.jobs.paths import Spool
 from gpupool.jobs.results import chunk_records
-from gpupool.master.calls import bind, describe, target_of  # noqa: F401  (bind, target_of: the API of earlier versions)
+from gpupool.master.calls import bind, describe, target_of  # noqa: F401  (bind: the API of earlier versions)
 from gpupool.master.dispatcher import Dispatcher, FeedConfig
 from gpupool.master.remote import RemoteError, remote_exception
-from gpupool.master.runspec import RunSpec
+from gpupool.master.runspec import RunSpec, kwargs_size_error
 
 __all__ = ["CallFuture", "Executor", "NestedExecutor", "RemoteError", "RunCancelled"]
 
@@ -193,9 +194,14 @@ threading._register_atexit(_at_exit)  # what concurrent.futures.thread itself us
 class Executor(futures.Executor):
     """A ``concurrent.futures.Executor`` whose calls run on the agents of the spool at ``base``
     (default: ``$GPUPOOL_BASE``, as for ``main.py``); at most ``max_workers`` of them at once
-    (None: as many as there are agents)."""
+    (None: as many as there are agents). ``initializer``/``initargs`` mean what they mean for
+    ``ProcessPoolExecutor``: ``initializer(*initargs)`` is called once in each worker process
+    that runs this executor's calls (every agent's worker serves one executor only), before its
+    first call there; if it raises, the executor is broken: pending calls and later submits
+    raise ``BrokenProcessPool``."""
 
-    def __init__(self, base: str | os.PathLike | None = None, max_workers: int | None = None, *, retries: int = 0,
+    def __init__(self, base: str | os.PathLike | None = None, max_workers: int | None = None,
+                 initializer: Callable[..., Any] | None = None, initargs: tuple = (), *, retries: int = 0,
                  timeout: float | None = None, run: str | None = None, depth: int = 4, dead_after: float = 20.0,
                  poll: float = 0.1) -> None:
         _refuse_in_worker()
@@ -213,6 +219,7 @@ class Executor(futures.Executor):
                          (not 0 < poll < math.inf, f"poll must be a positive number of seconds, not {poll!r}")):
             if bad:
                 raise ValueError(f"Executor: {why}")
+        self._setup = _initializer(initializer, initargs)
         self.spool = Spool(base).ensure()
         self.run = run or f"executor-{_caller_name()}-{time.strftime('%m%d-%H%M%S')}-{secrets.token_hex(2)}"
         self.spool.run_dir(self.run).mkdir(parents=True, exist_ok=True)
@@ -225,6 +232,7 @@ class Executor(futures.Executor):
         self._mutex = threading.Lock()
         self._wake = threading.Event()
         self._closing = self._no_wait = False
+        self._broken: str | None = None  # why, once the initializer failed (ProcessPoolExecutor's BrokenProcessPool)
         cfg = FeedConfig(depth=depth, dead_after=dead_after, poll=poll, retry_delay=0.5, retry_cap=30.0)
         self._dispatcher = _Calls(self, cfg)
         self._thread = threading.Thread(target=self._dispatcher.loop_forever, name=f"executor-{self.run}",
@@ -235,7 +243,15 @@ class Executor(futures.Executor):
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> CallFuture:
         """Queue ``fn(*args, **kwargs)`` on the pool; the future gets its value or its exception."""
         target, workdir, pos, named = describe(fn, args, kwargs)
+        if self._setup is not None:
+            root = self._setup[1]
+            if root is not None and workdir is not None and root != workdir:
+                raise ValueError(f"{target} is imported from {workdir} and the initializer from {root}: a call's "
+                                 f"worker puts one folder on its path; keep them in one project")
+            workdir = workdir or root
         with self._mutex:
+            if self._broken is not None:
+                raise BrokenProcessPool(self._broken)
             if self._closing:
                 raise RuntimeError("cannot schedule new futures after shutdown")
             chunk = len(self._calls)
@@ -315,7 +331,9 @@ class _Calls(Dispatcher):
                    kind=JobKind.CALLABLE, target=call.target, attempt=self.attempt[c] + 1,
                    max_attempts=self.max_attempts[c], kwargs=call.kwargs, args=call.args, encoded=True,
                    timeout=self.ex.timeout,
-                   workdir=call.workdir, submitted_at=time.time(), alone=c in self.isolated)
+                   workdir=call.workdir, submitted_at=time.time(), alone=c in self.isolated,
+                   setup=self.ex._setup[0] if self.ex._setup else None,
+                   setup_args=self.ex._setup[2] if self.ex._setup else None)
 
     def sendable(self, c: int) -> bool:
         future = self.ex._calls[c].future
@@ -334,6 +352,10 @@ class _Calls(Dispatcher):
         future = self.ex._calls[c].future
         if future.done() or not (future.running() or future.set_running_or_notify_cancel()):
             return  # cancelled after it was sent
+        err = rec.get("error") if rec["status"] != "ok" else None
+        if isinstance(err, dict) and err.get("setup"):
+            self._break(c, rec)
+            return
         failure: BaseException | None = None
         try:
             if rec.get("status") != "ok":
@@ -396,12 +418,42 @@ class _Calls(Dispatcher):
         self.pending.clear()
         self.inflight.clear()
 
+    def _break(self, c: int, rec: dict[str, Any]) -> None:
+        """The initializer raised in a worker: as ProcessPoolExecutor, the executor is broken; this
+        call and every other not done fail with BrokenProcessPool (the remote error its cause),
+        calls still queued leave the mailboxes, and ``submit`` raises it from now on."""
+        cause = remote_exception(rec.get("error"), rec.get("agent"), c, rec.get("attempt"))
+        why = (f"A worker's initializer {self.ex._setup[0]} raised {type(cause).__name__}: "
+               f"{str(rec['error'].get('message'))[:500]} (call {c}); the executor is broken")
+        with self.ex._mutex:
+            self.ex._broken = why
+        exc = BrokenProcessPool(why)
+        exc.__cause__ = cause
+        self._fail_all(exc)
+
     def _fail_all(self, exc: BaseException) -> None:
         with self.ex._mutex:
             self.ex._closing = True
             calls = list(self.ex._calls.values())
         for call in calls:  # every call not done fails with it, sent or not: the caller learns why
             _end(call.future, exc, sent=True)
+
+
+def _initializer(fn: Callable[..., Any] | None, initargs: tuple) -> tuple[str, str | None, list[Any]] | None:
+    """``initializer``/``initargs`` as the jobs carry them: (its target, the folder of its module, the
+    encoded initargs), or None; TypeError where it cannot travel (as for a call's function)."""
+    if fn is None:
+        return None
+    if not callable(fn):
+        raise TypeError(f"Executor: initializer must be a callable, not {fn!r}")
+    target, root = target_of(fn)
+    try:
+        args = encode(list(initargs))
+    except CodecError as e:
+        raise TypeError(f"Executor: initargs cannot travel to the agents ({e})") from None
+    if (too_large := kwargs_size_error({"initargs": args}, "initargs", "a file whose path you pass")):
+        raise ValueError(f"Executor: {too_large}")
+    return target, root, args
 
 
 def _end(future: futures.Future, exc: BaseException, sent: bool = False) -> None:

@@ -214,7 +214,7 @@ class Feeder(Dispatcher):
                    submitted_at=time.time(), alone=c in self.isolated, epoch=self.epoch, share=s.share,
                    params=s.chunk_params(c), options=s.options, arrays_as_kwargs=s.arrays_as_kwargs,
                    visible_gpu_id=s.visible_gpu_id, env=s.env, gpus=self.placement.gpus_per_job,
-                   gpu_mem=self.placement.gpu_mem)
+                   gpu_mem=self.placement.gpu_mem, setup=s.setup)
 
     # the loop ----------------------------------------------------------------------------------
     def run(self, stop: threading.Event | None = None) -> Summary:

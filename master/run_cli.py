@@ -57,6 +57,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--visible-gpu-id", action="store_true", help="gpu_id (and a script's --gpu_id) is the GPU's "
                    "index as the job sees it, 0, so that code building its device as cuda:{gpu_id} runs unchanged "
                    "(each agent's job sees its own GPU only)")
+    p.add_argument("--setup", metavar="FILE.py:FN|MODULE:FN",
+                   help="with --task: call FN once in each worker process of the run, before its first chunk, with "
+                   "the built-ins it names (device, gpu_id, shared, total_chunks) and the --kwargs it names; what it "
+                   "returns is passed to every chunk as state= (load a model once per GPU: docs/jobs.md)")
     p.add_argument("--env", action="append", metavar="NAME[=VALUE]",
                    help="set this variable for every job of the run, to VALUE or to its value here (agents run "
                    "jobs in their own environment, which may not be this shell's); repeatable")
@@ -153,7 +157,7 @@ def feed(args: argparse.Namespace) -> int:
                           timeout=args.timeout, fresh=args.fresh, share=args.share, prefix=args.prefix,
                           success_codes=args.success_codes, fail_on_output=args.fail_on_output,
                           result_file=args.result_file, arrays_as_kwargs=args.arrays_as_kwargs,
-                          visible_gpu_id=args.visible_gpu_id, env=parse_env(args.env))
+                          visible_gpu_id=args.visible_gpu_id, env=parse_env(args.env), setup=args.setup)
         cfg = FeedConfig(depth=args.depth, max_depth=max(args.depth, args.max_depth), dead_after=args.dead_after,
                          retry_delay=args.retry_delay, max_failures=args.max_failures, wait_agents=args.wait_agents)
         summary = run.wait(progress=not args.no_progress, cfg=cfg, wait_for_lock=args.wait, placement=placement)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from gpupool.jobs.atomic import NotAFile, write_replace
-from gpupool.jobs.descriptor import BUILTIN_KWARGS, MAX_ATTEMPTS, JobKind, env_problem, kwargs_problem, options_problem
+from gpupool.jobs.descriptor import BUILTIN_KWARGS, MAX_ATTEMPTS, SETUP_BUILTINS, JobKind, env_problem, kwargs_problem, options_problem
 from gpupool.jobs.errors import BadFile, BadNpz, SpoolError
 from gpupool.jobs.jsonio import load_json, read_json
 from gpupool.jobs.names import MAX_CHUNKS, brief, check_name, slug
@@ -45,13 +45,15 @@ class RunSpec:
     arrays_as_kwargs: bool = False  # --arrays-as-kwargs: each array of --data and --shared passed by its name
     visible_gpu_id: bool = False  # --visible-gpu-id: gpu_id is the GPU's index as its job sees it (0)
     env: dict[str, str] | None = None  # main.py --env: variables set for every job (may change on resume)
+    setup: str | None = None  # main.py --setup: called once per worker of the run; its value is each chunk's state
     schema: int = SPEC_SCHEMA
 
     def identity(self) -> dict[str, Any]:
         """What makes two runs the same run (retries and timeout may change on resume)."""
         return {"kind": self.kind.value, "target": self.target, "chunks": self.chunks, "kwargs": self.kwargs,
                 "shared": self.shared, "data_dir": self.data_dir, "params": self.params,
-                "commands": self.commands, "options": self.options}
+                "commands": self.commands, "options": self.options,
+                **({"setup": self.setup} if self.setup is not None else {})}  # as before --setup where none
 
     def chunk_target(self, chunk: int) -> str:
         """What chunk ``chunk`` runs: the run's target, or its line of a --commands file."""
@@ -67,7 +69,7 @@ class RunSpec:
     def to_json(self) -> bytes:
         d = dataclasses.asdict(self)
         d["kind"] = self.kind.value
-        for name in ("params", "commands", "options", "env"):  # only where set: older tools refuse unknown fields
+        for name in ("params", "commands", "options", "env", "setup"):  # only where set: older tools refuse unknown fields
             if d[name] is None:
                 del d[name]
         return json.dumps({**d, "created_at": time.time()}, indent=1, sort_keys=True).encode()
@@ -107,7 +109,7 @@ class RunSpec:
             return f"'chunks' must be a whole number from 1 to {MAX_CHUNKS}, not {brief(self.chunks)}"
         if not isinstance(self.kwargs, dict):
             return f"'kwargs' must be an object, not {brief(self.kwargs)}"
-        for name in ("shared", "data_dir", "workdir"):
+        for name in ("shared", "data_dir", "workdir", "setup"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, str) or "\0" in v):
                 return f"'{name}' must be a path, not {brief(v)}"
@@ -209,7 +211,7 @@ def build(*, task: str | None = None, script: str | None = None, cmd: str | None
           result_file: str | None = None, shared: str | None = None, data: str | None = None,
           run: str | None = None, retries: int = 2, timeout: float | None = None, workdir: str | None = None,
           share: float = 1.0, arrays_as_kwargs: bool = False, visible_gpu_id: bool = False,
-          env: dict[str, str] | None = None) -> RunSpec:
+          env: dict[str, str] | None = None, setup: str | None = None) -> RunSpec:
     """Check every argument and return the RunSpec; raises UsageError naming the bad one.
     ``sweep``: a sweep file's path or inline JSON (``master.sweep``), or its parameter sets."""
     workdir = str(Path(workdir or os.getcwd()).resolve())
@@ -261,6 +263,9 @@ def build(*, task: str | None = None, script: str | None = None, cmd: str | None
     shared_path = check_npz(shared, "--shared", workdir) if shared else None
     data_dir = check_data_dir(data, chunks, workdir) if data else None
     named = _array_kwargs(task, shared_path, data_dir, kwargs) if arrays_as_kwargs else set()
+    if setup is not None:
+        setup = check_setup(setup, task, workdir, kwargs, params)
+        named = named | {"state"}
     if task is not None:
         kind, target = JobKind.CALLABLE, check_task(task, workdir, kwargs, named) if params is None else ""
         for keys in dict.fromkeys(tuple(sorted(p)) for p in params or []):  # each kind of set in the sweep
@@ -283,7 +288,7 @@ def build(*, task: str | None = None, script: str | None = None, cmd: str | None
                             {"sweep": params is not None, "commands": lines, "options": options})
     return RunSpec(name, kind, target, chunks, kwargs, shared_path, data_dir, retries, timeout, workdir, float(share),
                    params=params, commands=lines, options=options, arrays_as_kwargs=bool(arrays_as_kwargs),
-                   visible_gpu_id=bool(visible_gpu_id), env=dict(env) if env else None)
+                   visible_gpu_id=bool(visible_gpu_id), env=dict(env) if env else None, setup=setup)
 
 
 def _array_kwargs(task: str | None, shared: str | None, data_dir: str | None, kwargs: dict[str, Any]) -> set[str]:
@@ -357,13 +362,46 @@ def check_run_name(run: str) -> str:
 def check_task(task: str, workdir: str, kwargs: dict[str, Any] | None = None, named: set[str] = frozenset()) -> str:
     """Find the task's module or file and check it defines the function, and that ``kwargs`` fit
     its signature, without importing it (no user code runs here)."""
+    target, source, found = _find(task, workdir, "--task")
+    if isinstance(found, ast.FunctionDef):
+        _check_signature(found, kwargs or {}, task, source, named)
+    return target
+
+
+def check_setup(setup: str, task: str | None, workdir: str, kwargs: dict[str, Any],
+                params: list[dict[str, Any]] | None) -> str:
+    """``--setup``: for a --task only, found as the task is, and able to be called with the
+    built-ins and --kwargs it may ask for (``agent.task.setup_kwargs``); ``state`` is then its
+    value, and no --kwargs or sweep parameter may take that name."""
+    if task is None:
+        raise UsageError("--setup is for --task: a script or a command is a process of its own for each chunk, "
+                         "which sets itself up")
+    if "state" in kwargs or any("state" in p for p in params or []):
+        raise UsageError("--kwargs or --sweep give 'state', which with --setup is what the setup returned; rename it")
+    target, source, found = _find(setup, workdir, "--setup")
+    if isinstance(found, ast.FunctionDef):
+        a = found.args
+        positional = a.posonlyargs + a.args
+        required = [x.arg for x in positional[:len(positional) - len(a.defaults)]]
+        required += [x.arg for x, d in zip(a.kwonlyargs, a.kw_defaults) if d is None]
+        if missing := [r for r in required if r not in SETUP_BUILTINS and r not in kwargs]:
+            raise UsageError(f"--setup {setup!r}: {found.name}() needs {missing}, which neither --kwargs nor the agent "
+                             f"(it gives a setup {', '.join(SETUP_BUILTINS)}) gives (a sweep's parameters are each "
+                             "chunk's, not the run's); every worker would fail")
+    return target
+
+
+def _find(task: str, workdir: str, option: str) -> tuple[str, Path | None, ast.AST | bool | None]:
+    """The target of a ``module:function`` or ``file.py:function`` (a file's made absolute), its
+    source file (None for a compiled module) and the definition found there (``_definition``),
+    without importing it (no user code runs here); UsageError naming ``option`` if not found."""
     mod, sep, fn = task.rpartition(":")
     if not sep or not mod or not fn.isidentifier():
-        raise UsageError(f"--task {task!r} must look like 'package.module:function' or 'path/file.py:function'")
+        raise UsageError(f"{option} {task!r} must look like 'package.module:function' or 'path/file.py:function'")
     if mod.endswith(".py") or os.sep in mod:
         path = Path(workdir, mod).resolve()
         if not path.is_file():
-            raise UsageError(f"--task {task!r}: the file {path} does not exist")
+            raise UsageError(f"{option} {task!r}: the file {path} does not exist")
         target, source = f"{path}:{fn}", path
     else:
         if workdir not in sys.path:
@@ -371,17 +409,14 @@ def check_task(task: str, workdir: str, kwargs: dict[str, Any] | None = None, na
         try:
             spec = importlib.util.find_spec(mod)
         except (ImportError, ValueError) as e:
-            raise UsageError(f"--task {task!r}: cannot import {mod!r} ({e})") from None
+            raise UsageError(f"{option} {task!r}: cannot import {mod!r} ({e})") from None
         if spec is None:
-            raise UsageError(f"--task {task!r}: no module named {mod!r} (searched from {workdir} and sys.path)")
+            raise UsageError(f"{option} {task!r}: no module named {mod!r} (searched from {workdir} and sys.path)")
         target, source = task, Path(spec.origin) if spec.origin and spec.origin.endswith(".py") else None
-    if source is not None:
-        found = _definition(source, fn)
-        if found is None:
-            raise UsageError(f"--task {task!r}: {source} defines no top-level function or name {fn!r}")
-        if isinstance(found, ast.FunctionDef):
-            _check_signature(found, kwargs or {}, task, source, named)
-    return target
+    found = _definition(source, fn, option) if source is not None else True
+    if found is None:
+        raise UsageError(f"{option} {task!r}: {source} defines no top-level function or name {fn!r}")
+    return target, source, found
 
 
 def _check_signature(fn: ast.FunctionDef, kwargs: dict[str, Any], task: str, source: Path,
@@ -402,13 +437,13 @@ def _check_signature(fn: ast.FunctionDef, kwargs: dict[str, Any], task: str, sou
                          f"(it fills in {', '.join(BUILTIN_KWARGS)}){arrays} gives; every chunk would fail")
 
 
-def _definition(source: Path, name: str) -> ast.AST | bool | None:
+def _definition(source: Path, name: str, option: str = "--task") -> ast.AST | bool | None:
     """The top-level definition of ``name`` in ``source`` (a FunctionDef, whose signature can be
     checked), True for one that cannot be judged (a class, an assignment, an import), or None."""
     try:
         tree = ast.parse(source.read_bytes(), str(source))
     except (SyntaxError, ValueError) as e:
-        raise UsageError(f"--task: {source} does not parse: {e}") from None
+        raise UsageError(f"{option}: {source} does not parse: {e}") from None
     found: ast.AST | bool | None = None
     for node in tree.body:  # the last definition wins, as at import
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.name == name:

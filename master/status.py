@@ -158,6 +158,9 @@ def _agent_row(ident: str, v: Any, ref: JobRef | None, queued: int, drain_flag: 
         "gpu_list": gpus, "slot": st.slot, "slots": st.slots,
         "gpu_mem_reserved": st.gpu_mem_reserved, "waiting": st.waiting,
         "mps": st.mps,  # the CUDA_MPS_PIPE_DIRECTORY its jobs get, where MPS runs
+        # docs/jobs.md, "Warm workers": each run's worker process here, the spare, and the thread
+        # count of the math libraries each worker was given
+        "workers": st.workers or [], "spare_pid": st.spare_pid, "worker_threads": st.worker_threads,
     }
 
 

@@ -104,3 +104,51 @@ def frozen_holder(lock: Path) -> subprocess.Popen:
     p = subprocess.Popen([sys.executable, "-c", code, str(lock)], stdout=subprocess.PIPE, text=True)
     assert p.stdout.readline().strip() == "held"
     return p
+
+
+class InProcessWorker:
+    """The worker protocol without a process: the worker's own ``handle``, in this process, same
+    replies, in order. ``make`` is an agent's ``make_worker`` whose every worker is this one (each
+    start is a fresh one: a new ``Session``, its pipe emptied, and the user modules the last one
+    imported forgotten, as a new process would not have them)."""
+
+    pid = None
+    preload: tuple[str, ...] = ()
+
+    def __init__(self) -> None:
+        from gpupool.agent.worker_process import Session
+
+        self.queue: list[dict[str, Any]] = []
+        self.starts = self.sent = 0
+        self.session, self._before = Session(), set(sys.modules)
+
+    def make(self, env: dict[str, str], preload: tuple[str, ...]) -> "InProcessWorker":
+        return self
+
+    def start(self) -> None:
+        from gpupool.agent.worker_process import Session
+
+        self.starts += 1
+        for name in set(sys.modules) - self._before:
+            if self.session.watch.kind(name, sys.modules[name])[0] == "user":
+                del sys.modules[name]
+        self.session, self.sent, self._before = Session(), 0, set(sys.modules)
+        self.queue.clear()
+
+    def stop(self) -> None:
+        self.queue.clear()  # a stopped process takes what waits in its pipe with it
+
+    kill = stop
+
+    def alive(self) -> bool:
+        return True
+
+    def send(self, request: dict[str, Any]) -> bool:
+        self.queue.append(json.loads(json.dumps(request)))
+        self.sent += 1
+        return True
+
+    def receive(self, timeout: float | None, abort: Any) -> dict[str, Any]:
+        from gpupool.agent.worker_process import handle
+
+        return handle(self.queue.pop(0), self.session)

@@ -1,7 +1,6 @@
 """One step of the agent loop, in this process (the worker runs jobs in-process here)."""
 from __future__ import annotations
 
-import json
 import shutil
 import textwrap
 from pathlib import Path
@@ -13,47 +12,26 @@ import pytest
 from gpupool.agent.agent import RESTART_DEFER_S, Agent, AgentConfig
 from gpupool.agent.gpu import NoGpu
 from gpupool.agent.slot import Slot
-from gpupool.agent.task import SharedCache, TaskCache
-from gpupool.agent.worker_process import handle
+from gpupool.agent.task import SharedCache
 from gpupool.jobs.descriptor import Job, JobKind
 from gpupool.jobs.heartbeat import write_status
 from gpupool.jobs.mailbox import Mailbox
 from gpupool.jobs.npzio import load_npz
 from gpupool.jobs.paths import Spool
 from gpupool.jobs.results import read_result
-from tests.helpers import REPO
+from tests.helpers import REPO, InProcessWorker
 from tests.test_feeder_step import Clock
-
-
-class InProcessWorker:
-    """The worker protocol without a process: same ``handle``, same replies, in order."""
-
-    pid = None
-
-    def __init__(self) -> None:
-        self.tasks, self.shared = TaskCache(), SharedCache()
-        self.queue: list[dict[str, Any]] = []
-
-    def start(self) -> None:
-        pass
-
-    def stop(self) -> None:
-        pass
-
-    def send(self, request: dict[str, Any]) -> bool:
-        self.queue.append(json.loads(json.dumps(request)))
-        return True
-
-    def receive(self, timeout: float | None, abort: Any) -> dict[str, Any]:
-        return handle(self.queue.pop(0), self.tasks, self.shared)
 
 
 @pytest.fixture
 def make_agent(spool: Spool):
     def make(clock: Any = None, **cfg: Any) -> Agent:
         slot = Slot("t-cpu0", 0, None, [])
-        a = Agent(spool, slot, NoGpu(), "t", AgentConfig(**{"watch": "poll", "prune_quiet": 0.0, **cfg}),
-                  worker=InProcessWorker(), **({"clock": clock} if clock else {}))
+        w = InProcessWorker()
+        a = Agent(spool, slot, NoGpu(), "t",
+                  AgentConfig(**{"watch": "poll", "prune_quiet": 0.0, "spare_worker": False, **cfg}),
+                  make_worker=w.make, **({"clock": clock} if clock else {}))
+        a.test_worker = w  # every worker of the agent (agent.worker is the latest job's, None before one)
         a.mailbox.ensure()
         return a
     return make
@@ -202,13 +180,13 @@ def test_next_job_is_sent_to_the_worker_while_the_last_one_is_committed(spool: S
     agent = make_agent()
     put(spool, cjob(0), cjob(1), cjob(2), cjob(3))
     agent.step()  # the run's first chunk here: how long its chunks take is not known yet, nothing goes ahead
-    assert agent.worker.queue == [] and agent.runner.ahead is None
+    assert agent.test_worker.queue == [] and agent.runner.ahead is None
     agent.step()  # short chunks: chunk 2 is handed over while chunk 1 runs
-    assert [r["job"]["chunk_id"] for r in agent.worker.queue] == [2]  # chunk 2 already handed over
+    assert [r["job"]["chunk_id"] for r in agent.test_worker.queue] == [2]  # chunk 2 already handed over
     assert agent.runner.ahead is not None and agent.runner.ahead.chunk_id == 2
     agent.spool.drain_flag(agent.id).touch()  # draining: what was handed over runs, nothing more
     assert agent.step() and read_result(spool.result_json("r", 2))["status"] == "ok"
-    assert agent.worker.queue == [] and agent.runner.ahead is None
+    assert agent.test_worker.queue == [] and agent.runner.ahead is None
     assert not agent.step() and not spool.result_json("r", 3).exists()
     agent.spool.drain_flag(agent.id).unlink()
     assert agent.step() and read_result(spool.result_json("r", 3))["status"] == "ok"
@@ -220,16 +198,16 @@ def test_nothing_is_handed_over_after_a_long_chunk(spool: Spool, make_agent) -> 
     put(spool, cjob(0), cjob(1), cjob(2))
     agent._durations["r"] = 60.0  # the run's last chunk here took a minute
     agent.step()
-    assert agent.worker.queue == [] and agent.runner.ahead is None
+    assert agent.test_worker.queue == [] and agent.runner.ahead is None
 
 
 def test_nothing_is_handed_over_beside_a_job_marked_alone(spool: Spool, make_agent) -> None:
     agent = make_agent()
     put(spool, cjob(0), cjob(1, alone=True), cjob(2))
     agent.step()  # chunk 0 runs, the one after it is alone: not sent ahead
-    assert agent.worker.queue == [] and agent.runner.ahead is None
+    assert agent.test_worker.queue == [] and agent.runner.ahead is None
     agent.step()  # chunk 1 runs alone: chunk 2 waits until its result is committed
-    assert read_result(spool.result_json("r", 1))["status"] == "ok" and agent.worker.queue == []
+    assert read_result(spool.result_json("r", 1))["status"] == "ok" and agent.test_worker.queue == []
     agent.step()
     assert read_result(spool.result_json("r", 2))["status"] == "ok"
     # only the suspect's descriptor carries the mark, so older agents read every other job
@@ -265,13 +243,13 @@ def test_an_agent_running_a_job_is_not_watching_its_mailbox(spool: Spool, make_a
     agent = make_agent(watch="inotify")
     agent.watcher.start()
     watching: list[bool] = []
-    receive = agent.worker.receive
+    receive = agent.test_worker.receive
 
     def spy(timeout: Any, abort: Any) -> dict[str, Any]:
         watching.append(agent.watcher._watch is not None)
         return receive(timeout, abort)
 
-    agent.worker.receive = spy
+    agent.test_worker.receive = spy
     try:
         assert not agent.step() and agent.watcher.wait(0) is False  # idle: watching, nothing new
         assert agent.watcher._watch is not None
@@ -322,8 +300,12 @@ def test_shutdown_stops_the_worker_and_releases_the_gpu_even_when_the_heartbeat_
         def stop(self) -> None:
             stopped.append(True)
 
-    a = Agent(spool, Slot("t-cpu0", 0, None, [gpu_lock]), NoGpu(), "t", AgentConfig(watch="poll"), worker=Worker())
+        kill = stop
+
+    a = Agent(spool, Slot("t-cpu0", 0, None, [gpu_lock]), NoGpu(), "t", AgentConfig(watch="poll"),
+              make_worker=Worker().make)
     a.mailbox.ensure()
+    a.runner.workers.start()  # the spare
     shutil.rmtree(spool.agents_dir)
     spool.agents_dir.write_text("a file where the agents folder was")  # every heartbeat write fails now
     a.shutdown()

@@ -16,14 +16,13 @@ import pytest
 from gpupool.agent.agent import Agent, AgentConfig
 from gpupool.agent.gpu import Gpu, NoGpu
 from gpupool.agent.slot import Slot
-from gpupool.agent.task import SharedCache, TaskCache
-from gpupool.agent.worker_process import gpu_fault, handle
+from gpupool.agent.worker_process import Session, gpu_fault, handle
 from gpupool.agent.worker_control import Worker
 from gpupool.jobs.descriptor import Job, JobKind
 from gpupool.jobs.mailbox import Mailbox
 from gpupool.jobs.paths import Spool
 from gpupool.jobs.results import read_result
-from tests.helpers import HOST, REPO, base_env, results, run_main, wait_for
+from tests.helpers import HOST, REPO, InProcessWorker, base_env, results, run_main, wait_for
 
 FAKE_TORCH = str(REPO / "tests" / "fake_torch")
 TASK = "tests.gputasks:step"
@@ -87,16 +86,17 @@ def test_a_kernel_error_marks_the_reply_poisoned_and_keeps_the_jobs_own_type_and
     (tmp_path / "t.py").write_text("def f():\n    raise RuntimeError('CUDA error: device-side assert triggered')\n")
     job = Job(run="r", chunk_id=0, total_chunks=1, kind=JobKind.CALLABLE, target=f"{tmp_path / 't.py'}:f")
     reply = handle({"job": job.to_dict(), "gpu_id": 0, "device": "cpu", "arrays_path": str(tmp_path / "0.npz")},
-                   TaskCache(), SharedCache())
+                   Session())
     err = reply["error"]
     assert not reply["ok"] and err["type"] == "RuntimeError" and "device-side assert" in err["message"]
     assert err["gpu_error"] == "kernel" and "device-side assert" in err["poisoned"]
 
 
 # one step of the agent, its worker a real process --------------------------------------------------
-def _agent(spool: Spool, worker: Any, gpu: bool = False, **cfg: Any) -> Agent:
+def _agent(spool: Spool, make_worker: Any, gpu: bool = False, **cfg: Any) -> Agent:
     slot = Slot("t-gpu0" if gpu else "t-cpu0", 0, Gpu(0, "0", "GPU-fake-0", "Fake") if gpu else None, [])
-    a = Agent(spool, slot, NoGpu(), "t", AgentConfig(**{"watch": "poll", "prune_quiet": 0.0, **cfg}), worker=worker)
+    a = Agent(spool, slot, NoGpu(), "t", AgentConfig(**{"watch": "poll", "prune_quiet": 0.0, "spare_worker": False,
+                                                        **cfg}), make_worker=make_worker)
     a.mailbox.ensure()
     return a
 
@@ -113,29 +113,39 @@ def _job(chunk: int, modes: list[str], run: str = "r", **kw: Any) -> Job:
 
 
 @pytest.mark.timeout(60)
+def real_workers(spool: Spool, tmp_path: Path) -> tuple[list[Worker], Any]:
+    """Real worker processes with the fake torch on their path: (those made so far, an agent's make_worker)."""
+    made: list[Worker] = []
+
+    def make(env: dict[str, str], preload: tuple[str, ...]) -> Worker:
+        made.append(Worker({**env, "PYTHONPATH": torch_env(tmp_path)["PYTHONPATH"]}, spool.worker_log("t-cpu0"),
+                           cwd=str(REPO), preload=preload))
+        return made[-1]
+    return made, make
+
+
 def test_the_job_sent_ahead_to_a_poisoned_worker_runs_on_the_fresh_one(spool: Spool, tmp_path: Path) -> None:
-    worker = Worker(torch_env(tmp_path), spool.worker_log("t-cpu0"), cwd=str(REPO))
-    agent = _agent(spool, worker)
+    made, make = real_workers(spool, tmp_path)
+    agent = _agent(spool, make)
     modes = ["assert", "ok", "ok"]
     _put(spool, agent, *(_job(c, modes) for c in range(3)))
     agent._durations["r"] = 0.01  # short chunks: the next one waits in the worker's pipe (pipelining)
-    worker.start()
     try:
-        first = worker.pid
         assert agent.step()
         rec = read_result(spool.result_json("r", 0))
         assert rec["status"] == "failed" and rec["error"]["type"] == "RuntimeError"
         assert "device-side assert" in rec["error"]["message"] and rec["error"]["gpu_error"] == "kernel"
         assert "device-side assert" in rec["error"]["poisoned"]
         assert agent.runner.ahead is not None and agent.runner.ahead.chunk_id == 1  # sent again, to the fresh worker
-        fresh = worker.pid
-        assert fresh != first
+        assert len(made) == 2 and agent.worker is made[1]
+        fresh = made[1].pid
+        assert fresh != made[0].pid
         assert agent.step() and agent.step()
         for c in (1, 2):
             rec = read_result(spool.result_json("r", c))
             assert rec["status"] == "ok" and rec["value"]["pid"] == fresh, rec
     finally:
-        worker.stop()
+        agent.runner.workers.stop_all()
 
 
 @pytest.mark.timeout(60)
@@ -144,11 +154,10 @@ def test_a_job_sent_again_to_a_fresh_worker_and_taken_back_is_no_longer_its_firs
     """Sent again to the fresh worker after a poisoned context, the job is that process's first (an
     out-of-memory there would be the GPU's fault); taken back (the agent drains), it is not any
     more, or it would count as one whenever it ran here later."""
-    worker = Worker(torch_env(tmp_path), spool.worker_log("t-cpu0"), cwd=str(REPO))
-    agent = _agent(spool, worker)
+    made, make = real_workers(spool, tmp_path)
+    agent = _agent(spool, make)
     _put(spool, agent, *(_job(c, ["assert", "ok"]) for c in range(2)))
     agent._durations["r"] = 0.01
-    worker.start()
     try:
         assert agent.step()
         ahead = agent.runner.ahead
@@ -156,31 +165,7 @@ def test_a_job_sent_again_to_a_fresh_worker_and_taken_back_is_no_longer_its_firs
         agent.runner.take_back()
         assert agent.runner.ahead is None and not agent.runner.was_first(ahead)
     finally:
-        worker.stop()
-
-
-class QueueWorker:
-    """The worker protocol in this process (``handle``), for the agent's bookkeeping alone."""
-
-    pid = None
-
-    def __init__(self) -> None:
-        self.tasks, self.shared, self.queue, self.starts = TaskCache(), SharedCache(), [], 0
-
-    def start(self) -> None:
-        self.starts += 1
-
-    def stop(self) -> None:
-        self.queue.clear()  # a stopped process takes what waits in its pipe with it
-
-    kill = stop
-
-    def send(self, request: dict[str, Any]) -> bool:
-        self.queue.append(json.loads(json.dumps(request)))
-        return True
-
-    def receive(self, timeout: float | None, abort: Any) -> dict[str, Any]:
-        return handle(self.queue.pop(0), self.tasks, self.shared)
+        agent.runner.workers.stop_all()
 
 
 def _raising(tmp_path: Path, message: str) -> str:
@@ -191,13 +176,13 @@ def _raising(tmp_path: Path, message: str) -> str:
 def test_a_gpu_agent_drains_itself_after_three_different_chunks_fail_with_driver_errors(spool: Spool,
                                                                                      tmp_path: Path) -> None:
     target = _raising(tmp_path, "CUDA error: no CUDA-capable device is detected")
-    worker = QueueWorker()
-    agent = _agent(spool, worker, gpu=True)
+    worker = InProcessWorker()
+    agent = _agent(spool, worker.make, gpu=True)
     jobs = [Job(run="r", chunk_id=c, total_chunks=8, kind=JobKind.CALLABLE, target=target, max_attempts=3)
             for c in range(5)]
     _put(spool, agent, *jobs)
     assert agent.step() and agent.step()
-    assert not spool.drain_flag(agent.id).exists() and worker.starts == 2  # a fresh worker after each
+    assert not spool.drain_flag(agent.id).exists() and worker.starts == 3  # the first, and a fresh one after each
     assert agent.step()
     assert spool.drain_flag(agent.id).exists()
     assert "drained itself: 3 different chunks" in agent.last_error and "no CUDA-capable device" in agent.last_error
@@ -209,15 +194,15 @@ def test_a_gpu_agent_drains_itself_after_three_different_chunks_fail_with_driver
 
 def test_the_same_chunk_failing_again_or_a_cpu_agent_never_drains(spool: Spool, tmp_path: Path) -> None:
     target = _raising(tmp_path, "CUDA error: no CUDA-capable device is detected")
-    worker = QueueWorker()
-    gpu = _agent(spool, worker, gpu=True)
+    worker = InProcessWorker()
+    gpu = _agent(spool, worker.make, gpu=True)
     _put(spool, gpu, *(Job(run="r", chunk_id=0, total_chunks=1, kind=JobKind.CALLABLE, target=target, attempt=a,
                            max_attempts=4) for a in (1, 2, 3, 4)))
     for _ in range(4):
         assert gpu.step()
-    assert worker.starts == 4  # each attempt in a fresh worker
+    assert worker.starts == 5  # each attempt in a fresh worker (and one after the last)
     assert not spool.drain_flag(gpu.id).exists()  # one chunk, whatever its attempts: it may be the chunk
-    cpu = _agent(spool, QueueWorker())  # on a CPU agent, a job that uses CUDA fails by its own doing
+    cpu = _agent(spool, InProcessWorker().make)  # on a CPU agent, a job that uses CUDA fails by its own doing
     _put(spool, cpu, *(Job(run="c", chunk_id=c, total_chunks=4, kind=JobKind.CALLABLE, target=target)
                        for c in range(4)))
     for _ in range(4):
@@ -229,13 +214,13 @@ def test_the_jobs_own_cuda_errors_never_drain_an_agent(spool: Spool, tmp_path: P
     """A run whose kernels assert poisons each worker it runs in: its chunks fail, each replaced
     worker is fresh, yet no agent drains (the bug is the run's, not the GPU's)."""
     target = _raising(tmp_path, "CUDA error: device-side assert triggered")
-    worker = QueueWorker()
-    agent = _agent(spool, worker, gpu=True)
+    worker = InProcessWorker()
+    agent = _agent(spool, worker.make, gpu=True)
     _put(spool, agent, *(Job(run="r", chunk_id=c, total_chunks=4, kind=JobKind.CALLABLE, target=target)
                          for c in range(4)))
     for _ in range(4):
         assert agent.step()
-    assert worker.starts == 4 and not spool.drain_flag(agent.id).exists()
+    assert worker.starts == 5 and not spool.drain_flag(agent.id).exists()
 
 
 # real agents, real main.py ------------------------------------------------------------------------
@@ -319,26 +304,30 @@ def test_an_agent_whose_gpu_keeps_failing_drains_itself_and_the_other_agent_does
 
 
 @pytest.mark.timeout(180)
-def test_a_run_with_another_task_module_gets_a_fresh_worker_but_chunks_of_one_run_never_do(
+def test_every_run_gets_a_worker_of_its_own_which_its_chunks_share_and_which_goes_when_it_is_over(
         spool: Spool, agents, tmp_path: Path) -> None:
+    """Issue 22: a worker reused by the next run computed it with the last run's code and model.
+    Two runs of the same module, then a run of another: three workers, one per run, each kept for
+    all the chunks of its run; once the runs are over, their workers are gone (GPU memory back)."""
     env = torch_env(tmp_path)
     a = agents(1, env_=env)[0]
 
-    def pids(run: str) -> list[int]:
+    def pids(run: str) -> set[int]:
         res = results(spool.base, run)
         assert res and all(r["status"] == "ok" for r in res.values()), res
-        return [r["value"]["pid"] for r in sorted(res.values(), key=lambda r: r["started_at"])]
+        return {r["value"]["pid"] for r in res.values()}
 
     for run, kwargs in (("a1", {"modes": ["ok"]}), ("a2", {"modes": ["ok", "ok"]})):
         r = run_main(main_args(spool, run, 6, kwargs), env)
         assert r.returncode == 0, r.stdout + r.stderr
-    # another run of the same module keeps the worker (and whatever the module keeps loaded)
-    assert len(set(pids("a1") + pids("a2"))) == 1
     r = run_main(["--base", str(spool.base), "--task", "examples.noop:env_probe", "--chunks", "6", "--run", "b",
                   "--no-progress"], env)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert len(set(pids("b"))) == 1 and set(pids("b")).isdisjoint(pids("a1"))
-    assert a.output().count("recycled: b runs examples.noop") == 1
+    each = [pids(run) for run in ("a1", "a2", "b")]
+    assert [len(p) for p in each] == [1, 1, 1] and len(set().union(*each)) == 3, each
+    gone = set().union(*each)
+    wait_for(lambda: not any(os.path.exists(f"/proc/{p}") for p in gone), 30, "the workers of the runs that are over")
+    wait_for(lambda: (a.heartbeat() or {}).get("workers") == [], 10, "a heartbeat naming no worker")
 
 
 @pytest.mark.timeout(120)

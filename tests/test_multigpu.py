@@ -227,7 +227,7 @@ def test_a_slot_takes_its_gpu_while_its_sibling_computes_on_it_but_not_beside_a_
                               *FAST], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
                              start_new_session=True)
     try:
-        hb = wait_for(lambda: heartbeat(spool.base, "testhost-gpu0s0").get("worker_pid"), 30, "slot 0 ready")
+        hb = wait_for(lambda: heartbeat(spool.base, "testhost-gpu0s0").get("spare_pid"), 30, "slot 0 ready")
         procs.write_text(json.dumps([{"pid": hb, "mem_mb": 2048}]))  # slot 0's worker computes on the GPU
         wait_for(lambda: heartbeat(spool.base, "testhost-gpu0s0")["gpu"]["worker_mem"] == 2048 * 2**20, 30,
                  "slot 0's own memory in its heartbeat")

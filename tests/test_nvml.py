@@ -392,7 +392,7 @@ def test_each_worker_is_named_after_its_agent_and_the_chunk_it_runs(spool: Spool
     env = base_env(tmp_path, FAKE_SETPROCTITLE_LOG=str(titles))
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "tests" / "fake_setproctitle")])
     a = agents(1, env_=env)[0]
-    pid = a.heartbeat()["worker_pid"]
+    pid = a.heartbeat()["spare_pid"]  # ready before any run; the first run takes it
     # ps, top (comm, set as the worker starts, perhaps just after the agent's first heartbeat); ps -f
     wait_for(lambda: Path(f"/proc/{pid}/comm").read_text().strip() == "w:testhost-cpu0", 30, "the worker's name")
     assert b"testhost-cpu0" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
@@ -419,7 +419,7 @@ def test_status_shows_the_gpu_memory_each_worker_holds(spool: Spool, tmp_path: P
     assert start_agents(1, spool.base, env).returncode == 0
     hb = lambda: json.loads((spool.base / "agents" / "testhost-gpu0.json").read_text())  # noqa: E731
     assert hb()["gpu"]["worker_mem"] == 0  # NVML lists no process: the worker holds nothing yet
-    procs.write_text(json.dumps([{"pid": hb()["worker_pid"], "mem_mb": 1536}, {"pid": os.getpid(), "mem_mb": 512}]))
+    procs.write_text(json.dumps([{"pid": hb()["spare_pid"], "mem_mb": 1536}, {"pid": os.getpid(), "mem_mb": 512}]))
     wait_for(lambda: hb()["gpu"]["worker_mem"] == 1536 * 2**20, 30, "the worker's own figure in the heartbeat")
     master = [sys.executable, "-m", "master", "status", "--base", str(spool.base)]
     data = json.loads(subprocess.run(master + ["--json"], cwd=REPO, env=env, capture_output=True, text=True).stdout)

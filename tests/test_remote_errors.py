@@ -126,9 +126,6 @@ def test_exceptions_hard_to_rebuild_reach_the_caller_and_spare_the_worker(spool:
         assert ex.submit(pow, 2, 5).result(timeout=60) == 32
 
 
-@pytest.mark.xfail(strict=True, reason="agent/worker_process.py handle() calls gpu_fault(e) and "
-                   "ASKS_CUDA.search(str(e)) after error_of: both call str(e) outside any guard, so the worker "
-                   "dies (WorkerDied); error_of itself copes (test_the_worker_describes_any_exception)")
 @pytest.mark.timeout(120)
 def test_an_exception_whose_str_fails_reaches_the_caller_and_spares_the_worker(spool: Spool, agents) -> None:
     [agent] = agents(1)

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import agents, feed, log, proc_cpu_s, wait_workers
+from bench.common import agents, descendants, feed, log, proc_cpu_s, wait_workers
 from bench.context import Ctx
 
 FS_SYSCALLS = {
@@ -52,23 +52,6 @@ def cpu_share(pids: list[int], window: float) -> float:
     c0, t0 = sum(proc_cpu_s(p) for p in pids), time.monotonic()
     time.sleep(window)
     return (sum(proc_cpu_s(p) for p in pids) - c0) / (time.monotonic() - t0)
-
-
-def descendants(root: int) -> list[int]:
-    kids: dict[int, list[int]] = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                ppid = int(Path(f"/proc/{d}/stat").read_text().rpartition(")")[2].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            kids.setdefault(ppid, []).append(int(d))
-    out, todo = [], [root]
-    while todo:
-        for k in kids.get(todo.pop(), []):
-            out.append(k)
-            todo.append(k)
-    return out
 
 
 def run(ctx: Ctx) -> dict[str, Any]:

@@ -61,6 +61,7 @@ def _pool(ctx: Ctx, base: Path, npz: Path, rep: int, reload: bool) -> dict[str, 
         else:
             r = feed(base, f"shared-{rep}", n, task="bench.tasks:shared_sum", shared=str(npz))
         after = {p: proc_io(p) for p in workers}
+        workers = [p for p in workers if before[p] and after[p]]  # alive throughout (the run's: the spares)
         ctx.check(base, r.run, n)
     return {"wall_s": r.wall_s,
             "read_bytes": [after[p]["read_bytes"] - before[p]["read_bytes"] for p in workers],

@@ -1,0 +1,192 @@
+"""The agent's worker processes: one per run it serves, and a spare made ready ahead of need.
+
+A worker process serves one run (``run_key``: its name and epoch, so a run started afresh with
+``--fresh`` is another run). It imports that run's code, loads its ``--shared`` data, calls its
+``--setup`` once and keeps what the chunks build (a model on the GPU) from chunk to chunk; no
+chunk of another run ever computes in it (issue 22: a warm process reused across runs computed
+new runs with the previous run's code, model and settings, silently). It is started with the
+run's ``--env`` in its environment, so that libraries read them when they are imported. Within
+a run it stays warm unless a source file its chunks imported changes (``agent.sources``: the
+worker then asks for a fresh one before its next chunk).
+
+At most ``keep`` runs' workers live at once (``--run-workers``, default 2: two runs that share
+the agent by weight keep their models loaded instead of loading them again at every switch; an
+out-of-memory failure while another run's worker is alive stops that one and runs the job again,
+see ``agent.runner``). Past ``keep``, the worker used longest ago is stopped. A worker is also
+stopped, giving its GPU memory back, as soon as its run is over (sealed or cancelled) or after
+``IDLE_S`` with nothing of its run queued here (``retire``).
+
+The spare: a worker process started before any run needs it, which imports the libraries that
+this agent's runs imported lately (their top-level names, as the workers report them; never the
+user's own code) and then waits. A run without ``--env`` of its own takes it, so that a run
+boundary costs neither the interpreter's start nor ``import torch``. The next spare is started
+when the agent next runs dry, or ``SPARE_AFTER_S`` after the last was taken (never at the start
+of a run, where its imports would take CPU from the run's first chunks). On its first job the spare checks that the run's folder has no module of a name it
+preloaded (a user's own ``utils.py`` beside a preloaded ``utils``); if it has, it asks for a
+worker started cold, as every worker of that run then is. Every worker is a fresh interpreter
+(``subprocess``, never a fork), so CUDA is only ever initialised in the process that uses it.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable, Protocol
+
+from loguru import logger
+
+from gpupool.agent.worker_control import Worker
+from gpupool.jobs.descriptor import Job
+
+RunKey = tuple[str, "str | None"]
+IDLE_S = 300.0  # a run's worker with nothing of its run queued here is stopped after this long
+MAX_LIBS = 48  # library names a spare preloads at most (the most recently used)
+SPARE_AFTER_S = 10.0  # a busy agent starts its next spare this long after the last one was taken
+
+
+def run_key(job: Job) -> RunKey:
+    """What a worker serves: the run, and its epoch (``--fresh`` makes another)."""
+    return (job.run, job.epoch)
+
+
+class WorkerLike(Protocol):  # agent.worker_control.Worker, or a test's double
+    pid: int | None
+    preload: tuple[str, ...]
+    sent: int
+
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+    def kill(self) -> None: ...
+    def alive(self) -> bool: ...
+
+
+MakeWorker = Callable[[dict[str, str], tuple[str, ...]], WorkerLike]
+
+
+class Workers:
+    """The workers of one agent, by run (see the module)."""
+
+    def __init__(self, env: Callable[[], dict[str, str]], log_path: Path, keep: int = 2, spare: bool = True,
+                 make: MakeWorker | None = None, clock: Callable[[], float] = time.monotonic,
+                 name: str = "agent") -> None:
+        self.env = env  # every worker's environment, asked for when one starts (a run's --env goes over it)
+        self.keep, self.use_spare, self.clock, self.name = max(1, keep), spare, clock, name
+        self.make: MakeWorker = make or (lambda env, preload: Worker(env, log_path, preload=preload))
+        self.live: dict[RunKey, WorkerLike] = {}  # used longest ago first
+        self.used: dict[RunKey, float] = {}  # when each was last handed a job
+        self.spare: WorkerLike | None = None
+        self.libs: dict[str, None] = {}  # library names recent runs imported, oldest first
+        self.cold: set[RunKey] = set()  # runs whose folder shadows a preloaded name: never the spare
+        self.current: WorkerLike | None = None  # the worker of the latest job
+        self._taken_at: float | None = None  # when the spare was last taken (None: it was not)
+
+    def start(self) -> None:
+        """Make the spare ready (the agent's first run takes it)."""
+        self._refill()
+
+    def get(self, job: Job) -> WorkerLike:
+        """The worker of ``job``'s run, started (or taken from the spare) if it has none."""
+        key = run_key(job)
+        worker = self.live.pop(key, None)
+        if worker is None:
+            worker = self._new(key, job.env)
+        self.live[key] = worker
+        self.used[key] = self.clock()
+        self.current = worker
+        if self._taken_at is not None and self.clock() - self._taken_at >= SPARE_AFTER_S:
+            self._refill()
+        return worker
+
+    def of(self, job: Job) -> WorkerLike | None:
+        return self.live.get(run_key(job))
+
+    def _new(self, key: RunKey, env: dict[str, str] | None) -> WorkerLike:
+        while len(self.live) >= self.keep:
+            self.stop(next(iter(self.live)), f"it keeps at most {self.keep} runs' workers (--run-workers)")
+        spare = self.spare
+        if spare is not None and not env and key not in self.cold and spare.alive():
+            self.spare, self._taken_at = None, self.clock()
+            return spare
+        worker = self.make({**self.env(), **(env or {})}, ())
+        worker.start()
+        return worker
+
+    def _refill(self) -> None:
+        """Start a spare with the libraries recent runs imported, unless there is one already."""
+        self._taken_at = None
+        if self.use_spare and self.spare is None:
+            self.spare = self.make(self.env(), tuple(self.libs))
+            self.spare.start()
+
+    def learn(self, libs: list[str]) -> None:
+        """A worker imported these libraries: the spare preloads them from now on (a spare that
+        lacks some is stopped, and the next one started as any is; it has run nothing)."""
+        for name in libs:
+            self.libs.pop(name, None)
+            self.libs[name] = None
+        while len(self.libs) > MAX_LIBS:
+            self.libs.pop(next(iter(self.libs)))
+        if self.spare is not None and not set(self.libs) <= set(self.spare.preload):
+            self.spare.kill()
+            self.spare, self._taken_at = None, self.clock()
+
+    def discard(self, job: Job, cold: bool = False) -> None:
+        """``job``'s run's worker is done for (it died, was killed or exits on its own): the next
+        job of the run gets a fresh one, started cold if ``cold``."""
+        key = run_key(job)
+        if cold:
+            self.cold.add(key)
+        worker = self.live.pop(key, None)
+        self.used.pop(key, None)
+        if worker is not None:
+            worker.stop()
+            if worker is self.current:
+                self.current = None
+
+    def stop(self, key: RunKey, why: str) -> None:
+        """Stop the worker of run ``key`` (at the end of its input: what it holds is given back)."""
+        worker = self.live.pop(key, None)
+        self.used.pop(key, None)
+        if worker is None:
+            return
+        logger.info("{}: the worker of run {} (pid {}) stopped: {}", self.name, key[0], worker.pid, why)
+        worker.stop()
+        if worker is self.current:
+            self.current = None
+
+    def others(self, job: Job) -> list[RunKey]:
+        """The runs other than ``job``'s that have a live worker here."""
+        key = run_key(job)
+        return [k for k in self.live if k != key]
+
+    def retire(self, over: Callable[[str], bool], queued: set[RunKey]) -> None:
+        """Stop the workers of runs that are ``over`` (sealed, cancelled), and of runs with nothing
+        ``queued`` here for ``IDLE_S``."""
+        now = self.clock()
+        for key in list(self.live):
+            if key in queued:  # idle time counts from when its run last had nothing queued here
+                self.used[key] = now
+                continue
+            if over(key[0]):
+                self.stop(key, "its run is over")
+            elif now - self.used[key] > IDLE_S:
+                self.stop(key, f"nothing of its run came for {IDLE_S:g} s")
+
+    def idle(self) -> None:
+        """The agent ran dry: start the spare if there is none."""
+        if self.spare is not None and not self.spare.alive():  # it died before any job: its preloads may be why
+            logger.warning("{}: its spare worker (pid {}) died while it waited; the next one preloads nothing",
+                           self.name, self.spare.pid)
+            self.spare.stop()
+            self.spare = None
+            self.libs.clear()
+        self._refill()
+
+    def pids(self) -> list[int]:
+        return [w.pid for w in (*self.live.values(), self.spare) if w is not None and w.pid is not None]
+
+    def stop_all(self) -> None:
+        for key in list(self.live):
+            self.stop(key, "the agent stops")
+        if self.spare is not None:
+            self.spare.kill()  # it has run nothing: no teardown to wait for
+            self.spare = None
