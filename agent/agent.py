@@ -248,10 +248,11 @@ class Agent:
             job = self.share.choose(jobs, leave)
         if job is None:
             self.waiting = None
+            quiet = self._dry  # dry at the last look too: no refill came within a wait (a spare may start now)
             if not self._dry:  # just ran dry: status says idle, with the jobs done, now rather than a beat later
                 self._dry = True
                 self.beat.quietly()
-            self.runner.retire(jobs, self._finished, None)  # runs that are over give their GPU memory back
+            self.runner.retire(jobs, self._finished, None, quiet)  # runs that are over give their GPU memory back
             if jobs:
                 self._prune()
             return False

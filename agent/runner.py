@@ -131,8 +131,8 @@ class Runner:
             if isinstance(err, dict) and err.get("gpu_error") == "out_of_memory" and not evicted \
                     and (others := self.workers.others(job)):
                 evicted = True  # other runs' models hold the memory: theirs goes
-                for key in others:
-                    self.workers.stop(key, f"{job.run} chunk {job.chunk_id} ran out of GPU memory beside it")
+                for key in others:  # waited for: their memory is back before the job runs again
+                    self.workers.stop(key, f"{job.run} chunk {job.chunk_id} ran out of GPU memory beside it", wait=True)
                 if self.ahead is None:  # and the job runs again (not with a job sent ahead in the pipe before it)
                     lookahead = None
                     continue
@@ -247,16 +247,17 @@ class Runner:
             old.pid if old is not None else None, job.run, fresh.pid,
             f" ({ahead.run} chunk {ahead.chunk_id}, sent ahead, goes to it)" if self.ahead else "")
 
-    def retire(self, jobs: list[Job], finished: set[tuple], next_job: Job | None) -> None:
+    def retire(self, jobs: list[Job], finished: set[tuple], next_job: Job | None, quiet: bool = False) -> None:
         """Stop the workers of runs that are over, or that have had nothing queued here for long
         (``Workers.retire``); ``jobs``: the mailbox's, ``finished``: the ``Job.uid`` of those
-        finished here. ``next_job``: the job about to run, or None when the agent ran dry (the
-        spare is started then). Before a job, only where a worker of another run lives: a
-        finished run's model must not stay on the GPU while the agent works on the next run."""
+        finished here. ``next_job``: the job about to run, or None when the agent is dry; before a
+        job, only where a worker of another run lives (a finished run's model must not stay on
+        the GPU while the agent works on the next run). ``quiet``: dry since a wait already, and
+        not only between two refills of a busy run: the spare is started now, if there is none."""
         if next_job is None or self.workers.others(next_job):
             queued = {run_key(j) for j in jobs if j.uid not in finished}
             self.workers.retire(self._over, queued)
-        if next_job is None:
+        if next_job is None and quiet:
             self.workers.idle()
 
     def _over(self, run: str) -> bool:

@@ -16,7 +16,6 @@ from typing import Any, Callable
 
 from gpupool.jobs.descriptor import BUILTIN_KWARGS, SETUP_BUILTINS, Job
 from gpupool.jobs.errors import BadNpz
-from gpupool.jobs.npzio import load_npz
 
 
 class TaskError(Exception):
@@ -130,6 +129,8 @@ class SharedCache:
             self._cache.pop(path, None)
             while len(self._cache) >= self.size:
                 del self._cache[next(iter(self._cache))]  # the one used longest ago
+            from gpupool.jobs.npzio import load_npz  # numpy: in the workers of runs with shared data only
+
             self._cache[path] = (sig, load_npz(path))
         return self._cache[path][1]
 

@@ -162,6 +162,25 @@ class Worker:
     def alive(self) -> bool:
         return self.proc is not None and not exited(self.proc)
 
+    def idle_priority(self, idle: bool) -> bool:
+        """Run at idle CPU priority (SCHED_IDLE: on cores nothing else wants) or at the normal one
+        again, every thread of it (threads started meanwhile inherit the idle policy); False
+        where the system refuses (an unprivileged user may not leave SCHED_IDLE: RLIMIT_NICE)."""
+        if self.proc is None:
+            return False
+        policy = os.SCHED_IDLE if idle else os.SCHED_OTHER
+        try:
+            tids = [int(t) for t in os.listdir(f"/proc/{self.proc.pid}/task")]
+        except (OSError, ValueError):
+            tids = [self.proc.pid]
+        try:
+            for tid in tids:
+                with contextlib.suppress(ProcessLookupError):  # a thread that just ended
+                    os.sched_setscheduler(tid, policy, os.sched_param(0))
+        except (OSError, AttributeError):
+            return False
+        return True
+
     def send(self, request: dict[str, Any]) -> bool:
         """Queue a request in the worker's pipe (it runs requests one after another).
 
@@ -235,14 +254,22 @@ class Worker:
             self.proc.wait()
         self._close()
 
-    def stop(self) -> None:
-        """Close its pipe (it exits at end of input), then make sure it is gone."""
-        if self.proc is None:
-            return
+    def close(self) -> None:
+        """Close its pipe: it exits at the end of its input (``stop`` also waits for that)."""
         if self._w is not None:
             with contextlib.suppress(OSError):
                 os.close(self._w)
             self._w = None
+
+    def done(self) -> bool:
+        """True once it has exited (or was never started)."""
+        return self.proc is None or exited(self.proc)
+
+    def stop(self) -> None:
+        """Close its pipe (it exits at end of input), then make sure it is gone."""
+        if self.proc is None:
+            return
+        self.close()
         deadline = time.monotonic() + 5
         while not exited(self.proc) and time.monotonic() < deadline:  # not reaped: see kill
             if self._pidfd is not None:

@@ -132,6 +132,8 @@ ARRAYS_FORM = {tuple: "tuple", list: "list"}  # a returned sequence of arrays, s
 def returned_arrays(value: Any) -> tuple[dict[str, Any], str | None] | None:
     """The arrays to save as the chunk's ``.npz`` and the form they came in (None: a dict), or
     None when ``value`` is not a dict, tuple or list of numpy arrays only."""
+    if "numpy" not in sys.modules:  # no job imported it: no value holds an array (a worker imports it only so)
+        return None
     from gpupool.jobs.npzio import check_arrays
 
     form = ARRAYS_FORM.get(type(value))
@@ -165,7 +167,10 @@ class Session:
 
     def builtins(self, job: Any, req: dict[str, Any]) -> dict[str, Any]:
         """Each built-in argument, as a thunk (shared or chunk data is only loaded when asked for)."""
-        from gpupool.jobs.npzio import load_npz
+        def data() -> Any:
+            from gpupool.jobs.npzio import load_npz  # numpy: in the workers of runs with data only
+
+            return load_npz(job.data) if job.data else None
 
         def gpu_id() -> int:  # visible_gpu_id: the index CUDA gives the agent's GPU in this process
             return 0 if job.visible_gpu_id and str(req["device"]).startswith("cuda") else req["gpu_id"]
@@ -176,7 +181,7 @@ class Session:
             "gpu_id": gpu_id,
             "device": lambda: req["device"],
             "shared": lambda: self.shared.get(job.shared) if job.shared else None,
-            "data": lambda: load_npz(job.data) if job.data else None,
+            "data": data,
         }
 
     def restart_reason(self, job: Any) -> tuple[str, bool] | None:
@@ -232,7 +237,6 @@ def run_one(req: dict[str, Any], job: Any, session: Session) -> dict[str, Any]:
     from gpupool.jobs.atomic import writing
     from gpupool.jobs.codec import CodecError
     from gpupool.jobs.descriptor import JOB_MARK
-    from gpupool.jobs.npzio import save_npz
 
     print(f"{JOB_MARK} {job.run} chunk {job.chunk_id} attempt {job.attempt}", flush=True)  # what the import prints too
     session.setup(job, req)
@@ -242,6 +246,8 @@ def run_one(req: dict[str, Any], job: Any, session: Session) -> dict[str, Any]:
     found = returned_arrays(value)
     if found is not None:
         arrays, form = found
+        from gpupool.jobs.npzio import save_npz
+
         with writing(Path(req["arrays_path"]), fsync=False) as (f, tmp):  # see results.sync_run
             save_npz(f, arrays)
         return {"ok": True, "value": None, "arrays_tmp": str(tmp), **({"arrays_form": form} if form else {})}
@@ -565,7 +571,8 @@ def main() -> None:
 
     os.environ[IN_WORKER_ENV] = str(me)  # an Executor made by code imported here refuses to start
     preloaded = preload([n for n in (sys.argv[5] if len(sys.argv) > 5 else "").split(",") if n])
-    import gpupool.jobs.atomic, gpupool.jobs.codec, gpupool.jobs.npzio, gpupool.jobs.results  # noqa: E401, F401
+    for name in ("gpupool.jobs.atomic", "gpupool.jobs.codec", "gpupool.jobs.results"):  # what a first job needs
+        __import__(name)  # (numpy: only in the workers of runs that use it)
     session = Session(preloaded)  # all a first job needs, made before it comes (a spare waits for it ready)
     rd, wr = os.fdopen(rfd, "rb"), os.fdopen(wfd, "wb", buffering=0)
     for line in rd:

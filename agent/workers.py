@@ -20,8 +20,11 @@ The spare: a worker process started before any run needs it, which imports the l
 this agent's runs imported lately (their top-level names, as the workers report them; never the
 user's own code) and then waits. A run without ``--env`` of its own takes it, so that a run
 boundary costs neither the interpreter's start nor ``import torch``. The next spare is started
-when the agent next runs dry, or ``SPARE_AFTER_S`` after the last was taken (never at the start
-of a run, where its imports would take CPU from the run's first chunks). On its first job the spare checks that the run's folder has no module of a name it
+when the agent next runs dry, or ``SPARE_AFTER_S`` into a run that keeps it busy, never at a
+run's start (measured on 2 cores: a spare starting beside a run of tiny chunks slowed it by
+half); and at idle CPU priority (SCHED_IDLE), where the system lets it back to the normal one
+when it is taken (root, or an RLIMIT_NICE that allows it), so that its imports use only cores
+nothing else wants. On its first job the spare checks that the run's folder has no module of a name it
 preloaded (a user's own ``utils.py`` beside a preloaded ``utils``); if it has, it asks for a
 worker started cold, as every worker of that run then is. Every worker is a fresh interpreter
 (``subprocess``, never a fork), so CUDA is only ever initialised in the process that uses it.
@@ -39,6 +42,7 @@ from gpupool.jobs.descriptor import Job
 
 RunKey = tuple[str, "str | None"]
 IDLE_S = 300.0  # a run's worker with nothing of its run queued here is stopped after this long
+STOP_S = 5.0  # a stopped worker has this long to exit at the end of its input, then it is killed
 MAX_LIBS = 48  # library names a spare preloads at most (the most recently used)
 SPARE_AFTER_S = 10.0  # a busy agent starts its next spare this long after the last one was taken
 
@@ -54,9 +58,12 @@ class WorkerLike(Protocol):  # agent.worker_control.Worker, or a test's double
     sent: int
 
     def start(self) -> None: ...
+    def close(self) -> None: ...
+    def done(self) -> bool: ...
     def stop(self) -> None: ...
     def kill(self) -> None: ...
     def alive(self) -> bool: ...
+    def idle_priority(self, idle: bool) -> bool: ...
 
 
 MakeWorker = Callable[[dict[str, str], tuple[str, ...]], WorkerLike]
@@ -77,7 +84,10 @@ class Workers:
         self.libs: dict[str, None] = {}  # library names recent runs imported, oldest first
         self.cold: set[RunKey] = set()  # runs whose folder shadows a preloaded name: never the spare
         self.current: WorkerLike | None = None  # the worker of the latest job
-        self._taken_at: float | None = None  # when the spare was last taken (None: it was not)
+        self.stopping: list[tuple[WorkerLike, float]] = []  # stopped, not yet gone: (worker, kill it after)
+        self._taken_at: float | None = None  # when the spare was last taken (None: one is there, or wanted at once)
+        self._idle_ok = True  # spares start at idle CPU priority, unless the system refuses to lift it
+        self._idle_checked = False
 
     def start(self) -> None:
         """Make the spare ready (the agent's first run takes it)."""
@@ -86,6 +96,8 @@ class Workers:
     def get(self, job: Job) -> WorkerLike:
         """The worker of ``job``'s run, started (or taken from the spare) if it has none."""
         key = run_key(job)
+        if self.stopping:
+            self.reap()
         worker = self.live.pop(key, None)
         if worker is None:
             worker = self._new(key, job.env)
@@ -103,7 +115,8 @@ class Workers:
         while len(self.live) >= self.keep:
             self.stop(next(iter(self.live)), f"it keeps at most {self.keep} runs' workers (--run-workers)")
         spare = self.spare
-        if spare is not None and not env and key not in self.cold and spare.alive():
+        if spare is not None and not env and key not in self.cold and spare.alive() \
+                and (not self._idle_ok or spare.idle_priority(False)):  # a run's worker at the normal priority
             self.spare, self._taken_at = None, self.clock()
             return spare
         worker = self.make({**self.env(), **(env or {})}, ())
@@ -116,6 +129,27 @@ class Workers:
         if self.use_spare and self.spare is None:
             self.spare = self.make(self.env(), tuple(self.libs))
             self.spare.start()
+            if self._idle_ok and not self._lowered(self.spare):
+                self._refill()
+
+    def _lowered(self, spare: WorkerLike) -> bool:
+        """Put ``spare`` at idle priority. The first time, check that it can be lifted again: if
+        not (an unprivileged user, RLIMIT_NICE), spares stay at the normal priority from then on
+        and this one, stuck, is killed (False)."""
+        if self._idle_checked:
+            return spare.idle_priority(True) or True
+        self._idle_checked = True
+        lowered = spare.idle_priority(True)
+        if lowered and spare.idle_priority(False):
+            return spare.idle_priority(True) or True
+        self._idle_ok = False
+        logger.info("{}: spare workers start at the normal CPU priority (SCHED_IDLE {})", self.name,
+                    "could not be lifted again" if lowered else "is refused")
+        if not lowered:
+            return True
+        spare.kill()
+        self.spare = None
+        return False
 
     def learn(self, libs: list[str]) -> None:
         """A worker imported these libraries: the spare preloads them from now on (a spare that
@@ -142,16 +176,32 @@ class Workers:
             if worker is self.current:
                 self.current = None
 
-    def stop(self, key: RunKey, why: str) -> None:
-        """Stop the worker of run ``key`` (at the end of its input: what it holds is given back)."""
+    def stop(self, key: RunKey, why: str, wait: bool = False) -> None:
+        """Stop the worker of run ``key``: its pipe is closed and it exits at the end of its input
+        (what it holds is given back as it exits; its interpreter's shutdown is not waited for,
+        unless ``wait``: ``reap`` makes sure it is gone)."""
         worker = self.live.pop(key, None)
         self.used.pop(key, None)
         if worker is None:
             return
         logger.info("{}: the worker of run {} (pid {}) stopped: {}", self.name, key[0], worker.pid, why)
-        worker.stop()
         if worker is self.current:
             self.current = None
+        if wait:
+            worker.stop()
+        else:
+            worker.close()
+            self.stopping.append((worker, self.clock() + STOP_S))
+
+    def reap(self) -> None:
+        """Forget the stopped workers that have exited; kill those that are still there after ``STOP_S``."""
+        now, left = self.clock(), []
+        for worker, deadline in self.stopping:
+            if worker.done() or now >= deadline:
+                worker.kill()  # reaps it, closes its pipes; kills what it left in its process group
+            else:
+                left.append((worker, deadline))
+        self.stopping = left
 
     def others(self, job: Job) -> list[RunKey]:
         """The runs other than ``job``'s that have a live worker here."""
@@ -161,6 +211,7 @@ class Workers:
     def retire(self, over: Callable[[str], bool], queued: set[RunKey]) -> None:
         """Stop the workers of runs that are ``over`` (sealed, cancelled), and of runs with nothing
         ``queued`` here for ``IDLE_S``."""
+        self.reap()
         now = self.clock()
         for key in list(self.live):
             if key in queued:  # idle time counts from when its run last had nothing queued here
@@ -182,11 +233,15 @@ class Workers:
         self._refill()
 
     def pids(self) -> list[int]:
-        return [w.pid for w in (*self.live.values(), self.spare) if w is not None and w.pid is not None]
+        workers = (*self.live.values(), self.spare, *(w for w, _ in self.stopping))
+        return [w.pid for w in workers if w is not None and w.pid is not None]
 
     def stop_all(self) -> None:
         for key in list(self.live):
             self.stop(key, "the agent stops")
+        for worker, _ in self.stopping:
+            worker.stop()
+        self.stopping = []
         if self.spare is not None:
             self.spare.kill()  # it has run nothing: no teardown to wait for
             self.spare = None

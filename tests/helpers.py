@@ -138,9 +138,15 @@ class InProcessWorker:
     def stop(self) -> None:
         self.queue.clear()  # a stopped process takes what waits in its pipe with it
 
-    kill = stop
+    kill = close = stop
 
     def alive(self) -> bool:
+        return True
+
+    def done(self) -> bool:
+        return True
+
+    def idle_priority(self, idle: bool) -> bool:
         return True
 
     def send(self, request: dict[str, Any]) -> bool:

@@ -5,8 +5,9 @@ Every run has worker processes of its own (``agent.workers``), so a run boundary
 worker. With the spare (the default), the agent has one ready that imported the library already
 (it learnt the name from the first run's worker); without it (``--no-spare-worker``), the fresh
 worker starts the interpreter and imports the library when the next run's first chunk comes.
-Measured: this host's ``time.time()`` just before ``Pool.submit`` to the first ``started_at`` of
-the second run (stamped by the worker as it calls the task), whole runs fed by ``master.api``.
+Measured: this host's ``time.time()`` just before ``Pool.submit`` to the moment the first chunk of
+the second run begins to compute (its task returns ``time.time()`` from its first line, after its
+module and the library were imported), whole runs fed by ``master.api``.
 
 The library is a package in a folder named ``site-packages`` on the agents' ``PYTHONPATH``, as an
 installed library is found (``agent.sources`` tells libraries from the user's code by where they
@@ -34,7 +35,8 @@ def _layout(root: Path) -> tuple[Path, Path]:
     tasks = root / "proj"
     tasks.mkdir(exist_ok=True)
     for name in ("first", "second"):
-        (tasks / f"{name}.py").write_text(f"import slowlib\n\n\ndef {name}(chunk_id):\n    return slowlib.VALUE\n")
+        (tasks / f"{name}.py").write_text(f"import time\n\nimport slowlib\n\n\ndef {name}(chunk_id):\n"
+                                          "    return [slowlib.VALUE, time.time()]\n")
     return lib.parent, tasks
 
 
@@ -66,7 +68,7 @@ def run(ctx: Ctx) -> dict[str, Any]:
                 t0 = time.time()
                 feed(base, f"second-{i}", 2, task="second.py:second", workdir=str(tasks))
                 ctx.check(base, f"second-{i}", 2)
-                firsts.append(min(r["started_at"] for r in results(base, f"second-{i}")) - t0)
+                firsts.append(min(r["value"][1] for r in results(base, f"second-{i}")) - t0)
         out[mode] = firsts
         log(f"11. run boundary, {mode}: submit to the second run's first chunk {spread(firsts)}")
     return out
