@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     # Before anything can initialise CUDA: make CUDA count GPUs the way NVML does.
     os.environ["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
-    from loguru import logger
+    from gpupool.jobs.logsetup import logger
 
     from gpupool.jobs.logsetup import command_logs
 

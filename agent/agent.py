@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from loguru import logger
+from gpupool.jobs.logsetup import logger
 
 from gpupool.agent.beat import Beat
 from gpupool.agent.fairshare import FairShare

@@ -12,7 +12,7 @@ import threading
 from pathlib import Path
 from typing import Callable
 
-from loguru import logger
+from gpupool.jobs.logsetup import logger
 
 from gpupool.agent.worker_control import cap_log
 from gpupool.jobs.heartbeat import Heartbeat, write_status

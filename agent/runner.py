@@ -29,7 +29,7 @@ import os
 import time
 from typing import Any, Callable
 
-from loguru import logger
+from gpupool.jobs.logsetup import logger
 
 from gpupool.agent.command import run_command
 from gpupool.agent.script import run_script
@@ -171,6 +171,7 @@ class Runner:
         elif not self._send(worker, job):
             raise worker.lost()
         self.started()
+        self.workers.busy()
         if lookahead is not None and not (self.stopping() or self.spool.drain_flag(self.id).exists()) \
                 and self._may_send_ahead(worker, job, lookahead):
             # Pipelining: the next job waits in the worker's pipe and starts the moment this one

@@ -34,7 +34,7 @@ import threading
 import time
 from pathlib import Path
 
-from loguru import logger
+from gpupool.jobs.logsetup import logger
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 

@@ -164,19 +164,27 @@ class Worker:
 
     def idle_priority(self, idle: bool) -> bool:
         """Run at idle CPU priority (SCHED_IDLE: on cores nothing else wants) or at the normal one
-        again, every thread of it (threads started meanwhile inherit the idle policy); False
-        where the system refuses (an unprivileged user may not leave SCHED_IDLE: RLIMIT_NICE)."""
+        again, every thread of it (threads started meanwhile inherit the idle policy), and with its
+        session's autogroup at nice 19 or 0 (where the kernel groups processes by session,
+        ``sched_autogroup_enabled``, a session's group gets its fair share of the CPU whatever the
+        policy of the tasks in it; the worker leads a session of its own). False where the system
+        refuses (an unprivileged user may not raise a priority again: RLIMIT_NICE)."""
         if self.proc is None:
             return False
+        pid = self.proc.pid
         policy = os.SCHED_IDLE if idle else os.SCHED_OTHER
         try:
-            tids = [int(t) for t in os.listdir(f"/proc/{self.proc.pid}/task")]
+            tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
         except (OSError, ValueError):
-            tids = [self.proc.pid]
+            tids = [pid]
         try:
             for tid in tids:
                 with contextlib.suppress(ProcessLookupError):  # a thread that just ended
                     os.sched_setscheduler(tid, policy, os.sched_param(0))
+            with open(f"/proc/{pid}/autogroup", "w") as f:
+                f.write("19" if idle else "0")
+        except FileNotFoundError:  # no autogroups here (or it has just exited)
+            return True
         except (OSError, AttributeError):
             return False
         return True

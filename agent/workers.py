@@ -20,11 +20,11 @@ The spare: a worker process started before any run needs it, which imports the l
 this agent's runs imported lately (their top-level names, as the workers report them; never the
 user's own code) and then waits. A run without ``--env`` of its own takes it, so that a run
 boundary costs neither the interpreter's start nor ``import torch``. The next spare is started
-when the agent next runs dry, or ``SPARE_AFTER_S`` into a run that keeps it busy, never at a
-run's start (measured on 2 cores: a spare starting beside a run of tiny chunks slowed it by
-half); and at idle CPU priority (SCHED_IDLE), where the system lets it back to the normal one
-when it is taken (root, or an RLIMIT_NICE that allows it), so that its imports use only cores
-nothing else wants. On its first job the spare checks that the run's folder has no module of a name it
+as soon as the run's first job is on its way (``busy``), or when the agent has been dry since a
+wait, at idle CPU priority (SCHED_IDLE) where the system lets it back to the normal one when it
+is taken (root, or an RLIMIT_NICE that allows it): its imports use only cores nothing else
+wants, so runs fed back to back each find one ready. A stopped worker's shutdown runs at that
+priority too. On its first job the spare checks that the run's folder has no module of a name it
 preloaded (a user's own ``utils.py`` beside a preloaded ``utils``); if it has, it asks for a
 worker started cold, as every worker of that run then is. Every worker is a fresh interpreter
 (``subprocess``, never a fork), so CUDA is only ever initialised in the process that uses it.
@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Callable, Protocol
 
-from loguru import logger
+from gpupool.jobs.logsetup import logger
 
 from gpupool.agent.worker_control import Worker
 from gpupool.jobs.descriptor import Job
@@ -44,7 +44,6 @@ RunKey = tuple[str, "str | None"]
 IDLE_S = 300.0  # a run's worker with nothing of its run queued here is stopped after this long
 STOP_S = 5.0  # a stopped worker has this long to exit at the end of its input, then it is killed
 MAX_LIBS = 48  # library names a spare preloads at most (the most recently used)
-SPARE_AFTER_S = 10.0  # a busy agent starts its next spare this long after the last one was taken
 
 
 def run_key(job: Job) -> RunKey:
@@ -85,7 +84,7 @@ class Workers:
         self.cold: set[RunKey] = set()  # runs whose folder shadows a preloaded name: never the spare
         self.current: WorkerLike | None = None  # the worker of the latest job
         self.stopping: list[tuple[WorkerLike, float]] = []  # stopped, not yet gone: (worker, kill it after)
-        self._taken_at: float | None = None  # when the spare was last taken (None: one is there, or wanted at once)
+        self._due = False  # the spare was taken (or dropped): the next one starts once a job is on its way
         self._idle_ok = True  # spares start at idle CPU priority, unless the system refuses to lift it
         self._idle_checked = False
 
@@ -104,9 +103,13 @@ class Workers:
         self.live[key] = worker
         self.used[key] = self.clock()
         self.current = worker
-        if self._taken_at is not None and self.clock() - self._taken_at >= SPARE_AFTER_S:
-            self._refill()
         return worker
+
+    def busy(self) -> None:
+        """A job was just handed to its worker: the moment to start the spare, if one is due
+        (the agent only waits now, and the spare starts at idle priority)."""
+        if self._due:
+            self._refill()
 
     def of(self, job: Job) -> WorkerLike | None:
         return self.live.get(run_key(job))
@@ -117,7 +120,7 @@ class Workers:
         spare = self.spare
         if spare is not None and not env and key not in self.cold and spare.alive() \
                 and (not self._idle_ok or spare.idle_priority(False)):  # a run's worker at the normal priority
-            self.spare, self._taken_at = None, self.clock()
+            self.spare, self._due = None, True
             return spare
         worker = self.make({**self.env(), **(env or {})}, ())
         worker.start()
@@ -125,7 +128,7 @@ class Workers:
 
     def _refill(self) -> None:
         """Start a spare with the libraries recent runs imported, unless there is one already."""
-        self._taken_at = None
+        self._due = False
         if self.use_spare and self.spare is None:
             self.spare = self.make(self.env(), tuple(self.libs))
             self.spare.start()
@@ -161,7 +164,7 @@ class Workers:
             self.libs.pop(next(iter(self.libs)))
         if self.spare is not None and not set(self.libs) <= set(self.spare.preload):
             self.spare.kill()
-            self.spare, self._taken_at = None, self.clock()
+            self.spare, self._due = None, True
 
     def discard(self, job: Job, cold: bool = False) -> None:
         """``job``'s run's worker is done for (it died, was killed or exits on its own): the next
@@ -189,7 +192,8 @@ class Workers:
             self.current = None
         if wait:
             worker.stop()
-        else:
+        else:  # its shutdown on cores nothing else wants (the next run's chunks run meanwhile)
+            worker.idle_priority(True)
             worker.close()
             self.stopping.append((worker, self.clock() + STOP_S))
 

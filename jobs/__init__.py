@@ -106,7 +106,3 @@ Everything read from the spool is untrusted: sizes are bounded, symlinks are not
 (O_NOFOLLOW), names are validated (``jobs.names``), ``.npz`` files are read with
 ``allow_pickle=False``, and a broken file is moved to ``rejected/`` with a ``.why`` note.
 """
-
-from gpupool.jobs.logsetup import quiet_by_default as _quiet
-
-_quiet(__name__)

@@ -10,6 +10,10 @@ application sees nothing it did not ask for; one call routes them anywhere::
     pool_logs(None)                        # silent again
 
 Its own commands (``main.py``, ``python -m master``, ``python -m agent``) call ``command_logs``.
+
+Every module of the pool that logs takes ``logger`` from here (``from gpupool.jobs.logsetup
+import logger``), so the pool is quiet from the moment anything of it can log, and a process
+that never logs (a worker) never imports loguru (a third of a worker's start-up, issue 22).
 """
 from __future__ import annotations
 
@@ -53,8 +57,11 @@ def command_logs(level: str = "WARNING", fmt: str = COMMAND_FORMAT) -> None:
     logger.add(sys.stderr, level=level, format=fmt)
 
 
-def quiet_by_default(package: str) -> None:
-    """Called by each package's ``__init__``: a library logs nothing until asked (see module);
-    a package first imported after that keeps to what was asked."""
+def quiet_by_default() -> None:
+    """A library logs nothing until asked (see module): done once, as this module is imported."""
     if not _chosen:
-        logger.disable(package)
+        for name in PACKAGES:
+            logger.disable(name)
+
+
+quiet_by_default()

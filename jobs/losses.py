@@ -9,7 +9,7 @@ import time
 from collections import Counter
 from typing import Any
 
-from loguru import logger
+from gpupool.jobs.logsetup import logger
 
 from gpupool.jobs.descriptor import Job, JobState
 from gpupool.jobs.heartbeat import Heartbeat

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from loguru import logger
+from gpupool.jobs.logsetup import logger
 
 from gpupool.jobs.atomic import NotAFile, file_kind, read_bounded, read_if_changed, write_replace
 from gpupool.jobs.descriptor import Job

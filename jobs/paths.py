@@ -11,7 +11,6 @@ import stat
 import time
 from pathlib import Path
 
-from loguru import logger
 
 from gpupool.jobs.atomic import TMP_MARK, is_temp_name, write_replace
 from gpupool.jobs.errors import BadFile, BadName, SpoolError
@@ -260,7 +259,7 @@ class Spool:
         try:
             fd = self._rejected_fd()
         except OSError as e:
-            logger.warning("{}: {}; the rejection of {} ({}) is not kept", self.rejected_dir, e.strerror, origin, why)
+            _log().warning("{}: {}; the rejection of {} ({}) is not kept", self.rejected_dir, e.strerror, origin, why)
             if move:
                 _hide(Path(origin))
             return None
@@ -271,14 +270,14 @@ class Spool:
                     os.rename(origin, name, dst_dir_fd=fd)  # renames a link itself, never its target
                     moved = True
                 except OSError as e:
-                    logger.warning("{}: could not be moved into {} ({}); a copy of what it held is kept",
+                    _log().warning("{}: could not be moved into {} ({}); a copy of what it held is kept",
                                    origin, self.rejected_dir, e.strerror)
                     _hide(Path(origin))
             if not moved:
                 _write_at(fd, name, data)
             _write_at(fd, name + ".why", note)
         except OSError as e:
-            logger.warning("{}: could not keep the rejection of {} ({}): {}", self.rejected_dir, origin, why,
+            _log().warning("{}: could not keep the rejection of {} ({}): {}", self.rejected_dir, origin, why,
                            e.strerror)
             return None
         finally:
@@ -307,11 +306,11 @@ def _hide(path: Path) -> None:
     aside = path.with_name(f".{path.name}.rejected-{os.getpid()}-{time.monotonic_ns()}")
     try:
         os.rename(path, aside)
-        logger.warning("{}: moved aside to {}", path, aside.name)
+        _log().warning("{}: moved aside to {}", path, aside.name)
     except FileNotFoundError:
         pass
     except OSError as e:
-        logger.warning("{}: cannot be moved aside ({}); remove it by hand", path, e.strerror)
+        _log().warning("{}: cannot be moved aside ({}); remove it by hand", path, e.strerror)
 
 
 def _write_at(dir_fd: int, name: str, data: bytes) -> None:
@@ -339,4 +338,12 @@ def warn_once(message: str) -> None:
     if len(_warned) > 10_000:  # a long-lived master facing a flood of bad names: forget, warn again
         _warned.clear()
     _warned.add(message)
-    logger.warning(message)
+    _log().warning(message)
+
+
+def _log():  # noqa: ANN202 (loguru's logger)
+    """The pool's logger, imported only where this module warns: a worker imports this module and
+    never logs (see ``jobs.logsetup``)."""
+    from gpupool.jobs.logsetup import logger
+
+    return logger

@@ -17,7 +17,7 @@ import contextlib
 from pathlib import Path
 from typing import Any
 
-from loguru import logger
+from gpupool.jobs.logsetup import logger
 from watchdog.events import FileCreatedEvent, FileDeletedEvent, FileMovedEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 

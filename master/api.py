@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from loguru import logger
+from gpupool.jobs.logsetup import logger
 
 from gpupool.jobs.atomic import purge_temp
 from gpupool.jobs.errors import BadFile, LockHeld, SpoolError

@@ -26,7 +26,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from loguru import logger
+from gpupool.jobs.logsetup import logger
 
 from gpupool.jobs.paths import Spool
 from gpupool.master import runpage

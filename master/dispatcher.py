@@ -52,7 +52,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from loguru import logger
+from gpupool.jobs.logsetup import logger
 from watchdog.events import FileSystemEventHandler
 
 from gpupool.jobs.atomic import read_bounded, server_now

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from loguru import logger
+from gpupool.jobs.logsetup import logger
 
 from gpupool.jobs.descriptor import Job, JobState
 from gpupool.jobs.errors import BadFile

@@ -16,7 +16,7 @@ import time
 from collections import OrderedDict, deque
 from typing import Any, Callable
 
-from loguru import logger
+from gpupool.jobs.logsetup import logger
 
 from gpupool.jobs.jsonio import is_num
 from gpupool.jobs.paths import Spool
