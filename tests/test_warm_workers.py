@@ -171,6 +171,11 @@ def test_a_project_with_its_own_agent_jobs_master_and_examples_works(tmp_path: P
                      env, cwd=proj)
         assert r.returncode == 0, r.stdout + r.stderr
         assert values(Spool(base), "rl") == [["ppo", "user jobs", "user master", "user examples", c] for c in range(4)]
+        # a command job inherits nothing of the pool's on its PYTHONPATH either
+        r = run_main(["--base", str(base), "--cmd", "echo PP=[$PYTHONPATH]", "--chunks", "1", "--run", "pp",
+                      "--no-progress"], env, cwd=proj)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "PP=[]" in (base / "logs" / "pp" / "000000.log").read_text()
     finally:
         subprocess.run([str(REPO / "start_agents.sh"), "stop", str(base), "--now"], env=env, capture_output=True,
                        timeout=120)
