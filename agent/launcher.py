@@ -19,6 +19,7 @@ from gpupool.agent.gpu import make_probe, visible_gpus
 from gpupool.agent.identity import agent_id, host_id
 from gpupool.agent.slot import label
 from gpupool.agent.threads import share
+from gpupool.agent.worker_control import pid_alive
 from gpupool.agent.pychild import is_agent_argv, python_argv
 from gpupool.jobs.errors import BadFile, SpoolError
 from gpupool.jobs.heartbeat import AgentState, read_status
@@ -63,15 +64,6 @@ def agent_pid(spool: Spool, ident: str) -> int | None:
         return int(read_status(spool.heartbeat(ident)).pid)
     except (OSError, BadFile, ValueError, TypeError):
         return None
-
-
-def pid_alive(pid: int) -> bool:
-    """Alive and not a zombie (a SIGKILLed child nobody reaped still answers kill(pid, 0))."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 def start(base: str, n: int, cpu: bool = False, host: str | None = None, agent_args: list[str] | None = None,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import socket
 
+from gpupool.agent.worker_control import pid_alive
 from gpupool.jobs.errors import BadFile
 from gpupool.jobs.heartbeat import AgentState, read_status
 from gpupool.jobs.paths import Spool
@@ -55,16 +56,7 @@ def host_agents(spool: Spool, me: str) -> int:
             hb = read_status(spool.agents_dir / name)
         except (OSError, BadFile):
             continue
-        if hb.hostname == here and isinstance(hb.pid, int) and _alive(hb.pid) \
+        if hb.hostname == here and isinstance(hb.pid, int) and pid_alive(hb.pid) \
                 and hb.state not in (AgentState.STOPPING.value, AgentState.STOPPED.value):
             count += 1
     return count
-
-
-def _alive(pid: int) -> bool:
-    """Alive and not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False

@@ -76,6 +76,15 @@ def kill_group(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
+def pid_alive(pid: int) -> bool:
+    """Alive and not a zombie (a SIGKILLed child nobody reaped still answers kill(pid, 0))."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def agent_marks(agent_id: str, base: str) -> dict[str, str]:
     """The environment variables that mark every process an agent starts (its worker, script jobs
     and what they fork): ``kill_leftovers`` finds them by these."""

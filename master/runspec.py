@@ -263,20 +263,20 @@ def build(*, task: str | None = None, script: str | None = None, cmd: str | None
     shared_path = check_npz(shared, "--shared", workdir) if shared else None
     data_dir = check_data_dir(data, chunks, workdir) if data else None
     named = _array_kwargs(task, shared_path, data_dir, kwargs) if arrays_as_kwargs else set()
-    if setup is not None:
-        setup = check_setup(setup, task, workdir, kwargs, params)
-        named = named | {"state"}
+    state = {"state"} if setup is not None else set()  # what the setup returns: the task may require it
     if task is not None:
-        kind, target = JobKind.CALLABLE, check_task(task, workdir, kwargs, named) if params is None else ""
+        kind, target = JobKind.CALLABLE, check_task(task, workdir, kwargs, named, state) if params is None else ""
         for keys in dict.fromkeys(tuple(sorted(p)) for p in params or []):  # each kind of set in the sweep
             try:
-                target = check_task(task, workdir, {**kwargs, **dict.fromkeys(keys)}, named)
+                target = check_task(task, workdir, {**kwargs, **dict.fromkeys(keys)}, named, state)
             except UsageError as e:
                 raise UsageError(f"{e} (kwargs with the sweep's parameters {list(keys)})") from None
     elif script is not None:
         kind, target = JobKind.SCRIPT, check_script(script, workdir)
     else:
         kind, target, options = JobKind.COMMAND, *_command(cmd, commands, lines, kwargs, params, opts)
+    if setup is not None:
+        setup = check_setup(setup, task, workdir, kwargs, params)
     if env and (why := env_problem(env)):
         raise UsageError(f"--env {why}")
     if run:
@@ -359,12 +359,14 @@ def check_run_name(run: str) -> str:
 
 
 
-def check_task(task: str, workdir: str, kwargs: dict[str, Any] | None = None, named: set[str] = frozenset()) -> str:
+def check_task(task: str, workdir: str, kwargs: dict[str, Any] | None = None, named: set[str] = frozenset(),
+               state: set[str] = frozenset()) -> str:
     """Find the task's module or file and check it defines the function, and that ``kwargs`` fit
-    its signature, without importing it (no user code runs here)."""
+    its signature, without importing it (no user code runs here). ``named``: the arrays passed by
+    name (--arrays-as-kwargs); ``state``: {"state"} with --setup."""
     target, source, found = _find(task, workdir, "--task")
     if isinstance(found, ast.FunctionDef):
-        _check_signature(found, kwargs or {}, task, source, named)
+        _check_signature(found, kwargs or {}, task, source, named, state)
     return target
 
 
@@ -420,7 +422,7 @@ def _find(task: str, workdir: str, option: str) -> tuple[str, Path | None, ast.A
 
 
 def _check_signature(fn: ast.FunctionDef, kwargs: dict[str, Any], task: str, source: Path,
-                     named: set[str] = frozenset()) -> None:
+                     named: set[str] = frozenset(), state: set[str] = frozenset()) -> None:
     """Fail fast: every chunk would raise TypeError if ``kwargs`` do not fit ``fn``'s parameters
     (the agent passes the built-ins it asks for, and every kwarg by name)."""
     a = fn.args
@@ -431,10 +433,11 @@ def _check_signature(fn: ast.FunctionDef, kwargs: dict[str, Any], task: str, sou
     positional = a.posonlyargs + a.args
     required = [x.arg for x in positional[:len(positional) - len(a.defaults)]]
     required += [x.arg for x, d in zip(a.kwonlyargs, a.kw_defaults) if d is None]
-    if missing := [r for r in required if r not in kwargs and r not in BUILTIN_KWARGS and r not in named]:
+    if missing := [r for r in required if r not in kwargs and r not in BUILTIN_KWARGS and r not in named | state]:
         arrays = f", nor an array of --data/--shared ({', '.join(sorted(named))})" if named else ""
+        fills = ", ".join(BUILTIN_KWARGS) + (", and state from --setup" if state else "")
         raise UsageError(f"--task {task!r}: {fn.name}() needs {missing}, which neither --kwargs nor the agent "
-                         f"(it fills in {', '.join(BUILTIN_KWARGS)}){arrays} gives; every chunk would fail")
+                         f"(it fills in {fills}){arrays} gives; every chunk would fail")
 
 
 def _definition(source: Path, name: str, option: str = "--task") -> ast.AST | bool | None:

@@ -215,6 +215,9 @@ SETUP = """\
 
     def broken(shared):
         raise RuntimeError("the weights are not where they should be")
+
+    def from_path(path):
+        return path
     """
 
 
@@ -250,11 +253,14 @@ def test_a_setup_that_raises_fails_its_chunks_naming_it_and_a_bad_setup_is_refus
     res = results(spool.base, "bad")
     assert all(rec["status"] == "failed" and rec["error"]["setup"].endswith("model.py:broken")
                and "the weights are not where they should be" in rec["error"]["message"] for rec in res.values()), res
-    for args, says in ((["--setup", "model.py:nothing"], "defines no top-level function or name 'nothing'"),
-                       (["--setup", "model.py:load"], "needs ['scale', 'marks']"),  # not given
-                       (["--setup", "model.py:load", "--kwargs", '{"marks": "m", "scale": 1, "state": 1}'], "'state'")):
+    run_kwargs = {"marks": "m", "scale": 1}
+    for setup, kwargs, says in (("model.py:nothing", run_kwargs, "defines no top-level function or name 'nothing'"),
+                                ("model.py:from_path", run_kwargs, "from_path() needs ['path']"),
+                                ("model.py:load", {**run_kwargs, "state": 1}, "'state'"),
+                                ("model.py:load", {}, "infer() needs ['scale', 'marks']")):  # the task's, first
         r = run_main(["--base", str(spool.base), "--run", "refused", "--no-progress", "--task", "model.py:infer",
-                      "--chunks", "2", "--shared", "W.npz", *args], env, cwd=proj)
+                      "--chunks", "2", "--shared", "W.npz", "--setup", setup, "--kwargs", json.dumps(kwargs)], env,
+                     cwd=proj)
         assert r.returncode == 2 and says in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
