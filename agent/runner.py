@@ -229,9 +229,13 @@ class Runner:
         if job.kind is not JobKind.CALLABLE:
             return None
         worker = self.workers.of(job)
-        if worker is not None and 0 < self.max_jobs_per_worker <= worker.sent:
+        if worker is not None and self._worn(worker):
             return f"its worker ran {worker.sent} jobs (--max-jobs-per-worker {self.max_jobs_per_worker})"
         return None
+
+    def _worn(self, worker: WorkerLike) -> bool:
+        """``worker`` ran its ``--max-jobs-per-worker`` jobs."""
+        return 0 < self.max_jobs_per_worker <= worker.sent
 
     def replace_worker(self, job: Job, why: str, warn: bool = False) -> None:
         """A fresh worker process for ``job``'s run now. The job sent ahead to the old one
@@ -278,4 +282,4 @@ class Runner:
 
     def _may_send_ahead(self, worker: WorkerLike, job: Job, nxt: Job) -> bool:
         """Pipelining hands over only a job of the same run, never one that needs a fresh worker."""
-        return run_key(nxt) == run_key(job) and not (0 < self.max_jobs_per_worker <= worker.sent)
+        return run_key(nxt) == run_key(job) and not self._worn(worker)

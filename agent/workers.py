@@ -172,30 +172,32 @@ class Workers:
         key = run_key(job)
         if cold:
             self.cold.add(key)
-        worker = self.live.pop(key, None)
-        self.used.pop(key, None)
+        worker = self._take_out(key)
         if worker is not None:
             worker.stop()
-            if worker is self.current:
-                self.current = None
 
     def stop(self, key: RunKey, why: str, wait: bool = False) -> None:
         """Stop the worker of run ``key``: its pipe is closed and it exits at the end of its input
         (what it holds is given back as it exits; its interpreter's shutdown is not waited for,
         unless ``wait``: ``reap`` makes sure it is gone)."""
-        worker = self.live.pop(key, None)
-        self.used.pop(key, None)
+        worker = self._take_out(key)
         if worker is None:
             return
         logger.info("{}: the worker of run {} (pid {}) stopped: {}", self.name, key[0], worker.pid, why)
-        if worker is self.current:
-            self.current = None
         if wait:
             worker.stop()
         else:  # its shutdown on cores nothing else wants (the next run's chunks run meanwhile)
             worker.idle_priority(True)
             worker.close()
             self.stopping.append((worker, self.clock() + STOP_S))
+
+    def _take_out(self, key: RunKey) -> WorkerLike | None:
+        """Run ``key``'s worker, no longer one of the live ones (None if it had none)."""
+        worker = self.live.pop(key, None)
+        self.used.pop(key, None)
+        if worker is not None and worker is self.current:
+            self.current = None
+        return worker
 
     def reap(self) -> None:
         """Forget the stopped workers that have exited; kill those that are still there after ``STOP_S``."""
