@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import math
 import os
 import sys
@@ -130,7 +131,10 @@ def main(argv: list[str] | None = None) -> int:
         why = f"CUDA_VISIBLE_DEVICES={cvd!r} hides every GPU" if cvd is not None and probe.devices() else \
             getattr(probe, "why", "no GPUs")
         logger.info("no GPU in use ({}); rank {} runs jobs on the CPU", why, slot.number)
-    logger.add(spool.agent_log(slot.agent_id), level=args.log_level, enqueue=False,
+    # Opened here, not by loguru: no link followed (Spool.open_log); cut to <log>.1 by the heartbeat (cap_log)
+    log_file = io.TextIOWrapper(spool.open_log(spool.agent_log(slot.agent_id)), encoding="utf-8",
+                                errors="backslashreplace", line_buffering=True)
+    logger.add(log_file, level=args.log_level, enqueue=False, colorize=False,
                format="{time:YYYY-MM-DD HH:mm:ss.SSS} | {level: <7} | " + slot.agent_id + " | {message}")
     cfg = AgentConfig(watch=args.watch, poll_interval=args.poll_interval, max_poll_interval=args.max_poll_interval,
                       rescan=args.rescan, heartbeat=args.heartbeat, burst=args.burst,

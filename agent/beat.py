@@ -54,6 +54,6 @@ class Beat:
             except Exception:
                 logger.exception("agent {}: heartbeat write failed", self.agent_id)
             for log in self.logs:
-                if cap_log(log, self.log_limit):
+                if cap_log(log, self.log_limit, self.spool):
                     logger.info("agent {}: {} grew past --log-limit-mb; its older lines are in {}.1", self.agent_id,
                                 log.name, log.name)

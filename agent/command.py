@@ -20,10 +20,11 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Callable
+from typing import IO, Any, Callable
 
-from gpupool.agent.script import _error, run_process
+from gpupool.agent.script import OpenLog, _error, _open_plain, run_process
 from gpupool.agent.worker_control import exit_reason
+from gpupool.jobs.atomic import open_read
 from gpupool.jobs.descriptor import Job
 from gpupool.jobs.errors import BadFile
 from gpupool.jobs.jsonio import load_json
@@ -45,19 +46,27 @@ def shell_line(job: Job, values: dict[str, Any]) -> str:
 
 
 def run_command(job: Job, gpu_id: int, device: str, env: dict[str, str], log_path: Path,
-                abort: Callable[[], bool]) -> dict[str, Any]:
-    """Run the command job; its result fields: ``log``, ``exit_code``, ``value`` or ``error``."""
+                abort: Callable[[], bool], open_log: OpenLog | None = None) -> dict[str, Any]:
+    """Run the command job; its result fields: ``log``, ``exit_code``, ``value`` or ``error``.
+    ``open_log`` opens its log (see ``agent.script.run_process``)."""
     values = placeholders(job, gpu_id, device)
     fields: dict[str, Any] = {"log": str(log_path)}
     try:
         line = shell_line(job, values)
     except TemplateError as e:
         return {**fields, "error": {"type": "BadTemplate", "message": str(e), "traceback": ""}}
-    start = log_path.stat().st_size if log_path.exists() else 0
     env = {**env, "GPUPOOL_RUN": job.run, "GPUPOOL_CHUNK_ID": str(job.chunk_id),  # as $SLURM_ARRAY_TASK_ID
            "GPUPOOL_TOTAL_CHUNKS": str(job.total_chunks)}
+    start = 0  # where this attempt's output starts in its log: the size of the log it opened
+
+    def opened(path: Path) -> IO[bytes]:
+        nonlocal start
+        log = (open_log or _open_plain)(path)
+        start = os.fstat(log.fileno()).st_size
+        return log
+
     code, err = run_process(["/bin/sh", "-c", line], job, env, log_path, abort, what="command",
-                            shown=line.replace("\n", "; "))
+                            shown=line.replace("\n", "; "), open_log=opened)
     if err is not None:
         return {**fields, "error": err}
     fields["exit_code"] = code
@@ -74,7 +83,11 @@ def run_command(job: Job, gpu_id: int, device: str, env: dict[str, str], log_pat
 def _matching_line(log_path: Path, start: int, pattern: str) -> str | None:
     """The first line this attempt wrote (after its header) that matches ``pattern``, described."""
     rx = re.compile(pattern)
-    with open(log_path, "rb") as f:
+    try:
+        f = open_read(log_path)  # no link followed
+    except (OSError, BadFile) as e:
+        return f"its output could not be read for --fail-on-output ({e})"
+    with f:
         f.seek(start)
         f.readline()  # the attempt's header: the command line itself
         for n, raw in enumerate(f, 1):

@@ -19,7 +19,7 @@ from gpupool.agent.gpu import make_probe, visible_gpus
 from gpupool.agent.identity import agent_id, host_id
 from gpupool.agent.slot import label
 from gpupool.agent.threads import share
-from gpupool.agent.worker_control import pid_alive
+from gpupool.agent.worker_control import pid_alive, tail as log_tail
 from gpupool.agent.pychild import is_agent_argv, python_argv
 from gpupool.jobs.errors import BadFile, SpoolError
 from gpupool.jobs.heartbeat import AgentState, read_status
@@ -92,7 +92,7 @@ def start(base: str, n: int, cpu: bool = False, host: str | None = None, agent_a
         cmd = python_argv("agent", "--base", str(spool.base), "--gpu", ",".join(map(str, group)),
                           "--host-id", host) + ([] if j is None else ["--slots", str(slots), "--slot", str(j)])
         cmd += (["--cpu"] if not gpus else []) + threads + list(agent_args or [])
-        with open(out, "ab") as f:
+        with spool.open_log(out) as f:  # no link followed (one there is moved to rejected/)
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT,
                                     start_new_session=True)  # survives the shell closing
         procs.append((ident, proc, out))
@@ -141,7 +141,7 @@ def _wait_ready(spool: Spool, ident: str, proc: subprocess.Popen | None, out: Pa
     while time.monotonic() < deadline:
         code = proc.poll()
         if code is not None:
-            tail = out.read_text(errors="replace").strip().splitlines()[-5:]
+            tail = log_tail(out, 4000).strip().splitlines()[-5:]
             raise SpoolError(f"agent {ident} exited with code {code} at start:\n  " + "\n  ".join(tail), out)
         try:
             st = read_status(spool.heartbeat(ident))

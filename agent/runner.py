@@ -78,8 +78,8 @@ class Runner:
         self.script_env = base_env if len(slot.gpus) <= 1 else worker_env
         self._narrowed_env = worker_env  # a script under --visible-gpu-id: --gpu_id 0 must be its GPU
         log = spool.worker_log(self.id)
-        self.workers = Workers(lambda: self._with_threads(worker_env), log, run_workers, spare,
-                               make_worker or (lambda env, preload: Worker(env, log, preload=preload)), clock,
+        make = make_worker or (lambda env, preload: Worker(env, log, preload=preload, open_log=spool.open_log))
+        self.workers = Workers(lambda: self._with_threads(worker_env), log, run_workers, spare, make, clock,
                                name=f"agent {self.id}")
         self.ahead: Job | None = None  # sent to its run's worker before its turn (pipelining)
         self._first_of_worker: set[tuple] = set()  # the jobs that were the first of their worker process
@@ -150,10 +150,12 @@ class Runner:
             if job.kind is JobKind.SCRIPT:  # on an agent of several GPUs, or under --visible-gpu-id, it sees
                 narrowed = visible or len(self.slot.gpus) > 1  # only the agent's: its --gpu_id 0 is the first
                 err = run_script(job, 0 if narrowed else gpu_id,
-                                 self._with_threads(self._narrowed_env if narrowed else self.script_env), log, abort)
+                                 self._with_threads(self._narrowed_env if narrowed else self.script_env), log, abort,
+                                 open_log=self.spool.open_log)
                 fields = {"log": str(log)} if err is None else {"log": str(log), "error": err}
             else:
-                fields = run_command(job, gpu_id, self.slot.device, self._with_threads(self.command_env), log, abort)
+                fields = run_command(job, gpu_id, self.slot.device, self._with_threads(self.command_env), log, abort,
+                                     open_log=self.spool.open_log)
                 err = fields.get("error")
         except OSError as e:  # its log cannot be made or written (a full disk?)
             return {"error": {"type": type(e).__name__, "message": f"cannot start the {job.kind.value}: {e}",

@@ -18,10 +18,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import IO, Callable
 
 from gpupool.agent.worker_control import exit_reason, exited, kill_group, tail
+from gpupool.jobs.atomic import open_append
 from gpupool.jobs.descriptor import Job
+
+OpenLog = Callable[[Path], IO[bytes]]  # opens a log to append to, following no link (``Spool.open_log``)
 
 # Kill the script if the agent dies, even by SIGKILL (util-linux setpriv, where present).
 _SETPRIV = shutil.which("setpriv")
@@ -36,23 +39,25 @@ def command(job: Job, gpu_id: int) -> list[str]:
 
 
 def run_script(job: Job, gpu_id: int, env: dict[str, str], log_path: Path,
-               abort: Callable[[], bool]) -> dict | None:
+               abort: Callable[[], bool], open_log: OpenLog | None = None) -> dict | None:
     """Run the script; None on exit code 0 (or one of its ``success_codes`` option: OctoRun's
     field), else an error dict (type, message, traceback)."""
-    code, err = run_process(command(job, gpu_id), job, env, log_path, abort)
+    code, err = run_process(command(job, gpu_id), job, env, log_path, abort, open_log=open_log)
     if err is None and code not in (job.options or {}).get("success_codes", [0]):
         err = _error("ScriptFailed", f"the script {exit_reason(code)}", log_path)
     return err
 
 
 def run_process(cmd: list[str], job: Job, env: dict[str, str], log_path: Path, abort: Callable[[], bool],
-                what: str = "script", shown: str | None = None) -> tuple[int | None, dict | None]:
+                what: str = "script", shown: str | None = None,
+                open_log: OpenLog | None = None) -> tuple[int | None, dict | None]:
     """Run ``cmd`` for ``job`` in a process group of its own, its output appended to ``log_path``
     (after a header line naming the attempt and ``shown``, default the argv); the whole group is
-    killed when it ends. (exit code, None), or (None, error dict) if it was stopped or timed out."""
+    killed when it ends. (exit code, None), or (None, error dict) if it was stopped or timed out.
+    ``open_log`` opens the log (the agent's: ``Spool.open_log``, which moves a link at the log or
+    on its way to ``rejected/``); by default its folder is made and a link there refused (OSError)."""
     env = {**env, **job.env} if job.env else env  # main.py --env: the caller's variables
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "ab") as log:
+    with (open_log or _open_plain)(log_path) as log:
         log.write(f"# attempt {job.attempt} at {time.strftime('%Y-%m-%d %H:%M:%S')}: "
                   f"{shown or ' '.join(cmd)}\n".encode())
         log.flush()
@@ -97,6 +102,12 @@ class _ExitWaiter:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+
+
+def _open_plain(path: Path) -> IO[bytes]:
+    """A log outside a spool (a caller of its own): its folder made, no link followed at the file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return open_append(path)
 
 
 def _error(kind: str, message: str, log_path: Path) -> dict:

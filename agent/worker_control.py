@@ -2,17 +2,24 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import select
 import shutil
 import signal
+import stat
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import IO, TYPE_CHECKING, Any, Callable
 
 from gpupool.agent.pychild import python_argv
+from gpupool.jobs.atomic import open_append, read_tail, writing
+from gpupool.jobs.errors import BadFile
+
+if TYPE_CHECKING:
+    from gpupool.jobs.paths import Spool
 
 class WorkerLost(Exception):
     """The worker died or was killed while running a job; ``reason`` says how."""
@@ -23,28 +30,42 @@ class WorkerLost(Exception):
 
 
 def tail(path: Path, nbytes: int = 4000) -> str:
+    """The end of a log, read without following a link ("" where it cannot be read)."""
     try:
-        with open(path, "rb") as f:
-            f.seek(max(0, f.seek(0, os.SEEK_END) - nbytes))
-            return f.read().decode(errors="replace")
-    except OSError:
+        return read_tail(path, nbytes).decode(errors="replace")
+    except (OSError, BadFile):
         return ""
 
 
-def cap_log(path: Path, limit: int) -> bool:
+def cap_log(path: Path, limit: int, spool: "Spool | None" = None) -> bool:
     """Keep a log that its writers hold open in append mode under ``limit`` bytes: past it, its
     content moves to ``<name>.1`` (replacing the one before) and the log starts empty. The
     writers go on appending to the emptied file; a line written during the copy may be lost.
-    True if it was cut."""
+    True if it was cut. No link is followed: a link at the log is neither read nor cut (with
+    ``spool``, it is moved to ``rejected/``), and ``<name>.1`` is written beside it and renamed
+    over the old one, never written through."""
+    if limit <= 0:
+        return False
     try:
-        if limit <= 0 or os.stat(path).st_size <= limit:
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as e:
+        if e.errno == errno.ELOOP and spool is not None:
+            spool.reject(b"", path, f"{path.name} is a symlink; logs are never written through a link", move=True)
+        return False
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size <= limit:
             return False
         old = path.with_name(path.name + ".1")
-        shutil.copyfile(path, old)
-        os.truncate(path, 0)
+        with open(fd, "rb", closefd=False) as src, writing(old, fsync=False) as (dst, tmp):
+            shutil.copyfileobj(src, dst, 1 << 20)
+        os.replace(tmp, old)
+        os.ftruncate(fd, 0)
         return True
     except OSError:
         return False
+    finally:
+        os.close(fd)
 
 
 def exit_reason(code: int | None) -> str:
@@ -131,9 +152,10 @@ class Worker:
     task keeps between chunks, say)."""
 
     def __init__(self, env: dict[str, str], log_path: Path, cwd: str | None = None,
-                 preload: tuple[str, ...] = ()) -> None:
+                 preload: tuple[str, ...] = (), open_log: Callable[[Path], IO[bytes]] = open_append) -> None:
         self.env = env
         self.log_path = log_path
+        self.open_log = open_log  # no link followed (the agent's: Spool.open_log, which rejects one)
         self.cwd = cwd
         self.preload = preload  # libraries it imports before its first job (a spare: see agent.workers)
         self.proc: subprocess.Popen | None = None
@@ -148,7 +170,7 @@ class Worker:
     def start(self) -> None:
         r_req, w_req = os.pipe()
         r_rep, w_rep = os.pipe()
-        with open(self.log_path, "ab") as log:
+        with self.open_log(self.log_path) as log:
             self.proc = subprocess.Popen(
                 # the agent's id last: ps and nvidia-smi tell the workers apart (see worker.set_title)
                 python_argv("agent.worker_process", str(r_req), str(w_rep), str(os.getpid()),

@@ -103,6 +103,8 @@ read fails at once, naming the agents to restart on the newer version). Mailboxe
 follow the same rule: unknown fields are ignored, a newer ``schema`` is refused.
 
 Everything read from the spool is untrusted: sizes are bounded, symlinks are not followed
-(O_NOFOLLOW), names are validated (``jobs.names``), ``.npz`` files are read with
-``allow_pickle=False``, and a broken file is moved to ``rejected/`` with a ``.why`` note.
+(O_NOFOLLOW; nor written through: a link at a log, or at a folder on the way to a log or a result,
+is moved to ``rejected/``, see ``Spool.real_dir`` and ``Spool.open_log``), names are validated
+(``jobs.names``), ``.npz`` files are read with ``allow_pickle=False``, and a broken file is moved
+to ``rejected/`` with a ``.why`` note.
 """

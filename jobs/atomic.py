@@ -149,24 +149,7 @@ def read_if_changed(path: Path, limit: int, known: tuple[int, int, int] | None, 
 
 
 def _read_once(path: Path, limit: int, known: tuple[int, int, int] | None) -> tuple[bytes | None, tuple[int, int, int]]:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError as e:
-        if e.errno == errno.ELOOP:
-            raise BadFile("is a symlink; spool files are never followed out of BASE", path) from e
-        if e.errno == errno.ENXIO:  # a socket (or a FIFO nobody could open): not a file
-            raise NotAFile(e.errno, "is a socket or special file, not a regular file", str(path)) from e
-        raise
-    try:
-        st = os.fstat(fd)
-    except BaseException:
-        os.close(fd)
-        raise
-    if not stat.S_ISREG(st.st_mode):  # checked on the opened file: no race with a rename
-        os.close(fd)
-        kind = file_kind(st.st_mode)
-        raise NotAFile(errno.EISDIR if kind == "directory" else errno.EINVAL, f"is a {kind}, not a regular file",
-                       str(path))
+    fd, st = _open_regular(path, os.O_RDONLY)
     with os.fdopen(fd, "rb") as f:
         sig = (st.st_ino, st.st_mtime_ns, st.st_size)
         if sig == known:
@@ -175,6 +158,78 @@ def _read_once(path: Path, limit: int, known: tuple[int, int, int] | None) -> tu
     if len(data) > limit:
         raise BadFile(f"is larger than the {limit} byte limit for this kind of file", path)
     return data, sig
+
+
+def _open_regular(path: Path, flags: int, mode: int = 0o666) -> tuple[int, os.stat_result]:
+    """``os.open(path, flags)`` without following a symlink and without blocking on a FIFO, for
+    a regular file only: BadFile for a symlink, NotAFile (an OSError) for a folder, FIFO, socket
+    or device. The descriptor is blocking again when returned, with the file's stat."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK, mode)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise BadFile("is a symlink; spool files are never followed out of BASE", path) from e
+        if e.errno == errno.ENXIO:  # a socket (or a FIFO nobody could open): not a file
+            raise NotAFile(e.errno, "is a socket or special file, not a regular file", str(path)) from e
+        if e.errno == errno.EISDIR:  # opened for writing
+            raise NotAFile(e.errno, "is a directory, not a regular file", str(path)) from e
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):  # checked on the opened file: no race with a rename
+            kind = file_kind(st.st_mode)
+            raise NotAFile(errno.EISDIR if kind == "directory" else errno.EINVAL, f"is a {kind}, not a regular file",
+                           str(path))
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st
+
+
+def open_read(path: Path) -> IO[bytes]:
+    """Open a spool file (a log) for reading without following a symlink: BadFile for a link,
+    NotAFile (an OSError) for a folder, FIFO, socket or device. Folders on the way are the
+    caller's to check (``linked_folder``)."""
+    return os.fdopen(_open_regular(path, os.O_RDONLY)[0], "rb")
+
+
+def read_tail(path: Path, nbytes: int) -> bytes:
+    """The last ``nbytes`` of a spool file (a log), read as ``open_read`` opens it."""
+    with open_read(path) as f:
+        f.seek(max(0, f.seek(0, os.SEEK_END) - nbytes))
+        return f.read(nbytes)
+
+
+def open_append(path: Path, mode: int = 0o666) -> IO[bytes]:
+    """Open the log ``path`` to append to, created if missing (``mode`` less the umask, as
+    ``open(path, "ab")`` makes it), without following a symlink: a link there raises an OSError
+    of errno ELOOP, a folder, FIFO, socket or device NotAFile (a FIFO is never waited on). The
+    caller decides what becomes of it (``Spool.open_log`` moves it to ``rejected/``); folders on
+    the way are the caller's to check (``Spool.real_dir``)."""
+    try:
+        fd, _ = _open_regular(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, mode)
+    except BadFile as e:
+        raise OSError(errno.ELOOP, "is a symlink; logs are never written through a link", str(path)) from e
+    return os.fdopen(fd, "ab")
+
+
+def linked_folder(base: Path, folder: Path) -> tuple[Path, str] | None:
+    """The first folder on the way from below ``base`` down to ``folder`` (``base`` itself is not
+    looked at: it may be a link) that is a symlink or not a folder at all, with what it is
+    ("symlink", "regular file", ...); None where each is a real folder, or missing (nothing
+    below a missing one exists). One lstat per folder. ValueError if ``folder`` is not below
+    ``base``. ``Spool.real_dir`` acts on what it finds."""
+    d = Path(base)
+    for part in Path(folder).relative_to(base).parts:
+        d = d / part
+        try:
+            mode = os.lstat(d).st_mode
+        except FileNotFoundError:
+            return None
+        if not stat.S_ISDIR(mode):
+            return d, file_kind(mode)
+    return None
 
 
 def server_now(folder: Path) -> float | None:

@@ -10,9 +10,11 @@ import secrets
 import stat
 import time
 from pathlib import Path
+from typing import IO
 
 
 from gpupool.jobs.atomic import TMP_MARK, is_temp_name, write_replace
+from gpupool.jobs.atomic import NotAFile, linked_folder, open_append
 from gpupool.jobs.errors import BadFile, BadName, SpoolError
 from gpupool.jobs.names import check_chunk, check_name
 
@@ -79,9 +81,15 @@ class Spool:
                                  f"write the spool can run code as this user. Fix it with: chmod o-w {d}", d)
 
     def run_dirs(self, run: str) -> Path:
-        """Create ``results/<run>`` and ``logs/<run>`` if needed; refuse them if they are symlinks
-        (a hostile link would make us write outside BASE). Returns the results folder."""
+        """Create ``results/<run>`` and ``logs/<run>`` if needed; refuse a ``results/<run>`` that is
+        a symlink (a hostile link would make us write outside BASE; a master starting the run says
+        so, an agent rejects the job). A link at ``logs/`` or ``logs/<run>`` is moved to
+        ``rejected/`` and a real folder made instead (``real_dir``). Returns the results folder."""
         out = self.result_dir(run)
+        try:
+            self.real_dir(self.run_log_dir(run))
+        except OSError as e:
+            raise BadFile(f"cannot be made a folder ({e.strerror})", e.filename or self.run_log_dir(run)) from e
         for d in (out, self.run_log_dir(run)):
             try:
                 d.mkdir(mode=0o755, parents=True, exist_ok=True)
@@ -90,6 +98,53 @@ class Spool:
             if os.path.islink(d):
                 raise BadFile("is a symlink; results and logs are never written through a link", d)
         return out
+
+    def real_dir(self, folder: Path, make: bool = True) -> Path:
+        """The one check that a write of a log or a result follows no link out of BASE: every
+        folder from below BASE down to ``folder`` (``logs/<run>``, ``results/<run>``) must be a real
+        folder. A symlink (or a file, FIFO, ...) found on the way is moved to ``rejected/`` with a
+        ``.why`` naming it; then, with ``make``, a fresh folder takes its place (missing ones are
+        made too) and the write goes on; without, an OSError naming it (errno ELOOP for a link,
+        ENOTDIR for anything else) is raised, and the write fails as on a full disk. A missing
+        folder is left to the write without ``make``. One lstat per folder, so cheap enough for
+        every write (though a link swapped in between the check and the write is not caught).
+        Returns ``folder``."""
+        for _ in range(len(Path(folder).parts) + 1):  # bounded: a link that will not move is raised
+            bad = linked_folder(self.base, folder)
+            if bad is None:
+                break
+            d, kind = bad
+            why = f"a {kind}{_link_target(d)} where the spool folder {d.relative_to(self.base)}/ belongs: logs " \
+                  f"and results are never written through a link"
+            self.reject(b"", d, why + ("; a fresh folder was made in its place" if make else
+                                       "; the result that was to be written there was not"), move=True)
+            if not make:
+                raise OSError(errno.ELOOP if kind == "symlink" else errno.ENOTDIR,
+                              f"is a {kind}, not a real folder; moved to {self.rejected_dir.name}/, "
+                              f"nothing was written through it", str(d))
+        else:
+            raise OSError(errno.ELOOP, "is a symlink or not a folder, and cannot be moved out of the way; "
+                          "nothing is written through it", str(bad[0]))
+        if make:
+            folder.mkdir(mode=0o755, parents=True, exist_ok=True)
+        return folder
+
+    def open_log(self, path: Path) -> IO[bytes]:
+        """Open the log ``path`` (below ``logs/``) to append to, following no link anywhere below
+        BASE: its folders are made real (``real_dir``), and a link (or a folder, FIFO, socket)
+        where the file belongs is moved to ``rejected/`` with a ``.why`` and a fresh log made
+        (``jobs.atomic.open_append``: O_NOFOLLOW). Raises OSError where it still cannot (a full
+        disk). Used for chunk logs, the worker's log, the agent's log and ``.out``."""
+        self.real_dir(Path(path).parent)
+        try:
+            return open_append(path)
+        except OSError as e:
+            if e.errno != errno.ELOOP and not isinstance(e, NotAFile):
+                raise
+            what = f"is a symlink{_link_target(path)}" if e.errno == errno.ELOOP else e.strerror
+            why = f"the log {path.name} {what}: logs are never written through a link; a fresh log was made in its place"
+        self.reject(b"", path, why, move=True)
+        return open_append(path)
 
     # agents
     def mailbox(self, agent_id: str) -> Path:
@@ -222,6 +277,8 @@ class Spool:
         return self.logs_dir / check_name(run, "run name")
 
     def chunk_log(self, run: str, chunk: int) -> Path:
+        """The output of one chunk's script or command job: written only through ``open_log``,
+        read only without following a link (``jobs.atomic.open_read``)."""
         return self.run_log_dir(run) / f"{check_chunk(chunk):06d}.log"
 
     def demo_input_dir(self) -> Path:
@@ -298,6 +355,14 @@ class Spool:
                                   str(self.rejected_dir)) from e
                 raise
         return os.open(self.rejected_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+
+
+def _link_target(path: Path) -> str:
+    """For a rejection's note: ' (to <target>)' for a symlink, '' for anything else."""
+    try:
+        return f" (to {os.readlink(path)})"
+    except OSError:
+        return ""
 
 
 def _hide(path: Path) -> None:

@@ -83,6 +83,9 @@ def commit(spool: Spool, job: Job, rec: dict[str, Any], arrays_tmp: Path | None 
         raise ResultTooLarge(len(data))
     if too_deep(data):
         raise ResultTooDeep()
+    # Nothing written through a link: one at results/ or results/<run> (planted after the run
+    # started) is moved to rejected/, and an OSError naming it raised, as a full disk's would be.
+    spool.real_dir(spool.result_dir(job.run), make=False)
     ok = rec["status"] == JobState.OK.value
     if not ok:  # history first: a final result with no history beside it is then always an ok one
         hist = spool.history_json(job.run, job.chunk_id, job.attempt)
@@ -107,6 +110,7 @@ def supersede(spool: Spool, job: Job, why: str) -> None:
     new limit), so that if the old attempt still runs somewhere and fails, that failure stays
     history and never commits over the newer attempt (see ``commit``)."""
     rec = record(job, JobState.FAILED, error={"type": SUPERSEDED, "message": why, "traceback": ""})
+    spool.real_dir(spool.result_dir(job.run), make=False)  # no link followed (see commit)
     write_exclusive(spool.history_json(job.run, job.chunk_id, job.attempt), json.dumps(rec).encode(), fsync=False)
 
 

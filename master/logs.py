@@ -8,16 +8,19 @@ is each agent host's local clock: across hosts the order is as good as their clo
 from __future__ import annotations
 
 import heapq
+import io
 import json
+import os
 import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, TextIO
 
+from gpupool.jobs.atomic import NotAFile, linked_folder, open_read, read_tail
 from gpupool.jobs.codec import plain
 from gpupool.jobs.descriptor import JOB_MARK
-from gpupool.jobs.errors import SpoolError
+from gpupool.jobs.errors import BadFile, SpoolError
 from gpupool.jobs.paths import Spool
 from gpupool.jobs.results import chunk_records
 
@@ -56,13 +59,14 @@ def agent_logs(spool: Spool, agent: str | None = None) -> list[Path]:
 
 
 def merged(paths: list[Path], match: Callable[[str], bool] = lambda t: True) -> list[Entry]:
-    """Every entry of ``paths`` in time order, keeping those ``match`` accepts."""
+    """Every entry of ``paths`` in time order, keeping those ``match`` accepts. A file that is a
+    link (or not a file) is passed over: logs are read without following one."""
     streams = []
     for i, p in enumerate(paths):
         try:
-            with open(p, errors="replace") as f:
+            with io.TextIOWrapper(open_read(p), errors="replace") as f:
                 streams.append([e for e in entries(f, i) if match(e.text)])
-        except FileNotFoundError:
+        except (FileNotFoundError, BadFile, NotAFile):
             continue
     return list(heapq.merge(*streams))
 
@@ -78,7 +82,8 @@ def run_filter(run: str | None, chunk: int | None = None) -> Callable[[str], boo
 
 def follow(paths_of: Callable[[], list[Path]], out: TextIO, match: Callable[[str], bool],
            start_at_end: bool = True, poll: float = 0.5, stop: Callable[[], bool] = lambda: False) -> None:
-    """Print entries as they are appended to the files (new files too), until ``stop`` or Ctrl-C."""
+    """Print entries as they are appended to the files (new files too), until ``stop`` or Ctrl-C.
+    A file that is a link (or not a file) is passed over: logs are read without following one."""
     pos: dict[Path, int] = {}
     partial: dict[Path, str] = {}
     first = True
@@ -86,16 +91,17 @@ def follow(paths_of: Callable[[], list[Path]], out: TextIO, match: Callable[[str
         batch: list[Entry] = []
         for i, p in enumerate(paths_of()):
             try:
-                size = p.stat().st_size
-            except OSError:
+                f = open_read(p)
+            except (OSError, BadFile):
                 continue
-            if p not in pos:
-                pos[p] = size if (start_at_end and first) else 0
-            if size < pos[p]:  # truncated or replaced: start over
-                pos[p] = 0
-            if size == pos[p]:
-                continue
-            with open(p, "rb") as f:
+            with f:
+                size = os.fstat(f.fileno()).st_size
+                if p not in pos:
+                    pos[p] = size if (start_at_end and first) else 0
+                if size < pos[p]:  # truncated or replaced: start over
+                    pos[p] = 0
+                if size == pos[p]:
+                    continue
                 f.seek(pos[p])
                 data = partial.pop(p, "") + f.read(size - pos[p]).decode(errors="replace")
             pos[p] = size
@@ -115,9 +121,10 @@ def chunk_report(spool: Spool, run: str, chunk: int) -> dict[str, Any]:
     result, attempts = chunk_records(spool, run, chunk)
     log = spool.chunk_log(run, chunk)
     lines = [e.text for e in merged(agent_logs(spool), run_filter(run, chunk))]
+    output = _text(log) if real_log_dir(spool, log) else None
     return {"run": run, "chunk_id": chunk, "status": result["status"] if result else None, "result": result,
-            "attempts": attempts, "script_log": str(log) if log.exists() else None,
-            "script_output": _text(log), "worker_output": _last_output(spool, run, chunk, result or
+            "attempts": attempts, "script_log": str(log) if output is not None else None,
+            "script_output": output, "worker_output": _last_output(spool, run, chunk, result or
                                                                         (attempts[-1] if attempts else None)),
             "agent_lines": lines}
 
@@ -153,20 +160,24 @@ def worker_output(spool: Spool, agent: str, run: str, chunk: int, attempt: int) 
     return None
 
 
+def real_log_dir(spool: Spool, log: Path) -> bool:
+    """No folder on the way from BASE to ``log`` is a link (or not a folder): a chunk log is read
+    only then (``jobs.atomic.linked_folder``; the agent that writes one moves such a link away)."""
+    return linked_folder(spool.base, log.parent) is None
+
+
 def _tail(path: Path, limit: int) -> str | None:
     try:
-        with open(path, "rb") as f:
-            f.seek(max(0, f.seek(0, 2) - limit))
-            return f.read(limit).decode(errors="replace")
-    except OSError:
+        return read_tail(path, limit).decode(errors="replace")
+    except (OSError, BadFile):
         return None
 
 
 def _text(path: Path, limit: int = 2_000_000) -> str | None:
     try:
-        with open(path, "rb") as f:
+        with open_read(path) as f:  # no link followed
             return f.read(limit).decode(errors="replace")
-    except OSError:
+    except (OSError, BadFile):
         return None
 
 

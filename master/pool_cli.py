@@ -177,9 +177,13 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 
 def _tail_text(path: Path, lines: int) -> str:
+    from gpupool.jobs.atomic import NotAFile, open_read
+    from gpupool.jobs.errors import BadFile
+
     try:
-        text = path.read_text(errors="replace")
-    except FileNotFoundError:
+        with open_read(path) as f:  # no link followed
+            text = f.read().decode(errors="replace")
+    except (FileNotFoundError, BadFile, NotAFile):
         return ""
     return "".join(text.splitlines(keepends=True)[-lines:]) if lines else text
 
@@ -193,14 +197,15 @@ def _follow(args: argparse.Namespace, paths_of: Callable[[], list[Path]], match:
 
 
 def _chunk_logs(spool: Spool, args: argparse.Namespace) -> int:
-    from gpupool.master.logs import chunk_report, follow, format_chunk
+    from gpupool.master.logs import chunk_report, follow, format_chunk, real_log_dir
 
     if not spool.run_spec(args.run).exists():
         return _die("logs", f"no run {args.run!r} in {spool.base} (runs: {', '.join(spool.run_names()) or '-'})")
     rep = chunk_report(spool, args.run, args.chunk)
     print(json.dumps(rep, indent=1) if args.json else format_chunk(rep), flush=True)
     if args.follow and rep["result"] is None:  # follow the script's output until the chunk has a result
-        follow(lambda: [spool.chunk_log(args.run, args.chunk)], sys.stdout, lambda t: True,
+        log = spool.chunk_log(args.run, args.chunk)
+        follow(lambda: [log] if real_log_dir(spool, log) else [], sys.stdout, lambda t: True,
                stop=lambda: spool.result_json(args.run, args.chunk).exists())
     return 0
 
