@@ -611,6 +611,8 @@ class Agent:
             "gpu_mem_reserved": self.memory.reserved or None,  # bytes the running job declared (--gpu-mem)
             "waiting": self.waiting,
             "mps": os.environ.get("CUDA_MPS_PIPE_DIRECTORY"),
+            "uid": os.geteuid(),  # whose agent it is: drain/undrain by another user want --force (jobs.owners)
+            "user": Heartbeat.user_of(os.geteuid()),
         })
 
 

@@ -12,6 +12,8 @@ Layout (every name below is built by ``jobs.paths.Spool``, nowhere else)::
     BASE/runs/<run>/master.lock      held by the one master feeding the run (holder in the file)
     BASE/runs/<run>/cancel           present = the run is cancelled ({"stop_running": bool})
     BASE/runs/<run>/sealed           present = the run finished and its results are flushed to disk
+    BASE/runs/<run>/owner            who submitted the run first ({"uid", "user"}; ``jobs.owners``);
+                                     commands acting on another user's run want --force
     BASE/runs/<run>/epoch            a token drawn anew when the run is started afresh (--fresh);
                                      every job carries it; an agent drops the result of a job whose
                                      epoch is no longer the run's (checked just before the commit)

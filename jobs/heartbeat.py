@@ -15,6 +15,7 @@ from typing import Any
 from gpupool.jobs.atomic import NotAFile
 from gpupool.jobs.errors import BadFile
 from gpupool.jobs.jsonio import clean, is_int, is_num, is_str, is_time, read_json
+from gpupool.jobs.owners import user_name
 from gpupool.jobs.paths import Spool, warn_once
 
 STATUS_LIMIT = 256 * 1024
@@ -97,6 +98,13 @@ class Heartbeat:
     gpu_mem_reserved: float | None = None  # bytes the running job declared (--gpu-mem)
     waiting: str | None = None  # why its next job waits
     mps: str | None = None  # the CUDA_MPS_PIPE_DIRECTORY its jobs get
+    uid: int | None = None  # the user it runs as (jobs.owners: drain/undrain of another user's agent want --force)
+    user: str | None = None  # that uid's passwd name where the agent runs (the uid as text where it has none)
+
+    @staticmethod
+    def user_of(uid: int) -> str:
+        """The ``user`` an agent of ``uid`` names (``jobs.owners.user_name``)."""
+        return user_name(uid)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Heartbeat":
@@ -173,6 +181,7 @@ FIELDS: dict[str, Any] = {
     "gpu_ids": lambda v: isinstance(v, list) and len(v) <= 64 and all(is_int(g) for g in v),
     "gpu_uuids": lambda v: isinstance(v, list) and len(v) <= 64 and all(is_str(g) for g in v),
     "slot": is_int, "slots": is_int, "gpu_mem_reserved": is_num, "waiting": is_str, "mps": is_str,
+    "uid": lambda v: is_int(v) and v >= 0, "user": is_str,
 }
 
 

@@ -247,6 +247,10 @@ class Spool:
         """Present = the run finished and its results were flushed to disk."""
         return self.run_dir(run) / "sealed"
 
+    def owner_file(self, run: str) -> Path:
+        """Who the run belongs to ({"uid", "user"}; ``jobs.owners``)."""
+        return self.run_dir(run) / "owner"
+
     def master_lock(self, run: str) -> Path:
         return self.run_dir(run) / "master.lock"
 

@@ -25,6 +25,7 @@ from gpupool.jobs.fsinfo import check_locks
 from gpupool.jobs.logsetup import pool_logs
 from gpupool.jobs.locks import HolderLock
 from gpupool.jobs.mailbox import drop_run
+from gpupool.jobs.owners import check_run, claim_run
 from gpupool.jobs.paths import Spool
 from gpupool.jobs.results import new_epoch, read_epoch, read_result, scan_run
 from gpupool.master.feeder import FeedConfig, Feeder, Summary
@@ -87,7 +88,7 @@ class Pool:
                run: str | None = None, retries: int = 2, timeout: float | None = None,
                fresh: bool = False, workdir: str | None = None, share: float = 1.0, arrays_as_kwargs: bool = False,
                visible_gpu_id: bool = False, kwargs_may_change: bool = False, env: dict[str, str] | None = None,
-               setup: str | None = None, **command_options: Any) -> "Run":
+               setup: str | None = None, force: bool = False, **command_options: Any) -> "Run":
         """Validate and record a run (nothing is queued until ``wait``). ``share``: the run's
         weight when several runs use the pool at once (agents split between them in proportion).
         ``cmd`` / ``commands``: command jobs (``agent.command``), with ``command_options`` prefix,
@@ -99,12 +100,13 @@ class Pool:
         per worker process before the run's first chunk there; its value is each chunk's ``state``
         (``main.py --setup``). ``kwargs_may_change``: a run of this name with other
         kwargs is resumed with these, its done chunks kept (OctoRun's way: completion is keyed on
-        chunk ids alone)."""
+        chunk ids alone). ``force``: resume or start over a run of this name that belongs to another
+        user (``jobs.owners``; refused without it)."""
         spec = build(task=task, script=script, cmd=cmd, commands=commands, chunks=chunks, kwargs=kwargs,
                      sweep=sweep, shared=shared, data=data, run=run, retries=retries, timeout=timeout,
                      workdir=workdir, share=share, arrays_as_kwargs=arrays_as_kwargs,
                      visible_gpu_id=visible_gpu_id, env=env, setup=setup, **command_options)
-        return Run(self.spool, spec, fresh, kwargs_may_change)
+        return Run(self.spool, spec, fresh, kwargs_may_change, force)
 
     def run(self, name: str) -> "Run":
         """An existing run by name (to read its results)."""
@@ -112,8 +114,10 @@ class Pool:
 
 
 class Run:
-    def __init__(self, spool: Spool, spec: RunSpec, fresh: bool, kwargs_may_change: bool = False) -> None:
+    def __init__(self, spool: Spool, spec: RunSpec, fresh: bool, kwargs_may_change: bool = False,
+                 force: bool = False) -> None:
         self.spool, self.spec, self.fresh = spool, spec, fresh
+        self.force = force  # act on another user's run of this name (jobs.owners)
         self.may_change = ("kwargs", "options") if kwargs_may_change else ()  # options: a script's success_codes
 
     @property
@@ -126,6 +130,7 @@ class Run:
         ``placement``: which agents may take its jobs (``master.placement``); raises Unplaceable
         if live agents are there and none may."""
         self.spool.run_dir(self.name).mkdir(parents=True, exist_ok=True)
+        check_run(self.spool, self.name, self.force, "start it over" if self.fresh else "resume it")
         lock = HolderLock(self.spool.master_lock(self.name))
         if wait_for_lock:
             while not lock.acquire(blocking=True, timeout=1.0):
@@ -134,6 +139,7 @@ class Run:
             lock.release()
         lock.take(f"run {self.name!r}", run=self.name)
         try:
+            claim_run(self.spool, self.name)  # a new run is ours from now on; an older one its folder's owner's
             self.uncancel()  # submitting or retrying a cancelled run resumes it
             if self.fresh:
                 new_epoch(self.spool, self.name)  # first: from now on, agents drop what the run queued before
@@ -177,6 +183,7 @@ class Run:
         over when that master ends first."""
         from gpupool.master.follow import Follower
 
+        check_run(self.spool, self.name, self.force, "start it over" if self.fresh else "resume it")
         follower = None
         try:
             while True:

@@ -7,6 +7,9 @@ run's jobs; a master feeding it stops. Submitting the run again (``retry``, or t
 
 drain: create ``agents/<agent>.drain``. The agent finishes its current chunk, takes no new
 one and says "draining" in its heartbeat; masters hand its queued jobs to other agents.
+
+Each of them (and ``rm``) refuses a run or an agent of another user unless told ``force``
+(``jobs.owners``): a guard against mistakes between colleagues, not a security boundary.
 """
 from __future__ import annotations
 
@@ -20,9 +23,10 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from gpupool.jobs.errors import BadFile, SpoolError
-from gpupool.jobs.heartbeat import AgentState, JobRef
+from gpupool.jobs.heartbeat import AgentState, JobRef, read_status
 from gpupool.jobs.locks import FileLock
 from gpupool.jobs.mailbox import Mailbox, drop_run
+from gpupool.jobs.owners import agent_owner, check_run, refuse, run_owner
 from gpupool.jobs.paths import Spool
 from gpupool.jobs.results import final_status, scan_run
 from gpupool.master.api import Run
@@ -61,11 +65,13 @@ def failed_chunks(spool: Spool, spec: RunSpec) -> list[int]:
     return [c for c, status in chunk_statuses(spool, spec).items() if status != "ok"]
 
 
-def retry_run(spool: Spool, run: str, retries: int | None = None) -> tuple[Run, list[int], int]:
+def retry_run(spool: Spool, run: str, retries: int | None = None, force: bool = False) -> tuple[Run, list[int], int]:
     """The Run to feed again (failed chunks are re-opened by the feeder's recovery, under the
     run's master lock, with ``jobs.results.reopen_failed``), its failed chunks and how many
-    chunks have no result at all (a cancelled or interrupted run)."""
+    chunks have no result at all (a cancelled or interrupted run). Another user's run is
+    refused unless ``force`` (``jobs.owners``)."""
     spec = load_run(spool, run)
+    check_run(spool, run, force, "retry it")
     from gpupool.master.executor import is_executor_run
 
     if is_executor_run(spec):
@@ -78,7 +84,7 @@ def retry_run(spool: Spool, run: str, retries: int | None = None) -> tuple[Run, 
     statuses = chunk_statuses(spool, spec)
     failed = [c for c, status in statuses.items() if status != "ok"]
     missing = spec.chunks - len(statuses)
-    return Run(spool, spec, fresh=False), failed, missing
+    return Run(spool, spec, fresh=False, force=force), failed, missing
 
 
 # cancel ---------------------------------------------------------------------------------------
@@ -89,10 +95,12 @@ class Cancelled:
     master_stopped: bool  # no master feeds the run any more
 
 
-def cancel_run(spool: Spool, run: str, stop_running: bool, timeout: float = 10.0) -> Cancelled:
+def cancel_run(spool: Spool, run: str, stop_running: bool, timeout: float = 10.0, force: bool = False) -> Cancelled:
     """Cancel ``run`` (see the module docstring); waits up to ``timeout`` for its master to stop
-    and, with ``stop_running``, for its running chunks to be killed."""
+    and, with ``stop_running``, for its running chunks to be killed. Another user's run is
+    refused unless ``force`` (``jobs.owners``)."""
     load_run(spool, run)
+    check_run(spool, run, force, "cancel it")
     spool.write_over(spool.cancel_flag(run), _note(stop_running=stop_running), "flag")
     dropped = drop_run(spool, run)
     stopped = wait_until(lambda: _master_gone(spool, run), timeout)
@@ -131,6 +139,8 @@ class RunInfo:
     failed: int
     bytes: int  # results, logs and the run's own folder on disk
     last_activity: float | None  # the newest file of the run (results, logs, run folder), by the server's clock
+    owner: str | None = None  # who submitted it (jobs.owners; None: unknown)
+    owner_uid: int | None = None
 
 
 def list_runs(spool: Spool) -> list[RunInfo]:
@@ -138,17 +148,18 @@ def list_runs(spool: Spool) -> list[RunInfo]:
     out = []
     for run in spool.run_names():
         size, newest = _footprint(spool, run)
+        owner = run_owner(spool, run)
         try:
             spec = load_run(spool, run)
         except (OSError, SpoolError):
-            out.append(RunInfo(run, "unreadable", None, 0, 0, size, newest))
+            out.append(RunInfo(run, "unreadable", None, 0, 0, size, newest, owner.user, owner.uid))
             continue
         statuses = chunk_statuses(spool, spec)
         ok = sum(1 for v in statuses.values() if v == "ok")
         failed = len(statuses) - ok
         state = ("feeding" if not _master_gone(spool, run) else "cancelled" if spool.cancel_flag(run).exists()
                  else "done" if ok == spec.chunks else "failed" if ok + failed == spec.chunks else "incomplete")
-        out.append(RunInfo(run, state, spec.chunks, ok, failed, size, newest))
+        out.append(RunInfo(run, state, spec.chunks, ok, failed, size, newest, owner.user, owner.uid))
     return out
 
 
@@ -168,14 +179,16 @@ def _footprint(spool: Spool, run: str) -> tuple[int, float | None]:
 
 def remove_run(spool: Spool, run: str, force: bool = False) -> int:
     """Remove a run: its queued jobs, results, logs and run folder (``rm``); returns the bytes
-    freed. Refused while a master feeds it, unless ``force`` (which cancels it first)."""
+    freed. Refused while a master feeds it, and for another user's run (``jobs.owners``), unless
+    ``force`` (which cancels it first)."""
     if run not in spool.run_names():
         raise ControlError(f"no run {run!r} in {spool.base} (see python -m master runs)")
+    check_run(spool, run, force, "remove it")
     if not _master_gone(spool, run):
         if not force:
             raise ControlError(f"run {run} is being fed by a master; cancel it first (python -m master cancel "
                                f"--base {spool.base} --run {run}), or pass --force")
-        cancel_run(spool, run, stop_running=True, timeout=10.0)
+        cancel_run(spool, run, stop_running=True, timeout=10.0, force=force)
     size, _ = _footprint(spool, run)
     drop_run(spool, run)
     for folder in (spool.result_dir(run), spool.run_log_dir(run), spool.run_dir(run)):
@@ -193,11 +206,19 @@ class AgentReport:
     reached: bool  # the agent reported the state we waited for
 
 
-def check_agent(spool: Spool, agent: str) -> None:
+def check_agent(spool: Spool, agent: str, force: bool = True, doing: str = "") -> None:
+    """Refuse an agent id that is not there, and (unless ``force``) another user's agent, by the
+    uid its heartbeat names (``jobs.owners``; an agent of an earlier release names none)."""
     if agent not in spool.agent_ids():
         known = ", ".join(spool.agent_ids()) or "none yet"
         raise ControlError(f"no agent {agent!r} in {spool.base} (agents there: {known}; "
                            "see python -m master status)")
+    if not force:
+        try:
+            hb = read_status(spool.heartbeat(agent))
+        except (OSError, BadFile):
+            hb = None
+        refuse(f"agent {agent}", agent_owner(hb), force, doing)
 
 
 def agent_report(spool: Spool, agent: str, live: Liveness, want: Callable[[str], bool]) -> AgentReport:
@@ -211,11 +232,13 @@ def agent_report(spool: Spool, agent: str, live: Liveness, want: Callable[[str],
     return AgentReport(agent, state, cur, queued, want(state))
 
 
-def drain(spool: Spool, agent: str, timeout: float = 30.0, dead_after: float = 20.0) -> AgentReport:
+def drain(spool: Spool, agent: str, timeout: float = 30.0, dead_after: float = 20.0,
+          force: bool = False) -> AgentReport:
     """Tell ``agent`` to take no new job; wait until it says "draining" (or is not alive).
+    Another user's agent is refused unless ``force``.
 
     A busy agent reads the flag when its current chunk ends, so "busy" is answer enough."""
-    check_agent(spool, agent)
+    check_agent(spool, agent, force, "drain it")
     spool.write_over(spool.drain_flag(agent), _note(), "flag")
     live = Liveness(spool, dead_after)
 
@@ -227,9 +250,11 @@ def drain(spool: Spool, agent: str, timeout: float = 30.0, dead_after: float = 2
     return wait_until(reached, timeout) or agent_report(spool, agent, live, lambda s: False)
 
 
-def undrain(spool: Spool, agent: str, timeout: float = 30.0, dead_after: float = 20.0) -> AgentReport:
-    """Remove ``agent``'s drain flag; wait until it takes jobs again (or is not alive)."""
-    check_agent(spool, agent)
+def undrain(spool: Spool, agent: str, timeout: float = 30.0, dead_after: float = 20.0,
+            force: bool = False) -> AgentReport:
+    """Remove ``agent``'s drain flag; wait until it takes jobs again (or is not alive). Another
+    user's agent is refused unless ``force``."""
+    check_agent(spool, agent, force, "undrain it")
     try:
         os.unlink(spool.drain_flag(agent))
     except FileNotFoundError:

@@ -60,6 +60,7 @@ from gpupool.jobs.codec import CodecError, decode, encode
 from gpupool.jobs.descriptor import IN_WORKER_ENV, Job, JobKind
 from gpupool.jobs.errors import BadFile
 from gpupool.jobs.locks import HolderLock
+from gpupool.jobs.owners import check_run, claim_run
 from gpupool.jobs.names import slug
 from gpupool.jobs.paths import Spool
 from gpupool.jobs.results import chunk_records
@@ -223,9 +224,11 @@ class Executor(futures.Executor):
         self.spool = Spool(base).ensure()
         self.run = run or f"executor-{_caller_name()}-{time.strftime('%m%d-%H%M%S')}-{secrets.token_hex(2)}"
         self.spool.run_dir(self.run).mkdir(parents=True, exist_ok=True)
+        check_run(self.spool, self.run, False, "", hint="name a run of your own (run=...)")  # jobs.owners
         self.spool.run_dirs(self.run)
         self._lock = HolderLock(self.spool.master_lock(self.run))
         self._lock.take(f"run {self.run!r}", run=self.run)
+        claim_run(self.spool, self.run)
         self.max_workers, self.retries, self.timeout, self.depth, self.poll = max_workers, retries, timeout, depth, poll
         self._calls: dict[int, _Call] = {}
         self._new: deque[int] = deque()

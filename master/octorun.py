@@ -231,7 +231,7 @@ def _feed(args: Any, cfg: OctoConfig, env: dict[str, str]) -> int:
         run = pool.submit(script=cfg.script_path, chunks=cfg.total_chunks, kwargs=cfg.kwargs,
                           run=args.run or cfg.run_name(pool.spool), retries=cfg.retries, timeout=args.timeout,
                           fresh=args.fresh, kwargs_may_change=True, success_codes=cfg.success_codes,
-                          env=env)
+                          env=env, force=args.force)
         base_delay = args.retry_delay if cfg.retry_base_delay is None else cfg.retry_base_delay
         feed = FeedConfig(depth=args.depth, max_depth=max(args.depth, args.max_depth), dead_after=args.dead_after,
                           retry_delay=base_delay, max_failures=args.max_failures,

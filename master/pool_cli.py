@@ -42,7 +42,7 @@ EXAMPLES = {
   python -m master runs --base /shared/base --json | jq '.[] | select(.state == "done") | .run'""",
     "rm": """examples:
   python -m master rm --base /shared/base --run multiply-100-1a2b3c4d
-  python -m master rm --base /shared/base --run old-run --force   # even while a master feeds it""",
+  python -m master rm --base /shared/base --run old-run --force   # even while a master feeds it, or another user's""",
     "cancel": """examples:
   python -m master cancel --base /shared/base --run multiply-100-1a2b3c4d                  # queued work only
   python -m master cancel --base /shared/base --run R --stop-running                        # kill running chunks too
@@ -228,7 +228,7 @@ def cmd_retry(args: argparse.Namespace) -> int:
     from gpupool.master.progress import format_summary
 
     spool = _spool(args)
-    run, failed, missing = retry_run(spool, args.run, args.retries)
+    run, failed, missing = retry_run(spool, args.run, args.retries, args.force)
     if not failed and not missing:
         print(f"run {args.run}: all {run.spec.chunks} chunks are ok; nothing to retry")
         return 0
@@ -244,7 +244,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     from gpupool.master.control import cancel_run
 
     spool = _spool(args)
-    got = cancel_run(spool, args.run, args.stop_running, args.timeout)
+    got = cancel_run(spool, args.run, args.stop_running, args.timeout, args.force)
     print(f"cancelled run {args.run}: took {got.dropped} queued job(s) out of the mailboxes")
     print("  its master has stopped" if got.master_stopped else
           f"  a master still holds the run after {args.timeout:g} s; it stops at its next look at the run")
@@ -264,11 +264,11 @@ def cmd_runs(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([asdict(r) for r in runs], indent=1))
         return 0
-    print(f"{'RUN':<40} {'STATE':<10} {'CHUNKS':>7} {'OK':>7} {'FAILED':>7} {'SIZE':>9}  LAST ACTIVITY")
+    print(f"{'RUN':<40} {'OWNER':<12} {'STATE':<10} {'CHUNKS':>7} {'OK':>7} {'FAILED':>7} {'SIZE':>9}  LAST ACTIVITY")
     for r in runs:
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(r.last_activity)) if r.last_activity else "-"
-        print(f"{r.run:<40} {r.state:<10} {r.chunks if r.chunks is not None else '-':>7} {r.ok:>7} {r.failed:>7} "
-              f"{_size(r.bytes):>9}  {when}")
+        print(f"{r.run:<40} {(r.owner or '-')[:12]:<12} {r.state:<10} {r.chunks if r.chunks is not None else '-':>7} "
+              f"{r.ok:>7} {r.failed:>7} {_size(r.bytes):>9}  {when}")
     if not runs:
         print("(no runs yet)")
     return 0
@@ -353,7 +353,7 @@ def cmd_drain(args: argparse.Namespace) -> int:
     from gpupool.master.control import drain, wait_idle
 
     spool = _spool(args)
-    rep = drain(spool, args.agent, args.timeout, args.dead_after)
+    rep = drain(spool, args.agent, args.timeout, args.dead_after, args.force)
     if rep.state in ("dead", "stopped"):
         print(f"agent {args.agent} is {rep.state}; the drain flag stays, so it starts drained "
               f"(python -m master undrain --base {args.base} {args.agent} lifts it)")
@@ -375,7 +375,7 @@ def cmd_drain(args: argparse.Namespace) -> int:
 def cmd_undrain(args: argparse.Namespace) -> int:
     from gpupool.master.control import undrain
 
-    rep = undrain(_spool(args), args.agent, args.timeout, args.dead_after)
+    rep = undrain(_spool(args), args.agent, args.timeout, args.dead_after, args.force)
     if rep.state in ("dead", "stopped"):
         print(f"drain flag of {args.agent} removed; the agent is {rep.state}")
         return 0
@@ -442,6 +442,7 @@ def _retry_args(r: argparse.ArgumentParser) -> None:
     r.add_argument("--retries", type=int, help="retries per chunk this time (default: the run's own)")
     r.add_argument("--wait", action="store_true", help="if another master feeds this run, wait for it")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _force(r, "retry")
     _dead_after(r)
 
 
@@ -449,6 +450,12 @@ def _cancel_args(k: argparse.ArgumentParser) -> None:
     k.add_argument("--run", required=True, help=RUN_HELP)
     k.add_argument("--stop-running", action="store_true", help="also kill the run's chunks that are running")
     k.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the master/agents to stop")
+    _force(k, "cancel")
+
+
+def _force(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--force", action="store_true", help=f"{what} a run another user submitted (refused without it; "
+                   "a guard against mistakes, not a security boundary: docs/failures.md)")
 
 
 def _gpus_args(g: argparse.ArgumentParser) -> None:
@@ -461,12 +468,14 @@ def _runs_args(r: argparse.ArgumentParser) -> None:
 
 def _rm_args(r: argparse.ArgumentParser) -> None:
     r.add_argument("--run", required=True, help=RUN_HELP)
-    r.add_argument("--force", action="store_true", help="also while a master feeds it (it is cancelled first)")
+    r.add_argument("--force", action="store_true", help="also while a master feeds it (it is cancelled first), "
+                   "and a run another user submitted")
 
 
 def _agent_args(d: argparse.ArgumentParser) -> None:
     d.add_argument("agent", metavar="AGENT", help="agent id, e.g. myhost-gpu3 (see python -m master status)")
     d.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the agent to answer")
+    d.add_argument("--force", action="store_true", help="also an agent another user runs (refused without it)")
     _dead_after(d)
 
 

@@ -87,6 +87,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
                    "while that much is free (NVML), so slots sharing a GPU (--slots) never overcommit it")
     p.add_argument("--fresh", action="store_true", help="start the run over: drop its earlier results")
     p.add_argument("--wait", action="store_true", help="if another master feeds this run, wait for it")
+    p.add_argument("--force", action="store_true", help="resume (or with --fresh start over) a run of this name "
+                   "that another user submitted (refused without it; docs/failures.md, Trust model)")
     p.add_argument("--depth", type=int, default=4, help="jobs per agent until chunk durations are known (default 4; "
                    "then as many as hide the measured round trip, up to --max-depth, never more than a fair share)")
     p.add_argument("--max-depth", type=int, default=64, help="most jobs queued per agent (default 64)")
@@ -157,7 +159,8 @@ def feed(args: argparse.Namespace) -> int:
                           timeout=args.timeout, fresh=args.fresh, share=args.share, prefix=args.prefix,
                           success_codes=args.success_codes, fail_on_output=args.fail_on_output,
                           result_file=args.result_file, arrays_as_kwargs=args.arrays_as_kwargs,
-                          visible_gpu_id=args.visible_gpu_id, env=parse_env(args.env), setup=args.setup)
+                          visible_gpu_id=args.visible_gpu_id, env=parse_env(args.env), setup=args.setup,
+                          force=args.force)
         cfg = FeedConfig(depth=args.depth, max_depth=max(args.depth, args.max_depth), dead_after=args.dead_after,
                          retry_delay=args.retry_delay, max_failures=args.max_failures, wait_agents=args.wait_agents)
         summary = run.wait(progress=not args.no_progress, cfg=cfg, wait_for_lock=args.wait, placement=placement)

@@ -11,6 +11,7 @@ import dataclasses
 import os
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +20,7 @@ from gpupool.jobs.errors import BadFile, SpoolError
 from gpupool.jobs.heartbeat import JobRef
 from gpupool.jobs.jsonio import is_int, is_num
 from gpupool.jobs.mailbox import Mailbox
+from gpupool.jobs.owners import agent_owner, me, run_owner
 from gpupool.jobs.paths import Spool
 from gpupool.jobs.results import final_status, has_outcome, result_or_none, scan_run
 from gpupool.master.liveness import Liveness
@@ -116,6 +118,8 @@ class StatusReader:
         active = running + queued > 0
         row = {"run": name, "kind": spec.kind.value, "target": spec.target, "chunks": spec.chunks, "ok": ok,
                "failed": failed, "running": running, "queued": queued, "pending": pending, "share": spec.share}
+        owner = run_owner(self.spool, name)  # jobs.owners: who submitted it (None: unknown)
+        row.update(owner=owner.user, owner_uid=owner.uid)
         return row, {"cancelled": self.spool.cancel_flag(name).exists(), "done": left == 0,
                      "chunks_per_s": None if rate is None else round(rate, 3),
                      "eta_s": round(left / rate, 1) if rate and left and active else None}
@@ -161,6 +165,7 @@ def _agent_row(ident: str, v: Any, ref: JobRef | None, queued: int, drain_flag: 
         # docs/jobs.md, "Warm workers": each run's worker process here, the spare, and the thread
         # count of the math libraries each worker was given
         "workers": st.workers or [], "spare_pid": st.spare_pid, "worker_threads": st.worker_threads,
+        **agent_owner(st).to_dict(),  # uid, user: whose agent it is (None: an agent of an earlier release)
     }
 
 
@@ -295,7 +300,8 @@ def _run_line(r: dict[str, Any], p: dict[str, Any], color: bool) -> str:
     rate = "-" if p.get("chunks_per_s") is None else f"{p['chunks_per_s']:.2f}"
     eta = "done" if p.get("done") else "cancelled" if p.get("cancelled") else duration(p.get("eta_s"))
     share = f"{r.get('share', 1.0):g}" + (f" {r['busy_pct']:.0f}%" if r.get("busy_pct") is not None else "")
-    return (f"{r['run'][:32]:<32} {r['chunks']:>6} {r['ok']:>6} {failed} {r['running']:>7} {r['queued']:>6} "
+    return (f"{r['run'][:32]:<32} {(r.get('owner') or '-')[:10]:<10} {r['chunks']:>6} {r['ok']:>6} {failed} "
+            f"{r['running']:>7} {r['queued']:>6} "
             f"{r['pending']:>7} {share:>9} {rate:>8} {eta:>9}")
 
 
@@ -317,8 +323,11 @@ def render(data: dict[str, Any], color: bool = False) -> str:
             lines.append(_paint(f"{a['id']} ({a['state']}): {a['last_error'][:300]}", "33", color))
         if a.get("waiting") and a["alive"]:  # --gpu-mem not free: its next job waits
             lines.append(f"{a['id']} ({a['state']}): {a['waiting'][:300]}")
-    lines += ["", f"{'RUN':<32} {'CHUNKS':>6} {'OK':>6} {'FAILED':>6} {'RUNNING':>7} {'QUEUED':>6} {'PENDING':>7} "
-                  f"{'SHARE':>9} {'CHUNK/S':>8} {'ETA':>9}"]
+    users = Counter(a.get("user") or "unknown" for a in data["agents"])  # whose agents: said when not only yours
+    if any(u not in (me().user, "unknown") for u in users):
+        lines.append("agents by user: " + ", ".join(f"{u} {n}" for u, n in sorted(users.items())))
+    lines += ["", f"{'RUN':<32} {'OWNER':<10} {'CHUNKS':>6} {'OK':>6} {'FAILED':>6} {'RUNNING':>7} {'QUEUED':>6} "
+                  f"{'PENDING':>7} {'SHARE':>9} {'CHUNK/S':>8} {'ETA':>9}"]
     lines += [_run_line(r, data.get("run_progress", {}).get(r["run"], {}), color) for r in data["runs"]]
     if not data["runs"]:
         lines.append("(no runs yet)")
