@@ -14,7 +14,6 @@ different chunks in a row (``_drain_self``), so that masters hand its jobs to ot
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import math
 import os
@@ -39,7 +38,7 @@ from gpupool.agent.threads import host_agents, share
 from gpupool.agent.worker_control import agent_marks, has_marks, kill_leftovers
 from gpupool.agent.workers import MakeWorker, WorkerLike
 from gpupool.jobs.descriptor import SCHEMA as JOB_SCHEMA, Job, JobKind, JobState
-from gpupool.jobs.atomic import purge_temp, read_bounded, server_now
+from gpupool.jobs.atomic import DISK_FULL, purge_temp, read_bounded, server_now
 from gpupool.jobs.errors import BadFile
 from gpupool.jobs.heartbeat import AgentState, Heartbeat, JobRef, read_status
 from gpupool.jobs.jsonio import load_json
@@ -67,7 +66,7 @@ class AgentConfig:
 
 
 PIPELINE_MAX_S = 0.5  # pipeline the next job only after chunks of a run that took at most this long
-DISK_FULL = (errno.ENOSPC, errno.EDQUOT)  # a result that fails with these pauses the agent, costs no attempt
+UNCOMMITTED_KEPT = 32  # attempts whose outcome could not be written, named in the heartbeat for masters
 MEMORY_RECHECK_S = 0.25  # how often a job waiting for its --gpu-mem looks at the GPU's free memory again
 RESTART_DEFER_S = 30.0  # a restarted agent leaves the jobs its former process died under this long
 
@@ -88,7 +87,7 @@ class Agent:
         self.runner = Runner(spool, slot, self.marks, cfg.max_jobs_per_worker, aborted=self._aborted,
                              stopping=lambda: self.stop, started=lambda: self.watcher.busy(), threads=threads,
                              run_workers=cfg.run_workers, spare=cfg.spare_worker, make_worker=make_worker,
-                             clock=clock)
+                             clock=clock, waiting=self._no_space)
         self.state = AgentState.STARTING
         self.current: tuple[Job, float] | None = None
         self._finished: set[tuple] = set()  # Job.uid of the dispatches finished (or dropped) here
@@ -105,6 +104,9 @@ class Agent:
         self.pause_until = 0.0  # after an I/O error (disk full): no job before this (monotonic)
         self._io_backoff = 0.0
         self.last_error: str | None = None
+        # attempts whose outcome no write could record (a permanent error: EACCES, EROFS...), for the
+        # masters to record as failed (master.dispatcher.Dispatcher._uncommitted): the heartbeat names them
+        self.uncommitted: list[dict[str, Any]] = []
         self._deferred: set[tuple] = set()  # Job.uid of the jobs a former process of this agent died under
         self._defer_until = 0.0
         self.died_under: list[dict[str, Any]] = []  # what the former process may have died under (heartbeat)
@@ -402,6 +404,7 @@ class Agent:
         first = self.runner.was_first(job)
         self.current = None
         self.state = AgentState.IDLE
+        self.waiting = None  # what it waited for (its arrays' space) is behind it
         if outcome is None:
             if self._cancelled(job.run) is not None:
                 logger.warning("{} chunk {}: killed, the run was cancelled", job.run, job.chunk_id)
@@ -412,8 +415,7 @@ class Agent:
         err = fields.get("error")
         if isinstance(err, dict) and err.get("errno") in DISK_FULL:  # the worker's save, or the job's own write
             return self._pause_for_io(job, f"{err.get('type')}: {err.get('message')}")
-        current = self._epoch(job.run) if job.epoch is not None else None
-        if current is not None and current != job.epoch:
+        if self._stale(job):
             logger.warning("{} chunk {}: the run was started afresh while it ran; its result is dropped",
                            job.run, job.chunk_id)
             _discard(arrays_tmp)
@@ -433,19 +435,11 @@ class Agent:
                      gpu_id=self.slot.number, device=self.slot.device,
                      **({"gpu_uuids": [g.uuid for g in self.slot.gpus]} if self.slot.gpus else {}),  # what it ran on
                      started_at=begun, finished_at=finished, duration_s=round(duration, 6), **fields)
-        try:
-            try:
-                committed = commit(self.spool, job, rec, Path(arrays_tmp) if arrays_tmp else None)
-            except Uncommittable as e:  # too large, too deep: no reader would take it; the attempt fails, once
-                _discard(arrays_tmp)
-                status = JobState.FAILED
-                rec = {**{k: v for k, v in rec.items() if k not in ("value", "error", "arrays_bytes")},
-                       "status": status.value, "arrays": None,
-                       "error": {"type": type(e).__name__, "message": str(e), "traceback": ""}}
-                committed = commit(self.spool, job, rec)
-        except OSError as e:  # e.g. disk full: nothing partial is left; retried after a pause
-            _discard(arrays_tmp)
-            return self._pause_for_io(job, str(e))
+        done = self._commit(job, rec, Path(arrays_tmp) if arrays_tmp else None)
+        if done is None:  # stopped (or the run cancelled or started afresh) while waiting for space
+            return self._cancelled(job.run) is not None or self._stale(job)
+        rec, committed = done
+        status = JobState(rec["status"])
         self._io_backoff = 0.0
         if status is JobState.OK:
             self.done += 1
@@ -511,6 +505,79 @@ class Agent:
                         ahead.chunk_id)
             self.runner.take_back()  # a fresh worker is started when a job comes again (after an undrain)
         self._draining()  # says "draining" in the heartbeat at once
+
+    def _commit(self, job: Job, rec: dict[str, Any], arrays: Path | None) -> tuple[dict[str, Any], bool] | None:
+        """Commit ``rec`` (``jobs.results.commit``); returns the record that was committed and
+        whether it became the chunk's result. A record no reader would take (too large, too deep)
+        fails the attempt instead. On a full disk (or quota) the outcome is kept and only its
+        write is tried again, 0.5 s doubling up to 30 s, until space returns: no job starts here
+        meanwhile (a job already in the worker's pipe computes, and its result waits behind this
+        one). None (nothing kept, the job stays queued) if the agent stops, or the run is
+        cancelled or started afresh, while it waits. Any other error (permission denied, a
+        read-only filesystem, a folder gone) will not pass: the attempt fails (``_uncommittable``)."""
+        pause = 0.0
+        while True:
+            try:
+                try:
+                    committed = commit(self.spool, job, rec, arrays)
+                    self.waiting = None
+                    return rec, committed
+                except Uncommittable as e:  # too large, too deep: no reader would take it; the attempt fails
+                    _discard(str(arrays) if arrays else None)
+                    arrays = None
+                    rec = {**{k: v for k, v in rec.items() if k not in ("value", "error", "arrays_bytes")},
+                           "status": JobState.FAILED.value, "arrays": None,
+                           "error": {"type": type(e).__name__, "message": str(e), "traceback": ""}}
+                    return rec, commit(self.spool, job, rec)
+            except OSError as e:  # nothing partial is left (our arrays are kept, see results.commit)
+                if e.errno not in DISK_FULL:
+                    _discard(str(arrays) if arrays else None)
+                    return self._uncommittable(job, rec, e), False
+                pause = min(30.0, max(0.5, pause * 2))
+                self._no_space(f"cannot write the result of {job.run} chunk {job.chunk_id}: {e}; its outcome is "
+                               f"kept, written again in {pause:g} s")
+            if not self._wait_for_space(job, pause):
+                _discard(str(arrays) if arrays else None)
+                return None
+
+    def _no_space(self, why: str) -> None:
+        """A computed outcome waits for disk space (``_commit``, or the worker's save of its
+        arrays): said in the log and the heartbeat (``last_error``, ``waiting``)."""
+        self.last_error = self.waiting = f"{time.strftime('%H:%M:%S')} {why}"
+        logger.error("agent {}: {}", self.id, why)
+
+    def _wait_for_space(self, job: Job, seconds: float) -> bool:
+        """Wait ``seconds`` before writing ``job``'s outcome again; False if it is not to be
+        written after all (the agent stops; the run was cancelled or started afresh)."""
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            if self.stop or self._cancelled(job.run) is not None or self._stale(job):
+                return False
+            time.sleep(min(0.2, max(0.0, end - time.monotonic())))
+        return True
+
+    def _stale(self, job: Job) -> bool:
+        """``job`` is of an earlier start of its run (``--fresh``): its outcome counts for nothing."""
+        current = self._epoch(job.run) if job.epoch is not None else None
+        return current is not None and current != job.epoch
+
+    def _uncommittable(self, job: Job, rec: dict[str, Any], e: OSError) -> dict[str, Any]:
+        """An outcome no write can record (permission denied, a read-only filesystem, its folder
+        gone): the attempt fails, naming the path and the error. Its record is not written (it
+        cannot be), so the heartbeat names it (``uncommitted``) and the run's master records the
+        failure itself (``master.dispatcher``): it counts against --retries and the run ends, never
+        the same chunk run here again and again. Returns the failed record."""
+        where = f" ({e.filename})" if e.filename else ""
+        error = {"type": "CommitFailed", "traceback": "", "errno": e.errno,
+                 "message": f"agent {self.id} cannot write the result{where}: {e.strerror or e}"}
+        self.uncommitted = [u for u in self.uncommitted[-(UNCOMMITTED_KEPT - 1):]
+                            if not has_outcome(self.spool, (u["run"], u["chunk_id"], u["attempt"]), u["max_attempts"])]
+        self.uncommitted.append({"run": job.run, "chunk_id": job.chunk_id, "attempt": job.attempt,
+                                 "max_attempts": job.max_attempts, "error": error})
+        self.last_error = f"{time.strftime('%H:%M:%S')} {job.run} chunk {job.chunk_id}: {error['message']}"
+        self.beat.quietly()  # masters learn it now
+        return {**{k: v for k, v in rec.items() if k not in ("value", "arrays_bytes")},
+                "status": JobState.FAILED.value, "arrays": None, "error": error}
 
     def _pause_for_io(self, job: Job, error: str) -> bool:
         """A result could not be written (a full disk, most often): nothing of the attempt is
@@ -592,7 +659,8 @@ class Agent:
             "device": self.slot.device, "gpu_id": self.slot.number,
             "gpu_index": self.slot.gpu.index if self.slot.gpu else None,
             "gpu_uuid": self.slot.gpu.uuid if self.slot.gpu else None,
-            "current": None if cur is None else JobRef(cur[0].run, cur[0].chunk_id, cur[0].attempt, cur[1]),
+            "current": None if cur is None else JobRef(cur[0].run, cur[0].chunk_id, cur[0].attempt, cur[1],
+                                                       round(max(0.0, time.monotonic() - cur[2]), 3)),
             "ahead": None if ahead is None else JobRef(ahead.run, ahead.chunk_id, ahead.attempt),
             "jobs_done": self.done, "jobs_failed": self.failed, "started_at": self.started_at,
             "updated_at": time.time(), "heartbeat_s": self.cfg.heartbeat, "watch": self.watcher.mode,
@@ -610,6 +678,7 @@ class Agent:
             "slot": self.slot.slot, "slots": self.slot.slots,  # --slots: agents sharing its GPU
             "gpu_mem_reserved": self.memory.reserved or None,  # bytes the running job declared (--gpu-mem)
             "waiting": self.waiting,
+            "uncommitted": list(self.uncommitted) or None,
             "mps": os.environ.get("CUDA_MPS_PIPE_DIRECTORY"),
             "uid": os.geteuid(),  # whose agent it is: drain/undrain by another user want --force (jobs.owners)
             "user": Heartbeat.user_of(os.geteuid()),

@@ -58,10 +58,11 @@ class Runner:
                  aborted: Callable[[Job], bool], stopping: Callable[[], bool],
                  started: Callable[[], None] = lambda: None, threads: Callable[[], int] | None = None,
                  run_workers: int = 2, spare: bool = True, make_worker: MakeWorker | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, waiting: Callable[[str], None] = lambda why: None) -> None:
         self.spool, self.slot, self.id = spool, slot, slot.agent_id
         self.max_jobs_per_worker = max_jobs_per_worker  # a fresh worker process after this many jobs; 0: never
         self.aborted, self.stopping, self.started = aborted, stopping, started
+        self.waiting = waiting  # told why a job's computed value waits (no space to save it)
         # The job code sees only this agent's GPU; CUDA counts in PCI bus order like NVML.
         # ``marks`` (GPUPOOL_AGENT, GPUPOOL_SPOOL) mark what jobs start, for the agent's kill_leftovers at a restart.
         base_env = {**os.environ, "CUDA_DEVICE_ORDER": "PCI_BUS_ID", **marks}
@@ -180,7 +181,7 @@ class Runner:
             # ends, while the agent commits this one's result (not queued if the worker died).
             if self._send(worker, lookahead):
                 self.ahead = lookahead
-        return worker.receive(job.timeout, abort)
+        return worker.receive(job.timeout, abort, lambda note: self.waiting(str(note.get("waiting"))))
 
     def _outcome(self, job: Job, reply: dict[str, Any]) -> Outcome:
         times = {"started_at": reply.get("started_at"), "finished_at": reply.get("finished_at")}

@@ -241,9 +241,22 @@ class Worker:
         self.sent += 1
         return True
 
-    def receive(self, timeout: float | None, abort: Callable[[], bool]) -> dict[str, Any]:
-        """The reply to the oldest request sent."""
+    def receive(self, timeout: float | None, abort: Callable[[], bool],
+                note: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        """The reply to the oldest request sent. A note the job sends before it (its value waits
+        for disk space: ``agent.worker_process.save_arrays``) goes to ``note``, and ends the
+        time-out: the job computed in time."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            reply = self._line(deadline, timeout, abort)
+            if not isinstance(reply, dict) or "note" not in reply:
+                return reply
+            deadline = None
+            if note is not None and isinstance(reply["note"], dict):
+                note(reply["note"])
+
+    def _line(self, deadline: float | None, timeout: float | None, abort: Callable[[], bool]) -> Any:
+        """The worker's next line, waited for until ``deadline``."""
         while (end := self._buf.find(b"\n", self._scanned)) < 0:
             self._scanned = len(self._buf)
             if abort():
@@ -268,8 +281,10 @@ class Worker:
         line = bytes(self._buf[:end])
         del self._buf[:end + 1]
         self._scanned = 0
-        self._owed -= 1
-        return json.loads(line)
+        reply = json.loads(line)
+        if not (isinstance(reply, dict) and "note" in reply):
+            self._owed -= 1
+        return reply
 
     def _read(self) -> bool:
         """Read what the reply pipe holds; False at its end (every writer closed it)."""

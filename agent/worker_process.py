@@ -14,6 +14,8 @@ Protocol, one JSON line each way on two inherited pipes:
           this worker exits; the agent sends it to a fresh one (``Session.restart_reason``:
           a job of another run, a source file changed since it was imported; ``cold``: the
           run's folder has a module named like one this spare preloaded).
+  Before its reply, a job may send notes ``{"note": {"waiting": "<why>"}}``: its value is computed
+  and waits for disk space to be saved (``save_arrays``).
   Either reply may carry ``"libs": [...]``, the top-level libraries first imported by that job
   (``agent.sources``), which the agent's next spare worker preloads.
 
@@ -40,7 +42,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 
 def _die_with_parent(parent: int) -> None:
@@ -164,6 +166,8 @@ class Session:
         self.state: Any = None
         self.set_up = False
         self.in_setup = False
+        self.notify: Callable[[dict[str, Any]], None] = lambda note: None  # a note to the agent (see save_arrays)
+        self.computed: float | None = None  # when the job function returned (before its arrays were saved)
 
     def builtins(self, job: Any, req: dict[str, Any]) -> dict[str, Any]:
         """Each built-in argument, as a thunk (shared or chunk data is only loaded when asked for)."""
@@ -234,7 +238,6 @@ class Session:
 
 
 def run_one(req: dict[str, Any], job: Any, session: Session) -> dict[str, Any]:
-    from gpupool.jobs.atomic import writing
     from gpupool.jobs.codec import CodecError
     from gpupool.jobs.descriptor import JOB_MARK
 
@@ -243,13 +246,11 @@ def run_one(req: dict[str, Any], job: Any, session: Session) -> dict[str, Any]:
     fn = session.tasks.get(job.target, job.workdir)
     args, kwargs = call_args(job, fn, req, session)
     value = fn(*args, **kwargs)
+    session.computed = time.time()
     found = returned_arrays(value)
     if found is not None:
         arrays, form = found
-        from gpupool.jobs.npzio import save_npz
-
-        with writing(Path(req["arrays_path"]), fsync=False) as (f, tmp):  # see results.sync_run
-            save_npz(f, arrays)
+        tmp = save_arrays(Path(req["arrays_path"]), arrays, session.notify)
         return {"ok": True, "value": None, "arrays_tmp": str(tmp), **({"arrays_form": form} if form else {})}
     try:
         return {"ok": True, "value": jsonable(value), "arrays_tmp": None}
@@ -485,6 +486,30 @@ def after_failure(err: dict[str, Any], fault: str | None) -> None:
 _worker_pid: int | None = None  # set by main(): a forked child has another pid
 
 
+def save_arrays(final: Path, arrays: Any, notify: Callable[[dict[str, Any]], None]) -> Path:
+    """Save a job's arrays to a temp file beside ``final`` (the agent commits it); returns its path.
+    On a full disk (or quota) the value is kept and the save tried again, 0.5 s doubling up to 30 s,
+    until space returns: the chunk is not computed again. The agent is told at each try (a note,
+    ``{"waiting": "<why>"}``): the job's time-out no longer runs (it computed in time) and its
+    heartbeat says why it waits. Nothing partial is left between tries (``jobs.atomic.writing``)."""
+    from gpupool.jobs.atomic import DISK_FULL, writing
+    from gpupool.jobs.npzio import save_npz
+
+    pause = 0.0
+    while True:
+        try:
+            with writing(final, fsync=False) as (f, tmp):  # no fsync: see results.sync_run
+                save_npz(f, arrays)
+            return tmp
+        except OSError as e:
+            if e.errno not in DISK_FULL:
+                raise
+            pause = min(30.0, max(0.5, pause * 2))
+            notify({"waiting": f"cannot save the arrays as {final.name}: {e.strerror}; the value is kept, "
+                               f"saved again in {pause:g} s"})
+            time.sleep(pause)
+
+
 def handle(request: dict[str, Any], session: Session) -> dict[str, Any]:
     """One request to one reply; a job's exception becomes a failed reply, never our death."""
     from gpupool.jobs.descriptor import Job
@@ -509,7 +534,8 @@ def handle(request: dict[str, Any], session: Session) -> dict[str, Any]:
             session.in_setup = False
             reply["error"]["setup"] = job.setup
             reply["error"]["message"] = f"the run's setup {job.setup} failed: {reply['error']['message']}"
-    finished = time.time()
+    finished = session.computed or time.time()
+    session.computed = None
     if not reply["ok"]:  # out of the except block: the job's frames (and tensors) are let go
         try:
             after_failure(reply["error"], fault)
@@ -575,6 +601,7 @@ def main() -> None:
         __import__(name)  # (numpy: only in the workers of runs that use it)
     session = Session(preloaded)  # all a first job needs, made before it comes (a spare waits for it ready)
     rd, wr = os.fdopen(rfd, "rb"), os.fdopen(wfd, "wb", buffering=0)
+    session.notify = lambda note: wr.write(json.dumps({"note": note}).encode() + b"\n")
     for line in rd:
         request = json.loads(line)
         set_title(title_for(agent, request.get("job")), name)

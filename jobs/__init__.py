@@ -15,8 +15,10 @@ Layout (every name below is built by ``jobs.paths.Spool``, nowhere else)::
     BASE/runs/<run>/owner            who submitted the run first ({"uid", "user"}; ``jobs.owners``);
                                      commands acting on another user's run want --force
     BASE/runs/<run>/epoch            a token drawn anew when the run is started afresh (--fresh);
-                                     every job carries it; an agent drops the result of a job whose
-                                     epoch is no longer the run's (checked just before the commit)
+                                     every job carries it, and so does every result it commits; an
+                                     agent drops the result of a job whose epoch is no longer the
+                                     run's (checked just before the commit), and masters and readers
+                                     refuse a result of another epoch (jobs.results.StaleResult)
     BASE/results/<run>/<chunk:06d>.json      the chunk's committed result (the commit point)
     BASE/results/<run>/<chunk:06d>.a<N>.npz  the arrays of attempt N, in place before its .json
                                      appears; the .json names them in "arrays" ("arrays_form":
@@ -68,7 +70,10 @@ Who writes what, in which order:
    place (fails if it exists: exactly one committed result per chunk, whichever attempt
    finishes first). A failed attempt first writes its history ``.a<N>.json``; only the last
    attempt then commits a final (failed) ``.json``. So a final result without any history is
-   an ok one, and a sealed run's outcome can be read from file names alone.
+   an ok one, and a sealed run's outcome can be read from file names alone. A commit that
+   fails for lack of space is tried again until it passes (the outcome is kept, nothing is run
+   again); one that fails for another reason (permission denied, read-only) is named in the
+   agent's heartbeat (``uncommitted``) and the master records that attempt's failure itself.
 5. A job stays in the mailbox until its outcome is on disk, so a dead agent's work is still
    listed there. Finished jobs are pruned lazily, under ``<agent>.lock``: by the master when
    it refills that mailbox, and by the agent when it runs out of work and its mailbox has

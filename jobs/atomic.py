@@ -21,6 +21,44 @@ from gpupool.jobs.errors import BadFile
 
 TMP_MARK = ".tmp-"
 DEFAULT_READ_LIMIT = 4 * 1024 * 1024
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)  # a write that fails with these may succeed once space returns
+
+
+_MODES: dict[str, tuple[int, int]] = {}
+
+
+def modes(folder: Path) -> tuple[int, int]:
+    """(folder mode, file mode) for what the pool makes in ``folder``: they follow that folder's
+    own mode, so a whole spool follows its BASE. A group-writable BASE (a group's spool: ``chgrp
+    lab BASE; chmod 2770 BASE``) gets group-writable folders (setgid kept: files take BASE's
+    group) and files, whatever the umask; a private one (755, 700) gets folders and files no one
+    else may write. Never writable by other users (``Spool.check_private``). Read once per folder
+    by each process (a chmod of BASE reaches processes started after it)."""
+    key = str(folder)
+    hit = _MODES.get(key)
+    if hit is None:
+        try:
+            hit = modes_like(os.stat(folder).st_mode)
+        except OSError:
+            hit = modes_like(0o755)
+        if len(_MODES) > 4096:  # a master of many runs: forget, stat again
+            _MODES.clear()
+        _MODES[key] = hit
+    return hit
+
+
+def modes_like(folder_mode: int) -> tuple[int, int]:
+    """(folder mode, file mode) for what is made in a folder of ``folder_mode`` (see ``modes``)."""
+    dir_mode = (stat.S_IMODE(folder_mode) & 0o2775) | 0o700
+    return dir_mode, (dir_mode & 0o666) | 0o600
+
+
+def give_mode(fd: int, mode: int) -> None:
+    """A file we just created gets ``mode`` whatever the umask, where the mode lets the group
+    write (a shared spool's: a umask of 022 would take that away)."""
+    if mode & 0o020:
+        with contextlib.suppress(OSError):
+            os.fchmod(fd, mode)
 
 
 class NotAFile(OSError):
@@ -57,8 +95,10 @@ def writing(final: Path, fsync: bool = True, folder: Path | None = None) -> Iter
     exception the temp file is removed and the error propagates.
     """
     tmp = temp_name(final, folder)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    mode = modes(final.parent)[1]
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
     try:
+        give_mode(fd, mode)
         with os.fdopen(fd, "wb") as f:
             yield f, tmp
             f.flush()

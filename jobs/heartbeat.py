@@ -97,6 +97,9 @@ class Heartbeat:
     slots: int | None = None
     gpu_mem_reserved: float | None = None  # bytes the running job declared (--gpu-mem)
     waiting: str | None = None  # why its next job waits
+    # attempts whose outcome it could not write (permission denied, a read-only filesystem): each
+    # {"run", "chunk_id", "attempt", "max_attempts", "error"}; their master records them (agent.Agent._uncommittable)
+    uncommitted: list[dict[str, Any]] | None = None
     mps: str | None = None  # the CUDA_MPS_PIPE_DIRECTORY its jobs get
     uid: int | None = None  # the user it runs as (jobs.owners: drain/undrain of another user's agent want --force)
     user: str | None = None  # that uid's passwd name where the agent runs (the uid as text where it has none)
@@ -181,6 +184,10 @@ FIELDS: dict[str, Any] = {
     "gpu_ids": lambda v: isinstance(v, list) and len(v) <= 64 and all(is_int(g) for g in v),
     "gpu_uuids": lambda v: isinstance(v, list) and len(v) <= 64 and all(is_str(g) for g in v),
     "slot": is_int, "slots": is_int, "gpu_mem_reserved": is_num, "waiting": is_str, "mps": is_str,
+    "uncommitted": lambda v: isinstance(v, list) and len(v) <= 64 and all(
+        isinstance(u, dict) and is_str(u.get("run")) and is_int(u.get("chunk_id")) and is_int(u.get("attempt"))
+        and is_int(u.get("max_attempts")) and isinstance(u.get("error"), dict)
+        and is_str(u["error"].get("message")) for u in v),
     "uid": lambda v: is_int(v) and v >= 0, "user": is_str,
 }
 

@@ -16,21 +16,27 @@ from typing import Any
 
 import portalocker
 
-from gpupool.jobs.atomic import read_bounded
+from gpupool.jobs.atomic import modes, read_bounded
 from gpupool.jobs.errors import BadFile, LockHeld
 from gpupool.jobs.jsonio import load_json
 
 
 def _open_or_create(path: Path, tries: int = 50, mode: int | None = None) -> int:
     """Open ``path`` read-write, creating it if missing; with ``mode``, a file of ours is given
-    that mode whatever the umask (a lock every user of the host must be able to take: 0o666).
+    that mode whatever the umask (a lock every user of the host must be able to take: 0o666);
+    without, the mode of the files of its folder (``jobs.atomic.modes``).
 
     Two GlusterFS clients creating one name at the same moment can see EEXIST for a plain
     O_CREAT (the create reaches the bricks as its own operation), though the file is there to
     open; open it then without O_CREAT, and create again should it have gone meanwhile."""
+    if mode is None:  # a spool's lock: its folder's file mode (group-writable in a group's spool)
+        want = modes(path.parent)[1]
+        mode = want if want & 0o020 else None
+    else:
+        want = mode
     for _ in range(tries):
         try:
-            return _with_mode(os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644 if mode is None else mode), mode)
+            return _with_mode(os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, want), mode)
         except FileExistsError:
             pass
         try:

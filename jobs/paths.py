@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import IO
 
 
-from gpupool.jobs.atomic import TMP_MARK, is_temp_name, write_replace
+from gpupool.jobs.atomic import TMP_MARK, give_mode, is_temp_name, modes, modes_like, write_replace
 from gpupool.jobs.atomic import NotAFile, linked_folder, open_append
 from gpupool.jobs.errors import BadFile, BadName, SpoolError
 from gpupool.jobs.names import check_chunk, check_name
@@ -38,10 +38,12 @@ class Spool:
         self._mailbox_temp: Path | None = None  # pool_tmp_dir, once found to be a real folder
 
     def ensure(self) -> "Spool":
-        """Create the layout (idempotent). Folders are not writable by other users."""
+        """Create the layout (idempotent): BASE as the umask has it, what is in it following
+        BASE's mode (``mkdir``)."""
         try:
-            for d in (self.base, self.pool_dir, self.agents_dir, self.runs_dir, self.results_dir, self.logs_dir):
-                d.mkdir(mode=0o755, parents=True, exist_ok=True)
+            self.base.mkdir(mode=0o755, parents=True, exist_ok=True)
+            for d in (self.pool_dir, self.agents_dir, self.runs_dir, self.results_dir, self.logs_dir):
+                self.mkdir(d)
         except OSError as e:
             raise SpoolError(f"cannot create the spool folder: {e.strerror}", e.filename or self.base) from e
         try:  # a broken rejected/ (a file, a link) costs only the rejections: reject() names it
@@ -70,6 +72,29 @@ class Spool:
         return f"; but {', '.join(map(str, below))} {'is one' if len(below) == 1 else 'are'}{octorun}: " \
                f"pass --base {below[0]})"
 
+    def mkdir(self, path: Path) -> Path:
+        """Make the folder ``path`` of this spool and its missing parents below BASE, each with
+        its parent's mode (``jobs.atomic.modes``: a group's spool stays group-writable whatever
+        the umask of whoever makes a folder). Raises OSError as ``os.mkdir`` does."""
+        path = want = Path(path)
+        missing = []
+        while not path.is_dir() and path != self.base and path.parent != path:
+            missing.append(path)
+            path = path.parent
+        for d in reversed(missing):
+            mode = modes(d.parent)[0]
+            try:
+                os.mkdir(d, mode)
+            except FileExistsError:
+                continue
+            if mode & 0o020 or mode & stat.S_ISGID:  # the umask may have cut the group's write
+                fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+                try:
+                    give_mode(fd, mode)
+                finally:
+                    os.close(fd)
+        return want
+
     def check_private(self) -> None:
         """Refuse a spool that every user may write: whoever can write it runs code as us."""
         for d in (self.base, self.pool_dir, self.agents_dir, self.runs_dir, self.results_dir):
@@ -92,7 +117,7 @@ class Spool:
             raise BadFile(f"cannot be made a folder ({e.strerror})", e.filename or self.run_log_dir(run)) from e
         for d in (out, self.run_log_dir(run)):
             try:
-                d.mkdir(mode=0o755, parents=True, exist_ok=True)
+                self.mkdir(d)
             except OSError as e:  # a file (or a dangling link) where the folder belongs
                 raise BadFile(f"cannot be made a folder ({e.strerror})", d) from e
             if os.path.islink(d):
@@ -126,7 +151,7 @@ class Spool:
             raise OSError(errno.ELOOP, "is a symlink or not a folder, and cannot be moved out of the way; "
                           "nothing is written through it", str(bad[0]))
         if make:
-            folder.mkdir(mode=0o755, parents=True, exist_ok=True)
+            self.mkdir(folder)
         return folder
 
     def open_log(self, path: Path) -> IO[bytes]:
@@ -137,14 +162,23 @@ class Spool:
         disk). Used for chunk logs, the worker's log, the agent's log and ``.out``."""
         self.real_dir(Path(path).parent)
         try:
-            return open_append(path)
+            return self._append(path)
         except OSError as e:
             if e.errno != errno.ELOOP and not isinstance(e, NotAFile):
                 raise
             what = f"is a symlink{_link_target(path)}" if e.errno == errno.ELOOP else e.strerror
             why = f"the log {path.name} {what}: logs are never written through a link; a fresh log was made in its place"
         self.reject(b"", path, why, move=True)
-        return open_append(path)
+        return self._append(path)
+
+    @staticmethod
+    def _append(path: Path) -> IO[bytes]:
+        """``open_append`` with the mode of its folder's files (a chunk's retry on another member's
+        agent appends to the same log, in a group's spool)."""
+        mode = modes(Path(path).parent)[1]
+        f = open_append(path, mode)
+        give_mode(f.fileno(), mode)
+        return f
 
     # agents
     def mailbox(self, agent_id: str) -> Path:
@@ -162,7 +196,7 @@ class Spool:
             return self._mailbox_temp
         d = self.pool_tmp_dir
         try:
-            d.mkdir(mode=0o755, exist_ok=True)
+            self.mkdir(d)
             if not stat.S_ISDIR(os.lstat(d).st_mode):
                 raise NotADirectoryError(errno.ENOTDIR, "not a folder")
         except OSError as e:
@@ -352,7 +386,7 @@ class Spool:
                 return os.open(self.rejected_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
             except FileNotFoundError:
                 with contextlib.suppress(FileExistsError):
-                    os.mkdir(self.rejected_dir, 0o755)  # mkdir never follows a link in its last component
+                    self.mkdir(self.rejected_dir)  # mkdir never follows a link in its last component
             except OSError as e:
                 if e.errno in (errno.ELOOP, errno.ENOTDIR):
                     raise OSError(e.errno, "is a symlink or not a folder; nothing is written through it",
@@ -385,8 +419,10 @@ def _hide(path: Path) -> None:
 def _write_at(dir_fd: int, name: str, data: bytes) -> None:
     """Publish ``data`` as ``name`` in the folder ``dir_fd`` (temp file + rename, no link followed)."""
     tmp = f".{name}{TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644, dir_fd=dir_fd)
+    mode = modes_like(os.fstat(dir_fd).st_mode)[1]
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode, dir_fd=dir_fd)
     try:
+        give_mode(fd, mode)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)

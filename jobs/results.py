@@ -37,6 +37,10 @@ RESULT_LIMIT = 8 * 1024 * 1024  # readers refuse a larger record, so no larger o
 RESULT_SCHEMA = 1
 
 
+class StaleResult(BadFile):
+    """A result committed by a job of an earlier start of its run (``--fresh``): it counts for nothing."""
+
+
 class Uncommittable(ValueError):
     """A record no reader would accept (``read_result``): ``commit`` writes nothing."""
 
@@ -67,6 +71,7 @@ def record(job: Job, status: JobState, **fields: Any) -> dict[str, Any]:
     return {"schema": RESULT_SCHEMA, "run": job.run, "chunk_id": job.chunk_id,
             "total_chunks": job.total_chunks, "status": status.value, "attempt": job.attempt,
             "max_attempts": job.max_attempts, "submitted_at": job.submitted_at,
+            **({"epoch": job.epoch} if job.epoch is not None else {}),  # fences --fresh (read_result)
             **({"params": job.params} if job.params is not None else {}), **fields}
 
 
@@ -76,7 +81,8 @@ def commit(spool: Spool, job: Job, rec: dict[str, Any], arrays_tmp: Path | None 
     A failure with attempts left is only kept as history (the master retries it); an ok
     or a last failure is committed unless another attempt already committed. A record no
     reader would accept (over ``RESULT_LIMIT``, or nested too deep) raises Uncommittable before
-    anything is written (``arrays_tmp`` is kept).
+    anything is written (``arrays_tmp`` is kept); so does an OSError (a full disk: nothing partial
+    is left, ``arrays_tmp`` is where it was, and the commit can be tried again).
     """
     data = json.dumps(rec, default=str).encode()
     if len(data) > RESULT_LIMIT:
@@ -131,8 +137,12 @@ def _commit_final(spool: Spool, job: Job, data: bytes, arrays_tmp: Path | None) 
         # No fsync here: see the module docstring (runs are sealed with one syncfs instead).
         if write_exclusive(spool.result_json(run, chunk), data, fsync=False):
             return True
-    except BaseException:  # e.g. disk full: leave no arrays without their commit
-        _discard(npz)
+    except BaseException:  # e.g. disk full: no arrays without their commit; ours back, for the next try
+        if npz is not None and arrays_tmp is not None:
+            try:
+                os.replace(npz, arrays_tmp)
+            except OSError:
+                _discard(npz)
         raise
     _discard(npz)  # another attempt committed first
     return False
@@ -192,7 +202,7 @@ def has_outcome(spool: Spool, job_key: tuple[str, int, int], max_attempts: int) 
 def new_epoch(spool: Spool, run: str) -> str:
     """Start the run's next epoch (``--fresh``): results of jobs queued before are dropped."""
     token = secrets.token_hex(8)
-    spool.run_dir(run).mkdir(parents=True, exist_ok=True)
+    spool.mkdir(spool.run_dir(run))
     write_replace(spool.run_epoch(run), token.encode())
     return token
 
@@ -215,7 +225,7 @@ def sealed(spool: Spool, run: str) -> bool:
 def seal(spool: Spool, run: str) -> None:
     """Flush a finished run's results to disk (one syncfs, see ``sync_run``) and say so."""
     sync_run(spool, run)
-    spool.run_dir(run).mkdir(parents=True, exist_ok=True)
+    spool.mkdir(spool.run_dir(run))
     write_replace(spool.sealed_flag(run), b"")
 
 
@@ -231,7 +241,7 @@ FIELDS: dict[str, Any] = {
     "run": is_str, "total_chunks": is_int, "max_attempts": is_int, "agent": is_str, "host": is_str,
     "device": is_str, "log": is_str, "submitted_at": is_num, "started_at": is_time, "finished_at": is_time,
     "duration_s": is_num, "arrays_bytes": is_int, "arrays_form": is_str, "error": _ERROR, "exit_code": is_int,
-    "result_file": is_str,
+    "result_file": is_str, "epoch": is_str,
     "params": lambda v: isinstance(v, dict),
 }
 
@@ -290,9 +300,12 @@ def final_status(spool: Spool, run: str, chunk: int, scan: RunScan) -> str | Non
         return None
 
 
-def read_result(path: Path) -> dict[str, Any]:
+def read_result(path: Path, epoch: str | None = None) -> dict[str, Any]:
     """Read and check a result record; raises BadFile if it is not a valid one, OSError if it
-    cannot be read (NotAFile: a folder or FIFO where the result belongs).
+    cannot be read (NotAFile: a folder or FIFO where the result belongs). With ``epoch`` (the
+    run's, ``read_epoch``), a record of another epoch raises StaleResult: a job queued before the
+    run was started afresh committed it after the fresh start (records without one, made by
+    older versions, pass).
 
     ``status``, ``chunk_id`` (that of the file name) and ``attempt`` must be right, and
     ``arrays`` must name an .npz of the chunk beside it, or the record is refused; other fields
@@ -310,16 +323,19 @@ def read_result(path: Path) -> dict[str, Any]:
         m = ARRAYS_RE.match(arrays) if isinstance(arrays, str) else None
         if m is None or int(m.group(1)) != rec["chunk_id"]:
             raise BadFile(f"result names arrays {brief(arrays)}, not an .npz of its chunk", path)
+    if epoch is not None and rec.get("epoch", epoch) != epoch:
+        raise StaleResult(f"result was committed for an earlier start of the run (epoch {brief(rec['epoch'])}, "
+                          f"now {epoch}: --fresh)", path)
     bad = clean(rec, FIELDS)
     if bad:
         warn_once(f"{path}: result fields of the wrong type ignored: {', '.join(bad)}")
     return rec
 
 
-def result_or_none(path: Path) -> dict[str, Any] | None:
+def result_or_none(path: Path, epoch: str | None = None) -> dict[str, Any] | None:
     """``read_result``, or None for a missing, unreadable or refused file (for display)."""
     try:
-        return read_result(path)
+        return read_result(path, epoch)
     except (OSError, BadFile):
         return None
 

@@ -129,7 +129,7 @@ class Run:
         """Be this run's master until every chunk has a final result; returns the summary.
         ``placement``: which agents may take its jobs (``master.placement``); raises Unplaceable
         if live agents are there and none may."""
-        self.spool.run_dir(self.name).mkdir(parents=True, exist_ok=True)
+        self.spool.mkdir(self.spool.run_dir(self.name))
         check_run(self.spool, self.name, self.force, "start it over" if self.fresh else "resume it")
         lock = HolderLock(self.spool.master_lock(self.name))
         if wait_for_lock:
@@ -188,7 +188,7 @@ class Run:
         try:
             while True:
                 lock = HolderLock(self.spool.master_lock(self.name))
-                self.spool.run_dir(self.name).mkdir(parents=True, exist_ok=True)
+                self.spool.mkdir(self.spool.run_dir(self.name))
                 if lock.acquire(blocking=False):
                     over = follower is not None and follower.over()
                     lock.close()
@@ -226,9 +226,10 @@ class Run:
 
     def results(self) -> Iterator[Result]:
         """Committed results in chunk order (chunks without one are skipped)."""
+        epoch = read_epoch(self.spool, self.name)
         for c in sorted(c for c in scan_run(self.spool, self.name).finals if c < self.spec.chunks):
             try:
-                rec = read_result(self.spool.result_json(self.name, c))
+                rec = read_result(self.spool.result_json(self.name, c), epoch)
             except (OSError, BadFile):
                 continue
             npz = self.spool.arrays_of(self.name, rec)

@@ -32,7 +32,7 @@ from gpupool.jobs.errors import BadFile, SpoolError
 from gpupool.jobs.npzio import load_npz
 from gpupool.jobs.paths import Spool
 from gpupool.jobs.jsonio import is_time
-from gpupool.jobs.results import read_result, scan_run
+from gpupool.jobs.results import read_epoch, read_result, scan_run
 from gpupool.master.runspec import RunSpec, load_run
 
 META = ("run", "chunk_id", "status", "attempt", "agent", "host", "device", "started_at", "finished_at",
@@ -55,13 +55,13 @@ class Collected:
 def committed(spool: Spool, spec: RunSpec, partial: bool) -> tuple[list[dict[str, Any]], list[int]]:
     """The ok result records in chunk order, and the chunks left out (missing or failed)."""
     recs, missing, failed = [], [], []
-    scan = scan_run(spool, spec.name)
+    scan, epoch = scan_run(spool, spec.name), read_epoch(spool, spec.name)
     for c in range(spec.chunks):
         if c not in scan.finals:
             missing.append(c)
             continue
         try:
-            rec = read_result(spool.result_json(spec.name, c))
+            rec = read_result(spool.result_json(spec.name, c), epoch)
         except (OSError, BadFile):  # missing, broken, or not a file (a folder where it belongs)
             missing.append(c)
             continue

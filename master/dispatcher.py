@@ -41,6 +41,7 @@ Placement (issue 11: every GPU busy, few long chunks as well as many tiny ones):
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import heapq
 import math
@@ -63,7 +64,7 @@ from gpupool.jobs.heartbeat import AgentState, Heartbeat
 from gpupool.jobs.losses import charge_loss, death_suspects, died_under, record_loss
 from gpupool.jobs.mailbox import HOLD_LIMIT, Mailbox, drop_run, without_run
 from gpupool.jobs.paths import HISTORY_RE, RESULT_RE, Spool
-from gpupool.jobs.results import has_outcome, read_result, reopen_failed, supersede
+from gpupool.jobs.results import StaleResult, commit, has_outcome, read_result, record, supersede
 from gpupool.jobs.watching import watch_folder
 from gpupool.master.liveness import AgentView, Liveness
 
@@ -121,6 +122,7 @@ class Dispatcher:
     def __init__(self, spool: Spool, run: str, cfg: FeedConfig | None = None, on_event: Event | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.spool, self.run_name, self.cfg, self.clock = spool, run, cfg or FeedConfig(), clock
+        self.epoch: str | None = None  # the run's epoch: results of another are stale (jobs.results.StaleResult)
         self.on_event = on_event or (lambda kind, info: None)
         self.liveness = Liveness(spool, self.cfg.dead_after, clock)
         self.attempt: dict[int, int] = {}  # last attempt number handed out per chunk
@@ -286,6 +288,10 @@ class Dispatcher:
         pipe), since when as seen here, and the longest mailbox lag the live agents report."""
         now, lags = self.clock(), []
         for view in self.liveness.views.values():
+            for u in view.status.uncommitted or ():
+                c = u["chunk_id"]
+                if u["run"] == self.run_name and self.inflight.get(c) == (view.id, u["attempt"]):
+                    self._uncommitted(c, view.id, u["attempt"], u["error"])
             cur = view.status.current
             for c in busy_chunks(view, self.run_name) & self.inflight.keys():
                 if cur is not None and (cur.run, cur.chunk_id) == (self.run_name, c):
@@ -295,6 +301,25 @@ class Dispatcher:
             if view.alive and isinstance(lag, (int, float)) and not isinstance(lag, bool):
                 lags.append(min(30.0, max(0.0, lag)))
         self._lag = max(lags) if lags else None
+
+    def _uncommitted(self, c: int, agent: str, attempt: int, error: dict[str, Any]) -> None:
+        """``agent`` ran attempt ``attempt`` of chunk ``c`` but cannot write its outcome (permission
+        denied, a read-only filesystem: ``agent.Agent._uncommittable``). Its failure is recorded here,
+        as the loss of an agent is (history, or the final result of a last attempt), and taken in
+        as any failure: retried, elsewhere where it can be, up to --retries, then final. Where this
+        master cannot write it either, the chunk is settled here without a file."""
+        job = dataclasses.replace(self._job(c), attempt=attempt, max_attempts=self.max_attempts[c])
+        rec = record(job, JobState.FAILED, agent=agent, error=error, finished_at=time.time())
+        logger.error("{} chunk {} attempt {}: {}", self.run_name, c, attempt, error.get("message"))
+        try:
+            commit(self.spool, job, rec)
+            return  # the next pass takes it in
+        except OSError as e:
+            rec["error"] = {**error, "message": f"{error.get('message')}; nor can this master ({e})"}
+        if attempt >= self.max_attempts[c]:
+            self._conclude(c, rec)
+        else:
+            self._retry(c, attempt, summarize(rec), agent)
 
     # results -----------------------------------------------------------------------------------
     def _take_in(self, full: bool = True) -> None:
@@ -312,12 +337,13 @@ class Dispatcher:
                 self._collect_history(c, agent, attempt)
                 continue
             try:
-                rec = read_result(final)
+                rec = read_result(final, self.epoch)
             except BadFile as e:
                 logger.warning("{}: {}; the chunk will run again", final, e)
                 self.spool.reject(read_or_empty(final), final, str(e))
-                reopen_failed(self.spool, self.run_name, c)
-                self._requeue(c)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(final)
+                self._requeue(c, free=isinstance(e, StaleResult))  # a stale one was no attempt of this run
                 continue
             except FileNotFoundError:
                 continue
@@ -328,26 +354,37 @@ class Dispatcher:
                                  "message": f"{final} is not a readable result file ({e.strerror}); "
                                             "remove it, then resume the run"}}
             seen.append(mtime)
-            self._untrack(c)
-            self.failed_on.pop(c, None)
-            self.final[c] = out = summarize(rec)
-            self._observe(out)
-            self.settle(c, rec)
-            self.on_event("failed" if out.status != JobState.OK.value else "ok", {"chunk": c, "outcome": out})
-            if out.status != JobState.OK.value:
-                self.failed_attempt(c, out)
+            self._conclude(c, rec)
         self._sample_latency(seen)
+
+    def _conclude(self, c: int, rec: dict[str, Any]) -> None:
+        """Chunk ``c`` has its final result ``rec``."""
+        self._untrack(c)
+        self.failed_on.pop(c, None)
+        self.final[c] = out = summarize(rec)
+        self._observe(out)
+        self.settle(c, rec)
+        self.on_event("failed" if out.status != JobState.OK.value else "ok", {"chunk": c, "outcome": out})
+        if out.status != JobState.OK.value:
+            self.failed_attempt(c, out)
 
     def _collect_history(self, c: int, agent: str, attempt: int) -> None:
         hist = self.spool.history_json(self.run_name, c, attempt)
         if attempt >= self.max_attempts[c] or not hist.exists():  # a last attempt ends with its final
             return
         try:
-            rec = read_result(hist)
+            rec = read_result(hist, self.epoch)
+        except StaleResult:  # an earlier start's: this attempt's own, when it fails, is written over it
+            return
         except (BadFile, OSError):
             rec = {"status": "failed", "attempt": attempt, "agent": agent, "error": None}
         out = summarize(rec)
         self._observe(out)
+        self._retry(c, attempt, out, agent)
+
+    def _retry(self, c: int, attempt: int, out: Outcome, agent: str) -> None:
+        """Attempt ``attempt`` of chunk ``c`` failed (``out``) with attempts left: the next one is
+        queued after a back-off, on another agent than ``agent`` where one has room."""
         self.failed_on.setdefault(c, set()).add(out.agent or agent)
         delay = backoff(attempt, self.cfg, self._before.setdefault(c, attempt - 1))
         self.on_event("retry", {"chunk": c, "outcome": out, "delay": delay})
@@ -672,7 +709,7 @@ class Dispatcher:
         """Pass after pass until ``finished()``; between passes wait for ``wake``, a result file
         (inotify, where the results folder is local) or ``poll`` seconds."""
         rdir = self.spool.result_dir(self.run_name)
-        rdir.mkdir(parents=True, exist_ok=True)
+        self.spool.mkdir(rdir)
         observer = None
         if not is_network_fs(rdir):
             names = ResultNames()

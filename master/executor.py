@@ -223,7 +223,7 @@ class Executor(futures.Executor):
         self._setup = _initializer(initializer, initargs)
         self.spool = Spool(base).ensure()
         self.run = run or f"executor-{_caller_name()}-{time.strftime('%m%d-%H%M%S')}-{secrets.token_hex(2)}"
-        self.spool.run_dir(self.run).mkdir(parents=True, exist_ok=True)
+        self.spool.mkdir(self.spool.run_dir(self.run))
         check_run(self.spool, self.run, False, "", hint="name a run of your own (run=...)")  # jobs.owners
         self.spool.run_dirs(self.run)
         self._lock = HolderLock(self.spool.master_lock(self.run))

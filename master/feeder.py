@@ -113,7 +113,7 @@ class Feeder(Dispatcher):
     def recover(self) -> None:
         """Rebuild everything from the spool (first start, resume, or after a master crash)."""
         spec, rdir = self.spec, self.spool.result_dir(self.spec.name)
-        rdir.mkdir(parents=True, exist_ok=True)
+        self.spool.mkdir(rdir)
         scan = scan_run(self.spool, spec.name)
         trusted = sealed(self.spool, spec.name)
         for c in sorted(scan.finals.keys() | scan.odd):  # sealed: flushed when it finished, so names alone are
@@ -144,7 +144,7 @@ class Feeder(Dispatcher):
     def _recover_final(self, c: int, scan: RunScan) -> None:
         path = self.spool.result_json(self.spec.name, c)
         try:
-            rec = read_result(path)
+            rec = read_result(path, self.epoch)
         except BadFile as e:
             logger.warning("{}: {}; the chunk will run again", path, e)
             self.spool.reject(read_or_empty(path), path, str(e))

@@ -518,7 +518,7 @@ def save_or_check(spool: Spool, spec: RunSpec, fresh: bool, may_change: tuple[st
     adds its new ones (``master.sweep.merge``). Fields of its identity named in ``may_change``
     may differ (an OctoRun config's kwargs: OctoRun keys completion on chunk ids alone)."""
     path = spool.run_spec(spec.name)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    spool.mkdir(path.parent)
     if os.path.lexists(path) and not fresh:  # a link (even a dangling one) is refused by load, not replaced
         old = RunSpec.load(path)
         grown = _grown(old, spec) if old.params is not None and spec.params is not None else spec

@@ -37,13 +37,13 @@ class AgentProc:
     """One real ``python -m agent`` process."""
 
     def __init__(self, base: Path, number: int, env: dict[str, str], args: list[str] | None = None,
-                 cpu: bool = True) -> None:
+                 cpu: bool = True, out_dir: Path | None = None, **popen: Any) -> None:
         self.base, self.number = base, number
         self.id = f"{env.get('GPUPOOL_HOST_ID', HOST)}-{'cpu' if cpu else 'gpu'}{number}"
         cmd = [sys.executable, "-m", "agent", "--base", str(base), "--gpu", str(number)] + (["--cpu"] if cpu else [])
-        self.out = open(base.parent / f"agent-{self.id}-{time.monotonic_ns()}.out", "wb")
+        self.out = open((out_dir or base.parent) / f"agent-{self.id}-{time.monotonic_ns()}.out", "wb")
         self.proc = subprocess.Popen(cmd + FAST + list(args or []), cwd=REPO, env=env, stdout=self.out,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+                                     stderr=subprocess.STDOUT, start_new_session=True, **popen)
 
     def heartbeat(self) -> dict[str, Any] | None:
         try:
@@ -154,7 +154,7 @@ class InProcessWorker:
         self.sent += 1
         return True
 
-    def receive(self, timeout: float | None, abort: Any) -> dict[str, Any]:
+    def receive(self, timeout: float | None, abort: Any, note: Any = None) -> dict[str, Any]:
         from gpupool.agent.worker_process import handle
 
         return handle(self.queue.pop(0), self.session)
