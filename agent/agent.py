@@ -395,7 +395,7 @@ class Agent:
     def _execute(self, job: Job, lookahead: Job | None = None) -> bool:
         """Run ``job`` and record its outcome. False if it was interrupted (it stays queued)."""
         started = time.time()
-        self.current = (job, started)
+        self.current = (job, started, time.monotonic())  # status times the job by this clock (running_s)
         self.state = AgentState.BUSY
         if job.alone or job.uid in self._deferred or self._durations.get(job.run, math.inf) > PIPELINE_MAX_S:
             self.beat.quietly()  # named at once: if it kills this agent, the next one must know
