@@ -33,13 +33,18 @@ class AgentState(str, Enum):
 @dataclass(frozen=True)
 class JobRef:
     """A job a heartbeat names: ``current`` (the one the agent runs, ``since`` when it started, by
-    the agent's clock) or ``ahead`` (the one already in its worker's pipe). ``attempt`` and
-    ``since`` may be None (an older agent, or dropped by ``read_status`` for their type)."""
+    the agent's wall clock, and ``running_s`` how long it had run when the heartbeat was written,
+    by the agent's monotonic clock) or ``ahead`` (the one already in its worker's pipe).
+    ``attempt``, ``since`` and ``running_s`` may be None (an older agent, or dropped by
+    ``read_status`` for their type). ``since`` is for display as a time of day only: a duration is
+    ``running_s`` plus the heartbeat's age (``master.liveness.AgentView.running_for``), never
+    another host's clock minus ``since``."""
 
     run: str
     chunk_id: int
     attempt: int | None = None
     since: float | None = None
+    running_s: float | None = None
 
     @property
     def key(self) -> tuple[str, int, int | None]:
@@ -47,7 +52,8 @@ class JobRef:
         return (self.run, self.chunk_id, self.attempt)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"run": self.run, "chunk_id": self.chunk_id, "attempt": self.attempt, "since": self.since}
+        d = {"run": self.run, "chunk_id": self.chunk_id, "attempt": self.attempt, "since": self.since}
+        return d if self.running_s is None else {**d, "running_s": self.running_s}
 
 
 @dataclass(frozen=True)
@@ -116,7 +122,8 @@ class Heartbeat:
         for key in _JOB_REFS:
             if isinstance(fields.get(key), dict):
                 job = fields[key]
-                fields[key] = JobRef(job["run"], job["chunk_id"], job.get("attempt"), job.get("since"))
+                fields[key] = JobRef(job["run"], job["chunk_id"], job.get("attempt"), job.get("since"),
+                                     job.get("running_s"))
         return cls(**fields)
 
     def to_dict(self) -> dict[str, Any]:
@@ -167,7 +174,8 @@ def read_status(path: Path) -> Heartbeat:
 
 
 _STATES = {s.value for s in AgentState}
-_JOB = {"run": is_str, "chunk_id": is_int, "attempt": is_int, "since": is_time}
+_JOB = {"run": is_str, "chunk_id": is_int, "attempt": is_int, "since": is_time,
+        "running_s": lambda v: is_num(v) and v >= 0}
 _GPU = {"name": is_str, "uuid": is_str, "util": is_num, "mem_used": is_num, "mem_total": is_num, "temp": is_num,
         "worker_mem": is_num}
 # field -> its check, or the checks of the fields of an object (see jobs.jsonio.clean)
