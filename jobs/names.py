@@ -45,3 +45,31 @@ def brief(value: object, limit: int = 80) -> str:
         return f"(an integer of {len(str(abs(value)))} digits)"
     text = repr(value) if not isinstance(value, (list, dict)) or len(value) < 100 else f"(a {type(value).__name__} of {len(value)} items)"
     return text if len(text) <= limit else text[:limit] + "..."
+
+
+# C0 controls but tab, DEL, C1 controls, lone surrogates (a JSON string may hold one: printing it raises)
+_ONE_LINE = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\ud800-\udfff]")
+_LINES = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")
+_NAMED = {"\n": "\\n", "\r": "\\r"}
+
+
+def printable(text: object, lines: bool = False) -> str:
+    """Text that came from a job or a spool file (an error message, a traceback, a log), made safe
+    to print on a terminal or put in a page: every control character but tab is shown as a visible
+    escape (``\\x1b``, ``\\r``, ``\\x07``), so no escape sequence retitles, clears or recolours the
+    terminal, and no ``\\r`` overwrites a line with a fake one. ``lines``: multi-line text (a
+    traceback, a log tail) keeps its line breaks; a lone ``\\r`` (a progress bar's) is shown and
+    breaks the line, and ``\\r\\n`` is a plain line end. Pages ``html.escape`` the result too."""
+    s = text if isinstance(text, str) else str(text)
+    if lines:
+        return _LINES.sub(_lines_escape, s.replace("\r\n", "\n") if "\r\n" in s else s)
+    return _ONE_LINE.sub(_escape, s)
+
+
+def _escape(m: re.Match[str]) -> str:
+    c = m.group()
+    return _NAMED.get(c) or (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
+
+
+def _lines_escape(m: re.Match[str]) -> str:
+    return "\\r\n" if m.group() == "\r" else _escape(m)

@@ -33,6 +33,19 @@ class AgentView:
     alive: bool = False  # heartbeat fresh and not stopped
     accepting: bool = False  # alive and taking new jobs
     previous: Heartbeat | None = None  # the last heartbeat of its former process, if it restarted
+    mtime: float | None = None  # its heartbeat file's mtime: the file server's clock
+
+    def running_for(self, server_now: float | None) -> float | None:
+        """How long its current job has run, one clock per measurement: what the agent measured on
+        its own monotonic clock when it wrote the heartbeat (``running_s``), plus the heartbeat's
+        age by the file server's clock (``server_now``, from ``jobs.atomic.server_now``, against
+        the file's mtime; left out where unknown). None where the heartbeat does not say (an older
+        agent): no duration rather than a wrong one. Never this host's clock minus the agent's."""
+        cur = self.status.current
+        if cur is None or cur.running_s is None:
+            return None
+        age = server_now - self.mtime if server_now is not None and self.mtime is not None else 0.0
+        return round(cur.running_s + max(0.0, age), 1)
 
     @property
     def state(self) -> str:
@@ -70,7 +83,7 @@ class Liveness:
                 view.seq, view.changed_at = st.seq, now
             elif st.seq != view.seq:
                 view.seq, view.changed_at = st.seq, now
-            view.status = st
+            view.status, view.mtime = st, mtime
             view.age = now - view.changed_at
             view.alive = view.age < self.dead_after and st.state != AgentState.STOPPED.value
             view.accepting = view.alive and st.state in (AgentState.IDLE.value, AgentState.BUSY.value)
