@@ -3,10 +3,12 @@
 A callable job runs in the worker process of its run (``agent.workers``: one per run, started
 with the run's environment, warm from chunk to chunk of that run and of no other), which the
 runner's ``Workers`` own; a script or a command job in a process of its own (``agent.script``,
-``agent.command``). A time-out or the worker's death becomes the outcome's error; an immediate
-stop, or a script stopped with the agent, gives no outcome (the job stays queued). Which job
-runs, and what its outcome becomes, is the agent's (``agent.agent``): the runner reads no
-mailbox and commits nothing.
+``agent.command``). Each kind prints to the chunk's log (``logs/<run>/<chunk>.log``, a header line
+per attempt; a callable's stdout and stderr are pointed there by its worker for the time of the
+call). A time-out or the worker's death becomes the outcome's error (with the end of what the
+attempt printed); an immediate stop, or a script stopped with the agent, gives no outcome (the
+job stays queued). Which job runs, and what its outcome becomes, is the agent's (``agent.agent``):
+the runner reads no mailbox and commits nothing.
 
 Pipelining: while the worker runs a job, the next callable job of the same run already waits in
 its pipe, so it starts the moment the previous one ends and runs while the agent commits the
@@ -37,12 +39,15 @@ from gpupool.agent.slot import Slot
 from gpupool.agent.threads import share, thread_env
 from gpupool.agent.worker_control import Worker, WorkerLost
 from gpupool.agent.workers import MakeWorker, WorkerLike, Workers, run_key
-from gpupool.jobs.descriptor import Job, JobKind
+from gpupool.jobs.atomic import read_tail
+from gpupool.jobs.descriptor import Job, JobKind, attempt_output
+from gpupool.jobs.errors import BadFile
 from gpupool.jobs.paths import Spool
 
 Outcome = tuple[dict[str, Any], str | None]  # a result's fields, and the temp file of its arrays (or None)
 THREADS_RECOUNT_S = 30.0  # the agents of the host are counted again for a new worker after this long
 RESTARTS = 3  # fresh workers a job is sent to at most when each asks for another before running it
+PRINTED_READ = 64 * 1024  # the end of a chunk's log read for what a dead worker's job printed
 
 
 class Runner:
@@ -110,7 +115,7 @@ class Runner:
             except TimeoutError as e:
                 self._drop_ahead()  # killed with the worker; it is still in the mailbox
                 self.workers.discard(job)
-                return {"error": {"type": "Timeout", "message": str(e), "traceback": ""}}, None
+                return {"error": {"type": "Timeout", "message": str(e), **self._printed(job)}}, None
             except WorkerLost as e:
                 self._drop_ahead()
                 self.workers.discard(job)
@@ -118,7 +123,8 @@ class Runner:
                     return None
                 logger.warning("agent {}: {} while running {} chunk {}; its run gets a fresh worker",
                                self.id, e.reason, job.run, job.chunk_id)
-                return {"error": {"type": "WorkerDied", "message": e.reason, "traceback": e.output}}, None
+                # the end of what the job printed (its chunk's log); the worker log's where it never started
+                return {"error": {"type": "WorkerDied", "message": e.reason, **self._printed(job, e.output)}}, None
             if reply.get("libs"):
                 self.workers.learn(reply["libs"])
             if reply.get("restart"):  # it ran nothing and exits: the job (and the one sent ahead) go to a fresh one
@@ -272,8 +278,23 @@ class Runner:
         return self.spool.sealed_flag(run).exists() or self.spool.cancel_flag(run).exists()
 
     def _request(self, job: Job) -> dict[str, Any]:
+        """What the worker is sent for ``job``; ``log``: where its stdout and stderr go (the chunk's
+        log, as a script's: ``agent.worker_process.ChunkOutput``), opened there through ``spool``."""
         return {"job": job.to_dict(), "gpu_id": self.slot.number, "device": self.slot.device,
-                "arrays_path": str(self.spool.result_npz(job.run, job.chunk_id, job.attempt))}
+                "arrays_path": str(self.spool.result_npz(job.run, job.chunk_id, job.attempt)),
+                "log": str(self.spool.chunk_log(job.run, job.chunk_id)), "spool": str(self.spool.base)}
+
+    def _printed(self, job: Job, otherwise: str = "") -> dict[str, str]:
+        """A failed callable's ``traceback``: the end of what ``job``'s attempt printed to its chunk's
+        log (its part after its header), with the ``log`` (as a script's error has it); ``otherwise``
+        where the log has no header of the attempt (it did not start)."""
+        log = self.spool.chunk_log(job.run, job.chunk_id)
+        try:
+            data = read_tail(log, PRINTED_READ)  # no link followed
+        except (OSError, BadFile):
+            return {"traceback": otherwise}
+        printed = attempt_output(data.decode(errors="replace"), job.attempt, whole=len(data) < PRINTED_READ)
+        return {"traceback": otherwise} if printed is None else {"traceback": printed[-4000:], "log": str(log)}
 
     def _send(self, worker: WorkerLike, job: Job) -> bool:
         """Queue ``job`` in the worker's pipe, noting whether it is that process's first."""

@@ -22,7 +22,7 @@ from typing import IO, Callable
 
 from gpupool.agent.worker_control import exit_reason, exited, kill_group, tail
 from gpupool.jobs.atomic import open_append
-from gpupool.jobs.descriptor import Job
+from gpupool.jobs.descriptor import Job, attempt_header
 
 OpenLog = Callable[[Path], IO[bytes]]  # opens a log to append to, following no link (``Spool.open_log``)
 
@@ -58,8 +58,7 @@ def run_process(cmd: list[str], job: Job, env: dict[str, str], log_path: Path, a
     on its way to ``rejected/``); by default its folder is made and a link there refused (OSError)."""
     env = {**env, **job.env} if job.env else env  # main.py --env: the caller's variables
     with (open_log or _open_plain)(log_path) as log:
-        log.write(f"# attempt {job.attempt} at {time.strftime('%Y-%m-%d %H:%M:%S')}: "
-                  f"{shown or ' '.join(cmd)}\n".encode())
+        log.write(attempt_header(job.attempt, shown or ' '.join(cmd)).encode())
         log.flush()
         wrapped = [_SETPRIV, "--pdeathsig", "KILL", "--"] + cmd if _SETPRIV else cmd
         proc = subprocess.Popen(wrapped, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,

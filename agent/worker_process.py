@@ -4,7 +4,10 @@ It is started with CUDA_VISIBLE_DEVICES already narrowed to the agent's GPU and 
 ``--env`` (and the agent's thread counts) in its environment, before anything is imported, so
 CUDA state and libraries set up by the run's tasks live here for the run (``agent.workers``).
 Protocol, one JSON line each way on two inherited pipes:
-  request ``{"job": {...}, "gpu_id": N, "device": "cuda:0", "arrays_path": "<final .npz>"}``
+  request ``{"job": {...}, "gpu_id": N, "device": "cuda:0", "arrays_path": "<final .npz>",
+          "log": "<the chunk's log>", "spool": "<BASE>"}`` (the job's stdout and stderr go to its
+          chunk's log, ``ChunkOutput``; the worker log, its own stdout and stderr, keeps the
+          worker's lines: a mark before each job, its warnings)
   reply   ``{"ok": true, "value": ..., "arrays_tmp": "<temp .npz>"|null}`` or
           ``{"ok": false, "error": {"type", "message", "traceback"[, "errno"]}}``
           (``errno`` where the exception is an OSError, so that the agent can tell a full
@@ -168,6 +171,16 @@ class Session:
         self.in_setup = False
         self.notify: Callable[[dict[str, Any]], None] = lambda note: None  # a note to the agent (see save_arrays)
         self.computed: float | None = None  # when the job function returned (before its arrays were saved)
+        self._spool: Any = None  # the spool of the chunk logs (see spool_at)
+
+    def spool_at(self, base: str) -> Any:
+        """The ``Spool`` at ``base`` (made once: its checks cost a few system calls), whose
+        ``open_log`` opens the chunk logs (see ``ChunkOutput``)."""
+        if self._spool is None or str(self._spool.base) != base:
+            from gpupool.jobs.paths import Spool
+
+            self._spool = Spool(base)
+        return self._spool
 
     def builtins(self, job: Any, req: dict[str, Any]) -> dict[str, Any]:
         """Each built-in argument, as a thunk (shared or chunk data is only loaded when asked for)."""
@@ -241,11 +254,12 @@ def run_one(req: dict[str, Any], job: Any, session: Session) -> dict[str, Any]:
     from gpupool.jobs.codec import CodecError
     from gpupool.jobs.descriptor import JOB_MARK
 
-    print(f"{JOB_MARK} {job.run} chunk {job.chunk_id} attempt {job.attempt}", flush=True)  # what the import prints too
-    session.setup(job, req)
-    fn = session.tasks.get(job.target, job.workdir)
-    args, kwargs = call_args(job, fn, req, session)
-    value = fn(*args, **kwargs)
+    print(f"{JOB_MARK} {job.run} chunk {job.chunk_id} attempt {job.attempt}", flush=True)  # in the worker log
+    with ChunkOutput(req, job, session):  # what the setup, the import and the call print: the chunk's log
+        session.setup(job, req)
+        fn = session.tasks.get(job.target, job.workdir)
+        args, kwargs = call_args(job, fn, req, session)
+        value = fn(*args, **kwargs)
     session.computed = time.time()
     found = returned_arrays(value)
     if found is not None:
@@ -257,6 +271,76 @@ def run_one(req: dict[str, Any], job: Any, session: Session) -> dict[str, Any]:
     except CodecError as e:
         raise TypeError(f"the task returned a {type(value).__name__}, which is neither a dict (or tuple or list) of "
                         f"numpy arrays nor a value that can travel back ({e})") from None
+
+
+class ChunkOutput:
+    """For the time of a job: its stdout and stderr go to its chunk's log (``req["log"]``, opened
+    to append by ``Spool.open_log``: no link followed, the folder's mode), after a header line naming
+    the attempt (``jobs.descriptor.attempt_header``, as script jobs get), and back to the worker log
+    after it. File descriptors 1 and 2 are pointed there (``os.dup2``), so what C code writes and
+    what the programs the job starts (``os.system``, ``subprocess``) print goes there too; Python's
+    and C's buffers are flushed on each side of the switch. A child the job forked keeps writing
+    to the chunk's log (it never goes back to the worker's loop). A worker killed by its job leaves
+    in the log what the job printed; the agent copies its end into the failed result. Without
+    ``req["log"]`` (a request of an older agent) nothing is redirected. Opening the log may raise
+    an OSError (its errno kept: the agent waits out a full disk), which fails the job unrun."""
+
+    def __init__(self, req: dict[str, Any], job: Any, session: Session) -> None:
+        self.req, self.job, self.session = req, job, session
+        self.saved: tuple[int, int] | None = None  # the worker log's descriptors, while the job runs
+        self.pid = os.getpid()
+
+    def __enter__(self) -> "ChunkOutput":
+        path = self.req.get("log")
+        if not path:
+            return self
+        from gpupool.jobs.descriptor import attempt_header
+
+        flush_output()
+        try:
+            log = self.session.spool_at(self.req["spool"]).open_log(Path(path))
+            with log:
+                log.write(attempt_header(self.job.attempt, f"{self.job.target} (worker pid {os.getpid()})").encode())
+                log.flush()
+                saved = os.dup(1), os.dup(2)  # not inherited by what the job starts
+                os.dup2(log.fileno(), 1)
+                os.dup2(log.fileno(), 2)
+        except OSError as e:
+            raise OSError(e.errno, f"cannot open the chunk's log {path} for the job's output: {e.strerror or e}") from e
+        self.saved, self.pid = saved, os.getpid()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.saved is None:
+            return
+        flush_output()
+        if os.getpid() != self.pid:  # a child the job forked: it never writes to the worker log
+            return
+        for fd, old in zip((1, 2), self.saved):
+            os.dup2(old, fd)
+            os.close(old)
+        self.saved = None
+
+
+_fflush: Any = None  # libc's fflush, found once (False: none)
+
+
+def flush_output() -> None:
+    """Flush Python's stdout and stderr, and C's stdio buffers (``fflush(NULL)``), never raising
+    (a job may have closed or replaced ``sys.stdout``; a full disk loses what was buffered)."""
+    global _fflush
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    if _fflush is None:
+        try:
+            _fflush = ctypes.CDLL(None).fflush
+        except (OSError, AttributeError):
+            _fflush = False
+    if _fflush:
+        _fflush(None)
 
 
 def cut(text: str, limit: int = TEXT_LIMIT) -> str:

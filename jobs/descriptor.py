@@ -61,9 +61,37 @@ KIND_SCHEMA: dict[JobKind, int] = {JobKind.COMMAND: 2}  # a kind added later: th
 # Set by the worker to its own pid: code the worker imports can tell it runs inside one (an
 # Executor made there would wait on the agent it runs in; see master.executor).
 IN_WORKER_ENV = "GPUPOOL_WORKER_PID"
-# Printed by the worker before each callable job (``JOB_MARK <run> chunk <c> attempt <a>``), so
-# that a call's own output can be found in its agent's worker log (master.logs.worker_output).
+# Printed by the worker into its own log before each callable job (``JOB_MARK <run> chunk <c> attempt
+# <a>``): the worker's own lines after it are about that job. A call's output followed it there before
+# it got the chunk's log (below); ``master.logs.worker_output`` still reads it for such older runs.
 JOB_MARK = "=== gpupool job:"
+# The line that starts each attempt's output in its chunk's log (``logs/<run>/<chunk>.log``): written
+# by the agent before a script or command job, by the worker before a callable job (its stdout and
+# stderr go there, not to the worker log). ``attempt_output`` cuts one attempt's part out of the log.
+ATTEMPT_HEADER = re.compile(r"^# attempt (\d+) at \d{4}-\d\d-\d\d \d\d:\d\d:\d\d: .*\n?", re.M)
+
+
+def attempt_header(attempt: int, what: str) -> str:
+    """``# attempt <a> at <local time>: <what>``, one line (``ATTEMPT_HEADER`` finds it)."""
+    import time
+
+    what = what.replace("\r", " ").replace("\n", " ")
+    return f"# attempt {attempt} at {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime())}: {what}\n"
+
+
+def attempt_output(text: str, attempt: int, whole: bool = True) -> str | None:
+    """What attempt ``attempt`` wrote in a chunk log whose text (or end, ``whole`` False) is
+    ``text``: after its last header, up to the next header. None where ``text`` has no header of
+    that attempt; when ``text`` is only the log's end, all of it is taken as that attempt's where
+    it has no header at all (the attempt wrote more than was read)."""
+    headers = list(ATTEMPT_HEADER.finditer(text))
+    ours = [m for m in headers if int(m.group(1)) == attempt]
+    if not ours:
+        return text if not whole and not headers else None
+    start = ours[-1].end()
+    after = [m.start() for m in headers if m.start() >= start]
+    return text[start:after[0]] if after else text[start:]
+
 
 # Keyword names the agent fills in itself; a user kwarg may not reuse them.
 BUILTIN_KWARGS = ("chunk_id", "total_chunks", "gpu_id", "device", "shared", "data")

@@ -3,8 +3,11 @@
 * ``.npz``: each array key stacked over the chunks in chunk order (shape ``(chunks, ...)``), or
   concatenated along the first axis with ``concat``; plus ``chunk_id`` (the chunks included)
   and ``run_json`` (the run's metadata and each chunk's agent and times, as JSON text).
-* ``.csv`` / ``.jsonl``: one row per chunk: run, chunk_id, status, attempt, agent, host,
-  device, started_at, finished_at (ISO 8601 with the time zone; ``*_epoch``: the Unix time),
+* ``.csv`` / ``.jsonl``: one row per chunk: run, chunk_id, status, attempt, agent, host (the
+  machine that ran it), device (``cuda:0`` as the job saw it, or ``cpu``), gpu_id (the GPU that
+  ran it, as its agent's ``--gpu`` numbers it: the index among that host's visible GPUs; the
+  first of an agent of several; a ``--cpu`` agent's rank), started_at, finished_at (ISO 8601
+  with the time zone; ``*_epoch``: the Unix time),
   duration_s, the chunk's sweep parameters (``master.sweep``; a name that is also one of these
   columns becomes ``param.<name>``), and the value (a dict's keys become columns; other values a
   ``value`` column, JSON-encoded in CSV when not a plain scalar). A command job's ``--result-file``
@@ -35,7 +38,7 @@ from gpupool.jobs.jsonio import is_time
 from gpupool.jobs.results import read_epoch, read_result, scan_run
 from gpupool.master.runspec import RunSpec, load_run
 
-META = ("run", "chunk_id", "status", "attempt", "agent", "host", "device", "started_at", "finished_at",
+META = ("run", "chunk_id", "status", "attempt", "agent", "host", "device", "gpu_id", "started_at", "finished_at",
         "duration_s")
 FORMATS = (".npz", ".csv", ".jsonl", ".parquet")
 

@@ -26,7 +26,7 @@ mailboxes) at once; outstanding calls are awaited when the interpreter exits, un
 ``shutdown(wait=False)`` was called; ``Future.cancel()`` succeeds for every call that has not
 started (one waiting in a mailbox is taken out of it). Each future is a ``CallFuture``: its
 ``job_id`` (``<run>/<chunk>``), ``attempts`` (the records of its attempts) and ``stdout()`` (what
-the call printed, from its agent's worker log).
+the call printed, from its own log ``logs/<run>/<chunk>.log``, ``log_path()``).
 
 Each executor is one run (``runs/executor-...``): ``status``, ``logs`` and ``cancel`` work on
 it. Its calls are fed by the one dispatcher (``master.dispatcher``), as a run's chunks are:
@@ -138,18 +138,22 @@ class CallFuture(futures.Future):
         """The agent of the call's latest attempt (queued there, running or done), or None."""
         return self._latest()[0]
 
-    def log_path(self) -> Path | None:
-        """The worker log the call's latest attempt writes to (every call of that agent's does)."""
-        agent = self.agent()
-        return self._spool.worker_log(agent) if agent else None
+    def log_path(self) -> Path:
+        """The call's own log, ``logs/<run>/<chunk>.log``: what each of its attempts printed
+        (stdout and stderr), after a header line naming the attempt."""
+        return self._spool.chunk_log(self.run, self.chunk)
 
     def stdout(self) -> str | None:
         """What the call's latest attempt printed (stdout and stderr) so far, or None if it has not
-        started or its agent's worker log no longer has it."""
-        from gpupool.master.logs import worker_output
+        started (or its output is gone). A call run by an older agent printed to its agent's worker
+        log: read there."""
+        from gpupool.master.logs import printed, worker_output
 
         agent, attempt = self._latest()
-        return worker_output(self._spool, agent, self.run, self.chunk, attempt) if agent and attempt else None
+        if not (agent and attempt):
+            return None
+        out = printed(self._spool, self.run, self.chunk, attempt)
+        return out if out is not None else worker_output(self._spool, agent, self.run, self.chunk, attempt)
 
     def _latest(self) -> tuple[str | None, int | None]:
         """(agent, attempt) of the latest attempt: the dispatcher's while it is in flight, else the

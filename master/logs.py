@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable, Iterator, TextIO
 
 from gpupool.jobs.atomic import NotAFile, linked_folder, open_read, read_tail
 from gpupool.jobs.codec import plain
-from gpupool.jobs.descriptor import JOB_MARK
+from gpupool.jobs.descriptor import JOB_MARK, attempt_output
 from gpupool.jobs.errors import BadFile, SpoolError
 from gpupool.jobs.paths import Spool
 from gpupool.jobs.results import chunk_records
@@ -117,16 +117,33 @@ def follow(paths_of: Callable[[], list[Path]], out: TextIO, match: Callable[[str
 
 # one chunk ------------------------------------------------------------------------------------
 def chunk_report(spool: Spool, run: str, chunk: int) -> dict[str, Any]:
-    """Everything recorded about one chunk: result, failed attempts, script output, agent lines."""
+    """Everything recorded about one chunk: result, failed attempts, its output, agent lines.
+    ``script_output`` is the chunk's log (``logs/<run>/<chunk>.log``: every attempt's output after
+    its header line, a callable's as a script's or a command's); ``worker_output``, only where the
+    chunk has no log (a callable run by an older version), what its latest attempt printed in its
+    agent's worker log."""
     result, attempts = chunk_records(spool, run, chunk)
     log = spool.chunk_log(run, chunk)
     lines = [e.text for e in merged(agent_logs(spool), run_filter(run, chunk))]
     output = _text(log) if real_log_dir(spool, log) else None
+    older = _last_output(spool, run, chunk, result or (attempts[-1] if attempts else None)) if output is None else None
     return {"run": run, "chunk_id": chunk, "status": result["status"] if result else None, "result": result,
             "attempts": attempts, "script_log": str(log) if output is not None else None,
-            "script_output": output, "worker_output": _last_output(spool, run, chunk, result or
-                                                                        (attempts[-1] if attempts else None)),
-            "agent_lines": lines}
+            "script_output": output, "worker_output": older, "agent_lines": lines}
+
+
+def printed(spool: Spool, run: str, chunk: int, attempt: int) -> str | None:
+    """What attempt ``attempt`` of a chunk printed (stdout and stderr): its part of the chunk's log
+    (``jobs.descriptor.attempt_output``; only the log's last ``OUTPUT_READ`` bytes are read), or
+    None where the log has none (not started yet, or run by an older version: ``worker_output``)."""
+    log = spool.chunk_log(run, chunk)
+    if not real_log_dir(spool, log):
+        return None
+    try:
+        data = read_tail(log, OUTPUT_READ)  # no link followed
+    except (OSError, BadFile):
+        return None
+    return attempt_output(data.decode(errors="replace"), attempt, whole=len(data) < OUTPUT_READ)
 
 
 def _last_output(spool: Spool, run: str, chunk: int, rec: dict[str, Any] | None) -> str | None:
@@ -140,13 +157,14 @@ def _last_output(spool: Spool, run: str, chunk: int, rec: dict[str, Any] | None)
         return None
 
 
-OUTPUT_READ = 16 * 2**20  # the end of a worker log read for a call's output
+OUTPUT_READ = 16 * 2**20  # the end of a chunk's (or worker) log read for a call's output
 
 
 def worker_output(spool: Spool, agent: str, run: str, chunk: int, attempt: int) -> str | None:
-    """What a callable job printed: the lines of its agent's worker log after the job's mark, up
-    to the next mark (the worker runs one job at a time); None if the log (or the one it was cut
-    to, ``<name>.1``) no longer has it. Only the last ``OUTPUT_READ`` bytes of each are read."""
+    """What a callable job printed, where an older version ran it (its output now goes to the
+    chunk's log, ``printed``): the lines of its agent's worker log after the job's mark, up to the
+    next mark (the worker runs one job at a time); None if the log (or the one it was cut to,
+    ``<name>.1``) no longer has it. Only the last ``OUTPUT_READ`` bytes of each are read."""
     mark = f"{JOB_MARK} {run} chunk {chunk} attempt {attempt}\n"
     log = spool.worker_log(agent)
     for path in (log, log.with_name(log.name + ".1")):
@@ -202,7 +220,7 @@ def format_chunk(rep: dict[str, Any]) -> str:
     for a in rep["attempts"]:
         out += _attempt_lines(a)
     if rep["script_output"] is not None:
-        out += ["", f"--- script output ({rep['script_log']}) ---", rep["script_output"].rstrip()]
+        out += ["", f"--- output of every attempt ({rep['script_log']}) ---", rep["script_output"].rstrip()]
     elif rep.get("worker_output"):
         out += ["", f"--- output of attempt {(res or rep['attempts'][-1]).get('attempt')} (its agent's worker log) ---",
                 rep["worker_output"].rstrip()]

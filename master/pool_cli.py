@@ -422,10 +422,12 @@ def _status_args(s: argparse.ArgumentParser) -> None:
 def _logs_args(lg: argparse.ArgumentParser) -> None:
     lg.add_argument("--agent", help="only this agent's log")
     lg.add_argument("--run", help="only lines about this run (with --chunk: that chunk's full report)")
-    lg.add_argument("--chunk", type=int, help="one chunk: result, every failed attempt's traceback, script output")
+    lg.add_argument("--chunk", type=int, help="one chunk: result, every failed attempt's traceback, "
+                    "what each attempt printed (its log)")
     lg.add_argument("-f", "--follow", action="store_true", help="keep printing new lines (Ctrl-C to stop)")
     lg.add_argument("-n", "--lines", type=int, default=0, help="only the last N entries (default: all)")
-    lg.add_argument("--worker", action="store_true", help="with --agent: the job code's own output (worker log)")
+    lg.add_argument("--worker", action="store_true", help="with --agent: its worker log (the worker processes' own lines; "
+                    "a job's output is in its chunk's log: --run R --chunk C)")
     lg.add_argument("--json", action="store_true", help="with --chunk: print the report as JSON")
 
 

@@ -95,9 +95,31 @@ def held_after(chunk_id: int, gate: str, free: int, seconds: float = 0.1) -> int
 
 
 def chatty(chunk_id: int, lines: int) -> int:
-    """Prints ``lines`` lines to the worker's output (its log)."""
+    """Prints ``lines`` lines (to the chunk's log)."""
     for i in range(lines):
         print(f"chunk {chunk_id} line {i} " + "x" * 60)
+    return chunk_id
+
+
+def chatty_after(chunk_id: int, lines: int, rounds: int) -> int:
+    """Leaves a thread that prints ``rounds`` times ``lines`` lines after the call returned: to the
+    worker's own output, its log (the call's own output goes to its chunk's log)."""
+    import sys
+    import threading
+
+    done = threading.Event()
+
+    def talk() -> None:
+        done.wait()
+        time.sleep(0.1)  # the call is over: the worker's output is its log again
+        for _ in range(rounds):
+            for i in range(lines):
+                print(f"chunk {chunk_id} line {i} " + "x" * 60)
+            sys.stdout.flush()
+            time.sleep(0.01)
+
+    threading.Thread(target=talk, daemon=True).start()
+    done.set()
     return chunk_id
 
 

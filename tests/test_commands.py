@@ -174,7 +174,7 @@ def test_logs_of_a_failed_script_chunk_show_its_output(spool: Spool, agents, env
                   "--retries", "0", "--run", "noarg", "--no-progress"], env)  # --out_dir missing: exit 2
     assert r.returncode == 1
     out = master(["logs", "--base", str(spool.base), "--run", "noarg", "--chunk", "0"], env).stdout
-    assert "ScriptFailed" in out and "--- script output" in out
+    assert "ScriptFailed" in out and "--- output of every attempt" in out
     assert "the following arguments are required: --out_dir" in out
 
 

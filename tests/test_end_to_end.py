@@ -258,10 +258,11 @@ def test_a_log_held_open_in_append_mode_is_cut_past_its_limit(tmp_path: Path) ->
     assert not cap_log(log, 0)  # 0: never cut
 
 
-def test_a_chatty_job_cannot_grow_the_worker_log_past_the_limit(spool: Spool, agents, env) -> None:
+def test_what_a_job_leaves_printing_cannot_grow_the_worker_log_past_the_limit(spool: Spool, agents, env) -> None:
+    """A call's own output goes to its chunk's log; a thread it leaves behind prints to the worker log."""
     agents(1, args=["--log-limit-mb", "0.05"])
-    r = run_main(["--base", str(spool.base), "--task", "tests.faulty:chatty", "--chunks", "30",
-                  "--kwargs", json.dumps({"lines": 100}), "--no-progress"], env)  # 30 x 8 KB
+    r = run_main(["--base", str(spool.base), "--task", "tests.faulty:chatty_after", "--chunks", "1",
+                  "--kwargs", json.dumps({"lines": 100, "rounds": 30}), "--no-progress"], env)  # 30 x 8 KB
     assert r.returncode == 0, r.stderr
     (worker,) = spool.logs_dir.glob("*.worker.log")
     old = worker.with_name(worker.name + ".1")

@@ -8,6 +8,7 @@ import datetime as dt
 import functools
 import math
 import operator
+import re
 import subprocess
 import sys
 import time
@@ -208,9 +209,9 @@ def test_a_future_tells_its_job_id_attempts_and_output(spool: Spool, agents, env
         fut = ex.submit(chatty, 5)
         assert fut.result(timeout=60) == 5
         assert fut.job_id == f"{ex.run}/0" and fut.agent() == agent.id
-        assert fut.log_path() == spool.worker_log(agent.id)
+        assert fut.log_path() == spool.chunk_log(ex.run, 0)  # the call's own log, as a script's
         assert [(a["attempt"], a["status"]) for a in fut.attempts] == [(1, "ok")]
-        wait_for(lambda: "to stderr too" in (fut.stdout() or ""), 10, "the call's output in the worker log")
+        wait_for(lambda: "to stderr too" in (fut.stdout() or ""), 10, "the call's output in its log")
         assert fut.stdout() == "line 5 of the call\nto stderr too\n"
         bad = ex.submit(fail_oops, 1)
         with pytest.raises(Oops):
@@ -219,7 +220,9 @@ def test_a_future_tells_its_job_id_attempts_and_output(spool: Spool, agents, env
         assert ex.submit(chatty, 6).result(timeout=60) == 6 and fut.stdout() == "line 5 of the call\nto stderr too\n"
     r = subprocess.run([sys.executable, "-m", "master", "logs", "--base", str(spool.base), "--run", ex.run, "--chunk",
                         "0"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0 and "(its agent's worker log) ---\nline 5 of the call\nto stderr too" in r.stdout, r.stdout
+    assert r.returncode == 0 and re.search(r"\(\S+000000\.log\) ---\n# attempt 1 at [^\n]+\nline 5 of the call\n"
+                                           r"to stderr too\n", r.stdout), r.stdout
+    assert "to stderr too" not in spool.worker_log(agent.id).read_text()  # the worker log keeps the pool's lines only
 
 
 AT_EXIT = """
