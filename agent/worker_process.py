@@ -264,7 +264,7 @@ def run_one(req: dict[str, Any], job: Any, session: Session) -> dict[str, Any]:
     found = returned_arrays(value)
     if found is not None:
         arrays, form = found
-        tmp = save_arrays(Path(req["arrays_path"]), arrays, session.notify)
+        tmp = save_arrays(Path(req["arrays_path"]), arrays, session.notify, req.get("spool"))
         return {"ok": True, "value": None, "arrays_tmp": str(tmp), **({"arrays_form": form} if form else {})}
     try:
         return {"ok": True, "value": jsonable(value), "arrays_tmp": None}
@@ -570,15 +570,22 @@ def after_failure(err: dict[str, Any], fault: str | None) -> None:
 _worker_pid: int | None = None  # set by main(): a forked child has another pid
 
 
-def save_arrays(final: Path, arrays: Any, notify: Callable[[dict[str, Any]], None]) -> Path:
+def save_arrays(final: Path, arrays: Any, notify: Callable[[dict[str, Any]], None], base: str | None = None) -> Path:
     """Save a job's arrays to a temp file beside ``final`` (the agent commits it); returns its path.
     On a full disk (or quota) the value is kept and the save tried again, 0.5 s doubling up to 30 s,
     until space returns: the chunk is not computed again. The agent is told at each try (a note,
     ``{"waiting": "<why>"}``): the job's time-out no longer runs (it computed in time) and its
-    heartbeat says why it waits. Nothing partial is left between tries (``jobs.atomic.writing``)."""
-    from gpupool.jobs.atomic import DISK_FULL, writing
+    heartbeat says why it waits. Nothing partial is left between tries (``jobs.atomic.writing``).
+    With ``base`` (BASE), a folder on the way below it that is a link (or no folder) is refused,
+    as the commit refuses it: nothing is written outside BASE (an OSError, ELOOP)."""
+    import errno
+
+    from gpupool.jobs.atomic import DISK_FULL, linked_folder, writing
     from gpupool.jobs.npzio import save_npz
 
+    found = linked_folder(Path(base), final.parent) if base else None
+    if found is not None:
+        raise OSError(errno.ELOOP, f"is a {found[1]}; results are never written through a link", str(found[0]))
     pause = 0.0
     while True:
         try:

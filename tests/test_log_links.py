@@ -147,3 +147,32 @@ def test_cap_log_neither_reads_nor_writes_through_a_link(spool: Spool, tmp_path:
     assert cap_log(log, 10, spool)
     assert victim.read_text() == "SECRET: not the job's\n"
     assert not old.is_symlink() and old.read_text() == "x" * 100 and log.read_text() == ""
+
+
+@pytest.mark.timeout(120)
+def test_a_link_at_results_run_planted_while_a_callable_computes_gets_none_of_its_arrays(
+        spool: Spool, agents, env, tmp_path: Path) -> None:
+    """The worker saves a callable's arrays beside their final name before the agent commits them:
+    that save, too, refuses a link on its way (nothing lands outside BASE, not even a temp file)."""
+    outside, _ = _outside(tmp_path)
+    before = sorted(p.name for p in outside.iterdir())
+    [agent] = agents(1)
+    gate = tmp_path / "gate"
+    main = subprocess.Popen([sys.executable, "main.py", "--base", str(spool.base), "--task", "tests.faulty:gated_array",
+                             "--kwargs", f'{{"gate": "{gate}", "mb": 0.1}}', "--chunks", "1", "--run", "linkarr",
+                             "--retries", "0", "--no-progress"],
+                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        wait_for(lambda: (agent.heartbeat() or {}).get("current"), what="the chunk running")
+        rdir = spool.result_dir("linkarr")
+        os.rename(rdir, tmp_path / "results-aside")
+        rdir.symlink_to(outside)
+        gate.touch()
+        wait_for(lambda: any(n["origin"] == str(rdir) for n in _rejected(spool).values())
+                 or sorted(p.name for p in outside.iterdir()) != before, what="the save and the commit")
+        assert sorted(p.name for p in outside.iterdir()) == before  # no arrays, temp file or result there
+        assert agent.proc.poll() is None
+    finally:
+        os.killpg(main.pid, signal.SIGKILL)
+        main.wait(timeout=10)
