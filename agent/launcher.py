@@ -25,6 +25,7 @@ from gpupool.jobs.errors import BadFile, SpoolError
 from gpupool.jobs.heartbeat import AgentState, read_status
 from gpupool.jobs.locks import FileLock
 from gpupool.jobs.paths import Spool
+from gpupool.jobs.words import plural
 
 
 USAGE = """usage: ./start_agents.sh N BASE [--cpu] [--gpus-per-agent K] [--slots K] [--host-id ID] [--timeout S]
@@ -104,7 +105,7 @@ def start(base: str, n: int, cpu: bool = False, host: str | None = None, agent_a
             failed.append(str(e))
     if failed and partial and started:
         for why in failed:
-            print(f"warning: {why}; going on with {len(started)} agent(s)", file=sys.stderr)
+            print(f"warning: {why}; going on with {plural(len(started), 'agent')}", file=sys.stderr)
     elif failed:
         raise AgentsFailed(started, failed)
     return started
@@ -131,7 +132,7 @@ class AgentsFailed(SpoolError):
 
     def __init__(self, started: list[Started], failures: list[str]) -> None:
         self.started, self.failures = started, failures
-        super().__init__(f"{len(failures)} agent(s) did not start:\n" + "\n".join(failures))
+        super().__init__(f"{plural(len(failures), 'agent')} did not start:\n" + "\n".join(failures))
 
 
 def _wait_ready(spool: Spool, ident: str, proc: subprocess.Popen | None, out: Path, timeout: float) -> Started:
@@ -212,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
                       "stop", file=sys.stderr)
                 return 1
             stopped = stop(args.base, args.host_id, args.now, args.timeout)
-            print(f"stopped {len(stopped)} agent(s): {' '.join(stopped)}" if stopped else
+            print(f"stopped {plural(len(stopped), 'agent')}: {' '.join(stopped)}" if stopped else
                   f"no agent of host {host_id(args.host_id)} is running in {args.base}: nothing to stop")
             return 0
         try:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from gpupool.jobs.template import BUILTIN_PLACEHOLDERS, TemplateError, fields
+from gpupool.jobs.words import plural
 from gpupool.master.inputs import read_text
 from gpupool.master.errors import UsageError
 
@@ -53,7 +54,7 @@ def read_commands(path_text: str, workdir: str) -> tuple[str, list[str]]:
 def check_chunks(chunks: int | None, count: int, what: str) -> int:
     """The run's chunk count when ``what`` (a sweep, a commands file) makes ``count`` chunks."""
     if chunks is not None and chunks != count:
-        raise UsageError(f"--chunks {chunks}: {what} makes {count} chunk(s); leave --chunks out or make it {count}")
+        raise UsageError(f"--chunks {chunks}: {what} makes {plural(count, 'chunk')}; leave --chunks out or make it {count}")
     return count
 
 

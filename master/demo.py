@@ -12,6 +12,7 @@ from gpupool.master.matmul import SIZE, chunk_input, shared_matrix
 from gpupool.jobs.errors import SpoolError
 from gpupool.jobs.npzio import load_npz
 from gpupool.jobs.paths import Spool
+from gpupool.jobs.words import plural
 from gpupool.master.api import Pool
 from gpupool.master.progress import format_summary
 
@@ -37,7 +38,7 @@ def run_demo(demo_dir: str, progress: bool = True) -> int:
         print(f"main.py: {e}", file=sys.stderr)
         return 2
     n = len(gpus) or 2
-    print(f"demo: spool {base}; starting {n} {'GPU' if gpus else 'CPU'} agent(s)"
+    print(f"demo: spool {base}; starting {plural(n, ('GPU' if gpus else 'CPU') + ' agent')}"
           f"{'' if gpus else ' (no GPU found)'}")
     shared, data = _inputs(spool)
     started = launcher.start(str(base), n, cpu=not gpus, agent_args=["--heartbeat", "0.5"], partial=True)
@@ -52,9 +53,9 @@ def run_demo(demo_dir: str, progress: bool = True) -> int:
     finally:
         ours = [s.agent_id for s in started if s.new]
         launcher.stop(str(base), only=ours)
-        print(f"demo: stopped the {len(ours)} agent(s) it started")
+        print(f"demo: stopped the {plural(len(ours), 'agent')} it started")
     if bad or summary.failed:
-        print(f"demo: FAILED ({len(summary.failed)} failed chunks, {bad} wrong results)", file=sys.stderr)
+        print(f"demo: FAILED ({plural(len(summary.failed), 'failed chunk')}, {plural(bad, 'wrong result')})", file=sys.stderr)
         return 1
     print(f"demo: all {CHUNKS} results checked against numpy. Next: ./start_agents.sh 2 /tmp/b && "
           f"python main.py --base /tmp/b --task gpupool.master.matmul:multiply --chunks 100")

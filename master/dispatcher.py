@@ -65,6 +65,7 @@ from gpupool.jobs.losses import charge_loss, death_suspects, died_under, record_
 from gpupool.jobs.mailbox import HOLD_LIMIT, Mailbox, drop_run, without_run
 from gpupool.jobs.paths import HISTORY_RE, RESULT_RE, Spool
 from gpupool.jobs.results import StaleResult, commit, has_outcome, read_result, record, supersede
+from gpupool.jobs.words import plural
 from gpupool.jobs.watching import watch_folder
 from gpupool.master.liveness import AgentView, Liveness
 
@@ -87,7 +88,7 @@ class FeedConfig:
     retry_cap: float = 60.0
     free_losses: int = 1  # times a chunk's agent may die under it at no cost; each further death costs an attempt
     steal: bool = True  # move jobs that have not started from busy agents to idle ones
-    max_failures: int = 3  # a run stops once this many chunks failed the same deterministic way, none ok (0: never)
+    max_failures: int = 3  # a run stops once this many failed attempts in a row failed alike, none ok (0: never)
     wait_agents: float | None = None  # seconds to wait for a live agent before giving up (NoAgents); None: for ever
 
 
@@ -473,7 +474,7 @@ class Dispatcher:
                     self._requeue(c, free=True)
             for job in suspects:
                 self._lost(job, ident, why, sure=len(suspects) == 1)
-            logger.warning("agent {} is {}; handed back {} chunk(s)", ident, why, len(back))
+            logger.warning("agent {}: {}; handed back {}", ident, why, plural(len(back), "chunk"))
             self.on_event("handback", {"agent": ident, "chunks": sorted(back), "why": why})
 
     def _restarted(self) -> None:
@@ -506,7 +507,7 @@ class Dispatcher:
             for job in suspects:
                 self._lost(job, ident, why, sure=sure)
             if suspects:
-                logger.warning("agent {} restarted ({}); chunk(s) {} it may have died under are queued again",
+                logger.warning("agent {} restarted ({}); chunks {} it may have died under are queued again",
                                ident, why, sorted(j.chunk_id for j in suspects))
                 self.on_event("handback", {"agent": ident, "chunks": sorted(j.chunk_id for j in suspects),
                                            "why": f"restarted: {why}"})
@@ -570,7 +571,7 @@ class Dispatcher:
         self._alone = (since, said)
         if self.cfg.wait_agents is not None and now - since >= self.cfg.wait_agents:
             raise NoAgents(f"no live agent came in {self.cfg.wait_agents:g} s (--wait-agents); "
-                           f"{len(self.pending) + len(self.delayed)} chunk(s) not run. Start agents "
+                           f"{plural(len(self.pending) + len(self.delayed), 'chunk')} not run. Start agents "
                            f"(./start_agents.sh N {self.spool.base}), then run the same command again", self.spool.base)
 
     def _candidates(self) -> list[AgentView]:

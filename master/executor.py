@@ -68,6 +68,7 @@ from gpupool.master.calls import bind, describe, target_of  # noqa: F401  (bind:
 from gpupool.master.dispatcher import Dispatcher, FeedConfig
 from gpupool.master.remote import RemoteError, remote_exception
 from gpupool.master.runspec import RunSpec, kwargs_size_error
+from gpupool.jobs.words import plural
 
 __all__ = ["CallFuture", "Executor", "NestedExecutor", "RemoteError", "RunCancelled"]
 
@@ -400,7 +401,7 @@ class _Calls(Dispatcher):
         from gpupool.master.placement import Unplaceable
 
         why = "; ".join(f"{v.id}: {self.why_not(v)}" for v in live[:8])
-        raise Unplaceable(f"executor {self.run_name}: none of the {len(live)} live agent(s) may take its calls: {why}")
+        raise Unplaceable(f"executor {self.run_name}: none of the {plural(len(live), 'live agent')} may take its calls: {why}")
 
     def _dispatch(self) -> None:
         """``max_workers``: only as many calls are queued at agents as may run at once (a call

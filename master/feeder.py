@@ -7,6 +7,7 @@ what is done and how many attempts each chunk had, mailboxes say what is in flig
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 from collections import Counter
@@ -19,8 +20,9 @@ from gpupool.jobs.logsetup import logger
 from gpupool.jobs.descriptor import Job, JobState
 from gpupool.jobs.errors import BadFile
 from gpupool.jobs.paths import Spool
-from gpupool.jobs.results import (RunScan, read_epoch, read_result, reopen_failed, result_or_none, scan_run, seal, sealed,
-                          unseal)
+from gpupool.jobs.results import (SUPERSEDED, RunScan, read_epoch, read_result, reopen_failed, result_or_none, scan_run,
+                          seal, sealed, unseal)
+from gpupool.jobs.words import plural
 from gpupool.master.dispatcher import Dispatcher, Event, FeedConfig, Outcome, read_or_empty, summarize
 from gpupool.master.liveness import AgentView
 from gpupool.master.placement import Placement, Unplaceable, gpu_count, gpu_ids
@@ -32,6 +34,25 @@ __all__ = ["Feeder", "FeedConfig", "Outcome", "Summary"]
 # module, a task or keyword that does not exist, a syntax error.
 DETERMINISTIC = ("ImportError", "ModuleNotFoundError", "TaskError", "SyntaxError", "TypeError", "NameError",
                  "AttributeError")
+# Errors of the pool (or of the machine), not of the code: they never count towards failing fast (an
+# agent lost or frozen, a job past its timeout or its worker killed, a result that cannot be written,
+# an attempt handed to another agent, memory that another job may hold).
+POOL_ERRORS = frozenset({"Timeout", "WorkerDied", "AgentLost", "CommitFailed", SUPERSEDED, "Stopped", "WrongAgent",
+                         "WorkerRestarts", "BadResultPath", "MemoryError", "OutOfMemoryError"})
+# Errors whose message is generic ("the script exited with code 1"): told apart by the last line of
+# their output (the traceback a Python script printed), and never alike without one.
+BY_OUTPUT = frozenset({"ScriptFailed", "CommandFailed"})
+_HEX = re.compile(r"0x[0-9a-fA-F]+|\b(?=[0-9a-fA-F]*\d)[0-9a-fA-F]{8,}\b")
+_NUMBER = re.compile(r"\d+")
+
+
+def alike(line: str) -> str:
+    """An error line with what differs from chunk to chunk made the same: hex addresses and long
+    hex ids become ``<hex>`` (``<Model at 0x7f3a...>``, a hash), every run of digits ``#`` (chunk ids,
+    sizes, ``/data/chunk_17.npy`` and ``/data/chunk_18.npy`` alike). Words are kept: a message that
+    differs in its words is another error."""
+    return _NUMBER.sub("#", _HEX.sub("<hex>", line))
+
 
 @dataclass
 class Summary:
@@ -43,6 +64,8 @@ class Summary:
     cancelled: bool = False
     done_this_session: int = 0
     halted: str | None = None  # why the run stopped early (fail fast), if it did
+    failed_attempts: int = 0  # attempts that failed in this session, final or retried
+    retried_attempts: int = 0  # of them, those after which the chunk had attempts left
 
     @property
     def ok(self) -> int:
@@ -72,6 +95,9 @@ class Feeder(Dispatcher):
         self.epoch = read_epoch(spool, spec.name)  # carried by every job (see jobs.descriptor)
         self.halted: str | None = None
         self._alike: dict[str, set[int]] = {}  # a deterministic error line -> the chunks it failed
+        self._streak: list[tuple[str, int]] = []  # the latest failed attempts in a row with one error: (key, chunk)
+        self.failed_attempts = 0  # attempts failed in this session (pool errors too), final or retried
+        self.retried_attempts = 0  # of them, those with attempts left (a retry was queued)
 
     @property
     def done(self) -> bool:
@@ -82,19 +108,52 @@ class Feeder(Dispatcher):
             super()._dispatch()
 
     def failed_attempt(self, c: int, out: Outcome) -> None:
-        """Fail fast: once ``max_failures`` chunks failed with the same error line of a type that
-        comes from the code (``DETERMINISTIC``) and no chunk of the run is ok, every chunk would
-        fail that way: the run stops (what is queued leaves the mailboxes) instead of spending
-        chunks x attempts of GPU time on it."""
+        """Fail fast: every chunk would fail the same way, so the run stops (what is queued leaves
+        the mailboxes) instead of spending chunks x attempts of GPU time on it, when no chunk of the
+        run is ok and either ``max_failures`` failed attempts in a row (of at least two chunks, pool
+        errors aside) ended with the same error type and message (``alike``), or ``max_failures``
+        chunks failed with the same error line of a type that comes from the code (``DETERMINISTIC``)."""
+        self.failed_attempts += 1
+        self.retried_attempts += c not in self.final
         limit = self.cfg.max_failures
-        if limit <= 0 or out.error is None or out.error.split(":", 1)[0] not in DETERMINISTIC or \
+        if limit <= 0 or out.error is None or self.halted is not None or \
                 any(o.status == JobState.OK.value for o in self.final.values()):
             return
-        chunks = self._alike.setdefault(out.error, set())
-        chunks.add(c)
-        if len(chunks) >= limit and self.halted is None:
-            self.halted = f"{len(chunks)} chunks failed with the same error and none is ok: {out.error}"
+        kind = out.error.split(":", 1)[0]
+        if kind in POOL_ERRORS:
+            return
+        if kind in DETERMINISTIC:
+            chunks = self._alike.setdefault(out.error, set())
+            chunks.add(c)
+            if len(chunks) >= limit:
+                self.halted = f"{len(chunks)} chunks failed with the same error and none is ok: {out.error}"
+                self.on_event("halted", {"why": self.halted})
+                return
+        key = self._key(c, out, kind)
+        if key is None:
+            self._streak = []
+            return
+        self._streak = [s for s in self._streak if s[0] == key][-(limit - 1):] + [(key, c)] if limit > 1 \
+            else [(key, c)]
+        chunks = sorted({s[1] for s in self._streak})
+        if len(self._streak) >= limit and len(chunks) >= min(2, limit, self.spec.chunks):
+            self.halted = (f"{plural(limit, 'failed attempt')} in a row (chunks {', '.join(map(str, chunks))}) ended "
+                           f"with the same error and none is ok: {out.error}")
             self.on_event("halted", {"why": self.halted})
+
+    def _key(self, c: int, out: Outcome, kind: str) -> str | None:
+        """What makes two failed attempts alike (``alike`` of the error line; for a script or command,
+        of the last line of its output as well), or None if it cannot tell."""
+        line = alike(out.error or "")
+        if kind not in BY_OUTPUT:
+            return line
+        rec = result_or_none(self.spool.history_json(self.spec.name, c, out.attempt)) or \
+            result_or_none(self.spool.result_json(self.spec.name, c)) or {}
+        err = rec.get("error") if rec.get("attempt") == out.attempt else None
+        tb = err.get("traceback") if isinstance(err, dict) else None
+        last = [t for t in tb.splitlines() if t.strip() and not t.startswith("# attempt ")][-1:] \
+            if isinstance(tb, str) else []
+        return f"{line} | {alike(last[0].strip())}" if last else None
 
     def why_not(self, view: AgentView) -> str | None:
         return super().why_not(view) or self.placement.why_not(view.status)
@@ -104,9 +163,9 @@ class Feeder(Dispatcher):
         why = "; ".join(f"{v.id} (host {v.status.host}, gpu {','.join(map(str, gpu_ids(v.status)))}): "
                         f"{_phrase(self.why_not(v))}" for v in live[:8])
         held = Counter(gpu_count(v.status) for v in live)  # what exists, for --gpus-per-job
-        pool = ", ".join(f"{n} {'CPU agent(s)' if not k else f'agent(s) with {k} GPU' + ('' if k == 1 else 's')}"
+        pool = ", ".join(plural(n, "CPU agent") if not k else f"{plural(n, 'agent')} with {plural(k, 'GPU')}"
                          for k, n in sorted(held.items()))
-        raise Unplaceable(f"run {self.spec.name}: none of the {len(live)} live agent(s) may take its jobs under "
+        raise Unplaceable(f"run {self.spec.name}: none of the {plural(len(live), 'live agent')} may take its jobs under "
                           f"{self.placement.describe()} (the pool has {pool}): {why}{' ...' if len(live) > 8 else ''}")
 
     # recovery ------------------------------------------------------------------------------
@@ -227,7 +286,7 @@ class Feeder(Dispatcher):
                 seal(self.spool, self.spec.name)  # a run reported done is on disk
         return Summary(self.spec.name, self.spec.chunks, dict(self.final), time.monotonic() - started,
                        self.spool.result_dir(self.spec.name), self.cancelled, len(self.final) - self.recovered_done,
-                       self.halted)
+                       self.halted, self.failed_attempts, self.retried_attempts)
 
 
 def _phrase(why: str | None) -> str:

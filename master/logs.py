@@ -22,6 +22,7 @@ from gpupool.jobs.codec import plain
 from gpupool.jobs.descriptor import JOB_MARK, attempt_output
 from gpupool.jobs.errors import BadFile, SpoolError
 from gpupool.jobs.paths import Spool
+from gpupool.jobs.words import plural
 from gpupool.jobs.results import chunk_records
 
 STAMP = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} \| ")
@@ -204,7 +205,7 @@ def format_chunk(rep: dict[str, Any]) -> str:
     res = rep["result"]
     head = f"run {rep['run']} chunk {rep['chunk_id']}: "
     if res is None:
-        head += "no committed result yet" + (f" ({len(rep['attempts'])} failed attempt(s) so far)"
+        head += "no committed result yet" + (f" ({plural(len(rep['attempts']), 'failed attempt')} so far)"
                                               if rep["attempts"] else "")
     else:
         head += (f"{res['status'].upper()} on attempt {res.get('attempt')}/{res.get('max_attempts', '?')}, "
@@ -217,8 +218,8 @@ def format_chunk(rep: dict[str, Any]) -> str:
         value = json.dumps(plain(res.get("value")))
         out.append(f"value: {value[:500]}{' ...' if len(value) > 500 else ''}"
                    + (f"   arrays: {res['arrays']}" if res.get("arrays") else ""))
-    for a in rep["attempts"]:
-        out += _attempt_lines(a)
+    for a in rep["attempts"]:  # a script's traceback is the tail of its log, shown whole below: not twice
+        out += _attempt_lines(a, rep["script_log"] if rep["script_output"] is not None else None)
     if rep["script_output"] is not None:
         out += ["", f"--- output of every attempt ({rep['script_log']}) ---", rep["script_output"].rstrip()]
     elif rep.get("worker_output"):
@@ -229,12 +230,16 @@ def format_chunk(rep: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def _attempt_lines(a: dict[str, Any]) -> list[str]:
+def _attempt_lines(a: dict[str, Any], shown_log: str | None = None) -> list[str]:
+    """An attempt's failure and its traceback; ``shown_log``: the chunk log printed whole after the
+    attempts, so a traceback that is its tail (``err["log"]``) is pointed to, not printed again."""
     err = a.get("error") or {}
     lines = ["", f"--- attempt {a.get('attempt')} failed on {a.get('agent')} at {_when(a.get('finished_at'))}: "
                  f"{err.get('type')}: {err.get('message')}"]
     tb = (err.get("traceback") or "").rstrip()
-    if tb:
+    if tb and shown_log is not None and err.get("log") == shown_log:
+        lines.append(f"(its output ends with this error: see '# attempt {a.get('attempt')}' in the output below)")
+    elif tb:
         lines.append(tb)
     return lines
 

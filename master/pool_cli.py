@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from gpupool.jobs.paths import Spool
+from gpupool.jobs.words import plural
 
 PROG = "python -m master"
 EXAMPLES = {
@@ -216,8 +217,8 @@ def cmd_collect(args: argparse.Namespace) -> int:
 
     got = collect(_spool(args), args.run, args.out, concat=args.concat, partial=args.partial)
     what = f"arrays {', '.join(got.keys)}" if got.out.suffix == ".npz" else f"{len(got.keys)} value column(s)"
-    print(f"wrote {got.out}: {got.rows} chunk(s), {what}"
-          + (f"; left out {len(got.skipped)} chunk(s) without an ok result: {got.skipped[:20]}" if got.skipped else ""))
+    print(f"wrote {got.out}: {plural(got.rows, 'chunk')}, {what}"
+          + (f"; left out {plural(len(got.skipped), 'chunk')} without an ok result: {got.skipped[:20]}" if got.skipped else ""))
     return 0
 
 
@@ -230,10 +231,11 @@ def cmd_retry(args: argparse.Namespace) -> int:
     spool = _spool(args)
     run, failed, missing = retry_run(spool, args.run, args.retries, args.force)
     if not failed and not missing:
-        print(f"run {args.run}: all {run.spec.chunks} chunks are ok; nothing to retry")
+        print(f"run {args.run}: {'the one chunk is' if run.spec.chunks == 1 else f'all {run.spec.chunks} chunks are'} ok; "
+              "nothing to retry")
         return 0
-    print(f"run {args.run}: re-queuing {len(failed)} failed chunk(s) {failed[:20]}"
-          + (f" and {missing} chunk(s) without a result" if missing else ""), flush=True)
+    print(f"run {args.run}: re-queuing {plural(len(failed), 'failed chunk')} {failed[:20]}"
+          + (f" and {plural(missing, 'chunk')} without a result" if missing else ""), flush=True)
     cfg = FeedConfig(dead_after=args.dead_after)
     summary = run.wait(progress=not args.no_progress, cfg=cfg, wait_for_lock=args.wait)
     print(format_summary(summary, spool.base))
@@ -245,7 +247,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
     spool = _spool(args)
     got = cancel_run(spool, args.run, args.stop_running, args.timeout, args.force)
-    print(f"cancelled run {args.run}: took {got.dropped} queued job(s) out of the mailboxes")
+    print(f"cancelled run {args.run}: took {plural(got.dropped, 'queued job')} out of the mailboxes")
     print("  its master has stopped" if got.master_stopped else
           f"  a master still holds the run after {args.timeout:g} s; it stops at its next look at the run")
     for agent, chunk in got.running:
@@ -344,7 +346,8 @@ def _agent_line(rep) -> str:
     cur = rep.current
     running = (f"still running {cur.run} chunk {cur.chunk_id} (attempt {cur.attempt}, "
                f"for {time.time() - cur.since:.0f} s)" if cur is not None and cur.since else "running nothing")
-    queued = f"; {rep.queued} queued job(s) go back to other agents" if rep.queued else ""
+    queued = (f"; {plural(rep.queued, 'queued job')} {'goes' if rep.queued == 1 else 'go'} back to other agents"
+              if rep.queued else "")
     after = "; it takes no new job after this one" if rep.state == "busy" else ""
     return f"agent {rep.agent} is {rep.state}: {running}{after}{queued}"
 
@@ -379,7 +382,9 @@ def cmd_undrain(args: argparse.Namespace) -> int:
     if rep.state in ("dead", "stopped"):
         print(f"drain flag of {args.agent} removed; the agent is {rep.state}")
         return 0
-    print(f"agent {args.agent} is {rep.state}: taking jobs again" if rep.reached else
+    cur = rep.current
+    doing = f"it runs {cur.run} chunk {cur.chunk_id} now" if cur is not None else f"it is {rep.state} now"
+    print(f"agent {args.agent} is taking jobs again ({doing})" if rep.reached else
           f"drain flag removed, but agent {args.agent} still reports {rep.state}")
     return 0 if rep.reached else 1
 

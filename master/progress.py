@@ -8,6 +8,7 @@ from typing import Any, TextIO
 from tqdm import tqdm
 
 from gpupool.jobs.paths import Spool
+from gpupool.jobs.words import plural
 from gpupool.master.feeder import Summary
 from gpupool.master.runspec import RunSpec
 
@@ -19,7 +20,7 @@ class Progress:
 
     def start(self, already_done: int) -> None:
         if already_done:
-            self._say(f"run {self.spec.name}: {already_done} of {self.spec.chunks} chunks already done; resuming")
+            self._say(f"run {self.spec.name}: {already_done} of {plural(self.spec.chunks, 'chunk')} already done; resuming")
         if self.enabled:
             self.bar = tqdm(total=self.spec.chunks, initial=already_done, unit="chunk", desc=self.spec.name[:30],
                             file=self.out, dynamic_ncols=True, smoothing=0.1)
@@ -37,7 +38,7 @@ class Progress:
             self._say(f"agent {info['agent']}: {info['why']}; re-queued chunks {info['chunks']}")
         elif kind == "cancelled":
             self._say(f"run {self.spec.name} was cancelled (python -m master cancel); stopped feeding it with "
-                      f"{info.get('pending', 0)} chunk(s) not done. Resume it with: "
+                      f"{plural(info.get('pending', 0), 'chunk')} not done. Resume it with: "
                       f"python -m master retry --base {self.base or 'BASE'} --run {self.spec.name}")
         elif kind == "kwargs_changed":
             self._say(kwargs_note(self.spec, info["earlier"], info["kwargs"], info["kept"]))
@@ -73,16 +74,21 @@ def format_summary(s: Summary, base: Path) -> str:
     rate = s.done_this_session / s.wall_s if s.wall_s > 0 else 0.0
     spool = Spool(base)
     head = "CANCELLED " if s.cancelled else "STOPPED " if s.halted else ""
-    lines = [f"{head}run {s.run}: {s.chunks} chunks, {s.ok} ok, {len(s.failed)} failed in {s.wall_s:.2f} s "
-             f"({s.done_this_session} this session, {rate:.1f} chunks/s)"]
+    tries = ""  # failed attempts count as well as failed chunks: a halted run may have failed no chunk yet
+    if s.failed_attempts:
+        tries = f" ({plural(s.failed_attempts, 'failed attempt')}" + (
+            "" if s.halted or not s.retried_attempts else f", {s.retried_attempts} of them retried") + ")"
+    lines = [f"{head}run {s.run}: {plural(s.chunks, 'chunk')}, {s.ok} ok, {len(s.failed)} failed{tries} in "
+             f"{s.wall_s:.2f} s ({s.done_this_session} this session, {rate:.1f} chunks/s)"]
     lines += agent_table(s)
-    lines.append(f"  results: {s.results_dir}/<chunk>.json (+ .npz arrays)")
+    names = "000000.json" if s.chunks <= 1 else f"000000.json .. {s.chunks - 1:06d}.json"  # jobs.paths.result_json
+    lines.append(f"  results: {s.results_dir}/{names}, one per chunk (+ .npz arrays)")
     failed = [c for c in s.failed if c in s.outcomes]
     for c in failed[:20]:
         o = s.outcomes[c]
         lines.append(f"  FAILED chunk {c} (attempt {o.attempt}, {o.agent}): {o.error}  -> {spool.result_json(s.run, c)}")
     if len(failed) > 20:
-        lines.append(f"  ... and {len(failed) - 20} more failed chunks: {failed[20:40]} ...")
+        lines.append(f"  ... and {plural(len(failed) - 20, 'more failed chunk')}: {failed[20:40]} ...")
     if failed:
         lines.append(f"  read one:  python -m master logs --base {base} --run {s.run} --chunk {failed[0]}")
         lines.append(f"  retry:     python -m master retry --base {base} --run {s.run}   (or re-run the same command)")
@@ -91,7 +97,7 @@ def format_summary(s: Summary, base: Path) -> str:
         lines.append(f"  stopped early: {s.halted}; every chunk would fail the same way. Fix it, then run the same "
                      f"command again: it resumes, and failed chunks run again (--max-failures 0: never stop early)")
     if s.cancelled and not_done > 0:
-        lines.append(f"  {not_done} chunk(s) not run; resume: python -m master retry --base {base} --run {s.run}")
+        lines.append(f"  {plural(not_done, 'chunk')} not run; resume: python -m master retry --base {base} --run {s.run}")
     return "\n".join(lines)
 
 
@@ -121,7 +127,7 @@ def kwargs_note(spec: RunSpec, earlier: dict[str, Any], now: dict[str, Any], kep
     left = spec.chunks - len(kept)
     kept_text = (f"chunks {chunk_ranges(kept)} ({len(kept)} of {spec.chunks}) are done and kept: they ran with the "
                  f"earlier kwargs (or older ones)") if kept else "no chunk was done yet"
-    return f"run {spec.name}: kwargs changed ({changed}); {kept_text}; {left} chunk(s) run with the new kwargs"
+    return f"run {spec.name}: kwargs changed ({changed}); {kept_text}; {plural(left, 'chunk')} run with the new kwargs"
 
 
 def _flag(kwargs: dict[str, Any], key: str) -> str:

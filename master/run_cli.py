@@ -67,8 +67,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--run", help="run name (default: derived from the task, chunk count and kwargs)")
     p.add_argument("--retries", type=int, default=2, help="retries per failed chunk (default 2)")
     p.add_argument("--max-failures", type=int, default=3, metavar="K",
-                   help="stop the run once K chunks failed with the same error from the code (a missing module, a "
-                        "wrong keyword) and none is ok (default 3; 0: never stop early)")
+                   help="stop the run once K failed attempts in a row (of at least two chunks) ended with the same "
+                        "error type and message, numbers and addresses aside (/data/chunk_17.npy and chunk_18.npy "
+                        "alike), and no chunk is ok; the pool's own errors (Timeout, WorkerDied, AgentLost, ...) never "
+                        "count (default 3; 0: never stop early; docs/failures.md)")
     p.add_argument("--timeout", type=float, help="seconds a chunk may run before it is killed")
     p.add_argument("--share", "--priority", type=float, default=1.0, metavar="W",
                    help="the run's weight when several runs use the pool at once: agents are split between the "

@@ -21,6 +21,7 @@ from gpupool.master.logs import chunk_report, format_chunk
 from gpupool.master.runspec import RunSpec, UsageError, load_run
 from gpupool.master.status import chunk_rows, duration
 from gpupool.master.timeline import AttemptReader, bars, gantt_svg
+from gpupool.jobs.words import plural
 
 
 class NotFound(Exception):
@@ -118,7 +119,7 @@ def fragment(d: dict[str, Any]) -> str:
     head = "".join(f'<th class="{"l" if n in ("state", "agent", "last error") else ""}">{n}</th>'
                    for n in ("chunk", "state", "agent", "attempt", "time", "last error"))
     rows = "".join(_row(run, r, d["failures"].get(r["chunk"]) if r["state"] != "ok" else None) for r in d["rows"])
-    return (f'<div data-done="{int(d["done"])}"><div class="sub">{d["chunks"]} chunks: {summary}</div>'
+    return (f'<div data-done="{int(d["done"])}"><div class="sub">{plural(d["chunks"], "chunk")}: {summary}</div>'
             f'<h2>Timeline</h2><div class="legend sub">one row per agent, one bar per attempt:{legend}'
             f' (gaps: the agent ran nothing of this run)</div>{gantt_svg(d["bars"], d["time"], idle=d["idle_agents"])}'
             f'<h2>Chunks</h2><table id="chunks">{head}{rows}</table></div>')

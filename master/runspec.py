@@ -525,11 +525,21 @@ def save_or_check(spool: Spool, spec: RunSpec, fresh: bool, may_change: tuple[st
         same = dataclasses.replace(spec, params=old.params, chunks=old.chunks) if grown is not spec else spec
         diff = [k for k, v in same.identity().items() if old.identity()[k] != v and k not in may_change]
         if diff:
-            raise UsageError(f"run {spec.name!r} already exists in {spool.base} with a different {', '.join(diff)}; "
+            raise UsageError(f"run {spec.name!r} already exists in {spool.base} with {_differs(diff)}; "
                              "pass --fresh to start it over, or --run NAME for a new run")
         spec = grown
     write_replace(path, spec.to_json())
     return spec
+
+
+def _differs(fields: list[str]) -> str:
+    """``["chunks", "kwargs"]`` -> ``another chunk count and another set of --kwargs`` (not a field's name)."""
+    nouns = {"kind": "job kind", "target": "target (task, script or command)", "chunks": "chunk count",
+             "kwargs": "set of --kwargs", "shared": "--shared file", "data_dir": "--data folder",
+             "params": "set of sweep parameters", "commands": "--commands file", "options": "set of options",
+             "setup": "--setup"}
+    said = [f"another {nouns.get(f, f)}" for f in fields]
+    return " and ".join(said) if len(said) <= 2 else ", ".join(said[:-1]) + " and " + said[-1]
 
 
 def _grown(old: RunSpec, new: RunSpec) -> RunSpec:

@@ -22,6 +22,7 @@ from gpupool.jobs.jsonio import is_int, is_num
 from gpupool.jobs.mailbox import Mailbox
 from gpupool.jobs.owners import agent_owner, me, run_owner
 from gpupool.jobs.paths import Spool
+from gpupool.jobs.words import plural
 from gpupool.jobs.results import final_status, has_outcome, result_or_none, scan_run
 from gpupool.master.liveness import Liveness
 from gpupool.master.placement import combined, gpu_count, gpu_ids, gpus_of
@@ -238,7 +239,7 @@ def _error_line(rec: dict[str, Any]) -> str | None:
 
 def render_chunks(run: str, rows: list[dict[str, Any]]) -> str:
     """The chunk table as text."""
-    lines = [f"run {run}: {len(rows)} chunk(s)", f"{'CHUNK':>7} {'STATE':<8} {'AGENT':<22} {'ATTEMPT':>7} {'TIME':>9}  ERROR"]
+    lines = [f"run {run}: {plural(len(rows), 'chunk')}", f"{'CHUNK':>7} {'STATE':<8} {'AGENT':<22} {'ATTEMPT':>7} {'TIME':>9}  ERROR"]
     for r in rows:
         lines.append(f"{r['chunk']:>7} {r['state']:<8} {str(r['agent'] or '-'):<22.22} {str(r['attempt'] or '-'):>7} "
                      f"{duration(r['seconds']) if is_num(r['seconds']) else '-':>9}  {r['error'] or ''}")
@@ -262,9 +263,12 @@ def _gb(n: Any) -> str:
 
 
 def duration(s: float | None) -> str:
-    """``95`` -> ``1m35s``; None -> ``-``."""
+    """The one way a duration is shown: ``0.4`` -> ``0.4s``, ``7.25`` -> ``7.2s`` (a tenth under 10 s,
+    so short chunks never read ``0s``), ``42.6`` -> ``43s``, ``95`` -> ``1m35s``; None -> ``-``."""
     if s is None:
         return "-"
+    if s < 9.95:
+        return f"{max(0.0, s):.1f}s"
     s = int(round(s))
     if s < 60:
         return f"{s}s"

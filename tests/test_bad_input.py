@@ -126,7 +126,7 @@ def test_a_master_gives_up_waiting_for_agents_when_told_and_base_comes_from_the_
     r = run_main(["--task", "examples.noop:noop", "--chunks", "2", "--wait-agents", "0.5", "--no-progress"],
                  {**env, "GPUPOOL_BASE": str(spool.base)}, timeout=60)
     assert r.returncode == 2, r.stdout + r.stderr
-    assert "no live agents in" in r.stderr and "no live agent came in 0.5 s (--wait-agents); 2 chunk(s) not run" in \
+    assert "no live agents in" in r.stderr and "no live agent came in 0.5 s (--wait-agents); 2 chunks not run" in \
         r.stderr and "Traceback" not in r.stderr
     fresh = run_main(["--base", str(tmp_path / "new"), "--new-spool", "--task", "examples.noop:noop", "--chunks", "1",
                       "--wait-agents", "0", "--no-progress"], env, timeout=60)

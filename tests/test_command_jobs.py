@@ -115,7 +115,7 @@ def test_bad_templates_and_sweeps_are_refused_at_submit_naming_the_problem(spool
     assert "'grd' holds an object" in refused("--cmd", "echo", "--sweep", '{"grd": {"lr": [1, 2]}}')  # a typo
     assert "takes no such argument" in refused("--task", "examples.noop:sleepy", "--sweep", '{"secs": [1, 2]}')
     (tmp_path / "jobs.txt").write_text("echo a\necho b\n")
-    assert "makes 2 chunk(s)" in refused("--commands", "jobs.txt", "--chunks", "3")
+    assert "makes 2 chunks" in refused("--commands", "jobs.txt", "--chunks", "3")
     assert "only for command jobs" in refused("--script", str(REPO / "examples" / "octorun_script.py"),
                                               "--chunks", "1", "--fail-on-output", "x")
     assert not spool.runs_dir.exists() or not any(spool.runs_dir.iterdir())  # nothing recorded

@@ -136,7 +136,7 @@ def test_gpus_per_job_2_on_a_pool_of_one_gpu_agents_is_refused_at_once(spool: Sp
     r = run_main(["--base", str(spool.base), "--cmd", "true", "--chunks", "2", "--gpus-per-job", "2", "--no-progress"],
                  env, cwd=tmp_path, timeout=60)
     assert r.returncode == 2, r.stdout + r.stderr
-    assert "--gpus-per-job 2" in r.stderr and "the pool has 2 agent(s) with 1 GPU" in r.stderr, r.stderr
+    assert "--gpus-per-job 2" in r.stderr and "the pool has 2 agents with 1 GPU" in r.stderr, r.stderr
     assert "testhost-gpu0" in r.stderr and "holds 1 GPU, not the 2 of --gpus-per-job" in r.stderr, r.stderr
     r = run_main(["--base", str(spool.base), "--cmd", "true", "--chunks", "1", "--gpus-per-job", "0"], env,
                  cwd=tmp_path)

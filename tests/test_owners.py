@@ -229,7 +229,7 @@ def test_another_uid_is_refused_naming_the_owner_and_passes_with_force_real_proc
         assert not (base / "runs" / "mine" / "cancel").exists() and not (base / "agents" / f"{agent.id}.drain").exists()
 
         got = other(["retry", "--run", "mine", "--force", "--no-progress"] + b)
-        assert got.returncode == 1 and "re-queuing 1 failed chunk(s) [1]" in got.stdout, got.stdout + got.stderr
+        assert got.returncode == 1 and "re-queuing 1 failed chunk [1]" in got.stdout, got.stdout + got.stderr
         got = other(["drain", agent.id, "--force"] + b)
         assert got.returncode == 0 and (base / "agents" / f"{agent.id}.drain").exists(), got.stdout + got.stderr
         got = other(["undrain", agent.id, "--force"] + b)

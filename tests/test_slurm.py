@@ -298,7 +298,7 @@ def test_ssh_loop_starts_and_stops_agents_on_each_host(tmp_path: Path) -> None:
     finally:
         stop = subprocess.run([script, "stop", str(base), "node1", "node2"], env=env, capture_output=True,
                               text=True, timeout=120)
-    assert stop.returncode == 0 and "node1: stopped 1 agent(s): node1-cpu0" in stop.stdout, stop.stdout + stop.stderr
+    assert stop.returncode == 0 and "node1: stopped 1 agent: node1-cpu0" in stop.stdout, stop.stdout + stop.stderr
     for ident in ("node1-cpu0", "node2-cpu0"):
         assert json.loads((base / "agents" / f"{ident}.json").read_text())["state"] == "stopped"
     bad = subprocess.run([script, "x", str(base), "node1"], env=env, capture_output=True, text=True, timeout=30)
