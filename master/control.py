@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from gpupool.jobs.atomic import server_now
 from gpupool.jobs.errors import BadFile, SpoolError
 from gpupool.jobs.heartbeat import AgentState, JobRef, read_status
 from gpupool.jobs.locks import FileLock
@@ -204,6 +205,7 @@ class AgentReport:
     current: JobRef | None
     queued: int
     reached: bool  # the agent reported the state we waited for
+    current_for_s: float | None = None  # how long ``current`` has run (AgentView.running_for), if known
 
 
 def check_agent(spool: Spool, agent: str, force: bool = True, doing: str = "") -> None:
@@ -229,7 +231,8 @@ def agent_report(spool: Spool, agent: str, live: Liveness, want: Callable[[str],
     except (OSError, BadFile):
         queued = 0
     cur = view.status.current if view is not None and view.alive else None
-    return AgentReport(agent, state, cur, queued, want(state))
+    took = view.running_for(server_now(spool.agents_dir)) if cur is not None and view is not None else None
+    return AgentReport(agent, state, cur, queued, want(state), took)
 
 
 def drain(spool: Spool, agent: str, timeout: float = 30.0, dead_after: float = 20.0,

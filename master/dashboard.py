@@ -28,6 +28,7 @@ from typing import Any
 
 from gpupool.jobs.logsetup import logger
 
+from gpupool.jobs.names import printable
 from gpupool.jobs.paths import Spool
 from gpupool.master import runpage
 from gpupool.master.gpuhistory import SAMPLE_S, GpuHistory, Sampler, sparkline
@@ -67,7 +68,9 @@ def _gb(n: Any) -> str:
 
 
 def _td(value: Any, cls: str = "") -> str:
-    return f'<td class="{cls}">{html.escape("-" if value is None else str(value))}</td>'
+    """A cell: what a heartbeat or a result says (a host, a GPU name) with its control characters
+    escaped (``jobs.names.printable``), then HTML-escaped."""
+    return f'<td class="{cls}">{html.escape(printable("-" if value is None else value))}</td>'
 
 
 def _agent_row(a: dict[str, Any]) -> str:

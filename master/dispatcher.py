@@ -110,7 +110,9 @@ class Outcome:
 
 def summarize(rec: dict[str, Any]) -> Outcome:
     err = rec.get("error") or None
-    line = f"{err.get('type')}: {err.get('message')}".splitlines()[0][:300] if isinstance(err, dict) else None
+    # its first line (a "\r" in it is kept, and shown escaped: jobs.names.printable)
+    line = f"{err.get('type')}: {err.get('message')}".split("\n", 1)[0].rstrip("\r")[:300] if isinstance(err, dict) \
+        else None
     duration = rec.get("duration_s")
     return Outcome(rec["status"], rec["attempt"], rec.get("agent") if isinstance(rec.get("agent"), str) else None,
                    line, float(duration) if isinstance(duration, (int, float)) and not isinstance(duration, bool)

@@ -21,6 +21,7 @@ from gpupool.jobs.atomic import NotAFile, linked_folder, open_read, read_tail
 from gpupool.jobs.codec import plain
 from gpupool.jobs.descriptor import JOB_MARK, attempt_output
 from gpupool.jobs.errors import BadFile, SpoolError
+from gpupool.jobs.names import printable
 from gpupool.jobs.paths import Spool
 from gpupool.jobs.words import plural
 from gpupool.jobs.results import chunk_records
@@ -111,7 +112,7 @@ def follow(paths_of: Callable[[], list[Path]], out: TextIO, match: Callable[[str
                 partial[p] = rest
             batch += [e for e in entries(complete.splitlines(), i) if match(e.text)] if complete else []
         for e in sorted(batch):
-            print(e.text, file=out, flush=True)
+            print(printable(e.text, lines=True), file=out, flush=True)
         first = False
         time.sleep(poll)
 
@@ -201,7 +202,8 @@ def _text(path: Path, limit: int = 2_000_000) -> str | None:
 
 
 def format_chunk(rep: dict[str, Any]) -> str:
-    """The chunk report as text: the newest failure's traceback first where it matters."""
+    """The chunk report as text: the newest failure's traceback first where it matters. What a job
+    or an agent wrote is shown with its control characters escaped (``jobs.names.printable``)."""
     res = rep["result"]
     head = f"run {rep['run']} chunk {rep['chunk_id']}: "
     if res is None:
@@ -211,7 +213,7 @@ def format_chunk(rep: dict[str, Any]) -> str:
         head += (f"{res['status'].upper()} on attempt {res.get('attempt')}/{res.get('max_attempts', '?')}, "
                  f"agent {res.get('agent')} ({res.get('host')}, {res.get('device')}), "
                  f"{res.get('duration_s', 0) or 0:.3f} s, finished {_when(res.get('finished_at'))}")
-    out = [head]
+    out = [printable(head)]
     if res is not None and isinstance(res.get("params"), dict):  # a sweep's chunk: which point it is
         out.append(f"params: {json.dumps(res['params'], sort_keys=True)[:500]}")
     if res is not None and res["status"] == "ok":
@@ -221,12 +223,12 @@ def format_chunk(rep: dict[str, Any]) -> str:
     for a in rep["attempts"]:  # a script's traceback is the tail of its log, shown whole below: not twice
         out += _attempt_lines(a, rep["script_log"] if rep["script_output"] is not None else None)
     if rep["script_output"] is not None:
-        out += ["", f"--- output of every attempt ({rep['script_log']}) ---", rep["script_output"].rstrip()]
+        out += ["", f"--- output of every attempt ({rep['script_log']}) ---", printable(rep["script_output"].rstrip(), lines=True)]
     elif rep.get("worker_output"):
         out += ["", f"--- output of attempt {(res or rep['attempts'][-1]).get('attempt')} (its agent's worker log) ---",
-                rep["worker_output"].rstrip()]
+                printable(rep["worker_output"].rstrip(), lines=True)]
     if rep["agent_lines"]:
-        out += ["", "--- agent log lines ---", *rep["agent_lines"]]
+        out += ["", "--- agent log lines ---", *(printable(line, lines=True) for line in rep["agent_lines"])]
     return "\n".join(out)
 
 
@@ -234,13 +236,13 @@ def _attempt_lines(a: dict[str, Any], shown_log: str | None = None) -> list[str]
     """An attempt's failure and its traceback; ``shown_log``: the chunk log printed whole after the
     attempts, so a traceback that is its tail (``err["log"]``) is pointed to, not printed again."""
     err = a.get("error") or {}
-    lines = ["", f"--- attempt {a.get('attempt')} failed on {a.get('agent')} at {_when(a.get('finished_at'))}: "
-                 f"{err.get('type')}: {err.get('message')}"]
+    lines = ["", printable(f"--- attempt {a.get('attempt')} failed on {a.get('agent')} at {_when(a.get('finished_at'))}: "
+                           f"{err.get('type')}: {err.get('message')}")]
     tb = (err.get("traceback") or "").rstrip()
     if tb and shown_log is not None and err.get("log") == shown_log:
         lines.append(f"(its output ends with this error: see '# attempt {a.get('attempt')}' in the output below)")
     elif tb:
-        lines.append(tb)
+        lines.append(printable(tb, lines=True))
     return lines
 
 

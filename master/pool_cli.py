@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from gpupool.jobs.names import printable
 from gpupool.jobs.paths import Spool
 from gpupool.jobs.words import plural
 
@@ -163,13 +164,13 @@ def cmd_logs(args: argparse.Namespace) -> int:
         if args.agent is None:
             return _die("logs", "--worker needs --agent ID (each agent has its own worker log)")
         paths_of: Callable[[], list[Path]] = lambda: [spool.worker_log(args.agent)]
-        text = _tail_text(spool.worker_log(args.agent), args.lines)
+        text = printable(_tail_text(spool.worker_log(args.agent), args.lines), lines=True)  # the job code's output
         print(text, end="" if text.endswith("\n") or not text else "\n", flush=True)
         return _follow(args, paths_of, lambda t: True)
     paths_of = lambda: logs.agent_logs(spool, args.agent)
     found = logs.merged(paths_of(), match)
     for e in found[-args.lines:] if args.lines else found:
-        print(e.text)
+        print(printable(e.text, lines=True))  # job errors in the agents' lines: no escape sequence reaches the terminal
     sys.stdout.flush()
     if not found and not args.follow:
         print(f"(no agent log lines{' about run ' + args.run if args.run else ''} in {spool.logs_dir})",
@@ -344,8 +345,9 @@ def cmd_gpus(args: argparse.Namespace) -> int:
 
 def _agent_line(rep) -> str:
     cur = rep.current
-    running = (f"still running {cur.run} chunk {cur.chunk_id} (attempt {cur.attempt}, "
-               f"for {time.time() - cur.since:.0f} s)" if cur is not None and cur.since else "running nothing")
+    took = f", for {rep.current_for_s:.0f} s" if rep.current_for_s is not None else ""  # the agent's own clock
+    running = (f"still running {cur.run} chunk {cur.chunk_id} (attempt {cur.attempt}{took})" if cur is not None
+               else "running nothing")
     queued = (f"; {plural(rep.queued, 'queued job')} {'goes' if rep.queued == 1 else 'go'} back to other agents"
               if rep.queued else "")
     after = "; it takes no new job after this one" if rep.state == "busy" else ""

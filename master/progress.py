@@ -7,6 +7,7 @@ from typing import Any, TextIO
 
 from tqdm import tqdm
 
+from gpupool.jobs.names import printable
 from gpupool.jobs.paths import Spool
 from gpupool.jobs.words import plural
 from gpupool.master.feeder import Summary
@@ -58,6 +59,7 @@ class Progress:
         self._say(line)
 
     def _say(self, line: str) -> None:
+        line = printable(line)  # errors and names a job or a spool file wrote: no escape sequence reaches the terminal
         if self.bar is not None:
             self.bar.write(line, file=self.out)
         else:
@@ -86,7 +88,8 @@ def format_summary(s: Summary, base: Path) -> str:
     failed = [c for c in s.failed if c in s.outcomes]
     for c in failed[:20]:
         o = s.outcomes[c]
-        lines.append(f"  FAILED chunk {c} (attempt {o.attempt}, {o.agent}): {o.error}  -> {spool.result_json(s.run, c)}")
+        lines.append(f"  FAILED chunk {c} (attempt {o.attempt}, {o.agent}): {printable(o.error)}  -> "
+                     f"{spool.result_json(s.run, c)}")
     if len(failed) > 20:
         lines.append(f"  ... and {plural(len(failed) - 20, 'more failed chunk')}: {failed[20:40]} ...")
     if failed:
@@ -94,7 +97,7 @@ def format_summary(s: Summary, base: Path) -> str:
         lines.append(f"  retry:     python -m master retry --base {base} --run {s.run}   (or re-run the same command)")
     not_done = s.chunks - len(s.outcomes)
     if s.halted:
-        lines.append(f"  stopped early: {s.halted}; every chunk would fail the same way. Fix it, then run the same "
+        lines.append(f"  stopped early: {printable(s.halted)}; every chunk would fail the same way. Fix it, then run the same "
                      f"command again: it resumes, and failed chunks run again (--max-failures 0: never stop early)")
     if s.cancelled and not_done > 0:
         lines.append(f"  {plural(not_done, 'chunk')} not run; resume: python -m master retry --base {base} --run {s.run}")

@@ -13,8 +13,9 @@ import time
 import urllib.parse
 from typing import Any
 
+from gpupool.jobs.atomic import server_now
 from gpupool.jobs.errors import BadName
-from gpupool.jobs.names import check_chunk, check_name
+from gpupool.jobs.names import check_chunk, check_name, printable
 from gpupool.jobs.paths import Spool
 from gpupool.master.liveness import Liveness
 from gpupool.master.logs import chunk_report, format_chunk
@@ -51,7 +52,7 @@ def chunk_of(spec: RunSpec, quoted: str) -> int:
 def run_data(spool: Spool, reader: AttemptReader, run: str, spec: RunSpec, dead_after: float) -> dict[str, Any]:
     """What the run page shows, as plain data (``/api/run/<run>``)."""
     rows = chunk_rows(spool, run, dead_after)
-    now = time.time()
+    now = server_now(spool.results_dir) or time.time()  # the clock of the result files' mtimes (master.timeline)
     attempts = reader.attempts(run)
     counts = {s: sum(1 for r in rows if r["state"] == s) for s in ("ok", "failed", "running", "queued", "pending")}
     failures = {}  # chunk -> its newest failed attempt's error (type, message, traceback)
@@ -94,14 +95,17 @@ setTimeout(tick, REFRESH*1000);"""
 
 
 def _td(value: Any, cls: str = "") -> str:
-    return f'<td class="{cls}">{html.escape("-" if value is None else str(value))}</td>'
+    return f'<td class="{cls}">{html.escape(printable("-" if value is None else value))}</td>'
 
 
 def _row(run: str, r: dict[str, Any], failure: dict[str, Any] | None) -> str:
-    err = html.escape(r["error"] or "")
+    """A chunk's row; what a job wrote (its error, its traceback) has its control characters escaped
+    (``jobs.names.printable``), then HTML-escaped."""
+    err = html.escape(printable(r["error"] or ""))
     if failure is not None:
-        err = (f'<details id="tb{r["chunk"]}"><summary>{err or html.escape(str(failure["type"]))}</summary>'
-               f'<pre>{html.escape(failure["traceback"] or failure["message"] or "(no traceback)")}</pre>'
+        tb = failure["traceback"] or failure["message"] or "(no traceback)"
+        err = (f'<details id="tb{r["chunk"]}"><summary>{err or html.escape(printable(failure["type"]))}</summary>'
+               f'<pre>{html.escape(printable(tb, lines=True))}</pre>'
                f'<a href="/run/{run}/chunk/{r["chunk"]}">everything about chunk {r["chunk"]}</a></details>')
     link = f'<td><a href="/run/{run}/chunk/{r["chunk"]}">{r["chunk"]}</a></td>'
     secs = duration(r["seconds"]) if isinstance(r["seconds"], (int, float)) else None

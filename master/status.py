@@ -20,6 +20,7 @@ from gpupool.jobs.errors import BadFile, SpoolError
 from gpupool.jobs.heartbeat import JobRef
 from gpupool.jobs.jsonio import is_int, is_num
 from gpupool.jobs.mailbox import Mailbox
+from gpupool.jobs.names import printable
 from gpupool.jobs.owners import agent_owner, me, run_owner
 from gpupool.jobs.paths import Spool
 from gpupool.jobs.words import plural
@@ -69,22 +70,27 @@ class StatusReader:
 
     def _agents(self) -> tuple[list[dict[str, Any]], dict[str, int], dict[str, int]]:
         agents, queued, running = [], {}, {}
-        for ident, v in sorted(self.liveness.refresh().items()):
+        views = self.liveness.refresh()
+        # how long a job has run: its agent's own measure plus its heartbeat's age, by the file server's clock
+        hb_now = server_now(self.spool.agents_dir) if any(v.status.current for v in views.values()) else None
+        for ident, v in sorted(views.items()):
             try:
                 jobs = [j for j in Mailbox(self.spool, ident).read().jobs if not has_outcome(self.spool, j.key, j.max_attempts)]
             except (OSError, BadFile):
                 jobs = []
             cur = v.status.current if v.alive else None
+            took = v.running_for(hb_now) if cur is not None else None
             if cur is not None and (ended := self._over(cur)) is not None:  # the heartbeat is older than the
                 ahead = v.status.ahead  # job's end: the job sent ahead (if any) has run since then
                 cur = dataclasses.replace(ahead, since=ended) if ahead is not None and self._over(ahead) is None \
                     else None
+                took = round(max(0.0, self._now - ended), 1) if cur is not None else None  # both the server's clock
             if cur is not None:  # running = what agents say they run
                 running[cur.run] = running.get(cur.run, 0) + 1
             for j in jobs:
                 if not (cur and (cur.run, cur.chunk_id) == (j.run, j.chunk_id)):
                     queued[j.run] = queued.get(j.run, 0) + 1
-            agents.append(_agent_row(ident, v, cur, len(jobs), self.spool.drain_flag(ident).exists()))
+            agents.append(_agent_row(ident, v, cur, took, len(jobs), self.spool.drain_flag(ident).exists()))
         return agents, queued, running
 
     def _over(self, cur: JobRef) -> float | None:
@@ -140,18 +146,18 @@ class StatusReader:
         return cache.finals
 
 
-def _agent_row(ident: str, v: Any, ref: JobRef | None, queued: int, drain_flag: bool) -> dict[str, Any]:
+def _agent_row(ident: str, v: Any, ref: JobRef | None, took: float | None, queued: int, drain_flag: bool
+               ) -> dict[str, Any]:
     st = v.status  # checked field by field by jobs.heartbeat.read_status
     gpus = gpus_of(st)
     gpu = combined(gpus)
     cur = ref.to_dict() if ref is not None else None
     state = st.state if v.alive else ("stopped" if st.state == "stopped" else "dead")
-    since = cur.get("since") if cur else None
     return {
         "id": ident, "host": st.host, "pid": st.pid, "device": st.device,
         "gpu_index": st.gpu_index, "gpu_name": gpu.get("name"), "state": state,
         "alive": v.alive, "drain_flag": drain_flag, "queued": queued, "current": cur,
-        "current_for_s": round(max(0.0, time.time() - since), 1) if isinstance(since, (int, float)) else None,
+        "current_for_s": took if cur else None,  # see AgentView.running_for: never two hosts' clocks
         "jobs_done": st.jobs_done, "jobs_failed": st.jobs_failed,
         "heartbeat_age_s": round(v.age, 1), "gpu_util": gpu.get("util"), "gpu_mem_used": gpu.get("mem_used"),
         "gpu_mem_total": gpu.get("mem_total"), "gpu_temp": gpu.get("temp"), "log": st.log,
@@ -192,11 +198,11 @@ def chunk_rows(spool: Spool, run: str, dead_after: float = 20.0, states: set[str
     spec = RunSpec.load(spool.run_spec(run))
     scan = scan_run(spool, run)
     where: dict[int, tuple[str, int]] = {}  # chunk -> (agent, attempt) queued there, no outcome yet
-    running: dict[int, tuple[str, int, float | None]] = {}  # chunk -> (agent, attempt, since)
+    running: dict[int, tuple[str, int, Any]] = {}  # chunk -> (agent, attempt, its AgentView)
     for ident, v in Liveness(spool, dead_after).refresh().items():
         cur = v.status.current if v.alive else None
         if cur is not None and cur.run == run:
-            running[cur.chunk_id] = (ident, cur.attempt, cur.since)
+            running[cur.chunk_id] = (ident, cur.attempt, v)
         try:
             jobs = Mailbox(spool, ident).read().jobs
         except (OSError, BadFile):
@@ -204,7 +210,8 @@ def chunk_rows(spool: Spool, run: str, dead_after: float = 20.0, states: set[str
         for j in jobs:
             if j.run == run and not has_outcome(spool, j.key, j.max_attempts):
                 where[j.chunk_id] = (ident, j.attempt)
-    now, rows = time.time(), []
+    # how long a chunk has run: its agent's own measure plus its heartbeat's age, by the file server's clock
+    now, rows = server_now(spool.agents_dir) if running else None, []
     for c in range(spec.chunks):
         row: dict[str, Any] = {"chunk": c, "state": "pending", "agent": None, "attempt": scan.last_attempt(c) or None,
                                "seconds": None, "error": None}
@@ -214,9 +221,8 @@ def chunk_rows(spool: Spool, run: str, dead_after: float = 20.0, states: set[str
                 row.update(state=rec["status"], agent=rec.get("agent"), attempt=rec.get("attempt"),
                            seconds=rec.get("duration_s"), error=_error_line(rec))
         if row["state"] == "pending" and c in running and not _done(spool, run, c, running[c][1]):
-            agent, attempt, since = running[c]
-            row.update(state="running", agent=agent, attempt=attempt,
-                       seconds=round(now - since, 1) if is_num(since) else None)
+            agent, attempt, view = running[c]
+            row.update(state="running", agent=agent, attempt=attempt, seconds=view.running_for(now))
         elif row["state"] == "pending" and c in where:
             row.update(state="queued", agent=where[c][0], attempt=where[c][1])
         if row["error"] is None and row["state"] != "ok" and scan.history.get(c):
@@ -234,7 +240,7 @@ def _error_line(rec: dict[str, Any]) -> str | None:
     err = rec.get("error")
     if not isinstance(err, dict):
         return None
-    return f"{err.get('type')}: {err.get('message')}".splitlines()[0][:200]
+    return f"{err.get('type')}: {err.get('message')}".split("\n", 1)[0].rstrip("\r")[:200]  # shown by printable
 
 
 def render_chunks(run: str, rows: list[dict[str, Any]]) -> str:
@@ -242,7 +248,7 @@ def render_chunks(run: str, rows: list[dict[str, Any]]) -> str:
     lines = [f"run {run}: {plural(len(rows), 'chunk')}", f"{'CHUNK':>7} {'STATE':<8} {'AGENT':<22} {'ATTEMPT':>7} {'TIME':>9}  ERROR"]
     for r in rows:
         lines.append(f"{r['chunk']:>7} {r['state']:<8} {str(r['agent'] or '-'):<22.22} {str(r['attempt'] or '-'):>7} "
-                     f"{duration(r['seconds']) if is_num(r['seconds']) else '-':>9}  {r['error'] or ''}")
+                     f"{duration(r['seconds']) if is_num(r['seconds']) else '-':>9}  {printable(r['error'] or '')}")
     return "\n".join(lines)
 
 
@@ -285,7 +291,7 @@ def _agent_line(a: dict[str, Any], color: bool) -> str:
     cur = a["current"]
     cur_s = f"{cur['run'][:18]}#{cur['chunk_id']} {duration(a['current_for_s'])}" if cur else "-"
     mem = f"{_gb(a['gpu_mem_used'])}/{_gb(a['gpu_mem_total'])}" if a["gpu_mem_total"] else "-"
-    gpu = (a["gpu_name"] or "-")[:18] if a["device"] != "cpu" else "cpu"
+    gpu = printable(a["gpu_name"] or "-")[:18] if a["device"] != "cpu" else "cpu"
     label = "DEAD" if a["state"] == "dead" else a["state"]
     state = _paint(f"{label:<9}", COLORS.get(a["state"], ""), color)
     util = "-" if a["gpu_util"] is None else f"{a['gpu_util']}%"
@@ -294,7 +300,7 @@ def _agent_line(a: dict[str, Any], color: bool) -> str:
     slot = f"{a['slot']}/{a['slots']}" if a.get("slot") is not None else "-"
     job_mem = _gb(a.get("gpu_mem_reserved"))
     hb = _paint(f"{a['heartbeat_age_s']:>5.1f}s", "31" if not a["alive"] else "", color)
-    return (f"{a['id']:<22} {(a['host'] or '-')[:12]:<12} {state} {cur_s:<30} {a['jobs_done'] or 0:>5} "
+    return (f"{a['id']:<22} {printable(a['host'] or '-')[:12]:<12} {state} {cur_s:<30} {a['jobs_done'] or 0:>5} "
             f"{a['jobs_failed'] or 0:>4} {a['queued']:>3} {hb}  {slot:>4} {gpu:<18} {util:>5} {mem:>11} {temp:>5} "
             f"{job_mem:>6} {worker:>6}")
 
@@ -324,9 +330,9 @@ def render(data: dict[str, Any], color: bool = False) -> str:
                             color))
     for a in data["agents"]:  # why an agent drained itself (a failing GPU) or paused (a full disk)
         if a.get("last_error") and a["state"] != "stopped":
-            lines.append(_paint(f"{a['id']} ({a['state']}): {a['last_error'][:300]}", "33", color))
+            lines.append(_paint(f"{a['id']} ({a['state']}): {printable(a['last_error'][:300])}", "33", color))
         if a.get("waiting") and a["alive"]:  # --gpu-mem not free: its next job waits
-            lines.append(f"{a['id']} ({a['state']}): {a['waiting'][:300]}")
+            lines.append(f"{a['id']} ({a['state']}): {printable(a['waiting'][:300])}")
     users = Counter(a.get("user") or "unknown" for a in data["agents"])  # whose agents: said when not only yours
     if any(u not in (me().user, "unknown") for u in users):
         lines.append("agents by user: " + ", ".join(f"{u} {n}" for u, n in sorted(users.items())))

@@ -3,18 +3,24 @@ a Gantt chart (one row per agent, one bar per attempt) in inline SVG, rendered o
 
 The attempts come from the run's result files (``jobs.results.scan_run`` lists them; a failed
 attempt's history ``<chunk>.a<N>.json``, a chunk's final ``<chunk>.json``); the chunks running
-now come from ``master.status.chunk_rows`` (what the agents' heartbeats name). Times are the
-worker's own clock (``started_at``/``finished_at`` of the record); an attempt a master took back
-(``Superseded``, ``AgentLost``) has none and is not drawn.
+now come from ``master.status.chunk_rows`` (what the agents' heartbeats name). Every bar is on one
+clock, the file server's, whatever the agents' clocks say: an attempt ends at its result file's
+mtime and starts its ``duration_s`` (measured by its agent) before that; a running chunk ends at
+now, by the file server's clock (``jobs.atomic.server_now``), and started its agent-measured
+running time before that. The agents' own ``started_at``/``finished_at`` are never compared
+across agents. An attempt a master took back (``Superseded``, ``AgentLost``) has no duration and
+no agent, and is not drawn.
 """
 from __future__ import annotations
 
 import html
+import os
 import threading
 from collections import OrderedDict
 from typing import Any
 
 from gpupool.jobs.jsonio import is_num
+from gpupool.jobs.names import printable
 from gpupool.jobs.paths import Spool
 from gpupool.jobs.results import result_or_none, scan_run
 from gpupool.master.status import duration
@@ -23,10 +29,15 @@ COLORS = {"ok": "#43a047", "failed": "#e53935", "running": "#1e88e5"}
 TRACEBACK_LIMIT = 20_000  # characters of a traceback kept for display
 
 
-def _attempt(rec: dict[str, Any], chunk: int) -> dict[str, Any]:
+def _attempt(rec: dict[str, Any], chunk: int, end: float | None) -> dict[str, Any]:
+    """An attempt's record as the run page uses it; ``end``: its file's mtime (the server's clock)."""
     err = rec.get("error") if isinstance(rec.get("error"), dict) else None
+    took = rec.get("duration_s")
+    if not is_num(took) and is_num(rec.get("started_at")) and is_num(rec.get("finished_at")):
+        took = rec["finished_at"] - rec["started_at"]  # an older record: still one host's clock
+    start = max(0.0, end - max(0.0, took)) if is_num(took) and is_num(end) else None
     return {"chunk": chunk, "attempt": rec.get("attempt"), "status": rec.get("status"), "agent": rec.get("agent"),
-            "started_at": rec.get("started_at"), "finished_at": rec.get("finished_at"),
+            "start": start, "end": end if start is not None else None,
             "error": None if err is None else {"type": err.get("type"), "message": (err.get("message") or "")[:2000],
                                                "traceback": (err.get("traceback") or "")[-TRACEBACK_LIMIT:]}}
 
@@ -63,18 +74,25 @@ class AttemptReader:
                 path = (self.spool.history_json(run, k[1], k[2]) if k[0] == "h"
                         else self.spool.result_json(run, k[1]))
                 rec = result_or_none(path)
-                cache[k] = None if rec is None else _attempt(rec, k[1])
+                cache[k] = None if rec is None else _attempt(rec, k[1], k[2] if k[0] == "f" else _mtime(path))
             if cache[k] is not None:
                 out[(k[1], cache[k]["attempt"])] = cache[k]
         return [out[k] for k in sorted(out, key=lambda k: (k[0], k[1] if isinstance(k[1], int) else -1))]
 
 
+def _mtime(path: Any) -> float | None:
+    try:
+        return os.stat(path).st_mtime
+    except OSError:
+        return None
+
+
 def bars(attempts: list[dict[str, Any]], rows: list[dict[str, Any]], now: float) -> list[dict[str, Any]]:
-    """What the chart draws: the attempts with both times, and the chunks running now (from
-    ``chunk_rows``), drawn up to ``now``."""
+    """What the chart draws: the attempts with a place on the file server's clock (see the module),
+    and the chunks running now (from ``chunk_rows``), drawn up to ``now``, the file server's time."""
     out = [{"chunk": a["chunk"], "attempt": a["attempt"], "agent": a["agent"], "status": a["status"],
-            "start": a["started_at"], "end": max(a["started_at"], a["finished_at"])}  # a clock stepped back: no width
-           for a in attempts if a["agent"] and is_num(a["started_at"]) and is_num(a["finished_at"])]
+            "start": a["start"], "end": a["end"]}
+           for a in attempts if a["agent"] and is_num(a["start"]) and is_num(a["end"])]
     done = {(b["chunk"], b["attempt"]) for b in out}
     for r in rows:
         if r["state"] == "running" and r["agent"] and (r["chunk"], r["attempt"]) not in done:
@@ -123,16 +141,17 @@ def gantt_svg(chart: list[dict[str, Any]], now: float | None = None, width: int 
         k += 1
     for i, agent in enumerate(agents):
         y = top + i * row
+        name = printable(agent)  # an agent id from a result file: shown, never acted on
         mine = [b for b in chart if b["agent"] == agent]
         busy = sum(b["end"] - b["start"] for b in mine) / (t1 - t0)
         parts.append(f'<rect x="0" y="{y}" width="{width}" height="{row}" fill="{"#f7f7f7" if i % 2 else "#fff"}"/>'
-                     f'<text x="4" y="{y + 14}" fill="#222">{html.escape(agent[:24])}'
+                     f'<text x="4" y="{y + 14}" fill="#222">{html.escape(name[:24])}'
                      f'<tspan fill="#777"> {100 * min(busy, 1):.0f}% busy</tspan></text>')
         for b in mine:
             x0 = x(b["start"])
             w = max(1.0, x(b["end"]) - x0 - 0.5)  # a half-pixel gap keeps back-to-back chunks apart
             tip = (f"chunk {b['chunk']} attempt {b['attempt']}: {b['status']}, {b['end'] - b['start']:.2f} s "
-                   f"on {agent}")
+                   f"on {name}")
             parts.append(f'<rect class="attempt {b["status"]}" data-chunk="{b["chunk"]}" x="{x0:.1f}" '
                          f'y="{y + (row - bar) / 2:.0f}" width="{w:.1f}" height="{bar}" '
                          f'fill="{COLORS.get(b["status"], "#9e9e9e")}"><title>{html.escape(tip)}</title></rect>')

@@ -212,7 +212,9 @@ def test_run_page_of_hostile_results_escapes_them_and_draws_what_it_can(spool: S
     (res / "000000.json").write_text("{")  # torn
     rec = json.loads((res / "000001.json").read_text())
     (res / "000001.json").write_text(json.dumps({**rec, "agent": "<img src=x onerror=alert(1)>"}))
-    (res / "000002.json").write_text(json.dumps({**rec, "chunk_id": 2, "started_at": "soon"}))  # wrong type: no bar
+    # no duration of the wrong type, nor times to take one from: no bar
+    (res / "000002.json").write_text(json.dumps({**rec, "chunk_id": 2, "duration_s": "soon", "started_at": "soon"}))
+    # an agent's clock stepped back: its times say nothing (the bar is its duration, up to the file's mtime)
     (res / "000003.json").write_text(json.dumps({**rec, "chunk_id": 3, "finished_at": rec["started_at"] - 5}))
     data = json.loads(get(dashboard + "api/run/odd")[1])
     assert sorted(b["chunk"] for b in data["bars"]) == [1, 3] and all(b["end"] >= b["start"] for b in data["bars"])
