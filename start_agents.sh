@@ -6,6 +6,6 @@
 # own sys.path only: nothing of the checkout reaches the agents' jobs through PYTHONPATH.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-exec "${PYTHON:-python3}" -c 'import sys; sys.path[0] = sys.argv.pop(1)
+exec "${PYTHON:-python3}" -c 'import sys; sys.path[0] = sys.argv.pop(1); sys.argv[0] = sys.argv.pop(1)
 from gpupool.agent.launcher import main
-sys.exit(main())' "$here" "$@"
+sys.exit(main())' "$here" "$0" "$@"

@@ -17,9 +17,12 @@ Most people start agents with ./start_agents.sh N BASE instead."""
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m agent", description="Run one pool agent in the foreground.",
+    from gpupool.jobs.invoked import prog, respell_parser
+
+    p = argparse.ArgumentParser(prog=prog("agent"), description="Run one pool agent in the foreground.",
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--base", required=True, help="spool folder shared with the master")
+    p.add_argument("--base", default=os.environ.get("GPUPOOL_BASE") or None,
+                   help="spool folder shared with the master (default: $GPUPOOL_BASE)")
     p.add_argument("--gpu", default="auto", help="GPU number (index into the visible GPUs), several (2,3: one "
                    "agent holding them all), or 'auto'; with no GPU or --cpu, a local rank (default: auto)")
     p.add_argument("--gpus-per-agent", type=int, metavar="K", help="hold K GPUs, all locked or none; its jobs see "
@@ -71,7 +74,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    help="use BASE even on a filesystem whose locks are client-local (sshfs, NFS nolock/local_lock); "
                    "safe only if every agent and master of BASE runs on this machine (or $GPUPOOL_ALLOW_LOCAL_LOCKS=1)")
     p.add_argument("--log-level", default=os.environ.get("GPUPOOL_LOG_LEVEL", "INFO"))
-    return p.parse_args(argv)
+    respell_parser(p, "agent")  # named as typed: gpupool-agent installed (issue 25)
+    args = p.parse_args(argv)
+    if args.base is None:
+        print(f"{p.prog}: missing --base BASE, the spool folder (or set $GPUPOOL_BASE)", file=sys.stderr)
+        sys.exit(2)
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,6 +23,7 @@ from gpupool.agent.worker_control import pid_alive, tail as log_tail
 from gpupool.agent.pychild import is_agent_argv, python_argv
 from gpupool.jobs.errors import BadFile, SpoolError
 from gpupool.jobs.heartbeat import AgentState, read_status
+from gpupool.jobs.invoked import prog, respell
 from gpupool.jobs.locks import FileLock
 from gpupool.jobs.paths import Spool
 from gpupool.jobs.words import plural
@@ -37,7 +38,8 @@ examples:
   ./start_agents.sh 8 /shared/base --gpus-per-agent 2   # four agents, each holding two GPUs (0+1, 2+3, ...)
   ./start_agents.sh 1 /shared/base --slots 4            # four agents sharing GPU 0, one job each at a time
   ./start_agents.sh 4 /shared/base -- --watch poll --poll-interval 0.2
-  ./start_agents.sh stop /shared/base       # graceful: each finishes its current job"""
+  ./start_agents.sh stop /shared/base       # graceful: each finishes its current job
+BASE: the spool folder the agents serve (default: $GPUPOOL_BASE)"""
 
 
 @dataclass
@@ -190,10 +192,11 @@ def main(argv: list[str] | None = None) -> int:
     if "--" in argv:
         cut = argv.index("--")
         argv, agent_args = argv[:cut], argv[cut + 1:]
+    me, usage = prog("agents"), respell(USAGE, "agents")  # as typed: gpupool-agents installed (issue 25)
     if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE)
+        print(usage)
         return 0 if argv else 2
-    p = argparse.ArgumentParser(prog="start_agents.sh", usage=USAGE.removeprefix("usage: "))
+    p = argparse.ArgumentParser(prog=me, usage=usage.removeprefix("usage: "))
     p.add_argument("what")
     p.add_argument("base", nargs="?", default=os.environ.get("GPUPOOL_BASE") or None)
     p.add_argument("--cpu", action="store_true")
@@ -204,12 +207,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=120.0)
     args = p.parse_args(argv)
     if args.base is None:
-        print(f"start_agents.sh: missing BASE, the spool folder (or set $GPUPOOL_BASE)\n{USAGE}", file=sys.stderr)
+        print(f"{me}: missing BASE, the spool folder (or set $GPUPOOL_BASE)\n{usage}", file=sys.stderr)
         return 2
     try:
         if args.what == "stop":
             if not Spool(args.base).exists():
-                print(f"start_agents.sh: {args.base} is not a spool (no agent was ever started there): nothing to "
+                print(f"{me}: {args.base} is not a spool (no agent was ever started there): nothing to "
                       "stop", file=sys.stderr)
                 return 1
             stopped = stop(args.base, args.host_id, args.now, args.timeout)
@@ -219,10 +222,10 @@ def main(argv: list[str] | None = None) -> int:
         try:
             n = int(args.what)
         except ValueError:
-            print(f"start_agents.sh: N must be a number of agents or 'stop', not {args.what!r}\n{USAGE}", file=sys.stderr)
+            print(f"{me}: N must be a number of agents or 'stop', not {args.what!r}\n{usage}", file=sys.stderr)
             return 2
         if n < 1:
-            print(f"start_agents.sh: N must be at least 1, not {n}", file=sys.stderr)
+            print(f"{me}: N must be at least 1, not {n}", file=sys.stderr)
             return 2
         try:
             started, failed = start(args.base, n, args.cpu, args.host_id, agent_args, args.timeout,
@@ -230,12 +233,12 @@ def main(argv: list[str] | None = None) -> int:
         except AgentsFailed as e:
             started, failed = e.started, e.failures
     except SpoolError as e:
-        print(f"start_agents.sh: {e}", file=sys.stderr)
+        print(f"{me}: {e}", file=sys.stderr)
         return 1
     for s in started:
         print(f"{s.agent_id:<24} pid {s.pid:<8} {'started' if s.new else 'already running':<16} log {s.log}")
     for why in failed:
-        print(f"start_agents.sh: {why}", file=sys.stderr)
+        print(f"{me}: {why}", file=sys.stderr)
     return 1 if failed else 0
 
 

@@ -14,6 +14,7 @@
   table (a list of row objects) gives one row per table row, each with its chunk's columns.
 * ``.parquet`` (where pyarrow is installed): the same table, readable by ``pandas.read_parquet``.
 
+With no ``--out``: ``RUN.npz`` (arrays) or ``RUN.csv`` (values) in the current folder.
 The output is written to a temporary name beside it and renamed into place.
 """
 from __future__ import annotations
@@ -88,15 +89,18 @@ def _few(chunks: list[int]) -> str:
     return f"({', '.join(map(str, chunks[:10]))}{' ...' if len(chunks) > 10 else ''})"
 
 
-def collect(spool: Spool, run: str, out: str | os.PathLike, concat: bool = False, partial: bool = False) -> Collected:
-    """Gather ``run``'s results into ``out`` (format by extension); see the module docstring."""
-    out = Path(out)
-    if out.suffix.lower() not in FORMATS:
+def collect(spool: Spool, run: str, out: str | os.PathLike | None = None, concat: bool = False,
+            partial: bool = False) -> Collected:
+    """Gather ``run``'s results into ``out`` (format by extension; None: ``RUN.npz`` for a run that
+    returned arrays, ``RUN.csv`` for one that returned values, in the current folder); see the
+    module docstring."""
+    if out is not None and Path(out).suffix.lower() not in FORMATS:
         raise CollectError(f"--out {out}: the name must end in .npz (arrays), .csv, .jsonl or .parquet (values)")
     spec = load_run(spool, run)
-    out.resolve().parent.mkdir(parents=True, exist_ok=True)
     recs, skipped = committed(spool, spec, partial)
     has_arrays = any(r.get("arrays") for r in recs)
+    out = Path(out if out is not None else f"{spec.name}.{'npz' if has_arrays else 'csv'}")
+    out.resolve().parent.mkdir(parents=True, exist_ok=True)
     if out.suffix.lower() == ".npz":
         if not has_arrays:
             raise CollectError(f"run {run} returned JSON values, not arrays; use --out FILE.csv or FILE.jsonl")

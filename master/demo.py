@@ -10,6 +10,7 @@ from gpupool.agent import launcher
 from gpupool.agent.gpu import make_probe, visible_gpus
 from gpupool.master.matmul import SIZE, chunk_input, shared_matrix
 from gpupool.jobs.errors import SpoolError
+from gpupool.jobs.invoked import prog, respell, spell
 from gpupool.jobs.npzio import load_npz
 from gpupool.jobs.paths import Spool
 from gpupool.jobs.words import plural
@@ -35,7 +36,7 @@ def run_demo(demo_dir: str, progress: bool = True) -> int:
         spool = Spool(base).ensure()
         gpus = visible_gpus(make_probe())
     except SpoolError as e:  # a bad CUDA_VISIBLE_DEVICES too
-        print(f"main.py: {e}", file=sys.stderr)
+        print(f"{Path(prog('run').split()[-1]).name}: {e}", file=sys.stderr)
         return 2
     n = len(gpus) or 2
     print(f"demo: spool {base}; starting {plural(n, ('GPU' if gpus else 'CPU') + ' agent')}"
@@ -48,7 +49,7 @@ def run_demo(demo_dir: str, progress: bool = True) -> int:
         run = Pool(base).submit(task="gpupool.master.matmul:multiply", chunks=CHUNKS, shared=str(shared), data=str(data),
                                 run="demo", fresh=True)
         summary = run.wait(progress=progress)
-        print(format_summary(summary, spool.base))
+        print(respell(format_summary(summary, spool.base)))
         bad = _check(run)
     finally:
         ours = [s.agent_id for s in started if s.new]
@@ -57,8 +58,9 @@ def run_demo(demo_dir: str, progress: bool = True) -> int:
     if bad or summary.failed:
         print(f"demo: FAILED ({plural(len(summary.failed), 'failed chunk')}, {plural(bad, 'wrong result')})", file=sys.stderr)
         return 1
-    print(f"demo: all {CHUNKS} results checked against numpy. Next: ./start_agents.sh 2 /tmp/b && "
-          f"python main.py --base /tmp/b --task gpupool.master.matmul:multiply --chunks 100")
+    # as this user types them: gpupool-agents and gpupool-run installed, the checkout's files in one (issue 25)
+    print(f"demo: all {CHUNKS} results checked against numpy. Next: {spell('agents')} 2 /tmp/b && "
+          f"{spell('run')} --base /tmp/b --task gpupool.master.matmul:multiply --chunks 100")
     return 0
 
 

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from gpupool.jobs.invoked import prog as typed_as, respell, respell_parser
 from gpupool.jobs.names import printable
 from gpupool.jobs.paths import Spool
 from gpupool.jobs.words import plural
@@ -78,7 +79,7 @@ TOP_EPILOG = """examples (one per command; python -m master COMMAND --help shows
 
 
 def _die(cmd: str, message: str, code: int = 2) -> int:
-    print(f"{PROG} {cmd}: {message}", file=sys.stderr)
+    print(f"{typed_as('master')} {cmd}: {respell(message, 'master')}", file=sys.stderr)
     return code
 
 
@@ -216,7 +217,7 @@ def _chunk_logs(spool: Spool, args: argparse.Namespace) -> int:
 def cmd_collect(args: argparse.Namespace) -> int:
     from gpupool.master.collect import collect
 
-    got = collect(_spool(args), args.run, args.out, concat=args.concat, partial=args.partial)
+    got = collect(_spool(args), args.run, args.out, concat=args.concat, partial=args.partial)  # out None: ./RUN.npz|.csv
     what = f"arrays {', '.join(got.keys)}" if got.out.suffix == ".npz" else f"{len(got.keys)} value column(s)"
     print(f"wrote {got.out}: {plural(got.rows, 'chunk')}, {what}"
           + (f"; left out {plural(len(got.skipped), 'chunk')} without an ok result: {got.skipped[:20]}" if got.skipped else ""))
@@ -239,7 +240,7 @@ def cmd_retry(args: argparse.Namespace) -> int:
           + (f" and {plural(missing, 'chunk')} without a result" if missing else ""), flush=True)
     cfg = FeedConfig(dead_after=args.dead_after)
     summary = run.wait(progress=not args.no_progress, cfg=cfg, wait_for_lock=args.wait)
-    print(format_summary(summary, spool.base))
+    print(respell(format_summary(summary, spool.base), "master"))
     return 0 if summary.all_ok else 1
 
 
@@ -254,7 +255,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     for agent, chunk in got.running:
         print(f"  still running: chunk {chunk} on {agent}"
               + ("" if args.stop_running else " (it finishes; --stop-running kills it)"))
-    print(f"  undo / resume: python -m master retry --base {args.base} --run {args.run}")
+    print(respell(f"  undo / resume: python -m master retry --base {args.base} --run {args.run}", "master"))
     return 0
 
 
@@ -297,7 +298,7 @@ def cmd_save_config(args: argparse.Namespace) -> int:
     from gpupool.master.octorun import save_config
 
     out = save_config(args.out, args.script, args.force)
-    print(f"wrote {out} (OctoRun's default config); run it with: python main.py --octorun-config {out}")
+    print(respell(f"wrote {out} (OctoRun's default config); run it with: python main.py --octorun-config {out}"))
     return 0
 
 
@@ -330,8 +331,8 @@ def cmd_gpus(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=1))
         return 0
     if not rows:
-        print(f"no GPU visible here: {getattr(probe, 'why', 'none')} (agents run as CPU ranks: ./start_agents.sh N BASE "
-              "--cpu)")
+        print(respell(f"no GPU visible here: {getattr(probe, 'why', 'none')} (agents run as CPU ranks: ./start_agents.sh N "
+                      "BASE --cpu)"))
         return 0
     print(f"{'GPU':>3} {'NVML':>4} {'NAME':<24} {'UTIL':>5} {'MEM GB':>13} {'TEMP':>5}  {'AGENT':<22} {'UUID'}")
     for r in rows:
@@ -361,7 +362,7 @@ def cmd_drain(args: argparse.Namespace) -> int:
     rep = drain(spool, args.agent, args.timeout, args.dead_after, args.force)
     if rep.state in ("dead", "stopped"):
         print(f"agent {args.agent} is {rep.state}; the drain flag stays, so it starts drained "
-              f"(python -m master undrain --base {args.base} {args.agent} lifts it)")
+              + respell(f"(python -m master undrain --base {args.base} {args.agent} lifts it)", "master"))
         return 0
     if not rep.reached:
         return _die("drain", f"agent {args.agent} did not report 'draining' within {args.timeout:g} s "
@@ -404,7 +405,7 @@ def _sub(sub: argparse._SubParsersAction, name: str, help_: str, fn: Callable) -
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     base = os.environ.get("GPUPOOL_BASE") or None
     if name not in ("gpus", "save-config"):  # about this host or a file, not a spool
-        p.add_argument("--base", required=base is None, default=base,
+        p.add_argument("--base", default=base,  # missing: one line naming $GPUPOOL_BASE (main)
                        help="the spool folder the agents serve (default: $GPUPOOL_BASE)")
     p.set_defaults(fn=fn)
     return p
@@ -440,8 +441,8 @@ def _logs_args(lg: argparse.ArgumentParser) -> None:
 
 def _collect_args(c: argparse.ArgumentParser) -> None:
     c.add_argument("--run", required=True, help=RUN_HELP)
-    c.add_argument("--out", required=True, help="FILE.npz (arrays), FILE.csv, FILE.jsonl or FILE.parquet (JSON "
-                   "values; parquet needs pyarrow)")
+    c.add_argument("--out", help="FILE.npz (arrays), FILE.csv, FILE.jsonl or FILE.parquet (JSON values; parquet "
+                   "needs pyarrow); default: RUN.npz (arrays) or RUN.csv (values) in the current folder")
     c.add_argument("--concat", action="store_true", help="join arrays along the first axis instead of stacking")
     c.add_argument("--partial", action="store_true", help="collect the ok chunks even if some failed or are missing")
 
@@ -523,11 +524,12 @@ COMMANDS: list[tuple[str, str, Callable, Callable]] = [  # name, help, implement
 
 def parser() -> argparse.ArgumentParser:
     """The ``python -m master`` parser with every command."""
-    top = argparse.ArgumentParser(prog=PROG, description="Look at and steer a GPU agent pool.", epilog=TOP_EPILOG,
+    top = argparse.ArgumentParser(prog=typed_as("master"), description="Look at and steer a GPU agent pool.", epilog=TOP_EPILOG,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = top.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     for name, help_, fn, add_args in COMMANDS:
         add_args(_sub(sub, name, help_, fn))
+    respell_parser(top, "master")  # examples and hints as this user types them (issue 25)
     return top
 
 
@@ -536,6 +538,8 @@ def main(argv: list[str] | None = None) -> int:
     from gpupool.jobs.errors import LockHeld, SpoolError
 
     args = parser().parse_args(argv)
+    if "base" in args and args.base is None:
+        return _die(args.cmd, "missing --base BASE, the spool folder (or set $GPUPOOL_BASE)")
     bad = _bad_number(args)
     if bad:
         return _die(args.cmd, bad)

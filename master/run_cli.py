@@ -5,7 +5,10 @@ import argparse
 import math
 import os
 import sys
+from pathlib import Path
 from typing import Callable
+
+from gpupool.jobs.invoked import prog, respell, respell_parser
 
 EPILOG = """examples:
   python main.py                                   # self-contained demo (starts its own agents)
@@ -13,7 +16,7 @@ EPILOG = """examples:
   python main.py --base /tmp/b --task gpupool.master.matmul:multiply --chunks 100
   python main.py --base /tmp/b --task my_job.py:process --chunks 64 --kwargs '{"scale": 2}' \\
                  --shared shared.npz --data chunks/
-  python main.py --base /tmp/b --script examples/octorun_script.py --chunks 8 --kwargs '{"out_dir": "/tmp/out"}'
+  python main.py --base /tmp/b --script my_script.py --chunks 8 --kwargs '{"out_dir": "/tmp/out"}'
   python main.py --base /tmp/b --cmd 'python train.py --lr {lr} --out out/{chunk_id}.json' --sweep grid.yaml \\
                  --result-file 'out/{chunk_id}.json'        # a shell command per parameter set
   python main.py --base /tmp/b --commands jobs.txt --prefix 'cd repo'   # one chunk per line
@@ -22,7 +25,7 @@ Re-running the same command resumes the run: chunks with an ok result are not ru
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python main.py", description="Feed chunk jobs to the pool's agents and "
+    p = argparse.ArgumentParser(prog=prog("run"), description="Feed chunk jobs to the pool's agents and "
                                 "collect their results.", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", help="spool folder the agents serve (default: $GPUPOOL_BASE; required unless "
                    "running the demo)")
@@ -104,7 +107,13 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--octorun-config", metavar="CONFIG.json", help="run an OctoRun config.json on the pool "
                    "(script_path, total_chunks, kwargs, gpus, max_retries, log_dir, ...); see docs/octorun.md")
     p.add_argument("--demo-dir", default="spool-demo", help="where the demo keeps its spool (default ./spool-demo)")
+    respell_parser(p, "run")  # named as typed: gpupool-run installed, python main.py in a checkout (issue 25)
     return p.parse_args(argv)
+
+
+def _me() -> str:
+    """The prefix of this command's errors: ``main.py`` or ``gpupool-run``, as typed."""
+    return Path(prog("run").split()[-1]).name
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,7 +145,7 @@ def feed(args: argparse.Namespace) -> int:
     missing = [f for f, v in (("--base (or $GPUPOOL_BASE)", args.base), ("--task, --script, --cmd or --commands", what),
                               ("--chunks", chunks)) if v is None]
     if missing:
-        print(f"main.py: missing {', '.join(missing)} (see python main.py --help; no arguments runs the demo)",
+        print(f"{_me()}: missing {', '.join(missing)} (see {prog('run')} --help; no arguments runs the demo)",
               file=sys.stderr)
         return 2
     for bad, why in ((args.depth < 1, "--depth must be 1 or more"),
@@ -146,7 +155,7 @@ def feed(args: argparse.Namespace) -> int:
                      (args.wait_agents is not None and not 0 <= args.wait_agents < math.inf,
                       "--wait-agents must be 0 or a positive number of seconds")):
         if bad:
-            print(f"main.py: {why}", file=sys.stderr)
+            print(f"{_me()}: {why}", file=sys.stderr)
             return 2
 
     def go() -> int:
@@ -166,7 +175,7 @@ def feed(args: argparse.Namespace) -> int:
         cfg = FeedConfig(depth=args.depth, max_depth=max(args.depth, args.max_depth), dead_after=args.dead_after,
                          retry_delay=args.retry_delay, max_failures=args.max_failures, wait_agents=args.wait_agents)
         summary = run.wait(progress=not args.no_progress, cfg=cfg, wait_for_lock=args.wait, placement=placement)
-        print(format_summary(summary, pool.spool.base))
+        print(respell(format_summary(summary, pool.spool.base)))  # its hints as this user types them
         return 0 if summary.all_ok else 1
 
     return guarded(go)
@@ -179,12 +188,12 @@ def guarded(call: Callable[[], int]) -> int:
     try:
         return call()
     except LockHeld as e:
-        print(f"main.py: {e}; wait for it to finish, or pass --wait", file=sys.stderr)
+        print(f"{_me()}: {e}; wait for it to finish, or pass --wait", file=sys.stderr)
         return 3
     except SpoolError as e:
-        print(f"main.py: {e}", file=sys.stderr)
+        print(f"{_me()}: {respell(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("\nmain.py: interrupted. Jobs already queued keep running on the agents; "
+        print(f"\n{_me()}: interrupted. Jobs already queued keep running on the agents; "
               "run the same command again to resume.", file=sys.stderr)
         return 130

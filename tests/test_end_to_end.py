@@ -241,7 +241,12 @@ def test_demo_runs_to_a_successful_summary(tmp_path: Path, env) -> None:
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "32 ok, 0 failed" in r.stdout and "all 32 results checked" in r.stdout
-    assert "stopped the 2 agent(s)" in r.stdout
+    assert "stopped the 2 agents" in r.stdout
+    # run from another folder, the next step names the checkout's files by a path that works from there
+    # (or the commands pip install -e put on PATH) (issue 25)
+    nxt = r.stdout.split("Next: ", 1)[1]
+    assert nxt.startswith((f"{REPO / 'start_agents.sh'} 2 /tmp/b && python {REPO / 'main.py'} --base /tmp/b",
+                           "gpupool-agents 2 /tmp/b && gpupool-run --base /tmp/b")), nxt
 
 
 def test_a_log_held_open_in_append_mode_is_cut_past_its_limit(tmp_path: Path) -> None:
