@@ -178,17 +178,23 @@ def _footprint(spool: Spool, run: str) -> tuple[int, float | None]:
     return size, newest
 
 
-def remove_run(spool: Spool, run: str, force: bool = False) -> int:
+def remove_run(spool: Spool, run: str, force: bool = False,
+               confirm: Callable[[int, int], bool] | None = None) -> int | None:
     """Remove a run: its queued jobs, results, logs and run folder (``rm``); returns the bytes
     freed. Refused while a master feeds it, and for another user's run (``jobs.owners``), unless
-    ``force`` (which cancels it first)."""
+    ``force`` (which cancels it first). ``confirm(results, bytes)``, when given, is asked after
+    those checks and before anything changes (``rm``'s question); False: nothing is removed and
+    None is returned."""
     if run not in spool.run_names():
         raise ControlError(f"no run {run!r} in {spool.base} (see python -m master runs)")
     check_run(spool, run, force, "remove it")
-    if not _master_gone(spool, run):
-        if not force:
-            raise ControlError(f"run {run} is being fed by a master; cancel it first (python -m master cancel "
-                               f"--base {spool.base} --run {run}), or pass --force")
+    fed = not _master_gone(spool, run)
+    if fed and not force:
+        raise ControlError(f"run {run} is being fed by a master; cancel it first (python -m master cancel "
+                           f"--base {spool.base} --run {run}), or pass --force")
+    if confirm is not None and not confirm(len(scan_run(spool, run).finals), _footprint(spool, run)[0]):
+        return None
+    if fed:
         cancel_run(spool, run, stop_running=True, timeout=10.0, force=force)
     size, _ = _footprint(spool, run)
     drop_run(spool, run)

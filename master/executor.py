@@ -29,7 +29,9 @@ started (one waiting in a mailbox is taken out of it). Each future is a ``CallFu
 the call printed, from its own log ``logs/<run>/<chunk>.log``, ``log_path()``).
 
 Each executor is one run (``runs/executor-...``): ``status``, ``logs`` and ``cancel`` work on
-it. Its calls are fed by the one dispatcher (``master.dispatcher``), as a run's chunks are:
+it. A clean close (``shutdown(wait=True)`` or the ``with`` block ending without an exception, every
+call done) removes that run, as ``python -m master rm`` does, unless ``keep=True`` or the run was
+named with ``run=``; the futures keep their values. Its calls are fed by the one dispatcher (``master.dispatcher``), as a run's chunks are:
 each call is one chunk with its own target and arguments, placed breadth first, retried,
 handed back from dead agents and moved from busy agents to idle ones. A call counts as started
 (and ``Future.cancel()`` then fails) once an agent's heartbeat shows it running.
@@ -191,6 +193,8 @@ def _at_exit() -> None:
         if left:  # said, so that a program that seems to hang at its end says why
             print(f"gpupool: waiting for {left} outstanding call(s) of run {ex.run} to finish before exiting "
                   "(shutdown(wait=False) does not wait; Ctrl-C stops waiting)", file=sys.stderr, flush=True)
+        if not ex._closing:  # never closed by the program (no with block, no shutdown): its run stays
+            ex._keep = True
         ex.shutdown(wait=True)
 
 
@@ -209,7 +213,7 @@ class Executor(futures.Executor):
     def __init__(self, base: str | os.PathLike | None = None, max_workers: int | None = None,
                  initializer: Callable[..., Any] | None = None, initargs: tuple = (), *, retries: int = 0,
                  timeout: float | None = None, run: str | None = None, depth: int = 4, dead_after: float = 20.0,
-                 poll: float = 0.1) -> None:
+                 poll: float = 0.1, keep: bool | None = None) -> None:
         _refuse_in_worker()
         base = os.environ.get("GPUPOOL_BASE") if base is None else base
         for bad, why in ((not base, "base (the spool folder the agents serve) is not given and $GPUPOOL_BASE is not set"),
@@ -240,6 +244,8 @@ class Executor(futures.Executor):
         self._mutex = threading.Lock()
         self._wake = threading.Event()
         self._closing = self._no_wait = False
+        # the run is removed when the executor closes cleanly, unless kept: keep=True, or a run named with run=
+        self._keep, self._run_removed = (run is not None) if keep is None else bool(keep), False
         self._broken: str | None = None  # why, once the initializer failed (ProcessPoolExecutor's BrokenProcessPool)
         cfg = FeedConfig(depth=depth, dead_after=dead_after, poll=poll, retry_delay=0.5, retry_cap=30.0)
         self._dispatcher = _Calls(self, cfg)
@@ -281,6 +287,30 @@ class Executor(futures.Executor):
         self._wake.set()
         if wait and threading.current_thread() is not self._thread:
             self._thread.join()
+            self._remove_run()
+
+    def __exit__(self, exc_type: Any, exc_val: Any, exc_tb: Any) -> bool:
+        if exc_type is not None:  # the block raised: its run stays, for python -m master status and logs
+            self._keep = True
+        return super().__exit__(exc_type, exc_val, exc_tb)
+
+    def _remove_run(self) -> None:
+        """A clean close (every call done, the run neither cancelled nor broken, its dispatcher ended
+        normally) removes the run from the spool, as ``python -m master rm`` does; the values the
+        futures hold stay (each was decoded, its arrays read into memory, when its call finished)."""
+        with self._mutex:
+            clean = (self._dispatcher.ended_cleanly and self._broken is None
+                     and all(c.future.done() for c in self._calls.values()))
+            if self._keep or self._run_removed or not clean:
+                return
+            self._run_removed = True
+        from gpupool.master.control import remove_run
+
+        try:
+            remove_run(self.spool, self.run)
+        except Exception as e:  # never the caller's failure: the run is only left behind
+            logger.warning("executor {}: its run could not be removed ({}: {}); python -m master rm --base {} "
+                           "--run {} removes it", self.run, type(e).__name__, e, self.spool.base, self.run)
 
 
 class _Calls(Dispatcher):
@@ -290,6 +320,7 @@ class _Calls(Dispatcher):
         super().__init__(ex.spool, ex.run, cfg, on_event=self._say)
         self.ex = ex
         self.spec_chunks = 0
+        self.ended_cleanly = False  # the loop ended with every call done, not cancelled, no error of its own
 
     def _say(self, kind: str, info: dict[str, Any]) -> None:
         """What a caller waiting on its futures must know (main.py's progress says the same)."""
@@ -304,6 +335,7 @@ class _Calls(Dispatcher):
             self.loop(self._finished, self.ex._wake)
             if not self.cancelled:
                 self.tidy()  # every call is done: what is left in mailboxes (cancelled calls too) goes
+                self.ended_cleanly = True
         except Exception as e:  # the loop edge: no future may hang
             logger.exception("executor {}: feeder failed", self.run_name)
             self._fail_all(e)

@@ -176,9 +176,9 @@ class LocalAgents:
         launcher.stop(str(self.spool.base), only=self.started, now=now)
 
 
-def start_agents(spool: Spool, gpus: str | list[int], timeout: float = 120.0) -> LocalAgents:
-    """One agent per configured GPU of this host (CPU slots when it has none)."""
-    from gpupool.agent import launcher
+def gpu_numbers(gpus: str | list[int]) -> tuple[list[int], bool]:
+    """The config's ``gpus`` as this host's GPU numbers, and whether it has any (CPU slots when
+    not); UsageError when it cannot be served here. Nothing is made."""
     from gpupool.agent.gpu import make_probe, visible_gpus
 
     visible = visible_gpus(make_probe())
@@ -189,7 +189,15 @@ def start_agents(spool: Spool, gpus: str | list[int], timeout: float = 120.0) ->
     bad = [g for g in numbers if visible and g >= len(visible)]
     if bad:
         raise UsageError(f"config 'gpus' lists {bad}, but this host has {len(visible)} visible GPU(s)")
-    started = launcher.start(str(spool.base), len(numbers), cpu=not visible, agent_args=["--heartbeat", "0.5"],
+    return numbers, bool(visible)
+
+
+def start_agents(spool: Spool, gpus: str | list[int], timeout: float = 120.0) -> LocalAgents:
+    """One agent per configured GPU of this host (CPU slots when it has none)."""
+    from gpupool.agent import launcher
+
+    numbers, any_gpu = gpu_numbers(gpus)
+    started = launcher.start(str(spool.base), len(numbers), cpu=not any_gpu, agent_args=["--heartbeat", "0.5"],
                              timeout=timeout, numbers=numbers, partial=True)
     return LocalAgents(spool, [s.agent_id for s in started], [s.agent_id for s in started if s.new])
 
@@ -203,11 +211,23 @@ def main(args: Any) -> int:
     if args.task or args.script or args.chunks:
         raise UsageError("--octorun-config replaces --task/--script/--chunks (the config's script_path and "
                          "total_chunks say them); drop those options")
+    from gpupool.master.run_cli import option_problem
+    from gpupool.master.runspec import build
+
+    # Everything is checked before any folder is made or agent started: a refused config leaves
+    # the folder as it was (no <log_dir>/gpupool skeleton).
+    if why := option_problem(args):
+        raise UsageError(why)
     cfg = load_config(args.octorun_config, parse_kwargs(args.kwargs))
-    env = parse_env(args.env)  # checked before any agent is started, as the script is
+    env = parse_env(args.env)
     if not Path(cfg.script_path).is_file():
         raise UsageError(f"--octorun-config {args.octorun_config}: script_path {cfg.script_path!r}: "
                          f"{Path(cfg.script_path).resolve()} is not a file (OctoRun runs it from the current folder)")
+    if not args.base:
+        gpu_numbers(cfg.gpus)  # this host can serve the config's 'gpus'
+    spool = Spool(args.base or Path(cfg.log_dir) / "gpupool")  # paths only: nothing made yet
+    build(script=cfg.script_path, chunks=cfg.total_chunks, kwargs=cfg.kwargs, run=args.run or cfg.run_name(spool),
+          retries=cfg.retries, timeout=args.timeout, env=env, success_codes=cfg.success_codes)  # the run's checks
     for note in cfg.notes:
         print(f"main.py: octorun config: {note}", file=sys.stderr)
     return _feed(args, cfg, env)
@@ -217,8 +237,11 @@ def _feed(args: Any, cfg: OctoConfig, env: dict[str, str]) -> int:
     from gpupool.master.api import Pool
     from gpupool.master.feeder import FeedConfig
     from gpupool.master.progress import format_summary
+    from gpupool.master.run_cli import show_progress
 
-    pool = Pool(args.base or Path(cfg.log_dir) / "gpupool")
+    # --base: the agents serving that spool (a path that is no spool yet is refused, as main.py does,
+    # unless --new-spool); else the config's own spool, made here
+    pool = Pool(args.base or Path(cfg.log_dir) / "gpupool", create=not args.base or args.new_spool)
     local = None
     if args.base:
         print(f"main.py: octorun config: running on the agents of {pool.spool.base}; its 'gpus' is not used",
@@ -236,7 +259,7 @@ def _feed(args: Any, cfg: OctoConfig, env: dict[str, str]) -> int:
         feed = FeedConfig(depth=args.depth, max_depth=max(args.depth, args.max_depth), dead_after=args.dead_after,
                           retry_delay=base_delay, max_failures=args.max_failures,
                           retry_cap=max(base_delay, 60.0 if cfg.retry_max_delay is None else cfg.retry_max_delay))
-        summary = run.join(progress=not args.no_progress, cfg=feed)  # a second machine joins the run
+        summary = run.join(progress=show_progress(args), cfg=feed)  # a second machine joins the run
     except KeyboardInterrupt:  # as OctoRun: Ctrl-C stops the running scripts at once
         if local is None:
             raise

@@ -18,6 +18,7 @@ from gpupool.jobs.invoked import prog as typed_as, respell, respell_parser
 from gpupool.jobs.names import printable
 from gpupool.jobs.paths import Spool
 from gpupool.jobs.words import plural
+from gpupool.master.run_cli import progress_args, show_progress
 
 PROG = "python -m master"
 EXAMPLES = {
@@ -119,7 +120,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     from gpupool.master.control import ControlError
     from gpupool.master.runspec import load_run
-    from gpupool.master.status import CHUNK_STATES, StatusReader, chunk_rows, render, render_chunks
+    from gpupool.master.status import CHUNK_STATES, StatusReader, chunk_rows, render, render_chunks, shown_runs
 
     spool = _spool(args)
     states = set(args.state.split(",")) if args.state else None
@@ -138,6 +139,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             text = json.dumps(rows, indent=1) if args.json else render_chunks(args.run, rows)
         else:
             data = reader.gather()
+            if not args.all:  # active and recent runs only (master.status.shown_runs)
+                data = shown_runs(spool, data)
             text = json.dumps(data, indent=1) if args.json else render(data, color)
         if args.watch and tty:  # redraw in place: home, each line cleared, the rest erased
             text = "\033[H" + text.replace("\n", "\033[K\n") + "\033[K\033[J"
@@ -239,7 +242,7 @@ def cmd_retry(args: argparse.Namespace) -> int:
     print(f"run {args.run}: re-queuing {plural(len(failed), 'failed chunk')} {failed[:20]}"
           + (f" and {plural(missing, 'chunk')} without a result" if missing else ""), flush=True)
     cfg = FeedConfig(dead_after=args.dead_after)
-    summary = run.wait(progress=not args.no_progress, cfg=cfg, wait_for_lock=args.wait)
+    summary = run.wait(progress=show_progress(args), cfg=cfg, wait_for_lock=args.wait)
     print(respell(format_summary(summary, spool.base), "master"))
     return 0 if summary.all_ok else 1
 
@@ -287,9 +290,26 @@ def _size(n: int) -> str:
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
-    from gpupool.master.control import remove_run
+    from gpupool.master.control import ControlError, remove_run
 
-    freed = remove_run(_spool(args), args.run, args.force)
+    def confirm(results: int, size: int) -> bool:
+        """A run's results are lost for good: asked on a terminal, --yes elsewhere."""
+        what = f"run {args.run} ({plural(results, 'result')}, {_size(size)})"
+        if args.yes:
+            return True
+        if not sys.stdin.isatty():
+            raise ControlError(f"not removing {what}: stdin is not a terminal, so nobody can be asked; "
+                               "pass --yes (-y) to remove it")
+        try:
+            answer = input(f"remove {what}? [y/N] ")
+        except EOFError:
+            answer = ""
+        return answer.strip().lower() in ("y", "yes")
+
+    freed = remove_run(_spool(args), args.run, args.force, confirm)
+    if freed is None:
+        print(f"run {args.run} kept")
+        return 1
     print(f"removed run {args.run}: its results, logs and queued jobs ({_size(freed)})")
     return 0
 
@@ -422,6 +442,8 @@ def _status_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--run", help="list this run's chunks: state, agent, attempt, time, last error")
     s.add_argument("--state", metavar="S1,S2", help="with --run: only chunks in these states "
                    "(ok, failed, running, queued, pending)")
+    s.add_argument("--all", action="store_true", help="every run (default: the active ones and those that changed "
+                   "in the last 24 hours)")
     s.add_argument("--json", action="store_true", help="print JSON for scripts")
     s.add_argument("--watch", nargs="?", const=2.0, type=float, metavar="S", help="refresh every S seconds (default 2)")
     _dead_after(s)
@@ -451,7 +473,7 @@ def _retry_args(r: argparse.ArgumentParser) -> None:
     r.add_argument("--run", required=True, help=RUN_HELP)
     r.add_argument("--retries", type=int, help="retries per chunk this time (default: the run's own)")
     r.add_argument("--wait", action="store_true", help="if another master feeds this run, wait for it")
-    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    progress_args(r)
     _force(r, "retry")
     _dead_after(r)
 
@@ -478,6 +500,8 @@ def _runs_args(r: argparse.ArgumentParser) -> None:
 
 def _rm_args(r: argparse.ArgumentParser) -> None:
     r.add_argument("--run", required=True, help=RUN_HELP)
+    r.add_argument("-y", "--yes", action="store_true", help="remove it without asking (required where stdin is not "
+                   "a terminal: a script, a pipe, cron)")
     r.add_argument("--force", action="store_true", help="also while a master feeds it (it is cancelled first), "
                    "and a run another user submitted")
 

@@ -103,7 +103,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--allow-local-locks", action="store_true",
                    help="use BASE even on a filesystem whose locks are client-local (sshfs, NFS nolock/local_lock); "
                    "safe only if every agent and master of BASE runs on this machine (or $GPUPOOL_ALLOW_LOCAL_LOCKS=1)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    progress_args(p)
     p.add_argument("--octorun-config", metavar="CONFIG.json", help="run an OctoRun config.json on the pool "
                    "(script_path, total_chunks, kwargs, gpus, max_retries, log_dir, ...); see docs/octorun.md")
     p.add_argument("--demo-dir", default="spool-demo", help="where the demo keeps its spool (default ./spool-demo)")
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.task or args.script or args.cmd or args.commands or args.chunks or args.base):
         from gpupool.master.demo import run_demo
 
-        return run_demo(args.demo_dir, progress=not args.no_progress)
+        return run_demo(args.demo_dir, progress=show_progress(args))
     args.base = args.base or os.environ.get("GPUPOOL_BASE") or None
     return feed(args)
 
@@ -148,15 +148,9 @@ def feed(args: argparse.Namespace) -> int:
         print(f"{_me()}: missing {', '.join(missing)} (see {prog('run')} --help; no arguments runs the demo)",
               file=sys.stderr)
         return 2
-    for bad, why in ((args.depth < 1, "--depth must be 1 or more"),
-                     (not 0 < args.dead_after < math.inf, "--dead-after must be a positive number of seconds"),
-                     (not 0 <= args.retry_delay < math.inf, "--retry-delay must be 0 or a positive number of seconds"),
-                     (args.max_failures < 0, "--max-failures must be 0 (never stop early) or more"),
-                     (args.wait_agents is not None and not 0 <= args.wait_agents < math.inf,
-                      "--wait-agents must be 0 or a positive number of seconds")):
-        if bad:
-            print(f"{_me()}: {why}", file=sys.stderr)
-            return 2
+    if why := option_problem(args):
+        print(f"{_me()}: {why}", file=sys.stderr)
+        return 2
 
     def go() -> int:
         from gpupool.master.placement import Placement
@@ -174,11 +168,43 @@ def feed(args: argparse.Namespace) -> int:
                           force=args.force)
         cfg = FeedConfig(depth=args.depth, max_depth=max(args.depth, args.max_depth), dead_after=args.dead_after,
                          retry_delay=args.retry_delay, max_failures=args.max_failures, wait_agents=args.wait_agents)
-        summary = run.wait(progress=not args.no_progress, cfg=cfg, wait_for_lock=args.wait, placement=placement)
+        summary = run.wait(progress=show_progress(args), cfg=cfg, wait_for_lock=args.wait, placement=placement)
         print(respell(format_summary(summary, pool.spool.base)))  # its hints as this user types them
         return 0 if summary.all_ok else 1
 
     return guarded(go)
+
+
+def progress_args(p: argparse.ArgumentParser) -> None:
+    """``--progress`` / ``--no-progress``: the bar; by default only when stderr is a terminal."""
+    p.add_argument("--progress", dest="progress", action="store_true", default=None,
+                   help="show the progress bar even when stderr is not a terminal (default: only on a terminal)")
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bar (failures and other events are still printed, one line each)")
+
+
+def show_progress(args: argparse.Namespace) -> bool:
+    """The progress bar: as ``--progress``/``--no-progress`` say, else only when stderr is a
+    terminal (a log redirected to a file gets one line per event, no bar redrawn into it)."""
+    if args.progress is not None:
+        return args.progress
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):  # a closed or replaced stderr
+        return False
+
+
+def option_problem(args: argparse.Namespace) -> str | None:
+    """The first feeding option out of its range, named (checked before anything is made)."""
+    for bad, why in ((args.depth < 1, "--depth must be 1 or more"),
+                     (not 0 < args.dead_after < math.inf, "--dead-after must be a positive number of seconds"),
+                     (not 0 <= args.retry_delay < math.inf, "--retry-delay must be 0 or a positive number of seconds"),
+                     (args.max_failures < 0, "--max-failures must be 0 (never stop early) or more"),
+                     (args.wait_agents is not None and not 0 <= args.wait_agents < math.inf,
+                      "--wait-agents must be 0 or a positive number of seconds")):
+        if bad:
+            return why
+    return None
 
 
 def guarded(call: Callable[[], int]) -> int:

@@ -7,6 +7,7 @@ never change, so each result file is read once.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import threading
@@ -20,8 +21,8 @@ from gpupool.jobs.errors import BadFile, SpoolError
 from gpupool.jobs.heartbeat import JobRef
 from gpupool.jobs.jsonio import is_int, is_num
 from gpupool.jobs.mailbox import Mailbox
-from gpupool.jobs.names import printable
 from gpupool.jobs.owners import agent_owner, me, run_owner
+from gpupool.jobs.names import printable
 from gpupool.jobs.paths import Spool
 from gpupool.jobs.words import plural
 from gpupool.jobs.results import final_status, has_outcome, result_or_none, scan_run
@@ -127,9 +128,12 @@ class StatusReader:
                "failed": failed, "running": running, "queued": queued, "pending": pending, "share": spec.share}
         owner = run_owner(self.spool, name)  # jobs.owners: who submitted it (None: unknown)
         row.update(owner=owner.user, owner_uid=owner.uid)
+        newest = _last_activity(self.spool, name, [t for _, t in finals.values() if t is not None])
         return row, {"cancelled": self.spool.cancel_flag(name).exists(), "done": left == 0,
                      "chunks_per_s": None if rate is None else round(rate, 3),
-                     "eta_s": round(left / rate, 1) if rate and left and active else None}
+                     "eta_s": round(left / rate, 1) if rate and left and active else None,
+                     "sealed": self.spool.sealed_flag(name).exists(),
+                     "idle_s": None if newest is None else round(max(0.0, self._now - newest), 1)}
 
     def _finals(self, name: str) -> dict[int, tuple[str, float | None]]:
         """chunk -> (status, commit time) of every committed result, reading only new files that
@@ -144,6 +148,49 @@ class StatusReader:
             if status is not None:
                 cache.finals[c] = (status, scan.finals[c])
         return cache.finals
+
+
+def _last_activity(spool: Spool, run: str, finished: list[float]) -> float | None:
+    """When the run last changed, by the file server's clock: the newest of its results' commit
+    times, the mtimes of its folders (a file made, renamed or removed in them: a result, a failed
+    attempt, a chunk log) and of the files of ``runs/<run>`` (run.json, cancel, sealed, ...)."""
+    stamps = list(finished)
+    for folder in (spool.run_dir(run), spool.result_dir(run), spool.run_log_dir(run)):
+        with contextlib.suppress(OSError):
+            stamps.append(os.lstat(folder).st_mtime)
+    with contextlib.suppress(OSError):
+        for e in os.scandir(spool.run_dir(run)):
+            with contextlib.suppress(OSError):
+                stamps.append(e.stat(follow_symlinks=False).st_mtime)
+    return max(stamps) if stamps else None
+
+
+RECENT_S = 24 * 3600.0  # status shows, besides the active runs, those that changed in this last stretch
+
+
+def shown_runs(spool: Spool, data: dict[str, Any], recent_s: float = RECENT_S) -> dict[str, Any]:
+    """``data`` (``gather()``'s) with only the runs ``status`` shows by default: the active ones
+    (jobs queued or running at agents, or, for a run neither sealed nor cancelled, a master that
+    holds its lock) and the recent ones (changed within ``recent_s``, by the file server's clock:
+    ``idle_s``). The others are counted in ``runs_hidden``; ``runs_hidden_unfinished``: how many
+    of them have chunks without a result (``python -m master runs`` lists every run)."""
+    from gpupool.master.control import _master_gone
+
+    progress = data.get("run_progress", {})
+    keep, hidden, unfinished = [], 0, 0
+    for r in data["runs"]:
+        p = progress.get(r["run"], {})
+        idle = p.get("idle_s")
+        if r["queued"] or r["running"] or (idle is not None and idle <= recent_s):
+            keep.append(r)
+        elif not p.get("sealed") and not p.get("cancelled") and not _master_gone(spool, r["run"]):
+            keep.append(r)  # fed by a master that waits (for agents, for a retry's back-off)
+        else:
+            hidden += 1
+            unfinished += not p.get("done")
+    names = {r["run"] for r in keep}
+    return {**data, "runs": keep, "run_progress": {k: v for k, v in progress.items() if k in names},
+            "runs_hidden": hidden, "runs_hidden_unfinished": unfinished}
 
 
 def _agent_row(ident: str, v: Any, ref: JobRef | None, took: float | None, queued: int, drain_flag: bool
@@ -340,5 +387,9 @@ def render(data: dict[str, Any], color: bool = False) -> str:
                   f"{'PENDING':>7} {'SHARE':>9} {'CHUNK/S':>8} {'ETA':>9}"]
     lines += [_run_line(r, data.get("run_progress", {}).get(r["run"], {}), color) for r in data["runs"]]
     if not data["runs"]:
-        lines.append("(no runs yet)")
+        lines.append("(no active or recent runs)" if data.get("runs_hidden") else "(no runs yet)")
+    if data.get("runs_hidden"):  # status without --all: see shown_runs
+        n, left = data["runs_hidden"], data.get("runs_hidden_unfinished", 0)
+        lines.append(f"({plural(n, 'older run')} hidden{f', {left} of them unfinished' if left else ''}; "
+                     "--all shows them)")
     return "\n".join(lines)

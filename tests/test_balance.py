@@ -35,7 +35,7 @@ def test_an_idle_agent_takes_the_queued_chunk_of_a_busy_one(spool: Spool, agents
 
 def test_executor_calls_spread_over_idle_agents(spool: Spool, agents, env) -> None:
     ids = {a.id for a in agents(3)}
-    with Executor(spool.base) as ex:
+    with Executor(spool.base, keep=True) as ex:  # its results are read below
         futures = [ex.submit(nap, 1.0, tag=i) for i in range(3)]
         assert [f.result(timeout=60) for f in futures] == [0, 1, 2]
     assert {rec["agent"] for rec in results(spool.base, ex.run).values()} == ids  # not one after another
@@ -43,7 +43,7 @@ def test_executor_calls_spread_over_idle_agents(spool: Spool, agents, env) -> No
 
 def test_executor_cancel_succeeds_on_a_call_queued_behind_another(spool: Spool, agents, env) -> None:
     agents(1)
-    with Executor(spool.base) as ex:
+    with Executor(spool.base, keep=True) as ex:  # its results are read below
         first = ex.submit(nap, 2.0, tag=1)
         queued = ex.submit(nap, 2.0, tag=2)
         wait_for(first.running, 30, "the first call running")  # its agent's heartbeat shows it

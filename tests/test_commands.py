@@ -453,10 +453,10 @@ def test_runs_lists_state_and_size_and_rm_removes_a_run_but_not_one_being_fed(sp
         refused = master(["rm", "--base", str(spool.base), "--run", "busy"], env)
         assert refused.returncode == 2 and "is being fed by a master" in refused.stderr and "--force" in refused.stderr
         assert spool.result_dir("busy").exists()
-        gone = master(["rm", "--base", str(spool.base), "--run", "old"], env)
+        gone = master(["rm", "--base", str(spool.base), "--run", "old", "--yes"], env)
         assert gone.returncode == 0 and "removed run old" in gone.stdout
         assert not spool.result_dir("old").exists() and not spool.run_dir("old").exists()
-        forced = master(["rm", "--base", str(spool.base), "--run", "busy", "--force"], env)
+        forced = master(["rm", "--base", str(spool.base), "--run", "busy", "--force", "--yes"], env)
         assert forced.returncode == 0, forced.stderr
         feeder.wait(timeout=60)  # cancelled under it: it stops
     finally:

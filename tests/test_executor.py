@@ -82,7 +82,7 @@ def test_a_bad_option_is_named_before_anything_is_written(option: str, value: ob
 @pytest.mark.timeout(90)
 def test_submit_map_as_completed_wait_arrays_and_remote_errors(spool: Spool, agents, env) -> None:
     agents(2)
-    with Executor(spool.base, retries=1) as ex:
+    with Executor(spool.base, retries=1, keep=True) as ex:  # its run is read below
         futures = [ex.submit(add, i, y=100) for i in range(12)]
         assert sorted(f.result() for f in as_completed(futures, timeout=60)) == [100 + i for i in range(12)]
         assert list(ex.map(add, range(5), range(5), timeout=60)) == [0, 2, 4, 6, 8]

@@ -177,7 +177,7 @@ def test_a_script_without_a_main_guard_fails_clearly_instead_of_deadlocking(spoo
 @pytest.mark.timeout(120)
 def test_max_workers_limits_the_calls_running_at_once(spool: Spool, agents) -> None:
     agents(3)
-    with Executor(spool.base, max_workers=2) as ex:
+    with Executor(spool.base, max_workers=2, keep=True) as ex:  # its results are read below
         futs = [ex.submit(nap, 0.3, tag=i) for i in range(6)]
         assert [f.result(timeout=60) for f in futs] == list(range(6))
     spans = sorted((r["started_at"], r["finished_at"]) for r in results(spool.base, ex.run).values())
@@ -192,7 +192,7 @@ def test_max_workers_limits_the_calls_running_at_once(spool: Spool, agents) -> N
 @pytest.mark.timeout(120)
 def test_a_queued_call_can_be_cancelled_and_never_runs(spool: Spool, agents) -> None:
     agents(1)
-    with Executor(spool.base, depth=4) as ex:
+    with Executor(spool.base, depth=4, keep=True) as ex:  # its results are read below
         first = ex.submit(nap, 2.0, tag=0)
         queued = [ex.submit(nap, 0.1, tag=i) for i in range(1, 4)]
         wait_for(lambda: first.running(), 30, "the first call running")
@@ -205,7 +205,7 @@ def test_a_queued_call_can_be_cancelled_and_never_runs(spool: Spool, agents) -> 
 @pytest.mark.timeout(120)
 def test_a_future_tells_its_job_id_attempts_and_output(spool: Spool, agents, env) -> None:
     (agent,) = agents(1)
-    with Executor(spool.base, retries=1) as ex:
+    with Executor(spool.base, retries=1, keep=True) as ex:  # its logs are read below
         fut = ex.submit(chatty, 5)
         assert fut.result(timeout=60) == 5
         assert fut.job_id == f"{ex.run}/0" and fut.agent() == agent.id

@@ -124,7 +124,7 @@ def test_the_commands_refuse_another_uids_run_and_agent_in_one_line_and_do_it_wi
     assert code == 0 and not spool.drain_flag("h-cpu0").exists(), text
     code, text = _cli(["runs", "--json"] + b, capsys)
     assert [(r["run"], r["owner"], r["owner_uid"]) for r in json.loads(text)] == [("theirs", user_name(mine), mine)]
-    code, text = _cli(["rm", "--run", "theirs", "--force"] + b, capsys)
+    code, text = _cli(["rm", "--run", "theirs", "--force", "--yes"] + b, capsys)
     assert code == 0 and not spool.run_dir("theirs").exists(), text
 
 
@@ -237,7 +237,7 @@ def test_another_uid_is_refused_naming_the_owner_and_passes_with_force_real_proc
         got = other(["cancel", "--run", "mine", "--force"] + b)
         assert got.returncode == 0 and (base / "runs" / "mine" / "cancel").exists(), got.stdout + got.stderr
         assert json.loads((base / "runs" / "mine" / "owner").read_text()) == {"uid": 0, "user": "root"}  # still
-        got = other(["rm", "--run", "mine", "--force"] + b)
+        got = other(["rm", "--run", "mine", "--force", "-y"] + b)
         assert got.returncode == 0 and not (base / "runs" / "mine").exists(), got.stdout + got.stderr
 
         # The other user's own run: its name falls back to the uid; it resumes it, also afresh; root is

@@ -58,7 +58,7 @@ def test_a_missing_url_fails_its_own_future_only(spool: Spool, agents, env, tmp_
         (tmp_path / f"page{i}.html").write_bytes(b"<html>%d</html>" % i)
         pages[(tmp_path / f"page{i}.html").as_uri()] = b"<html>%d</html>" % i
     missing = (tmp_path / "missing.html").as_uri()
-    with Executor(spool.base) as ex:
+    with Executor(spool.base, keep=True) as ex:  # its run is read below
         urls = {ex.submit(rt.load_url, url, 60): url for url in [*pages, missing]}
         naps = [ex.submit(time.sleep, 0.3) for _ in range(4)]
         power = ex.submit(pow, 3, 7)
