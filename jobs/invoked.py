@@ -99,6 +99,11 @@ _SPELLED = re.compile(r"python main\.py|python -m master|\./start_agents\.sh|sta
                       r"|\bdocs/([\w.-]+\.md)|(?<![\w/.-])main\.py\b")
 
 
+def prefix(role: str) -> str:
+    """The prefix of a command's own messages and errors: ``main.py``, ``gpupool-run``, as typed."""
+    return Path(prog(role).split()[-1]).name
+
+
 def respell(text: str, self_role: str | None = None) -> str:
     """``text`` written with the checkout's spellings (``python main.py``, ``python -m master``,
     ``./start_agents.sh``, ``python -m agent``, ``docs/PAGE.md``), as this user runs them;

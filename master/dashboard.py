@@ -26,6 +26,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from gpupool.jobs.invoked import spell
 from gpupool.jobs.logsetup import logger
 
 from gpupool.jobs.names import printable
@@ -127,7 +128,7 @@ def tables(data: dict[str, Any], history: GpuHistory | None = None) -> str:
         return "<tr>" + "".join(f'<th class="{"l" if i < left else ""}">{n}</th>' for i, n in enumerate(names)) + "</tr>"
 
     agents = "".join(_agent_row(a) for a in data["agents"]) or \
-        f'<tr><td class="l" colspan="{len(ah)}">no agents yet: start some with ./start_agents.sh N BASE</td></tr>'
+        f'<tr><td class="l" colspan="{len(ah)}">no agents yet: start some with {html.escape(spell("agents"))} N BASE</td></tr>'
     prog = data.get("run_progress", {})
     runs = "".join(_run_row(r, prog.get(r["run"], {})) for r in data["runs"]) or \
         f'<tr><td class="l" colspan="{len(rh)}">no runs yet</td></tr>'

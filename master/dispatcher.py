@@ -106,6 +106,7 @@ class Outcome:
     agent: str | None
     error: str | None = None
     duration_s: float | None = None
+    gpu_error: str | None = None  # the failure's GPU fault kind, if any (agent.worker_process: driver, kernel, ...)
 
 
 def summarize(rec: dict[str, Any]) -> Outcome:
@@ -114,9 +115,10 @@ def summarize(rec: dict[str, Any]) -> Outcome:
     line = f"{err.get('type')}: {err.get('message')}".split("\n", 1)[0].rstrip("\r")[:300] if isinstance(err, dict) \
         else None
     duration = rec.get("duration_s")
+    gpu = err.get("gpu_error") if isinstance(err, dict) else None
     return Outcome(rec["status"], rec["attempt"], rec.get("agent") if isinstance(rec.get("agent"), str) else None,
                    line, float(duration) if isinstance(duration, (int, float)) and not isinstance(duration, bool)
-                   else None)
+                   else None, gpu if isinstance(gpu, str) else None)
 
 
 class Dispatcher:

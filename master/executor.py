@@ -58,6 +58,7 @@ from typing import Any, Callable
 from gpupool.jobs.logsetup import logger
 
 from gpupool.jobs.atomic import write_replace
+from gpupool.jobs.invoked import spell
 from gpupool.jobs.codec import CodecError, decode, encode
 from gpupool.jobs.descriptor import IN_WORKER_ENV, Job, JobKind
 from gpupool.jobs.errors import BadFile
@@ -309,8 +310,8 @@ class Executor(futures.Executor):
         try:
             remove_run(self.spool, self.run)
         except Exception as e:  # never the caller's failure: the run is only left behind
-            logger.warning("executor {}: its run could not be removed ({}: {}); python -m master rm --base {} "
-                           "--run {} removes it", self.run, type(e).__name__, e, self.spool.base, self.run)
+            logger.warning("executor {}: its run could not be removed ({}: {}); {} rm --base {} --run {} removes it",
+                           self.run, type(e).__name__, e, spell("master"), self.spool.base, self.run)
 
 
 class _Calls(Dispatcher):
@@ -328,7 +329,7 @@ class _Calls(Dispatcher):
             waited, base = info.get("waited_s") or 0.0, self.spool.base
             print(f"gpupool executor {self.run_name}: no live agents in {base}"
                   f"{f' for {waited / 60:.0f} min' if waited >= 60 else ''}; the calls wait for some. Start them "
-                  f"with:  ./start_agents.sh N {base}", file=sys.stderr, flush=True)
+                  f"with:  {spell('agents')} N {base}", file=sys.stderr, flush=True)
 
     def loop_forever(self) -> None:
         try:

@@ -39,6 +39,9 @@ DETERMINISTIC = ("ImportError", "ModuleNotFoundError", "TaskError", "SyntaxError
 # an attempt handed to another agent, memory that another job may hold).
 POOL_ERRORS = frozenset({"Timeout", "WorkerDied", "AgentLost", "CommitFailed", SUPERSEDED, "Stopped", "WrongAgent",
                          "WorkerRestarts", "BadResultPath", "MemoryError", "OutOfMemoryError"})
+# GPU faults that are not the job's own (a driver that fails, memory another process holds): a broken
+# GPU fails every chunk sent to it alike, and drains its agent (agent.Agent._count_gpu_fault) instead
+GPU_FAULTS = frozenset({"driver", "out_of_memory"})
 # Errors whose message is generic ("the script exited with code 1"): told apart by the last line of
 # their output (the traceback a Python script printed), and never alike without one.
 BY_OUTPUT = frozenset({"ScriptFailed", "CommandFailed"})
@@ -120,7 +123,7 @@ class Feeder(Dispatcher):
                 any(o.status == JobState.OK.value for o in self.final.values()):
             return
         kind = out.error.split(":", 1)[0]
-        if kind in POOL_ERRORS:
+        if kind in POOL_ERRORS or out.gpu_error in GPU_FAULTS:  # the pool's or the GPU's, not the code's
             return
         if kind in DETERMINISTIC:
             chunks = self._alike.setdefault(out.error, set())

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from gpupool.jobs.descriptor import OPTION_CHECKS, JobKind, kwargs_problem
+from gpupool.jobs.invoked import prefix
 from gpupool.jobs.paths import Spool
 from gpupool.master.inputs import read_text
 from gpupool.master.runspec import UsageError, default_name, parse_env
@@ -229,7 +230,7 @@ def main(args: Any) -> int:
     build(script=cfg.script_path, chunks=cfg.total_chunks, kwargs=cfg.kwargs, run=args.run or cfg.run_name(spool),
           retries=cfg.retries, timeout=args.timeout, env=env, success_codes=cfg.success_codes)  # the run's checks
     for note in cfg.notes:
-        print(f"main.py: octorun config: {note}", file=sys.stderr)
+        print(f"{prefix('run')}: octorun config: {note}", file=sys.stderr)
     return _feed(args, cfg, env)
 
 
@@ -244,7 +245,7 @@ def _feed(args: Any, cfg: OctoConfig, env: dict[str, str]) -> int:
     pool = Pool(args.base or Path(cfg.log_dir) / "gpupool", create=not args.base or args.new_spool)
     local = None
     if args.base:
-        print(f"main.py: octorun config: running on the agents of {pool.spool.base}; its 'gpus' is not used",
+        print(f"{prefix('run')}: octorun config: running on the agents of {pool.spool.base}; its 'gpus' is not used",
               file=sys.stderr)
     else:
         local = start_agents(pool.spool, cfg.gpus)
@@ -264,7 +265,7 @@ def _feed(args: Any, cfg: OctoConfig, env: dict[str, str]) -> int:
         if local is None:
             raise
         interrupted = True
-        print(f"\nmain.py: interrupted: stopping this command's agents ({' '.join(local.started) or 'none'}) and "
+        print(f"\n{prefix('run')}: interrupted: stopping this command's agents ({' '.join(local.started) or 'none'}) and "
               "their running chunks; run the same command again to resume", file=sys.stderr, flush=True)
         return 130
     finally:

@@ -7,6 +7,7 @@ from typing import Any, TextIO
 
 from tqdm import tqdm
 
+from gpupool.jobs.invoked import respell, spell
 from gpupool.jobs.names import printable
 from gpupool.jobs.paths import Spool
 from gpupool.jobs.words import plural
@@ -38,9 +39,9 @@ class Progress:
         elif kind == "handback":
             self._say(f"agent {info['agent']}: {info['why']}; re-queued chunks {info['chunks']}")
         elif kind == "cancelled":
-            self._say(f"run {self.spec.name} was cancelled (python -m master cancel); stopped feeding it with "
-                      f"{plural(info.get('pending', 0), 'chunk')} not done. Resume it with: "
-                      f"python -m master retry --base {self.base or 'BASE'} --run {self.spec.name}")
+            self._say(respell(f"run {self.spec.name} was cancelled (python -m master cancel); stopped feeding it "
+                              f"with {plural(info.get('pending', 0), 'chunk')} not done. Resume it with: "
+                              f"python -m master retry --base {self.base or 'BASE'} --run {self.spec.name}"))
         elif kind == "kwargs_changed":
             self._say(kwargs_note(self.spec, info["earlier"], info["kwargs"], info["kept"]))
         elif kind == "halted":
@@ -48,7 +49,7 @@ class Progress:
         elif kind == "no_agents":
             base, waited = self.base or "BASE", info.get("waited_s") or 0.0
             self._say(f"no live agents in {base}{f' for {waited / 60:.0f} min' if waited >= 60 else ''}; waiting for "
-                      f"some (--wait-agents S to give up). Start them with:  ./start_agents.sh N {base}")
+                      f"some (--wait-agents S to give up). Start them with:  {spell('agents')} N {base}")
 
     def advance(self, done: int) -> None:
         """The bar at ``done`` chunks (a run another master feeds: see ``master.follow``)."""

@@ -5,10 +5,9 @@ import argparse
 import math
 import os
 import sys
-from pathlib import Path
 from typing import Callable
 
-from gpupool.jobs.invoked import prog, respell, respell_parser
+from gpupool.jobs.invoked import prefix, prog, respell, respell_parser
 
 EPILOG = """examples:
   python main.py                                   # self-contained demo (starts its own agents)
@@ -113,7 +112,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 def _me() -> str:
     """The prefix of this command's errors: ``main.py`` or ``gpupool-run``, as typed."""
-    return Path(prog("run").split()[-1]).name
+    return prefix("run")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,6 +19,7 @@ from typing import Any
 from gpupool.jobs.atomic import server_now
 from gpupool.jobs.errors import BadFile, SpoolError
 from gpupool.jobs.heartbeat import JobRef
+from gpupool.jobs.invoked import spell
 from gpupool.jobs.jsonio import is_int, is_num
 from gpupool.jobs.mailbox import Mailbox
 from gpupool.jobs.owners import agent_owner, me, run_owner
@@ -370,7 +371,7 @@ def render(data: dict[str, Any], color: bool = False) -> str:
                  f"{'WRK GB':>6}")
     lines += [_agent_line(a, color) for a in data["agents"]]
     if not data["agents"]:
-        lines.append("(no agents yet: start some with ./start_agents.sh N BASE)")
+        lines.append(f"(no agents yet: start some with {spell('agents')} N BASE)")
     dead = [a["id"] for a in data["agents"] if a["state"] == "dead"]
     if dead:
         lines.append(_paint(f"DEAD (no heartbeat): {', '.join(dead)}; their queued jobs go to other agents", "31",

@@ -231,7 +231,7 @@ def test_start_agents_sh_starts_skips_and_stops(tmp_path: Path, env) -> None:
         assert main.returncode == 0, main.stderr
     finally:
         stop = subprocess.run([sh, "stop", str(base)], env=env, capture_output=True, text=True, timeout=120)
-    assert "stopped 2 agent(s)" in stop.stdout
+    assert "stopped 2 agents" in stop.stdout
     for ident in ("testhost-cpu0", "testhost-cpu1"):
         assert json.loads((base / "agents" / f"{ident}.json").read_text())["state"] == "stopped"
 

@@ -100,8 +100,9 @@ def test_with_base_it_uses_the_running_agents_and_octorun_retries(spool: Spool, 
     agents(2)
     cfg = octorun_config(tmp_path, total_chunks=3, script_path=SCRIPT, restart_failed=True, max_retries=1,
                          kwargs={"size": 30})  # no out_dir: the script exits 2, as it would under OctoRun
-    r = run_main(["--octorun-config", str(cfg), "--base", str(spool.base), "--no-progress", "--retry-delay", "0.05"],
-                 env, cwd=tmp_path)
+    # --max-failures 0: every chunk fails alike here, which would stop the run early (test_fail_fast)
+    r = run_main(["--octorun-config", str(cfg), "--base", str(spool.base), "--no-progress", "--retry-delay", "0.05",
+                  "--max-failures", "0"], env, cwd=tmp_path)
     assert r.returncode == 1 and "0 ok, 3 failed" in r.stdout and "'gpus' is not used" in r.stderr
     [run] = spool.run_names()
     # max_retries 1: each chunk failed on its last attempt after one retry (a job moved to an idle agent
