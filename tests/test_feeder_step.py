@@ -76,7 +76,7 @@ def test_a_master_told_to_wait_for_agents_only_so_long_gives_up(spool: Spool) ->
     clock.t += 4.0
     f.step()
     clock.t += 1.0
-    with pytest.raises(NoAgents, match=r"no live agent came in 5 s \(--wait-agents\); 6 chunk\(s\) not run"):
+    with pytest.raises(NoAgents, match=r"no live agent came in 5 s \(--wait-agents\); 6 chunks not run"):
         f.step()
 
 

@@ -242,7 +242,7 @@ def test_kill_9_of_an_agent_on_mount_b_mid_job_hands_its_jobs_back(gluster_fast,
     code, out, err = finish(master, 150)
     assert code == 0, out + err
     assert f"{n} ok, 0 failed" in out
-    assert re.search(r"agent hostb-cpu0 is .*handed back \d+ chunk", err), err
+    assert re.search(r"agent hostb-cpu0: .*handed back \d+ chunk", err), err
     res = results(a.base, "crash")
     assert sorted(res) == list(range(n)) and all(r["status"] == "ok" for r in res.values())
     runs = executions(marks)

@@ -43,8 +43,9 @@ def strace_stop(proc: subprocess.Popen, out: Path) -> dict[str, int]:
     return counts
 
 
-def cpu_times(pids: list[int]) -> tuple[float, float]:
-    return sum(proc_cpu_s(p) for p in pids), time.monotonic()
+def cpu_times(pids: list[int]) -> tuple[dict[int, float], float]:
+    """Each live process's CPU seconds so far, and when they were read."""
+    return {p: proc_cpu_s(p) for p in pids if os.path.exists(f"/proc/{p}")}, time.monotonic()
 
 
 def cpu_share(pids: list[int], window: float) -> float:
@@ -80,8 +81,11 @@ def run(ctx: Ctx) -> dict[str, Any]:
         before = {m: cpu_times(pids[m]) for m in modes}
         time.sleep(w)
         for m in modes:
-            c1, t1 = cpu_times(pids[m])
-            res[m]["cpu_core_pct"] = 100 * (c1 - before[m][0]) / (t1 - before[m][1])
+            (c0, t0), (c1, t1) = before[m], cpu_times(pids[m])
+            # the processes alive at both ends: one that exits meanwhile (a worker retired late) took its
+            # CPU time with it, and summed as 0 it made the share negative
+            res[m]["cpu_core_pct"] = 100 * sum(c1[p] - c0[p] for p in c0.keys() & c1.keys()) / (t1 - t0)
+            res[m]["exited"] = len(c0.keys() - c1.keys())
     for m in modes:
         out[m] = res[m]
         log(f"7. idle {m}: {res[m].get('fs_ops_per_s', float('nan')):.1f} fs ops/s, "
