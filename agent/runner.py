@@ -282,13 +282,19 @@ class Runner:
         log, as a script's: ``agent.worker_process.ChunkOutput``), opened there through ``spool``."""
         return {"job": job.to_dict(), "gpu_id": self.slot.number, "device": self.slot.device,
                 "arrays_path": str(self.spool.result_npz(job.run, job.chunk_id, job.attempt)),
-                "log": str(self.spool.chunk_log(job.run, job.chunk_id)), "spool": str(self.spool.base)}
+                "log": str(self.spool.chunk_log(job.run, job.chunk_id)), "spool": str(self.spool.base),
+                "scratch": str(self.spool.scratch_log(self.id))}
 
     def _printed(self, job: Job, otherwise: str = "") -> dict[str, str]:
         """A failed callable's ``traceback``: the end of what ``job``'s attempt printed to its chunk's
         log (its part after its header), with the ``log`` (as a script's error has it); ``otherwise``
         where the log has no header of the attempt (it did not start)."""
         log = self.spool.chunk_log(job.run, job.chunk_id)
+        try:  # what it printed before it died waits in the scratch file (agent.worker_process.ChunkOutput)
+            self.spool.keep_output(self.spool.scratch_log(self.id), log, job.attempt, f"{job.target} (its worker died)")
+        except OSError as e:
+            logger.warning("agent {}: the output of {} chunk {} could not be kept in {}: {}", self.id, job.run,
+                           job.chunk_id, log, e)
         try:
             data = read_tail(log, PRINTED_READ)  # no link followed
         except (OSError, BadFile):

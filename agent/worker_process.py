@@ -172,6 +172,18 @@ class Session:
         self.notify: Callable[[dict[str, Any]], None] = lambda note: None  # a note to the agent (see save_arrays)
         self.computed: float | None = None  # when the job function returned (before its arrays were saved)
         self._spool: Any = None  # the spool of the chunk logs (see spool_at)
+        self._scratch: tuple[str, int] | None = None  # (path, descriptor) of the agent's scratch output file
+
+    def scratch(self, base: str, path: str) -> int:
+        """The descriptor of the agent's scratch output file ``path`` (see ``ChunkOutput``), opened
+        once by this worker (to append, no link followed)."""
+        if self._scratch is None or self._scratch[0] != path:
+            f = self.spool_at(base).open_log(Path(path))
+            if self._scratch is not None:
+                os.close(self._scratch[1])
+            self._scratch = (path, os.dup(f.fileno()))
+            f.close()
+        return self._scratch[1]
 
     def spool_at(self, base: str) -> Any:
         """The ``Spool`` at ``base`` (made once: its checks cost a few system calls), whose
@@ -274,16 +286,21 @@ def run_one(req: dict[str, Any], job: Any, session: Session) -> dict[str, Any]:
 
 
 class ChunkOutput:
-    """For the time of a job: its stdout and stderr go to its chunk's log (``req["log"]``, opened
-    to append by ``Spool.open_log``: no link followed, the folder's mode), after a header line naming
-    the attempt (``jobs.descriptor.attempt_header``, as script jobs get), and back to the worker log
-    after it. File descriptors 1 and 2 are pointed there (``os.dup2``), so what C code writes and
-    what the programs the job starts (``os.system``, ``subprocess``) print goes there too; Python's
-    and C's buffers are flushed on each side of the switch. A child the job forked keeps writing
-    to the chunk's log (it never goes back to the worker's loop). A worker killed by its job leaves
-    in the log what the job printed; the agent copies its end into the failed result. Without
-    ``req["log"]`` (a request of an older agent) nothing is redirected. Opening the log may raise
-    an OSError (its errno kept: the agent waits out a full disk), which fails the job unrun."""
+    """For the time of a job: its stdout and stderr go to the agent's scratch output file
+    (``req["scratch"]``, ``Spool.scratch_log``: emptied at the job's start), and what the job wrote
+    there is then appended to its chunk's log (``req["log"]``) after a header line naming the
+    attempt (``jobs.descriptor.attempt_header``, as script jobs get); then back to the worker log.
+    A job that prints nothing leaves no chunk log: no file per chunk of a run of short silent
+    chunks, and no file creation on the way of each. File descriptors 1 and 2 are pointed there
+    (``os.dup2``), so what C code writes and what the programs the job starts (``os.system``,
+    ``subprocess``) print goes there too; Python's and C's buffers are flushed on each side of the
+    switch. An agent runs one job at a time, so one scratch file serves all its workers. A worker
+    killed by its job leaves what the job printed in the scratch file, and the agent moves it to
+    the chunk's log (``agent.runner.Runner._printed``). A child the job forked keeps writing to the
+    scratch file (it never goes back to the worker's loop): what it writes after the next job
+    starts is lost. Both files are opened by ``Spool.open_log`` (no link followed, the folder's mode);
+    an OSError (its errno kept: the agent waits out a full disk) fails the job unrun. Without
+    ``req["scratch"]`` (a request of an older agent) nothing is redirected."""
 
     def __init__(self, req: dict[str, Any], job: Any, session: Session) -> None:
         self.req, self.job, self.session = req, job, session
@@ -291,22 +308,18 @@ class ChunkOutput:
         self.pid = os.getpid()
 
     def __enter__(self) -> "ChunkOutput":
-        path = self.req.get("log")
-        if not path:
+        if not self.req.get("scratch"):
             return self
-        from gpupool.jobs.descriptor import attempt_header
-
         flush_output()
         try:
-            log = self.session.spool_at(self.req["spool"]).open_log(Path(path))
-            with log:
-                log.write(attempt_header(self.job.attempt, f"{self.job.target} (worker pid {os.getpid()})").encode())
-                log.flush()
-                saved = os.dup(1), os.dup(2)  # not inherited by what the job starts
-                os.dup2(log.fileno(), 1)
-                os.dup2(log.fileno(), 2)
+            out = self.session.scratch(self.req["spool"], self.req["scratch"])
+            os.ftruncate(out, 0)
         except OSError as e:
-            raise OSError(e.errno, f"cannot open the chunk's log {path} for the job's output: {e.strerror or e}") from e
+            raise OSError(e.errno, f"cannot open the scratch file {self.req['scratch']} for the job's output: "
+                                   f"{e.strerror or e}") from e
+        saved = os.dup(1), os.dup(2)  # not inherited by what the job starts
+        os.dup2(out, 1)
+        os.dup2(out, 2)
         self.saved, self.pid = saved, os.getpid()
         return self
 
@@ -320,6 +333,13 @@ class ChunkOutput:
             os.dup2(old, fd)
             os.close(old)
         self.saved = None
+        spool = self.session.spool_at(self.req["spool"])
+        try:
+            spool.keep_output(Path(self.req["scratch"]), Path(self.req["log"]), self.job.attempt,
+                              f"{self.job.target} (worker pid {os.getpid()})")
+        except OSError as e:  # a full disk: the output is lost, never the job's value
+            print(f"worker {os.getpid()}: the output of {self.job.run} chunk {self.job.chunk_id} could not be "
+                  f"kept in {self.req['log']}: {e}", file=sys.stderr, flush=True)
 
 
 _fflush: Any = None  # libc's fflush, found once (False: none)

@@ -14,7 +14,7 @@ from typing import IO
 
 
 from gpupool.jobs.atomic import TMP_MARK, give_mode, is_temp_name, modes, modes_like, write_replace
-from gpupool.jobs.atomic import NotAFile, linked_folder, open_append
+from gpupool.jobs.atomic import NotAFile, linked_folder, open_append, open_read
 from gpupool.jobs.errors import BadFile, BadName, SpoolError
 from gpupool.jobs.names import check_chunk, check_name
 
@@ -171,6 +171,28 @@ class Spool:
         self.reject(b"", path, why, move=True)
         return self._append(path)
 
+    def keep_output(self, scratch: Path, log: Path, attempt: int, what: str) -> bool:
+        """Append what a job wrote to ``scratch`` (``scratch_log``) to its chunk's ``log``, after the
+        attempt's header (``jobs.descriptor.attempt_header``), and empty ``scratch``; nothing (no
+        log made) where it wrote nothing. True if there was output. The worker calls it after each
+        callable job, the agent after a worker died under one."""
+        from gpupool.jobs.descriptor import attempt_header
+
+        try:
+            src = open_read(scratch)
+        except FileNotFoundError:
+            return False
+        with src:
+            if os.fstat(src.fileno()).st_size == 0:
+                return False
+            with self.open_log(log) as out:
+                out.write(attempt_header(attempt, what).encode())
+                while chunk := src.read(1 << 20):
+                    out.write(chunk)
+        with self.open_log(scratch) as f:  # the same file, no link followed: emptied for the next job
+            os.ftruncate(f.fileno(), 0)
+        return True
+
     @staticmethod
     def _append(path: Path) -> IO[bytes]:
         """``open_append`` with the mode of its folder's files (a chunk's retry on another member's
@@ -236,6 +258,11 @@ class Spool:
     def agent_out(self, agent_id: str) -> Path:
         """What a started agent printed before its own log took over (``start_agents.sh``)."""
         return self.logs_dir / f"{check_name(agent_id, 'agent id')}.out"
+
+    def scratch_log(self, agent_id: str) -> Path:
+        """Where the running callable job's output goes first (``agent.worker_process.ChunkOutput``),
+        moved to its chunk's log when it wrote any: one file per agent, emptied before each job."""
+        return self.logs_dir / f".{check_name(agent_id, 'agent id')}.out.scratch"
 
     def worker_log(self, agent_id: str) -> Path:
         """The output of the agent's worker process (the job code's prints and warnings)."""

@@ -28,6 +28,11 @@ def talk(chunk_id, marker):
         raise RuntimeError("the first attempt fails")
     return chunk_id
 
+def quiet(chunk_id):
+    if chunk_id == 2:
+        print("only chunk 2 speaks")
+    return chunk_id
+
 def die(chunk_id):
     print(f"last words of {chunk_id}", flush=True)
     os.system("echo a-child-before-the-end")
@@ -77,6 +82,19 @@ def test_a_callables_output_goes_to_its_chunk_log_one_part_per_attempt(spool: Sp
     assert f"--- output of every attempt ({spool.chunk_log('talk', 1)}) ---" in r.stdout, r.stdout
     assert r.stdout.count("from-a-child") == 2 and r.stdout.count("out 1\n") == 2, r.stdout  # once per attempt
     assert "RuntimeError: the first attempt fails" in r.stdout and "worker log" not in r.stdout
+
+
+@pytest.mark.timeout(120)
+def test_a_callable_that_prints_nothing_leaves_no_chunk_log(spool: Spool, agents, env, tmp_path: Path) -> None:
+    """A run of short silent chunks makes no file per chunk (nor pays a file creation for each):
+    the output waits in the agent's scratch file and becomes a chunk log only where there is some."""
+    agents(1)
+    r = run_main(["--base", str(spool.base), "--task", f"{task_file(tmp_path)}:quiet", "--chunks", "6", "--run", "quiet",
+                  "--no-progress"], env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    logs = sorted(p.name for p in spool.run_log_dir("quiet").iterdir()) if spool.run_log_dir("quiet").exists() else []
+    assert logs == ["000002.log"], logs
+    assert spool.chunk_log("quiet", 2).read_text().splitlines()[1:] == ["only chunk 2 speaks"]
 
 
 @pytest.mark.timeout(120)
