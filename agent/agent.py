@@ -532,6 +532,8 @@ class Agent:
             except OSError as e:  # nothing partial is left (our arrays are kept, see results.commit)
                 if e.errno not in DISK_FULL:
                     _discard(str(arrays) if arrays else None)
+                    if self._stale(job):  # its run was started afresh meanwhile (its folder made anew)
+                        return None
                     return self._uncommittable(job, rec, e), False
                 pause = min(30.0, max(0.5, pause * 2))
                 self._no_space(f"cannot write the result of {job.run} chunk {job.chunk_id}: {e}; its outcome is "
@@ -573,7 +575,7 @@ class Agent:
         self.uncommitted = [u for u in self.uncommitted[-(UNCOMMITTED_KEPT - 1):]
                             if not has_outcome(self.spool, (u["run"], u["chunk_id"], u["attempt"]), u["max_attempts"])]
         self.uncommitted.append({"run": job.run, "chunk_id": job.chunk_id, "attempt": job.attempt,
-                                 "max_attempts": job.max_attempts, "error": error})
+                                 "max_attempts": job.max_attempts, "epoch": job.epoch, "error": error})
         self.last_error = f"{time.strftime('%H:%M:%S')} {job.run} chunk {job.chunk_id}: {error['message']}"
         self.beat.quietly()  # masters learn it now
         return {**{k: v for k, v in rec.items() if k not in ("value", "arrays_bytes")},

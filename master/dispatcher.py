@@ -295,7 +295,8 @@ class Dispatcher:
         for view in self.liveness.views.values():
             for u in view.status.uncommitted or ():
                 c = u["chunk_id"]
-                if u["run"] == self.run_name and self.inflight.get(c) == (view.id, u["attempt"]):
+                if u["run"] == self.run_name and self.inflight.get(c) == (view.id, u["attempt"]) \
+                        and u.get("epoch") == self.epoch:  # not a job of an earlier start of the run
                     self._uncommitted(c, view.id, u["attempt"], u["error"])
             cur = view.status.current
             for c in busy_chunks(view, self.run_name) & self.inflight.keys():

@@ -37,7 +37,8 @@ def test_a_result_of_an_earlier_epoch_committed_after_a_fresh_start_never_counts
                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_for(lambda: read_epoch(spool, "fenced") not in (None, old_epoch), 60, "the fresh start's new epoch")
-        wait_for(lambda: not spool.result_json("fenced", 0).exists(), 60, "the earlier results cleared")
+        wait_for(lambda: spool.result_dir("fenced").is_dir() and not spool.result_json("fenced", 0).exists(), 60,
+                 "the earlier results cleared and the run's folder made again")
         # now an agent of the earlier start, thawed, commits chunk 0 with the old kwargs' value
         late = Job(run="fenced", chunk_id=0, total_chunks=3, kind=JobKind.CALLABLE, target="tests.faulty:tagged",
                    kwargs={"tag": "old"}, attempt=1, max_attempts=old["max_attempts"], epoch=old_epoch)

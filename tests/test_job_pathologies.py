@@ -115,7 +115,8 @@ def test_a_forked_child_that_returns_into_the_worker_exits_quietly_and_answers_n
         assert ex.submit(pathological.fork_and_return, pidfile=str(pidfile), gate=str(gate)).result(60) == "parent 0"
         child = read_pid(pidfile)
         assert not gone(child)  # a child left by a job that returned lives on with its worker
-        worker = a.heartbeat()["worker_pid"]
+        # the heartbeat written after the call names its worker (one written before it does not yet)
+        worker = wait_for(lambda: (a.heartbeat() or {}).get("worker_pid"), what="the heartbeat naming the worker")
         gate.touch()  # the child now returns from the job function into the worker's code
         wait_for(lambda: gone(child), what="the forked child leaving instead of serving the worker's pipe")
         assert [ex.submit(pathological.tagged, tag="next").result(60) for _ in range(3)] == ["next 1", "next 2",
