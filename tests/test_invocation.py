@@ -37,7 +37,8 @@ def test_main_agent_and_start_agents_name_gpupool_base_too(tmp_path: Path, env) 
 
 
 def test_a_checkout_command_run_elsewhere_points_to_files_that_exist(tmp_path: Path, env) -> None:
-    r = _run([sys.executable, str(REPO / "main.py"), "--help"], tmp_path, env)
+    # wide: argparse wraps help at hyphens, so a checkout path with one ("/tmp/ci-clone/...") came in two
+    r = _run([sys.executable, str(REPO / "main.py"), "--help"], tmp_path, {**env, "COLUMNS": "10000"})
     assert r.returncode == 0
     assert "usage: python " + str(REPO / "main.py") in r.stdout.replace("\n", " ")
     assert "examples/" not in r.stdout
