@@ -54,6 +54,21 @@ def _feed(base: Path, env: dict, task: str, chunks: int, kwargs: dict, run: str)
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def _listing(spool: Spool, run: str) -> list[str]:
+    return sorted(p.name for p in spool.result_dir(run).iterdir()) if spool.result_dir(run).exists() else []
+
+
+def _ends_ok_when_space_returns(filler: Path, feeder: subprocess.Popen, spool: Spool, run: str, chunks: int) -> dict:
+    """Space returns: the run ends ok, every chunk on its first attempt (no attempt was spent)."""
+    filler.unlink()
+    _, err = feeder.communicate(timeout=90)
+    assert feeder.returncode == 0, err
+    res = results(spool.base, run)
+    assert sorted(res) == list(range(chunks))
+    assert all(r["status"] == "ok" and r["attempt"] == 1 for r in res.values()), res
+    return res
+
+
 @pytest.mark.timeout(150)
 def test_a_computed_value_waits_for_space_and_is_never_computed_again(small_fs: Path, tmp_path: Path, env) -> None:
     """The worker cannot save a chunk's arrays: it keeps the value and saves it again as space
@@ -69,15 +84,10 @@ def test_a_computed_value_waits_for_space_and_is_never_computed_again(small_fs: 
                  "the heartbeat saying the computed value waits for space")
         starts, _ = tally(str(marks))
         assert sum(starts.values()) == 1, starts  # the first chunk computed once, and waits; nothing else started
-        names = sorted(p.name for p in spool.result_dir("full").iterdir()) if spool.result_dir("full").exists() else []
+        names = _listing(spool, "full")
         assert not any(n.endswith(".json") or n.endswith(".npz") or ".tmp-" in n for n in names), names
         assert feeder.poll() is None and agent.proc.poll() is None
-        filler.unlink()  # space returns
-        _, err = feeder.communicate(timeout=90)
-        assert feeder.returncode == 0, err
-        res = results(spool.base, "full")
-        assert sorted(res) == list(range(chunks))
-        assert all(r["status"] == "ok" and r["attempt"] == 1 for r in res.values()), res
+        res = _ends_ok_when_space_returns(filler, feeder, spool, "full", chunks)
         assert all((spool.result_dir("full") / r["arrays"]).stat().st_size >= 512 * 1024 for r in res.values())
         assert tally(str(marks))[0] == {c: 1 for c in range(chunks)}  # each computed exactly once
         assert not list(spool.result_dir("full").glob("*.a*.json"))  # no failed attempt anywhere
@@ -102,15 +112,10 @@ def test_a_job_whose_own_write_fails_on_a_full_disk_pauses_the_agent_and_costs_n
     try:
         # the disk stays full while the agent tries again and again, pausing between tries
         wait_for(lambda: sum(tally(str(marks))[0].values()) >= 4, 60, "chunks tried again while the disk is full")
-        names = sorted(p.name for p in spool.result_dir("full").iterdir()) if spool.result_dir("full").exists() else []
+        names = _listing(spool, "full")
         assert not any(n.endswith(".json") for n in names), names  # nothing committed, no attempt on record
         assert feeder.poll() is None and agent.proc.poll() is None
-        filler.unlink()  # space returns
-        _, err = feeder.communicate(timeout=90)
-        assert feeder.returncode == 0, err
-        res = results(spool.base, "full")
-        assert sorted(res) == list(range(chunks))
-        assert all(r["status"] == "ok" and r["attempt"] == 1 for r in res.values()), res
+        _ends_ok_when_space_returns(filler, feeder, spool, "full", chunks)
         assert not list(spool.result_dir("full").glob("*.a*.json"))  # no failed attempt anywhere
         # why it paused is in its heartbeat (written again now that there is room)
         wait_for(lambda: "No space left on device" in ((agent.heartbeat() or {}).get("last_error") or ""),
