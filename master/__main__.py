@@ -1,6 +1,7 @@
-"""``python -m master COMMAND``: status, logs, collect, retry, cancel, drain, undrain, dashboard.
+"""``python -m master COMMAND`` (installed: ``gpupool COMMAND``): look at and steer a pool.
 
-``python -m master --help`` lists them; ``python -m master COMMAND --help`` shows examples.
+The commands are those of ``master.pool_cli`` (``python -m master --help`` lists them, docs/cli.md
+describes each); ``python -m master COMMAND --help`` shows examples.
 """
 from __future__ import annotations
 

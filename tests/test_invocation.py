@@ -46,3 +46,15 @@ def test_a_checkout_command_run_elsewhere_points_to_files_that_exist(tmp_path: P
         word = word.strip("()[];,")
         if word.endswith((".md", ".sh")) and "/" in word:
             assert (tmp_path / word).exists() or Path(word).exists(), word
+
+
+def test_every_command_of_the_help_is_in_the_cli_docs(tmp_path: Path, env) -> None:
+    r = _run([sys.executable, "-m", "master", "--help"], tmp_path, {**env, "COLUMNS": "10000"})
+    assert r.returncode == 0, r.stderr
+    listed = r.stdout.split("positional arguments:", 1)[1].split("options:", 1)[0]
+    # a command is the first word of a line indented 4 (a long name has its help on the next, deeper line)
+    commands = [line.split()[0] for line in listed.splitlines() if line[:4] == "    " and line[4:5].strip()]
+    assert len(commands) >= 12 and "status" in commands and "save-config" in commands, commands
+    rows = [line for line in (REPO / "docs" / "cli.md").read_text().splitlines() if line.startswith("| `")]
+    missing = [c for c in commands if not any(row.startswith(f"| `{c}") or f"/ `{c} " in row for row in rows)]
+    assert not missing, f"docs/cli.md has no row for: {missing}"
