@@ -1,26 +1,27 @@
-"""A run: what to execute on how many chunks. Validated here, once, before anything is queued."""
+"""A run: what to execute on how many chunks. Validated here, once, before anything is queued
+(its options: ``master.options``; its user code: ``master.usercode``; its arrays: ``master.inputs``),
+saved as ``runs/<run>/run.json`` and checked against what is saved when the run is submitted again."""
 from __future__ import annotations
 
-import ast
 import dataclasses
 import hashlib
-import importlib.util
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from gpupool.jobs.atomic import NotAFile, write_replace
-from gpupool.jobs.descriptor import BUILTIN_KWARGS, MAX_ATTEMPTS, SETUP_BUILTINS, JobKind, env_problem, kwargs_problem, options_problem
-from gpupool.jobs.errors import BadFile, BadNpz, SpoolError
+from gpupool.jobs.descriptor import MAX_ATTEMPTS, JobKind, env_problem, kwargs_problem, options_problem
+from gpupool.jobs.errors import BadFile, SpoolError
 from gpupool.jobs.jsonio import load_json, read_json
 from gpupool.jobs.names import MAX_CHUNKS, brief, check_name, slug
 from gpupool.jobs.paths import Spool
 from gpupool.master.errors import UsageError
+from gpupool.master.inputs import array_kwargs, check_data_dir, check_npz, chunk_data
+from gpupool.master.usercode import check_script, check_setup, check_task
 
 SPEC_SCHEMA = 1
 SPEC_LIMIT = 1024 * 1024
@@ -142,7 +143,7 @@ class RunSpec:
     def data_file(self, chunk: int) -> str | None:
         if self.data_dir is None:
             return None
-        return str(_chunk_data(Path(self.data_dir), chunk))
+        return str(chunk_data(Path(self.data_dir), chunk))
 
 
 def default_name(kind: JobKind, target: str, chunks: int, kwargs: dict[str, Any],
@@ -262,7 +263,7 @@ def build(*, task: str | None = None, script: str | None = None, cmd: str | None
                                       known=set(), partial=set())
     shared_path = check_npz(shared, "--shared", workdir) if shared else None
     data_dir = check_data_dir(data, chunks, workdir) if data else None
-    named = _array_kwargs(task, shared_path, data_dir, kwargs) if arrays_as_kwargs else set()
+    named = array_kwargs(task, shared_path, data_dir, kwargs) if arrays_as_kwargs else set()
     state = {"state"} if setup is not None else set()  # what the setup returns: the task may require it
     if task is not None:
         kind, target = JobKind.CALLABLE, check_task(task, workdir, kwargs, named, state) if params is None else ""
@@ -289,28 +290,6 @@ def build(*, task: str | None = None, script: str | None = None, cmd: str | None
     return RunSpec(name, kind, target, chunks, kwargs, shared_path, data_dir, retries, timeout, workdir, float(share),
                    params=params, commands=lines, options=options, arrays_as_kwargs=bool(arrays_as_kwargs),
                    visible_gpu_id=bool(visible_gpu_id), env=dict(env) if env else None, setup=setup)
-
-
-def _array_kwargs(task: str | None, shared: str | None, data_dir: str | None, kwargs: dict[str, Any]) -> set[str]:
-    """--arrays-as-kwargs: the names the arrays of --shared and of the first chunk's --data .npz
-    give the task (each one a keyword argument); UsageError where the option cannot work."""
-    if task is None:
-        raise UsageError("--arrays-as-kwargs is for --task: scripts and commands get their arguments as flags, "
-                         "not arrays")
-    if shared is None and data_dir is None:
-        raise UsageError("--arrays-as-kwargs passes the arrays of --data and --shared by name; give at least one")
-    from gpupool.jobs.npzio import load_npz
-
-    names: set[str] = set()
-    for what, path in (("--shared", shared), ("--data", data_dir and str(_chunk_data(Path(data_dir), 0)))):
-        if path is None:
-            continue
-        arrays = set(load_npz(path))
-        if clash := sorted(arrays & set(kwargs)):
-            raise UsageError(f"--arrays-as-kwargs: {what} {path} has array(s) {clash}, which --kwargs also gives; "
-                             "rename one")
-        names |= arrays
-    return names
 
 
 def _sweep(sweep: str | dict[str, Any] | list[dict[str, Any]], workdir: str, kwargs: dict[str, Any],
@@ -357,150 +336,6 @@ def check_run_name(run: str) -> str:
         raise UsageError(str(e)) from None
 
 
-
-
-def check_task(task: str, workdir: str, kwargs: dict[str, Any] | None = None, named: set[str] = frozenset(),
-               state: set[str] = frozenset()) -> str:
-    """Find the task's module or file and check it defines the function, and that ``kwargs`` fit
-    its signature, without importing it (no user code runs here). ``named``: the arrays passed by
-    name (--arrays-as-kwargs); ``state``: {"state"} with --setup."""
-    target, source, found = _find(task, workdir, "--task")
-    if isinstance(found, ast.FunctionDef):
-        _check_signature(found, kwargs or {}, task, source, named, state)
-    return target
-
-
-def check_setup(setup: str, task: str | None, workdir: str, kwargs: dict[str, Any],
-                params: list[dict[str, Any]] | None) -> str:
-    """``--setup``: for a --task only, found as the task is, and able to be called with the
-    built-ins and --kwargs it may ask for (``agent.task.setup_kwargs``); ``state`` is then its
-    value, and no --kwargs or sweep parameter may take that name."""
-    if task is None:
-        raise UsageError("--setup is for --task: a script or a command is a process of its own for each chunk, "
-                         "which sets itself up")
-    if "state" in kwargs or any("state" in p for p in params or []):
-        raise UsageError("--kwargs or --sweep give 'state', which with --setup is what the setup returned; rename it")
-    target, source, found = _find(setup, workdir, "--setup")
-    if isinstance(found, ast.FunctionDef):
-        a = found.args
-        positional = a.posonlyargs + a.args
-        required = [x.arg for x in positional[:len(positional) - len(a.defaults)]]
-        required += [x.arg for x, d in zip(a.kwonlyargs, a.kw_defaults) if d is None]
-        if missing := [r for r in required if r not in SETUP_BUILTINS and r not in kwargs]:
-            raise UsageError(f"--setup {setup!r}: {found.name}() needs {missing}, which neither --kwargs nor the agent "
-                             f"(it gives a setup {', '.join(SETUP_BUILTINS)}) gives (a sweep's parameters are each "
-                             "chunk's, not the run's); every worker would fail")
-    return target
-
-
-def _find(task: str, workdir: str, option: str) -> tuple[str, Path | None, ast.AST | bool | None]:
-    """The target of a ``module:function`` or ``file.py:function`` (a file's made absolute), its
-    source file (None for a compiled module) and the definition found there (``_definition``),
-    without importing it (no user code runs here); UsageError naming ``option`` if not found."""
-    mod, sep, fn = task.rpartition(":")
-    if not sep or not mod or not fn.isidentifier():
-        raise UsageError(f"{option} {task!r} must look like 'package.module:function' or 'path/file.py:function'")
-    if mod.endswith(".py") or os.sep in mod:
-        path = Path(workdir, mod).resolve()
-        if not path.is_file():
-            raise UsageError(f"{option} {task!r}: the file {path} does not exist")
-        target, source = f"{path}:{fn}", path
-    else:
-        if workdir not in sys.path:
-            sys.path.insert(0, workdir)
-        try:
-            spec = importlib.util.find_spec(mod)
-        except (ImportError, ValueError) as e:
-            raise UsageError(f"{option} {task!r}: cannot import {mod!r} ({e})") from None
-        if spec is None:
-            raise UsageError(f"{option} {task!r}: no module named {mod!r} (searched from {workdir} and sys.path)")
-        target, source = task, Path(spec.origin) if spec.origin and spec.origin.endswith(".py") else None
-    found = _definition(source, fn, option) if source is not None else True
-    if found is None:
-        raise UsageError(f"{option} {task!r}: {source} defines no top-level function or name {fn!r}")
-    return target, source, found
-
-
-def _check_signature(fn: ast.FunctionDef, kwargs: dict[str, Any], task: str, source: Path,
-                     named: set[str] = frozenset(), state: set[str] = frozenset()) -> None:
-    """Fail fast: every chunk would raise TypeError if ``kwargs`` do not fit ``fn``'s parameters
-    (the agent passes the built-ins it asks for, and every kwarg by name)."""
-    a = fn.args
-    params = [x.arg for x in a.posonlyargs + a.args + a.kwonlyargs]
-    if a.kwarg is None and (unknown := sorted(k for k in kwargs if k not in params)):
-        raise UsageError(f"--kwargs key(s) {unknown}: {fn.name}() in {source} takes no such argument (it takes "
-                         f"{', '.join(params) or 'none'}); every chunk would fail")
-    positional = a.posonlyargs + a.args
-    required = [x.arg for x in positional[:len(positional) - len(a.defaults)]]
-    required += [x.arg for x, d in zip(a.kwonlyargs, a.kw_defaults) if d is None]
-    if missing := [r for r in required if r not in kwargs and r not in BUILTIN_KWARGS and r not in named | state]:
-        arrays = f", nor an array of --data/--shared ({', '.join(sorted(named))})" if named else ""
-        fills = ", ".join(BUILTIN_KWARGS) + (", and state from --setup" if state else "")
-        raise UsageError(f"--task {task!r}: {fn.name}() needs {missing}, which neither --kwargs nor the agent "
-                         f"(it fills in {fills}){arrays} gives; every chunk would fail")
-
-
-def _definition(source: Path, name: str, option: str = "--task") -> ast.AST | bool | None:
-    """The top-level definition of ``name`` in ``source`` (a FunctionDef, whose signature can be
-    checked), True for one that cannot be judged (a class, an assignment, an import), or None."""
-    try:
-        tree = ast.parse(source.read_bytes(), str(source))
-    except (SyntaxError, ValueError) as e:
-        raise UsageError(f"{option}: {source} does not parse: {e}") from None
-    found: ast.AST | bool | None = None
-    for node in tree.body:  # the last definition wins, as at import
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.name == name:
-            found = node if isinstance(node, ast.FunctionDef) and not node.decorator_list else True
-            continue
-        if isinstance(node, (ast.Assign, ast.AnnAssign)):
-            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-            if any(isinstance(t, ast.Name) and t.id == name for t in targets):
-                found = True
-        if isinstance(node, (ast.Import, ast.ImportFrom)):
-            if any((a.asname or a.name.split(".")[0]) == name or a.name == "*" for a in node.names):
-                found = True
-    return found
-
-
-def check_script(script: str, workdir: str) -> str:
-    path = Path(workdir, script).resolve()
-    if not path.is_file():
-        raise UsageError(f"--script {script!r}: the file {path} does not exist")
-    return str(path)
-
-
-def check_npz(path: str, what: str, workdir: str) -> str:
-    from gpupool.jobs.npzio import load_npz  # numpy only where arrays are read: main.py starts sooner
-
-    p = Path(workdir, path).resolve()
-    try:
-        load_npz(p)
-    except BadNpz as e:
-        raise UsageError(f"{what}: {e}") from None
-    return str(p)
-
-
-def _chunk_data(d: Path, chunk: int) -> Path:
-    plain = d / f"{chunk}.npz"
-    return plain if plain.exists() else d / f"{chunk:06d}.npz"
-
-
-def check_data_dir(data: str, chunks: int, workdir: str) -> str:
-    d = Path(workdir, data).resolve()
-    if not d.is_dir():
-        raise UsageError(f"--data {data!r}: {d} is not a folder (it must hold one <chunk_id>.npz per chunk)")
-    missing = [c for c in range(chunks) if not _chunk_data(d, c).is_file()]
-    if missing:
-        shown = ", ".join(f"{c}.npz" for c in missing[:5]) + (" ..." if len(missing) > 5 else "")
-        raise UsageError(f"--data {d}: {len(missing)} of {chunks} chunk files are missing ({shown})")
-    from gpupool.jobs.npzio import load_npz
-
-    for c in sorted({0, chunks - 1}):
-        try:
-            load_npz(_chunk_data(d, c))
-        except BadNpz as e:
-            raise UsageError(f"--data: {e}") from None
-    return str(d)
 
 
 def load_run(spool: Spool, run: str) -> RunSpec:
