@@ -20,6 +20,8 @@ from gpupool.jobs.jsonio import load_json, read_json
 from gpupool.jobs.names import MAX_CHUNKS, brief, check_name, slug
 from gpupool.jobs.paths import Spool
 from gpupool.master.errors import UsageError
+from gpupool.master.options import BY_NAME, PLACEMENT, SPARSE, first_problem, problem, spec_values
+from gpupool.master.placement import Placement
 from gpupool.master.inputs import array_kwargs, check_data_dir, check_npz, chunk_data
 from gpupool.master.usercode import check_script, check_setup, check_task
 
@@ -48,6 +50,13 @@ class RunSpec:
     env: dict[str, str] | None = None  # main.py --env: variables set for every job (may change on resume)
     setup: str | None = None  # main.py --setup: called once per worker of the run; its value is each chunk's state
     schema: int = SPEC_SCHEMA
+    # placement (master.placement), as given: kept on resume and retry unless given again (may change on resume)
+    targets: list[str] | None = None  # --target HOST::GPU[,GPU], repeatable
+    hosts: str | None = None  # --hosts H1,H2
+    exclude_hosts: str | None = None  # --exclude-hosts H1,H2
+    min_free_gb: float | None = None
+    gpus_per_job: int | None = None
+    gpu_mem: float | None = None
 
     def identity(self) -> dict[str, Any]:
         """What makes two runs the same run (retries and timeout may change on resume)."""
@@ -70,7 +79,7 @@ class RunSpec:
     def to_json(self) -> bytes:
         d = dataclasses.asdict(self)
         d["kind"] = self.kind.value
-        for name in ("params", "commands", "options", "env", "setup"):  # only where set: older tools refuse unknown fields
+        for name in ("params", "commands", "options", *SPARSE):  # only where set: older tools refuse unknown fields
             if d[name] is None:
                 del d[name]
         return json.dumps({**d, "created_at": time.time()}, indent=1, sort_keys=True).encode()
@@ -136,9 +145,31 @@ class RunSpec:
                 return f"'{name}' must be true or false, not {brief(getattr(self, name))}"
         if self.env is not None and (why := env_problem(self.env)):
             return f"'env' {why}"
+        if self.targets is not None and (not isinstance(self.targets, list) or
+                                         not all(isinstance(t, str) for t in self.targets)):
+            return f"'targets' must be a list of strings, not {brief(self.targets)}"
+        for name in ("hosts", "exclude_hosts"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                return f"'{name}' must be a string, not {brief(getattr(self, name))}"
+        for name in ("min_free_gb", "gpus_per_job", "gpu_mem"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int if name == "gpus_per_job" else (int, float))):
+                return f"'{name}' must be a number, not {brief(v)}"
+        try:
+            self.placement
+        except UsageError as e:
+            return f"its placement: {e}"
         if isinstance(self.schema, bool) or not isinstance(self.schema, int) or self.schema > SPEC_SCHEMA:
             return f"'schema' {brief(self.schema)} is not one this tool reads ({SPEC_SCHEMA}); upgrade"
         return None
+
+    @property
+    def placement(self) -> Placement:
+        """Which agents may take the run's jobs (``master.placement``)."""
+        return Placement.parse(**self.placement_options())
+
+    def placement_options(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in PLACEMENT}
 
     def data_file(self, chunk: int) -> str | None:
         if self.data_dir is None:
@@ -205,16 +236,14 @@ def kwargs_size_error(kwargs: dict[str, Any], what: str = "--kwargs",
             f"descriptor carries a copy. Put large inputs in {instead}")
 
 
-def build(*, task: str | None = None, script: str | None = None, cmd: str | None = None,
-          commands: str | None = None, chunks: int | None = None, kwargs: dict[str, Any] | None = None,
-          sweep: str | dict[str, Any] | list[dict[str, Any]] | None = None, prefix: str | None = None,
-          success_codes: str | list[int] | None = None, fail_on_output: str | None = None,
-          result_file: str | None = None, shared: str | None = None, data: str | None = None,
-          run: str | None = None, retries: int = 2, timeout: float | None = None, workdir: str | None = None,
-          share: float = 1.0, arrays_as_kwargs: bool = False, visible_gpu_id: bool = False,
-          env: dict[str, str] | None = None, setup: str | None = None) -> RunSpec:
-    """Check every argument and return the RunSpec; raises UsageError naming the bad one.
-    ``sweep``: a sweep file's path or inline JSON (``master.sweep``), or its parameter sets."""
+def build(**given: Any) -> RunSpec:
+    """Check every option (``master.options``: task, script, cmd or commands, chunks, kwargs, sweep,
+    ...) and return the RunSpec; raises UsageError naming the bad one, TypeError for a keyword that
+    is no run option. ``sweep``: a sweep file's path or inline JSON (``master.sweep``), or its parameter sets."""
+    a = spec_values(given, "build()")
+    task, script, cmd, commands, chunks, kwargs, sweep, shared, data, run, workdir, setup, env = (
+        a[k] for k in ("task", "script", "cmd", "commands", "chunks", "kwargs", "sweep", "shared", "data", "run",
+                       "workdir", "setup", "env"))
     workdir = str(Path(workdir or os.getcwd()).resolve())
     given = [n for n, v in (("--task", task), ("--script", script), ("--cmd", cmd), ("--commands", commands))
              if v is not None]
@@ -236,21 +265,21 @@ def build(*, task: str | None = None, script: str | None = None, cmd: str | None
             chunks = check_chunks(chunks, len(lines), f"--commands {commands} ({len(lines)} lines)")
     if chunks is None:
         raise UsageError("--chunks is missing (or pass --sweep, whose parameter sets are the chunks)")
-    if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
-        raise UsageError(f"--chunks must be a whole number of at least 1, not {chunks!r}")
+    if why := problem("chunks", chunks):
+        raise UsageError(why)
     # a script takes its kwargs as flags (any flag name); a callable or command as names (identifiers)
     if why := kwargs_problem(JobKind.SCRIPT if script is not None else JobKind.CALLABLE, kwargs):
         raise UsageError(f"--kwargs {why}")
     if (too_large := kwargs_size_error(kwargs if params is None else
                                        max((dict(kwargs, **p) for p in params), key=lambda d: len(json.dumps(d))))):
         raise UsageError(too_large)
-    if retries < 0:
-        raise UsageError(f"--retries must be 0 or more, not {retries}")
-    if timeout is not None and not 0 < timeout < math.inf:
-        raise UsageError(f"--timeout must be a positive number of seconds, not {timeout}")
-    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share < math.inf:
-        raise UsageError(f"--share must be a positive number (the run's weight; default 1), not {share!r}")
-    opts = dict(prefix=prefix, success_codes=success_codes, fail_on_output=fail_on_output, result_file=result_file)
+    if why := first_problem(a, ("retries", "timeout", "share")):
+        raise UsageError(why)
+    placement = {k: a[k] for k in PLACEMENT}
+    placement["targets"] = list(placement["targets"] or []) or None
+    Placement.parse(**placement)  # UsageError naming a bad one
+    opts = {k: a[k] for k in ("prefix", "success_codes", "fail_on_output", "result_file")}
+    success_codes = opts["success_codes"]
     if task is not None or script is not None:
         if used := [f"--{k.replace('_', '-')}" for k, v in opts.items() if v is not None and
                     (task is not None or k != "success_codes")]:  # a script's exit codes: OctoRun's success_codes
@@ -263,7 +292,7 @@ def build(*, task: str | None = None, script: str | None = None, cmd: str | None
                                       known=set(), partial=set())
     shared_path = check_npz(shared, "--shared", workdir) if shared else None
     data_dir = check_data_dir(data, chunks, workdir) if data else None
-    named = array_kwargs(task, shared_path, data_dir, kwargs) if arrays_as_kwargs else set()
+    named = array_kwargs(task, shared_path, data_dir, kwargs) if a["arrays_as_kwargs"] else set()
     state = {"state"} if setup is not None else set()  # what the setup returns: the task may require it
     if task is not None:
         kind, target = JobKind.CALLABLE, check_task(task, workdir, kwargs, named, state) if params is None else ""
@@ -287,9 +316,11 @@ def build(*, task: str | None = None, script: str | None = None, cmd: str | None
     else:
         name = default_name(kind, target, 0 if params is not None else chunks, kwargs, shared_path, data_dir,
                             {"sweep": params is not None, "commands": lines, "options": options})
-    return RunSpec(name, kind, target, chunks, kwargs, shared_path, data_dir, retries, timeout, workdir, float(share),
-                   params=params, commands=lines, options=options, arrays_as_kwargs=bool(arrays_as_kwargs),
-                   visible_gpu_id=bool(visible_gpu_id), env=dict(env) if env else None, setup=setup)
+    return RunSpec(name, kind, target, chunks, kwargs, shared_path, data_dir, a["retries"], a["timeout"], workdir,
+                   float(a["share"]), params=params, commands=lines, options=options,
+                   arrays_as_kwargs=bool(a["arrays_as_kwargs"]), visible_gpu_id=bool(a["visible_gpu_id"]),
+                   env=dict(env) if env else None, setup=setup,
+                   **placement)
 
 
 def _sweep(sweep: str | dict[str, Any] | list[dict[str, Any]], workdir: str, kwargs: dict[str, Any],
@@ -347,11 +378,13 @@ def load_run(spool: Spool, run: str) -> RunSpec:
         raise UsageError(f"no run {run!r} in {spool.base} (runs there: {known})") from None
 
 
-def save_or_check(spool: Spool, spec: RunSpec, fresh: bool, may_change: tuple[str, ...] = ()) -> RunSpec:
+def save_or_check(spool: Spool, spec: RunSpec, fresh: bool, may_change: tuple[str, ...] = (),
+                  notes: list[str] | None = None) -> RunSpec:
     """Write the run spec, or check that an existing run of this name is the same run; returns
     the spec the run goes on with: a sweep submitted again keeps the run's parameter sets and
-    adds its new ones (``master.sweep.merge``). Fields of its identity named in ``may_change``
-    may differ (an OctoRun config's kwargs: OctoRun keys completion on chunk ids alone)."""
+    adds its new ones (``master.sweep.merge``), and its placement where none is given again
+    (``notes`` gets a line saying what changed where another is). Fields of its identity named in
+    ``may_change`` may differ (an OctoRun config's kwargs: OctoRun keys completion on chunk ids alone)."""
     path = spool.run_spec(spec.name)
     spool.mkdir(path.parent)
     if os.path.lexists(path) and not fresh:  # a link (even a dangling one) is refused by load, not replaced
@@ -362,9 +395,22 @@ def save_or_check(spool: Spool, spec: RunSpec, fresh: bool, may_change: tuple[st
         if diff:
             raise UsageError(f"run {spec.name!r} already exists in {spool.base} with {_differs(diff)}; "
                              "pass --fresh to start it over, or --run NAME for a new run")
-        spec = grown
+        spec = _placed(old, grown, notes)
     write_replace(path, spec.to_json())
     return spec
+
+
+def _placed(old: RunSpec, new: RunSpec, notes: list[str] | None) -> RunSpec:
+    """``new`` with ``old``'s placement options where it gives none; a note naming those it changes."""
+    kept = {k: v for k, v in old.placement_options().items() if v is not None and getattr(new, k) is None}
+    changed = [(k, v, getattr(new, k)) for k, v in old.placement_options().items()
+               if getattr(new, k) is not None and getattr(new, k) != v]
+    if changed and notes is not None:
+        show = lambda v: "(none)" if v is None else " ".join(map(str, v)) if isinstance(v, list) else f"{v:g}" \
+            if isinstance(v, float) else str(v)  # noqa: E731
+        notes.append(f"run {new.name}: placement changed: " + ", ".join(
+            f"{BY_NAME[k].option} {show(a)} -> {show(b)}" for k, a, b in changed))
+    return dataclasses.replace(new, **kept) if kept else new
 
 
 def _differs(fields: list[str]) -> str:
