@@ -29,6 +29,7 @@ from gpupool.jobs.owners import check_run, claim_run
 from gpupool.jobs.paths import Spool
 from gpupool.jobs.results import new_epoch, read_epoch, read_result, scan_run
 from gpupool.master.feeder import FeedConfig, Feeder, Summary
+from gpupool.master.options import spec_values
 from gpupool.master.placement import Placement
 from gpupool.master.progress import Progress
 from gpupool.master.runspec import RunSpec, build, save_or_check
@@ -100,7 +101,7 @@ class Pool:
         this name with other kwargs is resumed with these, its done chunks kept (OctoRun's way:
         completion is keyed on chunk ids alone). ``force``: resume or start over a run of this name
         that belongs to another user (``jobs.owners``; refused without it)."""
-        spec = build(**options)
+        spec = build(**spec_values(options, "Pool.submit()"))  # an unknown keyword: TypeError naming it
         return Run(self.spool, spec, fresh, kwargs_may_change, force)
 
     def run(self, name: str) -> "Run":
