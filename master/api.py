@@ -144,7 +144,8 @@ class Run:
                 new_epoch(self.spool, self.name)
             earlier = self._on_record() if self.may_change and not self.fresh else None
             notes: list[str] = []  # a placement given again that differs from the saved one
-            self.spec = save_or_check(self.spool, self.spec, self.fresh, self.may_change, notes)  # a sweep may have grown
+            # a sweep may have grown; the placement saved is kept unless given again
+            self.spec = save_or_check(self.spool, self.spec, self.fresh, self.may_change, notes)
             if earlier is not None and earlier.kwargs != self.spec.kwargs:
                 new_epoch(self.spool, self.name)  # what was queued with the earlier kwargs neither runs nor commits
                 drop_run(self.spool, self.name)

@@ -275,7 +275,8 @@ class Feeder(Dispatcher):
                    attempt=self.attempt.get(c, 0) + 1, max_attempts=self.max_attempts[c], kwargs=s.chunk_kwargs(c),
                    data=s.data_file(c), submitted_at=time.time(), alone=c in self.isolated, epoch=self.epoch,
                    params=s.chunk_params(c), options=s.options, gpus=self.placement.gpus_per_job,
-                   gpu_mem=self.placement.gpu_mem, **{job: getattr(s, field) for field, job in JOB_FIELDS.items()})  # as saved (master.options)
+                   gpu_mem=self.placement.gpu_mem,
+                   **{job: getattr(s, field) for field, job in JOB_FIELDS.items()})  # as saved: master.options
 
     # the loop ----------------------------------------------------------------------------------
     def run(self, stop: threading.Event | None = None) -> Summary:

@@ -20,9 +20,9 @@ from gpupool.jobs.jsonio import load_json, read_json
 from gpupool.jobs.names import MAX_CHUNKS, brief, check_name, slug
 from gpupool.jobs.paths import Spool
 from gpupool.master.errors import UsageError
+from gpupool.master.inputs import array_kwargs, check_data_dir, check_npz, chunk_data
 from gpupool.master.options import BY_NAME, PLACEMENT, SPARSE, first_problem, problem, spec_values
 from gpupool.master.placement import Placement
-from gpupool.master.inputs import array_kwargs, check_data_dir, check_npz, chunk_data
 from gpupool.master.usercode import check_script, check_setup, check_task
 
 SPEC_SCHEMA = 1
@@ -153,7 +153,8 @@ class RunSpec:
                 return f"'{name}' must be a string, not {brief(getattr(self, name))}"
         for name in ("min_free_gb", "gpus_per_job", "gpu_mem"):
             v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int if name == "gpus_per_job" else (int, float))):
+            number = int if name == "gpus_per_job" else (int, float)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, number)):
                 return f"'{name}' must be a number, not {brief(v)}"
         try:
             self.placement
@@ -236,11 +237,11 @@ def kwargs_size_error(kwargs: dict[str, Any], what: str = "--kwargs",
             f"descriptor carries a copy. Put large inputs in {instead}")
 
 
-def build(**given: Any) -> RunSpec:
+def build(**values: Any) -> RunSpec:
     """Check every option (``master.options``: task, script, cmd or commands, chunks, kwargs, sweep,
     ...) and return the RunSpec; raises UsageError naming the bad one, TypeError for a keyword that
     is no run option. ``sweep``: a sweep file's path or inline JSON (``master.sweep``), or its parameter sets."""
-    a = spec_values(given, "build()")
+    a = spec_values(values, "build()")
     task, script, cmd, commands, chunks, kwargs, sweep, shared, data, run, workdir, setup, env = (
         a[k] for k in ("task", "script", "cmd", "commands", "chunks", "kwargs", "sweep", "shared", "data", "run",
                        "workdir", "setup", "env"))
