@@ -29,6 +29,7 @@ from gpupool.jobs.owners import check_run, claim_run
 from gpupool.jobs.paths import Spool
 from gpupool.jobs.results import new_epoch, read_epoch, read_result, scan_run
 from gpupool.master.feeder import FeedConfig, Feeder, Summary
+from gpupool.master.options import spec_values
 from gpupool.master.placement import Placement
 from gpupool.master.progress import Progress
 from gpupool.master.runspec import RunSpec, build, save_or_check
@@ -81,31 +82,26 @@ class Pool:
         self.spool = spool.ensure()
         self.spool.check_private()
 
-    def submit(self, *, task: str | None = None, script: str | None = None, cmd: str | None = None,
-               commands: str | None = None, chunks: int | None = None, kwargs: dict[str, Any] | None = None,
-               sweep: str | dict[str, Any] | list[dict[str, Any]] | None = None, shared: str | None = None,
-               data: str | None = None,
-               run: str | None = None, retries: int = 2, timeout: float | None = None,
-               fresh: bool = False, workdir: str | None = None, share: float = 1.0, arrays_as_kwargs: bool = False,
-               visible_gpu_id: bool = False, kwargs_may_change: bool = False, env: dict[str, str] | None = None,
-               setup: str | None = None, force: bool = False, **command_options: Any) -> "Run":
-        """Validate and record a run (nothing is queued until ``wait``). ``share``: the run's
-        weight when several runs use the pool at once (agents split between them in proportion).
-        ``cmd`` / ``commands``: command jobs (``agent.command``), with ``command_options`` prefix,
-        success_codes, fail_on_output, result_file; ``sweep``: a file, inline JSON or a list of
-        parameter sets (``master.sweep``), one chunk each. ``arrays_as_kwargs``: each array of ``data``
-        and ``shared`` is passed by its name; ``visible_gpu_id``: ``gpu_id`` is the GPU's index as the
-        job sees it, 0 (docs/executor.md). ``env``: variables set for every job, over the agent's
-        environment (``main.py --env``). ``setup``: ``"file.py:fn"`` or ``"module:fn"``, called once
-        per worker process before the run's first chunk there; its value is each chunk's ``state``
-        (``main.py --setup``). ``kwargs_may_change``: a run of this name with other
-        kwargs is resumed with these, its done chunks kept (OctoRun's way: completion is keyed on
-        chunk ids alone). ``force``: resume or start over a run of this name that belongs to another
-        user (``jobs.owners``; refused without it)."""
-        spec = build(task=task, script=script, cmd=cmd, commands=commands, chunks=chunks, kwargs=kwargs,
-                     sweep=sweep, shared=shared, data=data, run=run, retries=retries, timeout=timeout,
-                     workdir=workdir, share=share, arrays_as_kwargs=arrays_as_kwargs,
-                     visible_gpu_id=visible_gpu_id, env=env, setup=setup, **command_options)
+    def submit(self, *, fresh: bool = False, kwargs_may_change: bool = False, force: bool = False,
+               **options: Any) -> "Run":
+        """Validate and record a run (nothing is queued until ``wait``). ``options``: the run's
+        options (``master.options.OPTIONS``, main.py's flags with underscores): one of ``task``,
+        ``script``, ``cmd`` or ``commands`` (command jobs, ``agent.command``: with prefix,
+        success_codes, fail_on_output, result_file), ``chunks``, ``kwargs``, ``sweep`` (a file, inline
+        JSON or a list of parameter sets, ``master.sweep``: one chunk each), ``shared``, ``data``,
+        ``run``, ``retries``, ``timeout``, ``workdir``, ``share`` (the run's weight when several runs
+        use the pool at once), ``arrays_as_kwargs`` (each array of ``data`` and ``shared`` passed by
+        its name), ``visible_gpu_id`` (``gpu_id`` is the GPU's index as the job sees it, 0:
+        docs/executor.md), ``env`` (a dict of variables set for every job), ``setup`` (``"file.py:fn"``
+        or ``"module:fn"``, called once per worker process before the run's first chunk there; its
+        value is each chunk's ``state``), and placement (``master.placement``: ``targets`` a list of
+        ``"HOST::GPU,GPU"``, ``hosts`` and ``exclude_hosts`` ``"H1,H2"``, ``min_free_gb``,
+        ``gpus_per_job``, ``gpu_mem``), saved with the run and kept when it is resumed or retried
+        without it. A keyword that is none of them raises TypeError. ``kwargs_may_change``: a run of
+        this name with other kwargs is resumed with these, its done chunks kept (OctoRun's way:
+        completion is keyed on chunk ids alone). ``force``: resume or start over a run of this name
+        that belongs to another user (``jobs.owners``; refused without it)."""
+        spec = build(**spec_values(options, "Pool.submit()"))  # an unknown keyword: TypeError naming it
         return Run(self.spool, spec, fresh, kwargs_may_change, force)
 
     def run(self, name: str) -> "Run":
@@ -127,8 +123,8 @@ class Run:
     def wait(self, progress: bool = True, cfg: FeedConfig | None = None, wait_for_lock: bool = False,
              stop: threading.Event | None = None, placement: Placement | None = None) -> Summary:
         """Be this run's master until every chunk has a final result; returns the summary.
-        ``placement``: which agents may take its jobs (``master.placement``); raises Unplaceable
-        if live agents are there and none may."""
+        ``placement``: which agents may take its jobs (``master.placement``; default: the run's own,
+        ``RunSpec.placement``); raises Unplaceable if live agents are there and none may."""
         self.spool.mkdir(self.spool.run_dir(self.name))
         check_run(self.spool, self.name, self.force, "start it over" if self.fresh else "resume it")
         lock = HolderLock(self.spool.master_lock(self.name))
@@ -147,7 +143,9 @@ class Run:
             elif read_epoch(self.spool, self.name) is None:
                 new_epoch(self.spool, self.name)
             earlier = self._on_record() if self.may_change and not self.fresh else None
-            self.spec = save_or_check(self.spool, self.spec, self.fresh, self.may_change)  # a sweep may have grown
+            notes: list[str] = []  # a placement given again that differs from the saved one
+            # a sweep may have grown; the placement saved is kept unless given again
+            self.spec = save_or_check(self.spool, self.spec, self.fresh, self.may_change, notes)
             if earlier is not None and earlier.kwargs != self.spec.kwargs:
                 new_epoch(self.spool, self.name)  # what was queued with the earlier kwargs neither runs nor commits
                 drop_run(self.spool, self.name)
@@ -157,6 +155,8 @@ class Run:
             purge_temp([self.spool.result_dir(self.name), self.spool.run_dir(self.name), self.spool.pool_dir,
                         self.spool.pool_tmp_dir])
             bar = Progress(self.spec, enabled=progress, base=self.spool.base)
+            for note in notes:
+                bar.say(note)
             feeder = Feeder(self.spool, self.spec, cfg, on_event=bar.event, placement=placement)
             feeder.recover()
             if earlier is not None:

@@ -32,6 +32,7 @@ from gpupool.jobs.paths import Spool
 from gpupool.jobs.results import final_status, scan_run
 from gpupool.master.api import Run
 from gpupool.master.liveness import Liveness
+from gpupool.master.options import problem
 from gpupool.master.runspec import RunSpec, load_run
 
 
@@ -79,9 +80,9 @@ def retry_run(spool: Spool, run: str, retries: int | None = None, force: bool = 
         raise ControlError(f"run {run} was made by a master.executor.Executor, whose chunks each call their own "
                            "function; submit them again from Python")
     if retries is not None:
-        if retries < 0:
-            raise ControlError(f"--retries must be 0 or more, not {retries}")
-        spec = dataclasses.replace(spec, retries=retries)
+        if why := problem("retries", retries):
+            raise ControlError(why)
+        spec = dataclasses.replace(spec, retries=retries)  # its placement, as saved, is kept (RunSpec.placement)
     statuses = chunk_statuses(spool, spec)
     failed = [c for c, status in statuses.items() if status != "ok"]
     missing = spec.chunks - len(statuses)

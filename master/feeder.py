@@ -25,6 +25,7 @@ from gpupool.jobs.results import (SUPERSEDED, RunScan, read_epoch, read_result, 
 from gpupool.jobs.words import plural
 from gpupool.master.dispatcher import Dispatcher, Event, FeedConfig, Outcome, read_or_empty, summarize
 from gpupool.master.liveness import AgentView
+from gpupool.master.options import JOB_FIELDS
 from gpupool.master.placement import Placement, Unplaceable, gpu_count, gpu_ids
 from gpupool.master.runspec import RunSpec
 
@@ -93,7 +94,7 @@ class Feeder(Dispatcher):
                  on_event: Event | None = None, clock: Callable[[], float] = time.monotonic,
                  placement: Placement | None = None) -> None:
         super().__init__(spool, spec.name, cfg, on_event, clock)
-        self.spec, self.placement = spec, placement or Placement()
+        self.spec, self.placement = spec, placement or spec.placement
         self.recovered_done = 0  # chunks already done when this master started
         self.epoch = read_epoch(spool, spec.name)  # carried by every job (see jobs.descriptor)
         self.halted: str | None = None
@@ -272,11 +273,10 @@ class Feeder(Dispatcher):
         s = self.spec
         return Job(run=s.name, chunk_id=c, total_chunks=s.chunks, kind=s.kind, target=s.chunk_target(c),
                    attempt=self.attempt.get(c, 0) + 1, max_attempts=self.max_attempts[c], kwargs=s.chunk_kwargs(c),
-                   shared=s.shared, data=s.data_file(c), timeout=s.timeout, workdir=s.workdir,
-                   submitted_at=time.time(), alone=c in self.isolated, epoch=self.epoch, share=s.share,
-                   params=s.chunk_params(c), options=s.options, arrays_as_kwargs=s.arrays_as_kwargs,
-                   visible_gpu_id=s.visible_gpu_id, env=s.env, gpus=self.placement.gpus_per_job,
-                   gpu_mem=self.placement.gpu_mem, setup=s.setup)
+                   data=s.data_file(c), submitted_at=time.time(), alone=c in self.isolated, epoch=self.epoch,
+                   params=s.chunk_params(c), options=s.options, gpus=self.placement.gpus_per_job,
+                   gpu_mem=self.placement.gpu_mem,
+                   **{job: getattr(s, field) for field, job in JOB_FIELDS.items()})  # as saved: master.options
 
     # the loop ----------------------------------------------------------------------------------
     def run(self, stop: threading.Event | None = None) -> Summary:

@@ -16,14 +16,13 @@ than that in all, and CPU agents.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
-from gpupool.jobs.descriptor import MAX_GPUS
 from gpupool.jobs.heartbeat import Heartbeat
 from gpupool.jobs.jsonio import is_num
-from gpupool.master.runspec import UsageError
+from gpupool.master.errors import UsageError
+from gpupool.master.options import first_problem
 
 
 class Unplaceable(UsageError):
@@ -43,14 +42,10 @@ class Placement:
     def parse(cls, targets: list[str] | None = None, hosts: str | None = None, exclude_hosts: str | None = None,
               min_free_gb: float | None = None, gpus_per_job: int | None = None,
               gpu_mem: float | None = None) -> "Placement":
-        """From the command line; UsageError naming the bad argument."""
+        """From the command line (or a run's saved spec: ``RunSpec.placement``); UsageError naming the bad argument."""
         parsed = tuple(_target(t) for t in targets or ())
-        if min_free_gb is not None and not 0 <= min_free_gb < math.inf:
-            raise UsageError(f"--min-free-gb must be 0 or a positive number of GiB, not {min_free_gb}")
-        if gpus_per_job is not None and not 1 <= gpus_per_job <= MAX_GPUS:
-            raise UsageError(f"--gpus-per-job must be a whole number from 1 to {MAX_GPUS}, not {gpus_per_job}")
-        if gpu_mem is not None and not 0 < gpu_mem < math.inf:
-            raise UsageError(f"--gpu-mem must be a positive number of GiB (what one job needs), not {gpu_mem}")
+        if why := first_problem(dict(min_free_gb=min_free_gb, gpus_per_job=gpus_per_job, gpu_mem=gpu_mem)):
+            raise UsageError(why)
         return cls(parsed, _names(hosts, "--hosts"), _names(exclude_hosts, "--exclude-hosts"), min_free_gb,
                    gpus_per_job, gpu_mem)
 

@@ -1,26 +1,29 @@
-"""A run: what to execute on how many chunks. Validated here, once, before anything is queued."""
+"""A run: what to execute on how many chunks. Validated here, once, before anything is queued
+(its options: ``master.options``; its user code: ``master.usercode``; its arrays: ``master.inputs``),
+saved as ``runs/<run>/run.json`` and checked against what is saved when the run is submitted again."""
 from __future__ import annotations
 
-import ast
 import dataclasses
 import hashlib
-import importlib.util
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from gpupool.jobs.atomic import NotAFile, write_replace
-from gpupool.jobs.descriptor import BUILTIN_KWARGS, MAX_ATTEMPTS, SETUP_BUILTINS, JobKind, env_problem, kwargs_problem, options_problem
-from gpupool.jobs.errors import BadFile, BadNpz, SpoolError
+from gpupool.jobs.descriptor import MAX_ATTEMPTS, JobKind, env_problem, kwargs_problem, options_problem
+from gpupool.jobs.errors import BadFile, SpoolError
 from gpupool.jobs.jsonio import load_json, read_json
 from gpupool.jobs.names import MAX_CHUNKS, brief, check_name, slug
 from gpupool.jobs.paths import Spool
 from gpupool.master.errors import UsageError
+from gpupool.master.inputs import array_kwargs, check_data_dir, check_npz, chunk_data
+from gpupool.master.options import BY_NAME, PLACEMENT, SPARSE, first_problem, problem, spec_values
+from gpupool.master.placement import Placement
+from gpupool.master.usercode import check_script, check_setup, check_task
 
 SPEC_SCHEMA = 1
 SPEC_LIMIT = 1024 * 1024
@@ -47,6 +50,13 @@ class RunSpec:
     env: dict[str, str] | None = None  # main.py --env: variables set for every job (may change on resume)
     setup: str | None = None  # main.py --setup: called once per worker of the run; its value is each chunk's state
     schema: int = SPEC_SCHEMA
+    # placement (master.placement), as given: kept on resume and retry unless given again (may change on resume)
+    targets: list[str] | None = None  # --target HOST::GPU[,GPU], repeatable
+    hosts: str | None = None  # --hosts H1,H2
+    exclude_hosts: str | None = None  # --exclude-hosts H1,H2
+    min_free_gb: float | None = None
+    gpus_per_job: int | None = None
+    gpu_mem: float | None = None
 
     def identity(self) -> dict[str, Any]:
         """What makes two runs the same run (retries and timeout may change on resume)."""
@@ -69,7 +79,7 @@ class RunSpec:
     def to_json(self) -> bytes:
         d = dataclasses.asdict(self)
         d["kind"] = self.kind.value
-        for name in ("params", "commands", "options", "env", "setup"):  # only where set: older tools refuse unknown fields
+        for name in ("params", "commands", "options", *SPARSE):  # only where set: older tools refuse unknown fields
             if d[name] is None:
                 del d[name]
         return json.dumps({**d, "created_at": time.time()}, indent=1, sort_keys=True).encode()
@@ -135,14 +145,37 @@ class RunSpec:
                 return f"'{name}' must be true or false, not {brief(getattr(self, name))}"
         if self.env is not None and (why := env_problem(self.env)):
             return f"'env' {why}"
+        if self.targets is not None and (not isinstance(self.targets, list) or
+                                         not all(isinstance(t, str) for t in self.targets)):
+            return f"'targets' must be a list of strings, not {brief(self.targets)}"
+        for name in ("hosts", "exclude_hosts"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                return f"'{name}' must be a string, not {brief(getattr(self, name))}"
+        for name in ("min_free_gb", "gpus_per_job", "gpu_mem"):
+            v = getattr(self, name)
+            number = int if name == "gpus_per_job" else (int, float)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, number)):
+                return f"'{name}' must be a number, not {brief(v)}"
+        try:
+            self.placement
+        except UsageError as e:
+            return f"its placement: {e}"
         if isinstance(self.schema, bool) or not isinstance(self.schema, int) or self.schema > SPEC_SCHEMA:
             return f"'schema' {brief(self.schema)} is not one this tool reads ({SPEC_SCHEMA}); upgrade"
         return None
 
+    @property
+    def placement(self) -> Placement:
+        """Which agents may take the run's jobs (``master.placement``)."""
+        return Placement.parse(**self.placement_options())
+
+    def placement_options(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in PLACEMENT}
+
     def data_file(self, chunk: int) -> str | None:
         if self.data_dir is None:
             return None
-        return str(_chunk_data(Path(self.data_dir), chunk))
+        return str(chunk_data(Path(self.data_dir), chunk))
 
 
 def default_name(kind: JobKind, target: str, chunks: int, kwargs: dict[str, Any],
@@ -204,16 +237,14 @@ def kwargs_size_error(kwargs: dict[str, Any], what: str = "--kwargs",
             f"descriptor carries a copy. Put large inputs in {instead}")
 
 
-def build(*, task: str | None = None, script: str | None = None, cmd: str | None = None,
-          commands: str | None = None, chunks: int | None = None, kwargs: dict[str, Any] | None = None,
-          sweep: str | dict[str, Any] | list[dict[str, Any]] | None = None, prefix: str | None = None,
-          success_codes: str | list[int] | None = None, fail_on_output: str | None = None,
-          result_file: str | None = None, shared: str | None = None, data: str | None = None,
-          run: str | None = None, retries: int = 2, timeout: float | None = None, workdir: str | None = None,
-          share: float = 1.0, arrays_as_kwargs: bool = False, visible_gpu_id: bool = False,
-          env: dict[str, str] | None = None, setup: str | None = None) -> RunSpec:
-    """Check every argument and return the RunSpec; raises UsageError naming the bad one.
-    ``sweep``: a sweep file's path or inline JSON (``master.sweep``), or its parameter sets."""
+def build(**values: Any) -> RunSpec:
+    """Check every option (``master.options``: task, script, cmd or commands, chunks, kwargs, sweep,
+    ...) and return the RunSpec; raises UsageError naming the bad one, TypeError for a keyword that
+    is no run option. ``sweep``: a sweep file's path or inline JSON (``master.sweep``), or its parameter sets."""
+    a = spec_values(values, "build()")
+    task, script, cmd, commands, chunks, kwargs, sweep, shared, data, run, workdir, setup, env = (
+        a[k] for k in ("task", "script", "cmd", "commands", "chunks", "kwargs", "sweep", "shared", "data", "run",
+                       "workdir", "setup", "env"))
     workdir = str(Path(workdir or os.getcwd()).resolve())
     given = [n for n, v in (("--task", task), ("--script", script), ("--cmd", cmd), ("--commands", commands))
              if v is not None]
@@ -235,21 +266,21 @@ def build(*, task: str | None = None, script: str | None = None, cmd: str | None
             chunks = check_chunks(chunks, len(lines), f"--commands {commands} ({len(lines)} lines)")
     if chunks is None:
         raise UsageError("--chunks is missing (or pass --sweep, whose parameter sets are the chunks)")
-    if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
-        raise UsageError(f"--chunks must be a whole number of at least 1, not {chunks!r}")
+    if why := problem("chunks", chunks):
+        raise UsageError(why)
     # a script takes its kwargs as flags (any flag name); a callable or command as names (identifiers)
     if why := kwargs_problem(JobKind.SCRIPT if script is not None else JobKind.CALLABLE, kwargs):
         raise UsageError(f"--kwargs {why}")
     if (too_large := kwargs_size_error(kwargs if params is None else
                                        max((dict(kwargs, **p) for p in params), key=lambda d: len(json.dumps(d))))):
         raise UsageError(too_large)
-    if retries < 0:
-        raise UsageError(f"--retries must be 0 or more, not {retries}")
-    if timeout is not None and not 0 < timeout < math.inf:
-        raise UsageError(f"--timeout must be a positive number of seconds, not {timeout}")
-    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share < math.inf:
-        raise UsageError(f"--share must be a positive number (the run's weight; default 1), not {share!r}")
-    opts = dict(prefix=prefix, success_codes=success_codes, fail_on_output=fail_on_output, result_file=result_file)
+    if why := first_problem(a, ("retries", "timeout", "share")):
+        raise UsageError(why)
+    placement = {k: a[k] for k in PLACEMENT}
+    placement["targets"] = list(placement["targets"] or []) or None
+    Placement.parse(**placement)  # UsageError naming a bad one
+    opts = {k: a[k] for k in ("prefix", "success_codes", "fail_on_output", "result_file")}
+    success_codes = opts["success_codes"]
     if task is not None or script is not None:
         if used := [f"--{k.replace('_', '-')}" for k, v in opts.items() if v is not None and
                     (task is not None or k != "success_codes")]:  # a script's exit codes: OctoRun's success_codes
@@ -262,7 +293,7 @@ def build(*, task: str | None = None, script: str | None = None, cmd: str | None
                                       known=set(), partial=set())
     shared_path = check_npz(shared, "--shared", workdir) if shared else None
     data_dir = check_data_dir(data, chunks, workdir) if data else None
-    named = _array_kwargs(task, shared_path, data_dir, kwargs) if arrays_as_kwargs else set()
+    named = array_kwargs(task, shared_path, data_dir, kwargs) if a["arrays_as_kwargs"] else set()
     state = {"state"} if setup is not None else set()  # what the setup returns: the task may require it
     if task is not None:
         kind, target = JobKind.CALLABLE, check_task(task, workdir, kwargs, named, state) if params is None else ""
@@ -286,31 +317,11 @@ def build(*, task: str | None = None, script: str | None = None, cmd: str | None
     else:
         name = default_name(kind, target, 0 if params is not None else chunks, kwargs, shared_path, data_dir,
                             {"sweep": params is not None, "commands": lines, "options": options})
-    return RunSpec(name, kind, target, chunks, kwargs, shared_path, data_dir, retries, timeout, workdir, float(share),
-                   params=params, commands=lines, options=options, arrays_as_kwargs=bool(arrays_as_kwargs),
-                   visible_gpu_id=bool(visible_gpu_id), env=dict(env) if env else None, setup=setup)
-
-
-def _array_kwargs(task: str | None, shared: str | None, data_dir: str | None, kwargs: dict[str, Any]) -> set[str]:
-    """--arrays-as-kwargs: the names the arrays of --shared and of the first chunk's --data .npz
-    give the task (each one a keyword argument); UsageError where the option cannot work."""
-    if task is None:
-        raise UsageError("--arrays-as-kwargs is for --task: scripts and commands get their arguments as flags, "
-                         "not arrays")
-    if shared is None and data_dir is None:
-        raise UsageError("--arrays-as-kwargs passes the arrays of --data and --shared by name; give at least one")
-    from gpupool.jobs.npzio import load_npz
-
-    names: set[str] = set()
-    for what, path in (("--shared", shared), ("--data", data_dir and str(_chunk_data(Path(data_dir), 0)))):
-        if path is None:
-            continue
-        arrays = set(load_npz(path))
-        if clash := sorted(arrays & set(kwargs)):
-            raise UsageError(f"--arrays-as-kwargs: {what} {path} has array(s) {clash}, which --kwargs also gives; "
-                             "rename one")
-        names |= arrays
-    return names
+    return RunSpec(name, kind, target, chunks, kwargs, shared_path, data_dir, a["retries"], a["timeout"], workdir,
+                   float(a["share"]), params=params, commands=lines, options=options,
+                   arrays_as_kwargs=bool(a["arrays_as_kwargs"]), visible_gpu_id=bool(a["visible_gpu_id"]),
+                   env=dict(env) if env else None, setup=setup,
+                   **placement)
 
 
 def _sweep(sweep: str | dict[str, Any] | list[dict[str, Any]], workdir: str, kwargs: dict[str, Any],
@@ -359,150 +370,6 @@ def check_run_name(run: str) -> str:
 
 
 
-def check_task(task: str, workdir: str, kwargs: dict[str, Any] | None = None, named: set[str] = frozenset(),
-               state: set[str] = frozenset()) -> str:
-    """Find the task's module or file and check it defines the function, and that ``kwargs`` fit
-    its signature, without importing it (no user code runs here). ``named``: the arrays passed by
-    name (--arrays-as-kwargs); ``state``: {"state"} with --setup."""
-    target, source, found = _find(task, workdir, "--task")
-    if isinstance(found, ast.FunctionDef):
-        _check_signature(found, kwargs or {}, task, source, named, state)
-    return target
-
-
-def check_setup(setup: str, task: str | None, workdir: str, kwargs: dict[str, Any],
-                params: list[dict[str, Any]] | None) -> str:
-    """``--setup``: for a --task only, found as the task is, and able to be called with the
-    built-ins and --kwargs it may ask for (``agent.task.setup_kwargs``); ``state`` is then its
-    value, and no --kwargs or sweep parameter may take that name."""
-    if task is None:
-        raise UsageError("--setup is for --task: a script or a command is a process of its own for each chunk, "
-                         "which sets itself up")
-    if "state" in kwargs or any("state" in p for p in params or []):
-        raise UsageError("--kwargs or --sweep give 'state', which with --setup is what the setup returned; rename it")
-    target, source, found = _find(setup, workdir, "--setup")
-    if isinstance(found, ast.FunctionDef):
-        a = found.args
-        positional = a.posonlyargs + a.args
-        required = [x.arg for x in positional[:len(positional) - len(a.defaults)]]
-        required += [x.arg for x, d in zip(a.kwonlyargs, a.kw_defaults) if d is None]
-        if missing := [r for r in required if r not in SETUP_BUILTINS and r not in kwargs]:
-            raise UsageError(f"--setup {setup!r}: {found.name}() needs {missing}, which neither --kwargs nor the agent "
-                             f"(it gives a setup {', '.join(SETUP_BUILTINS)}) gives (a sweep's parameters are each "
-                             "chunk's, not the run's); every worker would fail")
-    return target
-
-
-def _find(task: str, workdir: str, option: str) -> tuple[str, Path | None, ast.AST | bool | None]:
-    """The target of a ``module:function`` or ``file.py:function`` (a file's made absolute), its
-    source file (None for a compiled module) and the definition found there (``_definition``),
-    without importing it (no user code runs here); UsageError naming ``option`` if not found."""
-    mod, sep, fn = task.rpartition(":")
-    if not sep or not mod or not fn.isidentifier():
-        raise UsageError(f"{option} {task!r} must look like 'package.module:function' or 'path/file.py:function'")
-    if mod.endswith(".py") or os.sep in mod:
-        path = Path(workdir, mod).resolve()
-        if not path.is_file():
-            raise UsageError(f"{option} {task!r}: the file {path} does not exist")
-        target, source = f"{path}:{fn}", path
-    else:
-        if workdir not in sys.path:
-            sys.path.insert(0, workdir)
-        try:
-            spec = importlib.util.find_spec(mod)
-        except (ImportError, ValueError) as e:
-            raise UsageError(f"{option} {task!r}: cannot import {mod!r} ({e})") from None
-        if spec is None:
-            raise UsageError(f"{option} {task!r}: no module named {mod!r} (searched from {workdir} and sys.path)")
-        target, source = task, Path(spec.origin) if spec.origin and spec.origin.endswith(".py") else None
-    found = _definition(source, fn, option) if source is not None else True
-    if found is None:
-        raise UsageError(f"{option} {task!r}: {source} defines no top-level function or name {fn!r}")
-    return target, source, found
-
-
-def _check_signature(fn: ast.FunctionDef, kwargs: dict[str, Any], task: str, source: Path,
-                     named: set[str] = frozenset(), state: set[str] = frozenset()) -> None:
-    """Fail fast: every chunk would raise TypeError if ``kwargs`` do not fit ``fn``'s parameters
-    (the agent passes the built-ins it asks for, and every kwarg by name)."""
-    a = fn.args
-    params = [x.arg for x in a.posonlyargs + a.args + a.kwonlyargs]
-    if a.kwarg is None and (unknown := sorted(k for k in kwargs if k not in params)):
-        raise UsageError(f"--kwargs key(s) {unknown}: {fn.name}() in {source} takes no such argument (it takes "
-                         f"{', '.join(params) or 'none'}); every chunk would fail")
-    positional = a.posonlyargs + a.args
-    required = [x.arg for x in positional[:len(positional) - len(a.defaults)]]
-    required += [x.arg for x, d in zip(a.kwonlyargs, a.kw_defaults) if d is None]
-    if missing := [r for r in required if r not in kwargs and r not in BUILTIN_KWARGS and r not in named | state]:
-        arrays = f", nor an array of --data/--shared ({', '.join(sorted(named))})" if named else ""
-        fills = ", ".join(BUILTIN_KWARGS) + (", and state from --setup" if state else "")
-        raise UsageError(f"--task {task!r}: {fn.name}() needs {missing}, which neither --kwargs nor the agent "
-                         f"(it fills in {fills}){arrays} gives; every chunk would fail")
-
-
-def _definition(source: Path, name: str, option: str = "--task") -> ast.AST | bool | None:
-    """The top-level definition of ``name`` in ``source`` (a FunctionDef, whose signature can be
-    checked), True for one that cannot be judged (a class, an assignment, an import), or None."""
-    try:
-        tree = ast.parse(source.read_bytes(), str(source))
-    except (SyntaxError, ValueError) as e:
-        raise UsageError(f"{option}: {source} does not parse: {e}") from None
-    found: ast.AST | bool | None = None
-    for node in tree.body:  # the last definition wins, as at import
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.name == name:
-            found = node if isinstance(node, ast.FunctionDef) and not node.decorator_list else True
-            continue
-        if isinstance(node, (ast.Assign, ast.AnnAssign)):
-            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-            if any(isinstance(t, ast.Name) and t.id == name for t in targets):
-                found = True
-        if isinstance(node, (ast.Import, ast.ImportFrom)):
-            if any((a.asname or a.name.split(".")[0]) == name or a.name == "*" for a in node.names):
-                found = True
-    return found
-
-
-def check_script(script: str, workdir: str) -> str:
-    path = Path(workdir, script).resolve()
-    if not path.is_file():
-        raise UsageError(f"--script {script!r}: the file {path} does not exist")
-    return str(path)
-
-
-def check_npz(path: str, what: str, workdir: str) -> str:
-    from gpupool.jobs.npzio import load_npz  # numpy only where arrays are read: main.py starts sooner
-
-    p = Path(workdir, path).resolve()
-    try:
-        load_npz(p)
-    except BadNpz as e:
-        raise UsageError(f"{what}: {e}") from None
-    return str(p)
-
-
-def _chunk_data(d: Path, chunk: int) -> Path:
-    plain = d / f"{chunk}.npz"
-    return plain if plain.exists() else d / f"{chunk:06d}.npz"
-
-
-def check_data_dir(data: str, chunks: int, workdir: str) -> str:
-    d = Path(workdir, data).resolve()
-    if not d.is_dir():
-        raise UsageError(f"--data {data!r}: {d} is not a folder (it must hold one <chunk_id>.npz per chunk)")
-    missing = [c for c in range(chunks) if not _chunk_data(d, c).is_file()]
-    if missing:
-        shown = ", ".join(f"{c}.npz" for c in missing[:5]) + (" ..." if len(missing) > 5 else "")
-        raise UsageError(f"--data {d}: {len(missing)} of {chunks} chunk files are missing ({shown})")
-    from gpupool.jobs.npzio import load_npz
-
-    for c in sorted({0, chunks - 1}):
-        try:
-            load_npz(_chunk_data(d, c))
-        except BadNpz as e:
-            raise UsageError(f"--data: {e}") from None
-    return str(d)
-
-
 def load_run(spool: Spool, run: str) -> RunSpec:
     """The spec of an existing run, or a UsageError listing the runs there are."""
     try:
@@ -512,11 +379,13 @@ def load_run(spool: Spool, run: str) -> RunSpec:
         raise UsageError(f"no run {run!r} in {spool.base} (runs there: {known})") from None
 
 
-def save_or_check(spool: Spool, spec: RunSpec, fresh: bool, may_change: tuple[str, ...] = ()) -> RunSpec:
+def save_or_check(spool: Spool, spec: RunSpec, fresh: bool, may_change: tuple[str, ...] = (),
+                  notes: list[str] | None = None) -> RunSpec:
     """Write the run spec, or check that an existing run of this name is the same run; returns
     the spec the run goes on with: a sweep submitted again keeps the run's parameter sets and
-    adds its new ones (``master.sweep.merge``). Fields of its identity named in ``may_change``
-    may differ (an OctoRun config's kwargs: OctoRun keys completion on chunk ids alone)."""
+    adds its new ones (``master.sweep.merge``), and its placement where none is given again
+    (``notes`` gets a line saying what changed where another is). Fields of its identity named in
+    ``may_change`` may differ (an OctoRun config's kwargs: OctoRun keys completion on chunk ids alone)."""
     path = spool.run_spec(spec.name)
     spool.mkdir(path.parent)
     if os.path.lexists(path) and not fresh:  # a link (even a dangling one) is refused by load, not replaced
@@ -527,9 +396,22 @@ def save_or_check(spool: Spool, spec: RunSpec, fresh: bool, may_change: tuple[st
         if diff:
             raise UsageError(f"run {spec.name!r} already exists in {spool.base} with {_differs(diff)}; "
                              "pass --fresh to start it over, or --run NAME for a new run")
-        spec = grown
+        spec = _placed(old, grown, notes)
     write_replace(path, spec.to_json())
     return spec
+
+
+def _placed(old: RunSpec, new: RunSpec, notes: list[str] | None) -> RunSpec:
+    """``new`` with ``old``'s placement options where it gives none; a note naming those it changes."""
+    kept = {k: v for k, v in old.placement_options().items() if v is not None and getattr(new, k) is None}
+    changed = [(k, v, getattr(new, k)) for k, v in old.placement_options().items()
+               if getattr(new, k) is not None and getattr(new, k) != v]
+    if changed and notes is not None:
+        show = lambda v: "(none)" if v is None else " ".join(map(str, v)) if isinstance(v, list) else f"{v:g}" \
+            if isinstance(v, float) else str(v)  # noqa: E731
+        notes.append(f"run {new.name}: placement changed: " + ", ".join(
+            f"{BY_NAME[k].option} {show(a)} -> {show(b)}" for k, a, b in changed))
+    return dataclasses.replace(new, **kept) if kept else new
 
 
 def _differs(fields: list[str]) -> str:

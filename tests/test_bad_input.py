@@ -173,3 +173,27 @@ def test_kwargs_that_cannot_fit_the_tasks_signature_are_refused_at_submit(tmp_pa
     assert "f() needs ['alpha', 'gamma'], which neither --kwargs nor the agent" in submit("task.py:f", {"beta": 1})
     assert "no live agent came" in submit("task.py:f", {"alpha": 1, "gamma": 3})  # fits: queued, then no agent
     assert "no live agent came" in submit("task.py:g", {"anything": 1})  # **options takes every keyword
+
+
+def test_submit_refuses_a_keyword_that_is_no_run_option_as_a_function_would(tmp_path: Path) -> None:
+    from gpupool.master.api import Pool
+    from gpupool.master.errors import UsageError
+    pool = Pool(tmp_path / "b")
+    with pytest.raises(TypeError, match=r"Pool.submit\(\) got an unexpected keyword argument 'chunk'"):
+        pool.submit(task="examples.noop:noop", chunk=2)
+    run = pool.submit(task="examples.noop:noop", chunks=2, run="k", targets=["node1::0"], gpu_mem=8)
+    assert run.spec.targets == ["node1::0"] and run.spec.placement.gpu_mem == 8
+    with pytest.raises(UsageError, match="--gpu-mem must be a positive number"):
+        pool.submit(task="examples.noop:noop", chunks=2, gpu_mem=0)
+
+
+def test_run_json_names_placement_only_where_a_run_has_one(tmp_path: Path) -> None:
+    from gpupool.master.runspec import build, load_run, save_or_check
+    spool = Spool(tmp_path / "b").ensure()
+    save_or_check(spool, build(task="examples.noop:noop", chunks=2, run="plain"), fresh=False)
+    assert "targets" not in json.loads(spool.run_spec("plain").read_text())  # older tools refuse unknown fields
+    notes: list[str] = []
+    save_or_check(spool, build(task="examples.noop:noop", chunks=2, run="h", hosts="a,b"), fresh=False)
+    kept = save_or_check(spool, build(task="examples.noop:noop", chunks=2, run="h", gpu_mem=4.0), False, notes=notes)
+    assert (kept.hosts, kept.gpu_mem, notes) == ("a,b", 4.0, ["run h: placement changed: --gpu-mem (none) -> 4"])
+    assert load_run(spool, "h").placement.hosts == ("a", "b")

@@ -317,3 +317,16 @@ def test_a_folder_where_a_result_belongs_fails_that_chunk_instead_of_hanging_the
     spool.result_json("run1", 0).mkdir()  # no agent can ever commit chunk 0 now
     f.step()
     assert f.done and f.final[0].status == "failed" and "000000.json is not a readable result file" in f.final[0].error
+
+
+def test_the_saved_placement_places_the_run_and_travels_in_its_jobs(spool: Spool) -> None:
+    """A run's placement is its spec's (issue 24): no Placement need be passed for a resumed or retried run."""
+    spec = RunSpec("run1", JobKind.CALLABLE, "examples.noop:noop", 4, hosts="h2", timeout=9.0, share=2.0)
+    f = Feeder(spool, spec, FeedConfig(depth=2, max_depth=2), clock=Clock())
+    f.recover()
+    beat(spool, "h-cpu0", 1)
+    write_status(spool, "h2-cpu0", {"agent": "h2-cpu0", "seq": 1, "state": "idle", "pid": 1, "host": "h2"})
+    f.step()
+    assert queued(spool, "h-cpu0") == [] and queued(spool, "h2-cpu0") == [(0, 1), (1, 1)]
+    job = f._job(2)
+    assert (job.timeout, job.workdir, job.share, job.gpus, job.env) == (9.0, None, 2.0, None, None)

@@ -2,12 +2,16 @@
 --min-free-gb, judged against heartbeats, and a run no live agent may take failing at once."""
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import pytest
 
 from gpupool.jobs.heartbeat import Heartbeat
 from gpupool.master.placement import Placement
 from gpupool.master.runspec import UsageError
-from tests.helpers import results, run_main
+from tests.helpers import REPO, results, run_main
 
 GPU_AGENT = Heartbeat("node1-gpu2", 1, "idle", host="node1", hostname="node1.lab", gpu_id=2, device="cuda:0",
                       gpu={"mem_used": 30 * 2**30, "mem_total": 80 * 2**30})
@@ -44,3 +48,33 @@ def test_a_run_no_agent_may_take_fails_at_once_naming_the_constraint(spool, agen
                   "--target", "otherhost::0", "--no-progress"], env, timeout=60)
     assert r.returncode == 2 and "--target otherhost::0" in r.stderr and "testhost-cpu0" in r.stderr, r.stderr
     assert results(spool.base, "u") == {}
+
+
+def test_retry_and_a_rerun_keep_the_placement_saved_with_the_run(spool, agents, env, tmp_path) -> None:
+    """Placement is saved in run.json (issue 24): a rerun without --target and `master retry` run the
+    failed chunks on the targeted agent only; a rerun with another --target says what changed."""
+    agents(2)
+    flaky = tmp_path / "flaky"
+    flaky.mkdir()
+    kwargs = json.dumps({"modes": ["flaky"] * 6, "flaky_dir": str(flaky)})
+    cmd = ["--base", str(spool.base), "--task", "tests.faulty:misbehave", "--chunks", "6", "--kwargs", kwargs,
+           "--run", "p", "--retries", "0", "--max-failures", "0", "--no-progress"]
+    agents_of = lambda: {rec["agent"] for rec in results(spool.base, "p").values()}  # noqa: E731
+    first = run_main([*cmd, "--target", "testhost::1"], env)
+    assert first.returncode == 1 and agents_of() == {"testhost-cpu1"}, first.stderr
+    assert json.loads((spool.base / "runs" / "p" / "run.json").read_text())["targets"] == ["testhost::1"]
+    for f in flaky.iterdir():  # every chunk fails once more
+        f.unlink()
+    again = run_main(cmd, env)  # the same command without --target
+    assert again.returncode == 1 and "placement changed" not in again.stdout + again.stderr, again.stderr
+    assert {rec["status"] for rec in results(spool.base, "p").values()} == {"failed"}
+    assert agents_of() == {"testhost-cpu1"}
+    retry = subprocess.run([sys.executable, "-m", "master", "retry", "--base", str(spool.base), "--run", "p",
+                            "--no-progress"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert retry.returncode == 0, retry.stdout + retry.stderr
+    assert {rec["status"] for rec in results(spool.base, "p").values()} == {"ok"}
+    assert agents_of() == {"testhost-cpu1"}
+    moved = run_main([*cmd, "--target", "testhost::0"], env)
+    assert moved.returncode == 0, moved.stderr
+    assert "run p: placement changed: --target testhost::1 -> testhost::0" in moved.stderr, moved.stderr
+    assert json.loads((spool.base / "runs" / "p" / "run.json").read_text())["targets"] == ["testhost::0"]
