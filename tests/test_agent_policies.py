@@ -241,9 +241,12 @@ def test_an_outcome_no_write_can_record_fails_its_attempt_and_the_heartbeat_name
     denied = OSError(errno.EACCES, "Permission denied")
     denied.filename = "/results/r/0.json"
     part, _, told = pause(spool, monkeypatch, Disk(denied))
-    rec, committed = part.commit(job(0, epoch="e1"), {"status": "ok", "value": 1, "arrays_bytes": 3}, None) or ({}, True)
+    done = part.commit(job(0, epoch="e1"), {"status": "ok", "value": 1, "arrays_bytes": 3}, None)
+    assert done is not None
+    rec, committed = done
     assert not committed and rec["status"] == "failed" and "value" not in rec and rec["arrays"] is None
-    assert rec["error"]["type"] == "CommitFailed" and "(/results/r/0.json): Permission denied" in rec["error"]["message"]
+    assert rec["error"]["type"] == "CommitFailed"
+    assert "(/results/r/0.json): Permission denied" in rec["error"]["message"]
     (u,) = part.heartbeat_fields()["uncommitted"]
     assert (u["run"], u["chunk_id"], u["attempt"], u["epoch"]) == ("r", 0, 1, "e1") and u["error"] == rec["error"]
     assert told == [1] and "r chunk 0: agent h-gpu0 cannot write the result" in (part.notes.last_error or "")
@@ -267,7 +270,9 @@ def test_a_record_no_reader_would_take_fails_the_attempt(spool: Spool, monkeypat
     too_large = ResultTooLarge(99 * 2**20)
     disk = Disk(too_large)
     part, _, _ = pause(spool, monkeypatch, disk)
-    rec, committed = part.commit(job(0), {"status": "ok", "value": "x" * 10, "arrays": "a"}, arrays) or ({}, False)
+    done = part.commit(job(0), {"status": "ok", "value": "x" * 10, "arrays": "a"}, arrays)
+    assert done is not None
+    rec, committed = done
     assert committed and rec["status"] == "failed" and rec["arrays"] is None and "value" not in rec
     assert rec["error"] == {"type": "ResultTooLarge", "message": str(too_large), "traceback": ""}
     assert disk.calls[-1] is rec and not arrays.exists()
