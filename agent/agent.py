@@ -6,15 +6,15 @@ A job leaves the mailbox only after its result is committed (or found committed)
 The job itself runs in ``agent.runner`` (a callable in the worker process, sent ahead of its
 turn where it may be; a script or a command on its own), which gives back its outcome.
 
-A GPU agent whose chunks keep failing with errors that are not their own (``_gpu_fault``:
-driver-level CUDA errors; out of memory, or a context found unusable after a job's other
-error, in a worker that had run nothing before) drains itself after ``gpu_fault_limit``
-different chunks in a row (``_drain_self``), so that masters hand its jobs to other agents.
+Its policies are parts it calls at fixed points of the loop, each in its own module:
+``restart.RestartDeferral`` (at the start, and when it chooses a job), ``drain.Drain`` (before it
+chooses one), ``diskpause.DiskPause`` (before a job starts, and to commit its outcome) and
+``gpufaults.GpuFaults`` (after a callable job, and when NVML does not answer: a GPU agent whose
+chunks keep failing with errors that are not their own drains itself, ``_drain_self``). The
+heartbeat is assembled from the agent's own state and theirs (``_heartbeat``).
 """
 from __future__ import annotations
 
-import contextlib
-import json
 import math
 import os
 import signal
@@ -26,11 +26,15 @@ from typing import Any, Callable
 
 from gpupool.jobs.logsetup import logger
 
-from gpupool.agent.beat import Beat
+from gpupool.agent.beat import Beat, Notes
+from gpupool.agent.diskpause import DiskPause, discard
+from gpupool.agent.drain import Drain
 from gpupool.agent.fairshare import FairShare
 from gpupool.agent.gpu import Gpu, NoGpu
+from gpupool.agent.gpufaults import GpuFaults
 from gpupool.agent.gpumem import MemoryGate
 from gpupool.agent.identity import agent_id
+from gpupool.agent.restart import RestartDeferral
 from gpupool.agent.runner import Runner
 from gpupool.agent.slot import Slot, gpu_lock_dir, label
 from gpupool.agent.watcher import MailboxWatcher
@@ -40,12 +44,11 @@ from gpupool.agent.workers import MakeWorker, WorkerLike
 from gpupool.jobs.descriptor import SCHEMA as JOB_SCHEMA, Job, JobKind, JobState
 from gpupool.jobs.atomic import DISK_FULL, purge_temp, read_bounded, server_now
 from gpupool.jobs.errors import BadFile
-from gpupool.jobs.heartbeat import AgentState, Heartbeat, JobRef, read_status
+from gpupool.jobs.heartbeat import AgentState, Heartbeat, JobRef
 from gpupool.jobs.jsonio import load_json
 from gpupool.jobs.mailbox import HOLD_LIMIT, Mailbox, Snapshot
 from gpupool.jobs.paths import Spool
-from gpupool.jobs.losses import death_suspects
-from gpupool.jobs.results import Uncommittable, commit, has_outcome, read_epoch, record
+from gpupool.jobs.results import read_epoch, record
 
 
 @dataclass
@@ -66,9 +69,7 @@ class AgentConfig:
 
 
 PIPELINE_MAX_S = 0.5  # pipeline the next job only after chunks of a run that took at most this long
-UNCOMMITTED_KEPT = 32  # attempts whose outcome could not be written, named in the heartbeat for masters
 MEMORY_RECHECK_S = 0.25  # how often a job waiting for its --gpu-mem looks at the GPU's free memory again
-RESTART_DEFER_S = 30.0  # a restarted agent leaves the jobs its former process died under this long
 
 
 class Agent:
@@ -83,11 +84,18 @@ class Agent:
         self.marks = agent_marks(self.id, str(spool.base))
         self.stop = False  # finish the current job, then exit
         self.stop_now = False  # stop at once
+        self.notes = Notes()  # the heartbeat's last_error and waiting
+        self.restart = RestartDeferral(spool, self.id, self.mailbox, clock)
+        self.drain = Drain(spool, self.id)
+        self.faults = GpuFaults(self.id, slot.gpu is not None, cfg.gpu_fault_limit,
+                                f"python -m master undrain --base {spool.base} {self.id}", self.notes)
+        self.disk = DiskPause(spool, self.id, self.notes, clock=clock, stopping=lambda: self.stop,
+                              cancelled=self._cancelled, stale=self._stale, tell=lambda: self.beat.quietly())
         threads = (lambda: cfg.threads) if cfg.threads else (lambda: share(host_agents(spool, self.id)))
         self.runner = Runner(spool, slot, self.marks, cfg.max_jobs_per_worker, aborted=self._aborted,
                              stopping=lambda: self.stop, started=lambda: self.watcher.busy(), threads=threads,
                              run_workers=cfg.run_workers, spare=cfg.spare_worker, make_worker=make_worker,
-                             clock=clock, waiting=self._no_space)
+                             clock=clock, waiting=self.disk.no_space)
         self.state = AgentState.STARTING
         self.current: tuple[Job, float] | None = None
         self._finished: set[tuple] = set()  # Job.uid of the dispatches finished (or dropped) here
@@ -101,27 +109,19 @@ class Agent:
         self.beat = Beat(spool, self.id, self._heartbeat, cfg.heartbeat,
                          (spool.agent_log(self.id), spool.worker_log(self.id)), cfg.log_limit)
         self.started_at = time.time()
-        self.pause_until = 0.0  # after an I/O error (disk full): no job before this (monotonic)
-        self._io_backoff = 0.0
-        self.last_error: str | None = None
-        # attempts whose outcome no write could record (a permanent error: EACCES, EROFS...), for the
-        # masters to record as failed (master.dispatcher.Dispatcher._uncommitted): the heartbeat names them
-        self.uncommitted: list[dict[str, Any]] = []
-        self._deferred: set[tuple] = set()  # Job.uid of the jobs a former process of this agent died under
-        self._defer_until = 0.0
-        self.died_under: list[dict[str, Any]] = []  # what the former process may have died under (heartbeat)
-        self._gpu_error: str | None = None  # the GPU stopped answering NVML (see _gpu_metrics)
-        self._faults: dict[tuple[str, int], str] = {}  # (run, chunk) -> GPU fault, of the failures in a row
-        self._drained_why: str | None = None  # set when this agent drained itself
         siblings = {j: agent_id(host, label(slot.gpus, j)) for j in range(slot.slots)} if slot.slot is not None else {}
         self.memory = MemoryGate(probe, slot.gpus, self.id, str(spool.base), slot.slot, siblings,
                                  gpu_lock_dir() if slot.slot is not None else None)  # --gpu-mem
-        self.waiting: str | None = None  # why the next job waits (its --gpu-mem is not free), for the heartbeat
 
     @property
     def worker(self) -> WorkerLike | None:
         """The worker process of the latest callable job's run (or the test double made for it)."""
         return self.runner.workers.current
+
+    @property
+    def last_error(self) -> str | None:
+        """What went wrong last, as the heartbeat says it."""
+        return self.notes.last_error
 
     # lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -129,7 +129,7 @@ class Agent:
         self.mailbox.ensure()
         # after a death only (a graceful stop kills its worker's group, and leaves what a job
         # detached on purpose alone): no /proc scan at every start
-        leftovers = kill_leftovers(self.marks) if self._defer_what_killed_the_last_one() else []
+        leftovers = kill_leftovers(self.marks) if self.restart.judge_former() else []
         if leftovers:
             logger.warning("agent {}: killed {} process(es) that jobs of its former process had started and left "
                            "running (pids {})", self.id, len(leftovers), leftovers[:10])
@@ -142,38 +142,6 @@ class Agent:
         logger.info("agent {} ready: base={} device={} gpu={} watch={} pid={}", self.id, self.spool.base,
                     self.slot.device, " + ".join(g.describe() for g in self.slot.gpus) or None, self.watcher.mode,
                     os.getpid())
-
-    def _defer_what_killed_the_last_one(self) -> bool:
-        """A supervisor restarts a dead agent within a second, and the job its former process was
-        running may be what killed it. The suspects: the open jobs (no outcome yet) the former
-        heartbeat names (running, or in the worker's pipe) or, where it names none (it died before
-        a heartbeat showed its job), the first open jobs of the mailbox (``death_suspects``, a
-        master's rule for a dead agent). They are left alone for ``RESTART_DEFER_S`` and the
-        heartbeat names them (``died_under``): masters see the restart (``master.liveness``) and
-        take them back under their loss rules, so a crash loop ends; if none does (no master is
-        running), they run afterwards, alone. True if the former process died (did not stop)."""
-        try:
-            prev = read_status(self.spool.heartbeat(self.id))
-        except (OSError, BadFile):
-            return False
-        if prev.pid == os.getpid() or prev.state in (AgentState.STOPPING.value, AgentState.STOPPED.value):
-            return False
-        try:
-            jobs = self.mailbox.read().jobs
-        except (OSError, BadFile):
-            return True
-        named = {b.key for b in (prev.current, prev.ahead) if b is not None}
-        open_jobs = [j for j in jobs if not has_outcome(self.spool, j.key, j.max_attempts)]
-        suspects = [j for j in open_jobs if j.key in named] or death_suspects(open_jobs)
-        if not suspects:
-            return True
-        self._deferred = {j.uid for j in suspects}
-        self._defer_until = self.clock() + RESTART_DEFER_S
-        self.died_under = [{"run": j.run, "chunk_id": j.chunk_id, "attempt": j.attempt} for j in suspects]
-        logger.warning("agent {}: its former process {} died while running {}{}; left alone for {:g} s for a master "
-                       "to judge", self.id, prev.pid, "" if len(suspects) == 1 else "one of ",
-                       ", ".join(f"{j.run} chunk {j.chunk_id} attempt {j.attempt}" for j in suspects), RESTART_DEFER_S)
-        return True
 
     def shutdown(self) -> None:
         """Every step is tried whatever the others do (a full disk, a lost GPU): the worker is always
@@ -212,7 +180,7 @@ class Agent:
                 if self.cfg.burst:
                     break
                 if not self.stop:  # a job waiting for GPU memory (--gpu-mem) looks again soon
-                    self.watcher.wait(min(self.cfg.rescan, MEMORY_RECHECK_S) if self.waiting else self.cfg.rescan)
+                    self.watcher.wait(min(self.cfg.rescan, MEMORY_RECHECK_S) if self.notes.waiting else self.cfg.rescan)
             ahead = self.runner.ahead
             if ahead is not None:  # handed over, not started by us: it stays queued for later
                 logger.info("agent {}: stopping; {} chunk {} stays queued", self.id, ahead.run, ahead.chunk_id)
@@ -232,16 +200,16 @@ class Agent:
             if self._execute(job, self._next_callable(self._read().jobs, job)):
                 self._finished.add(job.uid)
             return True
-        if self._gpu_error is not None and self._drained_why is None:  # not drained yet: now
-            self._drain_self(f"drained itself: its GPU does not answer ({self._gpu_error}). Check it (nvidia-smi), "
-                             f"then: python -m master undrain --base {self.spool.base} {self.id}")
-        if self._draining() or self.clock() < self.pause_until:
+        lost = self.faults.lost()
+        if lost is not None:  # its GPU does not answer, and it has not drained yet: now
+            self._drain_self(lost)
+        if self._draining() or self.disk.paused():
             return False
         jobs = self._read().jobs
         if len(self._finished) > 2 * len(jobs) + 64:  # masters prune the mailbox: forget what left it
             self._finished = {j.uid for j in jobs if j.uid in self._finished}
-        leave = self._finished | self._deferred if self._deferred and self.clock() < self._defer_until \
-            else self._finished
+        held = self.restart.held()
+        leave = self._finished | held if held else self._finished
         job = self.share.choose(jobs, leave)
         if job is None and not self._dry and self.mailbox.refresh():
             # just ran dry: a network filesystem's client may still show an older mailbox; listed
@@ -249,7 +217,7 @@ class Agent:
             jobs = self._read().jobs
             job = self.share.choose(jobs, leave)
         if job is None:
-            self.waiting = None
+            self.notes.waiting = None
             quiet = self._dry  # dry at the last look too: no refill came within a wait (a spare may start now)
             if not self._dry:  # just ran dry: status says idle, with the jobs done, now rather than a beat later
                 self._dry = True
@@ -283,11 +251,11 @@ class Agent:
         else it waits, its reason in the heartbeat (``waiting``) and said once in the log."""
         why = None if self.slot.gpu is None else self.memory.reserve(job.gpu_mem)
         if why is None:
-            self.waiting = None
+            self.notes.waiting = None
             return True
         why = f"{job.run} chunk {job.chunk_id} waits: {why} (--gpu-mem {job.gpu_mem:g})"
-        new = why.split(";")[0] != (self.waiting or "").split(";")[0]  # another job, or another GPU
-        self.waiting = why
+        new = why.split(";")[0] != (self.notes.waiting or "").split(";")[0]  # another job, or another GPU
+        self.notes.waiting = why
         if new:  # said once; the heartbeat thread keeps the figures fresh
             logger.info("agent {}: {}", self.id, why)
             self.beat.quietly()
@@ -315,10 +283,10 @@ class Agent:
         chunks are long (``PIPELINE_MAX_S``): a job in the worker's pipe can no longer move to an
         idle agent, and the commit it hides is nothing next to a long chunk."""
         last = self._durations.get(after.run)
-        if after.alone or after.uid in self._deferred or last is None or last > PIPELINE_MAX_S:
+        if after.alone or self.restart.holds(after) or last is None or last > PIPELINE_MAX_S:
             return None
         nxt = self.share.choose(jobs, self._finished, running=after, expected=last)
-        if nxt is None or nxt.kind is not JobKind.CALLABLE or nxt.alone or nxt.uid in self._deferred \
+        if nxt is None or nxt.kind is not JobKind.CALLABLE or nxt.alone or self.restart.holds(nxt) \
                 or nxt.gpu_mem is not None \
                 or self._skip_reason(nxt) is not None:
             return None
@@ -358,18 +326,13 @@ class Agent:
     def _draining(self) -> bool:
         """A drain flag stops new jobs; the heartbeat says so at once (the master then takes
         back what is queued here)."""
-        drain = self.spool.drain_flag(self.id).exists()
-        if drain != (self.state is AgentState.DRAINING):
-            self.state = AgentState.DRAINING if drain else AgentState.IDLE
-            logger.info("agent {}: {}", self.id, "draining: no new jobs" if drain else "drain lifted")
-            if not drain:  # undrained: GPU faults are counted afresh, and a GPU still lost drains it again
-                self._faults.clear()
-                self._gpu_error = None
-                if self.last_error is not None and self.last_error == self._drained_why:
-                    self.last_error = None
-                self._drained_why = None
+        state = self.drain.follow(self.state)
+        if state is not None:
+            self.state = state
+            if state is not AgentState.DRAINING:
+                self.faults.lifted()
             self.beat.write()
-        return drain
+        return self.state is AgentState.DRAINING
 
     def _cancelled(self, run: str) -> dict | None:
         """The cancel note of ``run`` ({"stop_running": bool}), or None if it is not cancelled."""
@@ -397,14 +360,14 @@ class Agent:
         started = time.time()
         self.current = (job, started, time.monotonic())  # status times the job by this clock (running_s)
         self.state = AgentState.BUSY
-        if job.alone or job.uid in self._deferred or self._durations.get(job.run, math.inf) > PIPELINE_MAX_S:
+        if job.alone or self.restart.holds(job) or self._durations.get(job.run, math.inf) > PIPELINE_MAX_S:
             self.beat.quietly()  # named at once: if it kills this agent, the next one must know
         logger.debug("{} chunk {} attempt {}/{}: started", job.run, job.chunk_id, job.attempt, job.max_attempts)
         outcome = self.runner.run(job, lookahead)
         first = self.runner.was_first(job)
         self.current = None
         self.state = AgentState.IDLE
-        self.waiting = None  # what it waited for (its arrays' space) is behind it
+        self.notes.waiting = None  # what it waited for (its arrays' space) is behind it
         if outcome is None:
             if self._cancelled(job.run) is not None:
                 logger.warning("{} chunk {}: killed, the run was cancelled", job.run, job.chunk_id)
@@ -414,11 +377,11 @@ class Agent:
         fields, arrays_tmp = outcome
         err = fields.get("error")
         if isinstance(err, dict) and err.get("errno") in DISK_FULL:  # the worker's save, or the job's own write
-            return self._pause_for_io(job, f"{err.get('type')}: {err.get('message')}")
+            return self.disk.pause_for_io(job, f"{err.get('type')}: {err.get('message')}")
         if self._stale(job):
             logger.warning("{} chunk {}: the run was started afresh while it ran; its result is dropped",
                            job.run, job.chunk_id)
-            _discard(arrays_tmp)
+            discard(arrays_tmp)
             return True
         status = JobState.FAILED if "error" in fields else JobState.OK
         # One clock per duration: the worker's own start and end when it reports them (a job sent
@@ -435,12 +398,11 @@ class Agent:
                      gpu_id=self.slot.number, device=self.slot.device,
                      **({"gpu_uuids": [g.uuid for g in self.slot.gpus]} if self.slot.gpus else {}),  # what it ran on
                      started_at=begun, finished_at=finished, duration_s=round(duration, 6), **fields)
-        done = self._commit(job, rec, Path(arrays_tmp) if arrays_tmp else None)
+        done = self.disk.commit(job, rec, Path(arrays_tmp) if arrays_tmp else None)
         if done is None:  # stopped (or the run cancelled or started afresh) while waiting for space
             return self._cancelled(job.run) is not None or self._stale(job)
         rec, committed = done
         status = JobState(rec["status"])
-        self._io_backoff = 0.0
         if status is JobState.OK:
             self.done += 1
             logger.debug("{} chunk {}: ok in {:.3f} s{}", job.run, job.chunk_id, rec["duration_s"],
@@ -451,53 +413,16 @@ class Agent:
             logger.warning("{} chunk {} attempt {}: failed: {}: {}", job.run, job.chunk_id, job.attempt,
                            err.get("type"), err.get("message"))
         if job.kind is JobKind.CALLABLE:
-            self._count_gpu_fault(job, None if status is JobState.OK else rec["error"], first)
+            why = self.faults.after_job(job, None if status is JobState.OK else rec["error"], first)
+            if why is not None:
+                self._drain_self(why)
         return True
 
-    # a GPU that keeps failing --------------------------------------------------------------------
-    def _gpu_fault(self, err: dict[str, Any], first: bool) -> str | None:
-        """The failure as a GPU fault that is not the job's own, or None. Only on a GPU agent (on
-        a CPU one, a job that uses CUDA anyway fails by its own doing): a driver-level error
-        (``agent.worker_process.DRIVER_ERROR``), or in a worker process that had run nothing before (so
-        nothing a job did in it is to blame) out of memory or a context found unusable. A kernel's
-        own failure (a device-side assert, an illegal address) is the job's: a run with such a
-        bug fails its chunks, each in a fresh worker, but drains no agent."""
-        kind = err.get("gpu_error")
-        if self.slot.gpu is None or not (kind == "driver" or (first and kind in ("out_of_memory", "context"))):
-            return None
-        text = f"{err.get('type')}: {str(err.get('message') or '').strip()}"
-        return text.splitlines()[0][:300] if text else kind
-
-    def _count_gpu_fault(self, job: Job, err: dict[str, Any] | None, first: bool) -> None:
-        """A callable job's outcome in the count of GPU faults in a row: a success or the job's
-        own error ends it; a death or a time-out leaves it as it is (either may be the GPU's)."""
-        fault = None if err is None else self._gpu_fault(err, first)
-        if fault is None:
-            if err is None or err.get("type") not in ("Timeout", "WorkerDied"):
-                self._faults.clear()
-            return
-        self._faults.pop((job.run, job.chunk_id), None)
-        self._faults[(job.run, job.chunk_id)] = fault  # a chunk counts once, however often it failed
-        if 0 < self.cfg.gpu_fault_limit <= len(self._faults):
-            self._drain_self()
-
-    def _drain_self(self, why: str | None = None) -> None:
-        """Set this agent's drain flag (``python -m master undrain`` lifts it) and say why in the
-        heartbeat's ``last_error``: masters hand its queued jobs to other agents. ``why``: the
-        GPU's faults in a row (``_count_gpu_fault``) when not given."""
-        if why is None:
-            chunks = ", ".join(f"{run} chunk {c}" for run, c in self._faults)
-            why = (f"drained itself: {len(self._faults)} different chunks in a row failed with GPU errors that are "
-                   f"not their own ({chunks}); the last: {list(self._faults.values())[-1]}. Check the GPU "
-                   f"(nvidia-smi), then: python -m master undrain --base {self.spool.base} {self.id}")
-        self._faults.clear()
-        self._drained_why = self.last_error = f"{time.strftime('%H:%M:%S')} {why}"
-        logger.error("agent {}: {}", self.id, why)
-        note = {"by": f"{socket.gethostname()}:{os.getpid()}", "at": time.time(), "agent": self.id, "why": why}
-        try:
-            self.spool.write_over(self.spool.drain_flag(self.id), json.dumps(note).encode(), "flag")
-        except OSError as e:
-            logger.error("agent {}: cannot write its drain flag ({}); it goes on taking jobs", self.id, e)
+    def _drain_self(self, why: str) -> None:
+        """Set this agent's drain flag (``python -m master undrain`` lifts it) and say ``why`` in the
+        heartbeat's ``last_error`` (``GpuFaults.drained``): masters hand its queued jobs to other agents."""
+        self.faults.drained(why)
+        if not self.drain.raise_flag(why):
             return
         ahead = self.runner.ahead
         if ahead is not None:  # not run on this GPU either: it stays queued, and masters take it back
@@ -506,90 +431,10 @@ class Agent:
             self.runner.take_back()  # a fresh worker is started when a job comes again (after an undrain)
         self._draining()  # says "draining" in the heartbeat at once
 
-    def _commit(self, job: Job, rec: dict[str, Any], arrays: Path | None) -> tuple[dict[str, Any], bool] | None:
-        """Commit ``rec`` (``jobs.results.commit``); returns the record that was committed and
-        whether it became the chunk's result. A record no reader would take (too large, too deep)
-        fails the attempt instead. On a full disk (or quota) the outcome is kept and only its
-        write is tried again, 0.5 s doubling up to 30 s, until space returns: no job starts here
-        meanwhile (a job already in the worker's pipe computes, and its result waits behind this
-        one). None (nothing kept, the job stays queued) if the agent stops, or the run is
-        cancelled or started afresh, while it waits. Any other error (permission denied, a
-        read-only filesystem, a folder gone) will not pass: the attempt fails (``_uncommittable``)."""
-        pause = 0.0
-        while True:
-            try:
-                try:
-                    committed = commit(self.spool, job, rec, arrays)
-                    self.waiting = None
-                    return rec, committed
-                except Uncommittable as e:  # too large, too deep: no reader would take it; the attempt fails
-                    _discard(str(arrays) if arrays else None)
-                    arrays = None
-                    rec = {**{k: v for k, v in rec.items() if k not in ("value", "error", "arrays_bytes")},
-                           "status": JobState.FAILED.value, "arrays": None,
-                           "error": {"type": type(e).__name__, "message": str(e), "traceback": ""}}
-                    return rec, commit(self.spool, job, rec)
-            except OSError as e:  # nothing partial is left (our arrays are kept, see results.commit)
-                if e.errno not in DISK_FULL:
-                    _discard(str(arrays) if arrays else None)
-                    if self._stale(job):  # its run was started afresh meanwhile (its folder made anew)
-                        return None
-                    return self._uncommittable(job, rec, e), False
-                pause = min(30.0, max(0.5, pause * 2))
-                self._no_space(f"cannot write the result of {job.run} chunk {job.chunk_id}: {e}; its outcome is "
-                               f"kept, written again in {pause:g} s")
-            if not self._wait_for_space(job, pause):
-                _discard(str(arrays) if arrays else None)
-                return None
-
-    def _no_space(self, why: str) -> None:
-        """A computed outcome waits for disk space (``_commit``, or the worker's save of its
-        arrays): said in the log and the heartbeat (``last_error``, ``waiting``)."""
-        self.last_error = self.waiting = f"{time.strftime('%H:%M:%S')} {why}"
-        logger.error("agent {}: {}", self.id, why)
-
-    def _wait_for_space(self, job: Job, seconds: float) -> bool:
-        """Wait ``seconds`` before writing ``job``'s outcome again; False if it is not to be
-        written after all (the agent stops; the run was cancelled or started afresh)."""
-        end = time.monotonic() + seconds
-        while time.monotonic() < end:
-            if self.stop or self._cancelled(job.run) is not None or self._stale(job):
-                return False
-            time.sleep(min(0.2, max(0.0, end - time.monotonic())))
-        return True
-
     def _stale(self, job: Job) -> bool:
         """``job`` is of an earlier start of its run (``--fresh``): its outcome counts for nothing."""
         current = self._epoch(job.run) if job.epoch is not None else None
         return current is not None and current != job.epoch
-
-    def _uncommittable(self, job: Job, rec: dict[str, Any], e: OSError) -> dict[str, Any]:
-        """An outcome no write can record (permission denied, a read-only filesystem, its folder
-        gone): the attempt fails, naming the path and the error. Its record is not written (it
-        cannot be), so the heartbeat names it (``uncommitted``) and the run's master records the
-        failure itself (``master.dispatcher``): it counts against --retries and the run ends, never
-        the same chunk run here again and again. Returns the failed record."""
-        where = f" ({e.filename})" if e.filename else ""
-        error = {"type": "CommitFailed", "traceback": "", "errno": e.errno,
-                 "message": f"agent {self.id} cannot write the result{where}: {e.strerror or e}"}
-        self.uncommitted = [u for u in self.uncommitted[-(UNCOMMITTED_KEPT - 1):]
-                            if not has_outcome(self.spool, (u["run"], u["chunk_id"], u["attempt"]), u["max_attempts"])]
-        self.uncommitted.append({"run": job.run, "chunk_id": job.chunk_id, "attempt": job.attempt,
-                                 "max_attempts": job.max_attempts, "epoch": job.epoch, "error": error})
-        self.last_error = f"{time.strftime('%H:%M:%S')} {job.run} chunk {job.chunk_id}: {error['message']}"
-        self.beat.quietly()  # masters learn it now
-        return {**{k: v for k, v in rec.items() if k not in ("value", "arrays_bytes")},
-                "status": JobState.FAILED.value, "arrays": None, "error": error}
-
-    def _pause_for_io(self, job: Job, error: str) -> bool:
-        """A result could not be written (a full disk, most often): nothing of the attempt is
-        kept and it costs no attempt; the job stays queued and no job starts here for a while
-        (0.5 s, doubling up to 30 s while it goes on). False, as for an interrupted job."""
-        self._io_backoff = min(30.0, max(0.5, self._io_backoff * 2))
-        self.pause_until = self.clock() + self._io_backoff
-        self.last_error = f"{time.strftime('%H:%M:%S')} cannot write the result of {job.run} chunk {job.chunk_id}: {error}"
-        logger.error("{}; the job stays queued, next try in {:.1f} s", self.last_error, self._io_backoff)
-        return False
 
     def _epoch(self, run: str) -> str | None:
         """The run's current epoch (None if it has none), reread only when its file changed."""
@@ -613,13 +458,6 @@ class Agent:
         self.state = state
         self.beat.write()
 
-    def _reported_state(self) -> AgentState:
-        """A busy agent with a drain flag says 'draining' at once, so that masters take its
-        queued jobs back without waiting for the running chunk to end."""
-        if self.state is AgentState.BUSY and self.spool.drain_flag(self.id).exists():
-            return AgentState.DRAINING
-        return self.state
-
     def _gpu_metrics(self) -> list[dict[str, Any]]:
         """Each GPU's figures for the heartbeat; a GPU that does not answer (lost, its driver gone)
         gives ``{"error": ...}``, said once in the log, and the agent drains itself (``step``):
@@ -628,9 +466,7 @@ class Agent:
             return [{**self.probe.metrics(g), "worker_mem": self._worker_gpu_memory(g)} for g in self.slot.gpus]
         except Exception as e:  # NVMLError_GpuIsLost and friends
             error = f"{type(e).__name__}: {e}"
-            if self._gpu_error is None:
-                logger.error("agent {}: its GPU does not answer: {}", self.id, error)
-                self._gpu_error = error
+            self.faults.gpu_lost(error)
             return [{"error": error}]
 
     def _worker_gpu_memory(self, gpu: Gpu) -> int | None:
@@ -656,7 +492,7 @@ class Agent:
         gpus = self._gpu_metrics() if self.slot.gpus else []
         return Heartbeat(**{
             "schema": 1, "agent": self.id, "host": self.host, "hostname": socket.gethostname(),
-            "pid": os.getpid(), "base": str(self.spool.base), "state": self._reported_state().value,
+            "pid": os.getpid(), "base": str(self.spool.base), "state": self.drain.reported(self.state).value,
             "seq": seq,
             "device": self.slot.device, "gpu_id": self.slot.number,
             "gpu_index": self.slot.gpu.index if self.slot.gpu else None,
@@ -671,23 +507,18 @@ class Agent:
             "workers": [{"run": key[0], "pid": w.pid} for key, w in self.runner.workers.live.items()],
             "spare_pid": getattr(self.runner.workers.spare, "pid", None),
             "worker_threads": self.runner.threads or None,
-            "last_error": self.last_error,
-            "died_under": self.died_under,  # see master.dispatcher.Dispatcher._restarted
+            "last_error": self.notes.last_error,
+            **self.restart.heartbeat_fields(),
             "mailbox_lag_s": None if self.mailbox_lag is None else round(self.mailbox_lag, 4),
             "gpu": gpus[0] if gpus else None,  # its (first) GPU, as before several GPUs per agent
             "gpus": gpus,  # every GPU it holds (--gpus-per-agent), each as "gpu" is
             "gpu_ids": list(self.slot.numbers), "gpu_uuids": [g.uuid for g in self.slot.gpus],
             "slot": self.slot.slot, "slots": self.slot.slots,  # --slots: agents sharing its GPU
             "gpu_mem_reserved": self.memory.reserved or None,  # bytes the running job declared (--gpu-mem)
-            "waiting": self.waiting,
-            "uncommitted": list(self.uncommitted) or None,
+            "waiting": self.notes.waiting,
+            **self.disk.heartbeat_fields(),
             "mps": os.environ.get("CUDA_MPS_PIPE_DIRECTORY"),
             "uid": os.geteuid(),  # whose agent it is: drain/undrain by another user want --force (jobs.owners)
             "user": Heartbeat.user_of(os.geteuid()),
         })
 
-
-def _discard(path: str | None) -> None:
-    if path:
-        with contextlib.suppress(OSError):
-            os.unlink(path)

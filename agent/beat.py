@@ -5,10 +5,12 @@ happens (a job that may kill the agent starts, the agent runs dry, drains, stops
 
 What it says is the agent's to build (``payload``, from its state); here is only when and how it
 is written: one at a time, ``seq`` one higher each time (masters judge liveness by it changing).
+``Notes`` holds the two lines of prose that several parts of the agent write into it.
 """
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -17,6 +19,21 @@ from gpupool.jobs.logsetup import logger
 from gpupool.agent.worker_control import cap_log
 from gpupool.jobs.heartbeat import Heartbeat, write_status
 from gpupool.jobs.paths import Spool
+
+
+class Notes:
+    """What went wrong last (``last_error``, stamped with the time of day) and why the next job
+    waits (``waiting``): the heartbeat says both; the agent's loop and its parts (``agent.gpufaults``,
+    ``agent.diskpause``) write them."""
+
+    def __init__(self) -> None:
+        self.last_error: str | None = None
+        self.waiting: str | None = None
+
+    def error(self, why: str) -> str:
+        """``why`` as the last error, stamped; returns what was noted."""
+        self.last_error = f"{time.strftime('%H:%M:%S')} {why}"
+        return self.last_error
 
 
 class Beat:

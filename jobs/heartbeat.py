@@ -105,7 +105,7 @@ class Heartbeat:
     waiting: str | None = None  # why its next job waits
     # attempts whose outcome it could not write (permission denied, a read-only filesystem): each
     # {"run", "chunk_id", "attempt", "max_attempts", "epoch", "error"}; their master records them
-    # (agent.Agent._uncommittable)
+    # (agent.diskpause.DiskPause._uncommittable)
     uncommitted: list[dict[str, Any]] | None = None
     mps: str | None = None  # the CUDA_MPS_PIPE_DIRECTORY its jobs get
     uid: int | None = None  # the user it runs as (jobs.owners: drain/undrain of another user's agent want --force)

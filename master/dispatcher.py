@@ -310,7 +310,7 @@ class Dispatcher:
 
     def _uncommitted(self, c: int, agent: str, attempt: int, error: dict[str, Any]) -> None:
         """``agent`` ran attempt ``attempt`` of chunk ``c`` but cannot write its outcome (permission
-        denied, a read-only filesystem: ``agent.Agent._uncommittable``). Its failure is recorded here,
+        denied, a read-only filesystem: ``agent.diskpause.DiskPause._uncommittable``). Its failure is recorded here,
         as the loss of an agent is (history, or the final result of a last attempt), and taken in
         as any failure: retried, elsewhere where it can be, up to --retries, then final. Where this
         master cannot write it either, the chunk is settled here without a file."""

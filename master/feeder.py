@@ -41,7 +41,7 @@ DETERMINISTIC = ("ImportError", "ModuleNotFoundError", "TaskError", "SyntaxError
 POOL_ERRORS = frozenset({"Timeout", "WorkerDied", "AgentLost", "CommitFailed", SUPERSEDED, "Stopped", "WrongAgent",
                          "WorkerRestarts", "BadResultPath", "MemoryError", "OutOfMemoryError"})
 # GPU faults that are not the job's own (a driver that fails, memory another process holds): a broken
-# GPU fails every chunk sent to it alike, and drains its agent (agent.Agent._count_gpu_fault) instead
+# GPU fails every chunk sent to it alike, and drains its agent (agent.gpufaults.GpuFaults.after_job) instead
 GPU_FAULTS = frozenset({"driver", "out_of_memory"})
 # Errors whose message is generic ("the script exited with code 1"): told apart by the last line of
 # their output (the traceback a Python script printed), and never alike without one.

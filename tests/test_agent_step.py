@@ -9,8 +9,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from gpupool.agent.agent import RESTART_DEFER_S, Agent, AgentConfig
+from gpupool.agent.agent import Agent, AgentConfig
 from gpupool.agent.gpu import NoGpu
+from gpupool.agent.restart import RESTART_DEFER_S
 from gpupool.agent.slot import Slot
 from gpupool.agent.task import SharedCache
 from gpupool.jobs.descriptor import Job, JobKind
@@ -336,8 +337,8 @@ def test_a_restarted_agent_leaves_what_its_former_process_died_under_alone_for_a
     put(spool, cjob(0), cjob(1))
     write_status(spool, "t-cpu0", {"agent": "t-cpu0", "seq": 7, "state": "busy", "pid": 999_999_999, "host": "t",
                                    "current": {"run": "r", "chunk_id": 0, "attempt": 1, "since": 1.0}})
-    assert agent._defer_what_killed_the_last_one()  # the former process died running chunk 0
-    assert agent.died_under == [{"run": "r", "chunk_id": 0, "attempt": 1}]
+    assert agent.restart.judge_former()  # the former process died running chunk 0
+    assert agent.restart.died_under == [{"run": "r", "chunk_id": 0, "attempt": 1}]
     assert agent.step() and spool.result_json("r", 1).exists() and not spool.result_json("r", 0).exists()
     assert not agent.step()  # only the suspect is left, and it waits for a master to judge it
     clock.t += RESTART_DEFER_S + 1
