@@ -45,6 +45,7 @@ from gpupool.jobs.jsonio import load_json
 from gpupool.jobs.mailbox import HOLD_LIMIT, Mailbox, Snapshot
 from gpupool.jobs.paths import Spool
 from gpupool.jobs.losses import death_suspects
+from gpupool.jobs.outcomes import Failure, FailureKind, GpuFault, failure_of
 from gpupool.jobs.results import Uncommittable, commit, has_outcome, read_epoch, record
 
 
@@ -412,9 +413,9 @@ class Agent:
             logger.warning("{} chunk {}: interrupted by a stop; left in the mailbox", job.run, job.chunk_id)
             return False
         fields, arrays_tmp = outcome
-        err = fields.get("error")
-        if isinstance(err, dict) and err.get("errno") in DISK_FULL:  # the worker's save, or the job's own write
-            return self._pause_for_io(job, f"{err.get('type')}: {err.get('message')}")
+        err = failure_of(fields)
+        if err is not None and err.errno in DISK_FULL:  # the worker's save, or the job's own write
+            return self._pause_for_io(job, f"{err.type}: {err.message}")
         if self._stale(job):
             logger.warning("{} chunk {}: the run was started afresh while it ran; its result is dropped",
                            job.run, job.chunk_id)
@@ -451,29 +452,29 @@ class Agent:
             logger.warning("{} chunk {} attempt {}: failed: {}: {}", job.run, job.chunk_id, job.attempt,
                            err.get("type"), err.get("message"))
         if job.kind is JobKind.CALLABLE:
-            self._count_gpu_fault(job, None if status is JobState.OK else rec["error"], first)
+            self._count_gpu_fault(job, failure_of(rec), first)
         return True
 
     # a GPU that keeps failing --------------------------------------------------------------------
-    def _gpu_fault(self, err: dict[str, Any], first: bool) -> str | None:
+    def _gpu_fault(self, err: Failure, first: bool) -> str | None:
         """The failure as a GPU fault that is not the job's own, or None. Only on a GPU agent (on
         a CPU one, a job that uses CUDA anyway fails by its own doing): a driver-level error
         (``agent.worker_process.DRIVER_ERROR``), or in a worker process that had run nothing before (so
         nothing a job did in it is to blame) out of memory or a context found unusable. A kernel's
         own failure (a device-side assert, an illegal address) is the job's: a run with such a
         bug fails its chunks, each in a fresh worker, but drains no agent."""
-        kind = err.get("gpu_error")
-        if self.slot.gpu is None or not (kind == "driver" or (first and kind in ("out_of_memory", "context"))):
+        kind = err.gpu_fault
+        if self.slot.gpu is None or not (kind is GpuFault.DRIVER or
+                                         (first and kind in (GpuFault.OUT_OF_MEMORY, GpuFault.CONTEXT))):
             return None
-        text = f"{err.get('type')}: {str(err.get('message') or '').strip()}"
-        return text.splitlines()[0][:300] if text else kind
+        return f"{err.type}: {err.message.strip()}".splitlines()[0][:300]
 
-    def _count_gpu_fault(self, job: Job, err: dict[str, Any] | None, first: bool) -> None:
+    def _count_gpu_fault(self, job: Job, err: Failure | None, first: bool) -> None:
         """A callable job's outcome in the count of GPU faults in a row: a success or the job's
         own error ends it; a death or a time-out leaves it as it is (either may be the GPU's)."""
         fault = None if err is None else self._gpu_fault(err, first)
         if fault is None:
-            if err is None or err.get("type") not in ("Timeout", "WorkerDied"):
+            if err is None or err.kind not in (FailureKind.TIMEOUT, FailureKind.WORKER_DIED):
                 self._faults.clear()
             return
         self._faults.pop((job.run, job.chunk_id), None)
@@ -527,7 +528,7 @@ class Agent:
                     arrays = None
                     rec = {**{k: v for k, v in rec.items() if k not in ("value", "error", "arrays_bytes")},
                            "status": JobState.FAILED.value, "arrays": None,
-                           "error": {"type": type(e).__name__, "message": str(e), "traceback": ""}}
+                           "error": Failure.of(e).to_dict()}
                     return rec, commit(self.spool, job, rec)
             except OSError as e:  # nothing partial is left (our arrays are kept, see results.commit)
                 if e.errno not in DISK_FULL:
@@ -570,8 +571,8 @@ class Agent:
         failure itself (``master.dispatcher``): it counts against --retries and the run ends, never
         the same chunk run here again and again. Returns the failed record."""
         where = f" ({e.filename})" if e.filename else ""
-        error = {"type": "CommitFailed", "traceback": "", "errno": e.errno,
-                 "message": f"agent {self.id} cannot write the result{where}: {e.strerror or e}"}
+        error = Failure(FailureKind.COMMIT_FAILED, f"agent {self.id} cannot write the result{where}: {e.strerror or e}",
+                        errno=e.errno).to_dict()
         self.uncommitted = [u for u in self.uncommitted[-(UNCOMMITTED_KEPT - 1):]
                             if not has_outcome(self.spool, (u["run"], u["chunk_id"], u["attempt"]), u["max_attempts"])]
         self.uncommitted.append({"run": job.run, "chunk_id": job.chunk_id, "attempt": job.attempt,
