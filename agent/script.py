@@ -71,8 +71,8 @@ def run_process(cmd: list[str], job: Job, env: dict[str, str], log_path: Path, a
             if abort():
                 return None, _error(FailureKind.STOPPED, "the agent was told to stop at once", log_path)
             if deadline is not None and time.monotonic() >= deadline:
-                return None, _error(FailureKind.TIMEOUT, f"the {what} ran past its timeout of {job.timeout:g} s and was "
-                                    "killed", log_path)
+                return None, _error(FailureKind.TIMEOUT, f"the {what} ran past its timeout of {job.timeout:g} s and "
+                                    "was killed", log_path)
     finally:
         waiter.close()
         kill_group(proc)  # still unreaped (a zombie at worst), so its group id is still its own

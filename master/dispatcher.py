@@ -117,10 +117,10 @@ class AttemptSummary:
 
 
 def summarize(rec: dict[str, Any]) -> AttemptSummary:
-    duration = rec.get("duration_s")
-    return AttemptSummary(rec["status"], rec["attempt"], rec.get("agent") if isinstance(rec.get("agent"), str) else None,
-                          failure_of(rec), float(duration) if isinstance(duration, (int, float))
-                          and not isinstance(duration, bool) else None)
+    duration, agent = rec.get("duration_s"), rec.get("agent")
+    return AttemptSummary(rec["status"], rec["attempt"], agent if isinstance(agent, str) else None, failure_of(rec),
+                          float(duration) if isinstance(duration, (int, float)) and not isinstance(duration, bool)
+                          else None)
 
 
 class Dispatcher:
