@@ -48,6 +48,7 @@ from gpupool.jobs.heartbeat import AgentState, Heartbeat, JobRef
 from gpupool.jobs.jsonio import load_json
 from gpupool.jobs.mailbox import HOLD_LIMIT, Mailbox, Snapshot
 from gpupool.jobs.paths import Spool
+from gpupool.jobs.outcomes import failure_of
 from gpupool.jobs.results import read_epoch, record
 
 
@@ -375,9 +376,9 @@ class Agent:
             logger.warning("{} chunk {}: interrupted by a stop; left in the mailbox", job.run, job.chunk_id)
             return False
         fields, arrays_tmp = outcome
-        err = fields.get("error")
-        if isinstance(err, dict) and err.get("errno") in DISK_FULL:  # the worker's save, or the job's own write
-            return self.disk.pause_for_io(job, f"{err.get('type')}: {err.get('message')}")
+        err = failure_of(fields)
+        if err is not None and err.errno in DISK_FULL:  # the worker's save, or the job's own write
+            return self.disk.pause_for_io(job, f"{err.type}: {err.message}")
         if self._stale(job):
             logger.warning("{} chunk {}: the run was started afresh while it ran; its result is dropped",
                            job.run, job.chunk_id)
@@ -413,7 +414,7 @@ class Agent:
             logger.warning("{} chunk {} attempt {}: failed: {}: {}", job.run, job.chunk_id, job.attempt,
                            err.get("type"), err.get("message"))
         if job.kind is JobKind.CALLABLE:
-            why = self.faults.after_job(job, None if status is JobState.OK else rec["error"], first)
+            why = self.faults.after_job(job, failure_of(rec), first)
             if why is not None:
                 self._drain_self(why)
         return True

@@ -28,6 +28,7 @@ from gpupool.jobs.atomic import open_read
 from gpupool.jobs.descriptor import Job
 from gpupool.jobs.errors import BadFile
 from gpupool.jobs.jsonio import load_json
+from gpupool.jobs.outcomes import Failure, FailureKind
 from gpupool.jobs.template import TemplateError, expand
 
 RESULT_FILE_LIMIT = 4 * 1024 * 1024  # bytes of a --result-file (a result record holds at most 8 MB)
@@ -54,7 +55,7 @@ def run_command(job: Job, gpu_id: int, device: str, env: dict[str, str], log_pat
     try:
         line = shell_line(job, values)
     except TemplateError as e:
-        return {**fields, "error": {"type": "BadTemplate", "message": str(e), "traceback": ""}}
+        return {**fields, "error": Failure(FailureKind.BAD_TEMPLATE, str(e)).to_dict()}
     env = {**env, "GPUPOOL_RUN": job.run, "GPUPOOL_CHUNK_ID": str(job.chunk_id),  # as $SLURM_ARRAY_TASK_ID
            "GPUPOOL_TOTAL_CHUNKS": str(job.total_chunks)}
     start = 0  # where this attempt's output starts in its log: the size of the log it opened
@@ -68,13 +69,14 @@ def run_command(job: Job, gpu_id: int, device: str, env: dict[str, str], log_pat
     code, err = run_process(["/bin/sh", "-c", line], job, env, log_path, abort, what="command",
                             shown=line.replace("\n", "; "), open_log=opened)
     if err is not None:
-        return {**fields, "error": err}
+        return {**fields, "error": err.to_dict()}
     fields["exit_code"] = code
     opts = job.options or {}
     if code not in opts.get("success_codes", [0]):
-        return {**fields, "error": _error("CommandFailed", f"the command {exit_reason(code)}", log_path)}
+        failed = _error(FailureKind.COMMAND_FAILED, f"the command {exit_reason(code)}", log_path)
+        return {**fields, "error": failed.to_dict()}
     if opts.get("fail_on_output") and (hit := _matching_line(log_path, start, opts["fail_on_output"])):
-        return {**fields, "error": _error("OutputCheck", hit, log_path)}
+        return {**fields, "error": _error(FailureKind.OUTPUT_CHECK, hit, log_path).to_dict()}
     if opts.get("result_file"):
         return {**fields, **_pick_up(job, opts["result_file"], values, log_path)}
     return {**fields, "value": None}
@@ -102,7 +104,7 @@ def _pick_up(job: Job, pattern: str, values: dict[str, Any], log_path: Path) -> 
     try:
         name = expand(pattern, values)
     except TemplateError as e:
-        return {"error": {"type": "BadTemplate", "message": f"--result-file: {e}", "traceback": ""}}
+        return {"error": Failure(FailureKind.BAD_TEMPLATE, f"--result-file: {e}").to_dict()}
     path = Path(job.workdir or os.getcwd(), name)
     try:
         with open(path, "rb") as f:
@@ -112,10 +114,10 @@ def _pick_up(job: Job, pattern: str, values: dict[str, Any], log_path: Path) -> 
                              "a small summary here)")
         value = read_value(path, data)
     except FileNotFoundError:
-        return {"error": _error("ResultFileMissing", f"the command succeeded but wrote no result file {path}",
-                                log_path)}
+        return {"error": _error(FailureKind.RESULT_FILE_MISSING,
+                                f"the command succeeded but wrote no result file {path}", log_path).to_dict()}
     except (OSError, ValueError, BadFile) as e:
-        return {"error": _error("BadResultFile", f"result file {path}: {e}", log_path)}
+        return {"error": _error(FailureKind.BAD_RESULT_FILE, f"result file {path}: {e}", log_path).to_dict()}
     return {"result_file": str(path), "value": value}
 
 

@@ -20,6 +20,7 @@ from gpupool.jobs.logsetup import logger
 from gpupool.agent.beat import Notes
 from gpupool.jobs.atomic import DISK_FULL
 from gpupool.jobs.descriptor import Job, JobState
+from gpupool.jobs.outcomes import Failure, FailureKind
 from gpupool.jobs.paths import Spool
 from gpupool.jobs.results import Uncommittable, commit, has_outcome
 
@@ -76,7 +77,7 @@ class DiskPause:
                     arrays = None
                     rec = {**{k: v for k, v in rec.items() if k not in ("value", "error", "arrays_bytes")},
                            "status": JobState.FAILED.value, "arrays": None,
-                           "error": {"type": type(e).__name__, "message": str(e), "traceback": ""}}
+                           "error": Failure.of(e).to_dict()}
                     return rec, commit(self.spool, job, rec)
             except OSError as e:  # nothing partial is left (our arrays are kept, see results.commit)
                 if e.errno not in DISK_FULL:
@@ -114,8 +115,8 @@ class DiskPause:
         failure itself (``master.dispatcher``): it counts against --retries and the run ends, never
         the same chunk run here again and again. Returns the failed record."""
         where = f" ({e.filename})" if e.filename else ""
-        error = {"type": "CommitFailed", "traceback": "", "errno": e.errno,
-                 "message": f"agent {self.agent_id} cannot write the result{where}: {e.strerror or e}"}
+        error = Failure(FailureKind.COMMIT_FAILED, f"agent {self.agent_id} cannot write the result{where}: "
+                        f"{e.strerror or e}", errno=e.errno).to_dict()
         self.uncommitted = [u for u in self.uncommitted[-(UNCOMMITTED_KEPT - 1):]
                             if not has_outcome(self.spool, (u["run"], u["chunk_id"], u["attempt"]), u["max_attempts"])]
         self.uncommitted.append({"run": job.run, "chunk_id": job.chunk_id, "attempt": job.attempt,

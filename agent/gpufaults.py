@@ -11,12 +11,12 @@ reason the agent drains itself for (``drained``: noted as its last error); an un
 """
 from __future__ import annotations
 
-from typing import Any
 
 from gpupool.jobs.logsetup import logger
 
 from gpupool.agent.beat import Notes
 from gpupool.jobs.descriptor import Job
+from gpupool.jobs.outcomes import Failure, FailureKind, GpuFault
 
 
 class GpuFaults:
@@ -28,26 +28,26 @@ class GpuFaults:
         self.gpu_error: str | None = None  # the GPU stopped answering NVML (see gpu_lost)
         self.drained_why: str | None = None  # set when this agent drained itself
 
-    def classify(self, err: dict[str, Any], first: bool) -> str | None:
+    def classify(self, err: Failure, first: bool) -> str | None:
         """The failure as a GPU fault that is not the job's own, or None. Only on a GPU agent (on
         a CPU one, a job that uses CUDA anyway fails by its own doing): a driver-level error
         (``agent.worker_process.DRIVER_ERROR``), or in a worker process that had run nothing before (so
         nothing a job did in it is to blame) out of memory or a context found unusable. A kernel's
         own failure (a device-side assert, an illegal address) is the job's: a run with such a
         bug fails its chunks, each in a fresh worker, but drains no agent."""
-        kind = err.get("gpu_error")
-        if not self.on_gpu or not (kind == "driver" or (first and kind in ("out_of_memory", "context"))):
+        kind = err.gpu_fault
+        if not self.on_gpu or not (kind is GpuFault.DRIVER or
+                                   (first and kind in (GpuFault.OUT_OF_MEMORY, GpuFault.CONTEXT))):
             return None
-        text = f"{err.get('type')}: {str(err.get('message') or '').strip()}"
-        return text.splitlines()[0][:300] if text else kind
+        return f"{err.type}: {err.message.strip()}".splitlines()[0][:300]
 
-    def after_job(self, job: Job, err: dict[str, Any] | None, first: bool) -> str | None:
+    def after_job(self, job: Job, err: Failure | None, first: bool) -> str | None:
         """A callable job's outcome in the count of GPU faults in a row: a success or the job's
         own error ends it; a death or a time-out leaves it as it is (either may be the GPU's).
         Returns why the agent must drain itself now, or None."""
         fault = None if err is None else self.classify(err, first)
         if fault is None:
-            if err is None or err.get("type") not in ("Timeout", "WorkerDied"):
+            if err is None or err.kind not in (FailureKind.TIMEOUT, FailureKind.WORKER_DIED):
                 self.faults.clear()
             return None
         self.faults.pop((job.run, job.chunk_id), None)

@@ -42,9 +42,10 @@ from gpupool.agent.workers import MakeWorker, WorkerLike, Workers, run_key
 from gpupool.jobs.atomic import read_tail
 from gpupool.jobs.descriptor import Job, JobKind, attempt_output
 from gpupool.jobs.errors import BadFile
+from gpupool.jobs.outcomes import Failure, FailureKind, GpuFault, failure_of
 from gpupool.jobs.paths import Spool
 
-Outcome = tuple[dict[str, Any], str | None]  # a result's fields, and the temp file of its arrays (or None)
+Produced = tuple[dict[str, Any], str | None]  # a result's fields, and the temp file of its arrays (or None)
 THREADS_RECOUNT_S = 30.0  # the agents of the host are counted again for a new worker after this long
 RESTARTS = 3  # fresh workers a job is sent to at most when each asks for another before running it
 PRINTED_READ = 64 * 1024  # the end of a chunk's log read for what a dead worker's job printed
@@ -96,15 +97,15 @@ class Runner:
             self.threads, self._threads_at = self._count_threads(), self.clock()
         return {**env, **thread_env(env, self.threads)}
 
-    def run(self, job: Job, lookahead: Job | None = None) -> Outcome | None:
+    def run(self, job: Job, lookahead: Job | None = None) -> Produced | None:
         """``job``'s outcome, or None if interrupted by an immediate stop. ``lookahead``: the job
         to send ahead while this one runs (pipelining), where it may be."""
         def abort() -> bool:
             return self.aborted(job)
 
         if job.gpus is not None and job.gpus != len(self.slot.gpus):  # a master placed it wrongly: not run here
-            return {"error": {"type": "WrongAgent", "message": f"the job needs {job.gpus} GPU(s) (--gpus-per-job) "
-                              f"and agent {self.id} holds {len(self.slot.gpus)}", "traceback": ""}}, None
+            return _failed(Failure(FailureKind.WRONG_AGENT, f"the job needs {job.gpus} GPU(s) (--gpus-per-job) "
+                                   f"and agent {self.id} holds {len(self.slot.gpus)}"))
         if job.kind in (JobKind.SCRIPT, JobKind.COMMAND):
             return self._run_process(job, abort)
         evicted = False
@@ -115,7 +116,7 @@ class Runner:
             except TimeoutError as e:
                 self._drop_ahead()  # killed with the worker; it is still in the mailbox
                 self.workers.discard(job)
-                return {"error": {"type": "Timeout", "message": str(e), **self._printed(job)}}, None
+                return _failed(Failure(FailureKind.TIMEOUT, str(e), *self._printed(job)))
             except WorkerLost as e:
                 self._drop_ahead()
                 self.workers.discard(job)
@@ -124,7 +125,7 @@ class Runner:
                 logger.warning("agent {}: {} while running {} chunk {}; its run gets a fresh worker",
                                self.id, e.reason, job.run, job.chunk_id)
                 # the end of what the job printed (its chunk's log); the worker log's where it never started
-                return {"error": {"type": "WorkerDied", "message": e.reason, **self._printed(job, e.output)}}, None
+                return _failed(Failure(FailureKind.WORKER_DIED, e.reason, *self._printed(job, e.output)))
             if reply.get("libs"):
                 self.workers.learn(reply["libs"])
             if reply.get("restart"):  # it ran nothing and exits: the job (and the one sent ahead) go to a fresh one
@@ -134,8 +135,8 @@ class Runner:
                             reply["restart"])
                 lookahead = None
                 continue
-            err = reply.get("error") if not reply.get("ok") else None
-            if isinstance(err, dict) and err.get("gpu_error") == "out_of_memory" and not evicted \
+            err = failure_of(reply) if not reply.get("ok") else None
+            if err is not None and err.gpu_fault is GpuFault.OUT_OF_MEMORY and not evicted \
                     and (others := self.workers.others(job)):
                 evicted = True  # other runs' models hold the memory: theirs goes
                 for key in others:  # waited for: their memory is back before the job runs again
@@ -144,10 +145,10 @@ class Runner:
                     lookahead = None
                     continue
             return self._outcome(job, reply)
-        return {"error": {"type": "WorkerRestarts", "message": f"{RESTARTS} fresh workers in a row asked for "
-                          "another before running the job (see the agent's log)", "traceback": ""}}, None
+        return _failed(Failure(FailureKind.WORKER_RESTARTS, f"{RESTARTS} fresh workers in a row asked for another "
+                               "before running the job (see the agent's log)"))
 
-    def _run_process(self, job: Job, abort: Callable[[], bool]) -> Outcome | None:
+    def _run_process(self, job: Job, abort: Callable[[], bool]) -> Produced | None:
         """A script or command job, in a process of its own."""
         self.started()
         log = self.spool.chunk_log(job.run, job.chunk_id)
@@ -159,15 +160,14 @@ class Runner:
                 err = run_script(job, 0 if narrowed else gpu_id,
                                  self._with_threads(self._narrowed_env if narrowed else self.script_env), log, abort,
                                  open_log=self.spool.open_log)
-                fields = {"log": str(log)} if err is None else {"log": str(log), "error": err}
+                fields = {"log": str(log)} if err is None else {"log": str(log), "error": err.to_dict()}
             else:
                 fields = run_command(job, gpu_id, self.slot.device, self._with_threads(self.command_env), log, abort,
                                      open_log=self.spool.open_log)
-                err = fields.get("error")
+                err = failure_of(fields)
         except OSError as e:  # its log cannot be made or written (a full disk?)
-            return {"error": {"type": type(e).__name__, "message": f"cannot start the {job.kind.value}: {e}",
-                              "traceback": "", "errno": e.errno}}, None
-        if err is not None and (err["type"] == "Stopped" or (self.stopping() and "SIGTERM" in err["message"])):
+            return _failed(Failure.of(e, f"cannot start the {job.kind.value}: {e}"))
+        if err is not None and (err.kind is FailureKind.STOPPED or (self.stopping() and "SIGTERM" in err.message)):
             return None  # stopped with the agent (e.g. Slurm's SIGTERM to the whole step): stays queued
         return fields, None
 
@@ -189,15 +189,15 @@ class Runner:
                 self.ahead = lookahead
         return worker.receive(job.timeout, abort, lambda note: self.waiting(str(note.get("waiting"))))
 
-    def _outcome(self, job: Job, reply: dict[str, Any]) -> Outcome:
+    def _outcome(self, job: Job, reply: dict[str, Any]) -> Produced:
         times = {"started_at": reply.get("started_at"), "finished_at": reply.get("finished_at")}
         if not reply.get("ok"):
-            err = reply.get("error")
-            if isinstance(err, dict) and (err.get("poisoned") or err.get("setup")):  # the worker exits after this reply
-                why = f"CUDA context unusable after {job.run} chunk {job.chunk_id} ({err['poisoned']})" \
-                    if err.get("poisoned") else f"the run's setup {err['setup']} failed in {job.run} chunk {job.chunk_id}"
+            failure = failure_of(reply)
+            if failure is not None and (failure.poisoned or failure.setup):  # the worker exits after this reply
+                why = f"CUDA context unusable after {job.run} chunk {job.chunk_id} ({failure.poisoned})" \
+                    if failure.poisoned else f"the run's setup {failure.setup} failed in {job.run} chunk {job.chunk_id}"
                 self.replace_worker(job, why, warn=True)
-            return {**times, "error": err}, None
+            return {**times, "error": reply.get("error")}, None  # as the worker made it (Failure.to_dict)
         tmp = reply.get("arrays_tmp")
         arrays = {"arrays": self.spool.result_npz(job.run, job.chunk_id, job.attempt).name,
                   "arrays_bytes": os.stat(tmp).st_size} \
@@ -285,10 +285,10 @@ class Runner:
                 "log": str(self.spool.chunk_log(job.run, job.chunk_id)), "spool": str(self.spool.base),
                 "scratch": str(self.spool.scratch_log(self.id))}
 
-    def _printed(self, job: Job, otherwise: str = "") -> dict[str, str]:
-        """A failed callable's ``traceback``: the end of what ``job``'s attempt printed to its chunk's
-        log (its part after its header), with the ``log`` (as a script's error has it); ``otherwise``
-        where the log has no header of the attempt (it did not start)."""
+    def _printed(self, job: Job, otherwise: str = "") -> tuple[str, str | None]:
+        """A failed callable's (``traceback``, ``log``): the end of what ``job``'s attempt printed to its
+        chunk's log (its part after its header), and that log (as a script's error has it); ``otherwise``
+        and None where the log has no header of the attempt (it did not start)."""
         log = self.spool.chunk_log(job.run, job.chunk_id)
         try:  # what it printed before it died waits in the scratch file (agent.worker_process.ChunkOutput)
             self.spool.keep_output(self.spool.scratch_log(self.id), log, job.attempt, f"{job.target} (its worker died)")
@@ -298,9 +298,9 @@ class Runner:
         try:
             data = read_tail(log, PRINTED_READ)  # no link followed
         except (OSError, BadFile):
-            return {"traceback": otherwise}
+            return otherwise, None
         printed = attempt_output(data.decode(errors="replace"), job.attempt, whole=len(data) < PRINTED_READ)
-        return {"traceback": otherwise} if printed is None else {"traceback": printed[-4000:], "log": str(log)}
+        return (otherwise, None) if printed is None else (printed[-4000:], str(log))
 
     def _send(self, worker: WorkerLike, job: Job) -> bool:
         """Queue ``job`` in the worker's pipe, noting whether it is that process's first."""
@@ -313,3 +313,8 @@ class Runner:
     def _may_send_ahead(self, worker: WorkerLike, job: Job, nxt: Job) -> bool:
         """Pipelining hands over only a job of the same run, never one that needs a fresh worker."""
         return run_key(nxt) == run_key(job) and not self._worn(worker)
+
+
+def _failed(failure: Failure) -> Produced:
+    """A job that failed before it could give anything else."""
+    return {"error": failure.to_dict()}, None

@@ -23,6 +23,7 @@ from typing import IO, Callable
 from gpupool.agent.worker_control import exit_reason, exited, kill_group, tail
 from gpupool.jobs.atomic import open_append
 from gpupool.jobs.descriptor import Job, attempt_header
+from gpupool.jobs.outcomes import Failure, FailureKind
 
 OpenLog = Callable[[Path], IO[bytes]]  # opens a log to append to, following no link (``Spool.open_log``)
 
@@ -39,21 +40,21 @@ def command(job: Job, gpu_id: int) -> list[str]:
 
 
 def run_script(job: Job, gpu_id: int, env: dict[str, str], log_path: Path,
-               abort: Callable[[], bool], open_log: OpenLog | None = None) -> dict | None:
+               abort: Callable[[], bool], open_log: OpenLog | None = None) -> Failure | None:
     """Run the script; None on exit code 0 (or one of its ``success_codes`` option: OctoRun's
-    field), else an error dict (type, message, traceback)."""
+    field), else why it failed (the end of its log as the traceback)."""
     code, err = run_process(command(job, gpu_id), job, env, log_path, abort, open_log=open_log)
     if err is None and code not in (job.options or {}).get("success_codes", [0]):
-        err = _error("ScriptFailed", f"the script {exit_reason(code)}", log_path)
+        err = _error(FailureKind.SCRIPT_FAILED, f"the script {exit_reason(code)}", log_path)
     return err
 
 
 def run_process(cmd: list[str], job: Job, env: dict[str, str], log_path: Path, abort: Callable[[], bool],
                 what: str = "script", shown: str | None = None,
-                open_log: OpenLog | None = None) -> tuple[int | None, dict | None]:
+                open_log: OpenLog | None = None) -> tuple[int | None, Failure | None]:
     """Run ``cmd`` for ``job`` in a process group of its own, its output appended to ``log_path``
     (after a header line naming the attempt and ``shown``, default the argv); the whole group is
-    killed when it ends. (exit code, None), or (None, error dict) if it was stopped or timed out.
+    killed when it ends. (exit code, None), or (None, the failure) if it was stopped or timed out.
     ``open_log`` opens the log (the agent's: ``Spool.open_log``, which moves a link at the log or
     on its way to ``rejected/``); by default its folder is made and a link there refused (OSError)."""
     env = {**env, **job.env} if job.env else env  # main.py --env: the caller's variables
@@ -68,10 +69,10 @@ def run_process(cmd: list[str], job: Job, env: dict[str, str], log_path: Path, a
     try:
         while not waiter.wait(0.25 if deadline is None else min(0.25, deadline - time.monotonic())):
             if abort():
-                return None, _error("Stopped", "the agent was told to stop at once", log_path)
+                return None, _error(FailureKind.STOPPED, "the agent was told to stop at once", log_path)
             if deadline is not None and time.monotonic() >= deadline:
-                return None, _error("Timeout", f"the {what} ran past its timeout of {job.timeout:g} s and was "
-                                    "killed", log_path)
+                return None, _error(FailureKind.TIMEOUT, f"the {what} ran past its timeout of {job.timeout:g} s and "
+                                    "was killed", log_path)
     finally:
         waiter.close()
         kill_group(proc)  # still unreaped (a zombie at worst), so its group id is still its own
@@ -109,5 +110,6 @@ def _open_plain(path: Path) -> IO[bytes]:
     return open_append(path)
 
 
-def _error(kind: str, message: str, log_path: Path) -> dict:
-    return {"type": kind, "message": message, "traceback": tail(log_path, 3000), "log": str(log_path)}
+def _error(kind: FailureKind, message: str, log_path: Path) -> Failure:
+    """A failure of a process job: the end of its log as its traceback."""
+    return Failure(kind, message, tail(log_path, 3000), log=str(log_path))

@@ -9,7 +9,7 @@ Protocol, one JSON line each way on two inherited pipes:
           chunk's log, ``ChunkOutput``; the worker log, its own stdout and stderr, keeps the
           worker's lines: a mark before each job, its warnings)
   reply   ``{"ok": true, "value": ..., "arrays_tmp": "<temp .npz>"|null}`` or
-          ``{"ok": false, "error": {"type", "message", "traceback"[, "errno"]}}``
+          ``{"ok": false, "error": {"type", "message", "traceback"[, "errno"]}}`` (``jobs.outcomes.Failure``)
           (``errno`` where the exception is an OSError, so that the agent can tell a full
           disk from the job's own failure; ``gpu_error`` and ``poisoned`` where the failure
           is the GPU's, see ``after_failure``; ``setup`` where the run's --setup raised)
@@ -45,7 +45,10 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:  # imported where used: the worker starts on the standard library alone
+    from gpupool.jobs.outcomes import Failure, GpuFault
 
 
 def _die_with_parent(parent: int) -> None:
@@ -372,18 +375,22 @@ def cut(text: str, limit: int = TEXT_LIMIT) -> str:
 
 
 def error_of(exc: BaseException) -> dict[str, Any]:
-    """The failed reply's error; a job's huge exception message is cut (results have a size limit).
+    """The failed reply's error (``jobs.outcomes.Failure``, as it crosses the pipe): see ``failure_of``."""
+    return failure_of(exc).to_dict()
+
+
+def failure_of(exc: BaseException) -> Failure:
+    """The failed job's ``Failure``; a job's huge exception message is cut (results have a size limit).
     Never raises, whatever ``exc`` does: a ``str()`` that raises gives ``<str() failed: ...>``, a
     traceback that cannot be formatted gives what of it can be had, and ``args`` or attributes that
     cannot be read or encoded are left out (see ``master.remote``, which raises it again)."""
+    from gpupool.jobs.outcomes import Failure
+
     kind = type(exc)
-    err: dict[str, Any] = {"type": kind.__name__, "message": cut(_text_of(exc)), "traceback": cut(_traceback_of(exc)),
-                           "module": _name(kind, "__module__"), "qualname": _name(kind, "__qualname__")}
-    err.update(_safely(lambda: _state_of(exc), {}))
     code = _safely(lambda: _errno_of(exc), None)
-    if isinstance(code, int):
-        err["errno"] = int(code)
-    return err
+    return Failure(kind.__name__, cut(_text_of(exc)), cut(_traceback_of(exc)), module=_name(kind, "__module__"),
+                   qualname=_name(kind, "__qualname__"), errno=int(code) if isinstance(code, int) else None,
+                   **_safely(lambda: _state_of(exc), {}))
 
 
 def _safely(step: Any, fallback: Any) -> Any:
@@ -510,19 +517,22 @@ def _cuda() -> Any:
     return getattr(sys.modules.get("torch"), "cuda", None)
 
 
-def gpu_fault(exc: BaseException) -> str | None:
-    """What kind of GPU failure ``exc`` is: ``"out_of_memory"``, ``"driver"`` (see
-    ``DRIVER_ERROR``), ``"kernel"`` (``KERNEL_ERROR``), or None (not a GPU failure), judged on
+def gpu_fault(exc: BaseException) -> GpuFault | None:
+    """What kind of GPU failure ``exc`` is (``jobs.outcomes.GpuFault``): ``OUT_OF_MEMORY``, ``DRIVER``
+    (see ``DRIVER_ERROR``), ``KERNEL`` (``KERNEL_ERROR``), or None (not a GPU failure), judged on
     it and on the exceptions it was raised from or while handling, nearest first."""
+    from gpupool.jobs.outcomes import GpuFault
+
     oom = getattr(_cuda(), "OutOfMemoryError", None)
     seen: set[int] = set()
     e: BaseException | None = exc
     while e is not None and id(e) not in seen:
         seen.add(id(e))
         if isinstance(oom, type) and isinstance(e, oom):
-            return "out_of_memory"
+            return GpuFault.OUT_OF_MEMORY
         text = f"{type(e).__name__}: {_text_of(e)[:TEXT_LIMIT]}"
-        for kind, pattern in (("out_of_memory", OUT_OF_MEMORY), ("driver", DRIVER_ERROR), ("kernel", KERNEL_ERROR)):
+        for kind, pattern in ((GpuFault.OUT_OF_MEMORY, OUT_OF_MEMORY), (GpuFault.DRIVER, DRIVER_ERROR),
+                              (GpuFault.KERNEL, KERNEL_ERROR)):
             if pattern.search(text):
                 return kind
         e = e.__cause__ if e.__cause__ is not None else e.__context__  # never bool() of an exception
@@ -562,29 +572,32 @@ def _first_line(text: str, limit: int = 300) -> str:
     return line if len(line) <= limit else line[:limit] + "..."
 
 
-def after_failure(err: dict[str, Any], fault: str | None) -> None:
+def after_failure(err: Failure, fault: GpuFault | None) -> Failure:
     """After a failed job: is the GPU still usable by this process? Adds to the job's error
     (its own type and message stay) ``gpu_error``, the kind of GPU failure, and ``poisoned``,
     why this worker must not run another job (it exits after the reply):
 
-    - ``out_of_memory``: not poisoned; the memory is freed (``free_memory``) before the next job;
-    - ``driver``, ``kernel`` (the job's own error, see ``gpu_fault``): poisoned;
-    - ``context``: the job's error was no CUDA error, yet the context is found unusable by
+    - ``OUT_OF_MEMORY``: not poisoned; the memory is freed (``free_memory``) before the next job;
+    - ``DRIVER``, ``KERNEL`` (the job's own error, see ``gpu_fault``): poisoned;
+    - ``CONTEXT``: the job's error was no CUDA error, yet the context is found unusable by
       ``torch.cuda.synchronize()`` (checked after every failed job once torch has initialised
-      CUDA here): poisoned (``driver`` instead when what it raised names the driver)."""
+      CUDA here): poisoned (``DRIVER`` instead when what it raised names the driver)."""
+    from gpupool.jobs.outcomes import GpuFault
+
     why = None
-    if fault in ("driver", "kernel"):
-        why = f"the job's {err.get('type')}: {_first_line(err.get('message', ''))}"
+    if fault in (GpuFault.DRIVER, GpuFault.KERNEL):
+        why = f"the job's {err.type}: {_first_line(err.message)}"
     broken = context_error() if why is None else None
     if broken is not None:
-        fault = "driver" if DRIVER_ERROR.search(broken) else "context"
-        why = f"torch.cuda.synchronize() failed after the job's {err.get('type')}: {_first_line(broken)}"
+        fault = GpuFault.DRIVER if DRIVER_ERROR.search(broken) else GpuFault.CONTEXT
+        why = f"torch.cuda.synchronize() failed after the job's {err.type}: {_first_line(broken)}"
     if fault is not None:
-        err["gpu_error"] = fault
+        err = err.replace(gpu_error=fault.value)
     if why is not None:
-        err["poisoned"] = why
-    elif fault == "out_of_memory" or err.get("type") == "MemoryError":
+        err = err.replace(poisoned=why)
+    elif fault is GpuFault.OUT_OF_MEMORY or err.type == "MemoryError":
         free_memory()
+    return err
 
 
 _worker_pid: int | None = None  # set by main(): a forked child has another pid
@@ -626,7 +639,7 @@ def handle(request: dict[str, Any], session: Session) -> dict[str, Any]:
     from gpupool.jobs.descriptor import Job
 
     started = time.time()
-    fault = None
+    fault = failure = None
     job = None
     try:
         job = Job.from_dict(request["job"])
@@ -637,21 +650,22 @@ def handle(request: dict[str, Any], session: Session) -> dict[str, Any]:
     except BaseException as e:  # SystemExit and KeyboardInterrupt from task code too
         if _worker_pid is not None and os.getpid() != _worker_pid:
             raise  # a child the job forked: it exits as Python makes it (sys.exit(3) gives 3)
-        reply = {"ok": False, "error": error_of(e)}
+        failure = failure_of(e)
         fault = gpu_fault(e)
         if request.get("device") == "cpu" and (fault or ASKS_CUDA.search(f"{type(e).__name__}: {_text_of(e)[:TEXT_LIMIT]}")):
-            reply["error"]["message"] = f"{NO_GPU_HERE}: {reply['error']['message']}"
+            failure = failure.replace(message=f"{NO_GPU_HERE}: {failure.message}")
         if session.in_setup:  # this worker is left half set up: its last job (see main)
             session.in_setup = False
-            reply["error"]["setup"] = job.setup
-            reply["error"]["message"] = f"the run's setup {job.setup} failed: {reply['error']['message']}"
+            failure = failure.replace(setup=job.setup, message=f"the run's setup {job.setup} failed: {failure.message}")
+        reply = {"ok": False, "error": failure}
     finished = session.computed or time.time()
     session.computed = None
-    if not reply["ok"]:  # out of the except block: the job's frames (and tensors) are let go
+    if failure is not None:  # out of the except block: the job's frames (and tensors) are let go
         try:
-            after_failure(reply["error"], fault)
+            failure = after_failure(failure, fault)
         except Exception as e:  # the check must never cost the reply
             print(f"warning: checking the GPU after a failed job failed: {e!r}", file=sys.stderr)
+        reply["error"] = failure.to_dict()
     try:
         libs = session.watch.scan()
     except Exception as e:  # never the reply's loss: the spare preloads less, a changed file goes unseen

@@ -13,6 +13,7 @@ from gpupool.jobs.logsetup import logger
 
 from gpupool.jobs.descriptor import Job, JobState
 from gpupool.jobs.heartbeat import Heartbeat
+from gpupool.jobs.outcomes import Failure, FailureKind
 from gpupool.jobs.paths import Spool
 from gpupool.jobs.results import commit, record
 from gpupool.jobs.words import plural
@@ -48,9 +49,9 @@ def record_loss(spool: Spool, job: Job, agent: str, why: str, losses: int) -> bo
     """Record the death of ``agent`` under ``job`` as a failed attempt (``AgentLost``), like
     any failure: history, or the final result of a last attempt; the next pass over the jobs in
     flight takes it in and retries it with back-off. False if it could not be written."""
-    error = {"type": "AgentLost", "traceback": "",
-             "message": f"agent {agent} died ({why}) while running it; {plural(losses, 'agent')} so far"}
-    logger.warning("{} chunk {} attempt {}: {}", job.run, job.chunk_id, job.attempt, error["message"])
+    error = Failure(FailureKind.AGENT_LOST,
+                    f"agent {agent} died ({why}) while running it; {plural(losses, 'agent')} so far")
+    logger.warning("{} chunk {} attempt {}: {}", job.run, job.chunk_id, job.attempt, error.message)
     try:
         commit(spool, job, record(job, JobState.FAILED, agent=agent, error=error, finished_at=time.time()))
         return True

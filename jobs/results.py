@@ -24,13 +24,15 @@ import os
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from gpupool.jobs.atomic import move_in, read_bounded, write_exclusive, write_replace
 from gpupool.jobs.descriptor import Job, JobState
 from gpupool.jobs.errors import BadFile
 from gpupool.jobs.jsonio import MAX_DEPTH, clean, is_int, is_num, is_str, is_time, read_json, too_deep
 from gpupool.jobs.names import brief
+from gpupool.jobs.outcomes import FIELDS as ERROR_FIELDS
+from gpupool.jobs.outcomes import Failure, FailureKind, failure_of
 from gpupool.jobs.paths import ARRAYS_RE, HISTORY_RE, RESULT_RE, Spool, warn_once
 
 RESULT_LIMIT = 8 * 1024 * 1024  # readers refuse a larger record, so no larger one is ever written
@@ -66,8 +68,12 @@ class ResultTooDeep(Uncommittable):
             f"and return its path")
 
 
-def record(job: Job, status: JobState, **fields: Any) -> dict[str, Any]:
-    """A result record for ``job``; ``fields`` adds agent, host, times, value, error..."""
+def record(job: Job, status: JobState, error: Failure | Mapping[str, Any] | None = None,
+           **fields: Any) -> dict[str, Any]:
+    """A result record for ``job``; ``error``: why it failed (a mapping is written as it is: a record
+    read back, or an odd one a test writes); ``fields`` adds agent, host, times, value..."""
+    if error is not None:
+        fields["error"] = error.to_dict() if isinstance(error, Failure) else dict(error)
     return {"schema": RESULT_SCHEMA, "run": job.run, "chunk_id": job.chunk_id,
             "total_chunks": job.total_chunks, "status": status.value, "attempt": job.attempt,
             "max_attempts": job.max_attempts, "submitted_at": job.submitted_at,
@@ -106,8 +112,7 @@ def commit(spool: Spool, job: Job, rec: dict[str, Any], arrays_tmp: Path | None 
     return committed
 
 
-SUPERSEDED = "Superseded"  # the error type of an attempt a master handed to another agent
-JUDGED = (SUPERSEDED, "AgentLost")  # history a master writes for an attempt it took back
+JUDGED = (FailureKind.SUPERSEDED, FailureKind.AGENT_LOST)  # history a master writes for an attempt it took back
 
 
 def supersede(spool: Spool, job: Job, why: str) -> None:
@@ -115,14 +120,14 @@ def supersede(spool: Spool, job: Job, why: str) -> None:
     moved to an idle agent) and queues the next one: on record (``job.max_attempts`` the chunk's
     new limit), so that if the old attempt still runs somewhere and fails, that failure stays
     history and never commits over the newer attempt (see ``commit``)."""
-    rec = record(job, JobState.FAILED, error={"type": SUPERSEDED, "message": why, "traceback": ""})
+    rec = record(job, JobState.FAILED, error=Failure(FailureKind.SUPERSEDED, why))
     spool.real_dir(spool.result_dir(job.run), make=False)  # no link followed (see commit)
     write_exclusive(spool.history_json(job.run, job.chunk_id, job.attempt), json.dumps(rec).encode(), fsync=False)
 
 
 def _judged_by_a_master(hist: Path) -> bool:
-    err = (result_or_none(hist) or {}).get("error")
-    return isinstance(err, dict) and err.get("type") in JUDGED
+    failure = failure_of(result_or_none(hist) or {})
+    return failure is not None and failure.kind in JUDGED
 
 
 def _commit_final(spool: Spool, job: Job, data: bytes, arrays_tmp: Path | None) -> bool:
@@ -235,12 +240,11 @@ def unseal(spool: Spool, run: str) -> None:
         os.unlink(spool.sealed_flag(run))
 
 
-_ERROR = {"type": is_str, "message": is_str, "traceback": is_str, "module": is_str, "qualname": is_str}
 # fields read for display and bookkeeping: a wrong type is dropped (None) with one warning
 FIELDS: dict[str, Any] = {
     "run": is_str, "total_chunks": is_int, "max_attempts": is_int, "agent": is_str, "host": is_str,
     "device": is_str, "log": is_str, "submitted_at": is_num, "started_at": is_time, "finished_at": is_time,
-    "duration_s": is_num, "arrays_bytes": is_int, "arrays_form": is_str, "error": _ERROR, "exit_code": is_int,
+    "duration_s": is_num, "arrays_bytes": is_int, "arrays_form": is_str, "error": ERROR_FIELDS, "exit_code": is_int,
     "result_file": is_str, "epoch": is_str,
     "params": lambda v: isinstance(v, dict),
 }
@@ -309,7 +313,8 @@ def read_result(path: Path, epoch: str | None = None) -> dict[str, Any]:
 
     ``status``, ``chunk_id`` (that of the file name) and ``attempt`` must be right, and
     ``arrays`` must name an .npz of the chunk beside it, or the record is refused; other fields
-    of the wrong type (``FIELDS``) are dropped with one warning naming the file."""
+    of the wrong type (``FIELDS``; the error's: ``jobs.outcomes.FIELDS``) are dropped with one
+    warning naming the file. ``failure_of(rec)`` gives its error typed (``jobs.outcomes.Failure``)."""
     rec = read_json(path, "result", RESULT_LIMIT)
     if not isinstance(rec, dict) or rec.get("status") not in (JobState.OK.value, JobState.FAILED.value):
         raise BadFile("result has no valid 'status'", path)

@@ -63,6 +63,7 @@ from gpupool.jobs.fsinfo import is_network_fs
 from gpupool.jobs.heartbeat import AgentState, Heartbeat
 from gpupool.jobs.losses import charge_loss, death_suspects, died_under, record_loss
 from gpupool.jobs.mailbox import HOLD_LIMIT, Mailbox, drop_run, without_run
+from gpupool.jobs.outcomes import Failure, FailureKind, failure_of
 from gpupool.jobs.paths import HISTORY_RE, RESULT_RE, Spool
 from gpupool.jobs.results import StaleResult, commit, has_outcome, read_result, record, supersede
 from gpupool.jobs.words import plural
@@ -100,25 +101,26 @@ def backoff(attempt: int, cfg: FeedConfig, before: int = 0) -> float:
 
 
 @dataclass
-class Outcome:
+class AttemptSummary:
+    """What the dispatcher keeps of an attempt's result record (``summarize``)."""
+
     status: str
     attempt: int
     agent: str | None
-    error: str | None = None
+    failure: Failure | None = None  # why it failed (None: it did not, or its record says nothing readable)
     duration_s: float | None = None
-    gpu_error: str | None = None  # the failure's GPU fault kind, if any (agent.worker_process: driver, kernel, ...)
+
+    @property
+    def error(self) -> str | None:
+        """The failure's first line, ``Type: message`` (``Failure.line``), or None."""
+        return None if self.failure is None else self.failure.line
 
 
-def summarize(rec: dict[str, Any]) -> Outcome:
-    err = rec.get("error") or None
-    # its first line (a "\r" in it is kept, and shown escaped: jobs.names.printable)
-    line = f"{err.get('type')}: {err.get('message')}".split("\n", 1)[0].rstrip("\r")[:300] if isinstance(err, dict) \
-        else None
-    duration = rec.get("duration_s")
-    gpu = err.get("gpu_error") if isinstance(err, dict) else None
-    return Outcome(rec["status"], rec["attempt"], rec.get("agent") if isinstance(rec.get("agent"), str) else None,
-                   line, float(duration) if isinstance(duration, (int, float)) and not isinstance(duration, bool)
-                   else None, gpu if isinstance(gpu, str) else None)
+def summarize(rec: dict[str, Any]) -> AttemptSummary:
+    duration, agent = rec.get("duration_s"), rec.get("agent")
+    return AttemptSummary(rec["status"], rec["attempt"], agent if isinstance(agent, str) else None, failure_of(rec),
+                          float(duration) if isinstance(duration, (int, float)) and not isinstance(duration, bool)
+                          else None)
 
 
 class Dispatcher:
@@ -138,7 +140,7 @@ class Dispatcher:
         self.by_agent: dict[str, set[int]] = {}
         self.losses: Counter[int] = Counter()  # chunk -> agents that died while perhaps running it
         self.isolated: set[int] = set()  # chunks with a loss: queued with ``alone`` from then on
-        self.final: dict[int, Outcome] = {}
+        self.final: dict[int, AttemptSummary] = {}
         self.failed_on: dict[int, set[str]] = {}  # chunk -> agents an attempt of it failed on (retries go elsewhere)
         self.mailboxes: dict[str, Mailbox] = {}
         self.cancelled = False
@@ -181,7 +183,7 @@ class Dispatcher:
     def eligible(self, view: AgentView) -> bool:
         return self.why_not(view) is None
 
-    def failed_attempt(self, c: int, out: Outcome) -> None:
+    def failed_attempt(self, c: int, out: AttemptSummary) -> None:
         """An attempt of chunk ``c`` failed (``out``), whether it is retried or final."""
 
     def unplaceable(self, live: list[AgentView]) -> None:
@@ -255,7 +257,7 @@ class Dispatcher:
         amortise = int(self.cfg.queue_s / mean) + 1
         return max(1, min(self.cfg.max_depth, max(2, cover, amortise)))
 
-    def _observe(self, out: Outcome) -> None:
+    def _observe(self, out: AttemptSummary) -> None:
         """Chunk durations set the depth: ok ones only (a failure is often quick, an import error
         in a millisecond, and would make the queue deep just when it should stay short)."""
         if out.duration_s is not None and out.status == JobState.OK.value:
@@ -315,13 +317,14 @@ class Dispatcher:
         as any failure: retried, elsewhere where it can be, up to --retries, then final. Where this
         master cannot write it either, the chunk is settled here without a file."""
         job = dataclasses.replace(self._job(c), attempt=attempt, max_attempts=self.max_attempts[c])
-        rec = record(job, JobState.FAILED, agent=agent, error=error, finished_at=time.time())
-        logger.error("{} chunk {} attempt {}: {}", self.run_name, c, attempt, error.get("message"))
+        failure = Failure.from_dict(error)
+        rec = record(job, JobState.FAILED, agent=agent, error=failure, finished_at=time.time())
+        logger.error("{} chunk {} attempt {}: {}", self.run_name, c, attempt, failure.message)
         try:
             commit(self.spool, job, rec)
             return  # the next pass takes it in
         except OSError as e:
-            rec["error"] = {**error, "message": f"{error.get('message')}; nor can this master ({e})"}
+            rec["error"] = failure.replace(message=f"{failure.message}; nor can this master ({e})").to_dict()
         if attempt >= self.max_attempts[c]:
             self._conclude(c, rec)
         else:
@@ -356,9 +359,8 @@ class Dispatcher:
             except OSError as e:  # a folder (or an unreadable file) where the result belongs: no agent can
                 # ever commit this chunk, so it fails now, naming the path, instead of the run never ending
                 rec = {"status": JobState.FAILED.value, "attempt": attempt, "agent": agent, "chunk_id": c,
-                       "error": {"type": "BadResultPath", "traceback": "",
-                                 "message": f"{final} is not a readable result file ({e.strerror}); "
-                                            "remove it, then resume the run"}}
+                       "error": Failure(FailureKind.BAD_RESULT_PATH, f"{final} is not a readable result file "
+                                        f"({e.strerror}); remove it, then resume the run").to_dict()}
             seen.append(mtime)
             self._conclude(c, rec)
         self._sample_latency(seen)
@@ -388,7 +390,7 @@ class Dispatcher:
         self._observe(out)
         self._retry(c, attempt, out, agent)
 
-    def _retry(self, c: int, attempt: int, out: Outcome, agent: str) -> None:
+    def _retry(self, c: int, attempt: int, out: AttemptSummary, agent: str) -> None:
         """Attempt ``attempt`` of chunk ``c`` failed (``out``) with attempts left: the next one is
         queued after a back-off, on another agent than ``agent`` where one has room."""
         self.failed_on.setdefault(c, set()).add(out.agent or agent)

@@ -20,32 +20,31 @@ from gpupool.jobs.logsetup import logger
 from gpupool.jobs.descriptor import Job, JobState
 from gpupool.jobs.errors import BadFile
 from gpupool.jobs.paths import Spool
-from gpupool.jobs.results import (SUPERSEDED, RunScan, read_epoch, read_result, reopen_failed, result_or_none, scan_run,
-                          seal, sealed, unseal)
+from gpupool.jobs.outcomes import FailureKind, failure_of
+from gpupool.jobs.results import (RunScan, read_epoch, read_result, reopen_failed, result_or_none, scan_run, seal,
+                          sealed, unseal)
 from gpupool.jobs.words import plural
-from gpupool.master.dispatcher import Dispatcher, Event, FeedConfig, Outcome, read_or_empty, summarize
+from gpupool.master.dispatcher import AttemptSummary, Dispatcher, Event, FeedConfig, read_or_empty, summarize
 from gpupool.master.liveness import AgentView
 from gpupool.master.options import JOB_FIELDS
 from gpupool.master.placement import Placement, Unplaceable, gpu_count, gpu_ids
 from gpupool.master.runspec import RunSpec
 
-__all__ = ["Feeder", "FeedConfig", "Outcome", "Summary"]
+__all__ = ["AttemptSummary", "Feeder", "FeedConfig", "Summary"]
 
 # Errors that fail every chunk the same way when they come from the code, not the data: a missing
 # module, a task or keyword that does not exist, a syntax error.
 DETERMINISTIC = ("ImportError", "ModuleNotFoundError", "TaskError", "SyntaxError", "TypeError", "NameError",
                  "AttributeError")
-# Errors of the pool (or of the machine), not of the code: they never count towards failing fast (an
-# agent lost or frozen, a job past its timeout or its worker killed, a result that cannot be written,
-# an attempt handed to another agent, memory that another job may hold).
-POOL_ERRORS = frozenset({"Timeout", "WorkerDied", "AgentLost", "CommitFailed", SUPERSEDED, "Stopped", "WrongAgent",
-                         "WorkerRestarts", "BadResultPath", "MemoryError", "OutOfMemoryError"})
-# GPU faults that are not the job's own (a driver that fails, memory another process holds): a broken
-# GPU fails every chunk sent to it alike, and drains its agent (agent.gpufaults.GpuFaults.after_job) instead
-GPU_FAULTS = frozenset({"driver", "out_of_memory"})
+# Failures of the pool (or of the machine), not of the code, never count towards failing fast
+# (``FailureKind.of_the_pool``: an agent lost or frozen, a job past its timeout or its worker killed, a
+# result that cannot be written, an attempt handed to another agent; a GPU fault that is not the job's
+# own, which fails every chunk sent to that GPU alike and drains its agent instead: see
+# agent.gpufaults.GpuFaults.after_job); nor do these task errors: memory that another job may hold.
+MEMORY_ERRORS = frozenset({"MemoryError", "OutOfMemoryError"})
 # Errors whose message is generic ("the script exited with code 1"): told apart by the last line of
 # their output (the traceback a Python script printed), and never alike without one.
-BY_OUTPUT = frozenset({"ScriptFailed", "CommandFailed"})
+BY_OUTPUT = frozenset({FailureKind.SCRIPT_FAILED, FailureKind.COMMAND_FAILED})
 _HEX = re.compile(r"0x[0-9a-fA-F]+|\b(?=[0-9a-fA-F]*\d)[0-9a-fA-F]{8,}\b")
 _NUMBER = re.compile(r"\d+")
 
@@ -62,7 +61,7 @@ def alike(line: str) -> str:
 class Summary:
     run: str
     chunks: int
-    outcomes: dict[int, Outcome]
+    outcomes: dict[int, AttemptSummary]
     wall_s: float
     results_dir: Path
     cancelled: bool = False
@@ -111,7 +110,7 @@ class Feeder(Dispatcher):
         if self.halted is None:  # halted in this pass: nothing more is queued
             super()._dispatch()
 
-    def failed_attempt(self, c: int, out: Outcome) -> None:
+    def failed_attempt(self, c: int, out: AttemptSummary) -> None:
         """Fail fast: every chunk would fail the same way, so the run stops (what is queued leaves
         the mailboxes) instead of spending chunks x attempts of GPU time on it, when no chunk of the
         run is ok and either ``max_failures`` failed attempts in a row (of at least two chunks, pool
@@ -119,21 +118,20 @@ class Feeder(Dispatcher):
         chunks failed with the same error line of a type that comes from the code (``DETERMINISTIC``)."""
         self.failed_attempts += 1
         self.retried_attempts += c not in self.final
-        limit = self.cfg.max_failures
-        if limit <= 0 or out.error is None or self.halted is not None or \
+        limit, failure, line = self.cfg.max_failures, out.failure, out.error
+        if limit <= 0 or failure is None or line is None or self.halted is not None or \
                 any(o.status == JobState.OK.value for o in self.final.values()):
             return
-        kind = out.error.split(":", 1)[0]
-        if kind in POOL_ERRORS or out.gpu_error in GPU_FAULTS:  # the pool's or the GPU's, not the code's
+        if failure.kind.of_the_pool or failure.type in MEMORY_ERRORS:  # the pool's or the GPU's, not the code's
             return
-        if kind in DETERMINISTIC:
-            chunks = self._alike.setdefault(out.error, set())
+        if failure.type in DETERMINISTIC:
+            chunks = self._alike.setdefault(line, set())
             chunks.add(c)
             if len(chunks) >= limit:
-                self.halted = f"{len(chunks)} chunks failed with the same error and none is ok: {out.error}"
+                self.halted = f"{len(chunks)} chunks failed with the same error and none is ok: {line}"
                 self.on_event("halted", {"why": self.halted})
                 return
-        key = self._key(c, out, kind)
+        key = self._key(c, out)
         if key is None:
             self._streak = []
             return
@@ -142,21 +140,20 @@ class Feeder(Dispatcher):
         chunks = sorted({s[1] for s in self._streak})
         if len(self._streak) >= limit and len(chunks) >= min(2, limit, self.spec.chunks):
             self.halted = (f"{plural(limit, 'failed attempt')} in a row (chunks {', '.join(map(str, chunks))}) ended "
-                           f"with the same error and none is ok: {out.error}")
+                           f"with the same error and none is ok: {line}")
             self.on_event("halted", {"why": self.halted})
 
-    def _key(self, c: int, out: Outcome, kind: str) -> str | None:
+    def _key(self, c: int, out: AttemptSummary) -> str | None:
         """What makes two failed attempts alike (``alike`` of the error line; for a script or command,
         of the last line of its output as well), or None if it cannot tell."""
         line = alike(out.error or "")
-        if kind not in BY_OUTPUT:
+        if out.failure is None or out.failure.kind not in BY_OUTPUT:
             return line
         rec = result_or_none(self.spool.history_json(self.spec.name, c, out.attempt)) or \
             result_or_none(self.spool.result_json(self.spec.name, c)) or {}
-        err = rec.get("error") if rec.get("attempt") == out.attempt else None
-        tb = err.get("traceback") if isinstance(err, dict) else None
-        last = [t for t in tb.splitlines() if t.strip() and not t.startswith("# attempt ")][-1:] \
-            if isinstance(tb, str) else []
+        err = failure_of(rec) if rec.get("attempt") == out.attempt else None
+        tb = err.traceback if err is not None else ""
+        last = [t for t in tb.splitlines() if t.strip() and not t.startswith("# attempt ")][-1:]
         return f"{line} | {alike(last[0].strip())}" if last else None
 
     def why_not(self, view: AgentView) -> str | None:
@@ -183,7 +180,7 @@ class Feeder(Dispatcher):
             if c >= spec.chunks:  # exact; a link, folder or FIFO where a result belongs is read (and refused)
                 continue
             if trusted and scan.ok_by_name(c):
-                self.final[c] = Outcome(JobState.OK.value, 0, None)
+                self.final[c] = AttemptSummary(JobState.OK.value, 0, None)
             else:
                 self._recover_final(c, scan)
         self._recover_mailboxes()
@@ -198,7 +195,7 @@ class Feeder(Dispatcher):
             if last:
                 rec = self._history(c, last)
                 self.max_attempts[c] = max(_int(rec.get("max_attempts"), 1), last + 1)
-                if (rec.get("error") or {}).get("type") == "AgentLost":
+                if (failure := failure_of(rec)) is not None and failure.kind is FailureKind.AGENT_LOST:
                     self._suspect(c)
             else:
                 self.max_attempts[c] = 1 + spec.retries

@@ -21,6 +21,7 @@ from typing import Any
 
 from gpupool.jobs.jsonio import is_num
 from gpupool.jobs.names import printable
+from gpupool.jobs.outcomes import failure_of
 from gpupool.jobs.paths import Spool
 from gpupool.jobs.results import result_or_none, scan_run
 from gpupool.master.status import duration
@@ -31,15 +32,14 @@ TRACEBACK_LIMIT = 20_000  # characters of a traceback kept for display
 
 def _attempt(rec: dict[str, Any], chunk: int, end: float | None) -> dict[str, Any]:
     """An attempt's record as the run page uses it; ``end``: its file's mtime (the server's clock)."""
-    err = rec.get("error") if isinstance(rec.get("error"), dict) else None
+    failure = failure_of(rec)
     took = rec.get("duration_s")
     if not is_num(took) and is_num(rec.get("started_at")) and is_num(rec.get("finished_at")):
         took = rec["finished_at"] - rec["started_at"]  # an older record: still one host's clock
     start = max(0.0, end - max(0.0, took)) if is_num(took) and is_num(end) else None
     return {"chunk": chunk, "attempt": rec.get("attempt"), "status": rec.get("status"), "agent": rec.get("agent"),
             "start": start, "end": end if start is not None else None,
-            "error": None if err is None else {"type": err.get("type"), "message": (err.get("message") or "")[:2000],
-                                               "traceback": (err.get("traceback") or "")[-TRACEBACK_LIMIT:]}}
+            "error": None if failure is None else failure.shown(2000, TRACEBACK_LIMIT)}
 
 
 class AttemptReader:

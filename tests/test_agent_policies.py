@@ -18,6 +18,7 @@ from gpupool.agent.restart import RESTART_DEFER_S, RestartDeferral
 from gpupool.jobs.descriptor import Job, JobKind
 from gpupool.jobs.heartbeat import AgentState, write_status
 from gpupool.jobs.mailbox import Mailbox
+from gpupool.jobs.outcomes import Failure
 from gpupool.jobs.paths import Spool
 from gpupool.jobs.results import ResultTooLarge
 from tests.test_feeder_step import Clock
@@ -98,8 +99,8 @@ def test_raising_the_flag_says_why_or_fails_where_it_cannot_be_written(spool: Sp
 
 # GPU faults and self-drain ---------------------------------------------------------------------
 def err(kind: str | None, message: str = "CUDA error: no CUDA-capable device is detected",
-        type_: str = "RuntimeError") -> dict[str, Any]:
-    return {"type": type_, "message": message, "traceback": "", **({"gpu_error": kind} if kind else {})}
+        type_: str = "RuntimeError") -> Failure:
+    return Failure.from_dict({"type": type_, "message": message, "traceback": "", **({"gpu_error": kind} if kind else {})})
 
 
 def faults(on_gpu: bool = True, limit: int = 3) -> GpuFaults:
