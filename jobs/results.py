@@ -29,7 +29,7 @@ from typing import Any
 from gpupool.jobs.atomic import move_in, read_bounded, write_exclusive, write_replace
 from gpupool.jobs.descriptor import Job, JobState
 from gpupool.jobs.errors import BadFile
-from gpupool.jobs.jsonio import MAX_DEPTH, clean, is_int, is_num, is_str, is_time, read_json, too_deep
+from gpupool.jobs.jsonio import MAX_DEPTH, clean, is_int, is_num, is_str, is_time, load_json, read_json, too_deep
 from gpupool.jobs.names import brief
 from gpupool.jobs.paths import ARRAYS_RE, HISTORY_RE, RESULT_RE, Spool, warn_once
 
@@ -216,17 +216,51 @@ def read_epoch(spool: Spool, run: str) -> str | None:
     return token if token.isalnum() else None
 
 
+@dataclass(frozen=True)
+class Seal:
+    """What ``runs/<run>/sealed`` says: the run is over, and how. An empty file (every release
+    before the halted field) is a run that finished: every chunk has its final result."""
+
+    halted: str | None = None  # why its master stopped it early (fail fast: --max-failures), if it did
+
+    @property
+    def finished(self) -> bool:
+        """Every chunk has its final result and all of them were flushed when it was sealed."""
+        return self.halted is None
+
+
+def read_seal(spool: Spool, run: str) -> Seal | None:
+    """The run's seal, None if it has none. Content that is not a JSON object naming ``halted`` as
+    a string reads as a plain seal (the flag's presence is what older readers go by)."""
+    try:
+        data = read_bounded(spool.sealed_flag(run), 8192)
+    except FileNotFoundError:
+        return None
+    except (OSError, BadFile):
+        return Seal()
+    try:
+        note = load_json(data, "seal", spool.sealed_flag(run)) if data.strip() else {}
+    except BadFile:
+        note = {}
+    why = note.get("halted") if isinstance(note, dict) else None
+    return Seal(why if isinstance(why, str) else None)
+
+
 def sealed(spool: Spool, run: str) -> bool:
     """The run finished and its results were flushed to disk (``seal``): the names of its
-    result files can be trusted without reading them."""
-    return spool.sealed_flag(run).exists()
+    result files can be trusted without reading them. A run stopped early is not (chunks still
+    running when it stopped commit after its seal, not flushed by it)."""
+    seal_ = read_seal(spool, run)
+    return seal_ is not None and seal_.finished
 
 
-def seal(spool: Spool, run: str) -> None:
-    """Flush a finished run's results to disk (one syncfs, see ``sync_run``) and say so."""
+def seal(spool: Spool, run: str, halted: str | None = None) -> None:
+    """Flush a run's results to disk (one syncfs, see ``sync_run``) and say it is over: finished,
+    or stopped early by its master (``halted``: why; ``--max-failures``), which the seal records
+    for ``status`` and ``runs`` (``read_seal``). An empty file is a finished run, as before."""
     sync_run(spool, run)
     spool.mkdir(spool.run_dir(run))
-    write_replace(spool.sealed_flag(run), b"")
+    write_replace(spool.sealed_flag(run), b"" if halted is None else json.dumps({"halted": halted}).encode())
 
 
 def unseal(spool: Spool, run: str) -> None:

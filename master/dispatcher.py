@@ -68,6 +68,7 @@ from gpupool.jobs.results import StaleResult, commit, has_outcome, read_result, 
 from gpupool.jobs.words import plural
 from gpupool.jobs.watching import watch_folder
 from gpupool.master.liveness import AgentView, Liveness
+from gpupool.master.states import in_hand
 
 Event = Callable[[str, dict[str, Any]], None]
 SLOW_RTT_S = 0.5  # a round trip this long (agents report their mailbox lag) makes the first queue deep
@@ -766,8 +767,7 @@ class Dispatcher:
 def busy_chunks(view: AgentView | Heartbeat, run: str) -> set[int]:
     """This run's chunks the agent's heartbeat (a view's, or a heartbeat's own content) shows
     running or handed to its worker."""
-    status = view.status if isinstance(view, AgentView) else view
-    return {b.chunk_id for b in (status.current, status.ahead) if b is not None and b.run == run}
+    return in_hand(view.status if isinstance(view, AgentView) else view, run)  # master.states: the heartbeat alone
 
 
 def read_or_empty(path: Path) -> bytes:

@@ -285,8 +285,7 @@ class Feeder(Dispatcher):
         self.loop(lambda: self.done or bool(stop and stop.is_set()), threading.Event())
         if self.done and not self.cancelled:
             self.tidy()  # a halted run's queued jobs leave the mailboxes too (running ones finish)
-            if self.halted is None:
-                seal(self.spool, self.spec.name)  # a run reported done is on disk
+            seal(self.spool, self.spec.name, self.halted)  # a run reported done is on disk; a halted one says so
         return Summary(self.spec.name, self.spec.chunks, dict(self.final), time.monotonic() - started,
                        self.spool.result_dir(self.spec.name), self.cancelled, len(self.final) - self.recovered_done,
                        self.halted, self.failed_attempts, self.retried_attempts)
