@@ -29,11 +29,11 @@ from gpupool.jobs.heartbeat import AgentState, JobRef, read_status
 from gpupool.jobs.mailbox import Mailbox, drop_run
 from gpupool.jobs.owners import agent_owner, check_run, refuse, run_owner
 from gpupool.jobs.paths import Spool
-from gpupool.jobs.results import final_status, scan_run
+from gpupool.jobs.results import scan_run
 from gpupool.master.api import Run
 from gpupool.master.liveness import Liveness
 from gpupool.master.runspec import RunSpec, load_run
-from gpupool.master.states import AtAgents, chunk_state, holdings, master_feeds, state_of_run
+from gpupool.master.states import AtAgents, final_states, holdings, master_feeds, state_of_run
 
 
 class ControlError(SpoolError):
@@ -58,9 +58,7 @@ def wait_until(cond: Callable[[], Any], timeout: float, poll: float = 0.1) -> An
 def chunk_statuses(spool: Spool, spec: RunSpec) -> dict[int, JobState]:
     """chunk -> JobState.OK or JobState.FAILED (``master.states.chunk_state``), for the run's
     chunks with a readable committed result."""
-    scan = scan_run(spool, spec.name)
-    out = {c: final_status(spool, spec.name, c, scan) for c in sorted(scan.finals) if c < spec.chunks}
-    return {c: chunk_state(status, False, False) for c, status in out.items() if status is not None}
+    return final_states(spool, spec.name, spec.chunks)
 
 
 def failed_chunks(spool: Spool, spec: RunSpec) -> list[int]:

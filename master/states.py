@@ -32,10 +32,10 @@ from gpupool.jobs.heartbeat import Heartbeat, JobRef
 from gpupool.jobs.locks import FileLock
 from gpupool.jobs.mailbox import Mailbox
 from gpupool.jobs.paths import Spool
-from gpupool.jobs.results import Seal, has_outcome, read_seal
+from gpupool.jobs.results import Seal, final_status, has_outcome, read_seal, scan_run
 from gpupool.master.liveness import AgentView
 
-__all__ = ["JobState", "RunState", "chunk_state", "count_states", "run_state", "Marks", "read_marks",
+__all__ = ["JobState", "RunState", "chunk_state", "count_states", "final_states", "run_state", "Marks", "read_marks",
            "master_feeds", "in_hand", "running_job", "Holding", "holdings", "AtAgents", "state_of_run"]
 
 
@@ -86,6 +86,15 @@ def count_states(chunks: int, results: Mapping[int, str], running: Collection[in
     counts[JobState.RUNNING], counts[JobState.QUEUED] = len(busy), len(waiting)
     counts[JobState.CANCELLED if cancelled else JobState.PENDING] = chunks - len(done) - len(busy) - len(waiting)
     return counts
+
+
+def final_states(spool: Spool, run: str, chunks: int) -> dict[int, JobState]:
+    """chunk -> OK or FAILED for the run's chunks (of ``chunks``) with a readable committed result,
+    from one listing of its results folder (``jobs.results.final_status``: a file is read only for
+    a chunk that ever failed)."""
+    scan = scan_run(spool, run)
+    out = {c: final_status(spool, run, c, scan) for c in sorted(scan.finals) if c < chunks}
+    return {c: chunk_state(status, False, False) for c, status in out.items() if status is not None}
 
 
 @dataclass(frozen=True)
