@@ -35,6 +35,9 @@ class JobState(str, Enum):
     FAILED = "failed"  # committed result with status failed (retries used up)
     CANCELLED = "cancelled"  # no result, not at an agent, its run cancelled (``runs/<run>/cancel``)
 
+    def __str__(self) -> str:  # the word itself in text and f-strings, as the plain string it replaces
+        return self.value
+
 
 # How descriptors grow (the rule; see jobs/__init__.py, "Descriptors grow"): a field added after schema 1
 # has a default and is written only when it differs from it (OPTIONAL: the default of each). If an older

@@ -92,7 +92,7 @@ def commit(spool: Spool, job: Job, rec: dict[str, Any], arrays_tmp: Path | None 
     # Nothing written through a link: one at results/ or results/<run> (planted after the run
     # started) is moved to rejected/, and an OSError naming it raised, as a full disk's would be.
     spool.real_dir(spool.result_dir(job.run), make=False)
-    ok = rec["status"] == JobState.OK.value
+    ok = rec["status"] == JobState.OK
     if not ok:  # history first: a final result with no history beside it is then always an ok one
         hist = spool.history_json(job.run, job.chunk_id, job.attempt)
         if not write_exclusive(hist, data, fsync=False):
@@ -181,7 +181,7 @@ def reopen_failed(spool: Spool, run: str, chunk: int) -> bool:
         return True
     except BadFile:
         rec = None  # an unreadable result counts as not done
-    if rec is not None and rec["status"] == JobState.OK.value:
+    if rec is not None and rec["status"] == JobState.OK:
         return False
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
@@ -327,7 +327,7 @@ def final_status(spool: Spool, run: str, chunk: int, scan: RunScan) -> str | Non
     if chunk not in scan.finals:
         return None
     if scan.ok_by_name(chunk):
-        return JobState.OK.value
+        return JobState.OK
     try:
         return read_result(spool.result_json(run, chunk))["status"]
     except (OSError, BadFile):
@@ -345,7 +345,7 @@ def read_result(path: Path, epoch: str | None = None) -> dict[str, Any]:
     ``arrays`` must name an .npz of the chunk beside it, or the record is refused; other fields
     of the wrong type (``FIELDS``) are dropped with one warning naming the file."""
     rec = read_json(path, "result", RESULT_LIMIT)
-    if not isinstance(rec, dict) or rec.get("status") not in (JobState.OK.value, JobState.FAILED.value):
+    if not isinstance(rec, dict) or rec.get("status") not in (JobState.OK, JobState.FAILED):
         raise BadFile("result has no valid 'status'", path)
     if not is_int(rec.get("chunk_id")) or not is_int(rec.get("attempt")):
         raise BadFile("result has no integer 'chunk_id'/'attempt'", path)

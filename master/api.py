@@ -170,7 +170,7 @@ class Run:
             feeder.recover()
             if earlier is not None:
                 bar.event("kwargs_changed", {"earlier": earlier.kwargs, "kwargs": self.spec.kwargs,
-                                             "kept": sorted(c for c, o in feeder.final.items() if o.status == "ok")})
+                                             "kept": sorted(c for c, o in feeder.final.items() if o.status == JobState.OK)})
             bar.start(len(feeder.final))
             try:
                 return feeder.run(stop)

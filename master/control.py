@@ -246,7 +246,7 @@ def drain(spool: Spool, agent: str, timeout: float = 30.0, dead_after: float = 2
 
     def reached() -> AgentReport | None:
         # A busy agent looks at the flag when its chunk ends; until then it says "busy".
-        rep = agent_report(spool, agent, live, lambda s: s == AgentState.DRAINING.value or s == AgentState.BUSY.value)
+        rep = agent_report(spool, agent, live, lambda s: s == AgentState.DRAINING or s == AgentState.BUSY)
         return rep if rep.reached or rep.state in ("dead", "stopped") else None
 
     return wait_until(reached, timeout) or agent_report(spool, agent, live, lambda s: False)
@@ -262,7 +262,7 @@ def undrain(spool: Spool, agent: str, timeout: float = 30.0, dead_after: float =
     except FileNotFoundError:
         pass
     live = Liveness(spool, dead_after)
-    accepting = (AgentState.IDLE.value, AgentState.BUSY.value)
+    accepting = (AgentState.IDLE, AgentState.BUSY)
 
     def reached() -> AgentReport | None:
         rep = agent_report(spool, agent, live, lambda s: s in accepting)
@@ -276,7 +276,7 @@ def wait_idle(spool: Spool, agent: str, timeout: float, dead_after: float = 20.0
     live = Liveness(spool, dead_after)
 
     def idle() -> AgentReport | None:
-        rep = agent_report(spool, agent, live, lambda s: s == AgentState.DRAINING.value)
+        rep = agent_report(spool, agent, live, lambda s: s == AgentState.DRAINING)
         return rep if (rep.reached and rep.current is None) or rep.state in ("dead", "stopped") else None
 
     return wait_until(idle, timeout) or agent_report(spool, agent, live, lambda s: False)

@@ -459,7 +459,7 @@ class Dispatcher:
         """Take back this run's jobs from dead agents, and the queued (not running) ones from
         draining agents."""
         for ident, view in self.liveness.views.items():
-            draining = view.alive and view.state == AgentState.DRAINING.value
+            draining = view.alive and view.state == AgentState.DRAINING
             if (view.alive and not draining) or not self.by_agent.get(ident):
                 continue
             # a draining agent still runs its current job and the one already in its worker's pipe
@@ -471,8 +471,8 @@ class Dispatcher:
             if taken is None:
                 continue
             back = [c for c in ours if not self._has_outcome(c, self.inflight[c][1])]
-            why = "draining" if draining else "stopped" if view.state == "stopped" else f"no heartbeat for {view.age:.0f} s"
-            died = not draining and view.state != AgentState.STOPPED.value
+            why = "draining" if draining else "stopped" if view.state == AgentState.STOPPED else f"no heartbeat for {view.age:.0f} s"
+            died = not draining and view.state != AgentState.STOPPED
             suspects = death_suspects([j for j in taken if j.chunk_id in back and
                                        j.attempt == self.inflight[j.chunk_id][1]]) if died else []
             for c in back:
@@ -496,7 +496,7 @@ class Dispatcher:
             if prev is None or not self.by_agent.get(ident):
                 continue
             named = died_under(view.status)
-            if named is None and prev.state in (AgentState.STOPPING.value, AgentState.STOPPED.value):
+            if named is None and prev.state in (AgentState.STOPPING, AgentState.STOPPED):
                 continue
             ours = {c for r, c, a in named or () if r == self.run_name and self.inflight.get(c) == (ident, a)}
             if named is not None and not ours:
@@ -615,7 +615,7 @@ class Dispatcher:
         there is one (a later chunk takes its place there, looking a few ahead only), else where
         it failed: no agent waits for a busy one to retry what may have failed by chance. The
         chunks planned leave ``pending``."""
-        heap = [(len(self.by_agent.get(v.id, ())), v.state != AgentState.IDLE.value, v.id) for v in live]
+        heap = [(len(self.by_agent.get(v.id, ())), v.state != AgentState.IDLE, v.id) for v in live]
         heap = [h for h in heap if h[0] <= low]
         heapq.heapify(heap)
         room = {ident for n, _, ident in heap if n < cap}
@@ -676,7 +676,7 @@ class Dispatcher:
 
     def _steal(self, live: list[AgentView]) -> None:
         """Idle agents take half of the not-started jobs of the agent that holds most of them."""
-        thieves = [v for v in live if not self.by_agent.get(v.id) and v.state == AgentState.IDLE.value]
+        thieves = [v for v in live if not self.by_agent.get(v.id) and v.state == AgentState.IDLE]
         if not thieves:
             return
         limit = max(self.rtt, MOVE_MIN_S)  # a move costs the round trip: worth it for a longer wait only

@@ -56,6 +56,9 @@ class RunState(str, Enum):
         """A master feeds the run: only then can it finish by itself, so only then it has an ETA."""
         return self in (RunState.FEEDING, RunState.WAITING)
 
+    def __str__(self) -> str:
+        return self.value
+
     @property
     def label(self) -> str:
         """As the text table and the dashboard show it."""
@@ -110,7 +113,11 @@ def read_marks(spool: Spool, run: str) -> Marks:
 
 
 def master_feeds(spool: Spool, run: str) -> bool:
-    """A master holds the run's lock (``runs/<run>/master.lock``): the run is being fed."""
+    """A master holds the run's lock (``runs/<run>/master.lock``): the run is being fed. A run
+    without the file has never had a master: it is not made here (a new file in the run's folder
+    would read as activity, ``master.status``)."""
+    if not os.path.lexists(spool.master_lock(run)):
+        return False
     lock = FileLock(spool.master_lock(run))
     try:
         return not lock.acquire(blocking=False)
