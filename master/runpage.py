@@ -72,7 +72,8 @@ def run_data(spool: Spool, reader: AttemptReader, run: str, spec: RunSpec, dead_
     idle = () if done else tuple(sorted(a for a, v in Liveness(spool, dead_after).refresh().items()
                                         if v.accepting and a not in drawn))
     return {"run": run, "kind": spec.kind.value, "target": spec.target, "chunks": spec.chunks, "time": now,
-            "state": state.value, "counts": counts, "done": done, "rows": rows, "bars": chart, "idle_agents": idle, "failures": failures}
+            "state": state.value, "counts": counts, "done": done, "rows": rows, "bars": chart, "idle_agents": idle,
+            "failures": failures}
 
 
 STYLE = """.timeline{background:#fff;box-shadow:0 1px 2px #0002;margin:.4em 0}

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gpupool.jobs.atomic import server_now
-from gpupool.jobs.errors import BadFile
 from gpupool.jobs.descriptor import JobState
+from gpupool.jobs.errors import BadFile
 from gpupool.jobs.heartbeat import JobRef
 from gpupool.jobs.invoked import spell
 from gpupool.jobs.jsonio import is_num

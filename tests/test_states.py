@@ -5,6 +5,7 @@ interrupted mid-run read so, with no ETA."""
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -16,7 +17,9 @@ import pytest
 from gpupool.jobs.descriptor import JobState
 from gpupool.jobs.paths import Spool
 from gpupool.jobs.results import Seal, read_seal, seal, sealed, unseal
+from gpupool.master.dashboard import tables
 from gpupool.master.states import Marks, RunState, chunk_state, count_states, run_state
+from gpupool.master.status import StatusReader
 from tests.helpers import REPO, results, run_main, wait_for
 
 
@@ -108,6 +111,8 @@ def test_a_run_stopped_by_max_failures_reads_as_stopped_early_with_no_eta(spool:
     assert run_line(text, "path").endswith("stopped early"), text
     listed = {x["run"]: x for x in json.loads(master(["runs", "--base", str(spool.base), "--json"], env).stdout)}
     assert listed["path"]["state"] == "stopped_early"
+    row = re.search(r'<a href="/run/path">.*?</tr>', tables(StatusReader(spool).gather()))  # the dashboard's row
+    assert row and row.group(0).count("stopped early") == 2, row  # by its progress bar, and for an ETA
     # started again, fixed: no longer stopped early
     again = run_main(["--base", str(spool.base), "--task", "tests.repeating:fails", "--chunks", "30", "--run", "path",
                       "--kwargs", json.dumps({"marks": str(tmp_path / "marks"), "how": "path", "pause": 0.0,
