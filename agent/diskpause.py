@@ -76,7 +76,7 @@ class DiskPause:
                     discard(str(arrays) if arrays else None)
                     arrays = None
                     rec = {**{k: v for k, v in rec.items() if k not in ("value", "error", "arrays_bytes")},
-                           "status": JobState.FAILED.value, "arrays": None,
+                           "status": JobState.FAILED, "arrays": None,
                            "error": Failure.of(e).to_dict()}
                     return rec, commit(self.spool, job, rec)
             except OSError as e:  # nothing partial is left (our arrays are kept, see results.commit)
@@ -124,7 +124,7 @@ class DiskPause:
         self.notes.error(f"{job.run} chunk {job.chunk_id}: {error['message']}")
         self.tell()  # masters learn it now
         return {**{k: v for k, v in rec.items() if k not in ("value", "arrays_bytes")},
-                "status": JobState.FAILED.value, "arrays": None, "error": error}
+                "status": JobState.FAILED, "arrays": None, "error": error}
 
     def pause_for_io(self, job: Job, error: str) -> bool:
         """A result could not be written (a full disk, most often): nothing of the attempt is

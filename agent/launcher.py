@@ -148,7 +148,7 @@ def _wait_ready(spool: Spool, ident: str, proc: subprocess.Popen | None, out: Pa
             raise SpoolError(f"agent {ident} exited with code {code} at start:\n  " + "\n  ".join(tail), out)
         try:
             st = read_status(spool.heartbeat(ident))
-            if st.pid == proc.pid and st.state in (AgentState.IDLE.value, AgentState.BUSY.value):
+            if st.pid == proc.pid and st.state in (AgentState.IDLE, AgentState.BUSY):
                 return Started(ident, proc.pid, spool.agent_log(ident), True)
         except (OSError, BadFile):
             pass

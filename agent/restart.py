@@ -44,7 +44,7 @@ class RestartDeferral:
             prev = read_status(self.spool.heartbeat(self.agent_id))
         except (OSError, BadFile):
             return False
-        if prev.pid == os.getpid() or prev.state in (AgentState.STOPPING.value, AgentState.STOPPED.value):
+        if prev.pid == os.getpid() or prev.state in (AgentState.STOPPING, AgentState.STOPPED):
             return False
         try:
             jobs = self.mailbox.read().jobs

@@ -57,6 +57,6 @@ def host_agents(spool: Spool, me: str) -> int:
         except (OSError, BadFile):
             continue
         if hb.hostname == here and isinstance(hb.pid, int) and pid_alive(hb.pid) \
-                and hb.state not in (AgentState.STOPPING.value, AgentState.STOPPED.value):
+                and hb.state not in (AgentState.STOPPING, AgentState.STOPPED):
             count += 1
     return count

@@ -11,7 +11,9 @@ Layout (every name below is built by ``jobs.paths.Spool``, nowhere else)::
     BASE/runs/<run>/run.json         the run spec, written by the master
     BASE/runs/<run>/master.lock      held by the one master feeding the run (holder in the file)
     BASE/runs/<run>/cancel           present = the run is cancelled ({"stop_running": bool})
-    BASE/runs/<run>/sealed           present = the run finished and its results are flushed to disk
+    BASE/runs/<run>/sealed           present = the run is over and its results are flushed to disk: empty,
+                                     it finished; {"halted": why}, its master stopped it early
+                                     (--max-failures), and only a finished run's names are trusted
     BASE/runs/<run>/owner            who submitted the run first ({"uid", "user"}; ``jobs.owners``);
                                      commands acting on another user's run want --force
     BASE/runs/<run>/epoch            a token drawn anew when the run is started afresh (--fresh);

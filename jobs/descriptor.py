@@ -25,13 +25,18 @@ class JobKind(str, Enum):
 
 
 class JobState(str, Enum):
-    """Where a chunk is. Derived from the spool, never stored apart from it."""
+    """Where a chunk is. Derived from the spool, never stored apart from it: ``master.states.chunk_state``
+    is the one answer (a result's ``status`` on disk is OK or FAILED)."""
 
     PENDING = "pending"  # known to the run, not in any mailbox
     QUEUED = "queued"  # in an agent's mailbox, not started
     RUNNING = "running"  # the agent's current job
     OK = "ok"  # committed result with status ok
     FAILED = "failed"  # committed result with status failed (retries used up)
+    CANCELLED = "cancelled"  # no result, not at an agent, its run cancelled (``runs/<run>/cancel``)
+
+    def __str__(self) -> str:  # the word itself in text and f-strings, as the plain string it replaces
+        return self.value
 
 
 # How descriptors grow (the rule; see jobs/__init__.py, "Descriptors grow"): a field added after schema 1

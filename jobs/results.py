@@ -29,7 +29,7 @@ from typing import Any, Mapping
 from gpupool.jobs.atomic import move_in, read_bounded, write_exclusive, write_replace
 from gpupool.jobs.descriptor import Job, JobState
 from gpupool.jobs.errors import BadFile
-from gpupool.jobs.jsonio import MAX_DEPTH, clean, is_int, is_num, is_str, is_time, read_json, too_deep
+from gpupool.jobs.jsonio import MAX_DEPTH, clean, is_int, is_num, is_str, is_time, load_json, read_json, too_deep
 from gpupool.jobs.names import brief
 from gpupool.jobs.outcomes import FIELDS as ERROR_FIELDS
 from gpupool.jobs.outcomes import Failure, FailureKind, failure_of
@@ -98,7 +98,7 @@ def commit(spool: Spool, job: Job, rec: dict[str, Any], arrays_tmp: Path | None 
     # Nothing written through a link: one at results/ or results/<run> (planted after the run
     # started) is moved to rejected/, and an OSError naming it raised, as a full disk's would be.
     spool.real_dir(spool.result_dir(job.run), make=False)
-    ok = rec["status"] == JobState.OK.value
+    ok = rec["status"] == JobState.OK
     if not ok:  # history first: a final result with no history beside it is then always an ok one
         hist = spool.history_json(job.run, job.chunk_id, job.attempt)
         if not write_exclusive(hist, data, fsync=False):
@@ -186,7 +186,7 @@ def reopen_failed(spool: Spool, run: str, chunk: int) -> bool:
         return True
     except BadFile:
         rec = None  # an unreadable result counts as not done
-    if rec is not None and rec["status"] == JobState.OK.value:
+    if rec is not None and rec["status"] == JobState.OK:
         return False
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
@@ -221,17 +221,51 @@ def read_epoch(spool: Spool, run: str) -> str | None:
     return token if token.isalnum() else None
 
 
+@dataclass(frozen=True)
+class Seal:
+    """What ``runs/<run>/sealed`` says: the run is over, and how. An empty file (every release
+    before the halted field) is a run that finished: every chunk has its final result."""
+
+    halted: str | None = None  # why its master stopped it early (fail fast: --max-failures), if it did
+
+    @property
+    def finished(self) -> bool:
+        """Every chunk has its final result and all of them were flushed when it was sealed."""
+        return self.halted is None
+
+
+def read_seal(spool: Spool, run: str) -> Seal | None:
+    """The run's seal, None if it has none. Content that is not a JSON object naming ``halted`` as
+    a string reads as a plain seal (the flag's presence is what older readers go by)."""
+    try:
+        data = read_bounded(spool.sealed_flag(run), 8192)
+    except FileNotFoundError:
+        return None
+    except (OSError, BadFile):
+        return Seal()
+    try:
+        note = load_json(data, "seal", spool.sealed_flag(run)) if data.strip() else {}
+    except BadFile:
+        note = {}
+    why = note.get("halted") if isinstance(note, dict) else None
+    return Seal(why if isinstance(why, str) else None)
+
+
 def sealed(spool: Spool, run: str) -> bool:
     """The run finished and its results were flushed to disk (``seal``): the names of its
-    result files can be trusted without reading them."""
-    return spool.sealed_flag(run).exists()
+    result files can be trusted without reading them. A run stopped early is not (chunks still
+    running when it stopped commit after its seal, not flushed by it)."""
+    seal_ = read_seal(spool, run)
+    return seal_ is not None and seal_.finished
 
 
-def seal(spool: Spool, run: str) -> None:
-    """Flush a finished run's results to disk (one syncfs, see ``sync_run``) and say so."""
+def seal(spool: Spool, run: str, halted: str | None = None) -> None:
+    """Flush a run's results to disk (one syncfs, see ``sync_run``) and say it is over: finished,
+    or stopped early by its master (``halted``: why; ``--max-failures``), which the seal records
+    for ``status`` and ``runs`` (``read_seal``). An empty file is a finished run, as before."""
     sync_run(spool, run)
     spool.mkdir(spool.run_dir(run))
-    write_replace(spool.sealed_flag(run), b"")
+    write_replace(spool.sealed_flag(run), b"" if halted is None else json.dumps({"halted": halted}).encode())
 
 
 def unseal(spool: Spool, run: str) -> None:
@@ -297,7 +331,7 @@ def final_status(spool: Spool, run: str, chunk: int, scan: RunScan) -> str | Non
     if chunk not in scan.finals:
         return None
     if scan.ok_by_name(chunk):
-        return JobState.OK.value
+        return JobState.OK
     try:
         return read_result(spool.result_json(run, chunk))["status"]
     except (OSError, BadFile):
@@ -316,7 +350,7 @@ def read_result(path: Path, epoch: str | None = None) -> dict[str, Any]:
     of the wrong type (``FIELDS``; the error's: ``jobs.outcomes.FIELDS``) are dropped with one
     warning naming the file. ``failure_of(rec)`` gives its error typed (``jobs.outcomes.Failure``)."""
     rec = read_json(path, "result", RESULT_LIMIT)
-    if not isinstance(rec, dict) or rec.get("status") not in (JobState.OK.value, JobState.FAILED.value):
+    if not isinstance(rec, dict) or rec.get("status") not in (JobState.OK, JobState.FAILED):
         raise BadFile("result has no valid 'status'", path)
     if not is_int(rec.get("chunk_id")) or not is_int(rec.get("attempt")):
         raise BadFile("result has no integer 'chunk_id'/'attempt'", path)

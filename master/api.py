@@ -20,6 +20,7 @@ from typing import Any, Iterator
 from gpupool.jobs.logsetup import logger
 
 from gpupool.jobs.atomic import purge_temp
+from gpupool.jobs.descriptor import JobState
 from gpupool.jobs.errors import BadFile, LockHeld, SpoolError
 from gpupool.jobs.fsinfo import check_locks
 from gpupool.jobs.logsetup import pool_logs
@@ -29,10 +30,13 @@ from gpupool.jobs.owners import check_run, claim_run
 from gpupool.jobs.paths import Spool
 from gpupool.jobs.results import new_epoch, read_epoch, read_result, scan_run
 from gpupool.master.feeder import FeedConfig, Feeder, Summary
+from gpupool.master.liveness import Liveness
 from gpupool.master.options import spec_values
 from gpupool.master.placement import Placement
 from gpupool.master.progress import Progress
 from gpupool.master.runspec import RunSpec, build, save_or_check
+from gpupool.master.states import (AtAgents, RunState, chunk_state, count_states, final_states, holdings,
+                                   state_of_run)
 
 __all__ = ["Pool", "Run", "Result", "pool_logs"]  # pool_logs: the one call that routes the pool's logs
 
@@ -48,8 +52,13 @@ class Result:
         return self.record["status"]
 
     @property
+    def state(self) -> JobState:
+        """OK or FAILED: a committed result's chunk state (``master.states.chunk_state``)."""
+        return chunk_state(self.status, False, False)
+
+    @property
     def ok(self) -> bool:
-        return self.status == "ok"
+        return self.state is JobState.OK
 
     @property
     def value(self) -> Any:
@@ -161,7 +170,7 @@ class Run:
             feeder.recover()
             if earlier is not None:
                 bar.event("kwargs_changed", {"earlier": earlier.kwargs, "kwargs": self.spec.kwargs,
-                                             "kept": sorted(c for c, o in feeder.final.items() if o.status == "ok")})
+                                             "kept": sorted(c for c, o in feeder.final.items() if o.status == JobState.OK)})
             bar.start(len(feeder.final))
             try:
                 return feeder.run(stop)
@@ -223,6 +232,16 @@ class Run:
         drop_run(self.spool, self.name)
         for d in (self.spool.result_dir(self.name), self.spool.run_log_dir(self.name)):
             shutil.rmtree(d, ignore_errors=True)
+
+    def state(self) -> RunState:
+        """What state the run is in (``master.states.run_state``): feeding, waiting, done, failed,
+        stopped early, interrupted or cancelled."""
+        statuses = final_states(self.spool, self.name, self.spec.chunks)
+        counts = count_states(self.spec.chunks, statuses, (), ())
+        if counts[JobState.OK] + counts[JobState.FAILED] < self.spec.chunks:  # what agents hold: only then
+            at = AtAgents.of(holdings(self.spool, Liveness(self.spool, 20.0).refresh()))
+            counts = at.counts(self.name, self.spec.chunks, statuses, self.spool.cancel_flag(self.name).exists())
+        return state_of_run(self.spool, self.name, self.spec.chunks, counts)
 
     def results(self) -> Iterator[Result]:
         """Committed results in chunk order (chunks without one are skipped)."""

@@ -32,6 +32,7 @@ import numpy as np
 
 from gpupool.jobs.atomic import write_replace
 from gpupool.jobs.codec import plain
+from gpupool.jobs.descriptor import JobState
 from gpupool.jobs.errors import BadFile, SpoolError
 from gpupool.jobs.npzio import load_npz
 from gpupool.jobs.paths import Spool
@@ -69,7 +70,7 @@ def committed(spool: Spool, spec: RunSpec, partial: bool) -> tuple[list[dict[str
         except (OSError, BadFile):  # missing, broken, or not a file (a folder where it belongs)
             missing.append(c)
             continue
-        if rec["status"] == "ok":
+        if rec["status"] == JobState.OK:
             recs.append(rec)
         else:
             failed.append(c)

@@ -24,16 +24,17 @@ from typing import Any, Callable
 
 from gpupool.jobs.atomic import server_now
 from gpupool.jobs.errors import BadFile, SpoolError
+from gpupool.jobs.descriptor import JobState
 from gpupool.jobs.heartbeat import AgentState, JobRef, read_status
-from gpupool.jobs.locks import FileLock
 from gpupool.jobs.mailbox import Mailbox, drop_run
 from gpupool.jobs.owners import agent_owner, check_run, refuse, run_owner
 from gpupool.jobs.paths import Spool
-from gpupool.jobs.results import final_status, scan_run
+from gpupool.jobs.results import scan_run
 from gpupool.master.api import Run
 from gpupool.master.liveness import Liveness
 from gpupool.master.options import problem
 from gpupool.master.runspec import RunSpec, load_run
+from gpupool.master.states import AtAgents, final_states, holdings, master_feeds, state_of_run
 
 
 class ControlError(SpoolError):
@@ -55,16 +56,15 @@ def wait_until(cond: Callable[[], Any], timeout: float, poll: float = 0.1) -> An
 
 
 # retry ----------------------------------------------------------------------------------------
-def chunk_statuses(spool: Spool, spec: RunSpec) -> dict[int, str]:
-    """chunk -> "ok" or "failed", for the run's chunks with a readable committed result."""
-    scan = scan_run(spool, spec.name)
-    out = {c: final_status(spool, spec.name, c, scan) for c in sorted(scan.finals) if c < spec.chunks}
-    return {c: status for c, status in out.items() if status is not None}
+def chunk_statuses(spool: Spool, spec: RunSpec) -> dict[int, JobState]:
+    """chunk -> JobState.OK or JobState.FAILED (``master.states.chunk_state``), for the run's
+    chunks with a readable committed result."""
+    return final_states(spool, spec.name, spec.chunks)
 
 
 def failed_chunks(spool: Spool, spec: RunSpec) -> list[int]:
     """Chunks whose committed result is a failure."""
-    return [c for c, status in chunk_statuses(spool, spec).items() if status != "ok"]
+    return [c for c, status in chunk_statuses(spool, spec).items() if status is JobState.FAILED]
 
 
 def retry_run(spool: Spool, run: str, retries: int | None = None, force: bool = False) -> tuple[Run, list[int], int]:
@@ -84,7 +84,7 @@ def retry_run(spool: Spool, run: str, retries: int | None = None, force: bool = 
             raise ControlError(why)
         spec = dataclasses.replace(spec, retries=retries)  # its placement, as saved, is kept (RunSpec.placement)
     statuses = chunk_statuses(spool, spec)
-    failed = [c for c, status in statuses.items() if status != "ok"]
+    failed = [c for c, status in statuses.items() if status is JobState.FAILED]
     missing = spec.chunks - len(statuses)
     return Run(spool, spec, fresh=False, force=force), failed, missing
 
@@ -113,13 +113,7 @@ def cancel_run(spool: Spool, run: str, stop_running: bool, timeout: float = 10.0
 
 
 def _master_gone(spool: Spool, run: str) -> bool:
-    lock = FileLock(spool.master_lock(run))
-    try:
-        return lock.acquire(blocking=False)
-    except OSError:
-        return True
-    finally:
-        lock.close()
+    return not master_feeds(spool, run)
 
 
 def _running(spool: Spool, run: str) -> list[tuple[str, int]]:
@@ -135,7 +129,7 @@ def _running(spool: Spool, run: str) -> list[tuple[str, int]]:
 @dataclass
 class RunInfo:
     run: str
-    state: str  # feeding (a master holds it), done, failed, cancelled, incomplete, or unreadable
+    state: str  # a master.states.RunState's value (feeding, waiting, done, ...), or unreadable
     chunks: int | None
     ok: int
     failed: int
@@ -147,7 +141,7 @@ class RunInfo:
 
 def list_runs(spool: Spool) -> list[RunInfo]:
     """Every run of the spool, what state it is in and what it holds on disk (``runs``)."""
-    out = []
+    out, at = [], None
     for run in spool.run_names():
         size, newest = _footprint(spool, run)
         owner = run_owner(spool, run)
@@ -156,12 +150,11 @@ def list_runs(spool: Spool) -> list[RunInfo]:
         except (OSError, SpoolError):
             out.append(RunInfo(run, "unreadable", None, 0, 0, size, newest, owner.user, owner.uid))
             continue
-        statuses = chunk_statuses(spool, spec)
-        ok = sum(1 for v in statuses.values() if v == "ok")
-        failed = len(statuses) - ok
-        state = ("feeding" if not _master_gone(spool, run) else "cancelled" if spool.cancel_flag(run).exists()
-                 else "done" if ok == spec.chunks else "failed" if ok + failed == spec.chunks else "incomplete")
-        out.append(RunInfo(run, state, spec.chunks, ok, failed, size, newest, owner.user, owner.uid))
+        at = at or AtAgents.of(holdings(spool, Liveness(spool, 20.0).refresh()))  # every mailbox read once
+        n = at.counts(run, spec.chunks, chunk_statuses(spool, spec), spool.cancel_flag(run).exists())
+        state = state_of_run(spool, run, spec.chunks, n)
+        out.append(RunInfo(run, state.value, spec.chunks, n[JobState.OK], n[JobState.FAILED], size, newest,
+                           owner.user, owner.uid))
     return out
 
 
@@ -254,7 +247,7 @@ def drain(spool: Spool, agent: str, timeout: float = 30.0, dead_after: float = 2
 
     def reached() -> AgentReport | None:
         # A busy agent looks at the flag when its chunk ends; until then it says "busy".
-        rep = agent_report(spool, agent, live, lambda s: s == AgentState.DRAINING.value or s == AgentState.BUSY.value)
+        rep = agent_report(spool, agent, live, lambda s: s == AgentState.DRAINING or s == AgentState.BUSY)
         return rep if rep.reached or rep.state in ("dead", "stopped") else None
 
     return wait_until(reached, timeout) or agent_report(spool, agent, live, lambda s: False)
@@ -270,7 +263,7 @@ def undrain(spool: Spool, agent: str, timeout: float = 30.0, dead_after: float =
     except FileNotFoundError:
         pass
     live = Liveness(spool, dead_after)
-    accepting = (AgentState.IDLE.value, AgentState.BUSY.value)
+    accepting = (AgentState.IDLE, AgentState.BUSY)
 
     def reached() -> AgentReport | None:
         rep = agent_report(spool, agent, live, lambda s: s in accepting)
@@ -284,7 +277,7 @@ def wait_idle(spool: Spool, agent: str, timeout: float, dead_after: float = 20.0
     live = Liveness(spool, dead_after)
 
     def idle() -> AgentReport | None:
-        rep = agent_report(spool, agent, live, lambda s: s == AgentState.DRAINING.value)
+        rep = agent_report(spool, agent, live, lambda s: s == AgentState.DRAINING)
         return rep if (rep.reached and rep.current is None) or rep.state in ("dead", "stopped") else None
 
     return wait_until(idle, timeout) or agent_report(spool, agent, live, lambda s: False)

@@ -33,7 +33,8 @@ from gpupool.jobs.names import printable
 from gpupool.jobs.paths import Spool
 from gpupool.master import runpage
 from gpupool.master.gpuhistory import SAMPLE_S, GpuHistory, Sampler, sparkline
-from gpupool.master.status import StatusReader, duration
+from gpupool.master.states import RunState
+from gpupool.master.status import StatusReader, duration, eta_cell
 from gpupool.master.timeline import AttemptReader
 
 STYLE = """body{font:14px system-ui,sans-serif;margin:1.5em;color:#222;background:#fafafa}
@@ -89,8 +90,10 @@ def _agent_row(a: dict[str, Any]) -> str:
 
 def _run_row(r: dict[str, Any], p: dict[str, Any]) -> str:
     pct = 100.0 * (r["ok"] + r["failed"]) / r["chunks"] if r["chunks"] else 0.0
-    bar = f'<td class="l"><span class="bar"><i style="width:{pct:.0f}%"></i></span> {pct:.0f}%</td>'
-    eta = "done" if p.get("done") else "cancelled" if p.get("cancelled") else duration(p.get("eta_s"))
+    state = RunState(r["state"])  # master.states: a run nothing feeds says why, and has no ETA
+    said = "" if state.fed or state is RunState.DONE else f" {html.escape(state.label)}"
+    bar = f'<td class="l"><span class="bar"><i style="width:{pct:.0f}%"></i></span> {pct:.0f}%{said}</td>'
+    eta = eta_cell(r, p)
     link = f'<td class="l run"><a href="/run/{r["run"]}">{r["run"]}</a></td>'  # a run name is URL- and HTML-safe
     cells = [link, _td(r["kind"], "l"), bar, _td(r["chunks"]), _td(r["ok"]), _td(r["failed"], "bad" if r["failed"] else ""),
              _td(r["running"]), _td(r["queued"]), _td(r["pending"]), _td(p.get("chunks_per_s")), _td(eta)]

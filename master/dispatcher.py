@@ -69,6 +69,7 @@ from gpupool.jobs.results import StaleResult, commit, has_outcome, read_result, 
 from gpupool.jobs.words import plural
 from gpupool.jobs.watching import watch_folder
 from gpupool.master.liveness import AgentView, Liveness
+from gpupool.master.states import in_hand
 
 Event = Callable[[str, dict[str, Any]], None]
 SLOW_RTT_S = 0.5  # a round trip this long (agents report their mailbox lag) makes the first queue deep
@@ -260,7 +261,7 @@ class Dispatcher:
     def _observe(self, out: AttemptSummary) -> None:
         """Chunk durations set the depth: ok ones only (a failure is often quick, an import error
         in a millisecond, and would make the queue deep just when it should stay short)."""
-        if out.duration_s is not None and out.status == JobState.OK.value:
+        if out.duration_s is not None and out.status == JobState.OK:
             d = max(0.0, out.duration_s)
             self._mean_s = d if self._mean_s is None else 0.9 * self._mean_s + 0.1 * d
 
@@ -358,7 +359,7 @@ class Dispatcher:
                 continue
             except OSError as e:  # a folder (or an unreadable file) where the result belongs: no agent can
                 # ever commit this chunk, so it fails now, naming the path, instead of the run never ending
-                rec = {"status": JobState.FAILED.value, "attempt": attempt, "agent": agent, "chunk_id": c,
+                rec = {"status": JobState.FAILED, "attempt": attempt, "agent": agent, "chunk_id": c,
                        "error": Failure(FailureKind.BAD_RESULT_PATH, f"{final} is not a readable result file "
                                         f"({e.strerror}); remove it, then resume the run").to_dict()}
             seen.append(mtime)
@@ -372,8 +373,8 @@ class Dispatcher:
         self.final[c] = out = summarize(rec)
         self._observe(out)
         self.settle(c, rec)
-        self.on_event("failed" if out.status != JobState.OK.value else "ok", {"chunk": c, "outcome": out})
-        if out.status != JobState.OK.value:
+        self.on_event("failed" if out.status != JobState.OK else "ok", {"chunk": c, "outcome": out})
+        if out.status != JobState.OK:
             self.failed_attempt(c, out)
 
     def _collect_history(self, c: int, agent: str, attempt: int) -> None:
@@ -385,7 +386,7 @@ class Dispatcher:
         except StaleResult:  # an earlier start's: this attempt's own, when it fails, is written over it
             return
         except (BadFile, OSError):
-            rec = {"status": "failed", "attempt": attempt, "agent": agent, "error": None}
+            rec = {"status": JobState.FAILED, "attempt": attempt, "agent": agent, "error": None}
         out = summarize(rec)
         self._observe(out)
         self._retry(c, attempt, out, agent)
@@ -460,7 +461,7 @@ class Dispatcher:
         """Take back this run's jobs from dead agents, and the queued (not running) ones from
         draining agents."""
         for ident, view in self.liveness.views.items():
-            draining = view.alive and view.state == AgentState.DRAINING.value
+            draining = view.alive and view.state == AgentState.DRAINING
             if (view.alive and not draining) or not self.by_agent.get(ident):
                 continue
             # a draining agent still runs its current job and the one already in its worker's pipe
@@ -472,8 +473,8 @@ class Dispatcher:
             if taken is None:
                 continue
             back = [c for c in ours if not self._has_outcome(c, self.inflight[c][1])]
-            why = "draining" if draining else "stopped" if view.state == "stopped" else f"no heartbeat for {view.age:.0f} s"
-            died = not draining and view.state != AgentState.STOPPED.value
+            why = "draining" if draining else "stopped" if view.state == AgentState.STOPPED else f"no heartbeat for {view.age:.0f} s"
+            died = not draining and view.state != AgentState.STOPPED
             suspects = death_suspects([j for j in taken if j.chunk_id in back and
                                        j.attempt == self.inflight[j.chunk_id][1]]) if died else []
             for c in back:
@@ -497,7 +498,7 @@ class Dispatcher:
             if prev is None or not self.by_agent.get(ident):
                 continue
             named = died_under(view.status)
-            if named is None and prev.state in (AgentState.STOPPING.value, AgentState.STOPPED.value):
+            if named is None and prev.state in (AgentState.STOPPING, AgentState.STOPPED):
                 continue
             ours = {c for r, c, a in named or () if r == self.run_name and self.inflight.get(c) == (ident, a)}
             if named is not None and not ours:
@@ -616,7 +617,7 @@ class Dispatcher:
         there is one (a later chunk takes its place there, looking a few ahead only), else where
         it failed: no agent waits for a busy one to retry what may have failed by chance. The
         chunks planned leave ``pending``."""
-        heap = [(len(self.by_agent.get(v.id, ())), v.state != AgentState.IDLE.value, v.id) for v in live]
+        heap = [(len(self.by_agent.get(v.id, ())), v.state != AgentState.IDLE, v.id) for v in live]
         heap = [h for h in heap if h[0] <= low]
         heapq.heapify(heap)
         room = {ident for n, _, ident in heap if n < cap}
@@ -677,7 +678,7 @@ class Dispatcher:
 
     def _steal(self, live: list[AgentView]) -> None:
         """Idle agents take half of the not-started jobs of the agent that holds most of them."""
-        thieves = [v for v in live if not self.by_agent.get(v.id) and v.state == AgentState.IDLE.value]
+        thieves = [v for v in live if not self.by_agent.get(v.id) and v.state == AgentState.IDLE]
         if not thieves:
             return
         limit = max(self.rtt, MOVE_MIN_S)  # a move costs the round trip: worth it for a longer wait only
@@ -768,8 +769,7 @@ class Dispatcher:
 def busy_chunks(view: AgentView | Heartbeat, run: str) -> set[int]:
     """This run's chunks the agent's heartbeat (a view's, or a heartbeat's own content) shows
     running or handed to its worker."""
-    status = view.status if isinstance(view, AgentView) else view
-    return {b.chunk_id for b in (status.current, status.ahead) if b is not None and b.run == run}
+    return in_hand(view.status if isinstance(view, AgentView) else view, run)  # master.states: the heartbeat alone
 
 
 def read_or_empty(path: Path) -> bytes:

@@ -60,7 +60,7 @@ from gpupool.jobs.logsetup import logger
 from gpupool.jobs.atomic import write_replace
 from gpupool.jobs.invoked import spell
 from gpupool.jobs.codec import CodecError, decode, encode
-from gpupool.jobs.descriptor import IN_WORKER_ENV, Job, JobKind
+from gpupool.jobs.descriptor import IN_WORKER_ENV, Job, JobKind, JobState
 from gpupool.jobs.errors import BadFile
 from gpupool.jobs.locks import HolderLock
 from gpupool.jobs.owners import check_run, claim_run
@@ -136,7 +136,7 @@ class CallFuture(futures.Future):
     def attempts(self) -> list[dict[str, Any]]:
         """The records of the call's attempts so far, oldest first (agent, host, times, error...)."""
         final, history = chunk_records(self._spool, self.run, self.chunk)
-        return history + ([final] if final is not None and final["status"] == "ok" else [])
+        return history + ([final] if final is not None and final["status"] == JobState.OK else [])
 
     def agent(self) -> str | None:
         """The agent of the call's latest attempt (queued there, running or done), or None."""
@@ -393,13 +393,13 @@ class _Calls(Dispatcher):
         future = self.ex._calls[c].future
         if future.done() or not (future.running() or future.set_running_or_notify_cancel()):
             return  # cancelled after it was sent
-        err = rec.get("error") if rec["status"] != "ok" else None
+        err = rec.get("error") if rec["status"] != JobState.OK else None
         if isinstance(err, dict) and err.get("setup"):
             self._break(c, rec)
             return
         failure: BaseException | None = None
         try:
-            if rec.get("status") != "ok":
+            if rec.get("status") != JobState.OK:
                 failure = remote_exception(rec.get("error"), rec.get("agent"), c, rec.get("attempt"))
             elif rec.get("arrays"):
                 value = self._arrays(rec)

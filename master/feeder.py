@@ -72,11 +72,11 @@ class Summary:
 
     @property
     def ok(self) -> int:
-        return sum(o.status == JobState.OK.value for o in self.outcomes.values())
+        return sum(o.status == JobState.OK for o in self.outcomes.values())
 
     @property
     def failed(self) -> list[int]:
-        return sorted(c for c, o in self.outcomes.items() if o.status != JobState.OK.value)
+        return sorted(c for c, o in self.outcomes.items() if o.status != JobState.OK)
 
     @property
     def all_ok(self) -> bool:
@@ -120,7 +120,7 @@ class Feeder(Dispatcher):
         self.retried_attempts += c not in self.final
         limit, failure, line = self.cfg.max_failures, out.failure, out.error
         if limit <= 0 or failure is None or line is None or self.halted is not None or \
-                any(o.status == JobState.OK.value for o in self.final.values()):
+                any(o.status == JobState.OK for o in self.final.values()):
             return
         if failure.kind.of_the_pool or failure.type in MEMORY_ERRORS:  # the pool's or the GPU's, not the code's
             return
@@ -180,7 +180,7 @@ class Feeder(Dispatcher):
             if c >= spec.chunks:  # exact; a link, folder or FIFO where a result belongs is read (and refused)
                 continue
             if trusted and scan.ok_by_name(c):
-                self.final[c] = AttemptSummary(JobState.OK.value, 0, None)
+                self.final[c] = AttemptSummary(JobState.OK, 0, None)
             else:
                 self._recover_final(c, scan)
         self._recover_mailboxes()
@@ -213,7 +213,7 @@ class Feeder(Dispatcher):
         except OSError as e:  # a folder or FIFO where the result belongs: pending, and failed naming it
             logger.warning("{}: {}", path, e.strerror)  # (BadResultPath) when dispatched, as in a live run
             return
-        if rec["status"] == JobState.OK.value:
+        if rec["status"] == JobState.OK:
             if self._arrays_torn(c, rec):
                 return
             self.final[c] = summarize(rec)
@@ -282,8 +282,7 @@ class Feeder(Dispatcher):
         self.loop(lambda: self.done or bool(stop and stop.is_set()), threading.Event())
         if self.done and not self.cancelled:
             self.tidy()  # a halted run's queued jobs leave the mailboxes too (running ones finish)
-            if self.halted is None:
-                seal(self.spool, self.spec.name)  # a run reported done is on disk
+            seal(self.spool, self.spec.name, self.halted)  # a run reported done is on disk; a halted one says so
         return Summary(self.spec.name, self.spec.chunks, dict(self.final), time.monotonic() - started,
                        self.spool.result_dir(self.spec.name), self.cancelled, len(self.final) - self.recovered_done,
                        self.halted, self.failed_attempts, self.retried_attempts)

@@ -12,12 +12,14 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from gpupool.jobs.descriptor import JobState
 from gpupool.jobs.errors import BadFile
 from gpupool.jobs.results import result_or_none, scan_run
 from gpupool.master.dispatcher import summarize
 from gpupool.master.feeder import Summary
 from gpupool.master.progress import Progress
 from gpupool.master.runspec import RunSpec, UsageError
+from gpupool.master.states import RunState, count_states, read_marks, run_state
 
 
 class Follower:
@@ -55,8 +57,14 @@ class Follower:
         self.bar.advance(len(self._finals()))
 
     def over(self) -> bool:
-        """With the lock free: the run ended (every chunk final, or cancelled), not just its master."""
-        return self.spool.cancel_flag(self.spec.name).exists() or len(self._finals()) >= self.spec.chunks
+        """With the lock free: the run ended (every chunk final, cancelled, or stopped early by its
+        master: ``master.states``), not just its master."""
+        return self._state() in (RunState.DONE, RunState.FAILED, RunState.CANCELLED, RunState.STOPPED_EARLY)
+
+    def _state(self) -> RunState:
+        finals = self._finals()  # every chunk final is all that counts here: done and failed end alike
+        counts = count_states(self.spec.chunks, dict.fromkeys(finals, JobState.OK), (), ())
+        return run_state(self.spec.chunks, counts, read_marks(self.spool, self.spec.name), lambda: False)
 
     def summary(self) -> Summary:
         finals = sorted(self._finals())
@@ -66,9 +74,10 @@ class Follower:
             if rec is not None:
                 outcomes[c] = summarize(rec)
         self.bar.close()
+        marks = read_marks(self.spool, self.spec.name)
         return Summary(self.spec.name, self.spec.chunks, outcomes, time.monotonic() - self.started,
-                       self.spool.result_dir(self.spec.name), self.spool.cancel_flag(self.spec.name).exists(),
-                       len(set(finals) - self.first))
+                       self.spool.result_dir(self.spec.name), marks.cancelled, len(set(finals) - self.first),
+                       marks.seal.halted if marks.seal is not None else None)
 
     def close(self) -> None:
         self.bar.close()

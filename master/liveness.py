@@ -85,8 +85,8 @@ class Liveness:
                 view.seq, view.changed_at = st.seq, now
             view.status, view.mtime = st, mtime
             view.age = now - view.changed_at
-            view.alive = view.age < self.dead_after and st.state != AgentState.STOPPED.value
-            view.accepting = view.alive and st.state in (AgentState.IDLE.value, AgentState.BUSY.value)
+            view.alive = view.age < self.dead_after and st.state != AgentState.STOPPED
+            view.accepting = view.alive and st.state in (AgentState.IDLE, AgentState.BUSY)
         return self.views
 
 

@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable, Iterator, TextIO
 
 from gpupool.jobs.atomic import NotAFile, linked_folder, open_read, read_tail
 from gpupool.jobs.codec import plain
-from gpupool.jobs.descriptor import JOB_MARK, attempt_output
+from gpupool.jobs.descriptor import JOB_MARK, JobState, attempt_output
 from gpupool.jobs.errors import BadFile, SpoolError
 from gpupool.jobs.names import printable
 from gpupool.jobs.paths import Spool
@@ -216,7 +216,7 @@ def format_chunk(rep: dict[str, Any]) -> str:
     out = [printable(head)]
     if res is not None and isinstance(res.get("params"), dict):  # a sweep's chunk: which point it is
         out.append(f"params: {json.dumps(res['params'], sort_keys=True)[:500]}")
-    if res is not None and res["status"] == "ok":
+    if res is not None and res["status"] == JobState.OK:
         value = json.dumps(plain(res.get("value")))
         out.append(f"value: {value[:500]}{' ...' if len(value) > 500 else ''}"
                    + (f"   arrays: {res['arrays']}" if res.get("arrays") else ""))

@@ -7,6 +7,7 @@ from typing import Any, TextIO
 
 from tqdm import tqdm
 
+from gpupool.jobs.descriptor import JobState
 from gpupool.jobs.invoked import respell, spell
 from gpupool.jobs.names import printable
 from gpupool.jobs.paths import Spool
@@ -117,7 +118,7 @@ def agent_table(s: Summary) -> list[str]:
     lines = [f"  {'AGENT':<{width}} {'OK':>6} {'FAILED':>6} {'MEAN S':>8} {'MAX S':>8}"]
     for agent, outs in sorted(per.items()):
         times = [o.duration_s for o in outs if isinstance(o.duration_s, (int, float))]
-        ok = sum(o.status == "ok" for o in outs)
+        ok = sum(o.status == JobState.OK for o in outs)
         mean = f"{sum(times) / len(times):.3f}" if times else "-"
         longest = f"{max(times):.3f}" if times else "-"
         lines.append(f"  {agent:<{width}} {ok:>6} {len(outs) - ok:>6} {mean:>8} {longest:>8}")

@@ -11,15 +11,18 @@ from __future__ import annotations
 import html
 import time
 import urllib.parse
+from collections import Counter
 from typing import Any
 
 from gpupool.jobs.atomic import server_now
+from gpupool.jobs.descriptor import JobState
 from gpupool.jobs.errors import BadName
 from gpupool.jobs.names import check_chunk, check_name, printable
 from gpupool.jobs.paths import Spool
 from gpupool.master.liveness import Liveness
 from gpupool.master.logs import chunk_report, format_chunk
 from gpupool.master.runspec import RunSpec, UsageError, load_run
+from gpupool.master.states import RunState, state_of_run
 from gpupool.master.status import chunk_rows, duration
 from gpupool.master.timeline import AttemptReader, bars, gantt_svg
 from gpupool.jobs.words import plural
@@ -54,18 +57,23 @@ def run_data(spool: Spool, reader: AttemptReader, run: str, spec: RunSpec, dead_
     rows = chunk_rows(spool, run, dead_after)
     now = server_now(spool.results_dir) or time.time()  # the clock of the result files' mtimes (master.timeline)
     attempts = reader.attempts(run)
-    counts = {s: sum(1 for r in rows if r["state"] == s) for s in ("ok", "failed", "running", "queued", "pending")}
+    n = Counter(JobState(r["state"]) for r in rows)  # each row's state is master.states.chunk_state's
+    shown = (JobState.OK, JobState.FAILED, JobState.RUNNING, JobState.QUEUED, JobState.PENDING)
+    counts = {s.value: n[s] for s in shown} | ({JobState.CANCELLED.value: n[JobState.CANCELLED]}
+                                               if n[JobState.CANCELLED] else {})
     failures = {}  # chunk -> its newest failed attempt's error (type, message, traceback)
     for a in attempts:
-        if a["status"] == "failed" and a["error"]:
+        if a["status"] == JobState.FAILED and a["error"]:
             failures[a["chunk"]] = a["error"]
-    done = counts["ok"] + counts["failed"] == spec.chunks
+    done = n[JobState.OK] + n[JobState.FAILED] == spec.chunks
+    state = state_of_run(spool, run, spec.chunks, n)
     chart = bars(attempts, rows, now)
     drawn = {b["agent"] for b in chart}
     idle = () if done else tuple(sorted(a for a, v in Liveness(spool, dead_after).refresh().items()
                                         if v.accepting and a not in drawn))
     return {"run": run, "kind": spec.kind.value, "target": spec.target, "chunks": spec.chunks, "time": now,
-            "counts": counts, "done": done, "rows": rows, "bars": chart, "idle_agents": idle, "failures": failures}
+            "state": state.value, "counts": counts, "done": done, "rows": rows, "bars": chart, "idle_agents": idle,
+            "failures": failures}
 
 
 STYLE = """.timeline{background:#fff;box-shadow:0 1px 2px #0002;margin:.4em 0}
@@ -118,11 +126,13 @@ def fragment(d: dict[str, Any]) -> str:
     run = d["run"]  # checked by check_name: safe in a URL and in HTML
     c = d["counts"]
     summary = " &middot; ".join(f"{c[s]} {s}" for s in c if c[s]) or "no chunks"
+    if d.get("state") not in (None, RunState.FEEDING, RunState.DONE):
+        summary += f" &middot; run {RunState(d['state']).label}"  # master.states: why nothing more runs
     legend = "".join(f'<i style="background:{col}"></i>{name}'
                      for name, col in (("ok", "#43a047"), ("failed", "#e53935"), ("running", "#1e88e5")))
     head = "".join(f'<th class="{"l" if n in ("state", "agent", "last error") else ""}">{n}</th>'
                    for n in ("chunk", "state", "agent", "attempt", "time", "last error"))
-    rows = "".join(_row(run, r, d["failures"].get(r["chunk"]) if r["state"] != "ok" else None) for r in d["rows"])
+    rows = "".join(_row(run, r, d["failures"].get(r["chunk"]) if r["state"] != JobState.OK else None) for r in d["rows"])
     return (f'<div data-done="{int(d["done"])}"><div class="sub">{plural(d["chunks"], "chunk")}: {summary}</div>'
             f'<h2>Timeline</h2><div class="legend sub">one row per agent, one bar per attempt:{legend}'
             f' (gaps: the agent ran nothing of this run)</div>{gantt_svg(d["bars"], d["time"], idle=d["idle_agents"])}'

@@ -8,7 +8,6 @@ never change, so each result file is read once.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import threading
 import time
@@ -17,19 +16,21 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gpupool.jobs.atomic import server_now
-from gpupool.jobs.errors import BadFile, SpoolError
+from gpupool.jobs.descriptor import JobState
+from gpupool.jobs.errors import BadFile
 from gpupool.jobs.heartbeat import JobRef
 from gpupool.jobs.invoked import spell
-from gpupool.jobs.jsonio import is_int, is_num
-from gpupool.jobs.mailbox import Mailbox
+from gpupool.jobs.jsonio import is_num
 from gpupool.jobs.owners import agent_owner, me, run_owner
 from gpupool.jobs.names import printable
 from gpupool.jobs.paths import Spool
 from gpupool.jobs.words import plural
-from gpupool.jobs.results import final_status, has_outcome, result_or_none, scan_run
+from gpupool.jobs.results import final_status, result_or_none, scan_run
 from gpupool.master.liveness import Liveness
 from gpupool.master.placement import combined, gpu_count, gpu_ids, gpus_of
 from gpupool.master.runspec import RunSpec
+from gpupool.master.states import (AtAgents, RunState, chunk_state, holdings, master_feeds, read_marks,
+                                   run_state)
 
 RATE_WINDOW_S = 120.0  # chunks/s is measured over the results finished in this last stretch
 
@@ -56,10 +57,10 @@ class StatusReader:
         with self._lock:
             # now as the file server stamps it: result mtimes are its clock, not this host's
             self._now = server_now(self.spool.results_dir) or time.time()
-            agents, queued, running = self._agents()
+            agents, at = self._agents()
             runs, progress = [], {}
             for name in self.spool.run_names():
-                got = self._run(name, queued.get(name, 0), running.get(name, 0))
+                got = self._run(name, at)
                 if got is not None:
                     runs.append(got[0])
                     progress[name] = got[1]
@@ -70,70 +71,41 @@ class StatusReader:
             return {"base": str(self.spool.base), "time": time.time(), "agents": agents, "runs": runs,
                     "run_progress": progress}
 
-    def _agents(self) -> tuple[list[dict[str, Any]], dict[str, int], dict[str, int]]:
-        agents, queued, running = [], {}, {}
+    def _agents(self) -> tuple[list[dict[str, Any]], AtAgents]:
         views = self.liveness.refresh()
+        held = holdings(self.spool, views)  # master.states: what each agent holds, read once
         # how long a job has run: its agent's own measure plus its heartbeat's age, by the file server's clock
         hb_now = server_now(self.spool.agents_dir) if any(v.status.current for v in views.values()) else None
-        for ident, v in sorted(views.items()):
-            try:
-                jobs = [j for j in Mailbox(self.spool, ident).read().jobs if not has_outcome(self.spool, j.key, j.max_attempts)]
-            except (OSError, BadFile):
-                jobs = []
-            cur = v.status.current if v.alive else None
-            took = v.running_for(hb_now) if cur is not None else None
-            if cur is not None and (ended := self._over(cur)) is not None:  # the heartbeat is older than the
-                ahead = v.status.ahead  # job's end: the job sent ahead (if any) has run since then
-                cur = dataclasses.replace(ahead, since=ended) if ahead is not None and self._over(ahead) is None \
-                    else None
-                took = round(max(0.0, self._now - ended), 1) if cur is not None else None  # both the server's clock
-            if cur is not None:  # running = what agents say they run
-                running[cur.run] = running.get(cur.run, 0) + 1
-            for j in jobs:
-                if not (cur and (cur.run, cur.chunk_id) == (j.run, j.chunk_id)):
-                    queued[j.run] = queued.get(j.run, 0) + 1
-            agents.append(_agent_row(ident, v, cur, took, len(jobs), self.spool.drain_flag(ident).exists()))
-        return agents, queued, running
+        agents = []
+        for ident, h in held.items():
+            agents.append(_agent_row(ident, h.view, h.running, h.running_for(hb_now, self._now), len(h.jobs),
+                                     self.spool.drain_flag(ident).exists()))
+        return agents, AtAgents.of(held)
 
-    def _over(self, cur: JobRef) -> float | None:
-        """When the job a heartbeat names ended, if its outcome is on disk (the mtime of its final
-        result or of its attempt's history), else None."""
-        run, chunk, attempt = cur.key
-        if attempt is None:
-            return None
-        try:
-            paths = (self.spool.result_json(run, chunk), self.spool.history_json(run, chunk, attempt))
-        except SpoolError:  # a name no run can have: judged as the heartbeat says
-            return None
-        for path in paths:
-            try:
-                return os.stat(path).st_mtime
-            except OSError:
-                continue
-        return None
-
-    def _run(self, name: str, queued: int, running: int) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    def _run(self, name: str, at: AtAgents) -> tuple[dict[str, Any], dict[str, Any]] | None:
         """(the run's row, its progress: chunks/s from results' finished_at, ETA, cancelled)."""
         try:
             spec = RunSpec.load(self.spool.run_spec(name))
         except (OSError, BadFile):
             return None
         finals = self._finals(name)
-        ok = sum(1 for c, (s, _) in finals.items() if s == "ok" and c < spec.chunks)
-        failed = sum(1 for c, (s, _) in finals.items() if s != "ok" and c < spec.chunks)
-        pending = max(0, spec.chunks - ok - failed - queued - running)
+        marks = read_marks(self.spool, name)
+        n = at.counts(name, spec.chunks, {c: s for c, (s, _) in finals.items()}, marks.cancelled)
+        state = run_state(spec.chunks, n, marks, lambda: master_feeds(self.spool, name))
+        ok, failed = n[JobState.OK], n[JobState.FAILED]
         rate = chunk_rate([t for _, t in finals.values() if t is not None], self._now)
         left = spec.chunks - ok - failed
-        active = running + queued > 0
         row = {"run": name, "kind": spec.kind.value, "target": spec.target, "chunks": spec.chunks, "ok": ok,
-               "failed": failed, "running": running, "queued": queued, "pending": pending, "share": spec.share}
+               "failed": failed, "running": n[JobState.RUNNING], "queued": n[JobState.QUEUED],
+               "pending": n[JobState.PENDING] + n[JobState.CANCELLED],  # no result, at no agent
+               "share": spec.share, "state": state.value}
         owner = run_owner(self.spool, name)  # jobs.owners: who submitted it (None: unknown)
         row.update(owner=owner.user, owner_uid=owner.uid)
         newest = _last_activity(self.spool, name, [t for _, t in finals.values() if t is not None])
         return row, {"cancelled": self.spool.cancel_flag(name).exists(), "done": left == 0,
                      "chunks_per_s": None if rate is None else round(rate, 3),
-                     "eta_s": round(left / rate, 1) if rate and left and active else None,
-                     "sealed": self.spool.sealed_flag(name).exists(),
+                     "eta_s": round(left / rate, 1) if rate and left and state is RunState.FEEDING else None,
+                     "sealed": marks.seal is not None,
                      "idle_s": None if newest is None else round(max(0.0, self._now - newest), 1)}
 
     def _finals(self, name: str) -> dict[int, tuple[str, float | None]]:
@@ -142,7 +114,7 @@ class StatusReader:
         cache = self._runs.setdefault(name, _RunCache())
         scan = scan_run(self.spool, name)
         for c, (status, _) in list(cache.finals.items()):
-            if c not in scan.finals or status != "ok":  # a failed result may be reopened and redone: reread
+            if c not in scan.finals or status != JobState.OK:  # a failed result may be reopened and redone: reread
                 del cache.finals[c]
         for c in scan.finals.keys() - cache.finals.keys():
             status = final_status(self.spool, name, c, scan)
@@ -175,8 +147,6 @@ def shown_runs(spool: Spool, data: dict[str, Any], recent_s: float = RECENT_S) -
     holds its lock) and the recent ones (changed within ``recent_s``, by the file server's clock:
     ``idle_s``). The others are counted in ``runs_hidden``; ``runs_hidden_unfinished``: how many
     of them have chunks without a result (``python -m master runs`` lists every run)."""
-    from gpupool.master.control import _master_gone
-
     progress = data.get("run_progress", {})
     keep, hidden, unfinished = [], 0, 0
     for r in data["runs"]:
@@ -184,7 +154,7 @@ def shown_runs(spool: Spool, data: dict[str, Any], recent_s: float = RECENT_S) -
         idle = p.get("idle_s")
         if r["queued"] or r["running"] or (idle is not None and idle <= recent_s):
             keep.append(r)
-        elif not p.get("sealed") and not p.get("cancelled") and not _master_gone(spool, r["run"]):
+        elif RunState(r["state"]).fed:
             keep.append(r)  # fed by a master that waits (for agents, for a retry's back-off)
         else:
             hidden += 1
@@ -235,53 +205,42 @@ def chunk_rate(finished: list[float], now: float, window: float = RATE_WINDOW_S,
     return len(recent) / span if span > 0 else None
 
 
-CHUNK_STATES = ("ok", "failed", "running", "queued", "pending")
+CHUNK_STATES = tuple(s.value for s in (JobState.OK, JobState.FAILED, JobState.RUNNING, JobState.QUEUED,
+                                        JobState.PENDING, JobState.CANCELLED))
 
 
 def chunk_rows(spool: Spool, run: str, dead_after: float = 20.0, states: set[str] | None = None
                ) -> list[dict[str, Any]]:
-    """One row per chunk of ``run`` (``status --run R``, like ``squeue``/``ts -l``): its state, the
-    agent it is at or ran on, its attempt, how long it has run or took, its last error. Only the
-    files a chunk's row needs are read (a failed attempt's history, a final result)."""
+    """One row per chunk of ``run`` (``status --run R``, like ``squeue``/``ts -l``): its state
+    (``master.states.chunk_state``), the agent it is at or ran on, its attempt, how long it has run
+    or took, its last error. Only the files a chunk's row needs are read (a failed attempt's
+    history, a final result)."""
     spec = RunSpec.load(spool.run_spec(run))
     scan = scan_run(spool, run)
-    where: dict[int, tuple[str, int]] = {}  # chunk -> (agent, attempt) queued there, no outcome yet
-    running: dict[int, tuple[str, int, Any]] = {}  # chunk -> (agent, attempt, its AgentView)
-    for ident, v in Liveness(spool, dead_after).refresh().items():
-        cur = v.status.current if v.alive else None
-        if cur is not None and cur.run == run:
-            running[cur.chunk_id] = (ident, cur.attempt, v)
-        try:
-            jobs = Mailbox(spool, ident).read().jobs
-        except (OSError, BadFile):
-            continue
-        for j in jobs:
-            if j.run == run and not has_outcome(spool, j.key, j.max_attempts):
-                where[j.chunk_id] = (ident, j.attempt)
+    held = holdings(spool, Liveness(spool, dead_after).refresh())
+    at = AtAgents.of(held)
+    running, where = at.running.get(run, {}), at.queued.get(run, {})
+    cancelled = spool.cancel_flag(run).exists()
     # how long a chunk has run: its agent's own measure plus its heartbeat's age, by the file server's clock
     now, rows = server_now(spool.agents_dir) if running else None, []
     for c in range(spec.chunks):
-        row: dict[str, Any] = {"chunk": c, "state": "pending", "agent": None, "attempt": scan.last_attempt(c) or None,
-                               "seconds": None, "error": None}
-        if c in scan.finals:
-            rec = result_or_none(spool.result_json(run, c))
-            if rec is not None:
-                row.update(state=rec["status"], agent=rec.get("agent"), attempt=rec.get("attempt"),
-                           seconds=rec.get("duration_s"), error=_error_line(rec))
-        if row["state"] == "pending" and c in running and not _done(spool, run, c, running[c][1]):
-            agent, attempt, view = running[c]
-            row.update(state="running", agent=agent, attempt=attempt, seconds=view.running_for(now))
-        elif row["state"] == "pending" and c in where:
-            row.update(state="queued", agent=where[c][0], attempt=where[c][1])
-        if row["error"] is None and row["state"] != "ok" and scan.history.get(c):
+        rec = result_or_none(spool.result_json(run, c)) if c in scan.finals else None
+        state = chunk_state(rec["status"] if rec is not None else None, c in running, c in where, cancelled)
+        row: dict[str, Any] = {"chunk": c, "state": state.value, "agent": None,
+                               "attempt": scan.last_attempt(c) or None, "seconds": None, "error": None}
+        if rec is not None:
+            row.update(agent=rec.get("agent"), attempt=rec.get("attempt"), seconds=rec.get("duration_s"),
+                       error=_error_line(rec))
+        elif state is JobState.RUNNING:
+            h = held[running[c]]
+            row.update(agent=running[c], attempt=h.running.attempt, seconds=h.running_for(now, now if now is not None else time.time()))
+        elif state is JobState.QUEUED:
+            row.update(agent=where[c][0], attempt=where[c][1])
+        if row["error"] is None and state is not JobState.OK and scan.history.get(c):
             row["error"] = _error_line(result_or_none(spool.history_json(run, c, scan.history[c][-1])) or {})
         if states is None or row["state"] in states:
             rows.append(row)
     return rows
-
-
-def _done(spool: Spool, run: str, chunk: int, attempt: Any) -> bool:
-    return is_int(attempt) and has_outcome(spool, (run, chunk, attempt), attempt + 1)
 
 
 def _error_line(rec: dict[str, Any]) -> str | None:
@@ -356,11 +315,18 @@ def _agent_line(a: dict[str, Any], color: bool) -> str:
 def _run_line(r: dict[str, Any], p: dict[str, Any], color: bool) -> str:
     failed = _paint(f"{r['failed']:>6}", "31", color and r["failed"] > 0)
     rate = "-" if p.get("chunks_per_s") is None else f"{p['chunks_per_s']:.2f}"
-    eta = "done" if p.get("done") else "cancelled" if p.get("cancelled") else duration(p.get("eta_s"))
+    eta = eta_cell(r, p)
     share = f"{r.get('share', 1.0):g}" + (f" {r['busy_pct']:.0f}%" if r.get("busy_pct") is not None else "")
     return (f"{r['run'][:32]:<32} {(r.get('owner') or '-')[:10]:<10} {r['chunks']:>6} {r['ok']:>6} {failed} "
             f"{r['running']:>7} {r['queued']:>6} "
-            f"{r['pending']:>7} {share:>9} {rate:>8} {eta:>9}")
+            f"{r['pending']:>7} {share:>9} {rate:>8} {eta:>13}")
+
+
+def eta_cell(r: dict[str, Any], p: dict[str, Any]) -> str:
+    """The ETA column: how long a run a master feeds has left, else its state (done, failed,
+    cancelled, stopped early, interrupted): nothing feeds it, so it has no ETA."""
+    state = RunState(r["state"])
+    return duration(p.get("eta_s")) if state is RunState.FEEDING else state.label
 
 
 def render(data: dict[str, Any], color: bool = False) -> str:
@@ -385,7 +351,7 @@ def render(data: dict[str, Any], color: bool = False) -> str:
     if any(u not in (me().user, "unknown") for u in users):
         lines.append("agents by user: " + ", ".join(f"{u} {n}" for u, n in sorted(users.items())))
     lines += ["", f"{'RUN':<32} {'OWNER':<10} {'CHUNKS':>6} {'OK':>6} {'FAILED':>6} {'RUNNING':>7} {'QUEUED':>6} "
-                  f"{'PENDING':>7} {'SHARE':>9} {'CHUNK/S':>8} {'ETA':>9}"]
+                  f"{'PENDING':>7} {'SHARE':>9} {'CHUNK/S':>8} {'ETA':>13}"]
     lines += [_run_line(r, data.get("run_progress", {}).get(r["run"], {}), color) for r in data["runs"]]
     if not data["runs"]:
         lines.append("(no active or recent runs)" if data.get("runs_hidden") else "(no runs yet)")

@@ -19,6 +19,7 @@ import threading
 from collections import OrderedDict
 from typing import Any
 
+from gpupool.jobs.descriptor import JobState
 from gpupool.jobs.jsonio import is_num
 from gpupool.jobs.names import printable
 from gpupool.jobs.outcomes import failure_of
@@ -26,7 +27,7 @@ from gpupool.jobs.paths import Spool
 from gpupool.jobs.results import result_or_none, scan_run
 from gpupool.master.status import duration
 
-COLORS = {"ok": "#43a047", "failed": "#e53935", "running": "#1e88e5"}
+COLORS = {JobState.OK: "#43a047", JobState.FAILED: "#e53935", JobState.RUNNING: "#1e88e5"}
 TRACEBACK_LIMIT = 20_000  # characters of a traceback kept for display
 
 
@@ -95,9 +96,9 @@ def bars(attempts: list[dict[str, Any]], rows: list[dict[str, Any]], now: float)
            for a in attempts if a["agent"] and is_num(a["start"]) and is_num(a["end"])]
     done = {(b["chunk"], b["attempt"]) for b in out}
     for r in rows:
-        if r["state"] == "running" and r["agent"] and (r["chunk"], r["attempt"]) not in done:
+        if r["state"] == JobState.RUNNING and r["agent"] and (r["chunk"], r["attempt"]) not in done:
             since = now - r["seconds"] if is_num(r["seconds"]) else now
-            out.append({"chunk": r["chunk"], "attempt": r["attempt"], "agent": r["agent"], "status": "running",
+            out.append({"chunk": r["chunk"], "attempt": r["attempt"], "agent": r["agent"], "status": JobState.RUNNING,
                         "start": since, "end": now})
     return out
 
@@ -155,7 +156,7 @@ def gantt_svg(chart: list[dict[str, Any]], now: float | None = None, width: int 
             parts.append(f'<rect class="attempt {b["status"]}" data-chunk="{b["chunk"]}" x="{x0:.1f}" '
                          f'y="{y + (row - bar) / 2:.0f}" width="{w:.1f}" height="{bar}" '
                          f'fill="{COLORS.get(b["status"], "#9e9e9e")}"><title>{html.escape(tip)}</title></rect>')
-    if now is not None and any(b["status"] == "running" for b in chart):
+    if now is not None and any(b["status"] == JobState.RUNNING for b in chart):
         parts.append(f'<line x1="{x(now):.1f}" y1="{top - 4}" x2="{x(now):.1f}" y2="{height}" stroke="#1e88e5" '
                      f'stroke-dasharray="3 3"/>')
     parts.append("</svg>")

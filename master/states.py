@@ -1,0 +1,247 @@
+"""What state a chunk is in, and what state a run is in: the one answer, read from the spool.
+
+A chunk's state (``jobs.descriptor.JobState``) is never stored apart from the spool; ``chunk_state``
+says it from what the spool holds, in this order:
+
+1. its committed result (``results/<run>/<chunk>.json``): ``ok`` or ``failed``;
+2. a live agent's heartbeat naming it as the job it runs, its outcome not on disk yet: ``running``
+   (``running_job``: a heartbeat older than the end of its job names the job sent ahead instead);
+3. an agent's mailbox holding it, its outcome not on disk yet: ``queued``;
+4. its run's cancel flag: ``cancelled``; else ``pending``.
+
+What agents hold is read once for every run of the spool (``holdings``: every mailbox and the
+job each live agent runs), so ``status``, ``status --run``, ``runs`` and the run page agree.
+
+A run's state (``RunState``) comes from its chunks' states and its marks (``runs/<run>/cancel``,
+``runs/<run>/sealed`` with the reason a master stopped it early, ``jobs.results.read_seal``) and,
+only while chunks are left, whether a master holds its lock (``master_feeds``). Only a run a
+master feeds has an ETA.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections import Counter
+from dataclasses import dataclass
+from enum import Enum
+from typing import Callable, Collection, Mapping
+
+from gpupool.jobs.descriptor import Job, JobState
+from gpupool.jobs.errors import BadFile, SpoolError
+from gpupool.jobs.heartbeat import Heartbeat, JobRef
+from gpupool.jobs.locks import FileLock
+from gpupool.jobs.mailbox import Mailbox
+from gpupool.jobs.paths import Spool
+from gpupool.jobs.results import Seal, final_status, has_outcome, read_seal, scan_run
+from gpupool.master.liveness import AgentView
+
+__all__ = ["JobState", "RunState", "chunk_state", "count_states", "final_states", "run_state", "Marks", "read_marks",
+           "master_feeds", "in_hand", "running_job", "Holding", "holdings", "AtAgents", "state_of_run"]
+
+
+class RunState(str, Enum):
+    """Where a run is (``run_state``); the value is what ``status --json``, ``runs`` and the
+    dashboard say."""
+
+    FEEDING = "feeding"  # running: a master feeds it and agents hold some of its jobs (running or queued)
+    WAITING = "waiting"  # a master feeds it and no agent holds any of its jobs: it waits for agents
+    DONE = "done"  # every chunk ok
+    FAILED = "failed"  # every chunk has its final result, some failed
+    STOPPED_EARLY = "stopped_early"  # its master stopped it: its chunks would all fail alike (--max-failures)
+    INTERRUPTED = "interrupted"  # chunks left and no master feeds it (Ctrl-C, a killed master): run it again
+    CANCELLED = "cancelled"  # ``python -m master cancel``
+
+    @property
+    def fed(self) -> bool:
+        """A master feeds the run: only then can it finish by itself, so only then it has an ETA."""
+        return self in (RunState.FEEDING, RunState.WAITING)
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def label(self) -> str:
+        """As the text table and the dashboard show it."""
+        return self.value.replace("_", " ")
+
+
+def chunk_state(result: str | None, running: bool, queued: bool, cancelled: bool = False) -> JobState:
+    """The state of one chunk (see the module docstring): ``result`` is its committed result's
+    status (None: none readable), ``running``/``queued``: a live agent runs it / a mailbox holds
+    it with no outcome on disk, ``cancelled``: its run's cancel flag."""
+    if result is not None:
+        return JobState.OK if result == JobState.OK else JobState.FAILED
+    if running:
+        return JobState.RUNNING
+    if queued:
+        return JobState.QUEUED
+    return JobState.CANCELLED if cancelled else JobState.PENDING
+
+
+def count_states(chunks: int, results: Mapping[int, str], running: Collection[int], queued: Collection[int],
+                 cancelled: bool = False) -> Counter:
+    """How many of ``chunks`` chunks are in each state: ``chunk_state`` of every chunk, counted
+    from the sets alone (a run of a million chunks is not walked chunk by chunk)."""
+    done = {c: chunk_state(s, False, False) for c, s in results.items() if 0 <= c < chunks}
+    busy = {c for c in running if 0 <= c < chunks and c not in done}
+    waiting = {c for c in queued if 0 <= c < chunks and c not in done and c not in busy}
+    counts = Counter(done.values())
+    counts[JobState.RUNNING], counts[JobState.QUEUED] = len(busy), len(waiting)
+    counts[JobState.CANCELLED if cancelled else JobState.PENDING] = chunks - len(done) - len(busy) - len(waiting)
+    return counts
+
+
+def final_states(spool: Spool, run: str, chunks: int) -> dict[int, JobState]:
+    """chunk -> OK or FAILED for the run's chunks (of ``chunks``) with a readable committed result,
+    from one listing of its results folder (``jobs.results.final_status``: a file is read only for
+    a chunk that ever failed)."""
+    scan = scan_run(spool, run)
+    out = {c: final_status(spool, run, c, scan) for c in sorted(scan.finals) if c < chunks}
+    return {c: chunk_state(status, False, False) for c, status in out.items() if status is not None}
+
+
+@dataclass(frozen=True)
+class Marks:
+    """The marks a run's folder holds: its cancel flag and its seal (``jobs.results.read_seal``)."""
+
+    cancelled: bool = False
+    seal: Seal | None = None
+
+
+def read_marks(spool: Spool, run: str) -> Marks:
+    return Marks(spool.cancel_flag(run).exists(), read_seal(spool, run))
+
+
+def master_feeds(spool: Spool, run: str) -> bool:
+    """A master holds the run's lock (``runs/<run>/master.lock``): the run is being fed. A run
+    without the file has never had a master: it is not made here (a new file in the run's folder
+    would read as activity, ``master.status``)."""
+    if not os.path.lexists(spool.master_lock(run)):
+        return False
+    lock = FileLock(spool.master_lock(run))
+    try:
+        return not lock.acquire(blocking=False)
+    except OSError:
+        return False
+    finally:
+        lock.close()
+
+
+def run_state(chunks: int, counts: Mapping[JobState, int], marks: Marks, fed: Callable[[], bool]) -> RunState:
+    """The state of a run of ``chunks`` chunks whose chunks are in ``counts`` (``count_states``),
+    with ``marks``; ``fed()`` (``master_feeds``) is asked only for a run with chunks left and no
+    mark that ends it (taking a lock to look costs a file open)."""
+    ok, failed = counts.get(JobState.OK, 0), counts.get(JobState.FAILED, 0)
+    if marks.cancelled:
+        return RunState.CANCELLED
+    if marks.seal is not None and marks.seal.halted is not None:
+        return RunState.STOPPED_EARLY
+    if ok >= chunks:
+        return RunState.DONE
+    if ok + failed >= chunks:
+        return RunState.FAILED
+    if not fed():
+        return RunState.INTERRUPTED
+    held = counts.get(JobState.RUNNING, 0) + counts.get(JobState.QUEUED, 0)
+    return RunState.FEEDING if held else RunState.WAITING
+
+
+# what agents hold ------------------------------------------------------------------------------
+def in_hand(status: Heartbeat, run: str) -> set[int]:
+    """This run's chunks a heartbeat names as running or handed to its worker (the job sent ahead),
+    read from the heartbeat alone: what a master must not take back from the agent."""
+    return {b.chunk_id for b in (status.current, status.ahead) if b is not None and b.run == run}
+
+
+def ended_at(spool: Spool, ref: JobRef) -> float | None:
+    """When the job ``ref`` names ended, if its outcome is on disk (the mtime of its final result
+    or of its attempt's history), else None."""
+    run, chunk, attempt = ref.key
+    if attempt is None:
+        return None
+    try:
+        paths = (spool.result_json(run, chunk), spool.history_json(run, chunk, attempt))
+    except SpoolError:  # a name no run can have: judged as the heartbeat says
+        return None
+    for path in paths:
+        try:
+            return os.stat(path).st_mtime
+        except OSError:
+            continue
+    return None
+
+
+def running_job(spool: Spool, view: AgentView) -> tuple[JobRef | None, float | None]:
+    """(the job a live agent runs now, when the job its heartbeat still names ended): a heartbeat
+    older than the end of its job names one that is over; the job sent ahead (if any, and not over
+    itself) has run since then, and its ``since`` is that end."""
+    cur = view.status.current if view.alive else None
+    if cur is None:
+        return None, None
+    ended = ended_at(spool, cur)
+    if ended is None:
+        return cur, None
+    ahead = view.status.ahead
+    if ahead is not None and ended_at(spool, ahead) is None:
+        return dataclasses.replace(ahead, since=ended), ended
+    return None, ended
+
+
+@dataclass
+class Holding:
+    """What one agent holds, read once: its mailbox's jobs with no outcome yet and the job it runs."""
+
+    view: AgentView
+    jobs: list[Job]
+    running: JobRef | None
+    ended: float | None = None  # when the job its heartbeat names ended (``running``: the one sent ahead)
+
+    def running_for(self, hb_now: float | None, now: float) -> float | None:
+        """How long ``running`` has run: as its agent measured it (``AgentView.running_for``), or,
+        for the job sent ahead, since the end of the one before (both by the file server's clock)."""
+        if self.running is None:
+            return None
+        if self.ended is not None:
+            return round(max(0.0, now - self.ended), 1)
+        return self.view.running_for(hb_now)
+
+
+def holdings(spool: Spool, views: Mapping[str, AgentView]) -> dict[str, Holding]:
+    """Every agent's holding (sorted by id): each mailbox read once, each heartbeat judged once."""
+    out = {}
+    for ident, v in sorted(views.items()):
+        try:
+            jobs = [j for j in Mailbox(spool, ident).read().jobs if not has_outcome(spool, j.key, j.max_attempts)]
+        except (OSError, BadFile):
+            jobs = []
+        ref, ended = running_job(spool, v)
+        out[ident] = Holding(v, jobs, ref, ended)
+    return out
+
+
+@dataclass
+class AtAgents:
+    """Per run, the chunks agents hold: running (chunk -> its agent's id) and queued (chunk ->
+    (agent id, attempt)), from ``holdings``."""
+
+    running: dict[str, dict[int, str]]
+    queued: dict[str, dict[int, tuple[str, int]]]
+
+    @classmethod
+    def of(cls, held: Mapping[str, Holding]) -> "AtAgents":
+        running: dict[str, dict[int, str]] = {}
+        queued: dict[str, dict[int, tuple[str, int]]] = {}
+        for ident, h in held.items():
+            if h.running is not None:
+                running.setdefault(h.running.run, {})[h.running.chunk_id] = ident
+            for j in h.jobs:
+                queued.setdefault(j.run, {})[j.chunk_id] = (ident, j.attempt)
+        return cls(running, queued)
+
+    def counts(self, run: str, chunks: int, results: Mapping[int, str], cancelled: bool) -> Counter:
+        return count_states(chunks, results, self.running.get(run, {}), self.queued.get(run, {}), cancelled)
+
+
+def state_of_run(spool: Spool, run: str, chunks: int, counts: Mapping[JobState, int]) -> RunState:
+    """``run_state`` with the run's marks read now and its lock looked at if needed."""
+    return run_state(chunks, counts, read_marks(spool, run), lambda: master_feeds(spool, run))
