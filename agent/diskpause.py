@@ -5,7 +5,7 @@ returns (``DiskPause.commit``), and no job starts here meanwhile; where the work
 a job's arrays, the job stays queued and no job starts here for a while (``pause_for_io``,
 ``paused``). An outcome no write can record (permission denied, a read-only filesystem) fails
 its attempt, and the heartbeat names it (``heartbeat_fields``: ``uncommitted``) for the run's
-master to record (``master.dispatcher.Dispatcher._uncommitted``).
+master to record (``master.core.dispatcher.Dispatcher._uncommitted``).
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ class DiskPause:
         self.pause_until = 0.0  # after an I/O error (disk full): no job before this (clock)
         self._backoff = 0.0
         # attempts whose outcome no write could record (a permanent error: EACCES, EROFS...), for the
-        # masters to record as failed (master.dispatcher.Dispatcher._uncommitted): the heartbeat names them
+        # masters to record as failed (master.core.dispatcher.Dispatcher._uncommitted): the heartbeat names them
         self.uncommitted: list[dict[str, Any]] = []
 
     def paused(self) -> bool:
@@ -112,7 +112,7 @@ class DiskPause:
         """An outcome no write can record (permission denied, a read-only filesystem, its folder
         gone): the attempt fails, naming the path and the error. Its record is not written (it
         cannot be), so the heartbeat names it (``uncommitted``) and the run's master records the
-        failure itself (``master.dispatcher``): it counts against --retries and the run ends, never
+        failure itself (``master.core.dispatcher``): it counts against --retries and the run ends, never
         the same chunk run here again and again. Returns the failed record."""
         where = f" ({e.filename})" if e.filename else ""
         error = Failure(FailureKind.COMMIT_FAILED, f"agent {self.agent_id} cannot write the result{where}: "

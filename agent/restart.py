@@ -4,7 +4,7 @@ have died under, so that a job that kills its agent does not kill it again and a
 The agent asks ``RestartDeferral.judge_former`` once, at its start; its loop then leaves
 ``held()`` aside when it chooses a job, never pipelines nor runs unannounced a job it ``holds``,
 and its heartbeat carries ``heartbeat_fields()`` (``died_under``, read by
-``master.dispatcher.Dispatcher._restarted`` through ``jobs.losses.died_under``).
+``master.core.dispatcher.Dispatcher._restarted`` through ``jobs.losses.died_under``).
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ class RestartDeferral:
         heartbeat names (running, or in the worker's pipe) or, where it names none (it died before
         a heartbeat showed its job), the first open jobs of the mailbox (``death_suspects``, a
         master's rule for a dead agent). They are left alone for ``RESTART_DEFER_S`` and the
-        heartbeat names them (``died_under``): masters see the restart (``master.liveness``) and
+        heartbeat names them (``died_under``): masters see the restart (``master.core.liveness``) and
         take them back under their loss rules, so a crash loop ends; if none does (no master is
         running), they run afterwards, alone. True if the former process died (did not stop)."""
         try:
@@ -72,4 +72,4 @@ class RestartDeferral:
         return job.uid in self.deferred
 
     def heartbeat_fields(self) -> dict[str, Any]:
-        return {"died_under": self.died_under}  # see master.dispatcher.Dispatcher._restarted
+        return {"died_under": self.died_under}  # see master.core.dispatcher.Dispatcher._restarted

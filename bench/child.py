@@ -33,7 +33,7 @@ def main() -> None:
     from gpupool.jobs.logsetup import command_logs
 
     command_logs("WARNING")  # as main.py does: warnings only
-    from gpupool.master import feeder
+    from gpupool.master.core import feeder
     from gpupool.master.api import Pool
 
     first: list[float] = []

@@ -195,7 +195,8 @@ class Probe:
 
     @contextlib.contextmanager
     def installed(self) -> Iterator["Probe"]:
-        from gpupool.master import feeder, progress
+        from gpupool.master.core import feeder
+        from gpupool.master.report import progress
 
         orig_job, orig_event = feeder.Feeder._job, progress.Progress.event
         probe = self
@@ -222,7 +223,7 @@ def feed(base: Path, run: str, chunks: int, task: str | None = None, script: str
          probe: bool = False, workdir: str | None = None) -> PoolRun:
     """Submit a run with ``master.api.Pool`` and be its master until it is done (wall time)."""
     from gpupool.master.api import Pool
-    from gpupool.master.feeder import FeedConfig
+    from gpupool.master.core.feeder import FeedConfig
 
     cfg = FeedConfig(depth=depth) if depth else None
     pr = Probe()

@@ -59,7 +59,7 @@ Who writes what, in which order:
 2. master: under ``<agent>.lock``, read the mailbox, append job descriptors (run, chunk,
    attempt, ...) of chunks that have no result and are in no mailbox, write it back. It only
    appends to agents whose heartbeat is fresh, breadth first, and keeps in each only as many
-   of its run's jobs as hide the round trip (``master.dispatcher``). To move a job that has
+   of its run's jobs as hide the round trip (``master.core.dispatcher``). To move a job that has
    not started to an idle agent, it removes it under the same lock and queues it elsewhere
    with attempt + 1 (never the first of that agent's open jobs, nor one its heartbeat shows
    running or handed to its worker; if the agent read its mailbox just before and runs it
@@ -96,7 +96,7 @@ Who writes what, in which order:
    heartbeat never goes stale) is told apart by its heartbeat's host name, pid and start time;
    the new process lists in ``died_under`` the open jobs its predecessor may have died under
    (named by its last heartbeat, else the first open ones) and leaves them alone for 30 s,
-   and masters treat them as a dead agent's (``master.dispatcher.Dispatcher._restarted``).
+   and masters treat them as a dead agent's (``master.core.dispatcher.Dispatcher._restarted``).
    A last attempt taken back free (dead, frozen or draining agent, vanished, moved) gets a
    ``Superseded`` history record first: should it still run somewhere and fail, that failure
    stays history (``jobs.results.commit`` writes history with ``link``) and never commits

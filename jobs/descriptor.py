@@ -25,7 +25,7 @@ class JobKind(str, Enum):
 
 
 class JobState(str, Enum):
-    """Where a chunk is. Derived from the spool, never stored apart from it: ``master.states.chunk_state``
+    """Where a chunk is. Derived from the spool, never stored apart from it: ``master.core.states.chunk_state``
     is the one answer (a result's ``status`` on disk is OK or FAILED)."""
 
     PENDING = "pending"  # known to the run, not in any mailbox
@@ -68,7 +68,7 @@ KIND_SCHEMA: dict[JobKind, int] = {JobKind.COMMAND: 2}  # a kind added later: th
 IN_WORKER_ENV = "GPUPOOL_WORKER_PID"
 # Printed by the worker into its own log before each callable job (``JOB_MARK <run> chunk <c> attempt
 # <a>``): the worker's own lines after it are about that job. A call's output followed it there before
-# it got the chunk's log (below); ``master.logs.worker_output`` still reads it for such older runs.
+# it got the chunk's log (below); ``master.report.logs.worker_output`` still reads it for such older runs.
 JOB_MARK = "=== gpupool job:"
 # The line that starts each attempt's output in its chunk's log (``logs/<run>/<chunk>.log``): written
 # by the agent before a script or command job, by the worker before a callable job (its stdout and

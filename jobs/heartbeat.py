@@ -37,7 +37,7 @@ class JobRef:
     by the agent's monotonic clock) or ``ahead`` (the one already in its worker's pipe).
     ``attempt``, ``since`` and ``running_s`` may be None (an older agent, or dropped by
     ``read_status`` for their type). ``since`` is for display as a time of day only: a duration is
-    ``running_s`` plus the heartbeat's age (``master.liveness.AgentView.running_for``), never
+    ``running_s`` plus the heartbeat's age (``master.core.liveness.AgentView.running_for``), never
     another host's clock minus ``since``."""
 
     run: str

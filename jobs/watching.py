@@ -1,5 +1,5 @@
 """Watching a spool folder with inotify (watchdog): one place for the agent's mailbox watch
-(``agent.watcher``) and a master's results watch (``master.dispatcher``).
+(``agent.watcher``) and a master's results watch (``master.core.dispatcher``).
 
 Which events mean new content is part of the protocol: mailboxes are published by a rename from
 ``agent_pool/.tmp`` (``Spool.mailbox_temp_dir``) and results by ``link()``, so that a watcher sees

@@ -29,13 +29,13 @@ from gpupool.jobs.mailbox import drop_run
 from gpupool.jobs.owners import check_run, claim_run
 from gpupool.jobs.paths import Spool
 from gpupool.jobs.results import new_epoch, read_epoch, read_result, scan_run
-from gpupool.master.feeder import FeedConfig, Feeder, Summary
-from gpupool.master.liveness import Liveness
-from gpupool.master.options import spec_values
-from gpupool.master.placement import Placement
-from gpupool.master.progress import Progress
-from gpupool.master.runspec import RunSpec, build, save_or_check
-from gpupool.master.states import (AtAgents, RunState, chunk_state, count_states, final_states, holdings,
+from gpupool.master.core.feeder import FeedConfig, Feeder, Summary
+from gpupool.master.core.liveness import Liveness
+from gpupool.master.spec.options import spec_values
+from gpupool.master.core.placement import Placement
+from gpupool.master.report.progress import Progress
+from gpupool.master.spec.runspec import RunSpec, build, save_or_check
+from gpupool.master.core.states import (AtAgents, RunState, chunk_state, count_states, final_states, holdings,
                                    state_of_run)
 
 __all__ = ["Pool", "Run", "Result", "pool_logs"]  # pool_logs: the one call that routes the pool's logs
@@ -53,7 +53,7 @@ class Result:
 
     @property
     def state(self) -> JobState:
-        """OK or FAILED: a committed result's chunk state (``master.states.chunk_state``)."""
+        """OK or FAILED: a committed result's chunk state (``master.core.states.chunk_state``)."""
         return chunk_state(self.status, False, False)
 
     @property
@@ -94,16 +94,16 @@ class Pool:
     def submit(self, *, fresh: bool = False, kwargs_may_change: bool = False, force: bool = False,
                **options: Any) -> "Run":
         """Validate and record a run (nothing is queued until ``wait``). ``options``: the run's
-        options (``master.options.OPTIONS``, main.py's flags with underscores): one of ``task``,
+        options (``master.spec.options.OPTIONS``, main.py's flags with underscores): one of ``task``,
         ``script``, ``cmd`` or ``commands`` (command jobs, ``agent.command``: with prefix,
         success_codes, fail_on_output, result_file), ``chunks``, ``kwargs``, ``sweep`` (a file, inline
-        JSON or a list of parameter sets, ``master.sweep``: one chunk each), ``shared``, ``data``,
+        JSON or a list of parameter sets, ``master.spec.sweep``: one chunk each), ``shared``, ``data``,
         ``run``, ``retries``, ``timeout``, ``workdir``, ``share`` (the run's weight when several runs
         use the pool at once), ``arrays_as_kwargs`` (each array of ``data`` and ``shared`` passed by
         its name), ``visible_gpu_id`` (``gpu_id`` is the GPU's index as the job sees it, 0:
         docs/executor.md), ``env`` (a dict of variables set for every job), ``setup`` (``"file.py:fn"``
         or ``"module:fn"``, called once per worker process before the run's first chunk there; its
-        value is each chunk's ``state``), and placement (``master.placement``: ``targets`` a list of
+        value is each chunk's ``state``), and placement (``master.core.placement``: ``targets`` a list of
         ``"HOST::GPU,GPU"``, ``hosts`` and ``exclude_hosts`` ``"H1,H2"``, ``min_free_gb``,
         ``gpus_per_job``, ``gpu_mem``), saved with the run and kept when it is resumed or retried
         without it. A keyword that is none of them raises TypeError. ``kwargs_may_change``: a run of
@@ -132,7 +132,7 @@ class Run:
     def wait(self, progress: bool = True, cfg: FeedConfig | None = None, wait_for_lock: bool = False,
              stop: threading.Event | None = None, placement: Placement | None = None) -> Summary:
         """Be this run's master until every chunk has a final result; returns the summary.
-        ``placement``: which agents may take its jobs (``master.placement``; default: the run's own,
+        ``placement``: which agents may take its jobs (``master.core.placement``; default: the run's own,
         ``RunSpec.placement``); raises Unplaceable if live agents are there and none may."""
         self.spool.mkdir(self.spool.run_dir(self.name))
         check_run(self.spool, self.name, self.force, "start it over" if self.fresh else "resume it")
@@ -188,9 +188,9 @@ class Run:
     def join(self, progress: bool = True, cfg: FeedConfig | None = None, placement: Placement | None = None,
              poll: float = 1.0) -> Summary:
         """Be this run's master, or follow it while another master feeds it (the same OctoRun
-        config on a second machine; see ``master.follow``): this ends with the run, or takes it
+        config on a second machine; see ``master.core.follow``): this ends with the run, or takes it
         over when that master ends first."""
-        from gpupool.master.follow import Follower
+        from gpupool.master.core.follow import Follower
 
         check_run(self.spool, self.name, self.force, "start it over" if self.fresh else "resume it")
         follower = None
@@ -234,7 +234,7 @@ class Run:
             shutil.rmtree(d, ignore_errors=True)
 
     def state(self) -> RunState:
-        """What state the run is in (``master.states.run_state``): feeding, waiting, done, failed,
+        """What state the run is in (``master.core.states.run_state``): feeding, waiting, done, failed,
         stopped early, interrupted or cancelled."""
         statuses = final_states(self.spool, self.name, self.spec.chunks)
         counts = count_states(self.spec.chunks, statuses, (), ())

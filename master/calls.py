@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 from gpupool.jobs.codec import CodecError, encode
 from gpupool.jobs.descriptor import BUILTIN_KWARGS
-from gpupool.master.runspec import kwargs_size_error
+from gpupool.master.spec.runspec import kwargs_size_error
 
 
 # Built-ins an Executor call never has (it has no run's --shared or --data .npz): a parameter of

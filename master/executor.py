@@ -31,7 +31,7 @@ the call printed, from its own log ``logs/<run>/<chunk>.log``, ``log_path()``).
 Each executor is one run (``runs/executor-...``): ``status``, ``logs`` and ``cancel`` work on
 it. A clean close (``shutdown(wait=True)`` or the ``with`` block ending without an exception, every
 call done) removes that run, as ``python -m master rm`` does, unless ``keep=True`` or the run was
-named with ``run=``; the futures keep their values. Its calls are fed by the one dispatcher (``master.dispatcher``), as a run's chunks are:
+named with ``run=``; the futures keep their values. Its calls are fed by the one dispatcher (``master.core.dispatcher``), as a run's chunks are:
 each call is one chunk with its own target and arguments, placed breadth first, retried,
 handed back from dead agents and moved from busy agents to idle ones. A call counts as started
 (and ``Future.cancel()`` then fails) once an agent's heartbeat shows it running.
@@ -68,9 +68,9 @@ from gpupool.jobs.names import slug
 from gpupool.jobs.paths import Spool
 from gpupool.jobs.results import chunk_records
 from gpupool.master.calls import bind, describe, target_of  # noqa: F401  (bind: the API of earlier versions)
-from gpupool.master.dispatcher import Dispatcher, FeedConfig
+from gpupool.master.core.dispatcher import Dispatcher, FeedConfig
 from gpupool.master.remote import RemoteError, remote_exception
-from gpupool.master.runspec import RunSpec, kwargs_size_error
+from gpupool.master.spec.runspec import RunSpec, kwargs_size_error
 from gpupool.jobs.words import plural
 
 __all__ = ["CallFuture", "Executor", "NestedExecutor", "RemoteError", "RunCancelled"]
@@ -151,7 +151,7 @@ class CallFuture(futures.Future):
         """What the call's latest attempt printed (stdout and stderr) so far, or None if it has not
         started (or its output is gone). A call run by an older agent printed to its agent's worker
         log: read there."""
-        from gpupool.master.logs import printed, worker_output
+        from gpupool.master.report.logs import printed, worker_output
 
         agent, attempt = self._latest()
         if not (agent and attempt):
@@ -305,7 +305,7 @@ class Executor(futures.Executor):
             if self._keep or self._run_removed or not clean:
                 return
             self._run_removed = True
-        from gpupool.master.control import remove_run
+        from gpupool.master.core.control import remove_run
 
         try:
             remove_run(self.spool, self.run)
@@ -431,7 +431,7 @@ class _Calls(Dispatcher):
     def unplaceable(self, live: list[Any]) -> None:
         """Agents are alive but none may take the calls (agents of an older version, which cannot
         read their descriptors): every call fails, naming them, as a run does (never a silent wait)."""
-        from gpupool.master.placement import Unplaceable
+        from gpupool.master.core.placement import Unplaceable
 
         why = "; ".join(f"{v.id}: {self.why_not(v)}" for v in live[:8])
         raise Unplaceable(f"executor {self.run_name}: none of the {plural(len(live), 'live agent')} may take its calls: {why}")

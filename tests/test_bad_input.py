@@ -84,7 +84,7 @@ def test_missing_arguments_say_what_is_missing(tmp_path: Path, env) -> None:
 
 def test_same_run_name_with_other_task_is_refused(tmp_path: Path, env) -> None:
     from gpupool.jobs.paths import Spool
-    from gpupool.master.runspec import build, save_or_check
+    from gpupool.master.spec.runspec import build, save_or_check
     spool = Spool(tmp_path / "b").ensure()
     save_or_check(spool, build(task="examples.noop:noop", chunks=2, run="r1"), fresh=False)
     r = run_main(["--base", str(spool.base), "--task", "examples.noop:square", "--chunks", "2", "--run", "r1"], env)
@@ -188,7 +188,7 @@ def test_submit_refuses_a_keyword_that_is_no_run_option_as_a_function_would(tmp_
 
 
 def test_run_json_names_placement_only_where_a_run_has_one(tmp_path: Path) -> None:
-    from gpupool.master.runspec import build, load_run, save_or_check
+    from gpupool.master.spec.runspec import build, load_run, save_or_check
     spool = Spool(tmp_path / "b").ensure()
     save_or_check(spool, build(task="examples.noop:noop", chunks=2, run="plain"), fresh=False)
     assert "targets" not in json.loads(spool.run_spec("plain").read_text())  # older tools refuse unknown fields

@@ -166,7 +166,7 @@ def test_a_command_job_sees_only_its_agents_gpu(spool: Spool, agents, tmp_path: 
 
 
 def parquet_or_a_clear_refusal(spool: Spool, run: str, out: Path) -> None:
-    from gpupool.master.collect import CollectError, collect as collect_run
+    from gpupool.master.report.collect import CollectError, collect as collect_run
 
     if importlib.util.find_spec("pyarrow") is None:
         with pytest.raises(CollectError, match="needs pyarrow"):
@@ -229,7 +229,7 @@ def test_a_sweep_gives_a_task_its_kwargs_and_a_script_its_flags(spool: Spool, ag
 
 def test_a_run_spec_or_job_with_bad_sweep_or_command_fields_is_refused_on_read(spool: Spool) -> None:
     from gpupool.jobs.errors import BadFile
-    from gpupool.master.runspec import RunSpec, build, save_or_check
+    from gpupool.master.spec.runspec import RunSpec, build, save_or_check
 
     spec = save_or_check(spool, build(cmd="echo {x}", sweep='{"x": [1, 2]}', run="s", workdir=str(spool.base)), False)
     assert RunSpec.load(spool.run_spec("s")) == spec

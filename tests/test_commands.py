@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from gpupool.jobs.paths import Spool
-from gpupool.master.pool_cli import EXAMPLES, parser
+from gpupool.master.cli.pool_cli import EXAMPLES, parser
 from tests.helpers import REPO, base_env, results, run_main, wait_for
 
 
@@ -369,7 +369,7 @@ def test_a_number_out_of_range_is_named_in_one_line(args: list[str], message: st
 
 
 def test_chunk_rate_needs_enough_finishes_and_slows_when_they_stop() -> None:
-    from gpupool.master.status import chunk_rate
+    from gpupool.master.report.status import chunk_rate
 
     assert chunk_rate([100.0, 100.01], now=100.02) is None  # two quick ones: unknown, not 199 chunks/s
     assert chunk_rate([100.0, 100.01, 100.02, 100.03], now=100.04) == pytest.approx(100.0)
@@ -382,8 +382,8 @@ def test_status_counts_what_agents_run_and_not_a_finished_current_job(spool: Spo
     from gpupool.jobs.heartbeat import write_status
     from gpupool.jobs.mailbox import Mailbox
     from gpupool.jobs.results import commit, record
-    from gpupool.master.runspec import RunSpec, save_or_check
-    from gpupool.master.status import StatusReader
+    from gpupool.master.spec.runspec import RunSpec, save_or_check
+    from gpupool.master.report.status import StatusReader
 
     save_or_check(spool, RunSpec("r", JobKind.CALLABLE, "examples.noop:noop", 4), fresh=False)
     jobs = [Job(run="r", chunk_id=c, total_chunks=4, kind=JobKind.CALLABLE, target="x:y") for c in range(4)]

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from gpupool.jobs.paths import Spool
-from gpupool.master.gpuhistory import GpuHistory, sparkline
+from gpupool.master.report.gpuhistory import GpuHistory, sparkline
 from tests.helpers import REPO, base_env, run_main, wait_for
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -161,7 +161,7 @@ def test_page_in_headless_chromium_shows_agents_and_run(spool: Spool, agents, en
 
 
 # the run page -----------------------------------------------------------------------------------
-RED, GREEN = (0xE5, 0x39, 0x35), (0x43, 0xA0, 0x47)  # master.timeline.COLORS: failed, ok
+RED, GREEN = (0xE5, 0x39, 0x35), (0x43, 0xA0, 0x47)  # master.report.timeline.COLORS: failed, ok
 
 
 def failing_run(spool: Spool, env, run: str, seconds: float = 0.0) -> None:

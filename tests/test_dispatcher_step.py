@@ -1,4 +1,4 @@
-"""Placement by the one dispatcher (master.dispatcher), one pass at a time against a tmp spool
+"""Placement by the one dispatcher (master.core.dispatcher), one pass at a time against a tmp spool
 with hand-written heartbeats and a fake clock: breadth first, depth from the measured round
 trip and chunk durations, a fair share of what is left, and moving queued jobs to idle agents."""
 from __future__ import annotations
@@ -7,9 +7,9 @@ import dataclasses
 
 from gpupool.jobs.heartbeat import write_status
 from gpupool.jobs.paths import Spool
-from gpupool.master.dispatcher import Dispatcher, FeedConfig, ResultNames
+from gpupool.master.core.dispatcher import Dispatcher, FeedConfig, ResultNames
 from gpupool.jobs.mailbox import Mailbox
-from gpupool.master.feeder import Feeder
+from gpupool.master.core.feeder import Feeder
 from tests.test_feeder_step import beat, make, queued
 
 
@@ -133,7 +133,7 @@ def test_jobs_behind_a_chunk_that_runs_long_are_moved(spool: Spool) -> None:
 
 
 def test_a_run_keeps_to_the_agents_it_may_use(spool: Spool) -> None:
-    class OnlyOne(Feeder):  # the placement hook (master.placement gives the real one)
+    class OnlyOne(Feeder):  # the placement hook (master.core.placement gives the real one)
         def eligible(self, view) -> bool:
             return view.id == "h-cpu1"
 
@@ -145,7 +145,7 @@ def test_a_run_keeps_to_the_agents_it_may_use(spool: Spool) -> None:
 
 
 def test_one_backoff_rule() -> None:
-    from gpupool.master.dispatcher import backoff
+    from gpupool.master.core.dispatcher import backoff
     cfg = FeedConfig(retry_delay=1.0, retry_cap=5.0)
     assert [backoff(a, cfg) for a in (1, 2, 3, 4)] == [1.0, 2.0, 4.0, 5.0]
     from gpupool.master.executor import _Calls
@@ -157,7 +157,7 @@ def test_a_mailbox_lock_held_by_another_process_costs_that_agent_its_refills_not
     """A process frozen holding one agent's mailbox lock (or a slow client): a pass waits for it
     once, briefly; after that it is tried without waiting, once per LOCK_RETRY_S, while the
     other agents get the run's work."""
-    from gpupool.master.dispatcher import LOCK_RETRY_S, LOCK_WAIT_S
+    from gpupool.master.core.dispatcher import LOCK_RETRY_S, LOCK_WAIT_S
     from tests.helpers import frozen_holder
     from tests.test_feeder_step import finish
 
@@ -269,7 +269,7 @@ def test_a_run_only_older_agents_could_take_fails_at_once_naming_them(spool: Spo
     import pytest
 
     from gpupool.jobs import descriptor
-    from gpupool.master.placement import Unplaceable
+    from gpupool.master.core.placement import Unplaceable
     monkeypatch.setattr(descriptor, "MUST_UNDERSTAND", {"share": descriptor.SCHEMA + 1})
     monkeypatch.setattr(descriptor, "SCHEMA", descriptor.SCHEMA + 1)
     agents(spool, 1)  # an agent of the version before: its heartbeat has no job_schema
@@ -289,6 +289,6 @@ def test_jobs_a_current_agent_reads_keep_schema_1(spool: Spool) -> None:
 
 
 def test_the_backoff_starts_from_the_base_for_each_master() -> None:
-    from gpupool.master.dispatcher import backoff
+    from gpupool.master.core.dispatcher import backoff
     cfg = FeedConfig(retry_delay=1.0, retry_cap=60.0)
     assert [backoff(a, cfg, before=2) for a in (3, 4, 5)] == [1.0, 2.0, 4.0]  # attempts 1-2 were an earlier run's

@@ -11,7 +11,7 @@ import pytest
 
 from gpupool.jobs.mailbox import Mailbox
 from gpupool.jobs.paths import Spool
-from gpupool.master.feeder import alike
+from gpupool.master.core.feeder import alike
 from tests.faulty import tally
 from tests.helpers import REPO, results, run_main
 

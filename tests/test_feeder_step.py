@@ -10,8 +10,8 @@ from gpupool.jobs.heartbeat import write_status
 from gpupool.jobs.mailbox import Mailbox
 from gpupool.jobs.paths import Spool
 from gpupool.jobs.results import commit, record
-from gpupool.master.feeder import FeedConfig, Feeder
-from gpupool.master.runspec import RunSpec
+from gpupool.master.core.feeder import FeedConfig, Feeder
+from gpupool.master.spec.runspec import RunSpec
 
 
 class Clock:

@@ -116,7 +116,7 @@ def _table_with_base_on_sshfs(tmp_path: Path) -> tuple[Path, str]:
 def test_agent_and_master_refuse_such_a_base(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys,
                                             in_process_cli) -> None:
     from gpupool.agent.__main__ import main as agent_main
-    from gpupool.master.run_cli import main as master_main
+    from gpupool.master.cli.run_cli import main as master_main
 
     base, table = _table_with_base_on_sshfs(tmp_path)
     monkeypatch.setattr(fsinfo, "MOUNTINFO", table)
@@ -136,7 +136,7 @@ def test_agent_and_master_refuse_such_a_base(tmp_path: Path, monkeypatch: pytest
 def test_the_override_lets_them_through_with_a_warning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                        capsys, in_process_cli) -> None:
     from gpupool.agent.__main__ import main as agent_main
-    from gpupool.master.run_cli import main as master_main
+    from gpupool.master.cli.run_cli import main as master_main
 
     base, table = _table_with_base_on_sshfs(tmp_path)
     monkeypatch.setattr(fsinfo, "MOUNTINFO", table)

@@ -160,14 +160,14 @@ def hostile(draw: st.DrawFn, kind: str) -> tuple[str, Any]:
 # readers, in process ----------------------------------------------------------------------------
 def exercise(spool: Spool) -> None:
     """Run every reader of the spool over it; each must accept or refuse, never crash."""
-    from gpupool.master.collect import CollectError, committed
-    from gpupool.master.control import chunk_statuses, failed_chunks
-    from gpupool.master.dashboard import tables
-    from gpupool.master.feeder import Feeder
-    from gpupool.master.liveness import Liveness
-    from gpupool.master.logs import chunk_report, format_chunk
-    from gpupool.master.runspec import RunSpec
-    from gpupool.master.status import StatusReader, render
+    from gpupool.master.report.collect import CollectError, committed
+    from gpupool.master.core.control import chunk_statuses, failed_chunks
+    from gpupool.master.report.dashboard import tables
+    from gpupool.master.core.feeder import Feeder
+    from gpupool.master.core.liveness import Liveness
+    from gpupool.master.report.logs import chunk_report, format_chunk
+    from gpupool.master.spec.runspec import RunSpec
+    from gpupool.master.report.status import StatusReader, render
 
     data = StatusReader(spool, 20.0).gather()
     json.dumps(data, allow_nan=False)  # the dashboard's browser parses this

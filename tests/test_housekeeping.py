@@ -20,7 +20,7 @@ from gpupool.jobs.descriptor import JobKind
 from gpupool.jobs.owners import claim_run
 from gpupool.jobs.paths import Spool
 from gpupool.master.executor import Executor
-from gpupool.master.runspec import RunSpec, save_or_check
+from gpupool.master.spec.runspec import RunSpec, save_or_check
 from tests.helpers import REPO, run_main
 
 TASK = "def square(chunk_id):\n    return {'y': chunk_id * chunk_id}\n"

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from gpupool.jobs.paths import Spool
-from gpupool.master.runspec import UsageError, parse_env
+from gpupool.master.spec.runspec import UsageError, parse_env
 from tests.helpers import results, run_main
 
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from gpupool.jobs.paths import Spool
-from gpupool.master.octorun import DEFAULT_CONFIG, load_config
-from gpupool.master.runspec import UsageError, build
+from gpupool.master.cli.octorun import DEFAULT_CONFIG, load_config
+from gpupool.master.spec.runspec import UsageError, build
 from tests.helpers import REPO, base_env, results, run_main, wait_for
 
 SCRIPT = str(REPO / "examples" / "octorun_script.py")

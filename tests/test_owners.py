@@ -22,8 +22,8 @@ from gpupool.jobs.descriptor import JobKind
 from gpupool.jobs.heartbeat import read_status, write_status
 from gpupool.jobs.owners import NotOwner, Owner, agent_owner, check_run, claim_run, me, run_owner, user_name
 from gpupool.jobs.paths import Spool
-from gpupool.master import pool_cli
-from gpupool.master.runspec import RunSpec, save_or_check
+from gpupool.master.cli import pool_cli
+from gpupool.master.spec.runspec import RunSpec, save_or_check
 from tests.helpers import REPO, AgentProc, base_env, run_main
 
 OTHER = 4242  # the uid faked in-process (os.geteuid patched)

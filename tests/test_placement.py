@@ -1,4 +1,4 @@
-"""Placement the user asks for (master.placement): --target HOST::GPU, --hosts, --exclude-hosts,
+"""Placement the user asks for (master.core.placement): --target HOST::GPU, --hosts, --exclude-hosts,
 --min-free-gb, judged against heartbeats, and a run no live agent may take failing at once."""
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import sys
 import pytest
 
 from gpupool.jobs.heartbeat import Heartbeat
-from gpupool.master.placement import Placement
-from gpupool.master.runspec import UsageError
+from gpupool.master.core.placement import Placement
+from gpupool.master.spec.runspec import UsageError
 from tests.helpers import REPO, results, run_main
 
 GPU_AGENT = Heartbeat("node1-gpu2", 1, "idle", host="node1", hostname="node1.lab", gpu_id=2, device="cuda:0",

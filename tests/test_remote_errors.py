@@ -256,10 +256,10 @@ ODD_ERRORS = [
 def test_summary_status_and_logs_cope_with_odd_error_records(spool: Spool, env) -> None:
     from gpupool.jobs.descriptor import JobKind
     from gpupool.jobs.results import read_result
-    from gpupool.master.dispatcher import summarize
-    from gpupool.master.feeder import Summary
-    from gpupool.master.progress import Progress, format_summary
-    from gpupool.master.runspec import RunSpec
+    from gpupool.master.core.dispatcher import summarize
+    from gpupool.master.core.feeder import Summary
+    from gpupool.master.report.progress import Progress, format_summary
+    from gpupool.master.spec.runspec import RunSpec
 
     run = "odd"
     spool.run_dir(run).mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,5 @@
 """One answer to "what state is this chunk in" and "what state is this run in" (issue 24,
-``master.states``): the two functions on their own, then real runs read by ``status``, ``status
+``master.core.states``): the two functions on their own, then real runs read by ``status``, ``status
 --json`` and ``runs``: a run stopped early by --max-failures and a run whose master was killed or
 interrupted mid-run read so, with no ETA."""
 from __future__ import annotations
@@ -17,9 +17,9 @@ import pytest
 from gpupool.jobs.descriptor import JobState
 from gpupool.jobs.paths import Spool
 from gpupool.jobs.results import Seal, read_seal, seal, sealed, unseal
-from gpupool.master.dashboard import tables
-from gpupool.master.states import Marks, RunState, chunk_state, count_states, run_state
-from gpupool.master.status import StatusReader
+from gpupool.master.report.dashboard import tables
+from gpupool.master.core.states import Marks, RunState, chunk_state, count_states, run_state
+from gpupool.master.report.status import StatusReader
 from tests.helpers import REPO, results, run_main, wait_for
 
 

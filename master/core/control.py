@@ -31,10 +31,10 @@ from gpupool.jobs.owners import agent_owner, check_run, refuse, run_owner
 from gpupool.jobs.paths import Spool
 from gpupool.jobs.results import scan_run
 from gpupool.master.api import Run
-from gpupool.master.liveness import Liveness
-from gpupool.master.options import problem
-from gpupool.master.runspec import RunSpec, load_run
-from gpupool.master.states import AtAgents, final_states, holdings, master_feeds, state_of_run
+from gpupool.master.core.liveness import Liveness
+from gpupool.master.spec.options import problem
+from gpupool.master.spec.runspec import RunSpec, load_run
+from gpupool.master.core.states import AtAgents, final_states, holdings, master_feeds, state_of_run
 
 
 class ControlError(SpoolError):
@@ -57,7 +57,7 @@ def wait_until(cond: Callable[[], Any], timeout: float, poll: float = 0.1) -> An
 
 # retry ----------------------------------------------------------------------------------------
 def chunk_statuses(spool: Spool, spec: RunSpec) -> dict[int, JobState]:
-    """chunk -> JobState.OK or JobState.FAILED (``master.states.chunk_state``), for the run's
+    """chunk -> JobState.OK or JobState.FAILED (``master.core.states.chunk_state``), for the run's
     chunks with a readable committed result."""
     return final_states(spool, spec.name, spec.chunks)
 
@@ -129,7 +129,7 @@ def _running(spool: Spool, run: str) -> list[tuple[str, int]]:
 @dataclass
 class RunInfo:
     run: str
-    state: str  # a master.states.RunState's value (feeding, waiting, done, ...), or unreadable
+    state: str  # a master.core.states.RunState's value (feeding, waiting, done, ...), or unreadable
     chunks: int | None
     ok: int
     failed: int

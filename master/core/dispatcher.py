@@ -68,8 +68,8 @@ from gpupool.jobs.paths import HISTORY_RE, RESULT_RE, Spool
 from gpupool.jobs.results import StaleResult, commit, has_outcome, read_result, record, supersede
 from gpupool.jobs.words import plural
 from gpupool.jobs.watching import watch_folder
-from gpupool.master.liveness import AgentView, Liveness
-from gpupool.master.states import in_hand
+from gpupool.master.core.liveness import AgentView, Liveness
+from gpupool.master.core.states import in_hand
 
 Event = Callable[[str, dict[str, Any]], None]
 SLOW_RTT_S = 0.5  # a round trip this long (agents report their mailbox lag) makes the first queue deep
@@ -486,7 +486,7 @@ class Dispatcher:
             self.on_event("handback", {"agent": ident, "chunks": sorted(back), "why": why})
 
     def _restarted(self) -> None:
-        """Agents whose process was replaced under the same id (see ``master.liveness``): the one
+        """Agents whose process was replaced under the same id (see ``master.core.liveness``): the one
         that is gone died, unless it stopped, so what it was running is a loss as for a dead agent.
         The new process names the open jobs its predecessor may have died under (``died_under``)
         and leaves them alone for a while (see ``agent.Agent``); this run's leave its mailbox here
@@ -769,7 +769,7 @@ class Dispatcher:
 def busy_chunks(view: AgentView | Heartbeat, run: str) -> set[int]:
     """This run's chunks the agent's heartbeat (a view's, or a heartbeat's own content) shows
     running or handed to its worker."""
-    return in_hand(view.status if isinstance(view, AgentView) else view, run)  # master.states: the heartbeat alone
+    return in_hand(view.status if isinstance(view, AgentView) else view, run)  # master.core.states: the heartbeat alone
 
 
 def read_or_empty(path: Path) -> bytes:

@@ -5,9 +5,9 @@ rendered on the server, so the page shows the status even without JavaScript, an
 lines of script re-fetch ``/api/status`` (the same JSON as ``status --json``) every
 ``refresh`` seconds and redraw them. Bound to 127.0.0.1 unless told otherwise.
 
-``/run/<run>`` is one run's page (timeline and chunk table, ``master.runpage``), linked from the
+``/run/<run>`` is one run's page (timeline and chunk table, ``master.report.runpage``), linked from the
 runs table; ``/run/<run>/chunk/<id>`` one chunk's report. The agents' GPU utilisation and memory
-over the last hour are sampled from their heartbeats by this process (``master.gpuhistory``) and
+over the last hour are sampled from their heartbeats by this process (``master.report.gpuhistory``) and
 drawn as sparklines under the agents table.
 
 | URL | what |
@@ -31,11 +31,11 @@ from gpupool.jobs.logsetup import logger
 
 from gpupool.jobs.names import printable
 from gpupool.jobs.paths import Spool
-from gpupool.master import runpage
-from gpupool.master.gpuhistory import SAMPLE_S, GpuHistory, Sampler, sparkline
-from gpupool.master.states import RunState
-from gpupool.master.status import StatusReader, duration, eta_cell
-from gpupool.master.timeline import AttemptReader
+from gpupool.master.report import runpage
+from gpupool.master.report.gpuhistory import SAMPLE_S, GpuHistory, Sampler, sparkline
+from gpupool.master.core.states import RunState
+from gpupool.master.report.status import StatusReader, duration, eta_cell
+from gpupool.master.report.timeline import AttemptReader
 
 STYLE = """body{font:14px system-ui,sans-serif;margin:1.5em;color:#222;background:#fafafa}
 h1{font-size:20px;margin:0 0 .2em}h2{font-size:16px;margin:1.4em 0 .4em}.sub{color:#666}
@@ -90,7 +90,7 @@ def _agent_row(a: dict[str, Any]) -> str:
 
 def _run_row(r: dict[str, Any], p: dict[str, Any]) -> str:
     pct = 100.0 * (r["ok"] + r["failed"]) / r["chunks"] if r["chunks"] else 0.0
-    state = RunState(r["state"])  # master.states: a run nothing feeds says why, and has no ETA
+    state = RunState(r["state"])  # master.core.states: a run nothing feeds says why, and has no ETA
     said = "" if state.fed or state is RunState.DONE else f" {html.escape(state.label)}"
     bar = f'<td class="l"><span class="bar"><i style="width:{pct:.0f}%"></i></span> {pct:.0f}%{said}</td>'
     eta = eta_cell(r, p)

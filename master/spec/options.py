@@ -1,6 +1,6 @@
 """A run's options, each declared once: its name, type, default, help, range check and scope.
 
-``main.py``'s command line (``master.run_cli.parse``), the keywords ``Pool.submit`` and
+``main.py``'s command line (``master.cli.run_cli.parse``), the keywords ``Pool.submit`` and
 ``runspec.build`` take, the checks of their ranges, which ``RunSpec`` fields ``run.json`` holds
 only where set, and what ``Feeder._job`` copies from the spec into each ``Job`` are read from
 ``OPTIONS``. Adding an option: one entry here, plus the code where it acts.
@@ -164,7 +164,7 @@ OPTIONS: tuple[Option, ...] = (
            "the current one)", S, cli=False, job="workdir"),
 )
 BY_NAME = {o.name: o for o in OPTIONS}
-PLACEMENT = ("targets", "hosts", "exclude_hosts", "min_free_gb", "gpus_per_job", "gpu_mem")  # master.placement
+PLACEMENT = ("targets", "hosts", "exclude_hosts", "min_free_gb", "gpus_per_job", "gpu_mem")  # master.core.placement
 SPARSE = tuple(o.name for o in OPTIONS if o.sparse)
 JOB_FIELDS = {o.name: o.job for o in OPTIONS if o.job}  # RunSpec field -> Job field
 

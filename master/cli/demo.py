@@ -15,7 +15,7 @@ from gpupool.jobs.npzio import load_npz
 from gpupool.jobs.paths import Spool
 from gpupool.jobs.words import plural
 from gpupool.master.api import Pool
-from gpupool.master.progress import format_summary
+from gpupool.master.report.progress import format_summary
 
 CHUNKS = 32
 

@@ -3,7 +3,7 @@ a Gantt chart (one row per agent, one bar per attempt) in inline SVG, rendered o
 
 The attempts come from the run's result files (``jobs.results.scan_run`` lists them; a failed
 attempt's history ``<chunk>.a<N>.json``, a chunk's final ``<chunk>.json``); the chunks running
-now come from ``master.status.chunk_rows`` (what the agents' heartbeats name). Every bar is on one
+now come from ``master.report.status.chunk_rows`` (what the agents' heartbeats name). Every bar is on one
 clock, the file server's, whatever the agents' clocks say: an attempt ends at its result file's
 mtime and starts its ``duration_s`` (measured by its agent) before that; a running chunk ends at
 now, by the file server's clock (``jobs.atomic.server_now``), and started its agent-measured
@@ -25,7 +25,7 @@ from gpupool.jobs.names import printable
 from gpupool.jobs.outcomes import failure_of
 from gpupool.jobs.paths import Spool
 from gpupool.jobs.results import result_or_none, scan_run
-from gpupool.master.status import duration
+from gpupool.master.report.status import duration
 
 COLORS = {JobState.OK: "#43a047", JobState.FAILED: "#e53935", JobState.RUNNING: "#1e88e5"}
 TRACEBACK_LIMIT = 20_000  # characters of a traceback kept for display

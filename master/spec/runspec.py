@@ -1,5 +1,5 @@
 """A run: what to execute on how many chunks. Validated here, once, before anything is queued
-(its options: ``master.options``; its user code: ``master.usercode``; its arrays: ``master.inputs``),
+(its options: ``master.spec.options``; its user code: ``master.spec.usercode``; its arrays: ``master.spec.inputs``),
 saved as ``runs/<run>/run.json`` and checked against what is saved when the run is submitted again."""
 from __future__ import annotations
 
@@ -20,10 +20,10 @@ from gpupool.jobs.jsonio import load_json, read_json
 from gpupool.jobs.names import MAX_CHUNKS, brief, check_name, slug
 from gpupool.jobs.paths import Spool
 from gpupool.master.errors import UsageError
-from gpupool.master.inputs import array_kwargs, check_data_dir, check_npz, chunk_data
-from gpupool.master.options import BY_NAME, PLACEMENT, SPARSE, first_problem, problem, spec_values
-from gpupool.master.placement import Placement
-from gpupool.master.usercode import check_script, check_setup, check_task
+from gpupool.master.spec.inputs import array_kwargs, check_data_dir, check_npz, chunk_data
+from gpupool.master.spec.options import BY_NAME, PLACEMENT, SPARSE, first_problem, problem, spec_values
+from gpupool.master.core.placement import Placement
+from gpupool.master.spec.usercode import check_script, check_setup, check_task
 
 SPEC_SCHEMA = 1
 SPEC_LIMIT = 1024 * 1024
@@ -42,7 +42,7 @@ class RunSpec:
     timeout: float | None = None
     workdir: str | None = None
     share: float = 1.0  # weight of the run when several runs share the pool (may change on resume)
-    params: list[dict[str, Any]] | None = None  # a sweep's parameter sets: chunk c runs params[c] (master.sweep)
+    params: list[dict[str, Any]] | None = None  # a sweep's parameter sets: chunk c runs params[c] (master.spec.sweep)
     commands: list[str] | None = None  # --commands: chunk c runs commands[c] (target: the file they came from)
     options: dict[str, Any] | None = None  # command jobs' prefix and checks (jobs.descriptor.OPTION_CHECKS)
     arrays_as_kwargs: bool = False  # --arrays-as-kwargs: each array of --data and --shared passed by its name
@@ -50,7 +50,7 @@ class RunSpec:
     env: dict[str, str] | None = None  # main.py --env: variables set for every job (may change on resume)
     setup: str | None = None  # main.py --setup: called once per worker of the run; its value is each chunk's state
     schema: int = SPEC_SCHEMA
-    # placement (master.placement), as given: kept on resume and retry unless given again (may change on resume)
+    # placement (master.core.placement), as given: kept on resume and retry unless given again (may change on resume)
     targets: list[str] | None = None  # --target HOST::GPU[,GPU], repeatable
     hosts: str | None = None  # --hosts H1,H2
     exclude_hosts: str | None = None  # --exclude-hosts H1,H2
@@ -166,7 +166,7 @@ class RunSpec:
 
     @property
     def placement(self) -> Placement:
-        """Which agents may take the run's jobs (``master.placement``)."""
+        """Which agents may take the run's jobs (``master.core.placement``)."""
         return Placement.parse(**self.placement_options())
 
     def placement_options(self) -> dict[str, Any]:
@@ -238,9 +238,9 @@ def kwargs_size_error(kwargs: dict[str, Any], what: str = "--kwargs",
 
 
 def build(**values: Any) -> RunSpec:
-    """Check every option (``master.options``: task, script, cmd or commands, chunks, kwargs, sweep,
+    """Check every option (``master.spec.options``: task, script, cmd or commands, chunks, kwargs, sweep,
     ...) and return the RunSpec; raises UsageError naming the bad one, TypeError for a keyword that
-    is no run option. ``sweep``: a sweep file's path or inline JSON (``master.sweep``), or its parameter sets."""
+    is no run option. ``sweep``: a sweep file's path or inline JSON (``master.spec.sweep``), or its parameter sets."""
     a = spec_values(values, "build()")
     task, script, cmd, commands, chunks, kwargs, sweep, shared, data, run, workdir, setup, env = (
         a[k] for k in ("task", "script", "cmd", "commands", "chunks", "kwargs", "sweep", "shared", "data", "run",
@@ -254,7 +254,7 @@ def build(**values: Any) -> RunSpec:
     kwargs = dict(kwargs or {})
     params, lines = None, None
     if sweep is not None or commands is not None or cmd is not None:
-        from gpupool.master.cmdspec import check_chunks, read_commands
+        from gpupool.master.spec.cmdspec import check_chunks, read_commands
 
         if sweep is not None:
             params = _sweep(sweep, workdir, kwargs, data)
@@ -287,7 +287,7 @@ def build(**values: Any) -> RunSpec:
             raise UsageError(f"{', '.join(used)}: only for command jobs (--cmd or --commands), not {given[0]}")
         options = None
         if script is not None and success_codes is not None:
-            from gpupool.master.cmdspec import options as checked_options
+            from gpupool.master.spec.cmdspec import options as checked_options
 
             options = checked_options(prefix=None, success_codes=success_codes, fail_on_output=None, result_file=None,
                                       known=set(), partial=set())
@@ -327,7 +327,7 @@ def build(**values: Any) -> RunSpec:
 def _sweep(sweep: str | dict[str, Any] | list[dict[str, Any]], workdir: str, kwargs: dict[str, Any],
            data: str | None) -> list[dict[str, Any]]:
     """The parameter sets of ``--sweep``, checked against ``--kwargs`` and ``--data``."""
-    from gpupool.master.sweep import SweepError, load, parse
+    from gpupool.master.spec.sweep import SweepError, load, parse
 
     try:
         params = load(sweep, workdir) if isinstance(sweep, str) else parse(sweep, "sweep")
@@ -345,8 +345,8 @@ def _command(cmd: str | None, source: str | None, lines: list[str] | None, kwarg
              params: list[dict[str, Any]] | None, opts: dict[str, Any]) -> tuple[str, dict[str, Any] | None]:
     """(target, options) of a command run, every template's placeholders checked."""
     from gpupool.jobs.template import BUILTIN_PLACEHOLDERS
-    from gpupool.master.cmdspec import check_template, options
-    from gpupool.master.sweep import common_names
+    from gpupool.master.spec.cmdspec import check_template, options
+    from gpupool.master.spec.sweep import common_names
 
     every, some = common_names(params) if params else (set(), set())
     known = set(BUILTIN_PLACEHOLDERS) | set(kwargs) | every
@@ -383,7 +383,7 @@ def save_or_check(spool: Spool, spec: RunSpec, fresh: bool, may_change: tuple[st
                   notes: list[str] | None = None) -> RunSpec:
     """Write the run spec, or check that an existing run of this name is the same run; returns
     the spec the run goes on with: a sweep submitted again keeps the run's parameter sets and
-    adds its new ones (``master.sweep.merge``), and its placement where none is given again
+    adds its new ones (``master.spec.sweep.merge``), and its placement where none is given again
     (``notes`` gets a line saying what changed where another is). Fields of its identity named in
     ``may_change`` may differ (an OctoRun config's kwargs: OctoRun keys completion on chunk ids alone)."""
     path = spool.run_spec(spec.name)
@@ -426,7 +426,7 @@ def _differs(fields: list[str]) -> str:
 
 def _grown(old: RunSpec, new: RunSpec) -> RunSpec:
     """``new`` with ``old``'s parameter sets first (their chunk ids stay), then its own new ones."""
-    from gpupool.master.sweep import PARAMS_LIMIT, merge
+    from gpupool.master.spec.sweep import PARAMS_LIMIT, merge
 
     params = merge(old.params or [], new.params or [])
     if len(params) > len(old.params or []) and len(json.dumps(params)) > PARAMS_LIMIT:

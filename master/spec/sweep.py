@@ -27,7 +27,7 @@ from gpupool.jobs.errors import BadFile
 from gpupool.jobs.jsonio import load_json
 from gpupool.jobs.names import MAX_CHUNKS, brief
 from gpupool.jobs.template import BUILTIN_PLACEHOLDERS
-from gpupool.master.inputs import read_input
+from gpupool.master.spec.inputs import read_input
 
 SWEEP_FILE_LIMIT = 4 * 1024 * 1024  # bytes of a sweep file
 PARAMS_LIMIT = 512 * 1024  # bytes of JSON of all the parameter sets (they live in run.json, read at every resume)

@@ -24,7 +24,7 @@ OctoRun's fields (``octorun save_config`` writes them) and what becomes of them 
 
 The same command on several machines sharing the folder (OctoRun's multi-node pattern): each
 starts its own agents; the first to take the run feeds it to all of them, the others follow it
-(``master.follow``) and end with it. Ctrl-C stops the agents the command started at once, with
+(``master.core.follow``) and end with it. Ctrl-C stops the agents the command started at once, with
 their running chunks (they stay queued: the same command resumes). See docs/octorun.md.
 """
 from __future__ import annotations
@@ -39,8 +39,8 @@ from typing import Any
 from gpupool.jobs.descriptor import OPTION_CHECKS, JobKind, kwargs_problem
 from gpupool.jobs.invoked import prefix
 from gpupool.jobs.paths import Spool
-from gpupool.master.inputs import read_text
-from gpupool.master.runspec import UsageError, default_name, parse_env
+from gpupool.master.spec.inputs import read_text
+from gpupool.master.spec.runspec import UsageError, default_name, parse_env
 
 # What ``octorun save_config`` writes (OctoRun's default_config.json), with ``script_path`` set.
 DEFAULT_CONFIG: dict[str, Any] = {
@@ -205,15 +205,15 @@ def start_agents(spool: Spool, gpus: str | list[int], timeout: float = 120.0) ->
 
 # the run ----------------------------------------------------------------------------------------
 def main(args: Any) -> int:
-    """``main.py --octorun-config``: ``args`` are main.py's parsed options (``master.run_cli.guarded``
+    """``main.py --octorun-config``: ``args`` are main.py's parsed options (``master.cli.run_cli.guarded``
     turns the errors a user can act on into one line)."""
-    from gpupool.master.runspec import parse_kwargs
+    from gpupool.master.spec.runspec import parse_kwargs
 
     if args.task or args.script or args.chunks:
         raise UsageError("--octorun-config replaces --task/--script/--chunks (the config's script_path and "
                          "total_chunks say them); drop those options")
-    from gpupool.master.run_cli import option_problem
-    from gpupool.master.runspec import build
+    from gpupool.master.cli.run_cli import option_problem
+    from gpupool.master.spec.runspec import build
 
     # Everything is checked before any folder is made or agent started: a refused config leaves
     # the folder as it was (no <log_dir>/gpupool skeleton).
@@ -236,9 +236,9 @@ def main(args: Any) -> int:
 
 def _feed(args: Any, cfg: OctoConfig, env: dict[str, str]) -> int:
     from gpupool.master.api import Pool
-    from gpupool.master.feeder import FeedConfig
-    from gpupool.master.progress import format_summary
-    from gpupool.master.run_cli import show_progress
+    from gpupool.master.core.feeder import FeedConfig
+    from gpupool.master.report.progress import format_summary
+    from gpupool.master.cli.run_cli import show_progress
 
     # --base: the agents serving that spool (a path that is no spool yet is refused, as main.py does,
     # unless --new-spool); else the config's own spool, made here

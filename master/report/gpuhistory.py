@@ -2,7 +2,7 @@
 
 Agents report their GPU's figures in every heartbeat (``gpu``: util, mem_used, mem_total; see
 ``agent.gpu`` and ``Agent._heartbeat``) but keep no history. The dashboard process samples
-the heartbeats every ``every`` seconds (a ``Sampler`` thread, through ``master.liveness``) into a
+the heartbeats every ``every`` seconds (a ``Sampler`` thread, through ``master.core.liveness``) into a
 small ring per agent: at most ``window / every`` points, none older than ``window``, and at
 most ``max_agents`` rings (the agent heard from least recently goes first). A dead agent's
 heartbeat adds nothing: its line stops where it died. The history lives only in the dashboard
@@ -20,8 +20,8 @@ from gpupool.jobs.logsetup import logger
 
 from gpupool.jobs.jsonio import is_num
 from gpupool.jobs.paths import Spool
-from gpupool.master.liveness import Liveness
-from gpupool.master.placement import combined, gpus_of
+from gpupool.master.core.liveness import Liveness
+from gpupool.master.core.placement import combined, gpus_of
 
 WINDOW_S = 3600.0
 SAMPLE_S = 10.0

@@ -12,8 +12,8 @@ from gpupool.jobs.invoked import respell, spell
 from gpupool.jobs.names import printable
 from gpupool.jobs.paths import Spool
 from gpupool.jobs.words import plural
-from gpupool.master.feeder import Summary
-from gpupool.master.runspec import RunSpec
+from gpupool.master.core.feeder import Summary
+from gpupool.master.spec.runspec import RunSpec
 
 
 class Progress:
@@ -53,7 +53,7 @@ class Progress:
                       f"some (--wait-agents S to give up). Start them with:  {spell('agents')} N {base}")
 
     def advance(self, done: int) -> None:
-        """The bar at ``done`` chunks (a run another master feeds: see ``master.follow``)."""
+        """The bar at ``done`` chunks (a run another master feeds: see ``master.core.follow``)."""
         if self.bar is not None and done > self.bar.n:
             self.bar.update(done - self.bar.n)
 

@@ -7,7 +7,7 @@ import sys
 from typing import Callable
 
 from gpupool.jobs.invoked import prefix, prog, respell, respell_parser
-from gpupool.master.options import OPTIONS, Scope, add_arguments, command_values, first_problem
+from gpupool.master.spec.options import OPTIONS, Scope, add_arguments, command_values, first_problem
 
 EPILOG = """examples:
   python main.py                                   # self-contained demo (starts its own agents)
@@ -26,7 +26,7 @@ Re-running the same command resumes the run: chunks with an ok result are not ru
 def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=prog("run"), description="Feed chunk jobs to the pool's agents and "
                                 "collect their results.", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)  # every run option, declared once in master.options
+    add_arguments(p)  # every run option, declared once in master.spec.options
     progress_args(p)
     p.add_argument("--octorun-config", metavar="CONFIG.json", help="run an OctoRun config.json on the pool "
                    "(script_path, total_chunks, kwargs, gpus, max_retries, log_dir, ...); see docs/octorun.md")
@@ -47,11 +47,11 @@ def main(argv: list[str] | None = None) -> int:
 
     command_logs("WARNING")
     if args.octorun_config:  # the drop-in for OctoRun users
-        from gpupool.master.octorun import main as run_octorun
+        from gpupool.master.cli.octorun import main as run_octorun
 
         return guarded(lambda: run_octorun(args))
     if not (args.task or args.script or args.cmd or args.commands or args.chunks or args.base):
-        from gpupool.master.demo import run_demo
+        from gpupool.master.cli.demo import run_demo
 
         return run_demo(args.demo_dir, progress=show_progress(args))
     args.base = args.base or os.environ.get("GPUPOOL_BASE") or None
@@ -60,9 +60,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def feed(args: argparse.Namespace) -> int:
     from gpupool.master.api import Pool
-    from gpupool.master.feeder import FeedConfig
-    from gpupool.master.progress import format_summary
-    from gpupool.master.runspec import parse_env, parse_kwargs
+    from gpupool.master.core.feeder import FeedConfig
+    from gpupool.master.report.progress import format_summary
+    from gpupool.master.spec.runspec import parse_env, parse_kwargs
 
     what = args.task or args.script or args.cmd or args.commands
     chunks = args.sweep or args.commands if args.chunks is None else args.chunks  # a sweep or a file says how many

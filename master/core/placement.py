@@ -22,7 +22,7 @@ from typing import Any
 from gpupool.jobs.heartbeat import Heartbeat
 from gpupool.jobs.jsonio import is_num
 from gpupool.master.errors import UsageError
-from gpupool.master.options import first_problem
+from gpupool.master.spec.options import first_problem
 
 
 class Unplaceable(UsageError):

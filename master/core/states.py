@@ -33,7 +33,7 @@ from gpupool.jobs.locks import FileLock
 from gpupool.jobs.mailbox import Mailbox
 from gpupool.jobs.paths import Spool
 from gpupool.jobs.results import Seal, final_status, has_outcome, read_seal, scan_run
-from gpupool.master.liveness import AgentView
+from gpupool.master.core.liveness import AgentView
 
 __all__ = ["JobState", "RunState", "chunk_state", "count_states", "final_states", "run_state", "Marks", "read_marks",
            "master_feeds", "in_hand", "running_job", "Holding", "holdings", "AtAgents", "state_of_run"]
@@ -115,7 +115,7 @@ def read_marks(spool: Spool, run: str) -> Marks:
 def master_feeds(spool: Spool, run: str) -> bool:
     """A master holds the run's lock (``runs/<run>/master.lock``): the run is being fed. A run
     without the file has never had a master: it is not made here (a new file in the run's folder
-    would read as activity, ``master.status``)."""
+    would read as activity, ``master.report.status``)."""
     if not os.path.lexists(spool.master_lock(run)):
         return False
     lock = FileLock(spool.master_lock(run))

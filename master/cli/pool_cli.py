@@ -18,7 +18,7 @@ from gpupool.jobs.invoked import prog as typed_as, respell, respell_parser
 from gpupool.jobs.names import printable
 from gpupool.jobs.paths import Spool
 from gpupool.jobs.words import plural
-from gpupool.master.run_cli import progress_args, show_progress
+from gpupool.master.cli.run_cli import progress_args, show_progress
 
 PROG = "python -m master"
 EXAMPLES = {
@@ -118,9 +118,9 @@ def _spool(args: argparse.Namespace) -> Spool:
 # status ---------------------------------------------------------------------------------------
 def cmd_status(args: argparse.Namespace) -> int:
 
-    from gpupool.master.control import ControlError
-    from gpupool.master.runspec import load_run
-    from gpupool.master.status import CHUNK_STATES, StatusReader, chunk_rows, render, render_chunks, shown_runs
+    from gpupool.master.core.control import ControlError
+    from gpupool.master.spec.runspec import load_run
+    from gpupool.master.report.status import CHUNK_STATES, StatusReader, chunk_rows, render, render_chunks, shown_runs
 
     spool = _spool(args)
     states = set(args.state.split(",")) if args.state else None
@@ -139,7 +139,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             text = json.dumps(rows, indent=1) if args.json else render_chunks(args.run, rows)
         else:
             data = reader.gather()
-            if not args.all:  # active and recent runs only (master.status.shown_runs)
+            if not args.all:  # active and recent runs only (master.report.status.shown_runs)
                 data = shown_runs(spool, data)
             text = json.dumps(data, indent=1) if args.json else render(data, color)
         if args.watch and tty:  # redraw in place: home, each line cleared, the rest erased
@@ -154,7 +154,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 # logs -----------------------------------------------------------------------------------------
 def cmd_logs(args: argparse.Namespace) -> int:
-    from gpupool.master import logs
+    from gpupool.master.report import logs
 
     spool = _spool(args)
     if args.chunk is not None:
@@ -195,7 +195,7 @@ def _tail_text(path: Path, lines: int) -> str:
 
 
 def _follow(args: argparse.Namespace, paths_of: Callable[[], list[Path]], match: Callable[[str], bool]) -> int:
-    from gpupool.master.logs import follow
+    from gpupool.master.report.logs import follow
 
     if args.follow:
         follow(paths_of, sys.stdout, match)
@@ -203,7 +203,7 @@ def _follow(args: argparse.Namespace, paths_of: Callable[[], list[Path]], match:
 
 
 def _chunk_logs(spool: Spool, args: argparse.Namespace) -> int:
-    from gpupool.master.logs import chunk_report, follow, format_chunk, real_log_dir
+    from gpupool.master.report.logs import chunk_report, follow, format_chunk, real_log_dir
 
     if not spool.run_spec(args.run).exists():
         return _die("logs", f"no run {args.run!r} in {spool.base} (runs: {', '.join(spool.run_names()) or '-'})")
@@ -218,7 +218,7 @@ def _chunk_logs(spool: Spool, args: argparse.Namespace) -> int:
 
 # collect --------------------------------------------------------------------------------------
 def cmd_collect(args: argparse.Namespace) -> int:
-    from gpupool.master.collect import collect
+    from gpupool.master.report.collect import collect
 
     got = collect(_spool(args), args.run, args.out, concat=args.concat, partial=args.partial)  # out None: ./RUN.npz|.csv
     what = f"arrays {', '.join(got.keys)}" if got.out.suffix == ".npz" else f"{len(got.keys)} value column(s)"
@@ -229,9 +229,9 @@ def cmd_collect(args: argparse.Namespace) -> int:
 
 # retry / cancel / drain -----------------------------------------------------------------------
 def cmd_retry(args: argparse.Namespace) -> int:
-    from gpupool.master.control import retry_run
-    from gpupool.master.feeder import FeedConfig
-    from gpupool.master.progress import format_summary
+    from gpupool.master.core.control import retry_run
+    from gpupool.master.core.feeder import FeedConfig
+    from gpupool.master.report.progress import format_summary
 
     spool = _spool(args)
     run, failed, missing = retry_run(spool, args.run, args.retries, args.force)
@@ -248,7 +248,7 @@ def cmd_retry(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    from gpupool.master.control import cancel_run
+    from gpupool.master.core.control import cancel_run
 
     spool = _spool(args)
     got = cancel_run(spool, args.run, args.stop_running, args.timeout, args.force)
@@ -265,7 +265,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 def cmd_runs(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from gpupool.master.control import list_runs
+    from gpupool.master.core.control import list_runs
 
     runs = list_runs(_spool(args))
     if args.json:
@@ -290,7 +290,7 @@ def _size(n: int) -> str:
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
-    from gpupool.master.control import ControlError, remove_run
+    from gpupool.master.core.control import ControlError, remove_run
 
     def confirm(results: int, size: int) -> bool:
         """A run's results are lost for good: asked on a terminal, --yes elsewhere."""
@@ -315,7 +315,7 @@ def cmd_rm(args: argparse.Namespace) -> int:
 
 
 def cmd_save_config(args: argparse.Namespace) -> int:
-    from gpupool.master.octorun import save_config
+    from gpupool.master.cli.octorun import save_config
 
     out = save_config(args.out, args.script, args.force)
     print(respell(f"wrote {out} (OctoRun's default config); run it with: python main.py --octorun-config {out}"))
@@ -376,7 +376,7 @@ def _agent_line(rep) -> str:
 
 
 def cmd_drain(args: argparse.Namespace) -> int:
-    from gpupool.master.control import drain, wait_idle
+    from gpupool.master.core.control import drain, wait_idle
 
     spool = _spool(args)
     rep = drain(spool, args.agent, args.timeout, args.dead_after, args.force)
@@ -399,7 +399,7 @@ def cmd_drain(args: argparse.Namespace) -> int:
 
 
 def cmd_undrain(args: argparse.Namespace) -> int:
-    from gpupool.master.control import undrain
+    from gpupool.master.core.control import undrain
 
     rep = undrain(_spool(args), args.agent, args.timeout, args.dead_after, args.force)
     if rep.state in ("dead", "stopped"):
@@ -413,7 +413,7 @@ def cmd_undrain(args: argparse.Namespace) -> int:
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
-    from gpupool.master.dashboard import serve
+    from gpupool.master.report.dashboard import serve
 
     serve(_spool(args), args.host, args.port, args.refresh, args.dead_after, args.sample)
     return 0

@@ -15,11 +15,11 @@ from typing import Any
 from gpupool.jobs.descriptor import JobState
 from gpupool.jobs.errors import BadFile
 from gpupool.jobs.results import result_or_none, scan_run
-from gpupool.master.dispatcher import summarize
-from gpupool.master.feeder import Summary
-from gpupool.master.progress import Progress
-from gpupool.master.runspec import RunSpec, UsageError
-from gpupool.master.states import RunState, count_states, read_marks, run_state
+from gpupool.master.core.dispatcher import summarize
+from gpupool.master.core.feeder import Summary
+from gpupool.master.report.progress import Progress
+from gpupool.master.spec.runspec import RunSpec, UsageError
+from gpupool.master.core.states import RunState, count_states, read_marks, run_state
 
 
 class Follower:
@@ -58,7 +58,7 @@ class Follower:
 
     def over(self) -> bool:
         """With the lock free: the run ended (every chunk final, cancelled, or stopped early by its
-        master: ``master.states``), not just its master."""
+        master: ``master.core.states``), not just its master."""
         return self._state() in (RunState.DONE, RunState.FAILED, RunState.CANCELLED, RunState.STOPPED_EARLY)
 
     def _state(self) -> RunState:

@@ -8,7 +8,7 @@
   ran it, as its agent's ``--gpu`` numbers it: the index among that host's visible GPUs; the
   first of an agent of several; a ``--cpu`` agent's rank), started_at, finished_at (ISO 8601
   with the time zone; ``*_epoch``: the Unix time),
-  duration_s, the chunk's sweep parameters (``master.sweep``; a name that is also one of these
+  duration_s, the chunk's sweep parameters (``master.spec.sweep``; a name that is also one of these
   columns becomes ``param.<name>``), and the value (a dict's keys become columns; other values a
   ``value`` column, JSON-encoded in CSV when not a plain scalar). A command job's ``--result-file``
   table (a list of row objects) gives one row per table row, each with its chunk's columns.
@@ -38,7 +38,7 @@ from gpupool.jobs.npzio import load_npz
 from gpupool.jobs.paths import Spool
 from gpupool.jobs.jsonio import is_time
 from gpupool.jobs.results import read_epoch, read_result, scan_run
-from gpupool.master.runspec import RunSpec, load_run
+from gpupool.master.spec.runspec import RunSpec, load_run
 
 META = ("run", "chunk_id", "status", "attempt", "agent", "host", "device", "gpu_id", "started_at", "finished_at",
         "duration_s")

@@ -26,10 +26,10 @@ from gpupool.jobs.names import printable
 from gpupool.jobs.paths import Spool
 from gpupool.jobs.words import plural
 from gpupool.jobs.results import final_status, result_or_none, scan_run
-from gpupool.master.liveness import Liveness
-from gpupool.master.placement import combined, gpu_count, gpu_ids, gpus_of
-from gpupool.master.runspec import RunSpec
-from gpupool.master.states import (AtAgents, RunState, chunk_state, holdings, master_feeds, read_marks,
+from gpupool.master.core.liveness import Liveness
+from gpupool.master.core.placement import combined, gpu_count, gpu_ids, gpus_of
+from gpupool.master.spec.runspec import RunSpec
+from gpupool.master.core.states import (AtAgents, RunState, chunk_state, holdings, master_feeds, read_marks,
                                    run_state)
 
 RATE_WINDOW_S = 120.0  # chunks/s is measured over the results finished in this last stretch
@@ -73,7 +73,7 @@ class StatusReader:
 
     def _agents(self) -> tuple[list[dict[str, Any]], AtAgents]:
         views = self.liveness.refresh()
-        held = holdings(self.spool, views)  # master.states: what each agent holds, read once
+        held = holdings(self.spool, views)  # master.core.states: what each agent holds, read once
         # how long a job has run: its agent's own measure plus its heartbeat's age, by the file server's clock
         hb_now = server_now(self.spool.agents_dir) if any(v.status.current for v in views.values()) else None
         agents = []
@@ -212,7 +212,7 @@ CHUNK_STATES = tuple(s.value for s in (JobState.OK, JobState.FAILED, JobState.RU
 def chunk_rows(spool: Spool, run: str, dead_after: float = 20.0, states: set[str] | None = None
                ) -> list[dict[str, Any]]:
     """One row per chunk of ``run`` (``status --run R``, like ``squeue``/``ts -l``): its state
-    (``master.states.chunk_state``), the agent it is at or ran on, its attempt, how long it has run
+    (``master.core.states.chunk_state``), the agent it is at or ran on, its attempt, how long it has run
     or took, its last error. Only the files a chunk's row needs are read (a failed attempt's
     history, a final result)."""
     spec = RunSpec.load(spool.run_spec(run))

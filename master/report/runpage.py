@@ -1,9 +1,9 @@
 """The dashboard's page of one run (``/run/<run>``) and of one chunk (``/run/<run>/chunk/<id>``).
 
-The run page shows the run's timeline (``master.timeline``: a bar per attempt, a row per agent)
-and its chunk table, the rows of ``python -m master status --run R`` (``master.status.chunk_rows``),
+The run page shows the run's timeline (``master.report.timeline``: a bar per attempt, a row per agent)
+and its chunk table, the rows of ``python -m master status --run R`` (``master.report.status.chunk_rows``),
 each failure's traceback a click away. The chunk page is ``python -m master logs --run R --chunk C``
-(``master.logs.chunk_report``). Run and chunk names come from the URL: they are checked by
+(``master.report.logs.chunk_report``). Run and chunk names come from the URL: they are checked by
 ``jobs.names`` and must name an existing run and one of its chunks, or the page is a 404 saying why.
 """
 from __future__ import annotations
@@ -19,12 +19,12 @@ from gpupool.jobs.descriptor import JobState
 from gpupool.jobs.errors import BadName
 from gpupool.jobs.names import check_chunk, check_name, printable
 from gpupool.jobs.paths import Spool
-from gpupool.master.liveness import Liveness
-from gpupool.master.logs import chunk_report, format_chunk
-from gpupool.master.runspec import RunSpec, UsageError, load_run
-from gpupool.master.states import RunState, state_of_run
-from gpupool.master.status import chunk_rows, duration
-from gpupool.master.timeline import AttemptReader, bars, gantt_svg
+from gpupool.master.core.liveness import Liveness
+from gpupool.master.report.logs import chunk_report, format_chunk
+from gpupool.master.spec.runspec import RunSpec, UsageError, load_run
+from gpupool.master.core.states import RunState, state_of_run
+from gpupool.master.report.status import chunk_rows, duration
+from gpupool.master.report.timeline import AttemptReader, bars, gantt_svg
 from gpupool.jobs.words import plural
 
 
@@ -55,9 +55,9 @@ def chunk_of(spec: RunSpec, quoted: str) -> int:
 def run_data(spool: Spool, reader: AttemptReader, run: str, spec: RunSpec, dead_after: float) -> dict[str, Any]:
     """What the run page shows, as plain data (``/api/run/<run>``)."""
     rows = chunk_rows(spool, run, dead_after)
-    now = server_now(spool.results_dir) or time.time()  # the clock of the result files' mtimes (master.timeline)
+    now = server_now(spool.results_dir) or time.time()  # the clock of the result files' mtimes (master.report.timeline)
     attempts = reader.attempts(run)
-    n = Counter(JobState(r["state"]) for r in rows)  # each row's state is master.states.chunk_state's
+    n = Counter(JobState(r["state"]) for r in rows)  # each row's state is master.core.states.chunk_state's
     shown = (JobState.OK, JobState.FAILED, JobState.RUNNING, JobState.QUEUED, JobState.PENDING)
     counts = {s.value: n[s] for s in shown} | ({JobState.CANCELLED.value: n[JobState.CANCELLED]}
                                                if n[JobState.CANCELLED] else {})
@@ -127,7 +127,7 @@ def fragment(d: dict[str, Any]) -> str:
     c = d["counts"]
     summary = " &middot; ".join(f"{c[s]} {s}" for s in c if c[s]) or "no chunks"
     if d.get("state") not in (None, RunState.FEEDING, RunState.DONE):
-        summary += f" &middot; run {RunState(d['state']).label}"  # master.states: why nothing more runs
+        summary += f" &middot; run {RunState(d['state']).label}"  # master.core.states: why nothing more runs
     legend = "".join(f'<i style="background:{col}"></i>{name}'
                      for name, col in (("ok", "#43a047"), ("failed", "#e53935"), ("running", "#1e88e5")))
     head = "".join(f'<th class="{"l" if n in ("state", "agent", "last error") else ""}">{n}</th>'

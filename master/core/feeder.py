@@ -1,4 +1,4 @@
-"""A run's master: its chunks fed to the pool by the one dispatcher (``master.dispatcher``).
+"""A run's master: its chunks fed to the pool by the one dispatcher (``master.core.dispatcher``).
 
 All state is rebuilt from the spool by ``recover()``: results and history files say
 what is done and how many attempts each chunk had, mailboxes say what is in flight.
@@ -24,11 +24,11 @@ from gpupool.jobs.outcomes import FailureKind, failure_of
 from gpupool.jobs.results import (RunScan, read_epoch, read_result, reopen_failed, result_or_none, scan_run, seal,
                           sealed, unseal)
 from gpupool.jobs.words import plural
-from gpupool.master.dispatcher import AttemptSummary, Dispatcher, Event, FeedConfig, read_or_empty, summarize
-from gpupool.master.liveness import AgentView
-from gpupool.master.options import JOB_FIELDS
-from gpupool.master.placement import Placement, Unplaceable, gpu_count, gpu_ids
-from gpupool.master.runspec import RunSpec
+from gpupool.master.core.dispatcher import AttemptSummary, Dispatcher, Event, FeedConfig, read_or_empty, summarize
+from gpupool.master.core.liveness import AgentView
+from gpupool.master.spec.options import JOB_FIELDS
+from gpupool.master.core.placement import Placement, Unplaceable, gpu_count, gpu_ids
+from gpupool.master.spec.runspec import RunSpec
 
 __all__ = ["AttemptSummary", "Feeder", "FeedConfig", "Summary"]
 
@@ -273,7 +273,7 @@ class Feeder(Dispatcher):
                    data=s.data_file(c), submitted_at=time.time(), alone=c in self.isolated, epoch=self.epoch,
                    params=s.chunk_params(c), options=s.options, gpus=self.placement.gpus_per_job,
                    gpu_mem=self.placement.gpu_mem,
-                   **{job: getattr(s, field) for field, job in JOB_FIELDS.items()})  # as saved: master.options
+                   **{job: getattr(s, field) for field, job in JOB_FIELDS.items()})  # as saved: master.spec.options
 
     # the loop ----------------------------------------------------------------------------------
     def run(self, stop: threading.Event | None = None) -> Summary:

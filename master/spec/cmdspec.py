@@ -1,6 +1,6 @@
 """The command-job arguments of a run (``--cmd``, ``--commands``, ``--prefix``, ``--success-codes``,
 ``--fail-on-output``, ``--result-file``), checked at submit: every template's placeholders must be
-known (``jobs.template``), so that no chunk fails for a typo. Used by ``master.runspec.build``
+known (``jobs.template``), so that no chunk fails for a typo. Used by ``master.spec.runspec.build``
 (which imports it when it needs it)."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 
 from gpupool.jobs.template import BUILTIN_PLACEHOLDERS, TemplateError, fields
 from gpupool.jobs.words import plural
-from gpupool.master.inputs import read_text
+from gpupool.master.spec.inputs import read_text
 from gpupool.master.errors import UsageError
 
 COMMANDS_FILE_LIMIT = 512 * 1024  # bytes of a --commands file (its lines live in run.json, at most 1 MB)
