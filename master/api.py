@@ -32,7 +32,7 @@ from gpupool.jobs.results import new_epoch, read_epoch, read_result, scan_run
 from gpupool.master.core.feeder import FeedConfig, Feeder, Summary
 from gpupool.master.core.liveness import Liveness
 from gpupool.master.spec.options import spec_values
-from gpupool.master.core.placement import Placement
+from gpupool.master.spec.placement import Placement
 from gpupool.master.report.progress import Progress
 from gpupool.master.spec.runspec import RunSpec, build, save_or_check
 from gpupool.master.core.states import (AtAgents, RunState, chunk_state, count_states, final_states, holdings,
@@ -103,7 +103,7 @@ class Pool:
         its name), ``visible_gpu_id`` (``gpu_id`` is the GPU's index as the job sees it, 0:
         docs/executor.md), ``env`` (a dict of variables set for every job), ``setup`` (``"file.py:fn"``
         or ``"module:fn"``, called once per worker process before the run's first chunk there; its
-        value is each chunk's ``state``), and placement (``master.core.placement``: ``targets`` a list of
+        value is each chunk's ``state``), and placement (``master.spec.placement``: ``targets`` a list of
         ``"HOST::GPU,GPU"``, ``hosts`` and ``exclude_hosts`` ``"H1,H2"``, ``min_free_gb``,
         ``gpus_per_job``, ``gpu_mem``), saved with the run and kept when it is resumed or retried
         without it. A keyword that is none of them raises TypeError. ``kwargs_may_change``: a run of
@@ -132,7 +132,7 @@ class Run:
     def wait(self, progress: bool = True, cfg: FeedConfig | None = None, wait_for_lock: bool = False,
              stop: threading.Event | None = None, placement: Placement | None = None) -> Summary:
         """Be this run's master until every chunk has a final result; returns the summary.
-        ``placement``: which agents may take its jobs (``master.core.placement``; default: the run's own,
+        ``placement``: which agents may take its jobs (``master.spec.placement``; default: the run's own,
         ``RunSpec.placement``); raises Unplaceable if live agents are there and none may."""
         self.spool.mkdir(self.spool.run_dir(self.name))
         check_run(self.spool, self.name, self.force, "start it over" if self.fresh else "resume it")
@@ -188,9 +188,9 @@ class Run:
     def join(self, progress: bool = True, cfg: FeedConfig | None = None, placement: Placement | None = None,
              poll: float = 1.0) -> Summary:
         """Be this run's master, or follow it while another master feeds it (the same OctoRun
-        config on a second machine; see ``master.core.follow``): this ends with the run, or takes it
+        config on a second machine; see ``master.follow``): this ends with the run, or takes it
         over when that master ends first."""
-        from gpupool.master.core.follow import Follower
+        from gpupool.master.follow import Follower
 
         check_run(self.spool, self.name, self.force, "start it over" if self.fresh else "resume it")
         follower = None

@@ -305,7 +305,7 @@ class Executor(futures.Executor):
             if self._keep or self._run_removed or not clean:
                 return
             self._run_removed = True
-        from gpupool.master.core.control import remove_run
+        from gpupool.master.control import remove_run
 
         try:
             remove_run(self.spool, self.run)
@@ -431,7 +431,7 @@ class _Calls(Dispatcher):
     def unplaceable(self, live: list[Any]) -> None:
         """Agents are alive but none may take the calls (agents of an older version, which cannot
         read their descriptors): every call fails, naming them, as a run does (never a silent wait)."""
-        from gpupool.master.core.placement import Unplaceable
+        from gpupool.master.spec.placement import Unplaceable
 
         why = "; ".join(f"{v.id}: {self.why_not(v)}" for v in live[:8])
         raise Unplaceable(f"executor {self.run_name}: none of the {plural(len(live), 'live agent')} may take its calls: {why}")

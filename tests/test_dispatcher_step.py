@@ -133,7 +133,7 @@ def test_jobs_behind_a_chunk_that_runs_long_are_moved(spool: Spool) -> None:
 
 
 def test_a_run_keeps_to_the_agents_it_may_use(spool: Spool) -> None:
-    class OnlyOne(Feeder):  # the placement hook (master.core.placement gives the real one)
+    class OnlyOne(Feeder):  # the placement hook (master.spec.placement gives the real one)
         def eligible(self, view) -> bool:
             return view.id == "h-cpu1"
 
@@ -269,7 +269,7 @@ def test_a_run_only_older_agents_could_take_fails_at_once_naming_them(spool: Spo
     import pytest
 
     from gpupool.jobs import descriptor
-    from gpupool.master.core.placement import Unplaceable
+    from gpupool.master.spec.placement import Unplaceable
     monkeypatch.setattr(descriptor, "MUST_UNDERSTAND", {"share": descriptor.SCHEMA + 1})
     monkeypatch.setattr(descriptor, "SCHEMA", descriptor.SCHEMA + 1)
     agents(spool, 1)  # an agent of the version before: its heartbeat has no job_schema

@@ -161,7 +161,7 @@ def hostile(draw: st.DrawFn, kind: str) -> tuple[str, Any]:
 def exercise(spool: Spool) -> None:
     """Run every reader of the spool over it; each must accept or refuse, never crash."""
     from gpupool.master.report.collect import CollectError, committed
-    from gpupool.master.core.control import chunk_statuses, failed_chunks
+    from gpupool.master.control import chunk_statuses, failed_chunks
     from gpupool.master.report.dashboard import tables
     from gpupool.master.core.feeder import Feeder
     from gpupool.master.core.liveness import Liveness

@@ -334,7 +334,7 @@ def test_a_job_for_two_gpus_that_reaches_a_one_gpu_agent_fails_there_instead_of_
 
 def test_a_heartbeat_with_bad_gpu_lists_is_read_with_those_fields_dropped(spool: Spool) -> None:
     from gpupool.jobs.heartbeat import read_status
-    from gpupool.master.core.placement import Placement
+    from gpupool.master.spec.placement import Placement
     from gpupool.master.report.status import gather
 
     hb = {"agent": "h-gpu0+1", "seq": 1, "state": "idle", "device": "cuda:0", "gpu_uuids": ["a", 3],
@@ -353,7 +353,7 @@ def test_a_heartbeat_with_bad_gpu_lists_is_read_with_those_fields_dropped(spool:
 
 
 def test_a_target_names_an_agent_of_several_gpus_by_all_of_them() -> None:
-    from gpupool.master.core.placement import Placement
+    from gpupool.master.spec.placement import Placement
 
     from gpupool.jobs.heartbeat import Heartbeat
     pair = Heartbeat("n1-gpu2+3", 1, "idle", host="n1", device="cuda:0", gpu_id=2, gpu_ids=[2, 3], gpu_uuids=["a", "b"])

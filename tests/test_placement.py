@@ -1,4 +1,4 @@
-"""Placement the user asks for (master.core.placement): --target HOST::GPU, --hosts, --exclude-hosts,
+"""Placement the user asks for (master.spec.placement): --target HOST::GPU, --hosts, --exclude-hosts,
 --min-free-gb, judged against heartbeats, and a run no live agent may take failing at once."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from gpupool.jobs.heartbeat import Heartbeat
-from gpupool.master.core.placement import Placement
+from gpupool.master.spec.placement import Placement
 from gpupool.master.spec.runspec import UsageError
 from tests.helpers import REPO, results, run_main
 

@@ -24,7 +24,7 @@ OctoRun's fields (``octorun save_config`` writes them) and what becomes of them 
 
 The same command on several machines sharing the folder (OctoRun's multi-node pattern): each
 starts its own agents; the first to take the run feeds it to all of them, the others follow it
-(``master.core.follow``) and end with it. Ctrl-C stops the agents the command started at once, with
+(``master.follow``) and end with it. Ctrl-C stops the agents the command started at once, with
 their running chunks (they stay queued: the same command resumes). See docs/octorun.md.
 """
 from __future__ import annotations

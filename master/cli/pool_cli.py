@@ -118,7 +118,7 @@ def _spool(args: argparse.Namespace) -> Spool:
 # status ---------------------------------------------------------------------------------------
 def cmd_status(args: argparse.Namespace) -> int:
 
-    from gpupool.master.core.control import ControlError
+    from gpupool.master.control import ControlError
     from gpupool.master.spec.runspec import load_run
     from gpupool.master.report.status import CHUNK_STATES, StatusReader, chunk_rows, render, render_chunks, shown_runs
 
@@ -229,7 +229,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
 
 # retry / cancel / drain -----------------------------------------------------------------------
 def cmd_retry(args: argparse.Namespace) -> int:
-    from gpupool.master.core.control import retry_run
+    from gpupool.master.control import retry_run
     from gpupool.master.core.feeder import FeedConfig
     from gpupool.master.report.progress import format_summary
 
@@ -248,7 +248,7 @@ def cmd_retry(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    from gpupool.master.core.control import cancel_run
+    from gpupool.master.control import cancel_run
 
     spool = _spool(args)
     got = cancel_run(spool, args.run, args.stop_running, args.timeout, args.force)
@@ -265,7 +265,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 def cmd_runs(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from gpupool.master.core.control import list_runs
+    from gpupool.master.control import list_runs
 
     runs = list_runs(_spool(args))
     if args.json:
@@ -290,7 +290,7 @@ def _size(n: int) -> str:
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
-    from gpupool.master.core.control import ControlError, remove_run
+    from gpupool.master.control import ControlError, remove_run
 
     def confirm(results: int, size: int) -> bool:
         """A run's results are lost for good: asked on a terminal, --yes elsewhere."""
@@ -376,7 +376,7 @@ def _agent_line(rep) -> str:
 
 
 def cmd_drain(args: argparse.Namespace) -> int:
-    from gpupool.master.core.control import drain, wait_idle
+    from gpupool.master.control import drain, wait_idle
 
     spool = _spool(args)
     rep = drain(spool, args.agent, args.timeout, args.dead_after, args.force)
@@ -399,7 +399,7 @@ def cmd_drain(args: argparse.Namespace) -> int:
 
 
 def cmd_undrain(args: argparse.Namespace) -> int:
-    from gpupool.master.core.control import undrain
+    from gpupool.master.control import undrain
 
     rep = undrain(_spool(args), args.agent, args.timeout, args.dead_after, args.force)
     if rep.state in ("dead", "stopped"):

@@ -27,7 +27,7 @@ from gpupool.jobs.words import plural
 from gpupool.master.core.dispatcher import AttemptSummary, Dispatcher, Event, FeedConfig, read_or_empty, summarize
 from gpupool.master.core.liveness import AgentView
 from gpupool.master.spec.options import JOB_FIELDS
-from gpupool.master.core.placement import Placement, Unplaceable, gpu_count, gpu_ids
+from gpupool.master.spec.placement import Placement, Unplaceable, gpu_count, gpu_ids
 from gpupool.master.spec.runspec import RunSpec
 
 __all__ = ["AttemptSummary", "Feeder", "FeedConfig", "Summary"]

@@ -21,7 +21,7 @@ from gpupool.jobs.logsetup import logger
 from gpupool.jobs.jsonio import is_num
 from gpupool.jobs.paths import Spool
 from gpupool.master.core.liveness import Liveness
-from gpupool.master.core.placement import combined, gpus_of
+from gpupool.master.spec.placement import combined, gpus_of
 
 WINDOW_S = 3600.0
 SAMPLE_S = 10.0

@@ -53,7 +53,7 @@ class Progress:
                       f"some (--wait-agents S to give up). Start them with:  {spell('agents')} N {base}")
 
     def advance(self, done: int) -> None:
-        """The bar at ``done`` chunks (a run another master feeds: see ``master.core.follow``)."""
+        """The bar at ``done`` chunks (a run another master feeds: see ``master.follow``)."""
         if self.bar is not None and done > self.bar.n:
             self.bar.update(done - self.bar.n)
 

@@ -27,7 +27,7 @@ from gpupool.jobs.paths import Spool
 from gpupool.jobs.words import plural
 from gpupool.jobs.results import final_status, result_or_none, scan_run
 from gpupool.master.core.liveness import Liveness
-from gpupool.master.core.placement import combined, gpu_count, gpu_ids, gpus_of
+from gpupool.master.spec.placement import combined, gpu_count, gpu_ids, gpus_of
 from gpupool.master.spec.runspec import RunSpec
 from gpupool.master.core.states import (AtAgents, RunState, chunk_state, holdings, master_feeds, read_marks,
                                    run_state)

@@ -164,7 +164,7 @@ OPTIONS: tuple[Option, ...] = (
            "the current one)", S, cli=False, job="workdir"),
 )
 BY_NAME = {o.name: o for o in OPTIONS}
-PLACEMENT = ("targets", "hosts", "exclude_hosts", "min_free_gb", "gpus_per_job", "gpu_mem")  # master.core.placement
+PLACEMENT = ("targets", "hosts", "exclude_hosts", "min_free_gb", "gpus_per_job", "gpu_mem")  # master.spec.placement
 SPARSE = tuple(o.name for o in OPTIONS if o.sparse)
 JOB_FIELDS = {o.name: o.job for o in OPTIONS if o.job}  # RunSpec field -> Job field
 

@@ -22,7 +22,7 @@ from gpupool.jobs.paths import Spool
 from gpupool.master.errors import UsageError
 from gpupool.master.spec.inputs import array_kwargs, check_data_dir, check_npz, chunk_data
 from gpupool.master.spec.options import BY_NAME, PLACEMENT, SPARSE, first_problem, problem, spec_values
-from gpupool.master.core.placement import Placement
+from gpupool.master.spec.placement import Placement
 from gpupool.master.spec.usercode import check_script, check_setup, check_task
 
 SPEC_SCHEMA = 1
@@ -50,7 +50,7 @@ class RunSpec:
     env: dict[str, str] | None = None  # main.py --env: variables set for every job (may change on resume)
     setup: str | None = None  # main.py --setup: called once per worker of the run; its value is each chunk's state
     schema: int = SPEC_SCHEMA
-    # placement (master.core.placement), as given: kept on resume and retry unless given again (may change on resume)
+    # placement (master.spec.placement), as given: kept on resume and retry unless given again (may change on resume)
     targets: list[str] | None = None  # --target HOST::GPU[,GPU], repeatable
     hosts: str | None = None  # --hosts H1,H2
     exclude_hosts: str | None = None  # --exclude-hosts H1,H2
@@ -166,7 +166,7 @@ class RunSpec:
 
     @property
     def placement(self) -> Placement:
-        """Which agents may take the run's jobs (``master.core.placement``)."""
+        """Which agents may take the run's jobs (``master.spec.placement``)."""
         return Placement.parse(**self.placement_options())
 
     def placement_options(self) -> dict[str, Any]:
