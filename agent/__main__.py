@@ -73,6 +73,16 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--allow-local-locks", action="store_true",
                    help="use BASE even on a filesystem whose locks are client-local (sshfs, NFS nolock/local_lock); "
                    "safe only if every agent and master of BASE runs on this machine (or $GPUPOOL_ALLOW_LOCAL_LOCKS=1)")
+    p.add_argument("--idle-exit", type=float, metavar="S", help="stop after S seconds with no job to run (an "
+                   "allocation that follows the work gives its node back; default: never)")
+    end = p.add_mutually_exclusive_group()
+    end.add_argument("--end-at", metavar="TIME", help="the time this agent must end by (seconds since the epoch, "
+                     "2026-12-07T18:00, or 18:00 today): it starts no chunk that would not end in time by its run's "
+                     "last chunk here, and stops --end-margin before it, its queued jobs going to other agents "
+                     "(default inside a Slurm job: the job's end, from squeue)")
+    end.add_argument("--time-left", type=float, metavar="S", help="the same, S seconds from now")
+    p.add_argument("--end-margin", type=float, default=60.0, metavar="S",
+                   help="with an end: stop this long before it (default 60)")
     p.add_argument("--log-level", default=os.environ.get("GPUPOOL_LOG_LEVEL", "INFO"))
     respell_parser(p, "agent")  # named as typed: gpupool-agent installed (issue 25)
     args = p.parse_args(argv)
@@ -80,6 +90,33 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         print(f"{p.prog}: missing --base BASE, the spool folder (or set $GPUPOOL_BASE)", file=sys.stderr)
         sys.exit(2)
     return args
+
+def _end(args: argparse.Namespace) -> tuple[float, str] | None | str:
+    """The end the agent must stop by and what it is (``agent.lifetime``), None where it has none,
+    or the message for a bad --idle-exit, --end-at, --time-left or --end-margin."""
+    import time
+
+    from gpupool.agent.lifetime import parse_end, slurm_end
+    if args.idle_exit is not None and not 0 < args.idle_exit < math.inf:
+        return "--idle-exit must be a positive number of seconds"
+    if not 0 <= args.end_margin < math.inf:
+        return "--end-margin must be 0 or a positive number of seconds"
+    if args.time_left is not None:
+        if not 0 < args.time_left < math.inf:
+            return "--time-left must be a positive number of seconds"
+        ends = (time.time() + args.time_left, f"its --time-left {args.time_left:g}")
+    elif args.end_at is not None:
+        try:
+            ends = (parse_end(args.end_at), f"its --end-at {args.end_at}")
+        except ValueError as e:
+            return str(e)
+    else:
+        ends = slurm_end()
+    if ends is not None and ends[0] - time.time() <= args.end_margin:
+        return (f"{ends[1]} leaves {max(0.0, ends[0] - time.time()):.0f} s, no more than --end-margin "
+                f"{args.end_margin:g}: the agent would stop at once")
+    return ends
+
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,6 +153,10 @@ def main(argv: list[str] | None = None) -> int:
     if threads == 0:
         print(f"agent: --threads must be 'auto' or a whole number of at least 1, not {args.threads!r}", file=sys.stderr)
         return 2
+    ends = _end(args)
+    if isinstance(ends, str):
+        print(f"agent: {ends}", file=sys.stderr)
+        return 2
     for name in ("max_jobs_per_worker", "drain_after_gpu_errors"):
         if getattr(args, name) < 0:
             print(f"agent: --{name.replace('_', '-')} must be 0 (never) or a positive number", file=sys.stderr)
@@ -148,7 +189,9 @@ def main(argv: list[str] | None = None) -> int:
                       rescan=args.rescan, heartbeat=args.heartbeat, burst=args.burst,
                       log_limit=int(args.log_limit_mb * 2**20), prune_quiet=args.prune_quiet,
                       max_jobs_per_worker=args.max_jobs_per_worker, gpu_fault_limit=args.drain_after_gpu_errors,
-                      threads=threads, run_workers=args.run_workers, spare_worker=args.spare_worker)
+                      threads=threads, run_workers=args.run_workers, spare_worker=args.spare_worker,
+                      idle_exit=args.idle_exit, end_margin=args.end_margin,
+                      **({"end_at": ends[0], "end_why": ends[1]} if ends else {}))
     agent = Agent(spool, slot, probe, host, cfg)
     agent.install_signals()
     agent.run()
@@ -157,3 +200,4 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+

@@ -32,6 +32,7 @@ from gpupool.agent.drain import Drain
 from gpupool.agent.fairshare import FairShare
 from gpupool.agent.gpu import Gpu, NoGpu
 from gpupool.agent.gpufaults import GpuFaults
+from gpupool.agent.lifetime import Lifetime
 from gpupool.agent.gpumem import MemoryGate
 from gpupool.agent.identity import agent_id
 from gpupool.agent.restart import RestartDeferral
@@ -67,6 +68,10 @@ class AgentConfig:
     threads: int | None = None  # the math libraries' threads in each worker (None: its share of the host's cores)
     run_workers: int = 2  # runs whose worker processes live at once (agent.workers)
     spare_worker: bool = True  # keep a worker ready, with the libraries of recent runs imported
+    idle_exit: float | None = None  # stop after this many seconds with no job (agent.lifetime)
+    end_at: float | None = None  # the time (epoch seconds) it must end by: no chunk started that would not fit
+    end_why: str = "its --end-at"  # what that end is, for the log
+    end_margin: float = 60.0  # stop this long before end_at
 
 
 PIPELINE_MAX_S = 0.5  # pipeline the next job only after chunks of a run that took at most this long
@@ -88,6 +93,7 @@ class Agent:
         self.notes = Notes()  # the heartbeat's last_error and waiting
         self.restart = RestartDeferral(spool, self.id, self.mailbox, clock)
         self.drain = Drain(spool, self.id)
+        self.life = Lifetime(self.id, clock, cfg.idle_exit, cfg.end_at, cfg.end_margin, cfg.end_why)
         self.faults = GpuFaults(self.id, slot.gpu is not None, cfg.gpu_fault_limit,
                                 f"python -m master undrain --base {spool.base} {self.id}", self.notes)
         self.disk = DiskPause(spool, self.id, self.notes, clock=clock, stopping=lambda: self.stop,
@@ -204,6 +210,9 @@ class Agent:
         lost = self.faults.lost()
         if lost is not None:  # its GPU does not answer, and it has not drained yet: now
             self._drain_self(lost)
+        ending = self.life.ending()
+        if ending is not None:
+            return self._end(ending)
         if self._draining() or self.disk.paused():
             return False
         jobs = self._read().jobs
@@ -218,6 +227,9 @@ class Agent:
             jobs = self._read().jobs
             job = self.share.choose(jobs, leave)
         if job is None:
+            idle = self.life.idle_over()
+            if idle is not None:
+                return self._end(idle)
             self.notes.waiting = None
             quiet = self._dry  # dry at the last look too: no refill came within a wait (a spare may start now)
             if not self._dry:  # just ran dry: status says idle, with the jobs done, now rather than a beat later
@@ -234,6 +246,10 @@ class Agent:
             logger.info("{} chunk {} attempt {}: dropped: {}", job.run, job.chunk_id, job.attempt, skip)
             self._finished.add(job.uid)
         else:
+            self.life.active()
+            late = self.life.refuses(job, self._durations.get(job.run))
+            if late is not None:
+                return self._end(late)
             if job.gpu_mem is not None and not self._memory_for(job):
                 return False
             self.runner.retire(jobs, self._finished, job)
@@ -246,6 +262,13 @@ class Agent:
             finally:
                 self.memory.release()
         return True
+
+    def _end(self, why: str) -> bool:
+        """Stop by itself (``agent.lifetime``): as on a stop, what is queued here stays in the mailbox
+        and masters hand it to other agents once the heartbeat says stopped. False (no work done)."""
+        logger.warning("agent {}: stops: {}; its queued jobs go to other agents", self.id, why)
+        self.stop = True
+        return False
 
     def _memory_for(self, job: Job) -> bool:
         """Promise the job the GPU memory it declares (--gpu-mem), if free now (``agent.gpumem``);
@@ -288,7 +311,7 @@ class Agent:
             return None
         nxt = self.share.choose(jobs, self._finished, running=after, expected=last)
         if nxt is None or nxt.kind is not JobKind.CALLABLE or nxt.alone or self.restart.holds(nxt) \
-                or nxt.gpu_mem is not None \
+                or nxt.gpu_mem is not None or self.life.refuses(nxt, self._durations.get(nxt.run)) is not None \
                 or self._skip_reason(nxt) is not None:
             return None
         return nxt

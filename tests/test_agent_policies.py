@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import json
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from gpupool.agent.beat import Notes
 from gpupool.agent.diskpause import UNCOMMITTED_KEPT, DiskPause
 from gpupool.agent.drain import Drain
 from gpupool.agent.gpufaults import GpuFaults
+from gpupool.agent.lifetime import Lifetime, parse_end, slurm_end
 from gpupool.agent.restart import RESTART_DEFER_S, RestartDeferral
 from gpupool.jobs.descriptor import Job, JobKind
 from gpupool.jobs.heartbeat import AgentState, write_status
@@ -296,3 +298,44 @@ def test_a_failed_save_pauses_new_jobs_doubling_until_an_outcome_is_written(
     part.pause_for_io(job(0), "OSError: No space left on device")
     clock.t += 0.51
     assert not part.paused()  # back to 0.5 s
+
+
+# its own end: --idle-exit, --end-at / --time-left (agent.lifetime) ------------------------------------
+def test_an_agent_with_an_idle_exit_stops_only_after_that_long_without_a_job() -> None:
+    clock = Clock()
+    life = Lifetime(AGENT, clock, idle_exit=30.0)
+    clock.t += 29.9
+    assert life.idle_over() is None
+    life.active()  # a job: the idle time counts again from here
+    clock.t += 29.9
+    assert life.idle_over() is None and life.ending() is None
+    clock.t += 0.1
+    assert life.idle_over() == "no job for 30 seconds (--idle-exit)"
+    assert Lifetime(AGENT, clock).idle_over() is None  # none given: never
+
+
+def test_an_agent_with_an_end_starts_only_chunks_that_fit_and_stops_a_margin_before_it() -> None:
+    clock = Clock()
+    life = Lifetime(AGENT, clock, end_at=1000.0 + 600, margin=60.0, why_end="Slurm job 7's time limit",
+                    wall=lambda: 1000.0)  # the end 600 s from now, whatever the loop's clock reads
+    assert life.refuses(job(0), None) is None  # a run's first chunk here: its length is unknown
+    assert life.refuses(job(1), 540.0) is None  # 540 s + the margin end just in time
+    assert life.refuses(job(1), 541.0) == ("600 s left before Slurm job 7's time limit, and r's chunks take about "
+                                           "541 s here (plus 60 s to stop)")
+    clock.t += 539.0
+    assert life.ending() is None and life.refuses(job(2), 1.0) is None
+    assert life.refuses(job(2), 2.0) is not None
+    clock.t += 1.0  # 60 s left: the margin
+    assert life.ending() == "60 s left before Slurm job 7's time limit"
+    clock.t += 0.5
+    assert life.refuses(job(3), None) is not None  # within the margin: not even a chunk of unknown length
+
+
+def test_an_end_is_read_as_epoch_seconds_an_iso_time_or_a_time_of_today() -> None:
+    assert parse_end("1765000000") == 1765000000.0
+    assert parse_end("2026-12-07T18:00:00") == datetime(2026, 12, 7, 18, 0).timestamp()
+    noon = datetime(2026, 12, 7, 12, 0).timestamp()
+    assert parse_end("18:30", now=noon) == datetime(2026, 12, 7, 18, 30).timestamp()
+    with pytest.raises(ValueError, match="--end-at 'soon': expected seconds since the epoch"):
+        parse_end("soon")
+    assert slurm_end({}) is None  # outside a Slurm job
