@@ -149,6 +149,10 @@ class Agent:
         logger.info("agent {} ready: base={} device={} gpu={} watch={} pid={}", self.id, self.spool.base,
                     self.slot.device, " + ".join(g.describe() for g in self.slot.gpus) or None, self.watcher.mode,
                     os.getpid())
+        if self.cfg.end_at is not None:
+            logger.info("agent {}: ends by {} ({}): no chunk started that would not end {:g} s before",
+                        self.id, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.cfg.end_at)), self.cfg.end_why,
+                        self.cfg.end_margin)
 
     def shutdown(self) -> None:
         """Every step is tried whatever the others do (a full disk, a lost GPU): the worker is always
