@@ -14,6 +14,9 @@ Layout (every name below is built by ``jobs.paths.Spool``, nowhere else)::
     BASE/runs/<run>/sealed           present = the run is over and its results are flushed to disk: empty,
                                      it finished; {"halted": why}, its master stopped it early
                                      (--max-failures), and only a finished run's names are trusted
+    BASE/runs/<run>/on_done.json     its --on-done hook, claimed (made exclusively) by the master that
+                                     runs it before it starts it, then its exit code; removed with the
+                                     seal, so the hook runs once each time the run is sealed
     BASE/runs/<run>/owner            who submitted the run first ({"uid", "user"}; ``jobs.owners``);
                                      commands acting on another user's run want --force
     BASE/runs/<run>/epoch            a token drawn anew when the run is started afresh (--fresh);

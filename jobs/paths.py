@@ -308,6 +308,11 @@ class Spool:
         """Present = the run finished and its results were flushed to disk."""
         return self.run_dir(run) / "sealed"
 
+    def on_done_record(self, run: str) -> Path:
+        """The run's --on-done hook, claimed: made (exclusively) by the master that runs it, before it
+        starts it, and rewritten with its exit code when it ends (``master.hooks``)."""
+        return self.run_dir(run) / "on_done.json"
+
     def owner_file(self, run: str) -> Path:
         """Who the run belongs to ({"uid", "user"}; ``jobs.owners``)."""
         return self.run_dir(run) / "owner"
@@ -340,6 +345,10 @@ class Spool:
     def run_log_dir(self, run: str) -> Path:
         """``logs/<run>``: the output of the run's script jobs, one file per chunk."""
         return self.logs_dir / check_name(run, "run name")
+
+    def on_done_log(self, run: str) -> Path:
+        """What the run's --on-done hook printed (``master.hooks``)."""
+        return self.run_log_dir(run) / "on_done.log"
 
     def chunk_log(self, run: str, chunk: int) -> Path:
         """The output of one chunk's script or command job: written only through ``open_log``,

@@ -30,6 +30,7 @@ from gpupool.jobs.atomic import move_in, read_bounded, write_exclusive, write_re
 from gpupool.jobs.descriptor import Job, JobState
 from gpupool.jobs.errors import BadFile
 from gpupool.jobs.jsonio import MAX_DEPTH, clean, is_int, is_num, is_str, is_time, load_json, read_json, too_deep
+from gpupool.jobs.logsetup import logger
 from gpupool.jobs.names import brief
 from gpupool.jobs.outcomes import FIELDS as ERROR_FIELDS
 from gpupool.jobs.outcomes import Failure, FailureKind, failure_of
@@ -268,10 +269,25 @@ def seal(spool: Spool, run: str, halted: str | None = None) -> None:
     write_replace(spool.sealed_flag(run), b"" if halted is None else json.dumps({"halted": halted}).encode())
 
 
+def read_hook(spool: Spool, run: str) -> dict[str, Any] | None:
+    """The run's --on-done record (``master.hooks``: claimed, then its exit code once it ended), or
+    None where it has none or it cannot be read (said in the log)."""
+    try:
+        rec = read_json(spool.on_done_record(run), "on-done record", 64 * 1024)
+    except FileNotFoundError:
+        return None
+    except (OSError, BadFile) as e:
+        logger.warning("run {}: {}", run, e)
+        return None
+    return rec if isinstance(rec, dict) else None
+
+
 def unseal(spool: Spool, run: str) -> None:
-    """The run has work again: until it is sealed anew, a resume reads every result."""
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(spool.sealed_flag(run))
+    """The run has work again: until it is sealed anew, a resume reads every result, and its
+    --on-done hook runs again when it is (``master.hooks``)."""
+    for path in (spool.sealed_flag(run), spool.on_done_record(run)):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
 
 
 # fields read for display and bookkeeping: a wrong type is dropped (None) with one warning

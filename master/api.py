@@ -30,6 +30,7 @@ from gpupool.jobs.owners import check_run, claim_run
 from gpupool.jobs.paths import Spool
 from gpupool.jobs.results import new_epoch, read_epoch, read_result, scan_run
 from gpupool.master.core.feeder import FeedConfig, Feeder, Summary
+from gpupool.master.hooks import run_hook
 from gpupool.master.core.liveness import Liveness
 from gpupool.master.spec.options import spec_values
 from gpupool.master.spec.placement import Placement
@@ -173,9 +174,13 @@ class Run:
                                              "kept": sorted(c for c, o in feeder.final.items() if o.status == JobState.OK)})
             bar.start(len(feeder.final))
             try:
-                return feeder.run(stop)
+                summary = feeder.run(stop)
             finally:
                 bar.close()
+            said = run_hook(self.spool, self.spec, summary)  # --on-done: once, under the run's master lock
+            if said is not None:
+                bar.say(said)
+            return summary
         finally:
             lock.close()
 

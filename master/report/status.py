@@ -20,12 +20,12 @@ from gpupool.jobs.descriptor import JobState
 from gpupool.jobs.errors import BadFile
 from gpupool.jobs.heartbeat import JobRef
 from gpupool.jobs.invoked import spell
-from gpupool.jobs.jsonio import is_num
+from gpupool.jobs.jsonio import is_int, is_num
 from gpupool.jobs.owners import agent_owner, me, run_owner
 from gpupool.jobs.names import printable
 from gpupool.jobs.paths import Spool
 from gpupool.jobs.words import plural
-from gpupool.jobs.results import final_status, result_or_none, scan_run
+from gpupool.jobs.results import final_status, read_hook, result_or_none, scan_run
 from gpupool.master.core.liveness import Liveness
 from gpupool.master.spec.placement import combined, gpu_count, gpu_ids, gpus_of
 from gpupool.master.spec.runspec import RunSpec
@@ -101,6 +101,10 @@ class StatusReader:
                "share": spec.share, "state": state.value}
         owner = run_owner(self.spool, name)  # jobs.owners: who submitted it (None: unknown)
         row.update(owner=owner.user, owner_uid=owner.uid)
+        if spec.on_done is not None:  # master.hooks: claimed (started) and, once it ended, its exit code
+            hook = read_hook(self.spool, name)
+            row["on_done"] = None if hook is None else {k: hook.get(k) for k in ("status", "exit_code", "started_at",
+                                                                               "ended_at")}
         newest = _last_activity(self.spool, name, [t for _, t in finals.values() if t is not None])
         return row, {"cancelled": self.spool.cancel_flag(name).exists(), "done": left == 0,
                      "chunks_per_s": None if rate is None else round(rate, 3),
@@ -248,6 +252,17 @@ def _error_line(rec: dict[str, Any]) -> str | None:
     if not isinstance(err, dict):
         return None
     return f"{err.get('type')}: {err.get('message')}".split("\n", 1)[0].rstrip("\r")[:200]  # shown by printable
+
+
+def hook_line(spool: Spool, run: str) -> str | None:
+    """What the run's --on-done hook did (``master.hooks``), for ``status --run``; None: no record."""
+    hook = read_hook(spool, run)
+    if hook is None:
+        return None
+    code = hook.get("exit_code")
+    did = "started, no end recorded (its master stopped while it ran)" if "exit_code" not in hook else \
+        f"exited with code {code}" if is_int(code) else f"could not start: {hook.get('error')}"
+    return printable(f"on-done ({hook.get('status')}): {did}; its output: {spool.on_done_log(run)}")
 
 
 def render_chunks(run: str, rows: list[dict[str, Any]]) -> str:

@@ -13,6 +13,7 @@ from gpupool.jobs.words import plural
 from gpupool.master.spec.inputs import read_text
 from gpupool.master.errors import UsageError
 
+HOOK_FIELDS = ("run", "status", "ok", "failed", "results")  # --on-done's placeholders (master.hooks)
 COMMANDS_FILE_LIMIT = 512 * 1024  # bytes of a --commands file (its lines live in run.json, at most 1 MB)
 
 

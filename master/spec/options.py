@@ -118,6 +118,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("env", None, None, "set this variable for every job of the run, to VALUE or to its value here (agents run "
            "jobs in their own environment, which may not be this shell's); repeatable", S, metavar="NAME[=VALUE]",
            append=True, sparse=True, job="env"),
+    Option("on_done", None, None, "a shell command run once when the run ends (done, failed, or cancelled while fed), "
+           "by its master, with {run} {status} {ok} {failed} {results} ({results!q}: shell-quoted); its output goes "
+           "to logs/<run>/on_done.log; kept with the run (docs/cli.md)", S, metavar="'CMD'", sparse=True),
     Option("run", None, None, "run name (default: derived from the task, chunk count and kwargs)", I),
     Option("retries", int, 2, "retries per failed chunk (default 2)", S, lambda v: v >= 0,
            "--retries must be 0 or more, not {v}"),
@@ -165,6 +168,8 @@ OPTIONS: tuple[Option, ...] = (
 )
 BY_NAME = {o.name: o for o in OPTIONS}
 PLACEMENT = ("targets", "hosts", "exclude_hosts", "min_free_gb", "gpus_per_job", "gpu_mem")  # master.spec.placement
+# kept with the run when a resume or retry does not give them again; one given again replaces it, said in a note
+KEPT = (*PLACEMENT, "on_done")
 SPARSE = tuple(o.name for o in OPTIONS if o.sparse)
 JOB_FIELDS = {o.name: o.job for o in OPTIONS if o.job}  # RunSpec field -> Job field
 

@@ -21,7 +21,7 @@ from gpupool.jobs.names import MAX_CHUNKS, brief, check_name, slug
 from gpupool.jobs.paths import Spool
 from gpupool.master.errors import UsageError
 from gpupool.master.spec.inputs import array_kwargs, check_data_dir, check_npz, chunk_data
-from gpupool.master.spec.options import BY_NAME, PLACEMENT, SPARSE, first_problem, problem, spec_values
+from gpupool.master.spec.options import BY_NAME, KEPT, PLACEMENT, SPARSE, first_problem, problem, spec_values
 from gpupool.master.spec.placement import Placement
 from gpupool.master.spec.usercode import check_script, check_setup, check_task
 
@@ -57,6 +57,7 @@ class RunSpec:
     min_free_gb: float | None = None
     gpus_per_job: int | None = None
     gpu_mem: float | None = None
+    on_done: str | None = None  # main.py --on-done: a shell command run once when the run ends (master.hooks)
 
     def identity(self) -> dict[str, Any]:
         """What makes two runs the same run (retries and timeout may change on resume)."""
@@ -119,7 +120,7 @@ class RunSpec:
             return f"'chunks' must be a whole number from 1 to {MAX_CHUNKS}, not {brief(self.chunks)}"
         if not isinstance(self.kwargs, dict):
             return f"'kwargs' must be an object, not {brief(self.kwargs)}"
-        for name in ("shared", "data_dir", "workdir", "setup"):
+        for name in ("shared", "data_dir", "workdir", "setup", "on_done"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, str) or "\0" in v):
                 return f"'{name}' must be a path, not {brief(v)}"
@@ -310,6 +311,10 @@ def build(**values: Any) -> RunSpec:
         setup = check_setup(setup, task, workdir, kwargs, params)
     if env and (why := env_problem(env)):
         raise UsageError(f"--env {why}")
+    if a["on_done"] is not None:
+        from gpupool.master.spec.cmdspec import HOOK_FIELDS, check_template
+
+        check_template(a["on_done"], "--on-done", set(HOOK_FIELDS))
     if run:
         name = check_run_name(run)
     elif params is None and lines is None and options is None:  # as before command jobs and sweeps
@@ -320,7 +325,7 @@ def build(**values: Any) -> RunSpec:
     return RunSpec(name, kind, target, chunks, kwargs, shared_path, data_dir, a["retries"], a["timeout"], workdir,
                    float(a["share"]), params=params, commands=lines, options=options,
                    arrays_as_kwargs=bool(a["arrays_as_kwargs"]), visible_gpu_id=bool(a["visible_gpu_id"]),
-                   env=dict(env) if env else None, setup=setup,
+                   env=dict(env) if env else None, setup=setup, on_done=a["on_done"],
                    **placement)
 
 
@@ -402,14 +407,17 @@ def save_or_check(spool: Spool, spec: RunSpec, fresh: bool, may_change: tuple[st
 
 
 def _placed(old: RunSpec, new: RunSpec, notes: list[str] | None) -> RunSpec:
-    """``new`` with ``old``'s placement options where it gives none; a note naming those it changes."""
-    kept = {k: v for k, v in old.placement_options().items() if v is not None and getattr(new, k) is None}
-    changed = [(k, v, getattr(new, k)) for k, v in old.placement_options().items()
+    """``new`` with ``old``'s placement options and --on-done (``options.KEPT``) where it gives none;
+    a note naming those it changes."""
+    saved = {k: getattr(old, k) for k in KEPT}
+    kept = {k: v for k, v in saved.items() if v is not None and getattr(new, k) is None}
+    changed = [(k, v, getattr(new, k)) for k, v in saved.items()
                if getattr(new, k) is not None and getattr(new, k) != v]
     if changed and notes is not None:
         show = lambda v: "(none)" if v is None else " ".join(map(str, v)) if isinstance(v, list) else f"{v:g}" \
             if isinstance(v, float) else str(v)  # noqa: E731
-        notes.append(f"run {new.name}: placement changed: " + ", ".join(
+        what = "placement changed" if all(k in PLACEMENT for k, _, _ in changed) else "changed"
+        notes.append(f"run {new.name}: {what}: " + ", ".join(
             f"{BY_NAME[k].option} {show(a)} -> {show(b)}" for k, a, b in changed))
     return dataclasses.replace(new, **kept) if kept else new
 
