@@ -37,6 +37,7 @@ TAG = "__gpupool__"
 MAX_DEPTH = 58  # JSON levels an encoded value may nest: under jobs.jsonio.MAX_DEPTH (64), with room for the
 # record (a result) or the mailbox (a job descriptor) around it
 _PLAIN = (str, int, float, bool, type(None))
+_SCALARS = frozenset((str, int, bool, type(None)))  # of these exact types an item of a list is itself as JSON
 _TIMES = {"datetime": dt.datetime, "date": dt.date, "time": dt.time}
 
 
@@ -66,6 +67,9 @@ def _enc(v: Any, depth: int, where: str) -> Any:
     if isinstance(v, _PLAIN):
         return v
     if isinstance(v, list):  # subclasses too, as json.dumps takes them
+        if depth < MAX_DEPTH:  # the items' own depth is allowed: plain ones (most of a long list) as they are
+            return [x if type(x) in _SCALARS or (type(x) is float and x - x == 0.0)
+                    else _enc(x, depth + 1, f"{where}[{i}]") for i, x in enumerate(v)]
         return [_enc(x, depth + 1, f"{where}[{i}]") for i, x in enumerate(v)]
     if isinstance(v, dict):
         if all(isinstance(k, str) for k in v) and TAG not in v:
@@ -120,6 +124,8 @@ def _dec(d: Any, depth: int) -> Any:
     if depth > MAX_DEPTH:
         raise TooDeep(f"encoded value is nested more than {MAX_DEPTH} levels deep")
     if isinstance(d, list):
+        if depth < MAX_DEPTH:  # plain items (most of a long list) as they are
+            return [x if type(x) in _SCALARS or type(x) is float else _dec(x, depth + 1) for x in d]
         return [_dec(x, depth + 1) for x in d]
     if not isinstance(d, dict):
         return d
