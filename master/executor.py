@@ -9,6 +9,7 @@
         for f in as_completed(futures):
             print(f.result())
         print(list(ex.map(my_mod.score, range(10))))
+        print(sum(ex.map(pow, range(100_000), [2] * 100_000, chunksize=1000)))  # 1000 calls a chunk
 
 Rules, because the call travels as a job descriptor through the spool (``master.calls``):
 ``fn`` is found again by name on the agent (a module-level function, a builtin or C function, a
@@ -34,7 +35,9 @@ call done) removes that run, as ``python -m master rm`` does, unless ``keep=True
 named with ``run=``; the futures keep their values. Its calls are fed by the one dispatcher (``master.core.dispatcher``), as a run's chunks are:
 each call is one chunk with its own target and arguments, placed breadth first, retried,
 handed back from dead agents and moved from busy agents to idle ones. A call counts as started
-(and ``Future.cancel()`` then fails) once an agent's heartbeat shows it running.
+(and ``Future.cancel()`` then fails) once an agent's heartbeat shows it running. ``map`` is
+``ProcessPoolExecutor``'s: with ``chunksize`` K > 1 each K consecutive calls are one chunk (a group:
+``master.calls.run_group`` runs them on the agent), whose one result holds their values.
 """
 from __future__ import annotations
 
