@@ -394,7 +394,8 @@ class _Calls(Dispatcher):
     def _write_spec(self, total: int) -> None:
         """run.json, so that status shows the run (its chunk count grows with the calls)."""
         first = self.ex._calls[0]
-        spec = RunSpec(self.run_name, JobKind.CALLABLE, first.target, total, {EXECUTOR_MARK: True},
+        target = first.args[0] if first.group else first.target  # a group's: the function its calls call
+        spec = RunSpec(self.run_name, JobKind.CALLABLE, target, total, {EXECUTOR_MARK: True},
                        retries=self.ex.retries, timeout=self.ex.timeout, workdir=first.workdir)
         write_replace(self.spool.run_spec(self.run_name), spec.to_json(), fsync=False)
         self.spec_chunks = total
@@ -551,21 +552,20 @@ class _Groups(futures.Executor):
 
     def __init__(self, ex: Executor, fn: Callable[..., Any]) -> None:
         self.ex, self.fn = ex, fn
-        self.head: tuple[str, str | None, list[Any], dict[str, Any]] | None = None  # (target, workdir, fixed, named)
+        # (target, workdir, a partial's own positional and keyword arguments, encoded), from the first call
+        self.head: tuple[str, str | None, list[Any], dict[str, Any]] | None = None
 
     def cut(self, calls: Any, size: int) -> Any:
         """The groups of ``size`` consecutive calls (argument tuples) from ``calls``, each encoded as
         its columns (one list per iterable); a group is halved until its arguments fit in a job
         (64 KB, ``kwargs_size_error``); read as the standard map reads its iterable."""
         while True:
-            calls_ = tuple(itertools.islice(calls, size))
-            if not calls_:
+            group = tuple(itertools.islice(calls, size))
+            if not group:
                 return
-            yield from self._fitting(calls_)
+            yield from self._fitting(group)
 
     def _fitting(self, calls: tuple) -> Any:
-        from gpupool.master.spec.runspec import kwargs_size_error
-
         if self.head is None:  # the first call checked as submit checks one: the function, its arguments
             target, workdir, _, _ = describe(self.fn, calls[0], {})
             if self.ex._setup is not None:
