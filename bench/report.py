@@ -254,6 +254,12 @@ def targets(r: dict[str, Any], mode: str) -> list[dict[str, Any]]:
         tgt(f"11. run boundary: the next run's first chunk within 0.3 s of its submit (a library of "
             f"{rb['import_s']:g} s import, pool idle {rb['idle_s']:g} s)",
             f"{sp:.3f} s with the spare worker; {cold:.3f} s without it (--no-spare-worker)", sp <= 0.3)
+    for case in (r.get("12_map") or {}).get("cases", []):
+        limit = 3.0 if case["chunksize"] > 1 else 2.0  # issue 27
+        ratio = _med(case["ratio"])
+        tgt(f"12. Executor.map of {case['calls']:,} calls of pow, chunksize {case['chunksize']}: at most {limit:g}x "
+            "ProcessPoolExecutor(2).map, start to last result", f"{_med(case['ours_s']):.3f} s vs "
+            f"{_med(case['ppe_s']):.3f} s = {ratio:.2f}x (best {min(case['ratio']):.2f}x)", ratio <= limit)
     if mode == "smoke":  # sizes far too small to judge a target: the smoke run only proves the code works
         out = [{**t, "pass": None, "note": "smoke: not judged"} for t in out]
     return out

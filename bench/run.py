@@ -26,7 +26,7 @@ from bench.context import MODES, Ctx  # noqa: E402
 
 SCENARIOS = {"1": "1_tiny", "2": "2_small", "3": "3_latency", "5": "5_shared", "6": "6_scale", "7": "7_idle",
              "8": "8_gpu", "9": "9_balance",
-             "10": "10_sharedfs", "11": "11_boundary"}  # 4 (idle gap) is measured inside 1
+             "10": "10_sharedfs", "11": "11_boundary", "12": "12_map"}  # 4 (idle gap) is measured inside 1
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -35,7 +35,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="smaller sizes: under 2 minutes on 2 cores")
     size.add_argument("--smoke", action="store_true", help="tiny sizes, no peers: seconds (the CI form)")
-    p.add_argument("--only", help="comma-separated scenario numbers to run (1-11; 4 comes with 1)")
+    p.add_argument("--only", help="comma-separated scenario numbers to run (1-12; 4 comes with 1)")
     p.add_argument("--no-peers", action="store_true", help="skip OctoRun and Ray")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results", help="output folder")
     p.add_argument("--keep", action="store_true", help="keep the temporary spools")
@@ -44,11 +44,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def scenario_modules() -> dict[str, Any]:
-    from bench.scenarios import balance, boundary, gpu, idle, latency, scale, shared, sharedfs, small, throughput
+    from bench.scenarios import (balance, boundary, gpu, idle, latency, mapping, scale, shared, sharedfs, small,
+                                 throughput)
 
     return {"1_tiny": throughput, "2_small": small, "3_latency": latency, "5_shared": shared, "6_scale": scale,
             "7_idle": idle, "8_gpu": gpu, "9_balance": balance,
-            "10_sharedfs": sharedfs, "11_boundary": boundary}
+            "10_sharedfs": sharedfs, "11_boundary": boundary, "12_map": mapping}
 
 
 def ray_phase(ctx: Ctx, raw: dict[str, dict[str, Any]], chosen: list[str]) -> None:

@@ -37,6 +37,8 @@ TAG = "__gpupool__"
 MAX_DEPTH = 58  # JSON levels an encoded value may nest: under jobs.jsonio.MAX_DEPTH (64), with room for the
 # record (a result) or the mailbox (a job descriptor) around it
 _PLAIN = (str, int, float, bool, type(None))
+_SCALARS = frozenset((str, int, bool, type(None)))  # of these exact types an item of a list is itself as JSON
+_NUMBERS = frozenset((int, float, bool))
 _TIMES = {"datetime": dt.datetime, "date": dt.date, "time": dt.time}
 
 
@@ -66,6 +68,12 @@ def _enc(v: Any, depth: int, where: str) -> Any:
     if isinstance(v, _PLAIN):
         return v
     if isinstance(v, list):  # subclasses too, as json.dumps takes them
+        if depth < MAX_DEPTH:  # the items' own depth is allowed: plain ones (most of a long list) as they are
+            kinds = set(map(type, v))  # a list of plain items only (numbers, strings) copied at C speed
+            if kinds <= _SCALARS or (kinds <= _NUMBERS and _finite(v)):
+                return list(v)
+            return [x if type(x) in _SCALARS or (type(x) is float and x - x == 0.0)
+                    else _enc(x, depth + 1, f"{where}[{i}]") for i, x in enumerate(v)]
         return [_enc(x, depth + 1, f"{where}[{i}]") for i, x in enumerate(v)]
     if isinstance(v, dict):
         if all(isinstance(k, str) for k in v) and TAG not in v:
@@ -73,6 +81,14 @@ def _enc(v: Any, depth: int, where: str) -> Any:
         return {TAG: "dict", "items": [[_enc(k, depth + 3, f"a key of {where}"), _enc(x, depth + 3, f"{where}[{k!r}]")]
                                        for k, x in v.items()]}
     return _enc_other(v, depth, where)
+
+
+def _finite(numbers: list) -> bool:
+    """Whether no item of a list of numbers is nan or infinite (an int too large for a float is finite)."""
+    try:
+        return all(map(math.isfinite, numbers))
+    except OverflowError:
+        return False
 
 
 def _enc_other(v: Any, depth: int, where: str) -> Any:
@@ -120,6 +136,11 @@ def _dec(d: Any, depth: int) -> Any:
     if depth > MAX_DEPTH:
         raise TooDeep(f"encoded value is nested more than {MAX_DEPTH} levels deep")
     if isinstance(d, list):
+        if depth < MAX_DEPTH:  # plain items (most of a long list) as they are
+            kinds = set(map(type, d))
+            if list not in kinds and dict not in kinds:  # JSON scalars only: copied at C speed
+                return list(d)
+            return [x if type(x) in _SCALARS or type(x) is float else _dec(x, depth + 1) for x in d]
         return [_dec(x, depth + 1) for x in d]
     if not isinstance(d, dict):
         return d

@@ -9,6 +9,7 @@
         for f in as_completed(futures):
             print(f.result())
         print(list(ex.map(my_mod.score, range(10))))
+        print(sum(ex.map(pow, range(100_000), [2] * 100_000, chunksize=1000)))  # 1000 calls a chunk
 
 Rules, because the call travels as a job descriptor through the spool (``master.calls``):
 ``fn`` is found again by name on the agent (a module-level function, a builtin or C function, a
@@ -34,12 +35,15 @@ call done) removes that run, as ``python -m master rm`` does, unless ``keep=True
 named with ``run=``; the futures keep their values. Its calls are fed by the one dispatcher (``master.core.dispatcher``), as a run's chunks are:
 each call is one chunk with its own target and arguments, placed breadth first, retried,
 handed back from dead agents and moved from busy agents to idle ones. A call counts as started
-(and ``Future.cancel()`` then fails) once an agent's heartbeat shows it running.
+(and ``Future.cancel()`` then fails) once an agent's heartbeat shows it running. ``map`` is
+``ProcessPoolExecutor``'s: with ``chunksize`` K > 1 each K consecutive calls are one chunk (a group:
+``master.calls.run_group`` runs them on the agent), whose one result holds their values.
 """
 from __future__ import annotations
 
 import contextlib
 import inspect
+import itertools
 import math
 import os
 import secrets
@@ -50,7 +54,7 @@ import time
 import weakref
 from collections import deque
 from concurrent import futures
-from concurrent.futures.process import BrokenProcessPool
+from concurrent.futures.process import BrokenProcessPool, ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -67,7 +71,7 @@ from gpupool.jobs.owners import check_run, claim_run
 from gpupool.jobs.names import slug
 from gpupool.jobs.paths import Spool
 from gpupool.jobs.results import chunk_records
-from gpupool.master.calls import bind, describe, target_of  # noqa: F401  (bind: the API of earlier versions)
+from gpupool.master.calls import GROUP, bind, describe, target_of, unwrap  # noqa: F401  (bind: the API of earlier versions)
 from gpupool.master.core.dispatcher import Dispatcher, FeedConfig
 from gpupool.master.remote import RemoteError, remote_exception
 from gpupool.master.spec.runspec import RunSpec, kwargs_size_error
@@ -76,6 +80,8 @@ from gpupool.jobs.words import plural
 __all__ = ["CallFuture", "Executor", "NestedExecutor", "RemoteError", "RunCancelled"]
 
 EXECUTOR_MARK = "_executor"  # in run.json's kwargs: this run's chunks each carry their own call
+# map's buffersize (Python 3.14): taken where the running Python's ProcessPoolExecutor.map takes it, never otherwise
+MAP_BUFFERSIZE = "buffersize" in inspect.signature(ProcessPoolExecutor.map).parameters
 
 
 def is_executor_run(spec: RunSpec) -> bool:
@@ -178,6 +184,7 @@ class _Call:
     args: list[Any]
     kwargs: dict[str, Any]
     future: CallFuture
+    group: int = 0  # a group of map's calls (chunksize > 1): how many; its future's value is (values, exception)
 
 
 _live: "weakref.WeakSet[Executor]" = weakref.WeakSet()
@@ -264,16 +271,43 @@ class Executor(futures.Executor):
                 raise ValueError(f"{target} is imported from {workdir} and the initializer from {root}: a call's "
                                  f"worker puts one folder on its path; keep them in one project")
             workdir = workdir or root
+        return self._queue(target, workdir, pos, named)
+
+    def _queue(self, target: str, workdir: str | None, pos: list[Any], named: dict[str, Any],
+               group: int = 0) -> CallFuture:
+        """One chunk: a call, or a group of ``group`` calls of map (``GROUP``); its future."""
         with self._mutex:
             if self._broken is not None:
                 raise BrokenProcessPool(self._broken)
             if self._closing:
                 raise RuntimeError("cannot schedule new futures after shutdown")
             chunk = len(self._calls)
-            call = self._calls[chunk] = _Call(chunk, target, workdir, pos, named, CallFuture(self, chunk))
+            call = self._calls[chunk] = _Call(chunk, target, workdir, pos, named, CallFuture(self, chunk), group)
             self._new.append(chunk)
         self._wake.set()
         return call.future
+
+    def map(self, fn: Callable[..., Any], *iterables: Any, timeout: float | None = None, chunksize: int = 1,
+            **options: Any) -> Any:
+        """``fn(*args)`` for ``args`` in ``zip(*iterables)``, the results in order, lazily, as
+        ``ProcessPoolExecutor.map``: the iterables are read at once (with ``buffersize``, where the
+        running Python's map has it, as it reads them); ``timeout`` counts from this call (then
+        ``TimeoutError``); a call's exception is raised when its result is reached. With
+        ``chunksize`` K > 1, K consecutive calls travel as one job (one chunk, one result: its K
+        values; ``master.calls.run_group``), cut smaller where their arguments pass 64 KB; a call
+        that raises ends its group (the calls after it are not run) and is raised after the values
+        of those before it."""
+        if chunksize < 1:
+            raise ValueError("chunksize must be >= 1.")
+        unknown = sorted(set(options) - ({"buffersize"} if MAP_BUFFERSIZE else set()))
+        if unknown:  # as the standard map says it (on a Python without buffersize, buffersize too)
+            raise TypeError(f"map() got an unexpected keyword argument {unknown[0]!r}")
+        if chunksize == 1:
+            return super().map(fn, *iterables, timeout=timeout, **options)
+        groups = _Groups(self, fn)  # submit: one group; the standard map does the rest, as ProcessPoolExecutor's does
+        results = futures.Executor.map(groups, None, groups.cut(zip(*iterables), chunksize), timeout=timeout,
+                                       **options)
+        return _chain(results, groups)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """No more submits; with ``cancel_futures`` cancel every call that has not started
@@ -360,14 +394,15 @@ class _Calls(Dispatcher):
     def _write_spec(self, total: int) -> None:
         """run.json, so that status shows the run (its chunk count grows with the calls)."""
         first = self.ex._calls[0]
-        spec = RunSpec(self.run_name, JobKind.CALLABLE, first.target, total, {EXECUTOR_MARK: True},
+        target = first.args[0] if first.group else first.target  # a group's: the function its calls call
+        spec = RunSpec(self.run_name, JobKind.CALLABLE, target, total, {EXECUTOR_MARK: True},
                        retries=self.ex.retries, timeout=self.ex.timeout, workdir=first.workdir)
         write_replace(self.spool.run_spec(self.run_name), spec.to_json(), fsync=False)
         self.spec_chunks = total
 
     # hooks -----------------------------------------------------------------------------------
     def _job(self, c: int) -> Job:
-        call = self.ex._calls[c]
+        call = self.ex._calls[c]  # (a group's target is GROUP: its args name the function and hold the calls')
         return Job(run=self.run_name, chunk_id=c, total_chunks=max(self.spec_chunks, c + 1),
                    kind=JobKind.CALLABLE, target=call.target, attempt=self.attempt[c] + 1,
                    max_attempts=self.max_attempts[c], kwargs=call.kwargs, args=call.args, encoded=True,
@@ -401,6 +436,8 @@ class _Calls(Dispatcher):
         try:
             if rec.get("status") != JobState.OK:
                 failure = remote_exception(rec.get("error"), rec.get("agent"), c, rec.get("attempt"))
+            elif self.ex._calls[c].group:
+                value = self._group(c, rec)
             elif rec.get("arrays"):
                 value = self._arrays(rec)
             else:
@@ -415,6 +452,17 @@ class _Calls(Dispatcher):
             future.set_exception(failure)
         else:
             future.set_result(value)
+
+    def _group(self, c: int, rec: dict[str, Any]) -> tuple[list[Any], BaseException | None]:
+        """A group's (values, the exception of the call that raised or None), from its record
+        (``master.calls.run_group``'s value); CodecError where the record is no such value."""
+        n, out = self.ex._calls[c].group, decode(rec.get("value"))
+        values = out.get("values") if isinstance(out, dict) else None
+        error = out.get("error") if isinstance(out, dict) else None
+        if not (isinstance(values, list) and (len(values) == n if error is None else
+                                              isinstance(error, dict) and len(values) < n)):
+            raise CodecError(f"the result of calls group {c} is not the values of its {n} calls")
+        return values, None if error is None else remote_exception(error, rec.get("agent"), c, rec.get("attempt"))
 
     def _arrays(self, rec: dict[str, Any]) -> Any:
         from gpupool.jobs.npzio import load_npz  # numpy only where arrays are read
@@ -495,6 +543,69 @@ def _initializer(fn: Callable[..., Any] | None, initargs: tuple) -> tuple[str, s
     if (too_large := kwargs_size_error({"initargs": args}, "initargs", "a file whose path you pass")):
         raise ValueError(f"Executor: {too_large}")
     return target, root, args
+
+
+class _Groups(futures.Executor):
+    """What the standard ``Executor.map`` submits to for ``Executor.map(chunksize=K)``: each of its
+    calls is one group of K of map's calls (as ProcessPoolExecutor maps ``_process_chunk`` over
+    chunks), queued as one chunk whose future's value is (values, exception or None)."""
+
+    def __init__(self, ex: Executor, fn: Callable[..., Any]) -> None:
+        self.ex, self.fn = ex, fn
+        # (target, workdir, a partial's own positional and keyword arguments, encoded), from the first call
+        self.head: tuple[str, str | None, list[Any], dict[str, Any]] | None = None
+
+    def cut(self, calls: Any, size: int) -> Any:
+        """The groups of ``size`` consecutive calls (argument tuples) from ``calls``, each encoded as
+        its columns (one list per iterable); a group is halved until its arguments fit in a job
+        (64 KB, ``kwargs_size_error``); read as the standard map reads its iterable."""
+        while True:
+            group = tuple(itertools.islice(calls, size))
+            if not group:
+                return
+            yield from self._fitting(group)
+
+    def _fitting(self, calls: tuple) -> Any:
+        if self.head is None:  # the first call checked as submit checks one: the function, its arguments
+            target, workdir, _, _ = describe(self.fn, calls[0], {})
+            if self.ex._setup is not None:
+                root = self.ex._setup[1]
+                if root is not None and workdir is not None and root != workdir:
+                    raise ValueError(f"{target} is imported from {workdir} and the initializer from {root}: a "
+                                     "call's worker puts one folder on its path; keep them in one project")
+                workdir = workdir or root
+            _, fixed, named = unwrap(self.fn, (), {})  # a partial's own arguments, given to every call
+            self.head = (target, workdir, encode(list(fixed)), encode(named))
+        columns = [list(column) for column in zip(*calls)]
+        try:
+            args = [self.head[0], self.head[1], encode(columns), self.head[2], self.head[3]]
+        except CodecError:
+            for call in calls:  # the call that cannot travel, named as submit names it
+                describe(self.fn, call, {})
+            raise
+        too_large = kwargs_size_error({"args": args}, "map's arguments", "a file and pass its path")
+        if too_large is None:
+            yield len(calls), args
+        elif len(calls) > 1:
+            yield from self._fitting(calls[:len(calls) // 2])
+            yield from self._fitting(calls[len(calls) // 2:])
+        else:
+            raise ValueError(f"{self.head[0]}: {too_large}")
+
+    def submit(self, _: Any, group: tuple[int, list[Any]]) -> CallFuture:
+        return self.ex._queue(GROUP, self.head[1], group[1], {}, group=group[0])
+
+
+def _chain(results: Any, groups: _Groups) -> Any:
+    """The values of each group in order, then the exception of the call that raised, if one did
+    (ProcessPoolExecutor's ``_chain_from_iterable_of_lists``; ``groups`` is held for as long as map's
+    results are read: with ``buffersize`` the standard map submits through a weak reference)."""
+    for values, exc in results:
+        values.reverse()
+        while values:
+            yield values.pop()
+        if exc is not None:
+            raise exc
 
 
 def _end(future: futures.Future, exc: BaseException, sent: bool = False) -> None:

@@ -58,6 +58,9 @@ def test_bench_smoke_runs_every_scenario_and_writes_sane_results(tmp_path: Path)
     for mode in ("inotify", "poll"):
         assert 0 <= idle[mode]["cpu_core_pct"] < 100
 
+    for case in raw["12_map"]["cases"]:  # Executor.map beside ProcessPoolExecutor.map, values checked in the child
+        assert case["ours_s"] and all(0 < t < 60 for t in case["ours_s"] + case["ppe_s"]), case
+
     targets = doc["targets"]
     assert targets and all(t["pass"] is None for t in targets)  # smoke sizes are never judged
     md = js.with_suffix(".md").read_text()

@@ -97,3 +97,24 @@ def test_arrays_and_numpy_scalars_keep_dtype_shape_and_order() -> None:
         back = decode(json.loads(json.dumps(encode(value))))
         assert type(back) is type(value) and back.dtype == value.dtype and np.array_equal(back, value)
         assert np.shape(back) == np.shape(value)
+
+
+def test_long_lists_of_plain_items_take_the_quick_way_with_the_same_result() -> None:
+    """A list of plain items is copied whole (Executor.map's columns and values): what is not plain
+    in it (nan, inf, a tuple, a numpy float) is still tagged, an int too large for a float stays an
+    int, and the depth limit holds for plain items too."""
+    mixed = [1, 2.5, 10 ** 400, True, None, "x"]
+    assert encode(mixed) == mixed and decode(encode(mixed)) == mixed
+    for odd in (math.inf, -math.inf, math.nan, (1,), np.float64(0.5)):
+        out = encode([1, 2.5, 10 ** 400, odd])
+        assert isinstance(out[3], dict) and out[3][TAG] in ("float", "tuple", "numpy")
+        back = decode(json.loads(json.dumps(out)))
+        assert type(back[3]) is type(odd) and back[:3] == [1, 2.5, 10 ** 400]
+    deep = 7
+    for _ in range(MAX_DEPTH + 1):  # an int inside MAX_DEPTH + 1 lists: one level too deep
+        deep = [deep]
+    with pytest.raises(TooDeep):
+        encode(deep)
+    with pytest.raises(TooDeep):
+        decode(deep)
+    assert decode(deep[0]) == deep[0] and encode(deep[0]) == deep[0]
