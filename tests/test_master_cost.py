@@ -1,0 +1,63 @@
+"""What a master pass costs (issue 27: a million chunks): work per pass in proportion to what
+changed, not to the run's size. Step tests against a tmp spool, counting the calls that cost."""
+from __future__ import annotations
+
+import os
+import struct
+import threading
+from pathlib import Path
+
+from gpupool.jobs.paths import Spool
+from gpupool.jobs.watching import IN_CREATE, IN_Q_OVERFLOW, OVERFLOW, parse_events, watch_names
+from gpupool.master.core.dispatcher import ResultNames
+from tests.helpers import wait_for
+from tests.test_dispatcher_step import agents
+from tests.test_feeder_step import finish, make, queued
+
+
+def _event(mask: int, name: bytes = b"") -> bytes:
+    padded = name + b"\0" * (-len(name) % 16 or (16 if name else 0))
+    return struct.pack("iIII", 1, mask, 0, len(padded)) + padded
+
+
+def test_parse_events_names_new_files_skips_temp_ones_and_says_when_events_were_lost() -> None:
+    data = _event(IN_CREATE, b".000001.json.tmp-1-ab") + _event(IN_CREATE, b"000001.json") + \
+        _event(IN_Q_OVERFLOW) + _event(IN_CREATE, b"000002.a1.json")
+    assert parse_events(data) == ["000001.json", OVERFLOW, "000002.a1.json"]
+
+
+def test_the_results_watch_hands_on_what_is_linked_in_and_not_temp_files(tmp_path: Path) -> None:
+    seen: list[str] = []
+    lock = threading.Lock()
+
+    def on_names(names: list[str]) -> None:
+        with lock:
+            seen.extend(names)
+
+    watch = watch_names(tmp_path, on_names, "a test")
+    assert watch is not None
+    try:
+        for c in range(50):  # as an agent commits: a temp file, linked to the result's name, removed
+            tmp = tmp_path / f".{c:06d}.json.tmp-1-x"
+            tmp.write_bytes(b"{}")
+            os.link(tmp, tmp_path / f"{c:06d}.json")
+            os.unlink(tmp)
+        wait_for(lambda: len(seen) >= 50, 10, "50 names")
+    finally:
+        watch.stop()
+    assert sorted(seen) == [f"{c:06d}.json" for c in range(50)]
+
+
+def test_lost_events_make_the_next_pass_look_at_every_chunk_in_flight(spool: Spool) -> None:
+    agents(spool, 1)
+    f, clock, _ = make(spool, chunks=6, depth=2, max_depth=2)
+    f.names = ResultNames()
+    f.step()
+    clock.t += 0.1  # within the second between full passes
+    for job in queued(spool, "h-cpu0"):
+        finish(spool, job)
+    f.step()  # nothing was named: nothing taken in
+    assert not f.final
+    f.names.add_all([OVERFLOW])
+    f.step()
+    assert sorted(f.final) == [0, 1]
