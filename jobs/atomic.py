@@ -110,17 +110,21 @@ def writing(final: Path, fsync: bool = True, folder: Path | None = None) -> Iter
         raise
 
 
-def write_replace(final: Path, data: bytes, fsync: bool = True, folder: Path | None = None) -> None:
+def write_replace(final: Path, data: bytes, fsync: bool = True, folder: Path | None = None) -> tuple[int, int, int]:
     """Publish ``data`` at ``final``, replacing what was there, atomically (the temp file made in
-    ``folder`` when given)."""
+    ``folder`` when given). Returns the (inode, mtime_ns, size) of the file published, as
+    ``read_if_changed`` compares them (a reader that wrote it need not read it again)."""
     with writing(final, fsync, folder) as (f, tmp):
         f.write(data)
+        f.flush()
+        st = os.fstat(f.fileno())
     try:
         os.replace(tmp, final)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    return st.st_ino, st.st_mtime_ns, st.st_size
 
 
 def commit_link(tmp: Path, final: Path) -> bool:
