@@ -336,17 +336,15 @@ class Dispatcher:
         pass, else only of the chunks whose result files inotify reported since the last pass."""
         named = self.names.drain() if self.names is not None else []
         chunks = list(self.inflight) if full else {c for c in named if c in self.inflight}
-        seen: list[float] = []  # mtimes of the results found now, for the latency sample
+        seen: list[Path] = []  # the results found now, for the latency sample
         for c in chunks:
             agent, attempt = self.inflight[c]
             final = self.spool.result_json(self.run_name, c)
-            try:  # lstat: a link where the result belongs (dangling, or out of BASE) is seen and refused below
-                mtime = os.lstat(final).st_mtime
+            try:  # no symlink followed: a link where the result belongs (dangling, or out of BASE) is refused
+                rec = read_result(final, self.epoch)
             except FileNotFoundError:
                 self._collect_history(c, agent, attempt)
                 continue
-            try:
-                rec = read_result(final, self.epoch)
             except BadFile as e:
                 logger.warning("{}: {}; the chunk will run again", final, e)
                 self.spool.reject(read_or_empty(final), final, str(e))
@@ -354,14 +352,12 @@ class Dispatcher:
                     os.unlink(final)
                 self._requeue(c, free=isinstance(e, StaleResult))  # a stale one was no attempt of this run
                 continue
-            except FileNotFoundError:
-                continue
             except OSError as e:  # a folder (or an unreadable file) where the result belongs: no agent can
                 # ever commit this chunk, so it fails now, naming the path, instead of the run never ending
                 rec = {"status": JobState.FAILED, "attempt": attempt, "agent": agent, "chunk_id": c,
                        "error": Failure(FailureKind.BAD_RESULT_PATH, f"{final} is not a readable result file "
                                         f"({e.strerror}); remove it, then resume the run").to_dict()}
-            seen.append(mtime)
+            seen.append(final)
             self._conclude(c, rec)
         self._sample_latency(seen)
 
@@ -399,10 +395,17 @@ class Dispatcher:
         self._requeue(c, delay)
         self.failed_attempt(c, out)
 
-    def _sample_latency(self, mtimes: list[float]) -> None:
-        """At most once a second: how long results took to be seen here, by the file server's clock."""
+    def _sample_latency(self, found: list[Path]) -> None:
+        """At most once a second: how long results took to be seen here, by the file server's clock
+        (their mtimes, read then: not a stat per result)."""
         now = self.clock()
-        if not mtimes or now < self._next_sample:
+        if not found or now < self._next_sample:
+            return
+        mtimes = []
+        for path in found:
+            with contextlib.suppress(OSError):
+                mtimes.append(os.lstat(path).st_mtime)
+        if not mtimes:
             return
         self._next_sample = now + 1.0
         stamp = server_now(self.spool.result_dir(self.run_name))
