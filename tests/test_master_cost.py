@@ -61,3 +61,33 @@ def test_lost_events_make_the_next_pass_look_at_every_chunk_in_flight(spool: Spo
     f.names.add_all([OVERFLOW])
     f.step()
     assert sorted(f.final) == [0, 1]
+
+
+class _CountingDict(dict):
+    looks = 0
+
+    def values(self):  # type: ignore[override]
+        _CountingDict.looks += 1
+        return super().values()
+
+
+def test_a_failed_chunk_does_not_make_the_master_look_at_every_final(spool: Spool) -> None:
+    """Fail fast asks whether any chunk is ok: kept as results come, not a look at every final
+    result per failure (a run of 100,000 chunks failing each its own way was quadratic)."""
+    from gpupool.jobs.descriptor import Job, JobKind, JobState
+    from gpupool.jobs.results import commit, record
+    agents(spool, 2)
+    f, clock, _ = make(spool, chunks=40, retries=0, depth=8, max_depth=8, max_failures=3)
+    f.final = _CountingDict(f.final)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    while not f.done:
+        f.step()
+        for ident in ("h-cpu0", "h-cpu1"):
+            for c, a in queued(spool, ident):
+                j = Job(run="run1", chunk_id=c, total_chunks=40, kind=JobKind.CALLABLE, target="x:y", attempt=a,
+                        max_attempts=1)
+                words = f"{letters[c % 26]} {letters[c // 26]}"  # every chunk its own error (digits are alike)
+                commit(spool, j, record(j, JobState.FAILED, agent=ident, error={"type": "E", "message": words}))
+        clock.t += 1.0
+    assert f.halted is None and len(f.final) == 40 and all(o.status == "failed" for o in f.final.values())
+    assert _CountingDict.looks <= 2  # the assert above's own look, and none per failure
