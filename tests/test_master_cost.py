@@ -91,3 +91,29 @@ def test_a_failed_chunk_does_not_make_the_master_look_at_every_final(spool: Spoo
         clock.t += 1.0
     assert f.halted is None and len(f.final) == 40 and all(o.status == "failed" for o in f.final.values())
     assert _CountingDict.looks <= 2  # the assert above's own look, and none per failure
+
+
+def test_a_mailbox_is_not_read_back_after_its_own_write_but_another_writer_is_seen(spool: Spool, monkeypatch
+                                                                                   ) -> None:
+    """A master refilling a mailbox took its own jobs back through Job.from_dict on the next
+    refill, one check per chunk queued; what it wrote is now what it read. A write by another
+    process (an agent's prune) is read as before."""
+    from gpupool.jobs.descriptor import Job
+    from gpupool.jobs.mailbox import Mailbox
+    agents(spool, 1)
+    f, clock, _ = make(spool, chunks=40, depth=8, max_depth=8)
+    checks = []
+    real = Job.from_dict.__func__
+    monkeypatch.setattr(Job, "from_dict", classmethod(lambda cls, d, where=None: checks.append(1) or real(cls, d, where)))
+    in_steps = 0
+    for _ in range(4):  # refills: the first 8, then each time the agent finished its jobs
+        before = len(checks)
+        f.step()
+        in_steps += len(checks) - before
+        for job in queued(spool, "h-cpu0")[-8:]:  # (a fresh Mailbox: reads and checks every job)
+            finish(spool, job)
+        clock.t += 1.0
+    assert len(f.final) == 24 and in_steps == 0
+    Mailbox(spool, "h-cpu0").update(lambda jobs: jobs[:1])  # another writer: the master sees its change
+    assert [j.key for j in f._mailbox("h-cpu0").read().jobs] == [j.key for j in Mailbox(spool, "h-cpu0").read().jobs]
+    assert len(f._mailbox("h-cpu0").read().jobs) == 1
