@@ -23,8 +23,8 @@ its job 0.4 s after it was written. Mailbox temp files are therefore made in ``a
 (``Spool.mailbox_temp_dir``): a mailbox arrives as one event, and all 32 started within 0.06 s.
 
 inotify is a per-user resource: where none is to be had, the agent polls instead, with one
-warning, and never fails for it (``jobs.watching.watch_folder``, which a master's results watch
-uses too).
+warning, and never fails for it (``jobs.watching.watch_folder``; a master's results watch,
+``jobs.watching.watch_names``, does the same).
 """
 from __future__ import annotations
 

@@ -110,17 +110,21 @@ def writing(final: Path, fsync: bool = True, folder: Path | None = None) -> Iter
         raise
 
 
-def write_replace(final: Path, data: bytes, fsync: bool = True, folder: Path | None = None) -> None:
+def write_replace(final: Path, data: bytes, fsync: bool = True, folder: Path | None = None) -> tuple[int, int, int]:
     """Publish ``data`` at ``final``, replacing what was there, atomically (the temp file made in
-    ``folder`` when given)."""
+    ``folder`` when given). Returns the (inode, mtime_ns, size) of the file published, as
+    ``read_if_changed`` compares them (a reader that wrote it need not read it again)."""
     with writing(final, fsync, folder) as (f, tmp):
         f.write(data)
+        f.flush()
+        st = os.fstat(f.fileno())
     try:
         os.replace(tmp, final)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    return st.st_ino, st.st_mtime_ns, st.st_size
 
 
 def commit_link(tmp: Path, final: Path) -> bool:
@@ -190,14 +194,32 @@ def read_if_changed(path: Path, limit: int, known: tuple[int, int, int] | None, 
 
 def _read_once(path: Path, limit: int, known: tuple[int, int, int] | None) -> tuple[bytes | None, tuple[int, int, int]]:
     fd, st = _open_regular(path, os.O_RDONLY)
-    with os.fdopen(fd, "rb") as f:
+    try:
         sig = (st.st_ino, st.st_mtime_ns, st.st_size)
         if sig == known:
             return None, sig
-        data = f.read(limit + 1)
+        data = _read_upto(fd, limit + 1, st.st_size + 1)
+    finally:
+        os.close(fd)
     if len(data) > limit:
         raise BadFile(f"is larger than the {limit} byte limit for this kind of file", path)
     return data, sig
+
+
+def _read_upto(fd: int, most: int, guess: int) -> bytes:
+    """Up to ``most`` bytes of ``fd``, to its end: the first read asks for ``guess`` (the size
+    its stat said, plus one to see the end), not for ``most``, whose buffer (8 MB for a result)
+    would be allocated and given back on every read of a small file."""
+    parts, got = [], 0
+    ask = max(1, min(most, guess))
+    while got < most:
+        part = os.read(fd, min(ask, most - got))
+        if not part:
+            break
+        parts.append(part)
+        got += len(part)
+        ask = max(ask, 1 << 20)  # it grew since its stat (or the stat was stale): in big steps
+    return parts[0] if len(parts) == 1 else b"".join(parts)  # (none: b"")
 
 
 def _open_regular(path: Path, flags: int, mode: int = 0o666) -> tuple[int, os.stat_result]:

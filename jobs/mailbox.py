@@ -104,6 +104,7 @@ class Mailbox:
         self.path = spool.mailbox(agent_id)
         self.lock = FileLock(spool.mailbox_lock(agent_id))
         self._known: dict[Any, tuple[dict, Job]] = {}
+        self._encoded: dict[Any, tuple[Job, dict]] = {}  # key -> (a job this process wrote, its to_dict)
         self._last: tuple[tuple[int, int, int], Snapshot, float] | None = None  # (sig, parsed, when)
         self.changed_at = clock()  # when read() last saw different content (this process's clock)
         self.refresh = NameRefresh(self.path.parent)  # a stale read on a network filesystem (see _read_fresh)
@@ -243,7 +244,14 @@ class Mailbox:
         self.spool.reject(data, self.path, why, move=move)
 
     def _write(self, jobs: list[Job], seq: int) -> None:
-        doc = {"schema": SCHEMA, "agent": self.agent_id, "seq": seq, "jobs": [j.to_dict() for j in jobs]}
+        """Write ``jobs`` as write ``seq``; what is written is remembered as read (see ``_wrote``)."""
+        encoded, raws = {}, []
+        for j in jobs:  # a job kept from the last write is not encoded again (a deep mailbox, refilled often)
+            hit = self._encoded.get(j.key)
+            raw = hit[1] if hit is not None and hit[0] is j else j.to_dict()
+            raws.append(raw)
+            encoded[j.key] = (j, raw)
+        doc = {"schema": SCHEMA, "agent": self.agent_id, "seq": seq, "jobs": raws}
         data = json.dumps(doc).encode()
         if len(data) > MAILBOX_LIMIT:  # readers would reject it, and its jobs would vanish: refused here
             raise OSError(errno.EFBIG, f"{len(jobs)} jobs would make the mailbox {len(data) >> 20} MB, over its "
@@ -252,14 +260,27 @@ class Mailbox:
         # already makes the new content atomic for every other process (see jobs/__init__).
         folder = self.spool.mailbox_temp_dir()
         try:
-            write_replace(self.path, data, fsync=False, folder=folder)
+            sig = write_replace(self.path, data, fsync=False, folder=folder)
         except OSError as e:
             if folder is None or e.errno not in (errno.ENOENT, errno.ENOTDIR, errno.EACCES, errno.EPERM) \
                     or not self.path.parent.is_dir():
                 raise
             self.spool.forget_mailbox_temp_dir()  # its temp folder went (or broke): beside it, this once
-            write_replace(self.path, data, fsync=False)
+            sig = write_replace(self.path, data, fsync=False)
         self.lock.write_note(str(seq).encode())
+        self._wrote(sig, jobs, seq, encoded)
+
+    def _wrote(self, sig: tuple[int, int, int], jobs: list[Job], seq: int, encoded: dict[Any, tuple[Job, dict]]
+               ) -> None:
+        """What this process just wrote is what its next ``read`` returns while the file is that one
+        (the same inode, mtime and size: ``read_if_changed``), without reading, parsing and checking
+        its own jobs again (a master refilling a deep mailbox did that for every job it queued); a
+        file another process wrote since is read as before."""
+        now = self.clock()
+        self._encoded = encoded
+        self._known = {key: (raw, job) for key, (job, raw) in encoded.items()}
+        self._last = (sig, Snapshot(jobs=list(jobs), seq=seq), now)
+        self.changed_at = now  # as the next read would have said (it changed: this write)
 
 
 def without_run(run: str, counter: list[int] | None = None) -> Callable[[list[Job]], list[Job] | None]:

@@ -36,6 +36,7 @@ class Spool:
         self.rejected_dir = self.base / "rejected"
         self.pool_tmp_dir = self.pool_dir / ".tmp"  # temp files of mailbox writes (mailbox_temp_dir)
         self._mailbox_temp: Path | None = None  # pool_tmp_dir, once found to be a real folder
+        self._result_dirs: dict[str, Path] = {}  # run -> results/<run>, its name checked (a master asks per chunk)
 
     def ensure(self) -> "Spool":
         """Create the layout (idempotent): BASE as the umask has it, what is in it following
@@ -326,7 +327,12 @@ class Spool:
 
     # results
     def result_dir(self, run: str) -> Path:
-        return self.results_dir / check_name(run, "run name")
+        folder = self._result_dirs.get(run) if isinstance(run, str) else None
+        if folder is None:
+            folder = self.results_dir / check_name(run, "run name")
+            if len(self._result_dirs) < 1024:
+                self._result_dirs[run] = folder
+        return folder
 
     def result_json(self, run: str, chunk: int) -> Path:
         return self.result_dir(run) / f"{check_chunk(chunk):06d}.json"

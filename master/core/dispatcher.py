@@ -54,7 +54,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 from gpupool.jobs.logsetup import logger
-from watchdog.events import FileSystemEventHandler
 
 from gpupool.jobs.atomic import read_bounded, server_now
 from gpupool.jobs.descriptor import Job, JobState
@@ -67,7 +66,7 @@ from gpupool.jobs.outcomes import Failure, FailureKind, failure_of
 from gpupool.jobs.paths import HISTORY_RE, RESULT_RE, Spool
 from gpupool.jobs.results import StaleResult, commit, has_outcome, read_result, record, supersede
 from gpupool.jobs.words import plural
-from gpupool.jobs.watching import watch_folder
+from gpupool.jobs.watching import OVERFLOW, watch_names
 from gpupool.master.core.liveness import AgentView, Liveness
 from gpupool.master.core.states import in_hand
 
@@ -268,7 +267,7 @@ class Dispatcher:
     # one pass ----------------------------------------------------------------------------------
     def step(self) -> None:
         now = self.clock()
-        full = self.names is None or now >= self._next_liveness
+        full = self.names is None or now >= self._next_liveness or self.names.overflowed()
         if now >= self._next_liveness:
             if self.spool.cancel_flag(self.run_name).exists():
                 self._cancel()
@@ -337,17 +336,15 @@ class Dispatcher:
         pass, else only of the chunks whose result files inotify reported since the last pass."""
         named = self.names.drain() if self.names is not None else []
         chunks = list(self.inflight) if full else {c for c in named if c in self.inflight}
-        seen: list[float] = []  # mtimes of the results found now, for the latency sample
+        seen: list[Path] = []  # the results found now, for the latency sample
         for c in chunks:
             agent, attempt = self.inflight[c]
             final = self.spool.result_json(self.run_name, c)
-            try:  # lstat: a link where the result belongs (dangling, or out of BASE) is seen and refused below
-                mtime = os.lstat(final).st_mtime
+            try:  # no symlink followed: a link where the result belongs (dangling, or out of BASE) is refused
+                rec = read_result(final, self.epoch)
             except FileNotFoundError:
                 self._collect_history(c, agent, attempt)
                 continue
-            try:
-                rec = read_result(final, self.epoch)
             except BadFile as e:
                 logger.warning("{}: {}; the chunk will run again", final, e)
                 self.spool.reject(read_or_empty(final), final, str(e))
@@ -355,14 +352,12 @@ class Dispatcher:
                     os.unlink(final)
                 self._requeue(c, free=isinstance(e, StaleResult))  # a stale one was no attempt of this run
                 continue
-            except FileNotFoundError:
-                continue
             except OSError as e:  # a folder (or an unreadable file) where the result belongs: no agent can
                 # ever commit this chunk, so it fails now, naming the path, instead of the run never ending
                 rec = {"status": JobState.FAILED, "attempt": attempt, "agent": agent, "chunk_id": c,
                        "error": Failure(FailureKind.BAD_RESULT_PATH, f"{final} is not a readable result file "
                                         f"({e.strerror}); remove it, then resume the run").to_dict()}
-            seen.append(mtime)
+            seen.append(final)
             self._conclude(c, rec)
         self._sample_latency(seen)
 
@@ -400,10 +395,17 @@ class Dispatcher:
         self._requeue(c, delay)
         self.failed_attempt(c, out)
 
-    def _sample_latency(self, mtimes: list[float]) -> None:
-        """At most once a second: how long results took to be seen here, by the file server's clock."""
+    def _sample_latency(self, found: list[Path]) -> None:
+        """At most once a second: how long results took to be seen here, by the file server's clock
+        (their mtimes, read then: not a stat per result)."""
         now = self.clock()
-        if not mtimes or now < self._next_sample:
+        if not found or now < self._next_sample:
+            return
+        mtimes = []
+        for path in found:
+            with contextlib.suppress(OSError):
+                mtimes.append(os.lstat(path).st_mtime)
+        if not mtimes:
             return
         self._next_sample = now + 1.0
         stamp = server_now(self.spool.result_dir(self.run_name))
@@ -719,11 +721,16 @@ class Dispatcher:
         (inotify, where the results folder is local) or ``poll`` seconds."""
         rdir = self.spool.result_dir(self.run_name)
         self.spool.mkdir(rdir)
-        observer = None
+        watch = None
         if not is_network_fs(rdir):
             names = ResultNames()
-            watching = watch_folder(rdir, _Wake(wake, names), f"the master of {self.run_name}")
-            observer, self.names = (watching[0], names) if watching is not None else (None, None)
+
+            def seen(new: list[str]) -> None:
+                if names.add_all(new):
+                    wake.set()
+
+            watch = watch_names(rdir, seen, f"the master of {self.run_name}")
+            self.names = names if watch is not None else None
         try:
             while not finished():
                 self.step()
@@ -732,9 +739,8 @@ class Dispatcher:
                 wake.wait(self.cfg.poll)
                 wake.clear()
         finally:
-            if observer is not None:
-                observer.stop()
-                observer.join(timeout=5)
+            if watch is not None:
+                watch.stop()
             self.names = None
 
     def _left(self, c: int) -> float:
@@ -780,32 +786,40 @@ def read_or_empty(path: Path) -> bytes:
 
 
 class ResultNames:
-    """Chunk ids of result files (final or history) that appeared, handed from the watchdog
-    thread to the dispatcher's loop."""
+    """Chunk ids of result files (final or history) that appeared, handed from the watch's thread
+    (``jobs.watching.watch_names``) to the dispatcher's loop, a read of events at a time; and
+    whether events were lost (the kernel's queue overflowed: the next pass looks at every chunk
+    in flight)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._chunks: list[int] = []
+        self._overflow = False
 
     def add(self, name: str) -> None:
-        m = RESULT_RE.match(name) or HISTORY_RE.match(name)
-        if m:
+        self.add_all([name])
+
+    def add_all(self, names: list[str]) -> bool:
+        """Takes in the names of one read; True if any was a result's (or events were lost)."""
+        chunks, lost = [], False
+        for name in names:
+            m = RESULT_RE.match(name) or HISTORY_RE.match(name)
+            if m:
+                chunks.append(int(m.group(1)))
+            lost = lost or name == OVERFLOW
+        if chunks or lost:
             with self._lock:
-                self._chunks.append(int(m.group(1)))
+                self._chunks += chunks
+                self._overflow = self._overflow or lost
+        return bool(chunks) or lost
 
     def drain(self) -> list[int]:
         with self._lock:
             out, self._chunks = self._chunks, []
         return out
 
-
-class _Wake(FileSystemEventHandler):
-    def __init__(self, wake: threading.Event, names: ResultNames) -> None:
-        self.wake, self.names = wake, names
-
-    def on_any_event(self, event: Any) -> None:
-        path = event.dest_path if event.event_type == "moved" else event.src_path
-        name = os.path.basename(os.fsdecode(path))
-        if not name.startswith("."):  # temp files: not yet
-            self.names.add(name)
-            self.wake.set()
+    def overflowed(self) -> bool:
+        """Events were lost since the last call (then: False again)."""
+        with self._lock:
+            lost, self._overflow = self._overflow, False
+        return lost

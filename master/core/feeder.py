@@ -101,6 +101,7 @@ class Feeder(Dispatcher):
         self._streak: list[tuple[str, int]] = []  # the latest failed attempts in a row with one error: (key, chunk)
         self.failed_attempts = 0  # attempts failed in this session (pool errors too), final or retried
         self.retried_attempts = 0  # of them, those with attempts left (a retry was queued)
+        self._some_ok = False  # a chunk of the run is ok (kept as they come: not a look at every final per failure)
 
     @property
     def done(self) -> bool:
@@ -119,8 +120,7 @@ class Feeder(Dispatcher):
         self.failed_attempts += 1
         self.retried_attempts += c not in self.final
         limit, failure, line = self.cfg.max_failures, out.failure, out.error
-        if limit <= 0 or failure is None or line is None or self.halted is not None or \
-                any(o.status == JobState.OK for o in self.final.values()):
+        if limit <= 0 or failure is None or line is None or self.halted is not None or self._some_ok:
             return
         if failure.kind.of_the_pool or failure.type in MEMORY_ERRORS:  # the pool's or the GPU's, not the code's
             return
@@ -142,6 +142,10 @@ class Feeder(Dispatcher):
             self.halted = (f"{plural(limit, 'failed attempt')} in a row (chunks {', '.join(map(str, chunks))}) ended "
                            f"with the same error and none is ok: {line}")
             self.on_event("halted", {"why": self.halted})
+
+    def settle(self, c: int, rec: dict[str, Any]) -> None:
+        if rec["status"] == JobState.OK:
+            self._some_ok = True
 
     def _key(self, c: int, out: AttemptSummary) -> str | None:
         """What makes two failed attempts alike (``alike`` of the error line; for a script or command,
@@ -185,6 +189,7 @@ class Feeder(Dispatcher):
                 self._recover_final(c, scan)
         self._recover_mailboxes()
         self.recovered_done = len(self.final)
+        self._some_ok = any(o.status == JobState.OK for o in self.final.values())
         if not self.done:
             unseal(self.spool, spec.name)
         for c in range(spec.chunks):
