@@ -31,7 +31,7 @@ from gpupool.jobs.owners import agent_owner, check_run, refuse, run_owner
 from gpupool.jobs.paths import Spool
 from gpupool.jobs.results import scan_run
 from gpupool.master.api import Run
-from gpupool.master.core.liveness import Liveness
+from gpupool.master.core.liveness import DEAD, GONE, Liveness
 from gpupool.master.spec.options import problem
 from gpupool.master.spec.runspec import RunSpec, load_run
 from gpupool.master.core.states import AtAgents, final_states, holdings, master_feeds, state_of_run
@@ -201,7 +201,7 @@ def remove_run(spool: Spool, run: str, force: bool = False,
 @dataclass
 class AgentReport:
     agent: str
-    state: str  # heartbeat state, or "dead"
+    state: str  # heartbeat state, or DEAD (master.core.liveness)
     current: JobRef | None
     queued: int
     reached: bool  # the agent reported the state we waited for
@@ -225,7 +225,7 @@ def check_agent(spool: Spool, agent: str, force: bool = True, doing: str = "") -
 
 def agent_report(spool: Spool, agent: str, live: Liveness, want: Callable[[str], bool]) -> AgentReport:
     view = live.refresh().get(agent)
-    state = "dead" if view is None or not view.alive else view.state
+    state = DEAD if view is None or not view.alive else view.state  # a stopped one too: it takes nothing
     try:
         queued = len(Mailbox(spool, agent).read().jobs)
     except (OSError, BadFile):
@@ -248,7 +248,7 @@ def drain(spool: Spool, agent: str, timeout: float = 30.0, dead_after: float = 2
     def reached() -> AgentReport | None:
         # A busy agent looks at the flag when its chunk ends; until then it says "busy".
         rep = agent_report(spool, agent, live, lambda s: s == AgentState.DRAINING or s == AgentState.BUSY)
-        return rep if rep.reached or rep.state in ("dead", "stopped") else None
+        return rep if rep.reached or rep.state in GONE else None
 
     return wait_until(reached, timeout) or agent_report(spool, agent, live, lambda s: False)
 
@@ -267,7 +267,7 @@ def undrain(spool: Spool, agent: str, timeout: float = 30.0, dead_after: float =
 
     def reached() -> AgentReport | None:
         rep = agent_report(spool, agent, live, lambda s: s in accepting)
-        return rep if rep.reached or rep.state in ("dead", "stopped") else None
+        return rep if rep.reached or rep.state in GONE else None
 
     return wait_until(reached, timeout) or agent_report(spool, agent, live, lambda s: False)
 
@@ -278,6 +278,6 @@ def wait_idle(spool: Spool, agent: str, timeout: float, dead_after: float = 20.0
 
     def idle() -> AgentReport | None:
         rep = agent_report(spool, agent, live, lambda s: s == AgentState.DRAINING)
-        return rep if (rep.reached and rep.current is None) or rep.state in ("dead", "stopped") else None
+        return rep if (rep.reached and rep.current is None) or rep.state in GONE else None
 
     return wait_until(idle, timeout) or agent_report(spool, agent, live, lambda s: False)

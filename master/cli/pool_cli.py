@@ -14,10 +14,12 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from gpupool.jobs.heartbeat import AgentState
 from gpupool.jobs.invoked import prog as typed_as, respell, respell_parser
 from gpupool.jobs.names import printable
 from gpupool.jobs.paths import Spool
 from gpupool.jobs.words import plural
+from gpupool.master.core.liveness import GONE
 from gpupool.master.cli.run_cli import progress_args, show_progress
 
 PROG = "python -m master"
@@ -374,7 +376,7 @@ def _agent_line(rep) -> str:
                else "running nothing")
     queued = (f"; {plural(rep.queued, 'queued job')} {'goes' if rep.queued == 1 else 'go'} back to other agents"
               if rep.queued else "")
-    after = "; it takes no new job after this one" if rep.state == "busy" else ""
+    after = "; it takes no new job after this one" if rep.state == AgentState.BUSY else ""
     return f"agent {rep.agent} is {rep.state}: {running}{after}{queued}"
 
 
@@ -383,7 +385,7 @@ def cmd_drain(args: argparse.Namespace) -> int:
 
     spool = _spool(args)
     rep = drain(spool, args.agent, args.timeout, args.dead_after, args.force)
-    if rep.state in ("dead", "stopped"):
+    if rep.state in GONE:
         print(f"agent {args.agent} is {rep.state}; the drain flag stays, so it starts drained "
               + respell(f"(python -m master undrain --base {args.base} {args.agent} lifts it)", "master"))
         return 0
@@ -392,7 +394,7 @@ def cmd_drain(args: argparse.Namespace) -> int:
                     f"(state {rep.state}); the flag is set, check its log: python -m master logs --base "
                     f"{args.base} --agent {args.agent}", 1)
     print(_agent_line(rep), flush=True)
-    if args.wait_idle and rep.state != "draining":
+    if args.wait_idle and rep.state != AgentState.DRAINING:
         rep = wait_idle(spool, args.agent, args.timeout, args.dead_after)
         print(_agent_line(rep))
         if rep.current is not None:
@@ -405,7 +407,7 @@ def cmd_undrain(args: argparse.Namespace) -> int:
     from gpupool.master.control import undrain
 
     rep = undrain(_spool(args), args.agent, args.timeout, args.dead_after, args.force)
-    if rep.state in ("dead", "stopped"):
+    if rep.state in GONE:
         print(f"drain flag of {args.agent} removed; the agent is {rep.state}")
         return 0
     cur = rep.current

@@ -23,6 +23,9 @@ from gpupool.jobs.heartbeat import AgentState, Heartbeat, read_status
 from gpupool.jobs.paths import Spool
 
 
+DEAD = "dead"  # an agent whose heartbeat stopped changing, as masters and status call it
+GONE = (AgentState.STOPPED.value, DEAD)  # states of an agent that takes nothing any more
+
 @dataclass
 class AgentView:
     id: str
@@ -50,6 +53,14 @@ class AgentView:
     @property
     def state(self) -> str:
         return self.status.state
+
+    @property
+    def seen(self) -> str:
+        """Its state as masters and ``status`` show it: its heartbeat's while it is alive,
+        ``stopped`` once it stopped, else ``dead`` (``DEAD``: no agent writes it)."""
+        if self.alive:
+            return self.status.state
+        return AgentState.STOPPED.value if self.status.state == AgentState.STOPPED else DEAD
 
     @property
     def job_schema(self) -> int:

@@ -33,6 +33,7 @@ from gpupool.jobs.names import printable
 from gpupool.jobs.paths import Spool
 from gpupool.master.report import runpage
 from gpupool.master.report.gpuhistory import SAMPLE_S, GpuHistory, Sampler, sparkline
+from gpupool.master.core.liveness import DEAD
 from gpupool.master.core.states import RunState
 from gpupool.master.report.status import StatusReader, duration, eta_cell
 from gpupool.master.report.timeline import AttemptReader
@@ -80,7 +81,7 @@ def _agent_row(a: dict[str, Any]) -> str:
     cur_s = f"{cur['run']} #{cur['chunk_id']} for {duration(a['current_for_s'])}" if cur else "-"
     mem = f"{_gb(a['gpu_mem_used'])} / {_gb(a['gpu_mem_total'])} GB" if a["gpu_mem_total"] else "-"
     gpu = "cpu" if a["device"] == "cpu" else a["gpu_name"]
-    state = "DEAD" if a["state"] == "dead" else a["state"]
+    state = "DEAD" if a["state"] == DEAD else a["state"]
     cells = [_td(a["id"], "l agent"), _td(a["host"], "l"), _td(state, f"l {a['state']}"), _td(cur_s, "l"),
              _td(a["jobs_done"]), _td(a["jobs_failed"]), _td(a["queued"]), _td(f"{a['heartbeat_age_s']:.1f} s"),
              _td(gpu, "l"), _td(None if a["gpu_util"] is None else f"{a['gpu_util']}%"), _td(mem),

@@ -18,7 +18,7 @@ from typing import Any
 from gpupool.jobs.atomic import server_now
 from gpupool.jobs.descriptor import JobState
 from gpupool.jobs.errors import BadFile
-from gpupool.jobs.heartbeat import JobRef
+from gpupool.jobs.heartbeat import AgentState, JobRef
 from gpupool.jobs.invoked import spell
 from gpupool.jobs.jsonio import is_int, is_num
 from gpupool.jobs.owners import agent_owner, me, run_owner
@@ -26,7 +26,7 @@ from gpupool.jobs.names import printable
 from gpupool.jobs.paths import Spool
 from gpupool.jobs.words import plural
 from gpupool.jobs.results import final_status, read_hook, result_or_none, scan_run
-from gpupool.master.core.liveness import Liveness
+from gpupool.master.core.liveness import DEAD, Liveness
 from gpupool.master.spec.placement import combined, gpu_count, gpu_ids, gpus_of
 from gpupool.master.spec.runspec import RunSpec
 from gpupool.master.core.states import (AtAgents, RunState, chunk_state, holdings, master_feeds, read_marks,
@@ -174,7 +174,7 @@ def _agent_row(ident: str, v: Any, ref: JobRef | None, took: float | None, queue
     gpus = gpus_of(st)
     gpu = combined(gpus)
     cur = ref.to_dict() if ref is not None else None
-    state = st.state if v.alive else ("stopped" if st.state == "stopped" else "dead")
+    state = v.seen
     return {
         "id": ident, "host": st.host, "pid": st.pid, "device": st.device,
         "gpu_index": st.gpu_index, "gpu_name": gpu.get("name"), "state": state,
@@ -314,7 +314,7 @@ def _agent_line(a: dict[str, Any], color: bool) -> str:
     cur_s = f"{cur['run'][:18]}#{cur['chunk_id']} {duration(a['current_for_s'])}" if cur else "-"
     mem = f"{_gb(a['gpu_mem_used'])}/{_gb(a['gpu_mem_total'])}" if a["gpu_mem_total"] else "-"
     gpu = printable(a["gpu_name"] or "-")[:18] if a["device"] != "cpu" else "cpu"
-    label = "DEAD" if a["state"] == "dead" else a["state"]
+    label = "DEAD" if a["state"] == DEAD else a["state"]
     state = _paint(f"{label:<9}", COLORS.get(a["state"], ""), color)
     util = "-" if a["gpu_util"] is None else f"{a['gpu_util']}%"
     temp = "-" if a["gpu_temp"] is None else f"{a['gpu_temp']}C"
@@ -353,12 +353,12 @@ def render(data: dict[str, Any], color: bool = False) -> str:
     lines += [_agent_line(a, color) for a in data["agents"]]
     if not data["agents"]:
         lines.append(f"(no agents yet: start some with {spell('agents')} N BASE)")
-    dead = [a["id"] for a in data["agents"] if a["state"] == "dead"]
+    dead = [a["id"] for a in data["agents"] if a["state"] == DEAD]
     if dead:
         lines.append(_paint(f"DEAD (no heartbeat): {', '.join(dead)}; their queued jobs go to other agents", "31",
                             color))
     for a in data["agents"]:  # why an agent drained itself (a failing GPU) or paused (a full disk)
-        if a.get("last_error") and a["state"] != "stopped":
+        if a.get("last_error") and a["state"] != AgentState.STOPPED:
             lines.append(_paint(f"{a['id']} ({a['state']}): {printable(a['last_error'][:300])}", "33", color))
         if a.get("waiting") and a["alive"]:  # --gpu-mem not free: its next job waits
             lines.append(f"{a['id']} ({a['state']}): {printable(a['waiting'][:300])}")
