@@ -18,6 +18,7 @@ from gpupool.jobs.invoked import prog as typed_as, respell, respell_parser
 from gpupool.jobs.names import printable
 from gpupool.jobs.paths import Spool
 from gpupool.jobs.words import plural
+from gpupool.master.cli import alloc_cli
 from gpupool.master.cli.run_cli import progress_args, show_progress
 
 PROG = "python -m master"
@@ -64,6 +65,7 @@ Undo: python -m master retry --base /shared/base --run R (or re-run the same mai
   python -m master dashboard --base /shared/base                 # http://127.0.0.1:8473/
   python -m master dashboard --base /shared/base --port 9000 --refresh 5
   ssh -L 8473:127.0.0.1:8473 gpuhost   # to look from your laptop; --host 0.0.0.0 exposes it to the network""",
+    "alloc": alloc_cli.EXAMPLES,
 }
 TOP_EPILOG = """examples (one per command; python -m master COMMAND --help shows more):
   python -m master status    --base /tmp/b --watch
@@ -76,7 +78,8 @@ TOP_EPILOG = """examples (one per command; python -m master COMMAND --help shows
   python -m master rm        --base /tmp/b --run RUN
   python -m master drain     --base /tmp/b myhost-gpu3     (undrain to undo)
   python -m master dashboard --base /tmp/b --port 8473
-  python -m master save-config --script worker.py   (OctoRun's default config.json)"""
+  python -m master save-config --script worker.py   (OctoRun's default config.json)
+  python -m master alloc slurm --base /tmp/b --max-jobs 2 --time 1:00:00 --idle-timeout 300"""
 
 
 def _die(cmd: str, message: str, code: int = 2) -> int:
@@ -427,7 +430,7 @@ def _sub(sub: argparse._SubParsersAction, name: str, help_: str, fn: Callable) -
     p = sub.add_parser(name, help=help_, description=help_, epilog=EXAMPLES[name],
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     base = os.environ.get("GPUPOOL_BASE") or None
-    if name not in ("gpus", "save-config"):  # about this host or a file, not a spool
+    if name not in ("gpus", "save-config", "alloc"):  # about this host or a file, not a spool (alloc: its subcommand's)
         p.add_argument("--base", default=base,  # missing: one line naming $GPUPOOL_BASE (main)
                        help="the spool folder the agents serve (default: $GPUPOOL_BASE)")
     p.set_defaults(fn=fn)
@@ -546,6 +549,8 @@ COMMANDS: list[tuple[str, str, Callable, Callable]] = [  # name, help, implement
     ("dashboard", "serve a self-refreshing status page (and /api/status JSON)", cmd_dashboard, _dashboard_args),
     ("save-config", "write OctoRun's default config.json (octorun save_config) for main.py --octorun-config",
      cmd_save_config, _save_config_args),
+    ("alloc", "submit Slurm jobs of agents while runs wait for agents (alloc slurm); they end when idle",
+     alloc_cli.cmd_alloc, alloc_cli.add_args),
 ]
 
 
