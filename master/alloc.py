@@ -15,7 +15,8 @@ One allocator per spool (``BASE/alloc/alloc.lock``). Every ``poll`` seconds it
    seen from it): 10 s, doubled at each failure in a row up to 10 min; after ``max_failures`` in a
    row it stops (exit 1);
 5. stops (exit 0) once no run is fed, none of its allocations is left in Slurm, and that has lasted
-   IDLE seconds (so an allocator started just before ``main.py`` waits for it), unless ``forever``.
+   IDLE seconds (so an allocator started just before ``main.py`` waits for it), unless ``forever``;
+   on SIGTERM or Ctrl-C at once, cancelling the jobs that have not started.
 """
 from __future__ import annotations
 
@@ -338,9 +339,10 @@ class Allocator:
                 deadline = self.clock() + self.cfg.poll
                 while not self.stop_requested and self.clock() < deadline:
                     time.sleep(min(0.2, max(0.0, deadline - self.clock())))
-            pending = [a.job for a in self.allocs.values() if a.active]
-            self.say("stop requested: exiting; the allocations in flight stay (their agents end when idle)"
-                     + (f": {', '.join(pending)}" if pending else ""))
+            self._give_back_pending()  # jobs that never started: nobody waits for them now
+            left = [a.job for a in self.allocs.values() if a.active and not a.cancelled]
+            self.say("stop requested: exiting; " + (f"job(s) {', '.join(left)} stay, their agents ending when idle"
+                                                    if left else "no job left"))
             return 0
         finally:
             for s, h in old.items():
