@@ -65,7 +65,6 @@ Undo: python -m master retry --base /shared/base --run R (or re-run the same mai
   python -m master dashboard --base /shared/base                 # http://127.0.0.1:8473/
   python -m master dashboard --base /shared/base --port 9000 --refresh 5
   ssh -L 8473:127.0.0.1:8473 gpuhost   # to look from your laptop; --host 0.0.0.0 exposes it to the network""",
-    "alloc": alloc_cli.EXAMPLES,
 }
 TOP_EPILOG = """examples (one per command; python -m master COMMAND --help shows more):
   python -m master status    --base /tmp/b --watch
@@ -427,7 +426,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
 # parsers --------------------------------------------------------------------------------------
 def _sub(sub: argparse._SubParsersAction, name: str, help_: str, fn: Callable) -> argparse.ArgumentParser:
-    p = sub.add_parser(name, help=help_, description=help_, epilog=EXAMPLES[name],
+    p = sub.add_parser(name, help=help_, description=help_, epilog=EXAMPLES.get(name),  # alloc: its subcommand's
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     base = os.environ.get("GPUPOOL_BASE") or None
     if name not in ("gpus", "save-config", "alloc"):  # about this host or a file, not a spool (alloc: its subcommand's)
