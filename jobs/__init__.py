@@ -32,6 +32,10 @@ Layout (every name below is built by ``jobs.paths.Spool``, nowhere else)::
     BASE/logs/<agent>.log            agent log (loguru); <agent>.worker.log: the worker's output
     BASE/logs/<agent>.out            what a started agent printed before its log took over
     BASE/logs/<run>/<chunk:06d>.log  output of script and command jobs
+    BASE/alloc/alloc.lock            held by the one Slurm allocator of the spool (``master.alloc``)
+    BASE/alloc/<jobid>.json          one allocation it submitted: its Slurm state, nodes, the agents
+                                     seen from it (``master.core.allocs``); written by the allocator alone
+    BASE/logs/alloc.log              the allocator's log when it runs detached
     BASE/rejected/<name> + <name>.why  spool files refused as broken or hostile, with the reason
     BASE/demo-input/                 the demo's input files (``python main.py`` without ``--task``)
     /tmp/gpupool-locks/gpu-<uuid>.lock host-local: one agent per GPU on this host ($GPUPOOL_LOCK_DIR);

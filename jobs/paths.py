@@ -34,6 +34,7 @@ class Spool:
         self.results_dir = self.base / "results"
         self.logs_dir = self.base / "logs"
         self.rejected_dir = self.base / "rejected"
+        self.alloc_dir = self.base / "alloc"  # the Slurm allocator's records (master.alloc)
         self.pool_tmp_dir = self.pool_dir / ".tmp"  # temp files of mailbox writes (mailbox_temp_dir)
         self._mailbox_temp: Path | None = None  # pool_tmp_dir, once found to be a real folder
         self._result_dirs: dict[str, Path] = {}  # run -> results/<run>, its name checked (a master asks per chunk)
@@ -289,6 +290,23 @@ class Spool:
             except BadName as e:
                 warn_once(f"{folder / name}: skipped: {e}")
         return sorted(out)
+
+    # the Slurm allocator (master.alloc)
+    def alloc_lock(self) -> Path:
+        """Held by the one allocator of this spool (``python -m master alloc slurm``)."""
+        return self.alloc_dir / "alloc.lock"
+
+    def alloc_record(self, job: str) -> Path:
+        """One allocation (a Slurm job of agents) the allocator submitted: its state and agents."""
+        return self.alloc_dir / f"{check_name(job, 'Slurm job id')}.json"
+
+    def alloc_jobs(self) -> list[str]:
+        """The Slurm job ids with a record in ``alloc/``, sorted."""
+        return self._names(self.alloc_dir, ".json", "Slurm job id")
+
+    def alloc_log(self) -> Path:
+        """The allocator's log when it runs detached (its lines merge with the agents' in ``logs``)."""
+        return self.logs_dir / "alloc.log"
 
     # runs
     def run_dir(self, run: str) -> Path:

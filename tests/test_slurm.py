@@ -342,3 +342,94 @@ def test_two_gpu_jobs_on_one_node_each_seeing_its_gpu_as_0_both_serve_the_pool(s
             slurm.cli("scancel", job, check=False)
         for job in jobs:
             wait_for(lambda j=job: slurm.job_state(j) not in ("PENDING", "RUNNING", "COMPLETING"), 60, "the jobs to end")
+
+
+def alloc_env(slurm: Slurm, tmp_path: Path, cpu_agents: int) -> dict[str, str]:
+    env = {**slurm.env, "PYTHONPATH": str(REPO), "PYTHON": sys.executable, "GPUPOOL_CPU_AGENTS": str(cpu_agents),
+           "GPUPOOL_LOCK_DIR": str(tmp_path / "gpulocks"), "GPUPOOL_LOG_LEVEL": "INFO"}
+    for var in ("CUDA_VISIBLE_DEVICES", "GPUPOOL_HOST_ID", "GPUPOOL_FAKE_GPUS", "GPUPOOL_BASE"):
+        env.pop(var, None)
+    return env
+
+
+def allocator(spool: Spool, env: dict[str, str], *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "master", "alloc", "slurm", "--base", str(spool.base), "--poll",
+                             "0.5", f"--agent-args={' '.join(FAST)}", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def slurm_outputs(spool: Spool) -> str:
+    return "\n".join(f"{p.name}:\n{tail(p, 30)}" for p in sorted((spool.logs_dir / "alloc").glob("slurm-*.out")))
+
+
+@pytest.mark.timeout(300)
+def test_allocator_starts_agents_for_a_waiting_run_and_they_give_the_allocation_back(slurm: Slurm,
+                                                                                       tmp_path: Path) -> None:
+    """Issue 26: an empty pool, a run waiting for agents, the allocator submits one job of agents;
+    the run completes, the agents end when idle, the job ends and the allocator exits 0."""
+    from gpupool.master.alloc import job_name
+
+    spool = Spool(tmp_path / "base")
+    env = alloc_env(slurm, tmp_path, 2)
+    master = subprocess.Popen([sys.executable, "main.py", "--base", str(spool.base), "--new-spool", "--task",
+                               "examples.noop:sleepy", "--chunks", "20", "--kwargs", '{"seconds": 0.05}', "--run",
+                               "auto", "--no-progress"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    alloc = None
+    try:
+        wait_for(lambda: spool.run_spec("auto").exists(), 60, "the run recorded")
+        assert not spool.agent_ids()  # nobody serves the pool yet
+        alloc = allocator(spool, env, "--max-jobs", "1", "--time", "10", "--idle-timeout", "5")
+        out, _ = master.communicate(timeout=180)
+        assert master.returncode == 0, out + slurm_outputs(spool)
+        done = results(spool.base, "auto")
+        assert sorted(done) == list(range(20)) and all(v["status"] == "ok" for v in done.values())
+        ids = {f"{slurm.host}-cpu0", f"{slurm.host}-cpu1"}
+        assert {v["agent"] for v in done.values()} <= ids
+
+        # the agents end once idle for 5 s, the job with them, and then the allocator
+        aout, _ = alloc.communicate(timeout=180)
+        assert alloc.returncode == 0, aout + slurm_outputs(spool)
+        assert not slurm.cli("squeue", "-h", "--name", job_name(spool)).stdout.strip()
+        records = [json.loads(p.read_text()) for p in sorted(spool.alloc_dir.glob("*.json"))]
+        assert len(records) == 1, records  # --max-jobs 1: one job served the whole run
+        job = records[0]
+        assert job["state"] == "COMPLETED" and set(job["agents"]) == ids, job
+        assert f"submitted job {job['job']}" in aout and "done: no work left" in aout, aout
+        for ident in ids:
+            assert heartbeat(spool, ident).get("state") == "stopped"
+        assert slurm_outputs(spool).count("stops: no job for 5 seconds (--idle-exit)") == 2, slurm_outputs(spool)
+
+        # status shows the allocation with its agents
+        st = subprocess.run([sys.executable, "-m", "master", "status", "--base", str(spool.base), "--json"], cwd=REPO,
+                            env=env, capture_output=True, text=True, timeout=60)
+        assert st.returncode == 0, st.stderr
+        shown = json.loads(st.stdout)["allocations"]
+        assert [(a["job"], sorted(a["agents"])) for a in shown] == [(job["job"], sorted(ids))]
+        text = subprocess.run([sys.executable, "-m", "master", "status", "--base", str(spool.base)], cwd=REPO,
+                              env=env, capture_output=True, text=True, timeout=60).stdout
+        assert "SLURM JOB" in text and job["job"] in text, text
+    finally:
+        master.kill()
+        if alloc is not None:
+            alloc.kill()
+        for job in slurm.cli("squeue", "-h", "-o", "%i").stdout.split():
+            slurm.cli("scancel", job, check=False)
+
+
+@pytest.mark.timeout(120)
+def test_a_second_allocator_of_the_spool_is_refused(slurm: Slurm, tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "base")
+    spool.ensure()
+    env = alloc_env(slurm, tmp_path, 1)
+    first = allocator(spool, env, "--max-jobs", "1", "--time", "10", "--idle-timeout", "60")
+    try:
+        from gpupool.jobs.locks import HolderLock
+        wait_for(lambda: HolderLock(spool.alloc_lock()).holder().get("pid") == first.pid, 60, "the first allocator")
+        second = allocator(spool, env, "--max-jobs", "1", "--time", "10", "--idle-timeout", "60")
+        out, _ = second.communicate(timeout=60)
+        assert second.returncode == 3 and "another allocator serves" in out and str(first.pid) in out, out
+    finally:
+        first.send_signal(signal.SIGTERM)
+        out, _ = first.communicate(timeout=60)
+    assert first.returncode == 0, out

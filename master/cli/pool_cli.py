@@ -19,6 +19,7 @@ from gpupool.jobs.invoked import prog as typed_as, respell, respell_parser
 from gpupool.jobs.names import printable
 from gpupool.jobs.paths import Spool
 from gpupool.jobs.words import plural
+from gpupool.master.cli import alloc_cli
 from gpupool.master.core.liveness import GONE
 from gpupool.master.cli.run_cli import progress_args, show_progress
 
@@ -78,7 +79,8 @@ TOP_EPILOG = """examples (one per command; python -m master COMMAND --help shows
   python -m master rm        --base /tmp/b --run RUN
   python -m master drain     --base /tmp/b myhost-gpu3     (undrain to undo)
   python -m master dashboard --base /tmp/b --port 8473
-  python -m master save-config --script worker.py   (OctoRun's default config.json)"""
+  python -m master save-config --script worker.py   (OctoRun's default config.json)
+  python -m master alloc slurm --base /tmp/b --max-jobs 2 --time 1:00:00 --idle-timeout 300"""
 
 
 def _die(cmd: str, message: str, code: int = 2) -> int:
@@ -426,10 +428,10 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
 # parsers --------------------------------------------------------------------------------------
 def _sub(sub: argparse._SubParsersAction, name: str, help_: str, fn: Callable) -> argparse.ArgumentParser:
-    p = sub.add_parser(name, help=help_, description=help_, epilog=EXAMPLES[name],
+    p = sub.add_parser(name, help=help_, description=help_, epilog=EXAMPLES.get(name),  # alloc: its subcommand's
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     base = os.environ.get("GPUPOOL_BASE") or None
-    if name not in ("gpus", "save-config"):  # about this host or a file, not a spool
+    if name not in ("gpus", "save-config", "alloc"):  # about this host or a file, not a spool (alloc: its subcommand's)
         p.add_argument("--base", default=base,  # missing: one line naming $GPUPOOL_BASE (main)
                        help="the spool folder the agents serve (default: $GPUPOOL_BASE)")
     p.set_defaults(fn=fn)
@@ -548,6 +550,8 @@ COMMANDS: list[tuple[str, str, Callable, Callable]] = [  # name, help, implement
     ("dashboard", "serve a self-refreshing status page (and /api/status JSON)", cmd_dashboard, _dashboard_args),
     ("save-config", "write OctoRun's default config.json (octorun save_config) for main.py --octorun-config",
      cmd_save_config, _save_config_args),
+    ("alloc", "submit Slurm jobs of agents while runs wait for agents (alloc slurm); they end when idle",
+     alloc_cli.cmd_alloc, alloc_cli.add_args),
 ]
 
 

@@ -26,6 +26,7 @@ from gpupool.jobs.names import printable
 from gpupool.jobs.paths import Spool
 from gpupool.jobs.words import plural
 from gpupool.jobs.results import final_status, read_hook, result_or_none, scan_run
+from gpupool.master.core import allocs
 from gpupool.master.core.liveness import DEAD, Liveness
 from gpupool.master.spec.placement import combined, gpu_count, gpu_ids, gpus_of
 from gpupool.master.spec.runspec import RunSpec
@@ -69,7 +70,8 @@ class StatusReader:
                 r["busy_pct"] = round(100 * r["running"] / busy, 1) if busy and r["running"] else None
             # Rates and ETAs sit beside the run rows, whose keys scripts already rely on.
             return {"base": str(self.spool.base), "time": time.time(), "agents": agents, "runs": runs,
-                    "run_progress": progress}
+                    "run_progress": progress,  # and the Slurm allocator's jobs (master.core.allocs), if any
+                    "allocations": allocs.shown(allocs.load_all(self.spool), time.time())}
 
     def _agents(self) -> tuple[list[dict[str, Any]], AtAgents]:
         views = self.liveness.refresh()
@@ -374,4 +376,9 @@ def render(data: dict[str, Any], color: bool = False) -> str:
         n, left = data["runs_hidden"], data.get("runs_hidden_unfinished", 0)
         lines.append(f"({plural(n, 'older run')} hidden{f', {left} of them unfinished' if left else ''}; "
                      "--all shows them)")
+    if data.get("allocations"):  # python -m master alloc slurm: its jobs in flight and those ended today
+        lines += ["", f"{'SLURM JOB':<12} {'STATE':<11} {'SUBMITTED':<9} AGENTS"]
+        lines += [f"{printable(a['job'])[:12]:<12} {printable(a['state'] + (' (given back)' if a['cancelled'] else ''))[:24]:<11} "
+                  f"{time.strftime('%H:%M:%S', time.localtime(a['submitted_at'] or 0)):<9} "
+                  f"{printable(', '.join(a['agents'])) or '-'}" for a in data["allocations"]]
     return "\n".join(lines)
