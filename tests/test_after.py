@@ -70,6 +70,9 @@ def test_a_detached_run_after_another_starts_only_once_that_run_is_sealed_ok(spo
         text = subprocess.run([sys.executable, "-m", "master", "status", "--base", str(spool.base)], cwd=REPO,
                               env=env, capture_output=True, text=True, timeout=60).stdout
         assert re.search(r"^train .* after prep$", text, re.M), text
+        text = subprocess.run([sys.executable, "-m", "master", "status", "--base", str(spool.base), "--run", "train"],
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=60).stdout
+        assert "run train: waits for run prep to end before its chunks start (--after)" in text, text
         runs = subprocess.run([sys.executable, "-m", "master", "runs", "--base", str(spool.base)], cwd=REPO,
                               env=env, capture_output=True, text=True, timeout=60).stdout
         assert re.search(r"^train\b.*\bafter\b", runs, re.M), runs
@@ -164,6 +167,16 @@ def test_detached_runs_wait_for_agents_then_for_each_other_from_any_folder(spool
                       "--run", "train", "--after", "prep", "--detach"], env, cwd=elsewhere)  # the same command
         assert r.returncode == 0, r.stdout + r.stderr
         pids.append(_detached_pid(r.stdout))
+        # a waiting run cancelled: its master stops waiting, and it reads cancelled
+        r = run_main(["--base", str(spool.base), "--cmd", "true", "--chunks", "1", "--run", "extra", "--after", "prep",
+                      "--detach"], env, cwd=elsewhere)
+        assert r.returncode == 0, r.stdout + r.stderr
+        pids.append(_detached_pid(r.stdout))
+        r = subprocess.run([sys.executable, "-m", "master", "cancel", "--base", str(spool.base), "--run", "extra"],
+                           cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stdout + r.stderr
+        wait_for(lambda: not master_feeds(spool, "extra"), 30, "extra's master to stop")
+        assert _status(spool, env)["extra"]["state"] == "cancelled"
         agents(1)
         wait_for(lambda: _sealed_ok(spool, "prep", 2), 120, "prep to end ok")
         wait_for(lambda: _sealed_ok(spool, "train", 2), 120, "train to end ok")

@@ -104,6 +104,7 @@ def detach(spool, run: str, argv: list[str], timeout: float = 60.0) -> int:
     """--detach: start the run's master as a process of its own (its own session: it outlives this
     command and the terminal), running this command's arguments, its output appended to
     ``logs/<run>/master.log``; return once it holds the run's lock (or ended first)."""
+    import shlex
     import subprocess
     import time
 
@@ -117,7 +118,7 @@ def detach(spool, run: str, argv: list[str], timeout: float = 60.0) -> int:
     log = spool.master_log(run)
     cmd = python_argv("master.cli.run_cli", *argv, "--detached-master")  # gpupool, from where this code is
     with spool.open_log(log) as out:  # no link followed (one there is moved to rejected/)
-        out.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')}: {prog('run')} {' '.join(argv)} (detached)\n".encode())
+        out.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')}: {prog('run')} {shlex.join(argv)} (detached)\n".encode())
         out.flush()
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)

@@ -267,6 +267,16 @@ def hook_line(spool: Spool, run: str) -> str | None:
     return printable(f"on-done ({hook.get('status')}): {did}; its output: {spool.on_done_log(run)}")
 
 
+def after_line(spool: Spool, run: str) -> str | None:
+    """What the run waits for (--after: ``master.core.after``), for ``status --run``; None: nothing."""
+    spec = RunSpec.load(spool.run_spec(run))
+    marks = read_marks(spool, run, spec.waits_for)
+    if not marks.after or marks.cancelled or marks.seal is not None:
+        return None
+    return f"run {run}: waits for run{'s' if len(marks.after) > 1 else ''} {', '.join(marks.after)} to end before its " \
+        "chunks start (--after)"
+
+
 def render_chunks(run: str, rows: list[dict[str, Any]]) -> str:
     """The chunk table as text."""
     lines = [f"run {run}: {plural(len(rows), 'chunk')}", f"{'CHUNK':>7} {'STATE':<8} {'AGENT':<22} {'ATTEMPT':>7} {'TIME':>9}  ERROR"]
