@@ -15,6 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from gpupool.jobs.paths import Spool
 from gpupool.master.core.states import master_feeds
 from tests.helpers import REPO, results, run_main, wait_for
@@ -185,3 +187,24 @@ def test_detached_runs_wait_for_agents_then_for_each_other_from_any_folder(spool
     finally:
         for pid in pids:
             _stop(pid)
+
+
+def test_after_is_saved_only_where_given_and_kept_on_resume(tmp_path: Path) -> None:
+    from gpupool.master.api import Pool
+    from gpupool.master.errors import UsageError
+    from gpupool.master.spec.runspec import build, load_run, save_or_check
+
+    spool = Spool(tmp_path / "b").ensure()
+    save_or_check(spool, build(task="examples.noop:noop", chunks=1, run="prep"), fresh=False)
+    assert not {"after", "after_any"} & set(json.loads(spool.run_spec("prep").read_text()))  # older tools read it
+    spec = build(task="examples.noop:noop", chunks=1, run="train", after=["prep,a", "b"], after_any="c")
+    assert (spec.after, spec.after_any, spec.waits_for) == (["prep", "a", "b"], ["c"], ["prep", "a", "b", "c"])
+    with pytest.raises(UsageError, match="--after and --after-any both name prep"):
+        build(task="examples.noop:noop", chunks=1, after="prep", after_any="prep")
+    with pytest.raises(UsageError, match="--after names no run"):
+        build(task="examples.noop:noop", chunks=1, after=",")
+    run = Pool(spool.base).submit(task="examples.noop:noop", chunks=1, run="train", after="prep")
+    run.record()  # recorded, not fed: no master holds it now
+    assert load_run(spool, "train").after == ["prep"] and not master_feeds(spool, "train")
+    kept = save_or_check(spool, build(task="examples.noop:noop", chunks=1, run="train"), fresh=False)
+    assert kept.after == ["prep"]  # a resume without --after keeps it, as --on-done
