@@ -50,9 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     from gpupool.jobs.logsetup import command_logs
 
     command_logs("WARNING")
-    if args.octorun_config and args.detach:
-        print(f"{_me()}: --detach is for a run given by its options, not --octorun-config (run it with nohup, "
-              "or in tmux)", file=sys.stderr)
+    if args.octorun_config and (used := [o for o, v in (("--detach", args.detach), ("--after", args.after),
+                                                         ("--after-any", args.after_any)) if v]):
+        print(f"{_me()}: {', '.join(used)}: for a run given by its options, not --octorun-config", file=sys.stderr)
         return 2
     if args.octorun_config:  # the drop-in for OctoRun users
         from gpupool.master.cli.octorun import main as run_octorun
