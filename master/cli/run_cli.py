@@ -4,10 +4,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from gpupool.jobs.invoked import prefix, prog, respell, respell_parser
 from gpupool.master.spec.options import OPTIONS, Scope, add_arguments, command_values, first_problem
+
+if TYPE_CHECKING:
+    from gpupool.jobs.paths import Spool
 
 EPILOG = """examples:
   python main.py                                   # self-contained demo (starts its own agents)
@@ -100,7 +103,7 @@ def feed(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     return guarded(go)
 
 
-def detach(spool, run: str, argv: list[str], timeout: float = 60.0) -> int:
+def detach(spool: "Spool", run: str, argv: list[str], timeout: float = 60.0) -> int:
     """--detach: start the run's master as a process of its own (its own session: it outlives this
     command and the terminal), running this command's arguments, its output appended to
     ``logs/<run>/master.log``; return once it holds the run's lock (or ended first)."""
