@@ -8,7 +8,9 @@ Layout (every name below is built by ``jobs.paths.Spool``, nowhere else)::
     BASE/agents/<agent>.json         heartbeat/status, replaced every few seconds by the agent
     BASE/agents/<agent>.lock         held by the agent for its whole life (one process per agent id)
     BASE/agents/<agent>.drain        present = the agent takes no new job (``master drain``)
-    BASE/runs/<run>/run.json         the run spec, written by the master
+    BASE/runs/<run>/run.json         the run spec, written by the master; a run with --after names the
+                                     runs it starts after, and waits (its state: after) while one of
+                                     them is neither sealed nor cancelled (``master.core.after``)
     BASE/runs/<run>/master.lock      held by the one master feeding the run (holder in the file)
     BASE/runs/<run>/cancel           present = the run is cancelled ({"stop_running": bool})
     BASE/runs/<run>/sealed           present = the run is over and its results are flushed to disk: empty,
@@ -32,6 +34,7 @@ Layout (every name below is built by ``jobs.paths.Spool``, nowhere else)::
     BASE/logs/<agent>.log            agent log (loguru); <agent>.worker.log: the worker's output
     BASE/logs/<agent>.out            what a started agent printed before its log took over
     BASE/logs/<run>/<chunk:06d>.log  output of script and command jobs
+    BASE/logs/<run>/master.log       what the run's detached master printed (main.py --detach)
     BASE/alloc/alloc.lock            held by the one Slurm allocator of the spool (``master.alloc``)
     BASE/alloc/<jobid>.json          one allocation it submitted: its Slurm state, nodes, the agents
                                      seen from it (``master.core.allocs``); written by the allocator alone

@@ -374,6 +374,10 @@ class Spool:
         """What the run's --on-done hook printed (``master.hooks``)."""
         return self.run_log_dir(run) / "on_done.log"
 
+    def master_log(self, run: str) -> Path:
+        """What the run's detached master printed (``main.py --detach``)."""
+        return self.run_log_dir(run) / "master.log"
+
     def chunk_log(self, run: str, chunk: int) -> Path:
         """The output of one chunk's script or command job: written only through ``open_log``,
         read only without following a link (``jobs.atomic.open_read``)."""

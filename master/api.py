@@ -29,6 +29,7 @@ from gpupool.jobs.mailbox import drop_run
 from gpupool.jobs.owners import check_run, claim_run
 from gpupool.jobs.paths import Spool
 from gpupool.jobs.results import new_epoch, read_epoch, read_result, scan_run
+from gpupool.master.core.after import check_after, wait_for_runs
 from gpupool.master.core.feeder import FeedConfig, Feeder, Summary
 from gpupool.master.hooks import run_hook
 from gpupool.master.core.liveness import Liveness
@@ -112,6 +113,7 @@ class Pool:
         completion is keyed on chunk ids alone). ``force``: resume or start over a run of this name
         that belongs to another user (``jobs.owners``; refused without it)."""
         spec = build(**spec_values(options, "Pool.submit()"))  # an unknown keyword: TypeError naming it
+        check_after(self.spool, spec)  # --after: an unknown run or a cycle is refused here (master.core.after)
         return Run(self.spool, spec, fresh, kwargs_may_change, force)
 
     def run(self, name: str) -> "Run":
@@ -130,11 +132,18 @@ class Run:
     def name(self) -> str:
         return self.spec.name
 
+    def record(self) -> None:
+        """Record the run (its spec checked and saved, as ``wait`` does first) without feeding it: the
+        run is in the spool, and ``status`` shows it, before a master started apart feeds it (--detach)."""
+        self.wait(progress=False, _record_only=True)
+
     def wait(self, progress: bool = True, cfg: FeedConfig | None = None, wait_for_lock: bool = False,
-             stop: threading.Event | None = None, placement: Placement | None = None) -> Summary:
+             stop: threading.Event | None = None, placement: Placement | None = None,
+             _record_only: bool = False) -> Summary:
         """Be this run's master until every chunk has a final result; returns the summary.
         ``placement``: which agents may take its jobs (``master.spec.placement``; default: the run's own,
-        ``RunSpec.placement``); raises Unplaceable if live agents are there and none may."""
+        ``RunSpec.placement``); raises Unplaceable if live agents are there and none may. A run with
+        ``after`` waits for the runs it names first (``master.core.after``)."""
         self.spool.mkdir(self.spool.run_dir(self.name))
         check_run(self.spool, self.name, self.force, "start it over" if self.fresh else "resume it")
         lock = HolderLock(self.spool.master_lock(self.name))
@@ -164,11 +173,15 @@ class Run:
             self.spool.run_dirs(self.name)
             purge_temp([self.spool.result_dir(self.name), self.spool.run_dir(self.name), self.spool.pool_dir,
                         self.spool.pool_tmp_dir])
+            if _record_only:  # record(): saved, not fed
+                return None  # type: ignore[return-value]
             bar = Progress(self.spec, enabled=progress, base=self.spool.base)
             for note in notes:
                 bar.say(note)
             feeder = Feeder(self.spool, self.spec, cfg, on_event=bar.event, placement=placement)
             feeder.recover()
+            if self.spec.waits_for and not feeder.done:  # --after: a run it needs ok that did not fails it
+                feeder.halted = wait_for_runs(self.spool, self.spec, bar.say, stop)
             if earlier is not None:
                 bar.event("kwargs_changed", {"earlier": earlier.kwargs, "kwargs": self.spec.kwargs,
                                              "kept": sorted(c for c, o in feeder.final.items() if o.status == JobState.OK)})
@@ -246,7 +259,7 @@ class Run:
         if counts[JobState.OK] + counts[JobState.FAILED] < self.spec.chunks:  # what agents hold: only then
             at = AtAgents.of(holdings(self.spool, Liveness(self.spool, 20.0).refresh()))
             counts = at.counts(self.name, self.spec.chunks, statuses, self.spool.cancel_flag(self.name).exists())
-        return state_of_run(self.spool, self.name, self.spec.chunks, counts)
+        return state_of_run(self.spool, self.name, self.spec.chunks, counts, self.spec.waits_for)
 
     def results(self) -> Iterator[Result]:
         """Committed results in chunk order (chunks without one are skipped)."""

@@ -152,7 +152,7 @@ def list_runs(spool: Spool) -> list[RunInfo]:
             continue
         at = at or AtAgents.of(holdings(spool, Liveness(spool, 20.0).refresh()))  # every mailbox read once
         n = at.counts(run, spec.chunks, chunk_statuses(spool, spec), spool.cancel_flag(run).exists())
-        state = state_of_run(spool, run, spec.chunks, n)
+        state = state_of_run(spool, run, spec.chunks, n, spec.waits_for)
         out.append(RunInfo(run, state.value, spec.chunks, n[JobState.OK], n[JobState.FAILED], size, newest,
                            owner.user, owner.uid))
     return out

@@ -1,8 +1,10 @@
 """``pip install .`` gives the pool's commands on PATH, and they work from any folder."""
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import signal
 import subprocess
 import venv
 from pathlib import Path
@@ -55,6 +57,13 @@ def test_pip_install_gives_commands_that_work_from_another_folder(tmp_path: Path
     status = subprocess.run([str(bin_ / "gpupool"), "status", "--base", "spool-demo", "--json"], cwd=work, env=env,
                             capture_output=True, text=True, timeout=60)
     assert status.returncode == 0 and '"agents"' in status.stdout, status.stdout + status.stderr
+    # --detach: the run's master started apart, from the installed package, holds the run when the command returns
+    det = subprocess.run([str(bin_ / "gpupool-run"), "--base", "spool-demo", "--cmd", "true", "--chunks", "1", "--run",
+                          "detached", "--detach"], cwd=work, env=env, capture_output=True, text=True, timeout=120)
+    pid = re.search(r"its master runs detached \(pid (\d+)\)", det.stdout)
+    assert det.returncode == 0 and pid, det.stdout + det.stderr
+    os.killpg(int(pid.group(1)), signal.SIGKILL)  # no agent: it would wait on
+    assert f"follow it: gpupool status --base {work / 'spool-demo'} --run detached" in det.stdout, det.stdout
     imported = subprocess.run([str(bin_ / "python"), "-c", "import gpupool.master as m; print(m.__file__)"],
                               cwd=work, env=env, capture_output=True, text=True, timeout=60)
     assert str(tmp_path / "venv") in imported.stdout  # the installed copy, not the checkout

@@ -18,7 +18,7 @@ from gpupool.jobs.descriptor import JobState
 from gpupool.jobs.paths import Spool
 from gpupool.jobs.results import Seal, read_seal, seal, sealed, unseal
 from gpupool.master.report.dashboard import tables
-from gpupool.master.core.states import Marks, RunState, chunk_state, count_states, run_state
+from gpupool.master.core.states import Marks, RunState, chunk_state, count_states, read_marks, run_state
 from gpupool.master.report.status import StatusReader
 from tests.helpers import REPO, results, run_main, wait_for
 
@@ -61,6 +61,23 @@ def test_a_runs_state() -> None:
     assert _state(4, marks=Marks(seal=Seal()), ok=4) is RunState.DONE
     assert [s for s in RunState if s.fed] == [RunState.FEEDING, RunState.WAITING]
     assert RunState.STOPPED_EARLY.label == "stopped early"
+
+
+def test_a_run_after_runs_not_over_reads_after_fed_or_not_until_a_chunk_is_at_an_agent(spool: Spool) -> None:
+    after = Marks(after=("prep",))
+    for fed in (True, False):
+        assert _state(4, fed=fed, marks=after, pending=4) is RunState.AFTER
+    assert _state(4, fed=True, marks=after, running=1, pending=3) is RunState.FEEDING  # started before: as it is
+    assert _state(4, marks=Marks(cancelled=True, after=("prep",)), pending=4) is RunState.CANCELLED
+    assert _state(4, marks=after, ok=4) is RunState.DONE
+    # what it waits for: runs neither sealed nor cancelled nor gone
+    for run in ("prep", "done", "cancelled"):
+        spool.mkdir(spool.run_dir(run))
+        spool.run_dirs(run)
+        spool.run_spec(run).write_text("{}")
+    seal(spool, "done")
+    spool.cancel_flag("cancelled").write_text("{}")
+    assert read_marks(spool, "train", ["prep", "done", "cancelled", "gone"]).after == ("prep",)
 
 
 def test_a_seal_says_whether_the_run_stopped_early_and_an_empty_one_reads_as_before(spool: Spool) -> None:

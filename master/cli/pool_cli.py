@@ -124,8 +124,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     from gpupool.master.control import ControlError
     from gpupool.master.spec.runspec import load_run
-    from gpupool.master.report.status import (CHUNK_STATES, StatusReader, chunk_rows, hook_line, render, render_chunks,
-                                                 shown_runs)
+    from gpupool.master.report.status import (CHUNK_STATES, StatusReader, after_line, chunk_rows, hook_line, render,
+                                                 render_chunks, shown_runs)
 
     spool = _spool(args)
     states = set(args.state.split(",")) if args.state else None
@@ -144,6 +144,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             text = json.dumps(rows, indent=1) if args.json else render_chunks(args.run, rows)
             if not args.json and (hook := hook_line(spool, args.run)) is not None:
                 text += "\n" + hook
+            if not args.json and (after := after_line(spool, args.run)) is not None:  # --after: master.core.after
+                text += "\n" + after
         else:
             data = reader.gather()
             if not args.all:  # active and recent runs only (master.report.status.shown_runs)

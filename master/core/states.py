@@ -15,7 +15,8 @@ job each live agent runs), so ``status``, ``status --run``, ``runs`` and the run
 A run's state (``RunState``) comes from its chunks' states and its marks (``runs/<run>/cancel``,
 ``runs/<run>/sealed`` with the reason a master stopped it early, ``jobs.results.read_seal``) and,
 only while chunks are left, whether a master holds its lock (``master_feeds``). Only a run a
-master feeds has an ETA.
+master feeds has an ETA. A run with ``--after`` whose chunks have not started waits (``after``)
+while a run it names is not over (``not_over``; ``master.core.after``), fed or not.
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ from gpupool.jobs.results import Seal, final_status, has_outcome, read_seal, sca
 from gpupool.master.core.liveness import AgentView
 
 __all__ = ["JobState", "RunState", "chunk_state", "count_states", "final_states", "run_state", "Marks", "read_marks",
-           "master_feeds", "in_hand", "running_job", "Holding", "holdings", "AtAgents", "state_of_run"]
+           "master_feeds", "not_over", "in_hand", "running_job", "Holding", "holdings", "AtAgents", "state_of_run"]
 
 
 class RunState(str, Enum):
@@ -48,6 +49,7 @@ class RunState(str, Enum):
     DONE = "done"  # every chunk ok
     FAILED = "failed"  # every chunk has its final result, some failed
     STOPPED_EARLY = "stopped_early"  # its master stopped it: its chunks would all fail alike (--max-failures)
+    AFTER = "after"  # --after: a run it waits for is not over yet, and none of its chunks is at an agent
     INTERRUPTED = "interrupted"  # chunks left and no master feeds it (Ctrl-C, a killed master): run it again
     CANCELLED = "cancelled"  # ``python -m master cancel``
 
@@ -106,10 +108,18 @@ class Marks:
 
     cancelled: bool = False
     seal: Seal | None = None
+    after: tuple[str, ...] = ()  # the runs it waits for (--after, --after-any: ``after``) that are not over
 
 
-def read_marks(spool: Spool, run: str) -> Marks:
-    return Marks(spool.cancel_flag(run).exists(), read_seal(spool, run))
+def read_marks(spool: Spool, run: str, after: Collection[str] = ()) -> Marks:
+    """``after``: the runs it waits for (``RunSpec.waits_for``)."""
+    return Marks(spool.cancel_flag(run).exists(), read_seal(spool, run), not_over(spool, after))
+
+
+def not_over(spool: Spool, runs: Collection[str]) -> tuple[str, ...]:
+    """Those of ``runs`` neither sealed nor cancelled (nor removed): what a run with --after waits for."""
+    return tuple(r for r in runs if os.path.lexists(spool.run_spec(r)) and not os.path.lexists(spool.sealed_flag(r))
+                 and not os.path.lexists(spool.cancel_flag(r)))
 
 
 def master_feeds(spool: Spool, run: str) -> bool:
@@ -140,9 +150,11 @@ def run_state(chunks: int, counts: Mapping[JobState, int], marks: Marks, fed: Ca
         return RunState.DONE
     if ok + failed >= chunks:
         return RunState.FAILED
+    held = counts.get(JobState.RUNNING, 0) + counts.get(JobState.QUEUED, 0)
+    if marks.after and not held:
+        return RunState.AFTER
     if not fed():
         return RunState.INTERRUPTED
-    held = counts.get(JobState.RUNNING, 0) + counts.get(JobState.QUEUED, 0)
     return RunState.FEEDING if held else RunState.WAITING
 
 
@@ -242,6 +254,8 @@ class AtAgents:
         return count_states(chunks, results, self.running.get(run, {}), self.queued.get(run, {}), cancelled)
 
 
-def state_of_run(spool: Spool, run: str, chunks: int, counts: Mapping[JobState, int]) -> RunState:
-    """``run_state`` with the run's marks read now and its lock looked at if needed."""
-    return run_state(chunks, counts, read_marks(spool, run), lambda: master_feeds(spool, run))
+def state_of_run(spool: Spool, run: str, chunks: int, counts: Mapping[JobState, int],
+                 after: Collection[str] = ()) -> RunState:
+    """``run_state`` with the run's marks read now and its lock looked at if needed; ``after``: the
+    runs it waits for (``RunSpec.waits_for``)."""
+    return run_state(chunks, counts, read_marks(spool, run, after), lambda: master_feeds(spool, run))

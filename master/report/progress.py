@@ -12,6 +12,7 @@ from gpupool.jobs.invoked import respell, spell
 from gpupool.jobs.names import printable
 from gpupool.jobs.paths import Spool
 from gpupool.jobs.words import plural
+from gpupool.master.core.after import HALTED as AFTER_HALTED
 from gpupool.master.core.feeder import Summary
 from gpupool.master.spec.runspec import RunSpec
 
@@ -98,7 +99,11 @@ def format_summary(s: Summary, base: Path) -> str:
         lines.append(f"  read one:  python -m master logs --base {base} --run {s.run} --chunk {failed[0]}")
         lines.append(f"  retry:     python -m master retry --base {base} --run {s.run}   (or re-run the same command)")
     not_done = s.chunks - len(s.outcomes)
-    if s.halted:
+    if s.halted and s.halted.startswith(AFTER_HALTED):  # master.core.after: a run it needed ok did not end ok
+        why = s.halted[len(AFTER_HALTED):]  # "run NAME failed (...); ..."
+        lines.append(f"  not started: {printable(why)}. Fix it (python -m master retry --base {base} --run "
+                     f"{printable(why.split()[1])}), then run the same command again: it waits for it anew")
+    elif s.halted:
         lines.append(f"  stopped early: {printable(s.halted)}; every chunk would fail the same way. Fix it, then run the same "
                      f"command again: it resumes, and failed chunks run again (--max-failures 0: never stop early)")
     if s.cancelled and not_done > 0:

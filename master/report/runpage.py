@@ -66,7 +66,7 @@ def run_data(spool: Spool, reader: AttemptReader, run: str, spec: RunSpec, dead_
         if a["status"] == JobState.FAILED and a["error"]:
             failures[a["chunk"]] = a["error"]
     done = n[JobState.OK] + n[JobState.FAILED] == spec.chunks
-    state = state_of_run(spool, run, spec.chunks, n)
+    state = state_of_run(spool, run, spec.chunks, n, spec.waits_for)
     chart = bars(attempts, rows, now)
     drawn = {b["agent"] for b in chart}
     idle = () if done else tuple(sorted(a for a, v in Liveness(spool, dead_after).refresh().items()

@@ -91,7 +91,7 @@ class StatusReader:
         except (OSError, BadFile):
             return None
         finals = self._finals(name)
-        marks = read_marks(self.spool, name)
+        marks = read_marks(self.spool, name, spec.waits_for)
         n = at.counts(name, spec.chunks, {c: s for c, (s, _) in finals.items()}, marks.cancelled)
         state = run_state(spec.chunks, n, marks, lambda: master_feeds(self.spool, name))
         ok, failed = n[JobState.OK], n[JobState.FAILED]
@@ -103,6 +103,8 @@ class StatusReader:
                "share": spec.share, "state": state.value}
         owner = run_owner(self.spool, name)  # jobs.owners: who submitted it (None: unknown)
         row.update(owner=owner.user, owner_uid=owner.uid)
+        if spec.waits_for:  # --after: the runs it still waits for (master.core.after)
+            row["after"] = list(marks.after)
         if spec.on_done is not None:  # master.hooks: claimed (started) and, once it ended, its exit code
             hook = read_hook(self.spool, name)
             row["on_done"] = None if hook is None else {k: hook.get(k) for k in ("status", "exit_code", "started_at",
@@ -160,7 +162,7 @@ def shown_runs(spool: Spool, data: dict[str, Any], recent_s: float = RECENT_S) -
         idle = p.get("idle_s")
         if r["queued"] or r["running"] or (idle is not None and idle <= recent_s):
             keep.append(r)
-        elif RunState(r["state"]).fed:
+        elif RunState(r["state"]).fed or r["state"] == RunState.AFTER:
             keep.append(r)  # fed by a master that waits (for agents, for a retry's back-off)
         else:
             hidden += 1
@@ -267,6 +269,16 @@ def hook_line(spool: Spool, run: str) -> str | None:
     return printable(f"on-done ({hook.get('status')}): {did}; its output: {spool.on_done_log(run)}")
 
 
+def after_line(spool: Spool, run: str) -> str | None:
+    """What the run waits for (--after: ``master.core.after``), for ``status --run``; None: nothing."""
+    spec = RunSpec.load(spool.run_spec(run))
+    marks = read_marks(spool, run, spec.waits_for)
+    if not marks.after or marks.cancelled or marks.seal is not None:
+        return None
+    return f"run {run}: waits for run{'s' if len(marks.after) > 1 else ''} {', '.join(marks.after)} to end before its " \
+        "chunks start (--after)"
+
+
 def render_chunks(run: str, rows: list[dict[str, Any]]) -> str:
     """The chunk table as text."""
     lines = [f"run {run}: {plural(len(rows), 'chunk')}", f"{'CHUNK':>7} {'STATE':<8} {'AGENT':<22} {'ATTEMPT':>7} {'TIME':>9}  ERROR"]
@@ -341,8 +353,10 @@ def _run_line(r: dict[str, Any], p: dict[str, Any], color: bool) -> str:
 
 def eta_cell(r: dict[str, Any], p: dict[str, Any]) -> str:
     """The ETA column: how long a run a master feeds has left, else its state (done, failed,
-    cancelled, stopped early, interrupted): nothing feeds it, so it has no ETA."""
+    cancelled, stopped early, interrupted, after the runs it waits for): it has no ETA."""
     state = RunState(r["state"])
+    if state is RunState.AFTER:
+        return f"after {','.join(r.get('after') or ())}"
     return duration(p.get("eta_s")) if state is RunState.FEEDING else state.label
 
 

@@ -121,6 +121,15 @@ OPTIONS: tuple[Option, ...] = (
     Option("on_done", None, None, "a shell command run once when the run ends (done, failed, or cancelled while fed), "
            "by its master, with {run} {status} {ok} {failed} {results} ({results!q}: shell-quoted); its output goes "
            "to logs/<run>/on_done.log; kept with the run (docs/cli.md)", S, metavar="'CMD'", sparse=True),
+    Option("after", None, None, "start this run's chunks only once each run named has ended with every chunk ok "
+           "(Slurm's afterok); one that failed or was cancelled fails this run at once. The run is recorded now, and "
+           "status shows it as 'after RUN' meanwhile; repeatable; kept with the run (docs/jobs.md, Pipelines)", S,
+           metavar="RUN[,RUN]", append=True, sparse=True),
+    Option("after_any", None, None, "as --after, whatever the outcome of the runs named: done, failed or cancelled "
+           "(Slurm's afterany); repeatable", S, metavar="RUN[,RUN]", append=True, sparse=True),
+    Option("detach", None, False, "record the run, start its master as a process of its own in the background (its "
+           "output: logs/<run>/master.log) and return at once; the same command resumes it should that process "
+           "end early (docs/jobs.md, Pipelines)", C, aliases=("--no-wait",)),
     Option("run", None, None, "run name (default: derived from the task, chunk count and kwargs)", I),
     Option("retries", int, 2, "retries per failed chunk (default 2)", S, lambda v: v >= 0,
            "--retries must be 0 or more, not {v}"),
@@ -169,7 +178,7 @@ OPTIONS: tuple[Option, ...] = (
 BY_NAME = {o.name: o for o in OPTIONS}
 PLACEMENT = ("targets", "hosts", "exclude_hosts", "min_free_gb", "gpus_per_job", "gpu_mem")  # master.spec.placement
 # kept with the run when a resume or retry does not give them again; one given again replaces it, said in a note
-KEPT = (*PLACEMENT, "on_done")
+KEPT = (*PLACEMENT, "on_done", "after", "after_any")
 SPARSE = tuple(o.name for o in OPTIONS if o.sparse)
 JOB_FIELDS = {o.name: o.job for o in OPTIONS if o.job}  # RunSpec field -> Job field
 

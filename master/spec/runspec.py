@@ -58,6 +58,9 @@ class RunSpec:
     gpus_per_job: int | None = None
     gpu_mem: float | None = None
     on_done: str | None = None  # main.py --on-done: a shell command run once when the run ends (master.hooks)
+    # main.py --after, --after-any: the runs it starts after, once they end ok / whatever their outcome (master.core.after)
+    after: list[str] | None = None
+    after_any: list[str] | None = None
 
     def identity(self) -> dict[str, Any]:
         """What makes two runs the same run (retries and timeout may change on resume)."""
@@ -65,6 +68,11 @@ class RunSpec:
                 "shared": self.shared, "data_dir": self.data_dir, "params": self.params,
                 "commands": self.commands, "options": self.options,
                 **({"setup": self.setup} if self.setup is not None else {})}  # as before --setup where none
+
+    @property
+    def waits_for(self) -> list[str]:
+        """The runs it starts after (--after, then --after-any), in order (``master.core.after``)."""
+        return [*(self.after or ()), *(self.after_any or ())]
 
     def chunk_target(self, chunk: int) -> str:
         """What chunk ``chunk`` runs: the run's target, or its line of a --commands file."""
@@ -110,6 +118,12 @@ class RunSpec:
         """What is wrong with a spec read from the spool (its types and ranges), or None."""
         try:
             check_name(self.name, "run name")
+            for name in ("after", "after_any"):
+                runs = getattr(self, name)
+                if runs is not None and (not isinstance(runs, list) or not all(isinstance(r, str) for r in runs)):
+                    return f"'{name}' must be a list of run names, not {brief(runs)}"
+                for r in runs or ():
+                    check_name(r, f"'{name}' run name")
         except SpoolError as e:
             return str(e)
         if self.name != folder:
@@ -315,6 +329,9 @@ def build(**values: Any) -> RunSpec:
         from gpupool.master.spec.cmdspec import HOOK_FIELDS, check_template
 
         check_template(a["on_done"], "--on-done", set(HOOK_FIELDS))
+    after, after_any = run_list(a["after"], "--after"), run_list(a["after_any"], "--after-any")
+    if both := sorted(set(after or ()) & set(after_any or ())):
+        raise UsageError(f"--after and --after-any both name {', '.join(both)}: give each run once")
     if run:
         name = check_run_name(run)
     elif params is None and lines is None and options is None:  # as before command jobs and sweeps
@@ -325,7 +342,7 @@ def build(**values: Any) -> RunSpec:
     return RunSpec(name, kind, target, chunks, kwargs, shared_path, data_dir, a["retries"], a["timeout"], workdir,
                    float(a["share"]), params=params, commands=lines, options=options,
                    arrays_as_kwargs=bool(a["arrays_as_kwargs"]), visible_gpu_id=bool(a["visible_gpu_id"]),
-                   env=dict(env) if env else None, setup=setup, on_done=a["on_done"],
+                   env=dict(env) if env else None, setup=setup, on_done=a["on_done"], after=after, after_any=after_any,
                    **placement)
 
 
@@ -373,6 +390,27 @@ def check_run_name(run: str) -> str:
         raise UsageError(str(e)) from None
 
 
+
+
+def run_list(given: str | list[str] | None, flag: str) -> list[str] | None:
+    """``--after A,B --after C`` (or the API's ``"A,B"``, ``["A", "B"]``) -> ``["A", "B", "C"]``:
+    each a valid run name, once; None where none is given."""
+    if given is None:
+        return None
+    items = [given] if isinstance(given, str) else given
+    if not isinstance(items, (list, tuple)) or not all(isinstance(i, str) for i in items):
+        raise UsageError(f"{flag} takes run names (RUN[,RUN...]), not {brief(given)}")
+    names: dict[str, None] = {}
+    for item in items:
+        for r in item.split(","):
+            if r.strip():
+                try:
+                    names[check_name(r.strip(), f"{flag} run name")] = None
+                except SpoolError as e:
+                    raise UsageError(str(e)) from None
+    if not names:
+        raise UsageError(f"{flag} names no run (RUN[,RUN...])")
+    return list(names)
 
 
 def load_run(spool: Spool, run: str) -> RunSpec:
