@@ -251,7 +251,7 @@ class Agent:
             self._finished.add(job.uid)
         else:
             self.life.active()
-            late = self.life.refuses(job, self._durations.get(job.run))
+            late = self.life.refuses(job, self._durations.get(job.run, job.chunk_time))
             if late is not None:
                 return self._end(late)
             if job.gpu_mem is not None and not self._memory_for(job):
@@ -315,7 +315,7 @@ class Agent:
             return None
         nxt = self.share.choose(jobs, self._finished, running=after, expected=last)
         if nxt is None or nxt.kind is not JobKind.CALLABLE or nxt.alone or self.restart.holds(nxt) \
-                or nxt.gpu_mem is not None or self.life.refuses(nxt, self._durations.get(nxt.run)) is not None \
+                or nxt.gpu_mem is not None or self.life.refuses(nxt, self._durations.get(nxt.run, nxt.chunk_time)) is not None \
                 or self._skip_reason(nxt) is not None:
             return None
         return nxt

@@ -2,8 +2,8 @@
 time it must end by (``--end-at`` / ``--time-left``, or its Slurm job's end, read once at start).
 
 An agent that knows its end does not start a chunk that would not fit: the chunk's expected
-length is how long the last chunk of its run took here (unknown for a run's first chunk here:
-it starts if the margin is left). When the next chunk would not fit, or ``margin`` seconds
+length is how long the last chunk of its run took here, or before that the run's ``--chunk-time``
+(``Job.chunk_time``; neither: unknown, it starts if the margin is left). When the next chunk would not fit, or ``margin`` seconds
 before the end, the agent stops as on ``start_agents.sh stop``: it finishes nothing new, its
 heartbeat says ``stopped``, and masters hand its queued jobs to other agents at once. The
 end's signal (Slurm's ``--signal``) is then only a safety net for a chunk that ran longer than
@@ -83,7 +83,7 @@ class Lifetime:
 
     def refuses(self, job: Job, expected: float | None) -> str | None:
         """Why ``job`` must not start here (it would not end in time), or None. ``expected``: how
-        long its run's last chunk took here (None: unknown, it starts)."""
+        long its run's last chunk took here, or its --chunk-time (None: unknown, it starts)."""
         need = (expected or 0.0) + self.margin
         if self.left() >= need:
             return None

@@ -48,7 +48,8 @@ class JobState(str, Enum):
 # (absent: 1) reads the job's schema, so an old agent is passed over, never fed jobs it must refuse.
 OPTIONAL: dict[str, Any] = {"alone": False, "epoch": None, "share": 1.0, "params": None, "options": None,
                             "args": [], "encoded": False, "arrays_as_kwargs": False, "visible_gpu_id": False,
-                            "env": None, "gpus": None, "gpu_mem": None, "setup": None, "setup_args": None}
+                            "env": None, "gpus": None, "gpu_mem": None, "setup": None, "setup_args": None,
+                            "chunk_time": None}
 # params: an agent that ignored them would leave them out of the result (collect's columns); options: it
 # would ignore a command job's checks and result file
 # also new in schema 2 (issue 15): an Executor call's positional arguments and its arguments encoded by jobs.codec; the
@@ -155,6 +156,7 @@ class Job:
     setup: str | None = None  # --setup (an Executor's initializer): "mod:fn" or "/abs/file.py:fn", called once per
     #                           worker before its first chunk; its value is the task's ``state``
     setup_args: list[Any] | None = None  # an initializer's initargs (jobs.codec): it is called with them alone
+    chunk_time: float | None = None  # --chunk-time: how long a chunk takes, a hint (agent.lifetime; ignored: no harm)
     schema: int = field(default=SCHEMA, compare=False)  # what it was read as; written as needs_schema
 
     @property
@@ -256,10 +258,10 @@ class Job:
                 _expect(v, str, name, where)
                 if "\0" in v:
                     raise BadFile(f"'{name}' contains a NUL byte", where)
-        if self.timeout is not None and (
-            isinstance(self.timeout, bool) or not isinstance(self.timeout, (int, float)) or not 0 < self.timeout < math.inf
-        ):
-            raise BadFile(f"'timeout' must be a positive number, got {brief(self.timeout)}", where)
+        for name in ("timeout", "chunk_time"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf):
+                raise BadFile(f"'{name}' must be a positive number, got {brief(v)}", where)
 
 
 _FIELDS = tuple(f.name for f in dataclasses.fields(Job))

@@ -69,3 +69,24 @@ def test_an_end_that_leaves_no_time_is_refused_at_start(spool: Spool, env, tmp_p
     r = subprocess.run([sys.executable, "-m", "agent", "--base", str(spool.base), "--cpu", "--end-at", "soon"],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "--end-at 'soon': expected seconds since the epoch" in r.stderr
+
+
+def test_a_run_s_chunk_time_keeps_even_its_first_chunk_off_an_agent_too_near_its_end(spool: Spool, env,
+                                                                                     agents) -> None:
+    ending = AgentProc(spool.base, 0, env, ["--time-left", "600", "--end-margin", "1"]).wait_ready()
+    feeder = subprocess.Popen([sys.executable, "main.py", "--base", str(spool.base), "--task", "examples.noop:noop",
+                               "--chunks", "4", "--chunk-time", "900", "--run", "long", "--no-progress"], cwd=REPO,
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:  # the only agent is given the run's jobs: it starts none (900 s would not end in 600), and stops
+        wait_for(lambda: ending.proc.poll() is not None, 120, "the agent to stop rather than start a chunk")
+        assert "long's chunks take about 900 s" in ending.output(), ending.output()
+        agents(1, first=1)  # its jobs go to the next agent, at no cost
+        out, _ = feeder.communicate(timeout=120)
+        assert feeder.returncode == 0, out
+        results = _results(spool, "long")
+        assert [r["status"] for r in results] == ["ok"] * 4
+        assert {r["agent"] for r in results} == {f"{ending.id[:-1]}1"}
+        assert not list((spool.results_dir / "long").glob("*.a*.json"))
+    finally:
+        feeder.kill()
+        ending.kill()

@@ -140,6 +140,10 @@ OPTIONS: tuple[Option, ...] = (
            "--max-failures must be 0 (never stop early) or more", metavar="K"),
     Option("timeout", float, None, "seconds a chunk may run before it is killed", S, _POSITIVE,
            "--timeout must be a positive number of seconds, not {v}", job="timeout"),
+    Option("chunk_time", float, None, "how long one chunk takes, in seconds: an agent that must end by a time "
+           "(its Slurm job's end, --end-at) starts no chunk of this run that would not end before it, even its first "
+           "one (later ones: the run's last chunk there says)", S, _POSITIVE,
+           "--chunk-time must be a positive number of seconds, not {v}", metavar="S", sparse=True, job="chunk_time"),
     Option("share", float, 1.0, "the run's weight when several runs use the pool at once: agents are split between "
            "the active runs in proportion to their weights (default 1)", S, lambda v: _num(v) and _POSITIVE(v),
            "--share must be a positive number (the run's weight; default 1), not {v!r}", aliases=("--priority",),

@@ -58,6 +58,7 @@ class RunSpec:
     gpus_per_job: int | None = None
     gpu_mem: float | None = None
     on_done: str | None = None  # main.py --on-done: a shell command run once when the run ends (master.hooks)
+    chunk_time: float | None = None  # main.py --chunk-time: how long a chunk takes (agent.lifetime), a hint
     # main.py --after, --after-any: the runs it starts after, once they end ok / whatever their outcome (master.core.after)
     after: list[str] | None = None
     after_any: list[str] | None = None
@@ -140,7 +141,7 @@ class RunSpec:
                 return f"'{name}' must be a path, not {brief(v)}"
         if isinstance(self.retries, bool) or not isinstance(self.retries, int) or not 0 <= self.retries < MAX_ATTEMPTS:
             return f"'retries' must be a whole number from 0 to {MAX_ATTEMPTS - 1}, not {brief(self.retries)}"
-        for name, optional in (("timeout", True), ("share", False)):
+        for name, optional in (("timeout", True), ("share", False), ("chunk_time", True)):
             v = getattr(self, name)
             if v is None and optional:
                 continue
@@ -289,7 +290,7 @@ def build(**values: Any) -> RunSpec:
     if (too_large := kwargs_size_error(kwargs if params is None else
                                        max((dict(kwargs, **p) for p in params), key=lambda d: len(json.dumps(d))))):
         raise UsageError(too_large)
-    if why := first_problem(a, ("retries", "timeout", "share")):
+    if why := first_problem(a, ("retries", "timeout", "share", "chunk_time")):
         raise UsageError(why)
     placement = {k: a[k] for k in PLACEMENT}
     placement["targets"] = list(placement["targets"] or []) or None
@@ -342,7 +343,8 @@ def build(**values: Any) -> RunSpec:
     return RunSpec(name, kind, target, chunks, kwargs, shared_path, data_dir, a["retries"], a["timeout"], workdir,
                    float(a["share"]), params=params, commands=lines, options=options,
                    arrays_as_kwargs=bool(a["arrays_as_kwargs"]), visible_gpu_id=bool(a["visible_gpu_id"]),
-                   env=dict(env) if env else None, setup=setup, on_done=a["on_done"], after=after, after_any=after_any,
+                   env=dict(env) if env else None, setup=setup, on_done=a["on_done"], chunk_time=a["chunk_time"],
+                   after=after, after_any=after_any,
                    **placement)
 
 
