@@ -20,6 +20,7 @@ One allocator per spool (``BASE/alloc/alloc.lock``). Every ``poll`` seconds it
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -156,6 +157,10 @@ class AllocConfig:
             raise UsageError(f"--backlog must be 1 or more, not {self.backlog}")
         if not TIME_FORMAT.match(self.time):
             raise UsageError(f"--time {self.time!r}: expected Slurm's time format, e.g. 12:00:00, 90 (minutes), 1-00:00:00")
+        margin = end_margin(self.agent_args)
+        if slurm_seconds(self.time) <= margin:  # agent.lifetime: each agent refuses to start, and no job ever works
+            raise UsageError(f"--time {self.time}: the agents stop --end-margin {margin:g} s before their job's end, which "
+                             f"leaves them no time; give a longer --time, or --agent-args '--end-margin S'")
         for name in ("idle_timeout", "poll", "dead_after"):
             v = getattr(self, name)
             if not 0 < v < float("inf"):
@@ -355,6 +360,29 @@ def take_lock(spool: Spool) -> HolderLock:
     lock = HolderLock(spool.alloc_lock())
     lock.take(f"the allocator of {spool.base}")
     return lock
+
+
+def slurm_seconds(text: str) -> int:
+    """Seconds of a Slurm time limit (``TIME_FORMAT``: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S)."""
+    days, _, rest = text.rpartition("-")
+    parts = [int(x) for x in rest.split(":")]
+    if days:  # D-H, D-H:M, D-H:M:S
+        h, m, s = (parts + [0, 0])[:3]
+        return ((int(days) * 24 + h) * 60 + m) * 60 + s
+    return parts[0] * 60 if len(parts) == 1 else parts[0] * 60 + parts[1] if len(parts) == 2 else \
+        (parts[0] * 60 + parts[1]) * 60 + parts[2]
+
+
+def end_margin(args: list[str]) -> float:
+    """The agents' --end-margin among ``args`` (the last one given), else the agent's default."""
+    from gpupool.agent.lifetime import END_MARGIN_S
+
+    margin = END_MARGIN_S
+    for i, a in enumerate(args):
+        with contextlib.suppress(ValueError, IndexError):
+            margin = float(a.split("=", 1)[1]) if a.startswith("--end-margin=") else \
+                float(args[i + 1]) if a == "--end-margin" else margin
+    return margin
 
 
 def agent_args(text: str | None) -> list[str]:

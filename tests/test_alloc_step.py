@@ -187,3 +187,15 @@ def test_a_job_of_this_spool_that_has_no_record_is_taken_over(setup) -> None:
     s.pool.agents["n9-gpu1"] = hb("n9", started_at=5.0)  # started before the job: not one of its agents
     s.al.step()
     assert load_all(s.spool)[0].agents == ["n9-gpu0"]
+
+
+def test_a_time_limit_that_leaves_the_agents_no_time_before_their_end_margin_is_refused() -> None:
+    from gpupool.master.alloc import AllocConfig
+    from gpupool.master.errors import UsageError
+
+    with pytest.raises(UsageError, match=r"--time 1: the agents stop --end-margin 60 s before their job's end"):
+        AllocConfig(1, "1", 5.0).check()  # one minute, and agents stop 60 s before its end
+    AllocConfig(1, "1", 5.0, agent_args=["--end-margin", "10"]).check()  # they stop 10 s before it: fine
+    AllocConfig(1, "0-00:02:00", 5.0).check()
+    with pytest.raises(UsageError, match="--end-margin 90 s"):
+        AllocConfig(1, "1:30", 5.0, agent_args=["--end-margin=90"]).check()
