@@ -548,5 +548,6 @@ class Agent:
             "mps": os.environ.get("CUDA_MPS_PIPE_DIRECTORY"),
             "uid": os.geteuid(),  # whose agent it is: drain/undrain by another user want --force (jobs.owners)
             "user": Heartbeat.user_of(os.geteuid()),
+            "slurm_job": os.environ.get("SLURM_JOB_ID"),  # an allocation's agents (master.alloc)
         })
 

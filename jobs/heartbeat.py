@@ -110,6 +110,7 @@ class Heartbeat:
     mps: str | None = None  # the CUDA_MPS_PIPE_DIRECTORY its jobs get
     uid: int | None = None  # the user it runs as (jobs.owners: drain/undrain of another user's agent want --force)
     user: str | None = None  # that uid's passwd name where the agent runs (the uid as text where it has none)
+    slurm_job: str | None = None  # the Slurm job it runs in ($SLURM_JOB_ID): master.alloc knows its agents by it
 
     @staticmethod
     def user_of(uid: int) -> str:
@@ -197,7 +198,7 @@ FIELDS: dict[str, Any] = {
         isinstance(u, dict) and is_str(u.get("run")) and is_int(u.get("chunk_id")) and is_int(u.get("attempt"))
         and is_int(u.get("max_attempts")) and isinstance(u.get("error"), dict)
         and is_str(u["error"].get("message")) for u in v),
-    "uid": lambda v: is_int(v) and v >= 0, "user": is_str,
+    "uid": lambda v: is_int(v) and v >= 0, "user": is_str, "slurm_job": is_str,
 }
 
 

@@ -268,7 +268,8 @@ class Allocator:
                 save(self.spool, a)
 
     def _match(self, views: dict) -> None:
-        """Agents seen from each running allocation: on one of its nodes, started after it (a
+        """Agents seen from each running allocation: those whose heartbeat names its Slurm job; for
+        an agent that names none (an older one), on one of its nodes and started after it (a
         second's slack for the two clocks of one node)."""
         for a in self.allocs.values():
             if not a.active or not a.nodes or a.started_at is None:
@@ -277,7 +278,9 @@ class Allocator:
             for ident, v in views.items():
                 st = v.status
                 names = {st.host, (st.hostname or "").split(".")[0]}
-                if ident not in a.agents and names & set(a.nodes) and (st.started_at or 0.0) >= a.started_at - 1.0:
+                ours = st.slurm_job == a.job if st.slurm_job is not None else \
+                    bool(names & set(a.nodes)) and (st.started_at or 0.0) >= a.started_at - 1.0
+                if ident not in a.agents and ours:
                     new.append(ident)
             if new:
                 a.agents = sorted(set(a.agents) | set(new))

@@ -396,8 +396,9 @@ def test_allocator_starts_agents_for_a_waiting_run_and_they_give_the_allocation_
         job = records[0]
         assert job["state"] == "COMPLETED" and set(job["agents"]) == ids, job
         assert f"submitted job {job['job']}" in aout and "done: no work left" in aout, aout
-        for ident in ids:
+        for ident in ids:  # each names its job: that is how the allocator knew them
             assert heartbeat(spool, ident).get("state") == "stopped"
+            assert heartbeat(spool, ident).get("slurm_job") == job["job"]
         assert slurm_outputs(spool).count("stops: no job for 5 seconds (--idle-exit)") == 2, slurm_outputs(spool)
 
         # status shows the allocation with its agents
