@@ -57,8 +57,8 @@ def test_every_module_imports_only_what_lies_below_it() -> None:
     for top in ("jobs", "agent", "master"):
         for path in sorted((REPO / top).rglob("*.py")):
             module = ".".join(path.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
-            if module == "master.__main__":  # the entry point of python -m master: it starts cli
-                continue
+            if module in ("master.__main__", "master.run_cli"):  # entry points: python -m master, and where
+                continue  # gpupool-run's console script written by an earlier install finds main.py's main
             may = MAY_IMPORT[part(module)]
             wrong += [f"{module} imports {t}" for t in sorted(imports(path)) if not allowed(t, may)]
     assert not wrong, "\n".join(wrong)
