@@ -108,7 +108,10 @@ class Pool:
         value is each chunk's ``state``), and placement (``master.spec.placement``: ``targets`` a list of
         ``"HOST::GPU,GPU"``, ``hosts`` and ``exclude_hosts`` ``"H1,H2"``, ``min_free_gb``,
         ``gpus_per_job``, ``gpu_mem``), saved with the run and kept when it is resumed or retried
-        without it. A keyword that is none of them raises TypeError. ``kwargs_may_change``: a run of
+        without it; ``on_done`` (a shell command run once when the run ends, ``master.hooks``), ``after``
+        and ``after_any`` (runs to wait for, ``master.core.after``), ``chunk_time`` (how long a chunk
+        takes, for agents that must end by a time): as main.py's --on-done, --after, --after-any and
+        --chunk-time. A keyword that is none of them raises TypeError. ``kwargs_may_change``: a run of
         this name with other kwargs is resumed with these, its done chunks kept (OctoRun's way:
         completion is keyed on chunk ids alone). ``force``: resume or start over a run of this name
         that belongs to another user (``jobs.owners``; refused without it)."""
