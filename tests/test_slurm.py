@@ -434,3 +434,34 @@ def test_a_second_allocator_of_the_spool_is_refused(slurm: Slurm, tmp_path: Path
         first.send_signal(signal.SIGTERM)
         out, _ = first.communicate(timeout=60)
     assert first.returncode == 0, out
+
+
+@pytest.mark.timeout(300)
+def test_an_allocation_too_short_for_the_run_s_chunks_starts_none_of_them(slurm: Slurm, tmp_path: Path) -> None:
+    """Issue 26: the agents of an allocation whose time limit (2 minutes) is shorter than the run's
+    chunks (--chunk-time 600) know their job's end and start none of them: each stops, the jobs it
+    was given left for agents with time enough, and no chunk is cut by the time limit."""
+    spool = Spool(tmp_path / "base")
+    env = alloc_env(slurm, tmp_path, 1)
+    master = subprocess.Popen([sys.executable, "main.py", "--base", str(spool.base), "--new-spool", "--task",
+                               "examples.noop:pause", "--kwargs", '{"seconds": 1}', "--chunks", "2", "--chunk-time",
+                               "600", "--run", "long", "--no-progress"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    alloc = None
+    try:
+        wait_for(lambda: spool.run_spec("long").exists(), 60, "the run recorded")
+        alloc = subprocess.Popen([sys.executable, "-m", "master", "alloc", "slurm", "--base", str(spool.base),
+                                  "--poll", "0.5", f"--agent-args={' '.join(FAST)} --end-margin 5", "--max-jobs", "1",
+                                  "--time", "2", "--idle-timeout", "5"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True)
+        wait_for(lambda: "long's chunks take about 600 s" in slurm_outputs(spool), 180,
+                 f"an agent of the allocation to refuse the run's chunks\n{slurm_outputs(spool)}")
+        assert "Slurm job" in slurm_outputs(spool)  # its end came from its job's time limit
+        assert not list(spool.result_dir("long").glob("*.json"))  # no chunk ran, none was cut
+        assert master.poll() is None  # the run waits on, for agents with time enough
+    finally:
+        master.kill()
+        if alloc is not None:
+            alloc.kill()
+        for job in slurm.cli("squeue", "-h", "-o", "%i").stdout.split():
+            slurm.cli("scancel", job, check=False)
