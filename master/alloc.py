@@ -177,6 +177,7 @@ class Allocator:
         self.reader = StatusReader(spool, cfg.dead_after)
         self.allocs: dict[str, Allocation] = {a.job: a for a in load_all(spool)}
         self.failures = 0  # allocations that failed in a row
+        self.too_long: set[str] = set()  # runs whose chunks an allocation is too short for (said once)
         self.next_try = clock()
         self.quiet_since: float | None = None  # since when no run is fed and no allocation is left
         self.stop_requested = False
@@ -202,7 +203,8 @@ class Allocator:
         idle = [views[a["id"]].status for a in data["agents"]
                 if a["alive"] and a["state"] == "idle" and not a["queued"] and a["current"] is None
                 and not a["drain_flag"] and a["id"] in views]
-        wait = waiting([RunDemand(r["run"], r["pending"], self._fits(r["run"])) for r in fed if r["pending"]], idle)
+        wait = waiting([d for r in fed if r["pending"] and (d := self._demand(r["run"], r["pending"])) is not None],
+                       idle)
         active = [a for a in self.allocs.values() if a.active]
         starting = sum(a.starting for a in active)
         if wait == 0:
@@ -229,12 +231,24 @@ class Allocator:
             return 0
         return None
 
-    def _fits(self, run: str) -> Callable | None:
+    def _demand(self, run: str, pending: int) -> RunDemand | None:
+        """A fed run's chunks that wait, and which agents may take them (its placement); None where
+        its chunks (its --chunk-time) take longer than an allocation leaves its agents, who would
+        start none of them (agent.lifetime): no allocation is submitted for it, and that is said once."""
         try:
-            placement = RunSpec.load(self.spool.run_spec(run)).placement
+            spec = RunSpec.load(self.spool.run_spec(run))
         except (OSError, BadFile, ValueError):
+            return RunDemand(run, pending)
+        room = slurm_seconds(self.cfg.time) - end_margin(self.cfg.agent_args)
+        if spec.chunk_time is not None and spec.chunk_time > room:
+            if run not in self.too_long:
+                self.too_long.add(run)
+                self.say(f"run {run}: its chunks take {spec.chunk_time:g} s (--chunk-time), more than an allocation "
+                         f"of --time {self.cfg.time} leaves its agents ({room:g} s before their --end-margin): none is "
+                         "submitted for it", "WARNING")
             return None
-        return None if not placement.any else (lambda h: placement.why_not(h) is None)
+        placement = spec.placement
+        return RunDemand(run, pending, None if not placement.any else (lambda h: placement.why_not(h) is None))
 
     def _update(self, listed: dict[str, SlurmJob]) -> None:
         for job in listed.keys() - self.allocs.keys():  # submitted by an allocator that stopped before its record

@@ -13,6 +13,7 @@ from gpupool.jobs.heartbeat import Heartbeat
 from gpupool.jobs.paths import Spool
 from gpupool.master.alloc import AllocConfig, AllocError, Allocator, SlurmJob
 from gpupool.master.core.allocs import RunDemand, load_all, plan, waiting
+from tests.helpers import REPO
 
 
 @pytest.mark.parametrize("wait, starting, serving, max_jobs, backlog, expected", [
@@ -199,3 +200,21 @@ def test_a_time_limit_that_leaves_the_agents_no_time_before_their_end_margin_is_
     AllocConfig(1, "0-00:02:00", 5.0).check()
     with pytest.raises(UsageError, match="--end-margin 90 s"):
         AllocConfig(1, "1:30", 5.0, agent_args=["--end-margin=90"]).check()
+
+
+def test_a_run_whose_chunks_an_allocation_is_too_short_for_gets_none(setup) -> None:
+    from gpupool.master.spec.runspec import build, save_or_check
+
+    s = setup  # --time 10:00 (600 s), the agents' default --end-margin 60: 540 s for a chunk
+    for run, chunk_time in (("long", 541.0), ("fits", 540.0)):
+        save_or_check(s.spool, build(task="examples.noop:noop", chunks=4, run=run, chunk_time=chunk_time,
+                                     workdir=str(REPO)), fresh=True)
+    s.pool.runs = [{"run": "long", "state": "waiting", "pending": 4}]
+    s.al.step()
+    s.al.step()
+    assert not s.slurm.submitted
+    assert s.out.getvalue().count("run long: its chunks take 541 s (--chunk-time), more than an allocation of "
+                                  "--time 10:00 leaves its agents (540 s before their --end-margin)") == 1
+    s.pool.runs = [{"run": "fits", "state": "waiting", "pending": 4}]
+    s.al.step()
+    assert len(s.slurm.submitted) == 1

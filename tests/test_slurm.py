@@ -437,10 +437,12 @@ def test_a_second_allocator_of_the_spool_is_refused(slurm: Slurm, tmp_path: Path
 
 
 @pytest.mark.timeout(300)
-def test_an_allocation_too_short_for_the_run_s_chunks_starts_none_of_them(slurm: Slurm, tmp_path: Path) -> None:
-    """Issue 26: the agents of an allocation whose time limit (2 minutes) is shorter than the run's
-    chunks (--chunk-time 600) know their job's end and start none of them: each stops, the jobs it
-    was given left for agents with time enough, and no chunk is cut by the time limit."""
+def test_an_allocation_too_short_for_the_run_s_chunks_gets_none_of_them(slurm: Slurm, tmp_path: Path) -> None:
+    """Issue 26: a run whose chunks take 600 s (--chunk-time) and allocations of 2 minutes: the
+    allocator submits none for it, saying why; and the agents of such a job submitted by hand know
+    their job's end and start none of its chunks: each stops, no chunk cut by the time limit."""
+    from gpupool.master.alloc import job_name
+
     spool = Spool(tmp_path / "base")
     env = alloc_env(slurm, tmp_path, 1)
     master = subprocess.Popen([sys.executable, "main.py", "--base", str(spool.base), "--new-spool", "--task",
@@ -450,13 +452,24 @@ def test_an_allocation_too_short_for_the_run_s_chunks_starts_none_of_them(slurm:
     alloc = None
     try:
         wait_for(lambda: spool.run_spec("long").exists(), 60, "the run recorded")
-        alloc = subprocess.Popen([sys.executable, "-m", "master", "alloc", "slurm", "--base", str(spool.base),
-                                  "--poll", "0.5", f"--agent-args={' '.join(FAST)} --end-margin 5", "--max-jobs", "1",
-                                  "--time", "2", "--idle-timeout", "5"], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                 stderr=subprocess.STDOUT, text=True)
-        wait_for(lambda: "long's chunks take about 600 s" in slurm_outputs(spool), 180,
-                 f"an agent of the allocation to refuse the run's chunks\n{slurm_outputs(spool)}")
-        assert "Slurm job" in slurm_outputs(spool)  # its end came from its job's time limit
+        alloc = allocator(spool, env, "--max-jobs", "1", "--time", "2", "--idle-timeout", "5")
+        lines: list[str] = []
+
+        def refused() -> bool:
+            line = alloc.stdout.readline()
+            lines.append(line)
+            return "run long: its chunks take 600 s (--chunk-time), more than an allocation of --time 2" in line
+        wait_for(refused, 120, "the allocator to say it submits nothing for the run")
+        assert not slurm.cli("squeue", "-h", "--name", job_name(spool)).stdout.strip(), lines
+        alloc.kill()
+        alloc = None
+
+        out = tmp_path / "job.out"  # the same recipe by hand, 2 minutes, agents stopping 5 s before the end
+        slurm.cli("sbatch", "--parsable", "--time=2", f"--output={out}", str(SBATCH), str(spool.base), *FAST,
+                  "--end-margin", "5", env=env, cwd=REPO)
+        wait_for(lambda: "long's chunks take about 600 s" in tail(out, 200), 180,
+                 f"the job's agent to refuse the run's chunks\n{tail(out)}")
+        assert "Slurm job" in tail(out, 200)  # its end came from its job's time limit
         assert not list(spool.result_dir("long").glob("*.json"))  # no chunk ran, none was cut
         assert master.poll() is None  # the run waits on, for agents with time enough
     finally:
