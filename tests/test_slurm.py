@@ -216,7 +216,8 @@ def test_sbatch_recipe_runs_agents_fed_from_outside_and_scancel_stops_them_clean
         assert slurm.job_state(job) == "RUNNING"
         assert f"started 2 CPU agent(s)" in out.read_text()
         # each knows its job's end (agent.lifetime, from squeue): no chunk started that would not end before it
-        assert out.read_text().count(f"(Slurm job {job}'s time limit): no chunk started") == 2, tail(out)
+        wait_for(lambda: out.read_text().count(f"(Slurm job {job}'s time limit): no chunk started") == 2, 30,
+                 f"both agents saying their job's end\n{tail(out)}")
 
         # fed from outside the allocation: this test process is not part of the job
         r = run_main(["--base", str(spool.base), "--task", "examples.noop:sleepy", "--chunks", "40",
