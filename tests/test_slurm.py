@@ -359,6 +359,15 @@ def allocator(spool: Spool, env: dict[str, str], *args: str) -> subprocess.Popen
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+def _end_all(slurm: Slurm, *procs: subprocess.Popen | None) -> None:
+    """Kill the test's masters and allocators, and cancel every job the cluster still has."""
+    for proc in procs:
+        if proc is not None:
+            proc.kill()
+    for job in slurm.cli("squeue", "-h", "-o", "%i").stdout.split():
+        slurm.cli("scancel", job, check=False)
+
+
 def slurm_outputs(spool: Spool) -> str:
     return "\n".join(f"{p.name}:\n{tail(p, 30)}" for p in sorted((spool.logs_dir / "alloc").glob("slurm-*.out")))
 
@@ -412,11 +421,7 @@ def test_allocator_starts_agents_for_a_waiting_run_and_they_give_the_allocation_
                               env=env, capture_output=True, text=True, timeout=60).stdout
         assert "SLURM JOB" in text and job["job"] in text, text
     finally:
-        master.kill()
-        if alloc is not None:
-            alloc.kill()
-        for job in slurm.cli("squeue", "-h", "-o", "%i").stdout.split():
-            slurm.cli("scancel", job, check=False)
+        _end_all(slurm, master, alloc)
 
 
 @pytest.mark.timeout(120)
@@ -474,8 +479,4 @@ def test_an_allocation_too_short_for_the_run_s_chunks_gets_none_of_them(slurm: S
         assert not list(spool.result_dir("long").glob("*.json"))  # no chunk ran, none was cut
         assert master.poll() is None  # the run waits on, for agents with time enough
     finally:
-        master.kill()
-        if alloc is not None:
-            alloc.kill()
-        for job in slurm.cli("squeue", "-h", "-o", "%i").stdout.split():
-            slurm.cli("scancel", job, check=False)
+        _end_all(slurm, master, alloc)
