@@ -13,7 +13,7 @@ from typing import Any
 from gpupool.jobs.errors import BadFile, NewerSchema
 from gpupool.jobs.names import MAX_CHUNKS, brief, check_chunk, check_name
 
-SCHEMA = 3  # the highest descriptor schema this version reads (agents say it in their heartbeat)
+SCHEMA = 4  # the highest descriptor schema this version reads (agents say it in their heartbeat)
 MAX_ATTEMPTS = 10**6  # attempt numbers become file names (<chunk>.a<N>.json): bounded
 MAX_GPUS = 64  # GPUs one job may ask for (--gpus-per-job)
 
@@ -49,7 +49,7 @@ class JobState(str, Enum):
 OPTIONAL: dict[str, Any] = {"alone": False, "epoch": None, "share": 1.0, "params": None, "options": None,
                             "args": [], "encoded": False, "arrays_as_kwargs": False, "visible_gpu_id": False,
                             "env": None, "gpus": None, "gpu_mem": None, "setup": None, "setup_args": None,
-                            "chunk_time": None}
+                            "chunk_time": None, "batch": None, "batch_params": None}
 # params: an agent that ignored them would leave them out of the result (collect's columns); options: it
 # would ignore a command job's checks and result file
 # also new in schema 2 (issue 15): an Executor call's positional arguments and its arguments encoded by jobs.codec; the
@@ -59,9 +59,10 @@ OPTIONAL: dict[str, Any] = {"alone": False, "epoch": None, "share": 1.0, "params
 # gpu_mem: ignored, the job would start whatever memory its GPU has free
 # (issue 22) setup, setup_args: ignored, the task would run without the state its --setup (or the Executor's
 # initializer) makes
+# (issue 27) batch, batch_params: ignored, the agent would run the first chunk of a batch only
 MUST_UNDERSTAND: dict[str, int] = {"params": 2, "options": 2,  # field -> the schema that introduced it
                                    "args": 2, "encoded": 2, "arrays_as_kwargs": 2, "visible_gpu_id": 2, "env": 2,
-                                   "gpus": 2, "gpu_mem": 2, "setup": 3, "setup_args": 3}
+                                   "gpus": 2, "gpu_mem": 2, "setup": 3, "setup_args": 3, "batch": 4, "batch_params": 4}
 KIND_SCHEMA: dict[JobKind, int] = {JobKind.COMMAND: 2}  # a kind added later: the schema that introduced it
 
 # Set by the worker to its own pid: code the worker imports can tell it runs inside one (an
@@ -157,12 +158,26 @@ class Job:
     #                           worker before its first chunk; its value is the task's ``state``
     setup_args: list[Any] | None = None  # an initializer's initargs (jobs.codec): it is called with them alone
     chunk_time: float | None = None  # --chunk-time: how long a chunk takes, a hint (agent.lifetime; ignored: no harm)
+    batch: int | None = None  # a batch (jobs.batches): chunks chunk_id .. chunk_id + batch - 1, run in one request
+    batch_params: list[dict[str, Any]] | None = None  # a batch of a sweep: each chunk's parameters, in order
     schema: int = field(default=SCHEMA, compare=False)  # what it was read as; written as needs_schema
 
     @property
     def key(self) -> tuple[str, int, int]:
         """(run, chunk, attempt): the fencing token of this dispatch."""
         return (self.run, self.chunk_id, self.attempt)
+
+    @property
+    def chunks(self) -> range:
+        """The chunks this job runs: its own, or those of its batch."""
+        return range(self.chunk_id, self.chunk_id + (self.batch or 1))
+
+    def chunk_kwargs(self, i: int) -> dict[str, Any]:
+        """The kwargs of the ``i``-th chunk of the job (0: a single chunk's own)."""
+        return self.kwargs if self.batch_params is None else {**self.kwargs, **self.batch_params[i]}
+
+    def chunk_params(self, i: int) -> dict[str, Any] | None:
+        return self.params if self.batch_params is None else self.batch_params[i]
 
     @functools.cached_property  # computed once per parsed job: the agent asks for it many times per job
     def uid(self) -> tuple[str, int, int, str | None, float]:
@@ -258,6 +273,19 @@ class Job:
                 _expect(v, str, name, where)
                 if "\0" in v:
                     raise BadFile(f"'{name}' contains a NUL byte", where)
+        if self.batch is not None:
+            if isinstance(self.batch, bool) or not isinstance(self.batch, int) or not \
+                    2 <= self.batch <= self.total_chunks - self.chunk_id:
+                raise BadFile(f"'batch' must be an integer from 2 to the chunks left after chunk {self.chunk_id}, "
+                              f"got {brief(self.batch)}", where)
+            if self.kind is not JobKind.CALLABLE or self.data is not None or self.params is not None:
+                raise BadFile("a batch is of callable chunks without --data or params of their own", where)
+        if self.batch_params is not None:
+            if not isinstance(self.batch_params, list) or len(self.batch_params) != (self.batch or 0) or \
+                    not all(isinstance(p, dict) for p in self.batch_params):
+                raise BadFile("'batch_params' must be a list of one object per chunk of the batch", where)
+            if bad := next((why for p in self.batch_params if (why := kwargs_problem(self.kind, p))), None):
+                raise BadFile(f"batch_params {bad}", where)
         for name in ("timeout", "chunk_time"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf):

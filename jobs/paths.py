@@ -20,6 +20,7 @@ from gpupool.jobs.names import check_chunk, check_name
 
 RESULT_RE = re.compile(r"^(\d{6,})\.json$")
 HISTORY_RE = re.compile(r"^(\d{6,})\.a(\d+)\.json$")
+BATCH_RE = re.compile(r"^(\d{6,})\+(\d+)\.json$")  # <first>+<count>.json: a batch's results (jobs.batches)
 ARRAYS_RE = re.compile(r"^(\d{6,})(?:\.a(\d+))?\.npz$")  # <chunk>.a<attempt>.npz (<chunk>.npz: older versions)
 
 
@@ -363,6 +364,10 @@ class Spool:
         """The arrays file a result read by ``jobs.results.read_result`` names, or None."""
         return self.result_dir(run) / rec["arrays"] if rec.get("arrays") else None
 
+    def batch_json(self, run: str, first: int, count: int) -> Path:
+        """The results of a batch of chunks ``first`` .. ``first + count - 1`` (``jobs.batches``)."""
+        return self.result_dir(run) / f"{check_chunk(first):06d}+{int(count)}.json"
+
     def history_json(self, run: str, chunk: int, attempt: int) -> Path:
         return self.result_dir(run) / f"{check_chunk(chunk):06d}.a{int(attempt)}.json"
 
@@ -382,6 +387,10 @@ class Spool:
         """The output of one chunk's script or command job: written only through ``open_log``,
         read only without following a link (``jobs.atomic.open_read``)."""
         return self.run_log_dir(run) / f"{check_chunk(chunk):06d}.log"
+
+    def batch_log(self, run: str, first: int, count: int) -> Path:
+        """What a batch's chunks printed, one file for all of them (``jobs.batches``)."""
+        return self.run_log_dir(run) / f"{check_chunk(first):06d}+{int(count)}.log"
 
     def demo_input_dir(self) -> Path:
         """``demo-input``: the files the demo (``python main.py`` without ``--task``) prepares as its

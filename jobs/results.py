@@ -18,14 +18,18 @@ result torn by the crash is rejected and its chunk runs again.
 """
 from __future__ import annotations
 
+import bisect
 import contextlib
+import errno
 import json
 import os
+from dataclasses import replace as dataclasses_replace
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from gpupool.jobs import batches
 from gpupool.jobs.atomic import move_in, read_bounded, write_exclusive, write_replace
 from gpupool.jobs.descriptor import Job, JobState
 from gpupool.jobs.errors import BadFile
@@ -34,7 +38,7 @@ from gpupool.jobs.logsetup import logger
 from gpupool.jobs.names import brief
 from gpupool.jobs.outcomes import FIELDS as ERROR_FIELDS
 from gpupool.jobs.outcomes import Failure, FailureKind, failure_of
-from gpupool.jobs.paths import ARRAYS_RE, HISTORY_RE, RESULT_RE, Spool, warn_once
+from gpupool.jobs.paths import ARRAYS_RE, BATCH_RE, HISTORY_RE, RESULT_RE, Spool, warn_once
 
 RESULT_LIMIT = 8 * 1024 * 1024  # readers refuse a larger record, so no larger one is ever written
 RESULT_SCHEMA = 1
@@ -174,12 +178,16 @@ def _libc_syncfs(fd: int) -> int:
         return -1
 
 
-def reopen_failed(spool: Spool, run: str, chunk: int) -> bool:
+def reopen_failed(spool: Spool, run: str, chunk: int, scan: RunScan | None = None) -> bool:
     """Move a committed *failed* result aside so the chunk can run again (a re-run).
 
-    The failed record already exists as history, so it is simply removed. Returns True if
-    the chunk is now without a committed result.
+    The failed record already exists as history, so it is simply removed; one in a batch's
+    slot stays there, and the chunk's own result, once it has one, is read before it
+    (``chunk_result``). Returns True if the chunk may now run again.
     """
+    slot = scan.final_slot(chunk) if scan is not None else None
+    if slot is not None:
+        return slot.code(chunk) != batches.OK
     path = spool.result_json(run, chunk)
     try:
         rec = read_result(path)
@@ -302,12 +310,17 @@ FIELDS: dict[str, Any] = {
 
 @dataclass
 class RunScan:
-    """What one listing of ``results/<run>`` says, without reading a file: the one reading of a
-    run's results folder (masters, status, retry, collect, logs all use it)."""
+    """What one listing of ``results/<run>`` says: the one reading of a run's results folder
+    (masters, status, retry, collect, logs all use it). Single results are known by their names
+    alone; a batch's slot (``jobs.batches``) is read for what it says of each of its chunks
+    (once per version of the file: ``_slot_codes``)."""
 
     finals: dict[int, float] = field(default_factory=dict)  # chunk -> mtime of its final result (a regular file)
     history: dict[int, list[int]] = field(default_factory=dict)  # chunk -> its failed attempts on record, sorted
     odd: set[int] = field(default_factory=set)  # chunks with a folder, FIFO or link where the final belongs
+    slots: dict[int, batches.Slot] = field(default_factory=dict)  # first chunk -> its batch's slot (not fenced ones)
+    singles: set[int] = field(default_factory=set)  # chunks whose final result is a file of their own
+    _firsts: list[int] | None = None
 
     def last_attempt(self, chunk: int) -> int:
         """The highest attempt with a failure on record (0: none)."""
@@ -315,14 +328,32 @@ class RunScan:
 
     def ok_by_name(self, chunk: int) -> bool:
         """A final result with no history beside it is an ok one: a failed attempt writes its
-        history first (see ``commit``). Exact for a sealed run; before sealing, an OS crash may
-        have torn the file, which its reader then finds."""
+        history first (see ``commit``; a batch's slot says a failure as history too). Exact for a
+        sealed run; before sealing, an OS crash may have torn the file, which its reader then finds."""
         return chunk in self.finals and chunk not in self.history
+
+    def slot_of(self, chunk: int) -> batches.Slot | None:
+        """The batch (not fenced) that ran ``chunk``, if one did."""
+        if not self.slots:
+            return None
+        if self._firsts is None:
+            self._firsts = sorted(self.slots)
+        i = bisect.bisect_right(self._firsts, chunk) - 1
+        slot = self.slots[self._firsts[i]] if i >= 0 else None
+        return slot if slot is not None and chunk < slot.first + slot.count else None
+
+    def final_slot(self, chunk: int) -> batches.Slot | None:
+        """The batch slot holding ``chunk``'s final result, None where its own file does (or none)."""
+        if chunk in self.singles or chunk not in self.finals:
+            return None
+        slot = self.slot_of(chunk)
+        return slot if slot is not None and slot.code(chunk) in batches.CLAIMED else None
 
 
 def scan_run(spool: Spool, run: str) -> RunScan:
     """List ``results/<run>`` once (a missing or unreadable folder: nothing)."""
     scan = RunScan()
+    found: list[tuple[os.DirEntry, int, int]] = []
     with contextlib.suppress(OSError):
         for e in os.scandir(spool.result_dir(run)):
             if m := RESULT_RE.match(e.name):
@@ -330,15 +361,106 @@ def scan_run(spool: Spool, run: str) -> RunScan:
                 try:
                     if e.is_file(follow_symlinks=False):
                         scan.finals[c] = e.stat(follow_symlinks=False).st_mtime
+                        scan.singles.add(c)
                     else:
                         scan.odd.add(c)
                 except OSError:  # removed meanwhile
                     continue
             elif m := HISTORY_RE.match(e.name):
                 scan.history.setdefault(int(m.group(1)), []).append(int(m.group(2)))
+            elif m := BATCH_RE.match(e.name):
+                found.append((e, int(m.group(1)), int(m.group(2))))
+    for e, first, count in found:
+        slot, mtime = _slot_codes(e)
+        if slot is None or slot.fenced is not None:
+            continue
+        scan.slots[first] = slot
+        for i, code in enumerate(slot.codes):
+            c = first + i
+            if code in batches.CLAIMED and c not in scan.finals:
+                scan.finals[c] = mtime
+            if code in (batches.HISTORY, batches.FINAL_FAILED):
+                scan.history.setdefault(c, []).append(slot.attempt)
     for attempts in scan.history.values():
         attempts.sort()
     return scan
+
+
+_CODES: dict[str, tuple[tuple[int, int, int], batches.Slot]] = {}  # slot path -> (its stat, what it says)
+_RECORDS: dict[str, tuple[tuple[int, int, int], batches.Slot]] = {}  # the same with the record: the latest few
+
+
+def _slot_codes(e: os.DirEntry) -> tuple[batches.Slot | None, float]:
+    """What a slot says of its chunks (read once per version of the file), and its mtime; None
+    for one that cannot be read (said once)."""
+    try:
+        st = e.stat(follow_symlinks=False)
+    except OSError:
+        return None, 0.0
+    key = (st.st_ino, st.st_mtime_ns, st.st_size)
+    got = _CODES.get(e.path)
+    if got is not None and got[0] == key:
+        return got[1], st.st_mtime
+    try:
+        slot = dataclasses_replace(batches.read_slot(Path(e.path)), rec=None)
+    except (OSError, BadFile) as err:
+        warn_once(f"{e.path}: {err}; its chunks count as not done")
+        return None, st.st_mtime
+    if len(_CODES) >= 100_000:
+        _CODES.clear()
+    _CODES[e.path] = (key, slot)
+    return slot, st.st_mtime
+
+
+def read_slot_record(spool: Spool, run: str, slot: batches.Slot, epoch: str | None = None) -> batches.Slot:
+    """``slot`` read again whole (with its record, for ``Slot.record``); the latest few are kept."""
+    path = spool.batch_json(run, slot.first, slot.count)
+    st = os.lstat(path)
+    key = (st.st_ino, st.st_mtime_ns, st.st_size)
+    got = _RECORDS.get(str(path))
+    if got is None or got[0] != key:
+        if len(_RECORDS) >= 4:
+            _RECORDS.pop(next(iter(_RECORDS)))
+        got = _RECORDS[str(path)] = (key, batches.read_slot(path))
+    full = got[1]
+    if epoch is not None and full.rec is not None and full.rec.get("epoch", epoch) != epoch:
+        batches.read_slot(path, epoch)  # raises StaleResult, naming the file
+    return full
+
+
+def chunk_result(spool: Spool, run: str, chunk: int, scan: RunScan | None = None,
+                 epoch: str | None = None) -> dict[str, Any]:
+    """Chunk ``chunk``'s final result record, from its own file or from its batch's slot (the
+    one reader of a chunk's result: every reader of results goes through it). Raises
+    FileNotFoundError if it has none, BadFile (StaleResult) or OSError as ``read_result`` does.
+    ``scan``: the run's listing, where the caller has one (else it is made when needed)."""
+    path = spool.result_json(run, chunk)
+    if scan is None or chunk in scan.singles or chunk in scan.odd:
+        try:
+            return read_result(path, epoch)
+        except FileNotFoundError:
+            if scan is not None:
+                raise
+        scan = scan_run(spool, run)
+    slot = scan.final_slot(chunk)
+    if slot is None:
+        raise FileNotFoundError(errno.ENOENT, "no result", str(path))
+    return read_slot_record(spool, run, slot, epoch).record(chunk)
+
+
+def attempt_record(spool: Spool, run: str, chunk: int, attempt: int, scan: RunScan | None = None) -> dict[str, Any] | None:
+    """The record of failed attempt ``attempt`` of ``chunk`` (its history file, or its batch's
+    slot), None where none can be read."""
+    rec = result_or_none(spool.history_json(run, chunk, attempt))
+    if rec is not None:
+        return rec
+    slot = (scan or scan_run(spool, run)).slot_of(chunk)
+    if slot is None or slot.attempt != attempt or slot.code(chunk) not in (batches.HISTORY, batches.FINAL_FAILED):
+        return None
+    try:
+        return read_slot_record(spool, run, slot).record(chunk)
+    except (OSError, BadFile):
+        return None
 
 
 def final_status(spool: Spool, run: str, chunk: int, scan: RunScan) -> str | None:
@@ -348,6 +470,9 @@ def final_status(spool: Spool, run: str, chunk: int, scan: RunScan) -> str | Non
         return None
     if scan.ok_by_name(chunk):
         return JobState.OK
+    slot = scan.final_slot(chunk)
+    if slot is not None:
+        return JobState.OK if slot.code(chunk) == batches.OK else JobState.FAILED
     try:
         return read_result(spool.result_json(run, chunk))["status"]
     except (OSError, BadFile):
@@ -397,10 +522,15 @@ def result_or_none(path: Path, epoch: str | None = None) -> dict[str, Any] | Non
 
 def chunk_records(spool: Spool, run: str, chunk: int) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
     """(the chunk's committed result or None, the records of its failed attempts, oldest first;
-    an unreadable one as ``{"attempt": N, "status": "unreadable"}``)."""
-    result = result_or_none(spool.result_json(run, chunk))
-    history = [result_or_none(spool.history_json(run, chunk, a)) or {"attempt": a, "status": "unreadable"}
-               for a in scan_run(spool, run).history.get(chunk, [])]
+    an unreadable one as ``{"attempt": N, "status": "unreadable"}``), from its own files or its
+    batch's slot."""
+    scan = scan_run(spool, run)
+    try:
+        result: dict[str, Any] | None = chunk_result(spool, run, chunk, scan)
+    except (OSError, BadFile):
+        result = None
+    history = [attempt_record(spool, run, chunk, a, scan) or {"attempt": a, "status": "unreadable"}
+               for a in scan.history.get(chunk, [])]
     return result, history
 
 
