@@ -192,17 +192,16 @@ def _encoded_within(rec: dict[str, Any]) -> bytes:
     return json.dumps(rec, default=str).encode()
 
 
-def fence(spool: Spool, job: Job, why: str) -> bool:
-    """A master takes batch ``job`` back: True if the batch can no longer commit (this fence took
-    its slot, or an earlier one did), False if the batch committed first (its outcomes count)."""
-    spool.real_dir(spool.result_dir(job.run), make=False)
-    slot = spool.batch_json(job.run, job.chunk_id, job.batch or 1)
-    rec = {"schema": BATCH_SCHEMA, "run": job.run, "first": job.chunk_id, "count": job.batch,
-           "attempt": job.attempt, "fenced": why}
+def fence(spool: Spool, run: str, first: int, count: int, attempt: int, why: str) -> bool:
+    """A master takes back attempt ``attempt`` of the batch of chunks ``first`` .. ``first + count
+    - 1``: True if the batch can no longer commit (this fence took its slot, or an earlier one
+    did), False if the batch committed first (its outcomes count)."""
+    spool.real_dir(spool.result_dir(run), make=False)
+    slot = spool.batch_json(run, first, count)
+    rec = {"schema": BATCH_SCHEMA, "run": run, "first": first, "count": count, "attempt": attempt, "fenced": why}
     if write_exclusive(slot, json.dumps(rec).encode(), fsync=False):
         return True
-    got = read_slot(slot)
-    return got.fenced is not None
+    return read_slot(slot).fenced is not None
 
 
 def read_slot(path: Path, epoch: str | None = None, keep: bool = True) -> Slot:

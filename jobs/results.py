@@ -319,6 +319,7 @@ class RunScan:
     history: dict[int, list[int]] = field(default_factory=dict)  # chunk -> its failed attempts on record, sorted
     odd: set[int] = field(default_factory=set)  # chunks with a folder, FIFO or link where the final belongs
     slots: dict[int, batches.Slot] = field(default_factory=dict)  # first chunk -> its batch's slot (not fenced ones)
+    fenced: dict[int, batches.Slot] = field(default_factory=dict)  # first chunk -> a fenced batch's slot
     singles: set[int] = field(default_factory=set)  # chunks whose final result is a file of their own
     _firsts: list[int] | None = None
 
@@ -372,7 +373,10 @@ def scan_run(spool: Spool, run: str) -> RunScan:
                 found.append((e, int(m.group(1)), int(m.group(2))))
     for e, first, count in found:
         slot, mtime = _slot_codes(e)
-        if slot is None or slot.fenced is not None:
+        if slot is None:
+            continue
+        if slot.fenced is not None:
+            scan.fenced[first] = slot
             continue
         scan.slots[first] = slot
         for i, code in enumerate(slot.codes):

@@ -55,22 +55,25 @@ from typing import Any, Callable
 
 from gpupool.jobs.logsetup import logger
 
+from gpupool.jobs import batches
 from gpupool.jobs.atomic import read_bounded, server_now
-from gpupool.jobs.descriptor import Job, JobState
+from gpupool.jobs.descriptor import MUST_UNDERSTAND, Job, JobState
 from gpupool.jobs.errors import BadFile, NoAgents
 from gpupool.jobs.fsinfo import is_network_fs
 from gpupool.jobs.heartbeat import AgentState, Heartbeat
 from gpupool.jobs.losses import charge_loss, death_suspects, died_under, record_loss
 from gpupool.jobs.mailbox import HOLD_LIMIT, Mailbox, drop_run, without_run
 from gpupool.jobs.outcomes import Failure, FailureKind, failure_of
-from gpupool.jobs.paths import HISTORY_RE, RESULT_RE, Spool
+from gpupool.jobs.paths import BATCH_RE, HISTORY_RE, RESULT_RE, Spool
 from gpupool.jobs.results import StaleResult, commit, has_outcome, read_result, record, supersede
 from gpupool.jobs.words import plural
 from gpupool.jobs.watching import OVERFLOW, watch_names
+from gpupool.master.core.batching import batch_size
 from gpupool.master.core.liveness import AgentView, Liveness
 from gpupool.master.core.states import in_hand
 
 Event = Callable[[str, dict[str, Any]], None]
+BATCH_SCHEMA = MUST_UNDERSTAND["batch"]  # the job schema an agent reads batches from
 SLOW_RTT_S = 0.5  # a round trip this long (agents report their mailbox lag) makes the first queue deep
 MOVE_MIN_S = 0.1  # a queued job is moved to an idle agent only if it would otherwise wait longer than this
 NO_AGENTS_SAY_S = 60.0  # while no agent is alive, a waiting master says so this often
@@ -158,6 +161,11 @@ class Dispatcher:
         self._fill_error: dict[str, str] = {}  # agent -> why its last refill failed (said once)
         self.job_schema = 1  # the descriptor schema this run's jobs need, learnt as they are made (_fill)
         self._before: dict[int, int] = {}  # chunk -> attempts it had before its first failure seen here (backoff)
+        # Batches (jobs.batches): a job in flight is named by its first chunk; ``span`` holds the chunk
+        # count of those that are batches. Every other map here is by chunk (a batch's chunks get their
+        # attempt numbers once the batch is over).
+        self.span: dict[int, int] = {}
+        self._unit = 1  # chunks per job planned in this pass (master.core.batching)
 
     # hooks -------------------------------------------------------------------------------------
     def _job(self, c: int) -> Job:
@@ -166,6 +174,15 @@ class Dispatcher:
 
     def sendable(self, c: int) -> bool:
         return True
+
+    def batchable(self, c: int) -> bool:
+        """Chunk ``c`` may go in a batch (``jobs.batches``): a chunk at its first attempt whose job
+        a batch can carry. None may by default (the Executor's calls: ``Executor.map`` groups its own)."""
+        return False
+
+    def batch_given(self) -> int | None:
+        """Chunks per batch the user fixed (``--batch``), or None: by their duration."""
+        return None
 
     def settle(self, c: int, rec: dict[str, Any]) -> None:
         """Chunk ``c``'s final result ``rec`` was read (``final[c]`` holds its summary)."""
@@ -214,9 +231,13 @@ class Dispatcher:
 
     def _requeue(self, c: int, delay: float = 0.0, free: bool = False) -> None:
         """Back to pending for the next attempt; ``free`` = a lost attempt that costs no retry.
+        A batch is fenced instead and its chunks go on one by one (``_split``).
         A free one taken back while its descriptor says it is the last attempt is put on record
         as superseded (``jobs.results.supersede``): should it still run somewhere (a frozen agent
         thawed, a moved job already read), its failure then never commits over the next one."""
+        if c in self.span:
+            self._split(c, "taken back from its agent")
+            return
         if free and c in self.inflight and self.inflight[c][1] >= self.max_attempts[c]:
             agent, attempt = self.inflight[c]
             try:
@@ -234,7 +255,72 @@ class Dispatcher:
             self.pending.appendleft(c)  # before fresh chunks: keeps the run's tail short
 
     def _has_outcome(self, c: int, attempt: int) -> bool:
+        if c in self.span:
+            return self._slot(c).exists()
         return has_outcome(self.spool, (self.run_name, c, attempt), self.max_attempts[c])
+
+    # batches -----------------------------------------------------------------------------------
+    def _slot(self, u: int) -> Path:
+        return self.spool.batch_json(self.run_name, u, self.span[u])
+
+    def _split(self, u: int, why: str) -> None:
+        """The batch in flight named by ``u`` goes back (its agent died, froze, drains or is
+        replaced; it vanished or is moved): fenced (``jobs.batches.fence``), its chunks go on one
+        by one at no cost, the next attempt of each after this one; where the batch committed
+        first, its outcomes count (the next pass takes them in). A fence that cannot be written
+        leaves it in flight: tried again on the next pass that takes it back."""
+        try:
+            fenced = batches.fence(self.spool, self.run_name, u, self.span[u], self.inflight[u][1], why)
+        except (OSError, BadFile) as e:
+            logger.warning("could not take back the batch of chunks {}..{}: {}", u, u + self.span[u] - 1, e)
+            return
+        if fenced:
+            self._unbatch(u, free=True)
+
+    def _unbatch(self, u: int, free: bool, codes: str | None = None) -> None:
+        """The batch named by ``u`` is over without outcomes for the chunks ``codes`` says ``b``
+        of (all: None): they go back to pending one by one, after its attempt, at no cost."""
+        _, attempt = self.inflight[u]
+        limit = self.max_attempts[u] + (1 if free else 0)
+        n = self.span.pop(u)
+        self._untrack(u)
+        back = [u + i for i in range(n) if codes is None or codes[i] == batches.BACK]
+        for c in back:
+            self.attempt[c], self.max_attempts[c] = attempt, limit
+        self.pending.extendleft(reversed(back))  # before fresh chunks: keeps the run's tail short
+
+    def _take_batch(self, u: int, path: Path) -> bool:
+        """Take in the batch named by ``u`` from its slot at ``path``; False while it has none."""
+        agent, attempt = self.inflight[u]
+        try:
+            slot = batches.read_slot(path, self.epoch)
+        except FileNotFoundError:
+            return False
+        except (BadFile, OSError) as e:  # torn, stale (--fresh) or no file: moved aside, its chunks run again
+            logger.warning("{}: {}; its chunks will run again", path, e)
+            self.spool.reject(read_or_empty(path), path, str(e))
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            self._split(u, f"its results were refused: {e}")
+            return True
+        if slot.fenced is not None:
+            self._unbatch(u, free=True)
+            return True
+        codes, limit = slot.codes, self.max_attempts[u]
+        self._unbatch(u, free=True, codes=codes)
+        for c in slot.chunks:
+            code = slot.code(c)
+            if code == batches.BACK:
+                continue
+            rec = slot.record(c)
+            self.attempt[c], self.max_attempts[c] = attempt, limit
+            if code == batches.HISTORY:
+                out = summarize(rec)
+                self._observe(out)
+                self._retry(c, attempt, out, agent)
+            else:
+                self._conclude(c, rec)
+        return True
 
     @property
     def rtt(self) -> float:
@@ -252,7 +338,7 @@ class Dispatcher:
         if self._mean_s is None:  # no chunk finished yet: a guess, unless refills are known to be slow
             slow = self.rtt >= SLOW_RTT_S  # (a shared filesystem's cache delay): queue a fair share at once;
             return max(1, self.cfg.max_depth if slow else self.cfg.depth)  # stealing evens out long chunks
-        mean = max(self._mean_s, 1e-4)
+        mean = max(self._mean_s * self._unit, 1e-4)  # a job's: a batch lasts its chunks' time
         cover = 1 + math.ceil(2 * self.rtt / mean)  # refilled at half: the half left still covers it
         amortise = int(self.cfg.queue_s / mean) + 1
         return max(1, min(self.cfg.max_depth, max(2, cover, amortise)))
@@ -315,7 +401,11 @@ class Dispatcher:
         denied, a read-only filesystem: ``agent.diskpause.DiskPause._uncommittable``). Its failure is recorded here,
         as the loss of an agent is (history, or the final result of a last attempt), and taken in
         as any failure: retried, elsewhere where it can be, up to --retries, then final. Where this
-        master cannot write it either, the chunk is settled here without a file."""
+        master cannot write it either, the chunk is settled here without a file. A batch goes back
+        whole, its chunks one by one (``_split``)."""
+        if c in self.span:
+            self._requeue(c, free=True)
+            return
         job = dataclasses.replace(self._job(c), attempt=attempt, max_attempts=self.max_attempts[c])
         failure = Failure.from_dict(error)
         rec = record(job, JobState.FAILED, agent=agent, error=failure, finished_at=time.time())
@@ -338,6 +428,13 @@ class Dispatcher:
         chunks = list(self.inflight) if full else {c for c in named if c in self.inflight}
         seen: list[Path] = []  # the results found now, for the latency sample
         for c in chunks:
+            if c not in self.inflight:  # a batch taken in before it in this pass
+                continue
+            if c in self.span:
+                path = self._slot(c)
+                if self._take_batch(c, path):
+                    seen.append(path)
+                continue
             agent, attempt = self.inflight[c]
             final = self.spool.result_json(self.run_name, c)
             try:  # no symlink followed: a link where the result belongs (dangling, or out of BASE) is refused
@@ -528,6 +625,9 @@ class Dispatcher:
         each sure loss is a failed attempt, so a chunk that kills its agent (or its node) cannot
         take down the whole pool one by one. A suspect runs ``alone`` from then on, so its next
         loss is sure: the innocent neighbour of a poisonous chunk pays nothing."""
+        if job.chunk_id in self.span:  # which chunk of a batch it was, its chunks one by one will tell
+            self._requeue(job.chunk_id, free=True)
+            return
         if sure:
             self.failed_on.setdefault(job.chunk_id, set()).add(agent)
         if not charge_loss(self.losses, self.isolated, job.chunk_id, self.cfg.free_losses, sure) or not record_loss(
@@ -602,7 +702,9 @@ class Dispatcher:
             self.tidy(done_only=True)
         if not self.pending or not live:
             return
-        left = len(self.pending) + len(self.inflight)
+        self._unit = batch_size(self._mean_s, self.rtt, self.spec_chunks(), len(self.pending), len(live),
+                                self.batch_given())
+        left = math.ceil(len(self.pending) / self._unit) + len(self.inflight)
         depth = self.depth
         cap = max(1, min(depth, math.ceil(left / len(live))))  # never more than a fair share of what is left
         now = self.clock()  # not at agents whose mailbox lock was just found held (see _update)
@@ -634,10 +736,35 @@ class Dispatcher:
             c = self.pending[i]
             del self.pending[i]
             if self.sendable(c):
+                if i == 0 and self._unit > 1 and self.batchable(c) and \
+                        self.liveness.views[ident].job_schema >= BATCH_SCHEMA:  # an older agent: one at a time
+                    self._gather(c)
                 plan.setdefault(ident, []).append(c)
                 n += 1
             heapq.heappush(heap, (n, busy, ident))
         return plan
+
+    def _gather(self, c: int) -> None:
+        """Chunk ``c`` (just taken from the head of ``pending``) becomes a batch with the chunks
+        that follow it there in order, up to ``_unit`` chunks, all of them batchable."""
+        n, pending = 1, self.pending
+        while n < self._unit and pending and pending[0] == c + n and self.batchable(c + n):
+            pending.popleft()
+            n += 1
+        if n > 1:
+            self.span[c] = n
+
+    def _ungather(self, units: list[int]) -> None:
+        """Planned jobs that were not queued go back to the head of ``pending``, chunk by chunk."""
+        chunks: list[int] = []
+        for u in units:
+            n = self.span.pop(u, 1) if u not in self.inflight else 1
+            chunks.extend(range(u, u + n))
+        self.pending.extendleft(reversed(chunks))
+
+    def spec_chunks(self) -> int:
+        """The run's chunk count, where it has a fixed one (the batch rule's file target)."""
+        return 0
 
     def _next_for(self, ident: str, room: set[str], reach: int = 8) -> int | None:
         """The index in ``pending`` of the first of its first ``reach`` chunks that should go to
@@ -667,13 +794,13 @@ class Dispatcher:
             if not isinstance(e, TimeoutError) and self._fill_error.get(view.id) != str(e):
                 self._fill_error[view.id] = str(e)  # said once, not on every pass while it lasts
                 logger.warning("could not queue jobs for {}: {}", view.id, e)
-            self.pending.extendleft(reversed(chunks))
+            self._ungather(chunks)
             return
         self._fill_error.pop(view.id, None)
         self._tidy.discard(view.id)
         if unreadable:  # from now on such agents are passed over (why_not)
             self.job_schema = max([self.job_schema] + [j.needs_schema for j in unreadable])
-            self.pending.extendleft(reversed([j.chunk_id for j in unreadable]))
+            self._ungather([j.chunk_id for j in unreadable])
         for job in taken:
             self.attempt[job.chunk_id] = job.attempt
             self._track(job.chunk_id, view.id, job.attempt)
@@ -803,7 +930,7 @@ class ResultNames:
         """Takes in the names of one read; True if any was a result's (or events were lost)."""
         chunks, lost = [], False
         for name in names:
-            m = RESULT_RE.match(name) or HISTORY_RE.match(name)
+            m = RESULT_RE.match(name) or HISTORY_RE.match(name) or BATCH_RE.match(name)
             if m:
                 chunks.append(int(m.group(1)))
             lost = lost or name == OVERFLOW

@@ -6,6 +6,7 @@ what is done and how many attempts each chunk had, mailboxes say what is in flig
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import threading
@@ -17,12 +18,12 @@ from typing import Any, Callable
 
 from gpupool.jobs.logsetup import logger
 
-from gpupool.jobs.descriptor import Job, JobState
+from gpupool.jobs.descriptor import Job, JobKind, JobState
 from gpupool.jobs.errors import BadFile
 from gpupool.jobs.paths import Spool
 from gpupool.jobs.outcomes import FailureKind, failure_of
-from gpupool.jobs.results import (RunScan, read_epoch, read_result, reopen_failed, result_or_none, scan_run, seal,
-                          sealed, unseal)
+from gpupool.jobs.results import (RunScan, attempt_record, chunk_result, read_epoch, reopen_failed, result_or_none,
+                                  scan_run, seal, sealed, unseal)
 from gpupool.jobs.words import plural
 from gpupool.master.core.dispatcher import AttemptSummary, Dispatcher, Event, FeedConfig, read_or_empty, summarize
 from gpupool.master.core.liveness import AgentView
@@ -102,6 +103,8 @@ class Feeder(Dispatcher):
         self.failed_attempts = 0  # attempts failed in this session (pool errors too), final or retried
         self.retried_attempts = 0  # of them, those with attempts left (a retry was queued)
         self._some_ok = False  # a chunk of the run is ok (kept as they come: not a look at every final per failure)
+        # a batch carries callable chunks that differ only in their chunk id and sweep parameters
+        self._batches = spec.kind is JobKind.CALLABLE and spec.data_dir is None and spec.batch != 1
 
     @property
     def done(self) -> bool:
@@ -143,6 +146,15 @@ class Feeder(Dispatcher):
                            f"with the same error and none is ok: {line}")
             self.on_event("halted", {"why": self.halted})
 
+    def batchable(self, c: int) -> bool:
+        return self._batches and not self.attempt.get(c) and c not in self.isolated and c not in self.failed_on
+
+    def batch_given(self) -> int | None:
+        return self.spec.batch
+
+    def spec_chunks(self) -> int:
+        return self.spec.chunks
+
     def settle(self, c: int, rec: dict[str, Any]) -> None:
         if rec["status"] == JobState.OK:
             self._some_ok = True
@@ -153,7 +165,7 @@ class Feeder(Dispatcher):
         line = alike(out.error or "")
         if out.failure is None or out.failure.kind not in BY_OUTPUT:
             return line
-        rec = result_or_none(self.spool.history_json(self.spec.name, c, out.attempt)) or \
+        rec = attempt_record(self.spool, self.spec.name, c, out.attempt) or \
             result_or_none(self.spool.result_json(self.spec.name, c)) or {}
         err = failure_of(rec) if rec.get("attempt") == out.attempt else None
         tb = err.traceback if err is not None else ""
@@ -187,30 +199,47 @@ class Feeder(Dispatcher):
                 self.final[c] = AttemptSummary(JobState.OK, 0, None)
             else:
                 self._recover_final(c, scan)
-        self._recover_mailboxes()
+        handed: dict[int, int] = {}  # a batch's chunks handed back (b, or fenced): the batch's attempt
+        for slot in (*scan.slots.values(), *scan.fenced.values()):
+            for c in slot.chunks:
+                if slot.code(c) == "b" and c not in self.final and c < spec.chunks:
+                    handed[c] = max(handed.get(c, 0), slot.attempt)
+        self._recover_mailboxes(handed)
         self.recovered_done = len(self.final)
         self._some_ok = any(o.status == JobState.OK for o in self.final.values())
         if not self.done:
             unseal(self.spool, spec.name)
+        covered = {c for u, n in self.span.items() for c in range(u, u + n)}  # batches in flight
         for c in range(spec.chunks):
-            if c in self.final or c in self.inflight or c in self.attempt:
+            if c in self.final or c in self.inflight or c in self.attempt or c in covered:
                 continue
             last = scan.last_attempt(c)
-            self.attempt[c] = last
-            if last:
+            if handed.get(c, 0) > last:  # run again one by one (never in a batch of the same name), at no cost
+                last = self.attempt[c] = handed[c]
+                self.max_attempts[c] = last + 1 + spec.retries
+            elif last:
+                self.attempt[c] = last
                 rec = self._history(c, last)
                 self.max_attempts[c] = max(_int(rec.get("max_attempts"), 1), last + 1)
                 if (failure := failure_of(rec)) is not None and failure.kind is FailureKind.AGENT_LOST:
                     self._suspect(c)
             else:
+                self.attempt[c] = 0
                 self.max_attempts[c] = 1 + spec.retries
             self.pending.append(c)
 
     def _recover_final(self, c: int, scan: RunScan) -> None:
         path = self.spool.result_json(self.spec.name, c)
+        if (slot := scan.final_slot(c)) is not None:  # a batch's: its slot is read (and refused) whole
+            path = self.spool.batch_json(self.spec.name, slot.first, slot.count)
         try:
-            rec = read_result(path, self.epoch)
+            rec = chunk_result(self.spool, self.spec.name, c, scan, self.epoch)
+        except FileNotFoundError:
+            return
         except BadFile as e:
+            if slot is not None:
+                self._refuse_slot(path, e)
+                return
             logger.warning("{}: {}; the chunk will run again", path, e)
             self.spool.reject(read_or_empty(path), path, str(e))
             os.unlink(path)
@@ -222,7 +251,7 @@ class Feeder(Dispatcher):
             if self._arrays_torn(c, rec):
                 return
             self.final[c] = summarize(rec)
-        elif reopen_failed(self.spool, self.spec.name, c):  # a re-run tries failed chunks again
+        elif reopen_failed(self.spool, self.spec.name, c, scan):  # a re-run tries failed chunks again
             last = max(rec["attempt"], scan.last_attempt(c))
             self.attempt[c], self.max_attempts[c] = last, last + 1 + self.spec.retries
             self.pending.append(c)
@@ -244,8 +273,17 @@ class Feeder(Dispatcher):
         os.unlink(path)
         return True
 
+    def _refuse_slot(self, path: Path, e: Exception) -> None:
+        """A batch's slot that cannot be trusted (torn by an OS crash, of an earlier start of the
+        run): moved aside; its chunks are pending again (named as having been in a batch, so they
+        run one by one)."""
+        logger.warning("{}: {}; its chunks will run again", path, e)
+        self.spool.reject(read_or_empty(path), path, str(e))
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
     def _history(self, c: int, attempt: int) -> dict[str, Any]:
-        return result_or_none(self.spool.history_json(self.spec.name, c, attempt)) or {}
+        return attempt_record(self.spool, self.spec.name, c, attempt) or {}
 
     def _suspect(self, c: int) -> None:
         """After a restart: ``c`` was already suspected of killing an agent (its job is marked
@@ -254,7 +292,7 @@ class Feeder(Dispatcher):
         self.isolated.add(c)
         self.losses[c] = max(self.losses[c], self.cfg.free_losses)
 
-    def _recover_mailboxes(self) -> None:
+    def _recover_mailboxes(self, handed: dict[int, int]) -> None:
         for ident in self.spool.agent_ids():
             try:
                 jobs = self._mailbox(ident).read().jobs
@@ -262,6 +300,10 @@ class Feeder(Dispatcher):
                 continue
             for job in jobs:
                 if job.run != self.spec.name or job.chunk_id in self.final or job.chunk_id >= self.spec.chunks:
+                    continue
+                if job.batch is not None:
+                    if not any(c in handed for c in job.chunks):
+                        self._recover_batch(ident, job)
                     continue
                 if job.attempt > self.attempt.get(job.chunk_id, 0):
                     self._untrack(job.chunk_id)
@@ -271,14 +313,40 @@ class Feeder(Dispatcher):
                     if job.alone:
                         self._suspect(job.chunk_id)
 
+    def _recover_batch(self, ident: str, job: Job) -> None:
+        """A batch queued by an earlier master: in flight again, unless it has a slot (it is over,
+        or was fenced) or any of its chunks is known otherwise."""
+        chunks = [c for c in job.chunks if c < self.spec.chunks]
+        if self.spool.batch_json(self.spec.name, job.chunk_id, job.batch or 1).exists():
+            return  # over: its slot was read with the results
+        if len(chunks) != job.batch or any(c in self.final or c in self.inflight or self.attempt.get(c)
+                                           for c in chunks):
+            return
+        self.span[job.chunk_id] = job.batch
+        self.max_attempts[job.chunk_id] = job.max_attempts
+        self.attempt[job.chunk_id] = job.attempt
+        self._track(job.chunk_id, ident, job.attempt)
+
     def _job(self, c: int) -> Job:
         s = self.spec
+        if c in self.span:
+            return self._batch(c, self.span[c])
         return Job(run=s.name, chunk_id=c, total_chunks=s.chunks, kind=s.kind, target=s.chunk_target(c),
                    attempt=self.attempt.get(c, 0) + 1, max_attempts=self.max_attempts[c], kwargs=s.chunk_kwargs(c),
                    data=s.data_file(c), submitted_at=time.time(), alone=c in self.isolated, epoch=self.epoch,
                    params=s.chunk_params(c), options=s.options, gpus=self.placement.gpus_per_job,
                    gpu_mem=self.placement.gpu_mem,
                    **{job: getattr(s, field) for field, job in JOB_FIELDS.items()})  # as saved: master.spec.options
+
+    def _batch(self, c: int, n: int) -> Job:
+        """The job of the batch of chunks ``c`` .. ``c + n - 1`` at their first attempt."""
+        s = self.spec
+        return Job(run=s.name, chunk_id=c, total_chunks=s.chunks, kind=s.kind, target=s.target,
+                   attempt=self.attempt.get(c, 0) + 1, max_attempts=self.max_attempts[c], kwargs=s.kwargs,
+                   submitted_at=time.time(), epoch=self.epoch, batch=n,
+                   batch_params=None if s.params is None else s.params[c:c + n], options=s.options,
+                   gpus=self.placement.gpus_per_job, gpu_mem=self.placement.gpu_mem,
+                   **{job: getattr(s, field) for field, job in JOB_FIELDS.items()})
 
     # the loop ----------------------------------------------------------------------------------
     def run(self, stop: threading.Event | None = None) -> Summary:

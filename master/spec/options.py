@@ -144,6 +144,11 @@ OPTIONS: tuple[Option, ...] = (
            "(its Slurm job's end, --end-at) starts no chunk of this run that would not end before it, even its first "
            "one (later ones: the run's last chunk there says)", S, _POSITIVE,
            "--chunk-time must be a positive number of seconds, not {v}", metavar="S", sparse=True, job="chunk_time"),
+    Option("batch", int, None, "chunks per job: short chunks go to agents K at a time, run in one request and "
+           "committed in one file (default: by their measured duration, so that a batch lasts about one round trip; "
+           "chunks as long as a round trip never; 1: never; docs/jobs.md, Batches)", S, lambda v: v >= 1,
+           "--batch must be a whole number of chunks per job, 1 (never batch) or more, not {v}", metavar="K",
+           sparse=True),
     Option("share", float, 1.0, "the run's weight when several runs use the pool at once: agents are split between "
            "the active runs in proportion to their weights (default 1)", S, lambda v: _num(v) and _POSITIVE(v),
            "--share must be a positive number (the run's weight; default 1), not {v!r}", aliases=("--priority",),
@@ -182,7 +187,7 @@ OPTIONS: tuple[Option, ...] = (
 BY_NAME = {o.name: o for o in OPTIONS}
 PLACEMENT = ("targets", "hosts", "exclude_hosts", "min_free_gb", "gpus_per_job", "gpu_mem")  # master.spec.placement
 # kept with the run when a resume or retry does not give them again; one given again replaces it, said in a note
-KEPT = (*PLACEMENT, "on_done", "after", "after_any")
+KEPT = (*PLACEMENT, "on_done", "after", "after_any", "batch")
 SPARSE = tuple(o.name for o in OPTIONS if o.sparse)
 JOB_FIELDS = {o.name: o.job for o in OPTIONS if o.job}  # RunSpec field -> Job field
 

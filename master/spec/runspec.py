@@ -58,6 +58,7 @@ class RunSpec:
     gpus_per_job: int | None = None
     gpu_mem: float | None = None
     on_done: str | None = None  # main.py --on-done: a shell command run once when the run ends (master.hooks)
+    batch: int | None = None  # main.py --batch: chunks per job (None: by their duration, master.core.batching)
     chunk_time: float | None = None  # main.py --chunk-time: how long a chunk takes (agent.lifetime), a hint
     # main.py --after, --after-any: the runs it starts after, once they end ok / whatever their outcome (master.core.after)
     after: list[str] | None = None
@@ -156,6 +157,9 @@ class RunSpec:
             return f"'options' must be an object, not {brief(self.options)}"
         if (why := options_problem(self.options)) is not None:
             return f"'options': {why}"
+        if self.batch is not None and (isinstance(self.batch, bool) or not isinstance(self.batch, int)
+                                       or self.batch < 1):
+            return f"'batch' must be a whole number of chunks, 1 or more, not {brief(self.batch)}"
         for name in ("arrays_as_kwargs", "visible_gpu_id"):
             if not isinstance(getattr(self, name), bool):
                 return f"'{name}' must be true or false, not {brief(getattr(self, name))}"
@@ -290,7 +294,7 @@ def build(**values: Any) -> RunSpec:
     if (too_large := kwargs_size_error(kwargs if params is None else
                                        max((dict(kwargs, **p) for p in params), key=lambda d: len(json.dumps(d))))):
         raise UsageError(too_large)
-    if why := first_problem(a, ("retries", "timeout", "share", "chunk_time")):
+    if why := first_problem(a, ("retries", "timeout", "share", "chunk_time", "batch")):
         raise UsageError(why)
     placement = {k: a[k] for k in PLACEMENT}
     placement["targets"] = list(placement["targets"] or []) or None
@@ -344,7 +348,7 @@ def build(**values: Any) -> RunSpec:
                    float(a["share"]), params=params, commands=lines, options=options,
                    arrays_as_kwargs=bool(a["arrays_as_kwargs"]), visible_gpu_id=bool(a["visible_gpu_id"]),
                    env=dict(env) if env else None, setup=setup, on_done=a["on_done"], chunk_time=a["chunk_time"],
-                   after=after, after_any=after_any,
+                   batch=a["batch"], after=after, after_any=after_any,
                    **placement)
 
 
