@@ -28,6 +28,7 @@ reads slots as it reads single results.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -65,6 +66,15 @@ class Slot:
     def chunks(self) -> range:
         return range(self.first, self.first + self.count)
 
+    @functools.cached_property
+    def _offsets(self) -> list[float]:
+        """Seconds from the batch's start to each chunk's: the durations of the chunks before it."""
+        out, t = [], 0.0
+        for d in (self.rec or {}).get("durations") or ():
+            out.append(t)
+            t += d if is_num(d) else 0.0
+        return out + [t] * (self.count - len(out))
+
     def code(self, chunk: int) -> str:
         return self.codes[chunk - self.first]
 
@@ -88,7 +98,7 @@ class Slot:
         durations, start = rec.get("durations") or [], rec.get("started_at")
         duration = durations[i] if i < len(durations) and is_num(durations[i]) else None
         if is_num(start):  # each chunk started when the ones before it in the batch had run
-            begun = start + sum(d for d in durations[:i] if is_num(d))
+            begun = start + self._offsets[i]
             out["started_at"] = begun
             if duration is not None:
                 out["finished_at"] = begun + duration

@@ -308,18 +308,22 @@ class Dispatcher:
             return True
         codes, limit = slot.codes, self.max_attempts[u]
         self._unbatch(u, free=True, codes=codes)
+        rec = slot.rec or {}
+        took = [d for d in rec.get("durations") or () if isinstance(d, (int, float)) and not isinstance(d, bool)]
+        agent_ = rec.get("agent") if isinstance(rec.get("agent"), str) else agent
+        ok = AttemptSummary(JobState.OK, attempt, agent_, None, sum(took) / len(took) if took else None)  # shared
         for c in slot.chunks:
             code = slot.code(c)
             if code == batches.BACK:
                 continue
-            rec = slot.record(c)
+            one = slot.record(c)
             self.attempt[c], self.max_attempts[c] = attempt, limit
             if code == batches.HISTORY:
-                out = summarize(rec)
+                out = summarize(one)
                 self._observe(out)
                 self._retry(c, attempt, out, agent)
             else:
-                self._conclude(c, rec)
+                self._conclude(c, one, ok if code == batches.OK else None)
         return True
 
     @property
@@ -458,11 +462,12 @@ class Dispatcher:
             self._conclude(c, rec)
         self._sample_latency(seen)
 
-    def _conclude(self, c: int, rec: dict[str, Any]) -> None:
-        """Chunk ``c`` has its final result ``rec``."""
+    def _conclude(self, c: int, rec: dict[str, Any], out: AttemptSummary | None = None) -> None:
+        """Chunk ``c`` has its final result ``rec`` (``out``: its summary, where one is shared by
+        the ok chunks of a batch: a million chunks' summaries would otherwise be a million objects)."""
         self._untrack(c)
         self.failed_on.pop(c, None)
-        self.final[c] = out = summarize(rec)
+        self.final[c] = out = out or summarize(rec)
         self._observe(out)
         self.settle(c, rec)
         self.on_event("failed" if out.status != JobState.OK else "ok", {"chunk": c, "outcome": out})
