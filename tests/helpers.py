@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
@@ -82,10 +83,29 @@ def run_main(args: list[str], env: dict[str, str], timeout: float = 120, cwd: Pa
 
 
 def results(base: Path, run: str) -> dict[int, dict[str, Any]]:
-    out = {}
-    for p in (base / "results" / run).glob("*.json"):
-        if p.stem.isdigit():
-            out[int(p.stem)] = json.loads(p.read_text())
+    """Every committed result of the run, by chunk: its own file's or its batch's (``jobs.batches``),
+    read through the one results reader."""
+    from gpupool.jobs.paths import Spool
+    from gpupool.jobs.results import chunk_result, scan_run
+
+    spool = Spool(base)
+    scan = scan_run(spool, run)
+    return {c: chunk_result(spool, run, c, scan) for c in sorted(scan.finals)}
+
+
+def claims(base: Path, run: str) -> Counter:
+    """How many final results each chunk has on disk, counted raw (its own file, and every batch
+    slot that says it is final there): exactly once means 1 for every chunk."""
+    from gpupool.jobs import batches
+    from gpupool.jobs.paths import BATCH_RE, RESULT_RE
+
+    out: Counter = Counter()
+    for p in (base / "results" / run).iterdir():
+        if m := RESULT_RE.match(p.name):
+            out[int(m.group(1))] += 1
+        elif BATCH_RE.match(p.name):
+            slot = batches.read_slot(p)
+            out.update(c for c in slot.chunks if slot.code(c) in batches.CLAIMED)
     return out
 
 
