@@ -9,7 +9,7 @@ Executor is a small set of hooks a subclass overrides (rq's ``execute_job`` per 
 
 * ``_job(c)``: the descriptor of chunk ``c``'s next attempt;
 * ``sendable(c)``: False for a chunk its owner no longer wants (a cancelled future);
-* ``settle(c, rec)``: a chunk's final result was read;
+* ``settle(c, rec)``: a chunk's final result was read (of a batch's ok chunk: its status only);
 * ``started(c)``: an agent's heartbeat shows it running;
 * ``why_not(view)``: why this run may not use that agent (placement; an agent too old for its jobs), or None;
 * ``failed_attempt(c, out)``: an attempt failed (retried or final);
@@ -311,19 +311,25 @@ class Dispatcher:
         rec = slot.rec or {}
         took = [d for d in rec.get("durations") or () if isinstance(d, (int, float)) and not isinstance(d, bool)]
         agent_ = rec.get("agent") if isinstance(rec.get("agent"), str) else agent
-        ok = AttemptSummary(JobState.OK, attempt, agent_, None, sum(took) / len(took) if took else None)  # shared
-        for c in slot.chunks:
-            code = slot.code(c)
+        ok = AttemptSummary(JobState.OK, attempt, agent_, None, sum(took) / len(took) if took else None)
+        self._observe(ok)  # once: the batch's mean chunk duration
+        attempts, limits, status = self.attempt, self.max_attempts, JobState.OK.value
+        for i, code in enumerate(codes):
+            c = u + i
             if code == batches.BACK:
                 continue
+            attempts[c], limits[c] = attempt, limit
+            if code == batches.OK:  # the common case, kept cheap: no record made, one summary shared
+                self._conclude(c, {"status": status, "chunk_id": c, "attempt": attempt,
+                                   "batch": [u, slot.count]}, ok)
+                continue
             one = slot.record(c)
-            self.attempt[c], self.max_attempts[c] = attempt, limit
             if code == batches.HISTORY:
                 out = summarize(one)
                 self._observe(out)
                 self._retry(c, attempt, out, agent)
             else:
-                self._conclude(c, one, ok if code == batches.OK else None)
+                self._conclude(c, one)
         return True
 
     @property
@@ -462,13 +468,16 @@ class Dispatcher:
             self._conclude(c, rec)
         self._sample_latency(seen)
 
-    def _conclude(self, c: int, rec: dict[str, Any], out: AttemptSummary | None = None) -> None:
-        """Chunk ``c`` has its final result ``rec`` (``out``: its summary, where one is shared by
-        the ok chunks of a batch: a million chunks' summaries would otherwise be a million objects)."""
+    def _conclude(self, c: int, rec: dict[str, Any], shared: AttemptSummary | None = None) -> None:
+        """Chunk ``c`` has its final result ``rec``. ``shared``: the summary the ok chunks of a
+        batch share (a million chunks' would otherwise be a million objects), observed once for
+        them all; ``rec`` is then only its status, chunk, attempt and batch (``chunk_result``
+        reads the whole record)."""
         self._untrack(c)
         self.failed_on.pop(c, None)
-        self.final[c] = out = out or summarize(rec)
-        self._observe(out)
+        self.final[c] = out = shared or summarize(rec)
+        if shared is None:
+            self._observe(out)
         self.settle(c, rec)
         self.on_event("failed" if out.status != JobState.OK else "ok", {"chunk": c, "outcome": out})
         if out.status != JobState.OK:
