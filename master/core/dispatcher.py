@@ -716,7 +716,7 @@ class Dispatcher:
             self.tidy(done_only=True)
         if not self.pending or not live:
             return
-        self._unit = batch_size(self._mean_s, self.rtt, self.spec_chunks(), len(self.pending), len(live),
+        self._unit = batch_size(self._mean_s, self.rtt, self.run_size(), len(self.pending), len(live),
                                 self.batch_given())
         left = math.ceil(len(self.pending) / self._unit) + len(self.inflight)
         depth = self.depth
@@ -776,7 +776,7 @@ class Dispatcher:
             chunks.extend(range(u, u + n))
         self.pending.extendleft(reversed(chunks))
 
-    def spec_chunks(self) -> int:
+    def run_size(self) -> int:
         """The run's chunk count, where it has a fixed one (the batch rule's file target)."""
         return 0
 

@@ -152,7 +152,7 @@ class Feeder(Dispatcher):
     def batch_given(self) -> int | None:
         return self.spec.batch
 
-    def spec_chunks(self) -> int:
+    def run_size(self) -> int:
         return self.spec.chunks
 
     def settle(self, c: int, rec: dict[str, Any]) -> None:
