@@ -1,5 +1,8 @@
 """A master in its own process, so that its peak memory is its own:
 ``python -m bench.child --base B --run R --chunks N --task T`` prints one JSON line.
+``python -m bench.child main ARGS...`` runs ``python main.py ARGS...`` in this process instead
+(``runpy``: the same interpreter start and imports as the command itself) and prints, as the last
+line of its output, one JSON line: its exit code and ``maxrss_mb``.
 
 submit_s: ``Pool.submit`` (checks, run name); setup_s: from then until the first job descriptor
 is made (run lock, run.json, the recovery scan, the first liveness read); wall_s: until the run
@@ -23,7 +26,25 @@ def vm_kb(key: str) -> int:
     return 0
 
 
+def main_py(argv: list[str]) -> int:
+    """``python main.py ARGV`` run here, then its peak memory (VmHWM) and exit code on stdout."""
+    import runpy
+
+    main = Path(__file__).resolve().parents[1] / "main.py"
+    sys.argv = [str(main), *argv]
+    try:
+        runpy.run_path(str(main), run_name="__main__")
+        rc = 0
+    except SystemExit as e:
+        rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    sys.stdout.flush()
+    print(json.dumps({"rc": rc, "maxrss_mb": vm_kb("VmHWM") / 1024}), flush=True)
+    return rc
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["main"]:
+        sys.exit(main_py(sys.argv[2:]))
     p = argparse.ArgumentParser()
     p.add_argument("--base", required=True)
     p.add_argument("--run", required=True)

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -171,6 +172,17 @@ def main_command(base: Path, run: str, chunks: int, *args: str) -> tuple[float, 
     return wall, r
 
 
+def master_command(*args: str, timeout: float = 600) -> tuple[float, subprocess.CompletedProcess]:
+    """``python -m master ARGS...`` as a fresh process, timed from start to exit."""
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, "-m", "master", *args], cwd=REPO, capture_output=True, text=True,
+                       timeout=timeout)
+    wall = time.perf_counter() - t0
+    if r.returncode != 0:
+        raise RuntimeError(f"python -m master {' '.join(args)} failed ({r.returncode}): {r.stderr[-2000:]}")
+    return wall, r
+
+
 @dataclass
 class PoolRun:
     run: str
@@ -220,8 +232,9 @@ class Probe:
 
 def feed(base: Path, run: str, chunks: int, task: str | None = None, script: str | None = None,
          kwargs: dict[str, Any] | None = None, shared: str | None = None, depth: int | None = None,
-         probe: bool = False, workdir: str | None = None) -> PoolRun:
-    """Submit a run with ``master.api.Pool`` and be its master until it is done (wall time)."""
+         probe: bool = False, workdir: str | None = None, batch: int | None = None) -> PoolRun:
+    """Submit a run with ``master.api.Pool`` and be its master until it is done (wall time).
+    ``batch``: chunks per batch (1: none); None leaves the pool's default (automatic)."""
     from gpupool.master.api import Pool
     from gpupool.master.core.feeder import FeedConfig
 
@@ -230,57 +243,76 @@ def feed(base: Path, run: str, chunks: int, task: str | None = None, script: str
     with pr.installed() if probe else contextlib.nullcontext():
         t0 = time.perf_counter()
         r = Pool(base).submit(task=task, script=script, chunks=chunks, kwargs=kwargs, shared=shared, run=run,
-                              fresh=True, workdir=workdir or str(REPO))
+                              fresh=True, workdir=workdir or str(REPO), **({} if batch is None else {"batch": batch}))
         s = r.wait(progress=False, cfg=cfg)
         wall = time.perf_counter() - t0
     return PoolRun(run, chunks, wall, s.ok, dict(s.per_agent), pr.submitted, pr.collected)
 
 
 def results(base: Path, run: str) -> list[dict[str, Any]]:
-    out = []
-    for p in sorted((base / "results" / run).glob("*.json")):
-        if p.stem.isdigit():
-            out.append(json.loads(p.read_text()))
-    return out
+    """Every committed result of ``run``, by chunk, as every reader reads them (a chunk's own
+    file or its batch's slot: ``jobs.results.scan_run`` and ``chunk_result``)."""
+    from gpupool.jobs.paths import Spool
+    from gpupool.jobs.results import chunk_result, scan_run
+
+    spool = Spool(base)
+    scan = scan_run(spool, run)
+    return [chunk_result(spool, run, c, scan) for c in sorted(scan.finals)]
 
 
 def check_exactly_once(base: Path, run: str, chunks: int) -> dict[str, Any]:
-    """Every chunk 0..N-1 has exactly one committed ok result (and nothing else is there).
+    """Every chunk 0..N-1 has exactly one committed ok result (and nothing else is there), read
+    through the one results reader (``jobs.results.scan_run``, ``chunk_result``), so that a chunk
+    committed in its batch's slot (``results/<run>/<first>+<count>.json``) counts as one in a file
+    of its own; and what the run left in its results folder (files, bytes).
 
-    The commit is a ``link()`` to the one final name, so two commits cannot both exist; what can
-    go wrong is a missing, foreign, unreadable or failed result, or a temp file left behind."""
-    rdir = base / "results" / run
-    finals: dict[int, int] = {}
-    bad, temps, history = [], [], []
-    for name in os.listdir(rdir):
-        if name.startswith("."):
-            temps.append(name)
-            continue
-        stem, _, ext = name.partition(".")
-        if ext == "json" and stem.isdigit():
-            c = int(stem)
-            finals[c] = finals.get(c, 0) + 1
+    A commit is a ``link()`` to one final name (the chunk's own or its batch's slot), so two
+    commits of one name cannot both exist; what can go wrong is a chunk claimed both by a slot and
+    by a file of its own (or by two slots), a missing, foreign, unreadable or failed result, or a
+    temp file left behind."""
+    from gpupool.jobs import batches
+    from gpupool.jobs.atomic import is_temp_name
+    from gpupool.jobs.errors import BadFile
+    from gpupool.jobs.paths import Spool
+    from gpupool.jobs.results import chunk_result, scan_run
+
+    spool, rdir = Spool(base), base / "results" / run
+    scan = scan_run(spool, run)
+    claims = Counter(scan.singles)
+    for slot in scan.slots.values():
+        claims.update(c for c in slot.chunks if slot.code(c) in batches.CLAIMED)
+    bad = sorted(scan.odd)
+    for c in sorted(claims):
+        if c < chunks and claims[c] == 1:
             try:
-                rec = json.loads((rdir / name).read_text())
-                if rec.get("chunk_id") != c or rec.get("run") != run or rec.get("status") != "ok":
-                    bad.append(c)
-            except (OSError, ValueError):
+                rec = chunk_result(spool, run, c, scan)
+            except (OSError, BadFile):
                 bad.append(c)
-        elif ext.startswith("a") and ext.endswith(".json"):
-            history.append(name)
+                continue
+            if rec.get("chunk_id") != c or rec.get("run") != run or rec.get("status") != "ok":
+                bad.append(c)
+    files, size, disk, temps = 0, 0, 0, []
+    for folder, _, names in os.walk(rdir):
+        for name in names:
+            with contextlib.suppress(FileNotFoundError):  # a temp file gone meanwhile
+                st = os.lstat(os.path.join(folder, name))
+                files, size, disk = files + 1, size + st.st_size, disk + st.st_blocks * 512
+                if is_temp_name(name):
+                    temps.append(name)
     # The agent links its temp file to the final name, then unlinks the temp: the master (and so
     # this check) can see the final result in between. Only a temp file that stays is left over.
     deadline = time.monotonic() + 2.0
     while temps and time.monotonic() < deadline:
         time.sleep(0.02)
         temps = [t for t in temps if (rdir / t).exists()]
-    missing = [c for c in range(chunks) if c not in finals]
-    extra = [c for c in finals if c >= chunks]
-    dup = [c for c, k in finals.items() if k != 1]
+    missing = [c for c in range(chunks) if c not in claims]
+    extra = [c for c in claims if c >= chunks]
+    dup = [c for c, k in claims.items() if k != 1]
     ok = not (missing or extra or dup or bad or temps)
-    return {"run": run, "chunks": chunks, "committed": len(finals), "missing": missing[:10], "extra": extra[:10],
-            "duplicates": dup[:10], "bad": bad[:10], "temp_files": temps[:10], "failed_attempts": len(history),
-            "ok": ok}
+    return {"run": run, "chunks": chunks, "committed": len(claims), "missing": missing[:10], "extra": extra[:10],
+            "duplicates": dup[:10], "bad": bad[:10], "temp_files": temps[:10],
+            "failed_attempts": sum(len(a) for a in scan.history.values()), "slots": len(scan.slots),
+            "files": files, "bytes": size, "disk_bytes": disk, "ok": ok}
 
 
 def idle_gaps(recs: list[dict[str, Any]]) -> list[float]:

@@ -29,6 +29,8 @@ class Sizes:
     idle_window: float  # 7: seconds per measuring window
     gpu_chunks: int  # 8
     gpu_stream_chunks: int
+    batch_chunks: int = 3000  # 13: no-op chunks per run, ours (batched and not) against Ray tasks
+    batch_big: int = 1_000_000  # 13: no-op chunks of the whole main.py command (run.py --batch-chunks)
 
 
 FULL = Sizes(repeats=3, tiny_chunks=2000, tiny_agents=(1, 2, 4), tiny_octorun_chunks=100, ray_workers=(1, 2, 4),
@@ -36,10 +38,12 @@ FULL = Sizes(repeats=3, tiny_chunks=2000, tiny_agents=(1, 2, 4), tiny_octorun_ch
              shared_chunks=16, scale=(1000, 10000, 100000), idle_window=20.0, gpu_chunks=200, gpu_stream_chunks=100)
 QUICK = Sizes(repeats=2, tiny_chunks=300, tiny_agents=(1, 2, 4), tiny_octorun_chunks=12, ray_workers=(2,),
               small_chunks=200, small_script_chunks=16, latency_samples=10, poll_interval=0.5, shared_mb=128,
-              shared_chunks=6, scale=(500, 2000), idle_window=4.0, gpu_chunks=50, gpu_stream_chunks=30)
+              shared_chunks=6, scale=(500, 2000), idle_window=4.0, gpu_chunks=50, gpu_stream_chunks=30,
+              batch_big=100_000)
 SMOKE = Sizes(repeats=1, tiny_chunks=20, tiny_agents=(1, 2), tiny_octorun_chunks=4, ray_workers=(),
               small_chunks=20, small_script_chunks=3, latency_samples=3, poll_interval=0.2, shared_mb=8,
-              shared_chunks=2, scale=(20, 60), idle_window=0.5, gpu_chunks=4, gpu_stream_chunks=4)
+              shared_chunks=2, scale=(20, 60), idle_window=0.5, gpu_chunks=4, gpu_stream_chunks=4,
+              batch_chunks=60, batch_big=300)
 MODES = {"full": FULL, "quick": QUICK, "smoke": SMOKE}
 
 
@@ -59,13 +63,14 @@ class Ctx:
         d.mkdir(parents=True)
         return d
 
-    def check(self, base: Path, run: str, chunks: int) -> bool:
-        """The exactly-once check, recorded for the report (a failure makes the exit code 1)."""
+    def check(self, base: Path, run: str, chunks: int) -> dict[str, Any]:
+        """The exactly-once check, recorded for the report (a failure makes the exit code 1);
+        its record (``ok``, and the files and bytes the run left)."""
         res = check_exactly_once(base, run, chunks)
         self.checks.append(res)
         if not res["ok"]:
             log(f"EXACTLY-ONCE CHECK FAILED: {res}")
-        return res["ok"]
+        return res
 
     def peer_check(self, peer: str, what: str, ok: bool) -> None:
         self.checks.append({"run": f"{peer}:{what}", "ok": bool(ok)})

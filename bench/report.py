@@ -123,6 +123,21 @@ def comparisons(r: dict[str, Any]) -> list[dict[str, Any]]:
             if gpu.get(key):
                 row("8 GPU", "small torch matmul, ms/chunk", gpu["ours"], " ms", peer, gpu[key],
                     ratios(gpu[key], gpu["ours"]), "peer ÷ ours = speed-up", 1000)
+    b = r.get("13_batch")
+    if b:
+        what = f"{b['chunks']:,} no-op chunks/s, {b['workers']} agents"
+        if b.get("ray_tasks"):
+            row("13 batches", f"{what}, default", b["ours"], "/s", "Ray tasks", b["ray_tasks"],
+                ratios(b["ours"], b["ray_tasks"]), "ours ÷ peer, higher is better")
+        if b.get("ours_batch1"):
+            row("13 batches", f"{what}, default", b["ours"], "/s", "ours, batch 1", b["ours_batch1"],
+                ratios(b["ours"], b["ours_batch1"]), "default ÷ batch 1")
+        for n, p in (b.get("big") or {}).items():
+            for key, label, scale in (("wall_s", "python main.py s", 1.0), ("chunks_per_s", "chunks/s", 1.0),
+                                      ("files", "files under results/<run>", 1.0),
+                                      ("disk_bytes", "MB on disk", 1e-6), ("maxrss_mb", "master peak MB", 1.0),
+                                      ("status_s", "status s", 1.0), ("collect_s", "collect s", 1.0)):
+                row("13 batches", f"{int(n):,} chunks: {label}", [p[key]], "", "-", None, None, "", scale)
     rb = r.get("11_boundary")
     if rb:
         row("11 boundary", "submit → next run's first chunk, s", rb["spare"], " s", "ours, --no-spare-worker",
@@ -260,6 +275,28 @@ def targets(r: dict[str, Any], mode: str) -> list[dict[str, Any]]:
         tgt(f"12. Executor.map of {case['calls']:,} calls of pow, chunksize {case['chunksize']}: at most {limit:g}x "
             "ProcessPoolExecutor(2).map, start to last result", f"{_med(case['ours_s']):.3f} s vs "
             f"{_med(case['ppe_s']):.3f} s = {ratio:.2f}x (best {min(case['ratio']):.2f}x)", ratio <= limit)
+    b = r.get("13_batch") or {}
+    if b:
+        name = f"13. {b['chunks']:,} no-op chunks end to end, {b['workers']} agents: ≥ 5x Ray task throughput"
+        if b.get("ray_tasks"):
+            rr = ratios(b["ours"], b["ray_tasks"])["median"]
+            tgt(name, f"{_med(b['ours']):.0f}/s vs Ray tasks {_med(b['ray_tasks']):.0f}/s = {rr:.2f}x"
+                + (f"; with batch 1: {_med(b['ours_batch1']):.0f}/s" if b.get("ours_batch1") else ""), rr >= 5)
+        else:
+            tgt(name, f"{_med(b['ours']):.0f}/s; Ray not measured", None)
+    if b.get("big"):
+        pts = {int(n): v for n, v in b["big"].items()}
+        big, full = max(pts), 1_000_000
+        note = "" if big >= full else (f"measured at {', '.join(f'{n:,}' for n in sorted(pts))} chunks; 1,000,000 "
+                                       + ("on the line through the two largest" if len(pts) > 1 else "scaled linearly"))
+        at = lambda key: extrapolate(pts, key, full)  # noqa: E731
+        what = "13. 1,000,000 no-op chunks, 2 agents:"
+        tgt(f"{what} python main.py under 120 s", f"{at('wall_s'):.1f} s", at("wall_s") < 120, note)
+        tgt(f"{what} at most 5,000 files under results/<run>",
+            f"{at('files'):,.0f} files, {at('disk_bytes') / 1e6:,.0f} MB on disk", at("files") <= 5000, note)
+        tgt(f"{what} master peak memory under 500 MB", f"{at('maxrss_mb'):.0f} MB", at("maxrss_mb") < 500, note)
+        tgt(f"{what} status and collect each under 10 s", f"status {at('status_s'):.2f} s, collect "
+            f"{at('collect_s'):.2f} s", max(at("status_s"), at("collect_s")) < 10, note)
     if mode == "smoke":  # sizes far too small to judge a target: the smoke run only proves the code works
         out = [{**t, "pass": None, "note": "smoke: not judged"} for t in out]
     return out
@@ -319,7 +356,7 @@ def write(out_dir: Path, stem: str, meta: dict[str, Any], raw: dict[str, Any], c
     return paths
 
 
-KEY_ROWS = ("1 tiny", "2 small", "3 latency", "5 shared", "6 scale", "7 idle", "8 GPU")
+KEY_ROWS = ("1 tiny", "2 small", "3 latency", "5 shared", "6 scale", "7 idle", "8 GPU", "13 batches")
 
 
 def _key_row(r: dict[str, Any]) -> bool:
@@ -358,7 +395,7 @@ def readme_section(doc: dict[str, Any], stem: str) -> str:
             f"{meta['repeats']} interleaved repeats with [min–max]; absolute times hold for this machine only. "
             f"Every run committed every chunk exactly once ({len(meta['checks'])} runs checked).")
     lines = ["# Speed", "", head, "",
-             "| target (issues 5 and 11) | measured | result |", "| --- | --- | --- |"]
+             "| target (issues 5, 11 and 27) | measured | result |", "| --- | --- | --- |"]
     for t in tg:
         res = {True: "PASS", False: "**FAIL**", None: "n/a"}[t["pass"]]
         lines.append(f"| {t['target']} | {t['measured']}{' (' + t['note'] + ')' if t['note'] else ''} | {res} |")

@@ -5,6 +5,7 @@
     python bench/run.py                        # full suite (tens of minutes on 2 cores)
     python bench/run.py --quick                # every scenario, smaller (under 2 minutes on 2 cores)
     python bench/run.py --smoke --out DIR      # seconds, our pool and the floor only (CI)
+    python bench/run.py --only 13 --batch-chunks N   # issue 27's batches, a whole main.py run of N chunks
 
 Writes ``bench/results/<date>-<host>[-quick].json``, ``.md`` (tables) and ``.png`` (chart), and
 prints PASS/FAIL per target. Exit code 1 if any run broke the exactly-once check (or, with
@@ -16,6 +17,7 @@ import os
 import socket
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,7 +28,7 @@ from bench.context import MODES, Ctx  # noqa: E402
 
 SCENARIOS = {"1": "1_tiny", "2": "2_small", "3": "3_latency", "5": "5_shared", "6": "6_scale", "7": "7_idle",
              "8": "8_gpu", "9": "9_balance",
-             "10": "10_sharedfs", "11": "11_boundary", "12": "12_map"}  # 4 (idle gap) is measured inside 1
+             "10": "10_sharedfs", "11": "11_boundary", "12": "12_map", "13": "13_batch"}  # 4 is measured inside 1
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -35,7 +37,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="smaller sizes: under 2 minutes on 2 cores")
     size.add_argument("--smoke", action="store_true", help="tiny sizes, no peers: seconds (the CI form)")
-    p.add_argument("--only", help="comma-separated scenario numbers to run (1-12; 4 comes with 1)")
+    p.add_argument("--only", help="comma-separated scenario numbers to run (1-13; 4 comes with 1)")
+    p.add_argument("--batch-chunks", type=int, metavar="N",
+                   help="13: no-op chunks of the whole main.py run (default 1,000,000; --quick 100,000)")
     p.add_argument("--no-peers", action="store_true", help="skip OctoRun and Ray")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results", help="output folder")
     p.add_argument("--keep", action="store_true", help="keep the temporary spools")
@@ -44,12 +48,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def scenario_modules() -> dict[str, Any]:
-    from bench.scenarios import (balance, boundary, gpu, idle, latency, mapping, scale, shared, sharedfs, small,
-                                 throughput)
+    from bench.scenarios import (balance, batching, boundary, gpu, idle, latency, mapping, scale, shared, sharedfs,
+                                 small, throughput)
 
     return {"1_tiny": throughput, "2_small": small, "3_latency": latency, "5_shared": shared, "6_scale": scale,
             "7_idle": idle, "8_gpu": gpu, "9_balance": balance,
-            "10_sharedfs": sharedfs, "11_boundary": boundary, "12_map": mapping}
+            "10_sharedfs": sharedfs, "11_boundary": boundary, "12_map": mapping, "13_batch": batching}
 
 
 def ray_phase(ctx: Ctx, raw: dict[str, dict[str, Any]], chosen: list[str]) -> None:
@@ -62,7 +66,7 @@ def ray_phase(ctx: Ctx, raw: dict[str, dict[str, Any]], chosen: list[str]) -> No
         if "1_tiny" in chosen:
             mods["1_tiny"].ray(ctx, rs, raw["1_tiny"])
         if k == 2:
-            for key in ("2_small", "3_latency", "6_scale", "7_idle"):
+            for key in ("2_small", "3_latency", "6_scale", "7_idle", "13_batch"):
                 if key in chosen:
                     mods[key].ray(ctx, rs, raw[key])
     ctx.close_ray()
@@ -79,7 +83,8 @@ def timed(name: str, fn: Callable[[], Any], walls: dict[str, float]) -> Any:
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
-    ctx = Ctx(mode, MODES[mode], peers=not (args.smoke or args.no_peers))
+    sizes = MODES[mode] if args.batch_chunks is None else replace(MODES[mode], batch_big=args.batch_chunks)
+    ctx = Ctx(mode, sizes, peers=not (args.smoke or args.no_peers))
     chosen = [SCENARIOS[s.strip()] for s in args.only.split(",") if s.strip() in SCENARIOS] if args.only else \
         list(SCENARIOS.values())
     if mode == "smoke":

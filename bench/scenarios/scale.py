@@ -15,7 +15,7 @@ import sys
 import time
 from typing import Any
 
-from bench.common import REPO, agents, log
+from bench.common import REPO, agents, log, master_command
 from bench.context import Ctx
 
 WORKERS = 2
@@ -31,10 +31,8 @@ def _child(base: str, run: str, n: int) -> dict[str, Any]:
 
 
 def _status(base: str) -> tuple[float, dict[str, Any]]:
-    t0 = time.perf_counter()
-    p = subprocess.run([sys.executable, "-m", "master", "status", "--base", base, "--json"], cwd=REPO,
-                       capture_output=True, text=True, timeout=600)
-    return time.perf_counter() - t0, json.loads(p.stdout)
+    wall, p = master_command("status", "--base", base, "--json")
+    return wall, json.loads(p.stdout)
 
 
 def run(ctx: Ctx) -> dict[str, Any]:
