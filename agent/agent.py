@@ -12,9 +12,15 @@ chooses one), ``diskpause.DiskPause`` (before a job starts, and to commit its ou
 ``gpufaults.GpuFaults`` (after a callable job, and when NVML does not answer: a GPU agent whose
 chunks keep failing with errors that are not their own drains itself, ``_drain_self``). The
 heartbeat is assembled from the agent's own state and theirs (``_heartbeat``).
+
+A batch (``jobs.batches``: several short chunks in one job) is one job to the loop: chosen,
+pipelined, timed and named (by its first chunk) as one; its chunks' outcomes are committed
+together as its slot (``_commit_batch``), every chunk handed back where the batch did not end
+well as a whole.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import signal
@@ -41,7 +47,9 @@ from gpupool.agent.slot import Slot, gpu_lock_dir, label
 from gpupool.agent.watcher import MailboxWatcher
 from gpupool.agent.threads import host_agents, share
 from gpupool.agent.worker_control import agent_marks, has_marks, kill_leftovers
+from gpupool.agent.worker_process import chunk_words
 from gpupool.agent.workers import MakeWorker, WorkerLike
+from gpupool.jobs.batches import BACK, FINAL_FAILED, HISTORY, OK, batch_record, outcome_code
 from gpupool.jobs.descriptor import SCHEMA as JOB_SCHEMA, Job, JobKind, JobState
 from gpupool.jobs.atomic import DISK_FULL, purge_temp, read_bounded, server_now
 from gpupool.jobs.errors import BadFile
@@ -51,6 +59,11 @@ from gpupool.jobs.mailbox import HOLD_LIMIT, Mailbox, Snapshot
 from gpupool.jobs.paths import Spool
 from gpupool.jobs.outcomes import failure_of
 from gpupool.jobs.results import read_epoch, record
+
+
+def _batch_temps(fields: dict[str, Any]) -> dict[int, str]:
+    """The temp files of a batch's arrays in its outcome, by chunk (none for a single job)."""
+    return {int(c): a[0] for c, a in ((fields.get("batch") or {}).get("arrays") or {}).items()}
 
 
 @dataclass
@@ -107,7 +120,7 @@ class Agent:
         self.current: tuple[Job, float] | None = None
         self._finished: set[tuple] = set()  # Job.uid of the dispatches finished (or dropped) here
         self._epochs: dict[str, tuple[tuple[int, int, int], str | None]] = {}  # run -> (file signature, epoch)
-        self._durations: dict[str, float] = {}  # run -> how long its last chunk here took
+        self._durations: dict[str, float] = {}  # run -> how long its last job (a chunk, a batch) here took
         self.share = FairShare()  # which run's job next, when the mailbox holds several runs
         self._dry = True  # nothing to run at the last look: the next job's arrival is a lag sample
         self._next_lag_sample = 0.0
@@ -194,7 +207,7 @@ class Agent:
                     self.watcher.wait(min(self.cfg.rescan, MEMORY_RECHECK_S) if self.notes.waiting else self.cfg.rescan)
             ahead = self.runner.ahead
             if ahead is not None:  # handed over, not started by us: it stays queued for later
-                logger.info("agent {}: stopping; {} chunk {} stays queued", self.id, ahead.run, ahead.chunk_id)
+                logger.info("agent {}: stopping; {} {} stays queued", self.id, ahead.run, chunk_words(ahead))
                 self.runner.take_back()
         finally:
             self.shutdown()
@@ -247,11 +260,11 @@ class Agent:
             self._sample_lag()
         skip = self._skip_reason(job)
         if skip is not None:
-            logger.info("{} chunk {} attempt {}: dropped: {}", job.run, job.chunk_id, job.attempt, skip)
+            logger.info("{} {} attempt {}: dropped: {}", job.run, chunk_words(job), job.attempt, skip)
             self._finished.add(job.uid)
         else:
             self.life.active()
-            late = self.life.refuses(job, self._durations.get(job.run, job.chunk_time))
+            late = self.life.refuses(job, self._expected(job))
             if late is not None:
                 return self._end(late)
             if job.gpu_mem is not None and not self._memory_for(job):
@@ -315,10 +328,17 @@ class Agent:
             return None
         nxt = self.share.choose(jobs, self._finished, running=after, expected=last)
         if nxt is None or nxt.kind is not JobKind.CALLABLE or nxt.alone or self.restart.holds(nxt) \
-                or nxt.gpu_mem is not None or self.life.refuses(nxt, self._durations.get(nxt.run, nxt.chunk_time)) is not None \
+                or nxt.gpu_mem is not None or self.life.refuses(nxt, self._expected(nxt)) is not None \
                 or self._skip_reason(nxt) is not None:
             return None
         return nxt
+
+    def _expected(self, job: Job) -> float | None:
+        """How long ``job`` is expected to take here: its run's last job here (a batch counts as one
+        job), else its --chunk-time (a batch's: that of each of its chunks); None: unknown."""
+        if job.run in self._durations:
+            return self._durations[job.run]
+        return None if job.chunk_time is None else job.chunk_time * (job.batch or 1)
 
     def _prune(self) -> None:
         """Remove this agent's finished jobs from its mailbox (each has its outcome on disk), once
@@ -342,7 +362,9 @@ class Agent:
         """Why ``job`` must not run (it is then dropped from the mailbox), or None."""
         if self._cancelled(job.run) is not None:
             return "the run is cancelled"
-        if self.spool.result_json(job.run, job.chunk_id).exists():
+        if job.batch is not None and self.spool.batch_json(job.run, job.chunk_id, job.batch).exists():
+            return "the batch already has its results (or its master took it back)"
+        if job.batch is None and self.spool.result_json(job.run, job.chunk_id).exists():
             return "the chunk already has a committed result"
         try:
             self.spool.run_dirs(job.run)
@@ -390,7 +412,7 @@ class Agent:
         self.state = AgentState.BUSY
         if job.alone or self.restart.holds(job) or self._durations.get(job.run, math.inf) > PIPELINE_MAX_S:
             self.beat.quietly()  # named at once: if it kills this agent, the next one must know
-        logger.debug("{} chunk {} attempt {}/{}: started", job.run, job.chunk_id, job.attempt, job.max_attempts)
+        logger.debug("{} {} attempt {}/{}: started", job.run, chunk_words(job), job.attempt, job.max_attempts)
         outcome = self.runner.run(job, lookahead)
         first = self.runner.was_first(job)
         self.current = None
@@ -398,20 +420,20 @@ class Agent:
         self.notes.waiting = None  # what it waited for (its arrays' space) is behind it
         if outcome is None:
             if self._cancelled(job.run) is not None:
-                logger.warning("{} chunk {}: killed, the run was cancelled", job.run, job.chunk_id)
+                logger.warning("{} {}: killed, the run was cancelled", job.run, chunk_words(job))
                 return True
-            logger.warning("{} chunk {}: interrupted by a stop; left in the mailbox", job.run, job.chunk_id)
+            logger.warning("{} {}: interrupted by a stop; left in the mailbox", job.run, chunk_words(job))
             return False
         fields, arrays_tmp = outcome
         err = failure_of(fields)
         if err is not None and err.errno in DISK_FULL:  # the worker's save, or the job's own write
             return self.disk.pause_for_io(job, f"{err.type}: {err.message}")
         if self._stale(job):
-            logger.warning("{} chunk {}: the run was started afresh while it ran; its result is dropped",
-                           job.run, job.chunk_id)
+            logger.warning("{} {}: the run was started afresh while it ran; its result is dropped",
+                           job.run, chunk_words(job))
             discard(arrays_tmp)
+            discard(_batch_temps(fields))
             return True
-        status = JobState.FAILED if "error" in fields else JobState.OK
         # One clock per duration: the worker's own start and end when it reports them (a job sent
         # ahead starts in the worker before this agent gets to it, so this agent's start may be later
         # than the job's end: durations came out negative), else this agent's.
@@ -422,10 +444,15 @@ class Agent:
             self._durations.pop(next(iter(self._durations)))
         self._durations[job.run] = duration
         self.share.served(job, duration)
-        rec = record(job, status, agent=self.id, host=self.host, pid=os.getpid(),
-                     gpu_id=self.slot.number, device=self.slot.device,
-                     **({"gpu_uuids": [g.uuid for g in self.slot.gpus]} if self.slot.gpus else {}),  # what it ran on
-                     started_at=begun, finished_at=finished, duration_s=round(duration, 6), **fields)
+        # what it ran on: a batch's SHARED fields (jobs.batches), as a single chunk's record has them
+        shared = {"agent": self.id, "host": self.host, "pid": os.getpid(), "gpu_id": self.slot.number,
+                  "device": self.slot.device,
+                  **({"gpu_uuids": [g.uuid for g in self.slot.gpus]} if self.slot.gpus else {})}
+        if job.batch is not None:
+            return self._commit_batch(job, fields, first, started_at=begun, finished_at=finished, **shared)
+        status = JobState.FAILED if "error" in fields else JobState.OK
+        rec = record(job, status, **shared, started_at=begun, finished_at=finished, duration_s=round(duration, 6),
+                     **fields)
         done = self.disk.commit(job, rec, Path(arrays_tmp) if arrays_tmp else None)
         if done is None:  # stopped (or the run cancelled or started afresh) while waiting for space
             return self._cancelled(job.run) is not None or self._stale(job)
@@ -444,6 +471,57 @@ class Agent:
             why = self.faults.after_job(job, failure_of(rec), first)
             if why is not None:
                 self._drain_self(why)
+        return True
+
+    def _commit_batch(self, job: Job, fields: dict[str, Any], first: bool, **shared: Any) -> bool:
+        """Commit batch ``job``'s slot (``jobs.batches``) from its outcome (``fields``: each chunk's,
+        ``batch``, as its worker gave them; or the ``error`` that ended the whole batch, and then
+        every chunk is handed back, ``b``, to run again alone). A chunk that failed on a full disk
+        is handed back too (a single chunk's failure there costs no attempt). False, as for an
+        interrupted job, where the agent stopped while the slot waited for disk space."""
+        count, chunk0 = job.batch or 1, job.chunk_id
+        out = fields.get("batch")
+        whole = failure_of(fields)
+        if out is None:
+            why = f"{whole.type}: {whole.message}".splitlines()[0] if whole is not None else "no outcome"
+            logger.warning("{} {} attempt {}: handed back, its chunks run again one by one: {}", job.run,
+                           chunk_words(job), job.attempt, why)
+            out = {"codes": BACK * count, "values": [None] * count, "durations": [None] * count}
+        codes, errors, fault = out["codes"].replace("e", outcome_code(job, JobState.FAILED)), {}, None
+        for c, error in (out.get("errors") or {}).items():
+            failure = failure_of({"error": error})
+            if failure is not None and failure.errno in DISK_FULL:
+                i = int(c) - chunk0
+                codes = codes[:i] + BACK + codes[i + 1:]
+                continue
+            errors[int(c)] = error
+            fault = (int(c), failure) if failure is not None and failure.gpu_fault is not None else fault
+        arrays, temps = {}, {}
+        for c, (tmp, size, form) in (out.get("arrays") or {}).items():
+            arrays[int(c)] = (self.spool.result_npz(job.run, int(c), job.attempt).name, size, form)
+            temps[int(c)] = Path(tmp)
+        rec = batch_record(job, codes, values=out["values"], durations=out["durations"], errors=errors,
+                           arrays=arrays, **shared)
+        done = self.disk.commit(job, rec, temps)
+        if done is None:  # stopped (or the run cancelled or started afresh) while waiting for space
+            return self._cancelled(job.run) is not None or self._stale(job)
+        rec, committed = done
+        codes = rec.get("codes", BACK * count)  # as committed (values too large for the slot handed back)
+        ok, failed = codes.count(OK), codes.count(FINAL_FAILED) + codes.count(HISTORY)
+        self.done += ok
+        self.failed += failed
+        logger.debug("{} {}: {} ok, {} failed, {} handed back{}", job.run, chunk_words(job), ok, failed,
+                     codes.count(BACK), "" if committed else " (its slot was taken already)")
+        if failed and errors:
+            c = next(iter(errors))
+            logger.warning("{} chunk {} attempt {} (of a batch): failed: {}: {}{}", job.run, c, job.attempt,
+                           errors[c].get("type"), errors[c].get("message"),
+                           f" (and {failed - 1} more of the batch)" if failed > 1 else "")
+        gpu = fault[1] if fault is not None else whole  # the GPU's failure of a chunk, or the batch's end
+        why = self.faults.after_job(job if fault is None else dataclasses.replace(job, chunk_id=fault[0], batch=None),
+                                    gpu, first and (fault is None or fault[0] == chunk0))
+        if why is not None:
+            self._drain_self(why)
         return True
 
     def _drain_self(self, why: str) -> None:
@@ -526,8 +604,8 @@ class Agent:
             "gpu_index": self.slot.gpu.index if self.slot.gpu else None,
             "gpu_uuid": self.slot.gpu.uuid if self.slot.gpu else None,
             "current": None if cur is None else JobRef(cur[0].run, cur[0].chunk_id, cur[0].attempt, cur[1],
-                                                       round(max(0.0, time.monotonic() - cur[2]), 3)),
-            "ahead": None if ahead is None else JobRef(ahead.run, ahead.chunk_id, ahead.attempt),
+                                                       round(max(0.0, time.monotonic() - cur[2]), 3), cur[0].batch),
+            "ahead": None if ahead is None else JobRef(ahead.run, ahead.chunk_id, ahead.attempt, batch=ahead.batch),
             "jobs_done": self.done, "jobs_failed": self.failed, "started_at": self.started_at,
             "updated_at": time.time(), "heartbeat_s": self.cfg.heartbeat, "watch": self.watcher.mode,
             "job_schema": JOB_SCHEMA,  # the newest job descriptors it reads (see jobs.descriptor)

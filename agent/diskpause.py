@@ -5,7 +5,9 @@ returns (``DiskPause.commit``), and no job starts here meanwhile; where the work
 a job's arrays, the job stays queued and no job starts here for a while (``pause_for_io``,
 ``paused``). An outcome no write can record (permission denied, a read-only filesystem) fails
 its attempt, and the heartbeat names it (``heartbeat_fields``: ``uncommitted``) for the run's
-master to record (``master.core.dispatcher.Dispatcher._uncommitted``).
+master to record (``master.core.dispatcher.Dispatcher._uncommitted``). A batch's slot
+(``jobs.batches.commit_batch``) takes the same way; where it cannot be written at all, the
+heartbeat names the batch (by its first chunk, with ``batch``: its chunk count).
 """
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ from typing import Any, Callable
 from gpupool.jobs.logsetup import logger
 
 from gpupool.agent.beat import Notes
+from gpupool.agent.worker_process import chunk_words
+from gpupool.jobs.batches import BACK, commit_batch
 from gpupool.jobs.atomic import DISK_FULL
 from gpupool.jobs.descriptor import Job, JobState
 from gpupool.jobs.outcomes import Failure, FailureKind
@@ -48,7 +52,8 @@ class DiskPause:
         """No job starts now (``pause_for_io``)."""
         return self.clock() < self.pause_until
 
-    def commit(self, job: Job, rec: dict[str, Any], arrays: Path | None) -> tuple[dict[str, Any], bool] | None:
+    def commit(self, job: Job, rec: dict[str, Any], arrays: Path | dict[int, Path] | None
+               ) -> tuple[dict[str, Any], bool] | None:
         """``_write``, and the pause after a failed save of arrays (``pause_for_io``) starts short
         again once an outcome was written."""
         done = self._write(job, rec, arrays)
@@ -56,9 +61,11 @@ class DiskPause:
             self._backoff = 0.0
         return done
 
-    def _write(self, job: Job, rec: dict[str, Any], arrays: Path | None) -> tuple[dict[str, Any], bool] | None:
-        """Commit ``rec`` (``jobs.results.commit``); returns the record that was committed and
-        whether it became the chunk's result. A record no reader would take (too large, too deep)
+    def _write(self, job: Job, rec: dict[str, Any], arrays: Path | dict[int, Path] | None
+               ) -> tuple[dict[str, Any], bool] | None:
+        """Commit ``rec`` (``jobs.results.commit``; a batch's slot, ``jobs.batches.commit_batch``,
+        ``arrays`` then by chunk); returns the record that was committed and whether it became the
+        chunk's result (took the batch's slot). A record no reader would take (too large, too deep)
         fails the attempt instead. On a full disk (or quota) the outcome is kept and only its
         write is tried again, 0.5 s doubling up to 30 s, until space returns: no job starts here
         meanwhile (a job already in the worker's pipe computes, and its result waits behind this
@@ -69,11 +76,12 @@ class DiskPause:
         while True:
             try:
                 try:
-                    committed = commit(self.spool, job, rec, arrays)
+                    committed = commit(self.spool, job, rec, arrays) if job.batch is None else \
+                        commit_batch(self.spool, job, rec, arrays)
                     self.notes.waiting = None
                     return rec, committed
                 except Uncommittable as e:  # too large, too deep: no reader would take it; the attempt fails
-                    discard(str(arrays) if arrays else None)
+                    discard(arrays)
                     arrays = None
                     rec = {**{k: v for k, v in rec.items() if k not in ("value", "error", "arrays_bytes")},
                            "status": JobState.FAILED, "arrays": None,
@@ -81,15 +89,15 @@ class DiskPause:
                     return rec, commit(self.spool, job, rec)
             except OSError as e:  # nothing partial is left (our arrays are kept, see results.commit)
                 if e.errno not in DISK_FULL:
-                    discard(str(arrays) if arrays else None)
+                    discard(arrays)
                     if self.stale(job):  # its run was started afresh meanwhile (its folder made anew)
                         return None
                     return self._uncommittable(job, rec, e), False
                 pause = min(30.0, max(0.5, pause * 2))
-                self.no_space(f"cannot write the result of {job.run} chunk {job.chunk_id}: {e}; its outcome is "
+                self.no_space(f"cannot write the result of {job.run} {chunk_words(job)}: {e}; its outcome is "
                               f"kept, written again in {pause:g} s")
             if not self._wait_for_space(job, pause):
-                discard(str(arrays) if arrays else None)
+                discard(arrays)
                 return None
 
     def no_space(self, why: str) -> None:
@@ -117,14 +125,22 @@ class DiskPause:
         where = f" ({e.filename})" if e.filename else ""
         error = Failure(FailureKind.COMMIT_FAILED, f"agent {self.agent_id} cannot write the result{where}: "
                         f"{e.strerror or e}", errno=e.errno).to_dict()
-        self.uncommitted = [u for u in self.uncommitted[-(UNCOMMITTED_KEPT - 1):]
-                            if not has_outcome(self.spool, (u["run"], u["chunk_id"], u["attempt"]), u["max_attempts"])]
+        self.uncommitted = [u for u in self.uncommitted[-(UNCOMMITTED_KEPT - 1):] if not self._recorded(u)]
         self.uncommitted.append({"run": job.run, "chunk_id": job.chunk_id, "attempt": job.attempt,
-                                 "max_attempts": job.max_attempts, "epoch": job.epoch, "error": error})
-        self.notes.error(f"{job.run} chunk {job.chunk_id}: {error['message']}")
+                                 "max_attempts": job.max_attempts, "epoch": job.epoch, "error": error,
+                                 **({"batch": job.batch} if job.batch is not None else {})})
+        self.notes.error(f"{job.run} {chunk_words(job)}: {error['message']}")
         self.tell()  # masters learn it now
+        if job.batch is not None:  # no chunk of it has an outcome
+            return {**rec, "codes": BACK * job.batch, "error": error}
         return {**{k: v for k, v in rec.items() if k not in ("value", "arrays_bytes")},
                 "status": JobState.FAILED, "arrays": None, "error": error}
+
+    def _recorded(self, u: dict[str, Any]) -> bool:
+        """An outcome ``uncommitted`` names is on record now (a master recorded it, or took the batch back)."""
+        if u.get("batch"):
+            return self.spool.batch_json(u["run"], u["chunk_id"], u["batch"]).exists()
+        return has_outcome(self.spool, (u["run"], u["chunk_id"], u["attempt"]), u["max_attempts"])
 
     def pause_for_io(self, job: Job, error: str) -> bool:
         """A result could not be written (a full disk, most often): nothing of the attempt is
@@ -132,7 +148,7 @@ class DiskPause:
         (0.5 s, doubling up to 30 s while it goes on). False, as for an interrupted job."""
         self._backoff = min(30.0, max(0.5, self._backoff * 2))
         self.pause_until = self.clock() + self._backoff
-        text = self.notes.error(f"cannot write the result of {job.run} chunk {job.chunk_id}: {error}")
+        text = self.notes.error(f"cannot write the result of {job.run} {chunk_words(job)}: {error}")
         logger.error("{}; the job stays queued, next try in {:.1f} s", text, self._backoff)
         return False
 
@@ -140,8 +156,8 @@ class DiskPause:
         return {"uncommitted": list(self.uncommitted) or None}
 
 
-def discard(path: str | None) -> None:
-    """Remove a job's arrays that will not be committed (a missing one is fine)."""
-    if path:
+def discard(arrays: str | Path | dict[int, Any] | None) -> None:
+    """Remove a job's arrays that will not be committed (a batch's: by chunk; a missing one is fine)."""
+    for path in arrays.values() if isinstance(arrays, dict) else [arrays] if arrays else []:
         with contextlib.suppress(OSError):
             os.unlink(path)

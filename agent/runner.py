@@ -24,11 +24,20 @@ it imported changed; it runs nothing then, and the job goes to the fresh one, co
 attempt); after ``--max-jobs-per-worker`` jobs (``recycle_reason``). A job that would need a
 fresh worker is never sent ahead. An out-of-memory failure while other runs' workers live here
 stops those (their GPU memory back) and runs the job again, once.
+
+A batch (``jobs.batches``) is one job here: one request to the worker, which runs its chunks and
+replies with each one's outcome (``agent.worker_process.run_batch``), its output in the batch's
+log, its time-out ``timeout`` a chunk; the agent commits the batch's slot. A batch that does not
+end well as a whole (its worker died or was killed, it ran past its time-out, its setup or
+import failed) gives an outcome with ``error`` and no ``batch``: every chunk is handed back. A
+chunk that ran out of GPU memory while other runs' workers live here is handed back too, once
+those are stopped (as a single job runs again): it runs again as a single chunk.
 """
 from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 from gpupool.jobs.logsetup import logger
@@ -38,6 +47,7 @@ from gpupool.agent.script import run_script
 from gpupool.agent.slot import Slot
 from gpupool.agent.threads import share, thread_env
 from gpupool.agent.worker_control import Worker, WorkerLost
+from gpupool.agent.worker_process import chunk_words
 from gpupool.agent.workers import MakeWorker, WorkerLike, Workers, run_key
 from gpupool.jobs.atomic import read_tail
 from gpupool.jobs.descriptor import Job, JobKind, attempt_output
@@ -122,8 +132,8 @@ class Runner:
                 self.workers.discard(job)
                 if abort():
                     return None
-                logger.warning("agent {}: {} while running {} chunk {}; its run gets a fresh worker",
-                               self.id, e.reason, job.run, job.chunk_id)
+                logger.warning("agent {}: {} while running {} {}; its run gets a fresh worker",
+                               self.id, e.reason, job.run, chunk_words(job))
                 # the end of what the job printed (its chunk's log); the worker log's where it never started
                 return _failed(Failure(FailureKind.WORKER_DIED, e.reason, *self._printed(job, e.output)))
             if reply.get("libs"):
@@ -136,12 +146,15 @@ class Runner:
                 lookahead = None
                 continue
             err = failure_of(reply) if not reply.get("ok") else None
-            if err is not None and err.gpu_fault is GpuFault.OUT_OF_MEMORY and not evicted \
+            short = _out_of_memory(reply)  # a batch's chunk that did
+            if (short is not None or (err is not None and err.gpu_fault is GpuFault.OUT_OF_MEMORY)) and not evicted \
                     and (others := self.workers.others(job)):
                 evicted = True  # other runs' models hold the memory: theirs goes
                 for key in others:  # waited for: their memory is back before the job runs again
-                    self.workers.stop(key, f"{job.run} chunk {job.chunk_id} ran out of GPU memory beside it", wait=True)
-                if self.ahead is None:  # and the job runs again (not with a job sent ahead in the pipe before it)
+                    self.workers.stop(key, f"{job.run} {chunk_words(job)} ran out of GPU memory beside it", wait=True)
+                if short is not None:  # handed back: it runs again as a single chunk
+                    _hand_back(reply["batch"], job, short)
+                elif self.ahead is None:  # and the job runs again (not with a job sent ahead in the pipe before it)
                     lookahead = None
                     continue
             return self._outcome(job, reply)
@@ -187,17 +200,23 @@ class Runner:
             # ends, while the agent commits this one's result (not queued if the worker died).
             if self._send(worker, lookahead):
                 self.ahead = lookahead
-        return worker.receive(job.timeout, abort, lambda note: self.waiting(str(note.get("waiting"))))
+        timeout = job.timeout * (job.batch or 1) if job.timeout is not None else None  # a batch: each chunk's
+        return worker.receive(timeout, abort, lambda note: self.waiting(str(note.get("waiting"))))
 
     def _outcome(self, job: Job, reply: dict[str, Any]) -> Produced:
         times = {"started_at": reply.get("started_at"), "finished_at": reply.get("finished_at")}
         if not reply.get("ok"):
             failure = failure_of(reply)
             if failure is not None and (failure.poisoned or failure.setup):  # the worker exits after this reply
-                why = f"CUDA context unusable after {job.run} chunk {job.chunk_id} ({failure.poisoned})" \
-                    if failure.poisoned else f"the run's setup {failure.setup} failed in {job.run} chunk {job.chunk_id}"
+                why = f"CUDA context unusable after {job.run} {chunk_words(job)} ({failure.poisoned})" \
+                    if failure.poisoned else f"the run's setup {failure.setup} failed in {job.run} {chunk_words(job)}"
                 self.replace_worker(job, why, warn=True)
             return {**times, "error": reply.get("error")}, None  # as the worker made it (Failure.to_dict)
+        if job.batch is not None:  # each chunk's outcome (agent.worker_process.run_batch), for the agent's slot
+            if reply["batch"].get("poisoned"):  # the worker exits after this reply
+                self.replace_worker(job, f"CUDA context unusable after {job.run} {chunk_words(job)} "
+                                         f"({reply['batch']['poisoned']})", warn=True)
+            return {**times, "batch": reply["batch"]}, None
         tmp = reply.get("arrays_tmp")
         arrays = {"arrays": self.spool.result_npz(job.run, job.chunk_id, job.attempt).name,
                   "arrays_bytes": os.stat(tmp).st_size} \
@@ -282,19 +301,24 @@ class Runner:
         log, as a script's: ``agent.worker_process.ChunkOutput``), opened there through ``spool``."""
         return {"job": job.to_dict(), "gpu_id": self.slot.number, "device": self.slot.device,
                 "arrays_path": str(self.spool.result_npz(job.run, job.chunk_id, job.attempt)),
-                "log": str(self.spool.chunk_log(job.run, job.chunk_id)), "spool": str(self.spool.base),
+                "log": str(self._log(job)), "spool": str(self.spool.base),
                 "scratch": str(self.spool.scratch_log(self.id))}
+
+    def _log(self, job: Job) -> Path:
+        """Where what ``job`` prints goes: its chunk's log, or its batch's (one for all its chunks)."""
+        return self.spool.chunk_log(job.run, job.chunk_id) if job.batch is None else \
+            self.spool.batch_log(job.run, job.chunk_id, job.batch)
 
     def _printed(self, job: Job, otherwise: str = "") -> tuple[str, str | None]:
         """A failed callable's (``traceback``, ``log``): the end of what ``job``'s attempt printed to its
         chunk's log (its part after its header), and that log (as a script's error has it); ``otherwise``
         and None where the log has no header of the attempt (it did not start)."""
-        log = self.spool.chunk_log(job.run, job.chunk_id)
+        log = self._log(job)
         try:  # what it printed before it died waits in the scratch file (agent.worker_process.ChunkOutput)
             self.spool.keep_output(self.spool.scratch_log(self.id), log, job.attempt, f"{job.target} (its worker died)")
         except OSError as e:
-            logger.warning("agent {}: the output of {} chunk {} could not be kept in {}: {}", self.id, job.run,
-                           job.chunk_id, log, e)
+            logger.warning("agent {}: the output of {} {} could not be kept in {}: {}", self.id, job.run,
+                           chunk_words(job), log, e)
         try:
             data = read_tail(log, PRINTED_READ)  # no link followed
         except (OSError, BadFile):
@@ -313,6 +337,25 @@ class Runner:
     def _may_send_ahead(self, worker: WorkerLike, job: Job, nxt: Job) -> bool:
         """Pipelining hands over only a job of the same run, never one that needs a fresh worker."""
         return run_key(nxt) == run_key(job) and not self._worn(worker)
+
+
+def _out_of_memory(reply: dict[str, Any]) -> int | None:
+    """The chunk of a batch's reply that ran out of GPU memory (its last run: the batch ends at a
+    GPU fault), or None."""
+    batch = reply.get("batch") if reply.get("ok") else None
+    if not isinstance(batch, dict) or not batch.get("errors"):
+        return None
+    chunk, error = next(reversed(batch["errors"].items()))
+    failure = failure_of({"error": error})
+    return int(chunk) if failure is not None and failure.gpu_fault is GpuFault.OUT_OF_MEMORY else None
+
+
+def _hand_back(batch: dict[str, Any], job: Job, chunk: int) -> None:
+    """Chunk ``chunk`` of a batch's reply is handed back (``b``): not its error, not run here."""
+    i = chunk - job.chunk_id
+    batch["codes"] = batch["codes"][:i] + "b" + batch["codes"][i + 1:]
+    batch["errors"].pop(str(chunk), None)
+    batch["values"][i] = batch["durations"][i] = None
 
 
 def _failed(failure: Failure) -> Produced:

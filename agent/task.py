@@ -157,16 +157,23 @@ def _positional(fn: Callable[..., Any]) -> tuple[str, ...]:
     return tuple(p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
 
 
+def wanted_builtins(fn: Callable[..., Any], job: Job) -> frozenset[str]:
+    """The built-ins ``fn`` is given in ``job``: those its signature accepts (all with ``**kwargs``),
+    less those the job's positional arguments fill."""
+    wanted = _wanted_builtins(fn)
+    if job.args:  # a built-in's parameter the caller filled positionally (an Executor call) is left alone
+        wanted = wanted - set(_positional(fn)[:len(job.args)])
+    return wanted
+
+
 def build_kwargs(fn: Callable[..., Any], job: Job, builtins: dict[str, Callable[[], Any]]) -> dict[str, Any]:
-    """Built-ins the signature accepts (all with ``**kwargs``), then every user kwarg.
+    """Built-ins the signature accepts (``wanted_builtins``), then every user kwarg.
 
     ``builtins`` maps each name to a thunk, so shared or chunk data is only loaded when
     the task asks for it."""
     from gpupool.jobs.codec import decode
 
-    wanted = _wanted_builtins(fn)
-    if job.args:  # a built-in's parameter the caller filled positionally (an Executor call) is left alone
-        wanted = wanted - set(_positional(fn)[:len(job.args)])
+    wanted = wanted_builtins(fn, job)
     out = {k: make() for k, make in builtins.items() if k in wanted}
     out.update(decode(job.kwargs) if job.encoded else job.kwargs)  # always passed: a misspelt name fails the chunk
     return out

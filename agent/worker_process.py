@@ -21,6 +21,12 @@ Protocol, one JSON line each way on two inherited pipes:
   and waits for disk space to be saved (``save_arrays``).
   Either reply may carry ``"libs": [...]``, the top-level libraries first imported by that job
   (``agent.sources``), which the agent's next spare worker preloads.
+  A batch (``jobs.batches``: the job's ``batch``) runs all its chunks in one request, its output
+  in one log (``log``: the batch's), and its ok reply is ``{"ok": true, "batch": {"codes": "oeb...",
+  "values": [...], "durations": [...], "errors": {"<chunk>": error}, "arrays": {"<chunk>": [temp
+  .npz, bytes, form]}[, "poisoned": "<why>"]}}``, one letter a chunk: ``o`` ok, ``e`` raised (its
+  error), ``b`` not run (see ``run_batch``); a failed reply (its setup or its import failed) is a
+  failure of the whole batch.
 
 Started as a spare (``argv[5]``: library names, comma-separated), it imports those libraries
 first, then waits for its first job like any worker.
@@ -97,14 +103,25 @@ def title_for(agent: str, job: dict[str, Any] | None) -> str:
     return f"gpupool-worker {agent} {what}"
 
 
+def chunk_words(job: Any) -> str:
+    """``chunk 7``, or ``chunks 7..106 (a batch)``: what a line of the logs names a job by."""
+    return f"chunk {job.chunk_id}" if job.batch is None else \
+        f"chunks {job.chunk_id}..{job.chunk_id + job.batch - 1} (a batch)"
+
+
 TEXT_LIMIT = 64 * 1024  # an error's message and traceback are cut past this many characters
 VALUE_ROOM = 64 * 1024  # what a result record needs beside the value (agent, times, names)
+_BIG, _SHORT = 1 << 63, 1 << 16  # an int or a string within these is plain JSON of a few hundred KB at most
 
 
 def jsonable(value: Any) -> Any:
     """``value`` as result data (``jobs.codec``: plain JSON as it is, tuples, bytes, sets, arrays...
     tagged); raises CodecError naming what cannot travel, and ResultTooLarge if it is too big for
     a result record, ResultTooDeep if it nests too deep for one (it then never crosses the pipe)."""
+    kind = type(value)
+    if value is None or kind is bool or (kind is int and -_BIG < value < _BIG) or \
+            (kind is float and value - value == 0.0) or (kind is str and len(value) <= _SHORT):
+        return value  # plain JSON far within the limit: nothing to encode or measure (a batch's chunk costs less)
     from gpupool.jobs.codec import TooDeep, encode
     from gpupool.jobs.results import RESULT_LIMIT, ResultTooDeep, ResultTooLarge
 
@@ -132,6 +149,41 @@ def call_args(job: Any, fn: Any, req: dict[str, Any], session: "Session") -> tup
     if job.setup is not None and job.setup_args is None and takes(fn, "state"):
         kwargs["state"] = session.state
     return (decode(job.args) if job.encoded else list(job.args)), kwargs
+
+
+def chunk_calls(job: Any, fn: Any, req: dict[str, Any], session: "Session"
+                ) -> Callable[[int], tuple[list[Any], dict[str, Any]]]:
+    """``call_args`` of the ``i``-th chunk of batch ``job`` (its ``chunk_id``, its kwargs
+    ``job.chunk_kwargs(i)``), what its chunks share found once: the built-ins other than
+    ``chunk_id``, the positional arguments, ``state``; a chunk then costs a dict. A kwarg holding
+    a list or a dict is a fresh copy for each chunk, as each single chunk's is its own (a task may
+    change it). Where the arguments are built otherwise (arrays passed by name, an Executor call's
+    encoded ones, positional ones holding lists or dicts), each chunk's are a single chunk's, built
+    by ``call_args`` from a job of its own: the same arguments, at a single chunk's cost."""
+    import dataclasses
+
+    from gpupool.agent.task import takes, wanted_builtins
+
+    if job.arrays_as_kwargs or job.encoded or any(isinstance(a, (list, dict)) for a in job.args):
+        def alone(i: int) -> tuple[list[Any], dict[str, Any]]:
+            one = dataclasses.replace(job, chunk_id=job.chunk_id + i, kwargs=job.chunk_kwargs(i),
+                                      params=job.chunk_params(i), batch=None, batch_params=None)
+            return call_args(one, fn, req, session)
+        return alone
+    wanted = wanted_builtins(fn, job)
+    named = "chunk_id" in wanted
+    fixed = {k: make() for k, make in session.builtins(job, req).items() if k in wanted and k != "chunk_id"}
+    tail = {"state": session.state} if job.setup is not None and job.setup_args is None and takes(fn, "state") else {}
+    args, first, kwargs, params = list(job.args), job.chunk_id, job.kwargs, job.batch_params
+    changeable = {k: v for k, v in kwargs.items() if isinstance(v, (list, dict))}
+    text = json.dumps(changeable) if changeable else None
+
+    def call(i: int) -> tuple[list[Any], dict[str, Any]]:
+        user = kwargs if text is None else {**kwargs, **json.loads(text)}
+        if params is not None:
+            user = {**user, **params[i]}
+        return args, ({"chunk_id": first + i, **fixed, **user, **tail} if named else {**fixed, **user, **tail})
+    return call
 
 
 ARRAYS_FORM = {tuple: "tuple", list: "list"}  # a returned sequence of arrays, saved as arr_0, arr_1, ...
@@ -266,7 +318,6 @@ class Session:
 
 
 def run_one(req: dict[str, Any], job: Any, session: Session) -> dict[str, Any]:
-    from gpupool.jobs.codec import CodecError
     from gpupool.jobs.descriptor import JOB_MARK
 
     print(f"{JOB_MARK} {job.run} chunk {job.chunk_id} attempt {job.attempt}", flush=True)  # in the worker log
@@ -276,16 +327,87 @@ def run_one(req: dict[str, Any], job: Any, session: Session) -> dict[str, Any]:
         args, kwargs = call_args(job, fn, req, session)
         value = fn(*args, **kwargs)
     session.computed = time.time()
+    value, tmp, form = kept(value, lambda: Path(req["arrays_path"]), req, session)
+    return {"ok": True, "value": value, "arrays_tmp": tmp, **({"arrays_form": form} if form else {})}
+
+
+def kept(value: Any, final: Callable[[], Path], req: dict[str, Any], session: Session
+         ) -> tuple[Any, str | None, str | None]:
+    """What the task returned, as a reply carries it: (the value as JSON, None, None), or (None,
+    the temp file of its arrays, their form) where it is a dict (tuple, list) of numpy arrays,
+    saved beside ``final()`` (``save_arrays``). TypeError where it can be neither."""
     found = returned_arrays(value)
     if found is not None:
         arrays, form = found
-        tmp = save_arrays(Path(req["arrays_path"]), arrays, session.notify, req.get("spool"))
-        return {"ok": True, "value": None, "arrays_tmp": str(tmp), **({"arrays_form": form} if form else {})}
+        return None, str(save_arrays(final(), arrays, session.notify, req.get("spool"))), form
     try:
-        return {"ok": True, "value": jsonable(value), "arrays_tmp": None}
-    except CodecError as e:
+        return jsonable(value), None, None
+    except Exception as e:
+        from gpupool.jobs.codec import CodecError
+
+        if not isinstance(e, CodecError):  # too large, too deep: as it is
+            raise
         raise TypeError(f"the task returned a {type(value).__name__}, which is neither a dict (or tuple or list) of "
                         f"numpy arrays nor a value that can travel back ({e})") from None
+
+
+def run_batch(req: dict[str, Any], job: Any, session: Session) -> dict[str, Any]:
+    """A batch's chunks (``jobs.batches``), one after another in this request: the run's --setup
+    and the task's import once, then each chunk called with its own arguments (``chunk_calls``).
+    Each gives its value (or its arrays, saved as a single chunk's are) or its error, and its
+    duration; its error is the batch's end only where it is the GPU's (``gpu_fault``, or a context
+    found unusable): the chunks after it are not run (``b``), and where the context is unusable
+    (``poisoned``) the worker exits after the reply (``last_reply``). Their output goes to one log,
+    the batch's (``ChunkOutput``); a failed setup or import fails the whole batch (``handle``)."""
+    from gpupool.jobs.descriptor import JOB_MARK
+
+    print(f"{JOB_MARK} {job.run} {chunk_words(job)} attempt {job.attempt}", flush=True)  # in the worker log
+    count, first, me = job.batch, job.chunk_id, _worker_pid
+    codes: list[str] = []
+    values: list[Any] = []
+    durations: list[float | None] = []
+    errors: dict[str, Any] = {}
+    arrays: dict[str, list[Any]] = {}
+    out: dict[str, Any] = {}
+    npz = session.spool_at(req["spool"]).result_npz
+    clock = time.perf_counter
+    with ChunkOutput(req, job, session):
+        session.setup(job, req)
+        fn = session.tasks.get(job.target, job.workdir)
+        call = chunk_calls(job, fn, req, session)
+        for i in range(count):
+            begun, took = clock(), None
+            try:
+                args, kwargs = call(i)
+                value = fn(*args, **kwargs)
+                took = clock() - begun
+                if me is not None and os.getpid() != me:
+                    return out  # a child the job forked returned: it leaves quietly (see main)
+                value, tmp, form = kept(value, lambda: npz(job.run, first + i, job.attempt), req, session)
+            except BaseException as e:  # SystemExit and KeyboardInterrupt from task code too
+                if me is not None and os.getpid() != me:
+                    raise  # a child the job forked: it exits as Python makes it
+                took = clock() - begun if took is None else took
+                failure, fault = judged(e, req)
+            else:
+                codes.append("o")
+                values.append(value)
+                durations.append(round(took, 6))
+                if tmp is not None:
+                    arrays[str(first + i)] = [tmp, os.stat(tmp).st_size, form]
+                continue
+            failure = checked(failure, fault)  # out of the except block: the chunk's frames are let go
+            codes.append("e")
+            values.append(None)
+            durations.append(round(took, 6))
+            errors[str(first + i)] = failure.to_dict()
+            if fault is not None or failure.poisoned:  # the GPU's: the chunks after it go back, unrun
+                if failure.poisoned:
+                    out["poisoned"] = f"{failure.poisoned}, in chunk {first + i}"
+                break
+    back = count - len(codes)
+    return {"ok": True, "batch": {"codes": "".join(codes) + "b" * back, "values": values + [None] * back,
+                                  "durations": durations + [None] * back, "errors": errors, "arrays": arrays, **out}}
 
 
 class ChunkOutput:
@@ -338,10 +460,12 @@ class ChunkOutput:
         self.saved = None
         spool = self.session.spool_at(self.req["spool"])
         try:
-            spool.keep_output(Path(self.req["scratch"]), Path(self.req["log"]), self.job.attempt,
-                              f"{self.job.target} (worker pid {os.getpid()})")
+            job = self.job
+            batch = "" if job.batch is None else f"batch of chunks {job.chunk_id}..{job.chunk_id + job.batch - 1}, "
+            spool.keep_output(Path(self.req["scratch"]), Path(self.req["log"]), job.attempt,
+                              f"{job.target} ({batch}worker pid {os.getpid()})")
         except OSError as e:  # a full disk: the output is lost, never the job's value
-            print(f"worker {os.getpid()}: the output of {self.job.run} chunk {self.job.chunk_id} could not be "
+            print(f"worker {os.getpid()}: the output of {self.job.run} {chunk_words(self.job)} could not be "
                   f"kept in {self.req['log']}: {e}", file=sys.stderr, flush=True)
 
 
@@ -646,14 +770,11 @@ def handle(request: dict[str, Any], session: Session) -> dict[str, Any]:
         restart = session.restart_reason(job)
         if restart is not None:
             return {"ok": False, "restart": restart[0], **({"cold": True} if restart[1] else {})}
-        reply = run_one(request, job, session)
+        reply = run_one(request, job, session) if job.batch is None else run_batch(request, job, session)
     except BaseException as e:  # SystemExit and KeyboardInterrupt from task code too
         if _worker_pid is not None and os.getpid() != _worker_pid:
             raise  # a child the job forked: it exits as Python makes it (sys.exit(3) gives 3)
-        failure = failure_of(e)
-        fault = gpu_fault(e)
-        if request.get("device") == "cpu" and (fault or ASKS_CUDA.search(f"{type(e).__name__}: {_text_of(e)[:TEXT_LIMIT]}")):
-            failure = failure.replace(message=f"{NO_GPU_HERE}: {failure.message}")
+        failure, fault = judged(e, request)
         if session.in_setup:  # this worker is left half set up: its last job (see main)
             session.in_setup = False
             failure = failure.replace(setup=job.setup, message=f"the run's setup {job.setup} failed: {failure.message}")
@@ -661,11 +782,7 @@ def handle(request: dict[str, Any], session: Session) -> dict[str, Any]:
     finished = session.computed or time.time()
     session.computed = None
     if failure is not None:  # out of the except block: the job's frames (and tensors) are let go
-        try:
-            failure = after_failure(failure, fault)
-        except Exception as e:  # the check must never cost the reply
-            print(f"warning: checking the GPU after a failed job failed: {e!r}", file=sys.stderr)
-        reply["error"] = failure.to_dict()
+        reply["error"] = checked(failure, fault).to_dict()
     try:
         libs = session.watch.scan()
     except Exception as e:  # never the reply's loss: the spare preloads less, a changed file goes unseen
@@ -677,6 +794,25 @@ def handle(request: dict[str, Any], session: Session) -> dict[str, Any]:
     return reply
 
 
+def judged(exc: BaseException, request: dict[str, Any]) -> tuple[Failure, GpuFault | None]:
+    """A job's exception as its ``Failure``, and the kind of GPU failure it is (or None); on an
+    agent without a GPU, one that asked for CUDA says so first (``NO_GPU_HERE``)."""
+    failure, fault = failure_of(exc), gpu_fault(exc)
+    if request.get("device") == "cpu" and (fault or ASKS_CUDA.search(f"{type(exc).__name__}: "
+                                                                      f"{_text_of(exc)[:TEXT_LIMIT]}")):
+        failure = failure.replace(message=f"{NO_GPU_HERE}: {failure.message}")
+    return failure, fault
+
+
+def checked(failure: Failure, fault: GpuFault | None) -> Failure:
+    """``after_failure``, which must never cost the reply."""
+    try:
+        return after_failure(failure, fault)
+    except Exception as e:
+        print(f"warning: checking the GPU after a failed job failed: {e!r}", file=sys.stderr)
+        return failure
+
+
 def last_reply(reply: dict[str, Any]) -> str | None:
     """Why the worker exits after sending ``reply`` (the agent then starts a fresh one), or None."""
     if reply.get("restart"):
@@ -686,6 +822,8 @@ def last_reply(reply: dict[str, Any]) -> str | None:
         return f"CUDA context unusable ({err['poisoned']})"
     if isinstance(err, dict) and err.get("setup"):
         return f"the run's setup {err['setup']} failed"
+    if isinstance(reply.get("batch"), dict) and reply["batch"].get("poisoned"):
+        return f"CUDA context unusable ({reply['batch']['poisoned']})"
     return None
 
 

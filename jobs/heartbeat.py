@@ -38,13 +38,15 @@ class JobRef:
     ``attempt``, ``since`` and ``running_s`` may be None (an older agent, or dropped by
     ``read_status`` for their type). ``since`` is for display as a time of day only: a duration is
     ``running_s`` plus the heartbeat's age (``master.core.liveness.AgentView.running_for``), never
-    another host's clock minus ``since``."""
+    another host's clock minus ``since``. A batch (``jobs.batches``) is named by its first chunk,
+    ``batch`` its chunk count (None: a single chunk, or an older agent)."""
 
     run: str
     chunk_id: int
     attempt: int | None = None
     since: float | None = None
     running_s: float | None = None
+    batch: int | None = None
 
     @property
     def key(self) -> tuple[str, int, int | None]:
@@ -53,7 +55,9 @@ class JobRef:
 
     def to_dict(self) -> dict[str, Any]:
         d = {"run": self.run, "chunk_id": self.chunk_id, "attempt": self.attempt, "since": self.since}
-        return d if self.running_s is None else {**d, "running_s": self.running_s}
+        if self.running_s is not None:
+            d["running_s"] = self.running_s
+        return d if self.batch is None else {**d, "batch": self.batch}
 
 
 @dataclass(frozen=True)
@@ -104,8 +108,8 @@ class Heartbeat:
     gpu_mem_reserved: float | None = None  # bytes the running job declared (--gpu-mem)
     waiting: str | None = None  # why its next job waits
     # attempts whose outcome it could not write (permission denied, a read-only filesystem): each
-    # {"run", "chunk_id", "attempt", "max_attempts", "epoch", "error"}; their master records them
-    # (agent.diskpause.DiskPause._uncommittable)
+    # {"run", "chunk_id", "attempt", "max_attempts", "epoch", "error"[, "batch": its chunk count]}; their
+    # master records them (agent.diskpause.DiskPause._uncommittable)
     uncommitted: list[dict[str, Any]] | None = None
     mps: str | None = None  # the CUDA_MPS_PIPE_DIRECTORY its jobs get
     uid: int | None = None  # the user it runs as (jobs.owners: drain/undrain of another user's agent want --force)
@@ -125,7 +129,7 @@ class Heartbeat:
             if isinstance(fields.get(key), dict):
                 job = fields[key]
                 fields[key] = JobRef(job["run"], job["chunk_id"], job.get("attempt"), job.get("since"),
-                                     job.get("running_s"))
+                                     job.get("running_s"), job.get("batch"))
         return cls(**fields)
 
     def to_dict(self) -> dict[str, Any]:
@@ -177,7 +181,7 @@ def read_status(path: Path) -> Heartbeat:
 
 _STATES = {s.value for s in AgentState}
 _JOB = {"run": is_str, "chunk_id": is_int, "attempt": is_int, "since": is_time,
-        "running_s": lambda v: is_num(v) and v >= 0}
+        "running_s": lambda v: is_num(v) and v >= 0, "batch": is_int}
 _GPU = {"name": is_str, "uuid": is_str, "util": is_num, "mem_used": is_num, "mem_total": is_num, "temp": is_num,
         "worker_mem": is_num}
 # field -> its check, or the checks of the fields of an object (see jobs.jsonio.clean)
