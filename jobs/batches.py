@@ -66,57 +66,77 @@ class Slot:
     def chunks(self) -> range:
         return range(self.first, self.first + self.count)
 
-    @functools.cached_property
-    def _offsets(self) -> list[float]:
-        """Seconds from the batch's start to each chunk's: the durations of the chunks before it."""
-        out, t = [], 0.0
-        for d in (self.rec or {}).get("durations") or ():
-            out.append(t)
-            t += d if is_num(d) else 0.0
-        return out + [t] * (self.count - len(out))
-
     def code(self, chunk: int) -> str:
         return self.codes[chunk - self.first]
+
+    @functools.cached_property
+    def _columns(self) -> "_Columns":
+        return _Columns.of(self)
 
     def record(self, chunk: int) -> dict[str, Any]:
         """Chunk ``chunk``'s result record, as a single chunk's reads (``read_result``); ``batch``
         names the slot."""
-        rec, i = self.rec, chunk - self.first
-        assert rec is not None and 0 <= i < self.count
-        code = self.codes[i]
-        out: dict[str, Any] = {
-            "schema": rec.get("schema", BATCH_SCHEMA), "run": self.run, "chunk_id": chunk,
-            "total_chunks": rec.get("total_chunks"), "status": JobState.OK.value if code == OK else JobState.FAILED.value,
-            "attempt": self.attempt, "max_attempts": rec.get("max_attempts"), "submitted_at": rec.get("submitted_at"),
-            "batch": [self.first, self.count]}
-        for name in ("epoch", *SHARED):
-            if name in rec:
-                out[name] = rec[name]
-        params = rec.get("params")
-        if isinstance(params, list) and i < len(params):
-            out["params"] = params[i]
-        durations, start = rec.get("durations") or [], rec.get("started_at")
-        duration = durations[i] if i < len(durations) and is_num(durations[i]) else None
-        if is_num(start):  # each chunk started when the ones before it in the batch had run
-            begun = start + self._offsets[i]
-            out["started_at"] = begun
+        i = chunk - self.first
+        assert self.rec is not None and 0 <= i < self.count
+        code, cols = self.codes[i], self._columns
+        out: dict[str, Any] = {**cols.common, "chunk_id": chunk,
+                               "status": JobState.OK.value if code == OK else JobState.FAILED.value,
+                               "batch": [self.first, self.count]}
+        if cols.params is not None and i < len(cols.params):
+            out["params"] = cols.params[i]
+        duration = cols.durations[i]
+        if cols.start is not None:  # each chunk started when the ones before it in the batch had run
+            begun = out["started_at"] = cols.start + cols.ran_before[i]
             if duration is not None:
                 out["finished_at"] = begun + duration
         if duration is not None:
             out["duration_s"] = duration
-        errors = rec.get("errors") or {}
         if code in (FINAL_FAILED, HISTORY):
-            out["error"] = errors.get(str(chunk)) or {"type": "Unknown", "message": "no error recorded"}
+            out["error"] = cols.errors.get(str(chunk)) or {"type": "Unknown", "message": "no error recorded"}
         else:
-            values = rec.get("values") or []
-            out["value"] = values[i] if i < len(values) else None
-        arrays = (rec.get("arrays") or {}).get(str(chunk))
-        if arrays is not None:
+            out["value"] = cols.values[i]
+        if cols.arrays and (arrays := cols.arrays.get(str(chunk))) is not None:
             out["arrays"] = arrays
-            out["arrays_bytes"] = (rec.get("arrays_bytes") or {}).get(str(chunk))
-            if form := (rec.get("arrays_form") or {}).get(str(chunk)):
+            out["arrays_bytes"] = (self.rec.get("arrays_bytes") or {}).get(str(chunk))
+            if form := (self.rec.get("arrays_form") or {}).get(str(chunk)):
                 out["arrays_form"] = form
         return out
+
+
+@dataclass(frozen=True)
+class _Columns:
+    """What ``Slot.record`` needs of a slot's record, prepared once (a batch of many chunks is read
+    whole, chunk by chunk)."""
+
+    common: dict[str, Any]  # the fields every chunk's record shares
+    durations: list[float | None]
+    ran_before: list[float]  # for each chunk, how long the chunks before it in the batch ran
+    start: float | None
+    values: list[Any]
+    params: list[Any] | None
+    errors: dict[str, Any]
+    arrays: dict[str, Any]
+
+    @classmethod
+    def of(cls, slot: Slot) -> "_Columns":
+        rec = slot.rec or {}
+        common = {"schema": rec.get("schema", BATCH_SCHEMA), "run": slot.run, "total_chunks": rec.get("total_chunks"),
+                  "attempt": slot.attempt, "max_attempts": rec.get("max_attempts"),
+                  "submitted_at": rec.get("submitted_at")}
+        common.update((name, rec[name]) for name in ("epoch", *SHARED) if name in rec)
+        durations = [d if (type(d) is float and d - d == 0.0) or type(d) is int else None  # is_num, a million times
+                     for d in rec.get("durations") or []]
+        durations += [None] * (slot.count - len(durations))
+        ran_before, total = [], 0.0
+        for d in durations:
+            ran_before.append(total)
+            total += d or 0.0
+        values = list(rec.get("values") or [])
+        params = rec.get("params")
+        start = rec.get("started_at")
+        return cls(common, durations, ran_before, start if is_num(start) else None,
+                   values + [None] * (slot.count - len(values)), params if isinstance(params, list) else None,
+                   rec.get("errors") or {}, rec.get("arrays") or {})
 
 
 def outcome_code(job: Job, status: JobState) -> str:

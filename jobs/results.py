@@ -27,7 +27,7 @@ from dataclasses import replace as dataclasses_replace
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 from gpupool.jobs import batches
 from gpupool.jobs.atomic import move_in, read_bounded, write_exclusive, write_replace
@@ -213,6 +213,14 @@ def has_outcome(spool: Spool, job_key: tuple[str, int, int], max_attempts: int) 
     return attempt < max_attempts and spool.history_json(run, chunk, attempt).exists()
 
 
+def job_outcome(spool: Spool, job: Job) -> bool:
+    """``has_outcome`` of any job: a batch (``jobs.batches``) is over once its slot exists,
+    committed or fenced (its chunks' later attempts are single jobs of their own)."""
+    if job.batch is not None:
+        return os.path.lexists(spool.batch_json(job.run, job.chunk_id, job.batch))
+    return has_outcome(spool, job.key, job.max_attempts)
+
+
 def new_epoch(spool: Spool, run: str) -> str:
     """Start the run's next epoch (``--fresh``): results of jobs queued before are dropped."""
     token = secrets.token_hex(8)
@@ -313,7 +321,8 @@ class RunScan:
     """What one listing of ``results/<run>`` says: the one reading of a run's results folder
     (masters, status, retry, collect, logs all use it). Single results are known by their names
     alone; a batch's slot (``jobs.batches``) is read for what it says of each of its chunks
-    (once per version of the file: ``_slot_codes``)."""
+    (once per version of the file: ``_slot_codes``). A fenced slot and one of an earlier start of
+    the run (``stale``) say nothing of their chunks; they are kept apart (``logs``, masters)."""
 
     finals: dict[int, float] = field(default_factory=dict)  # chunk -> mtime of its final result (a regular file)
     history: dict[int, list[int]] = field(default_factory=dict)  # chunk -> its failed attempts on record, sorted
@@ -321,6 +330,8 @@ class RunScan:
     slots: dict[int, batches.Slot] = field(default_factory=dict)  # first chunk -> its batch's slot (not fenced ones)
     fenced: dict[int, batches.Slot] = field(default_factory=dict)  # first chunk -> a fenced batch's slot
     singles: set[int] = field(default_factory=set)  # chunks whose final result is a file of their own
+    fenced: dict[int, batches.Slot] = field(default_factory=dict)  # first chunk -> a fenced batch's slot (no outcome)
+    stale: dict[int, batches.Slot] = field(default_factory=dict)  # first chunk -> a slot of an earlier epoch (--fresh)
     _firsts: list[int] | None = None
 
     def last_attempt(self, chunk: int) -> int:
@@ -350,9 +361,19 @@ class RunScan:
         slot = self.slot_of(chunk)
         return slot if slot is not None and slot.code(chunk) in batches.CLAIMED else None
 
+    def sent_in(self, chunk: int) -> batches.Slot | None:
+        """The batch ``chunk`` was sent in, as its slot says, fenced or not (its log is that
+        batch's: ``Spool.batch_log``); None where no slot of a batch covers it."""
+        slot = self.slot_of(chunk)
+        if slot is not None or not self.fenced:
+            return slot
+        return next((s for s in self.fenced.values() if chunk in s.chunks), None)
+
 
 def scan_run(spool: Spool, run: str) -> RunScan:
-    """List ``results/<run>`` once (a missing or unreadable folder: nothing)."""
+    """List ``results/<run>`` once (a missing or unreadable folder: nothing). A slot that cannot
+    be read is named once in the log and its chunks count as not done; a fenced slot, or one of
+    an earlier start of the run (``--fresh``: its epoch is not the run's), counts nothing."""
     scan = RunScan()
     found: list[tuple[os.DirEntry, int, int]] = []
     with contextlib.suppress(OSError):
@@ -371,9 +392,13 @@ def scan_run(spool: Spool, run: str) -> RunScan:
                 scan.history.setdefault(int(m.group(1)), []).append(int(m.group(2)))
             elif m := BATCH_RE.match(e.name):
                 found.append((e, int(m.group(1)), int(m.group(2))))
+    epoch = read_epoch(spool, run) if found else None
     for e, first, count in found:
-        slot, mtime = _slot_codes(e)
+        slot, mtime, made_in = _slot_codes(e)
         if slot is None:
+            continue
+        if epoch is not None and made_in not in (None, epoch):
+            scan.stale[first] = slot
             continue
         if slot.fenced is not None:
             scan.fenced[first] = slot
@@ -390,30 +415,37 @@ def scan_run(spool: Spool, run: str) -> RunScan:
     return scan
 
 
-_CODES: dict[str, tuple[tuple[int, int, int], batches.Slot]] = {}  # slot path -> (its stat, what it says)
+# slot path -> (its stat, what it says, the epoch it was committed in)
+_CODES: dict[str, tuple[tuple[int, int, int], batches.Slot, str | None]] = {}
 _RECORDS: dict[str, tuple[tuple[int, int, int], batches.Slot]] = {}  # the same with the record: the latest few
 
 
-def _slot_codes(e: os.DirEntry) -> tuple[batches.Slot | None, float]:
-    """What a slot says of its chunks (read once per version of the file), and its mtime; None
-    for one that cannot be read (said once)."""
+def _slot_codes(e: os.DirEntry) -> tuple[batches.Slot | None, float, str | None]:
+    """What a slot says of its chunks (read once per version of the file), its mtime and the
+    epoch it was committed in; None for one that cannot be read (said once, naming the file and
+    its chunks)."""
     try:
         st = e.stat(follow_symlinks=False)
     except OSError:
-        return None, 0.0
+        return None, 0.0, None
     key = (st.st_ino, st.st_mtime_ns, st.st_size)
     got = _CODES.get(e.path)
     if got is not None and got[0] == key:
-        return got[1], st.st_mtime
+        return got[1], st.st_mtime, got[2]
     try:
-        slot = dataclasses_replace(batches.read_slot(Path(e.path)), rec=None)
+        full = batches.read_slot(Path(e.path))
     except (OSError, BadFile) as err:
-        warn_once(f"{e.path}: {err}; its chunks count as not done")
-        return None, st.st_mtime
+        m = BATCH_RE.match(e.name)
+        chunks = f"chunks {int(m.group(1))} .. {int(m.group(1)) + int(m.group(2)) - 1}" if m else "its chunks"
+        why = str(err) if isinstance(err, BadFile) else f"{e.path}: {err.strerror or err}"
+        warn_once(f"{why}; {chunks} count as not done")
+        return None, st.st_mtime, None
+    made_in = full.rec.get("epoch") if full.rec is not None else None
+    slot = dataclasses_replace(full, rec=None)
     if len(_CODES) >= 100_000:
         _CODES.clear()
-    _CODES[e.path] = (key, slot)
-    return slot, st.st_mtime
+    _CODES[e.path] = (key, slot, made_in if isinstance(made_in, str) else None)
+    return slot, st.st_mtime, _CODES[e.path][2]
 
 
 def read_slot_record(spool: Spool, run: str, slot: batches.Slot, epoch: str | None = None) -> batches.Slot:
@@ -425,11 +457,38 @@ def read_slot_record(spool: Spool, run: str, slot: batches.Slot, epoch: str | No
     if got is None or got[0] != key:
         if len(_RECORDS) >= 4:
             _RECORDS.pop(next(iter(_RECORDS)))
-        got = _RECORDS[str(path)] = (key, batches.read_slot(path))
+        got = _RECORDS[str(path)] = (key, _typed(batches.read_slot(path), path))
     full = got[1]
     if epoch is not None and full.rec is not None and full.rec.get("epoch", epoch) != epoch:
         batches.read_slot(path, epoch)  # raises StaleResult, naming the file
     return full
+
+
+# a slot's own fields, shared by its chunks (their params, errors and arrays are per chunk)
+_SLOT_FIELDS = {k: v for k, v in FIELDS.items() if k not in ("params", "error", "arrays_bytes", "arrays_form")}
+
+
+def _typed(slot: batches.Slot, path: Path) -> batches.Slot:
+    """``slot`` with its fields of the wrong type dropped, once for all its chunks' records, as
+    ``read_result`` drops a single result's (one warning naming the file)."""
+    rec = slot.rec or {}
+    bad = clean(rec, _SLOT_FIELDS)
+    params, errors = rec.get("params"), rec.get("errors") or {}
+    if isinstance(params, list):
+        for i, p in enumerate(params):
+            if p is not None and not isinstance(p, dict):
+                params[i] = None
+                bad.append(f"params[{i}]")
+    for c, err in errors.items():
+        if not isinstance(err, dict):
+            errors[c] = None
+            bad.append(f"errors.{c}")
+        else:
+            bad += clean(err, ERROR_FIELDS, f"errors.{c}.")
+    if bad:
+        warn_once(f"{path}: batch result fields of the wrong type ignored: {', '.join(bad[:10])}"
+                  f"{' ...' if len(bad) > 10 else ''}")
+    return slot
 
 
 def chunk_result(spool: Spool, run: str, chunk: int, scan: RunScan | None = None,
@@ -450,6 +509,40 @@ def chunk_result(spool: Spool, run: str, chunk: int, scan: RunScan | None = None
     if slot is None:
         raise FileNotFoundError(errno.ENOENT, "no result", str(path))
     return read_slot_record(spool, run, slot, epoch).record(chunk)
+
+
+def chunk_results(spool: Spool, run: str, chunks: Iterable[int], scan: RunScan,
+                  epoch: str | None = None) -> Iterator[tuple[int, dict[str, Any] | BadFile | OSError]]:
+    """``chunk_result`` of each of ``chunks`` (in the order given) that has a final result on
+    ``scan``, or the BadFile (StaleResult) or OSError that refused it: for readers of a whole run
+    (collect, the API's ``results()``), each batch's slot read once and not looked at again."""
+    lo = hi = 0  # the chunks of the batch of the chunk before: lo .. hi - 1, what its slot says and its records
+    codes, got, record = "", None, None
+    singles, odd = scan.singles, scan.odd
+    for c in chunks:
+        if c in singles or c in odd:
+            try:
+                yield c, read_result(spool.result_json(run, c), epoch)
+            except (OSError, BadFile) as e:
+                yield c, e
+            continue
+        if not lo <= c < hi:
+            if (slot := scan.slot_of(c)) is None:
+                continue
+            lo, hi, codes = slot.first, slot.first + slot.count, slot.codes
+            try:
+                got, record = None, read_slot_record(spool, run, slot, epoch).record
+            except (OSError, BadFile) as e:
+                got, record = e, None
+        if codes[c - lo] in batches.CLAIMED:  # what final_slot says, without looking it up again
+            yield c, got if record is None else record(c)
+
+
+def result_file(spool: Spool, run: str, chunk: int, scan: RunScan) -> Path:
+    """The file that holds (or would hold) ``chunk``'s final result: its batch's slot where that
+    has it, else its own ``<chunk>.json``."""
+    slot = scan.final_slot(chunk)
+    return spool.result_json(run, chunk) if slot is None else spool.batch_json(run, slot.first, slot.count)
 
 
 def attempt_record(spool: Spool, run: str, chunk: int, attempt: int, scan: RunScan | None = None) -> dict[str, Any] | None:
@@ -524,11 +617,12 @@ def result_or_none(path: Path, epoch: str | None = None) -> dict[str, Any] | Non
         return None
 
 
-def chunk_records(spool: Spool, run: str, chunk: int) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+def chunk_records(spool: Spool, run: str, chunk: int, scan: RunScan | None = None
+                  ) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
     """(the chunk's committed result or None, the records of its failed attempts, oldest first;
     an unreadable one as ``{"attempt": N, "status": "unreadable"}``), from its own files or its
-    batch's slot."""
-    scan = scan_run(spool, run)
+    batch's slot. ``scan``: the run's listing, where the caller has one."""
+    scan = scan or scan_run(spool, run)
     try:
         result: dict[str, Any] | None = chunk_result(spool, run, chunk, scan)
     except (OSError, BadFile):

@@ -21,14 +21,14 @@ from gpupool.jobs.logsetup import logger
 
 from gpupool.jobs.atomic import purge_temp
 from gpupool.jobs.descriptor import JobState
-from gpupool.jobs.errors import BadFile, LockHeld, SpoolError
+from gpupool.jobs.errors import LockHeld, SpoolError
 from gpupool.jobs.fsinfo import check_locks
 from gpupool.jobs.logsetup import pool_logs
 from gpupool.jobs.locks import HolderLock
 from gpupool.jobs.mailbox import drop_run
 from gpupool.jobs.owners import check_run, claim_run
 from gpupool.jobs.paths import Spool
-from gpupool.jobs.results import new_epoch, read_epoch, read_result, scan_run
+from gpupool.jobs.results import chunk_results, new_epoch, read_epoch, scan_run
 from gpupool.master.core.after import check_after, wait_for_runs
 from gpupool.master.core.feeder import FeedConfig, Feeder, Summary
 from gpupool.master.hooks import run_hook
@@ -265,12 +265,12 @@ class Run:
         return state_of_run(self.spool, self.name, self.spec.chunks, counts, self.spec.waits_for)
 
     def results(self) -> Iterator[Result]:
-        """Committed results in chunk order (chunks without one are skipped)."""
-        epoch = read_epoch(self.spool, self.name)
-        for c in sorted(c for c in scan_run(self.spool, self.name).finals if c < self.spec.chunks):
-            try:
-                rec = read_result(self.spool.result_json(self.name, c), epoch)
-            except (OSError, BadFile):
+        """Committed results in chunk order (chunks without one, or with one that cannot be read,
+        are skipped): each from its own file or its batch's (``jobs.results.chunk_results``)."""
+        epoch, scan = read_epoch(self.spool, self.name), scan_run(self.spool, self.name)
+        for c, rec in chunk_results(self.spool, self.name, sorted(c for c in scan.finals if c < self.spec.chunks),
+                                    scan, epoch):
+            if isinstance(rec, Exception):
                 continue
             npz = self.spool.arrays_of(self.name, rec)
             yield Result(c, rec, npz if npz is not None and npz.exists() else None)

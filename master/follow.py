@@ -14,7 +14,7 @@ from typing import Any
 
 from gpupool.jobs.descriptor import JobState
 from gpupool.jobs.errors import BadFile
-from gpupool.jobs.results import result_or_none, scan_run
+from gpupool.jobs.results import chunk_results, scan_run
 from gpupool.master.core.dispatcher import summarize
 from gpupool.master.core.feeder import Summary
 from gpupool.master.report.progress import Progress
@@ -67,12 +67,10 @@ class Follower:
         return run_state(self.spec.chunks, counts, read_marks(self.spool, self.spec.name), lambda: False)
 
     def summary(self) -> Summary:
-        finals = sorted(self._finals())
-        outcomes = {}
-        for c in finals:
-            rec = result_or_none(self.spool.result_json(self.spec.name, c))
-            if rec is not None:
-                outcomes[c] = summarize(rec)
+        scan = scan_run(self.spool, self.spec.name)
+        finals = sorted(c for c in scan.finals if c < self.spec.chunks)
+        outcomes = {c: summarize(rec) for c, rec in chunk_results(self.spool, self.spec.name, finals, scan)
+                    if not isinstance(rec, Exception)}
         self.bar.close()
         marks = read_marks(self.spool, self.spec.name)
         return Summary(self.spec.name, self.spec.chunks, outcomes, time.monotonic() - self.started,

@@ -219,9 +219,13 @@ def _chunk_logs(spool: Spool, args: argparse.Namespace) -> int:
     rep = chunk_report(spool, args.run, args.chunk)
     print(json.dumps(rep, indent=1) if args.json else format_chunk(rep), flush=True)
     if args.follow and rep["result"] is None:  # follow the script's output until the chunk has a result
-        log = spool.chunk_log(args.run, args.chunk)
-        follow(lambda: [log] if real_log_dir(spool, log) else [], sys.stdout, lambda t: True,
-               stop=lambda: spool.result_json(args.run, args.chunk).exists())
+        logs = [spool.chunk_log(args.run, args.chunk)]
+        done = [spool.result_json(args.run, args.chunk)]
+        if (b := rep["batch"]) is not None and b["state"] == "in flight":  # or until its batch is over
+            logs.append(Path(b["log"]))
+            done.append(Path(b["slot"]))
+        follow(lambda: [p for p in logs if real_log_dir(spool, p)], sys.stdout, lambda t: True,
+               stop=lambda: any(os.path.lexists(p) for p in done))
     return 0
 
 

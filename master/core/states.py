@@ -3,11 +3,15 @@
 A chunk's state (``jobs.descriptor.JobState``) is never stored apart from the spool; ``chunk_state``
 says it from what the spool holds, in this order:
 
-1. its committed result (``results/<run>/<chunk>.json``): ``ok`` or ``failed``;
+1. its committed result (``results/<run>/<chunk>.json``, or its batch's slot: ``jobs.results``):
+   ``ok`` or ``failed``;
 2. a live agent's heartbeat naming it as the job it runs, its outcome not on disk yet: ``running``
    (``running_job``: a heartbeat older than the end of its job names the job sent ahead instead);
 3. an agent's mailbox holding it, its outcome not on disk yet: ``queued``;
 4. its run's cancel flag: ``cancelled``; else ``pending``.
+
+A batch (``jobs.batches``: one job for several short chunks) is running or queued as one: each of
+its chunks is while its job is (``Job.chunks``), until its slot exists (``jobs.results.job_outcome``).
 
 What agents hold is read once for every run of the spool (``holdings``: every mailbox and the
 job each live agent runs), so ``status``, ``status --run``, ``runs`` and the run page agree.
@@ -33,11 +37,12 @@ from gpupool.jobs.heartbeat import Heartbeat, JobRef
 from gpupool.jobs.locks import FileLock
 from gpupool.jobs.mailbox import Mailbox
 from gpupool.jobs.paths import Spool
-from gpupool.jobs.results import Seal, final_status, has_outcome, read_seal, scan_run
+from gpupool.jobs.results import Seal, final_status, job_outcome, read_seal, scan_run
 from gpupool.master.core.liveness import AgentView
 
 __all__ = ["JobState", "RunState", "chunk_state", "count_states", "final_states", "run_state", "Marks", "read_marks",
-           "master_feeds", "not_over", "in_hand", "running_job", "Holding", "holdings", "AtAgents", "state_of_run"]
+           "master_feeds", "not_over", "in_hand", "running_job", "Holding", "holdings", "AtAgents", "state_of_run",
+           "batch_in_flight"]
 
 
 class RunState(str, Enum):
@@ -165,14 +170,15 @@ def in_hand(status: Heartbeat, run: str) -> set[int]:
     return {b.chunk_id for b in (status.current, status.ahead) if b is not None and b.run == run}
 
 
-def ended_at(spool: Spool, ref: JobRef) -> float | None:
+def ended_at(spool: Spool, ref: JobRef, batch: int | None = None) -> float | None:
     """When the job ``ref`` names ended, if its outcome is on disk (the mtime of its final result
-    or of its attempt's history), else None."""
+    or of its attempt's history; of a batch of ``batch`` chunks, its slot's), else None."""
     run, chunk, attempt = ref.key
     if attempt is None:
         return None
     try:
-        paths = (spool.result_json(run, chunk), spool.history_json(run, chunk, attempt))
+        paths = (spool.result_json(run, chunk), spool.history_json(run, chunk, attempt)) if batch is None else \
+            (spool.batch_json(run, chunk, batch),)
     except SpoolError:  # a name no run can have: judged as the heartbeat says
         return None
     for path in paths:
@@ -183,18 +189,21 @@ def ended_at(spool: Spool, ref: JobRef) -> float | None:
     return None
 
 
-def running_job(spool: Spool, view: AgentView) -> tuple[JobRef | None, float | None]:
+def running_job(spool: Spool, view: AgentView, batches: Mapping[tuple, int] | None = None
+                ) -> tuple[JobRef | None, float | None]:
     """(the job a live agent runs now, when the job its heartbeat still names ended): a heartbeat
     older than the end of its job names one that is over; the job sent ahead (if any, and not over
-    itself) has run since then, and its ``since`` is that end."""
+    itself) has run since then, and its ``since`` is that end. ``batches``: job key -> its batch's
+    size, for the batches of the agent's mailbox (a heartbeat names a batch by its first chunk)."""
     cur = view.status.current if view.alive else None
     if cur is None:
         return None, None
-    ended = ended_at(spool, cur)
+    batches = batches or {}
+    ended = ended_at(spool, cur, batches.get(cur.key))
     if ended is None:
         return cur, None
     ahead = view.status.ahead
-    if ahead is not None and ended_at(spool, ahead) is None:
+    if ahead is not None and ended_at(spool, ahead, batches.get(ahead.key)) is None:
         return dataclasses.replace(ahead, since=ended), ended
     return None, ended
 
@@ -207,6 +216,11 @@ class Holding:
     jobs: list[Job]
     running: JobRef | None
     ended: float | None = None  # when the job its heartbeat names ended (``running``: the one sent ahead)
+    running_chunks: range | None = None  # the chunks of the job it runs: ``running``'s, or all of its batch's
+
+    @property
+    def running_batch(self) -> bool:
+        return self.running_chunks is not None and len(self.running_chunks) > 1
 
     def running_for(self, hb_now: float | None, now: float) -> float | None:
         """How long ``running`` has run: as its agent measured it (``AgentView.running_for``), or,
@@ -223,12 +237,29 @@ def holdings(spool: Spool, views: Mapping[str, AgentView]) -> dict[str, Holding]
     out = {}
     for ident, v in sorted(views.items()):
         try:
-            jobs = [j for j in Mailbox(spool, ident).read().jobs if not has_outcome(spool, j.key, j.max_attempts)]
+            every = Mailbox(spool, ident).read().jobs
         except (OSError, BadFile):
-            jobs = []
-        ref, ended = running_job(spool, v)
-        out[ident] = Holding(v, jobs, ref, ended)
+            every = []
+        jobs = [j for j in every if not job_outcome(spool, j)]
+        sizes = {j.key: j.batch for j in every if j.batch is not None}  # over too: its heartbeat may still name it
+        ref, ended = running_job(spool, v, sizes)
+        chunks = None if ref is None else range(ref.chunk_id, ref.chunk_id + sizes.get(ref.key, 1))
+        out[ident] = Holding(v, jobs, ref, ended, chunks)
     return out
+
+
+def batch_in_flight(spool: Spool, run: str, chunk: int) -> tuple[str, Job] | None:
+    """(agent, job) of the batch (``jobs.batches``) an agent's mailbox holds with ``chunk`` in it
+    and no outcome yet (queued or running), or None."""
+    for ident in spool.agent_ids():
+        try:
+            jobs = Mailbox(spool, ident).read().jobs
+        except (OSError, BadFile):
+            continue
+        for j in jobs:
+            if j.batch is not None and j.run == run and chunk in j.chunks and not job_outcome(spool, j):
+                return ident, j
+    return None
 
 
 @dataclass
@@ -245,9 +276,13 @@ class AtAgents:
         queued: dict[str, dict[int, tuple[str, int]]] = {}
         for ident, h in held.items():
             if h.running is not None:
-                running.setdefault(h.running.run, {})[h.running.chunk_id] = ident
+                running.setdefault(h.running.run, {}).update(dict.fromkeys(h.running_chunks or (), ident))
             for j in h.jobs:
-                queued.setdefault(j.run, {})[j.chunk_id] = (ident, j.attempt)
+                at = queued.setdefault(j.run, {})
+                if j.batch is None:
+                    at[j.chunk_id] = (ident, j.attempt)
+                else:  # a batch: each of its chunks is queued while it is
+                    at.update(dict.fromkeys(j.chunks, (ident, j.attempt)))
         return cls(running, queued)
 
     def counts(self, run: str, chunks: int, results: Mapping[int, str], cancelled: bool) -> Counter:

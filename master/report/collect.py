@@ -19,29 +19,40 @@ The output is written to a temporary name beside it and renamed into place.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
+import gc
 import io
+import itertools
 import json
 import os
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
 from gpupool.jobs.atomic import write_replace
 from gpupool.jobs.codec import plain
 from gpupool.jobs.descriptor import JobState
-from gpupool.jobs.errors import BadFile, SpoolError
+from gpupool.jobs.errors import SpoolError
 from gpupool.jobs.npzio import load_npz
 from gpupool.jobs.paths import Spool
 from gpupool.jobs.jsonio import is_time
-from gpupool.jobs.results import read_epoch, read_result, scan_run
+from gpupool.jobs.results import chunk_results, read_epoch, scan_run
 from gpupool.master.spec.runspec import RunSpec, load_run
 
-META = ("run", "chunk_id", "status", "attempt", "agent", "host", "device", "gpu_id", "started_at", "finished_at",
-        "duration_s")
+
+def _meta(rec: dict[str, Any]) -> dict[str, Any]:
+    """A record's metadata columns, in their order (spelled out: a million rows are made so)."""
+    g = rec.get
+    return {"run": g("run"), "chunk_id": g("chunk_id"), "status": g("status"), "attempt": g("attempt"),
+            "agent": g("agent"), "host": g("host"), "device": g("device"), "gpu_id": g("gpu_id"),
+            "started_at": g("started_at"), "finished_at": g("finished_at"), "duration_s": g("duration_s")}
+
+
+META = tuple(_meta({}))
 FORMATS = (".npz", ".csv", ".jsonl", ".parquet")
 
 
@@ -59,21 +70,17 @@ class Collected:
 
 def committed(spool: Spool, spec: RunSpec, partial: bool) -> tuple[list[dict[str, Any]], list[int]]:
     """The ok result records in chunk order, and the chunks left out (missing or failed)."""
-    recs, missing, failed = [], [], []
+    recs, failed, read = [], [], set()
     scan, epoch = scan_run(spool, spec.name), read_epoch(spool, spec.name)
-    for c in range(spec.chunks):
-        if c not in scan.finals:
-            missing.append(c)
+    for c, rec in chunk_results(spool, spec.name, range(spec.chunks), scan, epoch):  # its own file or its batch's
+        if isinstance(rec, Exception):  # broken, stale, or not a file (a folder where it belongs): missing
             continue
-        try:
-            rec = read_result(spool.result_json(spec.name, c), epoch)
-        except (OSError, BadFile):  # missing, broken, or not a file (a folder where it belongs)
-            missing.append(c)
-            continue
+        read.add(c)
         if rec["status"] == JobState.OK:
             recs.append(rec)
         else:
             failed.append(c)
+    missing = [c for c in range(spec.chunks) if c not in read]
     skipped = sorted(missing + failed)
     if skipped and not partial:
         why = [f"{len(failed)} chunk(s) failed {_few(failed)}"] if failed else []
@@ -98,6 +105,25 @@ def collect(spool: Spool, run: str, out: str | os.PathLike | None = None, concat
     if out is not None and Path(out).suffix.lower() not in FORMATS:
         raise CollectError(f"--out {out}: the name must end in .npz (arrays), .csv, .jsonl or .parquet (values)")
     spec = load_run(spool, run)
+    with _no_gc():
+        return _collect(spool, spec, out, concat, partial)
+
+
+@contextlib.contextmanager
+def _no_gc() -> Iterator[None]:
+    """The cycle collector paused: a run of a million chunks makes millions of records and rows,
+    none of them in a cycle, and the collector would walk them over and over."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+def _collect(spool: Spool, spec: RunSpec, out: str | os.PathLike | None, concat: bool, partial: bool) -> Collected:
+    run = spec.name
     recs, skipped = committed(spool, spec, partial)
     has_arrays = any(r.get("arrays") for r in recs)
     out = Path(out if out is not None else f"{spec.name}.{'npz' if has_arrays else 'csv'}")
@@ -129,7 +155,7 @@ def _write_npz(spool: Spool, spec: RunSpec, recs: list[dict[str, Any]], out: Pat
         if reserved in joined:
             raise CollectError(f"the chunks return an array named {reserved!r}, which collect uses itself")
     meta = {"spec": {**asdict(spec), "kind": spec.kind.value},
-            "chunks": [{k: r.get(k) for k in META} for r in recs]}
+            "chunks": [_meta(r) for r in recs]}
     joined["chunk_id"] = np.array([r["chunk_id"] for r in recs], dtype=np.int64)
     joined["run_json"] = np.array(json.dumps(meta, default=str))
     buf = io.BytesIO()
@@ -162,22 +188,30 @@ def rows(recs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Flat rows: per chunk, the metadata columns, its parameters, then the value's."""
     out = []
     for rec in recs:
-        row = {k: rec.get(k) for k in META}
-        for k in ("started_at", "finished_at"):  # ISO 8601 with the time zone; the epoch beside it
-            row[k], row[f"{k}_epoch"] = iso_time(row[k]), row[k]
+        row = _meta(rec)
+        start, end = row["started_at"], row["finished_at"]  # ISO 8601 with the time zone; the epoch beside it
+        row["started_at"], row["finished_at"] = iso_time(start), iso_time(end)
+        row["started_at_epoch"], row["finished_at_epoch"] = start, end
         params = rec.get("params")
         if isinstance(params, dict):
             row.update({(k if k not in row else f"param.{k}"): v for k, v in params.items()})
-        value = plain(rec.get("value"))  # a tuple as the list it always was in a table
+        value = rec.get("value")
+        if isinstance(value, (list, dict)):
+            value = plain(value)  # a tuple as the list it always was in a table
         table = rec.get("result_file") and isinstance(value, list) and value and \
             all(isinstance(v, dict) for v in value)
-        out += [_with_value(row, v) for v in value] if table else [_with_value(row, value)]
+        if table:
+            out += [_with_value(dict(row), v) for v in value]
+        elif isinstance(value, dict):
+            out.append(_with_value(row, value))
+        else:
+            row["value"] = value
+            out.append(row)
     return out
 
 
 def _with_value(row: dict[str, Any], value: Any) -> dict[str, Any]:
-    """``row`` and the value's columns (a key already there, with another value, becomes ``value.<key>``)."""
-    row = dict(row)
+    """``row`` with the value's columns (a key already there, with another value, becomes ``value.<key>``)."""
     if isinstance(value, dict) and value:
         for k, v in value.items():
             if k in META or (k in row and row[k] != v):
@@ -190,15 +224,32 @@ def _with_value(row: dict[str, Any], value: Any) -> dict[str, Any]:
 
 
 def iso_time(t: Any) -> str | None:
-    """A Unix time as ISO 8601 in this machine's time zone (``2026-12-01T14:30:05.123+01:00``)."""
-    if not is_time(t):
-        return None
-    return datetime.fromtimestamp(t, timezone.utc).astimezone().isoformat(timespec="milliseconds")
+    """A Unix time as ISO 8601 in this machine's time zone (``2026-12-01T14:30:05.123+01:00``),
+    as ``datetime.isoformat(timespec="milliseconds")`` writes it; each second's text is made once
+    (a run of a million short chunks has two times a row)."""
+    if type(t) is not float or not 0.0 <= t < 2.0**33:  # the common case first: is_time of a float
+        if not is_time(t):
+            return None
+    sec = int(t)
+    us = int((t - sec) * 1e6 + 0.5)  # as datetime.fromtimestamp rounds (half-even: the same milliseconds)
+    if us >= 1_000_000:
+        sec, us = sec + 1, us - 1_000_000
+    parts = _SECONDS.get(sec)
+    if parts is None:
+        text = datetime.fromtimestamp(sec, timezone.utc).astimezone().isoformat(timespec="seconds")
+        if len(_SECONDS) >= 100_000:
+            _SECONDS.clear()
+        parts = _SECONDS[sec] = (text[:19], text[19:])  # YYYY-MM-DDTHH:MM:SS, then the zone's offset
+    return parts[0] + _MILLIS[us // 1000] + parts[1]
+
+
+_MILLIS = [f".{i:03d}" for i in range(1000)]
+_SECONDS: dict[int, tuple[str, str]] = {}
 
 
 def _write_table(recs: list[dict[str, Any]], out: Path) -> list[str]:
     table = rows(recs)
-    columns = list(dict.fromkeys(k for r in table for k in r))
+    columns = list(dict.fromkeys(itertools.chain.from_iterable(table)))  # in order of first appearance
     if out.suffix.lower() == ".jsonl":
         data = "".join(json.dumps(r, default=str) + "\n" for r in table)
     elif out.suffix.lower() == ".parquet":
@@ -206,10 +257,10 @@ def _write_table(recs: list[dict[str, Any]], out: Path) -> list[str]:
         return _value_columns(columns, recs)
     else:
         buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
-        w.writeheader()
-        for r in table:
-            w.writerow({k: _cell(v) for k, v in r.items()})
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(columns)
+        cells = (list(map(r.get, columns)) for r in table)
+        w.writerows(c if _SCALARS.issuperset(map(type, c)) else list(map(_cell, c)) for c in cells)  # None: empty
         data = buf.getvalue()
     write_replace(out.resolve(), data.encode())
     return _value_columns(columns, recs)
@@ -241,7 +292,10 @@ def _parquet(table: list[dict[str, Any]], columns: list[str]) -> bytes:
     return buf.getvalue()
 
 
+_SCALARS = frozenset((type(None), str, int, float, bool))  # written as they are by csv (None as an empty cell)
+
+
 def _cell(v: Any) -> Any:
-    if v is None or isinstance(v, (str, int, float, bool)):
-        return "" if v is None else v
-    return json.dumps(v)
+    if v is None:
+        return ""
+    return v if isinstance(v, (str, int, float)) else json.dumps(v)  # a bool is an int

@@ -35,7 +35,7 @@ from gpupool.master.report import runpage
 from gpupool.master.report.gpuhistory import SAMPLE_S, GpuHistory, Sampler, sparkline
 from gpupool.master.core.liveness import DEAD
 from gpupool.master.core.states import RunState
-from gpupool.master.report.status import StatusReader, duration, eta_cell
+from gpupool.master.report.status import StatusReader, chunks_of, duration, eta_cell
 from gpupool.master.report.timeline import AttemptReader
 
 STYLE = """body{font:14px system-ui,sans-serif;margin:1.5em;color:#222;background:#fafafa}
@@ -78,7 +78,7 @@ def _td(value: Any, cls: str = "") -> str:
 
 def _agent_row(a: dict[str, Any]) -> str:
     cur = a["current"]
-    cur_s = f"{cur['run']} #{cur['chunk_id']} for {duration(a['current_for_s'])}" if cur else "-"
+    cur_s = f"{cur['run']} #{chunks_of(cur)} for {duration(a['current_for_s'])}" if cur else "-"
     mem = f"{_gb(a['gpu_mem_used'])} / {_gb(a['gpu_mem_total'])} GB" if a["gpu_mem_total"] else "-"
     gpu = "cpu" if a["device"] == "cpu" else a["gpu_name"]
     state = "DEAD" if a["state"] == DEAD else a["state"]

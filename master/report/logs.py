@@ -24,7 +24,8 @@ from gpupool.jobs.errors import BadFile, SpoolError
 from gpupool.jobs.names import printable
 from gpupool.jobs.paths import Spool
 from gpupool.jobs.words import plural
-from gpupool.jobs.results import chunk_records
+from gpupool.jobs.results import RunScan, chunk_records, scan_run
+from gpupool.master.core.states import batch_in_flight
 
 STAMP = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} \| ")
 
@@ -123,15 +124,38 @@ def chunk_report(spool: Spool, run: str, chunk: int) -> dict[str, Any]:
     ``script_output`` is the chunk's log (``logs/<run>/<chunk>.log``: every attempt's output after
     its header line, a callable's as a script's or a command's); ``worker_output``, only where the
     chunk has no log (a callable run by an older version), what its latest attempt printed in its
-    agent's worker log."""
-    result, attempts = chunk_records(spool, run, chunk)
+    agent's worker log. ``batch``: the batch it was sent in, if one (``batch_of``), with ``output``,
+    what the batch's chunks printed (their one log)."""
+    scan = scan_run(spool, run)
+    result, attempts = chunk_records(spool, run, chunk, scan)
     log = spool.chunk_log(run, chunk)
     lines = [e.text for e in merged(agent_logs(spool), run_filter(run, chunk))]
     output = _text(log) if real_log_dir(spool, log) else None
-    older = _last_output(spool, run, chunk, result or (attempts[-1] if attempts else None)) if output is None else None
+    batch = batch_of(spool, run, chunk, scan)
+    if batch is not None:
+        blog = spool.batch_log(run, batch["first"], batch["count"])
+        batch["output"] = _text(blog) if real_log_dir(spool, blog) else None
+    older = _last_output(spool, run, chunk, result or (attempts[-1] if attempts else None)) \
+        if output is None and batch is None else None
     return {"run": run, "chunk_id": chunk, "status": result["status"] if result else None, "result": result,
             "attempts": attempts, "script_log": str(log) if output is not None else None,
-            "script_output": output, "worker_output": older, "agent_lines": lines}
+            "script_output": output, "worker_output": older, "agent_lines": lines, "batch": batch}
+
+
+def batch_of(spool: Spool, run: str, chunk: int, scan: RunScan) -> dict[str, Any] | None:
+    """The batch (``jobs.batches``) ``chunk`` was sent in, if it was: ``first``, ``count``, ``state``
+    (``committed``, ``fenced`` (``why``: its chunks went on as single ones) or ``in flight``, at
+    ``agent``) and ``log``, the one log of the whole batch (``Spool.batch_log``)."""
+    slot, why, agent = scan.sent_in(chunk), None, None
+    if slot is not None:
+        first, count, state, why = slot.first, slot.count, "fenced" if slot.fenced else "committed", slot.fenced
+    elif (held := batch_in_flight(spool, run, chunk)) is not None:
+        agent, job = held
+        first, count, state = job.chunk_id, job.batch or 1, "in flight"
+    else:
+        return None
+    return {"first": first, "count": count, "state": state, "why": why, "agent": agent,
+            "slot": str(spool.batch_json(run, first, count)), "log": str(spool.batch_log(run, first, count))}
 
 
 def printed(spool: Spool, run: str, chunk: int, attempt: int) -> str | None:
@@ -214,6 +238,12 @@ def format_chunk(rep: dict[str, Any]) -> str:
                  f"agent {res.get('agent')} ({res.get('host')}, {res.get('device')}), "
                  f"{res.get('duration_s', 0) or 0:.3f} s, finished {_when(res.get('finished_at'))}")
     out = [printable(head)]
+    if (b := rep.get("batch")) is not None:  # one job ran it with other chunks: their one log says what they printed
+        how = {"committed": f"its results: {b['slot']}", "in flight": f"at agent {b['agent']}",
+               "fenced": f"taken back ({b['why']}): its chunks went on as single ones"}[b["state"]]
+        last = b["first"] + b["count"] - 1
+        out.append(printable(f"sent in the batch of chunks {b['first']} .. {last} ({b['state']}; {how}); "
+                             f"its output: {b['log']}"))
     if res is not None and isinstance(res.get("params"), dict):  # a sweep's chunk: which point it is
         out.append(f"params: {json.dumps(res['params'], sort_keys=True)[:500]}")
     if res is not None and res["status"] == JobState.OK:
@@ -222,6 +252,9 @@ def format_chunk(rep: dict[str, Any]) -> str:
                    + (f"   arrays: {res['arrays']}" if res.get("arrays") else ""))
     for a in rep["attempts"]:  # a script's traceback is the tail of its log, shown whole below: not twice
         out += _attempt_lines(a, rep["script_log"] if rep["script_output"] is not None else None)
+    if b is not None and b.get("output"):
+        out += ["", f"--- output of the batch of chunks {b['first']} .. {b['first'] + b['count'] - 1} ({b['log']}) ---",
+                printable(b["output"].rstrip(), lines=True)]
     if rep["script_output"] is not None:
         out += ["", f"--- output of every attempt ({rep['script_log']}) ---", printable(rep["script_output"].rstrip(), lines=True)]
     elif rep.get("worker_output"):

@@ -11,6 +11,7 @@ from gpupool.jobs.descriptor import JobState
 from gpupool.jobs.invoked import respell, spell
 from gpupool.jobs.names import printable
 from gpupool.jobs.paths import Spool
+from gpupool.jobs.results import result_file, scan_run
 from gpupool.jobs.words import plural
 from gpupool.master.core.after import HALTED as AFTER_HALTED
 from gpupool.master.core.feeder import Summary
@@ -87,12 +88,15 @@ def format_summary(s: Summary, base: Path) -> str:
              f"{s.wall_s:.2f} s ({s.done_this_session} this session, {rate:.1f} chunks/s)"]
     lines += agent_table(s)
     names = "000000.json" if s.chunks <= 1 else f"000000.json .. {s.chunks - 1:06d}.json"  # jobs.paths.result_json
-    lines.append(f"  results: {s.results_dir}/{names}, one per chunk (+ .npz arrays)")
+    scan = scan_run(spool, s.run)  # a batch's chunks have their results in its slot (jobs.batches)
+    each = "one per chunk" if not (scan.slots or scan.fenced) else \
+        "one per chunk, or per batch of short chunks (<first>+<count>.json)"
+    lines.append(f"  results: {s.results_dir}/{names}, {each} (+ .npz arrays)")
     failed = [c for c in s.failed if c in s.outcomes]
     for c in failed[:20]:
         o = s.outcomes[c]
         lines.append(f"  FAILED chunk {c} (attempt {o.attempt}, {o.agent}): {printable(o.error)}  -> "
-                     f"{spool.result_json(s.run, c)}")
+                     f"{result_file(spool, s.run, c, scan)}")
     if len(failed) > 20:
         lines.append(f"  ... and {plural(len(failed) - 20, 'more failed chunk')}: {failed[20:40]} ...")
     if failed:

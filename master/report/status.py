@@ -25,7 +25,7 @@ from gpupool.jobs.owners import agent_owner, me, run_owner
 from gpupool.jobs.names import printable
 from gpupool.jobs.paths import Spool
 from gpupool.jobs.words import plural
-from gpupool.jobs.results import final_status, read_hook, result_or_none, scan_run
+from gpupool.jobs.results import attempt_record, chunk_results, final_status, read_hook, scan_run
 from gpupool.master.core import allocs
 from gpupool.master.core.liveness import DEAD, Liveness
 from gpupool.master.spec.placement import combined, gpu_count, gpu_ids, gpus_of
@@ -81,7 +81,8 @@ class StatusReader:
         agents = []
         for ident, h in held.items():
             agents.append(_agent_row(ident, h.view, h.running, h.running_for(hb_now, self._now), len(h.jobs),
-                                     self.spool.drain_flag(ident).exists()))
+                                     self.spool.drain_flag(ident).exists(),
+                                     len(h.running_chunks) if h.running_batch and h.running_chunks else None))
         return agents, AtAgents.of(held)
 
     def _run(self, name: str, at: AtAgents) -> tuple[dict[str, Any], dict[str, Any]] | None:
@@ -172,12 +173,14 @@ def shown_runs(spool: Spool, data: dict[str, Any], recent_s: float = RECENT_S) -
             "runs_hidden": hidden, "runs_hidden_unfinished": unfinished}
 
 
-def _agent_row(ident: str, v: Any, ref: JobRef | None, took: float | None, queued: int, drain_flag: bool
-               ) -> dict[str, Any]:
+def _agent_row(ident: str, v: Any, ref: JobRef | None, took: float | None, queued: int, drain_flag: bool,
+               batch: int | None = None) -> dict[str, Any]:
     st = v.status  # checked field by field by jobs.heartbeat.read_status
     gpus = gpus_of(st)
     gpu = combined(gpus)
     cur = ref.to_dict() if ref is not None else None
+    if cur is not None and batch is not None:  # a batch of chunks chunk_id .. chunk_id + batch - 1 (jobs.batches)
+        cur["batch"] = batch
     state = v.seen
     return {
         "id": ident, "host": st.host, "pid": st.pid, "device": st.device,
@@ -231,8 +234,10 @@ def chunk_rows(spool: Spool, run: str, dead_after: float = 20.0, states: set[str
     cancelled = spool.cancel_flag(run).exists()
     # how long a chunk has run: its agent's own measure plus its heartbeat's age, by the file server's clock
     now, rows = server_now(spool.agents_dir) if running else None, []
+    finals = {c: rec for c, rec in chunk_results(spool, run, range(spec.chunks), scan)  # own files and batches' slots
+              if not isinstance(rec, Exception)}
     for c in range(spec.chunks):
-        rec = result_or_none(spool.result_json(run, c)) if c in scan.finals else None
+        rec = finals.get(c)
         state = chunk_state(rec["status"] if rec is not None else None, c in running, c in where, cancelled)
         row: dict[str, Any] = {"chunk": c, "state": state.value, "agent": None,
                                "attempt": scan.last_attempt(c) or None, "seconds": None, "error": None}
@@ -245,7 +250,7 @@ def chunk_rows(spool: Spool, run: str, dead_after: float = 20.0, states: set[str
         elif state is JobState.QUEUED:
             row.update(agent=where[c][0], attempt=where[c][1])
         if row["error"] is None and state is not JobState.OK and scan.history.get(c):
-            row["error"] = _error_line(result_or_none(spool.history_json(run, c, scan.history[c][-1])) or {})
+            row["error"] = _error_line(attempt_record(spool, run, c, scan.history[c][-1], scan) or {})
         if states is None or row["state"] in states:
             rows.append(row)
     return rows
@@ -323,9 +328,14 @@ def _paint(text: str, code: str, color: bool) -> str:
     return f"\033[{code}m{text}\033[0m" if color and code else text
 
 
+def chunks_of(cur: dict[str, Any]) -> str:
+    """The chunk an agent's current job runs (``7``), or the first and count of its batch (``16+2``)."""
+    return f"{cur['chunk_id']}+{cur['batch']}" if cur.get("batch") else str(cur["chunk_id"])
+
+
 def _agent_line(a: dict[str, Any], color: bool) -> str:
     cur = a["current"]
-    cur_s = f"{cur['run'][:18]}#{cur['chunk_id']} {duration(a['current_for_s'])}" if cur else "-"
+    cur_s = f"{cur['run'][:18]}#{chunks_of(cur)} {duration(a['current_for_s'])}" if cur else "-"
     mem = f"{_gb(a['gpu_mem_used'])}/{_gb(a['gpu_mem_total'])}" if a["gpu_mem_total"] else "-"
     gpu = printable(a["gpu_name"] or "-")[:18] if a["device"] != "cpu" else "cpu"
     label = "DEAD" if a["state"] == DEAD else a["state"]

@@ -2,7 +2,9 @@
 a Gantt chart (one row per agent, one bar per attempt) in inline SVG, rendered on the server.
 
 The attempts come from the run's result files (``jobs.results.scan_run`` lists them; a failed
-attempt's history ``<chunk>.a<N>.json``, a chunk's final ``<chunk>.json``); the chunks running
+attempt's history ``<chunk>.a<N>.json``, a chunk's final ``<chunk>.json``, or a batch's slot with
+several chunks' outcomes, each chunk ending the time the chunks after it ran before the slot's
+mtime); the chunks running
 now come from ``master.report.status.chunk_rows`` (what the agents' heartbeats name). Every bar is on one
 clock, the file server's, whatever the agents' clocks say: an attempt ends at its result file's
 mtime and starts its ``duration_s`` (measured by its agent) before that; a running chunk ends at
@@ -24,7 +26,8 @@ from gpupool.jobs.jsonio import is_num
 from gpupool.jobs.names import printable
 from gpupool.jobs.outcomes import failure_of
 from gpupool.jobs.paths import Spool
-from gpupool.jobs.results import result_or_none, scan_run
+from gpupool.jobs.errors import BadFile
+from gpupool.jobs.results import RunScan, attempt_record, chunk_results, read_slot_record, scan_run
 from gpupool.master.report.status import duration
 
 COLORS = {JobState.OK: "#43a047", JobState.FAILED: "#e53935", JobState.RUNNING: "#1e88e5"}
@@ -69,16 +72,39 @@ class AttemptReader:
         for k in list(cache):
             if k not in keys:
                 del cache[k]
+        new = sorted(k[1] for k in keys if k[0] == "f" and k not in cache)  # read together: a batch's slot once
+        finals = {c: rec for c, rec in chunk_results(self.spool, run, new, scan) if not isinstance(rec, Exception)}
         out: dict[tuple[int, Any], dict[str, Any]] = {}
         for k in sorted(keys, key=lambda k: (k[1], k[0] == "f")):  # history first, then the final over it
             if k not in cache:
-                path = (self.spool.history_json(run, k[1], k[2]) if k[0] == "h"
-                        else self.spool.result_json(run, k[1]))
-                rec = result_or_none(path)
-                cache[k] = None if rec is None else _attempt(rec, k[1], k[2] if k[0] == "f" else _mtime(path))
+                if k[0] == "f":  # its file's mtime: the listing's
+                    rec, end = finals.get(k[1]), k[2]
+                else:
+                    rec = attempt_record(self.spool, run, k[1], k[2], scan)
+                    end = None if rec is None or "batch" in rec else _mtime(self.spool.history_json(run, k[1], k[2]))
+                cache[k] = None if rec is None else _attempt(rec, k[1], self._ended(run, scan, rec, end))
             if cache[k] is not None:
                 out[(k[1], cache[k]["attempt"])] = cache[k]
         return [out[k] for k in sorted(out, key=lambda k: (k[0], k[1] if isinstance(k[1], int) else -1))]
+
+    def _ended(self, run: str, scan: RunScan, rec: dict[str, Any], end: float | None) -> float | None:
+        """When an attempt ended by the file server's clock: its file's mtime (``end``); for a chunk
+        of a batch (``jobs.batches``), its slot's, less how long the chunks after it in the batch
+        ran (by its agent's clock: its ``finished_at`` against the batch's)."""
+        batch = rec.get("batch")
+        slot = scan.slots.get(batch[0]) if isinstance(batch, list) and batch and isinstance(batch[0], int) else None
+        if slot is None:
+            return end
+        if end is None:
+            end = _mtime(self.spool.batch_json(run, slot.first, slot.count))
+        try:
+            whole = read_slot_record(self.spool, run, slot).rec or {}
+        except (OSError, BadFile):
+            return end
+        last, mine = whole.get("finished_at"), rec.get("finished_at")
+        if end is None or not is_num(last) or not is_num(mine):
+            return end
+        return end - max(0.0, last - mine)
 
 
 def _mtime(path: Any) -> float | None:
