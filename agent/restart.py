@@ -19,7 +19,7 @@ from gpupool.jobs.heartbeat import AgentState, read_status
 from gpupool.jobs.losses import death_suspects
 from gpupool.jobs.mailbox import Mailbox
 from gpupool.jobs.paths import Spool
-from gpupool.jobs.results import has_outcome
+from gpupool.jobs.results import job_outcome
 
 RESTART_DEFER_S = 30.0  # a restarted agent leaves the jobs its former process died under this long
 
@@ -51,7 +51,7 @@ class RestartDeferral:
         except (OSError, BadFile):
             return True
         named = {b.key for b in (prev.current, prev.ahead) if b is not None}
-        open_jobs = [j for j in jobs if not has_outcome(self.spool, j.key, j.max_attempts)]
+        open_jobs = [j for j in jobs if not job_outcome(self.spool, j)]
         suspects = [j for j in open_jobs if j.key in named] or death_suspects(open_jobs)
         if not suspects:
             return True

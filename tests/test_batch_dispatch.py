@@ -245,3 +245,16 @@ def test_scan_counts_a_slots_chunks_once(spool: Spool) -> None:
     assert sorted(scan.finals) == [0, 1, 2, 3] and scan.history == {2: [1]}
     with pytest.raises(FileNotFoundError):
         chunk_result(spool, "run1", 4, scan)
+
+
+def test_a_slot_of_an_earlier_start_of_the_run_is_moved_aside_on_resume(spool: Spool) -> None:
+    from gpupool.jobs.results import new_epoch
+
+    spool.result_dir("run1").mkdir(parents=True, exist_ok=True)
+    old = Job(run="run1", chunk_id=0, total_chunks=10, kind=JobKind.CALLABLE, target="x:y", batch=5, epoch="old1")
+    agent_commits(spool, old)
+    new_epoch(spool, "run1")  # --fresh: what was committed before counts for nothing
+    f, _, _ = make(spool, chunks=10, batch=5)
+    assert not f.final and not spool.batch_json("run1", 0, 5).exists()
+    assert all(f.batchable(c) for c in range(10))  # its chunks may go in a batch of that name again
+    assert any(p.name.endswith("000000+5.json") for p in spool.rejected_dir.iterdir())

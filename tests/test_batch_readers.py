@@ -78,7 +78,7 @@ def made(spool: Spool) -> tuple[Spool, str]:
         j = job(c, epoch)
         commit(spool, j, record(j, status, agent="h-cpu1", value={"sq": c * c} if status == JobState.OK else None,
                                 error={"type": "OSError", "message": "nine"} if status == JobState.FAILED else None))
-    assert batches.fence(spool, job(10, epoch, 2), "agent h-cpu3 died")
+    assert batches.fence(spool, RUN, 10, 2, 1, "agent h-cpu3 died")
     commit_slot(spool, job(12, "0123456789abcdef", 2), "oo", t0)  # queued before the run was started afresh
     spool.batch_json(RUN, 14, 2).write_text('{"first": 14, "count": 2, "run": "r", "attempt": 1, "codes": "o')
     Mailbox(spool, AGENT).update(lambda _: [job(16, epoch, 2), job(18, epoch, 2)])
@@ -255,8 +255,6 @@ def test_a_fenced_stale_or_corrupt_slot_counts_nothing(made: tuple[Spool, str]) 
     assert [final_status(spool, RUN, c, scan) for c in (14, 15)] == [JobState.OK, JobState.FAILED]
 
 
-@pytest.mark.xfail(strict=True, reason="the master's recovery (master/core/feeder.py, _recover_final) reads only "
-                                       "<chunk>.json: it runs the ok chunks of a slot again too")
 @pytest.mark.timeout(120)
 def test_retry_runs_again_only_the_chunk_failed_in_its_slot(spool: Spool, env: dict[str, str]) -> None:
     save_or_check(spool, RunSpec("s", JobKind.CALLABLE, TASK, 6), fresh=False)

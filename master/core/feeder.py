@@ -199,6 +199,9 @@ class Feeder(Dispatcher):
                 self.final[c] = AttemptSummary(JobState.OK, 0, None)
             else:
                 self._recover_final(c, scan)
+        for slot in scan.stale.values():  # of an earlier start of the run (--fresh): moved aside, counts nothing
+            self._refuse_slot(self.spool.batch_json(spec.name, slot.first, slot.count),
+                              "committed for an earlier start of the run (--fresh)")
         handed: dict[int, int] = {}  # a batch's chunks handed back (b, or fenced): the batch's attempt
         for slot in (*scan.slots.values(), *scan.fenced.values()):
             for c in slot.chunks:
@@ -273,7 +276,7 @@ class Feeder(Dispatcher):
         os.unlink(path)
         return True
 
-    def _refuse_slot(self, path: Path, e: Exception) -> None:
+    def _refuse_slot(self, path: Path, e: Exception | str) -> None:
         """A batch's slot that cannot be trusted (torn by an OS crash, of an earlier start of the
         run): moved aside; its chunks are pending again (named as having been in a batch, so they
         run one by one)."""
