@@ -15,7 +15,6 @@ status --base B --json`` and ``python -m master collect --base B --run R --out R
 fresh process, timed. ``Executor.map`` with ``chunksize`` is scenario 12's."""
 from __future__ import annotations
 
-import inspect
 import json
 import subprocess
 import sys
@@ -28,13 +27,6 @@ from bench.context import Ctx
 
 WORKERS = 2
 FULL_SIZE = 1_000_000  # the issue's run
-
-
-def batch_supported() -> bool:
-    """Whether this tree's ``Pool.submit`` takes ``batch`` (issue 27)."""
-    from gpupool.master.api import Pool
-
-    return "batch" in inspect.signature(Pool.submit).parameters
 
 
 def main_py(base: str, run: str, n: int) -> dict[str, Any]:
@@ -54,9 +46,7 @@ def run(ctx: Ctx) -> dict[str, Any]:
     s = ctx.sizes
     n, big = s.batch_chunks, s.batch_big
     out: dict[str, Any] = {"chunks": n, "workers": WORKERS, "ours": [], "ours_batch1": [], "big": {}}
-    sides = [("ours", None)] + ([("ours_batch1", 1)] if batch_supported() else [])
-    if len(sides) == 1:
-        ctx.notes.append("13: this tree's Pool.submit has no batch: ours with batch=1 not measured")
+    sides = [("ours", None), ("ours_batch1", 1)]  # by measured duration, and one chunk a job
     base = ctx.dir("batch")
     with agents(base, WORKERS):
         feed(base, "warm", 2 * WORKERS, task="bench.tasks:noop")  # workers up, task imported

@@ -251,7 +251,8 @@ def _write_table(recs: list[dict[str, Any]], out: Path) -> list[str]:
     table = rows(recs)
     columns = list(dict.fromkeys(itertools.chain.from_iterable(table)))  # in order of first appearance
     if out.suffix.lower() == ".jsonl":
-        data = "".join(json.dumps(r, default=str) + "\n" for r in table)
+        line = _line_encoder()
+        data = "".join([line(r) for r in table])
     elif out.suffix.lower() == ".parquet":
         write_replace(out.resolve(), _parquet(table, columns))
         return _value_columns(columns, recs)
@@ -264,6 +265,18 @@ def _write_table(recs: list[dict[str, Any]], out: Path) -> list[str]:
         data = buf.getvalue()
     write_replace(out.resolve(), data.encode())
     return _value_columns(columns, recs)
+
+
+def _line_encoder() -> Any:
+    """A row as one line of JSON, as ``json.dumps(row, default=str)`` writes it: through the C
+    encoder made once (``json.dumps`` makes one a row, half the time of a million rows), where
+    this Python has it."""
+    from json import encoder
+
+    if encoder.c_make_encoder is None:
+        return lambda r: json.dumps(r, default=str) + "\n"
+    enc = encoder.c_make_encoder(None, str, encoder.encode_basestring_ascii, None, ": ", ", ", False, False, True)
+    return lambda r: enc(r, 0)[0] + "\n"
 
 
 def _value_columns(columns: list[str], recs: list[dict[str, Any]]) -> list[str]:
