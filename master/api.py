@@ -28,7 +28,7 @@ from gpupool.jobs.locks import HolderLock
 from gpupool.jobs.mailbox import drop_run
 from gpupool.jobs.owners import check_run, claim_run
 from gpupool.jobs.paths import Spool
-from gpupool.jobs.results import chunk_results, new_epoch, read_epoch, scan_run
+from gpupool.jobs.results import chunk_results, new_epoch, read_epoch, scan_run, unseal
 from gpupool.master.core.after import check_after, wait_for_runs
 from gpupool.master.core.feeder import FeedConfig, Feeder, Summary
 from gpupool.master.hooks import run_hook
@@ -249,7 +249,10 @@ class Run:
             return False
 
     def _clear(self) -> None:
-        """--fresh: drop this run's results, logs and queued jobs."""
+        """--fresh: drop this run's results, logs and queued jobs; it is no longer sealed (a result
+        of the earlier start committed before this master reads the folder must be read, and
+        refused, not trusted by its name as a sealed run's are)."""
+        unseal(self.spool, self.name)
         drop_run(self.spool, self.name)
         for d in (self.spool.result_dir(self.name), self.spool.run_log_dir(self.name)):
             shutil.rmtree(d, ignore_errors=True)

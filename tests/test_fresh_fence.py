@@ -55,3 +55,16 @@ def test_a_result_of_an_earlier_epoch_committed_after_a_fresh_start_never_counts
     assert all(r.get("epoch") == read_epoch(spool, "fenced") for r in res.values())
     whys = [p.read_text() for p in spool.rejected_dir.glob("*.why")]
     assert any("earlier start of the run" in w for w in whys), whys  # the stale one kept, with its reason
+
+
+def test_a_fresh_start_unseals_the_run_before_it_reads_its_results(spool: Spool) -> None:
+    """A result of the earlier start committed between the clearing and the master's first look
+    is read and refused (its epoch), never trusted by its name as a sealed run's results are."""
+    from gpupool.jobs.results import seal, sealed
+    from gpupool.master.api import Pool
+
+    spool.run_dirs("sealedrun")
+    seal(spool, "sealedrun")
+    assert sealed(spool, "sealedrun")
+    Pool(spool.base).submit(task="examples.noop:noop", chunks=2, run="sealedrun", fresh=True)._clear()
+    assert not sealed(spool, "sealedrun")
