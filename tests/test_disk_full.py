@@ -47,10 +47,11 @@ def fill(folder: Path, leave: int) -> Path:
     return filler
 
 
-def _feed(base: Path, env: dict, task: str, chunks: int, kwargs: dict, run: str) -> subprocess.Popen:
+def _feed(base: Path, env: dict, task: str, chunks: int, kwargs: dict, run: str, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "main.py", "--base", str(base), "--task", task, "--chunks", str(chunks),
-         "--kwargs", json.dumps(kwargs), "--retries", "0", "--retry-delay", "0.05", "--run", run, "--no-progress"],
+         "--kwargs", json.dumps(kwargs), "--retries", "0", "--retry-delay", "0.05", "--run", run, "--no-progress",
+         *extra],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -127,20 +128,24 @@ def test_a_job_whose_own_write_fails_on_a_full_disk_pauses_the_agent_and_costs_n
 
 
 @pytest.mark.timeout(200)
-def test_a_disk_full_to_the_last_byte_during_a_pipelined_run_burns_no_work(small_fs: Path, tmp_path: Path, env) -> None:
+@pytest.mark.parametrize("batch", [1, 10])
+def test_a_disk_full_to_the_last_byte_during_a_pipelined_run_burns_no_work(small_fs: Path, tmp_path: Path, env,
+                                                                          batch: int) -> None:
     """Short chunks that return arrays (so the next job waits in the worker's pipe) on a disk
     filled to the last byte mid-run: each outcome waits for space instead of being thrown away,
     and the job already in the pipe waits behind it. Executions: the chunks, plus at most what
     was in flight when the disk filled (a job's start mark may be written before its value is
-    lost to a stop; here nothing stops, so exactly one each is the expectation, bounded loosely)."""
+    lost to a stop; here nothing stops, so exactly one each is the expectation, bounded loosely).
+    One chunk a job, and in batches of 10 (each chunk's arrays wait for space in the worker, the
+    batch's slot in the agent)."""
     spool = Spool(small_fs / "base").ensure()
     agent = AgentProc(spool.base, 0, env, out_dir=tmp_path).wait_ready()  # its output off the full disk
     marks, chunks = tmp_path / "marks", 40
     feeder = _feed(spool.base, env, "tests.pathological:array_marked", chunks, {"marks": str(marks), "mb": 0.02},
-                   "piped")
+                   "piped", "--batch", str(batch))
     filler = None
     try:
-        wait_for(lambda: len(list(spool.result_dir("piped").glob("*.json"))) >= 5, 60, "a few chunks committed")
+        wait_for(lambda: len(list(spool.result_dir("piped").glob("*.npz"))) >= 5, 60, "a few chunks committed")
         filler = fill(small_fs, leave=0)  # not a byte left
         # (its heartbeat cannot be written either: its output says it)
         wait_for(lambda: "is kept, " in agent.output() or "the value is kept" in agent.output(), 60,
@@ -154,7 +159,7 @@ def test_a_disk_full_to_the_last_byte_during_a_pipelined_run_burns_no_work(small
         res = results(spool.base, "piped")
         assert sorted(res) == list(range(chunks)) and all(r["status"] == "ok" for r in res.values())
         starts, _ = tally(str(marks))
-        assert sum(starts.values()) <= chunks + 2 and max(starts.values()) <= 2, (held, starts)
+        assert sum(starts.values()) <= chunks + 2 * batch and max(starts.values()) <= 2, (held, starts)
         assert not list(spool.result_dir("piped").glob("*.a*.json"))
     finally:
         if filler is not None:

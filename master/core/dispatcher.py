@@ -297,10 +297,7 @@ class Dispatcher:
         except FileNotFoundError:
             return False
         except (BadFile, OSError) as e:  # torn, stale (--fresh) or no file: moved aside, its chunks run again
-            logger.warning("{}: {}; its chunks will run again", path, e)
-            self.spool.reject(read_or_empty(path), path, str(e))
-            with contextlib.suppress(OSError):
-                os.unlink(path)
+            self._refuse(path, e, "its chunks will run again")
             self._split(u, f"its results were refused: {e}")
             return True
         if slot.fenced is not None:
@@ -453,10 +450,7 @@ class Dispatcher:
                 self._collect_history(c, agent, attempt)
                 continue
             except BadFile as e:
-                logger.warning("{}: {}; the chunk will run again", final, e)
-                self.spool.reject(read_or_empty(final), final, str(e))
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(final)
+                self._refuse(final, e)
                 self._requeue(c, free=isinstance(e, StaleResult))  # a stale one was no attempt of this run
                 continue
             except OSError as e:  # a folder (or an unreadable file) where the result belongs: no agent can
@@ -467,6 +461,15 @@ class Dispatcher:
             seen.append(final)
             self._conclude(c, rec)
         self._sample_latency(seen)
+
+    def _refuse(self, path: Path, why: object, then: str = "the chunk will run again") -> None:
+        """A result file (a chunk's, or a batch's slot) that cannot count (torn by an OS crash, of
+        an earlier start of the run, not what its name says): kept in ``rejected/`` with why, and
+        removed, so that its chunks run again."""
+        logger.warning("{}: {}; {}", path, why, then)
+        self.spool.reject(read_or_empty(path), path, str(why))
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
 
     def _conclude(self, c: int, rec: dict[str, Any], shared: AttemptSummary | None = None) -> None:
         """Chunk ``c`` has its final result ``rec``. ``shared``: the summary the ok chunks of a

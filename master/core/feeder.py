@@ -6,7 +6,6 @@ what is done and how many attempts each chunk had, mailboxes say what is in flig
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import threading
@@ -25,7 +24,7 @@ from gpupool.jobs.outcomes import FailureKind, failure_of
 from gpupool.jobs.results import (RunScan, attempt_record, chunk_result, read_epoch, reopen_failed, result_or_none,
                                   scan_run, seal, sealed, unseal)
 from gpupool.jobs.words import plural
-from gpupool.master.core.dispatcher import AttemptSummary, Dispatcher, Event, FeedConfig, read_or_empty, summarize
+from gpupool.master.core.dispatcher import AttemptSummary, Dispatcher, Event, FeedConfig, summarize
 from gpupool.master.core.liveness import AgentView
 from gpupool.master.spec.options import JOB_FIELDS
 from gpupool.master.spec.placement import Placement, Unplaceable, gpu_count, gpu_ids
@@ -200,8 +199,8 @@ class Feeder(Dispatcher):
             else:
                 self._recover_final(c, scan)
         for slot in scan.stale.values():  # of an earlier start of the run (--fresh): moved aside, counts nothing
-            self._refuse_slot(self.spool.batch_json(spec.name, slot.first, slot.count),
-                              "committed for an earlier start of the run (--fresh)")
+            self._refuse(self.spool.batch_json(spec.name, slot.first, slot.count),
+                         "committed for an earlier start of the run (--fresh)", "its chunks will run again")
         handed: dict[int, int] = {}  # a batch's chunks handed back (b, or fenced): the batch's attempt
         for slot in (*scan.slots.values(), *scan.fenced.values()):
             for c in slot.chunks:
@@ -240,12 +239,7 @@ class Feeder(Dispatcher):
         except FileNotFoundError:
             return
         except BadFile as e:
-            if slot is not None:
-                self._refuse_slot(path, e)
-                return
-            logger.warning("{}: {}; the chunk will run again", path, e)
-            self.spool.reject(read_or_empty(path), path, str(e))
-            os.unlink(path)
+            self._refuse(path, e, "the chunk will run again" if slot is None else "its chunks will run again")
             return
         except OSError as e:  # a folder or FIFO where the result belongs: pending, and failed naming it
             logger.warning("{}: {}", path, e.strerror)  # (BadResultPath) when dispatched, as in a live run
@@ -271,19 +265,11 @@ class Feeder(Dispatcher):
                 return False
         except FileNotFoundError:
             pass
-        logger.warning("{}: its arrays {} are missing or torn; the chunk will run again", path, npz.name)
-        self.spool.reject(read_or_empty(path), path, f"arrays {npz.name} missing or not {want} bytes")
-        os.unlink(path)
+        if "batch" in rec:  # its batch's slot holds the other chunks' results: kept; this chunk's own, once it
+            logger.warning("chunk {}: its arrays {} are missing or torn; it will run again", c, npz.name)
+            return True  # has one, is read before it (jobs.results.chunk_result)
+        self._refuse(path, f"its arrays {npz.name} are missing or not {want} bytes")
         return True
-
-    def _refuse_slot(self, path: Path, e: Exception | str) -> None:
-        """A batch's slot that cannot be trusted (torn by an OS crash, of an earlier start of the
-        run): moved aside; its chunks are pending again (named as having been in a batch, so they
-        run one by one)."""
-        logger.warning("{}: {}; its chunks will run again", path, e)
-        self.spool.reject(read_or_empty(path), path, str(e))
-        with contextlib.suppress(OSError):
-            os.unlink(path)
 
     def _history(self, c: int, attempt: int) -> dict[str, Any]:
         return attempt_record(self.spool, self.spec.name, c, attempt) or {}
@@ -331,25 +317,17 @@ class Feeder(Dispatcher):
         self._track(job.chunk_id, ident, job.attempt)
 
     def _job(self, c: int) -> Job:
-        s = self.spec
-        if c in self.span:
-            return self._batch(c, self.span[c])
-        return Job(run=s.name, chunk_id=c, total_chunks=s.chunks, kind=s.kind, target=s.chunk_target(c),
-                   attempt=self.attempt.get(c, 0) + 1, max_attempts=self.max_attempts[c], kwargs=s.chunk_kwargs(c),
-                   data=s.data_file(c), submitted_at=time.time(), alone=c in self.isolated, epoch=self.epoch,
-                   params=s.chunk_params(c), options=s.options, gpus=self.placement.gpus_per_job,
-                   gpu_mem=self.placement.gpu_mem,
-                   **{job: getattr(s, field) for field, job in JOB_FIELDS.items()})  # as saved: master.spec.options
-
-    def _batch(self, c: int, n: int) -> Job:
-        """The job of the batch of chunks ``c`` .. ``c + n - 1`` at their first attempt."""
-        s = self.spec
-        return Job(run=s.name, chunk_id=c, total_chunks=s.chunks, kind=s.kind, target=s.target,
-                   attempt=self.attempt.get(c, 0) + 1, max_attempts=self.max_attempts[c], kwargs=s.kwargs,
-                   submitted_at=time.time(), epoch=self.epoch, batch=n,
-                   batch_params=None if s.params is None else s.params[c:c + n], options=s.options,
-                   gpus=self.placement.gpus_per_job, gpu_mem=self.placement.gpu_mem,
-                   **{job: getattr(s, field) for field, job in JOB_FIELDS.items()})
+        """The next attempt of chunk ``c``, or of the batch it begins (``span``: at their first attempt)."""
+        s, n = self.spec, self.span.get(c)
+        each = dict(run=s.name, total_chunks=s.chunks, kind=s.kind, attempt=self.attempt.get(c, 0) + 1,
+                    max_attempts=self.max_attempts[c], submitted_at=time.time(), epoch=self.epoch, options=s.options,
+                    gpus=self.placement.gpus_per_job, gpu_mem=self.placement.gpu_mem,
+                    **{job: getattr(s, field) for field, job in JOB_FIELDS.items()})  # as saved: master.spec.options
+        if n is not None:
+            return Job(chunk_id=c, target=s.target, kwargs=s.kwargs, batch=n,
+                       batch_params=None if s.params is None else s.params[c:c + n], **each)
+        return Job(chunk_id=c, target=s.chunk_target(c), kwargs=s.chunk_kwargs(c), data=s.data_file(c),
+                   alone=c in self.isolated, params=s.chunk_params(c), **each)
 
     # the loop ----------------------------------------------------------------------------------
     def run(self, stop: threading.Event | None = None) -> Summary:
