@@ -62,10 +62,13 @@ def tagged(chunk_id: int, tag: str) -> str:
     return f"{tag} {chunk_id}"
 
 
-def array_marked(chunk_id: int, marks: str, mb: float = 1.0) -> dict:
-    """Records each execution, then returns ``mb`` MB of arrays (saved as the chunk's .npz)."""
+def array_marked(chunk_id: int, marks: str, mb: float = 1.0, gate: str | None = None, free: int = 0) -> dict:
+    """Records each execution, then returns ``mb`` MB of arrays (saved as the chunk's .npz); with
+    ``gate``, chunks from ``free`` on first wait until that file exists (the run surely still goes)."""
     import numpy as np
     mark(marks, "start", chunk_id)
+    while gate is not None and chunk_id >= free and not os.path.exists(gate):
+        time.sleep(0.02)
     return {"x": np.full(int(mb * 1024 * 1024 / 8), float(chunk_id))}
 
 

@@ -141,12 +141,14 @@ def test_a_disk_full_to_the_last_byte_during_a_pipelined_run_burns_no_work(small
     spool = Spool(small_fs / "base").ensure()
     agent = AgentProc(spool.base, 0, env, out_dir=tmp_path).wait_ready()  # its output off the full disk
     marks, chunks = tmp_path / "marks", 40
-    feeder = _feed(spool.base, env, "tests.pathological:array_marked", chunks, {"marks": str(marks), "mb": 0.02},
-                   "piped", "--batch", str(batch))
+    gate = tmp_path / "gate"  # chunks from 10 on return only once the disk is full
+    feeder = _feed(spool.base, env, "tests.pathological:array_marked", chunks,
+                   {"marks": str(marks), "mb": 0.02, "gate": str(gate), "free": 10}, "piped", "--batch", str(batch))
     filler = None
     try:
         wait_for(lambda: len(list(spool.result_dir("piped").glob("*.npz"))) >= 5, 60, "a few chunks committed")
         filler = fill(small_fs, leave=0)  # not a byte left
+        gate.touch()
         # (its heartbeat cannot be written either: its output says it)
         wait_for(lambda: "is kept, " in agent.output() or "the value is kept" in agent.output(), 60,
                  "the agent keeping an outcome until space returns")
