@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import os
 import select
@@ -20,6 +21,11 @@ from gpupool.jobs.errors import BadFile
 
 if TYPE_CHECKING:
     from gpupool.jobs.paths import Spool
+
+# Bytes the request pipe holds (a pipe holds 64 KB by default): a request (a job of 64 KB of
+# arguments, and its other fields) sent ahead while the worker computes must never wait for the
+# worker to read it, for the worker may be waiting meanwhile for the agent to read its reply.
+REQUEST_PIPE = 256 * 1024
 
 class WorkerLost(Exception):
     """The worker died or was killed while running a job; ``reason`` says how."""
@@ -169,6 +175,8 @@ class Worker:
 
     def start(self) -> None:
         r_req, w_req = os.pipe()
+        with contextlib.suppress(OSError):  # Linux: see REQUEST_PIPE
+            fcntl.fcntl(w_req, fcntl.F_SETPIPE_SZ, REQUEST_PIPE)
         r_rep, w_rep = os.pipe()
         with self.open_log(self.log_path) as log:
             self.proc = subprocess.Popen(

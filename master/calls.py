@@ -18,16 +18,18 @@ complex numbers), 64 KB at most. Parameters named like the agent's built-ins (``
 which no Executor call has, are the caller's where it gives them (``expensive_task(A, B,
 shared)``): they travel positionally, and the agent leaves them alone.
 
-``Executor.map(fn, ..., chunksize=K)`` sends K calls as one job: the agent runs ``run_group``
-(``GROUP``), which imports ``fn`` by name once and calls it on each call's arguments in order
-(``columns``: the arguments of the group's calls, one list per iterable given to map), as
-ProcessPoolExecutor's ``_process_chunk`` does, and returns their values in one result.
+``Executor.map`` sends consecutive calls as one job (its groups of ``chunksize`` calls, several
+groups where they are short, ``master.executor``): the agent runs ``run_group`` (``GROUP``), which
+imports ``fn`` by name once and calls it on each call's arguments in order (``columns``: the
+arguments of the job's calls, one list per iterable given to map), as ProcessPoolExecutor's
+``_process_chunk`` does for each group, and returns their values and errors in one result.
 """
 from __future__ import annotations
 
 import functools
 import importlib.util
 import inspect
+import itertools
 import sys
 import types
 from pathlib import Path
@@ -155,21 +157,26 @@ def describe(fn: Callable[..., Any], args: tuple, kwargs: dict[str, Any]) -> tup
 
 
 
-GROUP = "gpupool.master.calls:run_group"  # the target of a group of Executor.map calls (chunksize > 1)
+GROUP = "gpupool.master.calls:run_group"  # the target of a job of several Executor.map calls
 GROUP_BUILTINS = ("device", "gpu_id")  # the built-ins a group's calls are given, where fn takes them
 
 
-def run_group(target: str, workdir: str | None, columns: list[list[Any]], fixed: list[Any], named: dict[str, Any],
-              device: Any = None, gpu_id: Any = None) -> dict[str, Any]:
-    """On the agent: ``fn(*fixed, *args, **named)`` for each call of one group of ``Executor.map``,
-    in order, ``fn`` being ``target`` imported once (as the worker imports a call's function),
-    ``args`` the i-th item of every column, ``fixed`` and ``named`` a ``functools.partial``'s own
-    arguments; ``device`` and ``gpu_id`` (the agent's built-ins) passed by name where ``fn`` takes
-    them. Returns ``{"values": [...]}``; where call i raises, ``{"values": the i
-    values before it, "error": its failure record}``, and the calls after it are not run (as
-    ProcessPoolExecutor's ``_process_chunk``, which stops at the first). A GPU failure is raised
-    as it is: the worker then handles it as a call's own (a poisoned CUDA context ends the worker),
-    and the whole group fails."""
+def run_group(target: str, workdir: str | None, columns: list[Any], fixed: list[Any], named: dict[str, Any],
+              every: int, first: int, device: Any = None, gpu_id: Any = None) -> dict[str, Any]:
+    """On the agent: ``fn(*fixed, *args, **named)`` for each call of one job of ``Executor.map``, in
+    order, ``fn`` being ``target`` imported once (as the worker imports a call's function), ``args``
+    the i-th item of every column (a list; ``{"range": [start, stop, step]}``, a range's items;
+    ``{"repeat": value, "times": n}``, one value n times), ``fixed`` and ``named`` a
+    ``functools.partial``'s own arguments; ``device`` and ``gpu_id`` (the agent's built-ins)
+    passed by name where ``fn`` takes them.
+
+    The job's calls are map's groups of ``every`` calls (its ``chunksize``), the first call being
+    call ``first`` of its group: a call that raises ends its group, as ProcessPoolExecutor's
+    ``_process_chunk`` stops at the first, and the next group goes on (with ``every`` 1, every call
+    runs). Returns ``{"values": [...]}``, one value per call (None for a call that raised or was
+    not run), and ``"errors": [[i, failure record], ...]`` where calls raised. A GPU failure is
+    raised as it is: the worker then handles it as a call's own (a poisoned CUDA context ends the
+    worker), and the whole job fails."""
     from gpupool.agent.task import TaskCache
 
     global _tasks
@@ -179,24 +186,39 @@ def run_group(target: str, workdir: str | None, columns: list[list[Any]], fixed:
     given = {"device": device, "gpu_id": gpu_id}
     extra = {**{k: given[k] for k in _builtins_of(fn)}, **named}
     values: list[Any] = []
-    keep = values.append
-    try:  # one try around the loop: a call's cost is fn's own (pow: 0.1 us)
-        if fixed or extra:
-            for args in zip(*columns):
-                keep(fn(*fixed, *args, **extra))
-        else:
-            for args in zip(*columns):
-                keep(fn(*args))
-    except Exception as e:  # call len(values) raised
-        from gpupool.agent.worker_process import failure_of, gpu_fault
+    errors: list[list[Any]] = []
+    keep, calls = values.append, zip(*map(_column, columns))
+    while True:
+        try:  # one try around the loop, entered again after a call raised: a call's cost is fn's own (pow: 0.1 us)
+            if fixed or extra:
+                for args in calls:
+                    keep(fn(*fixed, *args, **extra))
+            else:
+                for args in calls:
+                    keep(fn(*args))
+            break
+        except Exception as e:  # call len(values) raised
+            from gpupool.agent.worker_process import failure_of, gpu_fault
 
-        if gpu_fault(e) is not None:
-            raise
-        return {"values": values, "error": failure_of(e).to_dict()}
-    return {"values": values}
+            if gpu_fault(e) is not None:
+                raise
+            errors.append([len(values), failure_of(e).to_dict()])
+            keep(None)
+            for _ in itertools.islice(calls, -(first + len(values)) % every):  # the rest of its group
+                keep(None)
+    return {"values": values, "errors": errors} if errors else {"values": values}
 
 
 _tasks: Any = None  # run_group's TaskCache, made in the worker that first runs a group
+
+
+def _column(column: Any) -> Any:
+    """A column of ``run_group``'s arguments as its items (see there)."""
+    if isinstance(column, dict):
+        if "range" in column:
+            return range(*column["range"])
+        return itertools.repeat(column["repeat"], column["times"])
+    return column
 
 
 @functools.lru_cache(maxsize=64)
