@@ -27,7 +27,8 @@ stops those (their GPU memory back) and runs the job again, once.
 
 A batch (``jobs.batches``) is one job here: one request to the worker, which runs its chunks and
 replies with each one's outcome (``agent.worker_process.run_batch``), its output in the batch's
-log, its time-out ``timeout`` a chunk; the agent commits the batch's slot. A batch that does not
+log, its time-out ``timeout`` a chunk (counted from each chunk's start: the worker says which
+chunk it starts, ``{"progress": c}`` notes at most every ``PROGRESS_EVERY``); the agent commits the batch's slot. A batch that does not
 end well as a whole (its worker died or was killed, it ran past its time-out, its setup or
 import failed) gives an outcome with ``error`` and no ``batch``: every chunk is handed back. A
 chunk that ran out of GPU memory while other runs' workers live here is handed back too, once
@@ -200,8 +201,9 @@ class Runner:
             # ends, while the agent commits this one's result (not queued if the worker died).
             if self._send(worker, lookahead):
                 self.ahead = lookahead
-        timeout = job.timeout * (job.batch or 1) if job.timeout is not None else None  # a batch: each chunk's
-        return worker.receive(timeout, abort, lambda note: self.waiting(str(note.get("waiting"))))
+        timeout = job.timeout * (job.batch or 1) if job.timeout is not None else None  # a batch: each chunk's,
+        each = job.timeout if job.batch else None  # from each chunk's start (progress notes)
+        return worker.receive(timeout, abort, lambda note: self.waiting(str(note.get("waiting"))), each)
 
     def _outcome(self, job: Job, reply: dict[str, Any]) -> Produced:
         times = {"started_at": reply.get("started_at"), "finished_at": reply.get("finished_at")}

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Callable
 
 from gpupool.agent.pychild import python_argv
+from gpupool.agent.worker_process import PROGRESS_EVERY
 from gpupool.jobs.atomic import open_append, read_tail, writing
 from gpupool.jobs.errors import BadFile
 
@@ -250,20 +251,29 @@ class Worker:
         return True
 
     def receive(self, timeout: float | None, abort: Callable[[], bool],
-                note: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+                note: Callable[[dict[str, Any]], None] | None = None, each: float | None = None) -> dict[str, Any]:
         """The reply to the oldest request sent. A note the job sends before it (its value waits
         for disk space: ``agent.worker_process.save_arrays``) goes to ``note``, and ends the
-        time-out: the job computed in time."""
+        time-out: the job computed in time. A batch's progress note (``{"progress": i}``, at a
+        chunk's start: ``run_batch``) gives it ``each`` seconds from then, a chunk's time-out: a
+        chunk that hangs is found after its own time-out, not after the whole batch's."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        late = f"the job ran past its timeout of {timeout:g} s" if timeout is not None else ""
         while True:
-            reply = self._line(deadline, timeout, abort)
+            reply = self._line(deadline, late, abort)
             if not isinstance(reply, dict) or "note" not in reply:
                 return reply
+            said = reply["note"]
+            if isinstance(said, dict) and "progress" in said:
+                if deadline is not None and each is not None:
+                    deadline = time.monotonic() + each + PROGRESS_EVERY  # a note may come that late
+                    late = f"a chunk of the batch from chunk {said['progress']} on ran past its timeout of {each:g} s"
+                continue
             deadline = None
-            if note is not None and isinstance(reply["note"], dict):
-                note(reply["note"])
+            if note is not None and isinstance(said, dict):
+                note(said)
 
-    def _line(self, deadline: float | None, timeout: float | None, abort: Callable[[], bool]) -> Any:
+    def _line(self, deadline: float | None, late: str, abort: Callable[[], bool]) -> Any:
         """The worker's next line, waited for until ``deadline``."""
         while (end := self._buf.find(b"\n", self._scanned)) < 0:
             self._scanned = len(self._buf)
@@ -273,7 +283,7 @@ class Worker:
             wait = 0.25 if deadline is None else min(0.25, deadline - time.monotonic())
             if wait <= 0:
                 self.kill()
-                raise TimeoutError(f"the job ran past its timeout of {timeout:g} s and was killed")
+                raise TimeoutError(f"{late} and was killed")
             watch = [self._r] if self._pidfd is None else [self._r, self._pidfd]
             ready, _, _ = select.select(watch, [], [], wait)
             if self._r in ready:

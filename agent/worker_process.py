@@ -44,6 +44,7 @@ from __future__ import annotations
 import ctypes
 import gc
 import json
+import math
 import os
 import re
 import signal
@@ -351,6 +352,9 @@ def kept(value: Any, final: Callable[[], Path], req: dict[str, Any], session: Se
                         f"numpy arrays nor a value that can travel back ({e})") from None
 
 
+PROGRESS_EVERY = 0.1  # a batch with a time-out says at most this often which chunk it starts (run_batch)
+
+
 def run_batch(req: dict[str, Any], job: Any, session: Session) -> dict[str, Any]:
     """A batch's chunks (``jobs.batches``), one after another in this request: the run's --setup
     and the task's import once, then each chunk called with its own arguments (``chunk_calls``).
@@ -371,12 +375,16 @@ def run_batch(req: dict[str, Any], job: Any, session: Session) -> dict[str, Any]
     out: dict[str, Any] = {}
     npz = session.spool_at(req["spool"]).result_npz
     clock = time.perf_counter
+    noted = -math.inf if job.timeout is not None else math.inf  # progress notes only where a time-out runs
     with ChunkOutput(req, job, session):
         session.setup(job, req)
         fn = session.tasks.get(job.target, job.workdir)
         call = chunk_calls(job, fn, req, session)
         for i in range(count):
             begun, took = clock(), None
+            if begun - noted >= PROGRESS_EVERY:  # the runner's time-out of a chunk runs from here
+                session.notify({"progress": first + i})
+                noted = begun
             try:
                 args, kwargs = call(i)
                 value = fn(*args, **kwargs)

@@ -207,14 +207,25 @@ def test_a_batch_whose_slot_exists_is_dropped_unrun(spool: Spool, agents) -> Non
 
 def test_a_batch_times_out_after_its_chunks_time_outs_together(spool: Spool, agents) -> None:
     """``timeout`` is each chunk's: a batch of four 0.3 s chunks passes a 1 s one; a chunk that
-    hangs makes the batch pass four, and every chunk of it is handed back."""
+    hangs is found after its own time-out (the batch says which chunk it starts), and every
+    chunk of its batch is handed back."""
     a = agents(1)[0]
     fits = bjob(0, 4, "tests.batch_tasks:naps", total=8, kwargs={"seconds": 0.3}, timeout=1.0)
     hangs = bjob(4, 4, "tests.batch_tasks:naps", total=8, kwargs={"seconds": 0.0, "forever": 5}, timeout=1.0)
     put(spool, a.id, fits, hangs)
     assert slot_of(spool, fits).codes == "oooo"
     assert slot_of(spool, hangs, timeout=90).codes == "bbbb"
-    assert "ran past its timeout of 4 s" in spool.agent_log(a.id).read_text()
+    assert "a chunk of the batch from chunk 4 on ran past its timeout of 1 s" in spool.agent_log(a.id).read_text()
+
+
+def test_a_chunk_that_hangs_in_a_long_batch_is_found_after_its_own_time_out(spool: Spool, agents) -> None:
+    """A batch of 400 instant chunks with a 2 s time-out each, chunk 3 hanging: the batch is
+    handed back after about 2 s, not after 400 x 2 s (the whole batch's allowance)."""
+    a = agents(1)[0]
+    hangs = bjob(0, 400, "tests.batch_tasks:naps", total=400, kwargs={"seconds": 0.0, "forever": 3}, timeout=2.0)
+    put(spool, a.id, hangs)
+    assert slot_of(spool, hangs, timeout=60).codes == "b" * 400
+    assert "a chunk of the batch from chunk 0 on ran past its timeout of 2 s" in spool.agent_log(a.id).read_text()
 
 
 def test_the_heartbeat_names_a_running_batch_by_its_first_chunk_and_count(spool: Spool, agents) -> None:
