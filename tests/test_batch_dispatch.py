@@ -258,3 +258,13 @@ def test_a_slot_of_an_earlier_start_of_the_run_is_moved_aside_on_resume(spool: S
     assert not f.final and not spool.batch_json("run1", 0, 5).exists()
     assert all(f.batchable(c) for c in range(10))  # its chunks may go in a batch of that name again
     assert any(p.name.endswith("000000+5.json") for p in spool.rejected_dir.iterdir())
+
+
+def test_a_sweeps_batches_stay_small_whatever_its_parameters_weigh(spool: Spool) -> None:
+    beat(spool, "h-cpu0", 1)
+    big = [{"text": "x" * 10_000, "i": i} for i in range(200)]  # 10 KB of parameters a chunk
+    f, _, _ = make(spool, chunks=200, batch=100, params=big, depth=2, max_depth=2)
+    f.step()
+    jobs = jobs_at(spool, "h-cpu0")
+    assert jobs and all(2 <= (j.batch or 1) <= 6 for j in jobs), [j.batch for j in jobs]  # 64 KB of them at most
+    assert [c for j in jobs for c in j.chunks] == list(range(sum(len(j.chunks) for j in jobs)))  # in order

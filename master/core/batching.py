@@ -12,8 +12,8 @@ pool spends its time on the trips; a batch of chunks pays one for all of them. T
   that the run leaves at most ``FILES`` result files (a million chunks: a few thousand files),
   as long as a batch lasts at most ``MAX_BATCH_S``;
 * never more than a fair share of what is left (pending chunks / agents), so the run's last
-  batches end together, and never more than ``MAX_BATCH`` chunks (a batch's job and results stay
-  small files);
+  batches end together, and never more than ``MAX_BATCH`` chunks or ``MAX_BATCH_BYTES`` of a
+  sweep's parameters (a batch's job and results stay small files, a mailbox of them too);
 * ``--batch K`` fixes the size (``1``: never batch), within the chunks left.
 """
 from __future__ import annotations
@@ -24,6 +24,8 @@ FILES = 4000  # result files a run of short chunks leaves at most, where its bat
 MAX_BATCH = 10_000  # chunks in one job at most
 MAX_BATCH_S = 1.0  # seconds of work one batch holds at most (when the file count asks for more)
 SHORT = 0.5  # a chunk shorter than this fraction of the round trip is a short one
+MAX_BATCH_BYTES = 64 * 1024  # of a sweep's parameters in one batch's descriptor: a mailbox holding
+#                              --max-depth (64) such batches stays well within its 16 MB (jobs.mailbox)
 RTT_FLOOR = 0.002  # seconds a round trip takes at least (two file writes, two wake-ups), measured or not
 
 

@@ -68,7 +68,7 @@ from gpupool.jobs.paths import BATCH_RE, HISTORY_RE, RESULT_RE, Spool
 from gpupool.jobs.results import StaleResult, commit, has_outcome, read_result, record, supersede
 from gpupool.jobs.words import plural
 from gpupool.jobs.watching import OVERFLOW, watch_names
-from gpupool.master.core.batching import batch_size
+from gpupool.master.core.batching import MAX_BATCH_BYTES, batch_size
 from gpupool.master.core.liveness import AgentView, Liveness
 from gpupool.master.core.states import in_hand
 
@@ -764,8 +764,11 @@ class Dispatcher:
     def _gather(self, c: int) -> None:
         """Chunk ``c`` (just taken from the head of ``pending``) becomes a batch with the chunks
         that follow it there in order, up to ``_unit`` chunks, all of them batchable."""
-        n, pending = 1, self.pending
+        n, pending, size = 1, self.pending, self.chunk_bytes(c)
         while n < self._unit and pending and pending[0] == c + n and self.batchable(c + n):
+            size += self.chunk_bytes(c + n)
+            if size > MAX_BATCH_BYTES:
+                break
             pending.popleft()
             n += 1
         if n > 1:
@@ -778,6 +781,10 @@ class Dispatcher:
             n = self.span.pop(u, 1) if u not in self.inflight else 1
             chunks.extend(range(u, u + n))
         self.pending.extendleft(reversed(chunks))
+
+    def chunk_bytes(self, c: int) -> int:
+        """What chunk ``c`` adds to a batch's descriptor (a sweep's parameters), in bytes."""
+        return 0
 
     def run_size(self) -> int:
         """The run's chunk count, where it has a fixed one (the batch rule's file target)."""

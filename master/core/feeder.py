@@ -6,6 +6,7 @@ what is done and how many attempts each chunk had, mailboxes say what is in flig
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import threading
@@ -153,6 +154,9 @@ class Feeder(Dispatcher):
 
     def run_size(self) -> int:
         return self.spec.chunks
+
+    def chunk_bytes(self, c: int) -> int:
+        return 0 if self.spec.params is None else len(json.dumps(self.spec.params[c]))
 
     def settle(self, c: int, rec: dict[str, Any]) -> None:
         if rec["status"] == JobState.OK:
