@@ -174,7 +174,7 @@ class InProcessWorker:
         self.sent += 1
         return True
 
-    def receive(self, timeout: float | None, abort: Any, note: Any = None) -> dict[str, Any]:
+    def receive(self, timeout: float | None, abort: Any, note: Any = None, each: float | None = None) -> dict[str, Any]:
         from gpupool.agent.worker_process import handle
 
         return handle(self.queue.pop(0), self.session)

@@ -246,9 +246,9 @@ def test_an_agent_running_a_job_is_not_watching_its_mailbox(spool: Spool, make_a
     watching: list[bool] = []
     receive = agent.test_worker.receive
 
-    def spy(timeout: Any, abort: Any, note: Any = None) -> dict[str, Any]:
+    def spy(timeout: Any, abort: Any, note: Any = None, each: Any = None) -> dict[str, Any]:
         watching.append(agent.watcher._watch is not None)
-        return receive(timeout, abort, note)
+        return receive(timeout, abort, note, each)
 
     agent.test_worker.receive = spy
     try:
