@@ -335,7 +335,7 @@ def test_max_jobs_per_worker_starts_a_fresh_worker_after_n_jobs(spool: Spool, ag
     env = torch_env(tmp_path)
     agents(1, env_=env, args=["--max-jobs-per-worker", "2"])
     r = run_main(["--base", str(spool.base), "--task", "examples.noop:env_probe", "--chunks", "7", "--run", "n",
-                  "--no-progress"], env)
+                  "--no-progress", "--batch", "1"], env)  # a job a chunk (a batch is one job of its worker)
     assert r.returncode == 0, r.stdout + r.stderr
     res = sorted(results(spool.base, "n").values(), key=lambda r: r["started_at"])
     pids = [r["value"]["pid"] for r in res]
