@@ -778,7 +778,7 @@ class Dispatcher:
         """Planned jobs that were not queued go back to the head of ``pending``, chunk by chunk."""
         chunks: list[int] = []
         for u in units:
-            n = self.span.pop(u, 1) if u not in self.inflight else 1
+            n = self.span.pop(u, 1)
             chunks.extend(range(u, u + n))
         self.pending.extendleft(reversed(chunks))
 
