@@ -114,9 +114,12 @@ def test_a_member_runs_on_another_members_agents_and_cannot_remove_their_run(mem
                       "--run", "a-run"], env, **members["as"]["a"])
         assert mine.returncode == 0, mine.stderr[-2000:]
         # B feeds a run of its own to A's agents: B makes its run's folders, A's agents write into them
+        # (in batches of 3: A's agents commit B's batches' results, one file for each, in B's folder)
         theirs = _main(["--base", str(base), "--task", "tests.faulty:counted", "--chunks", "6", "--kwargs", kwargs,
-                        "--run", "b-run"], env, **members["as"]["b"])
+                        "--run", "b-run", "--batch", "3"], env, **members["as"]["b"])
         assert theirs.returncode == 0, theirs.stderr[-2000:]
+        assert sorted(p.name for p in Spool(base).result_dir("b-run").glob("*+3.json")) == ["000000+3.json",
+                                                                                           "000003+3.json"]
         res = results(base, "b-run")
         assert sorted(res) == list(range(6)) and all(r["status"] == "ok" for r in res.values()), res
         assert {r["agent"] for r in res.values()} <= {a.id for a in agents}
