@@ -15,7 +15,7 @@ import secrets
 import stat
 import time
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO, Iterable, Iterator
 
 from gpupool.jobs.errors import BadFile
 
@@ -110,12 +110,17 @@ def writing(final: Path, fsync: bool = True, folder: Path | None = None) -> Iter
         raise
 
 
-def write_replace(final: Path, data: bytes, fsync: bool = True, folder: Path | None = None) -> tuple[int, int, int]:
-    """Publish ``data`` at ``final``, replacing what was there, atomically (the temp file made in
-    ``folder`` when given). Returns the (inode, mtime_ns, size) of the file published, as
-    ``read_if_changed`` compares them (a reader that wrote it need not read it again)."""
+def write_replace(final: Path, data: bytes | Iterable[bytes], fsync: bool = True,
+                  folder: Path | None = None) -> tuple[int, int, int]:
+    """Publish ``data`` (bytes, or its pieces one by one) at ``final``, replacing what was there,
+    atomically (the temp file made in ``folder`` when given). Returns the (inode, mtime_ns, size)
+    of the file published, as ``read_if_changed`` compares them (a reader that wrote it need not
+    read it again)."""
     with writing(final, fsync, folder) as (f, tmp):
-        f.write(data)
+        if isinstance(data, (bytes, bytearray, memoryview)):
+            f.write(data)
+        else:
+            f.writelines(data)
         f.flush()
         st = os.fstat(f.fileno())
     try:

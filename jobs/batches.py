@@ -33,7 +33,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from gpupool.jobs.atomic import move_in, read_bounded, write_exclusive
 from gpupool.jobs.descriptor import Job, JobState
@@ -86,9 +86,9 @@ class Slot:
             out["params"] = cols.params[i]
         duration = cols.durations[i]
         if cols.start is not None:  # each chunk started when the ones before it in the batch had run
-            begun = out["started_at"] = cols.start + cols.ran_before[i]
-            if duration is not None:
-                out["finished_at"] = begun + duration
+            out["started_at"] = cols.start + cols.ran[i]
+            if duration is not None:  # and finished when it had run: where the next one started
+                out["finished_at"] = cols.start + cols.ran[i + 1]
         if duration is not None:
             out["duration_s"] = duration
         if code in (FINAL_FAILED, HISTORY):
@@ -104,13 +104,72 @@ class Slot:
 
 
 @dataclass(frozen=True)
+class Block:
+    """Consecutive chunks of one slot with the same outcome (``code``, ``o`` or ``f``), read as
+    columns: for readers of a whole run (``collect``), which then make no record a chunk.
+    ``records()`` gives them as ``Slot.record`` does, one by one."""
+
+    slot: Slot
+    chunks: range
+    code: str
+
+    @property
+    def status(self) -> str:
+        return JobState.OK.value if self.code == OK else JobState.FAILED.value
+
+    @property
+    def common(self) -> dict[str, Any]:
+        """The fields every chunk's record shares (run, attempt, agent, host, device...)."""
+        return self.slot._columns.common
+
+    def records(self) -> Iterator[dict[str, Any]]:
+        return map(self.slot.record, self.chunks)
+
+    def _slice(self, column: list[Any]) -> list[Any]:
+        lo = self.chunks.start - self.slot.first
+        return column[lo:lo + len(self.chunks)]
+
+    @property
+    def durations(self) -> list[float | None]:
+        return self._slice(self.slot._columns.durations)
+
+    @property
+    def values(self) -> list[Any]:
+        return self._slice(self.slot._columns.values)
+
+    @property
+    def params(self) -> list[Any] | None:
+        """Each chunk's sweep parameters (None where it has none), or None: no chunk has any."""
+        params = self.slot._columns.params
+        if params is None:
+            return None
+        got = self._slice(params)
+        return got + [None] * (len(self.chunks) - len(got))
+
+    def edges(self) -> list[float] | None:
+        """When each chunk started, and when the last one finished (a chunk finished when the next
+        one started), as ``Slot.record`` has them; None where the batch's start is not known."""
+        cols = self.slot._columns
+        if cols.start is None:
+            return None
+        lo = self.chunks.start - self.slot.first
+        start = cols.start
+        return [start + r for r in cols.ran[lo:lo + len(self.chunks) + 1]]
+
+    @property
+    def has_arrays(self) -> bool:
+        arrays = self.slot._columns.arrays
+        return bool(arrays) and any(str(c) in arrays for c in self.chunks)
+
+
+@dataclass(frozen=True)
 class _Columns:
     """What ``Slot.record`` needs of a slot's record, prepared once (a batch of many chunks is read
     whole, chunk by chunk)."""
 
     common: dict[str, Any]  # the fields every chunk's record shares
     durations: list[float | None]
-    ran_before: list[float]  # for each chunk, how long the chunks before it in the batch ran
+    ran: list[float]  # for each chunk, how long the chunks before it in the batch ran; then all of them
     start: float | None
     values: list[Any]
     params: list[Any] | None
@@ -127,14 +186,15 @@ class _Columns:
         durations = [d if (type(d) is float and d - d == 0.0) or type(d) is int else None  # is_num, a million times
                      for d in rec.get("durations") or []]
         durations += [None] * (slot.count - len(durations))
-        ran_before, total = [], 0.0
+        ran, total = [], 0.0
         for d in durations:
-            ran_before.append(total)
+            ran.append(total)
             total += d or 0.0
+        ran.append(total)
         values = list(rec.get("values") or [])
         params = rec.get("params")
         start = rec.get("started_at")
-        return cls(common, durations, ran_before, start if is_num(start) else None,
+        return cls(common, durations, ran, start if is_num(start) else None,
                    values + [None] * (slot.count - len(values)), params if isinstance(params, list) else None,
                    rec.get("errors") or {}, rec.get("arrays") or {})
 

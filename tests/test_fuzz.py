@@ -1,6 +1,6 @@
 """Fuzzing the spool (issue 12): any byte sequence, and any kind of file, in any spool file.
 
-* In-process: every reader of spool files (mailbox, heartbeat, result, run spec, notes, status
+* In-process: every reader of spool files (mailbox, heartbeat, result, a batch's slot, run spec, notes, status
   rendering, a master's recovery) over hypothesis-made content: each either accepts it or
   refuses it with a BadFile (or, for what cannot be read at all, an OSError), never anything else.
 * Real processes: two real CPU agents (shared by all examples) and real ``main.py`` runs, with
@@ -61,6 +61,10 @@ TEMPLATES: dict[str, dict[str, Any]] = {
              "shared": None, "data_dir": None, "retries": 2, "timeout": None, "workdir": str(REPO), "share": 1.0,
              "schema": 1, "created_at": 1.0},
     "note": {"stop_running": False, "by": "x", "at": 1.0},
+    "slot": {"schema": 1, "run": "decoy", "first": 1, "count": 2, "total_chunks": 3, "attempt": 1, "max_attempts": 3,
+             "submitted_at": 1.0, "codes": "of", "values": [{"square": 1}, None], "durations": [0.5, 0.25],
+             "errors": {"2": {"type": "ValueError", "message": "x"}}, "params": [{"a": 1}, {"a": 2}], "agent": "a",
+             "host": "h", "device": "cpu", "gpu_id": 0, "started_at": 1.0, "finished_at": 2.0},
 }
 
 # content ------------------------------------------------------------------------------------
@@ -160,7 +164,10 @@ def hostile(draw: st.DrawFn, kind: str) -> tuple[str, Any]:
 # readers, in process ----------------------------------------------------------------------------
 def exercise(spool: Spool) -> None:
     """Run every reader of the spool over it; each must accept or refuse, never crash."""
-    from gpupool.master.report.collect import CollectError, committed
+    from gpupool.master.report.collect import CollectError, columns_of, committed
+    from gpupool.master.report.collect import _csv as collect_csv
+    from gpupool.master.report.collect import _jsonl as collect_jsonl
+    from gpupool.master.report.collect import table_of as collect_table
     from gpupool.master.control import chunk_statuses, failed_chunks
     from gpupool.master.report.dashboard import tables
     from gpupool.master.core.feeder import Feeder
@@ -192,8 +199,9 @@ def exercise(spool: Spool) -> None:
         failed_chunks(spool, spec), chunk_statuses(spool, spec)
         for c in range(min(spec.chunks, 4)):  # python -m master logs --run R --chunk C
             format_chunk(chunk_report(spool, run, c))
-        try:
-            committed(spool, spec, partial=True)
+        try:  # python -m master collect, its CSV and JSON lines made in memory
+            table = collect_table(committed(spool, spec, partial=True)[0])
+            b"".join(collect_csv(table, columns_of(table))), b"".join(collect_jsonl(table))
         except CollectError:
             pass
         Feeder(spool, spec).recover()
@@ -248,7 +256,8 @@ def test_every_reader_of_a_hostile_spool_survives(tmp_path_factory, data: st.Dat
                spool.agent_lock(ident): "note", spool.run_spec("decoy"): "spec", spool.cancel_flag("decoy"): "note",
                spool.run_epoch("decoy"): "note", spool.result_json("decoy", 1): "result",
                spool.history_json("decoy", 2, 1): "result", spool.result_json("decoy", 0): "result",
-               spool.agents_dir / "bad name.json": "heartbeat", spool.run_spec("other"): "spec"}
+               spool.agents_dir / "bad name.json": "heartbeat", spool.run_spec("other"): "spec",
+               spool.batch_json("decoy", 1, 2): "slot"}
     for path in data.draw(st.lists(st.sampled_from(sorted(targets)), min_size=1, max_size=6, unique=True)):
         place(path, data.draw(hostile(targets[path])), outside)
     if data.draw(st.integers(0, 5)) == 0:
