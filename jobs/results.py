@@ -376,13 +376,14 @@ def scan_run(spool: Spool, run: str) -> RunScan:
     an earlier start of the run (``--fresh``: its epoch is not the run's), counts nothing."""
     scan = RunScan()
     found: list[tuple[os.DirEntry, int, int]] = []
+    singles: dict[int, float] = {}  # chunk -> the mtime of its own final result
     with contextlib.suppress(OSError):
         for e in os.scandir(spool.result_dir(run)):
             if m := RESULT_RE.match(e.name):
                 c = int(m.group(1))
                 try:
                     if e.is_file(follow_symlinks=False):
-                        scan.finals[c] = e.stat(follow_symlinks=False).st_mtime
+                        singles[c] = e.stat(follow_symlinks=False).st_mtime
                         scan.singles.add(c)
                     else:
                         scan.odd.add(c)
@@ -404,12 +405,16 @@ def scan_run(spool: Spool, run: str) -> RunScan:
             scan.fenced[first] = slot
             continue
         scan.slots[first] = slot
+        if slot.codes.count(batches.OK) == count:  # every chunk ok (the common case): at once
+            scan.finals.update(dict.fromkeys(range(first, first + count), mtime))
+            continue
         for i, code in enumerate(slot.codes):
             c = first + i
-            if code in batches.CLAIMED and c not in scan.finals:
+            if code in batches.CLAIMED:
                 scan.finals[c] = mtime
             if code in (batches.HISTORY, batches.FINAL_FAILED):
                 scan.history.setdefault(c, []).append(slot.attempt)
+    scan.finals.update(singles)  # a chunk's own file is its final result, whatever a slot says
     for attempts in scan.history.values():
         attempts.sort()
     return scan
@@ -530,13 +535,17 @@ def result_blocks(spool: Spool, run: str, chunks: Iterable[int], scan: RunScan, 
     read as columns, not as a record each: for ``collect`` of a run of a million chunks."""
     lo = hi = 0  # the chunks of the batch of the chunk before: lo .. hi - 1, what its slot says, the slot read
     codes, got, slot = "", None, None
-    block: tuple[int, int, str] | None = None  # the block being gathered: its first chunk, the next one, its code
-    singles, odd = scan.singles, scan.odd
+    first = nxt = -1  # the block being gathered: its first chunk and the next one (none: -1), their letter
+    code = ""
+    own = scan.singles | scan.odd  # chunks with a file of their own where their result belongs
     for c in chunks:
-        if block is not None and (c != block[1] or c >= hi or codes[c - lo] != block[2] or c in singles or c in odd):
-            yield block[0], batches.Block(slot, range(block[0], block[1]), block[2])
-            block = None
-        if c in singles or c in odd:
+        if c == nxt and c < hi and codes[c - lo] == code and c not in own:  # the block goes on
+            nxt += 1
+            continue
+        if nxt >= 0:
+            yield first, batches.Block(slot, range(first, nxt), code)
+            first = nxt = -1
+        if c in own:
             try:
                 yield c, read_result(spool.result_json(run, c), epoch)
             except (OSError, BadFile) as e:
@@ -550,17 +559,14 @@ def result_blocks(spool: Spool, run: str, chunks: Iterable[int], scan: RunScan, 
                 got, slot = None, read_slot_record(spool, run, found, epoch)
             except (OSError, BadFile) as e:
                 got, slot = e, None
-        code = codes[c - lo]
-        if code not in batches.CLAIMED:  # what final_slot says, without looking it up again
+        if codes[c - lo] not in batches.CLAIMED:  # what final_slot says, without looking it up again
             continue
         if slot is None:
             yield c, got
-        elif block is None:
-            block = (c, c + 1, code)
         else:
-            block = (block[0], c + 1, code)
-    if block is not None:
-        yield block[0], batches.Block(slot, range(block[0], block[1]), block[2])
+            first, nxt, code = c, c + 1, codes[c - lo]
+    if nxt >= 0:
+        yield first, batches.Block(slot, range(first, nxt), code)
 
 
 def result_file(spool: Spool, run: str, chunk: int, scan: RunScan) -> Path:

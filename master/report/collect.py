@@ -25,6 +25,7 @@ import gc
 import io
 import itertools
 import json
+import math
 import os
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -240,18 +241,25 @@ class Same(NamedTuple):
     cell: Any
 
 
+class Texts(NamedTuple):
+    """A column of numbers with each one's text, which JSON and CSV write alike (a finite float's repr)."""
+
+    cells: list[Any]
+    texts: list[str]
+
+
 @dataclass
 class Rows:
     """Rows that have the same columns in the same order, held as columns (each a list of cells,
     or ``Same``): a batch's chunks, as ``rows`` would make them one by one."""
 
     n: int
-    columns: dict[str, list[Any] | Same]
+    columns: dict[str, list[Any] | Same | Texts]
 
     def column(self, name: str) -> Iterable[Any]:
         """The column's cells (None where these rows have no such column)."""
         col = self.columns.get(name, _NONE)
-        return itertools.repeat(col.cell, self.n) if type(col) is Same else col
+        return itertools.repeat(col.cell, self.n) if type(col) is Same else col.cells if type(col) is Texts else col
 
 
 _NONE = Same(None)
@@ -262,17 +270,20 @@ def block_rows(block: batches.Block) -> Rows | list[dict[str, Any]]:
     order (the parameters' keys and the values' are the same for every chunk), else ``rows`` of
     their records."""
     common, chunks, durations, edges = block.common, block.chunks, block.durations, block.edges()
-    begun: list[Any] | Same
-    ended: list[Any] | Same
+    begun: list[Any] | Same | Texts
+    ended: list[Any] | Same | Texts
     if edges is None:
         begun = ended = texts_begun = texts_ended = _NONE
-    else:  # each time's text made once: a chunk finished when the next one started
+    else:  # each time's texts made once: a chunk finished when the next one started
         texts = iso_times(edges)
         begun, ended, texts_begun, texts_ended = edges[:-1], edges[1:], texts[:-1], texts[1:]
+        if all(map(math.isfinite, edges)):
+            reprs = list(map(float.__repr__, edges))
+            begun, ended = Texts(edges[:-1], reprs[:-1]), Texts(edges[1:], reprs[1:])
         if None in durations:  # no finish where no duration
-            ended = [None if d is None else e for d, e in zip(durations, ended)]
+            ended = [None if d is None else e for d, e in zip(durations, edges[1:])]
             texts_ended = [None if d is None else e for d, e in zip(durations, texts_ended)]
-    cols: dict[str, list[Any] | Same] = {
+    cols: dict[str, list[Any] | Same | Texts] = {
         "run": Same(common.get("run")), "chunk_id": list(chunks), "status": Same(block.status),
         "attempt": Same(common.get("attempt")), "agent": Same(common.get("agent")), "host": Same(common.get("host")),
         "device": Same(common.get("device")), "gpu_id": Same(common.get("gpu_id")),
@@ -289,7 +300,7 @@ def block_rows(block: batches.Block) -> Rows | list[dict[str, Any]]:
     if not _SCALARS.issuperset(map(type, values)):
         values = [plain(v) if isinstance(v, (list, dict)) else v for v in values]
     if _SCALARS.issuperset(map(type, values)) or not any(type(v) is dict and v for v in values):
-        cols["value"] = values
+        cols["value"] = _NONE if values.count(None) == len(values) else values  # a task that returns nothing
         return Rows(len(chunks), cols)
     keys = _same_keys(values)
     if keys is None or not keys:
@@ -439,7 +450,9 @@ def _csv_rows(part: Rows, columns: list[str]) -> str:
     return "".join(map(line.__mod__, zip(*cells))) if cells else (line % ()) * part.n
 
 
-def _csv_texts(col: list[Any]) -> list[str]:
+def _csv_texts(col: list[Any] | Texts) -> list[str]:
+    if type(col) is Texts:
+        return col.texts
     kinds = set(map(type, col))
     if kinds <= _NUMBERS:  # as csv writes them: str(), None as an empty cell
         return list(map(str, col)) if type(None) not in kinds else ["" if v is None else str(v) for v in col]
@@ -488,8 +501,10 @@ _NUMBERS = frozenset((type(None), int, float, bool))  # JSON text without a ", "
 _quoted = json.encoder.encode_basestring_ascii  # a str as JSON text, as the encoder writes it (ensure_ascii)
 
 
-def _encoded(col: list[Any], enc: Callable[[Any], str]) -> list[str]:
+def _encoded(col: list[Any] | Texts, enc: Callable[[Any], str]) -> list[str]:
     """Each cell as JSON text: a column of numbers encoded in one call (as a list, then split)."""
+    if type(col) is Texts:
+        return col.texts
     kinds = set(map(type, col))
     if kinds <= _NUMBERS:
         return enc(col)[1:-1].split(", ")
