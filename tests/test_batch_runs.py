@@ -3,6 +3,7 @@ is committed exactly once, counted raw on disk (``claims``: its own file, and ev
 that says it is final there), whatever is killed in the middle of batches."""
 from __future__ import annotations
 
+import csv
 import json
 import signal
 import subprocess
@@ -39,7 +40,7 @@ def _exactly_once(spool: Spool, run: str, chunks: int) -> None:
 
 
 @pytest.mark.timeout(180)
-def test_many_short_chunks_go_in_batches_and_leave_few_files(spool: Spool, agents, env) -> None:
+def test_many_short_chunks_go_in_batches_and_leave_few_files(spool: Spool, agents, env, tmp_path: Path) -> None:
     agents(2)
     out = run_main(_cmd(spool, "short", 3000, "examples.noop:noop", {}), env, timeout=150)
     assert out.returncode == 0, out.stdout + out.stderr
@@ -48,9 +49,12 @@ def test_many_short_chunks_go_in_batches_and_leave_few_files(spool: Spool, agent
     assert _slots(spool, "short") and len(files) < 3000 / 4, len(files)  # batched once durations were known
     got = results(spool.base, "short")
     assert all(r["status"] == "ok" and r["value"] is None for r in got.values())
-    collect = subprocess.run([sys.executable, "-m", "master", "collect", "--base", str(spool.base), "--run", "short"],
-                             cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    table = tmp_path / "short.csv"
+    collect = subprocess.run([sys.executable, "-m", "master", "collect", "--base", str(spool.base), "--run", "short",
+                              "--out", str(table)], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert collect.returncode == 0, collect.stdout + collect.stderr
+    rows = list(csv.DictReader(table.open()))
+    assert [int(r["chunk_id"]) for r in rows] == list(range(3000)) and {r["value"] for r in rows} == {""}
 
 
 @pytest.mark.timeout(240)
