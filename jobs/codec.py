@@ -246,17 +246,21 @@ _DECODERS = {
 }
 
 
+_JSON_SCALARS = frozenset((type(None), str, int, float, bool))  # JSON's scalars: nothing in them to make plain
+
+
 def plain(data: Any) -> Any:
     """Encoded ``data`` as the plain JSON it would have been before this encoding existed (what
     ``json.dumps`` made of it): tuples and sets as lists, dict keys as strings, bytes as base64
     text, arrays as nested lists, datetimes as ISO text, complex numbers as [re, im]. For
-    displays and tables (``collect``), whose output stays as it was."""
+    displays and tables (``collect``), whose output stays as it was. A list or dict of plain
+    scalars is returned as it is (not a copy)."""
     if isinstance(data, list):
-        return [plain(x) for x in data]
+        return data if _JSON_SCALARS.issuperset(map(type, data)) else [plain(x) for x in data]
     if not isinstance(data, dict):
         return data
     if TAG not in data:
-        return {k: plain(x) for k, x in data.items()}
+        return data if _JSON_SCALARS.issuperset(map(type, data.values())) else {k: plain(x) for k, x in data.items()}
     try:
         return _plain_of(decode(data))
     except CodecError:

@@ -370,10 +370,12 @@ class RunScan:
         return next((s for s in self.fenced.values() if chunk in s.chunks), None)
 
 
-def scan_run(spool: Spool, run: str) -> RunScan:
+def scan_run(spool: Spool, run: str, records: bool = False) -> RunScan:
     """List ``results/<run>`` once (a missing or unreadable folder: nothing). A slot that cannot
     be read is named once in the log and its chunks count as not done; a fenced slot, or one of
-    an earlier start of the run (``--fresh``: its epoch is not the run's), counts nothing."""
+    an earlier start of the run (``--fresh``: its epoch is not the run's), counts nothing.
+    ``records``: keep each slot's record (``Slot.rec``), for a reader of the whole run that reads
+    them all (``collect``), so that each slot is read once."""
     scan = RunScan()
     found: list[tuple[os.DirEntry, int, int]] = []
     singles: dict[int, float] = {}  # chunk -> the mtime of its own final result
@@ -395,7 +397,7 @@ def scan_run(spool: Spool, run: str) -> RunScan:
                 found.append((e, int(m.group(1)), int(m.group(2))))
     epoch = read_epoch(spool, run) if found else None
     for e, first, count in found:
-        slot, mtime, made_in = _slot_codes(e)
+        slot, mtime, made_in = _slot_codes(e, records)
         if slot is None:
             continue
         if epoch is not None and made_in not in (None, epoch):
@@ -425,17 +427,17 @@ _CODES: dict[str, tuple[tuple[int, int, int], batches.Slot, str | None]] = {}
 _RECORDS: dict[str, tuple[tuple[int, int, int], batches.Slot]] = {}  # the same with the record: the latest few
 
 
-def _slot_codes(e: os.DirEntry) -> tuple[batches.Slot | None, float, str | None]:
-    """What a slot says of its chunks (read once per version of the file), its mtime and the
-    epoch it was committed in; None for one that cannot be read (said once, naming the file and
-    its chunks)."""
+def _slot_codes(e: os.DirEntry, records: bool = False) -> tuple[batches.Slot | None, float, str | None]:
+    """What a slot says of its chunks (read once per version of the file; ``records``: with its
+    record), its mtime and the epoch it was committed in; None for one that cannot be read (said
+    once, naming the file and its chunks)."""
     try:
         st = e.stat(follow_symlinks=False)
     except OSError:
         return None, 0.0, None
     key = (st.st_ino, st.st_mtime_ns, st.st_size)
     got = _CODES.get(e.path)
-    if got is not None and got[0] == key:
+    if got is not None and got[0] == key and not records:
         return got[1], st.st_mtime, got[2]
     try:
         full = batches.read_slot(Path(e.path))
@@ -450,20 +452,23 @@ def _slot_codes(e: os.DirEntry) -> tuple[batches.Slot | None, float, str | None]
     if len(_CODES) >= 100_000:
         _CODES.clear()
     _CODES[e.path] = (key, slot, made_in if isinstance(made_in, str) else None)
-    return slot, st.st_mtime, _CODES[e.path][2]
+    return _typed(full, Path(e.path)) if records else slot, st.st_mtime, _CODES[e.path][2]
 
 
 def read_slot_record(spool: Spool, run: str, slot: batches.Slot, epoch: str | None = None) -> batches.Slot:
-    """``slot`` read again whole (with its record, for ``Slot.record``); the latest few are kept."""
+    """``slot`` read again whole (with its record, for ``Slot.record``; as it is where it has it:
+    ``scan_run(records=True)``); the latest few are kept."""
     path = spool.batch_json(run, slot.first, slot.count)
-    st = os.lstat(path)
-    key = (st.st_ino, st.st_mtime_ns, st.st_size)
-    got = _RECORDS.get(str(path))
-    if got is None or got[0] != key:
-        if len(_RECORDS) >= 4:
-            _RECORDS.pop(next(iter(_RECORDS)))
-        got = _RECORDS[str(path)] = (key, _typed(batches.read_slot(path), path))
-    full = got[1]
+    full = slot
+    if slot.rec is None:
+        st = os.lstat(path)
+        key = (st.st_ino, st.st_mtime_ns, st.st_size)
+        got = _RECORDS.get(str(path))
+        if got is None or got[0] != key:
+            if len(_RECORDS) >= 4:
+                _RECORDS.pop(next(iter(_RECORDS)))
+            got = _RECORDS[str(path)] = (key, _typed(batches.read_slot(path), path))
+        full = got[1]
     if epoch is not None and full.rec is not None and full.rec.get("epoch", epoch) != epoch:
         batches.read_slot(path, epoch)  # raises StaleResult, naming the file
     return full

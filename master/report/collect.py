@@ -79,7 +79,7 @@ def committed(spool: Spool, spec: RunSpec, partial: bool) -> tuple[list[Piece], 
     pieces: list[Piece] = []
     failed: list[int] = []
     read: set[int] = set()
-    scan, epoch = scan_run(spool, spec.name), read_epoch(spool, spec.name)
+    scan, epoch = scan_run(spool, spec.name, records=True), read_epoch(spool, spec.name)
     for c, got in result_blocks(spool, spec.name, range(spec.chunks), scan, epoch):  # own files, batches' slots
         if type(got) is batches.Block:
             read.update(got.chunks)
