@@ -7,7 +7,7 @@
     python bench/run.py --smoke --out DIR      # seconds, our pool and the floor only (CI)
     python bench/run.py --only 13 --batch-chunks N   # issue 27's batches, a whole main.py run of N chunks
 
-Writes ``bench/results/<date>-<host>[-quick].json``, ``.md`` (tables) and ``.png`` (chart), and
+Writes ``bench/results/<date>-<host>[-quick][-only-13].json``, ``.md`` (tables) and ``.png`` (chart), and
 prints PASS/FAIL per target. Exit code 1 if any run broke the exactly-once check (or, with
 ``--strict``, if a target failed)."""
 from __future__ import annotations
@@ -115,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
             "exactly_once_ok": all(c["ok"] for c in ctx.checks)}
     from bench import report
 
-    stem = f"{meta['date']}-{socket.gethostname().split('.')[0]}" + ("" if mode == "full" else f"-{mode}")
+    stem = f"{meta['date']}-{socket.gethostname().split('.')[0]}" + ("" if mode == "full" else f"-{mode}") + \
+        (f"-only-{'-'.join(k.split('_')[0] for k in chosen)}" if args.only else "")  # never over a whole suite's
     paths = report.write(args.out, stem, meta, raw)
     print(f"\nbenchmark ({mode}) in {meta['wall_s']:.0f} s; {len(ctx.checks)} runs checked, every chunk committed "
           f"exactly once: {'yes' if meta['exactly_once_ok'] else 'NO'}")

@@ -61,9 +61,11 @@ def a_batch(draw: Any, n: int) -> dict[str, Any]:
     durations = [draw(st.none() | st.floats(0, 5) | st.integers(0, 3)) if draw(st.integers(0, 5)) == 0
                  else draw(st.floats(0.0001, 2)) for _ in range(n)]
     codes = draw(st.text("oooooofhb", min_size=n, max_size=n))
-    return {"values": values, "params": params, "durations": durations, "codes": codes,
-            "started_at": None if draw(st.integers(0, 3)) == 0 else draw(st.floats(1.7e9, 1.8e9)), "shared": draw(st.sampled_from([
-                {"agent": "h-cpu0", "host": "h", "device": "cpu", "gpu_id": 0}, {"agent": "h-gpu1"}, {}]))}
+    started = None if draw(st.integers(0, 3)) == 0 else draw(st.floats(1.7e9, 1.8e9))
+    shared = draw(st.sampled_from([{"agent": "h-cpu0", "host": "h", "device": "cpu", "gpu_id": 0},
+                                   {"agent": "h-gpu1"}, {}]))
+    return {"values": values, "params": params, "durations": durations, "codes": codes, "started_at": started,
+            "shared": shared}
 
 
 @st.composite
@@ -144,7 +146,8 @@ def test_a_sweeps_batches_are_read_as_columns_and_match_their_rows(spool: Spool,
     """A sweep's batches of dict values and tricky text: every batch goes the column way, and the
     files collect writes say what the records say."""
     texts = ["plain", "a,b", 'say "hi"', "two\nlines", "100%", ""]
-    parts = [("batch", {"values": [{"loss": i / 7, "note": texts[i % len(texts)], "chunk_id": -i} for i in range(k, k + 6)],
+    parts = [("batch", {"values": [{"loss": i / 7, "note": texts[i % len(texts)], "chunk_id": -i}
+                                   for i in range(k, k + 6)],
                         "params": [{"lr": 10.0 ** -i, "seed": i} for i in range(k, k + 6)],
                         "durations": [0.25] * 6, "codes": "oooooo", "started_at": 1.8e9 + k,
                         "shared": {"agent": "h-cpu0", "host": "h", "device": "cpu", "gpu_id": 0}})
